@@ -1,0 +1,154 @@
+"""The Qwen2 decoder in plain PyTorch: no parallelism inside, built on the meta device, then init_weights()."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from qwen2_dist.model.args import ModelArgs
+from qwen2_dist.model.attention import attention
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, scaled in the input dtype (as transformers' Qwen2RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables in fp32 for integer positions of shape (batch, seq), rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.float()[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (batch, heads, seq, head_dim) by the position angles, in fp32."""
+    dtype = x.dtype
+    x = x.float()
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x * cos + rotated * sin).to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with bias on q/k/v only."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.q_proj = nn.Linear(args.hidden_size, args.num_attention_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(args.hidden_size, args.num_key_value_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(args.hidden_size, args.num_key_value_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(args.num_attention_heads * self.head_dim, args.hidden_size, bias=False)
+        self.backend = "sdpa"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        # view(..., -1, head_dim) rather than a fixed head count: under tensor parallelism each rank holds a slice.
+        q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = attention(q, k, v, self.backend)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward, no bias."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2(nn.Module):
+    """Qwen2 causal language model. With tied embeddings there is no lm_head module: the embedding is the head."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Use a resolved attention backend (see attention.resolve_backend) in every layer."""
+        for layer in self.layers:
+            layer.self_attn.backend = backend
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic initialization: normal(0, initializer_range) matrices, zero biases, unit norms."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        std = self.args.initializer_range
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif name.endswith("layernorm.weight") or name == "norm.weight":
+                param.fill_(1.0)
+            else:
+                # Drawn on the CPU so the values do not depend on the device; one generator, fixed parameter order.
+                param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
+
+    def output_weight(self) -> torch.Tensor:
+        """The (vocab, hidden) matrix that turns hidden states into logits."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (batch, seq, hidden) for token ids (batch, seq)."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        cos, sin = rotary_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq)."""
+        h = self.hidden_states(tokens, positions)
+        if self.lm_head is not None:
+            return self.lm_head(h)
+        return F.linear(h, self.embed_tokens.weight)
+
+
+def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Qwen2:
+    """Build the model without allocating (meta device by default); materialize with to_empty + init_weights."""
+    with torch.device(device):
+        return Qwen2(args)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (a tied matrix counts once)."""
+    return sum(p.numel() for p in model.parameters())
