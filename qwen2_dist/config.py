@@ -17,6 +17,24 @@ class ModelConfig:
     """Attention backend: auto (flash-attn if importable on CUDA, else SDPA), flash_attn, sdpa, reference."""
     init_from_hf: Optional[str] = None
     """Hugging Face Qwen2 directory (config.json + safetensors) whose weights start the run instead of init_weights."""
+    hidden_size: Optional[int] = None
+    """Override of the named size's field (null keeps it); the same for the fields below."""
+    num_hidden_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_key_value_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    vocab_size: Optional[int] = None
+    tie_word_embeddings: Optional[bool] = None
+    max_position_embeddings: Optional[int] = None
+
+    def args(self):
+        """The ModelArgs of this config: the named size with the non-null overrides applied and checked."""
+        from qwen2_dist.model.args import get_model_args
+
+        fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings")
+        overrides = {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+        return get_model_args(self.name, **overrides)
 
 
 @dataclass
@@ -37,6 +55,8 @@ class DataConfig:
 class TrainConfig:
     steps: int = 500
     """Optimizer steps of the whole run (a resumed run continues up to this count)."""
+    stop_at: Optional[int] = None
+    """Stop after this step with a checkpoint, without changing the schedule (chunked jobs, resume tests)."""
     seq_len: int = 128
     """Tokens per sample; must equal the sample length the shards were prepared with."""
     micro_batch_size: int = 4
@@ -121,9 +141,7 @@ def register_configs() -> None:
 
 def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     """Refuse impossible jobs before any tensor is allocated; return the resolved layout and accumulation steps."""
-    from qwen2_dist.model.args import get_model_args
-
-    args = get_model_args(cfg.model.name)
+    args = cfg.model.args()
     t, p, o = cfg.train, cfg.parallel, cfg.optim
     for name, value in (
         ("train.steps", t.steps), ("train.seq_len", t.seq_len), ("train.micro_batch_size", t.micro_batch_size),

@@ -66,6 +66,11 @@ SIZES: dict[str, ModelArgs] = {
         vocab_size=152064, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
         num_key_value_heads=8, intermediate_size=29568, tie_word_embeddings=False, rms_norm_eps=1e-5,
     ),
+    # Small enough for multi-process tests on two cores, with the real vocabulary.
+    "tiny": ModelArgs(
+        vocab_size=151936, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True, max_position_embeddings=4096,
+    ),
     "debug": ModelArgs(
         vocab_size=151936, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, intermediate_size=384, tie_word_embeddings=True, max_position_embeddings=4096,
@@ -78,5 +83,5 @@ def get_model_args(name: str, **overrides) -> ModelArgs:
     if name not in SIZES:
         raise UserError(f"model.name: unknown size {name!r}; choose one of {', '.join(sorted(SIZES))}")
     args = replace(SIZES[name], **overrides) if overrides else SIZES[name]
-    args.check(f"model={name}")
+    args.check(f"model={name}" + "".join(f" model.{key}={value}" for key, value in overrides.items()))
     return args

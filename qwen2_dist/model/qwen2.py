@@ -3,6 +3,7 @@
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.attention import attention
@@ -118,8 +119,12 @@ class Qwen2(nn.Module):
             elif name.endswith("layernorm.weight") or name == "norm.weight":
                 param.fill_(1.0)
             else:
-                # Drawn on the CPU so the values do not depend on the device; one generator, fixed parameter order.
-                param.copy_(torch.empty(param.shape).normal_(0.0, std, generator=generator))
+                # Drawn whole on the CPU from one generator in a fixed parameter order, so the values depend on
+                # neither the device nor how the parameter is sharded.
+                value = torch.empty(param.shape).normal_(0.0, std, generator=generator)
+                if isinstance(param, DTensor):
+                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+                param.copy_(value)
 
     def output_weight(self) -> torch.Tensor:
         """The (vocab, hidden) matrix that turns hidden states into logits."""

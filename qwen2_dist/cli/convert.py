@@ -1,0 +1,89 @@
+"""qwen2-convert: Hugging Face Qwen2 weights <-> qwen2-dist checkpoints, offline, on the CPU.
+
+  qwen2-convert from-hf HF_DIR OUT_DIR    a committed, model-only checkpoint (resume from it with
+                                          checkpoint.resume=OUT_DIR: weights loaded, step 0, fresh optimizer)
+  qwen2-convert to-hf CKPT_DIR HF_DIR     a directory transformers' Qwen2ForCausalLM.from_pretrained loads
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from qwen2_dist.errors import UserError
+
+log = logging.getLogger("qwen2_dist")
+
+
+def _name_of(args) -> str | None:
+    """The named size with exactly these arguments, if any."""
+    from qwen2_dist.model.args import SIZES
+
+    return next((name for name, known in SIZES.items() if known == args), None)
+
+
+def from_hf(hf_dir: str, out_dir: str) -> str:
+    """Convert a Hugging Face Qwen2 directory into a committed model-only checkpoint at out_dir."""
+    from qwen2_dist.model.hf import load_hf_model
+    from qwen2_dist.train import checkpoint
+
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise UserError(f"{out_dir}: exists and is not empty; choose a new output directory")
+    model = load_hf_model(hf_dir)
+    args = model.args
+    name = _name_of(args)
+    meta = {"model": name, "model_args": args.to_dict(), "world_size": 1, "source": os.path.abspath(hf_dir),
+            "step": 0, "tokens_seen": 0}
+    checkpoint.write(out_dir, model, None, {"step": 0, "tokens_seen": 0}, meta)
+    return out_dir
+
+
+def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | None = None) -> str:
+    """Export the model weights of a committed checkpoint as a Hugging Face Qwen2 directory."""
+    from qwen2_dist.model.args import ModelArgs
+    from qwen2_dist.model.hf import write_hf
+    from qwen2_dist.model.qwen2 import build_model
+    from qwen2_dist.train import checkpoint
+
+    meta = checkpoint.read_metadata(ckpt_dir)
+    args = ModelArgs(**meta["model_args"])
+    model = build_model(args, "cpu")
+    weights = checkpoint.full_model_state(ckpt_dir, model)
+    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in torch_dtype:
+        raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    write_hf(weights, args, hf_dir, max_shard_bytes=int(max_shard_gib * 2**30), dtype=torch_dtype[dtype])
+    return hf_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script qwen2-convert."""
+    parser = argparse.ArgumentParser(prog="qwen2-convert", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_from = sub.add_parser("from-hf", help="Hugging Face directory -> checkpoint")
+    p_from.add_argument("hf_dir")
+    p_from.add_argument("out_dir")
+    p_to = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory")
+    p_to.add_argument("ckpt_dir")
+    p_to.add_argument("hf_dir")
+    p_to.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors file (GiB)")
+    p_to.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as trained)")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if opts.command == "from-hf":
+            out = from_hf(opts.hf_dir, opts.out_dir)
+        else:
+            out = to_hf(opts.ckpt_dir, opts.hf_dir, opts.max_shard_gib, opts.dtype)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""qwen2-prepare: tokenize text or JSONL files into MDS shards of fixed-length samples."""
+
+import os
+import sys
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from qwen2_dist.data.prepare import SUMMARY_NAME, prepare
+from qwen2_dist.errors import UserError
+
+USAGE = (
+    "usage: qwen2-prepare input=FILES output=DIR [seq_len=2048] [tokenizer=qwen2] [text_field=text] "
+    "[overwrite=false] [max_tokens=null]"
+)
+
+
+@dataclass
+class PrepareConfig:
+    input: str = "???"
+    """Files or glob patterns, comma-separated; .jsonl/.json are JSON lines, anything else is one document per file."""
+    output: str = "???"
+    """Directory for the MDS shards and prepare_summary.json; must not exist or be empty unless overwrite=true."""
+    seq_len: int = 2048
+    """Training sequence length; each stored sample holds seq_len + 1 tokens (inputs and shifted targets)."""
+    tokenizer: str = "qwen2"
+    """qwen2 (the embedded Qwen2 vocabulary) or a Hugging Face tokenizer directory or hub id."""
+    text_field: str = "text"
+    """Field of each JSON record that holds the document text."""
+    overwrite: bool = False
+    """Replace a non-empty output directory."""
+    max_tokens: Optional[int] = None
+    """Stop after this many tokens (eos included); null reads all inputs."""
+
+
+def parse_args(argv: list[str]) -> PrepareConfig:
+    """PrepareConfig from key=value arguments; raises UserError naming a bad key or value."""
+    cfg = OmegaConf.structured(PrepareConfig)
+    names = [f.name for f in fields(PrepareConfig)]
+    valid = ", ".join(names)
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise UserError(f"argument {arg!r} is not key=value; valid keys: {valid}")
+        if key not in names:
+            raise UserError(f"unknown key {key!r}; valid keys: {valid}")
+        # Assigning the raw string lets OmegaConf convert and check it against the field's type, without the YAML
+        # parsing of from_dotlist, which rejects unquoted globs such as input=*.jsonl (YAML reads * as an alias).
+        try:
+            cfg[key] = None if value == "null" else value
+        except OmegaConfBaseException as e:
+            raise UserError(f"bad value {arg!r}: {str(e).splitlines()[0]}; valid keys: {valid}") from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{', '.join(k + '=' for k in missing)} required; {USAGE}")
+    return OmegaConf.to_object(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run qwen2-prepare on argv (default sys.argv[1:]); returns the exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE)
+        return 0
+    try:
+        cfg = parse_args(argv)
+        summary = prepare(
+            inputs=[p for p in cfg.input.split(",") if p],
+            output=cfg.output,
+            seq_len=cfg.seq_len,
+            tokenizer=cfg.tokenizer,
+            text_field=cfg.text_field,
+            overwrite=cfg.overwrite,
+            max_tokens=cfg.max_tokens,
+        )
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    skipped = ", ".join(f"{reason}={n}" for reason, n in summary["skipped"].items() if n) or "none"
+    print(
+        f"prepared {summary['samples']} samples of {summary['sample_tokens']} tokens ({summary['tokens']} tokens) "
+        f"from {summary['documents']} documents in {len(summary['inputs'])} files; "
+        f"dropped {summary['dropped_tail_tokens']} tail tokens; skipped: {skipped}"
+    )
+    print(os.path.join(os.path.abspath(os.path.expanduser(cfg.output)), SUMMARY_NAME))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Text to token ids: the embedded Qwen2 vocabulary (tiktoken) or any Hugging Face tokenizer."""
+
+import base64
+import functools
+import importlib.resources
+import os
+import unicodedata
+from collections.abc import Callable, Sequence
+
+import tiktoken
+
+from qwen2_dist.errors import UserError
+
+# The Qwen2 pre-tokenizer (see assets/VOCAB_PROVENANCE.md): digits split one by one.
+QWEN2_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_NUM_REGULAR_TOKENS = 151_643
+QWEN2_SPECIAL_TOKENS = {"<|endoftext|>": 151_643, "<|im_start|>": 151_644, "<|im_end|>": 151_645}
+
+
+@functools.lru_cache(maxsize=1)
+def qwen2_encoding() -> tiktoken.Encoding:
+    """The tiktoken Encoding of the embedded Qwen2 vocabulary (built once per process)."""
+    # Parsed here rather than with tiktoken.load.load_tiktoken_bpe, which copies even local files into a cache
+    # directory under /tmp.
+    data = importlib.resources.files("qwen2_dist").joinpath("assets/qwen.tiktoken").read_bytes()
+    ranks = {}
+    for line in data.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    assert len(ranks) == QWEN2_NUM_REGULAR_TOKENS, f"qwen.tiktoken has {len(ranks)} tokens"
+    return tiktoken.Encoding(
+        name="qwen2", pat_str=QWEN2_PATTERN, mergeable_ranks=ranks, special_tokens=QWEN2_SPECIAL_TOKENS
+    )
+
+
+class Tokenizer:
+    """Plain-text encoder: special-token strings in the text are encoded as ordinary text, never as specials."""
+
+    def __init__(
+        self,
+        name: str,
+        encode_batch: Callable[[list[str]], list[list[int]]],
+        decode: Callable[[list[int]], str],
+        eos_id: int,
+        vocab_size: int,
+    ) -> None:
+        self.name = name
+        self.eos_id = eos_id
+        self.vocab_size = vocab_size
+        self._encode_batch = encode_batch
+        self._decode = decode
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one text, without eos."""
+        return self._encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without eos."""
+        return self._encode_batch(texts)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids (special ids become their strings)."""
+        return self._decode([int(i) for i in ids])
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+def _qwen2_tokenizer() -> Tokenizer:
+    enc = qwen2_encoding()
+    return Tokenizer(
+        name="qwen2",
+        encode_batch=lambda texts: enc.encode_ordinary_batch([unicodedata.normalize("NFC", t) for t in texts]),
+        decode=enc.decode,
+        eos_id=QWEN2_SPECIAL_TOKENS["<|endoftext|>"],
+        vocab_size=enc.n_vocab,
+    )
+
+
+def _hf_tokenizer(spec: str) -> Tokenizer:
+    fix = "pass tokenizer=qwen2 for the embedded Qwen2 vocabulary, or a local Hugging Face tokenizer directory"
+    try:
+        import transformers
+    except ImportError:
+        raise UserError(
+            f"tokenizer={spec} needs the transformers package, which is not installed; "
+            f"pip install transformers, or {fix}"
+        ) from None
+    path = os.path.expanduser(spec)
+    # A hub id ("org/name") never starts like a path; failing here avoids a slow, confusing network error.
+    if spec.startswith((".", "/", "~")) and not os.path.isdir(path):
+        raise UserError(f"tokenizer={spec}: no such directory; {fix}")
+    try:
+        hf = transformers.AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...; all mean "cannot load".
+        reason = " ".join(str(e).split())  # transformers' messages span lines; an error here is one line.
+        raise UserError(f"tokenizer={spec}: could not load a Hugging Face tokenizer ({reason}); {fix}") from e
+    if hf.eos_token_id is None:
+        raise UserError(
+            f"tokenizer={spec} defines no eos token, which separates documents; set eos_token in its config"
+        )
+
+    def encode_batch(texts: list[str]) -> list[list[int]]:
+        # split_special_tokens: "<|endoftext|>" inside a document is text, as in the embedded tokenizer.
+        return hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    return Tokenizer(
+        name=spec,
+        encode_batch=encode_batch,
+        decode=lambda ids: hf.decode(ids, skip_special_tokens=False),
+        eos_id=hf.eos_token_id,
+        vocab_size=len(hf),
+    )
+
+
+def load_tokenizer(spec: str = "qwen2") -> Tokenizer:
+    """The tokenizer named by spec: "qwen2" (embedded vocabulary) or a Hugging Face tokenizer directory or hub id."""
+    if spec == "qwen2":
+        return _qwen2_tokenizer()
+    return _hf_tokenizer(spec)

@@ -1,0 +1,17 @@
+"""Small filesystem steps that keep outputs whole: a directory appears complete or not at all."""
+
+import os
+import shutil
+import uuid
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Move a fully written directory `tmp` to `final`, replacing whatever was there in one rename."""
+    if os.path.exists(final):
+        # Move the old one aside first so the step that publishes the new one is a single rename.
+        old = f"{final}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)

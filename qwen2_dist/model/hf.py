@@ -1,0 +1,365 @@
+"""Hugging Face Qwen2 checkpoints (config.json + safetensors) to and from the native model and its state dict."""
+
+import glob
+import json
+import os
+import shutil
+import uuid
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from qwen2_dist.errors import UserError
+from qwen2_dist.fsutil import replace_dir
+from qwen2_dist.model.args import ModelArgs
+from qwen2_dist.model.qwen2 import Qwen2, build_model
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+# <|endoftext|> in the Qwen2 tokenizer; the published base models use it as both bos and eos.
+QWEN2_EOS_TOKEN_ID = 151643
+
+# Defaults of transformers' Qwen2Config for keys a config.json may omit; the file means what transformers reads.
+_HF_DEFAULTS = {
+    "tie_word_embeddings": False,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "max_position_embeddings": 32768,
+    "initializer_range": 0.02,
+}
+_SIZE_KEYS = (
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+)
+_FLOAT_KEYS = ("rms_norm_eps", "rope_theta", "initializer_range")
+
+
+def _refuse(file: str, key: str, value: object, fix: str) -> UserError:
+    """The error for a config.json value the native model does not implement."""
+    return UserError(f"{file}: {key}={json.dumps(value)} is not supported by the native Qwen2 model; {fix}")
+
+
+def args_from_hf_config(config: dict, file: str = CONFIG_NAME) -> ModelArgs:
+    """ModelArgs for a transformers Qwen2 config.json dict; refuses features the native model does not implement."""
+    if config.get("model_type") != "qwen2":
+        raise _refuse(file, "model_type", config.get("model_type"), "only Qwen2 checkpoints (model_type 'qwen2') load")
+    architectures = config.get("architectures")
+    if architectures is not None and architectures != ["Qwen2ForCausalLM"]:
+        raise _refuse(file, "architectures", architectures, "only Qwen2ForCausalLM checkpoints load")
+    if config.get("hidden_act", "silu") != "silu":
+        raise _refuse(file, "hidden_act", config["hidden_act"], "the MLP is SwiGLU with silu")
+    if config.get("use_sliding_window", False):
+        raise _refuse(file, "use_sliding_window", True, "set it to false; only full causal attention is implemented")
+    layer_types = config.get("layer_types") or []
+    if any(kind != "full_attention" for kind in layer_types):
+        raise _refuse(file, "layer_types", layer_types, "every layer must be 'full_attention'")
+    rope_scaling = config.get("rope_scaling")
+    # {"rope_type": "default"} is how some exports spell "no scaling"; older files say "type".
+    rope_type = (rope_scaling.get("rope_type") or rope_scaling.get("type")) if isinstance(rope_scaling, dict) else None
+    if rope_scaling is not None and rope_type != "default":
+        raise _refuse(file, "rope_scaling", rope_scaling, "set it to null; only unscaled RoPE is implemented")
+    if config.get("attention_bias", True) is not True:
+        raise _refuse(file, "attention_bias", config["attention_bias"], "Qwen2 has bias on q/k/v projections")
+    if config.get("mlp_bias", False) is not False:
+        raise _refuse(file, "mlp_bias", config["mlp_bias"], "Qwen2's MLP has no bias")
+    if config.get("attention_dropout", 0.0) != 0.0:
+        raise _refuse(file, "attention_dropout", config["attention_dropout"], "set it to 0.0; there is no dropout")
+    if config.get("quantization_config") is not None:
+        raise _refuse(file, "quantization_config", config["quantization_config"], "load an unquantized checkpoint")
+
+    values = {}
+    for key in _SIZE_KEYS:
+        if key not in config:
+            raise UserError(f"{file}: missing key {key!r}; a Qwen2 config.json states every size")
+        values[key] = config[key]
+    # transformers' backward compatibility: a null num_key_value_heads means multi-head attention.
+    if values["num_key_value_heads"] is None:
+        values["num_key_value_heads"] = values["num_attention_heads"]
+    for key, default in _HF_DEFAULTS.items():
+        values[key] = config.get(key, default)
+    for key, value in values.items():
+        if key == "tie_word_embeddings":
+            ok = isinstance(value, bool)
+        else:
+            # bool is an int in Python, but true is never a size.
+            ok = isinstance(value, (int, float) if key in _FLOAT_KEYS else int) and not isinstance(value, bool)
+        if not ok:
+            raise UserError(f"{file}: {key}={json.dumps(value)} has the wrong type; write it as in transformers")
+    for key in _FLOAT_KEYS:
+        values[key] = float(values[key])
+
+    args = ModelArgs(**values)
+    args.check(file)
+    head_dim = config.get("head_dim")
+    if head_dim is not None and head_dim != args.head_dim:
+        raise _refuse(
+            file, "head_dim", head_dim,
+            f"head_dim must equal hidden_size / num_attention_heads = {args.head_dim}",
+        )
+    return args
+
+
+def hf_config_from_args(args: ModelArgs, torch_dtype: str = "float32") -> dict:
+    """A config.json dict that transformers' Qwen2ForCausalLM.from_pretrained loads as this architecture."""
+    return {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.intermediate_size,
+        "num_hidden_layers": args.num_hidden_layers,
+        "num_attention_heads": args.num_attention_heads,
+        "num_key_value_heads": args.num_key_value_heads,
+        "head_dim": args.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_position_embeddings,
+        "initializer_range": args.initializer_range,
+        "rms_norm_eps": args.rms_norm_eps,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": args.num_hidden_layers,
+        "attention_dropout": 0.0,
+        "bos_token_id": QWEN2_EOS_TOKEN_ID,
+        "eos_token_id": QWEN2_EOS_TOKEN_ID,
+        "use_cache": True,
+        # "torch_dtype" rather than the newer "dtype": every transformers version since 4.45 reads it.
+        "torch_dtype": torch_dtype,
+    }
+
+
+def hf_to_native_name(name: str) -> str:
+    """Native parameter name of a transformers Qwen2ForCausalLM tensor name."""
+    if name == "lm_head.weight":
+        return name
+    if not name.startswith("model."):
+        raise UserError(
+            f"tensor {name!r} is not part of a Qwen2ForCausalLM checkpoint (expected model.* or lm_head.weight)"
+        )
+    return name.removeprefix("model.")
+
+
+def native_to_hf_name(name: str) -> str:
+    """transformers Qwen2ForCausalLM tensor name of a native parameter name."""
+    return name if name == "lm_head.weight" else f"model.{name}"
+
+
+def _native_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+    """Every native tensor name and its shape, in the model's parameter order."""
+    return {name: t.shape for name, t in build_model(args, "meta").state_dict().items()}
+
+
+def _skipped_hf_name(name: str, args: ModelArgs) -> bool:
+    """Tensors a HF file may hold that the native model does not: the tied head, and a derived rotary buffer."""
+    # Old transformers versions saved rotary_emb.inv_freq; it is recomputed from rope_theta.
+    return name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and args.tie_word_embeddings)
+
+
+def _first(names: list[str] | set[str], count: int = 5) -> str:
+    """The first few names, sorted, for an error message."""
+    names = sorted(names)
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def _check_names(native: set[str], wanted: set[str], args: ModelArgs, where: str) -> None:
+    """Raise UserError when wanted tensors are absent or the source holds tensors the architecture lacks."""
+    missing = wanted - native
+    if missing:
+        hint = (
+            "; config.json has tie_word_embeddings=false, so an untied lm_head.weight is required"
+            if "lm_head.weight" in missing else "; does config.json describe this checkpoint?"
+        )
+        raise UserError(f"{where}: missing {len(missing)} tensors: {_first(missing)}{hint}")
+    unexpected = native - set(_native_shapes(args))
+    if unexpected:
+        raise UserError(
+            f"{where}: {len(unexpected)} tensors do not belong to the architecture in config.json "
+            f"({args.num_hidden_layers} layers): {_first(unexpected)}"
+        )
+
+
+def hf_to_native_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Native state dict from a transformers Qwen2ForCausalLM one (drops a tied lm_head)."""
+    native = {hf_to_native_name(k): v for k, v in state_dict.items() if not _skipped_hf_name(k, args)}
+    _check_names(set(native), set(_native_shapes(args)), args, "HF state dict")
+    return native
+
+
+def native_to_hf_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """transformers Qwen2ForCausalLM state dict from a native one (no lm_head when tied, as save_pretrained writes)."""
+    # A tied model has no lm_head; if a caller passes one anyway, it is the embedding by definition.
+    native = {k: v for k, v in state_dict.items() if not (k == "lm_head.weight" and args.tie_word_embeddings)}
+    _check_names(set(native), set(_native_shapes(args)), args, "native state dict")
+    return {native_to_hf_name(k): v for k, v in native.items()}
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file for a checkpoint directory."""
+    single = os.path.join(path, WEIGHTS_NAME)
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(single):
+        with _open_safetensors(single) as f:
+            return dict.fromkeys(f.keys(), single)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(f"{index}: not a safetensors index with a 'weight_map' ({e}); re-export the checkpoint")
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    if glob.glob(os.path.join(path, "pytorch_model*.bin")):
+        raise UserError(
+            f"{path}: holds only pickle weights (pytorch_model*.bin); only safetensors are read. Convert with "
+            "transformers: AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
+        )
+    raise UserError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}; point at a Hugging Face checkpoint directory")
+
+
+def _open_safetensors(file: str) -> safe_open:
+    """safe_open a file, refusing missing, corrupt or non-PyTorch-layout files with UserError."""
+    if not os.path.isfile(file):
+        raise UserError(f"{file}: listed in {INDEX_NAME} but missing; copy the complete checkpoint")
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise UserError(f"{file}: not a readable safetensors file ({e}); re-download or re-export it")
+    # TF/Flax-format safetensors store transposed kernels under other names.
+    fmt = (handle.metadata() or {}).get("format", "pt")
+    if fmt not in ("pt", "mlx"):
+        raise UserError(f"{file}: safetensors format {fmt!r}; only PyTorch-format files load, re-save with PyTorch")
+    return handle
+
+
+def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """ModelArgs and native-named tensors of a HF checkpoint dir; with names, only those tensors and files are read."""
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: checkpoint directory does not exist")
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise UserError(f"{config_file}: missing; a Hugging Face checkpoint directory needs its config.json")
+    try:
+        with open(config_file) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{config_file}: not valid JSON ({e})")
+    args = args_from_hf_config(config, config_file)
+
+    hf_files = _weight_files(path)
+    try:
+        files = {hf_to_native_name(k): v for k, v in hf_files.items() if not _skipped_hf_name(k, args)}
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    shapes = _native_shapes(args)
+    if names is None:
+        names = set(shapes)
+    assert names <= set(shapes), f"not tensors of this architecture: {_first(names - set(shapes))}"
+    _check_names(set(files), names, args, path)
+
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    tensors = {}
+    for file, file_names in sorted(by_file.items()):
+        with _open_safetensors(file) as f:
+            for name in file_names:
+                tensor = f.get_tensor(native_to_hf_name(name))
+                if tensor.shape != shapes[name]:
+                    raise UserError(
+                        f"{file}: {native_to_hf_name(name)} has shape {tuple(tensor.shape)} but config.json implies "
+                        f"{tuple(shapes[name])}; the config does not match the weights"
+                    )
+                tensors[name] = tensor
+    # Parameter order, so callers iterate as model.state_dict() does.
+    return args, {name: tensors[name] for name in shapes if name in tensors}
+
+
+def load_hf_model(path: str, device: str = "cpu") -> Qwen2:
+    """The native model with the exact weights of a HF Qwen2 checkpoint directory."""
+    args, state_dict = read_hf_state_dict(path)
+    # Meta then to_empty: skip a random initialization that the checkpoint overwrites at once.
+    model = build_model(args, "meta").to_empty(device=device)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
+    """Greedy split in order, as transformers does: a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[str]] = [[]]
+    current = 0
+    for name, size in sizes.items():
+        if shards[-1] and current + size > max_shard_bytes:
+            shards.append([])
+            current = 0
+        shards[-1].append(name)
+        current += size
+    return shards
+
+
+def _prepare(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors that own their storage, as safetensors requires."""
+    out = {}
+    seen = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to(device="cpu", dtype=dtype or tensor.dtype).contiguous()
+        # save_file refuses tensors that share memory (one tensor under two names, views into one buffer).
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
+
+
+def write_hf(
+    state_dict: dict[str, torch.Tensor],
+    args: ModelArgs,
+    out_dir: str,
+    max_shard_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Write a native state dict as a HF Qwen2ForCausalLM checkpoint (config.json + safetensors) into out_dir."""
+    if max_shard_bytes <= 0:
+        raise UserError(f"max_shard_bytes={max_shard_bytes}: the largest safetensors file must be a positive size")
+    hf = native_to_hf_state_dict(state_dict, args)
+    shapes = _native_shapes(args)
+    for name, shape in shapes.items():
+        if state_dict[name].shape != shape:
+            raise UserError(
+                f"native state dict: {name} has shape {tuple(state_dict[name].shape)} but the model arguments "
+                f"imply {tuple(shape)}; the state dict belongs to another architecture"
+            )
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):
+        if not os.path.isdir(out_dir):
+            raise UserError(f"{out_dir}: exists and is not a directory; choose another output path")
+        if os.listdir(out_dir) and not overwrite:
+            raise UserError(f"{out_dir}: exists and is not empty; choose another output path or pass overwrite=True")
+
+    torch_dtype = str(dtype or hf["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    sizes = {name: t.numel() * (dtype or t.dtype).itemsize for name, t in hf.items()}
+    shards = _shard_plan(sizes, max_shard_bytes)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    # Written next to out_dir and renamed into place, so a failed export leaves no half-written checkpoint.
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)
+    try:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            # One shard at a time, so a dtype cast never holds a second copy of the whole model.
+            save_file(_prepare({n: hf[n] for n in shard}, dtype), os.path.join(tmp, file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+            with open(os.path.join(tmp, INDEX_NAME), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+            json.dump(hf_config_from_args(args, torch_dtype), f, indent=2)
+        replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,70 @@
+"""The process world (from the torchrun environment) and its DeviceMesh (dp_replicate, dp_shard, tp)."""
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from the torchrun/Slurm-via-torchrun environment; (0, 0, 1) when absent."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device_type: str, timeout_minutes: float = 30.0) -> World:
+    """Initialize the default process group when torchrun started several processes; pick this rank's device."""
+    rank, local_rank, world_size = world_from_env()
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        backend = "cuda:nccl,cpu:gloo" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return World(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def build_mesh(world: World, dp_replicate: int, dp_shard: int, tp: int) -> DeviceMesh | None:
+    """A mesh with named axes for a multi-process world; None for one process (no collectives at all)."""
+    if world.world_size == 1:
+        return None
+    assert dp_replicate * dp_shard * tp == world.world_size, "validate() checks the layout before the mesh"
+    mesh = init_device_mesh(
+        world.device.type, (dp_replicate, dp_shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
+    )
+    # One flattened data-parallel axis for loss/token-count reductions and for the data loader's rank.
+    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    return mesh
+
+
+def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
+    """This rank's index in the data-parallel group and that group's size."""
+    if mesh is None:
+        return 0, 1
+    dp = mesh["dp"]
+    return dp.get_local_rank(), dp.size()
+
+
+def all_reduce_sum(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Sum a tensor over the data-parallel ranks (identity for one process)."""
+    if mesh is not None and mesh["dp"].size() > 1:
+        dist.all_reduce(value, group=mesh["dp"].get_group())
+    return value

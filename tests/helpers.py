@@ -1,0 +1,26 @@
+"""Helpers shared by the end-to-end tests: job overrides and running a CLI as a subprocess."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def train_overrides(run_dir, corpus_cache: str, **extra) -> list[str]:
+    """Overrides of a seconds-long CPU job on the tiny model and the small embedded corpus."""
+    base = {
+        "model": "tiny", "run_dir": str(run_dir), "data.cache_dir": corpus_cache, "data.embedded_max_tokens": 60000,
+        "train.seq_len": 32, "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.steps": 6,
+        "optim.warmup_steps": 2, "optim.lr": 0.02, "logging.interval": 1, "checkpoint.interval": 3,
+    }
+    base.update(extra)
+    return [f"{key}={value}" for key, value in base.items()]
+
+
+def run_cli(module: str, args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module args` from the repository root and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )

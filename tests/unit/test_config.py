@@ -1,0 +1,49 @@
+"""validate(): impossible jobs are refused before anything is allocated, naming the field and the fix."""
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from qwen2_dist.cli.train import conf_dir
+from qwen2_dist.config import JobConfig, register_configs, validate
+from qwen2_dist.errors import UserError
+
+
+def job(*overrides: str) -> JobConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+
+
+def test_default_job_is_valid_and_derives_accumulation():
+    layout = validate(job(), world_size=1)
+    assert layout == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "grad_accum_steps": 2}
+    assert validate(job("train.global_batch_size=16"), world_size=2)["grad_accum_steps"] == 2
+
+
+@pytest.mark.parametrize("overrides, world_size, field", [
+    (["train.steps=0"], 1, "train.steps"),
+    (["train.micro_batch_size=-1"], 1, "train.micro_batch_size"),
+    (["optim.lr=-0.1"], 1, "optim.lr"),
+    (["optim.warmup_steps=1000", "train.steps=10"], 1, "optim.warmup_steps"),
+    (["optim.min_lr_ratio=2"], 1, "optim.min_lr_ratio"),
+    (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "train.global_batch_size"),
+    (["train.global_batch_size=8", "train.micro_batch_size=4"], 3, "train.global_batch_size"),
+    (["parallel.dp_shard=3"], 4, "parallel.dp_replicate x dp_shard x tp"),
+    (["parallel.dp_replicate=3"], 4, "parallel.dp_replicate"),
+    (["parallel.tp=2"], 2, "parallel.tp"),
+    (["model.num_attention_heads=5"], 1, "num_attention_heads"),
+    (["model.name=qwen2-3b"], 1, "unknown size"),
+    (["data.path=/nonexistent/shards"], 1, "data.path"),
+    (["checkpoint.resume=/nonexistent/ckpt"], 1, "checkpoint.resume"),
+    (["model.init_from_hf=/nonexistent/hf"], 1, "model.init_from_hf"),
+    (["train.seq_len=100000"], 1, "train.seq_len"),
+    (["train.device=tpu"], 1, "train.device"),
+    (["train.grad_clip=-1"], 1, "train.grad_clip"),
+])
+def test_invalid_jobs_are_refused(overrides, world_size, field):
+    with pytest.raises(UserError) as err:
+        validate(job(*overrides), world_size)
+    message = str(err.value)
+    assert field in message
+    assert "\n" not in message

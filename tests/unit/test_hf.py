@@ -1,0 +1,342 @@
+"""Hugging Face <-> native: logits match transformers, the round trip is bit-exact, bad inputs are refused."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+pytest.importorskip("transformers")
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from qwen2_dist.errors import UserError  # noqa: E402
+from qwen2_dist.model import hf as hf_module  # noqa: E402
+from qwen2_dist.model.args import SIZES, ModelArgs  # noqa: E402
+from qwen2_dist.model.hf import (  # noqa: E402
+    INDEX_NAME,
+    WEIGHTS_NAME,
+    args_from_hf_config,
+    hf_config_from_args,
+    hf_to_native_name,
+    hf_to_native_state_dict,
+    load_hf_model,
+    native_to_hf_name,
+    native_to_hf_state_dict,
+    read_hf_state_dict,
+    write_hf,
+)
+
+# Tied and untied, GQA ratios 1, 2 and 7, non-default rope_theta / eps; "sharded" saves with a small max_shard_size.
+CONFIGS = {
+    "mha_tied": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                     tie_word_embeddings=True),
+    "gqa2_untied": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=3,
+                        tie_word_embeddings=False, rope_theta=1_000_000.0, rms_norm_eps=1e-5),
+    "gqa7_tied_sharded": dict(hidden_size=56, num_attention_heads=7, num_key_value_heads=1, num_hidden_layers=4,
+                              tie_word_embeddings=True),
+    "gqa7_untied_sharded": dict(hidden_size=56, num_attention_heads=7, num_key_value_heads=1, num_hidden_layers=2,
+                                tie_word_embeddings=False, rope_theta=500_000.0),
+}
+
+
+def make_hf_model(name: str, seed: int = 0) -> Qwen2ForCausalLM:
+    """A random tiny Qwen2ForCausalLM whose every tensor (biases and norms too) is distinct and non-trivial."""
+    config = Qwen2Config(vocab_size=1000, intermediate_size=128, max_position_embeddings=256, **CONFIGS[name])
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            # transformers initializes biases to zero and norms to one, which would hide a swapped mapping.
+            if "norm" in param_name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.1)
+    return model
+
+
+def save_hf(model: Qwen2ForCausalLM, path, sharded: bool) -> str:
+    model.save_pretrained(path, safe_serialization=True, max_shard_size="50KB" if sharded else "5GB")
+    assert os.path.isfile(os.path.join(path, INDEX_NAME if sharded else WEIGHTS_NAME))
+    return str(path)
+
+
+def hf_logits(path: str, tokens: torch.Tensor, attn_implementation: str) -> torch.Tensor:
+    """Logits of transformers' own Qwen2ForCausalLM loaded from path, in fp32."""
+    model = Qwen2ForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32)
+    assert model.config._attn_implementation == attn_implementation
+    with torch.no_grad():
+        return model.eval()(tokens).logits
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_logits_match_transformers(name, tmp_path):
+    hf_model = make_hf_model(name)
+    path = save_hf(hf_model, tmp_path / "hf", sharded="sharded" in name)
+    model = load_hf_model(path)
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        native = model(tokens)
+        model.set_attention_backend("reference")
+        reference = model(tokens)
+    assert native.shape == (2, 24, 1000)
+    # Logits of order one, so an absolute 1e-5 is a real test.
+    assert native.std() > 0.5
+    for attn in ("eager", "sdpa"):
+        diff = (native - hf_logits(path, tokens, attn)).abs().max().item()
+        assert diff <= 1e-5, f"{name} {attn}: max abs logit diff {diff}"
+    assert (native - reference).abs().max().item() <= 1e-5
+
+
+def test_logit_check_catches_a_swapped_mapping(tmp_path):
+    path = save_hf(make_hf_model("gqa2_untied"), tmp_path / "hf", sharded=False)
+    model = load_hf_model(path)
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        attn.k_proj.weight, attn.v_proj.weight = attn.v_proj.weight, attn.k_proj.weight
+        tokens = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(1))
+        diff = (model(tokens) - hf_logits(path, tokens, "eager")).abs().max().item()
+    assert diff > 1e-2
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("max_shard_bytes", [5 * 2**30, 40_000])
+def test_round_trip_is_exact(name, max_shard_bytes, tmp_path):
+    hf_model = make_hf_model(name)
+    args, native = read_hf_state_dict(save_hf(hf_model, tmp_path / "hf", sharded="sharded" in name))
+    out = tmp_path / "out"
+    write_hf(native, args, str(out), max_shard_bytes=max_shard_bytes)
+
+    files = sorted(os.listdir(out))
+    if max_shard_bytes < 2**20:
+        index = json.loads((out / INDEX_NAME).read_text())
+        shard_files = sorted(set(index["weight_map"].values()))
+        assert len(shard_files) > 1 and files == sorted([INDEX_NAME, "config.json", *shard_files])
+        total = 0
+        for file in shard_files:
+            tensors = load_file(out / file)
+            assert all(index["weight_map"][k] == file for k in tensors)
+            size = sum(t.nbytes for t in tensors.values())
+            # Over the limit only when a single tensor is larger than it.
+            assert size <= max_shard_bytes or len(tensors) == 1
+            total += size
+        assert index["metadata"]["total_size"] == total
+        assert shard_files[0] == f"model-00001-of-{len(shard_files):05d}.safetensors"
+    else:
+        assert files == ["config.json", WEIGHTS_NAME]
+        assert ("lm_head.weight" in load_file(out / WEIGHTS_NAME)) == (not args.tie_word_embeddings)
+        # transformers refuses safetensors files whose metadata names no framework.
+        with safe_open(str(out / WEIGHTS_NAME), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+
+    reloaded, info = Qwen2ForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    original = hf_model.state_dict()
+    assert reloaded.state_dict().keys() == original.keys()
+    for key, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, original[key]), key
+    assert reloaded.config.tie_word_embeddings == args.tie_word_embeddings
+    assert args_from_hf_config(json.loads((out / "config.json").read_text())) == args
+
+
+def test_write_copes_with_views_and_non_contiguous_tensors(tmp_path):
+    args, native = read_hf_state_dict(save_hf(make_hf_model("gqa2_untied"), tmp_path / "hf", sharded=False))
+    # One tensor under two names, overlapping views of one buffer, and a transposed (non-contiguous) tensor.
+    native["layers.1.input_layernorm.weight"] = native["norm.weight"]
+    q_bias = native["layers.0.self_attn.q_proj.bias"]
+    native["layers.0.self_attn.k_proj.bias"] = q_bias[32:].clone()
+    odd = dict(native)
+    odd["layers.0.self_attn.k_proj.bias"] = q_bias[32:]
+    odd["layers.0.mlp.gate_proj.weight"] = native["layers.0.mlp.gate_proj.weight"].t().contiguous().t()
+    assert not odd["layers.0.mlp.gate_proj.weight"].is_contiguous()
+    write_hf(odd, args, str(tmp_path / "out"))
+    _, back = read_hf_state_dict(str(tmp_path / "out"))
+    assert back.keys() == native.keys()
+    for name, tensor in native.items():
+        assert torch.equal(back[name], tensor), name
+
+
+def test_write_bfloat16(tmp_path):
+    args, native = read_hf_state_dict(save_hf(make_hf_model("gqa2_untied"), tmp_path / "hf", sharded=False))
+    write_hf(native, args, str(tmp_path / "out"), dtype=torch.bfloat16)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["torch_dtype"] == "bfloat16"
+    written = load_file(tmp_path / "out" / WEIGHTS_NAME)
+    assert written.keys() == native_to_hf_state_dict(native, args).keys()
+    for name, tensor in native.items():
+        assert torch.equal(written[native_to_hf_name(name)], tensor.to(torch.bfloat16)), name
+    reloaded = Qwen2ForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert torch.equal(reloaded.model.norm.weight, native["norm.weight"].to(torch.bfloat16))
+
+
+def test_names_reads_only_requested_tensors(tmp_path):
+    path = save_hf(make_hf_model("gqa7_tied_sharded"), tmp_path / "hf", sharded=True)
+    _, full = read_hf_state_dict(path)
+    wanted = {"layers.1.self_attn.q_proj.bias", "norm.weight"}
+    weight_map = json.loads(open(os.path.join(path, INDEX_NAME)).read())["weight_map"]
+    needed = {weight_map[native_to_hf_name(n)] for n in wanted}
+    # Remove every shard the requested tensors do not live in: reading must not touch them.
+    removed = set(weight_map.values()) - needed
+    assert removed
+    for file in removed:
+        os.remove(os.path.join(path, file))
+    args, part = read_hf_state_dict(path, names=wanted)
+    assert args.num_hidden_layers == 4 and part.keys() == wanted
+    for name in wanted:
+        assert torch.equal(part[name], full[name])
+    with pytest.raises(UserError, match="listed in model.safetensors.index.json but missing"):
+        read_hf_state_dict(path)
+
+
+def test_tied_file_with_lm_head_drops_it_and_untied_needs_it(tmp_path):
+    hf_model = make_hf_model("mha_tied")
+    path = save_hf(hf_model, tmp_path / "hf", sharded=False)
+    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    args, native = read_hf_state_dict(path)
+    assert "lm_head.weight" not in native and len(native) == 2 * 12 + 2
+
+    config_file = os.path.join(path, "config.json")
+    config = json.loads(open(config_file).read())
+    config["tie_word_embeddings"] = False
+    del tensors["lm_head.weight"]
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with open(config_file, "w") as f:
+        json.dump(config, f)
+    with pytest.raises(UserError, match="missing 1 tensors: lm_head.weight; config.json has tie_word_embeddings"):
+        read_hf_state_dict(path)
+
+
+def test_missing_and_unexpected_tensors_are_named(tmp_path):
+    path = save_hf(make_hf_model("mha_tied"), tmp_path / "hf", sharded=False)
+    tensors = load_file(os.path.join(path, WEIGHTS_NAME))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.2.mlp.up_proj.weight"] = torch.zeros(128, 64)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with pytest.raises(UserError, match="missing 1 tensors: layers.1.mlp.up_proj.weight"):
+        read_hf_state_dict(path)
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(128, 64)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"do not belong to the architecture in config.json \(2 layers\)"):
+        read_hf_state_dict(path)
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(64, 128)
+    save_file(tensors, os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"has shape \(64, 128\) but config.json implies \(128, 64\)"):
+        read_hf_state_dict(path)
+
+
+def test_bad_directories_are_refused(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_hf_state_dict(str(tmp_path / "nope"))
+    model = make_hf_model("mha_tied")
+    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    assert os.path.isfile(tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(UserError, match=r"only pickle weights.*only safetensors are read.*safe_serialization=True"):
+        read_hf_state_dict(str(tmp_path / "bin"))
+    os.remove(tmp_path / "bin" / "config.json")
+    with pytest.raises(UserError, match="config.json: missing"):
+        read_hf_state_dict(str(tmp_path / "bin"))
+
+
+def base_config() -> dict:
+    return hf_config_from_args(ModelArgs(1000, 64, 2, 4, 2, 128, tie_word_embeddings=True))
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("model_type", "llama", 'model_type="llama"'),
+        ("architectures", ["Qwen2ForSequenceClassification"], "only Qwen2ForCausalLM"),
+        ("hidden_act", "gelu", 'hidden_act="gelu"'),
+        ("use_sliding_window", True, "use_sliding_window=true"),
+        ("layer_types", ["full_attention", "sliding_attention"], "layer_types="),
+        ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling="),
+        ("attention_bias", False, "attention_bias=false"),
+        ("mlp_bias", True, "mlp_bias=true"),
+        ("attention_dropout", 0.1, "attention_dropout=0.1"),
+        ("head_dim", 32, "head_dim=32.*= 16"),
+        ("num_key_value_heads", 3, "not divisible by num_key_value_heads 3"),
+        ("hidden_size", "64", 'hidden_size="64" has the wrong type'),
+    ],
+)
+def test_unsupported_configs_are_refused(key, value, message):
+    config = base_config()
+    config[key] = value
+    with pytest.raises(UserError, match=message):
+        args_from_hf_config(config)
+
+
+def test_config_defaults_follow_transformers():
+    config = base_config()
+    for key in ("rope_theta", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "rope_scaling"):
+        del config[key]
+    config["num_key_value_heads"] = None
+    args = args_from_hf_config(config)
+    hf = Qwen2Config(**config)
+    assert (args.rope_theta, args.rms_norm_eps, args.tie_word_embeddings, args.max_position_embeddings) == (
+        hf.rope_theta, hf.rms_norm_eps, hf.tie_word_embeddings, hf.max_position_embeddings,
+    )
+    assert args.num_key_value_heads == 4
+    del config["vocab_size"]
+    with pytest.raises(UserError, match="missing key 'vocab_size'"):
+        args_from_hf_config(config)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_config_round_trip_of_published_sizes(size):
+    config = hf_config_from_args(SIZES[size], "bfloat16")
+    assert args_from_hf_config(config) == SIZES[size]
+    hf = Qwen2Config(**config)
+    assert hf.head_dim == SIZES[size].head_dim and hf.bos_token_id == hf.eos_token_id == 151643
+
+
+def test_names_and_state_dicts_map_both_ways():
+    assert hf_to_native_name("model.layers.3.self_attn.q_proj.bias") == "layers.3.self_attn.q_proj.bias"
+    assert hf_to_native_name("lm_head.weight") == native_to_hf_name("lm_head.weight") == "lm_head.weight"
+    assert native_to_hf_name("norm.weight") == "model.norm.weight"
+    with pytest.raises(UserError, match="score.weight"):
+        hf_to_native_name("score.weight")
+    for name in ("mha_tied", "gqa2_untied"):
+        hf_model = make_hf_model(name)
+        args = args_from_hf_config(hf_model.config.to_dict())
+        native = hf_to_native_state_dict(hf_model.state_dict(), args)
+        assert ("lm_head.weight" in native) == (not args.tie_word_embeddings)
+        back = native_to_hf_state_dict(native, args)
+        expected = {k for k in hf_model.state_dict() if not (k == "lm_head.weight" and args.tie_word_embeddings)}
+        assert back.keys() == expected
+
+
+def test_write_refuses_non_empty_dir_and_failures_leave_nothing(tmp_path, monkeypatch):
+    args, native = read_hf_state_dict(save_hf(make_hf_model("mha_tied"), tmp_path / "hf", sharded=False))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    with pytest.raises(UserError, match="exists and is not empty.*overwrite=True"):
+        write_hf(native, args, str(out))
+    write_hf(native, args, str(out), overwrite=True)
+    assert sorted(os.listdir(out)) == ["config.json", WEIGHTS_NAME]
+
+    broken = dict(native)
+    del broken["norm.weight"]
+    with pytest.raises(UserError, match="missing 1 tensors: norm.weight"):
+        write_hf(broken, args, str(tmp_path / "new"))
+
+    # A failure after the first shard is written (disk full, say) must leave neither out_dir nor a temp dir.
+    real_save_file = hf_module.save_file
+    calls = []
+
+    def failing_save_file(tensors, file, **kwargs):
+        calls.append(file)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_save_file(tensors, file, **kwargs)
+
+    monkeypatch.setattr(hf_module, "save_file", failing_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        write_hf(native, args, str(tmp_path / "new"), max_shard_bytes=40_000)
+    assert len(calls) == 2
+    assert sorted(os.listdir(tmp_path)) == ["hf", "out"]

@@ -1,0 +1,72 @@
+"""The native Qwen2: published parameter counts, deterministic init, attention backends."""
+
+import pytest
+import torch
+
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.attention import attention, resolve_backend
+from qwen2_dist.model.qwen2 import build_model, count_parameters
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("qwen2-0.5b", 494_032_768),
+    ("qwen2-1.5b", 1_543_714_304),
+    ("qwen2-7b", 7_615_616_512),
+    ("qwen2-72b", 72_706_203_648),
+])
+def test_parameter_counts_on_meta(name, expected):
+    model = build_model(get_model_args(name))
+    assert next(model.parameters()).is_meta
+    assert count_parameters(model) == expected
+
+
+def test_tied_sizes_have_no_separate_head():
+    assert build_model(get_model_args("qwen2-1.5b")).lm_head is None
+    assert build_model(get_model_args("qwen2-7b")).lm_head is not None
+
+
+def _materialized(seed: int):
+    model = build_model(get_model_args("tiny"))
+    model.to_empty(device="cpu")
+    model.init_weights(seed)
+    return model
+
+
+def test_init_weights_is_deterministic_and_shaped_as_specified():
+    a, b, c = _materialized(0), _materialized(0), _materialized(1)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        if name.endswith("bias"):
+            assert torch.count_nonzero(pa) == 0
+        elif "norm" in name:
+            assert torch.all(pa == 1)
+        else:
+            assert not torch.equal(pa, pc), name
+    assert abs(a.embed_tokens.weight.std().item() - 0.02) < 1e-3
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (7, 1)])
+def test_sdpa_matches_reference(heads, kv_heads):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, heads, 16, 8, generator=gen)
+    k = torch.randn(2, kv_heads, 16, 8, generator=gen)
+    v = torch.randn(2, kv_heads, 16, 8, generator=gen)
+    diff = (attention(q, k, v, "sdpa") - attention(q, k, v, "reference")).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_attention_backend_choice():
+    assert resolve_backend("auto", "cpu") == "sdpa"
+    assert resolve_backend("reference", "cpu") == "reference"
+    with pytest.raises(UserError, match="model.attention"):
+        resolve_backend("magic", "cpu")
+    with pytest.raises(UserError, match="flash-attn"):
+        resolve_backend("flash_attn", "cpu")
+
+
+def test_bad_size_is_refused_naming_the_field():
+    with pytest.raises(UserError, match="num_attention_heads"):
+        get_model_args("tiny", num_attention_heads=5)
+    with pytest.raises(UserError, match="unknown size"):
+        get_model_args("qwen2-3b")

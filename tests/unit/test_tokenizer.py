@@ -1,0 +1,100 @@
+"""The embedded Qwen2 tokenizer reproduces Qwen2's ids; Hugging Face tokenizers load behind the same API."""
+
+import hashlib
+import importlib.resources
+import sys
+
+import numpy as np
+import pytest
+
+from qwen2_dist.data.tokenizer import load_tokenizer, qwen2_encoding
+from qwen2_dist.errors import UserError
+
+EOS = 151_643
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("qwen2")
+
+
+@pytest.mark.parametrize(
+    "text, ids",
+    [
+        ("Hello, world!", [9707, 11, 1879, 0]),
+        ("你好，世界", [108386, 3837, 99489]),
+        ("Hello world", [9707, 1879]),
+        ("12345", [16, 17, 18, 19, 20]),
+    ],
+)
+def test_known_encodings(tok, text, ids):
+    assert tok.encode(text) == ids
+
+
+def test_vocab_asset_is_the_documented_file():
+    data = importlib.resources.files("qwen2_dist").joinpath("assets/qwen.tiktoken").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+
+
+def test_sizes_and_specials(tok):
+    assert tok.name == "qwen2"
+    assert tok.eos_id == EOS
+    assert tok.vocab_size == 151_646
+    assert tok.decode([151_643, 151_644, 151_645]) == "<|endoftext|><|im_start|><|im_end|>"
+    assert qwen2_encoding() is qwen2_encoding()
+
+
+def test_decode_round_trip(tok):
+    text = "def f(x):\n\treturn x ** 2  # 平方 🙂\n\n\nI'm   done.\r\n"
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.decode(np.asarray(ids, dtype=np.int32)) == text
+
+
+def test_encode_batch_matches_encode(tok):
+    texts = ["Hello world", "", "你好，世界", "x = 1\n"]
+    assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+
+
+def test_special_token_text_is_plain_text(tok):
+    text = "a<|endoftext|>b<|im_start|>"
+    ids = tok.encode(text)
+    assert all(i < EOS for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_nfc_normalizes_before_encoding(tok):
+    assert tok.encode("cafe\u0301") == tok.encode("caf\u00e9")
+    assert tok.decode(tok.encode("cafe\u0301")) == "caf\u00e9"
+
+
+def _tiny_hf_tokenizer(path):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {"hello": 0, "world": 1, "<|endoftext|>": 2, "[UNK]": 3}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    model.add_special_tokens(["<|endoftext|>"])
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|endoftext|>", unk_token="[UNK]")
+    hf.save_pretrained(path)
+
+
+def test_hf_tokenizer_directory(tmp_path):
+    _tiny_hf_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert (tok.eos_id, tok.vocab_size, tok.name) == (2, 4, str(tmp_path / "tok"))
+    assert tok.encode("hello world") == [0, 1]
+    # The eos string inside a document stays text (here: unknown word pieces), as with the embedded tokenizer.
+    assert tok.encode_batch(["hello <|endoftext|> world"]) == [[0, 3, 3, 3, 1]]
+    assert tok.decode([0, 2]) == "hello <|endoftext|>"
+
+
+def test_hf_tokenizer_missing_directory(tmp_path):
+    with pytest.raises(UserError, match=r"tokenizer=.*nope.*tokenizer=qwen2"):
+        load_tokenizer(str(tmp_path / "nope"))
+
+
+def test_hf_tokenizer_without_transformers(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(UserError, match=r"tokenizer=org/model needs the transformers package"):
+        load_tokenizer("org/model")
