@@ -53,7 +53,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 500
+    steps: int = 150
     """Optimizer steps of the whole run (a resumed run continues up to this count)."""
     stop_at: Optional[int] = None
     """Stop after this step with a checkpoint, without changing the schedule (chunked jobs, resume tests)."""
@@ -92,7 +92,7 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 100
+    interval: int = 50
     """Save every this many steps (0 = only at the end)."""
     keep_last: int = 2
     """Committed checkpoints kept; older ones are deleted after a new commit."""
@@ -104,7 +104,7 @@ class CheckpointConfig:
 
 @dataclass
 class LoggingConfig:
-    interval: int = 10
+    interval: int = 5
     """Log (console and metrics.jsonl) every this many steps."""
 
 
