@@ -2,11 +2,14 @@
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
 from qwen2_dist.errors import UserError
+
+if TYPE_CHECKING:
+    from qwen2_dist.model.args import ModelArgs
 
 
 @dataclass
@@ -38,17 +41,43 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    path: str = "???"
+    """Dataset directory written by qwen2-prepare, or its remote URL (s3://, gs://, oci://, azure://, hf://, ...)."""
+    weight: float = 1.0
+    """Share of the training samples drawn from this source (weights are normalized to sum to 1)."""
+
+
+@dataclass
 class DataConfig:
     path: Optional[str] = None
-    """MDS shard directory written by qwen2-prepare (local path or remote URL); null = the embedded default corpus."""
+    """Dataset directory written by qwen2-prepare (local path or remote URL); null (and no data.sources) = the
+    embedded default corpus."""
+    sources: list[DataSource] = field(default_factory=list)
+    """Several datasets mixed by weight, instead of data.path: '[{path: /d/web, weight: 0.7}, {path: s3://b/code,
+    weight: 0.3}]'. Each is read in epochs of its own; the mixture is exact in every block of 4096 samples."""
     cache_dir: Optional[str] = None
-    """Local cache for a remote data.path, and where the embedded corpus is built; default ~/.cache/qwen2_dist."""
+    """Node-local cache for remote sources (one directory per run) and where the embedded corpus is built;
+    default ~/.cache/qwen2_dist."""
     shuffle: bool = True
-    """Shuffle samples (deterministically, from the run seed)."""
+    """Shuffle samples (deterministically, from the run seed): shards, then samples within blocks."""
+    shuffle_block_size: int = 262144
+    """Samples shuffled together; a rank needs the shards of the current block only (keep >= 10x samples/shard)."""
+    document_masking: bool = False
+    """Attention stays within each document of a packed sample (positions restart per document)."""
     num_workers: int = 0
-    """DataLoader worker processes per rank."""
+    """DataLoader worker processes per rank (they read ahead; 0 reads in the training process)."""
     embedded_max_tokens: int = 4_000_000
     """Tokens taken from the Python standard library sources for the embedded default corpus."""
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 50
+    """Compute the loss on the held-out (val) split every this many steps; 0 = never. Skipped, with a warning,
+    when the data has no val split."""
+    samples: int = 32
+    """Held-out samples per evaluation over all ranks (the same samples every time, so evaluations compare)."""
 
 
 @dataclass
@@ -69,6 +98,20 @@ class TrainConfig:
     """auto (cuda when available), cuda or cpu."""
     mixed_precision: str = "auto"
     """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
+    nonfinite: str = "skip"
+    """Non-finite loss or gradients: skip (skip the update, count it; stop after max_skipped_in_a_row) or halt."""
+    max_skipped_in_a_row: int = 5
+    """Save and stop when this many consecutive steps were skipped (checked at logging steps)."""
+    spike_sigma: float = 0.0
+    """Also skip a step whose loss is this many standard deviations above the last spike_window steps (0 = off)."""
+    spike_window: int = 128
+    """Applied steps in the loss-spike window."""
+    hang_timeout: float = 1800.0
+    """Seconds without a completed step before the watchdog dumps all stacks and exits (0 = off)."""
+    hang_timeout_first: float = 3600.0
+    """The same limit for the first step (compilation, data download, first collectives)."""
+    pg_timeout_minutes: float = 30.0
+    """Timeout of collective operations in the process group."""
     deterministic: bool = False
     """Use deterministic algorithms (slower on GPU)."""
 
@@ -87,15 +130,21 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     fused: str = "auto"
-    """auto (fused AdamW on CUDA), true or false."""
+    """auto (= true: fused AdamW, on CUDA and CPU; it skips flagged steps without a host sync), true or false."""
 
 
 @dataclass
 class CheckpointConfig:
     interval: int = 50
     """Save every this many steps (0 = only at the end)."""
+    interval_minutes: float = 0.0
+    """Also save when this many minutes passed since the last save (0 = off)."""
     keep_last: int = 2
     """Committed checkpoints kept; older ones are deleted after a new commit."""
+    keep_every: int = 0
+    """Milestones: checkpoints of steps divisible by this are never deleted (0 = none)."""
+    async_save: Any = "auto"
+    """Write shards in the background; the loop blocks only to copy the state (auto = on CUDA, true, false)."""
     resume: str = "auto"
     """auto (newest committed checkpoint in run_dir/checkpoints), none, or a checkpoint directory."""
     save_final: bool = True
@@ -106,6 +155,18 @@ class CheckpointConfig:
 class LoggingConfig:
     interval: int = 5
     """Log (console and metrics.jsonl) every this many steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files under run_dir/tensorboard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package)."""
+    wandb_project: str = "qwen2-dist"
+    """W&B project."""
+    wandb_mode: str = "offline"
+    """W&B mode: offline (files under run_dir/wandb, no network; sync later with `wandb sync`) or online."""
+    profile_steps: Optional[str] = None
+    """Record a torch.profiler trace of steps START:END (e.g. 10:12) to run_dir/profile/rank{N}.json."""
+    memory_snapshot_on_oom: bool = True
+    """On CUDA, record allocations and write run_dir/oom_snapshot_rank{N}.pickle when a step runs out of memory."""
 
 
 @dataclass
@@ -115,7 +176,18 @@ class ParallelConfig:
     dp_shard: int = -1
     """Data-parallel shards (FSDP2); -1 = whatever the world size leaves."""
     tp: int = 1
-    """Tensor-parallel degree."""
+    """Tensor-parallel degree (with sequence parallelism and a vocabulary-parallel loss); keep it within a node."""
+    activation_checkpointing: str = "none"
+    """Recompute decoder blocks in backward to save memory: none, full (every block) or selective (every ac_every-th)."""
+    ac_every: int = 2
+    """With activation_checkpointing=selective: recompute blocks 0, k, 2k, ... for k = ac_every."""
+    compile: str = "auto"
+    """torch.compile each decoder block: auto (on for CUDA, off on CPU), true or false."""
+    reshard_after_forward: str = "default"
+    """FSDP2 after a block's forward: default (free the gathered weights, except the root's), always, or never
+    (keep them until backward: less communication, more memory)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; CUDA only)."""
 
 
 @dataclass
@@ -127,6 +199,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     run_dir: str = "runs/default"
     """Where metrics.jsonl, config.yaml, logs and checkpoints/ go; the same run_dir resumes the run."""
     seed: int = 0
@@ -137,6 +210,85 @@ def register_configs() -> None:
     """Register the schema so Hydra type-checks conf/ and the command-line overrides."""
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
+
+
+def _check_parallel(p: ParallelConfig, args: "ModelArgs", t: TrainConfig, world_size: int) -> int:
+    """Check the layout against the world size and the model's sizes; return the resolved dp_shard."""
+    if p.dp_shard == -1:
+        if world_size % (p.dp_replicate * p.tp):
+            raise UserError(
+                f"world size {world_size} is not divisible by parallel.dp_replicate x parallel.tp = "
+                f"{p.dp_replicate * p.tp}; change the layout or the number of processes"
+            )
+        dp_shard = world_size // (p.dp_replicate * p.tp)
+    else:
+        dp_shard = p.dp_shard
+        if dp_shard <= 0 or p.dp_replicate * dp_shard * p.tp != world_size:
+            raise UserError(
+                f"parallel.dp_replicate x dp_shard x tp = {p.dp_replicate} x {p.dp_shard} x {p.tp} does not equal "
+                f"the world size {world_size}; set parallel.dp_shard=-1 to fill the rest"
+            )
+    # Tensor parallelism splits the heads (query heads are a multiple of the key/value heads), the MLP width and
+    # the vocabulary over tp ranks, and sequence parallelism splits the sequence between blocks: all divide evenly.
+    for what, size in (
+        ("num_key_value_heads", args.num_key_value_heads), ("intermediate_size", args.intermediate_size),
+        ("vocab_size", args.vocab_size),
+    ):
+        if size % p.tp:
+            raise UserError(
+                f"parallel.tp={p.tp}: the model's {what} {size} is not divisible by it; "
+                f"use a parallel.tp that divides {size}"
+            )
+    if t.seq_len % p.tp:
+        raise UserError(
+            f"parallel.tp={p.tp}: train.seq_len={t.seq_len} is not divisible by it (sequence parallelism splits "
+            f"the sequence); use a train.seq_len that is a multiple of {p.tp}"
+        )
+    if p.activation_checkpointing not in ("none", "full", "selective"):
+        raise UserError(
+            f"parallel.activation_checkpointing={p.activation_checkpointing!r}: choose none, full or selective"
+        )
+    if p.ac_every < 1:
+        raise UserError(f"parallel.ac_every={p.ac_every}: must be a positive integer")
+    if str(p.compile).lower() not in ("auto", "true", "false"):
+        raise UserError(f"parallel.compile={p.compile!r}: choose auto, true or false")
+    if p.reshard_after_forward not in ("default", "always", "never"):
+        raise UserError(
+            f"parallel.reshard_after_forward={p.reshard_after_forward!r}: choose default, always or never"
+        )
+    if p.cpu_offload and (world_size == 1 or t.device == "cpu"):
+        raise UserError(
+            "parallel.cpu_offload=true: offloading is part of FSDP2 on CUDA, which needs several processes on GPUs; "
+            "set parallel.cpu_offload=false"
+        )
+    return dp_shard
+
+
+def _check_data(d: DataConfig, e: EvalConfig, samples_per_micro_step: int) -> None:
+    """Check the data sources and the evaluation sizes."""
+    if d.path is not None and d.sources:
+        raise UserError("data.path and data.sources are both set; use data.path for one dataset, data.sources to mix")
+    paths = [(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]
+    if d.path is not None:
+        paths.append(("data.path", d.path))
+    for name, path in paths:
+        if "://" not in path and not os.path.isdir(path):
+            raise UserError(
+                f"{name}={path}: no such directory; write shards with qwen2-prepare input=... output=DIR "
+                "or leave data.path unset for the embedded corpus"
+            )
+    for i, source in enumerate(d.sources):
+        if not source.weight > 0:
+            raise UserError(f"data.sources[{i}].weight={source.weight}: must be positive")
+    if d.shuffle_block_size < 1 or d.num_workers < 0:
+        raise UserError("data.shuffle_block_size must be >= 1 and data.num_workers >= 0")
+    if e.interval < 0:
+        raise UserError(f"eval.interval={e.interval}: must be >= 0 (0 = no evaluation)")
+    if e.interval and (e.samples <= 0 or e.samples % samples_per_micro_step):
+        raise UserError(
+            f"eval.samples={e.samples} must be a positive multiple of train.micro_batch_size x data-parallel size "
+            f"= {samples_per_micro_step}"
+        )
 
 
 def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
@@ -156,10 +308,36 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"optim.min_lr_ratio={o.min_lr_ratio}: must lie in [0, 1]")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:
         raise UserError(f"optim.warmup_steps={o.warmup_steps}: must lie in [0, train.steps={t.steps}]")
+    if t.stop_at is not None and t.stop_at < 0:
+        raise UserError(f"train.stop_at={t.stop_at}: must be >= 0 (0 saves the initial weights and stops)")
+    if t.nonfinite not in ("skip", "halt"):
+        raise UserError(f"train.nonfinite={t.nonfinite!r}: choose skip or halt")
+    if t.max_skipped_in_a_row < 1 or t.spike_sigma < 0 or t.spike_window < 2:
+        raise UserError(
+            f"train.max_skipped_in_a_row={t.max_skipped_in_a_row}, spike_sigma={t.spike_sigma}, spike_window="
+            f"{t.spike_window}: need max_skipped_in_a_row >= 1, spike_sigma >= 0, spike_window >= 2"
+        )
+    if t.hang_timeout < 0 or t.hang_timeout_first < 0 or t.pg_timeout_minutes <= 0:
+        raise UserError("train.hang_timeout and train.hang_timeout_first must be >= 0 (0 = off) and "
+                        "train.pg_timeout_minutes > 0")
     if t.grad_clip < 0:
         raise UserError(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 turns clipping off)")
-    if cfg.checkpoint.interval < 0 or cfg.checkpoint.keep_last < 1:
-        raise UserError("checkpoint.interval must be >= 0 and checkpoint.keep_last >= 1")
+    lg = cfg.logging
+    if lg.wandb_mode not in ("offline", "online", "disabled"):
+        raise UserError(f"logging.wandb_mode={lg.wandb_mode!r}: choose offline, online or disabled")
+    if lg.profile_steps is not None:
+        start, _, end = str(lg.profile_steps).partition(":")
+        if not (start.isdigit() and end.isdigit() and 0 < int(start) < int(end)):
+            raise UserError(f"logging.profile_steps={lg.profile_steps!r}: use START:END with 0 < START < END, e.g. 10:12")
+    c = cfg.checkpoint
+    if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0 or c.interval_minutes < 0:
+        raise UserError(
+            f"checkpoint: interval={c.interval}, keep_last={c.keep_last}, keep_every={c.keep_every}, "
+            f"interval_minutes={c.interval_minutes}; need interval >= 0, keep_last >= 1, keep_every >= 0, "
+            "interval_minutes >= 0"
+        )
+    if c.async_save not in ("auto", True, False):
+        raise UserError(f"checkpoint.async_save={c.async_save!r}: choose auto, true or false")
     if t.seq_len > args.max_position_embeddings:
         raise UserError(
             f"train.seq_len={t.seq_len} exceeds the {args.max_position_embeddings} positions of "
@@ -171,24 +349,7 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"train.mixed_precision={t.mixed_precision!r}: choose auto, bf16 or fp32")
     if o.fused not in ("auto", "true", "false", True, False):
         raise UserError(f"optim.fused={o.fused!r}: choose auto, true or false")
-    if p.tp > 1:
-        raise UserError(
-            f"parallel.tp={p.tp}: tensor parallelism is not available in this release; set parallel.tp=1"
-        )
-    if p.dp_shard == -1:
-        if world_size % (p.dp_replicate * p.tp):
-            raise UserError(
-                f"world size {world_size} is not divisible by parallel.dp_replicate x parallel.tp = "
-                f"{p.dp_replicate * p.tp}; change the layout or the number of processes"
-            )
-        dp_shard = world_size // (p.dp_replicate * p.tp)
-    else:
-        dp_shard = p.dp_shard
-        if dp_shard <= 0 or p.dp_replicate * dp_shard * p.tp != world_size:
-            raise UserError(
-                f"parallel.dp_replicate x dp_shard x tp = {p.dp_replicate} x {p.dp_shard} x {p.tp} does not equal "
-                f"the world size {world_size}; set parallel.dp_shard=-1 to fill the rest"
-            )
+    dp_shard = _check_parallel(p, args, t, world_size)
     dp = p.dp_replicate * dp_shard
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise UserError(
@@ -201,11 +362,7 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory; use auto, none or an existing path")
     if cfg.model.init_from_hf is not None and not os.path.isdir(cfg.model.init_from_hf):
         raise UserError(f"model.init_from_hf={cfg.model.init_from_hf}: no such directory")
-    if cfg.data.path is not None and "://" not in cfg.data.path and not os.path.isdir(cfg.data.path):
-        raise UserError(
-            f"data.path={cfg.data.path}: no such directory; write shards with qwen2-prepare input=... output=DIR "
-            "or leave data.path unset for the embedded corpus"
-        )
+    _check_data(cfg.data, cfg.eval, t.micro_batch_size * dp)
     return {
         "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,
         "grad_accum_steps": t.global_batch_size // (t.micro_batch_size * dp),

@@ -24,3 +24,10 @@ def run_cli(module: str, args: list[str], timeout: float = 300, env: dict | None
         [sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
         env={**os.environ, **(env or {})},
     )
+
+
+def run_torchrun(nproc: int, module: str, args: list[str], timeout: float = 300,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `torchrun --standalone --nproc-per-node=nproc -m module args` (gloo on CPU) and capture its output."""
+    return run_cli("torch.distributed.run", ["--standalone", f"--nproc-per-node={nproc}", "-m", module, *args],
+                   timeout=timeout, env={"OMP_NUM_THREADS": "1", **(env or {})})

@@ -24,14 +24,14 @@ def _name_of(args) -> str | None:
     return next((name for name, known in SIZES.items() if known == args), None)
 
 
-def from_hf(hf_dir: str, out_dir: str) -> str:
+def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
     """Convert a Hugging Face Qwen2 directory into a committed model-only checkpoint at out_dir."""
     from qwen2_dist.model.hf import load_hf_model
     from qwen2_dist.train import checkpoint
 
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise UserError(f"{out_dir}: exists and is not empty; choose a new output directory")
-    model = load_hf_model(hf_dir)
+    model = load_hf_model(hf_dir, allow_pickle=allow_pickle)
     args = model.args
     name = _name_of(args)
     meta = {"model": name, "model_args": args.to_dict(), "world_size": 1, "source": os.path.abspath(hf_dir),
@@ -41,20 +41,27 @@ def from_hf(hf_dir: str, out_dir: str) -> str:
 
 
 def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | None = None) -> str:
-    """Export the model weights of a committed checkpoint as a Hugging Face Qwen2 directory."""
+    """Export the model weights of a committed checkpoint as a Hugging Face Qwen2 directory.
+
+    Reads the checkpoint one output file at a time (DCP loads just the tensors asked for), so memory stays at
+    one safetensors shard, not the whole model.
+    """
     from qwen2_dist.model.args import ModelArgs
-    from qwen2_dist.model.hf import write_hf
+    from qwen2_dist.model.hf import write_hf_from
     from qwen2_dist.model.qwen2 import build_model
     from qwen2_dist.train import checkpoint
 
-    meta = checkpoint.read_metadata(ckpt_dir)
-    args = ModelArgs(**meta["model_args"])
-    model = build_model(args, "cpu")
-    weights = checkpoint.full_model_state(ckpt_dir, model)
-    torch_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in torch_dtype:
+    dtypes = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
         raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
-    write_hf(weights, args, hf_dir, max_shard_bytes=int(max_shard_gib * 2**30), dtype=torch_dtype[dtype])
+    meta = checkpoint.verify(ckpt_dir)
+    args = ModelArgs(**meta["model_args"])
+    shapes = {name: t.shape for name, t in build_model(args, "meta").state_dict().items()}
+
+    def fetch(names: list[str]) -> dict[str, torch.Tensor]:
+        return checkpoint.read_tensors(ckpt_dir, {name: shapes[name] for name in names})
+
+    write_hf_from(fetch, args, hf_dir, int(max_shard_gib * 2**30), dtypes[dtype])
     return hf_dir
 
 
@@ -66,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p_from = sub.add_parser("from-hf", help="Hugging Face directory -> checkpoint")
     p_from.add_argument("hf_dir")
     p_from.add_argument("out_dir")
+    p_from.add_argument("--allow-pickle", action="store_true",
+                        help="also read pytorch_model*.bin (unpickled with weights_only=True); off: safetensors only")
     p_to = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory")
     p_to.add_argument("ckpt_dir")
     p_to.add_argument("hf_dir")
@@ -75,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if opts.command == "from-hf":
-            out = from_hf(opts.hf_dir, opts.out_dir)
+            out = from_hf(opts.hf_dir, opts.out_dir, opts.allow_pickle)
         else:
             out = to_hf(opts.ckpt_dir, opts.hf_dir, opts.max_shard_gib, opts.dtype)
     except UserError as exc:

@@ -1,4 +1,4 @@
-"""qwen2-prepare: tokenize text or JSONL files into MDS shards of fixed-length samples."""
+"""qwen2-prepare: tokenize text, JSONL or Parquet files into MDS shards of fixed-length samples."""
 
 import os
 import sys
@@ -13,14 +13,15 @@ from qwen2_dist.errors import UserError
 
 USAGE = (
     "usage: qwen2-prepare input=FILES output=DIR [seq_len=2048] [tokenizer=qwen2] [text_field=text] "
-    "[overwrite=false] [max_tokens=null]"
+    "[workers=0] [val_fraction=0.005] [overwrite=false] [max_tokens=null] [progress=true]"
 )
 
 
 @dataclass
 class PrepareConfig:
     input: str = "???"
-    """Files or glob patterns, comma-separated; .jsonl/.json are JSON lines, anything else is one document per file."""
+    """Files or glob patterns, comma-separated: .jsonl/.json are JSON lines, .parquet is Parquet, anything else is one
+    document per file; .gz or .zst after the name means compressed (e.g. data.jsonl.zst)."""
     output: str = "???"
     """Directory for the MDS shards and prepare_summary.json; must not exist or be empty unless overwrite=true."""
     seq_len: int = 2048
@@ -28,11 +29,17 @@ class PrepareConfig:
     tokenizer: str = "qwen2"
     """qwen2 (the embedded Qwen2 vocabulary) or a Hugging Face tokenizer directory or hub id."""
     text_field: str = "text"
-    """Field of each JSON record that holds the document text."""
+    """Field of each JSON record (or column of each Parquet file) that holds the document text."""
+    workers: int = 0
+    """Tokenizer processes; 0 = one per available CPU core. The output is identical for any value."""
+    val_fraction: float = 0.005
+    """Fraction of documents held out in the val/ split, chosen by a stable hash of each document's text."""
     overwrite: bool = False
     """Replace a non-empty output directory."""
     max_tokens: Optional[int] = None
-    """Stop after this many tokens (eos included); null reads all inputs."""
+    """Stop after this many tokens (eos included, both splits); null reads all inputs."""
+    progress: bool = True
+    """Show a progress bar (input bytes read, tokens/s) on stderr."""
 
 
 def parse_args(argv: list[str]) -> PrepareConfig:
@@ -74,14 +81,18 @@ def main(argv: list[str] | None = None) -> int:
             text_field=cfg.text_field,
             overwrite=cfg.overwrite,
             max_tokens=cfg.max_tokens,
+            workers=cfg.workers,
+            val_fraction=cfg.val_fraction,
+            progress=cfg.progress,
         )
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = ", ".join(f"{reason}={n}" for reason, n in summary["skipped"].items() if n) or "none"
+    splits = ", ".join(f"{name} {s['samples']}" for name, s in summary["splits"].items())
     print(
-        f"prepared {summary['samples']} samples of {summary['sample_tokens']} tokens ({summary['tokens']} tokens) "
-        f"from {summary['documents']} documents in {len(summary['inputs'])} files; "
+        f"prepared {summary['samples']} samples of {summary['sample_tokens']} tokens ({summary['tokens']} tokens; "
+        f"{splits}) from {summary['documents']} documents in {len(summary['inputs'])} files; "
         f"dropped {summary['dropped_tail_tokens']} tail tokens; skipped: {skipped}"
     )
     print(os.path.join(os.path.abspath(os.path.expanduser(cfg.output)), SUMMARY_NAME))

@@ -1,5 +1,6 @@
 """qwen2-train: the Hydra entry point; builds the job (config -> world -> mesh -> model -> data) and runs it."""
 
+import hashlib
 import logging
 import os
 import sys
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qwen2_dist.config import JobConfig, register_configs, validate
 from qwen2_dist.errors import UserError
+from qwen2_dist.train.faults import TrainingHalted
 
 log = logging.getLogger("qwen2_dist")
 
@@ -50,11 +52,14 @@ def _resolve_device(requested: str) -> str:
 def run(cfg: DictConfig):
     """Run the training job described by a composed config; returns the TrainResult."""
     from qwen2_dist.data.corpus import embedded_corpus
-    from qwen2_dist.data.loader import TokenBatches
+    from qwen2_dist.data.loader import TokenBatches, split_available
+    from qwen2_dist.data.prepare import VAL
     from qwen2_dist.model.attention import resolve_backend
-    from qwen2_dist.model.hf import read_hf_state_dict
+    from qwen2_dist.model.hf import load_hf_into
     from qwen2_dist.model.qwen2 import build_model, count_parameters
-    from qwen2_dist.parallel.mesh import build_mesh, dp_rank_and_size, init_distributed, world_from_env
+    from qwen2_dist.parallel.mesh import (
+        build_mesh, dp_rank_and_size, init_distributed, set_deterministic, world_from_env,
+    )
     from qwen2_dist.parallel.parallelize import parallelize
     from qwen2_dist.train import checkpoint
     from qwen2_dist.train.optim import build_optimizer
@@ -66,10 +71,10 @@ def run(cfg: DictConfig):
     layout = validate(job, world_size)
     device_type = _resolve_device(job.train.device)
     args = job.model.args()
-    world = init_distributed(device_type)
+    world = init_distributed(device_type, job.train.pg_timeout_minutes)
     setup_logging(job.run_dir, world.rank)
     if job.train.deterministic:
-        torch.use_deterministic_algorithms(True)
+        set_deterministic()
     if world.is_main:
         with open(os.path.join(job.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
             f.write(OmegaConf.to_yaml(resolved))
@@ -80,23 +85,26 @@ def run(cfg: DictConfig):
     ckpt_root = os.path.join(job.run_dir, "checkpoints")
     if world.is_main:
         checkpoint.clean_partial(ckpt_root)
-    resume_path = None
     if job.checkpoint.resume == "auto":
-        committed = checkpoint.committed_checkpoints(ckpt_root)
-        resume_path = committed[-1] if committed else None
-    elif job.checkpoint.resume != "none":
-        resume_path = job.checkpoint.resume
-    if resume_path is not None:
-        saved_args = checkpoint.read_metadata(resume_path)["model_args"]
-        if saved_args != args.to_dict():
+        candidates = checkpoint.committed_checkpoints(ckpt_root)[::-1]  # newest first; older ones are fallbacks
+    elif job.checkpoint.resume == "none":
+        candidates = []
+    else:
+        candidates = [job.checkpoint.resume]
+    for path in candidates:
+        try:
+            meta = checkpoint.read_metadata(path)
+        except UserError:
+            continue  # damaged: restore() below reports it and falls back
+        if meta["model_args"] != args.to_dict():
             raise UserError(
-                f"checkpoint {resume_path} holds a {checkpoint.read_metadata(resume_path).get('model')} model "
-                f"whose sizes differ from model={job.model.name}; set model= to match or use another run_dir"
+                f"checkpoint {path} holds a {meta.get('model')} model whose sizes differ from "
+                f"model={job.model.name}; set model= to match or use another run_dir"
             )
 
     data_path = job.data.path
-    if data_path is None:
-        cache = job.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "qwen2_dist")
+    cache = job.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "qwen2_dist")
+    if data_path is None and not job.data.sources:
         if local_rank == 0:
             data_path = embedded_corpus(cache, job.train.seq_len, job.data.embedded_max_tokens)
         if dist.is_initialized():
@@ -105,55 +113,87 @@ def run(cfg: DictConfig):
             data_path = embedded_corpus(cache, job.train.seq_len, job.data.embedded_max_tokens)
 
     model = build_model(args, "meta")
-    model.set_attention_backend(resolve_backend(job.model.attention, device_type))
+    model.set_attention_backend(resolve_backend(job.model.attention, device_type, job.data.document_masking))
     bf16 = job.train.mixed_precision == "bf16" or (job.train.mixed_precision == "auto" and device_type == "cuda")
-    model = parallelize(model, mesh, torch.bfloat16 if bf16 else torch.float32)
+    model = parallelize(model, mesh, job.parallel, torch.bfloat16 if bf16 else torch.float32, device_type)
     model.to_empty(device=world.device)
     model.init_weights(job.seed)
-    if job.model.init_from_hf and resume_path is None:
-        _, weights = read_hf_state_dict(job.model.init_from_hf)
-        if mesh is not None:
-            raise UserError("model.init_from_hf: loading Hugging Face weights into a sharded model needs one "
-                            "process in this release; convert with qwen2-convert from-hf and resume from it")
-        model.load_state_dict(weights, strict=True)
+    if job.model.init_from_hf and not candidates:
+        load_hf_into(model, job.model.init_from_hf)
         log.info("initialized from Hugging Face weights in %s", job.model.init_from_hf)
     log.info("model %s: %s parameters", job.model.name, f"{count_parameters(model):,}")
     optimizer = build_optimizer(model, job.optim, device_type)
-    batches = TokenBatches(
-        data_path, job.train.seq_len, job.train.micro_batch_size, dp_size, job.data.shuffle, job.seed,
-        cache_dir=job.data.cache_dir, num_workers=job.data.num_workers,
+    # Every rank reads by its data-parallel rank (tensor-parallel peers get the same batches); the remote cache
+    # is private to the run_dir, so two runs never share (or fight over) one.
+    sources = [(s.path, s.weight) for s in job.data.sources] or [(data_path, 1.0)]
+    loader_args = dict(
+        seq_len=job.train.seq_len, micro_batch_size=job.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+        seed=job.seed, shuffle=job.data.shuffle, shuffle_block_size=job.data.shuffle_block_size,
+        document_masking=job.data.document_masking, cache_dir=cache, num_workers=job.data.num_workers,
+        run_key=hashlib.sha256(os.path.abspath(job.run_dir).encode()).hexdigest()[:12],
     )
+    batches = TokenBatches(sources, global_batch_size=job.train.global_batch_size, **loader_args)
+    eval_batches = None
+    if job.eval.interval:
+        missing = [p for p, _ in sources if not split_available(p, VAL, cache, loader_args["run_key"])]
+        if missing:
+            log.warning("eval: no held-out split in %s (prepare with val_fraction > 0); evaluation is off",
+                        ", ".join(missing))
+        else:
+            # Read in the training process: a few micro-batches now and then do not pay for worker start-up.
+            eval_batches = TokenBatches(sources, global_batch_size=job.eval.samples, split=VAL,
+                                        **{**loader_args, "num_workers": 0})
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
         "config_hash": checkpoint.config_hash(resolved),
     }
-    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata)
-    if resume_path is not None:
-        trainer.restore(resume_path)
-        log.info("resumed from %s at step %d", resume_path, trainer.step)
+    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata,
+                      eval_batches)
+    for path in candidates:
+        try:
+            trainer.restore(path)
+        except UserError as exc:
+            if job.checkpoint.resume != "auto":
+                raise
+            log.warning("checkpoint %s is damaged (%s); falling back to the previous committed one", path, exc)
+            continue
+        log.info("resumed from %s at step %d", path, trainer.step)
+        break
+    else:
+        if candidates:
+            raise UserError(f"no committed checkpoint under {ckpt_root} could be loaded; "
+                            "move the damaged ones away or start fresh with checkpoint.resume=none")
     try:
         result = trainer.fit()
     finally:
         batches.close()
+        if eval_batches is not None:
+            eval_batches.close()
     log.info("done: step %d, %s tokens seen, last loss %s", result.step, f"{result.tokens_seen:,}", result.last_loss)
     return result
 
 
-def _precheck(argv: list[str]) -> None:
-    """Compose the overrides once outside Hydra so a bad one is reported in one line (Hydra prints several)."""
+def compose_job(overrides: list[str]) -> JobConfig:
+    """The job conf/ plus these overrides describe (Hydra's Compose API); a bad override is one UserError line."""
     from hydra import compose, initialize_config_dir
 
-    if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
-        return
-    overrides = [a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "-"))]
+    register_configs()
+    path = conf_dir()
     try:
-        with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=path, version_base="1.3"):
             cfg = compose("config", overrides=overrides)
-        OmegaConf.to_object(cfg)
+        return OmegaConf.to_object(cfg)
     except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "this override is wrong"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"bad override in {' '.join(overrides)!r}: {first} (list the valid keys with "
                         "qwen2-train --cfg job)") from None
+
+
+def _precheck(argv: list[str]) -> None:
+    """Compose the overrides once outside Hydra so a bad one is reported in one line (Hydra prints several)."""
+    if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
+        return
+    compose_job([a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "-"))])
 
 
 def _entry(cfg: DictConfig) -> None:
@@ -162,6 +202,9 @@ def _entry(cfg: DictConfig) -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except TrainingHalted as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(3)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -13,13 +13,15 @@ from qwen2_dist.data.prepare import SUMMARY_NAME, prepare
 logger = logging.getLogger(__name__)
 
 # Bump when the recipe below changes, so caches built by an older recipe are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 # site-packages differs between environments: including it would make the corpus depend on what is installed.
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 # Tests hold deliberately odd files (bad encodings, data tables); they come after the library code, so a small
 # max_tokens gets library code only, and the default 4M tokens still fits (the library alone is about 3M).
 TEST_DIRS = {"test", "tests", "idle_test"}
 TOKENIZER = "qwen2"
+# Held-out files for the eval loss; the stdlib has ~2,000 library modules, so about 40 of them.
+VAL_FRACTION = 0.02
 
 
 def stdlib_sources() -> list[str]:
@@ -43,7 +45,9 @@ def embedded_corpus(cache_dir: str, seq_len: int, max_tokens: int) -> str:
     # Every builder writes its own directory and renames it into place; when two processes race, the rename of
     # the second fails on the non-empty directory and it throws its copy away.
     tmp = f"{path}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    summary = prepare(stdlib_sources(), tmp, seq_len=seq_len, tokenizer=TOKENIZER, max_tokens=max_tokens)
+    summary = prepare(
+        stdlib_sources(), tmp, seq_len=seq_len, tokenizer=TOKENIZER, max_tokens=max_tokens, val_fraction=VAL_FRACTION
+    )
     try:
         os.rename(tmp, path)
     except OSError:
@@ -52,11 +56,13 @@ def embedded_corpus(cache_dir: str, seq_len: int, max_tokens: int) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         return path
     logger.info(
-        "built the embedded corpus at %s: %d tokens in %d samples of %d from %d Python standard library files",
+        "built the embedded corpus at %s: %d tokens in %d samples of %d (%d held out) from %d Python standard "
+        "library files",
         path,
         summary["tokens"],
         summary["samples"],
         summary["sample_tokens"],
+        summary["splits"].get("val", {}).get("samples", 0),
         summary["documents"],
     )
     return path

@@ -1,101 +1,459 @@
-"""Token shards (MDS, local or remote) -> resumable (inputs, targets) micro-batches for one data-parallel rank."""
+"""Prepared shards (local or remote, one source or several mixed by weight) -> resumable micro-batches.
 
+The order of samples is ours, not streaming's: sample number g of the run (g = 0, 1, 2, ... counted over all ranks)
+is a pure function of the seed, the sources and their weights (SampleOrder). Optimizer step t reads the positions
+[t*G, (t+1)*G) for a global batch of G samples; data-parallel rank r takes the r-th contiguous slice of them and
+cuts it into micro-batches. So the samples of a step depend on neither the number of ranks nor the micro-batch x
+accumulation split, tensor-parallel peers (same data-parallel rank) read the same batches, and the position saved
+with a checkpoint is one number. (mosaicml-streaming's own partition is not enough: its sample-to-step assignment
+changes with the number of DataLoader workers and at epoch ends, and its mixing resamples whole epochs.)
+
+StreamingDataset serves the samples by index (get_item), downloading and caching the shards of remote sources.
+"""
+
+import hashlib
+import json
 import logging
 import os
+import re
+import tempfile
+import uuid
+from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
 
+from qwen2_dist.data import hygiene
+from qwen2_dist.data.prepare import FORMAT_VERSION, SUMMARY_NAME, TRAIN, read_summary
 from qwen2_dist.data.streaming_compat import import_streaming
 from qwen2_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
+# Global positions per mixing block: each block holds every source's exact quota, in a shuffled order.
+MIX_BLOCK = 4096
+_MIX_TAG, _SHARDS_TAG, _BLOCK_TAG = 1, 2, 3
+DOWNLOAD_TIMEOUT = 120.0
 
-def _stack_tokens(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Collate MDS samples (read-only numpy arrays) into one int32 tensor without a per-sample copy warning."""
-    return {"tokens": torch.from_numpy(np.stack([sample["tokens"] for sample in samples]))}
+
+class Batch(NamedTuple):
+    """One micro-batch: inputs and targets (batch, seq_len) int64; positions restart at each document start when
+    document masking is on (else None)."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor | None
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([int(k) for k in key])
+
+
+class _SourceOrder:
+    """The samples of one source in the order they are read: epoch after epoch, each a seeded permutation.
+
+    A permutation shuffles the shards, then shuffles samples within consecutive blocks of block_size samples: random
+    enough for training, and a rank reading remote data needs only the shards of the current block.
+    """
+
+    def __init__(self, samples_per_shard: list[int], seed: int, source: int, shuffle: bool, block_size: int):
+        self.samples_per_shard = np.asarray(samples_per_shard, dtype=np.int64)
+        self.shard_offsets = np.concatenate([[0], np.cumsum(self.samples_per_shard)[:-1]])
+        self.num_samples = int(self.samples_per_shard.sum())
+        self.seed, self.source, self.shuffle, self.block_size = seed, source, shuffle, block_size
+        self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def _block(self, epoch: int, block: int) -> np.ndarray:
+        key = (epoch, block)
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return self._blocks[key]
+        order = _rng(self.seed, _SHARDS_TAG, self.source, epoch).permutation(len(self.samples_per_shard))
+        sizes = self.samples_per_shard[order]
+        ends = np.cumsum(sizes)
+        starts = ends - sizes
+        lo, hi = block * self.block_size, min((block + 1) * self.block_size, self.num_samples)
+        pieces = []
+        for i in range(int(np.searchsorted(ends, lo, side="right")), len(order)):
+            if starts[i] >= hi:
+                break
+            first = self.shard_offsets[order[i]]
+            pieces.append(np.arange(first + max(lo - starts[i], 0), first + min(hi - starts[i], sizes[i])))
+        ids = np.concatenate(pieces)
+        _rng(self.seed, _BLOCK_TAG, self.source, epoch, block).shuffle(ids)
+        self._blocks[key] = ids
+        if len(self._blocks) > 4:
+            self._blocks.popitem(last=False)
+        return ids
+
+    def sample_ids(self, k: np.ndarray) -> np.ndarray:
+        """Source sample index of the source's k-th read sample (k counts over epochs)."""
+        epoch, j = np.divmod(k, self.num_samples)
+        if not self.shuffle:
+            return j
+        out = np.empty_like(j)
+        block = j // self.block_size
+        for e, b in sorted(set(zip(epoch.tolist(), block.tolist()))):
+            mask = (epoch == e) & (block == b)
+            out[mask] = self._block(e, b)[j[mask] - b * self.block_size]
+        return out
+
+
+class SampleOrder:
+    """Global position -> (source, sample of that source): exact mixture quotas per block, each source in epochs."""
+
+    def __init__(self, samples_per_shard: list[list[int]], weights: list[float], seed: int, shuffle: bool,
+                 block_size: int):
+        assert len(samples_per_shard) == len(weights) > 0
+        self.sources = [_SourceOrder(s, seed, i, shuffle, block_size) for i, s in enumerate(samples_per_shard)]
+        self.seed = seed
+        total = float(sum(weights))
+        # Largest-remainder quotas of MIX_BLOCK positions; the realized mixture is exact per block.
+        exact = np.asarray(weights, dtype=np.float64) / total * MIX_BLOCK
+        quotas = np.floor(exact).astype(np.int64)
+        for i in np.argsort(-(exact - quotas), kind="stable")[: MIX_BLOCK - int(quotas.sum())]:
+            quotas[i] += 1
+        self.quotas = quotas
+        self._mix: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def _mix_block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source of each position in the block, how many earlier positions of the block have that source)."""
+        if block in self._mix:
+            return self._mix[block]
+        labels = np.repeat(np.arange(len(self.quotas)), self.quotas)
+        _rng(self.seed, _MIX_TAG, block).shuffle(labels)
+        ordinal = np.empty(MIX_BLOCK, dtype=np.int64)
+        for source in range(len(self.quotas)):
+            at = np.flatnonzero(labels == source)
+            ordinal[at] = np.arange(len(at))
+        self._mix[block] = labels, ordinal
+        if len(self._mix) > 4:
+            self._mix.popitem(last=False)
+        return labels, ordinal
+
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source index, sample index within the source) of each global position."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if len(self.sources) == 1:
+            return np.zeros_like(positions), self.sources[0].sample_ids(positions)
+        source = np.empty_like(positions)
+        k = np.empty_like(positions)
+        block, offset = np.divmod(positions, MIX_BLOCK)
+        for b in np.unique(block).tolist():
+            mask = block == b
+            labels, ordinal = self._mix_block(b)
+            source[mask] = labels[offset[mask]]
+            k[mask] = b * self.quotas[source[mask]] + ordinal[offset[mask]]
+        samples = np.empty_like(positions)
+        for s, order in enumerate(self.sources):
+            mask = source == s
+            if mask.any():
+                samples[mask] = order.sample_ids(k[mask])
+        return source, samples
+
+    def epochs(self, position: int) -> list[int]:
+        """The epoch each source is in at a global position."""
+        block, offset = divmod(position, MIX_BLOCK)
+        labels, _ = self._mix_block(block)
+        counts = self.quotas * block + np.bincount(labels[:offset], minlength=len(self.sources))
+        return [int(c // s.num_samples) for c, s in zip(counts, self.sources)]
+
+
+def positions_from_starts(doc_starts: list[np.ndarray], seq_len: int) -> torch.Tensor:
+    """(batch, seq_len) rotary positions that restart at 0 at every document start of each sample."""
+    out = np.empty((len(doc_starts), seq_len), dtype=np.int64)
+    index = np.arange(seq_len)
+    for row, starts in enumerate(doc_starts):
+        last_start = np.zeros(seq_len, dtype=np.int64)
+        starts = starts[starts < seq_len]
+        last_start[starts] = starts
+        out[row] = index - np.maximum.accumulate(last_start)
+    return torch.from_numpy(out)
+
+
+def _cache_path(cache_dir: str, run_key: str, url: str) -> str:
+    """A local cache directory for one remote source of one run (a run never shares it with another run)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", url.replace("://", "/")).strip("_")
+    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "remote", run_key, safe)
+
+
+def _source_summary(path: str, local: str | None) -> dict:
+    """The prepare_summary.json of a source, downloaded into its cache when the source is remote."""
+    if local is None:
+        return read_summary(path)
+    from streaming.base.storage.download import CloudDownloader
+
+    os.makedirs(local, exist_ok=True)
+    target = os.path.join(local, SUMMARY_NAME)
+    if not os.path.exists(target):
+        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            CloudDownloader.direct_download(f"{path.rstrip('/')}/{SUMMARY_NAME}", tmp, DOWNLOAD_TIMEOUT)
+        except Exception as e:  # each storage client raises its own types; all mean "cannot fetch it"
+            raise UserError(f"data source {path}: cannot download {SUMMARY_NAME} ({e}); check the URL and "
+                            "the credentials, and that the dataset was written by qwen2-prepare") from None
+        os.replace(tmp, target)
+    return read_summary(local)
+
+
+def split_available(path: str, split: str, cache_dir: str | None = None, run_key: str = "default") -> bool:
+    """Whether a source (local directory or remote URL) has samples in a split, from its summary."""
+    remote = "://" in path
+    if remote and cache_dir is None:
+        raise UserError(f"data source {path} is remote; set data.cache_dir to a local directory for its cache")
+    summary = _source_summary(path, _cache_path(cache_dir, run_key, path) if remote else None)
+    return bool(summary["splits"].get(split, {}).get("samples"))
+
+
+class _IndexedSamples(Dataset):
+    """Samples of a StreamingDataset by global index (a map-style dataset for torch's DataLoader)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self._ready: set[int] = set()
+
+    def __len__(self) -> int:
+        return self.dataset.num_samples
+
+    def _ensure_raw(self, sample_id: int) -> None:
+        """Decompress a shard of a local source (read in place) under a private temporary name, then rename it.
+
+        StreamingDataset would write the raw shard to one fixed `.tmp` name, which two runs reading the same
+        local dataset could interleave; a rename of a complete private file cannot be seen half-written. (Remote
+        sources are downloaded into a cache private to the run, where streaming's own locking suffices.)
+        """
+        shard_id, _ = self.dataset.spanner[sample_id]
+        if shard_id in self._ready:
+            return
+        from streaming.base.compression import decompress
+
+        shard = self.dataset.shards[shard_id]
+        stream = self.dataset.streams[self.dataset.stream_per_shard[shard_id]]
+        for raw_info, zip_info in shard.file_pairs if stream.remote is None else []:
+            raw = os.path.join(stream.local, stream.split, raw_info.basename)
+            if zip_info is None or os.path.exists(raw):
+                continue
+            with open(os.path.join(stream.local, stream.split, zip_info.basename), "rb") as f:
+                data = decompress(shard.compression, f.read())
+            tmp = f"{raw}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, raw)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        self._ready.add(shard_id)
+
+    def __getitem__(self, sample_id: int) -> dict:
+        self._ensure_raw(sample_id)
+        return self.dataset.get_item(sample_id)
+
+
+class _RankSampler:
+    """Endless global-index micro-batches of one data-parallel rank, from a global position on."""
+
+    def __init__(self, batches: "TokenBatches", start: int):
+        self.batches, self.start = batches, start
+
+    def __iter__(self):
+        b = self.batches
+        step_start = self.start
+        while True:
+            for micro in range(b.grad_accum_steps):
+                first = step_start + b.dp_rank * b.samples_per_rank + micro * b.micro_batch_size
+                yield b.global_ids(np.arange(first, first + b.micro_batch_size)).tolist()
+            step_start += b.global_batch_size
 
 
 class TokenBatches:
-    """Endless iterator over micro-batches that knows its position (epoch, samples consumed) for checkpoints.
+    """Endless, resumable micro-batches of one data-parallel rank over one split of one or more sources.
 
-    The position counts samples over all data-parallel ranks, so a resumed run skips exactly what was consumed.
+    next_batch() is called grad_accum_steps times per optimizer step; state_dict() (between steps) is the number
+    of samples consumed by all ranks together, plus a fingerprint of the data and order it counts in.
     """
 
     def __init__(
         self,
-        path: str,
+        sources: list[tuple[str, float]],
+        *,
         seq_len: int,
         micro_batch_size: int,
-        dp_size: int,
-        shuffle: bool,
-        seed: int,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_block_size: int = 1 << 18,
+        document_masking: bool = False,
+        split: str = TRAIN,
         cache_dir: str | None = None,
+        run_key: str = "default",
         num_workers: int = 0,
     ):
-        streaming = import_streaming()
-        remote = path if "://" in path else None
-        local = path if remote is None else os.path.join(cache_dir or os.path.expanduser("~/.cache/qwen2_dist"),
-                                                         "remote", remote.replace("://", "/").strip("/"))
-        self.dataset = streaming.StreamingDataset(
-            remote=remote,
-            local=local,
-            shuffle=shuffle,
-            shuffle_seed=seed,
-            batch_size=micro_batch_size,
-            # Fixed so the sample order does not depend on the number of nodes running the job.
-            num_canonical_nodes=1,
-        )
-        self.loader = DataLoader(
-            self.dataset, batch_size=micro_batch_size, num_workers=num_workers, drop_last=True,
-            collate_fn=_stack_tokens,
-        )
-        self.path = path
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise UserError(
+                f"global batch {global_batch_size} is not divisible by micro-batch {micro_batch_size} x "
+                f"data-parallel size {dp_size}"
+            )
         self.seq_len = seq_len
-        self.samples_per_batch = micro_batch_size * dp_size
-        self.epoch = 0
-        self.samples_in_epoch = 0
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.samples_per_rank = global_batch_size // dp_size
+        self.grad_accum_steps = self.samples_per_rank // micro_batch_size
+        self.document_masking = document_masking
+        self.split = split
+        self.num_workers = num_workers
+        self.paths = [path for path, _ in sources]
+
+        streaming = import_streaming()
+        from streaming.base.shared.memory import SharedMemory
+
+        streams = []
+        for path, weight in sources:
+            if weight <= 0:
+                raise UserError(f"data source {path}: weight {weight} must be positive")
+            if "://" in path and cache_dir is None:
+                raise UserError(f"data source {path} is remote; set data.cache_dir to a local directory for its cache")
+            cache = _cache_path(cache_dir, run_key, path) if cache_dir is not None else None
+            self._check_summary(path, _source_summary(path, cache if "://" in path else None))
+            remote, local = self._locations(path, cache)
+            streams.append(streaming.Stream(remote=remote, local=local, split=split))
+        hygiene.clean_stale(tempfile.gettempdir())
+        # streaming picks the shared-memory prefix on every rank separately, from what exists in /dev/shm: the ranks
+        # must look only after all of them have finished cleaning and closing earlier datasets, or they disagree.
+        if dist.is_initialized():
+            dist.barrier()
+        # Only get_item is used: StreamingDataset's own iteration (shuffle, predownload) never runs.
+        self.dataset = streaming.StreamingDataset(streams=streams, batch_size=micro_batch_size, shuffle=False,
+                                                  predownload=micro_batch_size)
+        self._lock_dir = os.path.dirname(self.dataset._cache_filelock_path)
+        self._owner_record = hygiene.register(self.dataset._shm_prefix_int, self._lock_dir)
+        self._shared_memory = _shared_memories(vars(self.dataset).values(), SharedMemory)
+        self.samples = _IndexedSamples(self.dataset)
+        shard_counts = [
+            [int(n) for n in self.dataset.samples_per_shard[first : first + count]]
+            for first, count in zip(self.dataset.shard_offset_per_stream, self.dataset.shards_per_stream)
+        ]
+        self._stream_offsets = np.asarray(self.dataset.sample_offset_per_stream, dtype=np.int64)
+        self.order = SampleOrder(shard_counts, [w for _, w in sources], seed, shuffle, shuffle_block_size)
+        self.fingerprint = hashlib.sha256(json.dumps({
+            "format": FORMAT_VERSION, "shards": shard_counts, "weights": [w for _, w in sources], "seed": seed,
+            "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split,
+        }).encode()).hexdigest()[:16]
+        self.position = 0
+        self.micro_index = 0
+        self._epochs = self.order.epochs(0)
         self._iterator = None
+        self._loader = None
+
+    def _locations(self, path: str, cache: str | None) -> tuple[str | None, str]:
+        """(remote, local) of a source for streaming: a remote URL is cached in `cache` (private to the run); a local
+        directory is read in place, or copied into the cache when it is read-only (streaming writes decompressed
+        shards beside the compressed ones)."""
+        if "://" in path:
+            return path, cache
+        path = os.path.abspath(os.path.expanduser(path))
+        if os.access(os.path.join(path, self.split), os.W_OK):
+            return None, path
+        if cache is None:
+            raise UserError(f"data source {path} is read-only; set data.cache_dir for a decompressed copy")
+        return path, cache
+
+    def _check_summary(self, path: str, summary: dict) -> None:
+        split = summary["splits"].get(self.split, {})
+        if not split.get("samples"):
+            raise UserError(f"data source {path} has no samples in its {self.split} split; "
+                            + ("prepare it with val_fraction > 0" if self.split != TRAIN else "rerun qwen2-prepare"))
+        if summary["sample_tokens"] != self.seq_len + 1:
+            raise UserError(
+                f"data source {path}: samples hold {summary['sample_tokens']} tokens but train.seq_len={self.seq_len}"
+                f" needs {self.seq_len + 1}; set train.seq_len={summary['sample_tokens'] - 1} or rerun "
+                f"qwen2-prepare with seq_len={self.seq_len}"
+            )
+
+    def global_ids(self, positions: np.ndarray) -> np.ndarray:
+        """StreamingDataset sample ids of global positions."""
+        source, sample = self.order.lookup(positions)
+        return self._stream_offsets[source] + sample
 
     def state_dict(self) -> dict:
-        """Position of the next sample, to be saved with a checkpoint."""
-        return {"epoch": self.epoch, "samples_in_epoch": self.samples_in_epoch}
+        """Position of the next optimizer step's samples, to be saved with a checkpoint."""
+        assert self.micro_index == 0, "the loader position is saved between optimizer steps"
+        return {"samples_seen": self.position, "fingerprint": self.fingerprint}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position: the next batch is the one an uninterrupted run would have seen."""
-        self.epoch, self.samples_in_epoch = state["epoch"], state["samples_in_epoch"]
-        resume = self.dataset.state_dict(self.samples_in_epoch, from_beginning=True)
-        resume["epoch"] = self.epoch
-        self.dataset.load_state_dict(resume)
+        if "samples_seen" not in state:
+            raise UserError("the checkpoint's data position was written by an older loader (epoch and samples of "
+                            "streaming's order); resume it with the release that wrote it, or start a new run_dir")
+        if state["fingerprint"] != self.fingerprint:
+            raise UserError(
+                "the checkpoint was trained on other data or another data order (sources, their shards, weights, "
+                "seed or shuffle changed), so the samples after it are undefined; restore the data config it was "
+                "trained with, or start a new run_dir"
+            )
+        self.seek(state["samples_seen"])
+
+    def seek(self, position: int) -> None:
+        """Make the next optimizer step read global positions from `position` on."""
+        self.position, self.micro_index = position, 0
+        self._epochs = self.order.epochs(position)
         self._iterator = None
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (micro_batch, seq_len) int64."""
+    def next_batch(self) -> Batch:
+        """The next micro-batch of this rank."""
         if self._iterator is None:
-            self._iterator = iter(self.loader)
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            self.epoch += 1
-            self.samples_in_epoch = 0
-            log.info("data: epoch %d starts", self.epoch)
-            self._iterator = iter(self.loader)
-            batch = next(self._iterator)
-        tokens = batch["tokens"]
-        if tokens.shape[1] != self.seq_len + 1:
-            raise UserError(
-                f"data.path={self.path}: samples hold {tokens.shape[1]} tokens but train.seq_len={self.seq_len} "
-                f"needs {self.seq_len + 1}; set train.seq_len={tokens.shape[1] - 1} or re-run qwen2-prepare "
-                f"with seq_len={self.seq_len}"
+            self._loader = DataLoader(
+                self.samples, batch_sampler=_RankSampler(self, self.position), num_workers=self.num_workers,
+                collate_fn=self._collate,
             )
-        self.samples_in_epoch += self.samples_per_batch
-        tokens = tokens.long()
-        return tokens[:, :-1], tokens[:, 1:]
+            self._iterator = iter(self._loader)
+        batch = next(self._iterator)
+        self.micro_index += 1
+        if self.micro_index == self.grad_accum_steps:
+            self.micro_index = 0
+            self.position += self.global_batch_size
+            epochs = self.order.epochs(self.position)
+            for path, before, now in zip(self.paths, self._epochs, epochs):
+                if now != before:
+                    log.info("data: %s (%s split) starts epoch %d", path, self.split, now)
+            self._epochs = epochs
+        return batch
+
+    def _collate(self, samples: list[dict]) -> Batch:
+        tokens = torch.from_numpy(np.stack([sample["tokens"] for sample in samples]).astype(np.int64))
+        assert tokens.shape[1] == self.seq_len + 1, "the summary's sample_tokens was checked against seq_len"
+        positions = None
+        if self.document_masking:
+            positions = positions_from_starts([sample["doc_starts"] for sample in samples], self.seq_len)
+        return Batch(tokens[:, :-1], tokens[:, 1:], positions)
 
     def close(self) -> None:
-        """Release the dataset's shared memory."""
+        """Stop the workers and release the dataset's shared memory and lock files."""
         self._iterator = None
-        self.loader = None
+        self._loader = None
+        if getattr(self, "dataset", None) is None:
+            return
+        for memory in self._shared_memory:
+            memory.cleanup()
+        hygiene.release(self.dataset._shm_prefix_int, self._owner_record, self._lock_dir)
         self.dataset = None
+        self.samples = None
+
+
+def _shared_memories(values, shared_memory_type) -> list:
+    """The streaming SharedMemory objects held by a StreamingDataset's attributes (directly or one or two levels
+    down: SharedArray.shm, SharedScalar.arr.shm, SharedBarrier._arr.shm)."""
+    found = []
+    for value in values:
+        for candidate in (value, getattr(value, "shm", None), getattr(getattr(value, "arr", None), "shm", None),
+                          getattr(getattr(value, "_arr", None), "shm", None)):
+            if isinstance(candidate, shared_memory_type):
+                found.append(candidate)
+                break
+    return found

@@ -1,7 +1,10 @@
 """One causal grouped-query attention function with several backends; the choice is made once and logged."""
 
+import functools
 import importlib.util
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +13,46 @@ from qwen2_dist.errors import UserError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "flash_attn", "sdpa", "reference")
+BACKENDS = ("auto", "flash_attn", "sdpa", "flex", "reference")
+
+
+@dataclass
+class DocumentMask:
+    """Which keys each query may see in a batch of packed documents, in the form the backend wants: a dense
+    (batch, 1, seq, seq) bool mask (sdpa, reference), cu_seqlens over the flattened batch (flash_attn), or a
+    FlexAttention BlockMask (flex)."""
+
+    dense: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    block_mask: Any = None
+
+
+def document_mask(positions: torch.Tensor, backend: str) -> DocumentMask:
+    """Causal attention within documents, which start where positions (batch, seq) restart at 0."""
+    starts = positions == 0
+    starts[:, 0] = True
+    batch, seq_len = positions.shape
+    if backend == "flash_attn":
+        cu_seqlens = torch.cat([
+            torch.nonzero(starts.flatten()).flatten(),
+            torch.tensor([batch * seq_len], device=positions.device),
+        ]).to(torch.int32)
+        # max_seqlen only sizes the kernel's grid: the sequence length bounds every document, costs no host sync,
+        # and stays the same from batch to batch (a compiled block would recompile for every new value).
+        return DocumentMask(cu_seqlens=cu_seqlens, max_seqlen=seq_len)
+    document = starts.cumsum(dim=1)
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def same_document_causal(b, h, q, kv):
+            return (document[b, q] == document[b, kv]) & (kv <= q)
+
+        return DocumentMask(block_mask=create_block_mask(
+            same_document_causal, batch, None, seq_len, seq_len, device=positions.device
+        ))
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=positions.device).tril()
+    return DocumentMask(dense=((document[:, :, None] == document[:, None, :]) & causal)[:, None])
 
 
 def flash_attn_available() -> bool:
@@ -18,7 +60,7 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def resolve_backend(requested: str, device_type: str) -> str:
+def resolve_backend(requested: str, device_type: str, document_masking: bool = False) -> str:
     """Turn model.attention (possibly 'auto') into a concrete backend name, and say why in the log."""
     if requested not in BACKENDS:
         raise UserError(f"model.attention: unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
@@ -27,38 +69,76 @@ def resolve_backend(requested: str, device_type: str) -> str:
             "model.attention=flash_attn: flash-attn is not importable on this CUDA machine; "
             "install flash-attn or use model.attention=auto (SDPA)"
         )
+    if requested == "flex" and device_type != "cuda":
+        raise UserError(
+            "model.attention=flex: FlexAttention has no backward pass on the CPU; use model.attention=auto "
+            "(SDPA, with an explicit mask under data.document_masking) or reference"
+        )
     if requested != "auto":
         log.info("attention backend: %s (requested)", requested)
         return requested
     if device_type == "cuda" and flash_attn_available():
-        log.info("attention backend: flash_attn (auto: flash-attn importable)")
+        log.info("attention backend: flash_attn (auto: flash-attn importable%s)",
+                 "; documents through flash_attn_varlen_func" if document_masking else "")
         return "flash_attn"
-    log.info("attention backend: sdpa (auto: flash-attn not installed or no CUDA; PyTorch fused attention)")
+    if device_type == "cuda" and document_masking:
+        log.info("attention backend: flex (auto: document masking on CUDA without flash-attn; compiled "
+                 "FlexAttention with a block mask)")
+        return "flex"
+    log.info("attention backend: sdpa (auto: flash-attn not installed or no CUDA; PyTorch fused attention%s)",
+             "; documents through an explicit block-diagonal causal mask" if document_masking else "")
     return "sdpa"
 
 
-def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Plain softmax attention in fp32 with K/V repeated per group; the ground truth for the others."""
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     seq_len = q.shape[2]
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
+    if mask is None:
+        mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
     return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str) -> torch.Tensor:
-    """Causal attention. q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)."""
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    # Uncompiled, FlexAttention materializes the full score matrix; compiled, it is a fused kernel.
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, mask: DocumentMask | None = None
+) -> torch.Tensor:
+    """Causal attention, within documents when mask is given (see document_mask).
+    q: (batch, heads, seq, head_dim); k, v: (batch, kv_heads, seq, head_dim)."""
+    gqa = q.shape[1] != k.shape[1]
     if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        if mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if backend == "flash_attn":
+        # flash-attn wants (batch, seq, heads, head_dim) and handles GQA without expanding K/V.
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is not None:
+            from flash_attn import flash_attn_varlen_func
+
+            batch, seq_len = q.shape[:2]
+            out = flash_attn_varlen_func(
+                q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), mask.cu_seqlens, mask.cu_seqlens,
+                mask.max_seqlen, mask.max_seqlen, causal=True,
+            )
+            return out.view(batch, seq_len, *out.shape[1:]).transpose(1, 2)
         from flash_attn import flash_attn_func
 
-        # flash-attn wants (batch, seq, heads, head_dim) and handles GQA without expanding K/V.
-        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return out.transpose(1, 2)
+        return flash_attn_func(q, k, v, causal=True).transpose(1, 2)
+    if backend == "flex":
+        assert mask is not None and mask.block_mask is not None, "flex always runs with a block mask"
+        return _compiled_flex_attention()(q, k, v, block_mask=mask.block_mask, enable_gqa=gqa)
     if backend == "reference":
-        return _reference(q, k, v)
+        return _reference(q, k, v, None if mask is None else mask.dense)
     raise AssertionError(f"unresolved attention backend {backend!r}")

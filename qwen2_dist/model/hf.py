@@ -5,10 +5,12 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from qwen2_dist.errors import UserError
 from qwen2_dist.fsutil import replace_dir
@@ -213,6 +215,7 @@ def _weight_files(path: str) -> dict[str, str]:
     if glob.glob(os.path.join(path, "pytorch_model*.bin")):
         raise UserError(
             f"{path}: holds only pickle weights (pytorch_model*.bin); only safetensors are read. Convert with "
+            "qwen2-convert from-hf --allow-pickle, or with "
             "transformers: AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
         )
     raise UserError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}; point at a Hugging Face checkpoint directory")
@@ -233,8 +236,8 @@ def _open_safetensors(file: str) -> safe_open:
     return handle
 
 
-def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """ModelArgs and native-named tensors of a HF checkpoint dir; with names, only those tensors and files are read."""
+def inspect_hf(path: str) -> tuple[ModelArgs, dict[str, str]]:
+    """ModelArgs of a HF checkpoint dir and the file of each native tensor name, checked; reads no tensor data."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint directory does not exist")
     config_file = os.path.join(path, CONFIG_NAME)
@@ -246,17 +249,22 @@ def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelA
     except json.JSONDecodeError as e:
         raise UserError(f"{config_file}: not valid JSON ({e})")
     args = args_from_hf_config(config, config_file)
-
     hf_files = _weight_files(path)
     try:
         files = {hf_to_native_name(k): v for k, v in hf_files.items() if not _skipped_hf_name(k, args)}
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
+    _check_names(set(files), set(_native_shapes(args)), args, path)
+    return args, files
+
+
+def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """ModelArgs and native-named tensors of a HF checkpoint dir; with names, only those tensors and files are read."""
+    args, files = inspect_hf(path)
     shapes = _native_shapes(args)
     if names is None:
         names = set(shapes)
     assert names <= set(shapes), f"not tensors of this architecture: {_first(names - set(shapes))}"
-    _check_names(set(files), names, args, path)
 
     by_file: dict[str, list[str]] = {}
     for name in names:
@@ -276,13 +284,53 @@ def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelA
     return args, {name: tensors[name] for name in shapes if name in tensors}
 
 
-def load_hf_model(path: str, device: str = "cpu") -> Qwen2:
-    """The native model with the exact weights of a HF Qwen2 checkpoint directory."""
-    args, state_dict = read_hf_state_dict(path)
+def _read_pickle_state_dict(path: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """Native tensors of a directory holding only pytorch_model*.bin files, unpickled with weights_only=True."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config_file = os.path.join(path, CONFIG_NAME)
+        args = args_from_hf_config(json.load(f), config_file)
+    hf: dict[str, torch.Tensor] = {}
+    for file in sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))):
+        # weights_only refuses anything but tensors and plain containers: no code runs while unpickling.
+        hf.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+    return args, hf_to_native_state_dict(hf, args)
+
+
+def load_hf_model(path: str, device: str = "cpu", allow_pickle: bool = False) -> Qwen2:
+    """The native model with the exact weights of a HF Qwen2 checkpoint directory.
+
+    Only safetensors are read unless allow_pickle is set; then a directory with only pytorch_model*.bin files is
+    read too, with torch.load(weights_only=True).
+    """
+    has_safetensors = glob.glob(os.path.join(path, "*.safetensors"))
+    if allow_pickle and not has_safetensors and glob.glob(os.path.join(path, "pytorch_model*.bin")):
+        args, state_dict = _read_pickle_state_dict(path)
+    else:
+        args, state_dict = read_hf_state_dict(path)
     # Meta then to_empty: skip a random initialization that the checkpoint overwrites at once.
     model = build_model(args, "meta").to_empty(device=device)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def load_hf_into(model: torch.nn.Module, path: str) -> None:
+    """Load HF weights into a (possibly FSDP/TP-sharded) native model in place; each rank reads only its pieces."""
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    args, _ = inspect_hf(path)
+    # Fields that change no weight and no computation of a training step are not compared.
+    ignored = ("initializer_range", "max_position_embeddings")
+    differ = [f"{k}: {v} vs {getattr(model.args, k)}" for k, v in args.to_dict().items()
+              if k not in ignored and getattr(model.args, k) != v]
+    if differ:
+        raise UserError(f"model.init_from_hf={path}: config.json differs from the model being trained "
+                        f"({'; '.join(differ)}); pick the matching model= or model.* overrides")
+    # The state dict's tensors are the model's own (local shards of DTensors): DCP reads into them in place,
+    # and its planner asks each rank's storage reader only for the slices that rank holds.
+    state = {native_to_hf_name(k): v for k, v in get_model_state_dict(model).items()}
+    dcp_load(state, storage_reader=HuggingFaceStorageReader(path))
 
 
 def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -321,16 +369,31 @@ def write_hf(
     overwrite: bool = False,
 ) -> None:
     """Write a native state dict as a HF Qwen2ForCausalLM checkpoint (config.json + safetensors) into out_dir."""
-    if max_shard_bytes <= 0:
-        raise UserError(f"max_shard_bytes={max_shard_bytes}: the largest safetensors file must be a positive size")
-    hf = native_to_hf_state_dict(state_dict, args)
-    shapes = _native_shapes(args)
-    for name, shape in shapes.items():
-        if state_dict[name].shape != shape:
+    native_to_hf_state_dict(state_dict, args)  # checks the names
+    for name, shape in _native_shapes(args).items():
+        if name in state_dict and state_dict[name].shape != shape:
             raise UserError(
                 f"native state dict: {name} has shape {tuple(state_dict[name].shape)} but the model arguments "
                 f"imply {tuple(shape)}; the state dict belongs to another architecture"
             )
+    write_hf_from(lambda names: {n: state_dict[n] for n in names}, args, out_dir, max_shard_bytes,
+                  dtype or state_dict["embed_tokens.weight"].dtype, overwrite)
+
+
+def write_hf_from(
+    fetch: Callable[[list[str]], dict[str, torch.Tensor]],
+    args: ModelArgs,
+    out_dir: str,
+    max_shard_bytes: int,
+    dtype: torch.dtype,
+    overwrite: bool = False,
+) -> None:
+    """Write a HF checkpoint whose tensors come from fetch(native names), called once per output file.
+
+    Only one output file's tensors are in memory at a time, so a model larger than memory exports too.
+    """
+    if max_shard_bytes <= 0:
+        raise UserError(f"max_shard_bytes={max_shard_bytes}: the largest safetensors file must be a positive size")
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
@@ -338,8 +401,8 @@ def write_hf(
         if os.listdir(out_dir) and not overwrite:
             raise UserError(f"{out_dir}: exists and is not empty; choose another output path or pass overwrite=True")
 
-    torch_dtype = str(dtype or hf["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-    sizes = {name: t.numel() * (dtype or t.dtype).itemsize for name, t in hf.items()}
+    shapes = {n: s for n, s in _native_shapes(args).items() if not _skipped_hf_name(native_to_hf_name(n), args)}
+    sizes = {native_to_hf_name(n): shape.numel() * dtype.itemsize for n, shape in shapes.items()}
     shards = _shard_plan(sizes, max_shard_bytes)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -348,17 +411,19 @@ def write_hf(
     os.mkdir(tmp)
     try:
         weight_map = {}
-        for i, shard in enumerate(shards):
+        # disable=None: a progress bar on a terminal, silence in logs and CI.
+        for i, shard in enumerate(tqdm(shards, desc=f"writing {os.path.basename(out_dir)}", unit="file", disable=None)):
             file = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            # One shard at a time, so a dtype cast never holds a second copy of the whole model.
-            save_file(_prepare({n: hf[n] for n in shard}, dtype), os.path.join(tmp, file), metadata={"format": "pt"})
+            native = fetch([hf_to_native_name(n) for n in shard])
+            tensors = _prepare({native_to_hf_name(n): t for n, t in native.items()}, dtype)
+            save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
             weight_map.update(dict.fromkeys(shard, file))
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
             with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(hf_config_from_args(args, torch_dtype), f, indent=2)
+            json.dump(hf_config_from_args(args, str(dtype).removeprefix("torch.")), f, indent=2)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

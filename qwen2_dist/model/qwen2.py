@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen2_dist.model.args import ModelArgs
-from qwen2_dist.model.attention import attention
+from qwen2_dist.model.attention import DocumentMask, attention, document_mask
 
 
 class RMSNorm(nn.Module):
@@ -53,14 +53,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.num_attention_heads * self.head_dim, args.hidden_size, bias=False)
         self.backend = "sdpa"
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: DocumentMask | None = None
+    ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # view(..., -1, head_dim) rather than a fixed head count: under tensor parallelism each rank holds a slice.
         q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, self.backend)
+        out = attention(q, k, v, self.backend, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -87,13 +89,34 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: DocumentMask | None = None
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class TiedHead(nn.Module):
+    """The output head of a tied model: logits from the embedding matrix itself, with no parameter of its own.
+
+    The embedding is held outside the module tree, so state-dict keys and the parameter count are those of the
+    embedding alone, and whatever replaces embed_tokens.weight (a TP or FSDP shard) is the head's weight too.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: not registered as a submodule
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._embedding[0].weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.weight)
+
+
 class Qwen2(nn.Module):
-    """Qwen2 causal language model. With tied embeddings there is no lm_head module: the embedding is the head."""
+    """Qwen2 causal language model. When tied, lm_head is a TiedHead over the embedding (one parameter, one key)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -101,10 +124,15 @@ class Qwen2(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.attention_backend = "sdpa"
+        if args.tie_word_embeddings:
+            self.lm_head = TiedHead(self.embed_tokens)
+        else:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
     def set_attention_backend(self, backend: str) -> None:
         """Use a resolved attention backend (see attention.resolve_backend) in every layer."""
+        self.attention_backend = backend
         for layer in self.layers:
             layer.self_attn.backend = backend
 
@@ -123,29 +151,40 @@ class Qwen2(nn.Module):
                 # neither the device nor how the parameter is sharded.
                 value = torch.empty(param.shape).normal_(0.0, std, generator=generator)
                 if isinstance(param, DTensor):
-                    value = distribute_tensor(value.to(param.device), param.device_mesh, param.placements)
+                    # Every rank drew the same values: each keeps its own shard, nothing is sent.
+                    value = distribute_tensor(
+                        value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
+                    )
                 param.copy_(value)
 
     def output_weight(self) -> torch.Tensor:
         """The (vocab, hidden) matrix that turns hidden states into logits."""
-        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return self.lm_head.weight
 
-    def hidden_states(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states (batch, seq, hidden) for token ids (batch, seq)."""
+    def hidden_states(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask_documents: bool = False
+    ) -> torch.Tensor:
+        """Final-norm hidden states (batch, seq, hidden) for token ids (batch, seq); see forward()."""
         if positions is None:
+            assert not mask_documents, "document masking needs positions that restart at each document"
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         cos, sin = rotary_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
+        # Built once per forward, shared by every layer (FlexAttention needs a block mask even when causal).
+        mask = None
+        if mask_documents or self.attention_backend == "flex":
+            mask = document_mask(positions, self.attention_backend)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            # The mask as a keyword: tensor-parallel input hooks convert positional inputs only.
+            x = layer(x, cos, sin, mask=mask)
         return self.norm(x)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for token ids (batch, seq)."""
-        h = self.hidden_states(tokens, positions)
-        if self.lm_head is not None:
-            return self.lm_head(h)
-        return F.linear(h, self.embed_tokens.weight)
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask_documents: bool = False
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for token ids (batch, seq). positions (batch, seq) default to 0..seq-1; with
+        mask_documents, each 0 in positions starts a document and attention never crosses into another."""
+        return self.lm_head(self.hidden_states(tokens, positions, mask_documents))
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Qwen2:

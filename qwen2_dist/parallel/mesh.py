@@ -42,6 +42,14 @@ def init_distributed(device_type: str, timeout_minutes: float = 30.0) -> World:
     return World(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
+def set_deterministic() -> None:
+    """Make every kernel choice reproducible (train.deterministic): same inputs, same bits, run after run."""
+    # cuBLAS reads this when its first handle is created, i.e. at the first matmul: set it before any.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
 def build_mesh(world: World, dp_replicate: int, dp_shard: int, tp: int) -> DeviceMesh | None:
     """A mesh with named axes for a multi-process world; None for one process (no collectives at all)."""
     if world.world_size == 1:

@@ -1,30 +1,144 @@
-"""The one place that knows about meshes: shard a plain Qwen2 over the DeviceMesh."""
+"""The one place that knows about meshes: shard a plain Qwen2 over the DeviceMesh.
 
+Applied in a fixed order, each step on the result of the one before:
+tensor + sequence parallelism -> activation checkpointing -> torch.compile per block -> FSDP2 per block and root.
+"""
+
+import contextlib
 import logging
 
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    loss_parallel,
+    parallelize_module,
+)
 
-from qwen2_dist.model.qwen2 import Qwen2
+from qwen2_dist.config import ParallelConfig
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.qwen2 import Qwen2, TiedHead
 
 log = logging.getLogger(__name__)
 
 
-def parallelize(model: Qwen2, mesh: DeviceMesh | None, param_dtype: torch.dtype) -> Qwen2:
-    """Apply FSDP2 (HSDP when dp_replicate > 1) per decoder block and at the root; no-op for one process."""
-    if mesh is None:
-        return model
-    dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for layer in model.layers:
-        fully_shard(layer, mesh=dp_mesh, mp_policy=policy)
-    # The root group holds the embedding, which is also the output head when tied: one group keeps the tie.
-    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
-    # The loss is already divided by the global token count, so gradients are summed, not averaged, over ranks.
-    model.set_gradient_divide_factor(1.0)
-    log.info("FSDP2 over %s (param dtype %s, reduce fp32)", dp_mesh, param_dtype)
+def parallelize(
+    model: Qwen2,
+    mesh: DeviceMesh | None,
+    cfg: ParallelConfig,
+    param_dtype: torch.dtype = torch.float32,
+    device_type: str = "cpu",
+) -> Qwen2:
+    """Apply TP(+SP), activation checkpointing, per-block compile and FSDP2 (HSDP when dp_replicate > 1).
+
+    One process (mesh None) gets only checkpointing and compile. Call on the meta device, before to_empty.
+    """
+    tp = mesh["tp"].size() if mesh is not None else 1
+    if tp > 1:
+        apply_tensor_parallel(model, mesh["tp"])
+    if cfg.activation_checkpointing != "none":
+        every = 1 if cfg.activation_checkpointing == "full" else cfg.ac_every
+        for index, layer in enumerate(model.layers):
+            if index % every == 0:
+                model.layers[index] = checkpoint_wrapper(layer)
+    compiled = compile_enabled(cfg, device_type)
+    if compiled:
+        # Each block on its own (one graph, reused by every block), before FSDP so its hooks stay outside the graph.
+        for index, layer in enumerate(model.layers):
+            model.layers[index] = torch.compile(layer)
+    if mesh is not None:
+        apply_fsdp(model, mesh, cfg, param_dtype, device_type)
+    log.info(
+        "parallelize: tp %d, activation checkpointing %s%s, compile %s, %s",
+        tp, cfg.activation_checkpointing,
+        f" (every {cfg.ac_every})" if cfg.activation_checkpointing == "selective" else "",
+        "on" if compiled else "off",
+        "one process (no FSDP)" if mesh is None else
+        f"FSDP2 dp_replicate {mesh['dp_replicate'].size()} x dp_shard {mesh['dp_shard'].size()}, param dtype "
+        f"{param_dtype}, reduce fp32, reshard {cfg.reshard_after_forward}, cpu offload {cfg.cpu_offload}",
+    )
     return model
+
+
+def compile_enabled(cfg: ParallelConfig, device_type: str) -> bool:
+    """parallel.compile resolved: auto compiles on CUDA only (a first CPU compile costs tens of seconds)."""
+    choice = str(cfg.compile).lower()
+    return choice == "true" or (choice == "auto" and device_type == "cuda")
+
+
+def apply_tensor_parallel(model: Qwen2, tp_mesh: DeviceMesh) -> None:
+    """Megatron-style TP with sequence parallelism over tp_mesh; the logits come out vocabulary-sharded.
+
+    Between blocks the residual stream is split along the sequence (dim 1); each block gathers it before q/k/v and
+    gate/up (column-parallel: heads and MLP width split) and reduce-scatters it after o and down (row-parallel).
+    The embedding is split over the vocabulary, and so is the head: when tied, the head reads the embedding's own
+    sharded matrix (one parameter serves both), so only its input layout needs declaring.
+    """
+    if isinstance(model.lm_head, TiedHead):
+        head = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
+    else:
+        head = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
+    parallelize_module(model, tp_mesh, {
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        "lm_head": head,
+    })
+    for layer in model.layers:
+        parallelize_module(layer, tp_mesh, {
+            "input_layernorm": SequenceParallel(),
+            # Attention.forward(x, cos, sin): only x is sharded; the rotary tables are plain, full-length tensors.
+            "self_attn": PrepareModuleInput(
+                input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            ),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "post_attention_layernorm": SequenceParallel(),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp.gate_proj": ColwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+        })
+
+
+def apply_fsdp(
+    model: Qwen2, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype: torch.dtype, device_type: str
+) -> None:
+    """FSDP2 per decoder block and at the root (embedding, final norm, head: one group keeps a tie in one piece)."""
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    options = {"mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
+    if cfg.cpu_offload:
+        if device_type != "cuda":
+            raise UserError("parallel.cpu_offload=true needs CUDA devices; set parallel.cpu_offload=false")
+        options["offload_policy"] = CPUOffloadPolicy()
+    last = len(model.layers) - 1
+    for index, layer in enumerate(model.layers):
+        # default: the last block is needed again as soon as backward starts, so its weights stay gathered.
+        reshard = {"always": True, "never": False, "default": index < last}[cfg.reshard_after_forward]
+        fully_shard(layer, reshard_after_forward=reshard, **options)
+    # None lets FSDP keep the root's weights gathered between forward and backward (they are used first in both).
+    root_reshard = {"always": True, "never": False, "default": None}[cfg.reshard_after_forward]
+    fully_shard(model, reshard_after_forward=root_reshard, **options)
+    # The loss is already divided by the global token count, so gradients are summed, not averaged, over ranks,
+    # with plain SUM collectives (a factor alone means NCCL's PREMUL_SUM, which gloo lacks). Each call sets one
+    # group only, so every block and the root get it.
+    for module in (*model.layers, model):
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def loss_context(mesh: DeviceMesh | None) -> contextlib.AbstractContextManager:
+    """Where the loss and its backward must run: loss_parallel when the logits are vocabulary-sharded (tp > 1)."""
+    if mesh is not None and mesh["tp"].size() > 1:
+        return loss_parallel()
+    return contextlib.nullcontext()
 
 
 def set_gradient_sync(model: Qwen2, enabled: bool) -> None:

@@ -1,10 +1,12 @@
-"""Sharded checkpoints (torch.distributed.checkpoint) with an atomic commit, retention and auto-resume.
+"""Sharded checkpoints (torch.distributed.checkpoint) with an atomic commit, retention, verification and resume.
 
-Layout: <run_dir>/checkpoints/step_00000100/ holds the DCP shards, train_state.json and, written last,
-metadata.json. A directory counts as a checkpoint only when metadata.json exists; it is written after the shards
-are renamed into place, so a save killed at any point never becomes "latest".
+Layout: <run_dir>/checkpoints/step_00000100/ holds the DCP shards, train_state.json, rng/rank{N}.pt and, written
+last, metadata.json (step, tokens, layout, config hash, time, and the size of every file). A directory counts as a
+checkpoint only when metadata.json exists; it is written after the shards are renamed into place, so a save killed
+at any point never becomes "latest", and a file that later goes missing or is truncated is caught before loading.
 """
 
+import errno
 import hashlib
 import json
 import logging
@@ -14,12 +16,13 @@ import shutil
 import time
 import uuid
 import warnings
+from concurrent.futures import Future
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -35,6 +38,14 @@ METADATA = "metadata.json"
 TRAIN_STATE = "train_state.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+# Test hook: the step whose save stalls (for 10 minutes) after its shards are written and before the commit, so a
+# test can kill a save at its most delicate point.
+STALL_ENV = "QWEN2_CKPT_STALL_STEP"
+FAIL_ENV = "QWEN2_INJECT_CKPT_FAIL_STEP"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -42,13 +53,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast_str(value: str | None) -> str | None:
+def _broadcast_str(value: str) -> str:
     """Rank 0's value on every rank."""
     if not dist.is_initialized():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextmanager
+def _quiet_dcp():
+    """DCP warns that it 'assumes a single process' when there is no process group: that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
@@ -68,13 +87,22 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _file_sizes(path: str) -> dict[str, int]:
+    sizes = {}
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            full = os.path.join(dirpath, name)
+            sizes[os.path.relpath(full, path)] = os.path.getsize(full)
+    return sizes
+
+
 def config_hash(resolved_config: dict) -> str:
     """Short stable hash of a resolved job config."""
     return hashlib.sha256(json.dumps(resolved_config, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_committed(path: str) -> bool:
-    """True when the directory holds a complete checkpoint."""
+    """True when the directory holds a committed checkpoint (its metadata.json exists)."""
     return os.path.isfile(os.path.join(path, METADATA))
 
 
@@ -85,10 +113,27 @@ def read_metadata(path: str) -> dict:
             f"{path}: not a committed checkpoint (no {METADATA}); point checkpoint.resume at a step_* directory "
             "that has one, or use checkpoint.resume=auto"
         )
-    with open(os.path.join(path, METADATA), encoding="utf-8") as f:
-        meta = json.load(f)
+    try:
+        with open(os.path.join(path, METADATA), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}/{METADATA}: unreadable ({exc}); the checkpoint is damaged") from None
     if meta.get("format") != FORMAT_VERSION:
         raise UserError(f"{path}/{METADATA}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+    return meta
+
+
+def verify(path: str) -> dict:
+    """Check that every file the commit recorded is present with its size; return the metadata."""
+    meta = read_metadata(path)
+    for name, size in meta.get("files", {}).items():
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            raise UserError(f"{full}: missing from checkpoint {path}; the checkpoint is damaged")
+        if os.path.getsize(full) != size:
+            raise UserError(
+                f"{full}: {os.path.getsize(full)} bytes, the commit recorded {size}; the checkpoint is damaged"
+            )
     return meta
 
 
@@ -112,7 +157,7 @@ def clean_partial(ckpt_root: str) -> list[str]:
         return removed
     for name in sorted(os.listdir(ckpt_root)):
         path = os.path.join(ckpt_root, name)
-        if ".tmp-" in name or (_STEP_DIR.match(name) and not is_committed(path)):
+        if ".tmp-" in name or ".old-" in name or (_STEP_DIR.match(name) and not is_committed(path)):
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
             removed.append(path)
     for path in removed:
@@ -120,98 +165,226 @@ def clean_partial(ckpt_root: str) -> list[str]:
     return removed
 
 
-def save(
-    ckpt_root: str,
-    step: int,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    train_state: dict,
-    metadata: dict,
-    keep_last: int,
-) -> str:
-    """Save a sharded checkpoint of step `step` under ckpt_root on every rank, commit it, apply retention."""
-    final = os.path.join(ckpt_root, f"step_{step:08d}")
-    write(final, model, optimizer, train_state, dict(metadata, step=step))
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        _apply_retention(ckpt_root, keep_last, protect=final)
-    _barrier()
-    return final
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
 
 
-def write(
-    final: str,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    train_state: dict,
-    metadata: dict,
-) -> None:
-    """Write a checkpoint to a temporary sibling of `final`, rename it into place, then write metadata.json."""
-    parent = os.path.dirname(os.path.abspath(final))
-    tmp = _broadcast_str(f"{os.path.abspath(final)}.tmp-{uuid.uuid4().hex[:8]}")
-    started = time.monotonic()
-    if optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-    else:
-        state = {"model": get_model_state_dict(model)}
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
-        os.makedirs(tmp, exist_ok=True)
-    _barrier()
-    with warnings.catch_warnings():
-        # DCP warns that it "assumes a single process" when there is no process group: that is the intent.
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=tmp)
-    _barrier()
-    if rank0:
-        with open(os.path.join(tmp, TRAIN_STATE), "w", encoding="utf-8") as f:
-            json.dump(train_state, f, sort_keys=True)
-        replace_dir(tmp, final)  # over an uncommitted leftover of the same step, if any
-        _fsync_dir(parent)
-        meta = dict(metadata, format=FORMAT_VERSION, time=time.time(), contents=sorted(state),
-                    save_seconds=round(time.monotonic() - started, 3))
-        _write_json_atomic(os.path.join(final, METADATA), meta)
-    _barrier()
-    log.info("checkpoint: saved %s in %.1f s", final, time.monotonic() - started)
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
-def _apply_retention(ckpt_root: str, keep_last: int, protect: str) -> None:
+class _Pending:
+    """A save whose shards are being written; committed once the write finished."""
+
+    def __init__(self, tmp: str, final: str, metadata: dict, contents: list[str], future: Future | None,
+                 started: float, retain: bool):
+        self.tmp, self.final, self.metadata, self.contents = tmp, final, metadata, contents
+        self.future, self.started, self.retain = future, started, retain
+
+
+class Checkpointer:
+    """Saves (optionally asynchronously), commits atomically, applies retention; one per run.
+
+    With async saves, save() returns once the state is staged (copied); the shards are written in the background
+    and committed by wait(), which the trainer calls when every rank reports its write done (pending_done()).
+    """
+
+    def __init__(self, ckpt_root: str, keep_last: int, keep_every: int = 0, async_save: bool = False):
+        self.ckpt_root = ckpt_root
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_save = async_save
+        self._pending: _Pending | None = None
+        # Background writes run collectives of their own: keep them off the training process group.
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.last_blocking_seconds = 0.0
+        self.failed_saves = 0
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             train_state: dict, metadata: dict, blocking: bool = False) -> str | None:
+        """Save step `step` under ckpt_root (committed on return unless in the background); None if it failed."""
+        final = os.path.join(self.ckpt_root, f"step_{step:08d}")
+        ok = self.save_to(final, model, optimizer, train_state, dict(metadata, step=step), blocking, retain=True)
+        return final if ok else None
+
+    def save_to(self, final: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                train_state: dict, metadata: dict, blocking: bool, retain: bool) -> bool:
+        """Write a checkpoint to a temporary sibling of `final`; commit now (blocking) or later (async).
+
+        A storage failure (no space, permissions, ...) on any rank is logged and the save skipped on every rank:
+        training goes on, the previous committed checkpoint is untouched. Returns False when it was skipped.
+        """
+        self.wait()
+        started = time.monotonic()
+        tmp = _broadcast_str(f"{os.path.abspath(final)}.tmp-{uuid.uuid4().hex[:8]}")
+        state = _state(model, optimizer)
+        future = None
+        try:
+            _maybe_fail(metadata.get("step"))
+            if _rank() == 0:
+                os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+                with open(os.path.join(tmp, TRAIN_STATE), "w", encoding="utf-8") as f:
+                    json.dump(train_state, f, sort_keys=True)
+            ok = _all_ok(True)
+        except OSError as exc:
+            ok = _all_ok(False, exc)
+        if ok:
+            try:
+                torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{_rank()}.pt"))
+                with _quiet_dcp():
+                    if self.async_save and not blocking:
+                        future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group)
+                    else:
+                        dcp.save(state, checkpoint_id=tmp)
+                ok = _all_ok(True)
+            except Exception as exc:  # OSError, or DCP's CheckpointException wrapping one
+                ok = _all_ok(False, exc)
+        if not ok:
+            self._abandon(tmp, final)
+            return False
+        self._pending = _Pending(tmp, final, metadata, sorted(state), future, started, retain)
+        self.last_blocking_seconds = time.monotonic() - started
+        if future is None:
+            return self.wait()
+        return True
+
+    def pending_done(self) -> bool | None:
+        """None when no save is pending, else whether this rank's part of it is written."""
+        if self._pending is None:
+            return None
+        return self._pending.future is None or self._pending.future.done()
+
+    def wait(self) -> bool:
+        """Block until the pending save is written on every rank, then commit it (collective).
+
+        Returns False when the save failed (logged; the previous checkpoint stays the latest).
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return True
+        try:
+            if pending.future is not None:
+                pending.future.result()
+            ok = _all_ok(True)
+        except Exception as exc:  # the background write failed
+            ok = _all_ok(False, exc)
+        if not ok:
+            self._abandon(pending.tmp, pending.final)
+            return False
+        if os.environ.get(STALL_ENV) == str(pending.metadata.get("step")):
+            log.warning("checkpoint: stalling before the commit of %s (%s)", pending.final, STALL_ENV)
+            time.sleep(600)
+        committed = True
+        if _rank() == 0:
+            try:
+                _commit(pending)
+                if pending.retain:
+                    _apply_retention(self.ckpt_root, self.keep_last, self.keep_every, protect=pending.final)
+            except OSError as exc:
+                committed = False
+                log.error("checkpoint: commit of %s failed (%s); the previous checkpoint stays the latest",
+                          pending.final, exc)
+                shutil.rmtree(pending.final, ignore_errors=True)
+        committed = _all_ok(committed)
+        if committed:
+            log.info("checkpoint: committed %s in %.1f s", pending.final, time.monotonic() - pending.started)
+        else:
+            self.failed_saves += 1
+        return committed
+
+    def _abandon(self, tmp: str, final: str) -> None:
+        """Forget a failed save: count it and remove what it wrote (rank 0; the leftovers are harmless)."""
+        self.failed_saves += 1
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.error("checkpoint: save of %s failed and was skipped (%d so far); training continues and the "
+                  "previous committed checkpoint stays the latest", final, self.failed_saves)
+
+
+def _all_ok(ok: bool, exc: BaseException | None = None) -> bool:
+    """True on every rank when the step succeeded on every rank (a CPU all-reduce); logs this rank's failure."""
+    if exc is not None:
+        log.error("checkpoint: write failed on rank %d: %s: %s", _rank(), type(exc).__name__, exc)
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0
+
+
+def _maybe_fail(step: int | None) -> None:
+    """Test hook: the save of step QWEN2_INJECT_CKPT_FAIL_STEP fails as a full disk would."""
+    if step is not None and os.environ.get(FAIL_ENV) == str(step):
+        raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAIL_ENV})")
+
+
+def _commit(pending: _Pending) -> None:
+    replace_dir(pending.tmp, pending.final)  # over an uncommitted leftover of the same step, if any
+    _fsync_dir(os.path.dirname(pending.final))
+    meta = dict(pending.metadata, format=FORMAT_VERSION, time=time.time(), contents=pending.contents,
+                save_seconds=round(time.monotonic() - pending.started, 3), files=_file_sizes(pending.final))
+    _write_json_atomic(os.path.join(pending.final, METADATA), meta)
+
+
+def _apply_retention(ckpt_root: str, keep_last: int, keep_every: int, protect: str) -> None:
     committed = committed_checkpoints(ckpt_root)
     for path in committed[:-keep_last]:
-        if path != protect:
-            # Un-commit first, so a crash halfway through the delete leaves a leftover, not a broken checkpoint.
-            os.remove(os.path.join(path, METADATA))
-            shutil.rmtree(path, ignore_errors=True)
+        step = int(_STEP_DIR.match(os.path.basename(path)).group(1))
+        if path == protect or (keep_every and step % keep_every == 0):
+            continue
+        # Un-commit first, so a crash halfway through the delete leaves a leftover, not a broken checkpoint.
+        os.remove(os.path.join(path, METADATA))
+        shutil.rmtree(path, ignore_errors=True)
 
 
-def _dcp_load(state: dict, path: str) -> None:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path)
+def write(final: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, train_state: dict,
+          metadata: dict) -> None:
+    """Write and commit one checkpoint at `final` (blocking), outside any run's retention."""
+    saver = Checkpointer(os.path.dirname(os.path.abspath(final)), keep_last=1)
+    if not saver.save_to(final, model, optimizer, train_state, metadata, blocking=True, retain=False):
+        raise UserError(f"{final}: the checkpoint could not be written (see the error above); check the space "
+                        "and permissions of its directory")
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load a committed checkpoint into model (and optimizer, when the checkpoint has one); return train state."""
-    meta = read_metadata(path)
-    if "optim" in meta["contents"] and optimizer is not None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
-        _dcp_load(state, path)
+    """Load a verified checkpoint into model (and optimizer, when it has one); return its train state."""
+    meta = verify(path)
+    with_optim = "optim" in meta["contents"] and optimizer is not None
+    state = _state(model, optimizer if with_optim else None)
+    try:
+        with _quiet_dcp():
+            dcp.load(state, checkpoint_id=path)
+    except Exception as exc:  # DCP raises CheckpointException and plain OS errors alike
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"{path}: cannot be loaded ({type(exc).__name__}: {first}); "
+                        "the checkpoint is damaged or from another model") from None
+    if with_optim:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
-        state = {"model": get_model_state_dict(model)}
-        _dcp_load(state, path)
         set_model_state_dict(model, state["model"])
-    train_state_path = os.path.join(path, TRAIN_STATE)
     train_state = {}
-    if os.path.isfile(train_state_path):
-        with open(train_state_path, encoding="utf-8") as f:
+    if os.path.isfile(os.path.join(path, TRAIN_STATE)):
+        with open(os.path.join(path, TRAIN_STATE), encoding="utf-8") as f:
             train_state = json.load(f)
+    rng_file = os.path.join(path, "rng", f"rank{_rank()}.pt")
+    if os.path.isfile(rng_file):
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
     log.info("checkpoint: loaded %s (step %s)", path, meta.get("step"))
     return train_state
 
 
-def full_model_state(path: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) model weights of a checkpoint, read in one process into `model` (built on CPU)."""
-    load(path, model, optimizer=None)
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+def read_tensors(path: str, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Full fp32 model tensors of the given names from a checkpoint, in one process, reading only those."""
+    state = {"model": {name: torch.empty(shape) for name, shape in shapes.items()}}
+    with _quiet_dcp():
+        dcp.load(state, checkpoint_id=path)
+    return state["model"]

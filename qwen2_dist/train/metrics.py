@@ -1,5 +1,6 @@
 """Throughput, MFU and memory of a training step, and the sinks they go to (console, metrics.jsonl)."""
 
+import hashlib
 import json
 import logging
 import os
@@ -64,22 +65,74 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-class MetricsWriter:
-    """Appends one JSON object per logged step to metrics.jsonl (rank 0 only)."""
+class MetricsSinks:
+    """Where logged steps go: metrics.jsonl always, TensorBoard and W&B when asked (rank 0 only)."""
 
-    def __init__(self, path: str, enabled: bool):
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = False, wandb: bool = False,
+                 wandb_project: str = "qwen2-dist", wandb_mode: str = "offline", config: dict | None = None):
         self.enabled = enabled
-        self.file = open(path, "a", encoding="utf-8") if enabled else None
+        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if enabled else None
+        self.tb = None
+        self.wandb_run = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if enabled and wandb:
+            import wandb as wandb_lib
+
+            # A stable id from the run directory, so a resumed run appends to the same W&B run.
+            run_id = "qwen2-" + hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+            self.wandb_run = wandb_lib.init(project=wandb_project, mode=wandb_mode, dir=run_dir, id=run_id,
+                                            resume="allow", config=config)
 
     def write(self, record: dict) -> None:
+        """Record one logged step in every sink."""
         if self.file is not None:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+        if self.tb is not None:
+            for key, value in numbers.items():
+                self.tb.add_scalar(f"train/{key}", value, record["step"])
+            self.tb.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(numbers, step=record["step"])
 
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
             self.file = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+class StepProfiler:
+    """A torch.profiler trace of the steps START:END (1-based, END excluded), one Chrome trace per rank."""
+
+    def __init__(self, spec: str | None, run_dir: str, rank: int):
+        self.start, self.end = (int(x) for x in spec.split(":")) if spec else (0, 0)
+        self.path = os.path.join(run_dir, "profile", f"rank{rank}.json")
+        self.profiler = None
+
+    def before_step(self, step: int) -> None:
+        """Called with the number of the step about to run."""
+        if step == self.start:
+            self.profiler = torch.profiler.profile(record_shapes=True, with_stack=False)
+            self.profiler.__enter__()
+
+    def after_step(self, step: int) -> None:
+        """Called with the number of the step that just ran."""
+        if self.profiler is not None and step + 1 >= self.end:
+            self.profiler.__exit__(None, None, None)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.profiler.export_chrome_trace(self.path)
+            log.info("profiler: trace of steps %d-%d written to %s", self.start, self.end - 1, self.path)
+            self.profiler = None
 
 
 def format_step(record: dict) -> str:
@@ -96,8 +149,3 @@ def format_step(record: dict) -> str:
     parts.append(f"mem {record['mem_gib']:.2f}GiB")
     parts.append(f"data_wait {record['data_wait_pct']:.1f}%")
     return " | ".join(parts)
-
-
-def run_file(run_dir: str, name: str) -> str:
-    """Path of a file under the run directory."""
-    return os.path.join(run_dir, name)

@@ -1,6 +1,7 @@
 """The training loop: batches -> forward -> loss over the global token count -> backward -> clip -> step."""
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -11,14 +12,23 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 
 from qwen2_dist.config import JobConfig
 from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.parallel.mesh import World, all_reduce_sum
-from qwen2_dist.parallel.parallelize import set_gradient_sync
+from qwen2_dist.parallel.parallelize import loss_context, set_gradient_sync
 from qwen2_dist.train import checkpoint
-from qwen2_dist.train.metrics import MetricsWriter, flops_per_token, format_step, memory_gib, peak_flops
+from qwen2_dist.train.faults import StepGuard, TrainingHalted, Watchdog, inject_hang, inject_nan
+from qwen2_dist.train.metrics import (
+    MetricsSinks,
+    StepProfiler,
+    flops_per_token,
+    format_step,
+    memory_gib,
+    peak_flops,
+)
 from qwen2_dist.train.optim import lr_at, set_lr
 
 log = logging.getLogger(__name__)
@@ -46,13 +56,14 @@ class StopFlag:
         self.requested = True
         log.warning("received %s: saving a checkpoint after this step and stopping", signal.Signals(signum).name)
 
-    def agreed(self, mesh: DeviceMesh | None) -> bool:
-        """True on every rank when any rank was signalled (a CPU all-reduce: no device sync)."""
-        if not dist.is_initialized():
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def agree_any(flags: list[bool]) -> list[bool]:
+    """For each flag, whether it is set on any rank (one small CPU all-reduce: no device sync)."""
+    if not dist.is_initialized():
+        return flags
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
 
 
 class Trainer:
@@ -69,13 +80,23 @@ class Trainer:
         batches: TokenBatches,
         grad_accum_steps: int,
         metadata: dict,
+        eval_batches: TokenBatches | None = None,
     ):
         self.cfg, self.args, self.world, self.mesh = cfg, args, world, mesh
         self.model, self.optimizer, self.batches = model, optimizer, batches
+        self.eval_batches = eval_batches
         self.grad_accum_steps = grad_accum_steps
         self.metadata = metadata
-        self.ckpt_root = os.path.join(cfg.run_dir, "checkpoints")
+        self.checkpointer = checkpoint.Checkpointer(
+            os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
+            async_save=cfg.checkpoint.async_save is True
+            or (cfg.checkpoint.async_save == "auto" and world.device.type == "cuda"),
+        )
+        self.guard = StepGuard(world.device, cfg.train.spike_sigma, cfg.train.spike_window)
+        # The fused AdamW skips a flagged step on the device; the others need the verdict on the host.
+        self.device_skip = bool(optimizer.defaults.get("fused"))
         self.step = 0
+        self.saved_step = -1  # no checkpoint of this run's state yet
         self.tokens_seen = 0
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         self.flops_per_token = flops_per_token(args, cfg.train.seq_len)
@@ -89,68 +110,127 @@ class Trainer:
         """Continue from a committed checkpoint: weights, optimizer, step, tokens and data position."""
         state = checkpoint.load(path, self.model, self.optimizer)
         self.step = state.get("step", 0)
+        self.saved_step = self.step
         self.tokens_seen = state.get("tokens_seen", 0)
+        self.guard.load_state_dict(state.get("guard", {}))
         if "loader" in state:
             self.batches.load_state_dict(state["loader"])
 
-    def save(self) -> str:
-        """Save and commit a checkpoint of the current step."""
-        train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.batches.state_dict()}
+    def save(self, blocking: bool = False) -> str | None:
+        """Save a checkpoint of the current step (committed now, or in the background when async)."""
+        train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.batches.state_dict(),
+                       "guard": self.guard.state_dict()}
         meta = dict(self.metadata, tokens_seen=self.tokens_seen)
-        return checkpoint.save(
-            self.ckpt_root, self.step, self.model, self.optimizer, train_state, meta, self.cfg.checkpoint.keep_last
-        )
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, meta, blocking=blocking)
+        if path is not None:
+            self.saved_step = self.step
+        return path
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step; returns (summed loss, grad norm) as device tensors and the seconds spent on data."""
+        """One optimizer step; returns (loss, grad norm) as device tensors and the seconds spent on data."""
+        inject_hang(self.step + 1, self.world.rank)
         data_started = time.monotonic()
         micro_batches = [self.batches.next_batch() for _ in range(self.grad_accum_steps)]
         data_seconds = time.monotonic() - data_started
         device = self.world.device
         # Normalize by the number of target tokens of the whole global batch, so the result is the same
         # whatever the layout and accumulation split.
-        local_tokens = sum(targets.numel() for _, targets in micro_batches)
+        local_tokens = sum(batch.targets.numel() for batch in micro_batches)
         global_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=device), self.mesh)
         loss_sum = torch.zeros((), device=device)
-        for index, (inputs, targets) in enumerate(micro_batches):
+        for index, (inputs, targets, positions) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
-            inputs = inputs.to(device, non_blocking=True)
             targets = targets.to(device, non_blocking=True)
-            with self.autocast:
-                logits = self.model(inputs)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
-            (loss / global_tokens).backward()
-            loss_sum += loss.detach()
+            logits = self._logits(inputs, positions)
+            with loss_context(self.mesh):  # vocabulary-parallel cross-entropy (and its backward) when tp > 1
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+                loss = inject_nan(self.step + 1, loss)
+                (loss / global_tokens).backward()
+            loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
         max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
+        loss = all_reduce_sum(loss_sum, self.mesh) / global_tokens
+        skip = self.guard.verdict(loss, grad_norm)  # identical on every rank: loss and norm are global
+        if self.device_skip:
+            self.optimizer.found_inf = skip
+            self.optimizer.step()
+        elif not skip.item():
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return all_reduce_sum(loss_sum, self.mesh) / global_tokens, grad_norm, data_seconds
+        return loss, grad_norm, data_seconds
+
+    def _logits(self, inputs: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Forward of one micro-batch; positions (restarting per document) switch document masking on."""
+        device = self.world.device
+        if positions is not None:
+            positions = positions.to(device, non_blocking=True)
+        with self.autocast:
+            return self.model(inputs.to(device, non_blocking=True), positions, mask_documents=positions is not None)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss per target token over the held-out samples (the same samples at every evaluation)."""
+        batches = self.eval_batches
+        batches.seek(0)
+        device = self.world.device
+        loss_sum = torch.zeros((), device=device)
+        num_tokens = 0
+        for _ in range(batches.grad_accum_steps):
+            inputs, targets, positions = batches.next_batch()
+            logits = self._logits(inputs, positions)
+            with loss_context(self.mesh):
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
+            loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
+            num_tokens += targets.numel()
+        global_tokens = all_reduce_sum(torch.tensor(float(num_tokens), device=device), self.mesh)
+        return (all_reduce_sum(loss_sum, self.mesh) / global_tokens).item()
 
     def fit(self) -> TrainResult:
         """Train from the current step up to train.steps, logging, checkpointing and honouring preemption."""
         cfg = self.cfg
-        writer = MetricsWriter(os.path.join(cfg.run_dir, "metrics.jsonl"), enabled=self.world.is_main)
+        lg = cfg.logging
+        writer = MetricsSinks(cfg.run_dir, self.world.is_main, lg.tensorboard, lg.wandb, lg.wandb_project,
+                              lg.wandb_mode, config=dataclasses.asdict(cfg))
+        profiler = StepProfiler(lg.profile_steps, cfg.run_dir, self.world.rank)
+        record_oom = lg.memory_snapshot_on_oom and self.world.device.type == "cuda"
+        if record_oom:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
         stop = StopFlag()
         last_loss, stopped = None, False
         window_started, window_steps, window_data = time.monotonic(), 0, 0.0
+        last_save = time.monotonic()
+        watchdog = Watchdog(cfg.train.hang_timeout, cfg.train.hang_timeout_first,
+                            os.path.join(cfg.run_dir, "logs", f"rank{self.world.rank}.log")).start()
         if self.step >= cfg.train.steps:
             log.info("run already complete: step %d of train.steps=%d", self.step, cfg.train.steps)
         try:
-            last_step = min(cfg.train.steps, cfg.train.stop_at or cfg.train.steps)
+            last_step = cfg.train.steps if cfg.train.stop_at is None else min(cfg.train.steps, cfg.train.stop_at)
             while self.step < last_step:
                 lr = lr_at(self.step + 1, cfg.train.steps, cfg.optim)
                 set_lr(self.optimizer, lr)
-                loss, grad_norm, data_seconds = self.train_step()
+                profiler.before_step(self.step + 1)
+                try:
+                    loss, grad_norm, data_seconds = self.train_step()
+                except torch.OutOfMemoryError:
+                    if record_oom:
+                        path = os.path.join(cfg.run_dir, f"oom_snapshot_rank{self.world.rank}.pickle")
+                        torch.cuda.memory._dump_snapshot(path)
+                        log.error("out of memory at step %d: allocation history written to %s (open it at "
+                                  "https://pytorch.org/memory_viz)", self.step + 1, path)
+                    raise
+                profiler.after_step(self.step + 1)
+                watchdog.beat()
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
                 window_steps += 1
                 window_data += data_seconds
-                if self.step % cfg.logging.interval == 0 or self.step == cfg.train.steps:
+                eval_due = self.eval_batches is not None and self.step % cfg.eval.interval == 0
+                if self.step % cfg.logging.interval == 0 or self.step == last_step or eval_due:
                     elapsed = time.monotonic() - window_started
                     last_loss = loss.item()
+                    skipped, in_a_row = self.guard.counts()
                     tokens_per_sec = window_steps * self.tokens_per_step / elapsed
                     record = {
                         "step": self.step,
@@ -163,21 +243,48 @@ class Trainer:
                         if self.peak_flops else None,
                         "mem_gib": memory_gib(self.world.device),
                         "data_wait_pct": 100.0 * window_data / elapsed,
+                        "skipped_steps": skipped,
                         "time": time.time(),
                     }
+                    if eval_due:  # after the window's clock stopped: evaluation time is not training time
+                        record["eval_loss"] = self.evaluate()
                     writer.write(record)
                     if self.world.is_main:
                         log.info(format_step(record))
+                        if eval_due:
+                            log.info("step %d | eval_loss %.4f on %d held-out samples", self.step,
+                                     record["eval_loss"], cfg.eval.samples)
                     window_started, window_steps, window_data = time.monotonic(), 0, 0.0
-                if stop.agreed(self.mesh):
-                    self.save()
+                    limit = 1 if cfg.train.nonfinite == "halt" else cfg.train.max_skipped_in_a_row
+                    if in_a_row >= limit:
+                        self.save(blocking=True)
+                        raise TrainingHalted(
+                            f"step {self.step}: {in_a_row} step(s) in a row skipped for a non-finite or spiking "
+                            f"loss/gradient (train.nonfinite={cfg.train.nonfinite}, train.max_skipped_in_a_row="
+                            f"{cfg.train.max_skipped_in_a_row}); saved {self.saved_step}. Lower optim.lr or "
+                            "resume from an earlier checkpoint with checkpoint.resume=PATH"
+                        )
+                minutes = cfg.checkpoint.interval_minutes
+                write_pending = self.checkpointer.pending_done() is False
+                stop_now, time_due, still_writing = agree_any([
+                    stop.requested, bool(minutes) and time.monotonic() - last_save >= 60 * minutes, write_pending,
+                ])
+                if self.checkpointer.pending_done() is not None and not still_writing:
+                    self.checkpointer.wait()
+                if stop_now:
+                    self.save(blocking=True)
                     stopped = True
                     break
                 interval = cfg.checkpoint.interval
-                final = self.step == last_step and cfg.checkpoint.save_final
-                if (interval and self.step % interval == 0) or final:
+                if (interval and self.step % interval == 0) or time_due:
                     self.save()
-                    window_started = time.monotonic()
+                    last_save = window_started = time.monotonic()
+            if cfg.checkpoint.save_final and not stopped and self.saved_step != self.step:
+                self.save(blocking=True)
+            # Commit a background save still in flight. (Not on an exception: the commit is collective, and a
+            # failed rank would never join it; the uncommitted shards are cleaned at the next start.)
+            self.checkpointer.wait()
         finally:
+            watchdog.stop()
             writer.close()
         return TrainResult(self.step, self.tokens_seen, last_loss, stopped)

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic commit, cleanup of interrupted saves, retention, exact restore."""
+"""Checkpoints: atomic commit, cleanup of interrupted saves, retention, verification, async saves, exact restore."""
 
 import json
 import os
@@ -22,38 +22,88 @@ def _model_and_optimizer(seed: int):
     return model, optimizer
 
 
+def _names(paths):
+    return [os.path.basename(p) for p in paths]
+
+
 def test_save_commit_retention_and_restore(tmp_path):
     root = str(tmp_path / "checkpoints")
     model, optimizer = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(root, keep_last=2)
     for step in (1, 2, 3):
-        checkpoint.save(root, step, model, optimizer, {"step": step}, {"model": "tiny"}, keep_last=2)
-    assert [os.path.basename(p) for p in checkpoint.committed_checkpoints(root)] == ["step_00000002", "step_00000003"]
-    meta = checkpoint.read_metadata(os.path.join(root, "step_00000003"))
+        saver.save(step, model, optimizer, {"step": step}, {"model": "tiny"})
+    assert _names(checkpoint.committed_checkpoints(root)) == ["step_00000002", "step_00000003"]
+    meta = checkpoint.verify(os.path.join(root, "step_00000003"))
     assert meta["step"] == 3 and meta["contents"] == ["model", "optim"]
+    assert "rng/rank0.pt" in meta["files"]
 
     other, other_opt = _model_and_optimizer(1)
+    torch.manual_seed(1234)
     state = checkpoint.load(os.path.join(root, "step_00000003"), other, other_opt)
     assert state == {"step": 3}
     for a, b in zip(model.parameters(), other.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(optimizer.state.values(), other_opt.state.values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    # The RNG state of the save is restored, not the one set just before the load.
+    rng = torch.load(os.path.join(root, "step_00000003", "rng", "rank0.pt"), weights_only=True)
+    checkpoint.load(os.path.join(root, "step_00000003"), other, other_opt)
+    assert torch.equal(torch.get_rng_state(), rng["cpu"])
+
+
+def test_milestones_survive_retention(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    model, optimizer = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(root, keep_last=1, keep_every=4)
+    for step in range(1, 10):
+        saver.save(step, model, None, {"step": step}, {})
+    assert _names(checkpoint.committed_checkpoints(root)) == ["step_00000004", "step_00000008", "step_00000009"]
+
+
+def test_async_save_commits_the_state_as_it_was_at_save_time(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    model, optimizer = _model_and_optimizer(0)
+    saved = model.embed_tokens.weight.detach().clone()
+    saver = checkpoint.Checkpointer(root, keep_last=2, async_save=True)
+    saver.save(1, model, optimizer, {"step": 1}, {})
+    assert saver.pending_done() is not None
+    with torch.no_grad():
+        model.embed_tokens.weight.add_(1.0)  # training goes on while the shards are written
+    saver.wait()
+    assert saver.pending_done() is None
+    other, _ = _model_and_optimizer(1)
+    checkpoint.load(os.path.join(root, "step_00000001"), other, None)
+    assert torch.equal(other.embed_tokens.weight, saved)
 
 
 def test_interrupted_saves_never_count_and_are_cleaned(tmp_path):
     root = tmp_path / "checkpoints"
     model, optimizer = _model_and_optimizer(0)
-    checkpoint.save(str(root), 5, model, optimizer, {"step": 5}, {}, keep_last=2)
+    checkpoint.Checkpointer(str(root), keep_last=2).save(5, model, optimizer, {"step": 5}, {})
     # A save killed before the rename, and one killed after the rename but before metadata.json.
     (root / "step_00000010.tmp-deadbeef").mkdir()
     (root / "step_00000010.tmp-deadbeef" / "__0_0.distcp").write_bytes(b"partial")
     (root / "step_00000015").mkdir()
-    assert [os.path.basename(p) for p in checkpoint.committed_checkpoints(str(root))] == ["step_00000005"]
+    assert _names(checkpoint.committed_checkpoints(str(root))) == ["step_00000005"]
     removed = checkpoint.clean_partial(str(root))
-    assert sorted(os.path.basename(p) for p in removed) == ["step_00000010.tmp-deadbeef", "step_00000015"]
+    assert sorted(_names(removed)) == ["step_00000010.tmp-deadbeef", "step_00000015"]
     assert sorted(os.listdir(root)) == ["step_00000005"]
     with pytest.raises(UserError, match="not a committed checkpoint"):
         checkpoint.read_metadata(str(root / "step_00000015"))
+
+
+def test_damage_is_detected_before_loading(tmp_path):
+    root = tmp_path / "checkpoints"
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(root), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
+    shard = next(name for name in os.listdir(path) if name.endswith(".distcp"))
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(UserError, match=f"{shard}: 100 bytes"):
+        checkpoint.load(path, model, optimizer)
+    os.remove(os.path.join(path, shard))
+    with pytest.raises(UserError, match=f"{shard}: missing"):
+        checkpoint.load(path, model, optimizer)
 
 
 def test_model_only_checkpoint_loads_without_optimizer_state(tmp_path):
@@ -65,3 +115,20 @@ def test_model_only_checkpoint_loads_without_optimizer_state(tmp_path):
     other, other_opt = _model_and_optimizer(1)
     checkpoint.load(path, other, other_opt)
     assert torch.equal(model.embed_tokens.weight, other.embed_tokens.weight)
+    shapes = {"norm.weight": model.norm.weight.shape}
+    assert torch.equal(checkpoint.read_tensors(path, shapes)["norm.weight"], model.norm.weight)
+
+
+def test_a_failed_write_is_skipped_and_harms_nothing(tmp_path, monkeypatch):
+    root = str(tmp_path / "checkpoints")
+    model, optimizer = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(root, keep_last=1)
+    assert saver.save(1, model, optimizer, {"step": 1}, {}) is not None
+    monkeypatch.setenv(checkpoint.FAIL_ENV, "2")
+    assert saver.save(2, model, optimizer, {"step": 2}, {}) is None
+    assert saver.failed_saves == 1
+    assert os.listdir(root) == ["step_00000001"]
+    checkpoint.verify(os.path.join(root, "step_00000001"))
+    monkeypatch.delenv(checkpoint.FAIL_ENV)
+    assert saver.save(3, model, optimizer, {"step": 3}, {}) is not None
+    assert _names(checkpoint.committed_checkpoints(root)) == ["step_00000003"]

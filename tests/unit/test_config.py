@@ -31,7 +31,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["train.global_batch_size=8", "train.micro_batch_size=4"], 3, "train.global_batch_size"),
     (["parallel.dp_shard=3"], 4, "parallel.dp_replicate x dp_shard x tp"),
     (["parallel.dp_replicate=3"], 4, "parallel.dp_replicate"),
-    (["parallel.tp=2"], 2, "parallel.tp"),
+    (["parallel.tp=3"], 3, "parallel.tp"),
     (["model.num_attention_heads=5"], 1, "num_attention_heads"),
     (["model.name=qwen2-3b"], 1, "unknown size"),
     (["data.path=/nonexistent/shards"], 1, "data.path"),
@@ -40,6 +40,24 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["train.seq_len=100000"], 1, "train.seq_len"),
     (["train.device=tpu"], 1, "train.device"),
     (["train.grad_clip=-1"], 1, "train.grad_clip"),
+    (["train.nonfinite=ignore"], 1, "train.nonfinite"),
+    (["logging.profile_steps=5:2"], 1, "logging.profile_steps"),
+    (["logging.wandb_mode=cloud"], 1, "logging.wandb_mode"),
+    (["checkpoint.async_save=maybe"], 1, "checkpoint.async_save"),
+    (["checkpoint.keep_last=0"], 1, "keep_last"),
+    (["train.stop_at=-1"], 1, "train.stop_at"),
+    (["parallel.tp=4"], 4, "num_key_value_heads 2"),
+    (["parallel.tp=2", "model.intermediate_size=383"], 2, "intermediate_size 383"),
+    (["parallel.tp=2", "model.vocab_size=151935"], 2, "vocab_size 151935"),
+    (["parallel.tp=2", "train.seq_len=33"], 2, "train.seq_len=33"),
+    (["parallel.tp=0"], 1, "parallel.tp"),
+    (["parallel.dp_shard=0"], 1, "parallel.dp_shard"),
+    (["parallel.activation_checkpointing=some"], 1, "parallel.activation_checkpointing"),
+    (["parallel.ac_every=0"], 1, "parallel.ac_every"),
+    (["parallel.compile=maybe"], 1, "parallel.compile"),
+    (["parallel.reshard_after_forward=sometimes"], 1, "parallel.reshard_after_forward"),
+    (["parallel.cpu_offload=true"], 1, "parallel.cpu_offload"),
+    (["parallel.cpu_offload=true", "train.device=cpu"], 2, "parallel.cpu_offload"),
 ])
 def test_invalid_jobs_are_refused(overrides, world_size, field):
     with pytest.raises(UserError) as err:
@@ -47,3 +65,22 @@ def test_invalid_jobs_are_refused(overrides, world_size, field):
     message = str(err.value)
     assert field in message
     assert "\n" not in message
+
+
+def test_parallel_layouts_resolve():
+    assert validate(job("parallel.tp=2", "train.micro_batch_size=2"), world_size=4) == {
+        "dp_replicate": 1, "dp_shard": 2, "tp": 2, "grad_accum_steps": 2}
+    assert validate(job("parallel.dp_replicate=2", "train.micro_batch_size=1"), world_size=4) == {
+        "dp_replicate": 2, "dp_shard": 2, "tp": 1, "grad_accum_steps": 2}
+    for value in ("true", "false", "auto"):
+        validate(job(f"parallel.compile={value}", "parallel.activation_checkpointing=selective"), world_size=1)
+
+
+def test_config_interpolation_cannot_execute_code(tmp_path):
+    from qwen2_dist.cli.train import _precheck
+
+    marker = tmp_path / "pwned"
+    for override in (f"run_dir=${{python:open('{marker}','w')}}", f"run_dir=${{eval:__import__('os').system('touch {marker}')}}"):
+        with pytest.raises(UserError, match="bad override"):
+            _precheck([override])
+    assert not marker.exists()

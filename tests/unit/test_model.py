@@ -1,5 +1,7 @@
 """The native Qwen2: published parameter counts, deterministic init, attention backends."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -22,8 +24,10 @@ def test_parameter_counts_on_meta(name, expected):
 
 
 def test_tied_sizes_have_no_separate_head():
-    assert build_model(get_model_args("qwen2-1.5b")).lm_head is None
-    assert build_model(get_model_args("qwen2-7b")).lm_head is not None
+    tied, untied = build_model(get_model_args("qwen2-1.5b")), build_model(get_model_args("qwen2-7b"))
+    assert tied.lm_head.weight is tied.embed_tokens.weight
+    assert "lm_head.weight" not in tied.state_dict() and not list(tied.lm_head.parameters())
+    assert "lm_head.weight" in untied.state_dict()
 
 
 def _materialized(seed: int):
@@ -70,3 +74,16 @@ def test_bad_size_is_refused_naming_the_field():
         get_model_args("tiny", num_attention_heads=5)
     with pytest.raises(UserError, match="unknown size"):
         get_model_args("qwen2-3b")
+
+
+def test_tied_weight_gradient_is_the_sum_of_the_lookup_and_head_gradients():
+    tied = _materialized(0)
+    untied = build_model(replace(tied.args, tie_word_embeddings=False), "cpu")
+    weights = tied.state_dict()
+    untied.load_state_dict({**weights, "lm_head.weight": weights["embed_tokens.weight"].clone()})
+    tokens = torch.arange(16).view(2, 8)
+    for model in (tied, untied):
+        model(tokens).logsumexp(-1).sum().backward()
+    lookup, head = untied.embed_tokens.weight.grad, untied.lm_head.weight.grad
+    assert lookup.abs().sum() > 0 and head.abs().sum() > 0
+    torch.testing.assert_close(tied.embed_tokens.weight.grad, lookup + head)

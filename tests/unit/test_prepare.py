@@ -20,7 +20,7 @@ GOOD_DOCS = ["Hello world", "你好，世界", "12345 <|endoftext|> tail"]
 TXT_DOC = "Plain text file.\nSecond line, with more words in it.\n"
 
 
-def read_tokens(path) -> list[np.ndarray]:
+def read_samples(path) -> list[dict]:
     """Every sample of an MDS directory in index order, read with streaming's own MDS reader."""
     import_streaming()
     from streaming.base.compression import decompress
@@ -36,8 +36,14 @@ def read_tokens(path) -> list[np.ndarray]:
         with open(os.path.join(path, shard["raw_data"]["basename"]), "wb") as f:
             f.write(raw)
         reader = reader_from_json(str(path), None, shard)
-        samples.extend(reader.get_item(i)["tokens"] for i in range(len(reader)))
+        samples.extend(reader.get_item(i) for i in range(len(reader)))
     return samples
+
+
+def read_tokens(path) -> list[np.ndarray]:
+    """The token arrays of every sample of a dataset's train split (or of an MDS directory)."""
+    path = os.path.join(path, "train") if os.path.isdir(os.path.join(path, "train")) else path
+    return [sample["tokens"] for sample in read_samples(path)]
 
 
 def expected_samples(docs: list[str], sample_tokens: int, max_tokens: int | None = None) -> list[list[int]]:
@@ -80,7 +86,9 @@ def test_prepare_writes_exact_samples_and_counts_skips(work, inputs):
     summary = prepare([str(inputs / "*.jsonl"), str(inputs / "b.txt")], str(out), seq_len=4)
 
     a = str(inputs / "a.jsonl")
-    assert summary["skipped"] == {"malformed_json": 1, "missing_field": 2, "not_utf8": 1, "empty_document": 1}
+    assert summary["skipped"] == {
+        "malformed_json": 1, "missing_field": 2, "not_utf8": 1, "empty_document": 1, "corrupt_file": 0,
+    }
     assert summary["skipped_examples"] == [
         f"{a}:2 malformed_json",
         f"{a}:4 missing_field",
@@ -103,13 +111,14 @@ def test_prepare_writes_exact_samples_and_counts_skips(work, inputs):
     assert all(s.dtype == np.int32 for s in samples)
     assert [s.tolist() for s in samples] == expected
     assert sorted(os.listdir(work)) == ["out", "src"]  # no temporary directory left behind
+    assert sorted(os.listdir(out)) == [SUMMARY_NAME, "train"]  # no val split without val_fraction
 
 
 def test_samples_keep_order_across_shards(work, inputs, monkeypatch):
     monkeypatch.setattr(prepare_module, "SHARD_SIZE_LIMIT", 64)  # a few samples per shard
     out = work / "out"
     summary = prepare([str(inputs / "a.jsonl"), str(inputs / "b.txt")], str(out), seq_len=4)
-    with open(out / "index.json") as f:
+    with open(out / "train" / "index.json") as f:
         assert len(json.load(f)["shards"]) > 2
     assert [s.tolist() for s in read_tokens(out)] == expected_samples(GOOD_DOCS + [TXT_DOC], 5)
     assert summary["samples"] == len(expected_samples(GOOD_DOCS + [TXT_DOC], 5))
@@ -141,13 +150,15 @@ def test_interrupted_prepare_leaves_nothing(work, inputs, monkeypatch):
     tok = load_tokenizer("qwen2")
     calls = []
 
-    def encode_batch_then_die(texts):
+    encode_flat = tok.encode_flat
+
+    def encode_flat_then_die(texts):
         calls.append(len(texts))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return tok.encode_batch(texts)
+        return encode_flat(texts)
 
-    monkeypatch.setattr(tok, "encode_batch", encode_batch_then_die)
+    monkeypatch.setattr(tok, "encode_flat", encode_flat_then_die)
     monkeypatch.setattr(prepare_module, "load_tokenizer", lambda spec: tok)
     monkeypatch.setattr(prepare_module, "BATCH_CHARS", 1)  # one document per batch
     with pytest.raises(KeyboardInterrupt):
@@ -167,7 +178,7 @@ def test_bad_input_errors_before_writing(work, inputs, bad, message):
 
 
 def test_too_little_data_leaves_nothing(work, inputs):
-    with pytest.raises(UserError, match=r"fewer than one sample of seq_len\+1=1001"):
+    with pytest.raises(UserError, match=r"fewer than one training sample of seq_len\+1=1001"):
         prepare([str(inputs / "a.jsonl")], str(work / "out"), seq_len=1000)
     assert sorted(os.listdir(work)) == ["src"]
 
@@ -235,5 +246,147 @@ def test_embedded_corpus_race_loser_discards_its_copy(work, monkeypatch):
 
     monkeypatch.setattr(corpus, "prepare", prepare_then_lose_the_race)
     path = embedded_corpus(str(work), seq_len=32, max_tokens=2_000)
-    assert read_summary(path)["samples"] == 2_000 // 33
+    summary = read_summary(path)
+    assert summary["tokens"] + summary["dropped_tail_tokens"] == 2_000
     assert os.listdir(work) == [os.path.basename(path)]
+
+
+def _jsonl_bytes(docs: list[str], field: str = "text") -> bytes:
+    return b"".join(json.dumps({field: d}, ensure_ascii=False).encode() + b"\n" for d in docs)
+
+
+def test_compressed_and_parquet_inputs_give_the_same_samples(work):
+    import gzip
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    zstandard = pytest.importorskip("zstandard")
+    src = work / "src"
+    src.mkdir()
+    (src / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes(GOOD_DOCS[:2])))
+    (src / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl_bytes(GOOD_DOCS[2:])))
+    pq.write_table(pa.table({"text": [TXT_DOC], "id": [1]}), src / "c.parquet")
+    (src / "d.txt.gz").write_bytes(gzip.compress(TXT_DOC.encode()))
+    summary = prepare([str(src / "*")], str(work / "out"), seq_len=4)
+    expected = expected_samples(GOOD_DOCS + [TXT_DOC, TXT_DOC], 5)
+    assert [s.tolist() for s in read_tokens(work / "out")] == expected
+    assert summary["documents"] == 5 and sum(summary["skipped"].values()) == 0
+
+
+def test_every_kind_of_bad_input_is_counted_and_the_rest_is_usable(work):
+    import gzip
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = work / "src"
+    src.mkdir()
+    good = [f"document number {i} with some words" for i in range(6)]
+    (src / "a.jsonl").write_bytes(b"\n".join([
+        json.dumps({"text": good[0]}).encode(),
+        b"{not json",                                  # 2 malformed_json
+        json.dumps({"other": "x"}).encode(),           # 3 missing_field
+        json.dumps(["text"]).encode(),                 # 4 missing_field (not an object)
+        b'{"text": "caf\xe9"}',                        # 5 not_utf8 (latin-1 byte)
+        b'{"text": "\\ud800 lone surrogate"}',         # 6 not_utf8 (valid JSON, not Unicode text)
+        json.dumps({"text": " \t\n"}).encode(),        # 7 empty_document
+        json.dumps({"text": good[1]}).encode(),
+    ]) + b"\n")
+    # A gzip file cut short: the records before the cut are kept, the rest counts as one corrupt_file.
+    whole = gzip.compress(_jsonl_bytes(good[2:4] * 400))
+    (src / "b.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    pq.write_table(pa.table({"text": [good[4], None, ""]}), src / "c.parquet")  # row 2 null, row 3 empty
+    pq.write_table(pa.table({"body": [good[5]] * 3}), src / "d.parquet")  # no text column: 3 missing_field
+    (src / "e.txt").write_bytes(b"\xff\xfe binary")  # not_utf8
+    (src / "f.txt").write_text("")  # empty_document
+    summary = prepare([str(src / "*")], str(work / "out"), seq_len=8)
+
+    assert summary["skipped"] == {
+        "malformed_json": 1, "missing_field": 2 + 1 + 3, "not_utf8": 2 + 1, "empty_document": 1 + 1 + 1,
+        "corrupt_file": 1,
+    }
+    a, b = str(src / "a.jsonl"), str(src / "b.jsonl.gz")
+    assert summary["skipped_examples"][:6] == [
+        f"{a}:2 malformed_json", f"{a}:3 missing_field", f"{a}:4 missing_field", f"{a}:5 not_utf8",
+        f"{a}:6 not_utf8", f"{a}:7 empty_document",
+    ]
+    assert summary["skipped_examples"][6].startswith(f"{b}:") and summary["skipped_examples"][6].endswith(
+        " corrupt_file")
+    assert len(summary["skipped_examples"]) == 10
+    kept_from_gz = summary["documents"] - 3  # a.jsonl gives 2, c.parquet 1
+    assert 0 < kept_from_gz < 800
+
+    from qwen2_dist.data.loader import TokenBatches
+
+    batches = TokenBatches([(str(work / "out"), 1.0)], seq_len=8, micro_batch_size=2, global_batch_size=2)
+    try:
+        text = load_tokenizer().decode(batches.next_batch().inputs[0].tolist())
+    finally:
+        batches.close()
+    assert "document number" in text
+
+
+def test_output_is_identical_for_any_number_of_workers(work, monkeypatch):
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 2_000)  # many small tasks, so workers interleave
+    src = work / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"{i}.jsonl").write_bytes(_jsonl_bytes([f"doc {i}.{j} " * (1 + j % 7) + "{bad" for j in range(150)])
+                                         + b"{broken\n")
+    kwargs = dict(seq_len=16, val_fraction=0.2, max_tokens=12_000)
+    one = prepare([str(src / "*.jsonl")], str(work / "one"), workers=1, **kwargs)
+    two = prepare([str(src / "*.jsonl")], str(work / "two"), workers=2, **kwargs)
+    assert one == two and one["skipped"]["malformed_json"] > 0 and one["splits"]["val"]["samples"] > 0
+    for split in ("train", "val"):
+        names = sorted(os.listdir(work / "one" / split))
+        assert names == sorted(os.listdir(work / "two" / split))
+        for name in names:
+            assert (work / "one" / split / name).read_bytes() == (work / "two" / split / name).read_bytes(), name
+
+
+def test_val_split_is_a_stable_hash_of_each_document(work):
+    docs = [f"held out or not, document {i}: " + "words " * (i % 5) for i in range(300)]
+    src = work / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(_jsonl_bytes(docs))
+    (src / "b.jsonl").write_bytes(_jsonl_bytes(docs[::-1][:100]))  # other order, fewer: same verdict per document
+    summary = prepare([str(src / "a.jsonl")], str(work / "out"), seq_len=8, val_fraction=0.1)
+    val_docs = [d for d in docs if prepare_module.in_val_split(d, 0.1)]
+    assert summary["splits"]["val"]["documents"] == len(val_docs)
+    assert 15 < len(val_docs) < 45
+    assert summary["splits"]["train"]["documents"] == len(docs) - len(val_docs)
+    assert [s["tokens"].tolist() for s in read_samples(work / "out" / "val")] == expected_samples(val_docs, 9)
+    assert [s.tolist() for s in read_tokens(work / "out")] == expected_samples(
+        [d for d in docs if d not in val_docs], 9)
+    again = prepare([str(src / "b.jsonl")], str(work / "again"), seq_len=8, val_fraction=0.1)
+    assert again["splits"]["val"]["documents"] == sum(d in val_docs for d in docs[::-1][:100])
+
+
+def test_doc_starts_mark_where_each_document_begins(work):
+    docs = ["one two three", "four", "five six seven eight nine ten eleven twelve", "x"]
+    src = work / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(_jsonl_bytes(docs))
+    prepare([str(src / "a.jsonl")], str(work / "out"), seq_len=4)
+    tok = load_tokenizer()
+    stream_starts, offset = [], 0
+    for doc in docs:
+        stream_starts.append(offset)
+        offset += len(tok.encode(doc)) + 1
+    samples = read_samples(work / "out" / "train")
+    for k, sample in enumerate(samples):
+        inside = [s - 5 * k for s in stream_starts if 5 * k <= s < 5 * (k + 1)]
+        assert sample["doc_starts"].tolist() == ([0] if 0 not in inside else []) + inside, k
+        assert sample["doc_starts"].dtype == np.int32
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("a.jsonl.gz", b"plain text", r"a\.jsonl\.gz is not gzip-compressed"),
+    ("a.jsonl.zst", b"plain text", r"a\.jsonl\.zst is not zstd-compressed"),
+    ("a.parquet", b"PAR1 not really", r"a\.parquet is not a readable Parquet file"),
+])
+def test_unreadable_container_is_an_error_before_work(work, name, content, message):
+    pytest.importorskip("pyarrow")
+    (work / name).write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        prepare([str(work / name)], str(work / "out"), seq_len=4)
+    assert not (work / "out").exists()

@@ -56,6 +56,17 @@ def test_encode_batch_matches_encode(tok):
     assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
 
 
+def test_encode_flat_matches_encode(tok, tmp_path):
+    texts = ["Hello world", "a<|endoftext|>b", "cafe\u0301 你好", "x = 1\n"]
+    flat, lengths = tok.encode_flat(texts)
+    assert flat.dtype == np.int32 and lengths.tolist() == [len(tok.encode(t)) for t in texts]
+    assert flat.tolist() == [i for t in texts for i in tok.encode(t)]
+    _tiny_hf_tokenizer(tmp_path / "tok")  # the generic path, through encode_batch
+    hf = load_tokenizer(str(tmp_path / "tok"))
+    flat, lengths = hf.encode_flat(["hello world", "world"])
+    assert flat.tolist() == [0, 1, 1] and lengths.tolist() == [2, 1]
+
+
 def test_special_token_text_is_plain_text(tok):
     text = "a<|endoftext|>b<|im_start|>"
     ids = tok.encode(text)

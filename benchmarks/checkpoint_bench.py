@@ -1,0 +1,61 @@
+"""Checkpoint save / async blocking / load times for a model size on this machine (default qwen2-0.5b, CPU).
+
+    .venv/bin/python benchmarks/checkpoint_bench.py [--model qwen2-0.5b] [--dir /tmp/ckpt-bench]
+
+Saves model + AdamW state (fp32) the way the trainer does, one process, and prints one line per measurement.
+"""
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.qwen2 import build_model, count_parameters
+from qwen2_dist.train import checkpoint
+
+
+def _size_gib(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files) / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2-0.5b")
+    parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    opts = parser.parse_args()
+    root = opts.dir or tempfile.mkdtemp(prefix="ckpt-bench-")
+    model = build_model(get_model_args(opts.model), "meta")
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)
+    optimizer.step()  # materializes exp_avg / exp_avg_sq, as after a real step
+    print(f"model {opts.model}: {count_parameters(model):,} parameters, torch {torch.__version__}, "
+          f"{os.cpu_count()} CPUs, {root}")
+
+    sync = checkpoint.Checkpointer(os.path.join(root, "sync"), keep_last=1)
+    started = time.monotonic()
+    path = sync.save(1, model, optimizer, {"step": 1}, {"model": opts.model})
+    print(f"save (blocking):        {time.monotonic() - started:7.2f} s  ({_size_gib(path):.2f} GiB)")
+
+    asynchronous = checkpoint.Checkpointer(os.path.join(root, "async"), keep_last=1, async_save=True)
+    started = time.monotonic()
+    asynchronous.save(1, model, optimizer, {"step": 1}, {"model": opts.model})
+    blocked = time.monotonic() - started
+    asynchronous.wait()
+    print(f"save (async): blocked   {blocked:7.2f} s, committed after {time.monotonic() - started:.2f} s")
+
+    started = time.monotonic()
+    checkpoint.load(path, model, optimizer)
+    print(f"load:                   {time.monotonic() - started:7.2f} s")
+    if opts.dir is None:
+        shutil.rmtree(root)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+# Sourced by train_single_node.sh and train_multi_node.sh (and, through them, slurm/train.sbatch):
+# which torchrun to run, how many processes per node, and the torchrun flags both launchers share.
+#
+#   TORCHRUN          the torchrun command, split on spaces (e.g. "torchrun" or "/opt/env/bin/torchrun")
+#   PYTHON            else: run "$PYTHON -m torch.distributed.run"; default the repository's .venv/bin/python
+#                     when it exists, else python3 on PATH
+#   NPROC             processes per node; default the GPU count from nvidia-smi, or 1 when there is no GPU
+#   MAX_RESTARTS      torchrun --max-restarts: how many times a failed worker group is restarted, resuming from
+#                     the newest committed checkpoint (default 3)
+#   SHUTDOWN_TIMEOUT  seconds torchrun gives workers to save a checkpoint and exit after a stop signal before it
+#                     kills them (default 300; older torchrun versions ignore it and wait 30 s)
+# shellcheck shell=bash disable=SC2034  # the variables set here are used by the scripts that source this file
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+if [ -n "${TORCHRUN:-}" ]; then
+    read -r -a torchrun <<< "$TORCHRUN"
+elif [ -n "${PYTHON:-}" ]; then
+    torchrun=("$PYTHON" -m torch.distributed.run)
+elif [ -x "$repo/.venv/bin/python" ]; then
+    torchrun=("$repo/.venv/bin/python" -m torch.distributed.run)
+else
+    torchrun=(python3 -m torch.distributed.run)
+fi
+
+if [ -z "${NPROC:-}" ]; then
+    NPROC=1
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        gpus=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
+        if [ "$gpus" -gt 0 ]; then
+            NPROC=$gpus
+        fi
+    fi
+fi
+
+# Preemption: the trainer saves a checkpoint and stops on SIGTERM or SIGUSR1 (qwen2_dist/train/trainer.py).
+# torchrun forwards the signals it handles to its workers and waits SHUTDOWN_TIMEOUT for them; SIGUSR1 is not
+# among its defaults, hence PET_SIGNALS_TO_HANDLE. An older torchrun that ignores that variable must not die of
+# SIGUSR1 either: ignored here, the signal still reaches the trainers when sent to the workers (Slurm signals every
+# process of a job step), because the handler a trainer installs replaces an inherited "ignore".
+export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}}
+trap '' USR1
+
+# By default torch 2.13's agents keep one TCP store for all rendezvous rounds; restarting the workers of a 2-node
+# job after one of them failed then hung in init_process_group (2 of 2 tries here), and never with a fresh store
+# per round, which this asks for.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+common_args=(--nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" -m qwen2_dist.cli.train)

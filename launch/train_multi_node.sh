@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Train on several machines with torchrun and a c10d rendezvous: run this on every node with the same settings
+# (only NODE_RANK differs). Arguments are Hydra overrides, passed through:
+#   node 0:  NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash launch/train_multi_node.sh run_dir=/shared/runs/exp1
+#   node 1:  NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 bash launch/train_multi_node.sh run_dir=/shared/runs/exp1
+# run_dir must be on a filesystem every node sees (checkpoints are written by all ranks).
+#
+#   NNODES          number of nodes, or MIN:MAX for an elastic job (default 1)
+#   NODE_RANK       this node's rank; node 0 hosts the rendezvous store (default SLURM_NODEID under srun).
+#                   Unset: torchrun decides from whether the endpoint's address is one of this machine's
+#   MASTER_ADDR     address of node 0, reachable from every node; MASTER_PORT its port (default 29500)
+#   RDZV_ENDPOINT   host:port of the rendezvous, instead of MASTER_ADDR/MASTER_PORT
+#   RDZV_ID         the same on every node of one job, different between jobs sharing an endpoint (default qwen2)
+# and the ones of launch/common.sh (TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, SHUTDOWN_TIMEOUT).
+# A worker that crashes on any node restarts the workers of all nodes from the newest committed checkpoint.
+set -euo pipefail
+# shellcheck source=launch/common.sh
+source "$(dirname "$0")/common.sh"
+
+endpoint=${RDZV_ENDPOINT:-}
+if [ -z "$endpoint" ]; then
+    if [ -z "${MASTER_ADDR:-}" ]; then
+        echo "error: set MASTER_ADDR (the address of node 0) or RDZV_ENDPOINT=host:port" >&2
+        exit 2
+    fi
+    endpoint=$MASTER_ADDR:${MASTER_PORT:-29500}
+fi
+rdzv_args=(--rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${RDZV_ID:-qwen2}")
+node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
+if [ -n "$node_rank" ]; then
+    # Say who hosts the store rather than let torchrun guess from host names (which fails behind NAT and, on one
+    # machine, makes every node think it is the host).
+    if [ "$node_rank" = 0 ]; then is_host=true; else is_host=false; fi
+    rdzv_args+=(--rdzv-conf="is_host=$is_host")
+fi
+
+exec "${torchrun[@]}" --nnodes="${NNODES:-1}" "${rdzv_args[@]}" "${common_args[@]}" "$@"

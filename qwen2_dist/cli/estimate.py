@@ -1,0 +1,239 @@
+"""qwen2-estimate: per-GPU memory of a training job before launch, from the real sharding plan (no GPU needed).
+
+    qwen2-estimate model=qwen2-72b world_size=512 parallel.tp=8 train.seq_len=4096 \\
+        train.micro_batch_size=1 train.global_batch_size=512 eval.samples=64 gpu_mem_gib=80
+
+Every argument but world_size= (default 1) and gpu_mem_gib= (default 80) is a qwen2-train override, composed with
+conf/ and checked by the trainer's validate(), so a job the trainer refuses is refused here with the same message.
+The model is built on the meta device and parallelized exactly as qwen2-train does it, over a fake process group of
+world_size ranks, and the per-rank shard sizes are read from that plan. Activations are an analytic estimate
+(see activation_bytes). The job is assumed to run on CUDA (bf16 unless train.mixed_precision=fp32).
+"""
+
+import sys
+import time
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.tensor import DTensor, Shard
+
+from qwen2_dist.cli.train import compose_job
+from qwen2_dist.config import JobConfig, validate
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.args import ModelArgs
+from qwen2_dist.model.qwen2 import Qwen2, build_model, count_parameters
+from qwen2_dist.parallel.mesh import World, build_mesh
+from qwen2_dist.parallel.parallelize import parallelize
+
+GIB = 2**30
+CONTEXT_GIB = 1.0
+"""CUDA context, cuBLAS/NCCL workspaces and buffers: memory the PyTorch allocator never reports."""
+FRAGMENTATION = 0.10
+"""Allocator fragmentation and caching slack, as a fraction of the peak tensor memory."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Element counts of one rank's share of the model, read from the parallelized meta model."""
+
+    sharded: int
+    """Parameters this rank stores (FSDP shard of its TP slice; everything with one process)."""
+    gathered_root: int
+    """Embedding, final norm and head as FSDP all-gathers them (this rank's TP slice)."""
+    gathered_block: int
+    """The largest decoder block as FSDP all-gathers it (this rank's TP slice)."""
+    checkpointed_layers: int
+    """Decoder blocks wrapped for recomputation."""
+
+
+def read_plan(model: Qwen2) -> Plan:
+    """Shard sizes of rank 0 (FSDP gives rank 0 the largest, padded, shard) from a parallelized model."""
+
+    def tp_slice(param: torch.Tensor) -> int:
+        # What an FSDP all-gather returns: the whole parameter, or its TP slice when the tp axis shards it.
+        if not isinstance(param, DTensor) or "tp" not in (param.device_mesh.mesh_dim_names or ()):
+            return param.numel()
+        tp_dim = param.device_mesh.mesh_dim_names.index("tp")
+        if isinstance(param.placements[tp_dim], Shard):
+            return param.numel() // param.device_mesh.size(tp_dim)
+        return param.numel()
+
+    in_blocks = {id(p) for layer in model.layers for p in layer.parameters()}
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    root = sum(tp_slice(p) for p in model.parameters() if id(p) not in in_blocks)
+    block = max(sum(tp_slice(p) for p in layer.parameters()) for layer in model.layers)
+    checkpointed = sum(isinstance(layer, CheckpointWrapper) for layer in model.layers)
+    return Plan(local, root, block, checkpointed)
+
+
+def build_plan(job: JobConfig, layout: dict[str, int], world_size: int, param_dtype: torch.dtype) -> Plan:
+    """Parallelize the model on the meta device over a fake process group of world_size ranks (this is rank 0)."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    mesh = None
+    if world_size > 1:
+        dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+        world = World(rank=0, local_rank=0, world_size=world_size, device=torch.device("cpu"))
+        mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
+    # compile changes no tensor sizes; offload is accounted for below (its pinned buffers need CUDA).
+    parallel = replace(job.parallel, compile="false", cpu_offload=False)
+    try:
+        model = parallelize(build_model(job.model.args(), "meta"), mesh, parallel, param_dtype, "cuda")
+        return read_plan(model)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: int, residual: int) -> dict[str, int]:
+    """Bytes autograd keeps for backward, per rank, from the shapes of this model's forward.
+
+    b = micro-batch, s = seq_len, h = hidden, i = intermediate, a/k = query/key-value heads, d = head_dim,
+    V = vocab, t = tp, p = compute dtype bytes (2 for bf16), r = residual-stream bytes (2 with FSDP bf16 params;
+    4 for one process, whose autocast keeps the residual in fp32). With tp > 1 the residual stream between blocks
+    is split along the sequence (sequence parallelism), the inputs of q/k/v and gate/up are gathered to full length.
+
+    one decoder block, no recompute:
+        2 RMSNorms, each its input in fp32 and its normalized output: 2 (4 + r) b s h / t
+        the gathered inputs of q/k/v and of gate/up:                   2 p b s h
+        q, the attention output and o's input (a reshaped copy):       3 p b s h / t
+        k and v:                                                       2 p b s k d / t
+        attention log-sum-exp (fp32, flash/cuDNN kernels):             4 b a s / t
+        gate (SiLU input), SiLU output, up, down's input:              4 p b s i / t
+    a recomputed block keeps only its input:                           r b s h / t
+        and one block is rebuilt at a time in backward:                + one block as above
+    final norm and head input:                                         (4 + r) b s h / t + p b s h
+    logits (p), log-probabilities (fp32) and their fp32 gradient:      (p + 8) b s V / t
+
+    Not counted: rotary tables (8 b s d, shared), the attention backend's workspace, and a fp32 job's norm output
+    doubling as the next input (fp32 is slightly overstated).
+    """
+    b, s, h, i, t, p, r = batch, seq, args.hidden_size, args.intermediate_size, tp, compute, residual
+    block = (
+        2 * (4 + r) * b * s * h // t + 2 * p * b * s * h + 3 * p * b * s * h // t
+        + 2 * p * b * s * args.num_key_value_heads * args.head_dim // t
+        + 4 * b * args.num_attention_heads * s // t + 4 * p * b * s * i // t
+    )
+    return {
+        "block": block,
+        "checkpointed_block": r * b * s * h // t,
+        "head": (4 + r) * b * s * h // t + p * b * s * h + (p + 8) * b * s * args.vocab_size // t,
+    }
+
+
+def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
+    """(description of the job, memory per rank in bytes by line); raises UserError as the trainer would."""
+    layout = validate(job, world_size)
+    args = job.model.args()
+    bf16 = job.train.mixed_precision != "fp32"
+    started = time.monotonic()
+    plan = build_plan(job, layout, world_size, torch.bfloat16 if bf16 else torch.float32)
+    plan_seconds = time.monotonic() - started
+    p = 2 if bf16 else 4
+    one_process = world_size == 1
+    residual = 4 if one_process or not bf16 else 2
+    act = activation_bytes(args, job.train.micro_batch_size, job.train.seq_len, layout["tp"], p, residual)
+    layers = args.num_hidden_layers
+    full = layers - plan.checkpointed_layers
+    activations = full * act["block"] + plan.checkpointed_layers * act["checkpointed_block"]
+    if plan.checkpointed_layers:
+        activations += act["block"]  # the block being recomputed
+    lines: dict[str, float] = {}
+    # Parameters stay fp32 (the master copy); AdamW keeps m and v in fp32; gradients are fp32.
+    on_cpu = job.parallel.cpu_offload
+    lines["parameters (fp32)"] = 0 if on_cpu else 4 * plan.sharded
+    lines["gradients (fp32)"] = 0 if on_cpu else 4 * plan.sharded
+    lines["optimizer state (AdamW m, v fp32)"] = 0 if on_cpu else 8 * plan.sharded
+    if one_process:
+        if bf16:
+            lines["bf16 weight copies (autocast cache)"] = 2 * plan.sharded
+    else:
+        # FSDP: the root stays gathered from forward to the end of backward, with its gradient in compute dtype;
+        # two blocks are gathered at a time (one computing, one prefetched; all of them with reshard 'never'),
+        # plus one block's gradient in compute dtype and as the fp32 reduce-scatter input.
+        blocks = layers if job.parallel.reshard_after_forward == "never" else 2
+        lines["gathered weights (root + blocks)"] = p * (plan.gathered_root + blocks * plan.gathered_block)
+        lines["unsharded gradients in flight"] = (p * plan.gathered_root + (p + 4) * plan.gathered_block)
+    lines["activations (decoder blocks)"] = activations
+    lines["activations (final norm, logits, loss)"] = act["head"]
+    peak = sum(lines.values())
+    info = {
+        "args": args, "layout": layout, "world_size": world_size, "plan": plan, "plan_seconds": plan_seconds,
+        "parameters": count_parameters(build_model(args, "meta")), "peak": peak,
+        "dtype": "bf16" if bf16 else "fp32", "cpu_bytes": 16 * plan.sharded if on_cpu else 0,
+    }
+    return info, lines
+
+
+def render(job: JobConfig, info: dict, lines: dict[str, float], gpu_mem_gib: float) -> str:
+    """The printed report."""
+    layout, plan, t = info["layout"], info["plan"], job.train
+    allowance = CONTEXT_GIB * GIB + FRAGMENTATION * info["peak"]
+    total = info["peak"] + allowance
+    ac = job.parallel.activation_checkpointing
+    mode = "one process, autocast" if info["world_size"] == 1 else "FSDP2 mixed precision, fp32 reduce"
+    out = [
+        f"qwen2-estimate: {job.model.name} ({info['parameters']:,} parameters) on {info['world_size']} "
+        f"rank(s): dp_replicate {layout['dp_replicate']} x dp_shard {layout['dp_shard']} x tp {layout['tp']}",
+        f"micro-batch {t.micro_batch_size} x seq {t.seq_len}, {layout['grad_accum_steps']} micro-batch(es) per step, "
+        f"{info['dtype']} compute ({mode}), activation checkpointing {ac} ({plan.checkpointed_layers} of "
+        f"{info['args'].num_hidden_layers} blocks), reshard {job.parallel.reshard_after_forward}, "
+        f"cpu offload {job.parallel.cpu_offload}",
+        f"plan built on the meta device"
+        + (f" over a fake process group of {info['world_size']} ranks" if info["world_size"] > 1 else "")
+        + f" in {info['plan_seconds']:.1f} s; rank 0 stores {plan.sharded:,} parameters",
+        "",
+        f"{'per rank':<48}{'GiB':>9}",
+    ]
+    out += [f"  {name:<46}{value / GIB:>9.2f}" for name, value in lines.items()]
+    out += [
+        f"  {'peak tensor memory (max_memory_allocated)':<46}{info['peak'] / GIB:>9.2f}",
+        f"  {f'+ CUDA context {CONTEXT_GIB:.0f} GiB, fragmentation {FRAGMENTATION:.0%}':<46}{allowance / GIB:>9.2f}",
+        f"  {'total':<46}{total / GIB:>9.2f}",
+    ]
+    if info["cpu_bytes"]:
+        out.append(f"  {'offloaded to CPU memory (params, grads, AdamW)':<46}{info['cpu_bytes'] / GIB:>9.2f}")
+    verdict = "fits" if total <= gpu_mem_gib * GIB else "does NOT fit"
+    out += ["", f"{verdict} in {gpu_mem_gib:g} GiB per GPU (headroom {gpu_mem_gib - total / GIB:.1f} GiB)"]
+    return "\n".join(out)
+
+
+def _split_argv(argv: list[str]) -> tuple[list[str], int, float]:
+    """Take world_size= and gpu_mem_gib= (not job keys) out of the arguments; the rest are qwen2-train overrides."""
+    overrides, world_size, gpu_mem_gib = [], 1, 80.0
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        try:
+            if key == "world_size":
+                world_size = int(value)
+            elif key == "gpu_mem_gib":
+                gpu_mem_gib = float(value)
+            else:
+                overrides.append(arg)
+        except ValueError:
+            raise UserError(f"{arg}: {key} needs a number") from None
+    if world_size < 1 or gpu_mem_gib <= 0:
+        raise UserError(f"world_size={world_size}, gpu_mem_gib={gpu_mem_gib:g}: both must be positive")
+    return overrides, world_size, gpu_mem_gib
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console script qwen2-estimate."""
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return
+    try:
+        overrides, world_size, gpu_mem_gib = _split_argv(argv)
+        job = compose_job(overrides)
+        info, lines = estimate(job, world_size)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    print(render(job, info, lines, gpu_mem_gib))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""mosaicml-streaming's shared memory and lock files: released when a loader closes, cleaned after killed runs.
+
+A StreamingDataset keeps its state in POSIX shared memory named "<prefix:06>_<name>" (in /dev/shm) and lock files
+"<tmpdir>/<prefix:06>_*_filelock". A killed run leaves them behind, and streaming's clean_stale_shared_memory()
+cannot tell a dead run's prefix from a live one's: it would unlink the segments of a run still training. So every
+process that opens a dataset writes an owner record /dev/shm/qwen2_dist-owner-<prefix>-<pid>-<start time> holding
+its lock directory. A prefix is stale when every recorded owner is dead; prefixes without a record (other programs,
+or a run in its first milliseconds) are never touched.
+"""
+
+import glob
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+RECORD_PREFIX = "qwen2_dist-owner-"
+# streaming.base.constant: SHM_TO_CLEAN and the two lock names (copied so cleaning needs no streaming import).
+SEGMENT_NAMES = ("locals", "barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times", "resume",
+                 "epoch_shape", "epoch_data")
+LOCK_NAMES = ("barrier_filelock", "cache_filelock")
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of a process (tells a live pid from a reused one); None when it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 22, counted after the parenthesized command name (which may itself hold spaces).
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, start_time: str) -> bool:
+    return _start_time(pid) == start_time
+
+
+def _records(prefix_int: int | None = None) -> list[tuple[str, int, int, str]]:
+    """(record path, prefix, pid, start time) of every owner record, or of one prefix's."""
+    pattern = f"{prefix_int:06d}-*" if prefix_int is not None else "*"
+    found = []
+    for path in glob.glob(os.path.join(SHM_DIR, RECORD_PREFIX + pattern)):
+        try:
+            prefix, pid, start = os.path.basename(path)[len(RECORD_PREFIX):].split("-")
+            found.append((path, int(prefix), int(pid), start))
+        except ValueError:
+            continue
+    return found
+
+
+def _unlink_prefix(prefix_int: int, lock_dirs: set[str]) -> list[str]:
+    removed = []
+    paths = [os.path.join(SHM_DIR, f"{prefix_int:06d}_{name}") for name in SEGMENT_NAMES]
+    paths += [os.path.join(d, f"{prefix_int:06d}_{name}") for d in lock_dirs for name in LOCK_NAMES]
+    for path in paths:
+        try:
+            os.remove(path)
+            removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _lock_dir(record_path: str) -> str | None:
+    try:
+        with open(record_path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def register(prefix_int: int, lock_dir: str) -> str | None:
+    """Record this process as an owner of a dataset's prefix; returns the record path (None without /dev/shm)."""
+    start = _start_time(os.getpid())
+    if start is None or not os.path.isdir(SHM_DIR):
+        return None
+    path = os.path.join(SHM_DIR, f"{RECORD_PREFIX}{prefix_int:06d}-{os.getpid()}-{start}")
+    with open(path, "w") as f:
+        f.write(lock_dir)
+    return path
+
+
+def release(prefix_int: int, record: str | None, lock_dir: str) -> None:
+    """Drop this process's record; the last live owner of the prefix removes its segments and lock files."""
+    if record is not None:
+        try:
+            os.remove(record)
+        except FileNotFoundError:
+            pass
+    if any(_alive(pid, start) for _, _, pid, start in _records(prefix_int)):
+        return
+    _unlink_prefix(prefix_int, {lock_dir})
+
+
+def _orphan_lock_files(lock_dir: str) -> list[str]:
+    """Lock files of prefixes that have no shared memory at all: a live dataset creates its segments before its
+    lock files and keeps them until it ends, so these belong to runs that are gone."""
+    orphans = []
+    for path in glob.glob(os.path.join(lock_dir, "[0-9]" * 6 + "_*_filelock")):
+        prefix, _, name = os.path.basename(path).partition("_")
+        if name in LOCK_NAMES and not glob.glob(os.path.join(SHM_DIR, f"{prefix}_*")):
+            orphans.append(path)
+    return orphans
+
+
+def clean_stale(lock_dir: str | None = None) -> list[str]:
+    """Remove the segments, lock files and records of prefixes whose recorded owners are all dead, and lock files
+    in lock_dir (streaming's, the temporary directory) whose prefix has no shared memory left."""
+    by_prefix: dict[int, list[tuple[str, int, str]]] = {}
+    for path, prefix, pid, start in _records():
+        by_prefix.setdefault(prefix, []).append((path, pid, start))
+    removed = []
+    for prefix, owners in sorted(by_prefix.items()):
+        if any(_alive(pid, start) for _, pid, start in owners):
+            continue
+        lock_dirs = {d for d in (_lock_dir(path) for path, _, _ in owners) if d}
+        removed += _unlink_prefix(prefix, lock_dirs)
+        for path, _, _ in owners:
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    if lock_dir is not None and os.path.isdir(SHM_DIR):
+        for path in _orphan_lock_files(lock_dir):
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    if removed:
+        log.warning("data: removed %d shared-memory segments, lock files and records left by killed runs",
+                    len(removed))
+    return removed

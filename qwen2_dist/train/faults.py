@@ -1,0 +1,132 @@
+"""Faults the loop survives: non-finite or spiking steps (skipped on the device), hangs (watchdog), injected faults."""
+
+import faulthandler
+import logging
+import os
+import sys
+import threading
+import time
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Test hooks (environment): make step N's loss NaN, or make rank R hang at step N.
+INJECT_NAN_ENV = "QWEN2_INJECT_NAN_STEP"
+INJECT_HANG_ENV = "QWEN2_INJECT_HANG"  # "STEP:RANK"
+HANG_EXIT_CODE = 75
+
+
+class TrainingHalted(Exception):
+    """Training stopped on purpose after too many skipped steps; a checkpoint of the last good state exists."""
+
+
+class StepGuard:
+    """Decides on the device, without a host sync, whether a step's update is applied.
+
+    A step is skipped when its loss or gradient norm is not finite, or (spike_sigma > 0) when its loss lies more than
+    spike_sigma standard deviations above the mean of the last `window` applied steps. The verdict feeds the fused
+    optimizer's found_inf, which leaves parameters and optimizer state untouched. Counters stay on the device and
+    are read at logging time.
+    """
+
+    def __init__(self, device: torch.device, spike_sigma: float = 0.0, window: int = 128):
+        self.spike_sigma = spike_sigma
+        self.window = window
+        self.history = torch.zeros(window, device=device)
+        self.filled = torch.zeros((), device=device)
+        self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
+        self.skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+        self.position = 0
+
+    def verdict(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """1.0 when this step must be skipped, else 0.0 (a device tensor)."""
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.spike_sigma > 0:
+            full = self.filled >= self.window
+            mean = self.history.mean()
+            std = self.history.std()
+            bad = bad | (full & (loss > mean + self.spike_sigma * std))
+            # Only applied steps enter the window, so one spike cannot widen the band for the next.
+            slot = self.position % self.window
+            self.history[slot] = torch.where(bad, self.history[slot], loss.detach().float())
+            self.filled += (~bad).to(self.filled.dtype)
+            self.position += 1
+        bad_int = bad.to(torch.int64)
+        self.skipped_total += bad_int
+        self.skipped_in_a_row = (self.skipped_in_a_row + bad_int) * bad_int
+        return bad.float()
+
+    def counts(self) -> tuple[int, int]:
+        """(skipped steps in total, skipped steps in a row up to now); a host sync."""
+        return int(self.skipped_total.item()), int(self.skipped_in_a_row.item())
+
+    def state_dict(self) -> dict:
+        return {"skipped_total": int(self.skipped_total.item())}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_total.fill_(state.get("skipped_total", 0))
+
+
+def inject_nan(step: int, loss: torch.Tensor) -> torch.Tensor:
+    """The loss, made NaN at the step named by QWEN2_INJECT_NAN_STEP (tests only)."""
+    if os.environ.get(INJECT_NAN_ENV) == str(step):
+        log.warning("fault injection: loss of step %d set to NaN (%s)", step, INJECT_NAN_ENV)
+        return loss * float("nan")
+    return loss
+
+
+def inject_hang(step: int, rank: int) -> None:
+    """Block forever at the step and rank named by QWEN2_INJECT_HANG=STEP:RANK (tests only)."""
+    spec = os.environ.get(INJECT_HANG_ENV)
+    if spec and spec == f"{step}:{rank}":
+        log.warning("fault injection: rank %d hangs at step %d (%s)", rank, step, INJECT_HANG_ENV)
+        while True:
+            time.sleep(3600)
+
+
+class Watchdog:
+    """Exits the process with every thread's stack when no step completes in time, so the launcher restarts it."""
+
+    def __init__(self, timeout_s: float, first_timeout_s: float, log_file: str | None = None):
+        self.timeout_s = timeout_s
+        self.first_timeout_s = first_timeout_s
+        self.log_file = log_file
+        self.beats = 0
+        self.last_beat = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qwen2-watchdog", daemon=True)
+
+    def start(self) -> "Watchdog":
+        if self.timeout_s > 0:
+            self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        """A step completed."""
+        self.beats += 1
+        self.last_beat = time.monotonic()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
+            limit = self.first_timeout_s if self.beats == 0 else self.timeout_s
+            idle = time.monotonic() - self.last_beat
+            if idle > limit:
+                self._fire(idle, limit)
+
+    def _fire(self, idle: float, limit: float) -> None:
+        message = (f"watchdog: no training step completed for {idle:.0f} s (train.hang_timeout={limit:.0f} s); "
+                   f"dumping all stacks and exiting with code {HANG_EXIT_CODE} so the launcher can restart the job")
+        log.error(message)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        print(message, file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        if self.log_file:
+            with open(self.log_file, "a") as f:
+                f.write(message + "\n")
+                faulthandler.dump_traceback(file=f, all_threads=True)
+        os._exit(HANG_EXIT_CODE)

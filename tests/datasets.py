@@ -1,0 +1,39 @@
+"""Small prepared datasets whose samples name themselves, for loader tests (order, mixture, resumption)."""
+
+import json
+import os
+
+import numpy as np
+
+from qwen2_dist.data.prepare import COLUMNS, FORMAT_VERSION, SUMMARY_NAME
+from qwen2_dist.data.streaming_compat import import_streaming
+
+
+def make_dataset(path, num_samples: int, seq_len: int, first_id: int = 0, shard_bytes: int = 1 << 12,
+                 val_samples: int = 0) -> str:
+    """A dataset directory in qwen2-prepare's layout whose sample i holds seq_len + 1 copies of first_id + i (the
+    val split continues the numbering); each sample is two documents, split in the middle."""
+    streaming = import_streaming()
+    splits = {}
+    next_id = first_id
+    for split, count in (("train", num_samples), ("val", val_samples)):
+        if not count:
+            continue
+        with streaming.MDSWriter(out=os.path.join(path, split), columns=COLUMNS, compression="zstd",
+                                 size_limit=shard_bytes) as writer:
+            for i in range(count):
+                writer.write({"tokens": np.full(seq_len + 1, next_id + i, dtype=np.int32),
+                              "doc_starts": np.array([0, (seq_len + 1) // 2], dtype=np.int32)})
+        next_id += count
+        splits[split] = {"documents": 2 * count, "samples": count, "tokens": count * (seq_len + 1),
+                         "dropped_tail_tokens": 0}
+    summary = {"format": FORMAT_VERSION, "splits": splits, "seq_len": seq_len, "sample_tokens": seq_len + 1,
+               "columns": sorted(COLUMNS)}
+    with open(os.path.join(path, SUMMARY_NAME), "w") as f:
+        json.dump(summary, f)
+    return str(path)
+
+
+def sample_ids(batch) -> list[int]:
+    """The self-naming ids of a micro-batch's samples."""
+    return batch.inputs[:, 0].tolist()

@@ -1,0 +1,161 @@
+"""Train a few steps under one parallel layout and save what the parity tests compare.
+
+Run as `python tests/dist/parity_worker.py LAYOUT OUT_FILE [hydra overrides...]`. It forks the layout's processes
+(gloo) and each builds the job as qwen2_dist.cli.train does (compose -> validate -> mesh -> meta model ->
+parallelize -> to_empty + init_weights -> optimizer -> Trainer.train_step), but reads a synthetic global batch drawn
+from a seed instead of the data loader, so the test checks the parallel math alone. Rank 0 saves, with torch.save:
+per-step losses and gradient norms, the full final weights, the full gradient of the embedding after one probe
+backward, and the tie checks.
+"""
+
+import os
+import socket
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
+
+from qwen2_dist.cli.train import compose_job
+from qwen2_dist.config import validate
+from qwen2_dist.data.loader import Batch
+from qwen2_dist.model.qwen2 import build_model, count_parameters
+from qwen2_dist.parallel.mesh import all_reduce_sum, build_mesh, dp_rank_and_size, init_distributed, set_deterministic
+from qwen2_dist.parallel.parallelize import loss_context, parallelize
+from qwen2_dist.train.optim import build_optimizer, lr_at, set_lr
+from qwen2_dist.train.trainer import Trainer
+
+# name -> (processes, overrides). Each parallel layout accumulates 2 micro-batches per step, with activation
+# checkpointing on; the reference is one plain process (no FSDP, no checkpointing).
+LAYOUTS: dict[str, tuple[int, list[str]]] = {
+    "single": (1, ["train.micro_batch_size=4"]),
+    "fsdp4": (4, ["parallel.dp_shard=4", "train.micro_batch_size=1", "parallel.activation_checkpointing=full"]),
+    "tp2_fsdp2": (4, ["parallel.tp=2", "train.micro_batch_size=2", "parallel.activation_checkpointing=full"]),
+    "hsdp2x2": (4, ["parallel.dp_replicate=2", "train.micro_batch_size=1",
+                    "parallel.activation_checkpointing=selective", "parallel.ac_every=2"]),
+    # An untied head is a column-parallel linear of its own under TP (tiny model: a second vocab x hidden matrix
+    # of the debug model would double this pair's time).
+    "single_untied": (1, ["train.micro_batch_size=4", "model=tiny", "model.tie_word_embeddings=false"]),
+    "tp2_untied": (2, ["parallel.tp=2", "train.micro_batch_size=4", "model=tiny", "model.tie_word_embeddings=false",
+                       "parallel.activation_checkpointing=full"]),
+}
+# lr 1e-3: in AdamW's first steps an element whose gradient is near zero moves by up to lr * noise / eps, so
+# fp32 rounding differences between layouts show in the weights in proportion to lr (at 3e-3, TP reached 1.1e-4).
+COMMON = [
+    "model=debug", "train.seq_len=32", "train.global_batch_size=8", "train.steps=5", "optim.warmup_steps=0",
+    "optim.lr=1e-3",
+    "train.device=cpu", "train.mixed_precision=fp32", "train.deterministic=true", "checkpoint.async_save=false",
+]
+DATA_SEED = 1234
+
+
+class SyntheticBatches:
+    """Stand-in for TokenBatches: step k's global batch is drawn from a seed; each dp rank reads its rows in order."""
+
+    def __init__(self, vocab_size: int, global_batch: int, seq_len: int, micro_batch: int, dp_rank: int,
+                 dp_size: int):
+        self.vocab_size, self.global_batch, self.seq_len = vocab_size, global_batch, seq_len
+        self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
+        self.step, self.rows = 0, []
+
+    def global_batch_tokens(self, step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(DATA_SEED + step)
+        return torch.randint(0, self.vocab_size, (self.global_batch, self.seq_len + 1), generator=generator)
+
+    def next_batch(self) -> Batch:
+        if not self.rows:
+            per_rank = self.global_batch // self.dp_size
+            mine = self.global_batch_tokens(self.step)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+            self.rows = list(mine.split(self.micro_batch))
+            self.step += 1
+        tokens = self.rows.pop(0)
+        return Batch(tokens[:, :-1], tokens[:, 1:], None)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def probe_embedding_grad(model, mesh, batches: SyntheticBatches) -> torch.Tensor:
+    """Full gradient of the embedding matrix for one backward over batch -1 (lookup and head uses together)."""
+    rows = batches.global_batch_tokens(-1)
+    dp_rank, dp_size = dp_rank_and_size(mesh)
+    per_rank = len(rows) // dp_size
+    tokens = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    total = all_reduce_sum(torch.tensor(float(targets.numel())), mesh)
+    logits = model(inputs)
+    with loss_context(mesh):
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        (loss / total).backward()
+    grad = _full(model.embed_tokens.weight.grad).clone()
+    model.zero_grad(set_to_none=True)
+    return grad
+
+
+def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_file: str) -> None:
+    """One process of the layout: the qwen2-train build path, then the steps; rank 0 writes out_file."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)  # several processes share two cores
+    job = compose_job(overrides)
+    layout = validate(job, world_size)
+    world = init_distributed("cpu")
+    set_deterministic()
+    mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
+    args = job.model.args()
+    model = build_model(args, "meta")
+    model.set_attention_backend("sdpa")
+    model = parallelize(model, mesh, job.parallel, torch.float32, "cpu")
+    model.to_empty(device=world.device)
+    model.init_weights(job.seed)
+    # The tie: one registered parameter serves the lookup and the head, after every wrapper and shard.
+    vocab_rows = [name for name, p in model.named_parameters() if p.shape[0] == args.vocab_size]
+    tie = {
+        "head_is_embedding": model.lm_head.weight is model.embed_tokens.weight,
+        "vocab_parameters": vocab_rows,
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "num_parameters_plain": count_parameters(build_model(args, "meta")),
+    }
+    dp_rank, dp_size = dp_rank_and_size(mesh)
+    batches = SyntheticBatches(args.vocab_size, job.train.global_batch_size, job.train.seq_len,
+                               job.train.micro_batch_size, dp_rank, dp_size)
+    embedding_grad = probe_embedding_grad(model, mesh, batches)
+    optimizer = build_optimizer(model, job.optim, "cpu")
+    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], {})
+    losses, grad_norms = [], []
+    for step in range(1, job.train.steps + 1):
+        set_lr(optimizer, lr_at(step, job.train.steps, job.optim))
+        loss, grad_norm, _ = trainer.train_step()
+        losses.append(loss.item())
+        grad_norms.append(grad_norm.item())
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        torch.save({"layout": layout, "losses": losses, "grad_norms": grad_norms, "weights": weights,
+                    "embedding_grad": embedding_grad, "tie": tie}, out_file)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    name, out_file, extra = sys.argv[1], sys.argv[2], sys.argv[3:]
+    processes, overrides = LAYOUTS[name]
+    run_dir = os.path.join(os.path.dirname(os.path.abspath(out_file)), f"run_{name}")
+    overrides = [*COMMON, *overrides, f"run_dir={run_dir}", *extra]
+    os.makedirs(run_dir, exist_ok=True)
+    # fork: the children start with everything imported (a few seconds saved per process).
+    mp.start_processes(run_rank, args=(processes, _free_port(), overrides, out_file), nprocs=processes,
+                       start_method="fork")
+
+
+if __name__ == "__main__":
+    main()

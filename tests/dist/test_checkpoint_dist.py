@@ -1,0 +1,63 @@
+"""Checkpoints across processes: exact resume on 4 ranks, and resharding to other layouts on resume."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from tests.helpers import run_torchrun, train_overrides
+
+TRAIN = "qwen2_dist.cli.train"
+# Global batch 8 divides every data-parallel size used here (4, 2, 1).
+JOB = {"train.global_batch_size": 8, "train.micro_batch_size": 1, "train.steps": 6, "checkpoint.interval": 0}
+
+
+def losses(run_dir) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def last_line(run_dir) -> dict:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def straight_4(tmp_path_factory, corpus_cache):
+    run_dir = tmp_path_factory.mktemp("straight4")
+    result = run_torchrun(4, TRAIN, train_overrides(run_dir, corpus_cache, **JOB))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def half_4(tmp_path_factory, corpus_cache):
+    """The same job on 4 ranks, stopped with a checkpoint after step 3."""
+    run_dir = tmp_path_factory.mktemp("half4")
+    result = run_torchrun(4, TRAIN, train_overrides(run_dir, corpus_cache, **JOB, **{"train.stop_at": 3}))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def test_resume_on_4_ranks_is_bitwise_identical(tmp_path, straight_4, half_4, corpus_cache):
+    run_dir = tmp_path / "run"
+    shutil.copytree(half_4, run_dir)
+    result = run_torchrun(4, TRAIN, train_overrides(run_dir, corpus_cache, **JOB))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "at step 3" in result.stdout
+    assert losses(run_dir) == losses(straight_4)
+
+
+@pytest.mark.parametrize("nproc, layout", [(2, {}), (2, {"parallel.tp": 2}), (1, {})],
+                         ids=["fsdp4-to-fsdp2", "fsdp4-to-tp2", "fsdp4-to-1"])
+def test_resume_on_another_layout_continues_the_same_run(tmp_path, straight_4, half_4, corpus_cache, nproc, layout):
+    run_dir = tmp_path / "run"
+    shutil.copytree(half_4, run_dir)
+    result = run_torchrun(nproc, TRAIN, train_overrides(run_dir, corpus_cache, **JOB, **layout))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "at step 3" in result.stdout
+    resumed, expected = losses(run_dir), losses(straight_4)
+    for step in (4, 5, 6):
+        assert abs(resumed[step] - expected[step]) <= 1e-5, (step, resumed[step], expected[step])
+    assert last_line(run_dir)["tokens_seen"] == last_line(straight_4)["tokens_seen"]

@@ -1,0 +1,47 @@
+"""Loader resumption across processes: 2 -> 2 and 2 -> 1 ranks read the global sequence of an uninterrupted run."""
+
+import json
+import os
+
+from qwen2_dist.data.loader import TokenBatches
+from tests.datasets import make_dataset, sample_ids
+from tests.helpers import run_torchrun
+
+STEPS, STOP_AT = 10, 4
+
+
+def read_steps(batches: TokenBatches, steps: int) -> list[list[int]]:
+    return [sum((sample_ids(batches.next_batch()) for _ in range(batches.grad_accum_steps)), [])
+            for _ in range(steps)]
+
+
+def test_resume_on_2_ranks_and_on_1_rank_continues_the_same_sequence(tmp_path):
+    a = make_dataset(tmp_path / "a", 30, 8, first_id=0, shard_bytes=256)
+    b = make_dataset(tmp_path / "b", 7, 8, first_id=1000)
+    sources = [(a, 0.7), (b, 0.3)]
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run_torchrun(2, "tests.dist.loader_worker",
+                          [str(out), ",".join(f"{p}={w}" for p, w in sources), str(STEPS), str(STOP_AT)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = []
+    for r in range(2):
+        with open(os.path.join(out, f"rank{r}.json")) as f:
+            ranks.append(json.load(f))
+
+    def global_steps(key: str) -> list[list[int]]:  # rank 0's slice, then rank 1's, of every step
+        return [ranks[0][key][i] + ranks[1][key][i] for i in range(len(ranks[0][key]))]
+
+    one_rank = TokenBatches(sources, seq_len=8, micro_batch_size=2, global_batch_size=8, seed=3)
+    uninterrupted = read_steps(one_rank, STEPS)
+    one_rank.close()
+    assert global_steps("straight") == uninterrupted  # 2 ranks read what 1 rank reads
+    assert global_steps("first") + global_steps("resumed") == uninterrupted  # 2 -> 2
+    assert ranks[0]["state"] == ranks[1]["state"]
+
+    resumed = TokenBatches(sources, seq_len=8, micro_batch_size=2, global_batch_size=8, seed=3)
+    resumed.load_state_dict(ranks[0]["state"])
+    tail = read_steps(resumed, STEPS - STOP_AT)
+    resumed.close()
+    assert global_steps("first") + tail == uninterrupted  # 2 -> 1
+    assert not [f for f in os.listdir("/dev/shm") if str(os.getpid()) in f]

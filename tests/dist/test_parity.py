@@ -1,0 +1,73 @@
+"""Every parallel layout trains like one process (losses, gradient norms, final weights); the tie survives.
+
+Each layout runs tests/dist/parity_worker.py: 5 steps of the debug model, 2 micro-batches per step, activation
+checkpointing on, gloo on the CPU; the reference is one plain process (no FSDP, no checkpointing). The debug model
+ties its embeddings; tp2_untied checks the separate column-parallel head of the untied sizes.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+
+WORKER = os.path.join(REPO, "tests", "dist", "parity_worker.py")
+# layout -> (its one-process reference, the layout validate() resolves)
+EXPECTED_LAYOUTS = {
+    "fsdp4": ("single", {"dp_replicate": 1, "dp_shard": 4, "tp": 1, "grad_accum_steps": 2}),
+    "tp2_fsdp2": ("single", {"dp_replicate": 1, "dp_shard": 2, "tp": 2, "grad_accum_steps": 2}),
+    "hsdp2x2": ("single", {"dp_replicate": 2, "dp_shard": 2, "tp": 1, "grad_accum_steps": 2}),
+    "tp2_untied": ("single_untied", {"dp_replicate": 1, "dp_shard": 1, "tp": 2, "grad_accum_steps": 2}),
+}
+TIED_LAYOUTS = ["fsdp4", "hsdp2x2", "tp2_fsdp2"]
+
+
+@pytest.fixture(scope="module")
+def run_layout(tmp_path_factory):
+    """run_layout(name) -> what the worker saved; each layout runs once per module."""
+    out_dir = tmp_path_factory.mktemp("parity")
+    done: dict[str, dict] = {}
+
+    def run(name: str) -> dict:
+        if name not in done:
+            out = out_dir / f"{name}.pt"
+            result = subprocess.run([sys.executable, WORKER, name, str(out)], cwd=REPO, capture_output=True,
+                                    text=True, timeout=240)
+            assert result.returncode == 0, result.stderr[-4000:]
+            done[name] = torch.load(out)
+        return done[name]
+
+    return run
+
+
+@pytest.mark.parametrize("layout", sorted(EXPECTED_LAYOUTS))
+def test_layout_trains_like_one_process(layout, run_layout):
+    reference_name, expected_layout = EXPECTED_LAYOUTS[layout]
+    reference, got = run_layout(reference_name), run_layout(layout)
+    assert got["layout"] == expected_layout
+    assert len(got["losses"]) == len(reference["losses"]) == 5
+    loss_diff = max(abs(a - b) for a, b in zip(got["losses"], reference["losses"]))
+    assert loss_diff <= 1e-5, (got["losses"], reference["losses"])
+    # A wrong gradient scale (FSDP averaging, tokens counted per TP rank) would hardly move AdamW's weights but
+    # shows in the norm.
+    for a, b in zip(got["grad_norms"], reference["grad_norms"]):
+        assert abs(a - b) <= 1e-4 * b, (got["grad_norms"], reference["grad_norms"])
+    assert sorted(got["weights"]) == sorted(reference["weights"])
+    weight_diff = max((got["weights"][k] - reference["weights"][k]).abs().max().item() for k in reference["weights"])
+    assert weight_diff <= 1e-4
+    print(f"{layout}: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
+
+
+@pytest.mark.parametrize("layout", TIED_LAYOUTS)
+def test_tied_embedding_is_one_parameter_with_both_gradients(layout, run_layout):
+    reference, got = run_layout("single"), run_layout(layout)
+    tie = got["tie"]
+    assert tie["head_is_embedding"]
+    assert tie["vocab_parameters"] == ["embed_tokens.weight"]
+    assert tie["num_parameters"] == tie["num_parameters_plain"]
+    # The reference's gradient is the lookup's plus the head's (tests/unit/test_model.py): equal here means both
+    # uses reached the one sharded parameter.
+    torch.testing.assert_close(got["embedding_grad"], reference["embedding_grad"], rtol=0, atol=1e-6)

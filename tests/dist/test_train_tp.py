@@ -1,0 +1,27 @@
+"""qwen2-train under torchrun with tensor parallelism: 2 ranks, tp 2, the tiny model, the real data path."""
+
+import json
+
+from tests.helpers import run_cli, run_torchrun, train_overrides
+
+TRAIN = "qwen2_dist.cli.train"
+JOB = {"parallel.activation_checkpointing": "full", "train.steps": 2, "checkpoint.interval": 0}
+
+
+def losses(run_dir) -> list[float]:
+    with open(run_dir / "metrics.jsonl") as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def test_tensor_parallel_job_trains_like_one_process(tmp_path, corpus_cache):
+    tp_dir, one_dir = tmp_path / "tp2", tmp_path / "one"
+    result = run_torchrun(2, TRAIN, train_overrides(tp_dir, corpus_cache, **JOB, **{"parallel.tp": 2}))
+    assert result.returncode == 0, result.stderr[-4000:]
+    with open(tp_dir / "checkpoints" / "step_00000002" / "metadata.json") as f:
+        assert json.load(f)["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 2, "grad_accum_steps": 2}
+    single = run_cli(TRAIN, train_overrides(one_dir, corpus_cache, **JOB))
+    assert single.returncode == 0, single.stderr[-4000:]
+    # Both TP ranks read the batches of data-parallel rank 0, so the run is the one-process run.
+    got, expected = losses(tp_dir), losses(one_dir)
+    assert len(got) == len(expected) == 2
+    assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-5, (got, expected)

@@ -1,0 +1,142 @@
+"""Checkpoints through qwen2-train and qwen2-convert: kill -9 during a save, damage fallback, HF round trip."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from tests.helpers import REPO, run_cli, train_overrides
+
+TRAIN = "qwen2_dist.cli.train"
+
+
+def losses(run_dir) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, corpus_cache):
+    straight, run_dir = tmp_path / "straight", tmp_path / "run"
+    args = {"train.steps": 9, "checkpoint.interval": 3}
+    assert run_cli(TRAIN, train_overrides(straight, corpus_cache, **args)).returncode == 0
+    # The save of step 6 writes its shards, then stalls before the commit: that is where it is killed.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", TRAIN, *train_overrides(run_dir, corpus_cache, **args)], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "QWEN2_CKPT_STALL_STEP": "6"},
+    )
+    ckpts = run_dir / "checkpoints"
+    deadline = time.monotonic() + 120
+    log = run_dir / "logs" / "rank0.log"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and "stalling before the commit" in log.read_text():
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before its stalled save"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert any(".tmp-" in name for name in os.listdir(ckpts))
+    assert sorted(n for n in os.listdir(ckpts) if (ckpts / n / "metadata.json").exists()) == ["step_00000003"]
+
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **args))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from" in result.stdout and "at step 3" in result.stdout
+    assert not any(".tmp-" in name for name in os.listdir(ckpts))
+    assert losses(run_dir)[9] == losses(straight)[9]
+
+
+def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache):
+    run_dir = tmp_path / "run"
+    assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache)).returncode == 0
+    newest = run_dir / "checkpoints" / "step_00000006"
+    shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[:50])
+
+    explicit = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"checkpoint.resume": str(newest)}))
+    assert explicit.returncode == 2
+    assert shard.name in explicit.stderr and "damaged" in explicit.stderr
+
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "falling back to the previous committed one" in result.stdout
+    assert "at step 3" in result.stdout
+
+
+def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_cache):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen2_dist.model.args import get_model_args
+    from qwen2_dist.model.hf import hf_config_from_args
+
+    torch.manual_seed(0)
+    config = Qwen2Config(**hf_config_from_args(get_model_args("tiny")))
+    original = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        for param in original.parameters():
+            param.normal_(0.0, 0.05)  # biases and norms too, so a mapping mistake cannot hide
+    hf_in = tmp_path / "hf_in"
+    original.save_pretrained(hf_in, safe_serialization=True, max_shard_size="20KB")
+    assert len([p for p in os.listdir(hf_in) if p.endswith(".safetensors")]) >= 2
+
+    run_dir = tmp_path / "run"
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{
+        "model.init_from_hf": str(hf_in), "train.stop_at": 0}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = run_dir / "checkpoints" / "step_00000000"
+    assert (ckpt / "metadata.json").is_file()
+
+    hf_out = tmp_path / "hf_out"
+    export = run_cli("qwen2_dist.cli.convert", ["to-hf", str(ckpt), str(hf_out), "--max-shard-gib", "0.004"])
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert (hf_out / "model.safetensors.index.json").is_file()
+    exported = Qwen2ForCausalLM.from_pretrained(hf_out)
+    tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(original(tokens).logits, exported(tokens).logits)
+
+
+def test_convert_from_hf_makes_a_checkpoint_training_resumes_from(tmp_path, corpus_cache):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen2_dist.model.args import get_model_args
+    from qwen2_dist.model.hf import hf_config_from_args
+
+    hf_dir = tmp_path / "hf"
+    Qwen2ForCausalLM(Qwen2Config(**hf_config_from_args(get_model_args("tiny")))).save_pretrained(hf_dir)
+    ckpt = tmp_path / "converted"
+    converted = run_cli("qwen2_dist.cli.convert", ["from-hf", str(hf_dir), str(ckpt)])
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    result = run_cli(TRAIN, train_overrides(tmp_path / "run", corpus_cache, **{
+        "checkpoint.resume": str(ckpt), "train.steps": 2}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "at step 0" in result.stdout
+
+
+def test_pickle_weights_are_refused_unless_the_user_opts_in(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from qwen2_dist.cli.convert import main as convert_main
+    from qwen2_dist.model.args import ModelArgs
+    from qwen2_dist.model.qwen2 import build_model
+    from qwen2_dist.train import checkpoint
+
+    config = Qwen2Config(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    hf = Qwen2ForCausalLM(config)
+    hf_dir = tmp_path / "bin_only"
+    hf.save_pretrained(hf_dir, safe_serialization=False)
+    assert any(p.endswith(".bin") for p in os.listdir(hf_dir))
+    assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "refused")]) == 2
+    assert not (tmp_path / "refused").exists()
+
+    out = tmp_path / "converted"
+    assert convert_main(["from-hf", str(hf_dir), str(out), "--allow-pickle"]) == 0
+    args = ModelArgs(**checkpoint.read_metadata(str(out))["model_args"])
+    model = build_model(args, "cpu")
+    checkpoint.load(str(out), model, None)
+    tokens = torch.arange(12).view(1, 12)
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), hf(tokens).logits, atol=1e-5)

@@ -1,0 +1,96 @@
+"""Faults injected into real runs: NaN steps, SIGTERM, a failing checkpoint write, a hung rank."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.helpers import REPO, run_cli, run_torchrun, train_overrides
+
+TRAIN = "qwen2_dist.cli.train"
+JOB = {"train.steps": 12, "checkpoint.interval": 4}
+
+
+def records(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final(run_dir) -> dict:
+    return records(run_dir)[-1]
+
+
+def test_nan_step_is_skipped_once_and_the_run_goes_on(tmp_path, corpus_cache):
+    clean, faulty = tmp_path / "clean", tmp_path / "nan"
+    assert run_cli(TRAIN, train_overrides(clean, corpus_cache, **JOB)).returncode == 0
+    result = run_cli(TRAIN, train_overrides(faulty, corpus_cache, **JOB), env={"QWEN2_INJECT_NAN_STEP": "5"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    by_step = {r["step"]: r for r in records(faulty)}
+    assert by_step[4]["skipped_steps"] == 0 and by_step[5]["skipped_steps"] == 1
+    assert final(faulty)["skipped_steps"] == 1
+    assert final(faulty)["tokens_seen"] == final(clean)["tokens_seen"]
+    # Steps before the fault are untouched; the skipped update makes the rest differ, but stay finite and close.
+    assert [r["loss"] for r in records(faulty)][:4] == [r["loss"] for r in records(clean)][:4]
+    assert abs(final(faulty)["loss"] - final(clean)["loss"]) < 0.5
+
+
+def test_nonfinite_halt_saves_and_stops_with_a_clear_error(tmp_path, corpus_cache):
+    run_dir = tmp_path / "halt"
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **JOB, **{"train.nonfinite": "halt"}),
+                     env={"QWEN2_INJECT_NAN_STEP": "5"})
+    assert result.returncode == 3
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "train.nonfinite=halt" in lines[0]
+    assert (run_dir / "checkpoints" / "step_00000005" / "metadata.json").is_file()
+
+
+def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, corpus_cache):
+    clean, run_dir = tmp_path / "clean", tmp_path / "run"
+    job = dict(JOB, **{"train.steps": 30, "checkpoint.interval": 0})
+    assert run_cli(TRAIN, train_overrides(clean, corpus_cache, **job)).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", TRAIN, *train_overrides(run_dir, corpus_cache, **job)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    stopped_at = final(run_dir)["step"]
+    assert stopped_at < 30
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "metadata.json").is_file()
+
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {stopped_at}" in result.stdout
+    assert final(run_dir)["loss"] == final(clean)["loss"]
+    assert final(run_dir)["tokens_seen"] == final(clean)["tokens_seen"]
+
+
+def test_a_failing_checkpoint_write_is_skipped_without_harm(tmp_path, corpus_cache):
+    clean, run_dir = tmp_path / "clean", tmp_path / "run"
+    assert run_cli(TRAIN, train_overrides(clean, corpus_cache, **JOB)).returncode == 0
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **JOB), env={"QWEN2_INJECT_CKPT_FAIL_STEP": "8"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "save of" in result.stdout + result.stderr and "failed and was skipped" in result.stdout + result.stderr
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000004", "step_00000012"]
+    assert final(run_dir)["loss"] == final(clean)["loss"]
+    assert final(run_dir)["tokens_seen"] == final(clean)["tokens_seen"]
+
+
+def test_a_hung_rank_is_reported_with_stacks_within_the_timeout(tmp_path, corpus_cache):
+    run_dir = tmp_path / "hang"
+    timeout = 10
+    args = train_overrides(run_dir, corpus_cache, **JOB, **{
+        "train.hang_timeout": timeout, "train.hang_timeout_first": 120, "train.global_batch_size": 4})
+    started = time.monotonic()
+    result = run_torchrun(2, TRAIN, args, timeout=300, env={"QWEN2_INJECT_HANG": "3:1"})
+    elapsed = time.monotonic() - started
+    assert result.returncode != 0
+    assert "watchdog: no training step completed" in result.stderr
+    assert "inject_hang" in result.stderr  # the hung rank's stack names where it hangs
+    hung_log = (run_dir / "logs" / "rank1.log").read_text()
+    assert "watchdog" in hung_log and "File " in hung_log
+    assert elapsed < timeout + 30 + 60  # + start-up of two processes on a 2-core machine

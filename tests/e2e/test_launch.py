@@ -1,0 +1,252 @@
+"""The launchers for real: torchrun on one node and on two, and sbatch on a real two-node Slurm cluster started
+on this machine (tests/slurm/cluster.sh), with preemption, requeue and worker restarts.
+
+Every job here is the same 4-process job (the tiny model, global batch 4), so each launcher is checked against one
+reference: the same job started by launch/train_single_node.sh with 4 processes.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.helpers import REPO, train_overrides
+
+STEPS = 16
+SLURM_PACKAGES = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client", "munged": "munge"}
+
+
+def job_overrides(corpus_cache: str, run_dir=None) -> list[str]:
+    """The job every test runs; without run_dir= when none is given (the Slurm script names it after the job)."""
+    overrides = train_overrides(run_dir, corpus_cache, **{
+        "train.micro_batch_size": 1, "train.global_batch_size": 4, "train.steps": STEPS, "checkpoint.interval": 4,
+    })
+    return overrides if run_dir else [o for o in overrides if not o.startswith("run_dir=")]
+
+
+def require(tools: dict[str, str], root: bool = False) -> None:
+    """Skip when a tool (command -> Debian package) is missing or root is needed and absent; in CI, fail instead."""
+    path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # where the daemons live, also for non-root users
+    missing = sorted({package for command, package in tools.items() if shutil.which(command, path=path) is None})
+    reasons = []
+    if missing:
+        reasons.append(f"needs the Debian packages {' '.join(missing)} (apt-get install {' '.join(missing)}; "
+                       ".ci/run installs them)")
+    if root and os.geteuid() != 0:
+        reasons.append("needs root (it starts daemons and mounts a private /dev/shm per emulated node)")
+    if reasons:
+        if os.environ.get("CI") == "true":
+            pytest.fail("; ".join(reasons) + " -- and CI=true, where this test must run")
+        pytest.skip("; ".join(reasons))
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (the OS picks them; the sockets are closed before use)."""
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def metrics(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def final_state(run_dir) -> dict:
+    """train_state.json of the newest committed checkpoint (step, tokens seen, data position)."""
+    ckpts = os.path.join(run_dir, "checkpoints")
+    newest = sorted(d for d in os.listdir(ckpts) if os.path.exists(os.path.join(ckpts, d, "metadata.json")))[-1]
+    with open(os.path.join(ckpts, newest, "train_state.json")) as f:
+        return json.load(f)
+
+
+def rank0_log(run_dir) -> str:
+    """Rank 0's log file (appended to by every attempt of the run)."""
+    with open(os.path.join(run_dir, "logs", "rank0.log")) as f:
+        return f.read()
+
+
+def resumed_steps(log: str) -> list[int]:
+    """The steps the run resumed at, from the log's "resumed from .../step_N at step N" lines."""
+    return [int(m.group(2)) for m in re.finditer(r"resumed from \S+/step_(\d+) at step (\d+)", log)
+            if m.group(1).lstrip("0") == m.group(2)]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def assert_same_run(run_dir, reference) -> None:
+    """The run went where the reference did: the same loss at every step (bit for bit: same world size, same
+    layout, exact resume), and at the end the same tokens seen and data position."""
+    records = {r["step"]: r for r in metrics(run_dir)}  # a step logged twice (before a restart) keeps the last
+    assert sorted(records) == list(range(1, STEPS + 1))
+    ref = {r["step"]: r for r in metrics(reference)}
+    assert [records[step]["loss"] for step in records] == [ref[step]["loss"] for step in records]
+    assert records[STEPS]["tokens_seen"] == ref[STEPS]["tokens_seen"] == STEPS * 4 * 32
+    state, ref_state = final_state(run_dir), final_state(reference)
+    assert (state["step"], state["tokens_seen"], state["loader"]) == (
+        ref_state["step"], ref_state["tokens_seen"], ref_state["loader"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus_cache):
+    """The job on one node, 4 processes, through launch/train_single_node.sh; its run_dir."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    env = {**os.environ, "NPROC": "4", "TMPDIR": str(tmp_path_factory.mktemp("reference_tmp"))}
+    started = time.monotonic()
+    result = subprocess.run(["bash", "launch/train_single_node.sh", *job_overrides(corpus_cache, run_dir)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    print(f"reference (torchrun, 1 node x 4 processes): {time.monotonic() - started:.1f} s")
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
+    assert "world 4" in rank0_log(run_dir)
+    return run_dir
+
+
+def test_scripts_pass_shellcheck():
+    require({"shellcheck": "shellcheck"})
+    scripts = [os.path.join(d, f) for d, suffixes in (("launch", (".sh",)), ("slurm", ("",)), ("tests/slurm", (".sh",)))
+               for f in sorted(os.listdir(os.path.join(REPO, d))) if f.endswith(suffixes) and not f.endswith(".md")]
+    scripts.append(".ci/run")
+    assert {"launch/train_single_node.sh", "launch/train_multi_node.sh", "slurm/train.sbatch",
+            "tests/slurm/cluster.sh"} <= set(scripts)
+    result = subprocess.run(["shellcheck", "--external-sources", *scripts], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def _agent(node_rank: int, port: int, run_dir, corpus_cache: str, tmpdir) -> subprocess.Popen:
+    """One torchrun agent of a 2-node job, as if on its own machine: its own /dev/shm (a private mount) and TMPDIR."""
+    env = {**os.environ, "NNODES": "2", "NODE_RANK": str(node_rank), "NPROC": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "MAX_RESTARTS": "1", "TMPDIR": str(tmpdir)}
+    command = ["unshare", "--mount", "--propagation", "private", "bash", "-c",
+               'mount -t tmpfs tmpfs /dev/shm && exec bash launch/train_multi_node.sh "$@"', "agent",
+               *job_overrides(corpus_cache, run_dir)]
+    # unshare and both bash -c exec, so this pid is torchrun's and its children are the workers.
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_torchrun_agents_survive_a_killed_worker(tmp_path, corpus_cache, reference):
+    require({"unshare": "util-linux"}, root=True)
+    run_dir = tmp_path / "run"
+    (port,) = free_ports(1)
+    started = time.monotonic()
+    agents = [_agent(rank, port, run_dir, corpus_cache, tmp_path / f"tmp{rank}") for rank in (0, 1)]
+    try:
+        ckpts = run_dir / "checkpoints"
+        wait_for(lambda: ckpts.is_dir() and any((ckpts / d / "metadata.json").exists() for d in os.listdir(ckpts)),
+                 240, "the first checkpoint")
+        with open(f"/proc/{agents[1].pid}/task/{agents[1].pid}/children") as f:
+            workers = [int(pid) for pid in f.read().split()]
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        killed_after = max(r["step"] for r in metrics(run_dir))
+        outputs = [agent.communicate(timeout=240)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.terminate()  # torchrun stops its workers on SIGTERM
+                agent.wait(30)
+    print(f"two agents with a killed worker: {time.monotonic() - started:.1f} s")
+    assert [agent.returncode for agent in agents] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert killed_after < STEPS, "the run finished before the worker was killed"
+    assert "exitcode: -9" in outputs[1]  # the agent saw its worker die of SIGKILL (and restarted the group)
+    resumed = resumed_steps(rank0_log(run_dir))
+    assert len(resumed) == 1 and 4 <= resumed[0] <= killed_after, resumed
+    assert_same_run(run_dir, reference)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A two-node Slurm cluster on this machine; the environment that points sbatch and friends at it."""
+    require({**SLURM_PACKAGES, "unshare": "util-linux"}, root=True)
+    state = tmp_path_factory.mktemp("slurm")
+    ctld, n1, n2 = free_ports(3)
+    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "SLURMCTLD_PORT": str(ctld),
+           "SLURMD_PORTS": f"{n1} {n2}"}
+    cluster = os.path.join(REPO, "tests", "slurm", "cluster.sh")
+    try:
+        started = subprocess.run(["bash", cluster, "start", str(state)], env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield env
+    finally:
+        subprocess.run(["bash", cluster, "stop", str(state)], env=env, timeout=120)
+
+
+def sbatch(env: dict, job_name: str, runs_root, corpus_cache: str) -> str:
+    """Submit slurm/train.sbatch on 2 nodes x 2 processes; the job id."""
+    result = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", f"--job-name={job_name}", f"--output={runs_root}/slurm-%x-%j.out",
+         "slurm/train.sbatch", *job_overrides(corpus_cache)],
+        cwd=REPO, env={**env, "NPROC": "2", "RUNS_ROOT": str(runs_root), "RDZV_PORT": str(free_ports(1)[0])},
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def job_fields(env: dict, job_id: str) -> dict[str, str]:
+    """scontrol show job, as a dict (JobState, ExitCode, Restarts, ...)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+    return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def wait_until_done(env: dict, job_id: str, timeout: float) -> dict[str, str]:
+    return wait_for(lambda: (f := job_fields(env, job_id)) and f["JobState"] in
+                    ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") and f, timeout,
+                    f"job {job_id} to end", interval=0.5)
+
+
+def test_sbatch_on_two_nodes_matches_torchrun_on_one(slurm, tmp_path, corpus_cache, reference):
+    started = time.monotonic()
+    job_id = sbatch(slurm, "same-loss", tmp_path, corpus_cache)
+    fields = wait_until_done(slurm, job_id, 300)
+    print(f"sbatch 2 nodes x 2 processes: {time.monotonic() - started:.1f} s")
+    run_dir = tmp_path / "same-loss"
+    out = (tmp_path / f"slurm-same-loss-{job_id}.out").read_text()
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), out
+    assert "2 nodes (n[1-2])" in out
+    assert sorted(os.listdir(run_dir / "logs" / "slurm")) == [f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log"]
+    assert "world 4" in rank0_log(run_dir)
+    assert_same_run(run_dir, reference)
+
+
+def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path, corpus_cache, reference):
+    started = time.monotonic()
+    job_id = sbatch(slurm, "preempted", tmp_path, corpus_cache)
+    run_dir = tmp_path / "preempted"
+    wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2, 240, "step 2")
+    # What Slurm sends the batch script before the time limit (#SBATCH --signal=B:USR1@...), sent now.
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=slurm, check=True)
+    fields = wait_until_done(slurm, job_id, 300)
+    print(f"sbatch preempted and requeued: {time.monotonic() - started:.1f} s")
+    out = (tmp_path / f"slurm-preempted-{job_id}.out").read_text()
+    assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), out
+    assert "SIGUSR1" in out and "attempt 1" in out
+    # After the signal the stopped attempt committed one checkpoint, of the step it stopped at, and the requeued
+    # attempt resumed from exactly that one.
+    log = rank0_log(run_dir)
+    after_signal = log[log.index("received SIGUSR1"):]
+    (resumed,) = resumed_steps(log)
+    committed = re.findall(r"committed \S+/step_(\d+)", after_signal[:after_signal.index("resumed from")])
+    assert [int(step) for step in committed] == [resumed] and resumed < STEPS, after_signal
+    assert sorted(os.listdir(run_dir / "logs" / "slurm")) == [
+        f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log", f"{job_id}-a1-node0.log", f"{job_id}-a1-node1.log"]
+    assert_same_run(run_dir, reference)

@@ -1,0 +1,87 @@
+"""Document masking: a packed batch with positions restarting per document trains exactly as the documents alone."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.attention import document_mask, resolve_backend
+from qwen2_dist.model.qwen2 import build_model
+
+SEQ = 16
+# Two packed rows: documents of 5, 9 and 2 tokens, then one of 16.
+DOCS_PER_ROW = [[5, 9, 2], [16]]
+
+
+def _model(backend: str):
+    model = build_model(get_model_args("tiny"), "cpu")
+    model.init_weights(0)
+    model.set_attention_backend(backend)
+    return model
+
+
+def _batch():
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 1000, (len(DOCS_PER_ROW), SEQ + 1), generator=gen)
+    positions = torch.cat([torch.cat([torch.arange(n) for n in row])[None] for row in DOCS_PER_ROW])
+    return tokens[:, :-1], tokens[:, 1:], positions
+
+
+def _loss_and_grads(model, inputs, targets, **kwargs):
+    model.zero_grad()
+    loss = F.cross_entropy(model(inputs, **kwargs).flatten(0, 1), targets.flatten(), reduction="sum")
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "reference"])
+def test_packed_documents_train_as_if_alone(backend):
+    inputs, targets, positions = _batch()
+    model = _model(backend)
+    packed_loss, packed_grads = _loss_and_grads(model, inputs, targets, positions=positions, mask_documents=True)
+
+    # Each document on its own (positions 0..n-1, nothing else to attend to), same targets, losses summed.
+    model.zero_grad()
+    alone_loss = torch.zeros(())
+    for row, lengths in enumerate(DOCS_PER_ROW):
+        start = 0
+        for n in lengths:
+            doc_in, doc_tg = inputs[row : row + 1, start : start + n], targets[row : row + 1, start : start + n]
+            loss = F.cross_entropy(model(doc_in).flatten(0, 1), doc_tg.flatten(), reduction="sum")
+            loss.backward()
+            alone_loss += loss.detach()
+            start += n
+    torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-4)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+    # Without the mask the documents see each other: the loss differs.
+    unmasked, _ = _loss_and_grads(model, inputs, targets, positions=positions)
+    assert abs(unmasked.item() - packed_loss.item()) > 1e-2
+
+
+def test_one_document_per_row_is_plain_causal_attention():
+    inputs, targets, _ = _batch()
+    model = _model("sdpa")
+    positions = torch.arange(SEQ).expand(inputs.shape[0], -1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs, positions, mask_documents=True), model(inputs), rtol=1e-5,
+                                   atol=1e-5)
+
+
+def test_mask_forms_for_each_backend():
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    mask = document_mask(positions, "flash_attn")
+    assert mask.cu_seqlens.tolist() == [0, 3, 5, 6, 12] and mask.max_seqlen == 6
+    assert mask.cu_seqlens.dtype == torch.int32
+    dense = document_mask(positions, "sdpa").dense
+    assert dense.shape == (2, 1, 6, 6)
+    assert dense[0, 0, 4].tolist() == [False, False, False, True, True, False]
+    assert torch.equal(dense[1, 0], torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+def test_backend_choice_with_document_masking():
+    assert resolve_backend("auto", "cpu", document_masking=True) == "sdpa"
+    with pytest.raises(UserError, match="FlexAttention has no backward pass on the CPU"):
+        resolve_backend("flex", "cpu", document_masking=True)

@@ -1,0 +1,194 @@
+"""The loader: a seeded global sample order that no layout changes, exact mixtures, exact resumption, hygiene."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from qwen2_dist.data import hygiene
+from qwen2_dist.data.loader import SampleOrder, TokenBatches
+from qwen2_dist.errors import UserError
+from tests.datasets import make_dataset, sample_ids
+from tests.helpers import REPO
+
+SEQ = 8
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Two sources: A (ids 0..29, several shards, 6 held-out samples) and B (ids 1000..1006)."""
+    return (make_dataset(tmp_path / "a", 30, SEQ, first_id=0, shard_bytes=256, val_samples=6),
+            make_dataset(tmp_path / "b", 7, SEQ, first_id=1000))
+
+
+def read_steps(batches: TokenBatches, steps: int) -> list[list[int]]:
+    """Sample ids of each optimizer step as this rank reads them."""
+    return [sum((sample_ids(batches.next_batch()) for _ in range(batches.grad_accum_steps)), [])
+            for _ in range(steps)]
+
+
+def loader(sources, **kwargs) -> TokenBatches:
+    args = dict(seq_len=SEQ, micro_batch_size=2, global_batch_size=8, seed=3)
+    return TokenBatches([(s, 1.0) if isinstance(s, str) else s for s in sources], **{**args, **kwargs})
+
+
+def test_each_epoch_is_a_seeded_permutation():
+    shards = [7, 7, 7, 3]
+    order = SampleOrder([shards], [1.0], seed=5, shuffle=True, block_size=10)
+    _, ids = order.lookup(np.arange(72))
+    epochs = ids.reshape(3, 24)
+    assert all(sorted(e) == list(range(24)) for e in epochs.tolist())
+    assert len({tuple(e) for e in epochs.tolist()}) == 3
+    assert (SampleOrder([shards], [1.0], 5, True, 10).lookup(np.arange(72))[1] == ids).all()
+    assert not (SampleOrder([shards], [1.0], 6, True, 10).lookup(np.arange(72))[1] == ids).all()
+    assert SampleOrder([shards], [1.0], 5, False, 10).lookup(np.arange(30))[1].tolist() == list(range(24)) + list(
+        range(6))
+
+
+def test_mixture_proportions_within_2_percent_over_10k_samples(tmp_path, data):
+    c = make_dataset(tmp_path / "c", 13, SEQ, first_id=2000)
+    weights = {0: 0.5, 1000: 0.3, 2000: 0.2}
+    batches = loader([(data[0], 0.5), (data[1], 0.3), (c, 0.2)], micro_batch_size=50, global_batch_size=100)
+    try:
+        ids = [i for step in read_steps(batches, 100) for i in step]
+    finally:
+        batches.close()
+    assert len(ids) == 10_000
+    by_source = Counter(1000 * (i // 1000) for i in ids)
+    for first, weight in weights.items():
+        assert abs(by_source[first] / len(ids) - weight) < 0.02, (first, by_source)
+    # Each source is read in whole epochs: the 7 samples of B (and the 13 of C) come up equally often.
+    per_sample = Counter(i for i in ids if 1000 <= i < 1007)
+    assert max(per_sample.values()) - min(per_sample.values()) <= 1
+
+
+def test_step_samples_do_not_depend_on_ranks_or_accumulation(data):
+    sources = [(data[0], 0.7), (data[1], 0.3)]
+    reference = loader(sources, micro_batch_size=8)
+    expected = read_steps(reference, 10)  # 80 samples: A (30) and B (7) both wrap into new epochs
+    reference.close()
+    for dp_size, micro in ((1, 2), (2, 2), (2, 4), (4, 1)):
+        ranks = [loader(sources, micro_batch_size=micro, dp_rank=r, dp_size=dp_size) for r in range(dp_size)]
+        per_rank = [read_steps(b, 10) for b in ranks]
+        for b in ranks:
+            b.close()
+        assert [sum((per_rank[r][step] for r in range(dp_size)), []) for step in range(10)] == expected, (
+            dp_size, micro)
+
+
+def test_resume_1_to_1_continues_the_same_sequence(data):
+    straight = loader([data[0]])
+    expected = read_steps(straight, 12)
+    straight.close()
+    first = loader([data[0]])
+    head = read_steps(first, 5)
+    state = first.state_dict()
+    first.close()
+    assert state["samples_seen"] == 40
+    second = loader([data[0]])
+    second.load_state_dict(state)
+    tail = read_steps(second, 7)
+    second.close()
+    assert head + tail == expected
+
+
+def test_resume_refuses_other_data_or_an_old_position(data):
+    batches = loader([data[0]])
+    state = batches.state_dict()
+    batches.close()
+    other = loader([data[0]], seed=4)
+    try:
+        with pytest.raises(UserError, match="trained on other data or another data order"):
+            other.load_state_dict(state)
+        with pytest.raises(UserError, match="written by an older loader"):
+            other.load_state_dict({"epoch": 0, "samples_in_epoch": 8})
+    finally:
+        other.close()
+
+
+def test_validation_split_and_document_positions(data):
+    batches = loader([data[0]], split="val", global_batch_size=6, micro_batch_size=3, document_masking=True)
+    try:
+        first = [sample_ids(batches.next_batch()) for _ in range(2)]
+        batches.seek(0)
+        batch = batches.next_batch()
+    finally:
+        batches.close()
+    assert sorted(sum(first, [])) == list(range(30, 36))  # the held-out samples, each once
+    assert sample_ids(batch) == first[0]  # seek(0) reads the same samples again
+    half = (SEQ + 1) // 2
+    assert batch.positions[0].tolist() == list(range(half)) + list(range(SEQ - half))
+    assert batch.targets[0, 0] == batch.inputs[0, 1]
+
+
+def test_bad_sources_are_refused_clearly(tmp_path, data):
+    with pytest.raises(UserError, match=r"samples hold 9 tokens but train.seq_len=16 needs 17"):
+        loader([data[0]], seq_len=16)
+    with pytest.raises(UserError, match="no samples in its val split"):
+        loader([data[1]], split="val")
+    with pytest.raises(UserError, match="set data.cache_dir"):
+        loader(["s3://bucket/data"])
+    with pytest.raises(UserError, match="prepare_summary.json not found"):
+        loader([str(tmp_path)])
+    with pytest.raises(UserError, match="weight -1"):
+        loader([(data[0], -1.0)])
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from qwen2_dist.data.loader import TokenBatches
+    batches = TokenBatches([(sys.argv[1], 1.0)], seq_len=8, micro_batch_size=2, global_batch_size=2)
+    batches.next_batch()
+    print(batches.dataset._shm_prefix_int, flush=True)
+    sys.stdin.readline()
+    batches.close()
+""")
+
+
+def _segments(prefix: int) -> list[str]:
+    return glob.glob(f"/dev/shm/{prefix:06d}_*")
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory in /dev/shm (Linux)")
+def test_shared_memory_is_released_and_only_dead_runs_are_cleaned(data):
+    env = {**os.environ, "PYTHONPATH": REPO}
+    # Own sessions: killing the first one's process group also kills Python's resource tracker, which would
+    # otherwise unlink the segments for it (a killed job's whole process tree dies the same way).
+    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, data[0]], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+               for _ in range(2)]
+    try:
+        killed, alive = (int(h.stdout.readline()) for h in holders)
+        os.killpg(holders[0].pid, signal.SIGKILL)
+        holders[0].wait()
+        time.sleep(0.2)
+        assert _segments(killed) and _segments(alive)
+
+        batches = loader([data[0]])  # cleans what the killed run left, leaves the live run alone
+        mine = batches.dataset._shm_prefix_int
+        assert mine == killed or not _segments(killed)  # the freed prefix may be reused at once
+        assert [pid for _, _, pid, _ in hygiene._records(killed)] == ([os.getpid()] if mine == killed else [])
+        assert _segments(alive) and [pid for _, _, pid, _ in hygiene._records(alive)] == [holders[1].pid]
+        lock_dir = batches._lock_dir
+        batches.close()
+        assert not _segments(mine) and not hygiene._records(mine)
+        assert not glob.glob(os.path.join(lock_dir, f"{mine:06d}_*"))
+
+        holders[1].stdin.write("\n")
+        holders[1].stdin.close()
+        assert holders[1].wait(timeout=60) == 0
+        deadline = time.monotonic() + 5
+        while _segments(alive) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _segments(alive) and not hygiene._records(alive)
+    finally:
+        for h in holders:
+            if h.poll() is None:
+                os.killpg(h.pid, signal.SIGKILL)

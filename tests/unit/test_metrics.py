@@ -1,0 +1,38 @@
+"""Metrics: the MFU formula, and the sinks (JSONL, TensorBoard, W&B offline) writing what they were given."""
+
+import glob
+import json
+import os
+
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.train.metrics import MetricsSinks, flops_per_token, format_step
+
+
+def test_flops_per_token_matches_the_stated_formula():
+    args = get_model_args("qwen2-1.5b")
+    # 6N + 12 * layers * hidden * seq with N = 1,543,714,304 (the lm_head matmul counted once).
+    assert flops_per_token(args, 4096) == 6 * 1_543_714_304 + 12 * 28 * 1536 * 4096
+    untied = get_model_args("qwen2-7b")
+    assert flops_per_token(untied, 4096) == 6 * (7_615_616_512 - 152064 * 3584) + 12 * 28 * 3584 * 4096
+
+
+def test_sinks_write_jsonl_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    sinks = MetricsSinks(str(tmp_path), enabled=True, tensorboard=True, wandb=True, wandb_mode="offline",
+                         config={"model": "tiny"})
+    record = {"step": 3, "loss": 5.5, "lr": 1e-3, "grad_norm": 0.7, "tokens_per_sec": 100.0, "mfu": None,
+              "mem_gib": 1.0, "data_wait_pct": 0.5, "skipped_steps": 0, "time": 0.0}
+    sinks.write(record)
+    sinks.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert json.loads(f.readline())["loss"] == 5.5
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert "step 3 | loss 5.5000" in format_step(record)
+
+
+def test_disabled_sinks_write_nothing(tmp_path):
+    sinks = MetricsSinks(str(tmp_path), enabled=False, tensorboard=True, wandb=True)
+    sinks.write({"step": 1, "loss": 1.0})
+    sinks.close()
+    assert os.listdir(tmp_path) == []
