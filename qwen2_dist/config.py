@@ -129,7 +129,7 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
-    fused: str = "auto"
+    fused: Any = "auto"
     """auto (= true: fused AdamW, on CUDA and CPU; it skips flagged steps without a host sync), true or false."""
 
 
@@ -347,7 +347,7 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"train.device={t.device!r}: choose auto, cpu or cuda")
     if t.mixed_precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"train.mixed_precision={t.mixed_precision!r}: choose auto, bf16 or fp32")
-    if o.fused not in ("auto", "true", "false", True, False):
+    if o.fused not in ("auto", True, False):
         raise UserError(f"optim.fused={o.fused!r}: choose auto, true or false")
     dp_shard = _check_parallel(p, args, t, world_size)
     dp = p.dp_replicate * dp_shard

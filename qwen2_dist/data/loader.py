@@ -18,9 +18,12 @@ import os
 import re
 import tempfile
 import uuid
+import weakref
 from collections import OrderedDict
+from multiprocessing import resource_tracker
 from typing import NamedTuple
 
+import _posixshmem
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -332,8 +335,11 @@ class TokenBatches:
         self.dataset = streaming.StreamingDataset(streams=streams, batch_size=micro_batch_size, shuffle=False,
                                                   predownload=micro_batch_size)
         self._lock_dir = os.path.dirname(self.dataset._cache_filelock_path)
-        self._owner_record = hygiene.register(self.dataset._shm_prefix_int, self._lock_dir)
+        record = hygiene.register(self.dataset._shm_prefix_int, self._lock_dir)
+        # Also at exit (an exception anywhere in the job): drop the owner record, and the segments when last out.
+        self._release = weakref.finalize(self, hygiene.release, self.dataset._shm_prefix_int, record, self._lock_dir)
         self._shared_memory = _shared_memories(vars(self.dataset).values(), SharedMemory)
+        self._created = _untrack(self._shared_memory)
         self.samples = _IndexedSamples(self.dataset)
         shard_counts = [
             [int(n) for n in self.dataset.samples_per_shard[first : first + count]]
@@ -439,11 +445,31 @@ class TokenBatches:
         self._loader = None
         if getattr(self, "dataset", None) is None:
             return
+        for segment in self._created:
+            segment.close()
+            try:
+                _posixshmem.shm_unlink(segment._name)  # not segment.unlink(): it would also unregister
+            except FileNotFoundError:
+                pass
         for memory in self._shared_memory:
-            memory.cleanup()
-        hygiene.release(self.dataset._shm_prefix_int, self._owner_record, self._lock_dir)
+            memory.cleanup()  # closes the segments this process attached to
+        self._release()
         self.dataset = None
         self.samples = None
+
+
+def _untrack(memories: list) -> list:
+    """Take the segments this process created away from Python's resource tracker (and from streaming's exit
+    cleanup); return them. When a process dies, its tracker unlinks what it created BY NAME, possibly much later
+    (it lives on while any child holds its pipe) -- by then the prefix may be reused by a live run, whose segments
+    would vanish. Owner records (hygiene) decide instead: close() here, the last live owner, or the next start."""
+    created = []
+    for memory in memories:
+        for segment in memory.created_shms:
+            resource_tracker.unregister(segment._name, "shared_memory")
+        created += memory.created_shms
+        memory.created_shms = []
+    return created
 
 
 def _shared_memories(values, shared_memory_type) -> list:

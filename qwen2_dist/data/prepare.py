@@ -11,6 +11,8 @@ the same order, so the output is byte-identical for any number of workers.
 """
 
 import collections
+import contextlib
+import functools
 import glob
 import gzip
 import hashlib
@@ -20,6 +22,8 @@ import logging
 import multiprocessing
 import os
 import shutil
+import struct
+import threading
 import time
 import uuid
 import zlib
@@ -131,13 +135,35 @@ class _Skips:
             self.examples.append(f"{path}:{line} {reason}")
 
 
-class _Reader:
-    """Documents of the input files in order; skipped records are queued as events for the batch they fall in."""
+# A JSON line still to be parsed (by a tokenizer worker): (input file index, line number, raw bytes).
+_JsonLine = tuple[int, int, bytes]
 
-    def __init__(self, files: list[str], text_field: str):
+
+def _json_text(raw: bytes, text_field: str) -> tuple[str | None, str | None]:
+    """(document text, None) of one JSON line, or (None, the reason to skip it)."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not_utf8"
+    except json.JSONDecodeError:
+        return None, "malformed_json"
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        return None, "missing_field"
+    if not text.strip():
+        return None, "empty_document"
+    if not _encodable(text):
+        return None, "not_utf8"  # a lone surrogate escape such as "\ud800"
+    return text, None
+
+
+class _Reader:
+    """Documents of the input files in order: texts, or JSON lines left for the workers to parse. Skipped records
+    are queued as (file index, line, reason, count) events for the batch they fall in."""
+
+    def __init__(self, files: list[str]):
         self.files = files
-        self.text_field = text_field
-        self.events: list[tuple[str, int, str, int]] = []
+        self.events: list[tuple[int, int, str, int]] = []
         self._done_bytes = 0
         self._raw: BinaryIO | None = None
 
@@ -149,106 +175,87 @@ class _Reader:
             current = 0
         return self._done_bytes + current
 
-    def take_events(self) -> list[tuple[str, int, str, int]]:
+    def take_events(self) -> list[tuple[int, int, str, int]]:
         events, self.events = self.events, []
         return events
 
-    def _skip(self, path: str, line: int, reason: str, count: int = 1) -> None:
-        self.events.append((path, line, reason, count))
+    def _skip(self, index: int, line: int, reason: str, count: int = 1) -> None:
+        self.events.append((index, line, reason, count))
 
-    def documents(self) -> Iterator[str]:
-        for path in self.files:
+    def documents(self, text_field: str) -> Iterator[str | _JsonLine]:
+        for index, path in enumerate(self.files):
             kind, compression = _input_kind(path)
             with open(path, "rb") as raw:
                 self._raw = raw
                 if kind == "parquet":
-                    yield from self._parquet(path)
+                    yield from self._parquet(index, path, text_field)
                 else:
                     stream = _decompressed(raw, compression)
                     if kind == "jsonl":
-                        yield from self._jsonl(path, stream)
+                        yield from self._jsonl(index, stream)
                     else:
-                        yield from self._text(path, stream)
+                        yield from self._text(index, stream)
             self._raw = None
             self._done_bytes += os.path.getsize(path)
 
-    def _jsonl(self, path: str, stream: BinaryIO) -> Iterator[str]:
+    def _jsonl(self, index: int, stream: BinaryIO) -> Iterator[_JsonLine]:
+        # Only split into lines here: decoding and parsing run in the workers (_json_text), in parallel.
         line_number = 0
         try:
             for line_number, raw in enumerate(stream, start=1):
-                if not raw.strip():
-                    continue
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    self._skip(path, line_number, "not_utf8")
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    self._skip(path, line_number, "malformed_json")
-                    continue
-                text = record.get(self.text_field) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    self._skip(path, line_number, "missing_field")
-                elif not text.strip():
-                    self._skip(path, line_number, "empty_document")
-                elif not _encodable(text):
-                    self._skip(path, line_number, "not_utf8")  # a lone surrogate escape such as "\\ud800"
-                else:
-                    yield text
+                if raw.strip():
+                    yield index, line_number, raw
         except _CORRUPT_ERRORS:
             # A truncated or damaged compressed file: keep what was read, count the rest as one skip.
-            self._skip(path, line_number + 1, "corrupt_file")
+            self._skip(index, line_number + 1, "corrupt_file")
 
-    def _text(self, path: str, stream: BinaryIO) -> Iterator[str]:
+    def _text(self, index: int, stream: BinaryIO) -> Iterator[str]:
         try:
             data = stream.read()
         except _CORRUPT_ERRORS:
-            self._skip(path, 1, "corrupt_file")
+            self._skip(index, 1, "corrupt_file")
             return
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
-            self._skip(path, data.count(b"\n", 0, e.start) + 1, "not_utf8")
+            self._skip(index, data.count(b"\n", 0, e.start) + 1, "not_utf8")
             return
         if not text.strip():
-            self._skip(path, 1, "empty_document")
+            self._skip(index, 1, "empty_document")
             return
         yield text
 
-    def _parquet(self, path: str) -> Iterator[str]:
+    def _parquet(self, index: int, path: str, column: str) -> Iterator[str]:
         import pyarrow as pa
 
         parquet = _import_pyarrow_parquet().ParquetFile(path)
         num_rows = parquet.metadata.num_rows
-        column = self.text_field
         if column not in parquet.schema_arrow.names:
             if num_rows:
-                self._skip(path, 1, "missing_field", num_rows)
+                self._skip(index, 1, "missing_field", num_rows)
             return
         column_type = parquet.schema_arrow.field(column).type
         is_text = pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
         is_binary = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
         if not (is_text or is_binary):
             if num_rows:
-                self._skip(path, 1, "missing_field", num_rows)
+                self._skip(index, 1, "missing_field", num_rows)
             return
         row = 0
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
             for value in batch.column(0).to_pylist():
                 row += 1
                 if value is None:
-                    self._skip(path, row, "missing_field")
+                    self._skip(index, row, "missing_field")
                     continue
                 if is_binary:
                     try:
                         value = value.decode("utf-8")
                     except UnicodeDecodeError:
-                        self._skip(path, row, "not_utf8")
+                        self._skip(index, row, "not_utf8")
                         continue
                 if not value.strip():
-                    self._skip(path, row, "empty_document")
+                    self._skip(index, row, "empty_document")
                 else:
                     yield value
 
@@ -287,13 +294,13 @@ def _decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
     return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
 
 
-def _batches(reader: _Reader) -> Iterator[tuple[list[str], list, int]]:
-    """(documents, skip events, input bytes read) in chunks of about BATCH_CHARS characters."""
-    batch: list[str] = []
+def _batches(reader: _Reader, text_field: str) -> Iterator[tuple[list, list, int]]:
+    """(documents or JSON lines, skip events, input bytes read) in chunks of about BATCH_CHARS characters."""
+    batch: list[str | _JsonLine] = []
     num_chars = 0
-    for text in reader.documents():
-        batch.append(text)
-        num_chars += len(text)
+    for item in reader.documents(text_field):
+        batch.append(item)
+        num_chars += len(item) if isinstance(item, str) else len(item[2])
         if num_chars >= BATCH_CHARS:
             yield batch, reader.take_events(), reader.bytes_read()
             batch, num_chars = [], 0
@@ -307,53 +314,108 @@ def in_val_split(text: str, val_fraction: float) -> bool:
 
 
 class _DocumentEncoder:
-    """texts -> (tokens of all texts concatenated, tokens per text, whether each text is held out)."""
+    """A batch of texts and JSON lines -> (tokens of all documents concatenated, tokens per document, whether each
+    document is held out, skip events of the JSON lines that hold no document)."""
 
-    def __init__(self, tokenizer: Tokenizer, val_fraction: float):
+    def __init__(self, tokenizer: Tokenizer, val_fraction: float, text_field: str):
         self.tokenizer = tokenizer
         self.val_fraction = val_fraction
+        self.text_field = text_field
 
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, items: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        texts, events = [], []
+        for item in items:
+            if isinstance(item, str):
+                texts.append(item)
+                continue
+            index, line, raw = item
+            text, reason = _json_text(raw, self.text_field)
+            if reason is None:
+                texts.append(text)
+            else:
+                events.append((index, line, reason, 1))
         flat, lengths = self.tokenizer.encode_flat(texts)
         is_val = np.zeros(len(texts), dtype=bool)
         if self.val_fraction > 0:
             is_val[:] = [in_val_split(t, self.val_fraction) for t in texts]
-        return flat, lengths, is_val
+        return flat, lengths, is_val, events
 
 
 _WORKER_ENCODER: _DocumentEncoder | None = None
 
 
-def _init_worker(tokenizer: str, val_fraction: float) -> None:
+def _init_worker(tokenizer: str, val_fraction: float, text_field: str) -> None:
     global _WORKER_ENCODER
-    _WORKER_ENCODER = _DocumentEncoder(load_tokenizer(tokenizer), val_fraction)
+    _WORKER_ENCODER = _DocumentEncoder(load_tokenizer(tokenizer), val_fraction, text_field)
 
 
-def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _encode_in_worker(items: list) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
     assert _WORKER_ENCODER is not None, "_init_worker runs first in every worker"
-    return _WORKER_ENCODER(texts)
+    return _WORKER_ENCODER(items)
 
 
-def _encoded(batches: Iterator, encoder: _DocumentEncoder, tokenizer: str, workers: int) -> Iterator:
-    """(encoded documents, skip events, bytes read) per batch, in input order, computed by `workers` processes."""
+@contextlib.contextmanager
+def _worker_pool(workers: int, encoder: _DocumentEncoder, tokenizer: str) -> Iterator:
+    """`workers` tokenizer processes (None for 1: the main process tokenizes). Forked when this process runs no other
+    thread, so the children inherit the loaded vocabulary and start at once; spawned otherwise (forking a threaded
+    process can deadlock the child), each loading the tokenizer itself."""
+    global _WORKER_ENCODER
     if workers == 1:
-        for texts, events, done in batches:
-            yield encoder(texts), events, done
+        yield None
         return
-    # spawn: the parent may hold threads (tokenizer pools, torch) that make fork unsafe.
-    with multiprocessing.get_context("spawn").Pool(
-        workers, initializer=_init_worker, initargs=(tokenizer, encoder.val_fraction)
-    ) as pool:
-        pending: collections.deque = collections.deque()
-        for texts, events, done in batches:
-            pending.append((pool.apply_async(_encode_in_worker, (texts,)), events, done))
-            # A bounded window keeps memory flat however large the corpus is.
-            if len(pending) > 2 * workers:
-                result, events, done = pending.popleft()
-                yield result.get(), events, done
-        while pending:
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        encoder.tokenizer.encode_flat(["load the vocabulary once, before forking"])
+        _WORKER_ENCODER = encoder
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=(tokenizer, encoder.val_fraction, encoder.text_field)
+        )
+    try:
+        with pool:
+            yield pool
+    finally:
+        _WORKER_ENCODER = None
+
+
+def _encoded(batches: Iterator, encoder: _DocumentEncoder, pool, workers: int) -> Iterator:
+    """(encoded documents, skip events, bytes read) per batch, in input order, computed by the pool's workers."""
+    if pool is None:
+        for items, events, done in batches:
+            yield encoder(items), events, done
+        return
+    pending: collections.deque = collections.deque()
+    for items, events, done in batches:
+        pending.append((pool.apply_async(_encode_in_worker, (items,)), events, done))
+        # A bounded window keeps memory flat however large the corpus is.
+        if len(pending) > 2 * workers:
             result, events, done = pending.popleft()
             yield result.get(), events, done
+    while pending:
+        result, events, done = pending.popleft()
+        yield result.get(), events, done
+
+
+def _int32_array_bytes(values: np.ndarray) -> bytes:
+    """MDS's "ndarray:int32" encoding of a non-empty 1-d int32 array: [ndim << 2 | shape dtype] [shape] [values]."""
+    n = len(values)
+    code, fmt = (0, "B") if n < 1 << 8 else (1, "H") if n < 1 << 16 else (2, "I")
+    return struct.pack("<B" + fmt, 4 | code, n) + values.tobytes()
+
+
+@functools.cache
+def token_writer_class() -> type:
+    """MDSWriter with a fast encode_sample for COLUMNS: the same bytes as MDSWriter's generic per-column encoding
+    (checked by the tests), in a tenth of its time, which was most of the main process's work."""
+    mds_writer = import_streaming().MDSWriter
+
+    class TokenMDSWriter(mds_writer):
+        def encode_sample(self, sample: dict[str, Any]) -> bytes:
+            # Columns in sorted order (doc_starts, tokens), both variable-size: a uint32 size each, then the data.
+            starts, tokens = _int32_array_bytes(sample["doc_starts"]), _int32_array_bytes(sample["tokens"])
+            return struct.pack("<II", len(starts), len(tokens)) + starts + tokens
+
+    return TokenMDSWriter
 
 
 class _SplitWriter:
@@ -362,9 +424,7 @@ class _SplitWriter:
     def __init__(self, out: str, sample_tokens: int):
         self.out = out
         self.sample_tokens = sample_tokens
-        self.writer = import_streaming().MDSWriter(
-            out=out, columns=COLUMNS, compression="zstd", size_limit=SHARD_SIZE_LIMIT
-        )
+        self.writer = token_writer_class()(out=out, columns=COLUMNS, compression="zstd", size_limit=SHARD_SIZE_LIMIT)
         self.pending = np.empty(0, dtype=np.int32)
         self.pending_starts = np.empty(0, dtype=np.int64)
         self.documents = 0
@@ -399,6 +459,18 @@ class _SplitWriter:
             "tokens": self.samples * self.sample_tokens,
             "dropped_tail_tokens": len(self.pending),
         }
+
+
+def _with_eos(flat: np.ndarray, lengths: np.ndarray, eos_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The documents' tokens, each document followed by eos, and each document's size there (length + 1)."""
+    sizes = lengths + 1
+    chunk = np.empty(int(sizes.sum()), dtype=np.int32)
+    eos_at = np.cumsum(sizes) - 1
+    is_text = np.ones(len(chunk), dtype=bool)
+    is_text[eos_at] = False
+    chunk[is_text] = flat
+    chunk[eos_at] = eos_id
+    return chunk, sizes
 
 
 def _check_output(output: str, overwrite: bool) -> str:
@@ -458,25 +530,23 @@ def prepare(
     tmp = f"{output}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     skips = _Skips()
     bar = None
+    encoder = _DocumentEncoder(tok, val_fraction, text_field)
+    stack = contextlib.ExitStack()
     try:
+        # The pool first: before the writers (streaming imports torch) and the progress bar (a thread).
+        pool = stack.enter_context(_worker_pool(workers, encoder, tokenizer))
         writers = {TRAIN: _SplitWriter(os.path.join(tmp, TRAIN), sample_tokens)}
         if val_fraction > 0:
             writers[VAL] = _SplitWriter(os.path.join(tmp, VAL), sample_tokens)
         bar = _progress_bar(progress, sum(os.path.getsize(f) for f in files))
         started = time.monotonic()
         remaining = max_tokens
-        batches = _batches(_Reader(files, text_field))
-        for (flat, lengths, is_val), events, done in _encoded(batches, _DocumentEncoder(tok, val_fraction), tokenizer,
-                                                              workers):
-            for path, line, reason, count in events:
-                skips.add(path, line, reason, count)
-            sizes = lengths + 1  # each document is followed by eos
-            chunk = np.empty(int(sizes.sum()), dtype=np.int32)
-            eos_at = np.cumsum(sizes) - 1
-            is_text = np.ones(len(chunk), dtype=bool)
-            is_text[eos_at] = False
-            chunk[is_text] = flat
-            chunk[eos_at] = tok.eos_id
+        batches = _batches(_Reader(files), text_field)
+        for (flat, lengths, is_val, parse_events), events, done in _encoded(batches, encoder, pool, workers):
+            # In file and line order: the reader's events and the workers' (JSON lines) interleave.
+            for index, line, reason, count in sorted(events + parse_events):
+                skips.add(files[index], line, reason, count)
+            chunk, sizes = _with_eos(flat, lengths, tok.eos_id)
             if remaining is not None and len(chunk) >= remaining:
                 # Cut the stream at max_tokens: later documents go, the one that crosses the limit is truncated.
                 last = int(np.searchsorted(np.cumsum(sizes), remaining))
@@ -524,6 +594,7 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        stack.close()
         if bar is not None:
             bar.close()
     return summary

@@ -58,21 +58,27 @@ def build_mesh(world: World, dp_replicate: int, dp_shard: int, tp: int) -> Devic
     mesh = init_device_mesh(
         world.device.type, (dp_replicate, dp_shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp")
     )
-    # One flattened data-parallel axis for loss/token-count reductions and for the data loader's rank.
-    mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    # One flattened data-parallel axis for loss/token-count reductions and for the data loader's rank; kept on
+    # the mesh because slicing a flattened axis from the root mesh is deprecated.
+    mesh._qwen2_dp = mesh["dp_replicate", "dp_shard"]._flatten("dp")
     return mesh
+
+
+def dp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The flattened data-parallel axis (dp_replicate x dp_shard) of a mesh made by build_mesh."""
+    return mesh._qwen2_dp
 
 
 def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
     """This rank's index in the data-parallel group and that group's size."""
     if mesh is None:
         return 0, 1
-    dp = mesh["dp"]
+    dp = dp_mesh(mesh)
     return dp.get_local_rank(), dp.size()
 
 
 def all_reduce_sum(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     """Sum a tensor over the data-parallel ranks (identity for one process)."""
-    if mesh is not None and mesh["dp"].size() > 1:
-        dist.all_reduce(value, group=mesh["dp"].get_group())
+    if mesh is not None and dp_mesh(mesh).size() > 1:
+        dist.all_reduce(value, group=dp_mesh(mesh).get_group())
     return value

@@ -16,7 +16,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
         else:
             decay.append(param)
     # Fused (CUDA and CPU) by default: fastest, and it can skip a flagged step on the device (found_inf).
-    fused = True if cfg.fused == "auto" else cfg.fused in (True, "true")
+    fused = True if cfg.fused == "auto" else bool(cfg.fused)
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -335,12 +336,22 @@ def test_output_is_identical_for_any_number_of_workers(work, monkeypatch):
     kwargs = dict(seq_len=16, val_fraction=0.2, max_tokens=12_000)
     one = prepare([str(src / "*.jsonl")], str(work / "one"), workers=1, **kwargs)
     two = prepare([str(src / "*.jsonl")], str(work / "two"), workers=2, **kwargs)
-    assert one == two and one["skipped"]["malformed_json"] > 0 and one["splits"]["val"]["samples"] > 0
-    for split in ("train", "val"):
-        names = sorted(os.listdir(work / "one" / split))
-        assert names == sorted(os.listdir(work / "two" / split))
-        for name in names:
-            assert (work / "one" / split / name).read_bytes() == (work / "two" / split / name).read_bytes(), name
+    # With another thread alive the workers are spawned instead of forked (and load the tokenizer themselves).
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    try:
+        spawned = prepare([str(src / "*.jsonl")], str(work / "spawned"), workers=2, **kwargs)
+    finally:
+        release.set()
+        thread.join()
+    assert one == two == spawned and one["skipped"]["malformed_json"] > 0 and one["splits"]["val"]["samples"] > 0
+    for other in ("two", "spawned"):
+        for split in ("train", "val"):
+            names = sorted(os.listdir(work / "one" / split))
+            assert names == sorted(os.listdir(work / other / split))
+            for name in names:
+                assert (work / "one" / split / name).read_bytes() == (work / other / split / name).read_bytes()
 
 
 def test_val_split_is_a_stable_hash_of_each_document(work):
@@ -390,3 +401,16 @@ def test_unreadable_container_is_an_error_before_work(work, name, content, messa
     with pytest.raises(UserError, match=message):
         prepare([str(work / name)], str(work / "out"), seq_len=4)
     assert not (work / "out").exists()
+
+
+def test_fast_sample_encoding_matches_streaming_generic_encoding(work):
+    streaming = import_streaming()
+    generic = streaming.MDSWriter(out=str(work / "generic"), columns=prepare_module.COLUMNS)
+    fast = prepare_module.token_writer_class()(out=str(work / "fast"), columns=prepare_module.COLUMNS)
+    gen = np.random.default_rng(0)
+    for tokens_len, starts_len in [(1, 1), (255, 3), (256, 255), (2049, 256), (70_000, 2)]:
+        sample = {"tokens": gen.integers(0, 151_646, tokens_len).astype(np.int32),
+                  "doc_starts": np.sort(gen.integers(0, tokens_len, starts_len)).astype(np.int32)}
+        assert fast.encode_sample(sample) == generic.encode_sample(sample), (tokens_len, starts_len)
+    generic.finish()
+    fast.finish()
