@@ -76,8 +76,9 @@ class EvalConfig:
     interval: int = 50
     """Compute the loss on the held-out (val) split every this many steps; 0 = never. Skipped, with a warning,
     when the data has no val split."""
-    samples: int = 32
-    """Held-out samples per evaluation over all ranks (the same samples every time, so evaluations compare)."""
+    samples: int = 16
+    """Held-out samples per evaluation over all ranks (the same samples every time, so evaluations compare);
+    rounded up to a multiple of train.micro_batch_size x data-parallel size."""
 
 
 @dataclass
@@ -264,7 +265,7 @@ def _check_parallel(p: ParallelConfig, args: "ModelArgs", t: TrainConfig, world_
     return dp_shard
 
 
-def _check_data(d: DataConfig, e: EvalConfig, samples_per_micro_step: int) -> None:
+def _check_data(d: DataConfig, e: EvalConfig) -> None:
     """Check the data sources and the evaluation sizes."""
     if d.path is not None and d.sources:
         raise UserError("data.path and data.sources are both set; use data.path for one dataset, data.sources to mix")
@@ -284,11 +285,8 @@ def _check_data(d: DataConfig, e: EvalConfig, samples_per_micro_step: int) -> No
         raise UserError("data.shuffle_block_size must be >= 1 and data.num_workers >= 0")
     if e.interval < 0:
         raise UserError(f"eval.interval={e.interval}: must be >= 0 (0 = no evaluation)")
-    if e.interval and (e.samples <= 0 or e.samples % samples_per_micro_step):
-        raise UserError(
-            f"eval.samples={e.samples} must be a positive multiple of train.micro_batch_size x data-parallel size "
-            f"= {samples_per_micro_step}"
-        )
+    if e.interval and e.samples <= 0:
+        raise UserError(f"eval.samples={e.samples}: must be positive")
 
 
 def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
@@ -362,7 +360,7 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory; use auto, none or an existing path")
     if cfg.model.init_from_hf is not None and not os.path.isdir(cfg.model.init_from_hf):
         raise UserError(f"model.init_from_hf={cfg.model.init_from_hf}: no such directory")
-    _check_data(cfg.data, cfg.eval, t.micro_batch_size * dp)
+    _check_data(cfg.data, cfg.eval)
     return {
         "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,
         "grad_accum_steps": t.global_batch_size // (t.micro_batch_size * dp),

@@ -181,7 +181,7 @@ def render(job: JobConfig, info: dict, lines: dict[str, float], gpu_mem_gib: flo
         f"{info['dtype']} compute ({mode}), activation checkpointing {ac} ({plan.checkpointed_layers} of "
         f"{info['args'].num_hidden_layers} blocks), reshard {job.parallel.reshard_after_forward}, "
         f"cpu offload {job.parallel.cpu_offload}",
-        f"plan built on the meta device"
+        "plan built on the meta device"
         + (f" over a fake process group of {info['world_size']} ranks" if info["world_size"] > 1 else "")
         + f" in {info['plan_seconds']:.1f} s; rank 0 stores {plan.sharded:,} parameters",
         "",

@@ -141,7 +141,9 @@ def run(cfg: DictConfig):
                         ", ".join(missing))
         else:
             # Read in the training process: a few micro-batches now and then do not pay for worker start-up.
-            eval_batches = TokenBatches(sources, global_batch_size=job.eval.samples, split=VAL,
+            per_micro_step = job.train.micro_batch_size * dp_size
+            eval_samples = -(-job.eval.samples // per_micro_step) * per_micro_step
+            eval_batches = TokenBatches(sources, global_batch_size=eval_samples, split=VAL,
                                         **{**loader_args, "num_workers": 0})
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
@@ -197,19 +199,30 @@ def _precheck(argv: list[str]) -> None:
 
 
 def _entry(cfg: DictConfig) -> None:
+    code = 0
     try:
         result = run(cfg)
+        if result.stopped_by_signal:
+            code = int(os.environ.get("QWEN2_PREEMPT_EXIT_CODE", "0"))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except TrainingHalted as exc:
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(3)
+        code = 3
     finally:
-        if dist.is_initialized():
+        multi_process = dist.is_initialized()
+        if multi_process:
             dist.destroy_process_group()
-    if result.stopped_by_signal:
-        sys.exit(int(os.environ.get("QWEN2_PREEMPT_EXIT_CODE", "0")))
+    if multi_process:
+        # Interpreter teardown after gloo has run sometimes aborts in a C++ destructor ("terminate called without
+        # an active exception", seen on torch 2.13 CPU) after the work is done: leave without it.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)
 
 
 def main() -> None:

@@ -253,7 +253,7 @@ class Trainer:
                         log.info(format_step(record))
                         if eval_due:
                             log.info("step %d | eval_loss %.4f on %d held-out samples", self.step,
-                                     record["eval_loss"], cfg.eval.samples)
+                                     record["eval_loss"], self.eval_batches.global_batch_size)
                     window_started, window_steps, window_data = time.monotonic(), 0, 0.0
                     limit = 1 if cfg.train.nonfinite == "halt" else cfg.train.max_skipped_in_a_row
                     if in_a_row >= limit:

@@ -5,7 +5,7 @@ import os
 
 from qwen2_dist.data.loader import TokenBatches
 from tests.datasets import make_dataset, sample_ids
-from tests.helpers import run_torchrun
+from tests.helpers import run_torchrun, train_overrides
 
 STEPS, STOP_AT = 10, 4
 
@@ -45,3 +45,23 @@ def test_resume_on_2_ranks_and_on_1_rank_continues_the_same_sequence(tmp_path):
     resumed.close()
     assert global_steps("first") + tail == uninterrupted  # 2 -> 1
     assert not [f for f in os.listdir("/dev/shm") if str(os.getpid()) in f]
+
+
+def test_two_ranks_train_and_evaluate_like_one(tmp_path, corpus_cache):
+    """qwen2-train on 2 ranks and on 1: the same samples per step give the same losses, and the same eval loss."""
+    data = make_dataset(tmp_path / "data", 64, 32, shard_bytes=2000, val_samples=8)
+    records = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"run{nproc}"
+        args = train_overrides(run_dir, corpus_cache, **{
+            "data.path": data, "train.steps": 2, "eval.interval": 2, "eval.samples": 8, "checkpoint.interval": 0,
+            "checkpoint.save_final": "false",
+        })
+        result = run_torchrun(nproc, "qwen2_dist.cli.train", args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(run_dir / "metrics.jsonl") as f:
+            records[nproc] = [json.loads(line) for line in f]
+    assert [r["step"] for r in records[2]] == [1, 2] and "eval_loss" in records[2][-1]
+    for one, two in zip(records[1], records[2]):
+        assert abs(one["loss"] - two["loss"]) < 1e-4
+    assert abs(records[1][-1]["eval_loss"] - records[2][-1]["eval_loss"]) < 1e-4

@@ -38,7 +38,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["data.sources=[{path: /nonexistent/a, weight: 1}]"], 1, "data.sources[0].path"),
     (["data.sources=[{path: s3://b/a, weight: 0}]"], 1, "data.sources[0].weight"),
     (["data.path=s3://b/a", "data.sources=[{path: s3://b/c}]"], 1, "data.path and data.sources"),
-    (["eval.samples=6"], 1, "eval.samples"),
+    (["eval.samples=0"], 1, "eval.samples"),
     (["checkpoint.resume=/nonexistent/ckpt"], 1, "checkpoint.resume"),
     (["model.init_from_hf=/nonexistent/hf"], 1, "model.init_from_hf"),
     (["train.seq_len=100000"], 1, "train.seq_len"),
