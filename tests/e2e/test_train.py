@@ -92,3 +92,12 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, corpus_cache):
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], (extra, result.stderr)
         assert not run_dir.exists()
+
+
+def test_profiler_trace_of_a_chosen_step_range(tmp_path, corpus_cache):
+    run_dir = tmp_path / "run"
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 4, "logging.profile_steps": "2:4"}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(run_dir / "profile" / "rank0.json") as f:
+        trace = json.load(f)
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
