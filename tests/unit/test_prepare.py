@@ -354,6 +354,44 @@ def test_output_is_identical_for_any_number_of_workers(work, monkeypatch):
                 assert (work / "one" / split / name).read_bytes() == (work / other / split / name).read_bytes()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_skip_locations_are_exact_lines_across_batches(work, monkeypatch, workers):
+    # Batches of ~300 bytes: the workers read an uncompressed file in byte ranges and the main process turns their
+    # range-relative line numbers into file lines; a compressed copy of the same file takes the other path.
+    import gzip
+
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 300)
+    lines = [json.dumps({"text": f"record {i} " + "word " * (i % 9)}).encode() for i in range(200)]
+    bad_at = [3, 50, 51, 99, 150, 200]  # 1-based line numbers
+    for line in bad_at:
+        lines[line - 1] = b"{broken %d" % line
+    lines.insert(120, b"")  # a blank line counts as a line but is no record: later bad lines move down by one
+    expected_lines = [line if line < 121 else line + 1 for line in bad_at]
+    src = work / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"\n".join(lines))  # no newline at the end
+    (src / "b.jsonl.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    monkeypatch.setattr(prepare_module, "NUM_SKIPPED_EXAMPLES", 100)
+    summary = prepare([str(src / "*")], str(work / "out"), seq_len=8, workers=workers)
+    a, b = str(src / "a.jsonl"), str(src / "b.jsonl.gz")
+    assert summary["skipped_examples"] == [f"{path}:{line} malformed_json" for path in (a, b) for line in expected_lines]
+    assert summary["documents"] == 2 * (200 - len(bad_at))
+
+
+def test_results_too_large_for_a_shared_slot_come_through_the_pipe(work, monkeypatch):
+    # Forked workers hand tokens back through shared slots; a batch with more tokens than a slot holds is pickled.
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 2_000)
+    src = work / "src"
+    src.mkdir()
+    docs = [f"doc {j} " + "token " * (j % 400) for j in range(300)]
+    (src / "a.jsonl").write_bytes(_jsonl_bytes(docs))
+    one = prepare([str(src / "a.jsonl")], str(work / "one"), seq_len=16, workers=1)
+    monkeypatch.setattr(prepare_module, "_SLOT_TOKENS", 450)  # some batches fit, some do not
+    two = prepare([str(src / "a.jsonl")], str(work / "two"), seq_len=16, workers=2)
+    assert one == two
+    assert [t.tolist() for t in read_tokens(work / "one")] == [t.tolist() for t in read_tokens(work / "two")]
+
+
 def test_val_split_is_a_stable_hash_of_each_document(work):
     docs = [f"held out or not, document {i}: " + "words " * (i % 5) for i in range(300)]
     src = work / "src"
