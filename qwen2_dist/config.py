@@ -17,7 +17,14 @@ class ModelConfig:
     name: str = "debug"
     """Size from qwen2_dist.model.args.SIZES: debug, qwen2-0.5b, qwen2-1.5b, qwen2-7b, qwen2-72b."""
     attention: str = "auto"
-    """Attention backend: auto (flash-attn if importable on CUDA, else SDPA), flash_attn, sdpa, reference."""
+    """Attention backend: auto (flash-attn if importable on CUDA; else SDPA, preferring cuDNN's kernel on CUDA; compiled
+    FlexAttention for document masking on CUDA without flash-attn), flash_attn, sdpa, flex, reference."""
+    loss: str = "auto"
+    """Output projection + cross-entropy: auto (chunked, or plain under tensor parallelism), chunked (fused, never
+    materializes the full logits), liger (Liger-Kernel's fused linear cross-entropy, CUDA), plain (logits, then
+    cross_entropy)."""
+    loss_chunk_tokens: int = 2048
+    """Tokens per chunk of the chunked loss: its transient memory is about chunk x vocab x 4 bytes."""
     init_from_hf: Optional[str] = None
     """Hugging Face Qwen2 directory (config.json + safetensors) whose weights start the run instead of init_weights."""
     hidden_size: Optional[int] = None
@@ -347,6 +354,19 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"train.mixed_precision={t.mixed_precision!r}: choose auto, bf16 or fp32")
     if o.fused not in ("auto", True, False):
         raise UserError(f"optim.fused={o.fused!r}: choose auto, true or false")
+    m = cfg.model
+    from qwen2_dist.model.attention import BACKENDS
+    from qwen2_dist.model.loss import LOSSES
+
+    if m.attention not in BACKENDS:
+        raise UserError(f"model.attention={m.attention!r}: choose one of {', '.join(BACKENDS)}")
+    if m.loss not in LOSSES:
+        raise UserError(f"model.loss={m.loss!r}: choose one of {', '.join(LOSSES)}")
+    if m.loss in ("chunked", "liger") and p.tp > 1:
+        raise UserError(f"model.loss={m.loss} cannot read vocabulary-sharded logits (parallel.tp={p.tp}); use "
+                        "model.loss=auto or plain with tensor parallelism")
+    if m.loss_chunk_tokens < 1:
+        raise UserError(f"model.loss_chunk_tokens={m.loss_chunk_tokens}: must be a positive number of tokens, e.g. 2048")
     dp_shard = _check_parallel(p, args, t, world_size)
     dp = p.dp_replicate * dp_shard
     if t.global_batch_size % (t.micro_batch_size * dp):

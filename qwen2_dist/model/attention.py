@@ -75,6 +75,8 @@ def resolve_backend(requested: str, device_type: str, document_masking: bool = F
             "(SDPA, with an explicit mask under data.document_masking) or reference"
         )
     if requested != "auto":
+        if requested == "sdpa" and device_type == "cuda":
+            prefer_cudnn_attention()
         log.info("attention backend: %s (requested)", requested)
         return requested
     if device_type == "cuda" and flash_attn_available():
@@ -85,9 +87,29 @@ def resolve_backend(requested: str, device_type: str, document_masking: bool = F
         log.info("attention backend: flex (auto: document masking on CUDA without flash-attn; compiled "
                  "FlexAttention with a block mask)")
         return "flex"
-    log.info("attention backend: sdpa (auto: flash-attn not installed or no CUDA; PyTorch fused attention%s)",
+    if device_type == "cuda":
+        prefer_cudnn_attention()
+    log.info("attention backend: sdpa (auto: flash-attn not installed or no CUDA; PyTorch fused attention%s%s)",
+             ", cuDNN kernel first" if device_type == "cuda" else "",
              "; documents through an explicit block-diagonal causal mask" if document_masking else "")
     return "sdpa"
+
+
+def prefer_cudnn_attention() -> None:
+    """Make SDPA try cuDNN's attention first, then flash, efficient, math (on an H100 at the Qwen2-1.5B shape, GQA,
+    fwd+bwd: 343 TFLOP/s with cuDNN vs 208 with SDPA's flash kernel). Process-wide, set once: a context manager
+    around each call would have to be entered again, identically, by activation checkpointing's recompute (else
+    "Recomputed values ... have different metadata")."""
+    from torch.nn.attention import SDPBackend
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    if not hasattr(torch._C, "_set_sdp_priority_order"):
+        log.warning("this torch cannot reorder SDPA's kernels; SDPA picks its default (flash) first")
+        return
+    current = list(torch._C._get_sdp_priority_order())
+    wanted = [int(b) for b in order]
+    torch._C._set_sdp_priority_order(wanted + [b for b in current if b not in wanted])
+    torch.backends.cuda.enable_cudnn_sdp(True)
 
 
 def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.attention import DocumentMask, attention, document_mask
+from qwen2_dist.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -125,6 +126,7 @@ class Qwen2(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.attention_backend = "sdpa"
+        self.loss_impl, self.loss_chunk_tokens, self.loss_compiled = "plain", 2048, False
         if args.tie_word_embeddings:
             self.lm_head = TiedHead(self.embed_tokens)
         else:
@@ -135,6 +137,10 @@ class Qwen2(nn.Module):
         self.attention_backend = backend
         for layer in self.layers:
             layer.self_attn.backend = backend
+
+    def set_loss(self, impl: str, chunk_tokens: int = 2048, compiled: bool = False) -> None:
+        """How forward(targets=...) computes the loss: a resolved model.loss (see loss.resolve_loss)."""
+        self.loss_impl, self.loss_chunk_tokens, self.loss_compiled = impl, chunk_tokens, compiled
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -180,11 +186,22 @@ class Qwen2(nn.Module):
         return self.norm(x)
 
     def forward(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask_documents: bool = False
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        mask_documents: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for token ids (batch, seq). positions (batch, seq) default to 0..seq-1; with
-        mask_documents, each 0 in positions starts a document and attention never crosses into another."""
-        return self.lm_head(self.hidden_states(tokens, positions, mask_documents))
+        """Logits (batch, seq, vocab) for token ids (batch, seq); with targets (batch, seq), the summed cross-entropy
+        instead (fp32 scalar), computed by the loss set with set_loss -- inside forward, so that under FSDP the
+        output weight is still gathered and the full logits need never exist. positions (batch, seq) default to
+        0..seq-1; with mask_documents, each 0 in positions starts a document and attention never crosses into
+        another."""
+        hidden = self.hidden_states(tokens, positions, mask_documents)
+        if targets is None:
+            return self.lm_head(hidden)
+        return linear_cross_entropy(hidden, self.output_weight(), targets, self.loss_impl, self.loss_chunk_tokens,
+                                    self.loss_compiled)
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Qwen2:

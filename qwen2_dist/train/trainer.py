@@ -18,7 +18,8 @@ from qwen2_dist.config import JobConfig
 from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.parallel.mesh import World, all_reduce_sum
-from qwen2_dist.parallel.parallelize import loss_context, set_gradient_sync
+from qwen2_dist.model.loss import resolve_loss
+from qwen2_dist.parallel.parallelize import compile_enabled, loss_context, set_gradient_sync
 from qwen2_dist.train import checkpoint
 from qwen2_dist.train.faults import StepGuard, TrainingHalted, Watchdog, inject_hang, inject_nan
 from qwen2_dist.train.metrics import (
@@ -101,6 +102,11 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         self.flops_per_token = flops_per_token(args, cfg.train.seq_len)
         self.peak_flops = peak_flops(world.device)
+        tp = mesh["tp"].size() if mesh is not None else 1
+        # The loss inside the model's forward (model.loss chunked or liger), or logits out and the loss here.
+        loss_impl = resolve_loss(cfg.model.loss, tp, world.device.type)
+        self.loss_in_model = loss_impl != "plain"
+        model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compile_enabled(cfg.parallel, world.device.type))
         use_autocast = mesh is None and world.device.type == "cuda" and cfg.train.mixed_precision != "fp32"
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
@@ -141,9 +147,8 @@ class Trainer:
         for index, (inputs, targets, positions) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
             targets = targets.to(device, non_blocking=True)
-            logits = self._logits(inputs, positions)
             with loss_context(self.mesh):  # vocabulary-parallel cross-entropy (and its backward) when tp > 1
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+                loss = self._loss(inputs, positions, targets)
                 loss = inject_nan(self.step + 1, loss)
                 (loss / global_tokens).backward()
             loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
@@ -161,13 +166,18 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, data_seconds
 
-    def _logits(self, inputs: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """Forward of one micro-batch; positions (restarting per document) switch document masking on."""
+    def _loss(self, inputs: torch.Tensor, positions: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of one micro-batch (targets on the device); positions (restarting per document)
+        switch document masking on."""
         device = self.world.device
         if positions is not None:
             positions = positions.to(device, non_blocking=True)
+        inputs = inputs.to(device, non_blocking=True)
         with self.autocast:
-            return self.model(inputs.to(device, non_blocking=True), positions, mask_documents=positions is not None)
+            if self.loss_in_model:
+                return self.model(inputs, positions, mask_documents=positions is not None, targets=targets)
+            logits = self.model(inputs, positions, mask_documents=positions is not None)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -179,9 +189,8 @@ class Trainer:
         num_tokens = 0
         for _ in range(batches.grad_accum_steps):
             inputs, targets, positions = batches.next_batch()
-            logits = self._logits(inputs, positions)
             with loss_context(self.mesh):
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), reduction="sum")
+                loss = self._loss(inputs, positions, targets.to(device))
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
             num_tokens += targets.numel()
         global_tokens = all_reduce_sum(torch.tensor(float(num_tokens), device=device), self.mesh)

@@ -1,0 +1,105 @@
+"""Loss curves of the fast path (per-block compile, chunked linear cross-entropy, SDPA preferring cuDNN) against the
+plain path (eager, logits then cross_entropy) over 20 training steps, both in bf16 autocast, from the same weights on
+the same batches -- and against an fp32 run of the plain path, which sets the scale of "bf16 noise".
+
+    python benchmarks/loss_parity.py [--size qwen2-0.5b] [--layers 8] [--seq-len 2048] [--steps 20] [--out F.json]
+
+Verdict: the fast curve may not stray from the fp32 curve by more than 2x as far as the plain bf16 curve does,
+plus 0.02 (max over steps, absolute, in nats). Exit 1 when it does. On a CPU (--no-compile) it dry-runs the
+script with the debug size.
+"""
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from qwen2_dist.config import OptimConfig, ParallelConfig
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.attention import resolve_backend
+from qwen2_dist.model.qwen2 import build_model
+from qwen2_dist.parallel.parallelize import parallelize
+from qwen2_dist.train.optim import build_optimizer
+
+TOLERANCE_FACTOR, TOLERANCE_FLOOR = 2.0, 0.02
+
+
+def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool) -> list[float]:
+    """Per-step training losses of one path; the same initial weights (seed 0) every time."""
+    model = build_model(args, "meta")
+    model.set_attention_backend(resolve_backend("auto" if fast else "sdpa", device.type))
+    model = parallelize(model, None, ParallelConfig(compile=str(fast and compile_blocks).lower()), device_type=device.type)
+    model.to_empty(device=device)
+    model.init_weights(0)
+    model.set_loss("chunked" if fast else "plain", chunk_tokens=2048, compiled=fast and compile_blocks)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0), device.type)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    losses = []
+    for batch in batches:
+        inputs, targets = batch[:, :-1].to(device), batch[:, 1:].to(device)
+        with autocast:
+            loss = model(inputs, targets=targets) / targets.numel()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    del model, optimizer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return losses
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default=None, help="model size (default qwen2-0.5b on CUDA, debug on CPU)")
+    parser.add_argument("--layers", type=int, default=8, help="decoder blocks (fewer than the size's, for speed)")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--distinct-batches", type=int, default=4, help="batches cycled through (so the loss falls)")
+    parser.add_argument("--no-compile", action="store_true", help="fast path without torch.compile (CPU dry run)")
+    parser.add_argument("--out", help="write the curves and the verdict as JSON here")
+    opts = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    size = opts.size or ("qwen2-0.5b" if device.type == "cuda" else "debug")
+    seq_len = opts.seq_len or (2048 if device.type == "cuda" else 64)
+    args = get_model_args(size, num_hidden_layers=opts.layers)
+    generator = torch.Generator().manual_seed(0)
+    distinct = [torch.randint(0, args.vocab_size, (opts.micro_batch, seq_len + 1), generator=generator)
+                for _ in range(opts.distinct_batches)]
+    batches = [distinct[i % len(distinct)] for i in range(opts.steps)]
+    compile_blocks = not opts.no_compile
+    started = time.perf_counter()
+    curves = {
+        "fp32 plain": curve(args, batches, device, bf16=False, fast=False, compile_blocks=compile_blocks),
+        "bf16 plain": curve(args, batches, device, bf16=True, fast=False, compile_blocks=compile_blocks),
+        "bf16 fast": curve(args, batches, device, bf16=True, fast=True, compile_blocks=compile_blocks),
+    }
+    truth = curves["fp32 plain"]
+    noise = max(abs(a - b) for a, b in zip(curves["bf16 plain"], truth))
+    fast_error = max(abs(a - b) for a, b in zip(curves["bf16 fast"], truth))
+    fast_vs_plain = max(abs(a - b) for a, b in zip(curves["bf16 fast"], curves["bf16 plain"]))
+    tolerance = TOLERANCE_FACTOR * noise + TOLERANCE_FLOOR
+    ok = fast_error <= tolerance
+    print(f"{size} ({opts.layers} blocks), seq {seq_len}, micro-batch {opts.micro_batch}, {opts.steps} steps on "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, compile {compile_blocks}")
+    print("step  " + "  ".join(f"{name:>10}" for name in curves))
+    for step in range(opts.steps):
+        print(f"{step + 1:4d}  " + "  ".join(f"{c[step]:10.4f}" for c in curves.values()))
+    print(f"max |bf16 plain - fp32| = {noise:.4f} (bf16 noise); max |bf16 fast - fp32| = {fast_error:.4f}; "
+          f"max |fast - plain| = {fast_vs_plain:.4f}; tolerance {TOLERANCE_FACTOR} x noise + {TOLERANCE_FLOOR} = "
+          f"{tolerance:.4f}: {'ok' if ok else 'FAILED'} ({time.perf_counter() - started:.0f} s)")
+    if opts.out:
+        with open(opts.out, "w") as f:
+            json.dump({"size": size, "layers": opts.layers, "seq_len": seq_len, "micro_batch": opts.micro_batch,
+                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                       "torch": torch.__version__, "curves": curves, "noise": noise, "fast_error": fast_error,
+                       "fast_vs_plain": fast_vs_plain, "tolerance": tolerance, "ok": ok}, f, indent=2)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The output projection and cross-entropy in one step, without the full logits of the 151,936-token vocabulary.
+
+The plain path materializes (tokens, vocab) logits, then an fp32 copy for the softmax, then their gradient: at
+Qwen2-1.5B, 4 x 4096 tokens, that is 2.5 GB per fp32 copy. Here the tokens go through in chunks: each chunk's
+logits are computed, reduced to its loss, turned at once into the gradient of the logits (softmax - one-hot) and
+multiplied into the gradients of the hidden states and of the weight, then dropped. The gradients are computed in
+the forward pass and only scaled in backward, so the vocab-wide projection runs three matmuls per token (logits,
+d hidden, d weight) as in the plain path, and is never recomputed.
+
+Backends (model.loss): chunked (this module), liger (Liger-Kernel's fused linear cross-entropy, when installed),
+plain (logits, then torch's cross_entropy; the only one that works on vocabulary-sharded tensor-parallel logits).
+"""
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from qwen2_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("auto", "chunked", "liger", "plain")
+
+
+def resolve_loss(requested: str, tp: int, device_type: str) -> str:
+    """Turn model.loss (possibly 'auto') into a concrete implementation, and say why in the log."""
+    if requested not in LOSSES:
+        raise UserError(f"model.loss: unknown implementation {requested!r}; choose one of {', '.join(LOSSES)}")
+    if requested in ("chunked", "liger") and tp > 1:
+        raise UserError(f"model.loss={requested} cannot read vocabulary-sharded logits (parallel.tp={tp}); "
+                        "use model.loss=auto or plain with tensor parallelism")
+    if requested == "liger":
+        if device_type != "cuda":
+            raise UserError("model.loss=liger needs a CUDA device (Triton kernels); use model.loss=auto")
+        _liger_function()  # fails now, with the fix, rather than at the first step
+    if requested != "auto":
+        log.info("loss: %s (requested)", requested)
+        return requested
+    if tp > 1:
+        log.info("loss: plain (auto: vocabulary-parallel cross-entropy over tensor-parallel logits)")
+        return "plain"
+    log.info("loss: chunked (auto: fused output projection + cross-entropy, no full logits)")
+    return "chunked"
+
+
+@functools.cache
+def _liger_function():
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        raise UserError("model.loss=liger: the liger-kernel package is not importable; pip install liger-kernel, "
+                        "or use model.loss=auto (our chunked loss)") from None
+    return liger_fused_linear_cross_entropy
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy of one chunk of logits (any float dtype, math in fp32) and d loss / d logits in the
+    logits' dtype."""
+    fp32 = logits.float()
+    lse = torch.logsumexp(fp32, dim=-1)
+    loss = (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
+    grad = torch.exp(fp32 - lse[:, None])
+    grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+    return loss, grad.to(logits.dtype)
+
+
+def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    fp32 = logits.float()
+    return (torch.logsumexp(fp32, dim=-1) - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
+
+
+@functools.cache
+def _compiled(fn):
+    # One fused kernel per step of the softmax instead of an fp32 copy of the chunk's logits (CUDA only: a CPU
+    # compile costs tens of seconds). dynamic=False: chunks have one size, except maybe the last one.
+    return torch.compile(fn, dynamic=False)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """sum over tokens of cross_entropy(hidden @ weight.T, targets), gradients computed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens, compute_dtype, compiled):
+        # hidden (tokens, hidden) and weight (vocab, hidden) in any dtype; the matmuls run in compute_dtype.
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        loss_and_grad = _compiled(_chunk_loss_and_grad) if compiled else _chunk_loss_and_grad
+        # d weight summed over the chunks: in fp32 for an fp32 weight; for a low-precision weight (FSDP's bf16
+        # gather) in its dtype, each chunk's matmul accumulating in fp32 -- the rounding of the plain path's
+        # bf16 weight gradient, plus one rounding per chunk.
+        grad_w = torch.zeros(w.shape, dtype=torch.float32 if weight.dtype == torch.float32 else compute_dtype,
+                             device=w.device)
+        grad_h = torch.empty_like(h)
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, h.shape[0], chunk_tokens):
+            h_chunk = h[start : start + chunk_tokens]
+            chunk_loss, grad_logits = loss_and_grad(h_chunk @ w.T, targets[start : start + chunk_tokens])
+            loss += chunk_loss
+            torch.matmul(grad_logits, w, out=grad_h[start : start + chunk_tokens])
+            if grad_w.dtype == grad_logits.dtype:
+                grad_w.addmm_(grad_logits.T, h_chunk)
+            else:
+                grad_w += (grad_logits.T @ h_chunk).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (hidden.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        # The loss is a sum: its gradient only scales the ones computed in forward (1/tokens in the trainer).
+        return (grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    impl: str = "chunked",
+    chunk_tokens: int = 2048,
+    compiled: bool = False,
+) -> torch.Tensor:
+    """Summed cross-entropy (fp32 scalar) of the logits hidden @ weight.T against targets, by `impl` (a resolved
+    model.loss). hidden: (..., hidden); targets: (...) token ids; weight: (vocab, hidden). Under autocast the
+    projection runs in the autocast dtype, as a plain F.linear would."""
+    hidden = hidden.flatten(0, -2)
+    targets = targets.flatten().to(hidden.device)
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    if impl == "plain":
+        logits = F.linear(hidden, weight)
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    if impl == "liger":
+        return _liger_function()(hidden.to(compute_dtype), weight.to(compute_dtype), targets, reduction="sum").float()
+    if impl != "chunked":
+        raise AssertionError(f"unresolved loss implementation {impl!r}")
+    if chunk_tokens < 1:
+        raise UserError(f"model.loss_chunk_tokens={chunk_tokens} must be positive, e.g. 2048")
+    with torch.autocast(device_type, enabled=False):
+        if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+            # Evaluation: the same chunked loss, no gradients.
+            h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+            chunk_loss = _compiled(_chunk_loss) if compiled else _chunk_loss
+            return sum((chunk_loss(h[s : s + chunk_tokens] @ w.T, targets[s : s + chunk_tokens])
+                        for s in range(0, h.shape[0], chunk_tokens)), torch.zeros((), device=h.device))
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, compute_dtype, compiled)

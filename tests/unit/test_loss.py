@@ -1,0 +1,158 @@
+"""The chunked linear cross-entropy equals the plain one (values and gradients) without ever holding full logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.loss import linear_cross_entropy, resolve_loss
+from qwen2_dist.model.qwen2 import build_model
+
+
+def plain_loss_and_grads(hidden, weight, targets):
+    hidden = hidden.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    loss = F.cross_entropy(F.linear(hidden, weight).float().flatten(0, 1), targets.flatten(), reduction="sum")
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def chunked_loss_and_grads(hidden, weight, targets, chunk_tokens, scale=1.0):
+    hidden = hidden.detach().requires_grad_()
+    weight = weight.detach().requires_grad_()
+    loss = linear_cross_entropy(hidden, weight, targets, "chunked", chunk_tokens=chunk_tokens)
+    (loss * scale).backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+def inputs(dtype=torch.float32, batch=2, seq=37, dim=16, vocab=101, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, seq, dim, generator=generator).to(dtype)
+    weight = (torch.randn(vocab, dim, generator=generator) * 0.3).to(dtype)
+    targets = torch.randint(0, vocab, (batch, seq), generator=generator)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 10, 37, 74, 1000])
+def test_matches_plain_loss_and_gradients_fp32(chunk_tokens):
+    hidden, weight, targets = inputs()
+    loss, d_hidden, d_weight = plain_loss_and_grads(hidden, weight, targets)
+    # A scaled loss (the trainer divides by the global token count) scales the gradients computed in forward.
+    c_loss, c_hidden, c_weight = chunked_loss_and_grads(hidden, weight, targets, chunk_tokens, scale=0.25)
+    torch.testing.assert_close(c_loss, loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(c_hidden, 0.25 * d_hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_weight, 0.25 * d_weight, rtol=1e-5, atol=1e-6)
+    assert c_hidden.dtype == c_weight.dtype == torch.float32
+
+
+def test_bf16_error_is_that_of_the_plain_bf16_path():
+    # Ground truth in fp64 from the same bf16 inputs; the chunked path may not be much further from it than the
+    # plain bf16 path is (its weight gradient adds one bf16 rounding per chunk).
+    hidden, weight, targets = inputs(torch.bfloat16, batch=4, seq=64, dim=32, vocab=300)
+    truth = plain_loss_and_grads(hidden.double(), weight.double(), targets)
+    plain = plain_loss_and_grads(hidden, weight, targets)
+    chunked = chunked_loss_and_grads(hidden, weight, targets, chunk_tokens=32)
+    assert chunked[1].dtype == chunked[2].dtype == torch.bfloat16
+    for name, t, p, c in zip(("loss", "d hidden", "d weight"), truth, plain, chunked):
+        plain_error = (p.double() - t).abs().max().item()
+        chunked_error = (c.double() - t).abs().max().item()
+        scale = t.abs().max().item()
+        assert chunked_error <= 2 * plain_error + 1e-3 * scale, (name, chunked_error, plain_error, scale)
+
+
+def test_no_gradients_outside_autograd():
+    hidden, weight, targets = inputs()
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, "chunked", chunk_tokens=8)
+    expected = F.cross_entropy(F.linear(hidden, weight).flatten(0, 1), targets.flatten(), reduction="sum")
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-5)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_never_holds_the_full_logits():
+    hidden, weight, targets = inputs(batch=4, seq=64, dim=8, vocab=500)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    tokens, vocab, chunk = 4 * 64, 500, 16
+    with LargestTensor() as seen:
+        loss = linear_cross_entropy(hidden, weight, targets, "chunked", chunk_tokens=chunk)
+        loss.backward()
+    # The weight and its gradient (vocab x hidden) and chunk x vocab pieces; nothing of tokens x vocab.
+    assert seen.largest == max(chunk * vocab, vocab * 8, tokens * 8)
+    with LargestTensor() as seen:
+        F.cross_entropy(F.linear(hidden, weight).flatten(0, 1), targets.flatten(), reduction="sum").backward()
+    assert seen.largest == tokens * vocab  # the check above can fail
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_forward_with_targets_matches_logits_then_cross_entropy(tied):
+    args = get_model_args("debug", tie_word_embeddings=tied)
+    models = []
+    for impl in ("plain", "chunked"):
+        torch.manual_seed(0)
+        model = build_model(args, "cpu")
+        model.init_weights(seed=1)
+        model.set_loss(impl, chunk_tokens=24)
+        models.append(model)
+    tokens = torch.randint(0, args.vocab_size, (2, 33), generator=torch.Generator().manual_seed(2))
+    targets = torch.roll(tokens, -1, dims=1)
+    plain = F.cross_entropy(models[0](tokens).flatten(0, 1), targets.flatten(), reduction="sum")
+    chunked = models[1](tokens, targets=targets)
+    torch.testing.assert_close(chunked, plain, rtol=1e-6, atol=1e-4)
+    plain.backward()
+    chunked.backward()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=2e-5, msg=name)
+
+
+def test_twenty_training_steps_follow_the_plain_loss_curve():
+    # fp32 on the CPU: the two paths are the same computation up to summation order, so the curves agree to ~1e-5
+    # (the GPU check compares the compiled bf16 paths within bf16 noise).
+    args = get_model_args("debug", vocab_size=2048)
+    generator = torch.Generator().manual_seed(3)
+    distinct = [torch.randint(0, args.vocab_size, (2, 65), generator=generator) for _ in range(4)]
+    batches = [distinct[i % 4] for i in range(20)]  # seen again and again, so the loss falls
+    curves = {}
+    for impl in ("plain", "chunked"):
+        model = build_model(args, "cpu")
+        model.init_weights(seed=0)
+        model.set_loss(impl, chunk_tokens=50)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        curve = []
+        for batch in batches:
+            loss = model(batch[:, :-1], targets=batch[:, 1:]) / batch[:, 1:].numel()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            curve.append(loss.item())
+        curves[impl] = torch.tensor(curve)
+    assert curves["plain"][-1] < curves["plain"][0] - 0.5  # it trains
+    torch.testing.assert_close(curves["chunked"], curves["plain"], rtol=0, atol=5e-5)
+
+
+def test_resolve_loss():
+    assert resolve_loss("auto", tp=1, device_type="cpu") == "chunked"
+    assert resolve_loss("auto", tp=2, device_type="cuda") == "plain"
+    assert resolve_loss("plain", tp=1, device_type="cpu") == "plain"
+    with pytest.raises(UserError, match="model.loss=chunked cannot read vocabulary-sharded logits"):
+        resolve_loss("chunked", tp=2, device_type="cpu")
+    with pytest.raises(UserError, match="model.loss=liger needs a CUDA device"):
+        resolve_loss("liger", tp=1, device_type="cpu")
+    with pytest.raises(UserError, match="model.loss: unknown implementation 'fused'"):
+        resolve_loss("fused", tp=1, device_type="cpu")
