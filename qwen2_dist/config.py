@@ -25,6 +25,15 @@ class ModelConfig:
     cross_entropy)."""
     loss_chunk_tokens: int = 2048
     """Tokens per chunk of the chunked loss: its transient memory is about chunk x vocab x 4 bytes."""
+    kernels: str = "torch"
+    """Who computes RMSNorm (and SwiGLU): torch (fused by torch.compile per block on CUDA), liger (Liger-Kernel's Triton
+    kernels) or apex (NVIDIA apex's fused RMSNorm); liger and apex need CUDA and parallel.compile=false or auto."""
+    fuse_projections: bool = False
+    """Compute q/k/v, and gate/up, each as one matmul over the concatenated weights (parameters stay separate);
+    parallel.tp=1 only."""
+    float8: bool = False
+    """Train the decoder blocks' linear layers in float8 (torchao's dynamic scaling; CUDA with compute capability
+    >= 8.9, the torchao package). The output head stays in bf16."""
     init_from_hf: Optional[str] = None
     """Hugging Face Qwen2 directory (config.json + safetensors) whose weights start the run instead of init_weights."""
     hidden_size: Optional[int] = None
@@ -139,6 +148,9 @@ class OptimConfig:
     eps: float = 1e-8
     fused: Any = "auto"
     """auto (= true: fused AdamW, on CUDA and CPU; it skips flagged steps without a host sync), true or false."""
+    impl: str = "torch"
+    """AdamW implementation: torch (fused AdamW, see optim.fused) or apex (apex.optimizers.FusedAdam, CUDA, when apex is
+    installed)."""
 
 
 @dataclass
@@ -365,6 +377,21 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if m.loss in ("chunked", "liger") and p.tp > 1:
         raise UserError(f"model.loss={m.loss} cannot read vocabulary-sharded logits (parallel.tp={p.tp}); use "
                         "model.loss=auto or plain with tensor parallelism")
+    from qwen2_dist.model.kernels import KERNELS
+
+    if m.kernels not in KERNELS:
+        raise UserError(f"model.kernels={m.kernels!r}: choose one of {', '.join(KERNELS)}")
+    if m.kernels != "torch" and str(p.compile).lower() == "true":
+        raise UserError(f"model.kernels={m.kernels} with parallel.compile=true: the compiled blocks fuse these ops "
+                        "themselves; use model.kernels=torch, or parallel.compile=false")
+    if m.fuse_projections and p.tp > 1:
+        raise UserError("model.fuse_projections=true needs parallel.tp=1 (tensor parallelism shards q/k/v and "
+                        "gate/up separately); set model.fuse_projections=false")
+    if m.float8 and (p.tp > 1 or m.fuse_projections):
+        raise UserError("model.float8=true works with parallel.tp=1 and model.fuse_projections=false (the fused "
+                        "projections bypass the float8 linears); change one of them")
+    if o.impl not in ("torch", "apex"):
+        raise UserError(f"optim.impl={o.impl!r}: choose torch or apex")
     if m.loss_chunk_tokens < 1:
         raise UserError(f"model.loss_chunk_tokens={m.loss_chunk_tokens}: must be a positive number of tokens, e.g. 2048")
     dp_shard = _check_parallel(p, args, t, world_size)

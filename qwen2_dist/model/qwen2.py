@@ -5,6 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from qwen2_dist.model import kernels
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.attention import DocumentMask, attention, document_mask
 from qwen2_dist.model.loss import linear_cross_entropy
@@ -17,8 +18,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels != "torch":
+            return kernels.rms_norm(self.kernels, x, self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -53,15 +57,20 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.hidden_size, args.num_key_value_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(args.num_attention_heads * self.head_dim, args.hidden_size, bias=False)
         self.backend = "sdpa"
+        self.fused = False  # q/k/v as one matmul (see Qwen2.set_kernels)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: DocumentMask | None = None
     ) -> torch.Tensor:
         batch, seq_len, _ = x.shape
         # view(..., -1, head_dim) rather than a fixed head count: under tensor parallelism each rank holds a slice.
-        q = self.q_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        if self.fused:
+            q, k, v = kernels.fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        k = k.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
+        v = v.view(batch, seq_len, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = attention(q, k, v, self.backend, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq_len, -1))
@@ -75,9 +84,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.fused = False  # gate/up as one matmul
+        self.kernels = "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = kernels.fused_linear(x, (self.gate_proj, self.up_proj))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.kernels == "liger":
+            return self.down_proj(kernels.liger_swiglu(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -137,6 +154,17 @@ class Qwen2(nn.Module):
         self.attention_backend = backend
         for layer in self.layers:
             layer.self_attn.backend = backend
+
+    def set_kernels(self, kernels_name: str = "torch", fuse_projections: bool = False, device_type: str = "cuda") -> None:
+        """model.kernels (torch, liger, apex: who computes RMSNorm, and with liger SwiGLU) and
+        model.fuse_projections (q/k/v and gate/up each as one matmul over the concatenated weights; the parameters
+        stay separate, so checkpoints and Hugging Face conversion do not change). Call before the first forward."""
+        kernels.check_available(kernels_name, device_type)
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, MLP)):
+                module.kernels = kernels_name
+            if isinstance(module, (Attention, MLP)):
+                module.fused = fuse_projections
 
     def set_loss(self, impl: str, chunk_tokens: int = 2048, compiled: bool = False) -> None:
         """How forward(targets=...) computes the loss: a resolved model.loss (see loss.resolve_loss)."""

@@ -34,12 +34,17 @@ def parallelize(
     cfg: ParallelConfig,
     param_dtype: torch.dtype = torch.float32,
     device_type: str = "cpu",
+    float8: bool = False,
+    kernels: str = "torch",
 ) -> Qwen2:
-    """Apply TP(+SP), activation checkpointing, per-block compile and FSDP2 (HSDP when dp_replicate > 1).
+    """Apply float8 linears (model.float8), TP(+SP), activation checkpointing, per-block compile and FSDP2 (HSDP
+    when dp_replicate > 1).
 
     One process (mesh None) gets only checkpointing and compile. Call on the meta device, before to_empty.
     """
     tp = mesh["tp"].size() if mesh is not None else 1
+    if float8:
+        apply_float8(model, device_type, fsdp=mesh is not None)
     if tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
     if cfg.activation_checkpointing != "none":
@@ -47,7 +52,7 @@ def parallelize(
         for index, layer in enumerate(model.layers):
             if index % every == 0:
                 model.layers[index] = checkpoint_wrapper(layer)
-    compiled = compile_enabled(cfg, device_type)
+    compiled = compile_enabled(cfg, device_type, kernels)
     if compiled:
         # Each block on its own (one graph, reused by every block), before FSDP so its hooks stay outside the graph.
         for index, layer in enumerate(model.layers):
@@ -66,10 +71,33 @@ def parallelize(
     return model
 
 
-def compile_enabled(cfg: ParallelConfig, device_type: str) -> bool:
-    """parallel.compile resolved: auto compiles on CUDA only (a first CPU compile costs tens of seconds)."""
+def compile_enabled(cfg: ParallelConfig, device_type: str, kernels: str = "torch") -> bool:
+    """parallel.compile resolved: auto compiles on CUDA only (a first CPU compile costs tens of seconds), and not
+    around hand-written kernels (model.kernels liger or apex)."""
     choice = str(cfg.compile).lower()
-    return choice == "true" or (choice == "auto" and device_type == "cuda")
+    return choice == "true" or (choice == "auto" and device_type == "cuda" and kernels == "torch")
+
+
+def apply_float8(model: Qwen2, device_type: str, fsdp: bool) -> None:
+    """Swap the decoder blocks' linear layers for torchao's Float8Linear (dynamic tensor-wise scaling; with FSDP2 the
+    weights are all-gathered in float8). The output head stays bf16: it feeds the loss, where float8 hurts most."""
+    if device_type != "cuda" or torch.cuda.get_device_capability() < (8, 9):
+        raise UserError("model.float8=true needs a CUDA GPU of compute capability >= 8.9 (H100, L40S, RTX 4090); "
+                        "set model.float8=false")
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError:
+        raise UserError("model.float8=true: the torchao package is not importable; pip install torchao or set "
+                        "model.float8=false") from None
+
+    def wanted(module: torch.nn.Module, name: str) -> bool:
+        # float8 matmuls need both dimensions divisible by 16.
+        return (isinstance(module, torch.nn.Linear) and name.startswith("layers.")
+                and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+    convert_to_float8_training(model, config=Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp),
+                               module_filter_fn=wanted)
+    log.info("float8: decoder-block linears converted (torchao, dynamic tensor-wise scaling)")
 
 
 def apply_tensor_parallel(model: Qwen2, tp_mesh: DeviceMesh) -> None:

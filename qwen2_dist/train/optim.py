@@ -5,9 +5,10 @@ import math
 import torch
 
 from qwen2_dist.config import OptimConfig
+from qwen2_dist.errors import UserError
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) -> torch.optim.Optimizer:
     """AdamW; weight decay on projection matrices, none on biases, norms and the embedding."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -21,6 +22,16 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str) 
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if cfg.impl == "apex":
+        if device_type != "cuda":
+            raise UserError("optim.impl=apex runs on CUDA devices only; use optim.impl=torch")
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise UserError("optim.impl=apex: NVIDIA apex (with its CUDA extensions) is not importable; build it "
+                            "from github.com/NVIDIA/apex or use optim.impl=torch") from None
+        # AdamW's decoupled weight decay (adam_w_mode); a flagged step is skipped on the host (no found_inf).
+        return FusedAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adam_w_mode=True)
     return torch.optim.AdamW(
         groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused, foreach=None if fused else True
     )

@@ -106,7 +106,8 @@ class Trainer:
         # The loss inside the model's forward (model.loss chunked or liger), or logits out and the loss here.
         loss_impl = resolve_loss(cfg.model.loss, tp, world.device.type)
         self.loss_in_model = loss_impl != "plain"
-        model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compile_enabled(cfg.parallel, world.device.type))
+        model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compile_enabled(cfg.parallel, world.device.type, cfg.model.kernels))
+        model.set_kernels(cfg.model.kernels, cfg.model.fuse_projections, world.device.type)
         use_autocast = mesh is None and world.device.type == "cuda" and cfg.train.mixed_precision != "fp32"
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()

@@ -1,0 +1,57 @@
+"""Fused projections compute what the separate ones do; optional kernels and float8 are refused clearly where absent."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen2_dist.config import OptimConfig, ParallelConfig
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.qwen2 import build_model
+from qwen2_dist.parallel.parallelize import compile_enabled, parallelize
+from qwen2_dist.train.optim import build_optimizer
+
+
+def _loss_and_grads(fuse: bool):
+    args = get_model_args("tiny")
+    model = build_model(args, "cpu")
+    model.init_weights(0)
+    model.set_kernels("torch", fuse_projections=fuse, device_type="cpu")
+    tokens = torch.randint(0, args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
+    loss.backward()
+    return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_fused_projections_match_separate_ones():
+    loss, grads = _loss_and_grads(fuse=False)
+    fused_loss, fused_grads = _loss_and_grads(fuse=True)
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
+    assert fused_grads.keys() == grads.keys()  # the same parameters: checkpoints and HF conversion are unchanged
+    for name, grad in grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kernels, message", [
+    ("liger", "model.kernels=liger runs on CUDA devices only"),
+    ("apex", "model.kernels=apex runs on CUDA devices only"),
+    ("triton", "model.kernels: unknown choice 'triton'"),
+])
+def test_unavailable_kernels_are_refused(kernels, message):
+    model = build_model(get_model_args("debug"), "meta")
+    with pytest.raises(UserError, match=message):
+        model.set_kernels(kernels, device_type="cpu")
+
+
+def test_hand_written_kernels_turn_auto_compile_off():
+    cfg = ParallelConfig(compile="auto")
+    assert compile_enabled(cfg, "cuda") and not compile_enabled(cfg, "cuda", kernels="liger")
+    assert not compile_enabled(cfg, "cpu")
+
+
+def test_float8_and_apex_optimizer_need_cuda():
+    model = build_model(get_model_args("debug"), "meta")
+    with pytest.raises(UserError, match="model.float8=true needs a CUDA GPU"):
+        parallelize(model, None, ParallelConfig(), device_type="cpu", float8=True)
+    with pytest.raises(UserError, match="optim.impl=apex runs on CUDA devices only"):
+        build_optimizer(build_model(get_model_args("debug"), "cpu"), OptimConfig(impl="apex"), "cpu")
