@@ -151,6 +151,10 @@ class OptimConfig:
     impl: str = "torch"
     """AdamW implementation: torch (fused AdamW, see optim.fused) or apex (apex.optimizers.FusedAdam, CUDA, when apex is
     installed)."""
+    in_backward: bool = False
+    """Update each parameter as soon as its gradient is ready in backward and free that gradient (memory-lean: the
+    full set of gradients never exists). Needs one process without FSDP, train.grad_clip=0 (no global norm to clip
+    by), one micro-batch per step and train.spike_sigma=0."""
 
 
 @dataclass
@@ -390,6 +394,13 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if m.float8 and (p.tp > 1 or m.fuse_projections):
         raise UserError("model.float8=true works with parallel.tp=1 and model.fuse_projections=false (the fused "
                         "projections bypass the float8 linears); change one of them")
+    if o.in_backward and (world_size > 1 or t.grad_clip > 0 or t.spike_sigma > 0
+                          or t.global_batch_size != t.micro_batch_size):
+        raise UserError(
+            "optim.in_backward=true updates each parameter during backward, so it needs one process, "
+            f"train.grad_clip=0 (got {t.grad_clip}), train.spike_sigma=0 (got {t.spike_sigma}) and "
+            f"train.global_batch_size = train.micro_batch_size (got {t.global_batch_size} and {t.micro_batch_size})"
+        )
     if o.impl not in ("torch", "apex"):
         raise UserError(f"optim.impl={o.impl!r}: choose torch or apex")
     if m.loss_chunk_tokens < 1:

@@ -168,8 +168,14 @@ def clean_partial(ckpt_root: str) -> list[str]:
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
     if optimizer is None:
         return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer))
     return {"model": model_sd, "optim": optim_sd}
+
+
+def _optimizers(optimizer):
+    """The torch optimizer(s) behind optimizer: an InBackwardOptimizer holds one per parameter, which distributed
+    checkpointing saves and loads as one state dict under the parameters' names."""
+    return getattr(optimizer, "optimizers", optimizer)
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -365,7 +371,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
         raise UserError(f"{path}: cannot be loaded ({type(exc).__name__}: {first}); "
                         "the checkpoint is damaged or from another model") from None
     if with_optim:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
         set_model_state_dict(model, state["model"])
     train_state = {}

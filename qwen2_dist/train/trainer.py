@@ -96,6 +96,7 @@ class Trainer:
         self.guard = StepGuard(world.device, cfg.train.spike_sigma, cfg.train.spike_window)
         # The fused AdamW skips a flagged step on the device; the others need the verdict on the host.
         self.device_skip = bool(optimizer.defaults.get("fused"))
+        self.in_backward = bool(optimizer.defaults.get("in_backward"))
         self.step = 0
         self.saved_step = -1  # no checkpoint of this run's state yet
         self.tokens_seen = 0
@@ -151,10 +152,15 @@ class Trainer:
             with loss_context(self.mesh):  # vocabulary-parallel cross-entropy (and its backward) when tp > 1
                 loss = self._loss(inputs, positions, targets)
                 loss = inject_nan(self.step + 1, loss)
+                if self.in_backward:
+                    self.optimizer.skip_if(~torch.isfinite(loss))
                 (loss / global_tokens).backward()
             loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
-        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if self.in_backward:
+            grad_norm = self.optimizer.grad_norm()  # the updates are done; nothing to clip or step
+        else:
+            max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         loss = all_reduce_sum(loss_sum, self.mesh) / global_tokens
@@ -162,7 +168,7 @@ class Trainer:
         if self.device_skip:
             self.optimizer.found_inf = skip
             self.optimizer.step()
-        elif not skip.item():
+        elif not self.in_backward and not skip.item():
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, data_seconds

@@ -1,0 +1,108 @@
+"""optim.in_backward: the same updates as AdamW after backward, without ever holding every gradient; skips and
+checkpoints work; the settings it cannot honour are refused."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen2_dist.cli.train import compose_job
+from qwen2_dist.config import OptimConfig, validate
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.qwen2 import build_model
+from qwen2_dist.train import checkpoint
+from qwen2_dist.train.optim import build_optimizer, set_lr
+
+CFG = OptimConfig(lr=1e-2, warmup_steps=0)
+
+
+def _model():
+    model = build_model(get_model_args("tiny"), "cpu")
+    model.init_weights(0)
+    return model
+
+
+def _batches(n=4):
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 1000, (2, 17), generator=generator) for _ in range(n)]
+
+
+def _train(model, optimizer, batches, nan_at=None):
+    for index, batch in enumerate(batches):
+        loss = F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        if index == nan_at:
+            loss = loss * float("nan")
+        if hasattr(optimizer, "skip_if"):
+            optimizer.skip_if(~torch.isfinite(loss))
+        loss.backward()
+        if hasattr(optimizer, "grad_norm"):
+            optimizer.grad_norm()
+        elif torch.isfinite(loss):
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_same_updates_as_adamw_after_backward():
+    plain, fused = _model(), _model()
+    plain_opt = build_optimizer(plain, CFG, "cpu")
+    in_bwd = build_optimizer(fused, OptimConfig(lr=1e-2, warmup_steps=0, in_backward=True), "cpu")
+    set_lr(plain_opt, 5e-3)
+    set_lr(in_bwd, 5e-3)
+    _train(plain, plain_opt, _batches())
+    _train(fused, in_bwd, _batches())
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        assert b.grad is None  # freed right after its update
+
+
+def test_gradients_never_all_exist_at_once():
+    model = _model()
+    optimizer = build_optimizer(model, OptimConfig(in_backward=True), "cpu")
+    params = list(model.parameters())
+    most = 0
+
+    def count(_grad):
+        nonlocal most
+        most = max(most, sum(p.grad is not None for p in params))
+
+    for p in params:
+        p.register_hook(count)  # runs as each gradient arrives, before it is accumulated
+    batch = _batches(1)[0]
+    F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+    assert optimizer.grad_norm() > 0
+    assert most <= 1 < len(params)
+
+
+def test_a_non_finite_loss_skips_every_update():
+    model = _model()
+    optimizer = build_optimizer(model, OptimConfig(in_backward=True), "cpu")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, optimizer, _batches(1), nan_at=0)
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    _train(model, optimizer, _batches(1))
+    assert not torch.equal(model.embed_tokens.weight, before["embed_tokens.weight"])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = _model()
+    optimizer = build_optimizer(model, OptimConfig(in_backward=True), "cpu")
+    _train(model, optimizer, _batches(2))
+    checkpoint.write(str(tmp_path / "ckpt"), model, optimizer, {"step": 2}, {"step": 2})
+    restored = _model()
+    restored_opt = build_optimizer(restored, OptimConfig(in_backward=True), "cpu")
+    assert checkpoint.load(str(tmp_path / "ckpt"), restored, restored_opt)["step"] == 2
+    for a, b in zip(optimizer.optimizers, restored_opt.optimizers):
+        (pa,), (pb,) = a.param_groups[0]["params"], b.param_groups[0]["params"]
+        torch.testing.assert_close(b.state[pb]["exp_avg"], a.state[pa]["exp_avg"], rtol=0, atol=0)
+        torch.testing.assert_close(pb, pa, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("overrides, world_size", [
+    (["optim.in_backward=true"], 1),  # grad_clip defaults to 1.0
+    (["optim.in_backward=true", "train.grad_clip=0", "train.global_batch_size=8", "train.micro_batch_size=4"], 1),
+    (["optim.in_backward=true", "train.grad_clip=0", "train.global_batch_size=8", "train.micro_batch_size=8"], 2),
+])
+def test_refused_where_it_cannot_hold(overrides, world_size):
+    with pytest.raises(UserError, match="optim.in_backward=true updates each parameter during backward"):
+        validate(compose_job(overrides), world_size)
