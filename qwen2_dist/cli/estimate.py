@@ -25,7 +25,7 @@ from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.qwen2 import Qwen2, build_model, count_parameters
 from qwen2_dist.parallel.mesh import World, build_mesh
-from qwen2_dist.parallel.parallelize import parallelize
+from qwen2_dist.parallel.parallelize import compile_enabled, parallelize
 
 GIB = 2**30
 CONTEXT_GIB = 1.0
@@ -141,14 +141,17 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     if plan.checkpointed_layers:
         activations += act["block"]  # the block being recomputed
     lines: dict[str, float] = {}
-    # Parameters stay fp32 (the master copy); AdamW keeps m and v in fp32; gradients are fp32.
+    # Held all step: parameters stay fp32 (the master copy), AdamW keeps m and v in fp32.
     on_cpu = job.parallel.cpu_offload
     lines["parameters (fp32)"] = 0 if on_cpu else 4 * plan.sharded
-    lines["gradients (fp32)"] = 0 if on_cpu else 4 * plan.sharded
     lines["optimizer state (AdamW m, v fp32)"] = 0 if on_cpu else 8 * plan.sharded
+    copies = 0
     if one_process:
         if bf16:
-            lines["bf16 weight copies (autocast cache)"] = 2 * plan.sharded
+            # autocast's bf16 copy of each weight lives as long as the block that saved it for backward: all of
+            # them, except recomputed blocks, which cast again (one at a time) in backward.
+            copies = 2 * (plan.sharded - plan.checkpointed_layers * plan.gathered_block
+                          + (plan.gathered_block if plan.checkpointed_layers else 0))
     else:
         # FSDP: the root stays gathered from forward to the end of backward, with its gradient in compute dtype;
         # two blocks are gathered at a time (one computing, one prefetched; all of them with reshard 'never'),
@@ -156,9 +159,36 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
         blocks = layers if job.parallel.reshard_after_forward == "never" else 2
         lines["gathered weights (root + blocks)"] = p * (plan.gathered_root + blocks * plan.gathered_block)
         lines["unsharded gradients in flight"] = (p * plan.gathered_root + (p + 4) * plan.gathered_block)
+    static = sum(lines.values())
+    # Backward frees activations as it makes gradients, so the two never peak together: the peak is the static
+    # part plus the larger of (everything saved at the end of forward) and (every gradient at the end of backward).
+    vocab_matrix = args.vocab_size * args.hidden_size // layout["tp"]
+    loss = job.model.loss if job.model.loss != "auto" else ("plain" if layout["tp"] > 1 else "chunked")
+    head = act["head"]
+    if loss != "plain":
+        # No logits kept: one chunk's logits in flight, and the gradients of the head input and of the output
+        # matrix, made in forward (the latter in fp32 for one process's fp32 weights).
+        b, s_len = job.train.micro_batch_size, job.train.seq_len
+        chunk = min(job.model.loss_chunk_tokens, b * s_len)
+        # Compiled (CUDA default), the softmax of a chunk reads its logits and writes their gradient, both in the
+        # compute dtype; eager, it also makes two fp32 copies.
+        compiled = compile_enabled(job.parallel, "cuda", job.model.kernels)
+        head = ((4 + residual) * b * s_len * args.hidden_size + 2 * p * b * s_len * args.hidden_size
+                + (2 * p + (0 if compiled else 8)) * chunk * args.vocab_size
+                + (4 if one_process else p) * vocab_matrix)
+    if copies:
+        lines["bf16 weight copies (autocast, saved for backward)"] = copies
     lines["activations (decoder blocks)"] = activations
-    lines["activations (final norm, logits, loss)"] = act["head"]
-    peak = sum(lines.values())
+    lines[f"activations (final norm, {loss} loss)"] = head
+    if job.optim.in_backward:
+        # Each gradient is freed once its parameter is updated: the largest (the vocabulary matrix) at a time.
+        gradients = 4 * vocab_matrix
+    else:
+        gradients = 0 if on_cpu else 4 * plan.sharded
+        if args.tie_word_embeddings and one_process:
+            gradients += 4 * vocab_matrix  # the lookup's gradient, made before it is added to the head's
+    lines["gradients (fp32, end of backward)"] = gradients
+    peak = static + max(copies + activations + head, gradients)
     info = {
         "args": args, "layout": layout, "world_size": world_size, "plan": plan, "plan_seconds": plan_seconds,
         "parameters": count_parameters(build_model(args, "meta")), "peak": peak,
@@ -189,6 +219,8 @@ def render(job: JobConfig, info: dict, lines: dict[str, float], gpu_mem_gib: flo
     ]
     out += [f"  {name:<46}{value / GIB:>9.2f}" for name, value in lines.items()]
     out += [
+        "  (peak = parameters, optimizer state and FSDP buffers + the larger of what forward saves (weight copies,",
+        "   activations) and the gradients: backward frees the one as it makes the other)",
         f"  {'peak tensor memory (max_memory_allocated)':<46}{info['peak'] / GIB:>9.2f}",
         f"  {f'+ CUDA context {CONTEXT_GIB:.0f} GiB, fragmentation {FRAGMENTATION:.0%}':<46}{allowance / GIB:>9.2f}",
         f"  {'total':<46}{total / GIB:>9.2f}",
