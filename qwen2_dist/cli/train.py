@@ -5,6 +5,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import torch
@@ -14,6 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 from qwen2_dist.config import JobConfig, register_configs, validate
 from qwen2_dist.errors import UserError
 from qwen2_dist.train.faults import TrainingHalted
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from qwen2_dist.parallel.mesh import World
 
 log = logging.getLogger("qwen2_dist")
 
@@ -41,7 +47,8 @@ def setup_logging(run_dir: str, rank: int) -> None:
     root.setLevel(logging.INFO)
 
 
-def _resolve_device(requested: str) -> str:
+def resolve_device(requested: str) -> str:
+    """train.device resolved: auto is cuda when a GPU is visible, else cpu; cuda without one is refused."""
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
@@ -49,27 +56,47 @@ def _resolve_device(requested: str) -> str:
     return requested
 
 
+def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh | None", device_type: str,
+                              load_hf: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The job's model, parallelized over the mesh and initialized on this rank's device (from job.model.init_from_hf
+    when load_hf), and its optimizer."""
+    from qwen2_dist.model.attention import resolve_backend
+    from qwen2_dist.model.hf import load_hf_into
+    from qwen2_dist.model.qwen2 import build_model, count_parameters
+    from qwen2_dist.parallel.parallelize import parallelize
+    from qwen2_dist.train.optim import build_optimizer
+
+    model = build_model(job.model.args(), "meta")
+    model.set_attention_backend(resolve_backend(job.model.attention, device_type, job.data.document_masking))
+    bf16 = job.train.mixed_precision == "bf16" or (job.train.mixed_precision == "auto" and device_type == "cuda")
+    model = parallelize(model, mesh, job.parallel, torch.bfloat16 if bf16 else torch.float32, device_type,
+                        float8=job.model.float8, kernels=job.model.kernels)
+    model.to_empty(device=world.device)
+    model.init_weights(job.seed)
+    if load_hf:
+        load_hf_into(model, job.model.init_from_hf)
+        log.info("initialized from Hugging Face weights in %s", job.model.init_from_hf)
+    log.info("model %s: %s parameters", job.model.name, f"{count_parameters(model):,}")
+    optimizer = build_optimizer(model, job.optim, device_type)
+    return model, optimizer
+
+
 def run(cfg: DictConfig):
     """Run the training job described by a composed config; returns the TrainResult."""
     from qwen2_dist.data.corpus import embedded_corpus
     from qwen2_dist.data.loader import TokenBatches, split_available
     from qwen2_dist.data.prepare import VAL
-    from qwen2_dist.model.attention import resolve_backend
-    from qwen2_dist.model.hf import load_hf_into
-    from qwen2_dist.model.qwen2 import build_model, count_parameters
     from qwen2_dist.parallel.mesh import (
         build_mesh, dp_rank_and_size, init_distributed, set_deterministic, world_from_env,
     )
-    from qwen2_dist.parallel.parallelize import parallelize
     from qwen2_dist.train import checkpoint
-    from qwen2_dist.train.optim import build_optimizer
     from qwen2_dist.train.trainer import Trainer
 
     job: JobConfig = OmegaConf.to_object(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     _, local_rank, world_size = world_from_env()
     layout = validate(job, world_size)
-    device_type = _resolve_device(job.train.device)
+    device_type = resolve_device(job.train.device)
     args = job.model.args()
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     setup_logging(job.run_dir, world.rank)
@@ -112,17 +139,8 @@ def run(cfg: DictConfig):
         if local_rank != 0:
             data_path = embedded_corpus(cache, job.train.seq_len, job.data.embedded_max_tokens)
 
-    model = build_model(args, "meta")
-    model.set_attention_backend(resolve_backend(job.model.attention, device_type, job.data.document_masking))
-    bf16 = job.train.mixed_precision == "bf16" or (job.train.mixed_precision == "auto" and device_type == "cuda")
-    model = parallelize(model, mesh, job.parallel, torch.bfloat16 if bf16 else torch.float32, device_type)
-    model.to_empty(device=world.device)
-    model.init_weights(job.seed)
-    if job.model.init_from_hf and not candidates:
-        load_hf_into(model, job.model.init_from_hf)
-        log.info("initialized from Hugging Face weights in %s", job.model.init_from_hf)
-    log.info("model %s: %s parameters", job.model.name, f"{count_parameters(model):,}")
-    optimizer = build_optimizer(model, job.optim, device_type)
+    model, optimizer = build_model_and_optimizer(job, world, mesh, device_type,
+                                                 load_hf=bool(job.model.init_from_hf) and not candidates)
     # Every rank reads by its data-parallel rank (tensor-parallel peers get the same batches); the remote cache
     # is private to the run_dir, so two runs never share (or fight over) one.
     sources = [(s.path, s.weight) for s in job.data.sources] or [(data_path, 1.0)]

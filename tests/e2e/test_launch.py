@@ -122,11 +122,12 @@ def reference(tmp_path_factory, corpus_cache):
 
 def test_scripts_pass_shellcheck():
     require({"shellcheck": "shellcheck"})
-    scripts = [os.path.join(d, f) for d, suffixes in (("launch", (".sh",)), ("slurm", ("",)), ("tests/slurm", (".sh",)))
+    scripts = [os.path.join(d, f) for d, suffixes in (("launch", (".sh",)), ("slurm", ("",)), ("tests/slurm", (".sh",)),
+                                                        ("benchmarks", (".sh",)))
                for f in sorted(os.listdir(os.path.join(REPO, d))) if f.endswith(suffixes) and not f.endswith(".md")]
     scripts.append(".ci/run")
     assert {"launch/train_single_node.sh", "launch/train_multi_node.sh", "slurm/train.sbatch",
-            "tests/slurm/cluster.sh"} <= set(scripts)
+            "tests/slurm/cluster.sh", "benchmarks/gpu_check.sh", "benchmarks/fetch_wheels.sh"} <= set(scripts)
     result = subprocess.run(["shellcheck", "--external-sources", *scripts], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 

@@ -1,0 +1,195 @@
+#!/usr/bin/env bash
+# The one script a session with a GPU runs: environment, attention tests, loss parity, throughput against the
+# Hugging Face baselines (Qwen2-1.5B and 0.5B at seq 4096), and memory estimate against measured. On one H100 it
+# stays within BUDGET_S seconds (450: under 8 minutes), each step cut to what is left of it.
+#
+#   bash benchmarks/gpu_check.sh                 # results under $OUT (default ./gpu_out)
+#   DRY_RUN=1 bash benchmarks/gpu_check.sh       # or --dry-run: every step on the CPU, debug size, seq 128,
+#                                                # micro-batch 2, 1 warmup + 2 steps, no compile (loss parity: 2
+#                                                # steps): checks this script, not speed
+#
+# Every step is its own python process under `timeout`, logs to $OUT/<step>.log and gets one line in
+# $OUT/summary.txt (ok, FAILED with the reason, or skipped with why); a failed step never stops the next. The exit
+# code is 1 when a step failed. PYTHON picks the interpreter (default python3; .venv/bin/python for a dry run when
+# present); the repository goes on PYTHONPATH, so no install is needed. Wheels in .whl/ (benchmarks/fetch_wheels.sh
+# downloads them; the GPU machine has no network) are installed first, without dependencies, into /tmp/site.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ ${1:-} == --dry-run ]]; then
+    DRY_RUN=1
+fi
+DRY_RUN=${DRY_RUN:-0}
+OUT=${OUT:-./gpu_out}
+BUDGET_S=${BUDGET_S:-450}
+if [[ $DRY_RUN == 1 && -z ${PYTHON:-} && -x .venv/bin/python ]]; then
+    PYTHON=.venv/bin/python
+fi
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+export PYTHONUNBUFFERED=1
+
+if [[ $DRY_RUN == 1 ]]; then
+    SIZE_LARGE=debug SIZE_SMALL=debug SEQ=128 STEPS=(--warmup 1 --steps 2)
+    MB_OURS=2 MB_OURS_SMALL=2 MB_HF=2 MB_LIGER=2 MB_HF_SMALL=2 MB_LIGER_SMALL=2 MB_LEAN=2 MB_VARIANT=2
+    COMPILE=auto  # auto = compile on CUDA only: a CPU compile alone would take longer than the whole dry run
+else
+    SIZE_LARGE=qwen2-1.5b SIZE_SMALL=qwen2-0.5b SEQ=4096 STEPS=()
+    # qwen2-estimate: ours at micro-batch 4 ~71 GiB of tensors (8 would not fit); the lean setting (full recompute,
+    # optimizer in backward) ~22 GiB at 2 and ~23 GiB at 3.
+    MB_OURS=4 MB_OURS_SMALL=8 MB_HF=2 MB_LIGER=4 MB_HF_SMALL=4 MB_LIGER_SMALL=8 MB_LEAN=2,3 MB_VARIANT=4
+    COMPILE=true
+fi
+
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+STARTED=$SECONDS
+FAILED=0
+{
+    echo "gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ)$([[ $DRY_RUN == 1 ]] && echo " (dry run)"), python $PYTHON," \
+        "budget $BUDGET_S s"
+    printf '%-22s %-44s %s\n' step outcome seconds
+} > "$SUMMARY"
+
+record() {  # record STEP OUTCOME SECONDS
+    printf '%-22s %-44s %s\n' "$1" "$2" "$3" >> "$SUMMARY"
+}
+
+skip() {  # skip STEP REASON
+    echo "skipped: $2" | tee "$OUT/$1.log"
+    record "$1" "skipped ($2)" 0
+}
+
+step() {  # step NAME TIMEOUT_S COMMAND...: run it under timeout (cut to the budget left), log and record it
+    local name=$1 limit=$2 left rc=0 outcome=ok started=$SECONDS shown
+    shift 2
+    shown="$*"
+    shown=${shown//$'\n'/ }
+    ((${#shown} <= 240)) || shown="${shown:0:240} ..."
+    left=$((BUDGET_S - (SECONDS - STARTED) - 5))
+    if ((left < 10)); then
+        echo "not run: no time left of the $BUDGET_S s budget" | tee "$OUT/$name.log"
+        record "$name" "FAILED (no time left of the $BUDGET_S s budget)" 0
+        FAILED=1
+        return
+    fi
+    ((limit <= left)) || limit=$left
+    echo "== $name (timeout $limit s): $shown" | tee "$OUT/$name.log"
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log" || rc=${PIPESTATUS[0]}
+    if ((rc == 124 || rc == 137)); then
+        outcome="FAILED (timed out after $limit s)"
+    elif ((rc != 0)); then
+        outcome="FAILED (exit $rc, see $name.log)"
+    fi
+    [[ $outcome == ok ]] || FAILED=1
+    record "$name" "$outcome" $((SECONDS - started))
+}
+
+# 0. Wheels carried from a machine with the package index (the venv of a dry run has them all).
+if [[ $DRY_RUN == 1 ]]; then
+    skip wheels "dry run: $PYTHON has its packages"
+elif compgen -G ".whl/*.whl" > /dev/null; then
+    # shellcheck disable=SC2016  # $1 is expanded by the inner shell
+    WHEELS_SH='
+    if "$1" -m pip --version > /dev/null 2>&1; then
+        exec "$1" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl
+    fi
+    echo "no pip for $1: unpacking the wheels instead (a wheel is a zip of what goes into site-packages)"
+    for wheel in .whl/*.whl; do
+        "$1" -m zipfile -e "$wheel" /tmp/site || exit 1
+    done'
+    step wheels 30 bash -c "$WHEELS_SH" wheels "$PYTHON"
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+else
+    skip wheels "no .whl/ directory (benchmarks/fetch_wheels.sh makes it)"
+fi
+
+# 1. Environment: the GPU, versions, and whether everything the steps import is there.
+ENV_PY='
+import importlib, platform, shutil, subprocess, sys
+print("python", sys.version.split()[0], "on", platform.platform())
+if shutil.which("nvidia-smi"):
+    print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
+else:
+    print("nvidia-smi: not found")
+for name in ("torch", "transformers", "triton", "liger_kernel", "hydra", "omegaconf", "tiktoken", "zstandard",
+             "safetensors", "numpy", "pytest"):
+    try:
+        module = importlib.import_module(name)
+        print("%-13s %s" % (name, getattr(module, "__version__", "(no __version__)")))
+    except Exception as exc:
+        print("%-13s NOT importable: %s: %s" % (name, type(exc).__name__, exc))
+import torch
+print("torch.cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version(), "available:",
+      torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+try:
+    import liger_kernel  # noqa: F401
+    print("import liger_kernel: yes")
+except Exception as exc:
+    print("import liger_kernel: no (%s: %s)" % (type(exc).__name__, exc))
+'
+step env 30 "$PYTHON" -c "$ENV_PY"
+
+# 2. Attention backends against the reference in bf16 on CUDA (they skip themselves on a CPU).
+if [[ -f tests/unit/test_attention_gpu.py ]]; then
+    step attention_gpu 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_attention_gpu.py
+else
+    skip attention_gpu "tests/unit/test_attention_gpu.py does not exist"
+fi
+
+# 3. Loss parity of the fast path with the plain one over 20 steps, against fp32 as the scale of bf16 noise.
+if [[ -f benchmarks/loss_parity.py ]]; then
+    if [[ $DRY_RUN == 1 ]]; then
+        step loss_parity 60 "$PYTHON" benchmarks/loss_parity.py --no-compile --steps 2 --out "$OUT/loss_parity.json"
+    else
+        step loss_parity 90 "$PYTHON" benchmarks/loss_parity.py --out "$OUT/loss_parity.json"
+    fi
+else
+    skip loss_parity "benchmarks/loss_parity.py does not exist"
+fi
+
+# 4. Qwen2-1.5B, seq 4096: ours (compiled) against HF and HF + Liger; then the memory-lean setting of ours.
+step throughput_1.5b 200 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \
+    --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" --baseline "hf:$MB_HF" --baseline "hf-liger:$MB_LIGER" \
+    --json "$OUT/throughput_1.5b.json"
+# The memory-lean setting (target: under 24 GiB): every block recomputed, each parameter updated in backward (its
+# gradient freed at once; that needs train.grad_clip=0).
+step throughput_1.5b_lean 90 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \
+    --micro-batch "$MB_LEAN" --ours parallel.activation_checkpointing=full --ours "parallel.compile=$COMPILE" \
+    --ours optim.in_backward=true --ours train.grad_clip=0 --baseline none --json "$OUT/throughput_1.5b_lean.json"
+
+# 5. Qwen2-0.5B, seq 4096: ours (compiled) against HF and HF + Liger.
+step throughput_0.5b 90 "$PYTHON" benchmarks/throughput.py --size "$SIZE_SMALL" --seq-len "$SEQ" "${STEPS[@]}" \
+    --micro-batch "$MB_OURS_SMALL" --ours "parallel.compile=$COMPILE" --baseline "hf:$MB_HF_SMALL" \
+    --baseline "hf-liger:$MB_LIGER_SMALL" --json "$OUT/throughput_0.5b.json"
+
+# 6. qwen2-estimate for each 1.5B configuration of ours measured in step 4, next to its measured peak.
+reports=()
+for report in "$OUT/throughput_1.5b.json" "$OUT/throughput_1.5b_lean.json"; do
+    if [[ -f $report ]]; then
+        reports+=("$report")
+    fi
+done
+if ((${#reports[@]})); then
+    step estimate 30 "$PYTHON" benchmarks/estimate_vs_measured.py "${reports[@]}"
+else
+    skip estimate "step 4 wrote no JSON"
+fi
+
+# 7. Options that may or may not pay on this GPU, each against step 4's row of ours; last, so that a budget cut
+# only loses these: q/k/v and gate/up as one matmul each; float8 linears (torchao, from .whl/); Liger's fused loss.
+for variant in model.fuse_projections=true model.float8=true model.loss=liger; do
+    if [[ $DRY_RUN == 1 && $variant != model.fuse_projections=true ]]; then
+        skip "variant_${variant%%=*}" "dry run: $variant needs CUDA"
+        continue
+    fi
+    step "variant_${variant%%=*}" 60 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" \
+        "${STEPS[@]}" --micro-batch "$MB_VARIANT" --ours "parallel.compile=$COMPILE" --ours "$variant" --baseline none \
+        --json "$OUT/variant_${variant%%=*}.json"
+done
+
+echo "total $((SECONDS - STARTED)) s" >> "$SUMMARY"
+echo
+cat "$SUMMARY"
+exit "$FAILED"

@@ -1,0 +1,418 @@
+"""Tokens/s, MFU and peak memory of a training step: ours (the real Trainer) next to the Hugging Face baselines.
+
+    python benchmarks/throughput.py --size qwen2-1.5b --seq-len 4096 --micro-batch 4,8 \\
+        --ours parallel.compile=true --baseline hf:2 --baseline hf-liger:4 --json out.json
+
+One process, one device (CUDA when visible, else the CPU), one configuration after the other:
+
+- ours: the job qwen2-train would run with model=SIZE, train.seq_len, train.micro_batch_size = train.global_batch_size
+  = the micro-batch (no accumulation), optim.lr=3e-4, then every --ours KEY=VALUE; built by
+  qwen2_dist.cli.train.build_model_and_optimizer (one process: no FSDP, fp32 weights under bf16 autocast on CUDA) and
+  stepped by Trainer.train_step() on random token ids (a fixed seed, the same ids for every configuration).
+- the baselines a user would pick instead: transformers' Qwen2ForCausalLM of the same shape, random init, fp32 weights
+  under bf16 autocast (on CUDA), SDPA attention with PyTorch's default kernel order, loss from
+  model(input_ids, labels=input_ids), fused AdamW with our optim.* values (weight decay on every parameter), gradient
+  clipping at train.grad_clip as ours. `hf-ac` adds model.gradient_checkpointing_enable(); `hf-liger` applies
+  liger_kernel.transformers.apply_liger_kernel_to_qwen2() first (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE;
+  CUDA only) and runs last, because its patches stay for the rest of the process. `--baseline NAME:MB,MB` gives a
+  baseline its own micro-batches; `--baseline none` runs none.
+
+Each configuration runs --warmup steps (torch.compile happens there), then --steps timed steps between two device
+synchronizations. tokens/s counts global batch x seq_len per step; MFU = tokens/s x flops_per_token / the device's
+dense bf16 peak (qwen2_dist.train.metrics; --peak-tflops overrides); peak memory is torch.cuda.max_memory_allocated
+since the configuration started (on the CPU: the process' max RSS, which never goes down). The last column is tokens/s
+over the best baseline of the same run. An out-of-memory configuration is reported as OOM and the run goes on; a
+configuration that fails otherwise is reported as failed (traceback on stderr) and the exit code is 1.
+"""
+
+import argparse
+import contextlib
+import functools
+import gc
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from datetime import datetime, timezone
+
+import torch
+
+from qwen2_dist.cli.train import build_model_and_optimizer, compose_job, resolve_device
+from qwen2_dist.config import JobConfig, validate
+from qwen2_dist.data.loader import Batch
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.args import ModelArgs
+from qwen2_dist.model.hf import hf_config_from_args
+from qwen2_dist.model.qwen2 import build_model, count_parameters
+from qwen2_dist.parallel.mesh import build_mesh, init_distributed, world_from_env
+from qwen2_dist.train.metrics import flops_per_token, memory_gib, peak_flops
+from qwen2_dist.train.trainer import Trainer
+
+BASELINES = ("hf", "hf-ac", "hf-liger")
+"""In the order they run: hf-liger's patches to transformers stay for the rest of the process."""
+DEFAULT_BASELINES = ["hf", "hf-liger"]
+BENCH_LR = 3e-4
+"""Ours and the baselines step at this constant learning rate (no warmup): sane for every size from random init."""
+
+
+class RandomBatches:
+    """What the Trainer reads from a TokenBatches, with uniformly random token ids instead of data.
+
+    The ids of a micro-batch depend only on the seed and its global position, so every configuration (ours or a
+    baseline) sees the same ones.
+    """
+
+    def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, global_batch_size: int, seed: int = 0):
+        assert global_batch_size % micro_batch_size == 0, "validate() checks the batch split"
+        self.vocab_size, self.seq_len, self.micro_batch_size = vocab_size, seq_len, micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.grad_accum_steps = global_batch_size // micro_batch_size
+        self.seed = seed
+        self.position = 0
+
+    def next_batch(self) -> Batch:
+        """The next micro-batch: inputs and targets (batch, seq_len) int64 on the CPU, as the real loader gives them."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.position)
+        tokens = torch.randint(self.vocab_size, (self.micro_batch_size, self.seq_len + 1), generator=generator)
+        self.position += self.micro_batch_size
+        return Batch(tokens[:, :-1], tokens[:, 1:], None)
+
+    def state_dict(self) -> dict:
+        return {"samples_seen": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seek(state["samples_seen"])
+
+    def seek(self, position: int) -> None:
+        self.position = position
+
+    def close(self) -> None:
+        pass
+
+
+def parse_micro_batches(text: str, what: str) -> list[int]:
+    """'2,4,8' -> [2, 4, 8]; anything else is one UserError naming the option."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise UserError(f"{what} {text!r}: give positive integers separated by commas, e.g. 2,4,8")
+    return values
+
+
+def parse_baselines(specs: list[str], default_micro_batches: list[int]) -> list[tuple[str, list[int]]]:
+    """--baseline NAME[:MB,MB...] options -> [(name, micro-batches)] in running order."""
+    chosen: dict[str, list[int]] = {}
+    for spec in specs:
+        name, _, micro = spec.partition(":")
+        if name == "none":
+            continue
+        if name not in BASELINES:
+            raise UserError(f"--baseline {spec}: choose hf, hf-ac, hf-liger or none, optionally with its own "
+                            "micro-batches (e.g. hf:2,4)")
+        for mb in parse_micro_batches(micro, f"--baseline {name}:") if micro else default_micro_batches:
+            if mb not in chosen.setdefault(name, []):
+                chosen[name].append(mb)
+    return [(name, chosen[name]) for name in BASELINES if name in chosen]
+
+
+def ours_overrides(size: str, seq_len: int, micro_batch: int, run_dir: str, extra: list[str]) -> list[str]:
+    """The qwen2-train overrides of our configuration at one micro-batch; the user's --ours come last and win."""
+    return [f"model={size}", f"train.seq_len={seq_len}", f"train.micro_batch_size={micro_batch}",
+            f"train.global_batch_size={micro_batch}", f"optim.lr={BENCH_LR}", f"run_dir={run_dir}", *extra]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float]]:
+    """Seconds of `steps` calls of step() after `warmup` untimed ones, and the loss each timed call returned."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    started = time.perf_counter()
+    # The losses stay on the device until the clock stops: reading one would make the host wait every step.
+    losses = [step() for _ in range(steps)]
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    return seconds, [float(loss) for loss in losses]
+
+
+def run_ours(job: JobConfig, warmup: int, steps: int, seed: int) -> tuple[float, list[float]]:
+    """Time Trainer.train_step() of this job on random tokens, in this process."""
+    layout = validate(job, 1)
+    device_type = resolve_device(job.train.device)
+    world = init_distributed(device_type, job.train.pg_timeout_minutes)
+    mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])  # None: one process
+    model, optimizer = build_model_and_optimizer(job, world, mesh, device_type, load_hf=bool(job.model.init_from_hf))
+    args = job.model.args()
+    batches = RandomBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
+                            job.train.global_batch_size, seed)
+    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata={})
+    return timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
+
+
+def sdpa_defaults() -> tuple[list[int] | None, bool]:
+    """PyTorch's process-wide SDPA kernel order and cuDNN switch, as they are now."""
+    order = list(torch._C._get_sdp_priority_order()) if hasattr(torch._C, "_get_sdp_priority_order") else None
+    return order, torch.backends.cuda.cudnn_sdp_enabled()
+
+
+def restore_sdpa(defaults: tuple[list[int] | None, bool]) -> None:
+    """Undo a process-wide SDPA preference (ours may prefer cuDNN's kernel): the baseline gets PyTorch's default."""
+    order, cudnn = defaults
+    if order is not None:
+        torch._C._set_sdp_priority_order(order)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
+def apply_liger(device: torch.device) -> str | None:
+    """Patch transformers' Qwen2 with Liger-Kernel; the reason when that cannot be done, else None."""
+    if device.type != "cuda":
+        return "Liger-Kernel's Triton kernels need CUDA"
+    try:
+        import liger_kernel  # noqa: F401  (the import alone says whether it is installed and loads)
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    except Exception as exc:  # ImportError, or a triton/transformers it cannot work with
+        return f"import liger_kernel failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+    try:
+        apply_liger_kernel_to_qwen2()
+    except Exception as exc:
+        return f"apply_liger_kernel_to_qwen2() failed ({type(exc).__name__}: {str(exc).strip().splitlines()[0]})"
+    return None
+
+
+def run_baseline(variant: str, job: JobConfig, device: torch.device, warmup: int, steps: int,
+                 seed: int) -> tuple[float, list[float]]:
+    """Time the plain Hugging Face training step of a Qwen2ForCausalLM with the job's shape, in this process."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    args = job.model.args()
+    config = Qwen2Config(**hf_config_from_args(args))
+    config.use_cache = False
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model.float().train()
+    hf_parameters = sum(p.numel() for p in model.parameters())
+    assert hf_parameters == count_parameters(build_model(args, "meta")), "the baseline must have our model's shape"
+    if variant == "hf-ac":
+        model.gradient_checkpointing_enable()
+    o = job.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  weight_decay=o.weight_decay, fused=True)
+    batches = RandomBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
+                            job.train.global_batch_size, seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    max_norm = job.train.grad_clip if job.train.grad_clip > 0 else float("inf")
+
+    def step() -> torch.Tensor:
+        for _ in range(batches.grad_accum_steps):
+            inputs = batches.next_batch().inputs.to(device, non_blocking=True)
+            with autocast:
+                loss = model(input_ids=inputs, labels=inputs).loss  # shifted inside: seq_len - 1 targets
+            (loss / batches.grad_accum_steps).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return timed_steps(step, warmup, steps, device)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """An out-of-memory error, also when torch.compile wraps it in one of its own."""
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def release(device: torch.device) -> None:
+    """Give the memory of a finished configuration back (its model and optimizer are already unreferenced)."""
+    gc.collect()
+    if device.type != "cuda":
+        return
+    torch.cuda.empty_cache()
+    if torch.cuda.memory_allocated(device) > 2**28:
+        # Something still holds tensors: torch.compile's caches are the usual suspect. Dropping them costs the next
+        # configuration a fresh compile, which is better than measuring it next to a leftover model.
+        torch._dynamo.reset()
+        gc.collect()
+        torch.cuda.empty_cache()
+    left = torch.cuda.memory_allocated(device) / 2**30
+    if left > 0.25:
+        print(f"warning: {left:.2f} GiB still allocated after the configuration was released", flush=True)
+
+
+def measure(name: str, run, row: dict, device: torch.device) -> dict:
+    """Run one configuration (a function returning (seconds, losses)) and fill its row; OOM and failures too."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        seconds, losses = run()
+    except Exception as exc:
+        if is_oom(exc):
+            row["status"] = "OOM"
+        else:
+            traceback.print_exc()
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            row["status"] = f"failed ({type(exc).__name__}: {first})"
+    else:
+        tokens = row["global_batch"] * row["seq_len"] * row["steps"]
+        row.update(status="ok", seconds=seconds, tokens_per_sec=tokens / seconds, first_loss=losses[0],
+                   last_loss=losses[-1], peak_mem_gib=memory_gib(device))
+    release(device)
+    print(f"{name} mb {row['micro_batch']}: {row['status']}"
+          + (f", {row['tokens_per_sec']:,.0f} tokens/s, {row['seconds'] / row['steps']:.3f} s/step, loss "
+             f"{row['first_loss']:.4f} (first measured step) -> {row['last_loss']:.4f} (last)"
+             if row["status"] == "ok" else ""), flush=True)
+    return row
+
+
+def finish_rows(rows: list[dict], peak: float | None) -> None:
+    """Fill MFU and the ratio to the best baseline of this run."""
+    best = max((r["tokens_per_sec"] for r in rows if r["name"] != "ours" and r["status"] == "ok"), default=None)
+    for row in rows:
+        ok = row["status"] == "ok"
+        row["mfu"] = row["tokens_per_sec"] * row["flops_per_token"] / peak if ok and peak else None
+        row["vs_best_baseline"] = row["tokens_per_sec"] / best if ok and best else None
+
+
+def render(rows: list[dict], device: torch.device) -> str:
+    """The results table."""
+    memory = "peak GiB" if device.type == "cuda" else "max RSS GiB"
+    out = [f"{'config':<10}{'size':<12}{'seq':>6}{'mb':>5}{'tokens/s':>12}{'MFU':>8}{memory:>13}"
+           f"{'vs best baseline':>18}"]
+    for r in rows:
+        head = f"{r['name']:<10}{r['size']:<12}{r['seq_len']:>6}{r['micro_batch']:>5}"
+        if r["status"] != "ok":
+            out.append(f"{head}  {r['status']}")
+            continue
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        ratio = f"{r['vs_best_baseline']:.2f}x" if r["vs_best_baseline"] is not None else "n/a"
+        out.append(f"{head}{r['tokens_per_sec']:>12,.0f}{mfu:>8}{r['peak_mem_gib']:>13.2f}{ratio:>18}")
+    if device.type != "cuda":
+        out.append("(CPU: memory is the process' max resident set size, which never goes down; MFU is n/a)")
+    return "\n".join(out)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+def write_json(path: str, report: dict) -> None:
+    """Write the report (rewritten after every configuration, so a run cut short keeps what it measured)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="qwen2-1.5b", help="model size (debug, qwen2-0.5b, qwen2-1.5b, ...)")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--micro-batch", default="4", help="comma-separated micro-batches, e.g. 2,4,8 (default 4)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (default 10)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first; compile happens there (3)")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="a qwen2-train override for ours (repeatable), e.g. parallel.compile=true")
+    parser.add_argument("--baseline", action="append", default=None, metavar="NAME[:MB,...]",
+                        help="hf, hf-ac, hf-liger or none, optionally with its own micro-batches (repeatable; "
+                             "default hf and hf-liger)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by name)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON here")
+    opts = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    with tempfile.TemporaryDirectory(prefix="qwen2-throughput-") as run_dir:
+        try:
+            if world_from_env()[2] != 1:
+                raise UserError("benchmarks/throughput.py measures one process on one device; start it with python, "
+                                "not torchrun")
+            if opts.steps < 1 or opts.warmup < 0 or opts.seq_len < 1:
+                raise UserError(f"--steps {opts.steps}, --warmup {opts.warmup}, --seq-len {opts.seq_len}: need "
+                                "steps >= 1, warmup >= 0, seq-len >= 1")
+            micro_batches = parse_micro_batches(opts.micro_batch, "--micro-batch")
+            baselines = parse_baselines(DEFAULT_BASELINES if opts.baseline is None else opts.baseline, micro_batches)
+            try:
+                compose_job(opts.ours)  # alone first, so that an error quotes only the user's overrides
+            except UserError as exc:
+                raise UserError(f"--ours: {exc}") from None
+            # Every job composed and validated up front: a bad option fails in one line before any model exists.
+            all_micro = sorted({mb for mbs in [micro_batches] + [m for _, m in baselines] for mb in mbs})
+            jobs = {mb: compose_job(ours_overrides(opts.size, opts.seq_len, mb, run_dir, opts.ours))
+                    for mb in all_micro}
+            for job in jobs.values():
+                validate(job, 1)
+            device_type = resolve_device(jobs[micro_batches[0]].train.device)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        # The device init_distributed() gives ours: local rank 0 of one process.
+        device = torch.device("cuda", 0) if device_type == "cuda" else torch.device("cpu")
+        peak = peak_flops(device, opts.peak_tflops * 1e12 if opts.peak_tflops else None)
+        defaults = sdpa_defaults()
+        args: ModelArgs = jobs[micro_batches[0]].model.args()
+        report = {
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "transformers": package_version("transformers"), "liger_kernel": package_version("liger-kernel"),
+            "size": opts.size, "parameters": count_parameters(build_model(args, "meta")), "seq_len": opts.seq_len,
+            "warmup": opts.warmup, "steps": opts.steps, "ours_overrides": opts.ours,
+            "peak_flops": peak, "memory": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
+            "rows": [],
+        }
+        print(f"device {report['device']}, torch {torch.__version__}, transformers {report['transformers']}, "
+              f"liger-kernel {report['liger_kernel'] or 'not installed'}; {opts.size} ({report['parameters']:,} "
+              f"parameters), seq {opts.seq_len}, {opts.warmup} warmup + {opts.steps} timed steps; "
+              f"peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown (MFU n/a)'}", flush=True)
+        print(f"ours: {' '.join(opts.ours) or '(defaults)'}", flush=True)
+
+        plan = [("ours", mb) for mb in micro_batches] + [(name, mb) for name, mbs in baselines for mb in mbs]
+        liger_skipped = None
+        for name, mb in plan:
+            job = jobs[mb]
+            row = {"name": name, "size": opts.size, "seq_len": opts.seq_len, "micro_batch": mb,
+                   "global_batch": job.train.global_batch_size, "steps": opts.steps, "warmup": opts.warmup,
+                   "flops_per_token": flops_per_token(job.model.args(), opts.seq_len)}
+            if name == "ours":  # the job as qwen2-train (or qwen2-estimate) takes it, without the temporary run_dir
+                row["overrides"] = [o for o in ours_overrides(opts.size, opts.seq_len, mb, run_dir, opts.ours)
+                                    if not o.startswith("run_dir=")]
+            if name == "hf-liger" and liger_skipped is None:
+                liger_skipped = apply_liger(device) or ""
+            if name == "hf-liger" and liger_skipped:
+                row["status"] = f"skipped: {liger_skipped}"
+                print(f"hf-liger mb {mb}: skipped: {liger_skipped}", flush=True)
+            elif name == "ours":
+                measure(name, functools.partial(run_ours, job, opts.warmup, opts.steps, opts.seed), row, device)
+            else:
+                restore_sdpa(defaults)
+                measure(name, functools.partial(run_baseline, name, job, device, opts.warmup, opts.steps, opts.seed),
+                        row, device)
+            report["rows"].append(row)
+            finish_rows(report["rows"], peak)
+            if opts.json:
+                write_json(opts.json, report)
+        print()
+        print(render(report["rows"], device))
+        return 1 if any(r["status"].startswith("failed") for r in report["rows"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
