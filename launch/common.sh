@@ -48,3 +48,22 @@ trap '' USR1
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 common_args=(--nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" -m qwen2_dist.cli.train)
+
+# check_job WORLD_SIZE OVERRIDES...: compose and validate the job once, here, before torchrun starts anything. A
+# wrong override or a layout that does not divide the world is then one line and exit 2, instead of every worker
+# failing and torchrun restarting them all MAX_RESTARTS times. PRECHECK=0 turns it off.
+check_job() {
+    local world=$1 python
+    shift
+    [ "${PRECHECK:-1}" = 1 ] || return 0
+    if [ -n "${PYTHON:-}" ]; then
+        python=$PYTHON
+    elif [ -x "$repo/.venv/bin/python" ]; then
+        python=$repo/.venv/bin/python
+    elif [ -n "${TORCHRUN:-}" ] && [ -x "$(dirname "${torchrun[0]}")/python" ]; then
+        python=$(dirname "${torchrun[0]}")/python
+    else
+        python=python3
+    fi
+    QWEN2_CHECK_ONLY=$world "$python" -m qwen2_dist.cli.train "$@"
+}

@@ -34,4 +34,7 @@ if [ -n "$node_rank" ]; then
     rdzv_args+=(--rdzv-conf="is_host=$is_host")
 fi
 
+if [[ ${NNODES:-1} =~ ^[0-9]+$ ]]; then
+    check_job $((NPROC * ${NNODES:-1})) "$@"
+fi  # an elastic MIN:MAX node count leaves the world size to the rendezvous: each worker validates it then
 exec "${torchrun[@]}" --nnodes="${NNODES:-1}" "${rdzv_args[@]}" "${common_args[@]}" "$@"

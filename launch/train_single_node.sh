@@ -8,4 +8,5 @@ set -euo pipefail
 # shellcheck source=launch/common.sh
 source "$(dirname "$0")/common.sh"
 
+check_job "$NPROC" "$@"
 exec "${torchrun[@]}" --standalone --nnodes=1 "${common_args[@]}" "$@"

@@ -209,11 +209,25 @@ def compose_job(overrides: list[str]) -> JobConfig:
                         "qwen2-train --cfg job)") from None
 
 
-def _precheck(argv: list[str]) -> None:
+def _precheck(argv: list[str]) -> JobConfig | None:
     """Compose the overrides once outside Hydra so a bad one is reported in one line (Hydra prints several)."""
     if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
+        return None
+    return compose_job([a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "-"))])
+
+
+def check_only(job: JobConfig | None, world_size: str) -> None:
+    """QWEN2_CHECK_ONLY=WORLD_SIZE: validate the job for that many processes, say so, and stop (the launchers run
+    this before torchrun, which would otherwise start the workers, and restart them, on a job that cannot run)."""
+    if job is None:
+        print("config check skipped (Hydra multirun or flags)")
         return
-    compose_job([a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "-"))])
+    try:
+        processes = int(world_size)
+    except ValueError:
+        raise UserError(f"QWEN2_CHECK_ONLY={world_size}: give the number of processes of the job") from None
+    layout = validate(job, processes)
+    print(f"config ok for {processes} process(es): {layout}")
 
 
 def _entry(cfg: DictConfig) -> None:
@@ -247,8 +261,11 @@ def main() -> None:
     """Console script qwen2-train."""
     register_configs()
     try:
-        _precheck(sys.argv[1:])
+        job = _precheck(sys.argv[1:])
         path = conf_dir()
+        if os.environ.get("QWEN2_CHECK_ONLY"):
+            check_only(job, os.environ["QWEN2_CHECK_ONLY"])
+            return
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -255,3 +255,16 @@ def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path
     assert sorted(os.listdir(run_dir / "logs" / "slurm")) == [
         f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log", f"{job_id}-a1-node0.log", f"{job_id}-a1-node1.log"]
     assert_same_run(run_dir, reference)
+
+
+def test_launcher_refuses_an_impossible_job_before_torchrun(tmp_path):
+    # The layout does not divide 3 processes: one line, exit 2, and torchrun never starts (it would restart the
+    # failing workers MAX_RESTARTS times).
+    env = {**os.environ, "NPROC": "3", "MAX_RESTARTS": "3"}
+    result = subprocess.run(["bash", "launch/train_single_node.sh", "parallel.dp_shard=2", f"run_dir={tmp_path}/run"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: parallel.dp_replicate x dp_shard x tp = 1 x 2 x 1 does not equal the world size 3; set "
+        "parallel.dp_shard=-1 to fill the rest"]
+    assert "torch.distributed" not in result.stdout + result.stderr and not (tmp_path / "run").exists()
