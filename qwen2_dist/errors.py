@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """A problem the user can fix; the message names the field or file and the fix."""
+
+
+class ResumeMismatch(UserError):
+    """A checkpoint that loads fine but belongs to another job (other data or data order): falling back to an older
+    checkpoint of the same run cannot help, so resume=auto stops with this instead."""

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from qwen2_dist.config import JobConfig, register_configs, validate
-from qwen2_dist.errors import UserError
+from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.train.faults import TrainingHalted
 
 if TYPE_CHECKING:
@@ -172,6 +172,8 @@ def run(cfg: DictConfig):
     for path in candidates:
         try:
             trainer.restore(path)
+        except ResumeMismatch as exc:
+            raise UserError(f"checkpoint {path}: {exc}") from None
         except UserError as exc:
             if job.checkpoint.resume != "auto":
                 raise

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from qwen2_dist.data import hygiene
 from qwen2_dist.data.prepare import FORMAT_VERSION, SUMMARY_NAME, TRAIN, read_summary
 from qwen2_dist.data.streaming_compat import import_streaming
-from qwen2_dist.errors import UserError
+from qwen2_dist.errors import ResumeMismatch, UserError
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ class TokenBatches:
             raise UserError("the checkpoint's data position was written by an older loader (epoch and samples of "
                             "streaming's order); resume it with the release that wrote it, or start a new run_dir")
         if state["fingerprint"] != self.fingerprint:
-            raise UserError(
+            raise ResumeMismatch(
                 "the checkpoint was trained on other data or another data order (sources, their shards, weights, "
                 "seed or shuffle changed), so the samples after it are undefined; restore the data config it was "
                 "trained with, or start a new run_dir"

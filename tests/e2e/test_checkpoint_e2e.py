@@ -158,3 +158,16 @@ def test_optimizer_in_backward_trains_and_resumes_exactly(tmp_path, corpus_cache
     assert losses(run_dir)[6] == losses(straight)[6]
     with open(straight / "metrics.jsonl") as f:
         assert all(json.loads(line)["grad_norm"] > 0 for line in f)
+
+
+def test_resume_with_another_data_order_stops_instead_of_falling_back(tmp_path, corpus_cache):
+    # Another seed means another sample order: every checkpoint of the run would mismatch, so resume=auto reports
+    # it once, naming the newest checkpoint, rather than calling them damaged one after the other.
+    run_dir = tmp_path / "run"
+    assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache)).returncode == 0
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"seed": 1, "train.steps": 9}))
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith(f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000006'}: the checkpoint was "
+                            "trained on other data or another data order")
+    assert "damaged" not in result.stdout + result.stderr
