@@ -102,7 +102,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_w.dtype == grad_logits.dtype:
                 grad_w.addmm_(grad_logits.T, h_chunk)
             else:
-                grad_w += (grad_logits.T @ h_chunk).float()
+                grad_w.add_(grad_logits.T @ h_chunk)  # promoted in the add: no fp32 copy of the partial product
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss

@@ -156,3 +156,19 @@ def test_resolve_loss():
         resolve_loss("liger", tp=1, device_type="cpu")
     with pytest.raises(UserError, match="model.loss: unknown implementation 'fused'"):
         resolve_loss("fused", tp=1, device_type="cpu")
+
+
+def test_autocast_computes_in_bf16_and_returns_fp32_gradients():
+    # One process on CUDA: fp32 weights under bf16 autocast. The projection runs in bf16, the weight gradient is
+    # summed over the chunks in fp32 (here on the CPU's autocast, the same code path).
+    hidden, weight, targets = inputs(batch=4, seq=64, dim=32, vocab=300)
+    truth = plain_loss_and_grads(hidden.double(), weight.double(), targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = plain_loss_and_grads(hidden, weight, targets)
+        chunked = chunked_loss_and_grads(hidden, weight, targets, chunk_tokens=32)
+    assert chunked[1].dtype == chunked[2].dtype == torch.float32
+    for name, t, p, c in zip(("loss", "d hidden", "d weight"), truth, plain, chunked):
+        plain_error = (p.double() - t).abs().max().item()
+        chunked_error = (c.double() - t).abs().max().item()
+        assert plain_error > 1e-5 * t.abs().max().item(), name  # bf16 did happen in both
+        assert chunked_error <= 2 * plain_error + 1e-3 * t.abs().max().item(), (name, chunked_error, plain_error)
