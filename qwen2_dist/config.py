@@ -202,7 +202,9 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree (with sequence parallelism and a vocabulary-parallel loss); keep it within a node."""
     activation_checkpointing: str = "none"
-    """Recompute decoder blocks in backward to save memory: none, full (every block) or selective (every ac_every-th)."""
+    """Recompute in backward to save memory: none, full (every block), selective (every ac_every-th block) or op (in
+    every block, keep the matmul and attention outputs and recompute only the cheap element-wise ops: norms, RoPE,
+    SwiGLU's activation)."""
     ac_every: int = 2
     """With activation_checkpointing=selective: recompute blocks 0, k, 2k, ... for k = ac_every."""
     compile: str = "auto"
@@ -268,9 +270,9 @@ def _check_parallel(p: ParallelConfig, args: "ModelArgs", t: TrainConfig, world_
             f"parallel.tp={p.tp}: train.seq_len={t.seq_len} is not divisible by it (sequence parallelism splits "
             f"the sequence); use a train.seq_len that is a multiple of {p.tp}"
         )
-    if p.activation_checkpointing not in ("none", "full", "selective"):
+    if p.activation_checkpointing not in ("none", "full", "selective", "op"):
         raise UserError(
-            f"parallel.activation_checkpointing={p.activation_checkpointing!r}: choose none, full or selective"
+            f"parallel.activation_checkpointing={p.activation_checkpointing!r}: choose none, full, selective or op"
         )
     if p.ac_every < 1:
         raise UserError(f"parallel.ac_every={p.ac_every}: must be a positive integer")

@@ -116,8 +116,13 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
         + 2 * p * b * s * args.num_key_value_heads * args.head_dim // t
         + 4 * b * args.num_attention_heads * s // t + 4 * p * b * s * i // t
     )
+    kv = args.num_key_value_heads * args.head_dim
     return {
         "block": block,
+        # activation_checkpointing=op: the block input, and the outputs of its matmuls (q, k, v, o, gate, up, down)
+        # and of attention (output and log-sum-exp); the element-wise ops in between are recomputed.
+        "op_block": (r * b * s * h + 4 * p * b * s * h + 2 * p * b * s * kv + 2 * p * b * s * i) // t
+        + 4 * b * args.num_attention_heads * s // t,
         "checkpointed_block": r * b * s * h // t,
         "head": (4 + r) * b * s * h // t + p * b * s * h + (p + 8) * b * s * args.vocab_size // t,
     }
@@ -138,7 +143,9 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     layers = args.num_hidden_layers
     full = layers - plan.checkpointed_layers
     activations = full * act["block"] + plan.checkpointed_layers * act["checkpointed_block"]
-    if plan.checkpointed_layers:
+    if job.parallel.activation_checkpointing == "op":
+        activations = layers * act["op_block"]
+    elif plan.checkpointed_layers:
         activations += act["block"]  # the block being recomputed
     lines: dict[str, float] = {}
     # Held all step: parameters stay fp32 (the master copy), AdamW keeps m and v in fp32.

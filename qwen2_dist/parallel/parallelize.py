@@ -47,7 +47,10 @@ def parallelize(
         apply_float8(model, device_type, fsdp=mesh is not None)
     if tp > 1:
         apply_tensor_parallel(model, mesh["tp"])
-    if cfg.activation_checkpointing != "none":
+    if cfg.activation_checkpointing == "op":
+        for index, layer in enumerate(model.layers):
+            model.layers[index] = checkpoint_wrapper(layer, context_fn=_recompute_elementwise_only)
+    elif cfg.activation_checkpointing != "none":
         every = 1 if cfg.activation_checkpointing == "full" else cfg.ac_every
         for index, layer in enumerate(model.layers):
             if index % every == 0:
@@ -62,13 +65,35 @@ def parallelize(
     log.info(
         "parallelize: tp %d, activation checkpointing %s%s, compile %s, %s",
         tp, cfg.activation_checkpointing,
-        f" (every {cfg.ac_every})" if cfg.activation_checkpointing == "selective" else "",
+        f" (every {cfg.ac_every})" if cfg.activation_checkpointing == "selective" else
+        " (matmuls and attention kept, element-wise ops recomputed)" if cfg.activation_checkpointing == "op" else "",
         "on" if compiled else "off",
         "one process (no FSDP)" if mesh is None else
         f"FSDP2 dp_replicate {mesh['dp_replicate'].size()} x dp_shard {mesh['dp_shard'].size()}, param dtype "
         f"{param_dtype}, reduce fp32, reshard {cfg.reshard_after_forward}, cpu offload {cfg.cpu_offload}",
     )
     return model
+
+
+def _saved_ops() -> set:
+    """The ops whose outputs activation_checkpointing=op keeps: the matmuls and attention (the FLOPs of a block)."""
+    aten = torch.ops.aten
+    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+             "_flash_attention_forward", "_efficient_attention_forward")
+    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+
+
+def _recompute_elementwise_only():
+    """Selective checkpointing contexts: keep what _saved_ops makes, recompute everything else in backward."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def compile_enabled(cfg: ParallelConfig, device_type: str, kernels: str = "torch") -> bool:

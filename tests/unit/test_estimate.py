@@ -59,9 +59,9 @@ def test_recompute_and_tensor_parallelism_shrink_activations():
         _, lines = estimate(job, world_size)
         return lines["activations (decoder blocks)"]
 
-    none, selective, full = (activations(f"parallel.activation_checkpointing={mode}")
-                             for mode in ("none", "selective", "full"))
-    assert none > selective > full
+    none, selective, op, full = (activations(f"parallel.activation_checkpointing={mode}")
+                                 for mode in ("none", "selective", "op", "full"))
+    assert none > selective > full and none > op > full
     assert activations("parallel.tp=2") < none
     assert activations("parallel.tp=4") < activations("parallel.tp=2")
 
