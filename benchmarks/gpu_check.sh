@@ -178,9 +178,10 @@ else
 fi
 
 # 7. Options that may or may not pay on this GPU, each against step 4's row of ours; last, so that a budget cut
-# only loses these: q/k/v and gate/up as one matmul each; float8 linears (torchao, from .whl/); Liger's fused loss.
-for variant in model.fuse_projections=true model.float8=true model.loss=liger; do
-    if [[ $DRY_RUN == 1 && $variant != model.fuse_projections=true ]]; then
+# only loses these: q/k/v and gate/up as one matmul each; float8 linears (torchao, from .whl/); Liger's fused loss;
+# recomputing only the element-wise ops of each block.
+for variant in model.fuse_projections=true model.float8=true model.loss=liger parallel.activation_checkpointing=op; do
+    if [[ $DRY_RUN == 1 && $variant == model.float8=true || $DRY_RUN == 1 && $variant == model.loss=liger ]]; then
         skip "variant_${variant%%=*}" "dry run: $variant needs CUDA"
         continue
     fi
