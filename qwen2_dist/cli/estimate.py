@@ -91,9 +91,10 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
     """Bytes autograd keeps for backward, per rank, from the shapes of this model's forward.
 
     b = micro-batch, s = seq_len, h = hidden, i = intermediate, a/k = query/key-value heads, d = head_dim,
-    V = vocab, t = tp, p = compute dtype bytes (2 for bf16), r = residual-stream bytes (2 with FSDP bf16 params;
-    4 for one process, whose autocast keeps the residual in fp32). With tp > 1 the residual stream between blocks
-    is split along the sequence (sequence parallelism), the inputs of q/k/v and gate/up are gathered to full length.
+    V = vocab, t = tp, p = compute dtype bytes (2 for bf16), r = residual-stream bytes (2 in bf16: FSDP's bf16
+    weights, or one process's autocast, where the model casts the embedding output; 4 in fp32). With tp > 1 the
+    residual stream between blocks is split along the sequence (sequence parallelism), the inputs of q/k/v and
+    gate/up are gathered to full length.
 
     one decoder block, no recompute:
         2 RMSNorms, each its input in fp32 and its normalized output: 2 (4 + r) b s h / t
@@ -138,7 +139,7 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     plan_seconds = time.monotonic() - started
     p = 2 if bf16 else 4
     one_process = world_size == 1
-    residual = 4 if one_process or not bf16 else 2
+    residual = 2 if bf16 else 4
     act = activation_bytes(args, job.train.micro_batch_size, job.train.seq_len, layout["tp"], p, residual)
     layers = args.num_hidden_layers
     full = layers - plan.checkpointed_layers

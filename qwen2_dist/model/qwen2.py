@@ -12,7 +12,8 @@ from qwen2_dist.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm computed in fp32, scaled in the input dtype (as transformers' Qwen2RMSNorm)."""
+    """Root-mean-square norm computed in fp32, scaled in the input dtype (as transformers' Qwen2RMSNorm; its output
+    stays in the input dtype also when the weight is fp32 under autocast, as under FSDP's bf16 weights)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -26,7 +27,7 @@ class RMSNorm(nn.Module):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight.to(dtype) * x.to(dtype)
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,6 +209,11 @@ class Qwen2(nn.Module):
         if mask_documents or self.attention_backend == "flex":
             mask = document_mask(positions, self.attention_backend)
         x = self.embed_tokens(tokens)
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The residual stream in the autocast dtype (bf16), as it is with FSDP's bf16 weights: one process and
+            # many then compute alike, and the activations kept for backward take half the memory.
+            x = x.to(torch.get_autocast_dtype(device_type))
         for layer in self.layers:
             # The mask as a keyword: tensor-parallel input hooks convert positional inputs only.
             x = layer(x, cos, sin, mask=mask)

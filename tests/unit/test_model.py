@@ -87,3 +87,19 @@ def test_tied_weight_gradient_is_the_sum_of_the_lookup_and_head_gradients():
     lookup, head = untied.embed_tokens.weight.grad, untied.lm_head.weight.grad
     assert lookup.abs().sum() > 0 and head.abs().sum() > 0
     torch.testing.assert_close(tied.embed_tokens.weight.grad, lookup + head)
+
+
+def test_autocast_keeps_the_residual_stream_in_bf16():
+    # As with FSDP's bf16 weights: one process under autocast and a sharded run compute alike, and the block
+    # inputs kept for backward take half the memory. Outside autocast everything stays fp32.
+    model = build_model(get_model_args("tiny"), "cpu")
+    model.init_weights(0)
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_hook(lambda module, args, kwargs_or_out, *rest: seen.append(args[0].dtype))
+    tokens = torch.arange(16).view(2, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.hidden_states(tokens)
+    assert set(seen) == {torch.bfloat16} and hidden.dtype == torch.bfloat16
+    seen.clear()
+    assert model.hidden_states(tokens).dtype == torch.float32 and set(seen) == {torch.float32}
