@@ -13,7 +13,9 @@ from qwen2_dist.model.args import ModelArgs
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak (no sparsity) in FLOP/s, matched against torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {
+PEAK_BF16_FLOPS = {  # dense bf16, by a substring of torch.cuda.get_device_name(); the first match wins
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
     "H200": 989.4e12,
     "H100": 989.4e12,
     "H800": 989.4e12,
