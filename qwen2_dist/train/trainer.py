@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from qwen2_dist.config import JobConfig
 from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.model.args import ModelArgs
-from qwen2_dist.parallel.mesh import World, all_reduce_sum
+from qwen2_dist.parallel.mesh import World, all_reduce_sum, dp_rank_and_size
 from qwen2_dist.model.loss import resolve_loss
 from qwen2_dist.parallel.parallelize import compile_enabled, loss_context, set_gradient_sync
 from qwen2_dist.train import checkpoint
@@ -101,6 +101,7 @@ class Trainer:
         self.saved_step = -1  # no checkpoint of this run's state yet
         self.tokens_seen = 0
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
+        _, self.dp_size = dp_rank_and_size(mesh)
         self.flops_per_token = flops_per_token(args, cfg.train.seq_len)
         self.peak_flops = peak_flops(world.device)
         tp = mesh["tp"].size() if mesh is not None else 1
@@ -141,14 +142,15 @@ class Trainer:
         micro_batches = [self.batches.next_batch() for _ in range(self.grad_accum_steps)]
         data_seconds = time.monotonic() - data_started
         device = self.world.device
-        # Normalize by the number of target tokens of the whole global batch, so the result is the same
-        # whatever the layout and accumulation split.
-        local_tokens = sum(batch.targets.numel() for batch in micro_batches)
-        global_tokens = all_reduce_sum(torch.tensor(float(local_tokens), device=device), self.mesh)
+        # Normalize by the number of target tokens of the whole global batch, so the result is the same whatever
+        # the layout and accumulation split. Every sample holds seq_len targets (packed, none ignored), so that is
+        # a constant: no collective, and no host-to-device copy that would wait for the GPU, each step.
+        global_tokens = float(self.tokens_per_step)
+        assert sum(b.targets.numel() for b in micro_batches) * self.dp_size == global_tokens, "samples of seq_len"
         loss_sum = torch.zeros((), device=device)
         for index, (inputs, targets, positions) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
-            targets = targets.to(device, non_blocking=True)
+            targets = self._to_device(targets)
             with loss_context(self.mesh):  # vocabulary-parallel cross-entropy (and its backward) when tp > 1
                 loss = self._loss(inputs, positions, targets)
                 loss = inject_nan(self.step + 1, loss)
@@ -173,13 +175,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, data_seconds
 
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A batch tensor on the training device. From pinned memory on CUDA: a copy from pageable memory makes the
+        host wait until the GPU has finished its queue, so the next step's kernels could not be queued ahead."""
+        if self.world.device.type == "cuda" and not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(self.world.device, non_blocking=True)
+
     def _loss(self, inputs: torch.Tensor, positions: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of one micro-batch (targets on the device); positions (restarting per document)
         switch document masking on."""
-        device = self.world.device
         if positions is not None:
-            positions = positions.to(device, non_blocking=True)
-        inputs = inputs.to(device, non_blocking=True)
+            positions = self._to_device(positions)
+        inputs = self._to_device(inputs)
         with self.autocast:
             if self.loss_in_model:
                 return self.model(inputs, positions, mask_documents=positions is not None, targets=targets)
