@@ -1,8 +1,10 @@
 """Every parallel layout trains like one process (losses, gradient norms, final weights); the tie survives.
 
 Each layout runs tests/dist/parity_worker.py: 5 steps of the debug model, 2 micro-batches per step, activation
-checkpointing on, gloo on the CPU; the reference is one plain process (no FSDP, no checkpointing). The debug model
-ties its embeddings; tp2_untied checks the separate column-parallel head of the untied sizes.
+checkpointing on (full, per-op under TP x FSDP, every 2nd block under HSDP, which also fuses the projections), gloo
+on the CPU; the reference is one plain process (no FSDP, no checkpointing). The debug model ties its embeddings;
+tp2_untied checks the separate column-parallel head of the untied sizes. The chunked loss runs in the tp=1 layouts
+and the reference, the vocabulary-parallel one under TP.
 """
 
 import os
