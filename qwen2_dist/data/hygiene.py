@@ -6,11 +6,17 @@ cannot tell a dead run's prefix from a live one's: it would unlink the segments 
 process that opens a dataset writes an owner record /dev/shm/qwen2_dist-owner-<prefix>-<pid>-<start time> holding
 its lock directory. A prefix is stale when every recorded owner is dead; prefixes without a record (other programs,
 or a run in its first milliseconds) are never touched.
+
+streaming chooses a prefix by looking for the first free one in /dev/shm; two runs starting at the same moment can
+choose the same one, and the second then fails ("File exists: '/000000_locals'"). prefix_lock() makes the choice
+one run at a time on a machine.
 """
 
+import contextlib
 import glob
 import logging
 import os
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +140,23 @@ def clean_stale(lock_dir: str | None = None) -> list[str]:
         log.warning("data: removed %d shared-memory segments, lock files and records left by killed runs",
                     len(removed))
     return removed
+
+
+@contextlib.contextmanager
+def prefix_lock(leader: bool) -> Iterator[None]:
+    """Held by each run's local leader (local rank 0) while its StreamingDataset picks and registers a shared-memory
+    prefix, so that no other run on this machine picks at the same time. An exclusive flock on the /dev/shm
+    directory itself: it needs no file (nothing to leave behind) and is released by the kernel if the process dies.
+    The other local ranks of the run take no lock: they wait at the run's barrier, which their leader passes only
+    with the lock in hand, and pick the prefix their leader registers."""
+    if not leader or not os.path.isdir(SHM_DIR):
+        yield
+        return
+    import fcntl
+
+    fd = os.open(SHM_DIR, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor drops the lock

@@ -327,15 +327,17 @@ class TokenBatches:
             remote, local = self._locations(path, cache)
             streams.append(streaming.Stream(remote=remote, local=local, split=split))
         hygiene.clean_stale(tempfile.gettempdir())
-        # streaming picks the shared-memory prefix on every rank separately, from what exists in /dev/shm: the ranks
-        # must look only after all of them have finished cleaning and closing earlier datasets, or they disagree.
-        if dist.is_initialized():
-            dist.barrier()
-        # Only get_item is used: StreamingDataset's own iteration (shuffle, predownload) never runs.
-        self.dataset = streaming.StreamingDataset(streams=streams, batch_size=micro_batch_size, shuffle=False,
-                                                  predownload=micro_batch_size)
-        self._lock_dir = os.path.dirname(self.dataset._cache_filelock_path)
-        record = hygiene.register(self.dataset._shm_prefix_int, self._lock_dir)
+        with hygiene.prefix_lock(leader=int(os.environ.get("LOCAL_RANK", "0")) == 0):
+            # streaming picks the shared-memory prefix on every rank separately, from what exists in /dev/shm: the
+            # ranks must look only after all of them have finished cleaning and closing earlier datasets, or they
+            # disagree -- and only when no other run on this machine is picking one (prefix_lock).
+            if dist.is_initialized():
+                dist.barrier()
+            # Only get_item is used: StreamingDataset's own iteration (shuffle, predownload) never runs.
+            self.dataset = streaming.StreamingDataset(streams=streams, batch_size=micro_batch_size, shuffle=False,
+                                                      predownload=micro_batch_size)
+            self._lock_dir = os.path.dirname(self.dataset._cache_filelock_path)
+            record = hygiene.register(self.dataset._shm_prefix_int, self._lock_dir)
         # Also at exit (an exception anywhere in the job): drop the owner record, and the segments when last out.
         self._release = weakref.finalize(self, hygiene.release, self.dataset._shm_prefix_int, record, self._lock_dir)
         self._shared_memory = _shared_memories(vars(self.dataset).values(), SharedMemory)

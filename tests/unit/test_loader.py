@@ -205,3 +205,59 @@ def test_shared_memory_is_released_and_only_dead_runs_are_cleaned(data):
         for h in holders:
             if h.poll() is None:
                 os.killpg(h.pid, signal.SIGKILL)
+
+
+STARTER = textwrap.dedent("""
+    import os, sys, time
+    from qwen2_dist.data.loader import TokenBatches
+    from qwen2_dist.data.streaming_compat import import_streaming
+    import_streaming()
+    import streaming.base.shared.prefix as prefix
+
+    find = prefix._check_and_find_retrying
+
+    def find_then_wait(*args, **kwargs):
+        # Widen the race: streaming has looked for a free prefix, and creates it only once "go" exists.
+        found = find(*args, **kwargs)
+        while not os.path.exists(sys.argv[2]):
+            time.sleep(0.001)
+        return found
+
+    prefix._check_and_find_retrying = find_then_wait
+    print("ready", flush=True)
+    batches = TokenBatches([(sys.argv[1], 1.0)], seq_len=8, micro_batch_size=2, global_batch_size=2)
+    print(batches.dataset._shm_prefix_int, flush=True)
+    sys.stdin.readline()
+    batches.close()
+""")
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory in /dev/shm (Linux)")
+def test_runs_starting_together_get_their_own_prefixes(data, tmp_path):
+    # streaming picks the first free prefix in /dev/shm; without hygiene.prefix_lock, runs that look at the same
+    # moment pick the same one and all but one fail with "File exists: '/000000_locals'" (seen in CI). The runs
+    # here stop between looking and creating until "go", which makes that moment two seconds long.
+    go = tmp_path / "go"
+    env = {**os.environ, "PYTHONPATH": REPO}
+    runs = [subprocess.Popen([sys.executable, "-c", STARTER, data[0], str(go)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=True)
+            for _ in range(4)]
+    try:
+        assert all(run.stdout.readline().strip() == "ready" for run in runs)
+        time.sleep(2)  # every run that may look for a prefix now has (without the lock, all four have)
+        go.touch()
+        prefixes = []
+        for run in runs:
+            line = run.stdout.readline().strip()
+            assert line.isdigit(), run.stderr.read()[-2000:] if run.poll() is not None else line
+            prefixes.append(int(line))
+        assert len(set(prefixes)) == 4
+        for run in runs:
+            run.stdin.write("\n")
+            run.stdin.close()
+        assert [run.wait(timeout=60) for run in runs] == [0] * 4
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
