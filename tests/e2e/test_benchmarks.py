@@ -10,7 +10,7 @@ from tests.helpers import REPO
 
 TINY = ["--size", "debug", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
 GPU_CHECK_STEPS = ["wheels", "env", "attention_gpu", "loss_parity", "throughput_1.5b", "throughput_1.5b_lean",
-                   "throughput_0.5b", "estimate", "variant_model.fuse_projections", "variant_model.float8",
+                   "throughput_1.5b_lean_clip", "throughput_0.5b", "estimate", "variant_model.fuse_projections", "variant_model.float8",
                    "variant_model.loss", "variant_parallel.activation_checkpointing"]
 
 
