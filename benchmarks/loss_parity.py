@@ -30,7 +30,8 @@ def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool) -
     """Per-step training losses of one path; the same initial weights (seed 0) every time."""
     model = build_model(args, "meta")
     model.set_attention_backend(resolve_backend("auto" if fast else "sdpa", device.type))
-    model = parallelize(model, None, ParallelConfig(compile=str(fast and compile_blocks).lower()), device_type=device.type)
+    parallel = ParallelConfig(compile=str(fast and compile_blocks).lower())
+    model = parallelize(model, None, parallel, device_type=device.type)
     model.to_empty(device=device)
     model.init_weights(0)
     model.set_loss("chunked" if fast else "plain", chunk_tokens=2048, compiled=fast and compile_blocks)

@@ -156,7 +156,9 @@ class Qwen2(nn.Module):
         for layer in self.layers:
             layer.self_attn.backend = backend
 
-    def set_kernels(self, kernels_name: str = "torch", fuse_projections: bool = False, device_type: str = "cuda") -> None:
+    def set_kernels(
+        self, kernels_name: str = "torch", fuse_projections: bool = False, device_type: str = "cuda"
+    ) -> None:
         """model.kernels (torch, liger, apex: who computes RMSNorm, and with liger SwiGLU) and
         model.fuse_projections (q/k/v and gate/up each as one matmul over the concatenated weights; the parameters
         stay separate, so checkpoints and Hugging Face conversion do not change). Call before the first forward."""

@@ -14,7 +14,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str):
     if cfg.in_backward:
         if cfg.impl != "torch":
             raise UserError("optim.in_backward=true uses torch's fused AdamW; set optim.impl=torch")
-        return InBackwardOptimizer(model, cfg, device_type)
+        return InBackwardOptimizer(model, cfg)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.ndim < 2 or "embed_tokens" in name:
@@ -72,7 +72,7 @@ class InBackwardOptimizer:
     which distributed checkpointing saves and loads like one optimizer's state, under the parameters' names).
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, device_type: str):
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig):
         self.optimizers = []
         self._norm_sq: torch.Tensor | None = None
         self._skip: torch.Tensor | None = None

@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 from qwen2_dist.config import JobConfig
 from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.model.args import ModelArgs
-from qwen2_dist.parallel.mesh import World, all_reduce_sum, dp_rank_and_size
 from qwen2_dist.model.loss import resolve_loss
+from qwen2_dist.parallel.mesh import World, all_reduce_sum, dp_rank_and_size
 from qwen2_dist.parallel.parallelize import compile_enabled, loss_context, set_gradient_sync
 from qwen2_dist.train import checkpoint
 from qwen2_dist.train.faults import StepGuard, TrainingHalted, Watchdog, inject_hang, inject_nan
@@ -108,7 +108,8 @@ class Trainer:
         # The loss inside the model's forward (model.loss chunked or liger), or logits out and the loss here.
         loss_impl = resolve_loss(cfg.model.loss, tp, world.device.type)
         self.loss_in_model = loss_impl != "plain"
-        model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compile_enabled(cfg.parallel, world.device.type, cfg.model.kernels))
+        compiled = compile_enabled(cfg.parallel, world.device.type, cfg.model.kernels)
+        model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compiled)
         model.set_kernels(cfg.model.kernels, cfg.model.fuse_projections, world.device.type)
         use_autocast = mesh is None and world.device.type == "cuda" and cfg.train.mixed_precision != "fp32"
         self.autocast = (
@@ -205,7 +206,7 @@ class Trainer:
         for _ in range(batches.grad_accum_steps):
             inputs, targets, positions = batches.next_batch()
             with loss_context(self.mesh):
-                loss = self._loss(inputs, positions, targets.to(device))
+                loss = self._loss(inputs, positions, self._to_device(targets))
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
             num_tokens += targets.numel()
         global_tokens = all_reduce_sum(torch.tensor(float(num_tokens), device=device), self.mesh)
