@@ -13,9 +13,11 @@ import time
 
 import torch
 
+from qwen2_dist.config import OptimConfig
 from qwen2_dist.model.args import get_model_args
 from qwen2_dist.model.qwen2 import build_model, count_parameters
 from qwen2_dist.train import checkpoint
+from qwen2_dist.train.optim import build_optimizer
 
 
 def _size_gib(path: str) -> float:
@@ -31,7 +33,7 @@ def main() -> None:
     model = build_model(get_model_args(opts.model), "meta")
     model.to_empty(device="cpu")
     model.init_weights(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    optimizer = build_optimizer(model, OptimConfig(lr=0.0), "cpu")  # the trainer's groups and state layout
     for param in model.parameters():
         param.grad = torch.zeros_like(param)
     optimizer.step()  # materializes exp_avg / exp_avg_sq, as after a real step

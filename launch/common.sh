@@ -13,14 +13,23 @@
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+# One interpreter for torchrun and for check_job below, so the job is checked by the qwen2_dist that will run it;
+# with TORCHRUN set, the python next to that torchrun when there is one.
 if [ -n "${TORCHRUN:-}" ]; then
     read -r -a torchrun <<< "$TORCHRUN"
-elif [ -n "${PYTHON:-}" ]; then
-    torchrun=("$PYTHON" -m torch.distributed.run)
-elif [ -x "$repo/.venv/bin/python" ]; then
-    torchrun=("$repo/.venv/bin/python" -m torch.distributed.run)
+    python=python3
+    if [ -x "$(dirname "${torchrun[0]}")/python" ]; then
+        python=$(dirname "${torchrun[0]}")/python
+    fi
 else
-    torchrun=(python3 -m torch.distributed.run)
+    if [ -n "${PYTHON:-}" ]; then
+        python=$PYTHON
+    elif [ -x "$repo/.venv/bin/python" ]; then
+        python=$repo/.venv/bin/python
+    else
+        python=python3
+    fi
+    torchrun=("$python" -m torch.distributed.run)
 fi
 
 if [ -z "${NPROC:-}" ]; then
@@ -53,17 +62,8 @@ common_args=(--nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" -m qw
 # wrong override or a layout that does not divide the world is then one line and exit 2, instead of every worker
 # failing and torchrun restarting them all MAX_RESTARTS times. PRECHECK=0 turns it off.
 check_job() {
-    local world=$1 python
+    local world=$1
     shift
     [ "${PRECHECK:-1}" = 1 ] || return 0
-    if [ -n "${PYTHON:-}" ]; then
-        python=$PYTHON
-    elif [ -x "$repo/.venv/bin/python" ]; then
-        python=$repo/.venv/bin/python
-    elif [ -n "${TORCHRUN:-}" ] && [ -x "$(dirname "${torchrun[0]}")/python" ]; then
-        python=$(dirname "${torchrun[0]}")/python
-    else
-        python=python3
-    fi
     QWEN2_CHECK_ONLY=$world "$python" -m qwen2_dist.cli.train "$@"
 }

@@ -23,6 +23,7 @@ from qwen2_dist.cli.train import compose_job
 from qwen2_dist.config import JobConfig, validate
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import ModelArgs
+from qwen2_dist.model.loss import resolve_loss
 from qwen2_dist.model.qwen2 import Qwen2, build_model, count_parameters
 from qwen2_dist.parallel.mesh import World, build_mesh
 from qwen2_dist.parallel.parallelize import compile_enabled, parallelize
@@ -142,12 +143,13 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     residual = 2 if bf16 else 4
     act = activation_bytes(args, job.train.micro_batch_size, job.train.seq_len, layout["tp"], p, residual)
     layers = args.num_hidden_layers
-    full = layers - plan.checkpointed_layers
-    activations = full * act["block"] + plan.checkpointed_layers * act["checkpointed_block"]
     if job.parallel.activation_checkpointing == "op":
         activations = layers * act["op_block"]
-    elif plan.checkpointed_layers:
-        activations += act["block"]  # the block being recomputed
+    else:
+        full = layers - plan.checkpointed_layers
+        activations = full * act["block"] + plan.checkpointed_layers * act["checkpointed_block"]
+        if plan.checkpointed_layers:
+            activations += act["block"]  # the block being recomputed
     lines: dict[str, float] = {}
     # Held all step: parameters stay fp32 (the master copy), AdamW keeps m and v in fp32.
     on_cpu = job.parallel.cpu_offload
@@ -171,7 +173,8 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     # Backward frees activations as it makes gradients, so the two never peak together: the peak is the static
     # part plus the larger of (everything saved at the end of forward) and (every gradient at the end of backward).
     vocab_matrix = args.vocab_size * args.hidden_size // layout["tp"]
-    loss = job.model.loss if job.model.loss != "auto" else ("plain" if layout["tp"] > 1 else "chunked")
+    # auto resolved as the trainer does (a named one is taken as is: estimating needs no Liger installed).
+    loss = resolve_loss("auto", layout["tp"], "cuda") if job.model.loss == "auto" else job.model.loss
     head = act["head"]
     if loss != "plain":
         # No logits kept: one chunk's logits in flight, and the gradients of the head input and of the output
