@@ -23,7 +23,6 @@ from collections import OrderedDict
 from multiprocessing import resource_tracker
 from typing import NamedTuple
 
-import _posixshmem
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -33,6 +32,7 @@ from qwen2_dist.data import hygiene
 from qwen2_dist.data.prepare import FORMAT_VERSION, SUMMARY_NAME, TRAIN, read_summary
 from qwen2_dist.data.streaming_compat import import_streaming
 from qwen2_dist.errors import ResumeMismatch, UserError
+from qwen2_dist.parallel.mesh import world_from_env
 
 log = logging.getLogger(__name__)
 
@@ -326,11 +326,15 @@ class TokenBatches:
             self._check_summary(path, _source_summary(path, cache if "://" in path else None))
             remote, local = self._locations(path, cache)
             streams.append(streaming.Stream(remote=remote, local=local, split=split))
-        hygiene.clean_stale(tempfile.gettempdir())
-        with hygiene.prefix_lock(leader=int(os.environ.get("LOCAL_RANK", "0")) == 0):
+        leader = world_from_env()[1] == 0
+        with hygiene.prefix_lock(leader):
+            # Under the lock, so no other run is choosing a prefix while dead runs' segments are removed; by the
+            # local leader only (the other ranks would repeat the same work).
+            if leader:
+                hygiene.clean_stale(tempfile.gettempdir())
             # streaming picks the shared-memory prefix on every rank separately, from what exists in /dev/shm: the
-            # ranks must look only after all of them have finished cleaning and closing earlier datasets, or they
-            # disagree -- and only when no other run on this machine is picking one (prefix_lock).
+            # ranks must look only after the cleaning and the closing of earlier datasets, or they disagree -- and
+            # only when no other run on this machine is picking one (prefix_lock).
             if dist.is_initialized():
                 dist.barrier()
             # Only get_item is used: StreamingDataset's own iteration (shuffle, predownload) never runs.
@@ -448,11 +452,7 @@ class TokenBatches:
         if getattr(self, "dataset", None) is None:
             return
         for segment in self._created:
-            segment.close()
-            try:
-                _posixshmem.shm_unlink(segment._name)  # not segment.unlink(): it would also unregister
-            except FileNotFoundError:
-                pass
+            segment.close()  # the names are removed by release(), when the last live owner of the prefix leaves
         for memory in self._shared_memory:
             memory.cleanup()  # closes the segments this process attached to
         self._release()

@@ -81,6 +81,15 @@ def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
     return dp.get_local_rank(), dp.size()
 
 
+def agree_any(flags: list[bool]) -> list[bool]:
+    """For each flag, whether it is set on any rank (one small CPU all-reduce: no device sync)."""
+    if not dist.is_initialized():
+        return flags
+    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
 def all_reduce_sum(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     """Sum a tensor over the data-parallel ranks (identity for one process)."""
     if mesh is not None and dp_mesh(mesh).size() > 1:

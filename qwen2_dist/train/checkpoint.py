@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from qwen2_dist.errors import UserError
 from qwen2_dist.fsutil import replace_dir
+from qwen2_dist.parallel.mesh import agree_any
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +47,6 @@ FAIL_ENV = "QWEN2_INJECT_CKPT_FAIL_STEP"
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def _broadcast_str(value: str) -> str:
@@ -317,11 +313,7 @@ def _all_ok(ok: bool, exc: BaseException | None = None) -> bool:
     """True on every rank when the step succeeded on every rank (a CPU all-reduce); logs this rank's failure."""
     if exc is not None:
         log.error("checkpoint: write failed on rank %d: %s: %s", _rank(), type(exc).__name__, exc)
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return flag.item() == 0
+    return not agree_any([not ok])[0]
 
 
 def _maybe_fail(step: int | None) -> None:

@@ -9,7 +9,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -18,7 +17,7 @@ from qwen2_dist.config import JobConfig
 from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.loss import resolve_loss
-from qwen2_dist.parallel.mesh import World, all_reduce_sum, dp_rank_and_size
+from qwen2_dist.parallel.mesh import World, agree_any, all_reduce_sum, dp_rank_and_size
 from qwen2_dist.parallel.parallelize import compile_enabled, loss_context, set_gradient_sync
 from qwen2_dist.train import checkpoint
 from qwen2_dist.train.faults import StepGuard, TrainingHalted, Watchdog, inject_hang, inject_nan
@@ -56,15 +55,6 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         self.requested = True
         log.warning("received %s: saving a checkpoint after this step and stopping", signal.Signals(signum).name)
-
-
-def agree_any(flags: list[bool]) -> list[bool]:
-    """For each flag, whether it is set on any rank (one small CPU all-reduce: no device sync)."""
-    if not dist.is_initialized():
-        return flags
-    tensor = torch.tensor([int(f) for f in flags], dtype=torch.int32)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in tensor.tolist()]
 
 
 class Trainer:
