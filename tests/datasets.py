@@ -11,8 +11,9 @@ from qwen2_dist.data.streaming_compat import import_streaming
 
 def make_dataset(path, num_samples: int, seq_len: int, first_id: int = 0, shard_bytes: int = 1 << 12,
                  val_samples: int = 0) -> str:
-    """A dataset directory in qwen2-prepare's layout whose sample i holds seq_len + 1 copies of first_id + i (the
-    val split continues the numbering); each sample is two documents, split in the middle."""
+    """A dataset directory in qwen2-prepare's layout whose sample i starts with its id first_id + i (the val split
+    continues the numbering) and counts up from there (id, id + 1, ...: a shift between inputs and targets shows);
+    each sample is two documents, split in the middle."""
     streaming = import_streaming()
     splits = {}
     next_id = first_id
@@ -22,7 +23,7 @@ def make_dataset(path, num_samples: int, seq_len: int, first_id: int = 0, shard_
         with streaming.MDSWriter(out=os.path.join(path, split), columns=COLUMNS, compression="zstd",
                                  size_limit=shard_bytes) as writer:
             for i in range(count):
-                writer.write({"tokens": np.full(seq_len + 1, next_id + i, dtype=np.int32),
+                writer.write({"tokens": next_id + i + np.arange(seq_len + 1, dtype=np.int32),
                               "doc_starts": np.array([0, (seq_len + 1) // 2], dtype=np.int32)})
         next_id += count
         splits[split] = {"documents": 2 * count, "samples": count, "tokens": count * (seq_len + 1),

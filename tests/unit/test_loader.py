@@ -11,6 +11,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from qwen2_dist.data import hygiene
 from qwen2_dist.data.loader import SampleOrder, TokenBatches
@@ -133,8 +134,10 @@ def test_validation_split_and_document_positions(data):
     assert sorted(sum(first, [])) == list(range(30, 36))  # the held-out samples, each once
     assert sample_ids(batch) == first[0]  # seek(0) reads the same samples again
     half = (SEQ + 1) // 2
-    assert batch.positions[0].tolist() == list(range(half)) + list(range(SEQ - half))
-    assert batch.targets[0, 0] == batch.inputs[0, 1]
+    assert all(row.tolist() == list(range(half)) + list(range(SEQ - half)) for row in batch.positions)
+    # Targets are the inputs shifted by one token, in every row (each sample counts up from its id).
+    assert torch.equal(batch.targets[:, :-1], batch.inputs[:, 1:])
+    assert torch.equal(batch.targets[:, -1], batch.inputs[:, -1] + 1)
 
 
 def test_bad_sources_are_refused_clearly(tmp_path, data):
