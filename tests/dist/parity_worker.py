@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from qwen2_dist.cli.train import compose_job
+from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
 from qwen2_dist.config import validate
 from qwen2_dist.data.loader import Batch
 from qwen2_dist.model.qwen2 import build_model, count_parameters
 from qwen2_dist.parallel.mesh import all_reduce_sum, build_mesh, dp_rank_and_size, init_distributed, set_deterministic
-from qwen2_dist.parallel.parallelize import loss_context, parallelize
-from qwen2_dist.train.optim import build_optimizer, lr_at, set_lr
+from qwen2_dist.parallel.parallelize import loss_context
+from qwen2_dist.train.optim import lr_at, set_lr
 from qwen2_dist.train.trainer import Trainer
 
 # name -> (processes, overrides). Each parallel layout accumulates 2 micro-batches per step, with activation
@@ -110,11 +110,9 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
     set_deterministic()
     mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
     args = job.model.args()
-    model = build_model(args, "meta")
-    model.set_attention_backend("sdpa")
-    model = parallelize(model, mesh, job.parallel, torch.float32, "cpu")
-    model.to_empty(device=world.device)
-    model.init_weights(job.seed)
+    # Built as qwen2-train builds it; fused AdamW has no state before its first step, so the probe below leaves the
+    # optimizer as the trainer would find it.
+    model, optimizer = build_model_and_optimizer(job, world, mesh, "cpu")
     # The tie: one registered parameter serves the lookup and the head, after every wrapper and shard.
     vocab_rows = [name for name, p in model.named_parameters() if p.shape[0] == args.vocab_size]
     tie = {
@@ -127,7 +125,6 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
     batches = SyntheticBatches(args.vocab_size, job.train.global_batch_size, job.train.seq_len,
                                job.train.micro_batch_size, dp_rank, dp_size)
     embedding_grad = probe_embedding_grad(model, mesh, batches)
-    optimizer = build_optimizer(model, job.optim, "cpu")
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], {})
     losses, grad_norms = [], []
     for step in range(1, job.train.steps + 1):
