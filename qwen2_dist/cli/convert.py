@@ -47,8 +47,7 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     one safetensors shard, not the whole model.
     """
     from qwen2_dist.model.args import ModelArgs
-    from qwen2_dist.model.hf import write_hf_from
-    from qwen2_dist.model.qwen2 import build_model
+    from qwen2_dist.model.hf import native_shapes, write_hf_from
     from qwen2_dist.train import checkpoint
 
     dtypes = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -56,7 +55,7 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
         raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
     meta = checkpoint.verify(ckpt_dir)
     args = ModelArgs(**meta["model_args"])
-    shapes = {name: t.shape for name, t in build_model(args, "meta").state_dict().items()}
+    shapes = native_shapes(args)
 
     def fetch(names: list[str]) -> dict[str, torch.Tensor]:
         return checkpoint.read_tensors(ckpt_dir, {name: shapes[name] for name in names})

@@ -149,7 +149,7 @@ def native_to_hf_name(name: str) -> str:
     return name if name == "lm_head.weight" else f"model.{name}"
 
 
-def _native_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+def native_shapes(args: ModelArgs) -> dict[str, torch.Size]:
     """Every native tensor name and its shape, in the model's parameter order."""
     return {name: t.shape for name, t in build_model(args, "meta").state_dict().items()}
 
@@ -175,7 +175,7 @@ def _check_names(native: set[str], wanted: set[str], args: ModelArgs, where: str
             if "lm_head.weight" in missing else "; does config.json describe this checkpoint?"
         )
         raise UserError(f"{where}: missing {len(missing)} tensors: {_first(missing)}{hint}")
-    unexpected = native - set(_native_shapes(args))
+    unexpected = native - set(native_shapes(args))
     if unexpected:
         raise UserError(
             f"{where}: {len(unexpected)} tensors do not belong to the architecture in config.json "
@@ -186,7 +186,7 @@ def _check_names(native: set[str], wanted: set[str], args: ModelArgs, where: str
 def hf_to_native_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
     """Native state dict from a transformers Qwen2ForCausalLM one (drops a tied lm_head)."""
     native = {hf_to_native_name(k): v for k, v in state_dict.items() if not _skipped_hf_name(k, args)}
-    _check_names(set(native), set(_native_shapes(args)), args, "HF state dict")
+    _check_names(set(native), set(native_shapes(args)), args, "HF state dict")
     return native
 
 
@@ -194,7 +194,7 @@ def native_to_hf_state_dict(state_dict: dict[str, torch.Tensor], args: ModelArgs
     """transformers Qwen2ForCausalLM state dict from a native one (no lm_head when tied, as save_pretrained writes)."""
     # A tied model has no lm_head; if a caller passes one anyway, it is the embedding by definition.
     native = {k: v for k, v in state_dict.items() if not (k == "lm_head.weight" and args.tie_word_embeddings)}
-    _check_names(set(native), set(_native_shapes(args)), args, "native state dict")
+    _check_names(set(native), set(native_shapes(args)), args, "native state dict")
     return {native_to_hf_name(k): v for k, v in native.items()}
 
 
@@ -254,14 +254,14 @@ def inspect_hf(path: str) -> tuple[ModelArgs, dict[str, str]]:
         files = {hf_to_native_name(k): v for k, v in hf_files.items() if not _skipped_hf_name(k, args)}
     except UserError as e:
         raise UserError(f"{path}: {e}") from None
-    _check_names(set(files), set(_native_shapes(args)), args, path)
+    _check_names(set(files), set(native_shapes(args)), args, path)
     return args, files
 
 
 def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """ModelArgs and native-named tensors of a HF checkpoint dir; with names, only those tensors and files are read."""
     args, files = inspect_hf(path)
-    shapes = _native_shapes(args)
+    shapes = native_shapes(args)
     if names is None:
         names = set(shapes)
     assert names <= set(shapes), f"not tensors of this architecture: {_first(names - set(shapes))}"
@@ -370,7 +370,7 @@ def write_hf(
 ) -> None:
     """Write a native state dict as a HF Qwen2ForCausalLM checkpoint (config.json + safetensors) into out_dir."""
     native_to_hf_state_dict(state_dict, args)  # checks the names
-    for name, shape in _native_shapes(args).items():
+    for name, shape in native_shapes(args).items():
         if name in state_dict and state_dict[name].shape != shape:
             raise UserError(
                 f"native state dict: {name} has shape {tuple(state_dict[name].shape)} but the model arguments "
@@ -401,7 +401,7 @@ def write_hf_from(
         if os.listdir(out_dir) and not overwrite:
             raise UserError(f"{out_dir}: exists and is not empty; choose another output path or pass overwrite=True")
 
-    shapes = {n: s for n, s in _native_shapes(args).items() if not _skipped_hf_name(native_to_hf_name(n), args)}
+    shapes = {n: s for n, s in native_shapes(args).items() if not _skipped_hf_name(native_to_hf_name(n), args)}
     sizes = {native_to_hf_name(n): shape.numel() * dtype.itemsize for n, shape in shapes.items()}
     shards = _shard_plan(sizes, max_shard_bytes)
     parent = os.path.dirname(out_dir)
