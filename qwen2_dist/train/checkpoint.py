@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -42,6 +43,8 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Test hook: the step whose save stalls (for 10 minutes) after its shards are written and before the commit, so a
 # test can kill a save at its most delicate point.
 STALL_ENV = "QWEN2_CKPT_STALL_STEP"
+# Test hook: "STEP" makes the save of that step fail on every rank before anything is written, as a full disk would;
+# "STEP:RANK:write" makes it fail on that rank only, after the rank's shard files are written (mid-save).
 FAIL_ENV = "QWEN2_INJECT_CKPT_FAIL_STEP"
 
 
@@ -239,13 +242,15 @@ class Checkpointer:
         if ok:
             try:
                 torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{_rank()}.pt"))
+                writer = _FailAfterWrite(tmp) if _injected_fault(metadata.get("step")) == "write" else None
                 with _quiet_dcp():
                     if self.async_save and not blocking:
-                        future = dcp.async_save(state, checkpoint_id=tmp, process_group=self._group)
+                        future = dcp.async_save(state, checkpoint_id=tmp, storage_writer=writer,
+                                                process_group=self._group)
                     else:
-                        dcp.save(state, checkpoint_id=tmp)
+                        dcp.save(state, checkpoint_id=tmp, storage_writer=writer)
                 ok = _all_ok(True)
-            except Exception as exc:  # OSError, or DCP's CheckpointException wrapping one
+            except (Exception, CheckpointException) as exc:  # OSError, or DCP's wrapper (a BaseException) of one
                 ok = _all_ok(False, exc)
         if not ok:
             self._abandon(tmp, final)
@@ -274,7 +279,7 @@ class Checkpointer:
             if pending.future is not None:
                 pending.future.result()
             ok = _all_ok(True)
-        except Exception as exc:  # the background write failed
+        except (Exception, CheckpointException) as exc:  # the background write failed
             ok = _all_ok(False, exc)
         if not ok:
             self._abandon(pending.tmp, pending.final)
@@ -309,17 +314,46 @@ class Checkpointer:
                   "previous committed checkpoint stays the latest", final, self.failed_saves)
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line: the type and first message line of the error, looking inside DCP's CheckpointException (whose
+    own first line only lists the failing ranks)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (inner, _) = next(iter(sorted(exc.failures.items())))
+        return f"rank {rank}: {describe_error(inner)}"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"{type(exc).__name__}: {first}"
+
+
 def _all_ok(ok: bool, exc: BaseException | None = None) -> bool:
     """True on every rank when the step succeeded on every rank (a CPU all-reduce); logs this rank's failure."""
     if exc is not None:
-        log.error("checkpoint: write failed on rank %d: %s: %s", _rank(), type(exc).__name__, exc)
+        log.error("checkpoint: write failed on rank %d: %s", _rank(), describe_error(exc))
     return not agree_any([not ok])[0]
 
 
+def _injected_fault(step: int | None) -> str | None:
+    """Test hook (FAIL_ENV): "start" or "write" when this rank's save of `step` is to fail, else None."""
+    spec = os.environ.get(FAIL_ENV)
+    if step is None or not spec:
+        return None
+    fail_step, _, rest = spec.partition(":")
+    fail_rank, _, phase = rest.partition(":")
+    if fail_step != str(step) or (fail_rank and fail_rank != str(_rank())):
+        return None
+    return phase or "start"
+
+
 def _maybe_fail(step: int | None) -> None:
-    """Test hook: the save of step QWEN2_INJECT_CKPT_FAIL_STEP fails as a full disk would."""
-    if step is not None and os.environ.get(FAIL_ENV) == str(step):
+    if _injected_fault(step) == "start":
         raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAIL_ENV})")
+
+
+class _FailAfterWrite(FileSystemWriter):
+    """Test hook: writes this rank's shard files, then fails as a disk that filled up mid-save would."""
+
+    def write_data(self, plan, planner):
+        super().write_data(plan, planner).wait()
+        raise OSError(errno.ENOSPC, f"No space left on device after writing shards (injected by {FAIL_ENV})")
 
 
 def _commit(pending: _Pending) -> None:
@@ -358,9 +392,8 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=path)
-    except Exception as exc:  # DCP raises CheckpointException and plain OS errors alike
-        first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise UserError(f"{path}: cannot be loaded ({type(exc).__name__}: {first}); "
+    except (Exception, CheckpointException) as exc:  # DCP's wrapper is a BaseException
+        raise UserError(f"{path}: cannot be loaded ({describe_error(exc)}); "
                         "the checkpoint is damaged or from another model") from None
     if with_optim:
         set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])

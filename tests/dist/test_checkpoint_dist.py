@@ -61,3 +61,18 @@ def test_resume_on_another_layout_continues_the_same_run(tmp_path, straight_4, h
     for step in (4, 5, 6):
         assert abs(resumed[step] - expected[step]) <= 1e-5, (step, resumed[step], expected[step])
     assert last_line(run_dir)["tokens_seen"] == last_line(straight_4)["tokens_seen"]
+
+
+def test_one_rank_failing_mid_save_skips_that_checkpoint_on_every_rank(tmp_path, straight_4, corpus_cache):
+    """Rank 1 writes its shard files of step 4's background save, then fails: no rank commits step 4, nothing of it
+    is left, training goes on unchanged and later saves commit."""
+    run_dir = tmp_path / "run"
+    job = dict(JOB, **{"checkpoint.interval": 2, "checkpoint.async_save": "true"})
+    result = run_torchrun(4, TRAIN, train_overrides(run_dir, corpus_cache, **job),
+                          env={"QWEN2_INJECT_CKPT_FAIL_STEP": "4:1:write"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    output = result.stdout + result.stderr
+    assert "write failed on rank 1" in output and "after writing shards" in output
+    assert "step_00000004 failed and was skipped" in output
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000002", "step_00000006"]
+    assert losses(run_dir) == losses(straight_4)

@@ -106,6 +106,15 @@ def test_damage_is_detected_before_loading(tmp_path):
         checkpoint.load(path, model, optimizer)
 
 
+def test_a_file_damaged_at_its_full_size_is_a_clear_error(tmp_path):
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(tmp_path), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
+    with open(os.path.join(path, ".metadata"), "r+b") as f:  # DCP's index: same size, other bytes
+        f.write(b"\0" * os.path.getsize(os.path.join(path, ".metadata")))
+    with pytest.raises(UserError, match=r"cannot be loaded \(rank 0: \w+Error: .*damaged"):
+        checkpoint.load(path, model, optimizer)
+
+
 def test_model_only_checkpoint_loads_without_optimizer_state(tmp_path):
     model, _ = _model_and_optimizer(0)
     path = str(tmp_path / "weights")
@@ -132,3 +141,36 @@ def test_a_failed_write_is_skipped_and_harms_nothing(tmp_path, monkeypatch):
     monkeypatch.delenv(checkpoint.FAIL_ENV)
     assert saver.save(3, model, optimizer, {"step": 3}, {}) is not None
     assert _names(checkpoint.committed_checkpoints(root)) == ["step_00000003"]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["blocking", "async"])
+def test_a_save_failing_after_its_shards_are_written_never_commits(tmp_path, monkeypatch, async_save):
+    root = tmp_path / "checkpoints"
+    model, optimizer = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(str(root), keep_last=3, async_save=async_save)
+    assert saver.save(1, model, optimizer, {"step": 1}, {}) is not None
+    saver.wait()
+    written = []
+    real_write = checkpoint.FileSystemWriter.write_data
+
+    def write_and_record(self, plan, planner):
+        future = real_write(self, plan, planner)
+        future.wait()
+        written.extend(p.name for p in root.glob("*.tmp-*/*.distcp"))
+        return future
+
+    monkeypatch.setattr(checkpoint.FileSystemWriter, "write_data", write_and_record)
+    monkeypatch.setenv(checkpoint.FAIL_ENV, "2:0:write")
+    if async_save:
+        assert saver.save(2, model, optimizer, {"step": 2}, {}) is not None  # staged; the failure comes later
+        assert saver.wait() is False
+    else:
+        assert saver.save(2, model, optimizer, {"step": 2}, {}) is None
+    assert written, "the injected failure must come after shard files exist"
+    assert saver.failed_saves == 1
+    assert sorted(os.listdir(root)) == ["step_00000001"]  # the partial save is gone, step 1 is still the latest
+    checkpoint.verify(str(root / "step_00000001"))
+    monkeypatch.delenv(checkpoint.FAIL_ENV)
+    assert saver.save(3, model, optimizer, {"step": 3}, {}) is not None
+    assert saver.wait() is True
+    assert _names(checkpoint.committed_checkpoints(str(root))) == ["step_00000001", "step_00000003"]
