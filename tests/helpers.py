@@ -31,3 +31,15 @@ def run_torchrun(nproc: int, module: str, args: list[str], timeout: float = 300,
     """Run `torchrun --standalone --nproc-per-node=nproc -m module args` (gloo on CPU) and capture its output."""
     return run_cli("torch.distributed.run", ["--standalone", f"--nproc-per-node={nproc}", "-m", module, *args],
                    timeout=timeout, env={"OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def save_pickle_hf(model, path) -> None:
+    """An old-style Hugging Face directory: config.json and pytorch_model.bin (transformers 5 no longer writes the
+    pickle format, so it is made from what save_pretrained writes)."""
+    import torch
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path)
+    weights = os.path.join(path, "model.safetensors")
+    torch.save(load_file(weights), os.path.join(path, "pytorch_model.bin"))
+    os.remove(weights)

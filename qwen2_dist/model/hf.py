@@ -61,6 +61,19 @@ def args_from_hf_config(config: dict, file: str = CONFIG_NAME) -> ModelArgs:
     rope_type = (rope_scaling.get("rope_type") or rope_scaling.get("type")) if isinstance(rope_scaling, dict) else None
     if rope_scaling is not None and rope_type != "default":
         raise _refuse(file, "rope_scaling", rope_scaling, "set it to null; only unscaled RoPE is implemented")
+    rope_parameters = config.get("rope_parameters")
+    if rope_parameters is not None:
+        # transformers >= 5 writes the RoPE settings here (theta included) instead of rope_theta / rope_scaling.
+        if not isinstance(rope_parameters, dict) or rope_parameters.get("rope_type", "default") != "default":
+            raise _refuse(file, "rope_parameters", rope_parameters,
+                          'only unscaled RoPE is implemented (rope_type "default")')
+        if "rope_theta" in rope_parameters:
+            theta = rope_parameters["rope_theta"]
+            if "rope_theta" in config and config["rope_theta"] != theta:
+                raise UserError(f"{file}: rope_theta={json.dumps(config['rope_theta'])} and rope_parameters.rope_theta="
+                                f"{json.dumps(theta)} disagree (transformers 5 reads the second, older versions the "
+                                "first); keep the one that is right")
+            config = dict(config, rope_theta=theta)
     if config.get("attention_bias", True) is not True:
         raise _refuse(file, "attention_bias", config["attention_bias"], "Qwen2 has bias on q/k/v projections")
     if config.get("mlp_bias", False) is not False:
@@ -118,8 +131,10 @@ def hf_config_from_args(args: ModelArgs, torch_dtype: str = "float32") -> dict:
         "max_position_embeddings": args.max_position_embeddings,
         "initializer_range": args.initializer_range,
         "rms_norm_eps": args.rms_norm_eps,
+        # Both spellings: transformers < 5 reads rope_theta / rope_scaling, transformers 5 rope_parameters.
         "rope_theta": args.rope_theta,
         "rope_scaling": None,
+        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
         "tie_word_embeddings": args.tie_word_embeddings,
         "use_sliding_window": False,
         "sliding_window": None,

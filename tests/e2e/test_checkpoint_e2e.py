@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from tests.helpers import REPO, run_cli, train_overrides
+from tests.helpers import REPO, run_cli, save_pickle_hf, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
 
@@ -127,7 +127,7 @@ def test_pickle_weights_are_refused_unless_the_user_opts_in(tmp_path):
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     hf = Qwen2ForCausalLM(config)
     hf_dir = tmp_path / "bin_only"
-    hf.save_pretrained(hf_dir, safe_serialization=False)
+    save_pickle_hf(hf, hf_dir)
     assert any(p.endswith(".bin") for p in os.listdir(hf_dir))
     assert convert_main(["from-hf", str(hf_dir), str(tmp_path / "refused")]) == 2
     assert not (tmp_path / "refused").exists()

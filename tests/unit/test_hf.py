@@ -27,6 +27,7 @@ from qwen2_dist.model.hf import (  # noqa: E402
     read_hf_state_dict,
     write_hf,
 )
+from tests.helpers import save_pickle_hf  # noqa: E402
 
 # Tied and untied, GQA ratios 1, 2 and 7, non-default rope_theta / eps; "sharded" saves with a small max_shard_size.
 CONFIGS = {
@@ -233,7 +234,7 @@ def test_bad_directories_are_refused(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         read_hf_state_dict(str(tmp_path / "nope"))
     model = make_hf_model("mha_tied")
-    model.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    save_pickle_hf(model, tmp_path / "bin")
     assert os.path.isfile(tmp_path / "bin" / "pytorch_model.bin")
     with pytest.raises(UserError, match=r"only pickle weights.*only safetensors are read.*safe_serialization=True"):
         read_hf_state_dict(str(tmp_path / "bin"))
@@ -272,17 +273,37 @@ def test_unsupported_configs_are_refused(key, value, message):
 
 def test_config_defaults_follow_transformers():
     config = base_config()
-    for key in ("rope_theta", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "rope_scaling"):
+    for key in ("rope_theta", "rms_norm_eps", "tie_word_embeddings", "max_position_embeddings", "rope_scaling",
+                "rope_parameters"):
         del config[key]
     config["num_key_value_heads"] = None
     args = args_from_hf_config(config)
     hf = Qwen2Config(**config)
+    # transformers 5 keeps theta in rope_parameters only.
+    hf_theta = getattr(hf, "rope_theta", None) or hf.rope_parameters["rope_theta"]
     assert (args.rope_theta, args.rms_norm_eps, args.tie_word_embeddings, args.max_position_embeddings) == (
-        hf.rope_theta, hf.rms_norm_eps, hf.tie_word_embeddings, hf.max_position_embeddings,
+        hf_theta, hf.rms_norm_eps, hf.tie_word_embeddings, hf.max_position_embeddings,
     )
     assert args.num_key_value_heads == 4
     del config["vocab_size"]
     with pytest.raises(UserError, match="missing key 'vocab_size'"):
+        args_from_hf_config(config)
+
+
+def test_transformers_5_rope_parameters_are_read_and_checked():
+    """transformers >= 5 writes {"rope_parameters": {"rope_type": "default", "rope_theta": ...}} and no rope_theta."""
+    config = base_config()
+    del config["rope_theta"], config["rope_scaling"]
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500_000.0}
+    assert args_from_hf_config(config).rope_theta == 500_000.0
+    config["rope_theta"] = 500_000.0  # both spellings, agreeing (what write_hf writes)
+    assert args_from_hf_config(config).rope_theta == 500_000.0
+    config["rope_theta"] = 10_000.0
+    with pytest.raises(UserError, match=r"rope_theta=10000.0 and rope_parameters.rope_theta=500000.0 disagree"):
+        args_from_hf_config(config)
+    del config["rope_theta"]
+    config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
+    with pytest.raises(UserError, match=r'rope_parameters=.*"yarn".*only unscaled RoPE'):
         args_from_hf_config(config)
 
 
