@@ -98,7 +98,8 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
     gate/up are gathered to full length.
 
     one decoder block, no recompute:
-        2 RMSNorms, each its input in fp32 and its normalized output: 2 (4 + r) b s h / t
+        2 RMSNorms, each its input in fp32, its normalized output
+        and its fp32 reciprocal root mean square:                      2 (4 + r) b s h / t + 2 * 4 b s / t
         the gathered inputs of q/k/v and of gate/up:                   2 p b s h
         q, the attention output and o's input (a reshaped copy):       3 p b s h / t
         k and v:                                                       2 p b s k d / t
@@ -106,7 +107,7 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
         gate (SiLU input), SiLU output, up, down's input:              4 p b s i / t
     a recomputed block keeps only its input:                           r b s h / t
         and one block is rebuilt at a time in backward:                + one block as above
-    final norm and head input:                                         (4 + r) b s h / t + p b s h
+    final norm and head input:                                         (4 + r) b s h / t + 4 b s / t + p b s h
     logits (p), log-probabilities (fp32) and their fp32 gradient:      (p + 8) b s V / t
 
     Not counted: rotary tables (8 b s d, shared), the attention backend's workspace, and a fp32 job's norm output
@@ -114,7 +115,7 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
     """
     b, s, h, i, t, p, r = batch, seq, args.hidden_size, args.intermediate_size, tp, compute, residual
     block = (
-        2 * (4 + r) * b * s * h // t + 2 * p * b * s * h + 3 * p * b * s * h // t
+        2 * (4 + r) * b * s * h // t + 2 * 4 * b * s // t + 2 * p * b * s * h + 3 * p * b * s * h // t
         + 2 * p * b * s * args.num_key_value_heads * args.head_dim // t
         + 4 * b * args.num_attention_heads * s // t + 4 * p * b * s * i // t
     )
@@ -126,7 +127,7 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
         "op_block": (r * b * s * h + 4 * p * b * s * h + 2 * p * b * s * kv + 2 * p * b * s * i) // t
         + 4 * b * args.num_attention_heads * s // t,
         "checkpointed_block": r * b * s * h // t,
-        "head": (4 + r) * b * s * h // t + p * b * s * h + (p + 8) * b * s * args.vocab_size // t,
+        "head": (4 + r) * b * s * h // t + 4 * b * s // t + p * b * s * h + (p + 8) * b * s * args.vocab_size // t,
     }
 
 
@@ -184,7 +185,7 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
         # Compiled (CUDA default), the softmax of a chunk reads its logits and writes their gradient, both in the
         # compute dtype; eager, it also makes two fp32 copies.
         compiled = compile_enabled(job.parallel, "cuda", job.model.kernels)
-        head = ((4 + residual) * b * s_len * args.hidden_size + 2 * p * b * s_len * args.hidden_size
+        head = ((4 + residual) * b * s_len * args.hidden_size + 4 * b * s_len + 2 * p * b * s_len * args.hidden_size
                 + (2 * p + (0 if compiled else 8)) * chunk * args.vocab_size
                 + (4 if one_process else p) * vocab_matrix)
     if copies:
