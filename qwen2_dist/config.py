@@ -8,6 +8,9 @@ from hydra.core.config_store import ConfigStore
 
 from qwen2_dist.errors import UserError
 
+SCHEDULES = ("cosine", "linear", "sqrt", "constant")
+"""optim.schedule: the shape of the learning-rate decay after warmup."""
+
 if TYPE_CHECKING:
     from qwen2_dist.model.args import ModelArgs
 
@@ -138,9 +141,15 @@ class OptimConfig:
     lr: float = 3e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """Final learning rate of the cosine decay, as a fraction of lr."""
+    """Final learning rate of the decay, as a fraction of lr."""
     warmup_steps: int = 20
     """Linear warmup steps from 0 to lr."""
+    schedule: str = "cosine"
+    """Shape of the decay after warmup: cosine, linear, sqrt (1 - sqrt(progress), the usual cool-down of a
+    warmup-stable-decay run) or constant (no decay)."""
+    decay_steps: Optional[int] = None
+    """Steps the decay takes, ending at train.steps (null = every step after warmup). Fewer gives a warmup-stable-decay
+    (WSD) schedule: lr holds until train.steps - decay_steps, then decays."""
     weight_decay: float = 0.1
     """Decoupled weight decay on matrices (not on biases, norms or embeddings)."""
     beta1: float = 0.9
@@ -331,6 +340,15 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"optim.min_lr_ratio={o.min_lr_ratio}: must lie in [0, 1]")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:
         raise UserError(f"optim.warmup_steps={o.warmup_steps}: must lie in [0, train.steps={t.steps}]")
+    if o.schedule not in SCHEDULES:
+        raise UserError(f"optim.schedule={o.schedule!r}: choose {', '.join(SCHEDULES)}")
+    if o.decay_steps is not None:
+        if o.schedule == "constant":
+            raise UserError(f"optim.decay_steps={o.decay_steps} with optim.schedule=constant, which never decays: "
+                            "set optim.decay_steps=null or pick cosine, linear or sqrt")
+        if not 0 < o.decay_steps <= t.steps - o.warmup_steps:
+            raise UserError(f"optim.decay_steps={o.decay_steps}: must lie in [1, train.steps - optim.warmup_steps = "
+                            f"{t.steps - o.warmup_steps}] (the decay ends at train.steps and starts after warmup)")
     if t.stop_at is not None and t.stop_at < 0:
         raise UserError(f"train.stop_at={t.stop_at}: must be >= 0 (0 saves the initial weights and stops)")
     if t.nonfinite not in ("skip", "halt"):

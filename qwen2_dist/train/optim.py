@@ -1,4 +1,5 @@
-"""AdamW with decay on matrices only, and the warmup + cosine learning-rate schedule."""
+"""AdamW with decay on matrices only, and the learning-rate schedule: warmup, then a cosine, linear or sqrt decay,
+optionally after a stable phase (warmup-stable-decay)."""
 
 import math
 
@@ -43,13 +44,24 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str):
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warmup, then cosine down to min_lr_ratio * lr."""
+    """Learning rate of optimizer step `step` (1-based): linear warmup to lr; then lr held until the decay's
+    optim.decay_steps (default: all that is left) ending at total_steps; the decay goes from lr to
+    min_lr_ratio * lr along optim.schedule (cosine, linear, sqrt = 1 - sqrt(progress); constant: none)."""
     if cfg.warmup_steps and step <= cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
-    decay_steps = max(total_steps - cfg.warmup_steps, 1)
-    progress = min((step - cfg.warmup_steps) / decay_steps, 1.0)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    decay_steps = cfg.decay_steps or max(total_steps - cfg.warmup_steps, 1)
+    progress = min(max(step - (total_steps - decay_steps), 0) / decay_steps, 1.0)
+    if cfg.schedule == "cosine":
+        left = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif cfg.schedule == "linear":
+        left = 1.0 - progress
+    elif cfg.schedule == "sqrt":
+        left = 1.0 - math.sqrt(progress)
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}")  # validate() refuses it first
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * left)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

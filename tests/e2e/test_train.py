@@ -38,6 +38,20 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
     assert len(metrics(run_dir)) == 6
 
 
+def test_a_stable_run_is_extended_by_a_cool_down(tmp_path, corpus_cache):
+    """Warmup-stable-decay in two jobs: constant lr to step 6, then the same run_dir with 4 more steps that decay."""
+    run_dir = tmp_path / "run"
+    job = {"optim.lr": 0.02, "optim.warmup_steps": 2, "optim.min_lr_ratio": 0.1}
+    stable = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job, **{"optim.schedule": "constant"}))
+    assert stable.returncode == 0, stable.stderr[-3000:]
+    cool = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job, **{
+        "optim.schedule": "linear", "optim.decay_steps": 4, "train.steps": 10}))
+    assert cool.returncode == 0, cool.stderr[-3000:]
+    assert "at step 6" in cool.stdout
+    lrs = [round(r["lr"], 6) for r in metrics(run_dir)]
+    assert lrs == [0.01, 0.02, 0.02, 0.02, 0.02, 0.02, 0.0155, 0.011, 0.0065, 0.002]
+
+
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, corpus_cache):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_cli(TRAIN, train_overrides(straight, corpus_cache)).returncode == 0
