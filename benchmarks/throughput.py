@@ -151,7 +151,7 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int) -> tuple[float,
     device_type = resolve_device(job.train.device)
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])  # None: one process
-    model, optimizer = build_model_and_optimizer(job, world, mesh, device_type, load_hf=bool(job.model.init_from_hf))
+    model, optimizer = build_model_and_optimizer(job, world, mesh, device_type, load_weights=True)
     args = job.model.args()
     batches = RandomBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
                             job.train.global_batch_size, seed)

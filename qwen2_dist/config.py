@@ -39,6 +39,10 @@ class ModelConfig:
     >= 8.9, the torchao package). The output head stays in bf16."""
     init_from_hf: Optional[str] = None
     """Hugging Face Qwen2 directory (config.json + safetensors) whose weights start the run instead of init_weights."""
+    init_from_checkpoint: Optional[str] = None
+    """A qwen2-dist checkpoint (a committed step_N directory, of any run and layout) whose model weights start this
+    run: step 0, a fresh optimizer, this job's schedule and data (continued pretraining). Once the run has
+    checkpoints of its own it resumes from those."""
     hidden_size: Optional[int] = None
     """Override of the named size's field (null keeps it); the same for the fields below."""
     num_hidden_layers: Optional[int] = None
@@ -438,6 +442,12 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory; use auto, none or an existing path")
     if cfg.model.init_from_hf is not None and not os.path.isdir(cfg.model.init_from_hf):
         raise UserError(f"model.init_from_hf={cfg.model.init_from_hf}: no such directory")
+    if cfg.model.init_from_checkpoint is not None:
+        if cfg.model.init_from_hf is not None:
+            raise UserError("model.init_from_hf and model.init_from_checkpoint are both set: pick the one whose weights "
+                            "start the run")
+        if not os.path.isdir(cfg.model.init_from_checkpoint):
+            raise UserError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint}: no such directory")
     _check_data(cfg.data, cfg.eval)
     return {
         "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,

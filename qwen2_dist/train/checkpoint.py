@@ -384,17 +384,22 @@ def write(final: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer |
                         "and permissions of its directory")
 
 
-def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Load a verified checkpoint into model (and optimizer, when it has one); return its train state."""
-    meta = verify(path)
-    with_optim = "optim" in meta["contents"] and optimizer is not None
-    state = _state(model, optimizer if with_optim else None)
+def _dcp_load(state: dict, path: str) -> None:
+    """dcp.load into state; any failure is one UserError naming the checkpoint and the failing rank's error."""
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=path)
     except (Exception, CheckpointException) as exc:  # DCP's wrapper is a BaseException
         raise UserError(f"{path}: cannot be loaded ({describe_error(exc)}); "
                         "the checkpoint is damaged or from another model") from None
+
+
+def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+    """Load a verified checkpoint into model (and optimizer, when it has one); return its train state."""
+    meta = verify(path)
+    with_optim = "optim" in meta["contents"] and optimizer is not None
+    state = _state(model, optimizer if with_optim else None)
+    _dcp_load(state, path)
     if with_optim:
         set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
@@ -411,6 +416,22 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
             torch.cuda.set_rng_state(rng["cuda"])
     log.info("checkpoint: loaded %s (step %s)", path, meta.get("step"))
     return train_state
+
+
+def load_weights(path: str, model: torch.nn.Module, expected_args) -> None:
+    """Only the model weights of a committed checkpoint (another run's, any layout) into model; nothing else of that
+    run (step, optimizer, data position, RNG) is taken."""
+    if not is_committed(path):
+        raise UserError(f"model.init_from_checkpoint={path}: not a committed checkpoint (no {METADATA}); point it at a "
+                        "step_* directory that has one, e.g. RUN_DIR/checkpoints/step_00001000")
+    meta = verify(path)
+    if meta.get("model_args") != expected_args.to_dict():
+        raise UserError(f"model.init_from_checkpoint={path}: it holds a {meta.get('model')} model whose sizes differ "
+                        "from this job's model; set model= (and model.* overrides) to match it")
+    state = _state(model, None)
+    _dcp_load(state, path)
+    set_model_state_dict(model, state["model"])
+    log.info("checkpoint: model weights of %s (step %s) loaded", path, meta.get("step"))
 
 
 def read_tensors(path: str, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:

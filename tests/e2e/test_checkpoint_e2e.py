@@ -115,6 +115,35 @@ def test_convert_from_hf_makes_a_checkpoint_training_resumes_from(tmp_path, corp
     assert "at step 0" in result.stdout
 
 
+def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache):
+    from qwen2_dist.model.args import get_model_args
+    from qwen2_dist.model.qwen2 import build_model
+    from qwen2_dist.train import checkpoint
+
+    first = tmp_path / "first"
+    assert run_cli(TRAIN, train_overrides(first, corpus_cache)).returncode == 0
+    source = first / "checkpoints" / "step_00000006"
+    run_dir = tmp_path / "continued"
+    # stop_at=0 saves the weights the run starts from, before any step.
+    job = {"model.init_from_checkpoint": str(source), "train.stop_at": 0, "optim.lr": 0.001, "train.steps": 4}
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
+    assert result.returncode == 0, result.stderr[-3000:]
+    start = run_dir / "checkpoints" / "step_00000000"
+    shapes = {name: t.shape for name, t in build_model(get_model_args("tiny"), "meta").state_dict().items()}
+    theirs, ours = checkpoint.read_tensors(str(source), shapes), checkpoint.read_tensors(str(start), shapes)
+    assert all(torch.equal(theirs[name], ours[name]) for name in shapes)
+    with open(start / "train_state.json") as f:
+        assert json.load(f)["step"] == 0  # a new run: nothing but the weights is taken
+    resumed = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **dict(job, **{"train.stop_at": "null"})))
+    assert resumed.returncode == 0 and "at step 0" in resumed.stdout  # its own checkpoints win from now on
+
+    for bad, message in ((first / "checkpoints", "not a committed checkpoint"),
+                         (source, "sizes differ from this job's model")):
+        other = run_cli(TRAIN, train_overrides(tmp_path / "bad", corpus_cache, **{
+            "model.init_from_checkpoint": str(bad), "model": "debug"}))
+        assert other.returncode == 2 and message in other.stderr, other.stderr[-2000:]
+
+
 def test_pickle_weights_are_refused_unless_the_user_opts_in(tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

@@ -53,6 +53,8 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["eval.samples=0"], 1, "eval.samples"),
     (["checkpoint.resume=/nonexistent/ckpt"], 1, "checkpoint.resume"),
     (["model.init_from_hf=/nonexistent/hf"], 1, "model.init_from_hf"),
+    (["model.init_from_checkpoint=/nonexistent/ckpt"], 1, "model.init_from_checkpoint"),
+    (["model.init_from_hf=/", "model.init_from_checkpoint=/"], 1, "both set"),
     (["train.seq_len=100000"], 1, "train.seq_len"),
     (["train.device=tpu"], 1, "train.device"),
     (["train.grad_clip=-1"], 1, "train.grad_clip"),
