@@ -43,7 +43,7 @@ import torch
 
 from qwen2_dist.cli.train import build_model_and_optimizer, compose_job, resolve_device
 from qwen2_dist.config import JobConfig, validate
-from qwen2_dist.data.loader import Batch
+from qwen2_dist.data.synthetic import SyntheticBatches
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.hf import hf_config_from_args
@@ -57,41 +57,6 @@ BASELINES = ("hf", "hf-ac", "hf-liger")
 DEFAULT_BASELINES = ["hf", "hf-liger"]
 BENCH_LR = 3e-4
 """Ours and the baselines step at this constant learning rate (no warmup): sane for every size from random init."""
-
-
-class RandomBatches:
-    """What the Trainer reads from a TokenBatches, with uniformly random token ids instead of data.
-
-    The ids of a micro-batch depend only on the seed and its global position, so every configuration (ours or a
-    baseline) sees the same ones.
-    """
-
-    def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, global_batch_size: int, seed: int = 0):
-        assert global_batch_size % micro_batch_size == 0, "validate() checks the batch split"
-        self.vocab_size, self.seq_len, self.micro_batch_size = vocab_size, seq_len, micro_batch_size
-        self.global_batch_size = global_batch_size
-        self.grad_accum_steps = global_batch_size // micro_batch_size
-        self.seed = seed
-        self.position = 0
-
-    def next_batch(self) -> Batch:
-        """The next micro-batch: inputs and targets (batch, seq_len) int64 on the CPU, as the real loader gives them."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.position)
-        tokens = torch.randint(self.vocab_size, (self.micro_batch_size, self.seq_len + 1), generator=generator)
-        self.position += self.micro_batch_size
-        return Batch(tokens[:, :-1], tokens[:, 1:], None)
-
-    def state_dict(self) -> dict:
-        return {"samples_seen": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seek(state["samples_seen"])
-
-    def seek(self, position: int) -> None:
-        self.position = position
-
-    def close(self) -> None:
-        pass
 
 
 def parse_micro_batches(text: str, what: str) -> list[int]:
@@ -153,8 +118,8 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int) -> tuple[float,
     mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])  # None: one process
     model, optimizer = build_model_and_optimizer(job, world, mesh, device_type, load_weights=True)
     args = job.model.args()
-    batches = RandomBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
-                            job.train.global_batch_size, seed)
+    batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
+                               job.train.global_batch_size, seed=seed)
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata={})
     return timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
 
@@ -208,8 +173,8 @@ def run_baseline(variant: str, job: JobConfig, device: torch.device, warmup: int
     o = job.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
                                   weight_decay=o.weight_decay, fused=True)
-    batches = RandomBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
-                            job.train.global_batch_size, seed)
+    batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
+                               job.train.global_batch_size, seed=seed)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     max_norm = job.train.grad_clip if job.train.grad_clip > 0 else float("inf")
 

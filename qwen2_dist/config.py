@@ -92,6 +92,9 @@ class DataConfig:
     """DataLoader worker processes per rank (they read ahead; 0 reads in the training process)."""
     embedded_max_tokens: int = 4_000_000
     """Tokens taken from the Python standard library sources for the embedded default corpus."""
+    synthetic: bool = False
+    """Train on uniformly random token ids instead of data (nothing is read or built): to measure the speed and memory
+    of a layout, e.g. on a new cluster. The loss cannot fall below ln(vocab); evaluation is off."""
 
 
 @dataclass
@@ -307,6 +310,9 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
     """Check the data sources and the evaluation sizes."""
     if d.path is not None and d.sources:
         raise UserError("data.path and data.sources are both set; use data.path for one dataset, data.sources to mix")
+    if d.synthetic and (d.path is not None or d.sources or d.document_masking):
+        raise UserError("data.synthetic=true trains on random tokens, but data.path, data.sources or "
+                        "data.document_masking is set too; drop them, or set data.synthetic=false to read the data")
     paths = [(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]
     if d.path is not None:
         paths.append(("data.path", d.path))

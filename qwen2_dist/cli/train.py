@@ -91,6 +91,7 @@ def run(cfg: DictConfig):
     from qwen2_dist.data.corpus import embedded_corpus
     from qwen2_dist.data.loader import TokenBatches, split_available
     from qwen2_dist.data.prepare import VAL
+    from qwen2_dist.data.synthetic import SyntheticBatches
     from qwen2_dist.parallel.mesh import (
         build_mesh, dp_rank_and_size, init_distributed, set_deterministic, world_from_env,
     )
@@ -136,7 +137,7 @@ def run(cfg: DictConfig):
 
     data_path = job.data.path
     cache = job.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "qwen2_dist")
-    if data_path is None and not job.data.sources:
+    if data_path is None and not job.data.sources and not job.data.synthetic:
         if local_rank == 0:
             data_path = embedded_corpus(cache, job.train.seq_len, job.data.embedded_max_tokens)
         if dist.is_initialized():
@@ -155,9 +156,14 @@ def run(cfg: DictConfig):
         document_masking=job.data.document_masking, cache_dir=cache, num_workers=job.data.num_workers,
         run_key=hashlib.sha256(os.path.abspath(job.run_dir).encode()).hexdigest()[:12],
     )
-    batches = TokenBatches(sources, global_batch_size=job.train.global_batch_size, **loader_args)
+    if job.data.synthetic:
+        batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
+                                   job.train.global_batch_size, dp_rank, dp_size, job.seed)
+        log.info("data: random token ids (data.synthetic=true); evaluation is off")
+    else:
+        batches = TokenBatches(sources, global_batch_size=job.train.global_batch_size, **loader_args)
     eval_batches = None
-    if job.eval.interval:
+    if job.eval.interval and not job.data.synthetic:
         missing = [p for p, _ in sources if not split_available(p, VAL, cache, loader_args["run_key"])]
         if missing:
             log.warning("eval: no held-out split in %s (prepare with val_fraction > 0); evaluation is off",

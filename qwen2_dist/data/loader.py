@@ -400,6 +400,9 @@ class TokenBatches:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position: the next batch is the one an uninterrupted run would have seen."""
+        if state.get("synthetic"):
+            raise ResumeMismatch("the checkpoint was trained on random tokens (data.synthetic=true), not on this data; "
+                                 "set data.synthetic=true to continue it, or start a new run_dir")
         if "samples_seen" not in state:
             raise UserError("the checkpoint's data position was written by an older loader (epoch and samples of "
                             "streaming's order); resume it with the release that wrote it, or start a new run_dir")

@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 
 from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
 from qwen2_dist.config import validate
-from qwen2_dist.data.loader import Batch
+from qwen2_dist.data.synthetic import SyntheticBatches
 from qwen2_dist.model.qwen2 import build_model, count_parameters
 from qwen2_dist.parallel.mesh import all_reduce_sum, build_mesh, dp_rank_and_size, init_distributed, set_deterministic
 from qwen2_dist.parallel.parallelize import loss_context
@@ -55,36 +55,13 @@ COMMON = [
 DATA_SEED = 1234
 
 
-class SyntheticBatches:
-    """Stand-in for TokenBatches: step k's global batch is drawn from a seed; each dp rank reads its rows in order."""
-
-    def __init__(self, vocab_size: int, global_batch: int, seq_len: int, micro_batch: int, dp_rank: int,
-                 dp_size: int):
-        self.vocab_size, self.global_batch, self.seq_len = vocab_size, global_batch, seq_len
-        self.micro_batch, self.dp_rank, self.dp_size = micro_batch, dp_rank, dp_size
-        self.step, self.rows = 0, []
-
-    def global_batch_tokens(self, step: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(DATA_SEED + step)
-        return torch.randint(0, self.vocab_size, (self.global_batch, self.seq_len + 1), generator=generator)
-
-    def next_batch(self) -> Batch:
-        if not self.rows:
-            per_rank = self.global_batch // self.dp_size
-            mine = self.global_batch_tokens(self.step)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-            self.rows = list(mine.split(self.micro_batch))
-            self.step += 1
-        tokens = self.rows.pop(0)
-        return Batch(tokens[:, :-1], tokens[:, 1:], None)
-
-
 def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def probe_embedding_grad(model, mesh, batches: SyntheticBatches) -> torch.Tensor:
     """Full gradient of the embedding matrix for one backward over batch -1 (lookup and head uses together)."""
-    rows = batches.global_batch_tokens(-1)
+    rows = batches.global_batch(-1)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     per_rank = len(rows) // dp_size
     tokens = rows[dp_rank * per_rank:(dp_rank + 1) * per_rank]
@@ -122,8 +99,8 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
         "num_parameters_plain": count_parameters(build_model(args, "meta")),
     }
     dp_rank, dp_size = dp_rank_and_size(mesh)
-    batches = SyntheticBatches(args.vocab_size, job.train.global_batch_size, job.train.seq_len,
-                               job.train.micro_batch_size, dp_rank, dp_size)
+    batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
+                               job.train.global_batch_size, dp_rank, dp_size, seed=DATA_SEED)
     embedding_grad = probe_embedding_grad(model, mesh, batches)
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], {})
     losses, grad_norms = [], []

@@ -58,9 +58,16 @@ def test_layout_trains_like_one_process(layout, run_layout):
     for a, b in zip(got["grad_norms"], reference["grad_norms"]):
         assert abs(a - b) <= 1e-4 * b, (got["grad_norms"], reference["grad_norms"])
     assert sorted(got["weights"]) == sorted(reference["weights"])
-    weight_diff = max((got["weights"][k] - reference["weights"][k]).abs().max().item() for k in reference["weights"])
-    assert weight_diff <= 1e-4
-    print(f"{layout}: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}")
+    diffs = [(got["weights"][k] - reference["weights"][k]).abs() for k in reference["weights"]]
+    weight_diff = max(d.max().item() for d in diffs)
+    # AdamW moves an element by about lr whatever its gradient's size, so where a gradient is ~0 its sign -- and so a
+    # step of ~lr -- can differ with the summation order of another layout (seen: 39 of 20M elements). A wrong
+    # gradient or update shows on many elements: at most 1 in 100,000 may differ by more than 1e-5, none by more
+    # than one step's lr (1e-3).
+    mismatched = sum((d > 1e-5).sum().item() for d in diffs)
+    assert mismatched <= 1e-5 * sum(d.numel() for d in diffs), mismatched
+    assert weight_diff <= 1e-3
+    print(f"{layout}: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}, {mismatched} elements > 1e-5")
 
 
 @pytest.mark.parametrize("layout", TIED_LAYOUTS)

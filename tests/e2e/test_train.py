@@ -115,3 +115,18 @@ def test_profiler_trace_of_a_chosen_step_range(tmp_path, corpus_cache):
     with open(run_dir / "profile" / "rank0.json") as f:
         trace = json.load(f)
     assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+
+
+def test_synthetic_data_trains_and_resumes_but_never_onto_real_data(tmp_path, corpus_cache):
+    run_dir = tmp_path / "run"
+    job = {"data.synthetic": "true", "data.cache_dir": str(tmp_path / "no_cache")}
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job, **{"train.stop_at": 3}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "random token ids" in result.stdout + result.stderr
+    assert not (tmp_path / "no_cache").exists()  # no corpus built, nothing read
+    resumed = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
+    assert resumed.returncode == 0 and "at step 3" in resumed.stdout
+    losses = [r["loss"] for r in metrics(run_dir)]
+    assert len(losses) == 6 and all(abs(loss - 11.93) < 0.5 for loss in losses)  # ln(151936): nothing to learn
+    onto_data = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 8}))
+    assert onto_data.returncode == 2 and "trained on random tokens" in onto_data.stderr, onto_data.stderr[-2000:]

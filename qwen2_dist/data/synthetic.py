@@ -1,0 +1,59 @@
+"""Random token ids in place of a dataset (data.synthetic=true): speed and memory of a layout without any data.
+
+Global batch k is drawn from (seed, k) alone and each data-parallel rank reads its rows of it, micro-batch by
+micro-batch, as TokenBatches does; so every layout and micro-batch size of a job trains on the same global batches
+(the parity tests rely on it), and a resumed run continues with the batches an uninterrupted one would have read.
+"""
+
+import torch
+
+from qwen2_dist.data.loader import Batch
+from qwen2_dist.errors import ResumeMismatch
+
+
+class SyntheticBatches:
+    """What the Trainer reads from a TokenBatches, with uniformly random token ids."""
+
+    def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, global_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
+        assert global_batch_size % (micro_batch_size * dp_size) == 0, "validate() checks the batch split"
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.grad_accum_steps = global_batch_size // (micro_batch_size * dp_size)
+        self.batches_read = 0  # global batches (optimizer steps) completed
+        self._rows: list[torch.Tensor] = []
+
+    def global_batch(self, index: int) -> torch.Tensor:
+        """Global batch `index`: (global_batch_size, seq_len + 1) token ids, the same on every rank."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        return torch.randint(0, self.vocab_size, (self.global_batch_size, self.seq_len + 1), generator=generator)
+
+    def next_batch(self) -> Batch:
+        """This rank's next micro-batch: inputs and targets (micro_batch_size, seq_len) int64 on the CPU."""
+        if not self._rows:
+            per_rank = self.global_batch_size // self.dp_size
+            mine = self.global_batch(self.batches_read)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+            self._rows = list(mine.split(self.micro_batch_size))
+            self.batches_read += 1
+        tokens = self._rows.pop(0)
+        return Batch(tokens[:, :-1], tokens[:, 1:], None)
+
+    def state_dict(self) -> dict:
+        assert not self._rows, "the position is saved between optimizer steps"
+        return {"synthetic": True, "batches_read": self.batches_read, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state.get("synthetic"):
+            raise ResumeMismatch("the checkpoint was trained on a dataset, this job reads random tokens "
+                                 "(data.synthetic=true); set data.synthetic=false or start a new run_dir")
+        if state["seed"] != self.seed:
+            raise ResumeMismatch(f"the checkpoint read random tokens of seed {state['seed']}, this job's seed is "
+                                 f"{self.seed}; restore the seed or start a new run_dir")
+        self.seek(state["batches_read"])
+
+    def seek(self, batches_read: int) -> None:
+        self.batches_read, self._rows = batches_read, []
+
+    def close(self) -> None:
+        pass
