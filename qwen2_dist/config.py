@@ -11,6 +11,11 @@ from qwen2_dist.errors import UserError
 SCHEDULES = ("cosine", "linear", "sqrt", "constant")
 """optim.schedule: the shape of the learning-rate decay after warmup."""
 
+
+def uses_bf16(train: "TrainConfig", device_type: str) -> bool:
+    """Whether a job computes in bf16 on this device type (train.mixed_precision; auto = on CUDA only)."""
+    return train.mixed_precision == "bf16" or (train.mixed_precision == "auto" and device_type == "cuda")
+
 if TYPE_CHECKING:
     from qwen2_dist.model.args import ModelArgs
 
@@ -124,7 +129,8 @@ class TrainConfig:
     device: str = "auto"
     """auto (cuda when available), cuda or cpu."""
     mixed_precision: str = "auto"
-    """auto (bf16 autocast on CUDA, fp32 on CPU), bf16 or fp32."""
+    """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32. bf16: FSDP's bf16 weights (fp32 master copy, fp32 gradient
+    reduction), or autocast in one process; parameters and optimizer state stay fp32."""
     nonfinite: str = "skip"
     """Non-finite loss or gradients: skip (skip the update, count it; stop after max_skipped_in_a_row) or halt."""
     max_skipped_in_a_row: int = 5

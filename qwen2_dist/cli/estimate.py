@@ -20,7 +20,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.tensor import DTensor, Shard
 
 from qwen2_dist.cli.train import compose_job
-from qwen2_dist.config import JobConfig, validate
+from qwen2_dist.config import JobConfig, uses_bf16, validate
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.loss import resolve_loss
@@ -135,7 +135,7 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     """(description of the job, memory per rank in bytes by line); raises UserError as the trainer would."""
     layout = validate(job, world_size)
     args = job.model.args()
-    bf16 = job.train.mixed_precision != "fp32"
+    bf16 = uses_bf16(job.train, "cuda")
     started = time.monotonic()
     plan = build_plan(job, layout, world_size, torch.bfloat16 if bf16 else torch.float32)
     plan_seconds = time.monotonic() - started

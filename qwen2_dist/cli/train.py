@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from qwen2_dist.config import JobConfig, register_configs, validate
+from qwen2_dist.config import JobConfig, register_configs, uses_bf16, validate
 from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.train.faults import TrainingHalted
 
@@ -68,7 +68,7 @@ def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh 
 
     model = build_model(job.model.args(), "meta")
     model.set_attention_backend(resolve_backend(job.model.attention, device_type, job.data.document_masking))
-    bf16 = job.train.mixed_precision == "bf16" or (job.train.mixed_precision == "auto" and device_type == "cuda")
+    bf16 = uses_bf16(job.train, device_type)
     model = parallelize(model, mesh, job.parallel, torch.bfloat16 if bf16 else torch.float32, device_type,
                         float8=job.model.float8, kernels=job.model.kernels)
     model.to_empty(device=world.device)

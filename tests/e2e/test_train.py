@@ -130,3 +130,16 @@ def test_synthetic_data_trains_and_resumes_but_never_onto_real_data(tmp_path, co
     assert len(losses) == 6 and all(abs(loss - 11.93) < 0.5 for loss in losses)  # ln(151936): nothing to learn
     onto_data = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 8}))
     assert onto_data.returncode == 2 and "trained on random tokens" in onto_data.stderr, onto_data.stderr[-2000:]
+
+
+def test_mixed_precision_bf16_computes_in_bf16_in_one_cpu_process(tmp_path, corpus_cache):
+    """train.mixed_precision=bf16 means bf16 compute in every layout (autocast in one process, also on the CPU)."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        run_dir = tmp_path / precision
+        job = {"train.mixed_precision": precision, "train.steps": 3, "checkpoint.interval": 0}
+        result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
+        assert result.returncode == 0, result.stderr[-3000:]
+        losses[precision] = [r["loss"] for r in metrics(run_dir)]
+    assert losses["bf16"] != losses["fp32"]  # the same numbers would mean fp32 compute
+    assert max(abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"])) < 0.02
