@@ -61,9 +61,9 @@ def build_mesh(world: World, dp_replicate: int, dp_shard: int, tp: int) -> Devic
     # One flattened data-parallel axis for loss/token-count reductions and for the data loader's rank; kept on
     # the mesh because slicing a flattened axis from the root mesh is deprecated.
     mesh._qwen2_dp = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    if tp > 1 and dp_shard > 1:
-        # Gradients sharded over both (FSDP and TP) reduce to their norm over both: with the pair flattened,
-        # DTensor does that in one all-reduce instead of two in sequence.
+    if tp > 1:
+        # Gradients sharded over both (FSDP and TP; FSDP's axis also when it has size 1) reduce to their norm over
+        # both: with the pair flattened, DTensor does that in one all-reduce instead of two in sequence.
         mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
     return mesh
 
