@@ -12,6 +12,21 @@ SCHEDULES = ("cosine", "linear", "sqrt", "constant")
 """optim.schedule: the shape of the learning-rate decay after warmup."""
 
 
+def compile_fails_with_recompute_under_tp(p: "ParallelConfig") -> bool:
+    """Whether this torch cannot compile a tensor-parallel block that is recomputed whole: torch 2.13 fails with
+    "expected all tensors_saved_with_vc_check to be Tensors, got ... DeviceMesh" (activation_checkpointing full or
+    selective, tp > 1); torch 2.11 compiles it and trains as eager (measured 2026-11-26 on the CPU; 2.12 untried)."""
+    if p.tp <= 1 or p.activation_checkpointing not in ("full", "selective"):
+        return False
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(part) for part in version("torch").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) >= (2, 13)
+
+
 def uses_bf16(train: "TrainConfig", device_type: str) -> bool:
     """Whether a job computes in bf16 on this device type (train.mixed_precision; auto = on CUDA only)."""
     return train.mixed_precision == "bf16" or (train.mixed_precision == "auto" and device_type == "cuda")
@@ -300,6 +315,11 @@ def _check_parallel(p: ParallelConfig, args: "ModelArgs", t: TrainConfig, world_
         raise UserError(f"parallel.ac_every={p.ac_every}: must be a positive integer")
     if str(p.compile).lower() not in ("auto", "true", "false"):
         raise UserError(f"parallel.compile={p.compile!r}: choose auto, true or false")
+    if str(p.compile).lower() == "true" and compile_fails_with_recompute_under_tp(p):
+        raise UserError(f"parallel.compile=true with parallel.tp={p.tp} and parallel.activation_checkpointing="
+                        f"{p.activation_checkpointing}: this torch cannot compile a tensor-parallel block recomputed "
+                        "whole; use parallel.activation_checkpointing=op (or none), parallel.compile=auto (which "
+                        "then runs eager) or an older torch (2.11 works)")
     if p.reshard_after_forward not in ("default", "always", "never"):
         raise UserError(
             f"parallel.reshard_after_forward={p.reshard_after_forward!r}: choose default, always or never"

@@ -21,7 +21,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from qwen2_dist.config import ParallelConfig
+from qwen2_dist.config import ParallelConfig, compile_fails_with_recompute_under_tp
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.qwen2 import Qwen2, TiedHead
 
@@ -97,10 +97,12 @@ def _recompute_elementwise_only():
 
 
 def compile_enabled(cfg: ParallelConfig, device_type: str, kernels: str = "torch") -> bool:
-    """parallel.compile resolved: auto compiles on CUDA only (a first CPU compile costs tens of seconds), and not
-    around hand-written kernels (model.kernels liger or apex)."""
+    """parallel.compile resolved: auto compiles on CUDA only (a first CPU compile costs tens of seconds), not around
+    hand-written kernels (model.kernels liger or apex), and not where this torch cannot (see
+    compile_fails_with_recompute_under_tp)."""
     choice = str(cfg.compile).lower()
-    return choice == "true" or (choice == "auto" and device_type == "cuda" and kernels == "torch")
+    return choice == "true" or (choice == "auto" and device_type == "cuda" and kernels == "torch"
+                                and not compile_fails_with_recompute_under_tp(cfg))
 
 
 def apply_float8(model: Qwen2, device_type: str, fsdp: bool) -> None:
@@ -132,13 +134,15 @@ def apply_tensor_parallel(model: Qwen2, tp_mesh: DeviceMesh) -> None:
     gate/up (column-parallel: heads and MLP width split) and reduce-scatters it after o and down (row-parallel).
     The embedding is split over the vocabulary, and so is the head: when tied, the head reads the embedding's own
     sharded matrix (one parameter serves both), so only its input layout needs declaring.
+    The residual stream stays a DTensor (use_local_output=False where it is made): given a plain local tensor, a
+    compiled block of torch 2.13 returned no gradient for its input, so the embedding never trained (2.11 was right).
     """
     if isinstance(model.lm_head, TiedHead):
         head = PrepareModuleInput(input_layouts=Shard(1), desired_input_layouts=Replicate())
     else:
         head = ColwiseParallel(input_layouts=Shard(1), output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, {
-        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False),
         "norm": SequenceParallel(),
         "lm_head": head,
     })
@@ -152,12 +156,12 @@ def apply_tensor_parallel(model: Qwen2, tp_mesh: DeviceMesh) -> None:
             "self_attn.q_proj": ColwiseParallel(),
             "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
             "post_attention_layernorm": SequenceParallel(),
             "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
             "mlp.gate_proj": ColwiseParallel(),
             "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "mlp.down_proj": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         })
 
 

@@ -1,11 +1,8 @@
 """parallel.compile=true under FSDP and under TP x FSDP on 2 CPU ranks: the same losses as eager (fp32)."""
 
-import json
-import os
-
 import pytest
 
-from tests.helpers import run_torchrun, train_overrides
+from tests.helpers import read_metrics, run_torchrun, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
 JOB = {
@@ -13,11 +10,6 @@ JOB = {
     "optim.warmup_steps": 0, "optim.lr": 1e-3, "train.mixed_precision": "fp32", "train.deterministic": "true",
     "checkpoint.interval": 0, "checkpoint.save_final": "false",
 }
-
-
-def losses(run_dir) -> list[float]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f)]
 
 
 @pytest.mark.parametrize("layout", [
@@ -32,8 +24,12 @@ def test_compiled_blocks_train_like_eager(tmp_path, corpus_cache, layout):
                                                         **{"parallel.compile": compile_}))
         assert result.returncode == 0, result.stderr[-4000:]
         assert f"compile {'on' if compile_ == 'true' else 'off'}" in result.stdout + result.stderr
-        # The gradient norm over FSDP x TP is one all-reduce (mesh axes flattened), not two in sequence.
-        assert "sequential all_reduce" not in result.stderr
-        runs[compile_] = losses(run_dir)
-    assert len(runs["true"]) == 3
-    assert max(abs(a - b) for a, b in zip(runs["true"], runs["false"])) <= 1e-4, runs
+        if "parallel.tp" in layout:
+            # The gradient norm over FSDP (here of size 1) x TP is one all-reduce: the mesh axes are flattened.
+            assert "sequential all_reduce" not in result.stderr
+        runs[compile_] = read_metrics(run_dir)
+    assert len(runs["true"]) == len(runs["false"]) == 3
+    for compiled, eager in zip(runs["true"], runs["false"]):
+        assert abs(compiled["loss"] - eager["loss"]) <= 1e-4, runs
+        # Step 1's loss is forward only; the gradient norms check the compiled backward at every step.
+        assert abs(compiled["grad_norm"] - eager["grad_norm"]) <= 1e-3 * eager["grad_norm"], runs

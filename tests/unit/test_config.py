@@ -103,3 +103,19 @@ def test_config_interpolation_cannot_execute_code(tmp_path):
         with pytest.raises(UserError, match="bad override"):
             _precheck([override])
     assert not marker.exists()
+
+
+def test_compiling_recomputed_tensor_parallel_blocks_is_refused_where_torch_cannot():
+    from qwen2_dist.config import compile_fails_with_recompute_under_tp
+    from qwen2_dist.parallel.parallelize import compile_enabled
+
+    overrides = ["parallel.tp=2", "parallel.activation_checkpointing=full"]
+    explicit, auto = job(*overrides, "parallel.compile=true"), job(*overrides)
+    if compile_fails_with_recompute_under_tp(explicit.parallel):  # torch >= 2.13 (CI: 2.13.0)
+        with pytest.raises(UserError, match="cannot compile a tensor-parallel block recomputed whole"):
+            validate(explicit, world_size=2)
+        assert not compile_enabled(auto.parallel, "cuda")  # auto runs such blocks eager
+    else:
+        validate(explicit, world_size=2)
+        assert compile_enabled(auto.parallel, "cuda")
+    assert compile_enabled(job("parallel.tp=2", "parallel.activation_checkpointing=op").parallel, "cuda")
