@@ -1,5 +1,6 @@
 """Helpers shared by the end-to-end tests: job overrides and running a CLI as a subprocess."""
 
+import json
 import os
 import subprocess
 import sys
@@ -16,6 +17,17 @@ def train_overrides(run_dir, corpus_cache: str, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{key}={value}" for key, value in base.items()]
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(run_dir) -> dict[int, float]:
+    """Step -> training loss, from a run's metrics.jsonl."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def run_cli(module: str, args: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

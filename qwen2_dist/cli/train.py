@@ -129,11 +129,9 @@ def run(cfg: DictConfig):
             meta = checkpoint.read_metadata(path)
         except UserError:
             continue  # damaged: restore() below reports it and falls back
-        if meta["model_args"] != args.to_dict():
-            raise UserError(
-                f"checkpoint {path} holds a {meta.get('model')} model whose sizes differ from "
-                f"model={job.model.name}; set model= to match or use another run_dir"
-            )
+        checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
+    if job.model.init_from_checkpoint and not candidates:
+        checkpoint.init_checkpoint_metadata(job.model.init_from_checkpoint, args)  # refused now, not after the build
 
     data_path = job.data.path
     cache = job.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "qwen2_dist")

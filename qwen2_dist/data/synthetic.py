@@ -1,8 +1,9 @@
 """Random token ids in place of a dataset (data.synthetic=true): speed and memory of a layout without any data.
 
-Global batch k is drawn from (seed, k) alone and each data-parallel rank reads its rows of it, micro-batch by
-micro-batch, as TokenBatches does; so every layout and micro-batch size of a job trains on the same global batches
-(the parity tests rely on it), and a resumed run continues with the batches an uninterrupted one would have read.
+Row r of global batch k is drawn from (seed, k, r) alone and each data-parallel rank makes only its own rows,
+micro-batch by micro-batch, as TokenBatches reads them; so every layout and micro-batch size of a job trains on the
+same global batches (the parity tests rely on it), a rank's work does not grow with the number of ranks, and a resumed
+run continues with the batches an uninterrupted one would have read.
 """
 
 import torch
@@ -24,16 +25,24 @@ class SyntheticBatches:
         self.batches_read = 0  # global batches (optimizer steps) completed
         self._rows: list[torch.Tensor] = []
 
+    def rows(self, index: int, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop-1 of global batch `index`: (stop - start, seq_len + 1) token ids, the same on every rank."""
+        out = torch.empty(stop - start, self.seq_len + 1, dtype=torch.int64)
+        generator = torch.Generator()
+        for i, row in enumerate(range(start, stop)):
+            generator.manual_seed(((self.seed * 1_000_003 + index) * 1_000_033 + row) % 2**63)
+            torch.randint(0, self.vocab_size, (self.seq_len + 1,), generator=generator, out=out[i])
+        return out
+
     def global_batch(self, index: int) -> torch.Tensor:
-        """Global batch `index`: (global_batch_size, seq_len + 1) token ids, the same on every rank."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        return torch.randint(0, self.vocab_size, (self.global_batch_size, self.seq_len + 1), generator=generator)
+        """Global batch `index`: (global_batch_size, seq_len + 1) token ids."""
+        return self.rows(index, 0, self.global_batch_size)
 
     def next_batch(self) -> Batch:
         """This rank's next micro-batch: inputs and targets (micro_batch_size, seq_len) int64 on the CPU."""
         if not self._rows:
             per_rank = self.global_batch_size // self.dp_size
-            mine = self.global_batch(self.batches_read)[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+            mine = self.rows(self.batches_read, self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
             self._rows = list(mine.split(self.micro_batch_size))
             self.batches_read += 1
         tokens = self._rows.pop(0)

@@ -326,7 +326,9 @@ def describe_error(exc: BaseException) -> str:
 
 def _all_ok(ok: bool, exc: BaseException | None = None) -> bool:
     """True on every rank when the step succeeded on every rank (a CPU all-reduce); logs this rank's failure."""
-    if exc is not None:
+    if isinstance(exc, CheckpointException):  # DCP hands every rank the failing ranks' errors
+        log.error("checkpoint: write failed: %s", describe_error(exc))
+    elif exc is not None:
         log.error("checkpoint: write failed on rank %d: %s", _rank(), describe_error(exc))
     return not agree_any([not ok])[0]
 
@@ -418,16 +420,36 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     return train_state
 
 
-def load_weights(path: str, model: torch.nn.Module, expected_args) -> None:
+def check_model_args(what: str, meta: dict, args, fix: str) -> None:
+    """UserError naming `what` and every size that differs when a checkpoint's metadata holds another model."""
+    saved, wanted = meta.get("model_args") or {}, args.to_dict()
+    if saved == wanted:
+        return
+    diffs = ", ".join(f"{key} {saved.get(key)} vs {wanted.get(key)}" for key in sorted(set(saved) | set(wanted))
+                      if saved.get(key) != wanted.get(key))
+    raise UserError(f"{what} holds a {meta.get('model')} model whose sizes differ from this job's model "
+                    f"(checkpoint vs job: {diffs}); {fix}")
+
+
+def init_checkpoint_metadata(path: str, args) -> dict:
+    """Metadata of the checkpoint model.init_from_checkpoint names, once it is known to be committed, intact and of
+    the job's model (UserError naming the key otherwise)."""
+    key = "model.init_from_checkpoint"
+    if not is_committed(path):
+        raise UserError(f"{key}={path}: not a committed checkpoint (no {METADATA}); point it at a step_* directory "
+                        "that has one, e.g. RUN_DIR/checkpoints/step_00001000")
+    try:
+        meta = verify(path)
+    except UserError as exc:
+        raise UserError(f"{key}: {exc}") from None
+    check_model_args(f"{key}={path}", meta, args, "set model= (and model.* overrides) to match it")
+    return meta
+
+
+def load_weights(path: str, model: torch.nn.Module, args) -> None:
     """Only the model weights of a committed checkpoint (another run's, any layout) into model; nothing else of that
     run (step, optimizer, data position, RNG) is taken."""
-    if not is_committed(path):
-        raise UserError(f"model.init_from_checkpoint={path}: not a committed checkpoint (no {METADATA}); point it at a "
-                        "step_* directory that has one, e.g. RUN_DIR/checkpoints/step_00001000")
-    meta = verify(path)
-    if meta.get("model_args") != expected_args.to_dict():
-        raise UserError(f"model.init_from_checkpoint={path}: it holds a {meta.get('model')} model whose sizes differ "
-                        "from this job's model; set model= (and model.* overrides) to match it")
+    meta = init_checkpoint_metadata(path, args)
     state = _state(model, None)
     _dcp_load(state, path)
     set_model_state_dict(model, state["model"])

@@ -58,14 +58,18 @@ def test_layout_trains_like_one_process(layout, run_layout):
     for a, b in zip(got["grad_norms"], reference["grad_norms"]):
         assert abs(a - b) <= 1e-4 * b, (got["grad_norms"], reference["grad_norms"])
     assert sorted(got["weights"]) == sorted(reference["weights"])
-    diffs = [(got["weights"][k] - reference["weights"][k]).abs() for k in reference["weights"]]
-    weight_diff = max(d.max().item() for d in diffs)
     # AdamW moves an element by about lr whatever its gradient's size, so where a gradient is ~0 its sign -- and so a
-    # step of ~lr -- can differ with the summation order of another layout (seen: 39 of 20M elements). A wrong
-    # gradient or update shows on many elements: at most 1 in 100,000 may differ by more than 1e-5, none by more
-    # than one step's lr (1e-3).
-    mismatched = sum((d > 1e-5).sum().item() for d in diffs)
-    assert mismatched <= 1e-5 * sum(d.numel() for d in diffs), mismatched
+    # step of ~lr -- can differ with the summation order of another layout (seen: tp2_fsdp2, 1 or 2 elements in 8
+    # matrices, 29 of the embedding's 19M). A wrong gradient or update shows on many elements of the tensor it
+    # touches: per tensor at most 0.1% of the elements (none of a tensor under 1,000 elements: biases, norms) may
+    # differ by more than 1e-5, and none by more than one step's lr (1e-3).
+    mismatched, weight_diff = 0, 0.0
+    for name, ref in reference["weights"].items():
+        diff = (got["weights"][name] - ref).abs()
+        weight_diff = max(weight_diff, diff.max().item())
+        count = int((diff > 1e-5).sum())
+        assert count <= diff.numel() // 1000, (name, count, diff.numel())
+        mismatched += count
     assert weight_diff <= 1e-3
     print(f"{layout}: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}, {mismatched} elements > 1e-5")
 

@@ -2,15 +2,14 @@
 
 import json
 
-from tests.helpers import run_cli, run_torchrun, train_overrides
+from tests.helpers import read_metrics, run_cli, run_torchrun, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
 JOB = {"parallel.activation_checkpointing": "full", "train.steps": 2, "checkpoint.interval": 0}
 
 
 def losses(run_dir) -> list[float]:
-    with open(run_dir / "metrics.jsonl") as f:
-        return [json.loads(line)["loss"] for line in f]
+    return [r["loss"] for r in read_metrics(run_dir)]
 
 
 def test_tensor_parallel_job_trains_like_one_process(tmp_path, corpus_cache):

@@ -9,14 +9,9 @@ import time
 
 import torch
 
-from tests.helpers import REPO, run_cli, save_pickle_hf, train_overrides
+from tests.helpers import REPO, run_cli, save_pickle_hf, step_losses, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
-
-
-def losses(run_dir) -> dict[int, float]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
 def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, corpus_cache):
@@ -45,7 +40,7 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, cor
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "at step 3" in result.stdout
     assert not any(".tmp-" in name for name in os.listdir(ckpts))
-    assert losses(run_dir)[9] == losses(straight)[9]
+    assert step_losses(run_dir)[9] == step_losses(straight)[9]
 
 
 def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache):
@@ -138,7 +133,7 @@ def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache)
     assert resumed.returncode == 0 and "at step 0" in resumed.stdout  # its own checkpoints win from now on
 
     for bad, message in ((first / "checkpoints", "not a committed checkpoint"),
-                         (source, "sizes differ from this job's model")):
+                         (source, "(checkpoint vs job: hidden_size 32 vs 128, intermediate_size 64 vs 384")):
         other = run_cli(TRAIN, train_overrides(tmp_path / "bad", corpus_cache, **{
             "model.init_from_checkpoint": str(bad), "model": "debug"}))
         assert other.returncode == 2 and message in other.stderr, other.stderr[-2000:]
@@ -182,9 +177,9 @@ def test_optimizer_in_backward_trains_and_resumes_exactly(tmp_path, corpus_cache
     result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **args))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "at step 3" in result.stdout
-    first, last = losses(straight)[1], losses(straight)[6]
+    first, last = step_losses(straight)[1], step_losses(straight)[6]
     assert last < first
-    assert losses(run_dir)[6] == losses(straight)[6]
+    assert step_losses(run_dir)[6] == step_losses(straight)[6]
     with open(straight / "metrics.jsonl") as f:
         assert all(json.loads(line)["grad_norm"] > 0 for line in f)
 

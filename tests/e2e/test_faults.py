@@ -1,25 +1,19 @@
 """Faults injected into real runs: NaN steps, SIGTERM, a failing checkpoint write, a hung rank."""
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
-from tests.helpers import REPO, run_cli, run_torchrun, train_overrides
+from tests.helpers import REPO, read_metrics, run_cli, run_torchrun, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
 JOB = {"train.steps": 12, "checkpoint.interval": 4}
 
 
-def records(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def final(run_dir) -> dict:
-    return records(run_dir)[-1]
+    return read_metrics(run_dir)[-1]
 
 
 def test_nan_step_is_skipped_once_and_the_run_goes_on(tmp_path, corpus_cache):
@@ -27,12 +21,12 @@ def test_nan_step_is_skipped_once_and_the_run_goes_on(tmp_path, corpus_cache):
     assert run_cli(TRAIN, train_overrides(clean, corpus_cache, **JOB)).returncode == 0
     result = run_cli(TRAIN, train_overrides(faulty, corpus_cache, **JOB), env={"QWEN2_INJECT_NAN_STEP": "5"})
     assert result.returncode == 0, result.stderr[-3000:]
-    by_step = {r["step"]: r for r in records(faulty)}
+    by_step = {r["step"]: r for r in read_metrics(faulty)}
     assert by_step[4]["skipped_steps"] == 0 and by_step[5]["skipped_steps"] == 1
     assert final(faulty)["skipped_steps"] == 1
     assert final(faulty)["tokens_seen"] == final(clean)["tokens_seen"]
     # Steps before the fault are untouched; the skipped update makes the rest differ, but stay finite and close.
-    assert [r["loss"] for r in records(faulty)][:4] == [r["loss"] for r in records(clean)][:4]
+    assert [r["loss"] for r in read_metrics(faulty)][:4] == [r["loss"] for r in read_metrics(clean)][:4]
     assert abs(final(faulty)["loss"] - final(clean)["loss"]) < 0.5
 
 

@@ -7,21 +7,16 @@ import subprocess
 import sys
 import time
 
-from tests.helpers import REPO, run_cli, train_overrides
+from tests.helpers import REPO, read_metrics, run_cli, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
-
-
-def metrics(run_dir) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
     result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache))
     assert result.returncode == 0, result.stderr[-3000:]
-    records = metrics(run_dir)
+    records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "mem_gib", "data_wait_pct"):
         assert all(key in r for r in records), key
@@ -35,7 +30,7 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
     again = run_cli(TRAIN, train_overrides(run_dir, corpus_cache))
     assert again.returncode == 0
     assert "run already complete" in again.stdout
-    assert len(metrics(run_dir)) == 6
+    assert len(read_metrics(run_dir)) == 6
 
 
 def test_a_stable_run_is_extended_by_a_cool_down(tmp_path, corpus_cache):
@@ -48,7 +43,7 @@ def test_a_stable_run_is_extended_by_a_cool_down(tmp_path, corpus_cache):
         "optim.schedule": "linear", "optim.decay_steps": 4, "train.steps": 10}))
     assert cool.returncode == 0, cool.stderr[-3000:]
     assert "at step 6" in cool.stdout
-    lrs = [round(r["lr"], 6) for r in metrics(run_dir)]
+    lrs = [round(r["lr"], 6) for r in read_metrics(run_dir)]
     assert lrs == [0.01, 0.02, 0.02, 0.02, 0.02, 0.02, 0.0155, 0.011, 0.0065, 0.002]
 
 
@@ -60,8 +55,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, corpus_ca
     second = run_cli(TRAIN, train_overrides(split, corpus_cache))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
-    assert [r["loss"] for r in metrics(straight)] == [r["loss"] for r in metrics(split)]
-    assert [r["step"] for r in metrics(split)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in read_metrics(straight)] == [r["loss"] for r in read_metrics(split)]
+    assert [r["step"] for r in read_metrics(split)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_kill_9_mid_run_resumes_from_the_last_committed_checkpoint(tmp_path, corpus_cache):
@@ -85,7 +80,7 @@ def test_kill_9_mid_run_resumes_from_the_last_committed_checkpoint(tmp_path, cor
     result = run_cli(TRAIN, args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {killed_at}" in result.stdout
-    steps = [r["step"] for r in metrics(run_dir)]
+    steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps[-1] == 40
     # Steps after the checkpoint were logged twice (before the kill and after the restart); none are missing.
     assert sorted(set(steps)) == list(range(1, 41))
@@ -126,7 +121,7 @@ def test_synthetic_data_trains_and_resumes_but_never_onto_real_data(tmp_path, co
     assert not (tmp_path / "no_cache").exists()  # no corpus built, nothing read
     resumed = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
     assert resumed.returncode == 0 and "at step 3" in resumed.stdout
-    losses = [r["loss"] for r in metrics(run_dir)]
+    losses = [r["loss"] for r in read_metrics(run_dir)]
     assert len(losses) == 6 and all(abs(loss - 11.93) < 0.5 for loss in losses)  # ln(151936): nothing to learn
     onto_data = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 8}))
     assert onto_data.returncode == 2 and "trained on random tokens" in onto_data.stderr, onto_data.stderr[-2000:]
@@ -140,6 +135,6 @@ def test_mixed_precision_bf16_computes_in_bf16_in_one_cpu_process(tmp_path, corp
         job = {"train.mixed_precision": precision, "train.steps": 3, "checkpoint.interval": 0}
         result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
         assert result.returncode == 0, result.stderr[-3000:]
-        losses[precision] = [r["loss"] for r in metrics(run_dir)]
+        losses[precision] = [r["loss"] for r in read_metrics(run_dir)]
     assert losses["bf16"] != losses["fp32"]  # the same numbers would mean fp32 compute
     assert max(abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"])) < 0.02
