@@ -459,6 +459,5 @@ def load_weights(path: str, model: torch.nn.Module, args) -> None:
 def read_tensors(path: str, shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
     """Full fp32 model tensors of the given names from a checkpoint, in one process, reading only those."""
     state = {"model": {name: torch.empty(shape) for name, shape in shapes.items()}}
-    with _quiet_dcp():
-        dcp.load(state, checkpoint_id=path)
+    _dcp_load(state, path)
     return state["model"]
