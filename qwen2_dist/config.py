@@ -210,6 +210,10 @@ class CheckpointConfig:
     """auto (newest committed checkpoint in run_dir/checkpoints), none, or a checkpoint directory."""
     save_final: bool = True
     """Save when the run reaches train.steps."""
+    checksums: bool = True
+    """Record a CRC32 of every file at save (computed by the rank that wrote it, in the background with async saves)
+    and check them before a load, each rank reading its share of the files: a file damaged at its full size is then
+    refused (auto resume falls back to the previous checkpoint) instead of loading wrong values. false: sizes only."""
 
 
 @dataclass

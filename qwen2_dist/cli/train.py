@@ -79,7 +79,7 @@ def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh 
     elif load_weights and job.model.init_from_checkpoint:
         from qwen2_dist.train.checkpoint import load_weights as load_checkpoint_weights
 
-        load_checkpoint_weights(job.model.init_from_checkpoint, model, job.model.args())
+        load_checkpoint_weights(job.model.init_from_checkpoint, model, job.model.args(), job.checkpoint.checksums)
         log.info("initialized from the model weights of checkpoint %s", job.model.init_from_checkpoint)
     log.info("model %s: %s parameters", job.model.name, f"{count_parameters(model):,}")
     optimizer = build_optimizer(model, job.optim, device_type)

@@ -1,9 +1,10 @@
 """Sharded checkpoints (torch.distributed.checkpoint) with an atomic commit, retention, verification and resume.
 
 Layout: <run_dir>/checkpoints/step_00000100/ holds the DCP shards, train_state.json, rng/rank{N}.pt and, written
-last, metadata.json (step, tokens, layout, config hash, time, and the size of every file). A directory counts as a
-checkpoint only when metadata.json exists; it is written after the shards are renamed into place, so a save killed
-at any point never becomes "latest", and a file that later goes missing or is truncated is caught before loading.
+last, metadata.json (step, tokens, layout, config hash, time, and the size and CRC32 of every file). A directory
+counts as a checkpoint only when metadata.json exists; it is written after the shards are renamed into place, so a
+save killed at any point never becomes "latest", and a file that later goes missing, is truncated or has a changed
+byte is caught before loading.
 """
 
 import errno
@@ -16,6 +17,7 @@ import shutil
 import time
 import uuid
 import warnings
+import zlib
 from concurrent.futures import Future
 from contextlib import contextmanager
 
@@ -46,6 +48,7 @@ STALL_ENV = "QWEN2_CKPT_STALL_STEP"
 # Test hook: "STEP" makes the save of that step fail on every rank before anything is written, as a full disk would;
 # "STEP:RANK:write" makes it fail on that rank only, after the rank's shard files are written (mid-save).
 FAIL_ENV = "QWEN2_INJECT_CKPT_FAIL_STEP"
+_CHUNK = 16 << 20
 
 
 def _rank() -> int:
@@ -95,6 +98,17 @@ def _file_sizes(path: str) -> dict[str, int]:
     return sizes
 
 
+def file_checksum(path: str) -> str:
+    """CRC32 of a file's bytes, as "crc32:xxxxxxxx" (zlib's runs at several GB/s and releases the GIL)."""
+    crc = 0
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+    return f"crc32:{crc:08x}"
+
+
 def config_hash(resolved_config: dict) -> str:
     """Short stable hash of a resolved job config."""
     return hashlib.sha256(json.dumps(resolved_config, sort_keys=True).encode()).hexdigest()[:16]
@@ -122,8 +136,10 @@ def read_metadata(path: str) -> dict:
     return meta
 
 
-def verify(path: str) -> dict:
-    """Check that every file the commit recorded is present with its size; return the metadata."""
+def verify(path: str, checksums: bool = True) -> dict:
+    """Check that every file the commit recorded is present with its size and (checksums, when the commit recorded
+    them) its CRC32; return the metadata. Collective when distributed: each rank reads its share of the files, and
+    every rank raises the same UserError when any file is damaged."""
     meta = read_metadata(path)
     for name, size in meta.get("files", {}).items():
         full = os.path.join(path, name)
@@ -133,6 +149,26 @@ def verify(path: str) -> dict:
             raise UserError(
                 f"{full}: {os.path.getsize(full)} bytes, the commit recorded {size}; the checkpoint is damaged"
             )
+    recorded = meta.get("checksums") if checksums else None
+    if recorded:
+        started = time.monotonic()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        problem = None
+        for name in sorted(recorded)[rank::world]:
+            found = file_checksum(os.path.join(path, name))
+            if found != recorded[name]:
+                problem = (f"{os.path.join(path, name)}: checksum {found}, the commit recorded {recorded[name]} "
+                           "(same size, changed bytes); the checkpoint is damaged")
+                break
+        problems = [problem]
+        if world > 1:
+            problems = [None] * world
+            dist.all_gather_object(problems, problem)
+        problems = [p for p in problems if p]
+        if problems:
+            raise UserError(problems[0])
+        log.info("checkpoint: %d file checksums of %s checked in %.1f s", len(recorded), path,
+                 time.monotonic() - started)
     return meta
 
 
@@ -188,9 +224,10 @@ class _Pending:
     """A save whose shards are being written; committed once the write finished."""
 
     def __init__(self, tmp: str, final: str, metadata: dict, contents: list[str], future: Future | None,
-                 started: float, retain: bool):
+                 started: float, retain: bool, writer: "_Writer", checksums: dict[str, str]):
         self.tmp, self.final, self.metadata, self.contents = tmp, final, metadata, contents
         self.future, self.started, self.retain = future, started, retain
+        self.writer, self.checksums = writer, checksums  # the writer adds the shard files' checksums when done
 
 
 class Checkpointer:
@@ -200,11 +237,13 @@ class Checkpointer:
     and committed by wait(), which the trainer calls when every rank reports its write done (pending_done()).
     """
 
-    def __init__(self, ckpt_root: str, keep_last: int, keep_every: int = 0, async_save: bool = False):
+    def __init__(self, ckpt_root: str, keep_last: int, keep_every: int = 0, async_save: bool = False,
+                 checksums: bool = True):
         self.ckpt_root = ckpt_root
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
+        self.checksums = checksums
         self._pending: _Pending | None = None
         # Background writes run collectives of their own: keep them off the training process group.
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
@@ -230,6 +269,8 @@ class Checkpointer:
         tmp = _broadcast_str(f"{os.path.abspath(final)}.tmp-{uuid.uuid4().hex[:8]}")
         state = _state(model, optimizer)
         future = None
+        sums: dict[str, str] = {}
+        writer = _Writer(tmp, self.checksums, fail_after_write=_injected_fault(metadata.get("step")) == "write")
         try:
             _maybe_fail(metadata.get("step"))
             if _rank() == 0:
@@ -241,8 +282,10 @@ class Checkpointer:
             ok = _all_ok(False, exc)
         if ok:
             try:
-                torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank{_rank()}.pt"))
-                writer = _FailAfterWrite(tmp) if _injected_fault(metadata.get("step")) == "write" else None
+                rng_name = f"rng/rank{_rank()}.pt"
+                torch.save(_rng_state(), os.path.join(tmp, rng_name))
+                if self.checksums:
+                    sums[rng_name] = file_checksum(os.path.join(tmp, rng_name))
                 with _quiet_dcp():
                     if self.async_save and not blocking:
                         future = dcp.async_save(state, checkpoint_id=tmp, storage_writer=writer,
@@ -255,7 +298,7 @@ class Checkpointer:
         if not ok:
             self._abandon(tmp, final)
             return False
-        self._pending = _Pending(tmp, final, metadata, sorted(state), future, started, retain)
+        self._pending = _Pending(tmp, final, metadata, sorted(state), future, started, retain, writer, sums)
         self.last_blocking_seconds = time.monotonic() - started
         if future is None:
             return self.wait()
@@ -284,13 +327,15 @@ class Checkpointer:
         if not ok:
             self._abandon(pending.tmp, pending.final)
             return False
+        if self.checksums:
+            _gather_checksums(pending, self._group)
         if os.environ.get(STALL_ENV) == str(pending.metadata.get("step")):
             log.warning("checkpoint: stalling before the commit of %s (%s)", pending.final, STALL_ENV)
             time.sleep(600)
         committed = True
         if _rank() == 0:
             try:
-                _commit(pending)
+                _commit(pending, self.checksums)
                 if pending.retain:
                     _apply_retention(self.ckpt_root, self.keep_last, self.keep_every, protect=pending.final)
             except OSError as exc:
@@ -350,19 +395,50 @@ def _maybe_fail(step: int | None) -> None:
         raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAIL_ENV})")
 
 
-class _FailAfterWrite(FileSystemWriter):
-    """Test hook: writes this rank's shard files, then fails as a disk that filled up mid-save would."""
+class _Writer(FileSystemWriter):
+    """DCP's file writer that also checksums the shard files this rank wrote, in the thread that wrote them (the
+    background, for an async save), while they are likely still in the page cache. fail_after_write is a test hook
+    (FAIL_ENV): the files are written, then the write fails as a disk that filled up mid-save would."""
+
+    def __init__(self, path: str, checksums: bool, fail_after_write: bool = False):
+        super().__init__(path)
+        self.want_checksums, self.fail_after_write = checksums, fail_after_write
+        self.checksums: dict[str, str] = {}
 
     def write_data(self, plan, planner):
-        super().write_data(plan, planner).wait()
-        raise OSError(errno.ENOSPC, f"No space left on device after writing shards (injected by {FAIL_ENV})")
+        results = super().write_data(plan, planner).wait()
+        if self.fail_after_write:
+            raise OSError(errno.ENOSPC, f"No space left on device after writing shards (injected by {FAIL_ENV})")
+        if self.want_checksums:
+            for name in sorted({result.storage_data.relative_path for result in results}):
+                self.checksums[name] = file_checksum(os.path.join(os.fspath(self.path), name))
+        done = torch.futures.Future()
+        done.set_result(results)
+        return done
 
 
-def _commit(pending: _Pending) -> None:
+def _gather_checksums(pending: _Pending, group) -> None:
+    """Every rank's checksums (its rng file and shard files) into rank 0's pending.checksums (collective)."""
+    mine = {**pending.checksums, **pending.writer.checksums}
+    if not dist.is_initialized():
+        pending.checksums = mine
+        return
+    gathered = [None] * dist.get_world_size() if _rank() == 0 else None
+    dist.gather_object(mine, gathered, dst=0, group=group)
+    if _rank() == 0:
+        pending.checksums = {name: crc for part in gathered for name, crc in part.items()}
+
+
+def _commit(pending: _Pending, checksums: bool) -> None:
     replace_dir(pending.tmp, pending.final)  # over an uncommitted leftover of the same step, if any
     _fsync_dir(os.path.dirname(pending.final))
+    files = _file_sizes(pending.final)
     meta = dict(pending.metadata, format=FORMAT_VERSION, time=time.time(), contents=pending.contents,
-                save_seconds=round(time.monotonic() - pending.started, 3), files=_file_sizes(pending.final))
+                save_seconds=round(time.monotonic() - pending.started, 3), files=files)
+    if checksums:
+        # Rank 0 reads only what no writer checksummed: DCP's .metadata and train_state.json (small).
+        meta["checksums"] = {name: pending.checksums.get(name) or file_checksum(os.path.join(pending.final, name))
+                             for name in sorted(files)}
     _write_json_atomic(os.path.join(pending.final, METADATA), meta)
 
 
@@ -396,9 +472,9 @@ def _dcp_load(state: dict, path: str) -> None:
                         "the checkpoint is damaged or from another model") from None
 
 
-def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, checksums: bool = True) -> dict:
     """Load a verified checkpoint into model (and optimizer, when it has one); return its train state."""
-    meta = verify(path)
+    meta = verify(path, checksums)
     with_optim = "optim" in meta["contents"] and optimizer is not None
     state = _state(model, optimizer if with_optim else None)
     _dcp_load(state, path)
@@ -431,25 +507,25 @@ def check_model_args(what: str, meta: dict, args, fix: str) -> None:
                     f"(checkpoint vs job: {diffs}); {fix}")
 
 
-def init_checkpoint_metadata(path: str, args) -> dict:
-    """Metadata of the checkpoint model.init_from_checkpoint names, once it is known to be committed, intact and of
-    the job's model (UserError naming the key otherwise)."""
+def init_checkpoint_metadata(path: str, args, checksums: bool = False) -> dict:
+    """Metadata of the checkpoint model.init_from_checkpoint names, once it is known to be committed, intact (its
+    files' sizes; their checksums too when asked) and of the job's model (UserError naming the key otherwise)."""
     key = "model.init_from_checkpoint"
     if not is_committed(path):
         raise UserError(f"{key}={path}: not a committed checkpoint (no {METADATA}); point it at a step_* directory "
                         "that has one, e.g. RUN_DIR/checkpoints/step_00001000")
     try:
-        meta = verify(path)
+        meta = verify(path, checksums)
     except UserError as exc:
         raise UserError(f"{key}: {exc}") from None
     check_model_args(f"{key}={path}", meta, args, "set model= (and model.* overrides) to match it")
     return meta
 
 
-def load_weights(path: str, model: torch.nn.Module, args) -> None:
+def load_weights(path: str, model: torch.nn.Module, args, checksums: bool = True) -> None:
     """Only the model weights of a committed checkpoint (another run's, any layout) into model; nothing else of that
     run (step, optimizer, data position, RNG) is taken."""
-    meta = init_checkpoint_metadata(path, args)
+    meta = init_checkpoint_metadata(path, args, checksums)
     state = _state(model, None)
     _dcp_load(state, path)
     set_model_state_dict(model, state["model"])

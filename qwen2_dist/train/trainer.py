@@ -82,6 +82,7 @@ class Trainer:
             os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
             async_save=cfg.checkpoint.async_save is True
             or (cfg.checkpoint.async_save == "auto" and world.device.type == "cuda"),
+            checksums=cfg.checkpoint.checksums,
         )
         self.guard = StepGuard(world.device, cfg.train.spike_sigma, cfg.train.spike_window)
         # The fused AdamW skips a flagged step on the device; the others need the verdict on the host.
@@ -109,7 +110,7 @@ class Trainer:
 
     def restore(self, path: str) -> None:
         """Continue from a committed checkpoint: weights, optimizer, step, tokens and data position."""
-        state = checkpoint.load(path, self.model, self.optimizer)
+        state = checkpoint.load(path, self.model, self.optimizer, self.cfg.checkpoint.checksums)
         self.step = state.get("step", 0)
         self.saved_step = self.step
         self.tokens_seen = state.get("tokens_seen", 0)

@@ -1,10 +1,12 @@
 """Checkpoints across processes: exact resume on 4 ranks, and resharding to other layouts on resume."""
 
+import json
 import os
 import shutil
 
 import pytest
 
+from qwen2_dist.train.checkpoint import file_checksum
 from tests.helpers import read_metrics, run_torchrun, step_losses, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
@@ -65,3 +67,24 @@ def test_one_rank_failing_mid_save_skips_that_checkpoint_on_every_rank(tmp_path,
     assert "step_00000004 failed and was skipped" in output
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000002", "step_00000006"]
     assert step_losses(run_dir) == step_losses(straight_4)
+    # Each rank checksummed its own files in the background; rank 0 recorded them all.
+    path = run_dir / "checkpoints" / "step_00000006"
+    meta = json.loads((path / "metadata.json").read_text())
+    assert {f"__{r}_0.distcp" for r in range(4)} | {f"rng/rank{r}.pt" for r in range(4)} <= set(meta["checksums"])
+    assert meta["checksums"] == {name: file_checksum(str(path / name)) for name in meta["files"]}
+
+
+def test_a_changed_byte_in_any_ranks_shard_refuses_the_resume_on_every_rank(tmp_path, half_4, corpus_cache):
+    """On 2 ranks each checks half of the files; rank 1's share holds the damaged one, and both stop with its name."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(half_4, run_dir)
+    shard = run_dir / "checkpoints" / "step_00000003" / "__2_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    result = run_torchrun(2, TRAIN, train_overrides(run_dir, corpus_cache, **JOB))
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert output.count("__2_0.distcp: checksum crc32:") >= 2, output[-4000:]  # logged by both ranks
+    assert "no committed checkpoint under" in output
+    assert not (run_dir / "metrics.jsonl").exists() or not step_losses(run_dir).get(4)

@@ -1,4 +1,5 @@
-"""The throughput benchmark and the GPU check script, run for real on the CPU with the debug size (seconds each)."""
+"""The GPU check script (its throughput steps: ours against the Hugging Face baselines) and the throughput benchmark's
+refusals, run for real on the CPU with the debug size (seconds each)."""
 
 import json
 import math
@@ -17,35 +18,6 @@ GPU_CHECK_STEPS = ["wheels", "env", "attention_gpu", "loss_parity", "throughput_
 def throughput(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "benchmarks/throughput.py", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
-
-
-def test_throughput_measures_ours_and_the_hf_baseline_on_cpu(tmp_path):
-    report_path = tmp_path / "rows.json"
-    result = throughput(*TINY, "--json", str(report_path))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = {line.split()[0]: line.split() for line in result.stdout.splitlines()
-             if line.split() and line.split()[0] in ("ours", "hf", "hf-liger") and "debug" in line}
-    # config, size, seq, mb, tokens/s, MFU, memory, ratio
-    for name in ("ours", "hf"):
-        assert table[name][1:4] == ["debug", "128", "2"], table[name]
-        assert float(table[name][4].replace(",", "")) > 0
-        assert table[name][5] == "n/a"  # no MFU on a CPU
-    assert table["hf"][7] == "1.00x"  # the only measured baseline is the best one
-    assert "skipped" in " ".join(table["hf-liger"])  # Liger needs CUDA
-
-    report = json.loads(report_path.read_text())
-    assert report["device"].startswith("cpu") and report["torch"] and report["transformers"] and report["date"]
-    rows = {row["name"]: row for row in report["rows"]}
-    assert set(rows) == {"ours", "hf", "hf-liger"}
-    for name in ("ours", "hf"):
-        row = rows[name]
-        assert row["status"] == "ok" and row["tokens_per_sec"] > 0 and row["peak_mem_gib"] > 0
-        assert row["tokens_per_sec"] == 2 * 2 * 128 / row["seconds"]
-        # Random init on random tokens: both near ln(vocab) = 11.93 on the measured steps.
-        assert abs(row["first_loss"] - math.log(151936)) < 0.5 and abs(row["last_loss"] - math.log(151936)) < 0.5
-    assert rows["ours"]["overrides"][:2] == ["model=debug", "train.seq_len=128"]
-    assert rows["ours"]["vs_best_baseline"] == rows["ours"]["tokens_per_sec"] / rows["hf"]["tokens_per_sec"]
-    assert rows["hf-liger"]["status"].startswith("skipped")
 
 
 def test_throughput_refuses_a_bad_override_in_one_line():
@@ -80,3 +52,31 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert outcomes["variant_model.fuse_projections"] == "ok", summary
     assert "estimated peak tensor memory" in (out / "estimate.log").read_text()
     assert summary.splitlines()[-1].startswith("total ")
+    _check_ours_and_baselines(out / "throughput_1.5b.log", out / "throughput_1.5b.json")
+
+
+def _check_ours_and_baselines(log_path, report_path):
+    """benchmarks/throughput.py's table and JSON for ours, hf and hf-liger at the debug size on the CPU."""
+    table = {line.split()[0]: line.split() for line in log_path.read_text().splitlines()
+             if line.split() and line.split()[0] in ("ours", "hf", "hf-liger") and "debug" in line}
+    # config, size, seq, mb, tokens/s, MFU, memory, ratio
+    for name in ("ours", "hf"):
+        assert table[name][1:4] == ["debug", "128", "2"], table[name]
+        assert float(table[name][4].replace(",", "")) > 0
+        assert table[name][5] == "n/a"  # no MFU on a CPU
+    assert table["hf"][7] == "1.00x"  # the only measured baseline is the best one
+    assert "skipped" in " ".join(table["hf-liger"])  # Liger needs CUDA
+
+    report = json.loads(report_path.read_text())
+    assert report["device"].startswith("cpu") and report["torch"] and report["transformers"] and report["date"]
+    rows = {row["name"]: row for row in report["rows"]}
+    assert set(rows) == {"ours", "hf", "hf-liger"}
+    for name in ("ours", "hf"):
+        row = rows[name]
+        assert row["status"] == "ok" and row["tokens_per_sec"] > 0 and row["peak_mem_gib"] > 0
+        assert row["tokens_per_sec"] == 2 * 2 * 128 / row["seconds"]
+        # Random init on random tokens: both near ln(vocab) = 11.93 on the measured steps.
+        assert abs(row["first_loss"] - math.log(151936)) < 0.5 and abs(row["last_loss"] - math.log(151936)) < 0.5
+    assert rows["ours"]["overrides"][:2] == ["model=debug", "train.seq_len=128"]
+    assert rows["ours"]["vs_best_baseline"] == rows["ours"]["tokens_per_sec"] / rows["hf"]["tokens_per_sec"]
+    assert rows["hf-liger"]["status"].startswith("skipped")

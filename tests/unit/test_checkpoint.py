@@ -106,13 +106,47 @@ def test_damage_is_detected_before_loading(tmp_path):
         checkpoint.load(path, model, optimizer)
 
 
+def _flip_byte(path: str, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
 def test_a_file_damaged_at_its_full_size_is_a_clear_error(tmp_path):
     model, optimizer = _model_and_optimizer(0)
     path = checkpoint.Checkpointer(str(tmp_path), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
-    with open(os.path.join(path, ".metadata"), "r+b") as f:  # DCP's index: same size, other bytes
-        f.write(b"\0" * os.path.getsize(os.path.join(path, ".metadata")))
-    with pytest.raises(UserError, match=r"cannot be loaded \(rank 0: \w+Error: .*damaged"):
+    meta = checkpoint.verify(path)
+    assert sorted(meta["checksums"]) == sorted(meta["files"])  # every file: shards, index, rng, train state
+    for name, crc in meta["checksums"].items():
+        assert crc == checkpoint.file_checksum(os.path.join(path, name))
+
+    # One changed byte in the middle of the shard file (tensor data): refused, naming the file, before any load.
+    shard = max((name for name in meta["files"] if name.endswith(".distcp")),
+                key=lambda name: meta["files"][name])
+    _flip_byte(os.path.join(path, shard), meta["files"][shard] // 2)
+    other, other_opt = _model_and_optimizer(1)
+    before = [p.detach().clone() for p in other.parameters()]
+    with pytest.raises(UserError, match=rf"{shard}: checksum crc32:\w+, the commit recorded crc32:\w+ .*damaged"):
+        checkpoint.load(path, other, other_opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # nothing was loaded
+    # Without checksums (checkpoint.checksums=false, or a checkpoint that has none) the same file loads, wrong.
+    checkpoint.load(path, other, other_opt, checksums=False)
+    def tensors(m, opt):
+        return [*m.state_dict().values(), *(t for st in opt.state.values() for t in st.values() if t.dim())]
+    differ = [i for i, (a, b) in enumerate(zip(tensors(model, optimizer), tensors(other, other_opt)))
+              if not torch.equal(a, b)]
+    assert len(differ) == 1, differ
+
+    # DCP's index zeroed at its full size: caught by its checksum; without checksums, DCP's failure is one clear error.
+    _flip_byte(os.path.join(path, shard), meta["files"][shard] // 2)
+    with open(os.path.join(path, ".metadata"), "r+b") as f:
+        f.write(b"\0" * meta["files"][".metadata"])
+    with pytest.raises(UserError, match=r"\.metadata: checksum"):
         checkpoint.load(path, model, optimizer)
+    with pytest.raises(UserError, match=r"cannot be loaded \(rank 0: \w+Error: .*damaged"):
+        checkpoint.load(path, model, optimizer, checksums=False)
 
 
 def test_model_only_checkpoint_loads_without_optimizer_state(tmp_path):
