@@ -1,12 +1,14 @@
 """The typed schema of a job (registered in Hydra's ConfigStore) and validate(), which refuses impossible jobs early."""
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
 from qwen2_dist.errors import UserError
+from qwen2_dist.fsutil import reads_in_place
 
 SCHEDULES = ("cosine", "linear", "sqrt", "constant")
 """optim.schedule: the shape of the learning-rate decay after warmup."""
@@ -102,6 +104,11 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """Node-local cache for remote sources (one directory per run) and where the embedded corpus is built;
     default ~/.cache/qwen2_dist."""
+    cache_limit: Optional[str] = None
+    """Most bytes of training shards kept in a node's cache of remote sources, e.g. 500gb or 2tib (null = no limit: a
+    remote dataset is cached whole). The least recently read shards are deleted to make room; a limit below what the
+    read order needs at once (each source: the shards of two shuffle blocks) is refused before training. Only for
+    remote (or read-only, copied) sources: local ones are read in place and never deleted."""
     shuffle: bool = True
     """Shuffle samples (deterministically, from the run seed): shards, then samples within blocks."""
     shuffle_block_size: int = 262144
@@ -336,6 +343,19 @@ def _check_parallel(p: ParallelConfig, args: "ModelArgs", t: TrainConfig, world_
     return dp_shard
 
 
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+               "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(key: str, value) -> int:
+    """Bytes from an integer or a size such as 500gb, 1.5TB or 64GiB (decimal kb/mb/gb/tb, binary kib/mib/gib/tib);
+    UserError naming `key` otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
+    if not match or match.group(2) not in _BYTE_UNITS or float(match.group(1)) <= 0:
+        raise UserError(f"{key}={value!r}: give a positive size in bytes or with a unit, e.g. 500gb or 2tib")
+    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+
+
 def _check_data(d: DataConfig, e: EvalConfig) -> None:
     """Check the data sources and the evaluation sizes."""
     if d.path is not None and d.sources:
@@ -357,6 +377,16 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
             raise UserError(f"data.sources[{i}].weight={source.weight}: must be positive")
     if d.shuffle_block_size < 1 or d.num_workers < 0:
         raise UserError("data.shuffle_block_size must be >= 1 and data.num_workers >= 0")
+    if d.cache_limit is not None:
+        parse_bytes("data.cache_limit", d.cache_limit)
+        for name, path in paths:
+            if reads_in_place(path, "train"):
+                raise UserError(f"data.cache_limit is set, but {name}={path} is a local directory read in place: to "
+                                "stay under the limit streaming would delete its shards. Unset data.cache_limit "
+                                "(it bounds the cache of remote sources)")
+        if not paths:
+            raise UserError("data.cache_limit is set, but no remote source is: it bounds the cache of remote sources "
+                            "(data.path or data.sources with URLs such as s3://...); unset it")
     if e.interval < 0:
         raise UserError(f"eval.interval={e.interval}: must be >= 0 (0 = no evaluation)")
     if e.interval and e.samples <= 0:

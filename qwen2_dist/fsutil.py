@@ -15,3 +15,9 @@ def replace_dir(tmp: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
+
+
+def reads_in_place(path: str, split: str) -> bool:
+    """Whether the loader reads a data source's split where it lies (a local, writable directory: streaming writes
+    decompressed shards beside the compressed ones) rather than through a cache (remote, or read-only local)."""
+    return "://" not in path and os.access(os.path.join(os.path.abspath(os.path.expanduser(path)), split), os.W_OK)

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from qwen2_dist.config import JobConfig, register_configs, uses_bf16, validate
+from qwen2_dist.config import JobConfig, parse_bytes, register_configs, uses_bf16, validate
 from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.train.faults import TrainingHalted
 
@@ -159,7 +159,10 @@ def run(cfg: DictConfig):
                                    job.train.global_batch_size, dp_rank, dp_size, job.seed)
         log.info("data: random token ids (data.synthetic=true); evaluation is off")
     else:
-        batches = TokenBatches(sources, global_batch_size=job.train.global_batch_size, **loader_args)
+        # The limit bounds the training shards; the held-out split (a small fraction) is cached whole.
+        limit = parse_bytes("data.cache_limit", job.data.cache_limit) if job.data.cache_limit is not None else None
+        batches = TokenBatches(sources, global_batch_size=job.train.global_batch_size, cache_limit=limit,
+                               **loader_args)
     eval_batches = None
     if job.eval.interval and not job.data.synthetic:
         missing = [p for p, _ in sources if not split_available(p, VAL, cache, loader_args["run_key"])]

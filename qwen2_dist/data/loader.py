@@ -32,6 +32,7 @@ from qwen2_dist.data import hygiene
 from qwen2_dist.data.prepare import FORMAT_VERSION, SUMMARY_NAME, TRAIN, read_summary
 from qwen2_dist.data.streaming_compat import import_streaming
 from qwen2_dist.errors import ResumeMismatch, UserError
+from qwen2_dist.fsutil import reads_in_place
 from qwen2_dist.parallel.mesh import world_from_env
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,13 @@ def positions_from_starts(doc_starts: list[np.ndarray], seq_len: int) -> torch.T
     return torch.from_numpy(out)
 
 
+def _human_bytes(n: int) -> str:
+    for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} bytes"
+
+
 def _cache_path(cache_dir: str, run_key: str, url: str) -> str:
     """A local cache directory for one remote source of one run (a run never shares it with another run)."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", url.replace("://", "/")).strip("_")
@@ -296,6 +304,7 @@ class TokenBatches:
         cache_dir: str | None = None,
         run_key: str = "default",
         num_workers: int = 0,
+        cache_limit: int | None = None,
     ):
         if global_batch_size % (micro_batch_size * dp_size):
             raise UserError(
@@ -325,6 +334,10 @@ class TokenBatches:
             cache = _cache_path(cache_dir, run_key, path) if cache_dir is not None else None
             self._check_summary(path, _source_summary(path, cache if "://" in path else None))
             remote, local = self._locations(path, cache)
+            if cache_limit and remote is None:
+                raise UserError(f"data.cache_limit is set, but data source {path} is a local directory read in "
+                                "place: to stay under the limit streaming would delete its shards. Unset "
+                                "data.cache_limit, or read the source from its remote URL")
             streams.append(streaming.Stream(remote=remote, local=local, split=split))
         leader = world_from_env()[1] == 0
         with hygiene.prefix_lock(leader):
@@ -352,6 +365,9 @@ class TokenBatches:
             for first, count in zip(self.dataset.shard_offset_per_stream, self.dataset.shards_per_stream)
         ]
         self._stream_offsets = np.asarray(self.dataset.sample_offset_per_stream, dtype=np.int64)
+        if cache_limit:
+            self._limit_cache(cache_limit, shard_counts,
+                              max(shuffle_block_size, global_batch_size) if shuffle else global_batch_size)
         self.order = SampleOrder(shard_counts, [w for _, w in sources], seed, shuffle, shuffle_block_size)
         self.fingerprint = hashlib.sha256(json.dumps({
             "format": FORMAT_VERSION, "shards": shard_counts, "weights": [w for _, w in sources], "seed": seed,
@@ -363,6 +379,33 @@ class TokenBatches:
         self._iterator = None
         self._loader = None
 
+    def _limit_cache(self, limit: int, shard_counts: list[list[int]], window: int) -> None:
+        """Bound the node's cache of this dataset's shards to `limit` bytes (streaming evicts the least recently read
+        shards), once it is known to hold what the read order needs at once: per source, the shards that two
+        consecutive windows (the larger of a shuffle block and a global batch; a global batch without shuffling)
+        can span, at the source's largest shard size (compressed and raw forms), plus the indexes. UserError naming
+        data.cache_limit otherwise."""
+        need = sum(stream.get_index_size() for stream in self.dataset.streams)
+        parts = []
+        for path, counts, first in zip(self.paths, shard_counts, self.dataset.shard_offset_per_stream):
+            per_shard = min((c for c in counts if c), default=1)  # streaming may write an empty first shard
+            shards = min(len(counts), 2 * -(-window // per_shard) + 2)
+            largest = max(shard.get_max_size() for shard in self.dataset.shards[first:first + len(counts)])
+            need += shards * largest
+            parts.append(f"{path}: {shards} x {_human_bytes(largest)}")
+        if limit < need:
+            raise UserError(
+                f"data.cache_limit={_human_bytes(limit)} is below the {_human_bytes(need)} the read order needs in the "
+                f"cache at once ({'; '.join(parts)}: the shards that two shuffle blocks or global batches, whichever "
+                "is larger, can span, each at its source's largest shard); raise data.cache_limit or lower "
+                "data.shuffle_block_size"
+            )
+        # streaming's own cache_limit argument: set after its set-up, whose check (4 shards) ours replaces.
+        self.dataset.cache_limit = limit
+        self.cache_need = need
+        log.info("data: cache of remote shards limited to %s (the read order needs %s at once)",
+                 _human_bytes(limit), _human_bytes(need))
+
     def _locations(self, path: str, cache: str | None) -> tuple[str | None, str]:
         """(remote, local) of a source for streaming: a remote URL is cached in `cache` (private to the run); a local
         directory is read in place, or copied into the cache when it is read-only (streaming writes decompressed
@@ -370,7 +413,7 @@ class TokenBatches:
         if "://" in path:
             return path, cache
         path = os.path.abspath(os.path.expanduser(path))
-        if os.access(os.path.join(path, self.split), os.W_OK):
+        if reads_in_place(path, self.split):
             return None, path
         if cache is None:
             raise UserError(f"data source {path} is read-only; set data.cache_dir for a decompressed copy")

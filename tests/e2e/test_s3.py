@@ -3,10 +3,12 @@
 import glob
 import json
 import os
+import shutil
 
 import pytest
 
 from qwen2_dist.data.loader import TokenBatches
+from qwen2_dist.errors import UserError
 from tests.datasets import make_dataset, sample_ids
 from tests.helpers import run_cli, train_overrides
 
@@ -64,6 +66,51 @@ def test_s3_source_reads_the_same_samples_as_the_local_copy(tmp_path, s3):
     # The shards came over the wire into a cache of this run only.
     cached = os.listdir(cache / "remote" / "run1" / "s3_corpora_ds" / "train")
     assert "index.json" in cached and any(name.startswith("shard.") for name in cached)
+
+
+def _cached_shard_bytes(cache) -> int:
+    return sum(os.path.getsize(os.path.join(d, name)) for d, _, names in os.walk(cache) for name in names
+               if name.startswith("shard."))
+
+
+def test_a_cache_limit_keeps_the_cache_bounded_and_the_samples_unchanged(tmp_path, s3):
+    """Two epochs of a 43-shard S3 dataset through a cache limited to what the read order needs at once (6 shards:
+    two global batches of 8 samples, 6 samples per shard): the same samples as the local copy, the cache never over
+    the limit, shards evicted and fetched again."""
+    client, _ = s3
+    local = make_dataset(tmp_path / "ds", 256, 8, shard_bytes=600)  # 6 samples per shard
+    url = upload(client, local, "ds")
+    kwargs = dict(seq_len=8, micro_batch_size=4, global_batch_size=8, seed=3, shuffle_block_size=4)
+    cache = tmp_path / "cache"
+    remote_args = dict(cache_dir=str(cache), run_key="run1", **kwargs)
+
+    with pytest.raises(UserError, match=r"data.cache_limit=1 kB is below the [0-9.]+ kB the read order needs .* "
+                                        r"raise data.cache_limit or lower data.shuffle_block_size"):
+        TokenBatches([(url, 1.0)], cache_limit=1000, **remote_args)
+    with pytest.raises(UserError, match=r"data.cache_limit is set, but data source .* is a local directory"):
+        TokenBatches([(local, 1.0)], cache_limit=10**9, **kwargs)
+
+    expected = TokenBatches([(local, 1.0)], **kwargs)
+    probe = TokenBatches([(url, 1.0)], cache_limit=10**9, **remote_args)
+    need = probe.cache_need
+    num_shards = len(probe.dataset.shards)
+    probe.close()
+    shutil.rmtree(cache)
+    limited = TokenBatches([(url, 1.0)], cache_limit=need, **remote_args)
+    shard_dir = cache / "remote" / "run1" / "s3_corpora_ds" / "train"
+    index = sum(stream.get_index_size() for stream in limited.dataset.streams)
+    assert sum(s.get_max_size() for s in limited.dataset.shards) > 1.5 * (need - index)  # the dataset cannot fit
+    try:
+        largest = 0
+        for _ in range(2 * 256 // 4):  # two epochs of micro-batches
+            assert sample_ids(limited.next_batch()) == sample_ids(expected.next_batch())
+            largest = max(largest, _cached_shard_bytes(shard_dir))
+        assert 0 < largest <= need - index
+        cached = [name for name in os.listdir(shard_dir) if name.startswith("shard.")]
+        assert len(cached) < num_shards  # shards were evicted (and the second epoch fetched them again)
+    finally:
+        limited.close()
+        expected.close()
 
 
 def test_training_mixes_an_s3_source_with_a_local_one(tmp_path, s3, corpus_cache):

@@ -15,6 +15,13 @@ def job(*overrides: str) -> JobConfig:
         return OmegaConf.to_object(compose("config", overrides=list(overrides)))
 
 
+def test_cache_limit_takes_sizes_for_remote_sources_only(tmp_path):
+    validate(job("data.path=s3://bucket/shards", "data.cache_limit=1.5TB"), world_size=1)
+    (tmp_path / "train").mkdir()
+    with pytest.raises(UserError, match=r"data.cache_limit is set, but data.sources\[1\].path=.* read in place"):
+        validate(job(f"data.sources=[{{path: s3://b/a}}, {{path: {tmp_path}}}]", "data.cache_limit=500gb"), 1)
+
+
 def test_default_job_is_valid_and_derives_accumulation():
     layout = validate(job(), world_size=1)
     assert layout == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "grad_accum_steps": 2}
@@ -28,6 +35,8 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["optim.warmup_steps=1000", "train.steps=10"], 1, "optim.warmup_steps"),
     (["optim.min_lr_ratio=2"], 1, "optim.min_lr_ratio"),
     (["optim.schedule=step"], 1, "optim.schedule"),
+    (["data.cache_limit=10pb"], 1, "data.cache_limit='10pb': give a positive size"),
+    (["data.cache_limit=100gb"], 1, "data.cache_limit is set, but no remote source is"),
     (["optim.decay_steps=200", "train.steps=150"], 1, "optim.decay_steps=200: must lie in [1, train.steps"),
     (["optim.decay_steps=10", "optim.schedule=constant"], 1, "optim.schedule=constant, which never decays"),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "train.global_batch_size"),
