@@ -25,13 +25,15 @@ def main(out_dir: str, sources: str, steps: int, stop_at: int) -> None:
                             dp_size=world)
 
     straight = batches()
-    record = {"straight": read_steps(straight, steps)}
+    record = {"straight": read_steps(straight, steps), "prefixes": [straight.dataset._shm_prefix_int]}
     straight.close()
     first = batches()
+    record["prefixes"].append(first.dataset._shm_prefix_int)
     record["first"] = read_steps(first, stop_at)
     record["state"] = first.state_dict()
     first.close()
     resumed = batches()
+    record["prefixes"].append(resumed.dataset._shm_prefix_int)
     resumed.load_state_dict(record["state"])
     record["resumed"] = read_steps(resumed, steps - stop_at)
     resumed.close()

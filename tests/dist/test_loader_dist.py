@@ -11,9 +11,10 @@ from tests.helpers import run_torchrun, train_overrides
 STEPS, STOP_AT = 10, 4
 
 
-def streaming_shm() -> set[str]:
-    """mosaicml-streaming's shared-memory segments in /dev/shm ('000000_locals', '000001_barrier', ...)."""
-    return {name for name in os.listdir("/dev/shm") if re.match(r"\d{6}_", name)}
+def streaming_shm(prefixes: set[int]) -> set[str]:
+    """mosaicml-streaming's shared-memory segments of these prefixes in /dev/shm ('000000_locals', ...): only the
+    ones this test's datasets used, so a streaming process running beside the test cannot fail it."""
+    return {name for name in os.listdir("/dev/shm") if re.match(r"\d{6}_", name) and int(name[:6]) in prefixes}
 
 
 def read_steps(batches: TokenBatches, steps: int) -> list[list[int]]:
@@ -22,7 +23,6 @@ def read_steps(batches: TokenBatches, steps: int) -> list[list[int]]:
 
 
 def test_resume_on_2_ranks_and_on_1_rank_continues_the_same_sequence(tmp_path):
-    before = streaming_shm()
     a = make_dataset(tmp_path / "a", 30, 8, first_id=0, shard_bytes=256)
     b = make_dataset(tmp_path / "b", 7, 8, first_id=1000)
     sources = [(a, 0.7), (b, 0.3)]
@@ -40,6 +40,7 @@ def test_resume_on_2_ranks_and_on_1_rank_continues_the_same_sequence(tmp_path):
         return [ranks[0][key][i] + ranks[1][key][i] for i in range(len(ranks[0][key]))]
 
     one_rank = TokenBatches(sources, seq_len=8, micro_batch_size=2, global_batch_size=8, seed=3)
+    prefixes = {p for rank in ranks for p in rank["prefixes"]} | {one_rank.dataset._shm_prefix_int}
     uninterrupted = read_steps(one_rank, STEPS)
     one_rank.close()
     assert global_steps("straight") == uninterrupted  # 2 ranks read what 1 rank reads
@@ -48,10 +49,11 @@ def test_resume_on_2_ranks_and_on_1_rank_continues_the_same_sequence(tmp_path):
 
     resumed = TokenBatches(sources, seq_len=8, micro_batch_size=2, global_batch_size=8, seed=3)
     resumed.load_state_dict(ranks[0]["state"])
+    prefixes.add(resumed.dataset._shm_prefix_int)
     tail = read_steps(resumed, STEPS - STOP_AT)
     resumed.close()
     assert global_steps("first") + tail == uninterrupted  # 2 -> 1
-    assert streaming_shm() <= before  # neither the two ranks nor this process left a segment behind
+    assert streaming_shm(prefixes) == set()  # neither the two ranks nor this process left a segment behind
 
 
 def test_two_ranks_train_and_evaluate_like_one(tmp_path, corpus_cache):
