@@ -239,6 +239,9 @@ class LoggingConfig:
     """Record a torch.profiler trace of steps START:END (e.g. 10:12) to run_dir/profile/rank{N}.json."""
     memory_snapshot_on_oom: bool = True
     """On CUDA, record allocations and write run_dir/oom_snapshot_rank{N}.pickle when a step runs out of memory."""
+    peak_tflops: Optional[float] = None
+    """Dense bf16 peak of one GPU in TFLOP/s, the denominator of the logged MFU; null = looked up from the device
+    name (H100, H200, B200, A100, MI300X, ...; a GPU not in the table logs no MFU rather than a wrong one)."""
 
 
 @dataclass
@@ -436,6 +439,8 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     lg = cfg.logging
     if lg.wandb_mode not in ("offline", "online", "disabled"):
         raise UserError(f"logging.wandb_mode={lg.wandb_mode!r}: choose offline, online or disabled")
+    if lg.peak_tflops is not None and not lg.peak_tflops > 0:
+        raise UserError(f"logging.peak_tflops={lg.peak_tflops}: must be positive (or null to look it up)")
     if lg.profile_steps is not None:
         start, _, end = str(lg.profile_steps).partition(":")
         if not (start.isdigit() and end.isdigit() and 0 < int(start) < int(end)):

@@ -20,11 +20,15 @@ PEAK_BF16_FLOPS = {  # dense bf16, by a substring of torch.cuda.get_device_name(
     "H100": 989.4e12,
     "H800": 989.4e12,
     "GH200": 989.4e12,
+    "GB200": 2500e12,
     "B200": 2250e12,
     "A100": 312e12,
     "A800": 312e12,
     "L40S": 362e12,
     "A10G": 70e12,
+    "MI300X": 1307.4e12,
+    "MI325X": 1307.4e12,
+    "MI250X": 383e12,
 }
 
 

@@ -94,7 +94,7 @@ class Trainer:
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         _, self.dp_size = dp_rank_and_size(mesh)
         self.flops_per_token = flops_per_token(args, cfg.train.seq_len)
-        self.peak_flops = peak_flops(world.device)
+        self.peak_flops = peak_flops(world.device, cfg.logging.peak_tflops and cfg.logging.peak_tflops * 1e12)
         tp = mesh["tp"].size() if mesh is not None else 1
         # The loss inside the model's forward (model.loss chunked or liger), or logits out and the loss here.
         loss_impl = resolve_loss(cfg.model.loss, tp, world.device.type)

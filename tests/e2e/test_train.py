@@ -7,6 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
+
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.train.metrics import flops_per_token
 from tests.helpers import REPO, read_metrics, run_cli, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
@@ -14,12 +18,15 @@ TRAIN = "qwen2_dist.cli.train"
 
 def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache))
+    # A peak given by hand gives an MFU on any device (the CPU too); without it, a CPU logs none.
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"logging.peak_tflops": 0.5}))
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
-    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "mem_gib", "data_wait_pct"):
+    for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "mem_gib", "data_wait_pct", "mfu"):
         assert all(key in r for r in records), key
+    per_token = flops_per_token(get_model_args("tiny"), 32)
+    assert all(r["mfu"] == pytest.approx(r["tokens_per_sec"] * per_token / 0.5e12, rel=0.01) for r in records)
     assert records[0]["loss"] > 11.0  # ln(151936) = 11.93 at init
     assert records[-1]["loss"] < records[0]["loss"] - 0.2
     assert records[-1]["tokens_seen"] == 6 * 4 * 32

@@ -71,6 +71,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["train.nonfinite=ignore"], 1, "train.nonfinite"),
     (["logging.profile_steps=5:2"], 1, "logging.profile_steps"),
     (["logging.wandb_mode=cloud"], 1, "logging.wandb_mode"),
+    (["logging.peak_tflops=0"], 1, "logging.peak_tflops=0.0: must be positive"),
     (["checkpoint.async_save=maybe"], 1, "checkpoint.async_save"),
     (["checkpoint.keep_last=0"], 1, "keep_last"),
     (["train.stop_at=-1"], 1, "train.stop_at"),
