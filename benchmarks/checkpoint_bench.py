@@ -68,7 +68,8 @@ def main() -> None:
     asynchronous.save(1, model, optimizer, {"step": 1}, {"model": opts.model})
     blocked = time.monotonic() - started
     asynchronous.wait()
-    print(f"save (async, checksums=true):     blocked {blocked:.2f} s, committed after {time.monotonic() - started:.2f} s")
+    committed = time.monotonic() - started
+    print(f"save (async, checksums=true):     blocked {blocked:.2f} s, committed after {committed:.2f} s")
 
     checkpoint.load(path, model, optimizer, checksums=False)  # the first load's set-up, not timed
     for checksums in (False, True):

@@ -33,6 +33,7 @@ def uses_bf16(train: "TrainConfig", device_type: str) -> bool:
     """Whether a job computes in bf16 on this device type (train.mixed_precision; auto = on CUDA only)."""
     return train.mixed_precision == "bf16" or (train.mixed_precision == "auto" and device_type == "cuda")
 
+
 if TYPE_CHECKING:
     from qwen2_dist.model.args import ModelArgs
 
