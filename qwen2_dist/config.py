@@ -15,9 +15,10 @@ SCHEDULES = ("cosine", "linear", "sqrt", "constant")
 
 
 def compile_fails_with_recompute_under_tp(p: "ParallelConfig") -> bool:
-    """Whether this torch cannot compile a tensor-parallel block that is recomputed whole: torch 2.13 fails with
-    "expected all tensors_saved_with_vc_check to be Tensors, got ... DeviceMesh" (activation_checkpointing full or
-    selective, tp > 1); torch 2.11 compiles it and trains as eager (measured 2026-11-26 on the CPU; 2.12 untried)."""
+    """Whether this torch cannot compile a tensor-parallel block that is recomputed whole: torch 2.12 and 2.13 fail
+    with "expected all tensors_saved_with_vc_check to be Tensors, got ... DeviceMesh" (activation_checkpointing full
+    or selective, tp > 1); 2.11, 2.14.0 and 2.14.1 compile it and train as eager (measured on the CPU, 2 ranks:
+    2.11 and 2.13 on 2026-11-26, 2.12 and 2.14 on 2026-11-27)."""
     if p.tp <= 1 or p.activation_checkpointing not in ("full", "selective"):
         return False
     from importlib.metadata import PackageNotFoundError, version
@@ -26,7 +27,7 @@ def compile_fails_with_recompute_under_tp(p: "ParallelConfig") -> bool:
         major, minor = (int(part) for part in version("torch").split(".")[:2])
     except (PackageNotFoundError, ValueError):
         return False
-    return (major, minor) >= (2, 13)
+    return (2, 12) <= (major, minor) < (2, 14)
 
 
 def uses_bf16(train: "TrainConfig", device_type: str) -> bool:
@@ -334,7 +335,7 @@ def _check_parallel(p: ParallelConfig, args: "ModelArgs", t: TrainConfig, world_
         raise UserError(f"parallel.compile=true with parallel.tp={p.tp} and parallel.activation_checkpointing="
                         f"{p.activation_checkpointing}: this torch cannot compile a tensor-parallel block recomputed "
                         "whole; use parallel.activation_checkpointing=op (or none), parallel.compile=auto (which "
-                        "then runs eager) or an older torch (2.11 works)")
+                        "then runs eager) or another torch (2.11 and 2.14 work)")
     if p.reshard_after_forward not in ("default", "always", "never"):
         raise UserError(
             f"parallel.reshard_after_forward={p.reshard_after_forward!r}: choose default, always or never"

@@ -121,7 +121,7 @@ def test_compiling_recomputed_tensor_parallel_blocks_is_refused_where_torch_cann
 
     overrides = ["parallel.tp=2", "parallel.activation_checkpointing=full"]
     explicit, auto = job(*overrides, "parallel.compile=true"), job(*overrides)
-    if compile_fails_with_recompute_under_tp(explicit.parallel):  # torch >= 2.13 (CI: 2.13.0)
+    if compile_fails_with_recompute_under_tp(explicit.parallel):  # torch 2.12 and 2.13 (CI: 2.13.0)
         with pytest.raises(UserError, match="cannot compile a tensor-parallel block recomputed whole"):
             validate(explicit, world_size=2)
         assert not compile_enabled(auto.parallel, "cuda")  # auto runs such blocks eager
