@@ -40,7 +40,8 @@ def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
     return out_dir
 
 
-def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | None = None) -> str:
+def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | None = None,
+          checksums: bool = True) -> str:
     """Export the model weights of a committed checkpoint as a Hugging Face Qwen2 directory.
 
     Reads the checkpoint one output file at a time (DCP loads just the tensors asked for), so memory stays at
@@ -53,7 +54,7 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     dtypes = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
-    meta = checkpoint.verify(ckpt_dir)
+    meta = checkpoint.verify(ckpt_dir, checksums)
     args = ModelArgs(**meta["model_args"])
     shapes = native_shapes(args)
 
@@ -79,13 +80,16 @@ def main(argv: list[str] | None = None) -> int:
     p_to.add_argument("hf_dir")
     p_to.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors file (GiB)")
     p_to.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as trained)")
+    p_to.add_argument("--no-checksums", action="store_true",
+                      help="check the checkpoint's file sizes only, not their checksums (which reads every file once "
+                           "more, optimizer state included)")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if opts.command == "from-hf":
             out = from_hf(opts.hf_dir, opts.out_dir, opts.allow_pickle)
         else:
-            out = to_hf(opts.ckpt_dir, opts.hf_dir, opts.max_shard_gib, opts.dtype)
+            out = to_hf(opts.ckpt_dir, opts.hf_dir, opts.max_shard_gib, opts.dtype, not opts.no_checksums)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

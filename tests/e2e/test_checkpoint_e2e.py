@@ -60,7 +60,7 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache
     assert "at step 3" in result.stdout
 
 
-def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_cache):
+def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_cache, capsys):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from qwen2_dist.model.args import get_model_args
@@ -91,6 +91,18 @@ def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_ca
     tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(original(tokens).logits, exported(tokens).logits)
+
+    # A changed byte in the checkpoint: the export refuses it (exit 2, naming the file) unless told to check sizes only.
+    from qwen2_dist.cli.convert import main as convert_main
+
+    shard = ckpt / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    assert convert_main(["to-hf", str(ckpt), str(tmp_path / "refused")]) == 2
+    assert "__0_0.distcp: checksum crc32:" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+    assert convert_main(["to-hf", str(ckpt), str(tmp_path / "unchecked"), "--no-checksums"]) == 0
 
 
 def test_convert_from_hf_makes_a_checkpoint_training_resumes_from(tmp_path, corpus_cache):
