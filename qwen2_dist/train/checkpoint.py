@@ -139,35 +139,41 @@ def read_metadata(path: str) -> dict:
 def verify(path: str, checksums: bool = True) -> dict:
     """Check that every file the commit recorded is present with its size and (checksums, when the commit recorded
     them) its CRC32; return the metadata. Collective when distributed: each rank reads its share of the files, and
-    every rank raises the same UserError when any file is damaged."""
-    meta = read_metadata(path)
-    for name, size in meta.get("files", {}).items():
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            raise UserError(f"{full}: missing from checkpoint {path}; the checkpoint is damaged")
-        if os.path.getsize(full) != size:
-            raise UserError(
-                f"{full}: {os.path.getsize(full)} bytes, the commit recorded {size}; the checkpoint is damaged"
-            )
-    recorded = meta.get("checksums") if checksums else None
-    if recorded:
-        started = time.monotonic()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        problem = None
+    every rank raises the same UserError when any rank found a problem (also one only that rank sees, such as an
+    unreadable file), so no rank is left waiting in a collective."""
+    started = time.monotonic()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    meta, problem, checked = None, None, 0
+    try:
+        meta = read_metadata(path)
+        for name, size in meta.get("files", {}).items():
+            full = os.path.join(path, name)
+            if not os.path.isfile(full):
+                raise UserError(f"{full}: missing from checkpoint {path}; the checkpoint is damaged")
+            if os.path.getsize(full) != size:
+                raise UserError(
+                    f"{full}: {os.path.getsize(full)} bytes, the commit recorded {size}; the checkpoint is damaged"
+                )
+        recorded = (meta.get("checksums") or {}) if checksums else {}
         for name in sorted(recorded)[rank::world]:
             found = file_checksum(os.path.join(path, name))
+            checked += 1
             if found != recorded[name]:
-                problem = (f"{os.path.join(path, name)}: checksum {found}, the commit recorded {recorded[name]} "
-                           "(same size, changed bytes); the checkpoint is damaged")
-                break
-        problems = [problem]
-        if world > 1:
-            problems = [None] * world
-            dist.all_gather_object(problems, problem)
-        problems = [p for p in problems if p]
-        if problems:
-            raise UserError(problems[0])
-        log.info("checkpoint: %d file checksums of %s checked in %.1f s", len(recorded), path,
+                raise UserError(f"{os.path.join(path, name)}: checksum {found}, the commit recorded {recorded[name]} "
+                                "(same size, changed bytes); the checkpoint is damaged")
+    except UserError as exc:
+        problem = str(exc)
+    except OSError as exc:
+        problem = f"{path}: cannot be read on rank {rank} ({exc}); the checkpoint is damaged or not visible there"
+    problems = [problem]
+    if world > 1:
+        problems = [None] * world
+        dist.all_gather_object(problems, problem)
+    problems = [p for p in problems if p]
+    if problems:
+        raise UserError(problems[0])
+    if checked:
+        log.info("checkpoint: %d file checksums of %s checked on this rank in %.1f s", checked, path,
                  time.monotonic() - started)
     return meta
 
