@@ -3,6 +3,8 @@
   qwen2-convert from-hf HF_DIR OUT_DIR    a committed, model-only checkpoint (resume from it with
                                           checkpoint.resume=OUT_DIR: weights loaded, step 0, fresh optimizer)
   qwen2-convert to-hf CKPT_DIR HF_DIR     a directory transformers' Qwen2ForCausalLM.from_pretrained loads
+  qwen2-convert verify CKPT_DIR           check a committed checkpoint's files (sizes and checksums) without
+                                          loading it, e.g. after copying it to another cluster; exit 2 if damaged
 """
 
 import argparse
@@ -65,6 +67,18 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     return hf_dir
 
 
+def verify(ckpt_dir: str) -> int:
+    """Check every file of a committed checkpoint against its recorded size and checksum; print what was checked."""
+    from qwen2_dist.train import checkpoint
+
+    meta = checkpoint.verify(ckpt_dir)
+    files, sums = meta.get("files", {}), meta.get("checksums", {})
+    what = f"{len(sums)} checksums" if sums else "sizes only: this checkpoint recorded no checksums"
+    print(f"ok: {ckpt_dir}: step {meta.get('step')}, {len(files)} files, "
+          f"{sum(files.values()) / 2**30:.2f} GiB ({what})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console script qwen2-convert."""
     parser = argparse.ArgumentParser(prog="qwen2-convert", description=__doc__,
@@ -83,9 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     p_to.add_argument("--no-checksums", action="store_true",
                       help="check the checkpoint's file sizes only, not their checksums (which reads every file once "
                            "more, optimizer state included)")
+    p_verify = sub.add_parser("verify", help="check a checkpoint's files (sizes, checksums) without loading it")
+    p_verify.add_argument("ckpt_dir")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if opts.command == "verify":
+            return verify(opts.ckpt_dir)
         if opts.command == "from-hf":
             out = from_hf(opts.hf_dir, opts.out_dir, opts.allow_pickle)
         else:

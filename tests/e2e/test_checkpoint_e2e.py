@@ -95,10 +95,14 @@ def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_ca
     # A changed byte in the checkpoint: the export refuses it (exit 2, naming the file) unless told to check sizes only.
     from qwen2_dist.cli.convert import main as convert_main
 
+    assert convert_main(["verify", str(ckpt)]) == 0
+    assert capsys.readouterr().out.startswith(f"ok: {ckpt}: step 0, ")
     shard = ckpt / "__0_0.distcp"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 1
     shard.write_bytes(bytes(data))
+    assert convert_main(["verify", str(ckpt)]) == 2
+    assert "__0_0.distcp: checksum crc32:" in capsys.readouterr().err
     assert convert_main(["to-hf", str(ckpt), str(tmp_path / "refused")]) == 2
     assert "__0_0.distcp: checksum crc32:" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
