@@ -107,10 +107,12 @@ class DataConfig:
     """Node-local cache for remote sources (one directory per run) and where the embedded corpus is built;
     default ~/.cache/qwen2_dist."""
     cache_limit: Optional[str] = None
-    """Most bytes of training shards kept in a node's cache of remote sources, e.g. 500gb or 2tib (null = no limit: a
-    remote dataset is cached whole). The least recently read shards are deleted to make room; a limit below what the
-    read order needs at once (each source: the shards of two shuffle blocks) is refused before training. Only for
-    remote (or read-only, copied) sources: local ones are read in place and never deleted."""
+    """Bytes of training shards a node keeps in its cache of remote sources, e.g. 500gb or 2tib (null = no limit: a
+    remote dataset is cached whole). Before each download the least recently read shards are deleted to stay under
+    it (downloads running at that moment in the node's other reading processes can add one shard each); a limit
+    below what the read order needs at once (each source: the shards two shuffle blocks can span, and one per reading
+    process) is refused before training. Only for remote (or read-only, copied) sources: local ones are read in
+    place and never deleted."""
     shuffle: bool = True
     """Shuffle samples (deterministically, from the run seed): shards, then samples within blocks."""
     shuffle_block_size: int = 262144
@@ -356,9 +358,10 @@ def parse_bytes(key: str, value) -> int:
     """Bytes from an integer or a size such as 500gb, 1.5TB or 64GiB (decimal kb/mb/gb/tb, binary kib/mib/gib/tib);
     UserError naming `key` otherwise."""
     match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-z]*)\s*", str(value).lower())
-    if not match or match.group(2) not in _BYTE_UNITS or float(match.group(1)) <= 0:
+    size = int(float(match.group(1)) * _BYTE_UNITS[match.group(2)]) if match and match.group(2) in _BYTE_UNITS else 0
+    if size < 1:
         raise UserError(f"{key}={value!r}: give a positive size in bytes or with a unit, e.g. 500gb or 2tib")
-    return int(float(match.group(1)) * _BYTE_UNITS[match.group(2)])
+    return size
 
 
 def _check_data(d: DataConfig, e: EvalConfig) -> None:

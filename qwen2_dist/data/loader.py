@@ -178,6 +178,14 @@ def positions_from_starts(doc_starts: list[np.ndarray], seq_len: int) -> torch.T
     return torch.from_numpy(out)
 
 
+def shards_spanned(samples_per_shard: list[int], window: int) -> int:
+    """The most shards `window` consecutive samples can touch, whatever the order of the shards: the whole shards
+    inside it (at most the smallest ones whose samples add up to no more than the window) and one partial shard at
+    each end. Empty shards hold no sample and are not counted."""
+    sizes = np.sort(np.asarray([c for c in samples_per_shard if c], dtype=np.int64))
+    return int(np.searchsorted(np.cumsum(sizes), window, side="right")) + 2
+
+
 def _human_bytes(n: int) -> str:
     for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= size:
@@ -383,13 +391,14 @@ class TokenBatches:
         """Bound the node's cache of this dataset's shards to `limit` bytes (streaming evicts the least recently read
         shards), once it is known to hold what the read order needs at once: per source, the shards that two
         consecutive windows (the larger of a shuffle block and a global batch; a global batch without shuffling)
-        can span, at the source's largest shard size (compressed and raw forms), plus the indexes. UserError naming
-        data.cache_limit otherwise."""
+        can span, plus one shard in flight per other reading process of this node (streaming checks the limit before
+        a download and counts the shard after it), each at the source's largest shard size (compressed and raw
+        forms), plus the indexes. UserError naming data.cache_limit otherwise."""
+        readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, self.num_workers)
         need = sum(stream.get_index_size() for stream in self.dataset.streams)
         parts = []
         for path, counts, first in zip(self.paths, shard_counts, self.dataset.shard_offset_per_stream):
-            per_shard = min((c for c in counts if c), default=1)  # streaming may write an empty first shard
-            shards = min(len(counts), 2 * -(-window // per_shard) + 2)
+            shards = min(len(counts), shards_spanned(counts, 2 * window)) + readers - 1
             largest = max(shard.get_max_size() for shard in self.dataset.shards[first:first + len(counts)])
             need += shards * largest
             parts.append(f"{path}: {shards} x {_human_bytes(largest)}")
@@ -397,8 +406,8 @@ class TokenBatches:
             raise UserError(
                 f"data.cache_limit={_human_bytes(limit)} is below the {_human_bytes(need)} the read order needs in the "
                 f"cache at once ({'; '.join(parts)}: the shards that two shuffle blocks or global batches, whichever "
-                "is larger, can span, each at its source's largest shard); raise data.cache_limit or lower "
-                "data.shuffle_block_size"
+                f"is larger, can span, and one being fetched by each of the node's {readers} reading processes, each "
+                "at its source's largest shard); raise data.cache_limit or lower data.shuffle_block_size"
             )
         # streaming's own cache_limit argument: set after its set-up, whose check (4 shards) ours replaces.
         self.dataset.cache_limit = limit

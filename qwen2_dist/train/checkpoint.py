@@ -155,7 +155,14 @@ def verify(path: str, checksums: bool = True) -> dict:
                     f"{full}: {os.path.getsize(full)} bytes, the commit recorded {size}; the checkpoint is damaged"
                 )
         recorded = (meta.get("checksums") or {}) if checksums else {}
-        for name in sorted(recorded)[rank::world]:
+        if checksums and not recorded:
+            log.warning("checkpoint: %s recorded no checksums (saved with checkpoint.checksums=false, or by an older "
+                        "version): its files' sizes are checked, their contents cannot be", path)
+        unrecorded = sorted(set(meta.get("files", {})) - set(recorded)) if recorded else []
+        if unrecorded:
+            raise UserError(f"{os.path.join(path, unrecorded[0])}: no checksum recorded for it, unlike the "
+                            "checkpoint's other files; the metadata was changed, the checkpoint is damaged")
+        for name in _share(meta.get("files", {}), recorded, rank, world):
             found = file_checksum(os.path.join(path, name))
             checked += 1
             if found != recorded[name]:
@@ -176,6 +183,19 @@ def verify(path: str, checksums: bool = True) -> dict:
         log.info("checkpoint: %d file checksums of %s checked on this rank in %.1f s", checked, path,
                  time.monotonic() - started)
     return meta
+
+
+def _share(sizes: dict[str, int], names, rank: int, world: int) -> list[str]:
+    """This rank's files to checksum: largest first, each to the rank with the fewest bytes so far (the same split
+    on every rank), so the ranks read about equal amounts when the files are many."""
+    loads = [0] * world
+    mine = []
+    for name in sorted(names, key=lambda n: (-sizes.get(n, 0), n)):
+        least = loads.index(min(loads))
+        loads[least] += sizes.get(name, 0)
+        if least == rank:
+            mine.append(name)
+    return mine
 
 
 def committed_checkpoints(ckpt_root: str) -> list[str]:
@@ -278,20 +298,22 @@ class Checkpointer:
         sums: dict[str, str] = {}
         writer = _Writer(tmp, self.checksums, fail_after_write=_injected_fault(metadata.get("step")) == "write")
         try:
+            # Everything a rank does alone comes before the first agreement, so a failure here (the disk, or
+            # torch.save's RuntimeError for it) cannot leave the other ranks waiting inside DCP's collectives.
             _maybe_fail(metadata.get("step"))
+            os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
             if _rank() == 0:
-                os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
                 with open(os.path.join(tmp, TRAIN_STATE), "w", encoding="utf-8") as f:
                     json.dump(train_state, f, sort_keys=True)
+            rng_name = f"rng/rank{_rank()}.pt"
+            torch.save(_rng_state(), os.path.join(tmp, rng_name))
+            if self.checksums:
+                sums[rng_name] = file_checksum(os.path.join(tmp, rng_name))
             ok = _all_ok(True)
-        except OSError as exc:
+        except Exception as exc:  # OSError, or torch.save's RuntimeError for one
             ok = _all_ok(False, exc)
         if ok:
             try:
-                rng_name = f"rng/rank{_rank()}.pt"
-                torch.save(_rng_state(), os.path.join(tmp, rng_name))
-                if self.checksums:
-                    sums[rng_name] = file_checksum(os.path.join(tmp, rng_name))
                 with _quiet_dcp():
                     if self.async_save and not blocking:
                         future = dcp.async_save(state, checkpoint_id=tmp, storage_writer=writer,

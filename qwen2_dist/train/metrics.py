@@ -28,7 +28,7 @@ PEAK_BF16_FLOPS = {  # dense bf16, by a substring of torch.cuda.get_device_name(
     "A10G": 70e12,
     "MI300X": 1307.4e12,
     "MI325X": 1307.4e12,
-    "MI250X": 383e12,
+    "MI250X": 191.5e12,  # one of its two dies: PyTorch sees each as a device
 }
 
 

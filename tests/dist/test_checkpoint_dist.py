@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from qwen2_dist.train.checkpoint import file_checksum
+from qwen2_dist.train.checkpoint import _share, file_checksum
 from tests.helpers import read_metrics, run_torchrun, step_losses, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
@@ -75,16 +75,19 @@ def test_one_rank_failing_mid_save_skips_that_checkpoint_on_every_rank(tmp_path,
 
 
 def test_a_changed_byte_in_any_ranks_shard_refuses_the_resume_on_every_rank(tmp_path, half_4, corpus_cache):
-    """On 2 ranks each checks half of the files; rank 1's share holds the damaged one, and both stop with its name."""
+    """On 2 ranks each checks its share of the files; a shard file in rank 1's share is damaged, and both ranks stop
+    with its name."""
     run_dir = tmp_path / "run"
     shutil.copytree(half_4, run_dir)
-    shard = run_dir / "checkpoints" / "step_00000003" / "__2_0.distcp"
-    data = bytearray(shard.read_bytes())
+    path = run_dir / "checkpoints" / "step_00000003"
+    meta = json.loads((path / "metadata.json").read_text())
+    name = next(n for n in _share(meta["files"], meta["checksums"], 1, 2) if n.endswith(".distcp"))
+    data = bytearray((path / name).read_bytes())
     data[len(data) // 2] ^= 1
-    shard.write_bytes(bytes(data))
+    (path / name).write_bytes(bytes(data))
     result = run_torchrun(2, TRAIN, train_overrides(run_dir, corpus_cache, **JOB))
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-4000:]
-    assert output.count("__2_0.distcp: checksum crc32:") >= 2, output[-4000:]  # logged by both ranks
+    assert output.count(f"{name}: checksum crc32:") >= 2, output[-4000:]  # logged by both ranks
     assert "no committed checkpoint under" in output
     assert not (run_dir / "metrics.jsonl").exists() or not step_losses(run_dir).get(4)

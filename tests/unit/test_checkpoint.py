@@ -149,6 +149,29 @@ def test_a_file_damaged_at_its_full_size_is_a_clear_error(tmp_path):
         checkpoint.load(path, model, optimizer, checksums=False)
 
 
+def test_checksum_work_is_split_by_bytes_and_every_file_needs_a_checksum(tmp_path, caplog):
+    sizes = {"a": 100, "b": 60, "c": 50, "d": 10, "e": 0}
+    shares = [checkpoint._share(sizes, sizes, rank, 2) for rank in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(sizes)  # every file once
+    assert shares == [["a", "d", "e"], ["b", "c"]]  # 110 bytes each (every other name: 150 and 70)
+
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(tmp_path), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
+    meta_path = os.path.join(path, checkpoint.METADATA)
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["checksums"]["train_state.json"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(UserError, match=r"train_state.json: no checksum recorded for it"):
+        checkpoint.verify(path)
+    del meta["checksums"]  # as saved with checkpoint.checksums=false: sizes only, and the user is told
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    checkpoint.verify(path)
+    assert "recorded no checksums" in caplog.text
+
+
 def test_model_only_checkpoint_loads_without_optimizer_state(tmp_path):
     model, _ = _model_and_optimizer(0)
     path = str(tmp_path / "weights")

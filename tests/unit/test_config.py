@@ -36,6 +36,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["optim.min_lr_ratio=2"], 1, "optim.min_lr_ratio"),
     (["optim.schedule=step"], 1, "optim.schedule"),
     (["data.cache_limit=10pb"], 1, "data.cache_limit='10pb': give a positive size"),
+    (["data.cache_limit=0.5"], 1, "data.cache_limit='0.5': give a positive size"),
     (["data.cache_limit=100gb"], 1, "data.cache_limit is set, but no remote source is"),
     (["optim.decay_steps=200", "train.steps=150"], 1, "optim.decay_steps=200: must lie in [1, train.steps"),
     (["optim.decay_steps=10", "optim.schedule=constant"], 1, "optim.schedule=constant, which never decays"),
@@ -113,6 +114,20 @@ def test_config_interpolation_cannot_execute_code(tmp_path):
         with pytest.raises(UserError, match="bad override"):
             _precheck([override])
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("version, fails", [("2.11.0", False), ("2.12.0", True), ("2.13.0", True),
+                                             ("2.13.1+cu130", True), ("2.14.0", False), ("2.14.1", False)])
+def test_the_recompute_compile_refusal_covers_the_torch_versions_measured_to_fail(monkeypatch, version, fails):
+    import importlib.metadata
+
+    from qwen2_dist.config import ParallelConfig, compile_fails_with_recompute_under_tp
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: version)
+    assert compile_fails_with_recompute_under_tp(ParallelConfig(tp=2, activation_checkpointing="full")) == fails
+    assert compile_fails_with_recompute_under_tp(ParallelConfig(tp=2, activation_checkpointing="selective")) == fails
+    assert not compile_fails_with_recompute_under_tp(ParallelConfig(tp=2, activation_checkpointing="op"))
+    assert not compile_fails_with_recompute_under_tp(ParallelConfig(tp=1, activation_checkpointing="full"))
 
 
 def test_compiling_recomputed_tensor_parallel_blocks_is_refused_where_torch_cannot():

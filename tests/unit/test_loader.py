@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qwen2_dist.data import hygiene
-from qwen2_dist.data.loader import SampleOrder, TokenBatches
+from qwen2_dist.data.loader import SampleOrder, TokenBatches, shards_spanned
 from qwen2_dist.errors import UserError
 from tests.datasets import make_dataset, sample_ids
 from tests.helpers import REPO
@@ -38,6 +38,24 @@ def read_steps(batches: TokenBatches, steps: int) -> list[list[int]]:
 def loader(sources, **kwargs) -> TokenBatches:
     args = dict(seq_len=SEQ, micro_batch_size=2, global_batch_size=8, seed=3)
     return TokenBatches([(s, 1.0) if isinstance(s, str) else s for s in sources], **{**args, **kwargs})
+
+
+def test_shards_a_window_can_span_bounds_every_order_of_the_shards():
+    # A small last shard does not make every shard count as small (the cache limit's sizing).
+    assert shards_spanned([4096] * 500 + [17], 2 * 262144) == 130
+    assert shards_spanned([0, 6, 6, 6, 4], 8) == 3  # the empty first shard streaming may write holds no sample
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        sizes = rng.integers(0, 9, size=int(rng.integers(1, 12))).tolist()
+        window = int(rng.integers(1, 30))
+        bound = shards_spanned(sizes, window)
+        most = 0
+        for _ in range(20):  # brute force: every window position in a few random shard orders
+            order = [sizes[i] for i in rng.permutation(len(sizes))]
+            shard_of = np.repeat(np.arange(len(order)), order)
+            for start in range(max(1, len(shard_of) - window + 1)):
+                most = max(most, len(set(shard_of[start:start + window].tolist())))
+        assert most <= bound, (sizes, window, most, bound)
 
 
 def test_each_epoch_is_a_seeded_permutation():
