@@ -464,9 +464,17 @@ def _commit(pending: _Pending, checksums: bool) -> None:
     meta = dict(pending.metadata, format=FORMAT_VERSION, time=time.time(), contents=pending.contents,
                 save_seconds=round(time.monotonic() - pending.started, 3), files=files)
     if checksums:
-        # Rank 0 reads only what no writer checksummed: DCP's .metadata and train_state.json (small).
-        meta["checksums"] = {name: pending.checksums.get(name) or file_checksum(os.path.join(pending.final, name))
-                             for name in sorted(files)}
+        # Rank 0 reads only the files it wrote last and no writer checksummed: DCP's index and the train state
+        # (small). Any other file without a checksum means a writer's were lost: said, then read here.
+        meta["checksums"] = {}
+        for name in sorted(files):
+            crc = pending.checksums.get(name)
+            if crc is None:
+                if name not in (".metadata", TRAIN_STATE):
+                    log.warning("checkpoint: %s came without a checksum from the rank that wrote it; rank 0 reads "
+                                "it to make one", name)
+                crc = file_checksum(os.path.join(pending.final, name))
+            meta["checksums"][name] = crc
     _write_json_atomic(os.path.join(pending.final, METADATA), meta)
 
 

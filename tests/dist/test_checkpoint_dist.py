@@ -67,7 +67,8 @@ def test_one_rank_failing_mid_save_skips_that_checkpoint_on_every_rank(tmp_path,
     assert "step_00000004 failed and was skipped" in output
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000002", "step_00000006"]
     assert step_losses(run_dir) == step_losses(straight_4)
-    # Each rank checksummed its own files in the background; rank 0 recorded them all.
+    # Each rank checksummed its own files in the background; rank 0 recorded them all, reading none of theirs.
+    assert "without a checksum from the rank that wrote it" not in output
     path = run_dir / "checkpoints" / "step_00000006"
     meta = json.loads((path / "metadata.json").read_text())
     assert {f"__{r}_0.distcp" for r in range(4)} | {f"rng/rank{r}.pt" for r in range(4)} <= set(meta["checksums"])
