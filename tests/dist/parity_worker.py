@@ -39,16 +39,15 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "hsdp2x2": (4, ["parallel.dp_replicate=2", "train.micro_batch_size=1",
                     "parallel.activation_checkpointing=selective", "parallel.ac_every=2",
                     "model.fuse_projections=true"]),
-    # An untied head is a column-parallel linear of its own under TP (tiny model: a second vocab x hidden matrix
-    # of the debug model would double this pair's time).
-    "single_untied": (1, ["train.micro_batch_size=4", "model=tiny", "model.tie_word_embeddings=false"]),
-    "tp2_untied": (2, ["parallel.tp=2", "train.micro_batch_size=4", "model=tiny", "model.tie_word_embeddings=false",
+    # An untied head is a column-parallel linear of its own under TP.
+    "single_untied": (1, ["train.micro_batch_size=4", "model.tie_word_embeddings=false"]),
+    "tp2_untied": (2, ["parallel.tp=2", "train.micro_batch_size=4", "model.tie_word_embeddings=false",
                        "parallel.activation_checkpointing=full"]),
 }
 # lr 1e-3: in AdamW's first steps an element whose gradient is near zero moves by up to lr * noise / eps, so
 # fp32 rounding differences between layouts show in the weights in proportion to lr (at 3e-3, TP reached 1.1e-4).
 COMMON = [
-    "model=debug", "train.seq_len=32", "train.global_batch_size=8", "train.steps=5", "optim.warmup_steps=0",
+    "model=tiny", "train.seq_len=32", "train.global_batch_size=8", "train.steps=5", "optim.warmup_steps=0",
     "optim.lr=1e-3",
     "train.device=cpu", "train.mixed_precision=fp32", "train.deterministic=true", "checkpoint.async_save=false",
 ]

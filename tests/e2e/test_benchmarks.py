@@ -7,17 +7,16 @@ import os
 import subprocess
 import sys
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_python
 
 TINY = ["--size", "debug", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
 GPU_CHECK_STEPS = ["wheels", "env", "attention_gpu", "loss_parity", "throughput_1.5b", "throughput_1.5b_lean",
-                   "throughput_1.5b_lean_clip", "throughput_0.5b", "estimate", "variant_model.fuse_projections", "variant_model.float8",
-                   "variant_model.loss", "variant_parallel.activation_checkpointing"]
+                   "throughput_1.5b_lean_clip", "throughput_0.5b", "estimate", "variant_model.fuse_projections",
+                   "variant_model.float8", "variant_model.loss", "variant_parallel.activation_checkpointing"]
 
 
 def throughput(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "benchmarks/throughput.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    return run_python(["benchmarks/throughput.py", *args], timeout=120)
 
 
 def test_throughput_refuses_a_bad_override_in_one_line():
