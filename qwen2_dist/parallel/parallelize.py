@@ -8,10 +8,12 @@ import contextlib
 import logging
 
 import torch
+from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -127,6 +129,23 @@ def apply_float8(model: Qwen2, device_type: str, fsdp: bool) -> None:
     log.info("float8: decoder-block linears converted (torchao, dynamic tensor-wise scaling)")
 
 
+def _settle(module: nn.Module, inputs, output: DTensor) -> DTensor:
+    """Forward hook of the tensor-parallel embedding: its output with the reduce-scatter already waited for.
+
+    The sequence-sharded output of the embedding holds its local shard as an AsyncCollectiveTensor (the collective
+    is waited for at first use), while every later block receives a plain tensor from the block before it. A
+    compiled block guards on that type, so torch 2.11 and 2.13 compiled the block function twice (2.14 once). The
+    first block needs the shard at once, so the wait only comes one hook earlier, and one compiled graph is left
+    (wait_tensor keeps the autograd graph; AsyncCollectiveTensor.wait would cut the embedding's gradient).
+    """
+    local = output.to_local()
+    if not isinstance(local, AsyncCollectiveTensor):
+        return output
+    local = torch.ops._c10d_functional.wait_tensor(local)
+    return DTensor.from_local(local, output.device_mesh, output.placements, run_check=False, shape=output.shape,
+                              stride=output.stride())
+
+
 def apply_tensor_parallel(model: Qwen2, tp_mesh: DeviceMesh) -> None:
     """Megatron-style TP with sequence parallelism over tp_mesh; the logits come out vocabulary-sharded.
 
@@ -146,6 +165,7 @@ def apply_tensor_parallel(model: Qwen2, tp_mesh: DeviceMesh) -> None:
         "norm": SequenceParallel(),
         "lm_head": head,
     })
+    model.embed_tokens.register_forward_hook(_settle)
     for layer in model.layers:
         parallelize_module(layer, tp_mesh, {
             "input_layernorm": SequenceParallel(),

@@ -21,8 +21,12 @@ def test_compiled_blocks_train_like_eager(tmp_path, corpus_cache, layout):
     for compile_ in ("false", "true"):
         run_dir = tmp_path / f"compile_{compile_}"
         result = run_torchrun(2, TRAIN, train_overrides(run_dir, corpus_cache, **JOB, **layout,
-                                                        **{"parallel.compile": compile_}))
+                                                        **{"parallel.compile": compile_}),
+                              env={"TORCH_LOGS": "recompiles"})
         assert result.returncode == 0, result.stderr[-4000:]
+        # One compiled graph serves every block (under TP the embedding's output used to hold an
+        # AsyncCollectiveTensor, which made the second block recompile).
+        assert "Recompiling" not in result.stderr, result.stderr[-4000:]
         assert f"compile {'on' if compile_ == 'true' else 'off'}" in result.stdout + result.stderr
         if "parallel.tp" in layout:
             # The gradient norm over FSDP (here of size 1) x TP is one all-reduce: the mesh axes are flattened.

@@ -112,7 +112,8 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, corpus_cache):
 
 def test_profiler_trace_of_a_chosen_step_range(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 4, "logging.profile_steps": "2:4"}))
+    job = {"train.steps": 4, "logging.profile_steps": "2:4"}
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
     assert result.returncode == 0, result.stderr[-3000:]
     with open(run_dir / "profile" / "rank0.json") as f:
         trace = json.load(f)

@@ -110,7 +110,8 @@ def test_config_interpolation_cannot_execute_code(tmp_path):
     from qwen2_dist.cli.train import _precheck
 
     marker = tmp_path / "pwned"
-    for override in (f"run_dir=${{python:open('{marker}','w')}}", f"run_dir=${{eval:__import__('os').system('touch {marker}')}}"):
+    for override in (f"run_dir=${{python:open('{marker}','w')}}",
+                     f"run_dir=${{eval:__import__('os').system('touch {marker}')}}"):
         with pytest.raises(UserError, match="bad override"):
             _precheck([override])
     assert not marker.exists()

@@ -374,7 +374,8 @@ def test_skip_locations_are_exact_lines_across_batches(work, monkeypatch, worker
     monkeypatch.setattr(prepare_module, "NUM_SKIPPED_EXAMPLES", 100)
     summary = prepare([str(src / "*")], str(work / "out"), seq_len=8, workers=workers)
     a, b = str(src / "a.jsonl"), str(src / "b.jsonl.gz")
-    assert summary["skipped_examples"] == [f"{path}:{line} malformed_json" for path in (a, b) for line in expected_lines]
+    assert summary["skipped_examples"] == [
+        f"{path}:{line} malformed_json" for path in (a, b) for line in expected_lines]
     assert summary["documents"] == 2 * (200 - len(bad_at))
 
 
