@@ -111,19 +111,17 @@ class _Zygote:
 _zygote: _Zygote | None = None
 
 
-def run_python(command: list[str], timeout: float = 300, env: dict | None = None,
-               fresh: bool = False) -> subprocess.CompletedProcess:
+def run_python(command: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python *command` (`-m MODULE ARGS` or `SCRIPT ARGS`) from the repository root and capture its output:
-    a child forked from the session's zygote (tests/zygote.py), or with `fresh` (or an environment the zygote
-    cannot give) a new interpreter."""
+    a child forked from the session's zygote (tests/zygote.py), or a new interpreter for an environment the zygote
+    cannot give."""
     global _zygote
     full_env = {**os.environ, **(env or {})}
-    if not fresh:
-        if _zygote is None:
-            _zygote = _Zygote()
-            atexit.register(_zygote.close)
-        if _zygote.fits(full_env, command[1] if command[0] == "-m" else None):
-            return _zygote.run(command, timeout, full_env)
+    if _zygote is None:
+        _zygote = _Zygote()
+        atexit.register(_zygote.close)
+    if _zygote.fits(full_env, command[1] if command[0] == "-m" else None):
+        return _zygote.run(command, timeout, full_env)
     return subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
 

@@ -13,7 +13,8 @@ script as __main__ with runpy. The
 child ends as any interpreter does (SystemExit, an uncaught exception's traceback and exit code 1, atexit handlers).
 This process answers {"pid": N} at once and {"returncode": R} when the child has ended (-N: killed by signal N).
 
-Only imports run here, never a computation: no thread pool, CUDA context or process group exists to be inherited.
+Only imports run here, never a computation: no CUDA context, process group or torch thread pool exists to be
+inherited. (NumPy's OpenBLAS starts one thread at import; it stops and restarts its threads around a fork itself.)
 """
 
 import json
@@ -61,7 +62,6 @@ def serve() -> dict:
 
 def become(request: dict) -> None:
     """Turn this forked child into a fresh `python -m` process of the request (before running it)."""
-    import random
     import tempfile
 
     os.chdir(request["cwd"])
@@ -75,9 +75,10 @@ def become(request: dict) -> None:
         os.dup2(target, fd)
         os.close(target)
     tempfile.tempdir = None  # gettempdir() caches what TMPDIR was in this process; the request's TMPDIR wins
-    random.seed()
-    if "numpy" in sys.modules:
-        sys.modules["numpy"].random.seed()
+    # Python reseeds its random module in a forked child itself. NumPy's global generator, once imported (NumPy
+    # loads numpy.random lazily, and no warm import does today), would repeat the zygote's numbers in every child.
+    if "numpy.random" in sys.modules:
+        sys.modules["numpy.random"].seed()
     if "script" in request:
         sys.argv = [request["script"], *request["args"]]
         sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))  # as `python PATH` puts it first
