@@ -13,7 +13,8 @@ SCRIPT = textwrap.dedent("""
     import json, os, random, sys, tempfile
     import numpy
     print(json.dumps({"argv": sys.argv, "path0": sys.path[0], "cwd": os.getcwd(), "name": __name__,
-                      "env": os.environ.get("ZYGOTE_TEST"), "tmp": tempfile.gettempdir(), "random": [random.random(), numpy.random.random()]}))
+                      "env": os.environ.get("ZYGOTE_TEST"), "tmp": tempfile.gettempdir(),
+                      "random": [random.random(), numpy.random.random()]}))
     print("to stderr", file=sys.stderr)
     if sys.argv[1] == "raise":
         raise ValueError("boom")
