@@ -4,7 +4,7 @@
 # stays within BUDGET_S seconds (450: under 8 minutes), each step cut to what is left of it.
 #
 #   bash benchmarks/gpu_check.sh                 # results under $OUT (default ./gpu_out)
-#   DRY_RUN=1 bash benchmarks/gpu_check.sh       # or --dry-run: every step on the CPU, debug size, seq 128,
+#   DRY_RUN=1 bash benchmarks/gpu_check.sh       # or --dry-run: every step on the CPU, tiny size, seq 128,
 #                                                # micro-batch 2, 1 warmup + 2 steps, no compile (loss parity: 2
 #                                                # steps): checks this script, not speed
 #
@@ -30,7 +30,7 @@ export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 
 if [[ $DRY_RUN == 1 ]]; then
-    SIZE_LARGE=debug SIZE_SMALL=debug SEQ=128 STEPS=(--warmup 1 --steps 2)
+    SIZE_LARGE=tiny SIZE_SMALL=tiny SEQ=128 STEPS=(--warmup 1 --steps 2)
     MB_OURS=2 MB_OURS_SMALL=2 MB_HF=2 MB_LIGER=2 MB_HF_SMALL=2 MB_LIGER_SMALL=2 MB_LEAN=2 MB_VARIANT=2
     COMPILE=auto  # auto = compile on CUDA only: a CPU compile alone would take longer than the whole dry run
 else
@@ -141,7 +141,7 @@ fi
 # 3. Loss parity of the fast path with the plain one over 20 steps, against fp32 as the scale of bf16 noise.
 if [[ -f benchmarks/loss_parity.py ]]; then
     if [[ $DRY_RUN == 1 ]]; then
-        step loss_parity 60 "$PYTHON" benchmarks/loss_parity.py --no-compile --steps 2 --out "$OUT/loss_parity.json"
+        step loss_parity 60 "$PYTHON" benchmarks/loss_parity.py --size tiny --no-compile --steps 2 --out "$OUT/loss_parity.json"
     else
         step loss_parity 90 "$PYTHON" benchmarks/loss_parity.py --out "$OUT/loss_parity.json"
     fi

@@ -1,5 +1,5 @@
 """The GPU check script (its throughput steps: ours against the Hugging Face baselines) and the throughput benchmark's
-refusals, run for real on the CPU with the debug size (seconds each)."""
+refusals, run for real on the CPU with the tiny size (seconds each)."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import sys
 
 from tests.helpers import REPO, run_python
 
-TINY = ["--size", "debug", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
+TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
 GPU_CHECK_STEPS = ["wheels", "env", "attention_gpu", "loss_parity", "throughput_1.5b", "throughput_1.5b_lean",
                    "throughput_1.5b_lean_clip", "throughput_0.5b", "estimate", "variant_model.fuse_projections",
                    "variant_model.float8", "variant_model.loss", "variant_parallel.activation_checkpointing"]
@@ -55,12 +55,12 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
 
 
 def _check_ours_and_baselines(log_path, report_path):
-    """benchmarks/throughput.py's table and JSON for ours, hf and hf-liger at the debug size on the CPU."""
+    """benchmarks/throughput.py's table and JSON for ours, hf and hf-liger at the tiny size on the CPU."""
     table = {line.split()[0]: line.split() for line in log_path.read_text().splitlines()
-             if line.split() and line.split()[0] in ("ours", "hf", "hf-liger") and "debug" in line}
+             if line.split() and line.split()[0] in ("ours", "hf", "hf-liger") and "tiny" in line}
     # config, size, seq, mb, tokens/s, MFU, memory, ratio
     for name in ("ours", "hf"):
-        assert table[name][1:4] == ["debug", "128", "2"], table[name]
+        assert table[name][1:4] == ["tiny", "128", "2"], table[name]
         assert float(table[name][4].replace(",", "")) > 0
         assert table[name][5] == "n/a"  # no MFU on a CPU
     assert table["hf"][7] == "1.00x"  # the only measured baseline is the best one
@@ -76,6 +76,6 @@ def _check_ours_and_baselines(log_path, report_path):
         assert row["tokens_per_sec"] == 2 * 2 * 128 / row["seconds"]
         # Random init on random tokens: both near ln(vocab) = 11.93 on the measured steps.
         assert abs(row["first_loss"] - math.log(151936)) < 0.5 and abs(row["last_loss"] - math.log(151936)) < 0.5
-    assert rows["ours"]["overrides"][:2] == ["model=debug", "train.seq_len=128"]
+    assert rows["ours"]["overrides"][:2] == ["model=tiny", "train.seq_len=128"]
     assert rows["ours"]["vs_best_baseline"] == rows["ours"]["tokens_per_sec"] / rows["hf"]["tokens_per_sec"]
     assert rows["hf-liger"]["status"].startswith("skipped")
