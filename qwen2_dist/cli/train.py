@@ -57,9 +57,11 @@ def resolve_device(requested: str) -> str:
 
 
 def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh | None", device_type: str,
-                              load_weights: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+                              load_weights: bool = False,
+                              restoring: bool = False) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The job's model, parallelized over the mesh and initialized on this rank's device (when load_weights, from
-    job.model.init_from_hf or init_from_checkpoint), and its optimizer."""
+    job.model.init_from_hf or init_from_checkpoint), and its optimizer. With restoring (the caller loads a
+    checkpoint next) or weights to load, no random init is drawn: the parameters hold NaN until the load."""
     from qwen2_dist.model.attention import resolve_backend
     from qwen2_dist.model.hf import load_hf_into
     from qwen2_dist.model.qwen2 import build_model, count_parameters
@@ -72,11 +74,16 @@ def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh 
     model = parallelize(model, mesh, job.parallel, torch.bfloat16 if bf16 else torch.float32, device_type,
                         float8=job.model.float8, kernels=job.model.kernels)
     model.to_empty(device=world.device)
-    model.init_weights(job.seed)
-    if load_weights and job.model.init_from_hf:
+    from_hf = load_weights and job.model.init_from_hf
+    from_checkpoint = load_weights and job.model.init_from_checkpoint
+    if restoring or from_hf or from_checkpoint:
+        model.init_placeholders()
+    else:
+        model.init_weights(job.seed)
+    if from_hf:
         load_hf_into(model, job.model.init_from_hf)
         log.info("initialized from Hugging Face weights in %s", job.model.init_from_hf)
-    elif load_weights and job.model.init_from_checkpoint:
+    elif from_checkpoint:
         from qwen2_dist.train.checkpoint import load_weights as load_checkpoint_weights
 
         load_checkpoint_weights(job.model.init_from_checkpoint, model, job.model.args(), job.checkpoint.checksums)
@@ -144,7 +151,7 @@ def run(cfg: DictConfig):
             data_path = embedded_corpus(cache, job.train.seq_len, job.data.embedded_max_tokens)
 
     model, optimizer = build_model_and_optimizer(job, world, mesh, device_type,
-                                                 load_weights=not candidates)
+                                                 load_weights=not candidates, restoring=bool(candidates))
     # Every rank reads by its data-parallel rank (tensor-parallel peers get the same batches); the remote cache
     # is private to the run_dir, so two runs never share (or fight over) one.
     sources = [(s.path, s.weight) for s in job.data.sources] or [(data_path, 1.0)]

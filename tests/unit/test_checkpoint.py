@@ -185,6 +185,33 @@ def test_model_only_checkpoint_loads_without_optimizer_state(tmp_path):
     assert torch.equal(checkpoint.read_tensors(path, shapes)["norm.weight"], model.norm.weight)
 
 
+def test_a_model_about_to_be_loaded_draws_no_init_and_no_placeholder_survives(tmp_path, monkeypatch):
+    from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
+    from qwen2_dist.parallel.mesh import init_distributed
+
+    job = compose_job(["model=tiny", f"run_dir={tmp_path / 'run'}", "train.device=cpu"])
+    world = init_distributed("cpu")
+    drawn = []
+    monkeypatch.setattr("qwen2_dist.model.qwen2.Qwen2.init_weights", lambda self, seed=0: drawn.append(seed))
+    model, optimizer = build_model_and_optimizer(job, world, None, "cpu", restoring=True)
+    assert drawn == [] and all(torch.isnan(p).all() for p in model.parameters())
+    build_model_and_optimizer(job, world, None, "cpu")
+    assert drawn == [job.seed]  # a new run draws its init
+
+    source, _ = _model_and_optimizer(0)
+    path = str(tmp_path / "ckpt")
+    checkpoint.write(path, source, None, {"step": 0}, {"model": "tiny"})
+    checkpoint.load(path, model, optimizer)
+    for (name, loaded), expected in zip(model.named_parameters(), source.parameters()):
+        assert torch.equal(loaded, expected), name
+    # A load that cannot fill every parameter is refused, so no NaN placeholder is ever trained: a tied model's
+    # checkpoint has no separate head for an untied model.
+    untied = build_model(get_model_args("tiny", tie_word_embeddings=False), "cpu")
+    untied.init_placeholders()
+    with pytest.raises(UserError, match="cannot be loaded"):
+        checkpoint.load(path, untied, None)
+
+
 def test_a_failed_write_is_skipped_and_harms_nothing(tmp_path, monkeypatch):
     root = str(tmp_path / "checkpoints")
     model, optimizer = _model_and_optimizer(0)
