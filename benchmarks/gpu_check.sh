@@ -141,7 +141,8 @@ fi
 # 3. Loss parity of the fast path with the plain one over 20 steps, against fp32 as the scale of bf16 noise.
 if [[ -f benchmarks/loss_parity.py ]]; then
     if [[ $DRY_RUN == 1 ]]; then
-        step loss_parity 60 "$PYTHON" benchmarks/loss_parity.py --size tiny --no-compile --steps 2 --out "$OUT/loss_parity.json"
+        step loss_parity 60 "$PYTHON" benchmarks/loss_parity.py --size tiny --no-compile --steps 2 \
+            --out "$OUT/loss_parity.json"
     else
         step loss_parity 90 "$PYTHON" benchmarks/loss_parity.py --out "$OUT/loss_parity.json"
     fi

@@ -91,7 +91,10 @@ class _Zygote:
             pid = json.loads(self._line(60))["pid"]
             reply = self._line(timeout)
             if reply is None:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it ended just now
                 self._line(60)
             outputs = {}
             for name, path in files.items():

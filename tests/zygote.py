@@ -8,10 +8,10 @@ once per test session and sends it one JSON request per line on stdin:
 
 It forks; the child becomes what `python -m module args` (or `python PATH args`) would be in a fresh interpreter
 (the request's environment, working directory, sys.argv and sys.path[0], stdin from /dev/null, its output in the
-two files, Python's and NumPy's random state reseeded, tempfile's cached directory dropped) and runs the module or
-script as __main__ with runpy. The
-child ends as any interpreter does (SystemExit, an uncaught exception's traceback and exit code 1, atexit handlers).
-This process answers {"pid": N} at once and {"returncode": R} when the child has ended (-N: killed by signal N).
+two files, fresh random draws, tempfile's cached directory dropped) and runs the module or script as __main__ with
+runpy. The child ends as any interpreter does (SystemExit, an uncaught exception's traceback and exit code 1, atexit
+handlers). This process answers {"pid": N} at once and {"returncode": R} when the child has ended (-N: killed by
+signal N).
 
 Only imports run here, never a computation: no CUDA context, process group or torch thread pool exists to be
 inherited. (NumPy's OpenBLAS starts one thread at import; it stops and restarts its threads around a fork itself.)

@@ -3,9 +3,9 @@
 Each layout runs tests/dist/parity_worker.py: 5 steps of the tiny model (2 blocks of width 32, the real
 151,936-token vocabulary; the debug model's 128-wide embedding made gloo's collectives 2.3x slower), 2 micro-batches
 per step, activation checkpointing on (full, per-op under TP x FSDP, every 2nd block under HSDP, which also fuses the
-projections), gloo on the CPU; the reference is one plain process (no FSDP, no checkpointing). The tiny model ties its embeddings;
-tp2_untied checks the separate column-parallel head of the untied sizes. The chunked loss runs in the tp=1 layouts
-and the reference, the vocabulary-parallel one under TP.
+projections), gloo on the CPU; the reference is one plain process (no FSDP, no checkpointing). The tiny model ties
+its embeddings; tp2_untied checks the separate column-parallel head of the untied sizes. The chunked loss runs in
+the tp=1 layouts and the reference, the vocabulary-parallel one under TP.
 """
 
 import os
@@ -58,9 +58,9 @@ def test_layout_trains_like_one_process(layout, run_layout):
     assert sorted(got["weights"]) == sorted(reference["weights"])
     # AdamW moves an element by about lr whatever its gradient's size, so where a gradient is ~0 its sign -- and so a
     # step of ~lr -- can differ with the summation order of another layout (seen with the debug model: tp2_fsdp2,
-    # 1 or 2 elements in 8 matrices, 29 of the embedding's 19M). A wrong gradient or update shows on many elements of the tensor it
-    # touches: per tensor at most 0.1% of the elements (none of a tensor under 1,000 elements: biases, norms) may
-    # differ by more than 1e-5, and none by more than one step's lr (1e-3).
+    # 1 or 2 elements in 8 matrices, 29 of the embedding's 19M). A wrong gradient or update shows on many elements
+    # of the tensor it touches: per tensor at most 0.1% of the elements (none of a tensor under 1,000 elements:
+    # biases, norms) may differ by more than 1e-5, and none by more than one step's lr (1e-3).
     mismatched, weight_diff = 0, 0.0
     for name, ref in reference["weights"].items():
         diff = (got["weights"][name] - ref).abs()
