@@ -449,7 +449,8 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if lg.profile_steps is not None:
         start, _, end = str(lg.profile_steps).partition(":")
         if not (start.isdigit() and end.isdigit() and 0 < int(start) < int(end)):
-            raise UserError(f"logging.profile_steps={lg.profile_steps!r}: use START:END with 0 < START < END, e.g. 10:12")
+            raise UserError(f"logging.profile_steps={lg.profile_steps!r}: use START:END with 0 < START < END, "
+                            "e.g. 10:12")
     c = cfg.checkpoint
     if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0 or c.interval_minutes < 0:
         raise UserError(
@@ -504,7 +505,8 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if o.impl not in ("torch", "apex"):
         raise UserError(f"optim.impl={o.impl!r}: choose torch or apex")
     if m.loss_chunk_tokens < 1:
-        raise UserError(f"model.loss_chunk_tokens={m.loss_chunk_tokens}: must be a positive number of tokens, e.g. 2048")
+        raise UserError(f"model.loss_chunk_tokens={m.loss_chunk_tokens}: must be a positive number of tokens, "
+                        "e.g. 2048")
     dp_shard = _check_parallel(p, args, t, world_size)
     dp = p.dp_replicate * dp_shard
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -520,8 +522,8 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"model.init_from_hf={cfg.model.init_from_hf}: no such directory")
     if cfg.model.init_from_checkpoint is not None:
         if cfg.model.init_from_hf is not None:
-            raise UserError("model.init_from_hf and model.init_from_checkpoint are both set: pick the one whose weights "
-                            "start the run")
+            raise UserError("model.init_from_hf and model.init_from_checkpoint are both set: pick the one whose "
+                            "weights start the run")
         if not os.path.isdir(cfg.model.init_from_checkpoint):
             raise UserError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint}: no such directory")
     _check_data(cfg.data, cfg.eval)
