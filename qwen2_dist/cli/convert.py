@@ -3,8 +3,10 @@
   qwen2-convert from-hf HF_DIR OUT_DIR    a committed, model-only checkpoint (resume from it with
                                           checkpoint.resume=OUT_DIR: weights loaded, step 0, fresh optimizer)
   qwen2-convert to-hf CKPT_DIR HF_DIR     a directory transformers' Qwen2ForCausalLM.from_pretrained loads
-  qwen2-convert verify CKPT_DIR           check a committed checkpoint's files (sizes and checksums) without
-                                          loading it, e.g. after copying it to another cluster; exit 2 if damaged
+  qwen2-convert verify PATH [PATH ...]    check committed checkpoints' files (sizes and checksums) without
+                                          loading them, e.g. after copying one to another cluster; PATH is a
+                                          checkpoint or a run directory (all of its checkpoints); exit 2 if any
+                                          is damaged
 """
 
 import argparse
@@ -67,16 +69,54 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     return hf_dir
 
 
-def verify(ckpt_dir: str) -> int:
-    """Check every file of a committed checkpoint against its recorded size and checksum; print what was checked."""
+def checkpoints_under(path: str) -> list[str]:
+    """The committed checkpoints a verify argument names: the checkpoint itself, or every committed step_* directory
+    of a checkpoints directory or of a run directory (its checkpoints/), oldest first."""
     from qwen2_dist.train import checkpoint
 
-    meta = checkpoint.verify(ckpt_dir)
-    files, sums = meta.get("files", {}), meta.get("checksums", {})
-    what = f"{len(sums)} checksums" if sums else "sizes only: this checkpoint recorded no checksums"
-    print(f"ok: {ckpt_dir}: step {meta.get('step')}, {len(files)} files, "
-          f"{sum(files.values()) / 2**30:.2f} GiB ({what})")
-    return 0
+    if checkpoint.is_committed(path):
+        return [path]
+    for root in (os.path.join(path, "checkpoints"), path):
+        found = checkpoint.committed_checkpoints(root)
+        if found:
+            leftovers = [name for name in sorted(os.listdir(root)) if name.startswith("step_")
+                         and os.path.join(root, name) not in found]
+            for name in leftovers:
+                print(f"not committed: {os.path.join(root, name)} (an interrupted save; not a checkpoint, and the "
+                      "run's next start removes it)")
+            return found
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such directory; name a checkpoint (RUN_DIR/checkpoints/step_N), a checkpoints "
+                        "directory or a run directory")
+    raise UserError(f"{path}: holds no committed checkpoint (a step_* directory with {checkpoint.METADATA}), "
+                    "neither itself nor under checkpoints/")
+
+
+def verify(paths: list[str]) -> int:
+    """Check every file of each named committed checkpoint (or of every checkpoint of a run) against its recorded
+    size and checksum, without loading anything; one line per checkpoint. 0 when all are intact, 2 otherwise."""
+    from qwen2_dist.train import checkpoint
+
+    damaged = 0
+    for path in paths:
+        try:
+            found = checkpoints_under(path)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            damaged += 1
+            continue
+        for ckpt_dir in found:
+            try:
+                meta = checkpoint.verify(ckpt_dir)
+            except UserError as exc:
+                print(f"damaged: {exc}", file=sys.stderr)
+                damaged += 1
+                continue
+            files, sums = meta.get("files", {}), meta.get("checksums", {})
+            what = f"{len(sums)} checksums" if sums else "sizes only: this checkpoint recorded no checksums"
+            print(f"ok: {ckpt_dir}: step {meta.get('step')}, {len(files)} files, "
+                  f"{sum(files.values()) / 2**30:.2f} GiB ({what})")
+    return 2 if damaged else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     p_to.add_argument("--no-checksums", action="store_true",
                       help="check the checkpoint's file sizes only, not their checksums (which reads every file once "
                            "more, optimizer state included)")
-    p_verify = sub.add_parser("verify", help="check a checkpoint's files (sizes, checksums) without loading it")
-    p_verify.add_argument("ckpt_dir")
+    p_verify = sub.add_parser("verify", help="check checkpoints' files (sizes, checksums) without loading them")
+    p_verify.add_argument("paths", nargs="+", metavar="PATH",
+                          help="a checkpoint, or a run (or checkpoints) directory: every committed checkpoint in it")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if opts.command == "verify":
-            return verify(opts.ckpt_dir)
+            return verify(opts.paths)
         if opts.command == "from-hf":
             out = from_hf(opts.hf_dir, opts.out_dir, opts.allow_pickle)
         else:

@@ -212,6 +212,34 @@ def test_a_model_about_to_be_loaded_draws_no_init_and_no_placeholder_survives(tm
         checkpoint.load(path, untied, None)
 
 
+def test_verify_checks_every_checkpoint_of_a_run_and_names_the_damaged_one(tmp_path, capsys):
+    from qwen2_dist.cli.convert import main as convert_main
+
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    model, optimizer = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(str(root), keep_last=3)
+    for step in (1, 2, 3):
+        saver.save(step, model, optimizer, {"step": step}, {"model": "tiny"})
+    (root / "step_00000004").mkdir()  # a save killed before its commit
+    shard = root / "step_00000002" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+
+    assert convert_main(["verify", str(run_dir)]) == 2
+    out, err = capsys.readouterr()
+    assert [line.split(":")[0] for line in out.splitlines()] == ["not committed", "ok", "ok"]
+    assert "step_00000004" in out.splitlines()[0]
+    assert [line.split()[1] for line in out.splitlines()[1:]] == [f"{root}/step_00000001:", f"{root}/step_00000003:"]
+    assert err.startswith("damaged: ") and "step_00000002" in err and "__0_0.distcp: checksum crc32:" in err
+
+    assert convert_main(["verify", str(root / "step_00000003"), str(root / "step_00000001")]) == 0
+    assert convert_main(["verify", str(tmp_path)]) == 2  # neither a checkpoint nor a run
+    assert "holds no committed checkpoint" in capsys.readouterr().err
+
+
 def test_a_failed_write_is_skipped_and_harms_nothing(tmp_path, monkeypatch):
     root = str(tmp_path / "checkpoints")
     model, optimizer = _model_and_optimizer(0)
