@@ -134,7 +134,7 @@ def _settle(module: nn.Module, inputs, output: DTensor) -> DTensor:
 
     The sequence-sharded output of the embedding holds its local shard as an AsyncCollectiveTensor (the collective
     is waited for at first use), while every later block receives a plain tensor from the block before it. A
-    compiled block guards on that type, so torch 2.11 and 2.13 compiled the block function twice (2.14 once). The
+    compiled block guards on that type, so torch 2.11 and 2.13 compiled the block function twice (2.14.1 once). The
     first block needs the shard at once, so the wait only comes one hook earlier, and one compiled graph is left
     (wait_tensor keeps the autograd graph; AsyncCollectiveTensor.wait would cut the embedding's gradient).
     """
