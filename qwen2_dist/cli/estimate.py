@@ -105,6 +105,12 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
         k and v:                                                       2 p b s k d / t
         attention log-sum-exp (fp32, flash/cuDNN kernels):             4 b a s / t
         gate (SiLU input), SiLU output, up, down's input:              4 p b s i / t
+    compiled (torch.compile per block: Inductor's partitioner recomputes element-wise ops in backward), a block
+    keeps its input instead of the norms' fp32 copies and outputs, and no SiLU output:
+        block input, the norms' reciprocal root mean squares:          r b s h / t + 2 * 4 b s / t
+        gathered q/k/v and gate/up inputs, q, attention output, o's
+        input, k and v, log-sum-exp: as above
+        gate, up, down's input:                                        3 p b s i / t
     a recomputed block keeps only its input:                           r b s h / t
         and one block is rebuilt at a time in backward:                + one block as above
     final norm and head input:                                         (4 + r) b s h / t + 4 b s / t + p b s h
@@ -120,8 +126,13 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
         + 4 * b * args.num_attention_heads * s // t + 4 * p * b * s * i // t
     )
     kv = args.num_key_value_heads * args.head_dim
+    # Measured with saved-tensor hooks around a compiled qwen2-1.5b block under CPU autocast (torch 2.11 and 2.13
+    # save the same tensors): 73,272 bytes per token, this formula exactly; the H100 run of 2026-11-27 agreed
+    # within 4% for the whole model (BENCHMARKS.md).
+    compiled = block - 2 * (4 + r) * b * s * h // t + r * b * s * h // t - p * b * s * i // t
     return {
         "block": block,
+        "compiled_block": compiled,
         # activation_checkpointing=op: the block input, and the outputs of its matmuls (q, k, v, o, gate, up, down)
         # and of attention (output and log-sum-exp); the element-wise ops in between are recomputed.
         "op_block": (r * b * s * h + 4 * p * b * s * h + 2 * p * b * s * kv + 2 * p * b * s * i) // t
@@ -144,13 +155,16 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     residual = 2 if bf16 else 4
     act = activation_bytes(args, job.train.micro_batch_size, job.train.seq_len, layout["tp"], p, residual)
     layers = args.num_hidden_layers
+    # Compiled (the CUDA default) or eager: what a block that is not recomputed keeps.
+    compiled = compile_enabled(job.parallel, "cuda", job.model.kernels)
+    block = act["compiled_block" if compiled else "block"]
     if job.parallel.activation_checkpointing == "op":
         activations = layers * act["op_block"]
     else:
         full = layers - plan.checkpointed_layers
-        activations = full * act["block"] + plan.checkpointed_layers * act["checkpointed_block"]
+        activations = full * block + plan.checkpointed_layers * act["checkpointed_block"]
         if plan.checkpointed_layers:
-            activations += act["block"]  # the block being recomputed
+            activations += block  # the block being recomputed
     lines: dict[str, float] = {}
     # Held all step: parameters stay fp32 (the master copy), AdamW keeps m and v in fp32.
     on_cpu = job.parallel.cpu_offload
@@ -184,7 +198,6 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
         chunk = min(job.model.loss_chunk_tokens, b * s_len)
         # Compiled (CUDA default), the softmax of a chunk reads its logits and writes their gradient, both in the
         # compute dtype; eager, it also makes two fp32 copies.
-        compiled = compile_enabled(job.parallel, "cuda", job.model.kernels)
         head = ((4 + residual) * b * s_len * args.hidden_size + 4 * b * s_len + 2 * p * b * s_len * args.hidden_size
                 + (2 * p + (0 if compiled else 8)) * chunk * args.vocab_size
                 + (4 if one_process else p) * vocab_matrix)
