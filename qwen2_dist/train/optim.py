@@ -43,6 +43,26 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str):
     )
 
 
+def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+    """The total gradient norm (before clipping, a device tensor); the gradients clipped to max_norm (0: no clip).
+
+    With torch's fused AdamW the clip is folded into the update: the optimizer divides each gradient by its
+    `grad_scale` (max(1, norm / max_norm)) inside its own kernel, which saves a read and a write of every fp32
+    gradient (1.5B parameters: 12 GB of memory traffic, about 4 ms a step on an H100). Other optimizers get
+    clip_grad_norm_'s in-place multiply. The two agree to float rounding (tests/unit/test_clip.py)."""
+    if not getattr(optimizer, "defaults", {}).get("fused") or not isinstance(optimizer, torch.optim.AdamW):
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    grads = [param.grad for param in model.parameters() if param.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if max_norm > 0:
+        full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); dividing by its inverse is the same clip.
+        optimizer.grad_scale = torch.clamp((full.float() + 1e-6) / max_norm, min=1.0)
+    else:
+        optimizer.grad_scale = None
+    return norm
+
+
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Learning rate of optimizer step `step` (1-based): linear warmup to lr; then lr held until the decay's
     optim.decay_steps (default: all that is left) ending at total_steps; the decay goes from lr to

@@ -29,7 +29,7 @@ from qwen2_dist.train.metrics import (
     memory_gib,
     peak_flops,
 )
-from qwen2_dist.train.optim import lr_at, set_lr
+from qwen2_dist.train.optim import clip_gradients, lr_at, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +154,7 @@ class Trainer:
         if self.in_backward:
             grad_norm = self.optimizer.grad_norm()  # the updates are done; nothing to clip or step
         else:
-            max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+            grad_norm = clip_gradients(self.model, self.optimizer, self.cfg.train.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         loss = all_reduce_sum(loss_sum, self.mesh) / global_tokens

@@ -46,9 +46,12 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
 }
 # lr 1e-3: in AdamW's first steps an element whose gradient is near zero moves by up to lr * noise / eps, so
 # fp32 rounding differences between layouts show in the weights in proportion to lr (at 3e-3, TP reached 1.1e-4).
+# grad_clip 0.3: the gradient norms are 0.53-0.55, so every step is clipped, inside the fused AdamW, whose
+# gradients are sharded DTensors in the parallel layouts (AdamW is nearly blind to a uniform scale, so this checks
+# that the path runs everywhere; tests/unit/test_clip.py checks the clip's effect).
 COMMON = [
     "model=tiny", "train.seq_len=32", "train.global_batch_size=8", "train.steps=5", "optim.warmup_steps=0",
-    "optim.lr=1e-3",
+    "optim.lr=1e-3", "train.grad_clip=0.3",
     "train.device=cpu", "train.mixed_precision=fp32", "train.deterministic=true", "checkpoint.async_save=false",
 ]
 DATA_SEED = 1234
