@@ -7,6 +7,10 @@
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh       # or --dry-run: every step on the CPU, tiny size, seq 128,
 #                                                # micro-batch 2, 1 warmup + 2 steps, no compile (loss parity: 2
 #                                                # steps): checks this script, not speed
+#   OUT=/tmp/gc PACK=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh
+#                                                # on the device machine, which sends back 8 files at most: all of
+#                                                # /tmp/gc packed into one archive, repacked after every step
+#   SKIP="attention_gpu loss_parity" bash ...    # steps left out (recorded as skipped)
 #
 # Every step is its own python process under `timeout`, logs to $OUT/<step>.log and gets one line in
 # $OUT/summary.txt (ok, FAILED with the reason, or skipped with why); a failed step never stops the next. The exit
@@ -22,6 +26,8 @@ fi
 DRY_RUN=${DRY_RUN:-0}
 OUT=${OUT:-./gpu_out}
 BUDGET_S=${BUDGET_S:-450}
+PACK=${PACK:-}
+SKIP=" ${SKIP:-} "
 if [[ $DRY_RUN == 1 && -z ${PYTHON:-} && -x .venv/bin/python ]]; then
     PYTHON=.venv/bin/python
 fi
@@ -32,12 +38,14 @@ export PYTHONUNBUFFERED=1
 if [[ $DRY_RUN == 1 ]]; then
     SIZE_LARGE=tiny SIZE_SMALL=tiny SEQ=128 STEPS=(--warmup 1 --steps 2)
     MB_OURS=2 MB_OURS_SMALL=2 MB_HF=2 MB_LIGER=2 MB_HF_SMALL=2 MB_LIGER_SMALL=2 MB_LEAN=2 MB_VARIANT=2
+    PROFILE_STEPS=(--warmup 1 --steps 1)
     COMPILE=auto  # auto = compile on CUDA only: a CPU compile alone would take longer than the whole dry run
 else
     SIZE_LARGE=qwen2-1.5b SIZE_SMALL=qwen2-0.5b SEQ=4096 STEPS=()
-    # qwen2-estimate: ours at micro-batch 4 ~68 GiB of tensors (8 would not fit); the lean settings ~23.0 GiB (full
-    # recompute, optimizer in backward) and ~23.9 GiB (full recompute, AdamW after backward, clipping) at 4.
+    # Measured on an H100 (2026-11-27): ours at micro-batch 4 55.6 GiB (5: 63.5 GiB and slower); the lean setting
+    # (full recompute, optimizer in backward) 23.1 GiB at 4.
     MB_OURS=4 MB_OURS_SMALL=8 MB_HF=2 MB_LIGER=4 MB_HF_SMALL=4 MB_LIGER_SMALL=8 MB_LEAN=4 MB_VARIANT=4
+    PROFILE_STEPS=(--warmup 2 --steps 2)
     COMPILE=true
 fi
 
@@ -51,8 +59,11 @@ FAILED=0
     printf '%-22s %-44s %s\n' step outcome seconds
 } > "$SUMMARY"
 
-record() {  # record STEP OUTCOME SECONDS
+record() {  # record STEP OUTCOME SECONDS; then repack everything when PACK is set
     printf '%-22s %-44s %s\n' "$1" "$2" "$3" >> "$SUMMARY"
+    if [[ -n $PACK ]]; then
+        tar czf "$PACK.tmp" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$PACK.tmp" "$PACK"
+    fi
 }
 
 skip() {  # skip STEP REASON
@@ -63,6 +74,10 @@ skip() {  # skip STEP REASON
 step() {  # step NAME TIMEOUT_S COMMAND...: run it under timeout (cut to the budget left), log and record it
     local name=$1 limit=$2 left rc=0 outcome=ok started=$SECONDS shown
     shift 2
+    if [[ $SKIP == *" $name "* ]]; then
+        skip "$name" "in SKIP"
+        return
+    fi
     shown="$*"
     shown=${shown//$'\n'/ }
     ((${#shown} <= 240)) || shown="${shown:0:240} ..."
@@ -138,31 +153,28 @@ else
     skip attention_gpu "tests/unit/test_attention_gpu.py does not exist"
 fi
 
-# 3. Loss parity of the fast path with the plain one over 20 steps, against fp32 as the scale of bf16 noise.
-if [[ -f benchmarks/loss_parity.py ]]; then
-    if [[ $DRY_RUN == 1 ]]; then
-        step loss_parity 60 "$PYTHON" benchmarks/loss_parity.py --size tiny --no-compile --steps 2 \
-            --out "$OUT/loss_parity.json"
-    else
-        step loss_parity 90 "$PYTHON" benchmarks/loss_parity.py --out "$OUT/loss_parity.json"
-    fi
+# 3. Loss parity of the fast path with the plain one over 20 steps, against fp32 as the scale of bf16 noise; then
+# the same with the fast path's linears in float8 (model.float8: the fastest setting measured so far).
+if [[ $DRY_RUN == 1 ]]; then
+    step loss_parity 60 "$PYTHON" benchmarks/loss_parity.py --size tiny --no-compile --steps 2 \
+        --out "$OUT/loss_parity.json"
+    skip loss_parity_float8 "dry run: float8 needs CUDA"
 else
-    skip loss_parity "benchmarks/loss_parity.py does not exist"
+    step loss_parity 90 "$PYTHON" benchmarks/loss_parity.py --out "$OUT/loss_parity.json"
+    step loss_parity_float8 90 "$PYTHON" benchmarks/loss_parity.py --float8 --out "$OUT/loss_parity_float8.json"
 fi
 
-# 4. Qwen2-1.5B, seq 4096: ours (compiled) against HF and HF + Liger; then the memory-lean setting of ours.
+# 4. Qwen2-1.5B, seq 4096: ours (compiled) against HF and HF + Liger; where ours spends its step (profile); then
+# the memory-lean setting of ours: every block recomputed, each parameter updated in backward (its gradient freed
+# at once; that needs train.grad_clip=0). Target: under 24 GiB.
 step throughput_1.5b 200 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \
     --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" --baseline "hf:$MB_HF" --baseline "hf-liger:$MB_LIGER" \
     --json "$OUT/throughput_1.5b.json"
-# The memory-lean setting (target: under 24 GiB): every block recomputed, each parameter updated in backward (its
-# gradient freed at once; that needs train.grad_clip=0); then the same with AdamW after backward and clipping, which
-# the estimate puts just under 24 GiB (the gradients at the end of backward are its peak).
+step profile_1.5b 60 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${PROFILE_STEPS[@]}" \
+    --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" --baseline none --profile "$OUT/profile_1.5b.txt"
 step throughput_1.5b_lean 75 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \
     --micro-batch "$MB_LEAN" --ours parallel.activation_checkpointing=full --ours "parallel.compile=$COMPILE" \
     --ours optim.in_backward=true --ours train.grad_clip=0 --baseline none --json "$OUT/throughput_1.5b_lean.json"
-step throughput_1.5b_lean_clip 60 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" \
-    "${STEPS[@]}" --micro-batch "$MB_LEAN" --ours parallel.activation_checkpointing=full \
-    --ours "parallel.compile=$COMPILE" --baseline none --json "$OUT/throughput_1.5b_lean_clip.json"
 
 # 5. Qwen2-0.5B, seq 4096: ours (compiled) against HF and HF + Liger.
 step throughput_0.5b 90 "$PYTHON" benchmarks/throughput.py --size "$SIZE_SMALL" --seq-len "$SEQ" "${STEPS[@]}" \
@@ -171,7 +183,7 @@ step throughput_0.5b 90 "$PYTHON" benchmarks/throughput.py --size "$SIZE_SMALL" 
 
 # 6. qwen2-estimate for each 1.5B configuration of ours measured in step 4, next to its measured peak.
 reports=()
-for report in "$OUT/throughput_1.5b.json" "$OUT/throughput_1.5b_lean.json" "$OUT/throughput_1.5b_lean_clip.json"; do
+for report in "$OUT/throughput_1.5b.json" "$OUT/throughput_1.5b_lean.json"; do
     if [[ -f $report ]]; then
         reports+=("$report")
     fi
@@ -182,18 +194,36 @@ else
     skip estimate "step 4 wrote no JSON"
 fi
 
-# 7. Options that may or may not pay on this GPU, each against step 4's row of ours; last, so that a budget cut
-# only loses these: q/k/v and gate/up as one matmul each; float8 linears (torchao, from .whl/); Liger's fused loss;
-# recomputing only the element-wise ops of each block.
-for variant in model.fuse_projections=true model.float8=true model.loss=liger parallel.activation_checkpointing=op; do
-    if [[ $DRY_RUN == 1 && $variant == model.float8=true || $DRY_RUN == 1 && $variant == model.loss=liger ]]; then
-        skip "variant_${variant%%=*}" "dry run: $variant needs CUDA"
-        continue
-    fi
-    step "variant_${variant%%=*}" 60 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" \
-        "${STEPS[@]}" --micro-batch "$MB_VARIANT" --ours "parallel.compile=$COMPILE" --ours "$variant" --baseline none \
-        --json "$OUT/variant_${variant%%=*}.json"
-done
+# 7. Settings that may pay on this GPU, each against step 4's row of ours; last, so that a budget cut only loses
+# these. Measured slower on 2026-11-27 and so no longer here: model.fuse_projections (42.4k tokens/s against 44.1k),
+# model.loss=liger (41.9k), parallel.activation_checkpointing=op (42.9k; 43.9k at micro-batch 6), micro-batch 5
+# (42.5k). The allocator's expandable segments (less fragmentation near a full GPU); float8 linears (49.3k then);
+# the loss over 8192 or 16384 tokens a chunk instead of 2048 (fewer passes over the fp32 gradient of the 151,936 x
+# hidden output matrix, larger matmuls; a chunk's bf16 logits and their gradient: 4.6 and 9.3 GiB, not 1.2).
+variant() {  # variant NAME [ENV=VALUE ...] -- OVERRIDE...
+    local name=$1 envs=()
+    shift
+    while [[ $1 != -- ]]; do
+        envs+=("$1")
+        shift
+    done
+    shift
+    local overrides=()
+    for override in "$@"; do
+        overrides+=(--ours "$override")
+    done
+    step "variant_$name" 60 env "${envs[@]}" "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" \
+        "${STEPS[@]}" --micro-batch "$MB_VARIANT" --ours "parallel.compile=$COMPILE" "${overrides[@]}" \
+        --baseline none --json "$OUT/variant_$name.json"
+}
+variant expandable_segments PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --
+variant loss_chunk_8192 -- model.loss_chunk_tokens=8192
+if [[ $DRY_RUN == 1 ]]; then
+    skip variant_float8 "dry run: model.float8=true needs CUDA"
+else
+    variant float8 -- model.float8=true
+fi
+variant loss_chunk_16384 -- model.loss_chunk_tokens=16384
 
 echo "total $((SECONDS - STARTED)) s" >> "$SUMMARY"
 echo

@@ -21,17 +21,18 @@ from qwen2_dist.model.args import get_model_args
 from qwen2_dist.model.attention import resolve_backend
 from qwen2_dist.model.qwen2 import build_model
 from qwen2_dist.parallel.parallelize import parallelize
-from qwen2_dist.train.optim import build_optimizer
+from qwen2_dist.train.optim import build_optimizer, clip_gradients
 
 TOLERANCE_FACTOR, TOLERANCE_FLOOR = 2.0, 0.02
 
 
-def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool) -> list[float]:
-    """Per-step training losses of one path; the same initial weights (seed 0) every time."""
+def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool, float8: bool = False) -> list[float]:
+    """Per-step training losses of one path; the same initial weights (seed 0) every time. The fast path clips as
+    the trainer does (inside the fused AdamW); with float8, its blocks' linears run in float8 (torchao)."""
     model = build_model(args, "meta")
     model.set_attention_backend(resolve_backend("auto" if fast else "sdpa", device.type))
     parallel = ParallelConfig(compile=str(fast and compile_blocks).lower())
-    model = parallelize(model, None, parallel, device_type=device.type)
+    model = parallelize(model, None, parallel, device_type=device.type, float8=fast and float8)
     model.to_empty(device=device)
     model.init_weights(0)
     model.set_loss("chunked" if fast else "plain", chunk_tokens=2048, compiled=fast and compile_blocks)
@@ -43,7 +44,10 @@ def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool) -
         with autocast:
             loss = model(inputs, targets=targets) / targets.numel()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if fast:
+            clip_gradients(model, optimizer, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -63,6 +67,8 @@ def main() -> None:
     parser.add_argument("--distinct-batches", type=int, default=4, help="batches cycled through (so the loss falls)")
     parser.add_argument("--no-compile", action="store_true", help="fast path without torch.compile (CPU dry run)")
     parser.add_argument("--out", help="write the curves and the verdict as JSON here")
+    parser.add_argument("--float8", action="store_true",
+                        help="the fast path with float8 linears (model.float8; torchao, CUDA compute capability 8.9+)")
     opts = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = opts.size or ("qwen2-0.5b" if device.type == "cuda" else "debug")
@@ -77,7 +83,8 @@ def main() -> None:
     curves = {
         "fp32 plain": curve(args, batches, device, bf16=False, fast=False, compile_blocks=compile_blocks),
         "bf16 plain": curve(args, batches, device, bf16=True, fast=False, compile_blocks=compile_blocks),
-        "bf16 fast": curve(args, batches, device, bf16=True, fast=True, compile_blocks=compile_blocks),
+        "bf16 fast": curve(args, batches, device, bf16=True, fast=True, compile_blocks=compile_blocks,
+                           float8=opts.float8),
     }
     truth = curves["fp32 plain"]
     noise = max(abs(a - b) for a, b in zip(curves["bf16 plain"], truth))
@@ -86,7 +93,8 @@ def main() -> None:
     tolerance = TOLERANCE_FACTOR * noise + TOLERANCE_FLOOR
     ok = fast_error <= tolerance
     print(f"{size} ({opts.layers} blocks), seq {seq_len}, micro-batch {opts.micro_batch}, {opts.steps} steps on "
-          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, compile {compile_blocks}")
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, compile {compile_blocks}, fast path "
+          f"float8 {opts.float8}")
     print("step  " + "  ".join(f"{name:>10}" for name in curves))
     for step in range(opts.steps):
         print(f"{step + 1:4d}  " + "  ".join(f"{c[step]:10.4f}" for c in curves.values()))
@@ -97,7 +105,7 @@ def main() -> None:
         with open(opts.out, "w") as f:
             json.dump({"size": size, "layers": opts.layers, "seq_len": seq_len, "micro_batch": opts.micro_batch,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "curves": curves, "noise": noise, "fast_error": fast_error,
+                       "torch": torch.__version__, "float8": opts.float8, "curves": curves, "noise": noise, "fast_error": fast_error,
                        "fast_vs_plain": fast_vs_plain, "tolerance": tolerance, "ok": ok}, f, indent=2)
     sys.exit(0 if ok else 1)
 

@@ -33,6 +33,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -110,8 +111,64 @@ def timed_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[fl
     return seconds, [float(loss) for loss in losses]
 
 
-def run_ours(job: JobConfig, warmup: int, steps: int, seed: int) -> tuple[float, list[float]]:
-    """Time Trainer.train_step() of this job on random tokens, in this process."""
+# Kernel (or, on a CPU, operator) names by what they do: matmuls (cuBLAS/CUTLASS), attention (cuDNN, flash, FlexAttention's Triton),
+# the optimizer and gradient norm (multi-tensor kernels), Inductor's fused kernels, eager element-wise ops and copies.
+KERNEL_KINDS = [
+    ("attention", re.compile(r"sdpa|scaled_dot_product|fmha|flash|attention|flex", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul|sm90_|sm80_|aten::(mm|addmm|bmm|linear)$", re.I)),
+    ("optimizer + grad norm", re.compile(r"adam|multi_tensor|lpnorm|foreach", re.I)),
+    ("compiled (Inductor Triton)", re.compile(r"^triton_", re.I)),
+    ("memset / memcpy", re.compile(r"memset|memcpy", re.I)),
+    ("eager element-wise, copies, reductions", re.compile(r"elementwise|copy|reduce|index|scatter|gather|fill",
+                                                           re.I)),
+]
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def profile_summary(prof, steps: int, seconds: float, top: int = 25) -> str:
+    """Where a step's time goes: device kernels by kind and the busiest kernels, per step, against the wall clock;
+    the share of the wall clock with no kernel running (the device waiting for the host). On a CPU: the operators'
+    own CPU time instead."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    out = [f"profiled {steps} steps: {seconds / steps * 1e3:.1f} ms/step wall clock"]
+    if kernels:
+        intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+        busy, end = 0.0, float("-inf")
+        for start, stop in intervals:  # the union of kernel intervals, in microseconds
+            if stop > end:
+                busy += stop - max(start, end)
+                end = stop
+        out.append(f"device busy {busy / 1e3 / steps:.1f} ms/step ({busy / 1e6 / seconds:.1%} of the wall clock); "
+                   f"idle {100 - 100 * busy / 1e6 / seconds:.1f}%")
+        by_name: dict[str, list[float]] = {}
+        for event in kernels:
+            entry = by_name.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.end - event.time_range.start
+    else:
+        out.append("no device kernels (CPU): operators by their own CPU time")
+        by_name = {e.key: [e.count, e.self_cpu_time_total] for e in prof.key_averages()}
+    total = sum(us for _, us in by_name.values())
+    by_kind: dict[str, float] = {}
+    for name, (_, us) in by_name.items():
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + us
+    out += ["", f"{'kind':<44}{'ms/step':>9}{'share':>8}"]
+    out += [f"{kind:<44}{us / 1e3 / steps:>9.2f}{us / total:>8.1%}"
+            for kind, us in sorted(by_kind.items(), key=lambda item: -item[1])]
+    out += ["", f"{'calls/step':>10}{'ms/step':>9}  name (top {top})"]
+    for name, (calls, us) in sorted(by_name.items(), key=lambda item: -item[1][1])[:top]:
+        out.append(f"{calls / steps:>10.1f}{us / 1e3 / steps:>9.2f}  {name[:110]}")
+    return "\n".join(out)
+
+
+def run_ours(job: JobConfig, warmup: int, steps: int, seed: int,
+             profile: str | None = None) -> tuple[float, list[float]]:
+    """Time Trainer.train_step() of this job on random tokens, in this process; with `profile`, then run 2 more
+    steps under torch.profiler and write profile_summary() to that file."""
     layout = validate(job, 1)
     device_type = resolve_device(job.train.device)
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
@@ -121,7 +178,22 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int) -> tuple[float,
     batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
                                job.train.global_batch_size, seed=seed)
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata={})
-    return timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
+    result = timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
+    if profile:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if world.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            started = time.perf_counter()
+            for _ in range(2):
+                trainer.train_step()
+            synchronize(world.device)
+            seconds = time.perf_counter() - started
+        summary = profile_summary(prof, 2, seconds)
+        with open(profile, "w") as f:
+            f.write(f"throughput.py {' '.join(sys.argv[1:])}\n{summary}\n")
+        print(summary, flush=True)
+    return result
 
 
 def sdpa_defaults() -> tuple[list[int] | None, bool]:
@@ -302,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by name)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every row as JSON here")
+    parser.add_argument("--profile", default=None, metavar="PATH",
+                        help="after timing ours (one micro-batch), profile 2 more steps: kernel time by kind, the "
+                             "busiest kernels and the device's idle share, printed and written here")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -314,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--steps {opts.steps}, --warmup {opts.warmup}, --seq-len {opts.seq_len}: need "
                                 "steps >= 1, warmup >= 0, seq-len >= 1")
             micro_batches = parse_micro_batches(opts.micro_batch, "--micro-batch")
+            if opts.profile and len(micro_batches) > 1:
+                raise UserError(f"--profile profiles one configuration of ours: give one --micro-batch, not "
+                                f"{opts.micro_batch}")
             baselines = parse_baselines(DEFAULT_BASELINES if opts.baseline is None else opts.baseline, micro_batches)
             try:
                 compose_job(opts.ours)  # alone first, so that an error quotes only the user's overrides
@@ -365,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["status"] = f"skipped: {liger_skipped}"
                 print(f"hf-liger mb {mb}: skipped: {liger_skipped}", flush=True)
             elif name == "ours":
-                measure(name, functools.partial(run_ours, job, opts.warmup, opts.steps, opts.seed), row, device)
+                measure(name, functools.partial(run_ours, job, opts.warmup, opts.steps, opts.seed, opts.profile),
+                        row, device)
             else:
                 restore_sdpa(defaults)
                 measure(name, functools.partial(run_baseline, name, job, device, opts.warmup, opts.steps, opts.seed),

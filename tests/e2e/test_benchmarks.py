@@ -6,13 +6,14 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 
 from tests.helpers import REPO, run_python
 
 TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
-GPU_CHECK_STEPS = ["wheels", "env", "attention_gpu", "loss_parity", "throughput_1.5b", "throughput_1.5b_lean",
-                   "throughput_1.5b_lean_clip", "throughput_0.5b", "estimate", "variant_model.fuse_projections",
-                   "variant_model.float8", "variant_model.loss", "variant_parallel.activation_checkpointing"]
+GPU_CHECK_STEPS = ["wheels", "env", "attention_gpu", "loss_parity", "loss_parity_float8", "throughput_1.5b",
+                   "profile_1.5b", "throughput_1.5b_lean", "throughput_0.5b", "estimate", "variant_expandable_segments",
+                   "variant_loss_chunk_8192", "variant_float8", "variant_loss_chunk_16384"]
 
 
 def throughput(*args: str) -> subprocess.CompletedProcess:
@@ -32,7 +33,8 @@ def test_throughput_refuses_a_bad_override_in_one_line():
 
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "OUT": str(out), "DRY_RUN": "1", "PYTHON": sys.executable}
+    pack = tmp_path / "gpu_check.tgz"  # what a device machine sends back: everything in one archive
+    env = {**os.environ, "OUT": str(out), "DRY_RUN": "1", "PYTHON": sys.executable, "PACK": str(pack)}
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=180)
     summary = (out / "summary.txt").read_text()
@@ -48,9 +50,18 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert [r["name"] for r in lean["rows"]] == ["ours"]
     assert "parallel.activation_checkpointing=full" in lean["rows"][0]["overrides"]
     assert "optim.in_backward=true" in lean["rows"][0]["overrides"]
-    assert outcomes["variant_model.fuse_projections"] == "ok", summary
+    for name in ("variant_expandable_segments", "variant_loss_chunk_8192", "variant_loss_chunk_16384"):
+        assert outcomes[name] == "ok", summary
+    chunked = json.loads((out / "variant_loss_chunk_8192.json").read_text())
+    assert "model.loss_chunk_tokens=8192" in chunked["rows"][0]["overrides"]
     assert "estimated peak tensor memory" in (out / "estimate.log").read_text()
+    profile = (out / "profile_1.5b.txt").read_text()
+    assert "ms/step wall clock" in profile and "aten::mm" in profile  # on a CPU: operators by their CPU time
     assert summary.splitlines()[-1].startswith("total ")
+    with tarfile.open(pack) as archive:
+        names = set(archive.getnames())
+    # Packed after the last step was recorded: everything but the final "total" line of the summary.
+    assert {"out/summary.txt", "out/throughput_1.5b.json", "out/profile_1.5b.txt", "out/estimate.log"} <= names
     _check_ours_and_baselines(out / "throughput_1.5b.log", out / "throughput_1.5b.json")
 
 
@@ -79,3 +90,33 @@ def _check_ours_and_baselines(log_path, report_path):
     assert rows["ours"]["overrides"][:2] == ["model=tiny", "train.seq_len=128"]
     assert rows["ours"]["vs_best_baseline"] == rows["ours"]["tokens_per_sec"] / rows["hf"]["tokens_per_sec"]
     assert rows["hf-liger"]["status"].startswith("skipped")
+
+
+def test_profile_summary_counts_kernel_time_by_kind_and_the_idle_share():
+    """The CUDA side of --profile, on made-up kernel events: overlapping kernels count once towards busy time."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("throughput", os.path.join(REPO, "benchmarks", "throughput.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, device=cuda):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("sm90_xmma_gemm_bf16bf16_bf16f32", 0, 100), event("triton_red_fused_add_mul_0", 50, 150),
+              event("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 300, 400),
+              event("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 400, 440),
+              event("aten::mm", 0, 900, device=cpu)]
+    prof = SimpleNamespace(events=lambda: events, key_averages=lambda: [])
+    text = module.profile_summary(prof, steps=2, seconds=1e-3)  # 1000 us of wall clock for 2 steps
+    lines = text.splitlines()
+    assert lines[0] == "profiled 2 steps: 0.5 ms/step wall clock"
+    assert lines[1] == "device busy 0.1 ms/step (29.0% of the wall clock); idle 71.0%"  # 0-150, 300-440: 290 us
+    kinds = {line[:44].strip(): float(line[44:53]) for line in lines[4:8]}
+    assert kinds == {"matmul": 0.05, "compiled (Inductor Triton)": 0.05, "attention": 0.05,
+                     "optimizer + grad norm": 0.02}
+    assert "aten::mm" not in text  # host-side operators are not device time
