@@ -47,9 +47,11 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
     """The total gradient norm (before clipping, a device tensor); the gradients clipped to max_norm (0: no clip).
 
     With torch's fused AdamW the clip is folded into the update: the optimizer divides each gradient by its
-    `grad_scale` (max(1, norm / max_norm)) inside its own kernel, which saves a read and a write of every fp32
-    gradient (1.5B parameters: 12 GB of memory traffic, about 4 ms a step on an H100). Other optimizers get
-    clip_grad_norm_'s in-place multiply. The two agree to float rounding (tests/unit/test_clip.py)."""
+    `grad_scale` (max(1, norm / max_norm)) inside its own kernel. clip_grad_norm_'s separate multiply reads and
+    writes every fp32 gradient; the fused kernel, given a grad_scale, only adds a write of the scaled gradient: for
+    1.5B parameters 6 GB less memory traffic, about 2 ms a step at an H100's 3 TB/s (estimated, not yet measured).
+    Other optimizers get clip_grad_norm_'s in-place multiply. The two agree to float rounding
+    (tests/unit/test_clip.py)."""
     if not getattr(optimizer, "defaults", {}).get("fused") or not isinstance(optimizer, torch.optim.AdamW):
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     grads = [param.grad for param in model.parameters() if param.grad is not None]
