@@ -56,12 +56,10 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     grads = [param.grad for param in model.parameters() if param.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-    if max_norm > 0:
-        full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); dividing by its inverse is the same clip.
-        optimizer.grad_scale = torch.clamp((full.float() + 1e-6) / max_norm, min=1.0)
-    else:
-        optimizer.grad_scale = None
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()  # sharded gradients: reduced over the ranks once, here
+    # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); dividing by its inverse is the same clip.
+    optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0) if max_norm > 0 else None
     return norm
 
 
