@@ -20,8 +20,9 @@ One process, one device (CUDA when visible, else the CPU), one configuration aft
 Each configuration runs --warmup steps (torch.compile happens there), then --steps timed steps between two device
 synchronizations. tokens/s counts global batch x seq_len per step; MFU = tokens/s x flops_per_token / the device's
 dense bf16 peak (qwen2_dist.train.metrics; --peak-tflops overrides); peak memory is torch.cuda.max_memory_allocated
-since the configuration started (on the CPU: the process' max RSS, which never goes down). The last column is tokens/s
-over the best baseline of the same run. An out-of-memory configuration is reported as OOM and the run goes on; a
+since the configuration started (on the CPU: the process' max RSS, which never goes down); on CUDA each row also
+records the allocator's peak reserved memory and how often it had to free its cache and retry cudaMalloc (a
+synchronizing stall). The last column is tokens/s over the best baseline of the same run. An out-of-memory configuration is reported as OOM and the run goes on; a
 configuration that fails otherwise is reported as failed (traceback on stderr) and the exit code is 1.
 """
 
@@ -288,8 +289,10 @@ def release(device: torch.device) -> None:
 
 def measure(name: str, run, row: dict, device: torch.device) -> dict:
     """Run one configuration (a function returning (seconds, losses)) and fill its row; OOM and failures too."""
+    retries_before = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        retries_before = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
     try:
         seconds, losses = run()
     except Exception as exc:
@@ -303,11 +306,20 @@ def measure(name: str, run, row: dict, device: torch.device) -> dict:
         tokens = row["global_batch"] * row["seq_len"] * row["steps"]
         row.update(status="ok", seconds=seconds, tokens_per_sec=tokens / seconds, first_loss=losses[0],
                    last_loss=losses[-1], peak_mem_gib=memory_gib(device))
+        if device.type == "cuda":
+            # Near a full GPU the caching allocator frees its cache and retries cudaMalloc, which synchronizes:
+            # a configuration that retried (warmup included) may be slower for it; expandable segments
+            # (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, a gpu_check variant) are meant to avoid that.
+            stats = torch.cuda.memory_stats(device)
+            row["alloc_retries"] = stats.get("num_alloc_retries", 0) - retries_before
+            row["peak_reserved_gib"] = stats.get("reserved_bytes.all.peak", 0) / 2**30
     release(device)
     print(f"{name} mb {row['micro_batch']}: {row['status']}"
           + (f", {row['tokens_per_sec']:,.0f} tokens/s, {row['seconds'] / row['steps']:.3f} s/step, loss "
              f"{row['first_loss']:.4f} (first measured step) -> {row['last_loss']:.4f} (last)"
-             if row["status"] == "ok" else ""), flush=True)
+             if row["status"] == "ok" else "")
+          + (f"; {row['peak_reserved_gib']:.2f} GiB reserved at peak, {row['alloc_retries']} allocator retries"
+             if "alloc_retries" in row else ""), flush=True)
     return row
 
 
