@@ -181,9 +181,9 @@ step throughput_0.5b 90 "$PYTHON" benchmarks/throughput.py --size "$SIZE_SMALL" 
     --micro-batch "$MB_OURS_SMALL" --ours "parallel.compile=$COMPILE" --baseline "hf:$MB_HF_SMALL" \
     --baseline "hf-liger:$MB_LIGER_SMALL" --json "$OUT/throughput_0.5b.json"
 
-# 6. qwen2-estimate for each 1.5B configuration of ours measured in step 4, next to its measured peak.
+# 6. qwen2-estimate for each configuration of ours measured in steps 4 and 5, next to its measured peak.
 reports=()
-for report in "$OUT/throughput_1.5b.json" "$OUT/throughput_1.5b_lean.json"; do
+for report in "$OUT/throughput_1.5b.json" "$OUT/throughput_1.5b_lean.json" "$OUT/throughput_0.5b.json"; do
     if [[ -f $report ]]; then
         reports+=("$report")
     fi
@@ -191,7 +191,7 @@ done
 if ((${#reports[@]})); then
     step estimate 30 "$PYTHON" benchmarks/estimate_vs_measured.py "${reports[@]}"
 else
-    skip estimate "step 4 wrote no JSON"
+    skip estimate "steps 4 and 5 wrote no JSON"
 fi
 
 # 7. Settings that may pay on this GPU, each against step 4's row of ours; last, so that a budget cut only loses
