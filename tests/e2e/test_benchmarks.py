@@ -11,9 +11,9 @@ import tarfile
 from tests.helpers import REPO, run_python
 
 TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
-GPU_CHECK_STEPS = ["wheels", "env", "attention_gpu", "loss_parity", "loss_parity_float8", "throughput_1.5b",
-                   "profile_1.5b", "throughput_1.5b_lean", "throughput_0.5b", "estimate", "variant_expandable_segments",
-                   "variant_loss_chunk_8192", "variant_float8", "variant_loss_chunk_16384"]
+GPU_CHECK_STEPS = ["wheels", "env", "loss_parity", "throughput_1.5b", "profile_1.5b", "variant_expandable_segments",
+                   "variant_loss_chunk_8192", "variant_float8", "variant_loss_chunk_16384", "throughput_0.5b",
+                   "throughput_1.5b_lean", "attention_gpu", "estimate"]
 
 
 def throughput(*args: str) -> subprocess.CompletedProcess:
@@ -29,6 +29,20 @@ def test_throughput_refuses_a_bad_override_in_one_line():
 
     result = throughput(*TINY, "--baseline", "hf-fast")
     assert result.returncode == 2 and result.stderr.startswith("error: --baseline hf-fast: choose hf, hf-ac")
+
+
+def test_loss_parity_reports_float8_that_cannot_run_and_keeps_the_bf16_verdict(tmp_path):
+    """On the GPU the float8 curve is one more curve of the parity step: if it fails, the bf16 verdict still stands
+    (here float8 fails as it does without CUDA)."""
+    out = tmp_path / "parity.json"
+    result = run_python(["benchmarks/loss_parity.py", "--size", "tiny", "--no-compile", "--steps", "2", "--float8",
+                         "--out", str(out)], timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "bf16 fast: max |fast - fp32|" in result.stdout and ": ok" in result.stdout
+    assert "fast float8: FAILED to run (UserError: model.float8=true needs a CUDA GPU" in result.stdout
+    report = json.loads(out.read_text())
+    assert report["fast_ok"] and not report["ok"] and report["float8"] is None
+    assert set(report["curves"]) == {"fp32 plain", "bf16 plain", "bf16 fast"}
 
 
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
