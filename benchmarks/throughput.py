@@ -34,7 +34,6 @@ import importlib.metadata
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
@@ -51,7 +50,7 @@ from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.hf import hf_config_from_args
 from qwen2_dist.model.qwen2 import build_model, count_parameters
 from qwen2_dist.parallel.mesh import build_mesh, init_distributed, world_from_env
-from qwen2_dist.train.metrics import flops_per_token, memory_gib, peak_flops
+from qwen2_dist.train.metrics import flops_per_token, memory_gib, peak_flops, profile_summary
 from qwen2_dist.train.trainer import Trainer
 
 BASELINES = ("hf", "hf-ac", "hf-liger")
@@ -110,60 +109,6 @@ def timed_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[fl
     synchronize(device)
     seconds = time.perf_counter() - started
     return seconds, [float(loss) for loss in losses]
-
-
-# Kernel (or, on a CPU, operator) names by what they do: matmuls (cuBLAS/CUTLASS), attention (cuDNN, flash, FlexAttention's Triton),
-# the optimizer and gradient norm (multi-tensor kernels), Inductor's fused kernels, eager element-wise ops and copies.
-KERNEL_KINDS = [
-    ("attention", re.compile(r"sdpa|scaled_dot_product|fmha|flash|attention|flex", re.I)),
-    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul|sm90_|sm80_|aten::(mm|addmm|bmm|linear)$", re.I)),
-    ("optimizer + grad norm", re.compile(r"adam|multi_tensor|lpnorm|foreach", re.I)),
-    ("compiled (Inductor Triton)", re.compile(r"^triton_", re.I)),
-    ("memset / memcpy", re.compile(r"memset|memcpy", re.I)),
-    ("eager element-wise, copies, reductions", re.compile(r"elementwise|copy|reduce|index|scatter|gather|fill",
-                                                           re.I)),
-]
-
-
-def kernel_kind(name: str) -> str:
-    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
-
-
-def profile_summary(prof, steps: int, seconds: float, top: int = 25) -> str:
-    """Where a step's time goes: device kernels by kind and the busiest kernels, per step, against the wall clock;
-    the share of the wall clock with no kernel running (the device waiting for the host). On a CPU: the operators'
-    own CPU time instead."""
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    out = [f"profiled {steps} steps: {seconds / steps * 1e3:.1f} ms/step wall clock"]
-    if kernels:
-        intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-        busy, end = 0.0, float("-inf")
-        for start, stop in intervals:  # the union of kernel intervals, in microseconds
-            if stop > end:
-                busy += stop - max(start, end)
-                end = stop
-        out.append(f"device busy {busy / 1e3 / steps:.1f} ms/step ({busy / 1e6 / seconds:.1%} of the wall clock); "
-                   f"idle {100 - 100 * busy / 1e6 / seconds:.1f}%")
-        by_name: dict[str, list[float]] = {}
-        for event in kernels:
-            entry = by_name.setdefault(event.name, [0, 0.0])
-            entry[0] += 1
-            entry[1] += event.time_range.end - event.time_range.start
-    else:
-        out.append("no device kernels (CPU): operators by their own CPU time")
-        by_name = {e.key: [e.count, e.self_cpu_time_total] for e in prof.key_averages()}
-    total = sum(us for _, us in by_name.values())
-    by_kind: dict[str, float] = {}
-    for name, (_, us) in by_name.items():
-        kind = kernel_kind(name)
-        by_kind[kind] = by_kind.get(kind, 0.0) + us
-    out += ["", f"{'kind':<44}{'ms/step':>9}{'share':>8}"]
-    out += [f"{kind:<44}{us / 1e3 / steps:>9.2f}{us / total:>8.1%}"
-            for kind, us in sorted(by_kind.items(), key=lambda item: -item[1])]
-    out += ["", f"{'calls/step':>10}{'ms/step':>9}  name (top {top})"]
-    for name, (calls, us) in sorted(by_name.items(), key=lambda item: -item[1][1])[:top]:
-        out.append(f"{calls / steps:>10.1f}{us / 1e3 / steps:>9.2f}  {name[:110]}")
-    return "\n".join(out)
 
 
 def run_ours(job: JobConfig, warmup: int, steps: int, seed: int,

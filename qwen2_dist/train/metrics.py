@@ -4,7 +4,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import resource
+import time
 
 import torch
 
@@ -117,27 +119,97 @@ class MetricsSinks:
             self.wandb_run = None
 
 
-class StepProfiler:
-    """A torch.profiler trace of the steps START:END (1-based, END excluded), one Chrome trace per rank."""
+# Kernel (or, on a CPU, operator) names by what they do: matmuls (cuBLAS/CUTLASS), attention (cuDNN, flash, FlexAttention's Triton),
+# the optimizer and gradient norm (multi-tensor kernels), Inductor's fused kernels, eager element-wise ops and copies.
+KERNEL_KINDS = [
+    ("attention", re.compile(r"sdpa|scaled_dot_product|fmha|flash|attention|flex", re.I)),
+    ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul|sm90_|sm80_|aten::(mm|addmm|bmm|linear)$", re.I)),
+    ("optimizer + grad norm", re.compile(r"adam|multi_tensor|lpnorm|foreach", re.I)),
+    ("compiled (Inductor Triton)", re.compile(r"^triton_", re.I)),
+    ("memset / memcpy", re.compile(r"memset|memcpy", re.I)),
+    ("eager element-wise, copies, reductions", re.compile(r"elementwise|copy|reduce|index|scatter|gather|fill",
+                                                           re.I)),
+]
 
-    def __init__(self, spec: str | None, run_dir: str, rank: int):
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(name)), "other")
+
+
+def profile_summary(prof, steps: int, seconds: float, top: int = 25) -> str:
+    """Where a step's time goes: device kernels by kind and the busiest kernels, per step, against the wall clock;
+    the share of the wall clock with no kernel running (the device waiting for the host). On a CPU: the operators'
+    own CPU time instead."""
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    out = [f"profiled {steps} steps: {seconds / steps * 1e3:.1f} ms/step wall clock"]
+    if kernels:
+        intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+        busy, end = 0.0, float("-inf")
+        for start, stop in intervals:  # the union of kernel intervals, in microseconds
+            if stop > end:
+                busy += stop - max(start, end)
+                end = stop
+        out.append(f"device busy {busy / 1e3 / steps:.1f} ms/step ({busy / 1e6 / seconds:.1%} of the wall clock); "
+                   f"idle {100 - 100 * busy / 1e6 / seconds:.1f}%")
+        by_name: dict[str, list[float]] = {}
+        for event in kernels:
+            entry = by_name.setdefault(event.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.end - event.time_range.start
+    else:
+        out.append("no device kernels (CPU): operators by their own CPU time")
+        by_name = {e.key: [e.count, e.self_cpu_time_total] for e in prof.key_averages()}
+    total = sum(us for _, us in by_name.values())
+    by_kind: dict[str, float] = {}
+    for name, (_, us) in by_name.items():
+        kind = kernel_kind(name)
+        by_kind[kind] = by_kind.get(kind, 0.0) + us
+    out += ["", f"{'kind':<44}{'ms/step':>9}{'share':>8}"]
+    out += [f"{kind:<44}{us / 1e3 / steps:>9.2f}{us / total:>8.1%}"
+            for kind, us in sorted(by_kind.items(), key=lambda item: -item[1])]
+    out += ["", f"{'calls/step':>10}{'ms/step':>9}  name (top {top})"]
+    for name, (calls, us) in sorted(by_name.items(), key=lambda item: -item[1][1])[:top]:
+        out.append(f"{calls / steps:>10.1f}{us / 1e3 / steps:>9.2f}  {name[:110]}")
+    return "\n".join(out)
+
+
+class StepProfiler:
+    """A torch.profiler trace of the steps START:END (1-based, END excluded), one Chrome trace per rank, and next to
+    it profile_summary() of those steps (rank{N}_summary.txt: where the step's time goes, without a trace viewer)."""
+
+    def __init__(self, spec: str | None, run_dir: str, rank: int, device: torch.device | None = None):
         self.start, self.end = (int(x) for x in spec.split(":")) if spec else (0, 0)
         self.path = os.path.join(run_dir, "profile", f"rank{rank}.json")
+        self.summary_path = os.path.join(run_dir, "profile", f"rank{rank}_summary.txt")
+        self.device = device
         self.profiler = None
+        self.started = 0.0
+
+    def _synchronize(self) -> None:
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def before_step(self, step: int) -> None:
         """Called with the number of the step about to run."""
         if step == self.start:
+            self._synchronize()  # the wall clock of the summary covers the profiled steps' kernels only
             self.profiler = torch.profiler.profile(record_shapes=True, with_stack=False)
             self.profiler.__enter__()
+            self.started = time.perf_counter()
 
     def after_step(self, step: int) -> None:
         """Called with the number of the step that just ran."""
         if self.profiler is not None and step + 1 >= self.end:
+            self._synchronize()
+            seconds = time.perf_counter() - self.started
             self.profiler.__exit__(None, None, None)
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             self.profiler.export_chrome_trace(self.path)
-            log.info("profiler: trace of steps %d-%d written to %s", self.start, self.end - 1, self.path)
+            summary = profile_summary(self.profiler, self.end - self.start, seconds)
+            with open(self.summary_path, "w") as f:
+                f.write(summary + "\n")
+            log.info("profiler: trace of steps %d-%d written to %s; %s (%s)", self.start, self.end - 1, self.path,
+                     "; ".join(summary.splitlines()[:2]), self.summary_path)
             self.profiler = None
 
 

@@ -209,7 +209,7 @@ class Trainer:
         lg = cfg.logging
         writer = MetricsSinks(cfg.run_dir, self.world.is_main, lg.tensorboard, lg.wandb, lg.wandb_project,
                               lg.wandb_mode, config=dataclasses.asdict(cfg))
-        profiler = StepProfiler(lg.profile_steps, cfg.run_dir, self.world.rank)
+        profiler = StepProfiler(lg.profile_steps, cfg.run_dir, self.world.rank, self.world.device)
         record_oom = lg.memory_snapshot_on_oom and self.world.device.type == "cuda"
         if record_oom:
             torch.cuda.memory._record_memory_history(max_entries=100_000)

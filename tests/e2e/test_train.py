@@ -118,6 +118,8 @@ def test_profiler_trace_of_a_chosen_step_range(tmp_path, corpus_cache):
     with open(run_dir / "profile" / "rank0.json") as f:
         trace = json.load(f)
     assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    summary = (run_dir / "profile" / "rank0_summary.txt").read_text()  # on a CPU: operators by their own time
+    assert summary.startswith("profiled 2 steps: ") and "aten::mm" in summary
 
 
 def test_synthetic_data_trains_and_resumes_but_never_onto_real_data(tmp_path, corpus_cache):

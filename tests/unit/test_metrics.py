@@ -1,11 +1,15 @@
-"""Metrics: the MFU formula, and the sinks (JSONL, TensorBoard, W&B offline) writing what they were given."""
+"""Metrics: the MFU formula, the sinks (JSONL, TensorBoard, W&B offline) writing what they were given, and the
+profile summary."""
 
 import glob
 import json
 import os
+from types import SimpleNamespace
+
+import torch
 
 from qwen2_dist.model.args import get_model_args
-from qwen2_dist.train.metrics import MetricsSinks, flops_per_token, format_step
+from qwen2_dist.train.metrics import MetricsSinks, flops_per_token, format_step, profile_summary
 
 
 def test_flops_per_token_matches_the_stated_formula():
@@ -44,3 +48,26 @@ def test_disabled_sinks_write_nothing(tmp_path):
     sinks.write({"step": 1, "loss": 1.0})
     sinks.close()
     assert os.listdir(tmp_path) == []
+
+
+def test_profile_summary_counts_kernel_time_by_kind_and_the_idle_share():
+    """The CUDA side of the profile summary (throughput.py --profile, logging.profile_steps), on made-up kernel
+    events: overlapping kernels count once towards busy time."""
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+
+    def event(name, start, end, device=cuda):
+        return SimpleNamespace(name=name, device_type=device, time_range=SimpleNamespace(start=start, end=end))
+
+    events = [event("sm90_xmma_gemm_bf16bf16_bf16f32", 0, 100), event("triton_red_fused_add_mul_0", 50, 150),
+              event("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 300, 400),
+              event("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 400, 440),
+              event("aten::mm", 0, 900, device=cpu)]
+    prof = SimpleNamespace(events=lambda: events, key_averages=lambda: [])
+    text = profile_summary(prof, steps=2, seconds=1e-3)  # 1000 us of wall clock for 2 steps
+    lines = text.splitlines()
+    assert lines[0] == "profiled 2 steps: 0.5 ms/step wall clock"
+    assert lines[1] == "device busy 0.1 ms/step (29.0% of the wall clock); idle 71.0%"  # 0-150, 300-440: 290 us
+    kinds = {line[:44].strip(): float(line[44:53]) for line in lines[4:8]}
+    assert kinds == {"matmul": 0.05, "compiled (Inductor Triton)": 0.05, "attention": 0.05,
+                     "optimizer + grad norm": 0.02}
+    assert "aten::mm" not in text  # host-side operators are not device time
