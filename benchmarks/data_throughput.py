@@ -93,7 +93,9 @@ def loader(path: str, seq_len: int, micro_batch_size: int, masking: bool, second
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mb", type=float, default=240.0, help="megabytes of input text (fixed costs -- worker start, the last shard's compression -- fade as it grows)")
+    parser.add_argument("--mb", type=float, default=240.0,
+                        help="megabytes of input text (fixed costs -- worker start, the last shard's compression -- "
+                             "fade as it grows)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each measurement; the best one counts")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)

@@ -22,8 +22,10 @@ synchronizations. tokens/s counts global batch x seq_len per step; MFU = tokens/
 dense bf16 peak (qwen2_dist.train.metrics; --peak-tflops overrides); peak memory is torch.cuda.max_memory_allocated
 since the configuration started (on the CPU: the process' max RSS, which never goes down); on CUDA each row also
 records the allocator's peak reserved memory and how often it had to free its cache and retry cudaMalloc (a
-synchronizing stall). The last column is tokens/s over the best baseline of the same run. An out-of-memory configuration is reported as OOM and the run goes on; a
-configuration that fails otherwise is reported as failed (traceback on stderr) and the exit code is 1.
+synchronizing stall). The last column is tokens/s over the best baseline of the same run. An out-of-memory
+configuration is reported as OOM and the run goes on; a configuration that fails otherwise is reported as failed
+(traceback on stderr) and the exit code is 1. --profile FILE: after timing ours, 2 more steps under torch.profiler,
+summarized by qwen2_dist.train.metrics.profile_summary into FILE.
 """
 
 import argparse

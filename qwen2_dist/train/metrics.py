@@ -119,8 +119,9 @@ class MetricsSinks:
             self.wandb_run = None
 
 
-# Kernel (or, on a CPU, operator) names by what they do: matmuls (cuBLAS/CUTLASS), attention (cuDNN, flash, FlexAttention's Triton),
-# the optimizer and gradient norm (multi-tensor kernels), Inductor's fused kernels, eager element-wise ops and copies.
+# Kernel (or, on a CPU, operator) names by what they do: attention (cuDNN, flash), matmuls (cuBLAS, CUTLASS), the
+# optimizer and gradient norm (multi-tensor kernels), Inductor's fused Triton kernels (FlexAttention's too), eager
+# element-wise ops, copies and reductions. The first match wins.
 KERNEL_KINDS = [
     ("attention", re.compile(r"sdpa|scaled_dot_product|fmha|flash|attention|flex", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|cublas|matmul|sm90_|sm80_|aten::(mm|addmm|bmm|linear)$", re.I)),
