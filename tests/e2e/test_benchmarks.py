@@ -104,4 +104,3 @@ def _check_ours_and_baselines(log_path, report_path):
     assert rows["ours"]["overrides"][:2] == ["model=tiny", "train.seq_len=128"]
     assert rows["ours"]["vs_best_baseline"] == rows["ours"]["tokens_per_sec"] / rows["hf"]["tokens_per_sec"]
     assert rows["hf-liger"]["status"].startswith("skipped")
-
