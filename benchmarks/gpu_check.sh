@@ -7,9 +7,10 @@
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh       # or --dry-run: every step on the CPU, tiny size, seq 128,
 #                                                # micro-batch 2, 1 warmup + 2 steps, no compile (loss parity: 2
 #                                                # steps): checks this script, not speed
-#   OUT=/tmp/gc PACK=$OUT/gpu_check.tgz bash benchmarks/gpu_check.sh
+#   PACK=$OUT/gpu_check.tgz OUT=/tmp/gc bash benchmarks/gpu_check.sh
 #                                                # on the device machine, which sends back 8 files at most: all of
-#                                                # /tmp/gc packed into one archive, repacked after every step
+#                                                # /tmp/gc packed into one archive, repacked after every step (PACK
+#                                                # first: the shell expands $OUT there before OUT changes)
 #   SKIP="attention_gpu loss_parity" bash ...    # steps left out (recorded as skipped)
 #
 # Every step is its own python process under `timeout`, logs to $OUT/<step>.log and gets one line in
@@ -50,6 +51,16 @@ else
 fi
 
 mkdir -p "$OUT"
+if [[ -n $PACK ]]; then
+    mkdir -p "$(dirname "$PACK")"
+    pack_dir=$(cd "$(dirname "$PACK")" && pwd -P)
+    out_dir=$(cd "$OUT" && pwd -P)
+    if [[ $pack_dir/ == "$out_dir"/* ]]; then
+        echo "error: PACK=$PACK lies inside OUT=$OUT, the directory it packs; put it elsewhere (on the device" \
+            "machine: PACK=\$OUT/gpu_check.tgz OUT=/tmp/gc, PACK first)" >&2
+        exit 2
+    fi
+fi
 SUMMARY="$OUT/summary.txt"
 STARTED=$SECONDS
 FAILED=0
