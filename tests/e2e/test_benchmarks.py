@@ -45,6 +45,14 @@ def test_loss_parity_reports_float8_that_cannot_run_and_keeps_the_bf16_verdict(t
     assert set(report["curves"]) == {"fp32 plain", "bf16 plain", "bf16 fast"}
 
 
+def test_gpu_check_refuses_an_archive_inside_the_directory_it_packs(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DRY_RUN": "1", "PACK": str(tmp_path / "out" / "gc.tgz")}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and "lies inside OUT" in result.stderr and "PACK first" in result.stderr
+    assert not (tmp_path / "out" / "summary.txt").exists()  # refused before any step
+
+
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "out"
     pack = tmp_path / "gpu_check.tgz"  # what a device machine sends back: everything in one archive
