@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from qwen2_dist.config import OptimConfig, ParallelConfig
+from qwen2_dist.config import ModelConfig, OptimConfig, ParallelConfig
 from qwen2_dist.model.args import get_model_args
 from qwen2_dist.model.attention import resolve_backend
 from qwen2_dist.model.qwen2 import build_model
@@ -39,7 +39,9 @@ def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool, f
     model = parallelize(model, None, parallel, device_type=device.type, float8=fast and float8)
     model.to_empty(device=device)
     model.init_weights(0)
-    model.set_loss("chunked" if fast else "plain", chunk_tokens=2048, compiled=fast and compile_blocks)
+    # The trainer's default chunk (model.loss_chunk_tokens), so that a new default is what this checks.
+    model.set_loss("chunked" if fast else "plain", chunk_tokens=ModelConfig.loss_chunk_tokens,
+                   compiled=fast and compile_blocks)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0), device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     losses = []
