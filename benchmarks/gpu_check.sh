@@ -73,7 +73,9 @@ FAILED=0
 record() {  # record STEP OUTCOME SECONDS; then repack everything when PACK is set
     printf '%-22s %-44s %s\n' "$1" "$2" "$3" >> "$SUMMARY"
     if [[ -n $PACK ]]; then
-        tar czf "$PACK.tmp" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$PACK.tmp" "$PACK"
+        # A failed pack must not stop the check (set -e): the previous archive stays, and the step is still recorded.
+        tar czf "$PACK.tmp" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv "$PACK.tmp" "$PACK" \
+            || echo "warning: packing $OUT into $PACK failed after step $1" >&2
     fi
 }
 
