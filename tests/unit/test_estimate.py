@@ -45,6 +45,14 @@ def test_impossible_jobs_are_refused_with_the_trainers_message(overrides, world_
     assert capsys.readouterr().err.strip() == f"error: {trainer.value}"
 
 
+def test_float8_says_its_activations_are_not_modelled(capsys):
+    main(["model=qwen2-1.5b", "train.seq_len=4096", "train.micro_batch_size=4", "train.global_batch_size=4",
+          "model.float8=true"])
+    assert "model.float8=true: activations are counted as in bf16, which overstates them" in capsys.readouterr().out
+    main(["model=qwen2-1.5b", "train.seq_len=4096", "train.micro_batch_size=4", "train.global_batch_size=4"])
+    assert "float8" not in capsys.readouterr().out
+
+
 def test_bad_arguments_are_one_line(capsys):
     for argv in (["world_size=many"], ["train.no_such_key=1"], ["gpu_mem_gib=0"]):
         with pytest.raises(SystemExit):
