@@ -1,5 +1,5 @@
 """Gradient clipping folded into torch's fused AdamW (its grad_scale) updates the weights as clip_grad_norm_ followed
-by the step does, and reports the same norm; without a clip (0) nothing is scaled."""
+by the step does, and reports the same norm; without a clip (0) nothing is scaled; the trainer's step clips."""
 
 import copy
 
@@ -68,3 +68,32 @@ def test_other_optimizers_clip_in_place():
     clipped = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
     assert float(norm) > 1 and float(clipped) == pytest.approx(0.05, rel=1e-4)
     assert getattr(optimizer, "grad_scale", None) is None
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-12])
+def test_the_trainer_clips(tmp_path, grad_clip):
+    """Trainer.train_step applies train.grad_clip. AdamW is blind to a uniform gradient scale except through its eps:
+    gradients clipped to a norm of 1e-12 sit far below eps=1e-8, so the weights barely move (no weight decay), where
+    unclipped ones move by about lr per element."""
+    from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
+    from qwen2_dist.data.synthetic import SyntheticBatches
+    from qwen2_dist.parallel.mesh import init_distributed
+    from qwen2_dist.train.trainer import Trainer
+
+    job = compose_job(["model=tiny", f"run_dir={tmp_path}", "train.device=cpu", "train.seq_len=16",
+                       "train.micro_batch_size=2", "train.global_batch_size=2", "optim.lr=1e-2", "optim.eps=1e-8",
+                       "optim.warmup_steps=0", "optim.weight_decay=0", f"train.grad_clip={grad_clip}",
+                       "checkpoint.async_save=false"])
+    world = init_distributed("cpu")
+    model, optimizer = build_model_and_optimizer(job, world, None, "cpu")
+    args = job.model.args()
+    batches = SyntheticBatches(args.vocab_size, job.train.seq_len, 2, 2, seed=0)
+    trainer = Trainer(job, args, world, None, model, optimizer, batches, 1, {})
+    before = [p.detach().clone() for p in model.parameters()]
+    _, grad_norm, _ = trainer.train_step()
+    moved = max((p - b).abs().max().item() for p, b in zip(model.parameters(), before))
+    assert float(grad_norm) > 0.1  # the norm reported is the one before clipping
+    if grad_clip:
+        assert moved < 1e-4
+    else:
+        assert moved > 5e-3
