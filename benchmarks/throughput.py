@@ -25,7 +25,7 @@ records the allocator's peak reserved memory and how often it had to free its ca
 synchronizing stall). The last column is tokens/s over the best baseline of the same run. An out-of-memory
 configuration is reported as OOM and the run goes on; a configuration that fails otherwise is reported as failed
 (traceback on stderr) and the exit code is 1. --profile FILE: after timing ours, 2 more steps under torch.profiler,
-summarized by qwen2_dist.train.metrics.profile_summary into FILE.
+summarized as logging.profile_steps does it (qwen2_dist.train.metrics) into FILE.
 """
 
 import argparse
@@ -52,7 +52,7 @@ from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.hf import hf_config_from_args
 from qwen2_dist.model.qwen2 import build_model, count_parameters
 from qwen2_dist.parallel.mesh import build_mesh, init_distributed, world_from_env
-from qwen2_dist.train.metrics import flops_per_token, memory_gib, peak_flops, profile_summary
+from qwen2_dist.train.metrics import StepProfiler, flops_per_token, memory_gib, peak_flops
 from qwen2_dist.train.trainer import Trainer
 
 BASELINES = ("hf", "hf-ac", "hf-liger")
@@ -116,7 +116,7 @@ def timed_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[fl
 def run_ours(job: JobConfig, warmup: int, steps: int, seed: int,
              profile: str | None = None) -> tuple[float, list[float]]:
     """Time Trainer.train_step() of this job on random tokens, in this process; with `profile`, then run 2 more
-    steps under torch.profiler and write profile_summary() to that file."""
+    steps under the trainer's StepProfiler and write its summary (metrics.profile_summary) to that file."""
     layout = validate(job, 1)
     device_type = resolve_device(job.train.device)
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
@@ -128,16 +128,14 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int,
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata={})
     result = timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
     if profile:
-        activities = [torch.profiler.ProfilerActivity.CPU]
-        if world.device.type == "cuda":
-            activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities) as prof:
-            started = time.perf_counter()
-            for _ in range(2):
-                trainer.train_step()
-            synchronize(world.device)
-            seconds = time.perf_counter() - started
-        summary = profile_summary(prof, 2, seconds)
+        # The trainer's own profiler (logging.profile_steps), on 2 more steps; its summary is copied to `profile`.
+        profiler = StepProfiler("1:3", job.run_dir, world.rank, world.device)
+        for step in (1, 2):
+            profiler.before_step(step)
+            trainer.train_step()
+            profiler.after_step(step)
+        with open(profiler.summary_path) as f:
+            summary = f.read().rstrip("\n")
         with open(profile, "w") as f:
             f.write(f"throughput.py {' '.join(sys.argv[1:])}\n{summary}\n")
         print(summary, flush=True)

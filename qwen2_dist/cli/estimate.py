@@ -128,7 +128,7 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
     kv = args.num_key_value_heads * args.head_dim
     # Measured with saved-tensor hooks around a compiled qwen2-1.5b block under CPU autocast (torch 2.11 and 2.13
     # save the same tensors): 73,272 bytes per token, this formula exactly; the H100 run of 2026-11-27 agreed
-    # within 4% for the whole model (BENCHMARKS.md).
+    # within 5% for the whole model (BENCHMARKS.md).
     compiled = block - 2 * (4 + r) * b * s * h // t + r * b * s * h // t - p * b * s * i // t
     return {
         "block": block,
