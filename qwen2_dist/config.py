@@ -30,6 +30,36 @@ def compile_fails_with_recompute_under_tp(p: "ParallelConfig") -> bool:
     return (2, 12) <= (major, minor) < (2, 14)
 
 
+def inductor_options(p: "ParallelConfig") -> dict[str, Any]:
+    """parallel.compile_options as torch.compile takes them: nested keys joined with dots, each one checked against
+    this torch's Inductor settings (a misspelled name would otherwise fail at the first compile, on every rank, in
+    a message listing hundreds of names)."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            flat[prefix] = value
+
+    walk("", dict(p.compile_options or {}))
+    if not flat:
+        return flat
+    import difflib
+
+    import torch._inductor.config as inductor_config
+
+    known = set(inductor_config.get_config_copy())
+    for name in flat:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise UserError(f"parallel.compile_options.{name}: this torch's Inductor has no setting {name!r}{hint} "
+                            "(the names are those of torch._inductor.config)")
+    return flat
+
+
 def uses_bf16(train: "TrainConfig", device_type: str) -> bool:
     """Whether a job computes in bf16 on this device type (train.mixed_precision; auto = on CUDA only)."""
     return train.mixed_precision == "bf16" or (train.mixed_precision == "auto" and device_type == "cuda")
@@ -265,6 +295,11 @@ class ParallelConfig:
     """With activation_checkpointing=selective: recompute blocks 0, k, 2k, ... for k = ac_every."""
     compile: str = "auto"
     """torch.compile each decoder block: auto (on for CUDA, off on CPU), true or false."""
+    compile_options: dict[str, Any] = field(default_factory=dict)
+    """Inductor settings for every compiled block and the compiled loss (torch.compile's `options`), added one by
+    one: +parallel.compile_options.coordinate_descent_tuning=true, +parallel.compile_options.max_autotune=true.
+    Names are checked against this torch's torch._inductor.config (nested keys such as triton.cudagraphs are
+    written +parallel.compile_options.triton.cudagraphs=true). Empty: Inductor's defaults."""
     reshard_after_forward: str = "default"
     """FSDP2 after a block's forward: default (free the gathered weights, except the root's), always, or never
     (keep them until backward: less communication, more memory)."""
@@ -339,6 +374,7 @@ def _check_parallel(p: ParallelConfig, args: "ModelArgs", t: TrainConfig, world_
                         f"{p.activation_checkpointing}: this torch cannot compile a tensor-parallel block recomputed "
                         "whole; use parallel.activation_checkpointing=op (or none), parallel.compile=auto (which "
                         "then runs eager) or another torch (2.11 and 2.14 work)")
+    inductor_options(p)
     if p.reshard_after_forward not in ("default", "always", "never"):
         raise UserError(
             f"parallel.reshard_after_forward={p.reshard_after_forward!r}: choose default, always or never"

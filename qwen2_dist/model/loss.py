@@ -72,21 +72,22 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _compiled(fn):
+def _compiled(fn, options: tuple = ()):
     # One fused kernel per step of the softmax instead of an fp32 copy of the chunk's logits (CUDA only: a CPU
-    # compile costs tens of seconds). dynamic=False: chunks have one size, except maybe the last one.
-    return torch.compile(fn, dynamic=False)
+    # compile costs tens of seconds). dynamic=False: chunks have one size, except maybe the last one. options:
+    # parallel.compile_options as sorted (name, value) pairs.
+    return torch.compile(fn, dynamic=False, options=dict(options) or None)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of cross_entropy(hidden @ weight.T, targets), gradients computed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens, compute_dtype, compiled):
+    def forward(ctx, hidden, weight, targets, chunk_tokens, compute_dtype, compiled, compile_options):
         # hidden (tokens, hidden) and weight (vocab, hidden) in any dtype; the matmuls run in compute_dtype.
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
-        loss_and_grad = _compiled(_chunk_loss_and_grad) if compiled else _chunk_loss_and_grad
+        loss_and_grad = _compiled(_chunk_loss_and_grad, compile_options) if compiled else _chunk_loss_and_grad
         # d weight summed over the chunks: in fp32 for an fp32 weight; for a low-precision weight (FSDP's bf16
         # gather) in its dtype, each chunk's matmul accumulating in fp32 -- the rounding of the plain path's
         # bf16 weight gradient, plus one rounding per chunk.
@@ -112,7 +113,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         # The loss is a sum: its gradient only scales the ones computed in forward (1/tokens in the trainer).
-        return (grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), None, None, None, None
+        return ((grad_h * grad_loss).to(hidden_dtype), (grad_w * grad_loss).to(weight_dtype), None, None, None, None,
+                None)
 
 
 def linear_cross_entropy(
@@ -122,10 +124,12 @@ def linear_cross_entropy(
     impl: str = "chunked",
     chunk_tokens: int = 2048,
     compiled: bool = False,
+    compile_options: tuple = (),
 ) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) of the logits hidden @ weight.T against targets, by `impl` (a resolved
     model.loss). hidden: (..., hidden); targets: (...) token ids; weight: (vocab, hidden). Under autocast the
-    projection runs in the autocast dtype, as a plain F.linear would."""
+    projection runs in the autocast dtype, as a plain F.linear would. compiled: the chunked loss's softmax step
+    through torch.compile, with compile_options (sorted (name, value) pairs of Inductor settings)."""
     hidden = hidden.flatten(0, -2)
     targets = targets.flatten().to(hidden.device)
     device_type = hidden.device.type
@@ -143,7 +147,8 @@ def linear_cross_entropy(
         if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
             # Evaluation: the same chunked loss, no gradients.
             h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-            chunk_loss = _compiled(_chunk_loss) if compiled else _chunk_loss
+            chunk_loss = _compiled(_chunk_loss, compile_options) if compiled else _chunk_loss
             return sum((chunk_loss(h[s : s + chunk_tokens] @ w.T, targets[s : s + chunk_tokens])
                         for s in range(0, h.shape[0], chunk_tokens)), torch.zeros((), device=h.device))
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, compute_dtype, compiled)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, compute_dtype, compiled,
+                                                compile_options)

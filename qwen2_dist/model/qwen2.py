@@ -145,6 +145,7 @@ class Qwen2(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.attention_backend = "sdpa"
         self.loss_impl, self.loss_chunk_tokens, self.loss_compiled = "plain", 2048, False
+        self.loss_compile_options: tuple = ()
         if args.tie_word_embeddings:
             self.lm_head = TiedHead(self.embed_tokens)
         else:
@@ -169,9 +170,12 @@ class Qwen2(nn.Module):
             if isinstance(module, (Attention, MLP)):
                 module.fused = fuse_projections
 
-    def set_loss(self, impl: str, chunk_tokens: int = 2048, compiled: bool = False) -> None:
-        """How forward(targets=...) computes the loss: a resolved model.loss (see loss.resolve_loss)."""
+    def set_loss(self, impl: str, chunk_tokens: int = 2048, compiled: bool = False,
+                 compile_options: dict | None = None) -> None:
+        """How forward(targets=...) computes the loss: a resolved model.loss (see loss.resolve_loss); compiled with
+        these Inductor settings (parallel.compile_options)."""
         self.loss_impl, self.loss_chunk_tokens, self.loss_compiled = impl, chunk_tokens, compiled
+        self.loss_compile_options = tuple(sorted((compile_options or {}).items()))
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -252,7 +256,7 @@ class Qwen2(nn.Module):
         if targets is None:
             return self.lm_head(hidden)
         return linear_cross_entropy(hidden, self.output_weight(), targets, self.loss_impl, self.loss_chunk_tokens,
-                                    self.loss_compiled)
+                                    self.loss_compiled, self.loss_compile_options)
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Qwen2:

@@ -23,7 +23,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from qwen2_dist.config import ParallelConfig, compile_fails_with_recompute_under_tp
+from qwen2_dist.config import ParallelConfig, compile_fails_with_recompute_under_tp, inductor_options
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.qwen2 import Qwen2, TiedHead
 
@@ -60,16 +60,19 @@ def parallelize(
     compiled = compile_enabled(cfg, device_type, kernels)
     if compiled:
         # Each block on its own (one graph, reused by every block), before FSDP so its hooks stay outside the graph.
+        options = inductor_options(cfg) or None
         for index, layer in enumerate(model.layers):
-            model.layers[index] = torch.compile(layer)
+            model.layers[index] = torch.compile(layer, options=options)
     if mesh is not None:
         apply_fsdp(model, mesh, cfg, param_dtype, device_type)
+    options = inductor_options(cfg)
     log.info(
         "parallelize: tp %d, activation checkpointing %s%s, compile %s, %s",
         tp, cfg.activation_checkpointing,
         f" (every {cfg.ac_every})" if cfg.activation_checkpointing == "selective" else
         " (matmuls and attention kept, element-wise ops recomputed)" if cfg.activation_checkpointing == "op" else "",
-        "on" if compiled else "off",
+        ("on" + (f" with Inductor options {options}" if options else "")) if compiled else
+        "off" + (f" (parallel.compile_options {options} unused)" if options else ""),
         "one process (no FSDP)" if mesh is None else
         f"FSDP2 dp_replicate {mesh['dp_replicate'].size()} x dp_shard {mesh['dp_shard'].size()}, param dtype "
         f"{param_dtype}, reduce fp32, reshard {cfg.reshard_after_forward}, cpu offload {cfg.cpu_offload}",

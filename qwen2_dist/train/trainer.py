@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from qwen2_dist.config import JobConfig, uses_bf16
+from qwen2_dist.config import JobConfig, inductor_options, uses_bf16
 from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.loss import resolve_loss
@@ -100,7 +100,7 @@ class Trainer:
         loss_impl = resolve_loss(cfg.model.loss, tp, world.device.type)
         self.loss_in_model = loss_impl != "plain"
         compiled = compile_enabled(cfg.parallel, world.device.type, cfg.model.kernels)
-        model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compiled)
+        model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compiled, inductor_options(cfg.parallel))
         model.set_kernels(cfg.model.kernels, cfg.model.fuse_projections, world.device.type)
         # One process computes in bf16 under autocast; FSDP does it with its bf16 weights.
         use_autocast = mesh is None and uses_bf16(cfg.train, world.device.type)

@@ -1,11 +1,12 @@
 """validate(): impossible jobs are refused before anything is allocated, naming the field and the fix."""
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from qwen2_dist.cli.train import conf_dir
-from qwen2_dist.config import JobConfig, register_configs, validate
+from qwen2_dist.config import JobConfig, inductor_options, register_configs, validate
 from qwen2_dist.errors import UserError
 
 
@@ -86,6 +87,9 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["parallel.ac_every=0"], 1, "parallel.ac_every"),
     (["parallel.compile=maybe"], 1, "parallel.compile"),
     (["parallel.reshard_after_forward=sometimes"], 1, "parallel.reshard_after_forward"),
+    (["+parallel.compile_options.max_autotun=true"], 1, "parallel.compile_options.max_autotun: this torch's Inductor "
+                                                        "has no setting 'max_autotun'; did you mean max_autotune"),
+    (["+parallel.compile_options.triton.cudagraph=true"], 1, "parallel.compile_options.triton.cudagraph:"),
     (["parallel.cpu_offload=true"], 1, "parallel.cpu_offload"),
     (["parallel.cpu_offload=true", "train.device=cpu"], 2, "parallel.cpu_offload"),
 ])
@@ -145,3 +149,34 @@ def test_compiling_recomputed_tensor_parallel_blocks_is_refused_where_torch_cann
         validate(explicit, world_size=2)
         assert compile_enabled(auto.parallel, "cuda")
     assert compile_enabled(job("parallel.tp=2", "parallel.activation_checkpointing=op").parallel, "cuda")
+
+
+def test_compile_options_reach_every_compiled_block_and_the_loss(monkeypatch):
+    """parallel.compile_options, nested keys joined with dots, go to torch.compile for each block and for the
+    chunked loss's softmax step."""
+    from qwen2_dist.model import loss as loss_module
+    from qwen2_dist.model.args import get_model_args
+    from qwen2_dist.model.qwen2 import build_model
+    from qwen2_dist.parallel.parallelize import parallelize
+
+    cfg = job("+parallel.compile_options.coordinate_descent_tuning=true",
+              "+parallel.compile_options.triton.cudagraphs=false", "parallel.compile=true")
+    validate(cfg, 1)
+    wanted = {"coordinate_descent_tuning": True, "triton.cudagraphs": False}
+    assert inductor_options(cfg.parallel) == wanted
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs.get("options")) or fn)
+    model = parallelize(build_model(get_model_args("tiny"), "meta"), None, cfg.parallel, device_type="cpu")
+    assert seen == [wanted] * len(model.layers)
+    seen.clear()
+    loss_module._compiled.cache_clear()
+    try:
+        hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+        loss_module.linear_cross_entropy(hidden, weight, torch.randint(0, 11, (6,)), chunk_tokens=4, compiled=True,
+                                         compile_options=tuple(sorted(wanted.items())))
+    finally:
+        loss_module._compiled.cache_clear()
+    assert seen == [wanted]
+    # None when unset: torch.compile refuses options next to a mode, and Inductor's defaults apply.
+    assert inductor_options(job().parallel) == {}
+
