@@ -5,17 +5,19 @@
 
 One process, one device (CUDA when visible, else the CPU), one configuration after the other:
 
-- ours: the job qwen2-train would run with model=SIZE, train.seq_len, train.micro_batch_size = train.global_batch_size
-  = the micro-batch (no accumulation), optim.lr=3e-4, then every --ours KEY=VALUE; built by
+- ours: the job qwen2-train would run with model=SIZE, train.seq_len, train.micro_batch_size = the micro-batch,
+  train.global_batch_size = the micro-batch x --accum (default 1: no accumulation), optim.lr=3e-4, then every --ours
+  KEY=VALUE; built by
   qwen2_dist.cli.train.build_model_and_optimizer (one process: no FSDP, fp32 weights under bf16 autocast on CUDA) and
   stepped by Trainer.train_step() on random token ids (a fixed seed, the same ids for every configuration).
 - the baselines a user would pick instead: transformers' Qwen2ForCausalLM of the same shape, random init, fp32 weights
   under bf16 autocast (on CUDA), SDPA attention with PyTorch's default kernel order, loss from
   model(input_ids, labels=input_ids), fused AdamW with our optim.* values (weight decay on every parameter), gradient
-  clipping at train.grad_clip as ours. `hf-ac` adds model.gradient_checkpointing_enable(); `hf-liger` applies
-  liger_kernel.transformers.apply_liger_kernel_to_qwen2() first (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE;
-  CUDA only) and runs last, because its patches stay for the rest of the process. `--baseline NAME:MB,MB` gives a
-  baseline its own micro-batches; `--baseline none` runs none.
+  clipping at train.grad_clip as ours, the same --accum micro-batches per optimizer step. `hf-ac` adds
+  model.gradient_checkpointing_enable(); `hf-liger` applies liger_kernel.transformers.apply_liger_kernel_to_qwen2()
+  first (fused linear cross-entropy, RMSNorm, SwiGLU, RoPE; CUDA only) and runs last, because its patches stay for
+  the rest of the process. `--baseline NAME:MB,MB` gives a baseline its own micro-batches; `--baseline none` runs
+  none.
 
 Each configuration runs --warmup steps (torch.compile happens there), then --steps timed steps between two device
 synchronizations. tokens/s counts global batch x seq_len per step; MFU = tokens/s x flops_per_token / the device's
@@ -89,10 +91,12 @@ def parse_baselines(specs: list[str], default_micro_batches: list[int]) -> list[
     return [(name, chosen[name]) for name in BASELINES if name in chosen]
 
 
-def ours_overrides(size: str, seq_len: int, micro_batch: int, run_dir: str, extra: list[str]) -> list[str]:
-    """The qwen2-train overrides of our configuration at one micro-batch; the user's --ours come last and win."""
+def ours_overrides(size: str, seq_len: int, micro_batch: int, run_dir: str, extra: list[str],
+                   accum: int = 1) -> list[str]:
+    """The qwen2-train overrides of our configuration at one micro-batch, `accum` micro-batches per optimizer step;
+    the user's --ours come last and win."""
     return [f"model={size}", f"train.seq_len={seq_len}", f"train.micro_batch_size={micro_batch}",
-            f"train.global_batch_size={micro_batch}", f"optim.lr={BENCH_LR}", f"run_dir={run_dir}", *extra]
+            f"train.global_batch_size={micro_batch * accum}", f"optim.lr={BENCH_LR}", f"run_dir={run_dir}", *extra]
 
 
 def synchronize(device: torch.device) -> None:
@@ -323,6 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", default="4", help="comma-separated micro-batches, e.g. 2,4,8 (default 4)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (default 10)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first; compile happens there (3)")
+    parser.add_argument("--accum", type=int, default=1,
+                        help="micro-batches per optimizer step, for ours and the baselines alike (default 1); a "
+                             "pretraining batch of millions of tokens on few GPUs takes many")
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                         help="a qwen2-train override for ours (repeatable), e.g. parallel.compile=true")
     parser.add_argument("--baseline", action="append", default=None, metavar="NAME[:MB,...]",
@@ -342,9 +349,9 @@ def main(argv: list[str] | None = None) -> int:
             if world_from_env()[2] != 1:
                 raise UserError("benchmarks/throughput.py measures one process on one device; start it with python, "
                                 "not torchrun")
-            if opts.steps < 1 or opts.warmup < 0 or opts.seq_len < 1:
-                raise UserError(f"--steps {opts.steps}, --warmup {opts.warmup}, --seq-len {opts.seq_len}: need "
-                                "steps >= 1, warmup >= 0, seq-len >= 1")
+            if opts.steps < 1 or opts.warmup < 0 or opts.seq_len < 1 or opts.accum < 1:
+                raise UserError(f"--steps {opts.steps}, --warmup {opts.warmup}, --seq-len {opts.seq_len}, --accum "
+                                f"{opts.accum}: need steps >= 1, warmup >= 0, seq-len >= 1, accum >= 1")
             micro_batches = parse_micro_batches(opts.micro_batch, "--micro-batch")
             if opts.profile and len(micro_batches) > 1:
                 raise UserError(f"--profile profiles one configuration of ours: give one --micro-batch, not "
@@ -356,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--ours: {exc}") from None
             # Every job composed and validated up front: a bad option fails in one line before any model exists.
             all_micro = sorted({mb for mbs in [micro_batches] + [m for _, m in baselines] for mb in mbs})
-            jobs = {mb: compose_job(ours_overrides(opts.size, opts.seq_len, mb, run_dir, opts.ours))
+            jobs = {mb: compose_job(ours_overrides(opts.size, opts.seq_len, mb, run_dir, opts.ours, opts.accum))
                     for mb in all_micro}
             for job in jobs.values():
                 validate(job, 1)
@@ -374,13 +381,14 @@ def main(argv: list[str] | None = None) -> int:
             "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
             "transformers": package_version("transformers"), "liger_kernel": package_version("liger-kernel"),
             "size": opts.size, "parameters": count_parameters(build_model(args, "meta")), "seq_len": opts.seq_len,
-            "warmup": opts.warmup, "steps": opts.steps, "ours_overrides": opts.ours,
+            "warmup": opts.warmup, "steps": opts.steps, "accum": opts.accum, "ours_overrides": opts.ours,
             "peak_flops": peak, "memory": "cuda max_memory_allocated" if device.type == "cuda" else "process max RSS",
             "rows": [],
         }
         print(f"device {report['device']}, torch {torch.__version__}, transformers {report['transformers']}, "
               f"liger-kernel {report['liger_kernel'] or 'not installed'}; {opts.size} ({report['parameters']:,} "
-              f"parameters), seq {opts.seq_len}, {opts.warmup} warmup + {opts.steps} timed steps; "
+              f"parameters), seq {opts.seq_len}, {opts.warmup} warmup + {opts.steps} timed steps"
+              f"{f' of {opts.accum} micro-batches each' if opts.accum > 1 else ''}; "
               f"peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown (MFU n/a)'}", flush=True)
         print(f"ours: {' '.join(opts.ours) or '(defaults)'}", flush=True)
 
@@ -392,8 +400,8 @@ def main(argv: list[str] | None = None) -> int:
                    "global_batch": job.train.global_batch_size, "steps": opts.steps, "warmup": opts.warmup,
                    "flops_per_token": flops_per_token(job.model.args(), opts.seq_len)}
             if name == "ours":  # the job as qwen2-train (or qwen2-estimate) takes it, without the temporary run_dir
-                row["overrides"] = [o for o in ours_overrides(opts.size, opts.seq_len, mb, run_dir, opts.ours)
-                                    if not o.startswith("run_dir=")]
+                row["overrides"] = [o for o in ours_overrides(opts.size, opts.seq_len, mb, run_dir, opts.ours,
+                                                              opts.accum) if not o.startswith("run_dir=")]
             if name == "hf-liger" and liger_skipped is None:
                 liger_skipped = apply_liger(device) or ""
             if name == "hf-liger" and liger_skipped:
