@@ -230,6 +230,9 @@ class OptimConfig:
     impl: str = "torch"
     """AdamW implementation: torch (fused AdamW, see optim.fused) or apex (apex.optimizers.FusedAdam, CUDA, when apex is
     installed)."""
+    overlap: bool = False
+    """Run AdamW's update on a side CUDA stream, block by block, overlapping the next step's forward (each block
+    waits only for its own weights); the same update as one AdamW step. One process (no FSDP), torch's fused AdamW."""
     in_backward: bool = False
     """Update each parameter as soon as its gradient is ready in backward and free that gradient (memory-lean: the
     full set of gradients never exists). Needs one process without FSDP, train.grad_clip=0 (no global norm to clip
@@ -532,6 +535,13 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if m.float8 and (p.tp > 1 or m.fuse_projections):
         raise UserError("model.float8=true works with parallel.tp=1 and model.fuse_projections=false (the fused "
                         "projections bypass the float8 linears); change one of them")
+    if o.overlap and (world_size > 1 or o.in_backward or o.impl != "torch" or o.fused is False
+                      or str(o.fused).lower() == "false"):
+        raise UserError(
+            "optim.overlap=true steps torch's fused AdamW on a side stream of one process: it needs one process "
+            f"(got {world_size}; under FSDP each rank updates only its shard), optim.in_backward=false, "
+            f"optim.impl=torch and optim.fused=auto or true (got {o.in_backward}, {o.impl}, {o.fused})"
+        )
     if o.in_backward and (world_size > 1 or t.grad_clip > 0 or t.spike_sigma > 0
                           or t.global_batch_size != t.micro_batch_size):
         raise UserError(

@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -40,7 +41,12 @@ log = logging.getLogger(__name__)
 
 METADATA = "metadata.json"
 TRAIN_STATE = "train_state.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: the optimizer's state and settings keyed by parameter name (DCP's flatten_optimizer_state_dict), so a
+checkpoint loads into any grouping of the same parameters: one AdamW, optim.overlap's AdamW per block,
+optim.in_backward's per parameter. 1 (written before 2026-11-27): parameter groups by position; still read, into an
+optimizer grouped the same way."""
+READABLE_FORMATS = (1, 2)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 # Test hook: the step whose save stalls (for 10 minutes) after its shards are written and before the commit, so a
 # test can kill a save at its most delicate point.
@@ -131,8 +137,9 @@ def read_metadata(path: str) -> dict:
             meta = json.load(f)
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}/{METADATA}: unreadable ({exc}); the checkpoint is damaged") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise UserError(f"{path}/{METADATA}: checkpoint format {meta.get('format')} is not {FORMAT_VERSION}")
+    if meta.get("format") not in READABLE_FORMATS:
+        raise UserError(f"{path}/{METADATA}: checkpoint format {meta.get('format')} is not one this version reads "
+                        f"({', '.join(map(str, READABLE_FORMATS))}); load it with the version that wrote it")
     return meta
 
 
@@ -226,11 +233,16 @@ def clean_partial(ckpt_root: str) -> list[str]:
     return removed
 
 
-def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fmt: int = FORMAT_VERSION) -> dict:
     if optimizer is None:
         return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer))
+    model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_options(fmt))
     return {"model": model_sd, "optim": optim_sd}
+
+
+def _options(fmt: int) -> StateDictOptions:
+    """How the optimizer's state is laid out in a checkpoint of format fmt (see FORMAT_VERSION)."""
+    return StateDictOptions(flatten_optimizer_state_dict=fmt >= 2)
 
 
 def _optimizers(optimizer):
@@ -512,10 +524,11 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     """Load a verified checkpoint into model (and optimizer, when it has one); return its train state."""
     meta = verify(path, checksums)
     with_optim = "optim" in meta["contents"] and optimizer is not None
-    state = _state(model, optimizer if with_optim else None)
+    state = _state(model, optimizer if with_optim else None, meta["format"])
     _dcp_load(state, path)
     if with_optim:
-        set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=_options(meta["format"]))
     else:
         set_model_state_dict(model, state["model"])
     train_state = {}

@@ -1,0 +1,120 @@
+"""optim.overlap: AdamW stepped group by group (embedding, each block, the rest) is the same update as one AdamW
+step, with clipping and skipped steps; its checkpoints load into the plain optimizer and back; compiled and
+recomputed blocks are grouped by their wrapped names; the settings it cannot honour are refused. The side stream
+itself needs CUDA (benchmarks/gpu_check.sh runs it there)."""
+
+import pytest
+import torch
+
+from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
+from qwen2_dist.config import ParallelConfig, validate
+from qwen2_dist.data.synthetic import SyntheticBatches
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.qwen2 import build_model
+from qwen2_dist.parallel.mesh import init_distributed
+from qwen2_dist.parallel.parallelize import parallelize
+from qwen2_dist.train.optim import OverlappedOptimizer
+from qwen2_dist.train.trainer import Trainer
+
+
+def _trainer(tmp_path, *overrides):
+    job = compose_job(["model=tiny", f"run_dir={tmp_path}", "train.device=cpu", "train.seq_len=16",
+                       "train.micro_batch_size=2", "train.global_batch_size=4", "optim.lr=1e-2",
+                       "optim.warmup_steps=0", "train.grad_clip=0.05", "checkpoint.async_save=false", *overrides])
+    validate(job, 1)
+    world = init_distributed("cpu")
+    model, optimizer = build_model_and_optimizer(job, world, None, "cpu")
+    args = job.model.args()
+    batches = SyntheticBatches(args.vocab_size, job.train.seq_len, 2, 4, seed=0)
+    return Trainer(job, args, world, None, model, optimizer, batches, 2, {})
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_same_steps_as_one_adamw(tmp_path, tied):
+    extra = [] if tied else ["model.tie_word_embeddings=false"]
+    plain = _trainer(tmp_path / "plain", *extra)
+    overlapped = _trainer(tmp_path / "overlap", "optim.overlap=true", *extra)
+    assert isinstance(overlapped.optimizer, OverlappedOptimizer)
+    # embedding, 2 blocks, final norm (+ the untied head)
+    assert len(overlapped.optimizer.optimizers) == 2 + len(overlapped.model.layers)
+    for step in range(3):
+        loss_a, norm_a, _ = plain.train_step()
+        loss_b, norm_b, _ = overlapped.train_step()
+        assert float(norm_a) > 0.05  # the clip is active
+        assert torch.equal(loss_a, loss_b) and torch.equal(norm_a, norm_b), step
+    for (name, a), b in zip(plain.model.named_parameters(), overlapped.model.parameters()):
+        assert torch.equal(a, b), name
+    moments = {id(p): s["exp_avg_sq"] for o in overlapped.optimizer.optimizers for p, s in o.state.items()}
+    for (name, a), b in zip(plain.model.named_parameters(), overlapped.model.parameters()):
+        assert torch.equal(plain.optimizer.state[a]["exp_avg_sq"], moments[id(b)]), name
+    # Every group takes the learning rate the trainer sets.
+    lrs = {group["lr"] for group in overlapped.optimizer.param_groups}
+    assert lrs == {plain.optimizer.param_groups[0]["lr"]}
+
+
+def test_a_flagged_step_is_skipped_by_every_group(tmp_path):
+    trainer = _trainer(tmp_path, "optim.overlap=true")
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.optimizer.found_inf = torch.ones(())
+    for param in trainer.model.parameters():
+        param.grad = torch.ones_like(param)
+    trainer.optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.parameters(), before))
+    trainer.optimizer.found_inf = torch.zeros(())
+    trainer.optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(trainer.model.parameters(), before))
+
+
+def test_checkpoints_pass_between_the_plain_and_the_overlapped_optimizer(tmp_path):
+    plain = _trainer(tmp_path / "a")
+    for _ in range(2):
+        plain.train_step()
+    plain.step = 2
+    path = plain.save(blocking=True)
+    overlapped = _trainer(tmp_path / "b", "optim.overlap=true")
+    overlapped.restore(path)
+    names = dict(zip(map(id, overlapped.model.parameters()), (n for n, _ in overlapped.model.named_parameters())))
+    loaded = {names[id(p)]: s for o in overlapped.optimizer.optimizers for p, s in o.state.items()}
+    for name, param in plain.model.named_parameters():
+        assert torch.equal(plain.optimizer.state[param]["exp_avg"], loaded[name]["exp_avg"]), name
+    # ... and both go on alike.
+    for _ in range(2):
+        loss_a, _, _ = plain.train_step()
+        loss_b, _, _ = overlapped.train_step()
+        assert torch.equal(loss_a, loss_b)
+    overlapped.step = 4
+    path = overlapped.save(blocking=True)
+    back = _trainer(tmp_path / "c")
+    back.restore(path)
+    assert all(torch.equal(a, b) for a, b in zip(back.model.parameters(), overlapped.model.parameters()))
+    assert torch.equal(back.train_step()[0], overlapped.train_step()[0])
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full", "op"])
+def test_compiled_and_recomputed_blocks_are_grouped_and_hooked(checkpointing):
+    """The wrappers of parallelize (torch.compile, checkpoint_wrapper) prefix the blocks' parameter names; each
+    block is still one group, and the hook that waits for it sits on the module the model calls."""
+    from qwen2_dist.config import OptimConfig
+
+    cfg = ParallelConfig(activation_checkpointing=checkpointing, compile="true")
+    model = parallelize(build_model(get_model_args("tiny"), "meta"), None, cfg, device_type="cpu")
+    model.to_empty(device="cpu")
+    optimizer = OverlappedOptimizer(model, OptimConfig())
+    blocks = optimizer.optimizers[1:-1]
+    assert len(blocks) == len(model.layers)
+    for block, layer in zip(blocks, model.layers):
+        assert {id(p) for g in block.param_groups for p in g["params"]} == {id(p) for p in layer.parameters()}
+        assert len(layer._forward_pre_hooks) == 1
+    assert len(model.embed_tokens._forward_pre_hooks) == 1 and len(model.norm._forward_pre_hooks) == 1
+
+
+@pytest.mark.parametrize("overrides, world_size", [
+    (["optim.overlap=true"], 2),
+    (["optim.overlap=true", "optim.in_backward=true", "train.grad_clip=0"], 1),
+    (["optim.overlap=true", "optim.impl=apex"], 1),
+    (["optim.overlap=true", "optim.fused=false"], 1),
+])
+def test_refused_where_it_cannot_hold(overrides, world_size):
+    with pytest.raises(UserError, match="optim.overlap=true steps torch's fused AdamW on a side stream"):
+        validate(compose_job(overrides), world_size)
