@@ -4,12 +4,13 @@ the same batches -- and against an fp32 run of the plain path, which sets the sc
 
     python benchmarks/loss_parity.py [--size qwen2-0.5b] [--layers 8] [--seq-len 2048] [--steps 20] [--out F.json]
 
-The fast path clips its gradients as the trainer does (inside the fused AdamW). With --float8, a fourth curve: the
-fast path with its decoder-block linears in float8 (model.float8), with its own verdict; if it cannot run, that is
-reported and the bf16 verdict still printed and written.
+The fast path clips its gradients as the trainer does (inside the fused AdamW). With --float8, one more curve: the
+fast path with its decoder-block linears in float8 (model.float8); with --overlap, the fast path with AdamW stepped
+on a side stream during the next forward (optim.overlap; the same update, so its curve should sit on the fast one).
+Each has its own verdict; one that cannot run is reported and the bf16 verdict is still printed and written.
 
 Verdict: a fast curve may not stray from the fp32 curve by more than 2x as far as the plain bf16 curve does, plus
-0.02 (max over steps, absolute, in nats). Exit 1 when one does (or float8, asked for, did not run). On a CPU
+0.02 (max over steps, absolute, in nats). Exit 1 when one does (or an extra curve asked for did not run). On a CPU
 (--no-compile) it dry-runs the script with the debug size.
 """
 
@@ -30,9 +31,11 @@ from qwen2_dist.train.optim import build_optimizer, clip_gradients
 TOLERANCE_FACTOR, TOLERANCE_FLOOR = 2.0, 0.02
 
 
-def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool, float8: bool = False) -> list[float]:
+def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool, float8: bool = False,
+          overlap: bool = False) -> list[float]:
     """Per-step training losses of one path; the same initial weights (seed 0) every time. The fast path clips as
-    the trainer does (inside the fused AdamW); with float8, its blocks' linears run in float8 (torchao)."""
+    the trainer does (inside the fused AdamW); with float8, its blocks' linears run in float8 (torchao); with
+    overlap, its AdamW steps on a side stream (optim.overlap)."""
     model = build_model(args, "meta")
     model.set_attention_backend(resolve_backend("auto" if fast else "sdpa", device.type))
     parallel = ParallelConfig(compile=str(fast and compile_blocks).lower())
@@ -42,7 +45,7 @@ def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool, f
     # The trainer's default chunk (model.loss_chunk_tokens), so that a new default is what this checks.
     model.set_loss("chunked" if fast else "plain", chunk_tokens=ModelConfig.loss_chunk_tokens,
                    compiled=fast and compile_blocks)
-    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0), device.type)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-3, warmup_steps=0, overlap=fast and overlap), device.type)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     losses = []
     for batch in batches:
@@ -75,7 +78,10 @@ def main() -> None:
     parser.add_argument("--out", help="write the curves and the verdict as JSON here")
     parser.add_argument("--float8", action="store_true",
                         help="also the fast path with float8 linears (model.float8; torchao, CUDA compute capability "
-                             "8.9+), a fourth curve with its own verdict")
+                             "8.9+), one more curve with its own verdict")
+    parser.add_argument("--overlap", action="store_true",
+                        help="also the fast path with optim.overlap (AdamW on a side stream), one more curve with its "
+                             "own verdict")
     opts = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = opts.size or ("qwen2-0.5b" if device.type == "cuda" else "debug")
@@ -92,13 +98,15 @@ def main() -> None:
         "bf16 plain": curve(args, batches, device, bf16=True, fast=False, compile_blocks=compile_blocks),
         "bf16 fast": curve(args, batches, device, bf16=True, fast=True, compile_blocks=compile_blocks),
     }
-    float8_error = None
-    if opts.float8:
+    errors = {}  # extra curve -> why it could not run
+    for name, wanted, option in (("fast float8", opts.float8, "float8"), ("fast overlap", opts.overlap, "overlap")):
+        if not wanted:
+            continue
         try:
-            curves["fast float8"] = curve(args, batches, device, bf16=True, fast=True, compile_blocks=compile_blocks,
-                                          float8=True)
+            curves[name] = curve(args, batches, device, bf16=True, fast=True, compile_blocks=compile_blocks,
+                                 **{option: True})
         except Exception as exc:  # reported, and the bf16 verdict still printed and written
-            float8_error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            errors[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     truth = curves["fp32 plain"]
     noise = max(abs(a - b) for a, b in zip(curves["bf16 plain"], truth))
     tolerance = TOLERANCE_FACTOR * noise + TOLERANCE_FLOOR
@@ -109,7 +117,7 @@ def main() -> None:
         return {"error": error, "vs_plain": vs_plain, "ok": error <= tolerance}
 
     fast = verdict("bf16 fast")
-    float8 = verdict("fast float8") if "fast float8" in curves else None
+    extras = {name: verdict(name) for name in ("fast float8", "fast overlap") if name in curves}
     print(f"{size} ({opts.layers} blocks), seq {seq_len}, micro-batch {opts.micro_batch}, {opts.steps} steps on "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, compile {compile_blocks}")
     print("step  " + "  ".join(f"{name:>11}" for name in curves))
@@ -119,20 +127,24 @@ def main() -> None:
           f"{TOLERANCE_FLOOR} = {tolerance:.4f}")
     print(f"bf16 fast: max |fast - fp32| = {fast['error']:.4f}, max |fast - plain| = {fast['vs_plain']:.4f}: "
           f"{'ok' if fast['ok'] else 'FAILED'}")
-    if float8 is not None:
-        print(f"fast float8: max |float8 - fp32| = {float8['error']:.4f}, max |float8 - plain| = "
-              f"{float8['vs_plain']:.4f}: {'ok' if float8['ok'] else 'FAILED'}")
-    elif float8_error:
-        print(f"fast float8: FAILED to run ({float8_error})")
+    for name, result in extras.items():
+        short = name.split()[1]
+        vs_fast = max(abs(a - b) for a, b in zip(curves[name], curves["bf16 fast"]))
+        print(f"{name}: max |{short} - fp32| = {result['error']:.4f}, max |{short} - plain| = "
+              f"{result['vs_plain']:.4f}, max |{short} - fast| = {vs_fast:.4f}: {'ok' if result['ok'] else 'FAILED'}")
+    for name, error in errors.items():
+        print(f"{name}: FAILED to run ({error})")
     print(f"({time.perf_counter() - started:.0f} s)")
-    ok = fast["ok"] and (not opts.float8 or (float8 is not None and float8["ok"]))
+    ok = fast["ok"] and not errors and all(result["ok"] for result in extras.values())
     if opts.out:
         with open(opts.out, "w") as f:
             json.dump({"size": size, "layers": opts.layers, "seq_len": seq_len, "micro_batch": opts.micro_batch,
                        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                        "torch": torch.__version__, "curves": curves, "noise": noise, "tolerance": tolerance,
                        "fast_error": fast["error"], "fast_vs_plain": fast["vs_plain"], "fast_ok": fast["ok"],
-                       "float8": float8, "float8_error": float8_error, "ok": ok}, f, indent=2)
+                       "float8": extras.get("fast float8"), "float8_error": errors.get("fast float8"),
+                       "overlap": extras.get("fast overlap"), "overlap_error": errors.get("fast overlap"),
+                       "ok": ok}, f, indent=2)
     sys.exit(0 if ok else 1)
 
 if __name__ == "__main__":

@@ -233,7 +233,7 @@ def clean_partial(ckpt_root: str) -> list[str]:
     return removed
 
 
-def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fmt: int = FORMAT_VERSION) -> dict:
+def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fmt: int) -> dict:
     if optimizer is None:
         return {"model": get_model_state_dict(model)}
     model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_options(fmt))
@@ -305,7 +305,7 @@ class Checkpointer:
         self.wait()
         started = time.monotonic()
         tmp = _broadcast_str(f"{os.path.abspath(final)}.tmp-{uuid.uuid4().hex[:8]}")
-        state = _state(model, optimizer)
+        state = _state(model, optimizer, FORMAT_VERSION)
         future = None
         sums: dict[str, str] = {}
         writer = _Writer(tmp, self.checksums, fail_after_write=_injected_fault(metadata.get("step")) == "write")
@@ -575,7 +575,7 @@ def load_weights(path: str, model: torch.nn.Module, args, checksums: bool = True
     """Only the model weights of a committed checkpoint (another run's, any layout) into model; nothing else of that
     run (step, optimizer, data position, RNG) is taken."""
     meta = init_checkpoint_metadata(path, args, checksums)
-    state = _state(model, None)
+    state = _state(model, None, meta["format"])
     _dcp_load(state, path)
     set_model_state_dict(model, state["model"])
     log.info("checkpoint: model weights of %s (step %s) loaded", path, meta.get("step"))

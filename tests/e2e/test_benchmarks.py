@@ -11,9 +11,10 @@ import tarfile
 from tests.helpers import REPO, run_python
 
 TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
-GPU_CHECK_STEPS = ["wheels", "env", "loss_parity", "throughput_1.5b", "profile_1.5b", "variant_expandable_segments",
-                   "variant_loss_chunk_8192", "variant_float8", "variant_loss_chunk_16384", "throughput_0.5b",
-                   "throughput_1.5b_lean", "attention_gpu", "estimate"]
+GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "variant_overlap", "variant_loss_chunk_8192",
+                   "throughput_1.5b_accum", "loss_parity", "profile_1.5b", "variant_coordinate_descent",
+                   "variant_loss_chunk_16384", "variant_expandable_segments", "variant_float8_overlap",
+                   "throughput_0.5b", "throughput_1.5b_lean", "attention_gpu", "estimate"]
 
 
 def throughput(*args: str) -> subprocess.CompletedProcess:
@@ -32,17 +33,20 @@ def test_throughput_refuses_a_bad_override_in_one_line():
 
 
 def test_loss_parity_reports_float8_that_cannot_run_and_keeps_the_bf16_verdict(tmp_path):
-    """On the GPU the float8 curve is one more curve of the parity step: if it fails, the bf16 verdict still stands
-    (here float8 fails as it does without CUDA)."""
+    """On the GPU the float8 and overlap curves are more curves of the parity step: if one fails, the bf16 verdict
+    still stands (here float8 fails as it does without CUDA). optim.overlap computes the same update: on the CPU,
+    with no side stream, its curve is the fast one exactly."""
     out = tmp_path / "parity.json"
     result = run_python(["benchmarks/loss_parity.py", "--size", "tiny", "--no-compile", "--steps", "2", "--float8",
-                         "--out", str(out)], timeout=120)
+                         "--overlap", "--out", str(out)], timeout=120)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "bf16 fast: max |fast - fp32|" in result.stdout and ": ok" in result.stdout
     assert "fast float8: FAILED to run (UserError: model.float8=true needs a CUDA GPU" in result.stdout
+    assert "max |overlap - fast| = 0.0000: ok" in result.stdout
     report = json.loads(out.read_text())
-    assert report["fast_ok"] and not report["ok"] and report["float8"] is None
-    assert set(report["curves"]) == {"fp32 plain", "bf16 plain", "bf16 fast"}
+    assert report["fast_ok"] and not report["ok"] and report["float8"] is None and report["overlap"]["ok"]
+    assert set(report["curves"]) == {"fp32 plain", "bf16 plain", "bf16 fast", "fast overlap"}
+    assert report["curves"]["fast overlap"] == report["curves"]["bf16 fast"]
 
 
 def test_gpu_check_refuses_an_archive_inside_the_directory_it_packs(tmp_path):
@@ -72,10 +76,22 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert [r["name"] for r in lean["rows"]] == ["ours"]
     assert "parallel.activation_checkpointing=full" in lean["rows"][0]["overrides"]
     assert "optim.in_backward=true" in lean["rows"][0]["overrides"]
-    for name in ("variant_expandable_segments", "variant_loss_chunk_8192", "variant_loss_chunk_16384"):
-        assert outcomes[name] == "ok", summary
+    for name in GPU_CHECK_STEPS:
+        if name.startswith("variant_") and name != "variant_float8_overlap":
+            assert outcomes[name] == "ok", summary
     chunked = json.loads((out / "variant_loss_chunk_8192.json").read_text())
     assert "model.loss_chunk_tokens=8192" in chunked["rows"][0]["overrides"]
+    overlap = json.loads((out / "variant_overlap.json").read_text())["rows"][0]
+    assert "optim.overlap=true" in overlap["overrides"] and overlap["status"] == "ok"
+    # The same seed and batches as the row of ours in throughput_1.5b, and the same update: the same losses.
+    ours = json.loads((out / "throughput_1.5b.json").read_text())["rows"][0]
+    assert (overlap["first_loss"], overlap["last_loss"]) == (ours["first_loss"], ours["last_loss"])
+    accum = json.loads((out / "throughput_1.5b_accum.json").read_text())
+    assert accum["accum"] == 2 and [r["name"] for r in accum["rows"]] == ["ours", "hf-liger"]
+    assert accum["rows"][0]["global_batch"] == 2 * accum["rows"][0]["micro_batch"]
+    assert accum["rows"][0]["tokens_per_sec"] == 2 * 2 * 128 / accum["rows"][0]["seconds"]
+    parity = json.loads((out / "loss_parity.json").read_text())
+    assert parity["ok"] and parity["overlap"]["ok"]
     assert "estimated peak tensor memory" in (out / "estimate.log").read_text()
     profile = (out / "profile_1.5b.txt").read_text()
     assert "ms/step wall clock" in profile and "aten::mm" in profile  # on a CPU: operators by their CPU time

@@ -118,3 +118,54 @@ def test_compiled_and_recomputed_blocks_are_grouped_and_hooked(checkpointing):
 def test_refused_where_it_cannot_hold(overrides, world_size):
     with pytest.raises(UserError, match="optim.overlap=true steps torch's fused AdamW on a side stream"):
         validate(compose_job(overrides), world_size)
+
+
+def test_checkpoints_pass_to_the_in_backward_optimizer_and_back(tmp_path):
+    """Format 2 keys the optimizer state by parameter name: optim.in_backward's one AdamW per parameter loads a
+    plain AdamW's checkpoint, and the other way round."""
+    import torch.nn.functional as F
+
+    from qwen2_dist.config import OptimConfig
+    from qwen2_dist.train import checkpoint
+    from qwen2_dist.train.optim import build_optimizer
+
+    def model():
+        m = build_model(get_model_args("tiny"), "cpu")
+        m.init_weights(0)
+        return m
+
+    plain = model()
+    plain_opt = build_optimizer(plain, OptimConfig(), "cpu")
+    batch = torch.randint(0, 1000, (2, 17), generator=torch.Generator().manual_seed(0))
+    F.cross_entropy(plain(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+    plain_opt.step()
+    checkpoint.write(str(tmp_path / "a"), plain, plain_opt, {"step": 1}, {"step": 1})
+    lean = model()
+    lean_opt = build_optimizer(lean, OptimConfig(in_backward=True), "cpu")
+    checkpoint.load(str(tmp_path / "a"), lean, lean_opt)
+    moments = {id(p): o.state[p]["exp_avg"] for o in lean_opt.optimizers for p in o.param_groups[0]["params"]}
+    for (name, a), b in zip(plain.named_parameters(), lean.parameters()):
+        assert torch.equal(plain_opt.state[a]["exp_avg"], moments[id(b)]), name
+    checkpoint.write(str(tmp_path / "b"), lean, lean_opt, {"step": 1}, {"step": 1})
+    back = model()
+    back_opt = build_optimizer(back, OptimConfig(), "cpu")
+    checkpoint.load(str(tmp_path / "b"), back, back_opt)
+    for (name, a), b in zip(plain.named_parameters(), back.parameters()):
+        assert torch.equal(plain_opt.state[a]["exp_avg_sq"], back_opt.state[b]["exp_avg_sq"]), name
+
+
+def test_a_checkpoint_of_format_1_still_loads(tmp_path, monkeypatch):
+    """Checkpoints written before format 2 (optimizer parameter groups by position) still resume, into an optimizer
+    grouped the same way."""
+    from qwen2_dist.train import checkpoint
+
+    old = _trainer(tmp_path / "old")
+    old.train_step()
+    old.step = 1
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "FORMAT_VERSION", 1)
+        path = old.save(blocking=True)
+    assert checkpoint.read_metadata(path)["format"] == 1
+    new = _trainer(tmp_path / "new")
+    new.restore(path)
+    assert torch.equal(old.train_step()[0], new.train_step()[0])
