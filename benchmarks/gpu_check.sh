@@ -11,7 +11,7 @@
 #                                                # on the device machine, which sends back 8 files at most: all of
 #                                                # /tmp/gc packed into one archive, repacked after every step (PACK
 #                                                # first: the shell expands $OUT there before OUT changes)
-#   SKIP="attention_gpu loss_parity" bash ...    # steps left out (recorded as skipped)
+#   SKIP="gpu_tests loss_parity" bash ...        # steps left out (recorded as skipped)
 #
 # Every step is its own python process under `timeout`, logs to $OUT/<step>.log and gets one line in
 # $OUT/summary.txt (ok, FAILED with the reason, or skipped with why); a failed step never stops the next. The exit
@@ -236,11 +236,13 @@ step throughput_1.5b_lean 75 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LA
     --micro-batch "$MB_LEAN" --ours parallel.activation_checkpointing=full --ours "parallel.compile=$COMPILE" \
     --ours optim.in_backward=true --ours train.grad_clip=0 --baseline none --json "$OUT/throughput_1.5b_lean.json"
 
-# 9. Attention backends against the reference in bf16 on CUDA (they skip themselves on a CPU); passed on 2026-11-27.
+# 9. The GPU-only tests (they skip themselves on a CPU): attention backends against the reference in bf16 (passed on
+# 2026-11-27), and the loss's fp32 weight-gradient accumulation by the matmul itself.
 if [[ -f tests/unit/test_attention_gpu.py ]]; then
-    step attention_gpu 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_attention_gpu.py
+    step gpu_tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_attention_gpu.py \
+        tests/unit/test_loss_gpu.py
 else
-    skip attention_gpu "tests/unit/test_attention_gpu.py does not exist"
+    skip gpu_tests "tests/unit/test_attention_gpu.py does not exist"
 fi
 
 # 10. qwen2-estimate for each configuration of ours measured in steps 2, 4 and 8, next to its measured peak.

@@ -14,7 +14,7 @@ TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "
 GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "variant_overlap", "variant_loss_chunk_8192",
                    "throughput_1.5b_accum", "loss_parity", "profile_1.5b", "variant_coordinate_descent",
                    "variant_loss_chunk_16384", "variant_expandable_segments", "variant_float8_overlap",
-                   "throughput_0.5b", "throughput_1.5b_lean", "attention_gpu", "estimate"]
+                   "throughput_0.5b", "throughput_1.5b_lean", "gpu_tests", "estimate"]
 
 
 def throughput(*args: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,52 @@
+"""The chunked loss's fp32 weight-gradient accumulation on CUDA: the matmul writing the fp32 sum itself (torch.mm /
+torch.addmm with out_dtype) against adding each chunk's bf16 product, both against an fp64 reference.
+
+Skipped without a GPU (benchmarks/gpu_check.sh runs it on one); on the CPU the fallback is what every other loss
+test runs.
+"""
+
+import pytest
+import torch
+
+from qwen2_dist.model import loss as loss_module
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _chunks(n=4, tokens=512, vocab=4096, hidden=256):
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    return [(torch.randn(vocab, tokens, device="cuda", generator=generator).bfloat16(),
+             torch.randn(tokens, hidden, device="cuda", generator=generator).bfloat16()) for _ in range(n)]
+
+
+def _sum(chunks, fused: bool):
+    saved = loss_module._FP32_OUT_MATMUL[0]
+    loss_module._FP32_OUT_MATMUL[0] = fused
+    try:
+        total = None
+        for a, b in chunks:
+            total = loss_module._accumulate(total, a, b, fp32=True)
+        return total
+    finally:
+        loss_module._FP32_OUT_MATMUL[0] = saved
+
+
+def test_this_torch_writes_fp32_from_a_bf16_matmul():
+    """If this fails, the loss falls back to adding bf16 products (correct, slower): the log says so at run time."""
+    a, b = _chunks(1)[0]
+    torch.mm(a, b, out_dtype=torch.float32)
+    total = torch.zeros(a.shape[0], b.shape[1], device="cuda")
+    torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+
+
+def test_fp32_accumulation_is_at_least_as_close_to_fp64():
+    chunks = _chunks()
+    reference = sum(a.double() @ b.double() for a, b in chunks)
+    fused, added = _sum(chunks, fused=True), _sum(chunks, fused=False)
+    assert fused.dtype == added.dtype == torch.float32
+    fused_error = (fused.double() - reference).abs().max().item()
+    added_error = (added.double() - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    # The added path rounds each chunk's product to bf16 (relative step 7.8e-3); the fused one keeps fp32.
+    assert added_error < 2e-2 * scale
+    assert fused_error <= added_error and fused_error < 1e-4 * scale, (fused_error, added_error, scale)
