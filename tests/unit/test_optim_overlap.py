@@ -169,3 +169,43 @@ def test_a_checkpoint_of_format_1_still_loads(tmp_path, monkeypatch):
     new = _trainer(tmp_path / "new")
     new.restore(path)
     assert torch.equal(old.train_step()[0], new.train_step()[0])
+
+
+def test_each_module_waits_for_its_own_update_just_before_it_runs(monkeypatch):
+    """The hook plumbing, with the CUDA stream and events stood in for: the embedding, every (compiled) block and the
+    final norm make the current stream wait for their own group's event right before their forward, once."""
+    from qwen2_dist.config import OptimConfig
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: real_compile(module, backend="eager"))
+    model = parallelize(build_model(get_model_args("tiny"), "meta"), None, ParallelConfig(compile="true"),
+                        device_type="cpu")
+    model.to_empty(device="cpu")
+    model.init_weights(0)
+    optimizer = OverlappedOptimizer(model, OptimConfig())
+    log = []
+
+    class Current:
+        def wait_event(self, event):
+            log.append(f"wait {event}")
+
+        def wait_stream(self, stream):
+            log.append("wait side stream")
+
+    class Side:
+        device = "cuda:0"
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Current())
+    optimizer.stream = Side()
+    optimizer._events = [f"event{i}" for i in range(len(optimizer._events))]
+    names = ["embed_tokens", *(f"layer{i}" for i in range(len(model.layers))), "norm"]
+    for name, module in zip(names, [model.embed_tokens, *model.layers, model.norm]):
+        module.register_forward_pre_hook(lambda module, args, name=name: log.append(f"run {name}"))
+    tokens = torch.randint(0, 1000, (1, 8))
+    model(tokens)
+    assert log == [line for i, name in enumerate(names) for line in (f"wait event{i}", f"run {name}")]
+    log.clear()
+    model(tokens)  # each event is waited for once
+    assert log == [f"run {name}" for name in names]
+    optimizer.wait()
+    assert log[-1] == "wait side stream"
