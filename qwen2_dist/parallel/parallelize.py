@@ -58,14 +58,13 @@ def parallelize(
             if index % every == 0:
                 model.layers[index] = checkpoint_wrapper(layer)
     compiled = compile_enabled(cfg, device_type, kernels)
+    options = inductor_options(cfg)
     if compiled:
         # Each block on its own (one graph, reused by every block), before FSDP so its hooks stay outside the graph.
-        options = inductor_options(cfg) or None
         for index, layer in enumerate(model.layers):
-            model.layers[index] = torch.compile(layer, options=options)
+            model.layers[index] = torch.compile(layer, options=options or None)
     if mesh is not None:
         apply_fsdp(model, mesh, cfg, param_dtype, device_type)
-    options = inductor_options(cfg)
     log.info(
         "parallelize: tp %d, activation checkpointing %s%s, compile %s, %s",
         tp, cfg.activation_checkpointing,
