@@ -175,3 +175,21 @@ def test_autocast_computes_in_bf16_and_returns_fp32_gradients():
         chunked = chunked_loss_and_grads(hidden, weight, targets, chunk_tokens=32)
     assert chunked[1].dtype == chunked[2].dtype == torch.float32
     assert_no_further_from_truth(truth, plain, chunked)
+
+
+def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
+    """The compiled path's chunk step subtracts the one-hot element-wise (so Inductor writes the gradient in one
+    pass, in the logits' dtype) where the eager one scatters: the same values, eager to eager bitwise, and compiled
+    through Inductor within fp32 rounding of the log-sum-exp."""
+    from qwen2_dist.model.loss import _chunk_loss_and_grad, _chunk_loss_and_grad_fusable
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(24, 301, generator=generator) * 4).bfloat16()
+    targets = torch.randint(0, 301, (24,), generator=generator)
+    loss, grad = _chunk_loss_and_grad(logits, targets)
+    fused_loss, fused_grad = _chunk_loss_and_grad_fusable(logits, targets)
+    assert torch.equal(loss, fused_loss) and torch.equal(grad, fused_grad) and grad.dtype == torch.bfloat16
+    assert (grad[torch.arange(24), targets] < 0).all()  # the one-hot is in it
+    compiled_loss, compiled_grad = torch.compile(_chunk_loss_and_grad_fusable, dynamic=False)(logits, targets)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=1e-2, atol=1e-3)
