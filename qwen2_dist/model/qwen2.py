@@ -31,20 +31,24 @@ class RMSNorm(nn.Module):
 
 
 def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables in fp32 for integer positions of shape (batch, seq), rotate-half layout."""
+    """cos and sin tables in fp32 for integer positions of shape (batch, seq), rotate-half layout, as apply_rotary
+    takes them: the sin table's first half negated (rotate-half's sign, folded in once per forward)."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     freqs = positions.float()[..., None] * inv_freq
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos()[:, None], emb.sin()[:, None]
+    sin = freqs.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos()[:, None], torch.cat((-sin, sin), dim=-1)[:, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (batch, heads, seq, head_dim) by the position angles, in fp32."""
+    """Rotate x (batch, heads, seq, head_dim) by the position angles, in fp32: x cos + rotate_half(x) sin, with
+    rotate_half(x) = (-x2, x1) for the halves x1, x2 written as the roll (x2, x1) times the signed sin of
+    rotary_cos_sin. A roll is an index shift that torch.compile fuses into the one element-wise kernel on every
+    device; a cat of the halves is fused on CUDA, but on the CPU Inductor wrote the rotated fp32 copy of q and k and
+    read it back, in forward and in backward (seen in its generated code). The same values as the cat, bitwise
+    (tests/unit/test_model.py)."""
     dtype = x.dtype
     x = x.float()
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (x * cos + rotated * sin).to(dtype)
+    return (x * cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * sin).to(dtype)
 
 
 class Attention(nn.Module):

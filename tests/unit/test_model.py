@@ -103,3 +103,21 @@ def test_autocast_keeps_the_residual_stream_in_bf16():
     assert set(seen) == {torch.bfloat16} and hidden.dtype == torch.bfloat16
     seen.clear()
     assert model.hidden_states(tokens).dtype == torch.float32 and set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_is_the_rotate_half_formula(dtype):
+    """apply_rotary's roll and signed sin table give x cos + rotate_half(x) sin with rotate_half(x) = cat(-x2, x1),
+    as transformers' Qwen2 writes it, bitwise."""
+    from qwen2_dist.model.qwen2 import apply_rotary, rotary_cos_sin
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 11, 16, generator=generator).to(dtype)
+    positions = torch.stack([torch.arange(11), torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 0, 1, 2])])
+    cos, sin = rotary_cos_sin(positions, 16, 1e6)
+    inv_freq = 1.0 / 1e6 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    angles = positions.float()[..., None] * inv_freq
+    emb = torch.cat((angles, angles), dim=-1)[:, None]
+    x32 = x.float()
+    expected = x32 * emb.cos() + torch.cat((-x32[..., 8:], x32[..., :8]), dim=-1) * emb.sin()
+    assert torch.equal(apply_rotary(x, cos, sin), expected.to(dtype))
