@@ -212,17 +212,17 @@ fi
 step profile_1.5b 60 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${PROFILE_STEPS[@]}" \
     --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" --baseline none --profile "$OUT/profile_1.5b.txt"
 
-# 7. More settings: Inductor tuning each fused kernel's launch (longer compile); the loss over 16384 tokens a chunk
-# (9.3 GiB for the chunk's logits and gradient); the allocator's expandable segments (less fragmentation near a
-# full GPU); float8 linears with the overlapped update.
+# 7. More settings: Inductor tuning each fused kernel's launch (longer compile); float8 linears with the overlapped
+# update; the loss over 16384 tokens a chunk (9.3 GiB for the chunk's logits and gradient); the allocator's
+# expandable segments (less fragmentation near a full GPU).
 variant coordinate_descent 100 -- +parallel.compile_options.coordinate_descent_tuning=true
-variant loss_chunk_16384 60 -- model.loss_chunk_tokens=16384
-variant expandable_segments 60 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --
 if [[ $DRY_RUN == 1 ]]; then
     skip variant_float8_overlap "dry run: model.float8=true needs CUDA"
 else
     variant float8_overlap 60 -- model.float8=true optim.overlap=true
 fi
+variant loss_chunk_16384 60 -- model.loss_chunk_tokens=16384
+variant expandable_segments 60 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --
 
 # 8. Targets met on 2026-11-27, measured again when time is left. Qwen2-0.5B, seq 4096: ours (compiled) against HF
 # and HF + Liger.
