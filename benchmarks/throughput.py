@@ -7,9 +7,9 @@ One process, one device (CUDA when visible, else the CPU), one configuration aft
 
 - ours: the job qwen2-train would run with model=SIZE, train.seq_len, train.micro_batch_size = the micro-batch,
   train.global_batch_size = the micro-batch x --accum (default 1: no accumulation), optim.lr=3e-4, then every --ours
-  KEY=VALUE; built by
-  qwen2_dist.cli.train.build_model_and_optimizer (one process: no FSDP, fp32 weights under bf16 autocast on CUDA) and
-  stepped by Trainer.train_step() on random token ids (a fixed seed, the same ids for every configuration).
+  KEY=VALUE; built by qwen2_dist.cli.train.build_model_and_optimizer (one process: no FSDP, fp32 weights under bf16
+  autocast on CUDA) and stepped by Trainer.train_step() on random token ids (a fixed seed, the same ids for every
+  configuration).
 - the baselines a user would pick instead: transformers' Qwen2ForCausalLM of the same shape, random init, fp32 weights
   under bf16 autocast (on CUDA), SDPA attention with PyTorch's default kernel order, loss from
   model(input_ids, labels=input_ids), fused AdamW with our optim.* values (weight decay on every parameter), gradient
