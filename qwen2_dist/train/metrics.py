@@ -152,6 +152,12 @@ def profile_summary(prof, steps: int, seconds: float, top: int = 25) -> str:
                 end = stop
         out.append(f"device busy {busy / 1e3 / steps:.1f} ms/step ({busy / 1e6 / seconds:.1%} of the wall clock); "
                    f"idle {100 - 100 * busy / 1e6 / seconds:.1f}%")
+        concurrent = sum(stop - start for start, stop in intervals) - busy
+        if concurrent > 0:
+            # Kernels of several streams at once (optim.overlap's side stream, NCCL): the kinds below add up to more
+            # than the busy time by this much.
+            out.append(f"kernels running alongside others (several streams): {concurrent / 1e3 / steps:.2f} "
+                       "ms/step of kernel time")
         by_name: dict[str, list[float]] = {}
         for event in kernels:
             entry = by_name.setdefault(event.name, [0, 0.0])

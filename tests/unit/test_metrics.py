@@ -67,7 +67,9 @@ def test_profile_summary_counts_kernel_time_by_kind_and_the_idle_share():
     lines = text.splitlines()
     assert lines[0] == "profiled 2 steps: 0.5 ms/step wall clock"
     assert lines[1] == "device busy 0.1 ms/step (29.0% of the wall clock); idle 71.0%"  # 0-150, 300-440: 290 us
-    kinds = {line[:44].strip(): float(line[44:53]) for line in lines[4:8]}
+    # 50-100 ran on two streams at once: 340 us of kernels in 290 us of busy time.
+    assert lines[2] == "kernels running alongside others (several streams): 0.03 ms/step of kernel time"
+    kinds = {line[:44].strip(): float(line[44:53]) for line in lines[5:9]}
     assert kinds == {"matmul": 0.05, "compiled (Inductor Triton)": 0.05, "attention": 0.05,
                      "optimizer + grad norm": 0.02}
     assert "aten::mm" not in text  # host-side operators are not device time
