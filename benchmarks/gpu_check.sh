@@ -170,8 +170,8 @@ step throughput_1.5b 200 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE"
 # 3. Settings that may close 1.5B's gap, each against step 2's row of ours (its losses too: the same seed and
 # batches). Measured slower on 2026-11-27 and so no longer here: model.fuse_projections (42.4k against 44.1k),
 # model.loss=liger (41.9k), parallel.activation_checkpointing=op (42.9k; 43.9k at micro-batch 6), micro-batch 5 (42.5k).
-variant() {  # variant NAME TIMEOUT_S [ENV=VALUE ...] -- OVERRIDE...
-    local name=$1 limit=$2 envs=()
+variant() {  # variant NAME TIMEOUT_S [ENV=VALUE ...] -- OVERRIDE...  (PROFILE_VARIANT=1: also --profile)
+    local name=$1 limit=$2 envs=() extra=()
     shift 2
     while [[ $1 != -- ]]; do
         envs+=("$1")
@@ -182,12 +182,16 @@ variant() {  # variant NAME TIMEOUT_S [ENV=VALUE ...] -- OVERRIDE...
     for override in "$@"; do
         overrides+=(--ours "$override")
     done
+    if [[ ${PROFILE_VARIANT:-0} == 1 ]]; then
+        extra=(--profile "$OUT/profile_$name.txt")
+    fi
     step "variant_$name" "$limit" env "${envs[@]}" "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" \
         --seq-len "$SEQ" "${STEPS[@]}" --micro-batch "$MB_VARIANT" --ours "parallel.compile=$COMPILE" \
-        "${overrides[@]}" --baseline none --json "$OUT/variant_$name.json"
+        "${overrides[@]}" --baseline none --json "$OUT/variant_$name.json" "${extra[@]}"
 }
-# AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward.
-variant overlap 60 -- optim.overlap=true
+# AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward;
+# then 2 profiled steps (after the timed ones): how much of the update ran alongside the forward.
+PROFILE_VARIANT=1 variant overlap 70 -- optim.overlap=true
 # The loss over 8192 tokens a chunk instead of 2048: fewer passes over the fp32 gradient of the 151,936 x 1,536
 # output matrix, larger matmuls (a chunk's bf16 logits and their gradient: 4.6 GiB, not 1.2).
 variant loss_chunk_8192 60 -- model.loss_chunk_tokens=8192

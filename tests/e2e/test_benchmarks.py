@@ -83,6 +83,8 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert "model.loss_chunk_tokens=8192" in chunked["rows"][0]["overrides"]
     overlap = json.loads((out / "variant_overlap.json").read_text())["rows"][0]
     assert "optim.overlap=true" in overlap["overrides"] and overlap["status"] == "ok"
+    assert "ms/step wall clock" in (out / "profile_overlap.txt").read_text()
+    assert not (out / "profile_loss_chunk_8192.txt").exists()  # only the overlap variant is profiled
     # The same seed and batches as the row of ours in throughput_1.5b, and the same update: the same losses.
     ours = json.loads((out / "throughput_1.5b.json").read_text())["rows"][0]
     assert (overlap["first_loss"], overlap["last_loss"]) == (ours["first_loss"], ours["last_loss"])
