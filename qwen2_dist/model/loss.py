@@ -95,8 +95,34 @@ def _compiled(fn, options: tuple = ()):
 
 
 _FP32_OUT_MATMUL: list[bool] = [True]
-"""Whether this torch's CUDA matmuls may write fp32 from bf16/fp16 inputs (torch.mm / torch.addmm with out_dtype);
-set to False, with a log line, at the first refusal."""
+"""False: never let the matmul write the fp32 sum (tests set it to compare with the fallback). Whether this torch
+can, on a device, is decided by _fp32_out_matmul_works."""
+
+
+@functools.cache
+def _fp32_out_matmul_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """One small trial of both calls against the sum they must compute, before the first real use: torch versions
+    differ in what they accept here (torch 2.11's meta function of addmm with out_dtype fails outright), and a
+    version that accepted the call but dropped the sum would be a silent error in every gradient of the head."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(64, 48, device=device, generator=generator).to(dtype)
+    b = torch.randn(48, 32, device=device, generator=generator).to(dtype)
+    total = torch.randn(64, 32, device=device, generator=generator)
+    expected = total + a.float() @ b.float()
+    try:
+        product = torch.mm(a, b, out_dtype=torch.float32)
+        result = torch.addmm(total, a, b, out_dtype=torch.float32, out=total)  # in place, as _accumulate calls it
+        ok = (product.dtype == result.dtype == torch.float32 and result.data_ptr() == total.data_ptr()
+              and torch.allclose(product, a.float() @ b.float(), rtol=1e-3, atol=1e-3)
+              and torch.allclose(result, expected, rtol=1e-3, atol=1e-3))
+        why = "it computed a different sum"
+    except (RuntimeError, TypeError) as exc:
+        ok, why = False, f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    if not ok:
+        log.warning("loss: this torch cannot write fp32 from a %s matmul on %s (%s); the head's gradient is summed "
+                    "by adding each chunk's %s product instead (the same result, more memory traffic)",
+                    dtype, device, why, dtype)
+    return ok
 
 
 def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, fp32: bool) -> torch.Tensor:
@@ -105,21 +131,14 @@ def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, fp
     For an fp32 total from bf16 a and b on CUDA, the matmul itself reads and writes the fp32 sum (cuBLAS with an fp32
     C), as Megatron's fused weight-gradient accumulation does: no bf16 product is written, read back and added. For
     the output head of Qwen2-1.5B that is about 2.8 GB of memory traffic less per chunk of the loss (0.9 ms on an
-    H100 by arithmetic; not yet measured). Elsewhere (the CPU has no such kernel, or this torch refuses it) the bf16
-    product is added to the fp32 sum, promoted in the add."""
+    H100 by arithmetic; not yet measured). Elsewhere (the CPU has no such kernel, or this torch fails the trial of
+    _fp32_out_matmul_works) the bf16 product is added to the fp32 sum, promoted in the add."""
     if not fp32 or total is not None and total.dtype == a.dtype:
         return a @ b if total is None else total.addmm_(a, b)
-    if a.dtype != torch.float32 and a.is_cuda and _FP32_OUT_MATMUL[0]:
-        try:
-            if total is None:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            return torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
-        except (RuntimeError, TypeError) as exc:
-            _FP32_OUT_MATMUL[0] = False
-            log.warning("loss: this torch cannot write fp32 from a %s matmul (%s: %s); adding the %s product instead "
-                        "(the same result, more memory traffic)",
-                        a.dtype, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "",
-                        a.dtype)
+    if a.dtype != torch.float32 and a.is_cuda and _FP32_OUT_MATMUL[0] and _fp32_out_matmul_works(a.device, a.dtype):
+        if total is None:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        return torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
     product = a @ b
     if total is None:
         return product.float()

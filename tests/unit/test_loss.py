@@ -193,3 +193,30 @@ def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
     compiled_loss, compiled_grad = torch.compile(_chunk_loss_and_grad_fusable, dynamic=False)(logits, targets)
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=1e-2, atol=1e-3)
+
+
+def test_the_fp32_out_matmul_is_tried_before_it_is_trusted(monkeypatch, caplog):
+    """The head's gradient is summed by the matmul itself only where a small trial computes the right sum: refused
+    (the CPU has no such kernel) or wrong (a torch that dropped the sum), the loss warns and adds bf16 products."""
+    from qwen2_dist.model import loss as loss_module
+
+    cpu = torch.device("cpu")
+    loss_module._fp32_out_matmul_works.cache_clear()
+    try:
+        with caplog.at_level("WARNING"):
+            assert not loss_module._fp32_out_matmul_works(cpu, torch.bfloat16)
+        assert "cannot write fp32 from a torch.bfloat16 matmul" in caplog.text and "NotImplementedError" in caplog.text
+        loss_module._fp32_out_matmul_works.cache_clear()
+        caplog.clear()
+        # A matmul that accepts the call but overwrites the sum instead of adding to it.
+        monkeypatch.setattr(torch, "mm", lambda a, b, out_dtype: a.float() @ b.float())
+        monkeypatch.setattr(torch, "addmm", lambda c, a, b, out_dtype, out: out.copy_(a.float() @ b.float()))
+        with caplog.at_level("WARNING"):
+            assert not loss_module._fp32_out_matmul_works(cpu, torch.bfloat16)
+        assert "it computed a different sum" in caplog.text
+        loss_module._fp32_out_matmul_works.cache_clear()
+        # One that adds: trusted.
+        monkeypatch.setattr(torch, "addmm", lambda c, a, b, out_dtype, out: out.add_(a.float() @ b.float()))
+        assert loss_module._fp32_out_matmul_works(cpu, torch.bfloat16)
+    finally:
+        loss_module._fp32_out_matmul_works.cache_clear()

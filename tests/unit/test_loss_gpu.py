@@ -32,11 +32,8 @@ def _sum(chunks, fused: bool):
 
 
 def test_this_torch_writes_fp32_from_a_bf16_matmul():
-    """If this fails, the loss falls back to adding bf16 products (correct, slower): the log says so at run time."""
-    a, b = _chunks(1)[0]
-    torch.mm(a, b, out_dtype=torch.float32)
-    total = torch.zeros(a.shape[0], b.shape[1], device="cuda")
-    torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    """If this fails, the loss falls back to adding bf16 products (correct, slower), with a warning at run time."""
+    assert loss_module._fp32_out_matmul_works(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
 
 
 def test_fp32_accumulation_is_at_least_as_close_to_fp64():
