@@ -189,8 +189,10 @@ variant() {  # variant NAME TIMEOUT_S [ENV=VALUE ...] -- OVERRIDE...  (PROFILE_V
         --seq-len "$SEQ" "${STEPS[@]}" --micro-batch "$MB_VARIANT" --ours "parallel.compile=$COMPILE" \
         "${overrides[@]}" --baseline none --json "$OUT/variant_$name.json" "${extra[@]}"
 }
-# AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward;
-# then 2 profiled steps (after the timed ones): how much of the update ran alongside the forward.
+# AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward:
+# first an exact check that the next forward never reads a weight still being updated (with a negative control),
+# then its speed and 2 profiled steps (after the timed ones): how much of the update ran alongside the forward.
+step overlap_gpu 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_optim_overlap_gpu.py
 PROFILE_VARIANT=1 variant overlap 70 -- optim.overlap=true
 # The loss over 8192 tokens a chunk instead of 2048: fewer passes over the fp32 gradient of the 151,936 x 1,536
 # output matrix, larger matmuls (a chunk's bf16 logits and their gradient: 4.6 GiB, not 1.2).

@@ -11,7 +11,7 @@ import tarfile
 from tests.helpers import REPO, run_python
 
 TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
-GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "variant_overlap", "variant_loss_chunk_8192",
+GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "overlap_gpu", "variant_overlap", "variant_loss_chunk_8192",
                    "throughput_1.5b_accum", "loss_parity", "profile_1.5b", "variant_coordinate_descent",
                    "variant_float8_overlap", "variant_loss_chunk_16384", "variant_expandable_segments",
                    "throughput_0.5b", "throughput_1.5b_lean", "gpu_tests", "estimate"]
