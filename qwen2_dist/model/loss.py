@@ -94,11 +94,6 @@ def _compiled(fn, options: tuple = ()):
     return torch.compile(fn, dynamic=False, options=dict(options) or None)
 
 
-_FP32_OUT_MATMUL: list[bool] = [True]
-"""False: never let the matmul write the fp32 sum (tests set it to compare with the fallback). Whether this torch
-can, on a device, is decided by _fp32_out_matmul_works."""
-
-
 @functools.cache
 def _fp32_out_matmul_works(device: torch.device, dtype: torch.dtype) -> bool:
     """One small trial of both calls against the sum they must compute, before the first real use: torch versions
@@ -133,9 +128,9 @@ def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, fp
     the output head of Qwen2-1.5B that is about 2.8 GB of memory traffic less per chunk of the loss (0.9 ms on an
     H100 by arithmetic; not yet measured). Elsewhere (the CPU has no such kernel, or this torch fails the trial of
     _fp32_out_matmul_works) the bf16 product is added to the fp32 sum, promoted in the add."""
-    if not fp32 or total is not None and total.dtype == a.dtype:
+    if not fp32 or (total is not None and total.dtype == a.dtype):
         return a @ b if total is None else total.addmm_(a, b)
-    if a.dtype != torch.float32 and a.is_cuda and _FP32_OUT_MATMUL[0] and _fp32_out_matmul_works(a.device, a.dtype):
+    if a.dtype != torch.float32 and a.is_cuda and _fp32_out_matmul_works(a.device, a.dtype):
         if total is None:
             return torch.mm(a, b, out_dtype=torch.float32)
         return torch.addmm(total, a, b, out_dtype=torch.float32, out=total)

@@ -19,16 +19,14 @@ def _chunks(n=4, tokens=512, vocab=4096, hidden=256):
              torch.randn(tokens, hidden, device="cuda", generator=generator).bfloat16()) for _ in range(n)]
 
 
-def _sum(chunks, fused: bool):
-    saved = loss_module._FP32_OUT_MATMUL[0]
-    loss_module._FP32_OUT_MATMUL[0] = fused
-    try:
-        total = None
-        for a, b in chunks:
-            total = loss_module._accumulate(total, a, b, fp32=True)
-        return total
-    finally:
-        loss_module._FP32_OUT_MATMUL[0] = saved
+def _sum(chunks, fused: bool, monkeypatch):
+    if not fused:  # the fallback: each chunk's bf16 product added to the fp32 sum
+        monkeypatch.setattr(loss_module, "_fp32_out_matmul_works", lambda device, dtype: False)
+    total = None
+    for a, b in chunks:
+        total = loss_module._accumulate(total, a, b, fp32=True)
+    monkeypatch.undo()
+    return total
 
 
 def test_this_torch_writes_fp32_from_a_bf16_matmul():
@@ -36,10 +34,10 @@ def test_this_torch_writes_fp32_from_a_bf16_matmul():
     assert loss_module._fp32_out_matmul_works(torch.device("cuda", torch.cuda.current_device()), torch.bfloat16)
 
 
-def test_fp32_accumulation_is_at_least_as_close_to_fp64():
+def test_fp32_accumulation_is_at_least_as_close_to_fp64(monkeypatch):
     chunks = _chunks()
     reference = sum(a.double() @ b.double() for a, b in chunks)
-    fused, added = _sum(chunks, fused=True), _sum(chunks, fused=False)
+    fused, added = _sum(chunks, True, monkeypatch), _sum(chunks, False, monkeypatch)
     assert fused.dtype == added.dtype == torch.float32
     fused_error = (fused.double() - reference).abs().max().item()
     added_error = (added.double() - reference).abs().max().item()
