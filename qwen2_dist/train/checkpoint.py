@@ -236,6 +236,8 @@ def clean_partial(ckpt_root: str) -> list[str]:
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fmt: int) -> dict:
     if optimizer is None:
         return {"model": get_model_state_dict(model)}
+    if hasattr(optimizer, "wait"):
+        optimizer.wait()  # optim.overlap: the last update may still be running on its side stream
     model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_options(fmt))
     return {"model": model_sd, "optim": optim_sd}
 

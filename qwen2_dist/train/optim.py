@@ -170,7 +170,7 @@ class OverlappedOptimizer:
     passed to every group's update, so the result is that of one AdamW step: one fused AdamW per group of parameters
     (the embedding; each decoder block; the final norm and an untied head), stepped in that order with the same decay
     groups. Forward pre-hooks make the main stream wait for a group's update before its first use (embedding, each
-    block, the final norm); wait() makes it wait for all of them (before a checkpoint reads the state).
+    block, the final norm); wait() makes it wait for all of them (checkpoint.py calls it before reading the state).
 
     On the CPU (no streams) the groups are stepped one after the other, which is what the tests compare against one
     AdamW. One process only (FSDP gathers the weights on streams of its own).

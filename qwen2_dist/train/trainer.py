@@ -123,8 +123,6 @@ class Trainer:
         train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.batches.state_dict(),
                        "guard": self.guard.state_dict()}
         meta = dict(self.metadata, tokens_seen=self.tokens_seen)
-        if hasattr(self.optimizer, "wait"):
-            self.optimizer.wait()  # optim.overlap: the last update may still run on its side stream
         path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, meta, blocking=blocking)
         if path is not None:
             self.saved_step = self.step

@@ -209,3 +209,15 @@ def test_each_module_waits_for_its_own_update_just_before_it_runs(monkeypatch):
     assert log == [f"run {name}" for name in names]
     optimizer.wait()
     assert log[-1] == "wait side stream"
+
+
+def test_a_checkpoint_waits_for_the_update_in_flight(tmp_path):
+    """Whatever writes a checkpoint (the trainer's saves, qwen2-convert, tests) reads the weights and moments only
+    after the side stream's update: checkpoint's state gathering calls the optimizer's wait()."""
+    trainer = _trainer(tmp_path, "optim.overlap=true")
+    trainer.train_step()
+    calls = []
+    trainer.optimizer.wait = lambda: calls.append("wait")
+    trainer.step = 1
+    trainer.save(blocking=True)
+    assert calls == ["wait"]
