@@ -198,11 +198,27 @@ PROFILE_VARIANT=1 variant overlap 70 -- optim.overlap=true
 # output matrix, larger matmuls (a chunk's bf16 logits and their gradient: 4.6 GiB, not 1.2).
 variant loss_chunk_8192 60 -- model.loss_chunk_tokens=8192
 
-# 4. The same comparison at 4 micro-batches per optimizer step, as a pretraining batch of millions of tokens on few
-# GPUs takes it (the optimizer's fixed cost shared by 4 micro-batches, for ours and the baseline alike).
-step throughput_1.5b_accum 150 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" \
-    "${ACCUM_STEPS[@]}" --accum "$ACCUM" --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" \
-    --baseline "hf-liger:$MB_LIGER" --json "$OUT/throughput_1.5b_accum.json"
+# 4. The variants of step 3 that beat step 2's row of ours by 1% or more (benchmarks/pick_variants.py; why each was
+# picked or not: pick_variants.log), together, against HF + Liger in the same invocation: a row that closes the gap
+# must be measured against the baseline in the same run. Skipped when none won. The dry run picks every variant.
+pick_flags=(--min-gain 0.01)
+if [[ $DRY_RUN == 1 ]]; then
+    pick_flags+=(--all)
+fi
+pick_rc=0
+winners=$("$PYTHON" benchmarks/pick_variants.py "${pick_flags[@]}" "$OUT/throughput_1.5b.json" \
+    "$OUT/variant_overlap.json" "$OUT/variant_loss_chunk_8192.json" 2> "$OUT/pick_variants.log") || pick_rc=$?
+if ((pick_rc == 0)); then
+    combined=()
+    while read -r override; do
+        combined+=(--ours "$override")
+    done <<< "$winners"
+    step combined_1.5b 110 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \
+        --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" "${combined[@]}" --baseline "hf-liger:$MB_LIGER" \
+        --json "$OUT/combined_1.5b.json"
+else
+    skip combined_1.5b "$(tail -n 1 "$OUT/pick_variants.log")"
+fi
 
 # 5. Loss parity of the fast path with the plain one over 20 steps, against fp32 as the scale of bf16 noise, and
 # (each with its own verdict) the fast path with optim.overlap and, on CUDA, with float8 linears (model.float8:
@@ -214,11 +230,17 @@ else
     step loss_parity 150 "$PYTHON" benchmarks/loss_parity.py --float8 --overlap --out "$OUT/loss_parity.json"
 fi
 
-# 6. Where ours spends its step: kernel time by kind, the busiest kernels, the device's idle share.
+# 6. The same comparison at 4 micro-batches per optimizer step, as a pretraining batch of millions of tokens on few
+# GPUs takes it (the optimizer's fixed cost shared by 4 micro-batches, for ours and the baseline alike).
+step throughput_1.5b_accum 150 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" \
+    "${ACCUM_STEPS[@]}" --accum "$ACCUM" --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" \
+    --baseline "hf-liger:$MB_LIGER" --json "$OUT/throughput_1.5b_accum.json"
+
+# 7. Where ours spends its step: kernel time by kind, the busiest kernels, the device's idle share.
 step profile_1.5b 60 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${PROFILE_STEPS[@]}" \
     --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" --baseline none --profile "$OUT/profile_1.5b.txt"
 
-# 7. More settings: Inductor tuning each fused kernel's launch (longer compile); float8 linears with the overlapped
+# 8. More settings: Inductor tuning each fused kernel's launch (longer compile); float8 linears with the overlapped
 # update; the loss over 16384 tokens a chunk (9.3 GiB for the chunk's logits and gradient); the allocator's
 # expandable segments (less fragmentation near a full GPU).
 variant coordinate_descent 100 -- +parallel.compile_options.coordinate_descent_tuning=true
@@ -230,7 +252,7 @@ fi
 variant loss_chunk_16384 60 -- model.loss_chunk_tokens=16384
 variant expandable_segments 60 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --
 
-# 8. Targets met on 2026-11-27, measured again when time is left. Qwen2-0.5B, seq 4096: ours (compiled) against HF
+# 9. Targets met on 2026-11-27, measured again when time is left. Qwen2-0.5B, seq 4096: ours (compiled) against HF
 # and HF + Liger.
 step throughput_0.5b 90 "$PYTHON" benchmarks/throughput.py --size "$SIZE_SMALL" --seq-len "$SEQ" "${STEPS[@]}" \
     --micro-batch "$MB_OURS_SMALL" --ours "parallel.compile=$COMPILE" --baseline "hf:$MB_HF_SMALL" \
@@ -242,7 +264,7 @@ step throughput_1.5b_lean 75 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LA
     --micro-batch "$MB_LEAN" --ours parallel.activation_checkpointing=full --ours "parallel.compile=$COMPILE" \
     --ours optim.in_backward=true --ours train.grad_clip=0 --baseline none --json "$OUT/throughput_1.5b_lean.json"
 
-# 9. The GPU-only tests (they skip themselves on a CPU): attention backends against the reference in bf16 (passed on
+# 10. The GPU-only tests (they skip themselves on a CPU): attention backends against the reference in bf16 (passed on
 # 2026-11-27), and the loss's fp32 weight-gradient accumulation by the matmul itself.
 if [[ -f tests/unit/test_attention_gpu.py ]]; then
     step gpu_tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_attention_gpu.py \
@@ -251,10 +273,10 @@ else
     skip gpu_tests "tests/unit/test_attention_gpu.py does not exist"
 fi
 
-# 10. qwen2-estimate for each configuration of ours measured in steps 2, 4 and 8, next to its measured peak.
+# 11. qwen2-estimate for each configuration of ours measured in steps 2, 4, 6 and 9, next to its measured peak.
 reports=()
-for report in "$OUT/throughput_1.5b.json" "$OUT/throughput_1.5b_accum.json" "$OUT/throughput_1.5b_lean.json" \
-    "$OUT/throughput_0.5b.json"; do
+for report in "$OUT/throughput_1.5b.json" "$OUT/combined_1.5b.json" "$OUT/throughput_1.5b_accum.json" \
+    "$OUT/throughput_1.5b_lean.json" "$OUT/throughput_0.5b.json"; do
     if [[ -f $report ]]; then
         reports+=("$report")
     fi
@@ -262,7 +284,7 @@ done
 if ((${#reports[@]})); then
     step estimate 30 "$PYTHON" benchmarks/estimate_vs_measured.py "${reports[@]}"
 else
-    skip estimate "steps 2, 4 and 8 wrote no JSON"
+    skip estimate "steps 2, 4, 6 and 9 wrote no JSON"
 fi
 
 echo "total $((SECONDS - STARTED)) s" >> "$SUMMARY"

@@ -12,7 +12,7 @@ from tests.helpers import REPO, run_python
 
 TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
 GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "overlap_gpu", "variant_overlap", "variant_loss_chunk_8192",
-                   "throughput_1.5b_accum", "loss_parity", "profile_1.5b", "variant_coordinate_descent",
+                   "combined_1.5b", "loss_parity", "throughput_1.5b_accum", "profile_1.5b", "variant_coordinate_descent",
                    "variant_float8_overlap", "variant_loss_chunk_16384", "variant_expandable_segments",
                    "throughput_0.5b", "throughput_1.5b_lean", "gpu_tests", "estimate"]
 
@@ -88,6 +88,11 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     # The same seed and batches as the row of ours in throughput_1.5b, and the same update: the same losses.
     ours = json.loads((out / "throughput_1.5b.json").read_text())["rows"][0]
     assert (overlap["first_loss"], overlap["last_loss"]) == (ours["first_loss"], ours["last_loss"])
+    # The dry run combines every variant (--all): on a GPU only those 1% faster than the default row of ours.
+    combined = json.loads((out / "combined_1.5b.json").read_text())
+    assert combined["ours_overrides"] == ["parallel.compile=auto", "optim.overlap=true", "model.loss_chunk_tokens=8192"]
+    assert [r["name"] for r in combined["rows"]] == ["ours", "hf-liger"] and combined["rows"][0]["status"] == "ok"
+    assert "picked (--all)" in (out / "pick_variants.log").read_text()
     accum = json.loads((out / "throughput_1.5b_accum.json").read_text())
     assert accum["accum"] == 2 and [r["name"] for r in accum["rows"]] == ["ours", "hf-liger"]
     assert accum["rows"][0]["global_batch"] == 2 * accum["rows"][0]["micro_batch"]

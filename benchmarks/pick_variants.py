@@ -1,0 +1,95 @@
+"""Which variants of ours beat the default row: the overrides to run together in one more invocation, with the
+baseline, so that a combination that closes the gap is measured against the baseline in the same run.
+
+    python benchmarks/pick_variants.py DEFAULT.json VARIANT.json [VARIANT.json ...] [--min-gain 0.01] [--all]
+
+DEFAULT.json and each VARIANT.json are `benchmarks/throughput.py --json` reports. A variant's own overrides are its
+`ours_overrides` less the default's; it wins when its row of ours (same micro-batch) ran and its tokens/s beat the
+default's by at least --min-gain (a fraction; 0.01 by default: runs of the same setting differ by a fraction of a
+percent). The winners' overrides go to stdout, one per line; what was decided for each report goes to stderr. A
+variant without overrides of its own (an environment variable only), a missing or failed row, or a report of
+another size or sequence length is never picked. --all picks every variant that ran (the dry run uses it, so that
+the combined step is exercised on the CPU, where the timings mean nothing).
+
+Exit 0 with the winners, 3 when none won (nothing printed to stdout), 2 for an unreadable default report.
+"""
+
+import argparse
+import json
+import sys
+
+NO_WINNER = 3
+
+
+def ours_row(report: dict) -> dict | None:
+    """The first row of ours that ran, or None."""
+    return next((row for row in report.get("rows", []) if row.get("name") == "ours" and row.get("status") == "ok"),
+                None)
+
+
+def load(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as exc:
+        print(f"{path}: not read ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+
+
+def pick(default: dict, variants: dict[str, dict | None], min_gain: float, take_all: bool) -> list[str]:
+    """The winning overrides, in the variants' order, each once; the reasons are printed to stderr."""
+    base = ours_row(default)
+    if base is None:
+        raise ValueError("the default report has no row of ours that ran")
+    base_overrides = set(default.get("ours_overrides", []))
+    winners: list[str] = []
+    for path, report in variants.items():
+        if report is None:
+            continue  # load() said why
+        row = ours_row(report)
+        own = [o for o in report.get("ours_overrides", []) if o not in base_overrides]
+        if (report.get("size"), report.get("seq_len")) != (default.get("size"), default.get("seq_len")):
+            verdict = (f"not comparable ({report.get('size')} seq {report.get('seq_len')}, the default is "
+                       f"{default.get('size')} seq {default.get('seq_len')})")
+        elif row is None:
+            verdict = "no row of ours ran"
+        elif row["micro_batch"] != base["micro_batch"]:
+            verdict = f"micro-batch {row['micro_batch']}, the default's is {base['micro_batch']}"
+        elif not own:
+            verdict = "no overrides of its own (an environment setting): not combinable here"
+        else:
+            gain = row["tokens_per_sec"] / base["tokens_per_sec"] - 1
+            won = take_all or gain >= min_gain
+            verdict = (f"{row['tokens_per_sec']:,.0f} tokens/s against {base['tokens_per_sec']:,.0f} ({gain:+.1%}): "
+                       f"{'picked' if won else 'not picked'}{' (--all)' if take_all and gain < min_gain else ''}")
+            if won:
+                winners += [o for o in own if o not in winners]
+        print(f"{path}: {' '.join(own) or '(none)'}: {verdict}", file=sys.stderr)
+    return winners
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("default", help="throughput.py --json report of the default setting")
+    parser.add_argument("variants", nargs="+", help="throughput.py --json reports of the variants")
+    parser.add_argument("--min-gain", type=float, default=0.01,
+                        help="smallest gain over the default that counts, as a fraction (default 0.01)")
+    parser.add_argument("--all", action="store_true", help="pick every variant that ran, gain or not")
+    opts = parser.parse_args(argv)
+    default = load(opts.default)
+    try:
+        if default is None:
+            raise ValueError("it could not be read")
+        winners = pick(default, {path: load(path) for path in opts.variants}, opts.min_gain, opts.all)
+    except ValueError as exc:
+        print(f"error: {opts.default}: {exc}; run the default step first", file=sys.stderr)
+        return 2
+    if not winners:
+        print("no variant won", file=sys.stderr)
+        return NO_WINNER
+    print("\n".join(winners))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""benchmarks/pick_variants.py: which variants of ours the GPU check runs together against the baseline, decided on
+made-up throughput reports (no model is run)."""
+
+import json
+
+import pytest
+
+from benchmarks import pick_variants
+from tests.helpers import run_python
+
+
+def report(tokens_per_sec, *overrides, status="ok", micro_batch=4, size="qwen2-1.5b", seq_len=4096):
+    return {"size": size, "seq_len": seq_len, "ours_overrides": ["parallel.compile=true", *overrides],
+            "rows": [{"name": "ours", "status": status, "micro_batch": micro_batch,
+                      "tokens_per_sec": tokens_per_sec if status == "ok" else None},
+                     {"name": "hf-liger", "status": "ok", "micro_batch": 4, "tokens_per_sec": 1.0}]}
+
+
+DEFAULT = report(44000.0)
+
+
+def test_picks_the_variants_at_least_min_gain_faster_in_their_order(capsys):
+    variants = {
+        "overlap.json": report(45500.0, "optim.overlap=true"),  # +3.4%
+        "chunk.json": report(44300.0, "model.loss_chunk_tokens=8192"),  # +0.7%: noise
+        "both.json": report(46000.0, "model.loss_chunk_tokens=16384", "optim.overlap=true"),  # overlap only once
+        "slower.json": report(40000.0, "model.fuse_projections=true"),
+    }
+    winners = pick_variants.pick(DEFAULT, variants, 0.01, take_all=False)
+    assert winners == ["optim.overlap=true", "model.loss_chunk_tokens=16384"]
+    err = capsys.readouterr().err
+    assert "overlap.json: optim.overlap=true: 45,500 tokens/s against 44,000 (+3.4%): picked" in err
+    assert "chunk.json: model.loss_chunk_tokens=8192: 44,300 tokens/s against 44,000 (+0.7%): not picked" in err
+    assert pick_variants.pick(DEFAULT, variants, 0.005, take_all=False) == [
+        "optim.overlap=true", "model.loss_chunk_tokens=8192", "model.loss_chunk_tokens=16384"]
+    assert pick_variants.pick(DEFAULT, variants, 0.01, take_all=True)[-1] == "model.fuse_projections=true"
+
+
+@pytest.mark.parametrize("variant, why", [
+    (report(50000.0, "optim.overlap=true", status="OOM"), "no row of ours ran"),
+    (report(50000.0, "optim.overlap=true", micro_batch=6), "micro-batch 6, the default's is 4"),
+    (report(50000.0, "optim.overlap=true", size="qwen2-0.5b"), "not comparable (qwen2-0.5b seq 4096"),
+    (report(50000.0, "optim.overlap=true", seq_len=2048), "not comparable (qwen2-1.5b seq 2048"),
+    (report(50000.0), "no overrides of its own (an environment setting)"),
+])
+def test_never_picks_what_is_not_comparable_or_not_combinable(variant, why, capsys):
+    assert pick_variants.pick(DEFAULT, {"v.json": variant}, 0.01, take_all=True) == []
+    assert why in capsys.readouterr().err
+
+
+def test_command_line_exit_codes(tmp_path):
+    paths = {}
+    for name, content in (("default", DEFAULT), ("win", report(46000.0, "optim.overlap=true")),
+                          ("lose", report(43000.0, "model.loss_chunk_tokens=8192")),
+                          ("bad_default", {"rows": [{"name": "ours", "status": "OOM"}]})):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(content))
+    script = "benchmarks/pick_variants.py"
+
+    result = run_python([script, str(paths["default"]), str(paths["win"]), str(paths["lose"]),
+                         str(tmp_path / "missing.json")], timeout=60)
+    assert result.returncode == 0 and result.stdout.splitlines() == ["optim.overlap=true"], result.stderr
+    assert "missing.json: not read (FileNotFoundError" in result.stderr  # a variant step that wrote nothing
+
+    result = run_python([script, str(paths["default"]), str(paths["lose"])], timeout=60)
+    assert result.returncode == pick_variants.NO_WINNER and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == "no variant won"
+
+    result = run_python([script, str(paths["bad_default"]), str(paths["win"])], timeout=60)
+    assert result.returncode == 2 and "no row of ours that ran; run the default step first" in result.stderr
