@@ -198,10 +198,10 @@ PROFILE_VARIANT=1 variant overlap 70 -- optim.overlap=true
 # output matrix, larger matmuls (a chunk's bf16 logits and their gradient: 4.6 GiB, not 1.2).
 variant loss_chunk_8192 60 -- model.loss_chunk_tokens=8192
 
-# 4. The variants of step 3 that beat step 2's row of ours by 1% or more (benchmarks/pick_variants.py; why each was
+# 4. The variants of step 3 that beat step 2's row of ours by 0.5% or more (benchmarks/pick_variants.py; why each was
 # picked or not: pick_variants.log), together, against HF + Liger in the same invocation: a row that closes the gap
 # must be measured against the baseline in the same run. Skipped when none won. The dry run picks every variant.
-pick_flags=(--min-gain 0.01)
+pick_flags=(--min-gain 0.005)
 if [[ $DRY_RUN == 1 ]]; then
     pick_flags+=(--all)
 fi
