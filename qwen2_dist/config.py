@@ -1,7 +1,10 @@
 """The typed schema of a job (registered in Hydra's ConfigStore) and validate(), which refuses impossible jobs early."""
 
+import dataclasses
+import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -46,8 +49,6 @@ def inductor_options(p: "ParallelConfig") -> dict[str, Any]:
     walk("", dict(p.compile_options or {}))
     if not flat:
         return flat
-    import difflib
-
     import torch._inductor.config as inductor_config
 
     known = set(inductor_config.get_config_copy())
@@ -324,6 +325,57 @@ class JobConfig:
     """Where metrics.jsonl, config.yaml, logs and checkpoints/ go; the same run_dir resumes the run."""
     seed: int = 0
     """Seed of the weight init and the data order."""
+
+
+def schema_keys(schema: type = JobConfig, prefix: str = "") -> list[str]:
+    """Every key of the job schema, dotted ('train.seq_len'); a dict of free names (parallel.compile_options) and a
+    list of records (data.sources) are one key each."""
+    keys = []
+    for name, kind in typing.get_type_hints(schema).items():
+        if dataclasses.is_dataclass(kind):
+            keys += schema_keys(kind, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def did_you_mean(key: str) -> str:
+    """'; did you mean X?' for the schema keys closest to a misspelled one, or ''. A key of the same last part in
+    another section comes first (train.lr: optim.lr), then keys close as a whole, then keys of a close last part."""
+    known = schema_keys()
+    last = key.rsplit(".", 1)[-1]
+    by_last: dict[str, list[str]] = {}
+    for name in known:
+        by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    close = list(by_last.get(last, []))
+    close += difflib.get_close_matches(key, known, n=3)
+    for near in difflib.get_close_matches(last, list(by_last), n=3):
+        close += by_last[near]
+    close = list(dict.fromkeys(name for name in close if name != key))[:3]
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def check_known_keys(container: dict, schema: type = JobConfig, prefix: str = "") -> None:
+    """Refuse a key the job schema does not have. Hydra adds any key given as +key=value or ++key=value, without
+    checking it against the schema, and the job would then run with that setting silently ignored. container: the
+    composed config as plain dicts and lists (OmegaConf.to_container)."""
+    hints = typing.get_type_hints(schema)
+    for key, value in container.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            siblings = [f"{prefix}{name}" for name in difflib.get_close_matches(key, list(hints), n=3)]
+            hint = f"; did you mean {' or '.join(siblings)}?" if siblings else did_you_mean(full)
+            raise UserError(f"{full}: no such setting{hint} (a +{full}=... override adds a key that nothing reads; "
+                            "list the valid keys with qwen2-train --cfg job)")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind) and isinstance(value, dict):
+            check_known_keys(value, kind, f"{full}.")
+        elif typing.get_origin(kind) is list and isinstance(value, list):
+            (item_kind,) = typing.get_args(kind)
+            if dataclasses.is_dataclass(item_kind):
+                for index, item in enumerate(value):
+                    if isinstance(item, dict):
+                        check_known_keys(item, item_kind, f"{full}[{index}].")
 
 
 def register_configs() -> None:

@@ -3,6 +3,7 @@
 import hashlib
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,7 +13,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from qwen2_dist.config import JobConfig, parse_bytes, register_configs, uses_bf16, validate
+from qwen2_dist.config import (
+    JobConfig, check_known_keys, did_you_mean, parse_bytes, register_configs, uses_bf16, validate,
+)
 from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.train.faults import TrainingHalted
 
@@ -105,7 +108,7 @@ def run(cfg: DictConfig):
     from qwen2_dist.train import checkpoint
     from qwen2_dist.train.trainer import Trainer
 
-    job: JobConfig = OmegaConf.to_object(cfg)
+    job = to_job(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     _, local_rank, world_size = world_from_env()
     layout = validate(job, world_size)
@@ -223,11 +226,46 @@ def compose_job(overrides: list[str]) -> JobConfig:
     try:
         with initialize_config_dir(config_dir=path, version_base="1.3"):
             cfg = compose("config", overrides=overrides)
-        return OmegaConf.to_object(cfg)
     except Exception as exc:  # Hydra/OmegaConf raise many types; all mean "this override is wrong"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"bad override in {' '.join(overrides)!r}: {first} (list the valid keys with "
-                        "qwen2-train --cfg job)") from None
+        raise UserError(f"bad override in {' '.join(overrides)!r}: {_why(exc, path)}") from None
+    try:
+        return to_job(cfg)
+    except UserError as exc:
+        raise UserError(f"bad override in {' '.join(overrides)!r}: {exc}") from None
+
+
+def to_job(cfg: DictConfig) -> JobConfig:
+    """The typed job of a composed config, refusing keys the schema does not have (see check_known_keys)."""
+    check_known_keys(OmegaConf.to_container(cfg, resolve=False))
+    try:
+        return OmegaConf.to_object(cfg)
+    except Exception as exc:  # e.g. an interpolation that does not resolve
+        raise UserError(_why(exc, conf_dir())) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _why(exc: Exception, path: str) -> str:
+    """Hydra's complaint in one line, with what fixes it: the closest keys to a misspelled one, the options of a
+    config group, the reason a value does not fit its field (Hydra puts it in the exception's cause)."""
+    first = _first_line(exc)
+    missing_key = re.match(r"Could not override '([^']+)'", first)
+    missing_option = re.search(r"Could not find '([^'/]+)/([^']+)'", first)
+    if missing_key:
+        key = missing_key.group(1)
+        if key.startswith("parallel.compile_options."):  # a dict of free names: its keys are added, not set
+            return f"{first.rstrip('.')}: an Inductor setting is added with +{key}=VALUE"
+        return f"{first.rstrip('.')}: no such setting{did_you_mean(key)}"
+    if missing_option:
+        group, option = missing_option.groups()
+        options = sorted(p.stem for p in Path(path, group).glob("*.yaml"))
+        if options:
+            return f"{group}={option}: no such {group} in {path}/{group}; choose one of {', '.join(options)}"
+    if exc.__cause__ is not None:
+        return f"{first}: {_first_line(exc.__cause__)}"
+    return f"{first} (list the valid keys with qwen2-train --cfg job)"
 
 
 def _precheck(argv: list[str]) -> JobConfig | None:

@@ -121,6 +121,51 @@ def test_config_interpolation_cannot_execute_code(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("override, expected", [
+    # Hydra adds any key given with + or ++, unchecked: the job would run with the setting ignored.
+    ("+train.newkey=1", "train.newkey: no such setting; did you mean"),
+    ("++train.stepz=3", "train.stepz: no such setting; did you mean train.steps"),
+    ("+newtop=1", "newtop: no such setting (a +newtop=... override adds a key that nothing reads"),
+    # Keys Hydra refuses itself, now with the closest ones.
+    ("optimm.lr=1", "Could not override 'optimm.lr': no such setting; did you mean optim.lr"),
+    ("train.lr=1", "did you mean optim.lr"),
+    ("parallel.compile_options.max_autotune=true", "an Inductor setting is added with "
+                                                   "+parallel.compile_options.max_autotune=VALUE"),
+    # A config group's options; a value that does not fit its field (Hydra's reason is in the exception's cause).
+    ("model=qwen2_1.5b", "model=qwen2_1.5b: no such model in "),
+    ("optim.lr=abc", "Error merging override optim.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    ("+data.sources=[{path: /x, wieght: 1}]", "Key 'wieght' not in 'DataSource'"),
+])
+def test_a_bad_key_or_value_is_refused_in_one_line_with_the_fix(override, expected):
+    from qwen2_dist.cli.train import compose_job
+
+    with pytest.raises(UserError) as caught:
+        compose_job([override])
+    message = str(caught.value)
+    assert message.startswith(f"bad override in {override!r}: ") and expected in message, message
+    assert "\n" not in message
+    if override.startswith("model="):
+        assert message.endswith("choose one of debug, qwen2-0.5b, qwen2-1.5b, qwen2-72b, qwen2-7b, tiny"), message
+
+
+def test_keys_that_may_be_added_still_are_and_unknown_ones_inside_a_list_are_found():
+    from qwen2_dist.cli.train import compose_job, to_job
+    from qwen2_dist.config import check_known_keys
+
+    job = compose_job(["+parallel.compile_options.max_autotune=true",
+                       "+parallel.compile_options.triton.cudagraphs=false"])
+    assert job.parallel.compile_options == {"max_autotune": True, "triton": {"cudagraphs": False}}
+    with pytest.raises(UserError, match=r"^data\.sources\[1\]\.wieght: no such setting; did you mean "
+                                        r"data\.sources\[1\]\.weight\?"):
+        check_known_keys({"data": {"sources": [{"path": "/a", "weight": 1.0}, {"path": "/b", "wieght": 1.0}]}})
+    # The path of a Hydra launch with flags (multirun), which skips compose_job: run() converts with to_job.
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["+eval.sample=4"])
+    with pytest.raises(UserError, match=r"^eval\.sample: no such setting; did you mean eval\.samples"):
+        to_job(cfg)
+
+
 @pytest.mark.parametrize("version, fails", [("2.11.0", False), ("2.12.0", True), ("2.13.0", True),
                                              ("2.13.1+cu130", True), ("2.14.0", False), ("2.14.1", False)])
 def test_the_recompute_compile_refusal_covers_the_torch_versions_measured_to_fail(monkeypatch, version, fails):
