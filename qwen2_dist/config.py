@@ -508,6 +508,13 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"optim.lr={o.lr}: the learning rate must be positive")
     if not 0 <= o.min_lr_ratio <= 1:
         raise UserError(f"optim.min_lr_ratio={o.min_lr_ratio}: must lie in [0, 1]")
+    # AdamW would refuse these only when it is built, after the launch, in a traceback on every rank.
+    for name, value in (("optim.beta1", o.beta1), ("optim.beta2", o.beta2)):
+        if not 0 <= value < 1:
+            raise UserError(f"{name}={value}: must lie in [0, 1) (e.g. optim.beta1=0.9 optim.beta2=0.95)")
+    if o.eps <= 0 or o.weight_decay < 0:
+        raise UserError(f"optim.eps={o.eps}, optim.weight_decay={o.weight_decay}: need eps > 0 and weight_decay "
+                        ">= 0 (0 turns decay off)")
     if o.warmup_steps < 0 or o.warmup_steps > t.steps:
         raise UserError(f"optim.warmup_steps={o.warmup_steps}: must lie in [0, train.steps={t.steps}]")
     if o.schedule not in SCHEDULES:
