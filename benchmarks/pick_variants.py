@@ -27,6 +27,15 @@ def ours_row(report: dict) -> dict | None:
                 None)
 
 
+def losses(row: dict, base: dict) -> str:
+    """The last timed loss of both rows (the same seed and batches: a variant that computes the same update, such as
+    optim.overlap, should match up to the GPU's run-to-run noise), when both have one."""
+    if not isinstance(row.get("last_loss"), float) or not isinstance(base.get("last_loss"), float):
+        return ""
+    return (f"; last loss {row['last_loss']:.4f} against {base['last_loss']:.4f} "
+            f"({row['last_loss'] - base['last_loss']:+.4f})")
+
+
 def load(path: str) -> dict | None:
     try:
         with open(path) as f:
@@ -61,7 +70,8 @@ def pick(default: dict, variants: dict[str, dict | None], min_gain: float, take_
             gain = row["tokens_per_sec"] / base["tokens_per_sec"] - 1
             won = take_all or gain >= min_gain
             verdict = (f"{row['tokens_per_sec']:,.0f} tokens/s against {base['tokens_per_sec']:,.0f} ({gain:+.1%}): "
-                       f"{'picked' if won else 'not picked'}{' (--all)' if take_all and gain < min_gain else ''}")
+                       f"{'picked' if won else 'not picked'}{' (--all)' if take_all and gain < min_gain else ''}"
+                       f"{losses(row, base)}")
             if won:
                 winners += [o for o in own if o not in winners]
         print(f"{path}: {' '.join(own) or '(none)'}: {verdict}", file=sys.stderr)

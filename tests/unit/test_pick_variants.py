@@ -17,11 +17,14 @@ def report(tokens_per_sec, *overrides, status="ok", micro_batch=4, size="qwen2-1
 
 
 DEFAULT = report(44000.0)
+DEFAULT["rows"][0]["last_loss"] = 12.2110
 
 
 def test_picks_the_variants_at_least_min_gain_faster_in_their_order(capsys):
+    overlap = report(45500.0, "optim.overlap=true")  # +3.4%
+    overlap["rows"][0]["last_loss"] = 12.2112
     variants = {
-        "overlap.json": report(45500.0, "optim.overlap=true"),  # +3.4%
+        "overlap.json": overlap,
         "chunk.json": report(44300.0, "model.loss_chunk_tokens=8192"),  # +0.7%: noise
         "both.json": report(46000.0, "model.loss_chunk_tokens=16384", "optim.overlap=true"),  # overlap only once
         "slower.json": report(40000.0, "model.fuse_projections=true"),
@@ -29,7 +32,8 @@ def test_picks_the_variants_at_least_min_gain_faster_in_their_order(capsys):
     winners = pick_variants.pick(DEFAULT, variants, 0.01, take_all=False)
     assert winners == ["optim.overlap=true", "model.loss_chunk_tokens=16384"]
     err = capsys.readouterr().err
-    assert "overlap.json: optim.overlap=true: 45,500 tokens/s against 44,000 (+3.4%): picked" in err
+    assert ("overlap.json: optim.overlap=true: 45,500 tokens/s against 44,000 (+3.4%): picked; last loss 12.2112 "
+            "against 12.2110 (+0.0002)") in err
     assert "chunk.json: model.loss_chunk_tokens=8192: 44,300 tokens/s against 44,000 (+0.7%): not picked" in err
     assert pick_variants.pick(DEFAULT, variants, 0.005, take_all=False) == [
         "optim.overlap=true", "model.loss_chunk_tokens=8192", "model.loss_chunk_tokens=16384"]
