@@ -92,7 +92,8 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     combined = json.loads((out / "combined_1.5b.json").read_text())
     assert combined["ours_overrides"] == ["parallel.compile=auto", "optim.overlap=true", "model.loss_chunk_tokens=8192"]
     assert [r["name"] for r in combined["rows"]] == ["ours", "hf-liger"] and combined["rows"][0]["status"] == "ok"
-    assert "picked (--all)" in (out / "pick_variants.log").read_text()
+    picks = (out / "pick_variants.log").read_text().splitlines()
+    assert len(picks) == 2 and all(": picked" in line for line in picks), picks  # "(--all)" only when slower
     accum = json.loads((out / "throughput_1.5b_accum.json").read_text())
     assert accum["accum"] == 2 and [r["name"] for r in accum["rows"]] == ["ours", "hf-liger"]
     assert accum["rows"][0]["global_batch"] == 2 * accum["rows"][0]["micro_batch"]
