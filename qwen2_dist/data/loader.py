@@ -288,6 +288,24 @@ class _RankSampler:
             step_start += b.global_batch_size
 
 
+def _order_changes(saved: dict | None, now: dict) -> str:
+    """What differs between a checkpoint's order summary and this loader's, as 'seed 3 -> 4; source 0 (PATH): 12
+    shards, 240 samples -> 12 shards, 480 samples', or '' (a checkpoint of an older release has no summary; or only
+    how the samples fall into shards changed)."""
+    if not saved:
+        return ""
+    changes = [f"{key} {saved.get(key)} -> {now[key]}" for key in ("seed", "shuffle", "shuffle_block_size", "split")
+               if saved.get(key) != now[key]]
+    before, after = saved.get("sources", []), now["sources"]
+    if len(before) != len(after):
+        changes.append(f"{len(before)} source(s) -> {len(after)}")
+    for index, (old, new) in enumerate(zip(before, after)):
+        for key, what in (("weight", "weight"), ("shards", "shards"), ("samples", "samples")):
+            if old.get(key) != new[key]:
+                changes.append(f"source {index} ({new['path']}): {what} {old.get(key)} -> {new[key]}")
+    return "; ".join(changes)
+
+
 class TokenBatches:
     """Endless, resumable micro-batches of one data-parallel rank over one split of one or more sources.
 
@@ -381,6 +399,13 @@ class TokenBatches:
             "format": FORMAT_VERSION, "shards": shard_counts, "weights": [w for _, w in sources], "seed": seed,
             "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split,
         }).encode()).hexdigest()[:16]
+        # What the fingerprint covers, in a few numbers, saved beside it: a mismatch on resume can then say what
+        # changed. The paths are for the message only: data that moved is the same data.
+        self.order_summary = {
+            "seed": seed, "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split,
+            "sources": [{"path": path, "weight": weight, "shards": len(counts), "samples": sum(counts)}
+                        for (path, weight), counts in zip(sources, shard_counts)],
+        }
         self.position = 0
         self.micro_index = 0
         self._epochs = self.order.epochs(0)
@@ -448,7 +473,7 @@ class TokenBatches:
     def state_dict(self) -> dict:
         """Position of the next optimizer step's samples, to be saved with a checkpoint."""
         assert self.micro_index == 0, "the loader position is saved between optimizer steps"
-        return {"samples_seen": self.position, "fingerprint": self.fingerprint}
+        return {"samples_seen": self.position, "fingerprint": self.fingerprint, "order": self.order_summary}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position: the next batch is the one an uninterrupted run would have seen."""
@@ -459,10 +484,12 @@ class TokenBatches:
             raise UserError("the checkpoint's data position was written by an older loader (epoch and samples of "
                             "streaming's order); resume it with the release that wrote it, or start a new run_dir")
         if state["fingerprint"] != self.fingerprint:
+            changed = _order_changes(state.get("order"), self.order_summary)
             raise ResumeMismatch(
-                "the checkpoint was trained on other data or another data order (sources, their shards, weights, "
-                "seed or shuffle changed), so the samples after it are undefined; restore the data config it was "
-                "trained with, or start a new run_dir"
+                "the checkpoint was trained on other data or another data order ("
+                + (f"changed since: {changed}" if changed else "sources, their shards, weights, seed or shuffle")
+                + "), so the samples after it are undefined; restore the data config it was trained with, or start "
+                "a new run_dir"
             )
         self.seek(state["samples_seen"])
 

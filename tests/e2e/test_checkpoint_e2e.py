@@ -209,5 +209,5 @@ def test_resume_with_another_data_order_stops_instead_of_falling_back(tmp_path, 
     assert result.returncode == 2
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith(f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000006'}: the checkpoint was "
-                            "trained on other data or another data order")
+                            "trained on other data or another data order (changed since: seed 0 -> 1)")
     assert "damaged" not in result.stdout + result.stderr

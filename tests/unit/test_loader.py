@@ -133,12 +133,32 @@ def test_resume_refuses_other_data_or_an_old_position(data):
     batches.close()
     other = loader([data[0]], seed=4)
     try:
-        with pytest.raises(UserError, match="trained on other data or another data order"):
+        with pytest.raises(UserError, match=r"trained on other data or another data order \(changed since: seed 3 "
+                                            r"-> 4\)"):
             other.load_state_dict(state)
+        # Every changed part of the order is named; a checkpoint of an older release (no summary) gets the list
+        # of what may have changed.
+        old_state = {key: value for key, value in state.items() if key != "order"}
+        with pytest.raises(UserError, match=r"another data order \(sources, their shards, weights, seed or shuffle\)"):
+            other.load_state_dict(old_state)
         with pytest.raises(UserError, match="written by an older loader"):
             other.load_state_dict({"epoch": 0, "samples_in_epoch": 8})
     finally:
         other.close()
+    mixed = loader([data[0], (data[1], 2.0)], shuffle=False)
+    try:
+        with pytest.raises(UserError) as caught:
+            mixed.load_state_dict(state)
+        assert ("seed" not in str(caught.value)
+                and "changed since: shuffle True -> False; 1 source(s) -> 2)" in str(caught.value)), str(caught.value)
+        more = loader([(data[0], 3.0)], global_batch_size=16)  # the weight alone; the batch is not part of the order
+        try:
+            with pytest.raises(UserError, match=rf"changed since: source 0 \({data[0]}\): weight 1.0 -> 3.0\)"):
+                more.load_state_dict(state)
+        finally:
+            more.close()
+    finally:
+        mixed.close()
 
 
 def test_validation_split_and_document_positions(data):
