@@ -289,9 +289,9 @@ class _RankSampler:
 
 
 def _order_changes(saved: dict | None, now: dict) -> str:
-    """What differs between a checkpoint's order summary and this loader's, as 'seed 3 -> 4; source 0 (PATH): 12
-    shards, 240 samples -> 12 shards, 480 samples', or '' (a checkpoint of an older release has no summary; or only
-    how the samples fall into shards changed)."""
+    """What differs between a checkpoint's order summary and this loader's, as 'seed 3 -> 4; source 0 (PATH):
+    samples 240 -> 480', or '' when the summaries agree (a checkpoint of an older release has none; or the shards
+    and samples add up the same but are split differently)."""
     if not saved:
         return ""
     changes = [f"{key} {saved.get(key)} -> {now[key]}" for key in ("seed", "shuffle", "shuffle_block_size", "split")
