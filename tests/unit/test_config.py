@@ -1,5 +1,7 @@
 """validate(): impossible jobs are refused before anything is allocated, naming the field and the fix."""
 
+import re
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -103,6 +105,26 @@ def test_invalid_jobs_are_refused(overrides, world_size, field):
     message = str(err.value)
     assert field in message
     assert "\n" not in message
+
+
+def test_a_checkpoint_the_job_names_must_be_committed_and_the_newest_committed_one_is_suggested(tmp_path):
+    # Refused before launch (the launchers' precheck runs validate): in the workers it would fail on every rank,
+    # and torchrun would restart them.
+    steps = tmp_path / "run" / "checkpoints"
+    for step, committed in ((2, True), (4, True), (6, False)):  # step 6: a save cut short, no metadata.json
+        (steps / f"step_{step:08d}").mkdir(parents=True)
+        if committed:
+            (steps / f"step_{step:08d}" / "metadata.json").write_text("{}")
+    newest = steps / "step_00000004"
+    for key in ("checkpoint.resume", "model.init_from_checkpoint"):
+        validate(job(f"{key}={newest}"), world_size=1)
+        for path in (tmp_path / "run", steps):
+            with pytest.raises(UserError, match=rf"^{key}={re.escape(str(path))}: not a committed checkpoint \(no "
+                                                rf"metadata.json\); the newest committed one under it is "
+                                                rf"{re.escape(str(newest))}; point {key} at a step_\* directory"):
+                validate(job(f"{key}={path}"), world_size=1)
+        with pytest.raises(UserError, match=r"not a committed checkpoint \(no metadata.json\); point"):
+            validate(job(f"{key}={steps / 'step_00000006'}"), world_size=1)
 
 
 def test_parallel_layouts_resolve():
