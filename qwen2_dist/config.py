@@ -378,19 +378,6 @@ def check_known_keys(container: dict, schema: type = JobConfig, prefix: str = ""
                         check_known_keys(item, item_kind, f"{full}[{index}].")
 
 
-def _check_committed(key: str, path: str) -> None:
-    """A checkpoint the job names must be a committed one (its metadata file written last): a run directory, its
-    checkpoints/ or a step whose save was cut short would otherwise fail in every process after the launch."""
-    from qwen2_dist.train.checkpoint import METADATA, committed_checkpoints, is_committed
-
-    if is_committed(path):
-        return
-    found = committed_checkpoints(path) or committed_checkpoints(os.path.join(path, "checkpoints"))
-    hint = f"; the newest committed one under it is {found[-1]}" if found else ""
-    raise UserError(f"{key}={path}: not a committed checkpoint (no {METADATA}){hint}; point {key} at a step_* "
-                    "directory that has one" + (" or use checkpoint.resume=auto" if key == "checkpoint.resume" else ""))
-
-
 def register_configs() -> None:
     """Register the schema so Hydra type-checks conf/ and the command-line overrides."""
     cs = ConfigStore.instance()
@@ -634,12 +621,16 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
             f"data-parallel size = {t.micro_batch_size} x {dp}; pick a global batch that is a multiple of "
             f"{t.micro_batch_size * dp}"
         )
+    # A checkpoint the job names must be a committed one: a run directory, its checkpoints/ or a save cut short
+    # would otherwise fail in every process after the launch.
+    from qwen2_dist.train.checkpoint import require_committed
+
     resume = cfg.checkpoint.resume
     if resume not in ("auto", "none"):
         if not os.path.isdir(resume):
             raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory; use auto, none or an existing "
                             "path")
-        _check_committed("checkpoint.resume", resume)
+        require_committed(resume, "checkpoint.resume")
     if cfg.model.init_from_hf is not None and not os.path.isdir(cfg.model.init_from_hf):
         raise UserError(f"model.init_from_hf={cfg.model.init_from_hf}: no such directory")
     if cfg.model.init_from_checkpoint is not None:
@@ -648,7 +639,7 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
                             "weights start the run")
         if not os.path.isdir(cfg.model.init_from_checkpoint):
             raise UserError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint}: no such directory")
-        _check_committed("model.init_from_checkpoint", cfg.model.init_from_checkpoint)
+        require_committed(cfg.model.init_from_checkpoint, "model.init_from_checkpoint")
     _check_data(cfg.data, cfg.eval)
     return {
         "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,

@@ -125,13 +125,22 @@ def is_committed(path: str) -> bool:
     return os.path.isfile(os.path.join(path, METADATA))
 
 
+def require_committed(path: str, key: str | None = None) -> None:
+    """UserError unless the directory holds a committed checkpoint, naming the newest committed one under it (a run
+    directory or its checkpoints/) when there is one. key: the setting that named the path, if one did."""
+    if is_committed(path):
+        return
+    found = committed_checkpoints(path) or committed_checkpoints(os.path.join(path, "checkpoints"))
+    hint = f"; the newest committed one under it is {found[-1]}" if found else ""
+    fix = f"point {key} at a step_* directory that has one" if key else "give a step_* directory that has one"
+    if key == "checkpoint.resume":
+        fix += " or use checkpoint.resume=auto"
+    raise UserError(f"{f'{key}={path}' if key else path}: not a committed checkpoint (no {METADATA}){hint}; {fix}")
+
+
 def read_metadata(path: str) -> dict:
     """The metadata of a committed checkpoint; UserError when the directory is not one."""
-    if not is_committed(path):
-        raise UserError(
-            f"{path}: not a committed checkpoint (no {METADATA}); point checkpoint.resume at a step_* directory "
-            "that has one, or use checkpoint.resume=auto"
-        )
+    require_committed(path)
     try:
         with open(os.path.join(path, METADATA), encoding="utf-8") as f:
             meta = json.load(f)
@@ -562,9 +571,7 @@ def init_checkpoint_metadata(path: str, args, checksums: bool = False) -> dict:
     """Metadata of the checkpoint model.init_from_checkpoint names, once it is known to be committed, intact (its
     files' sizes; their checksums too when asked) and of the job's model (UserError naming the key otherwise)."""
     key = "model.init_from_checkpoint"
-    if not is_committed(path):
-        raise UserError(f"{key}={path}: not a committed checkpoint (no {METADATA}); point it at a step_* directory "
-                        "that has one, e.g. RUN_DIR/checkpoints/step_00001000")
+    require_committed(path, key)
     try:
         meta = verify(path, checksums)
     except UserError as exc:

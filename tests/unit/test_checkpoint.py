@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -90,6 +91,12 @@ def test_interrupted_saves_never_count_and_are_cleaned(tmp_path):
     assert sorted(os.listdir(root)) == ["step_00000005"]
     with pytest.raises(UserError, match="not a committed checkpoint"):
         checkpoint.read_metadata(str(root / "step_00000015"))
+    # Also read outside training (qwen2-convert): the message names no setting, and the newest committed step when
+    # the path holds one.
+    with pytest.raises(UserError, match=rf"^{re.escape(str(root))}: not a committed checkpoint \(no metadata.json\); "
+                                        rf"the newest committed one under it is {re.escape(str(root))}/step_00000005; "
+                                        "give a step_"):
+        checkpoint.read_metadata(str(root))
 
 
 def test_damage_is_detected_before_loading(tmp_path):
