@@ -300,9 +300,9 @@ def _order_changes(saved: dict | None, now: dict) -> str:
     if len(before) != len(after):
         changes.append(f"{len(before)} source(s) -> {len(after)}")
     for index, (old, new) in enumerate(zip(before, after)):
-        for key, what in (("weight", "weight"), ("shards", "shards"), ("samples", "samples")):
+        for key in ("weight", "shards", "samples"):
             if old.get(key) != new[key]:
-                changes.append(f"source {index} ({new['path']}): {what} {old.get(key)} -> {new[key]}")
+                changes.append(f"source {index} ({new['path']}): {key} {old.get(key)} -> {new[key]}")
     return "; ".join(changes)
 
 
