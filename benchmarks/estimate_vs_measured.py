@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 measured, delta = row["status"], "n/a"
             print(f"measured ({report['memory']}): {measured}; estimated peak tensor memory {estimated:.2f} GiB\n")
             table.append((os.path.basename(path), row["micro_batch"], estimated, measured, delta,
-                          " ".join(report["ours_overrides"]) or "-"))
+                          " ".join(report["ours_overrides"] + row.get("variant_overrides", [])) or "-"))
     print(f"{'report':<28}{'mb':>4}  {'estimate GiB':>12}  {'measured':>14}  {'estimate vs measured':>20}  --ours")
     for path, mb, estimated, measured, delta, ours in table:
         print(f"{path:<28}{mb:>4}  {estimated:>12.2f}  {measured:>14}  {delta:>20}  {ours}")

@@ -39,7 +39,6 @@ export PYTHONUNBUFFERED=1
 if [[ $DRY_RUN == 1 ]]; then
     SIZE_LARGE=tiny SIZE_SMALL=tiny SEQ=128 STEPS=(--warmup 1 --steps 2)
     MB_OURS=2 MB_OURS_SMALL=2 MB_HF=2 MB_LIGER=2 MB_HF_SMALL=2 MB_LIGER_SMALL=2 MB_LEAN=2 MB_VARIANT=2
-    PROFILE_STEPS=(--warmup 1 --steps 1)
     ACCUM=2 ACCUM_STEPS=(--warmup 1 --steps 1)
     COMPILE=auto  # auto = compile on CUDA only: a CPU compile alone would take longer than the whole dry run
 else
@@ -47,7 +46,6 @@ else
     # Measured on an H100 (2026-11-27): ours at micro-batch 4 55.6 GiB (5: 63.5 GiB and slower); the lean setting
     # (full recompute, optimizer in backward) 23.1 GiB at 4.
     MB_OURS=4 MB_OURS_SMALL=8 MB_HF=2 MB_LIGER=4 MB_HF_SMALL=4 MB_LIGER_SMALL=8 MB_LEAN=4 MB_VARIANT=4
-    PROFILE_STEPS=(--warmup 2 --steps 2)
     ACCUM=4 ACCUM_STEPS=(--warmup 2 --steps 4)  # 16 timed micro-batches, 24 in all
     COMPILE=true
 fi
@@ -162,52 +160,37 @@ except Exception as exc:
 step env 30 "$PYTHON" -c "$ENV_PY"
 
 # 2. Qwen2-1.5B, seq 4096 (its target, 46,000 tokens/s, is not met in bf16 yet): ours (compiled) against HF and
-# HF + Liger.
-step throughput_1.5b 200 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \
+# HF + Liger, then, in the same process (one more row each, not a process each: see benchmarks/throughput.py), the
+# settings that may close the gap, each against the default row with the same weights and batches (so its losses
+# too): AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward;
+# the loss over one 16384-token chunk or 8192-token chunks instead of 2048 (fewer passes over the fp32 gradient of
+# the 151,936 x 1,536 output matrix, larger matmuls; a chunk's bf16 logits and their gradient: 9.3 or 4.6 GiB, not
+# 1.2). The default row and the overlap row are profiled (2 more steps each): kernel time by kind, the busiest
+# kernels, the device's idle share, and how much of the update ran alongside the forward. Measured slower on
+# 2026-11-27 and so no longer here: model.fuse_projections (42.4k against 44.1k), model.loss=liger (41.9k),
+# parallel.activation_checkpointing=op (42.9k; 43.9k at micro-batch 6), micro-batch 5 (42.5k).
+step throughput_1.5b 240 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \
     --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" --baseline "hf:$MB_HF" --baseline "hf-liger:$MB_LIGER" \
-    --json "$OUT/throughput_1.5b.json"
+    --variant overlap:optim.overlap=true --variant loss_chunk_16384:model.loss_chunk_tokens=16384 \
+    --variant loss_chunk_8192:model.loss_chunk_tokens=8192 --profile "$OUT/profile_1.5b.txt" \
+    --profile-variants overlap --json "$OUT/throughput_1.5b.json"
 
-# 3. Settings that may close 1.5B's gap, each against step 2's row of ours (its losses too: the same seed and
-# batches). Measured slower on 2026-11-27 and so no longer here: model.fuse_projections (42.4k against 44.1k),
-# model.loss=liger (41.9k), parallel.activation_checkpointing=op (42.9k; 43.9k at micro-batch 6), micro-batch 5 (42.5k).
-variant() {  # variant NAME TIMEOUT_S [ENV=VALUE ...] -- OVERRIDE...  (PROFILE_VARIANT=1: also --profile)
-    local name=$1 limit=$2 envs=() extra=()
-    shift 2
-    while [[ $1 != -- ]]; do
-        envs+=("$1")
-        shift
-    done
-    shift
-    local overrides=()
-    for override in "$@"; do
-        overrides+=(--ours "$override")
-    done
-    if [[ ${PROFILE_VARIANT:-0} == 1 ]]; then
-        extra=(--profile "$OUT/profile_$name.txt")
-    fi
-    step "variant_$name" "$limit" env "${envs[@]}" "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" \
-        --seq-len "$SEQ" "${STEPS[@]}" --micro-batch "$MB_VARIANT" --ours "parallel.compile=$COMPILE" \
-        "${overrides[@]}" --baseline none --json "$OUT/variant_$name.json" "${extra[@]}"
-}
-# AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward:
-# first an exact check that the next forward never reads a weight still being updated (with a negative control),
-# then its speed and 2 profiled steps (after the timed ones): how much of the update ran alongside the forward.
+# 3. An exact check that the overlapped update is never read early: right after step() a forward must give bitwise
+# the logits of the same forward after a synchronize (with a negative control: it must not when the waits are
+# dropped).
 step overlap_gpu 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_optim_overlap_gpu.py
-PROFILE_VARIANT=1 variant overlap 70 -- optim.overlap=true
-# The loss over 8192 tokens a chunk instead of 2048: fewer passes over the fp32 gradient of the 151,936 x 1,536
-# output matrix, larger matmuls (a chunk's bf16 logits and their gradient: 4.6 GiB, not 1.2).
-variant loss_chunk_8192 60 -- model.loss_chunk_tokens=8192
 
-# 4. The variants of step 3 that beat step 2's row of ours by 0.5% or more (benchmarks/pick_variants.py; why each was
+# 4. The variants of step 2 that beat its default row by 0.5% or more (benchmarks/pick_variants.py; why each was
 # picked or not: pick_variants.log), together, against HF + Liger in the same invocation: a row that closes the gap
-# must be measured against the baseline in the same run. Skipped when none won. The dry run picks every variant.
+# must be measured against the baseline in the same run. Skipped when none won, or when one alone won: its row in
+# step 2 already ran next to the baselines. The dry run picks every variant.
 pick_flags=(--min-gain 0.005)
 if [[ $DRY_RUN == 1 ]]; then
     pick_flags+=(--all)
 fi
 pick_rc=0
 winners=$("$PYTHON" benchmarks/pick_variants.py "${pick_flags[@]}" "$OUT/throughput_1.5b.json" \
-    "$OUT/variant_overlap.json" "$OUT/variant_loss_chunk_8192.json" 2> "$OUT/pick_variants.log") || pick_rc=$?
+    2> "$OUT/pick_variants.log") || pick_rc=$?
 if ((pick_rc == 0)); then
     combined=()
     while read -r override; do
@@ -230,30 +213,8 @@ else
     step loss_parity 150 "$PYTHON" benchmarks/loss_parity.py --float8 --overlap --out "$OUT/loss_parity.json"
 fi
 
-# 6. The same comparison at 4 micro-batches per optimizer step, as a pretraining batch of millions of tokens on few
-# GPUs takes it (the optimizer's fixed cost shared by 4 micro-batches, for ours and the baseline alike).
-step throughput_1.5b_accum 150 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" \
-    "${ACCUM_STEPS[@]}" --accum "$ACCUM" --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" \
-    --baseline "hf-liger:$MB_LIGER" --json "$OUT/throughput_1.5b_accum.json"
-
-# 7. Where ours spends its step: kernel time by kind, the busiest kernels, the device's idle share.
-step profile_1.5b 60 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${PROFILE_STEPS[@]}" \
-    --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" --baseline none --profile "$OUT/profile_1.5b.txt"
-
-# 8. More settings: Inductor tuning each fused kernel's launch (longer compile); float8 linears with the overlapped
-# update; the loss over 16384 tokens a chunk (9.3 GiB for the chunk's logits and gradient); the allocator's
-# expandable segments (less fragmentation near a full GPU).
-variant coordinate_descent 100 -- +parallel.compile_options.coordinate_descent_tuning=true
-if [[ $DRY_RUN == 1 ]]; then
-    skip variant_float8_overlap "dry run: model.float8=true needs CUDA"
-else
-    variant float8_overlap 60 -- model.float8=true optim.overlap=true
-fi
-variant loss_chunk_16384 60 -- model.loss_chunk_tokens=16384
-variant expandable_segments 60 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --
-
-# 9. Targets met on 2026-11-27, measured again when time is left. Qwen2-0.5B, seq 4096: ours (compiled) against HF
-# and HF + Liger.
+# 6. Targets met on 2026-11-27 (code of f835b91), measured again on this code. Qwen2-0.5B, seq 4096: ours (compiled)
+# against HF and HF + Liger.
 step throughput_0.5b 90 "$PYTHON" benchmarks/throughput.py --size "$SIZE_SMALL" --seq-len "$SEQ" "${STEPS[@]}" \
     --micro-batch "$MB_OURS_SMALL" --ours "parallel.compile=$COMPILE" --baseline "hf:$MB_HF_SMALL" \
     --baseline "hf-liger:$MB_LIGER_SMALL" --json "$OUT/throughput_0.5b.json"
@@ -264,7 +225,40 @@ step throughput_1.5b_lean 75 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LA
     --micro-batch "$MB_LEAN" --ours parallel.activation_checkpointing=full --ours "parallel.compile=$COMPILE" \
     --ours optim.in_backward=true --ours train.grad_clip=0 --baseline none --json "$OUT/throughput_1.5b_lean.json"
 
-# 10. The GPU-only tests (they skip themselves on a CPU): attention backends against the reference in bf16 (passed on
+# 7. The same comparison at 4 micro-batches per optimizer step, as a pretraining batch of millions of tokens on few
+# GPUs takes it (the optimizer's fixed cost shared by 4 micro-batches, for ours and the baseline alike).
+step throughput_1.5b_accum 150 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" \
+    "${ACCUM_STEPS[@]}" --accum "$ACCUM" --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" \
+    --baseline "hf-liger:$MB_LIGER" --json "$OUT/throughput_1.5b_accum.json"
+
+# 8. More settings, each its own process (against step 2's default row; not combined): Inductor tuning each fused
+# kernel's launch (longer compile); float8 linears with the overlapped update; the allocator's expandable segments
+# (less fragmentation near a full GPU; an environment setting, which one process cannot change between rows).
+variant() {  # variant NAME TIMEOUT_S [ENV=VALUE ...] -- OVERRIDE...
+    local name=$1 limit=$2 envs=()
+    shift 2
+    while [[ $1 != -- ]]; do
+        envs+=("$1")
+        shift
+    done
+    shift
+    local overrides=()
+    for override in "$@"; do
+        overrides+=(--ours "$override")
+    done
+    step "variant_$name" "$limit" env "${envs[@]}" "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" \
+        --seq-len "$SEQ" "${STEPS[@]}" --micro-batch "$MB_VARIANT" --ours "parallel.compile=$COMPILE" \
+        "${overrides[@]}" --baseline none --json "$OUT/variant_$name.json"
+}
+variant coordinate_descent 100 -- +parallel.compile_options.coordinate_descent_tuning=true
+if [[ $DRY_RUN == 1 ]]; then
+    skip variant_float8_overlap "dry run: model.float8=true needs CUDA"
+else
+    variant float8_overlap 60 -- model.float8=true optim.overlap=true
+fi
+variant expandable_segments 60 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --
+
+# 9. The GPU-only tests (they skip themselves on a CPU): attention backends against the reference in bf16 (passed on
 # 2026-11-27), and the loss's fp32 weight-gradient accumulation by the matmul itself.
 if [[ -f tests/unit/test_attention_gpu.py ]]; then
     step gpu_tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_attention_gpu.py \
@@ -273,7 +267,7 @@ else
     skip gpu_tests "tests/unit/test_attention_gpu.py does not exist"
 fi
 
-# 11. qwen2-estimate for each configuration of ours measured in steps 2, 4, 6 and 9, next to its measured peak.
+# 10. qwen2-estimate for each configuration of ours measured in steps 2, 4, 6 and 7, next to its measured peak.
 reports=()
 for report in "$OUT/throughput_1.5b.json" "$OUT/combined_1.5b.json" "$OUT/throughput_1.5b_accum.json" \
     "$OUT/throughput_1.5b_lean.json" "$OUT/throughput_0.5b.json"; do
@@ -284,7 +278,7 @@ done
 if ((${#reports[@]})); then
     step estimate 30 "$PYTHON" benchmarks/estimate_vs_measured.py "${reports[@]}"
 else
-    skip estimate "steps 2, 4, 6 and 9 wrote no JSON"
+    skip estimate "steps 2, 4, 6 and 7 wrote no JSON"
 fi
 
 echo "total $((SECONDS - STARTED)) s" >> "$SUMMARY"

@@ -1,30 +1,42 @@
 """Which variants of ours beat the default row: the overrides to run together in one more invocation, with the
 baseline, so that a combination that closes the gap is measured against the baseline in the same run.
 
-    python benchmarks/pick_variants.py DEFAULT.json VARIANT.json [VARIANT.json ...] [--min-gain 0.01] [--all]
+    python benchmarks/pick_variants.py DEFAULT.json [VARIANT.json ...] [--min-gain 0.01] [--all]
 
-DEFAULT.json and each VARIANT.json are `benchmarks/throughput.py --json` reports. A variant's own overrides are its
-`ours_overrides` less the default's; it wins when its row of ours (same micro-batch) ran and its tokens/s beat the
+DEFAULT.json and each VARIANT.json are `benchmarks/throughput.py --json` reports. The default row is DEFAULT.json's
+first row of ours that ran without a --variant. The variants are the rows of DEFAULT.json made by --variant (their
+own overrides: the variant's) and the first row of ours of each VARIANT.json (its own overrides: its
+`ours_overrides` less the default's). A variant wins when its row (same micro-batch) ran and its tokens/s beat the
 default's by at least --min-gain (a fraction; 0.01 by default: runs of the same setting differ by a fraction of a
-percent). The winners' overrides go to stdout, one per line; what was decided for each report goes to stderr. A
+percent). Where winners set the same key to different values (two loss chunk sizes), the faster one's value is
+taken. The winners' overrides go to stdout, one per line; what was decided for each variant goes to stderr. A
 variant without overrides of its own (an environment variable only), a missing or failed row, or a report of
 another size or sequence length is never picked. --all picks every variant that ran (the dry run uses it, so that
 the combined step is exercised on the CPU, where the timings mean nothing).
 
-Exit 0 with the winners, 3 when none won (nothing printed to stdout), 2 for an unreadable default report.
+Exit 0 with the winners, 3 when none won (nothing printed to stdout), 4 when exactly one variant won and it is a row
+of DEFAULT.json (its overrides printed all the same): that row already ran in the same invocation as DEFAULT.json's
+baselines, so there is nothing to combine and no need to measure it again; 2 for an unreadable default report.
 """
 
 import argparse
 import json
 import sys
+from typing import NamedTuple
 
 NO_WINNER = 3
+ONE_WINNER_IN_DEFAULT = 4
 
 
 def ours_row(report: dict) -> dict | None:
-    """The first row of ours that ran, or None."""
-    return next((row for row in report.get("rows", []) if row.get("name") == "ours" and row.get("status") == "ok"),
-                None)
+    """The first row of ours that ran and is not a --variant, or None."""
+    return next((row for row in report.get("rows", []) if row.get("name") == "ours" and row.get("status") == "ok"
+                 and not row.get("variant")), None)
+
+
+def key_of(override: str) -> str:
+    """The config key an override sets: 'model.loss_chunk_tokens=8192' -> 'model.loss_chunk_tokens'."""
+    return override.partition("=")[0].lstrip("+")
 
 
 def losses(row: dict, base: dict) -> str:
@@ -45,18 +57,41 @@ def load(path: str) -> dict | None:
         return None
 
 
-def pick(default: dict, variants: dict[str, dict | None], min_gain: float, take_all: bool) -> list[str]:
-    """The winning overrides, in the variants' order, each once; the reasons are printed to stderr."""
+class Variant(NamedTuple):
+    label: str  # "variant NAME" for a --variant row of the default report, else the report's path
+    report: dict
+    row: dict | None  # None when it did not run
+    own: list[str]  # its overrides beyond the default's
+    in_default: bool  # a --variant row of the default report: measured with that report's baselines
+
+
+def candidates(default: dict, variants: dict[str, dict | None]) -> list[Variant]:
+    """Every variant: DEFAULT's --variant rows first, then the first row of ours of each other report."""
+    found = []
+    for row in default.get("rows", []):
+        if row.get("name") == "ours" and row.get("variant"):
+            found.append(Variant(f"variant {row['variant']}", default, row if row.get("status") == "ok" else None,
+                                 list(row.get("variant_overrides", [])), True))
+    base_overrides = set(default.get("ours_overrides", []))
+    for path, report in variants.items():
+        if report is not None:  # else load() said why
+            found.append(Variant(path, report, ours_row(report),
+                                 [o for o in report.get("ours_overrides", []) if o not in base_overrides], False))
+    return found
+
+
+def pick(default: dict, variants: dict[str, dict | None], min_gain: float,
+         take_all: bool) -> tuple[list[str], list[Variant]]:
+    """The winning overrides, in the variants' order, each once, a key set by several winners taking the fastest
+    one's value, and the winning variants; the reasons are printed to stderr."""
     base = ours_row(default)
     if base is None:
         raise ValueError("the default report has no row of ours that ran")
-    base_overrides = set(default.get("ours_overrides", []))
     winners: list[str] = []
-    for path, report in variants.items():
-        if report is None:
-            continue  # load() said why
-        row = ours_row(report)
-        own = [o for o in report.get("ours_overrides", []) if o not in base_overrides]
+    chosen: dict[str, tuple[float, str, str]] = {}  # key -> (tokens/s, override, label) of the fastest winner
+    wins: list[Variant] = []
+    for variant in candidates(default, variants):
+        label, report, row, own = variant.label, variant.report, variant.row, variant.own
         if (report.get("size"), report.get("seq_len")) != (default.get("size"), default.get("seq_len")):
             verdict = (f"not comparable ({report.get('size')} seq {report.get('seq_len')}, the default is "
                        f"{default.get('size')} seq {default.get('seq_len')})")
@@ -74,14 +109,23 @@ def pick(default: dict, variants: dict[str, dict | None], min_gain: float, take_
                        f"{losses(row, base)}")
             if won:
                 winners += [o for o in own if o not in winners]
-        print(f"{path}: {' '.join(own) or '(none)'}: {verdict}", file=sys.stderr)
-    return winners
+                wins.append(variant)
+                for override in own:
+                    if key_of(override) not in chosen or chosen[key_of(override)][0] < row["tokens_per_sec"]:
+                        chosen[key_of(override)] = (row["tokens_per_sec"], override, label)
+        print(f"{label}: {' '.join(own) or '(none)'}: {verdict}", file=sys.stderr)
+    kept = [o for o in winners if chosen[key_of(o)][1] == o]
+    for override in winners:
+        if override not in kept:
+            print(f"{override} left out: {chosen[key_of(override)][2]} sets {chosen[key_of(override)][1]} and was "
+                  "faster", file=sys.stderr)
+    return kept, wins
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("default", help="throughput.py --json report of the default setting")
-    parser.add_argument("variants", nargs="+", help="throughput.py --json reports of the variants")
+    parser.add_argument("variants", nargs="*", help="throughput.py --json reports of more variants")
     parser.add_argument("--min-gain", type=float, default=0.01,
                         help="smallest gain over the default that counts, as a fraction (default 0.01)")
     parser.add_argument("--all", action="store_true", help="pick every variant that ran, gain or not")
@@ -90,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if default is None:
             raise ValueError("it could not be read")
-        winners = pick(default, {path: load(path) for path in opts.variants}, opts.min_gain, opts.all)
+        winners, wins = pick(default, {path: load(path) for path in opts.variants}, opts.min_gain, opts.all)
     except ValueError as exc:
         print(f"error: {opts.default}: {exc}; run the default step first", file=sys.stderr)
         return 2
@@ -98,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no variant won", file=sys.stderr)
         return NO_WINNER
     print("\n".join(winners))
+    if len(wins) == 1 and wins[0].in_default:
+        print(f"one variant won, {wins[0].label}, measured in {opts.default} with that run's baselines: nothing to "
+              "combine", file=sys.stderr)
+        return ONE_WINNER_IN_DEFAULT
     return 0
 
 

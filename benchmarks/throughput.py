@@ -28,6 +28,17 @@ synchronizing stall). The last column is tokens/s over the best baseline of the 
 configuration is reported as OOM and the run goes on; a configuration that fails otherwise is reported as failed
 (traceback on stderr) and the exit code is 1. --profile FILE: after timing ours, 2 more steps under torch.profiler,
 summarized as logging.profile_steps does it (qwen2_dist.train.metrics) into FILE.
+
+--variant NAME:KEY=VALUE[ KEY=VALUE...] (repeatable): one more row of ours per micro-batch, with these overrides
+after the --ours ones, measured in the same process after the baselines (its row: "variant": NAME). A variant costs
+its build and compile and its steps, not a process of its own (on an H100 on 2026-11-27, one more throughput.py
+process for a 1.5B variant took about 40 s; ours and both baselines together in one process took 56 s), and it is
+measured in the same run as the baselines. Each row of ours after the first starts from a fresh torch.compile state
+(torch._dynamo.reset(): a row never runs code compiled for another row's shapes or settings; Inductor's on-disk
+cache still serves what did not change) and from the same initial weights, drawn once per process (copied, not
+drawn again: the draw of a 1.5B model takes seconds of CPU time). Liger's patches, applied before hf-liger, change
+transformers' classes only, which ours does not use. --profile-variants NAME[,NAME]: profile those variants too
+(after --profile's own configuration), each into FILE with _NAME before its extension.
 """
 
 import argparse
@@ -38,6 +49,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -62,6 +74,10 @@ BASELINES = ("hf", "hf-ac", "hf-liger")
 DEFAULT_BASELINES = ["hf", "hf-liger"]
 BENCH_LR = 3e-4
 """Ours and the baselines step at this constant learning rate (no warmup): sane for every size from random init."""
+VARIANT_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+INITIAL: dict[tuple, list[torch.Tensor]] = {}
+"""The initial parameters of ours by (model shape, seed), on the CPU in parameter order, kept while more rows of ours
+are to come (run_ours)."""
 
 
 def parse_micro_batches(text: str, what: str) -> list[int]:
@@ -91,6 +107,18 @@ def parse_baselines(specs: list[str], default_micro_batches: list[int]) -> list[
     return [(name, chosen[name]) for name in BASELINES if name in chosen]
 
 
+def parse_variants(specs: list[str]) -> list[tuple[str, list[str]]]:
+    """--variant NAME:KEY=VALUE[ KEY=VALUE...] options -> [(name, overrides)] in the order given."""
+    variants: list[tuple[str, list[str]]] = []
+    for spec in specs:
+        name, _, rest = spec.partition(":")
+        if not VARIANT_NAME.fullmatch(name) or not rest.split() or name in [n for n, _ in variants]:
+            raise UserError(f"--variant {spec!r}: give NAME:KEY=VALUE[ KEY=VALUE...] with a NAME of its own made of "
+                            "letters, digits and _.+- (e.g. --variant overlap:optim.overlap=true)")
+        variants.append((name, rest.split()))
+    return variants
+
+
 def ours_overrides(size: str, seq_len: int, micro_batch: int, run_dir: str, extra: list[str],
                    accum: int = 1) -> list[str]:
     """The qwen2-train overrides of our configuration at one micro-batch, `accum` micro-batches per optimizer step;
@@ -104,33 +132,64 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float]]:
-    """Seconds of `steps` calls of step() after `warmup` untimed ones, and the loss each timed call returned."""
+def timed_steps(step, warmup: int, steps: int, device: torch.device) -> tuple[float, list[float], dict]:
+    """Seconds of `steps` calls of step() after `warmup` untimed ones, the loss each timed call returned, and the
+    seconds of the warmup ({"warmup_s": ...}: compiling happens there)."""
+    started = time.perf_counter()
     for _ in range(warmup):
         step()
     synchronize(device)
+    warmup_seconds = time.perf_counter() - started
     started = time.perf_counter()
     # The losses stay on the device until the clock stops: reading one would make the host wait every step.
     losses = [step() for _ in range(steps)]
     synchronize(device)
     seconds = time.perf_counter() - started
-    return seconds, [float(loss) for loss in losses]
+    return seconds, [float(loss) for loss in losses], {"warmup_s": warmup_seconds}
 
 
-def run_ours(job: JobConfig, warmup: int, steps: int, seed: int,
-             profile: str | None = None) -> tuple[float, list[float]]:
+def copy_initial(model: torch.nn.Module, values: list[torch.Tensor]) -> bool:
+    """Copy kept initial parameters into the model's, in parameter order; False (nothing copied) when they do not
+    match its parameters one for one in shape."""
+    params = list(model.parameters())
+    if [tuple(p.shape) for p in params] != [tuple(v.shape) for v in values]:
+        return False
+    with torch.no_grad():
+        for param, value in zip(params, values):
+            param.copy_(value)
+    return True
+
+
+def run_ours(job: JobConfig, warmup: int, steps: int, seed: int, profile: str | None = None,
+             keep_initial: bool = False) -> tuple[float, list[float], dict]:
     """Time Trainer.train_step() of this job on random tokens, in this process; with `profile`, then run 2 more
-    steps under the trainer's StepProfiler and write its summary (metrics.profile_summary) to that file."""
+    steps under the trainer's StepProfiler and write its summary (metrics.profile_summary) to that file. The model
+    starts from the initial weights kept in INITIAL by an earlier row of the same shape and seed, if any (the values
+    init_weights(job.seed) draws); keep_initial: keep this row's for the rows to come. Returns the timing of
+    timed_steps, with the seconds the model and optimizer took to build ("build_s")."""
+    started = time.perf_counter()
     layout = validate(job, 1)
     device_type = resolve_device(job.train.device)
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])  # None: one process
-    model, optimizer = build_model_and_optimizer(job, world, mesh, device_type, load_weights=True)
     args = job.model.args()
+    key = (repr(args), job.seed)
+    kept = INITIAL.get(key) if not (job.model.init_from_hf or job.model.init_from_checkpoint) else None
+    model, optimizer = build_model_and_optimizer(job, world, mesh, device_type, load_weights=kept is None,
+                                                 restoring=kept is not None)
+    if kept is not None and not copy_initial(model, kept):
+        print("warning: the kept initial weights do not fit this configuration's parameters; drawn again",
+              flush=True)
+        model.init_weights(job.seed)
+    elif kept is None and keep_initial:
+        INITIAL[key] = [p.detach().to("cpu", copy=True) for p in model.parameters()]
+    synchronize(world.device)
+    build_seconds = time.perf_counter() - started
     batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
                                job.train.global_batch_size, seed=seed)
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata={})
     result = timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
+    result[2]["build_s"] = build_seconds
     if profile:
         # The trainer's own profiler (logging.profile_steps), on 2 more steps; its summary is copied to `profile`.
         profiler = StepProfiler("1:3", job.run_dir, world.rank, world.device)
@@ -177,10 +236,11 @@ def apply_liger(device: torch.device) -> str | None:
 
 
 def run_baseline(variant: str, job: JobConfig, device: torch.device, warmup: int, steps: int,
-                 seed: int) -> tuple[float, list[float]]:
+                 seed: int) -> tuple[float, list[float], dict]:
     """Time the plain Hugging Face training step of a Qwen2ForCausalLM with the job's shape, in this process."""
     from transformers import AutoModelForCausalLM, Qwen2Config
 
+    started = time.perf_counter()
     args = job.model.args()
     config = Qwen2Config(**hf_config_from_args(args))
     config.use_cache = False
@@ -211,7 +271,11 @@ def run_baseline(variant: str, job: JobConfig, device: torch.device, warmup: int
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    return timed_steps(step, warmup, steps, device)
+    synchronize(device)
+    build_seconds = time.perf_counter() - started
+    result = timed_steps(step, warmup, steps, device)
+    result[2]["build_s"] = build_seconds
+    return result
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -237,13 +301,14 @@ def release(device: torch.device) -> None:
 
 
 def measure(name: str, run, row: dict, device: torch.device) -> dict:
-    """Run one configuration (a function returning (seconds, losses)) and fill its row; OOM and failures too."""
+    """Run one configuration (a function returning (seconds, losses, phases) as run_ours does) and fill its row; OOM
+    and failures too."""
     retries_before = 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         retries_before = torch.cuda.memory_stats(device).get("num_alloc_retries", 0)
     try:
-        seconds, losses = run()
+        seconds, losses, phases = run()
     except Exception as exc:
         if is_oom(exc):
             row["status"] = "OOM"
@@ -254,7 +319,7 @@ def measure(name: str, run, row: dict, device: torch.device) -> dict:
     else:
         tokens = row["global_batch"] * row["seq_len"] * row["steps"]
         row.update(status="ok", seconds=seconds, tokens_per_sec=tokens / seconds, first_loss=losses[0],
-                   last_loss=losses[-1], peak_mem_gib=memory_gib(device))
+                   last_loss=losses[-1], peak_mem_gib=memory_gib(device), **phases)
         if device.type == "cuda":
             # Near a full GPU the caching allocator frees its cache and retries cudaMalloc, which synchronizes:
             # a configuration that retried (warmup included) may be slower for it; expandable segments
@@ -263,10 +328,11 @@ def measure(name: str, run, row: dict, device: torch.device) -> dict:
             row["alloc_retries"] = stats.get("num_alloc_retries", 0) - retries_before
             row["peak_reserved_gib"] = stats.get("reserved_bytes.all.peak", 0) / 2**30
     release(device)
-    print(f"{name} mb {row['micro_batch']}: {row['status']}"
+    label = f"{name} {row['variant']}" if row.get("variant") else name
+    print(f"{label} mb {row['micro_batch']}: {row['status']}"
           + (f", {row['tokens_per_sec']:,.0f} tokens/s, {row['seconds'] / row['steps']:.3f} s/step, loss "
-             f"{row['first_loss']:.4f} (first measured step) -> {row['last_loss']:.4f} (last)"
-             if row["status"] == "ok" else "")
+             f"{row['first_loss']:.4f} (first measured step) -> {row['last_loss']:.4f} (last); built in "
+             f"{row['build_s']:.1f} s, warmup (compile) {row['warmup_s']:.1f} s" if row["status"] == "ok" else "")
           + (f"; {row['peak_reserved_gib']:.2f} GiB reserved at peak, {row['alloc_retries']} allocator retries"
              if "alloc_retries" in row else ""), flush=True)
     return row
@@ -284,10 +350,12 @@ def finish_rows(rows: list[dict], peak: float | None) -> None:
 def render(rows: list[dict], device: torch.device) -> str:
     """The results table."""
     memory = "peak GiB" if device.type == "cuda" else "max RSS GiB"
-    out = [f"{'config':<10}{'size':<12}{'seq':>6}{'mb':>5}{'tokens/s':>12}{'MFU':>8}{memory:>13}"
+    names = [f"{r['name']}:{r['variant']}" if r.get("variant") else r["name"] for r in rows]
+    width = max([10] + [len(name) + 2 for name in names])
+    out = [f"{'config':<{width}}{'size':<12}{'seq':>6}{'mb':>5}{'tokens/s':>12}{'MFU':>8}{memory:>13}"
            f"{'vs best baseline':>18}"]
-    for r in rows:
-        head = f"{r['name']:<10}{r['size']:<12}{r['seq_len']:>6}{r['micro_batch']:>5}"
+    for name, r in zip(names, rows):
+        head = f"{name:<{width}}{r['size']:<12}{r['seq_len']:>6}{r['micro_batch']:>5}"
         if r["status"] != "ok":
             out.append(f"{head}  {r['status']}")
             continue
@@ -332,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
                              "pretraining batch of millions of tokens on few GPUs takes many")
     parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                         help="a qwen2-train override for ours (repeatable), e.g. parallel.compile=true")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[ KEY=VALUE...]",
+                        help="one more row of ours per micro-batch with these overrides after the --ours ones, "
+                             "measured after the baselines (repeatable), e.g. overlap:optim.overlap=true")
     parser.add_argument("--baseline", action="append", default=None, metavar="NAME[:MB,...]",
                         help="hf, hf-ac, hf-liger or none, optionally with its own micro-batches (repeatable; "
                              "default hf and hf-liger)")
@@ -341,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, metavar="PATH",
                         help="after timing ours (one micro-batch), profile 2 more steps: kernel time by kind, the "
                              "busiest kernels and the device's idle share, printed and written here")
+    parser.add_argument("--profile-variants", default="", metavar="NAME[,NAME...]",
+                        help="with --profile: profile these variants too, each into the --profile file with _NAME "
+                             "before its extension")
     opts = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -357,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--profile profiles one configuration of ours: give one --micro-batch, not "
                                 f"{opts.micro_batch}")
             baselines = parse_baselines(DEFAULT_BASELINES if opts.baseline is None else opts.baseline, micro_batches)
+            variants = parse_variants(opts.variant)
+            profiled = [name for name in opts.profile_variants.split(",") if name]
+            unknown = [name for name in profiled if name not in [n for n, _ in variants]]
+            if unknown or (profiled and not opts.profile):
+                raise UserError(f"--profile-variants {opts.profile_variants}: "
+                                + (f"no --variant named {', '.join(unknown)}" if unknown else "needs --profile FILE"))
             try:
                 compose_job(opts.ours)  # alone first, so that an error quotes only the user's overrides
             except UserError as exc:
@@ -367,6 +447,15 @@ def main(argv: list[str] | None = None) -> int:
                     for mb in all_micro}
             for job in jobs.values():
                 validate(job, 1)
+            variant_jobs = {}
+            for name, overrides in variants:
+                for mb in micro_batches:
+                    try:
+                        variant_jobs[name, mb] = job = compose_job(
+                            ours_overrides(opts.size, opts.seq_len, mb, run_dir, opts.ours + overrides, opts.accum))
+                        validate(job, 1)
+                    except UserError as exc:
+                        raise UserError(f"--variant {name}: {exc}") from None
             device_type = resolve_device(jobs[micro_batches[0]].train.device)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -391,25 +480,42 @@ def main(argv: list[str] | None = None) -> int:
               f"{f' of {opts.accum} micro-batches each' if opts.accum > 1 else ''}; "
               f"peak {f'{peak / 1e12:.1f} TFLOP/s' if peak else 'unknown (MFU n/a)'}", flush=True)
         print(f"ours: {' '.join(opts.ours) or '(defaults)'}", flush=True)
+        for variant, overrides in variants:
+            print(f"variant {variant}: ours with {' '.join(overrides)}", flush=True)
 
-        plan = [("ours", mb) for mb in micro_batches] + [(name, mb) for name, mbs in baselines for mb in mbs]
+        # (name, micro-batch, variant name or None, the variant's overrides)
+        plan = [("ours", mb, None, []) for mb in micro_batches]
+        plan += [(name, mb, None, []) for name, mbs in baselines for mb in mbs]
+        plan += [("ours", mb, variant, overrides) for variant, overrides in variants for mb in micro_batches]
         liger_skipped = None
-        for name, mb in plan:
-            job = jobs[mb]
+        ours_total, ours_done = sum(1 for name, *_ in plan if name == "ours"), 0
+        for name, mb, variant, overrides in plan:
+            job = jobs[mb] if variant is None else variant_jobs[variant, mb]
             row = {"name": name, "size": opts.size, "seq_len": opts.seq_len, "micro_batch": mb,
                    "global_batch": job.train.global_batch_size, "steps": opts.steps, "warmup": opts.warmup,
                    "flops_per_token": flops_per_token(job.model.args(), opts.seq_len)}
             if name == "ours":  # the job as qwen2-train (or qwen2-estimate) takes it, without the temporary run_dir
-                row["overrides"] = [o for o in ours_overrides(opts.size, opts.seq_len, mb, run_dir, opts.ours,
-                                                              opts.accum) if not o.startswith("run_dir=")]
+                row["overrides"] = [o for o in ours_overrides(opts.size, opts.seq_len, mb, run_dir,
+                                                              opts.ours + overrides, opts.accum)
+                                    if not o.startswith("run_dir=")]
+                row["variant"], row["variant_overrides"] = variant, overrides
             if name == "hf-liger" and liger_skipped is None:
                 liger_skipped = apply_liger(device) or ""
             if name == "hf-liger" and liger_skipped:
                 row["status"] = f"skipped: {liger_skipped}"
                 print(f"hf-liger mb {mb}: skipped: {liger_skipped}", flush=True)
             elif name == "ours":
-                measure(name, functools.partial(run_ours, job, opts.warmup, opts.steps, opts.seed, opts.profile),
-                        row, device)
+                if ours_done:
+                    torch._dynamo.reset()  # a row of ours already ran: nothing compiled for it is reused
+                ours_done += 1
+                profile = opts.profile if variant is None or variant in profiled else None
+                if profile and variant is not None:
+                    stem, ext = os.path.splitext(profile)
+                    profile = f"{stem}_{variant}{ext}"
+                measure(name, functools.partial(run_ours, job, opts.warmup, opts.steps, opts.seed, profile,
+                                                keep_initial=ours_done < ours_total), row, device)
+                if ours_done == ours_total:
+                    INITIAL.clear()
             else:
                 restore_sdpa(defaults)
                 measure(name, functools.partial(run_baseline, name, job, device, opts.warmup, opts.steps, opts.seed),

@@ -8,13 +8,17 @@ import subprocess
 import sys
 import tarfile
 
+import torch
+
 from tests.helpers import REPO, run_python
 
 TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
-GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "overlap_gpu", "variant_overlap", "variant_loss_chunk_8192",
-                   "combined_1.5b", "loss_parity", "throughput_1.5b_accum", "profile_1.5b", "variant_coordinate_descent",
-                   "variant_float8_overlap", "variant_loss_chunk_16384", "variant_expandable_segments",
-                   "throughput_0.5b", "throughput_1.5b_lean", "gpu_tests", "estimate"]
+GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "overlap_gpu", "combined_1.5b", "loss_parity", "throughput_0.5b",
+                   "throughput_1.5b_lean", "throughput_1.5b_accum", "variant_coordinate_descent",
+                   "variant_float8_overlap", "variant_expandable_segments", "gpu_tests", "estimate"]
+VARIANTS = {"overlap": ["optim.overlap=true"], "loss_chunk_16384": ["model.loss_chunk_tokens=16384"],
+            "loss_chunk_8192": ["model.loss_chunk_tokens=8192"]}
+"""The --variant rows of the throughput_1.5b step, in their order."""
 
 
 def throughput(*args: str) -> subprocess.CompletedProcess:
@@ -30,6 +34,19 @@ def test_throughput_refuses_a_bad_override_in_one_line():
 
     result = throughput(*TINY, "--baseline", "hf-fast")
     assert result.returncode == 2 and result.stderr.startswith("error: --baseline hf-fast: choose hf, hf-ac")
+
+    for args, error in [
+        (["--variant", "overlap"], "error: --variant 'overlap': give NAME:KEY=VALUE"),
+        (["--variant", "a:optim.overlap=true", "--variant", "a:model.loss_chunk_tokens=8"], "error: --variant 'a:"),
+        (["--variant", "bad:optim.no_such_key=1"], "error: --variant bad: "),
+        (["--variant", "a:optim.overlap=true", "--profile-variants", "a"],
+         "error: --profile-variants a: needs --profile"),
+        (["--variant", "a:optim.overlap=true", "--profile", "p.txt", "--profile-variants", "b"],
+         "error: --profile-variants b: no --variant named b"),
+    ]:
+        result = throughput(*TINY, "--baseline", "none", *args)
+        assert result.returncode == 2 and result.stderr.startswith(error), (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and "ours" not in result.stdout, result.stderr
 
 
 def test_loss_parity_reports_float8_that_cannot_run_and_keeps_the_bf16_verdict(tmp_path):
@@ -79,21 +96,31 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     for name in GPU_CHECK_STEPS:
         if name.startswith("variant_") and name != "variant_float8_overlap":
             assert outcomes[name] == "ok", summary
-    chunked = json.loads((out / "variant_loss_chunk_8192.json").read_text())
-    assert "model.loss_chunk_tokens=8192" in chunked["rows"][0]["overrides"]
-    overlap = json.loads((out / "variant_overlap.json").read_text())["rows"][0]
-    assert "optim.overlap=true" in overlap["overrides"] and overlap["status"] == "ok"
-    assert "ms/step wall clock" in (out / "profile_overlap.txt").read_text()
-    assert not (out / "profile_loss_chunk_8192.txt").exists()  # only the overlap variant is profiled
-    # The same seed and batches as the row of ours in throughput_1.5b, and the same update: the same losses.
-    ours = json.loads((out / "throughput_1.5b.json").read_text())["rows"][0]
-    assert (overlap["first_loss"], overlap["last_loss"]) == (ours["first_loss"], ours["last_loss"])
-    # The dry run combines every variant (--all): on a GPU only those 1% faster than the default row of ours.
+            assert json.loads((out / f"{name}.json").read_text())["rows"][0]["status"] == "ok"
+    # Step 2: the default row of ours, the baselines, then each variant as one more row of the same process.
+    rows = json.loads((out / "throughput_1.5b.json").read_text())["rows"]
+    assert [(r["name"], r.get("variant")) for r in rows] == [("ours", None), ("hf", None), ("hf-liger", None)] + [
+        ("ours", name) for name in VARIANTS]
+    ours, variants = rows[0], rows[3:]
+    for row, (name, overrides) in zip(variants, VARIANTS.items()):
+        assert row["status"] == "ok" and row["variant_overrides"] == overrides
+        assert row["overrides"] == ours["overrides"] + overrides
+        # The same weights (drawn for the default row, copied for the variants), seed and batches, and the same
+        # update (optim.overlap on a CPU; one chunk of the loss at 256 tokens): the same losses, exactly.
+        assert (row["first_loss"], row["last_loss"]) == (ours["first_loss"], ours["last_loss"]), name
+        assert row["build_s"] >= 0 and row["warmup_s"] > 0
+    assert "ms/step wall clock" in (out / "profile_1.5b_overlap.txt").read_text()
+    assert not (out / "profile_1.5b_loss_chunk_8192.txt").exists()  # only the overlap variant is profiled
+    # The dry run combines every variant (--all; on a GPU only those 0.5% faster than the default row of ours), of
+    # the two chunk sizes the faster one.
+    faster_chunk = max(variants[1:], key=lambda row: row["tokens_per_sec"])["variant_overrides"]
     combined = json.loads((out / "combined_1.5b.json").read_text())
-    assert combined["ours_overrides"] == ["parallel.compile=auto", "optim.overlap=true", "model.loss_chunk_tokens=8192"]
+    assert combined["ours_overrides"] == ["parallel.compile=auto", "optim.overlap=true", *faster_chunk]
     assert [r["name"] for r in combined["rows"]] == ["ours", "hf-liger"] and combined["rows"][0]["status"] == "ok"
     picks = (out / "pick_variants.log").read_text().splitlines()
-    assert len(picks) == 2 and all(": picked" in line for line in picks), picks  # "(--all)" only when slower
+    assert [line.split(":")[0] for line in picks[:3]] == [f"variant {name}" for name in VARIANTS], picks
+    assert all(": picked" in line for line in picks[:3]), picks  # "(--all)" only when slower
+    assert picks[3].endswith("and was faster") and len(picks) == 4, picks
     accum = json.loads((out / "throughput_1.5b_accum.json").read_text())
     assert accum["accum"] == 2 and [r["name"] for r in accum["rows"]] == ["ours", "hf-liger"]
     assert accum["rows"][0]["global_batch"] == 2 * accum["rows"][0]["micro_batch"]
@@ -125,7 +152,7 @@ def _check_ours_and_baselines(log_path, report_path):
 
     report = json.loads(report_path.read_text())
     assert report["device"].startswith("cpu") and report["torch"] and report["transformers"] and report["date"]
-    rows = {row["name"]: row for row in report["rows"]}
+    rows = {row["name"]: row for row in report["rows"] if not row.get("variant")}
     assert set(rows) == {"ours", "hf", "hf-liger"}
     for name in ("ours", "hf"):
         row = rows[name]
@@ -136,3 +163,24 @@ def _check_ours_and_baselines(log_path, report_path):
     assert rows["ours"]["overrides"][:2] == ["model=tiny", "train.seq_len=128"]
     assert rows["ours"]["vs_best_baseline"] == rows["ours"]["tokens_per_sec"] / rows["hf"]["tokens_per_sec"]
     assert rows["hf-liger"]["status"].startswith("skipped")
+
+
+def test_kept_initial_weights_are_those_a_fresh_init_draws_and_fit_only_their_shape():
+    from benchmarks.throughput import copy_initial
+    from qwen2_dist.model.args import get_model_args
+    from qwen2_dist.model.qwen2 import build_model
+
+    def fresh(name: str, seed: int):
+        model = build_model(get_model_args(name), "cpu")
+        model.init_weights(seed)
+        return model
+
+    kept = [p.detach().clone() for p in fresh("tiny", 3).parameters()]
+    model = build_model(get_model_args("tiny"), "cpu")
+    model.init_placeholders()
+    assert copy_initial(model, kept)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh("tiny", 3).parameters()))
+    other = fresh("debug", 0)
+    before = [p.detach().clone() for p in other.parameters()]
+    assert not copy_initial(other, kept)  # another shape: refused, nothing copied
+    assert all(torch.equal(a, b) for a, b in zip(other.parameters(), before))

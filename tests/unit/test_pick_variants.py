@@ -29,15 +29,46 @@ def test_picks_the_variants_at_least_min_gain_faster_in_their_order(capsys):
         "both.json": report(46000.0, "model.loss_chunk_tokens=16384", "optim.overlap=true"),  # overlap only once
         "slower.json": report(40000.0, "model.fuse_projections=true"),
     }
-    winners = pick_variants.pick(DEFAULT, variants, 0.01, take_all=False)
+    winners, wins = pick_variants.pick(DEFAULT, variants, 0.01, take_all=False)
     assert winners == ["optim.overlap=true", "model.loss_chunk_tokens=16384"]
+    assert [w.label for w in wins] == ["overlap.json", "both.json"] and not any(w.in_default for w in wins)
     err = capsys.readouterr().err
     assert ("overlap.json: optim.overlap=true: 45,500 tokens/s against 44,000 (+3.4%): picked; last loss 12.2112 "
             "against 12.2110 (+0.0002)") in err
     assert "chunk.json: model.loss_chunk_tokens=8192: 44,300 tokens/s against 44,000 (+0.7%): not picked" in err
-    assert pick_variants.pick(DEFAULT, variants, 0.005, take_all=False) == [
-        "optim.overlap=true", "model.loss_chunk_tokens=8192", "model.loss_chunk_tokens=16384"]
-    assert pick_variants.pick(DEFAULT, variants, 0.01, take_all=True)[-1] == "model.fuse_projections=true"
+    # Both chunk sizes win at 0.5%: one key, so the faster variant's value is taken.
+    assert pick_variants.pick(DEFAULT, variants, 0.005, take_all=False)[0] == [
+        "optim.overlap=true", "model.loss_chunk_tokens=16384"]
+    assert ("model.loss_chunk_tokens=8192 left out: both.json sets model.loss_chunk_tokens=16384 and was faster"
+            in capsys.readouterr().err)
+    assert pick_variants.pick(DEFAULT, variants, 0.01, take_all=True)[0][-1] == "model.fuse_projections=true"
+
+
+def with_variants(default: dict, *rows: tuple) -> dict:
+    """default plus --variant rows of ours: (name, tokens/s or None for an OOM, overrides...)."""
+    report = json.loads(json.dumps(default))
+    for name, tokens_per_sec, *overrides in rows:
+        report["rows"].append({"name": "ours", "variant": name, "variant_overrides": overrides, "micro_batch": 4,
+                               "status": "ok" if tokens_per_sec else "OOM", "tokens_per_sec": tokens_per_sec})
+    return report
+
+
+def test_picks_among_the_variant_rows_of_the_default_report(capsys):
+    made = with_variants(DEFAULT, ("overlap", 45000.0, "optim.overlap=true"),
+                         ("chunk_8192", 44500.0, "model.loss_chunk_tokens=8192"),
+                         ("chunk_16384", 44800.0, "model.loss_chunk_tokens=16384"),
+                         ("float8", None, "model.float8=true"))
+    # The default row is the first row of ours without a variant, wherever the variant rows are.
+    made["rows"].insert(0, made["rows"].pop())
+    winners, wins = pick_variants.pick(made, {"chunk.json": report(44900.0, "model.loss_chunk_tokens=4096")},
+                                       0.005, take_all=False)
+    assert winners == ["optim.overlap=true", "model.loss_chunk_tokens=4096"]
+    assert [w.label for w in wins] == ["variant overlap", "variant chunk_8192", "variant chunk_16384", "chunk.json"]
+    assert [w.in_default for w in wins] == [True, True, True, False]
+    err = capsys.readouterr().err
+    assert "variant overlap: optim.overlap=true: 45,000 tokens/s against 44,000 (+2.3%): picked" in err
+    assert "variant float8: model.float8=true: no row of ours ran" in err
+    assert "model.loss_chunk_tokens=16384 left out: chunk.json sets model.loss_chunk_tokens=4096" in err
 
 
 @pytest.mark.parametrize("variant, why", [
@@ -48,7 +79,7 @@ def test_picks_the_variants_at_least_min_gain_faster_in_their_order(capsys):
     (report(50000.0), "no overrides of its own (an environment setting)"),
 ])
 def test_never_picks_what_is_not_comparable_or_not_combinable(variant, why, capsys):
-    assert pick_variants.pick(DEFAULT, {"v.json": variant}, 0.01, take_all=True) == []
+    assert pick_variants.pick(DEFAULT, {"v.json": variant}, 0.01, take_all=True) == ([], [])
     assert why in capsys.readouterr().err
 
 
@@ -72,3 +103,15 @@ def test_command_line_exit_codes(tmp_path):
 
     result = run_python([script, str(paths["bad_default"]), str(paths["win"])], timeout=60)
     assert result.returncode == 2 and "no row of ours that ran; run the default step first" in result.stderr
+
+    # One winning --variant row of the default report: it already ran next to that report's baselines.
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(with_variants(DEFAULT, ("overlap", 46000.0, "optim.overlap=true"),
+                                            ("chunk", 43000.0, "model.loss_chunk_tokens=8192"))))
+    result = run_python([script, str(one)], timeout=60)
+    assert result.returncode == pick_variants.ONE_WINNER_IN_DEFAULT, result.stderr
+    assert result.stdout.splitlines() == ["optim.overlap=true"]
+    assert "one variant won, variant overlap, measured in" in result.stderr.splitlines()[-1]
+    # The same winner and one more from another report: two to combine.
+    result = run_python([script, str(one), str(paths["win"])], timeout=60)
+    assert result.returncode == 0 and result.stdout.splitlines() == ["optim.overlap=true"], result.stderr
