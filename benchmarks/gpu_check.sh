@@ -164,9 +164,9 @@ step env 30 "$PYTHON" -c "$ENV_PY"
 # settings that may close the gap, each against the default row with the same weights and batches (so its losses
 # too): AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward;
 # the loss over one 16384-token chunk or 8192-token chunks instead of 2048 (fewer passes over the fp32 gradient of
-# the 151,936 x 1,536 output matrix, larger matmuls; a chunk's bf16 logits and their gradient: 9.3 or 4.6 GiB, not
-# 1.2). The default row and the overlap row are profiled (2 more steps each): kernel time by kind, the busiest
-# kernels, the device's idle share, and how much of the update ran alongside the forward. Measured slower on
+# the 151,936 x 1,536 output matrix, larger matmuls; a chunk's bf16 logits, overwritten by their gradient: 4.6 or
+# 2.3 GiB, not 0.6). The default row and the overlap row are profiled (2 more steps each): kernel time by kind, the
+# busiest kernels, the device's idle share, and how much of the update ran alongside the forward. Measured slower on
 # 2026-11-27 and so no longer here: model.fuse_projections (42.4k against 44.1k), model.loss=liger (41.9k),
 # parallel.activation_checkpointing=op (42.9k; 43.9k at micro-batch 6), micro-batch 5 (42.5k).
 step throughput_1.5b 240 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \

@@ -82,7 +82,8 @@ class ModelConfig:
     materializes the full logits), liger (Liger-Kernel's fused linear cross-entropy, CUDA), plain (logits, then
     cross_entropy)."""
     loss_chunk_tokens: int = 2048
-    """Tokens per chunk of the chunked loss: its transient memory is about chunk x vocab x 4 bytes."""
+    """Tokens per chunk of the chunked loss: its transient memory is about chunk x vocab x 2 bytes compiled (the bf16
+    logits, overwritten by their gradient), chunk x vocab x 10 bytes eager (with two fp32 copies)."""
     kernels: str = "torch"
     """Who computes RMSNorm (and SwiGLU): torch (fused by torch.compile per block on CUDA), liger (Liger-Kernel's Triton
     kernels) or apex (NVIDIA apex's fused RMSNorm); liger and apex need CUDA and parallel.compile=false or auto."""

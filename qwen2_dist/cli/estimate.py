@@ -196,10 +196,10 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
         # matrix, made in forward (the latter in fp32 for one process's fp32 weights).
         b, s_len = job.train.micro_batch_size, job.train.seq_len
         chunk = min(job.model.loss_chunk_tokens, b * s_len)
-        # Compiled (CUDA default), the softmax of a chunk reads its logits and writes their gradient, both in the
-        # compute dtype; eager, it also makes two fp32 copies.
+        # The softmax of a chunk overwrites its logits with their gradient, in the compute dtype; eager (not
+        # compiled) it also makes two fp32 copies on the way.
         head = ((4 + residual) * b * s_len * args.hidden_size + 4 * b * s_len + 2 * p * b * s_len * args.hidden_size
-                + (2 * p + (0 if compiled else 8)) * chunk * args.vocab_size
+                + (p + (0 if compiled else 8)) * chunk * args.vocab_size
                 + (4 if one_process else p) * vocab_matrix)
     if copies:
         lines["bf16 weight copies (autocast, saved for backward)"] = copies

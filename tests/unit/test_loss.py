@@ -186,13 +186,23 @@ def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
     generator = torch.Generator().manual_seed(0)
     logits = (torch.randn(24, 301, generator=generator) * 4).bfloat16()
     targets = torch.randint(0, 301, (24,), generator=generator)
-    loss, grad = _chunk_loss_and_grad(logits, targets)
-    fused_loss, fused_grad = _chunk_loss_and_grad_fusable(logits, targets)
+    loss, grad = _chunk_loss_and_grad(logits.clone(), targets)
+    fused_loss, fused_grad = _chunk_loss_and_grad_fusable(logits.clone(), targets)
     assert torch.equal(loss, fused_loss) and torch.equal(grad, fused_grad) and grad.dtype == torch.bfloat16
     assert (grad[torch.arange(24), targets] < 0).all()  # the one-hot is in it
-    compiled_loss, compiled_grad = torch.compile(_chunk_loss_and_grad_fusable, dynamic=False)(logits, targets)
+    probs = torch.softmax(logits.float(), dim=-1)
+    torch.testing.assert_close(grad.float().sum(-1), (probs.sum(-1) - 1).to(torch.bfloat16).float(), atol=2e-2,
+                               rtol=0)
+    compiled_logits = logits.clone()
+    compiled_loss, compiled_grad = torch.compile(_chunk_loss_and_grad_fusable, dynamic=False)(compiled_logits,
+                                                                                              targets)
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=1e-2, atol=1e-3)
+    # The gradient is written over the logits: no second chunk-sized buffer, eager or compiled.
+    for function in (_chunk_loss_and_grad, _chunk_loss_and_grad_fusable):
+        chunk = logits.clone()
+        assert function(chunk, targets)[1].data_ptr() == chunk.data_ptr()
+    assert compiled_grad.data_ptr() == compiled_logits.data_ptr() and torch.equal(compiled_logits, compiled_grad)
 
 
 def test_the_fp32_out_matmul_is_tried_before_it_is_trusted(monkeypatch, caplog):
