@@ -9,7 +9,10 @@ own overrides: the variant's) and the first row of ours of each VARIANT.json (it
 `ours_overrides` less the default's). A variant wins when its row (same micro-batch) ran and its tokens/s beat the
 default's by at least --min-gain (a fraction; 0.01 by default: runs of the same setting differ by a fraction of a
 percent). Where winners set the same key to different values (two loss chunk sizes), the faster one's value is
-taken. The winners' overrides go to stdout, one per line; what was decided for each variant goes to stderr. A
+taken. A --variant row with no overrides beyond the default's is the default measured again after the variants: where it
+differs from the default row by more than --min-gain, that difference is the threshold instead (a gain within the
+run's own drift is not told apart from it). The winners' overrides go to stdout, one per line; what was decided for
+each variant goes to stderr. A
 variant without overrides of its own (an environment variable only), a missing or failed row, or a report of
 another size or sequence length is never picked. --all picks every variant that ran (the dry run uses it, so that
 the combined step is exercised on the CPU, where the timings mean nothing).
@@ -68,11 +71,11 @@ class Variant(NamedTuple):
 def candidates(default: dict, variants: dict[str, dict | None]) -> list[Variant]:
     """Every variant: DEFAULT's --variant rows first, then the first row of ours of each other report."""
     found = []
+    base_overrides = set(default.get("ours_overrides", []))
     for row in default.get("rows", []):
         if row.get("name") == "ours" and row.get("variant"):
             found.append(Variant(f"variant {row['variant']}", default, row if row.get("status") == "ok" else None,
-                                 list(row.get("variant_overrides", [])), True))
-    base_overrides = set(default.get("ours_overrides", []))
+                                 [o for o in row.get("variant_overrides", []) if o not in base_overrides], True))
     for path, report in variants.items():
         if report is not None:  # else load() said why
             found.append(Variant(path, report, ours_row(report),
@@ -90,8 +93,22 @@ def pick(default: dict, variants: dict[str, dict | None], min_gain: float,
     winners: list[str] = []
     chosen: dict[str, tuple[float, str, str]] = {}  # key -> (tokens/s, override, label) of the fastest winner
     wins: list[Variant] = []
-    for variant in candidates(default, variants):
+    found = candidates(default, variants)
+    # A --variant row with nothing of its own is the default measured again, later in the same process: how far the
+    # same setting drifted over the run (the GPU warming up, its clocks) bounds the gains that can be told apart.
+    repeats = [v for v in found if v.in_default and not v.own and v.row is not None]
+    drift = max((abs(v.row["tokens_per_sec"] / base["tokens_per_sec"] - 1) for v in repeats), default=0.0)
+    if drift > min_gain and not take_all:
+        print(f"the default measured again differs by {drift:.1%}: a variant must gain that much to be picked",
+              file=sys.stderr)
+        min_gain = drift
+    for variant in found:
         label, report, row, own = variant.label, variant.report, variant.row, variant.own
+        if variant in repeats:
+            gain = row["tokens_per_sec"] / base["tokens_per_sec"] - 1
+            print(f"{label}: the default again, after the variants: {row['tokens_per_sec']:,.0f} tokens/s against "
+                  f"{base['tokens_per_sec']:,.0f} ({gain:+.1%}){losses(row, base)}", file=sys.stderr)
+            continue
         if (report.get("size"), report.get("seq_len")) != (default.get("size"), default.get("seq_len")):
             verdict = (f"not comparable ({report.get('size')} seq {report.get('seq_len')}, the default is "
                        f"{default.get('size')} seq {default.get('seq_len')})")

@@ -17,7 +17,7 @@ GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "overlap_gpu", "combined_
                    "throughput_1.5b_lean", "throughput_1.5b_accum", "variant_coordinate_descent",
                    "variant_float8_overlap", "variant_expandable_segments", "gpu_tests", "estimate"]
 VARIANTS = {"overlap": ["optim.overlap=true"], "loss_chunk_16384": ["model.loss_chunk_tokens=16384"],
-            "loss_chunk_8192": ["model.loss_chunk_tokens=8192"]}
+            "loss_chunk_8192": ["model.loss_chunk_tokens=8192"], "default_again": ["parallel.compile=auto"]}
 """The --variant rows of the throughput_1.5b step, in their order."""
 
 
@@ -102,6 +102,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert [(r["name"], r.get("variant")) for r in rows] == [("ours", None), ("hf", None), ("hf-liger", None)] + [
         ("ours", name) for name in VARIANTS]
     ours, variants = rows[0], rows[3:]
+    assert len(variants) == len(VARIANTS)
     for row, (name, overrides) in zip(variants, VARIANTS.items()):
         assert row["status"] == "ok" and row["variant_overrides"] == overrides
         assert row["overrides"] == ours["overrides"] + overrides
@@ -113,14 +114,15 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert not (out / "profile_1.5b_loss_chunk_8192.txt").exists()  # only the overlap variant is profiled
     # The dry run combines every variant (--all; on a GPU only those 0.5% faster than the default row of ours), of
     # the two chunk sizes the faster one.
-    faster_chunk = max(variants[1:], key=lambda row: row["tokens_per_sec"])["variant_overrides"]
+    faster_chunk = max(variants[1:3], key=lambda row: row["tokens_per_sec"])["variant_overrides"]
     combined = json.loads((out / "combined_1.5b.json").read_text())
     assert combined["ours_overrides"] == ["parallel.compile=auto", "optim.overlap=true", *faster_chunk]
     assert [r["name"] for r in combined["rows"]] == ["ours", "hf-liger"] and combined["rows"][0]["status"] == "ok"
     picks = (out / "pick_variants.log").read_text().splitlines()
-    assert [line.split(":")[0] for line in picks[:3]] == [f"variant {name}" for name in VARIANTS], picks
+    assert [line.split(":")[0] for line in picks[:4]] == [f"variant {name}" for name in VARIANTS], picks
     assert all(": picked" in line for line in picks[:3]), picks  # "(--all)" only when slower
-    assert picks[3].endswith("and was faster") and len(picks) == 4, picks
+    assert picks[3].startswith("variant default_again: the default again, after the variants: "), picks
+    assert picks[4].endswith("and was faster") and len(picks) == 5, picks
     accum = json.loads((out / "throughput_1.5b_accum.json").read_text())
     assert accum["accum"] == 2 and [r["name"] for r in accum["rows"]] == ["ours", "hf-liger"]
     assert accum["rows"][0]["global_batch"] == 2 * accum["rows"][0]["micro_batch"]

@@ -115,3 +115,22 @@ def test_command_line_exit_codes(tmp_path):
     # The same winner and one more from another report: two to combine.
     result = run_python([script, str(one), str(paths["win"])], timeout=60)
     assert result.returncode == 0 and result.stdout.splitlines() == ["optim.overlap=true"], result.stderr
+
+
+def test_the_default_measured_again_sets_the_threshold_when_it_drifted_more(capsys):
+    """A --variant row with only the default's own overrides is the default again, after the variants: a gain
+    smaller than its drift is not picked."""
+    rows = [("small", 44264.0, "model.loss_chunk_tokens=8192"),  # +0.6%
+            ("large", 45012.0, "optim.overlap=true"),  # +2.3%
+            ("default_again", 44352.0, "parallel.compile=true")]  # +0.8%: the run's drift
+    winners, wins = pick_variants.pick(with_variants(DEFAULT, *rows), {}, 0.005, take_all=False)
+    assert winners == ["optim.overlap=true"] and [w.label for w in wins] == ["variant large"]
+    err = capsys.readouterr().err
+    assert "the default measured again differs by 0.8%: a variant must gain that much to be picked" in err
+    assert "variant small: model.loss_chunk_tokens=8192: 44,264 tokens/s against 44,000 (+0.6%): not picked" in err
+    assert "variant default_again: the default again, after the variants: 44,352 tokens/s against 44,000 (+0.8%)" in err
+    # Drift within --min-gain leaves the threshold as it was.
+    rows[2] = ("default_again", 44088.0, "parallel.compile=true")  # +0.2%
+    assert pick_variants.pick(with_variants(DEFAULT, *rows), {}, 0.005, take_all=False)[0] == [
+        "model.loss_chunk_tokens=8192", "optim.overlap=true"]
+    assert "differs by" not in capsys.readouterr().err
