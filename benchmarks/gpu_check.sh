@@ -165,16 +165,18 @@ step env 30 "$PYTHON" -c "$ENV_PY"
 # too): AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward;
 # the loss over one 16384-token chunk or 8192-token chunks instead of 2048 (fewer passes over the fp32 gradient of
 # the 151,936 x 1,536 output matrix, larger matmuls; a chunk's bf16 logits, overwritten by their gradient: 4.6 or
-# 2.3 GiB, not 0.6). The default row and the overlap row are profiled (2 more steps each): kernel time by kind, the
-# busiest kernels, the device's idle share, and how much of the update ran alongside the forward. Last, the default
-# again (default_again): how far the same setting drifted over the run, which bounds the gains that can be told
-# apart. Measured slower on 2026-11-27 and so no longer here: model.fuse_projections (42.4k against 44.1k),
-# model.loss=liger (41.9k), parallel.activation_checkpointing=op (42.9k; 43.9k at micro-batch 6), micro-batch 5
-# (42.5k).
+# 2.3 GiB, not 0.6); q/k/v as one matmul (model.fuse_projections=qkv: k and v, 256 wide each, run well below the
+# tensor cores' peak). The default row and the overlap row are profiled (2 more steps each): kernel time by kind,
+# the busiest kernels, the device's idle share, and how much of the update ran alongside the forward. Last, the
+# default again (default_again): how far the same setting drifted over the run, which bounds the gains that can be
+# told apart. Measured slower on 2026-11-27 and so no longer here: model.fuse_projections=true (q/k/v and gate/up;
+# 42.4k against 44.1k), model.loss=liger (41.9k), parallel.activation_checkpointing=op (42.9k; 43.9k at
+# micro-batch 6), micro-batch 5 (42.5k).
 step throughput_1.5b 240 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \
     --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" --baseline "hf:$MB_HF" --baseline "hf-liger:$MB_LIGER" \
     --variant overlap:optim.overlap=true --variant loss_chunk_16384:model.loss_chunk_tokens=16384 \
-    --variant loss_chunk_8192:model.loss_chunk_tokens=8192 --variant "default_again:parallel.compile=$COMPILE" \
+    --variant loss_chunk_8192:model.loss_chunk_tokens=8192 --variant fuse_qkv:model.fuse_projections=qkv \
+    --variant "default_again:parallel.compile=$COMPILE" \
     --profile "$OUT/profile_1.5b.txt" --profile-variants overlap --json "$OUT/throughput_1.5b.json"
 
 # 3. An exact check that the overlapped update is never read early: right after step() a forward must give bitwise

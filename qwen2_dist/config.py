@@ -87,9 +87,11 @@ class ModelConfig:
     kernels: str = "torch"
     """Who computes RMSNorm (and SwiGLU): torch (fused by torch.compile per block on CUDA), liger (Liger-Kernel's Triton
     kernels) or apex (NVIDIA apex's fused RMSNorm); liger and apex need CUDA and parallel.compile=false or auto."""
-    fuse_projections: bool = False
-    """Compute q/k/v, and gate/up, each as one matmul over the concatenated weights (parameters stay separate);
-    parallel.tp=1 only. Slower on an H100 for qwen2-1.5b (42,415 tokens/s against 44,148, 2026-11-27)."""
+    fuse_projections: Any = False
+    """Compute q/k/v, and gate/up, each as one matmul over the concatenated weights (parameters stay separate): true
+    (both), qkv (q/k/v only), mlp (gate/up only) or false; parallel.tp=1 only. Both were slower on an H100 for
+    qwen2-1.5b (42,415 tokens/s against 44,148, 2026-11-27); qkv alone (the narrow k and v matmuls made part of a
+    wide one, for a copy of 2.4M weights per block and forward) is not measured yet."""
     float8: bool = False
     """Train the decoder blocks' linear layers in float8 (torchao's dynamic scaling; CUDA with compute capability
     >= 8.9, the torchao package). The output head stays in bf16. On an H100, qwen2-1.5b at seq 4096, micro-batch 4:
@@ -582,16 +584,19 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if m.loss in ("chunked", "liger") and p.tp > 1:
         raise UserError(f"model.loss={m.loss} cannot read vocabulary-sharded logits (parallel.tp={p.tp}); use "
                         "model.loss=auto or plain with tensor parallelism")
-    from qwen2_dist.model.kernels import KERNELS
+    from qwen2_dist.model.kernels import FUSE_PROJECTIONS, KERNELS
 
     if m.kernels not in KERNELS:
         raise UserError(f"model.kernels={m.kernels!r}: choose one of {', '.join(KERNELS)}")
     if m.kernels != "torch" and str(p.compile).lower() == "true":
         raise UserError(f"model.kernels={m.kernels} with parallel.compile=true: the compiled blocks fuse these ops "
                         "themselves; use model.kernels=torch, or parallel.compile=false")
+    if m.fuse_projections not in FUSE_PROJECTIONS:
+        raise UserError(f"model.fuse_projections={m.fuse_projections!r}: choose false, true (q/k/v and gate/up), qkv "
+                        "or mlp")
     if m.fuse_projections and p.tp > 1:
-        raise UserError("model.fuse_projections=true needs parallel.tp=1 (tensor parallelism shards q/k/v and "
-                        "gate/up separately); set model.fuse_projections=false")
+        raise UserError(f"model.fuse_projections={str(m.fuse_projections).lower()} needs parallel.tp=1 (tensor "
+                        "parallelism shards q/k/v and gate/up separately); set model.fuse_projections=false")
     if m.float8 and (p.tp > 1 or m.fuse_projections):
         raise UserError("model.float8=true works with parallel.tp=1 and model.fuse_projections=false (the fused "
                         "projections bypass the float8 linears); change one of them")

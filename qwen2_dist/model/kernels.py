@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from qwen2_dist.errors import UserError
 
 KERNELS = ("torch", "liger", "apex")
+FUSE_PROJECTIONS = (False, True, "qkv", "mlp")
+"""model.fuse_projections: none, both, q/k/v only, gate/up only."""
 
 
 def check_available(name: str, device_type: str = "cuda") -> None:

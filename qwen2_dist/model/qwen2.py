@@ -162,17 +162,22 @@ class Qwen2(nn.Module):
             layer.self_attn.backend = backend
 
     def set_kernels(
-        self, kernels_name: str = "torch", fuse_projections: bool = False, device_type: str = "cuda"
+        self, kernels_name: str = "torch", fuse_projections: bool | str = False, device_type: str = "cuda"
     ) -> None:
         """model.kernels (torch, liger, apex: who computes RMSNorm, and with liger SwiGLU) and
-        model.fuse_projections (q/k/v and gate/up each as one matmul over the concatenated weights; the parameters
-        stay separate, so checkpoints and Hugging Face conversion do not change). Call before the first forward."""
+        model.fuse_projections (true: q/k/v and gate/up each as one matmul over the concatenated weights; qkv or mlp:
+        only those; the parameters stay separate, so checkpoints and Hugging Face conversion do not change). Call
+        before the first forward."""
         kernels.check_available(kernels_name, device_type)
+        if fuse_projections not in kernels.FUSE_PROJECTIONS:
+            raise ValueError(f"fuse_projections={fuse_projections!r}: one of {kernels.FUSE_PROJECTIONS}")
         for module in self.modules():
             if isinstance(module, (RMSNorm, MLP)):
                 module.kernels = kernels_name
-            if isinstance(module, (Attention, MLP)):
-                module.fused = fuse_projections
+            if isinstance(module, Attention):
+                module.fused = fuse_projections in (True, "qkv")
+            if isinstance(module, MLP):
+                module.fused = fuse_projections in (True, "mlp")
 
     def set_loss(self, impl: str, chunk_tokens: int = 2048, compiled: bool = False,
                  compile_options: dict | None = None) -> None:

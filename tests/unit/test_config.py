@@ -57,6 +57,8 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["model.kernels=triton"], 1, "model.kernels"),
     (["model.kernels=liger", "parallel.compile=true"], 1, "model.kernels=liger with parallel.compile=true"),
     (["model.fuse_projections=true", "parallel.tp=2"], 2, "model.fuse_projections"),
+    (["model.fuse_projections=qkv", "parallel.tp=2"], 2, "model.fuse_projections=qkv needs parallel.tp=1"),
+    (["model.fuse_projections=attention"], 1, "model.fuse_projections='attention': choose false, true"),
     (["model.float8=true", "parallel.tp=2"], 2, "model.float8"),
     (["optim.impl=bnb"], 1, "optim.impl"),
     (["data.path=/nonexistent/shards"], 1, "data.path"),

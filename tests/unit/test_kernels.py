@@ -12,20 +12,24 @@ from qwen2_dist.parallel.parallelize import compile_enabled, parallelize
 from qwen2_dist.train.optim import build_optimizer
 
 
-def _loss_and_grads(fuse: bool):
+def _loss_and_grads(fuse: bool | str):
     args = get_model_args("tiny")
     model = build_model(args, "cpu")
     model.init_weights(0)
     model.set_kernels("torch", fuse_projections=fuse, device_type="cpu")
+    layer = model.layers[0]
+    assert (layer.self_attn.fused, layer.mlp.fused) == {False: (False, False), True: (True, True),
+                                                         "qkv": (True, False), "mlp": (False, True)}[fuse]
     tokens = torch.randint(0, args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
     loss.backward()
     return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
 
 
-def test_fused_projections_match_separate_ones():
+@pytest.mark.parametrize("fuse", [True, "qkv", "mlp"])
+def test_fused_projections_match_separate_ones(fuse):
     loss, grads = _loss_and_grads(fuse=False)
-    fused_loss, fused_grads = _loss_and_grads(fuse=True)
+    fused_loss, fused_grads = _loss_and_grads(fuse=fuse)
     torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=1e-6)
     assert fused_grads.keys() == grads.keys()  # the same parameters: checkpoints and HF conversion are unchanged
     for name, grad in grads.items():
