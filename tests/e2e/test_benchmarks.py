@@ -192,3 +192,28 @@ def test_kept_initial_weights_are_those_a_fresh_init_draws_and_fit_only_their_sh
     before = [p.detach().clone() for p in other.parameters()]
     assert not copy_initial(other, kept)  # another shape: refused, nothing copied
     assert all(torch.equal(a, b) for a, b in zip(other.parameters(), before))
+
+
+def test_every_row_of_ours_after_the_first_starts_from_a_fresh_compile_state(monkeypatch, tmp_path):
+    """Without it a second micro-batch recompiled the blocks with a dynamic batch size (torch 2.13, CPU, tiny,
+    TORCH_LOGS=recompiles: "marking L['x'] as dynamic", 2026-11-27), and a variant could run code of another row."""
+    from benchmarks import throughput
+
+    resets = []
+    rows_before = []
+    real_run_ours = throughput.run_ours
+
+    def run_ours(job, *args, **kwargs):
+        rows_before.append(len(resets))
+        return real_run_ours(job, *args, **kwargs)
+
+    monkeypatch.setattr(throughput.torch._dynamo, "reset", lambda: resets.append(1))
+    monkeypatch.setattr(throughput, "run_ours", run_ours)
+    report = tmp_path / "t.json"
+    assert throughput.main([*TINY[:4], "--micro-batch", "2,4", "--steps", "1", "--warmup", "1", "--baseline", "hf:2",
+                            "--variant", "overlap:optim.overlap=true", "--json", str(report)]) == 0
+    assert rows_before == [0, 1, 2, 3]  # ours mb 2, ours mb 4, (hf), overlap mb 2, overlap mb 4
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["name"], r["micro_batch"], r.get("variant")) for r in rows] == [
+        ("ours", 2, None), ("ours", 4, None), ("hf", 2, None), ("ours", 2, "overlap"), ("ours", 4, "overlap")]
+    assert not throughput.INITIAL  # the kept weights are dropped after the last row of ours
