@@ -191,14 +191,19 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int, profile: str | 
     result = timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
     result[2]["build_s"] = build_seconds
     if profile:
-        # The trainer's own profiler (logging.profile_steps), on 2 more steps; its summary is copied to `profile`.
-        profiler = StepProfiler("1:3", job.run_dir, world.rank, world.device)
-        for step in (1, 2):
-            profiler.before_step(step)
-            trainer.train_step()
-            profiler.after_step(step)
-        with open(profiler.summary_path) as f:
-            summary = f.read().rstrip("\n")
+        try:
+            # The trainer's own profiler (logging.profile_steps), on 2 more steps; its summary is copied to `profile`.
+            profiler = StepProfiler("1:3", job.run_dir, world.rank, world.device)
+            for step in (1, 2):
+                profiler.before_step(step)
+                trainer.train_step()
+                profiler.after_step(step)
+            with open(profiler.summary_path) as f:
+                summary = f.read().rstrip("\n")
+        except Exception as exc:  # the row's timing stands; only its profile is lost, and says why
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            summary = f"profile failed after the timed steps ({type(exc).__name__}: {first}); the timing stands"
+            print(f"warning: {summary}", flush=True)
         with open(profile, "w") as f:
             f.write(f"throughput.py {' '.join(sys.argv[1:])}\n{summary}\n")
         print(summary, flush=True)

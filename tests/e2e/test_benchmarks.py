@@ -217,3 +217,17 @@ def test_every_row_of_ours_after_the_first_starts_from_a_fresh_compile_state(mon
     assert [(r["name"], r["micro_batch"], r.get("variant")) for r in rows] == [
         ("ours", 2, None), ("ours", 4, None), ("hf", 2, None), ("ours", 2, "overlap"), ("ours", 4, "overlap")]
     assert not throughput.INITIAL  # the kept weights are dropped after the last row of ours
+
+
+def test_a_failed_profile_loses_the_profile_not_the_row(monkeypatch, tmp_path):
+    from benchmarks import throughput
+
+    class Broken:
+        def __init__(self, *args, **kwargs):
+            raise RuntimeError("CUPTI is busy")
+
+    monkeypatch.setattr(throughput, "StepProfiler", Broken)
+    report, profile = tmp_path / "t.json", tmp_path / "p.txt"
+    assert throughput.main([*TINY, "--baseline", "none", "--profile", str(profile), "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["rows"][0]["status"] == "ok"
+    assert "profile failed after the timed steps (RuntimeError: CUPTI is busy)" in profile.read_text()
