@@ -9,17 +9,17 @@ own overrides: the variant's) and the first row of ours of each VARIANT.json (it
 `ours_overrides` less the default's). A variant wins when its row (same micro-batch) ran and its tokens/s beat the
 default's by at least --min-gain (a fraction; 0.01 by default: runs of the same setting differ by a fraction of a
 percent). Where winners set the same key to different values (two loss chunk sizes), the faster one's value is
-taken. A --variant row with no overrides beyond the default's is the default measured again after the variants: where it
-differs from the default row by more than --min-gain, that difference is the threshold instead (a gain within the
-run's own drift is not told apart from it). The winners' overrides go to stdout, one per line; what was decided for
-each variant goes to stderr. A
-variant without overrides of its own (an environment variable only), a missing or failed row, or a report of
-another size or sequence length is never picked. --all picks every variant that ran (the dry run uses it, so that
-the combined step is exercised on the CPU, where the timings mean nothing).
+taken. A --variant row with no overrides beyond the default's is the default measured again after the variants:
+where it differs from the default row by more than --min-gain, that difference is the threshold instead (a gain
+within the run's own drift is not told apart from it). The winners' overrides go to stdout, one per line; what was
+decided for each variant goes to stderr. A variant without overrides of its own (an environment variable only), a
+missing or failed row, or a report of another size or sequence length is never picked. --all picks every variant
+that ran (the dry run uses it, so that the combined step is exercised on the CPU, where the timings mean nothing).
 
-Exit 0 with the winners, 3 when none won (nothing printed to stdout), 4 when exactly one variant won and it is a row
-of DEFAULT.json (its overrides printed all the same): that row already ran in the same invocation as DEFAULT.json's
-baselines, so there is nothing to combine and no need to measure it again; 2 for an unreadable default report.
+Exit 0 with the winners, 3 when none won (nothing printed to stdout), 4 when the winners' overrides are exactly
+those of one row of DEFAULT.json (printed all the same): that row already ran in the same invocation as
+DEFAULT.json's baselines, so there is nothing to combine and no need to measure it again; 2 for an unreadable
+default report.
 """
 
 import argparse
@@ -159,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         print("no variant won", file=sys.stderr)
         return NO_WINNER
     print("\n".join(winners))
-    if len(wins) == 1 and wins[0].in_default:
-        print(f"one variant won, {wins[0].label}, measured in {opts.default} with that run's baselines: nothing to "
-              "combine", file=sys.stderr)
+    measured = [w for w in wins if w.in_default and set(w.own) == set(winners)]
+    if measured:
+        print(f"the winners' overrides are those of {measured[0].label}, measured in {opts.default} with that run's "
+              "baselines: nothing to combine", file=sys.stderr)
         return ONE_WINNER_IN_DEFAULT
     return 0
 

@@ -111,10 +111,25 @@ def test_command_line_exit_codes(tmp_path):
     result = run_python([script, str(one)], timeout=60)
     assert result.returncode == pick_variants.ONE_WINNER_IN_DEFAULT, result.stderr
     assert result.stdout.splitlines() == ["optim.overlap=true"]
-    assert "one variant won, variant overlap, measured in" in result.stderr.splitlines()[-1]
-    # The same winner and one more from another report: two to combine.
+    assert "the winners' overrides are those of variant overlap, measured in" in result.stderr.splitlines()[-1]
+    # Two chunk sizes won, the faster one's value is kept: that is one row already measured too.
+    chunks = tmp_path / "chunks.json"
+    chunks.write_text(json.dumps(with_variants(DEFAULT, ("c8192", 45000.0, "model.loss_chunk_tokens=8192"),
+                                               ("c16384", 45500.0, "model.loss_chunk_tokens=16384"))))
+    result = run_python([script, str(chunks)], timeout=60)
+    assert result.returncode == pick_variants.ONE_WINNER_IN_DEFAULT, result.stderr
+    assert result.stdout.splitlines() == ["model.loss_chunk_tokens=16384"]
+    assert "those of variant c16384" in result.stderr.splitlines()[-1]
+    # The same override won in another report too: still that one row.
     result = run_python([script, str(one), str(paths["win"])], timeout=60)
-    assert result.returncode == 0 and result.stdout.splitlines() == ["optim.overlap=true"], result.stderr
+    assert result.returncode == pick_variants.ONE_WINNER_IN_DEFAULT, result.stderr
+    assert result.stdout.splitlines() == ["optim.overlap=true"]
+    # Another report's winner makes a combination no row measured yet.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(report(45000.0, "model.loss_chunk_tokens=16384")))
+    result = run_python([script, str(one), str(other)], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["optim.overlap=true", "model.loss_chunk_tokens=16384"]
 
 
 def test_the_default_measured_again_sets_the_threshold_when_it_drifted_more(capsys):
