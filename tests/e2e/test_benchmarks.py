@@ -15,7 +15,7 @@ from tests.helpers import REPO, run_python
 TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
 GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "overlap_gpu", "combined_1.5b", "loss_parity", "throughput_0.5b",
                    "throughput_1.5b_lean", "throughput_1.5b_accum", "variant_coordinate_descent",
-                   "variant_float8_overlap", "variant_expandable_segments", "gpu_tests", "estimate"]
+                   "variant_float8_overlap", "variant_expandable_segments", "gpu_tests", "estimate", "targets"]
 VARIANTS = {"overlap": ["optim.overlap=true"], "loss_chunk_16384": ["model.loss_chunk_tokens=16384"],
             "loss_chunk_8192": ["model.loss_chunk_tokens=8192"], "fuse_qkv": ["model.fuse_projections=qkv"],
             "default_again": ["parallel.compile=auto"]}
@@ -136,6 +136,10 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     parity = json.loads((out / "loss_parity.json").read_text())
     assert parity["ok"] and parity["overlap"]["ok"]
     assert "estimated peak tensor memory" in (out / "estimate.log").read_text()
+    verdicts = (out / "targets.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in verdicts if not line.startswith(" ")] == [
+        "speed", "lean", "small", "parity"], verdicts
+    assert verdicts[-2].startswith("parity: the fast path's loss curve within bf16 noise over 20 steps: MET")
     profile = (out / "profile_1.5b.txt").read_text()
     assert "ms/step wall clock" in profile and "aten::mm" in profile  # on a CPU: operators by their CPU time
     assert summary.splitlines()[-1].startswith("total ")

@@ -1,0 +1,156 @@
+"""Issue 7's targets judged from the files of one GPU check: which are met, by which row, and what is missing.
+
+    python benchmarks/targets.py OUT_DIR [--size-large qwen2-1.5b] [--size-small qwen2-0.5b] [--seq-len 4096]
+                                         [--any-device]
+
+OUT_DIR is what benchmarks/gpu_check.sh wrote; whichever of its reports exist are read: throughput_1.5b.json (the
+default row of ours, its --variant rows and the baselines), combined_1.5b.json, throughput_1.5b_lean.json,
+throughput_0.5b.json and loss_parity.json. A row of ours counts when it ran (status ok), on an H100 (the report's
+device; --any-device lifts that, for the dry run), at the target's size and sequence length, with one micro-batch per
+optimizer step, and without float8 linears (those rows are listed apart: the targets are for bf16). The targets:
+
+- speed: the large size at >= 46,000 tokens/s and <= 70 GiB peak, in a report where a baseline ran too (our step and
+  the baseline in the same run);
+- lean: the large size under 24 GiB peak at >= 32,000 tokens/s;
+- small: the small size at >= 1.3x the best baseline of its own report;
+- parity: loss_parity.json's verdict on the fast path (and on the overlapped update and float8, when measured).
+
+One line per target: MET, NOT MET or NOT MEASURED, with the row that decides it and its file. It judges, it does not
+measure: exit 0 whatever the verdicts, 2 when OUT_DIR does not exist.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+SPEED_TOKENS, SPEED_GIB = 46_000, 70.0
+LEAN_GIB, LEAN_TOKENS = 24.0, 32_000
+SMALL_RATIO = 1.3
+
+
+def load(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def describe(row: dict, path: str) -> str:
+    name = f"ours:{row['variant']}" if row.get("variant") else "ours"
+    extra = [o for o in row.get("overrides", []) if not o.startswith(("model=", "train.", "optim.lr="))]
+    return (f"{row['tokens_per_sec']:,.0f} tokens/s at {row['peak_mem_gib']:.2f} GiB, {name} micro-batch "
+            f"{row['micro_batch']} ({' '.join(extra) or 'defaults'}) in {os.path.basename(path)}")
+
+
+def rows_of_ours(reports: dict[str, dict], size: str, seq_len: int, any_device: bool) -> tuple[list, list, list]:
+    """(counted, float8, elsewhere): (path, row, report) of every row of ours that ran at this size and sequence
+    length with one micro-batch per step; float8 rows apart; rows of another device apart."""
+    counted, float8, elsewhere = [], [], []
+    for path, report in reports.items():
+        if report.get("size") != size or report.get("seq_len") != seq_len or report.get("accum", 1) != 1:
+            continue
+        for row in report.get("rows", []):
+            if row.get("name") != "ours" or row.get("status") != "ok":
+                continue
+            if not any_device and "H100" not in str(report.get("device")):
+                elsewhere.append((path, row, report))
+            elif "model.float8=true" in row.get("overrides", []):
+                float8.append((path, row, report))
+            else:
+                counted.append((path, row, report))
+    return counted, float8, elsewhere
+
+
+def baseline_ran(report: dict) -> bool:
+    return any(row.get("name") != "ours" and row.get("status") == "ok" for row in report.get("rows", []))
+
+
+def best(rows: list) -> tuple | None:
+    return max(rows, key=lambda entry: entry[1]["tokens_per_sec"], default=None)
+
+
+def not_measured(elsewhere: list, what: str) -> str:
+    if elsewhere:
+        devices = sorted({str(report.get("device")) for _, _, report in elsewhere})
+        return f"NOT MEASURED: {what} ran on {', '.join(devices)}, not an H100"
+    return f"NOT MEASURED: no row of ours ran for {what}"
+
+
+def judge(out: str, size_large: str, size_small: str, seq_len: int, any_device: bool) -> list[str]:
+    names = ["throughput_1.5b.json", "combined_1.5b.json", "throughput_1.5b_lean.json", "throughput_0.5b.json"]
+    reports = {os.path.join(out, n): r for n in names if (r := load(os.path.join(out, n))) is not None}
+    lines = []
+
+    counted, float8, elsewhere = rows_of_ours(reports, size_large, seq_len, any_device)
+    target = f"speed: {size_large} >= {SPEED_TOKENS:,} tokens/s at <= {SPEED_GIB:.0f} GiB, baseline in the same run"
+    eligible = [e for e in counted if e[1]["peak_mem_gib"] <= SPEED_GIB and baseline_ran(e[2])]
+    top = best(eligible)
+    if top is None:
+        why = "NOT MEASURED: no row within the memory limit next to a baseline"
+        lines.append(f"{target}: {why if counted else not_measured(elsewhere, size_large)}")
+    else:
+        path, row, report = top
+        ratio = f"; {row['vs_best_baseline']:.2f}x the best baseline of its run" if row.get("vs_best_baseline") else ""
+        verdict = "MET" if row["tokens_per_sec"] >= SPEED_TOKENS else "NOT MET"
+        lines.append(f"{target}: {verdict}: {describe(row, path)}{ratio}")
+    fastest = best(counted)
+    if fastest is not None and fastest is not top:
+        lines.append(f"  fastest bf16 row, not counted (over {SPEED_GIB:.0f} GiB or no baseline in its run): "
+                     f"{describe(fastest[1], fastest[0])}")
+    for path, row, _ in float8:
+        lines.append(f"  float8, not counted (the targets are for bf16): {describe(row, path)}")
+
+    target = f"lean: {size_large} under {LEAN_GIB:.0f} GiB at >= {LEAN_TOKENS:,} tokens/s"
+    lean = best([e for e in counted if e[1]["peak_mem_gib"] < LEAN_GIB])
+    if lean is None:
+        why = f"NOT MEASURED: no row under {LEAN_GIB:.0f} GiB"
+        lines.append(f"{target}: {why if counted else not_measured(elsewhere, size_large)}")
+    else:
+        verdict = "MET" if lean[1]["tokens_per_sec"] >= LEAN_TOKENS else "NOT MET"
+        lines.append(f"{target}: {verdict}: {describe(lean[1], lean[0])}")
+
+    counted, _, elsewhere = rows_of_ours(reports, size_small, seq_len, any_device)
+    target = f"small: {size_small} >= {SMALL_RATIO}x the best baseline of the same run"
+    small = best([e for e in counted if e[1].get("vs_best_baseline")])
+    if small is None:
+        why = "NOT MEASURED: no baseline ran next to it"
+        lines.append(f"{target}: {why if counted else not_measured(elsewhere, size_small)}")
+    else:
+        verdict = "MET" if small[1]["vs_best_baseline"] >= SMALL_RATIO else "NOT MET"
+        lines.append(f"{target}: {verdict}: {small[1]['vs_best_baseline']:.2f}x, {describe(small[1], small[0])}")
+
+    parity = load(os.path.join(out, "loss_parity.json"))
+    target = "parity: the fast path's loss curve within bf16 noise over 20 steps"
+    if parity is None or "fast_ok" not in parity:
+        lines.append(f"{target}: NOT MEASURED: no loss_parity.json")
+    elif not any_device and "H100" not in str(parity.get("device")):
+        lines.append(f"{target}: NOT MEASURED: loss_parity.json ran on {parity.get('device')}, not an H100")
+    else:
+        lines.append(f"{target}: {'MET' if parity['fast_ok'] else 'NOT MET'}: largest distance from fp32 "
+                     f"{parity['fast_error']:.4f} nats against a tolerance of {parity['tolerance']:.4f}")
+        for name in ("overlap", "float8"):
+            if isinstance(parity.get(name), dict):
+                lines.append(f"  {name}: {'within' if parity[name]['ok'] else 'NOT within'} the tolerance "
+                             f"({parity[name]['error']:.4f} nats)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="the directory benchmarks/gpu_check.sh wrote")
+    parser.add_argument("--size-large", default="qwen2-1.5b")
+    parser.add_argument("--size-small", default="qwen2-0.5b")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--any-device", action="store_true", help="count rows of any device (the dry run)")
+    opts = parser.parse_args(argv)
+    if not os.path.isdir(opts.out):
+        print(f"error: {opts.out} is not a directory; give the OUT of benchmarks/gpu_check.sh", file=sys.stderr)
+        return 2
+    print("\n".join(judge(opts.out, opts.size_large, opts.size_small, opts.seq_len, opts.any_device)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

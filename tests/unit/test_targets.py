@@ -1,0 +1,74 @@
+"""benchmarks/targets.py: issue 7's verdicts from made-up GPU check reports (no model is run)."""
+
+import json
+
+from benchmarks import targets
+from tests.helpers import run_python
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def row(tokens, gib, *overrides, variant=None, name="ours", status="ok", micro_batch=4, ratio=None):
+    return {"name": name, "status": status, "micro_batch": micro_batch, "global_batch": micro_batch,
+            "tokens_per_sec": tokens, "peak_mem_gib": gib, "variant": variant, "vs_best_baseline": ratio,
+            "overrides": ["model=qwen2-1.5b", "train.seq_len=4096", "parallel.compile=true", *overrides]}
+
+
+def write(out, name, rows, size="qwen2-1.5b", device=H100, accum=1):
+    (out / name).write_text(json.dumps({"size": size, "seq_len": 4096, "accum": accum, "device": device,
+                                        "rows": rows}))
+
+
+def test_each_target_is_judged_by_the_row_that_decides_it(tmp_path):
+    write(tmp_path, "throughput_1.5b.json", [
+        row(44148.0, 53.1, ratio=1.38),
+        row(32000.0, 59.8, name="hf-liger"),
+        row(46512.0, 57.2, "optim.overlap=true", "model.loss_chunk_tokens=16384", variant="both", ratio=1.45),
+        row(47000.0, 71.5, "model.loss_chunk_tokens=99999", variant="huge", ratio=1.47),  # over 70 GiB
+        row(49337.0, 42.8, "model.float8=true", variant="float8", ratio=1.54),  # float8: listed apart
+        row(0.0, 0.0, "model.fuse_projections=qkv", variant="oom", status="OOM"),
+    ])
+    write(tmp_path, "throughput_1.5b_accum.json", [row(60000.0, 50.0)], accum=4)  # not read
+    write(tmp_path, "throughput_1.5b_lean.json", [row(36152.0, 23.11, "optim.in_backward=true")])
+    write(tmp_path, "throughput_0.5b.json", [row(106852.0, 39.9, ratio=1.50), row(71348.0, 43.9, name="hf-liger")],
+          size="qwen2-0.5b")
+    (tmp_path / "loss_parity.json").write_text(json.dumps({
+        "device": H100, "fast_ok": True, "fast_error": 0.0356, "tolerance": 0.0846,
+        "overlap": {"ok": True, "error": 0.0357}, "float8": {"ok": False, "error": 0.2}}))
+    lines = targets.judge(str(tmp_path), "qwen2-1.5b", "qwen2-0.5b", 4096, any_device=False)
+    assert lines[0].startswith("speed: qwen2-1.5b >= 46,000 tokens/s at <= 70 GiB, baseline in the same run: MET: "
+                               "46,512 tokens/s at 57.20 GiB, ours:both micro-batch 4 (parallel.compile=true "
+                               "optim.overlap=true model.loss_chunk_tokens=16384) in throughput_1.5b.json; 1.45x")
+    assert lines[1].startswith("  fastest bf16 row, not counted (over 70 GiB or no baseline in its run): 47,000")
+    assert lines[2].startswith("  float8, not counted (the targets are for bf16): 49,337 tokens/s")
+    assert lines[3].startswith("lean: qwen2-1.5b under 24 GiB at >= 32,000 tokens/s: MET: 36,152 tokens/s at 23.11")
+    assert lines[4].startswith("small: qwen2-0.5b >= 1.3x the best baseline of the same run: MET: 1.50x, 106,852")
+    assert lines[5] == ("parity: the fast path's loss curve within bf16 noise over 20 steps: MET: largest distance "
+                        "from fp32 0.0356 nats against a tolerance of 0.0846")
+    assert lines[6:] == ["  overlap: within the tolerance (0.0357 nats)", "  float8: NOT within the tolerance (0.2000 "
+                                                                          "nats)"]
+
+
+def test_what_falls_short_or_was_not_measured_on_an_h100_says_so(tmp_path):
+    # Fast enough only without its baseline (combined's hf-liger failed): not counted.
+    write(tmp_path, "combined_1.5b.json", [row(46500.0, 57.0), row(0.0, 0.0, name="hf-liger", status="OOM")])
+    write(tmp_path, "throughput_1.5b.json", [row(44148.0, 53.1, ratio=1.38), row(32000.0, 59.8, name="hf")])
+    write(tmp_path, "throughput_1.5b_lean.json", [row(31000.0, 23.5)])
+    write(tmp_path, "throughput_0.5b.json", [row(106852.0, 39.9, ratio=1.2)], size="qwen2-0.5b",
+          device="NVIDIA H200")
+    lines = targets.judge(str(tmp_path), "qwen2-1.5b", "qwen2-0.5b", 4096, any_device=False)
+    assert ": NOT MET: 44,148 tokens/s" in lines[0]
+    assert lines[1].startswith("  fastest bf16 row, not counted") and "46,500 tokens/s" in lines[1]
+    assert ": NOT MET: 31,000 tokens/s at 23.50 GiB" in lines[2]
+    assert lines[3].endswith("NOT MEASURED: qwen2-0.5b ran on NVIDIA H200, not an H100")
+    assert lines[4].endswith("NOT MEASURED: no loss_parity.json")
+    # --any-device (the dry run) counts the H200's row.
+    assert ": NOT MET: 1.20x" in targets.judge(str(tmp_path), "qwen2-1.5b", "qwen2-0.5b", 4096, True)[3]
+
+
+def test_command_line(tmp_path):
+    result = run_python(["benchmarks/targets.py", str(tmp_path)], timeout=60)
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 4
+    assert all("NOT MEASURED" in line for line in result.stdout.splitlines())
+    result = run_python(["benchmarks/targets.py", str(tmp_path / "missing")], timeout=60)
+    assert result.returncode == 2 and "is not a directory" in result.stderr
