@@ -39,7 +39,7 @@ def load(path: str) -> dict | None:
 
 def describe(row: dict, path: str) -> str:
     name = f"ours:{row['variant']}" if row.get("variant") else "ours"
-    extra = [o for o in row.get("overrides", []) if not o.startswith(("model=", "train.", "optim.lr="))]
+    extra = [o for o in dict.fromkeys(row.get("overrides", [])) if not o.startswith(("model=", "train.", "optim.lr="))]
     return (f"{row['tokens_per_sec']:,.0f} tokens/s at {row['peak_mem_gib']:.2f} GiB, {name} micro-batch "
             f"{row['micro_batch']} ({' '.join(extra) or 'defaults'}) in {os.path.basename(path)}")
 
