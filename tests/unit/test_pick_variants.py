@@ -83,53 +83,51 @@ def test_never_picks_what_is_not_comparable_or_not_combinable(variant, why, caps
     assert why in capsys.readouterr().err
 
 
-def test_command_line_exit_codes(tmp_path):
+def test_command_line_exit_codes(tmp_path, capsys):
     paths = {}
-    for name, content in (("default", DEFAULT), ("win", report(46000.0, "optim.overlap=true")),
-                          ("lose", report(43000.0, "model.loss_chunk_tokens=8192")),
-                          ("bad_default", {"rows": [{"name": "ours", "status": "OOM"}]})):
-        paths[name] = tmp_path / f"{name}.json"
-        paths[name].write_text(json.dumps(content))
-    script = "benchmarks/pick_variants.py"
+    for name, content in (
+        ("default", DEFAULT), ("win", report(46000.0, "optim.overlap=true")),
+        ("lose", report(43000.0, "model.loss_chunk_tokens=8192")),
+        ("bad_default", {"rows": [{"name": "ours", "status": "OOM"}]}),
+        # One winning --variant row of the default report: it already ran next to that report's baselines.
+        ("one", with_variants(DEFAULT, ("overlap", 46000.0, "optim.overlap=true"),
+                              ("chunk", 43000.0, "model.loss_chunk_tokens=8192"))),
+        # Two chunk sizes won, the faster one's value is kept: that is one row already measured too.
+        ("chunks", with_variants(DEFAULT, ("c8192", 45000.0, "model.loss_chunk_tokens=8192"),
+                                 ("c16384", 45500.0, "model.loss_chunk_tokens=16384"))),
+        ("other", report(45000.0, "model.loss_chunk_tokens=16384")),
+    ):
+        paths[name] = str(tmp_path / f"{name}.json")
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
 
-    result = run_python([script, str(paths["default"]), str(paths["win"]), str(paths["lose"]),
+    def cli(*names: str) -> tuple[int, list[str], list[str]]:
+        """pick_variants' exit code, stdout lines and stderr lines for these reports."""
+        code = pick_variants.main([paths.get(name, str(tmp_path / name)) for name in names])
+        out, err = capsys.readouterr()
+        return code, out.splitlines(), err.splitlines()
+
+    # The script itself, once: what gpu_check.sh runs.
+    result = run_python(["benchmarks/pick_variants.py", paths["default"], paths["win"], paths["lose"],
                          str(tmp_path / "missing.json")], timeout=60)
     assert result.returncode == 0 and result.stdout.splitlines() == ["optim.overlap=true"], result.stderr
     assert "missing.json: not read (FileNotFoundError" in result.stderr  # a variant step that wrote nothing
 
-    result = run_python([script, str(paths["default"]), str(paths["lose"])], timeout=60)
-    assert result.returncode == pick_variants.NO_WINNER and result.stdout == ""
-    assert result.stderr.splitlines()[-1] == "no variant won"
+    code, out, err = cli("default", "lose")
+    assert code == pick_variants.NO_WINNER and out == [] and err[-1] == "no variant won"
 
-    result = run_python([script, str(paths["bad_default"]), str(paths["win"])], timeout=60)
-    assert result.returncode == 2 and "no row of ours that ran; run the default step first" in result.stderr
+    code, out, err = cli("bad_default", "win")
+    assert code == 2 and "no row of ours that ran; run the default step first" in err[-1]
 
-    # One winning --variant row of the default report: it already ran next to that report's baselines.
-    one = tmp_path / "one.json"
-    one.write_text(json.dumps(with_variants(DEFAULT, ("overlap", 46000.0, "optim.overlap=true"),
-                                            ("chunk", 43000.0, "model.loss_chunk_tokens=8192"))))
-    result = run_python([script, str(one)], timeout=60)
-    assert result.returncode == pick_variants.ONE_WINNER_IN_DEFAULT, result.stderr
-    assert result.stdout.splitlines() == ["optim.overlap=true"]
-    assert "the winners' overrides are those of variant overlap, measured in" in result.stderr.splitlines()[-1]
-    # Two chunk sizes won, the faster one's value is kept: that is one row already measured too.
-    chunks = tmp_path / "chunks.json"
-    chunks.write_text(json.dumps(with_variants(DEFAULT, ("c8192", 45000.0, "model.loss_chunk_tokens=8192"),
-                                               ("c16384", 45500.0, "model.loss_chunk_tokens=16384"))))
-    result = run_python([script, str(chunks)], timeout=60)
-    assert result.returncode == pick_variants.ONE_WINNER_IN_DEFAULT, result.stderr
-    assert result.stdout.splitlines() == ["model.loss_chunk_tokens=16384"]
-    assert "those of variant c16384" in result.stderr.splitlines()[-1]
+    code, out, err = cli("one")
+    assert (code, out) == (pick_variants.ONE_WINNER_IN_DEFAULT, ["optim.overlap=true"]), err
+    assert "the winners' overrides are those of variant overlap, measured in" in err[-1]
+    code, out, err = cli("chunks")
+    assert (code, out) == (pick_variants.ONE_WINNER_IN_DEFAULT, ["model.loss_chunk_tokens=16384"]), err
+    assert "those of variant c16384" in err[-1]
     # The same override won in another report too: still that one row.
-    result = run_python([script, str(one), str(paths["win"])], timeout=60)
-    assert result.returncode == pick_variants.ONE_WINNER_IN_DEFAULT, result.stderr
-    assert result.stdout.splitlines() == ["optim.overlap=true"]
+    assert cli("one", "win")[:2] == (pick_variants.ONE_WINNER_IN_DEFAULT, ["optim.overlap=true"])
     # Another report's winner makes a combination no row measured yet.
-    other = tmp_path / "other.json"
-    other.write_text(json.dumps(report(45000.0, "model.loss_chunk_tokens=16384")))
-    result = run_python([script, str(one), str(other)], timeout=60)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["optim.overlap=true", "model.loss_chunk_tokens=16384"]
+    assert cli("one", "other")[:2] == (0, ["optim.overlap=true", "model.loss_chunk_tokens=16384"])
 
 
 def test_the_default_measured_again_sets_the_threshold_when_it_drifted_more(capsys):
