@@ -114,6 +114,7 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
     a recomputed block keeps only its input:                           r b s h / t
         and one block is rebuilt at a time in backward:                + one block as above
     final norm and head input:                                         (4 + r) b s h / t + 4 b s / t + p b s h
+        (the final norm compiled, no TP: r b s h + 4 b s + p b s h)
     logits (p), log-probabilities (fp32) and their fp32 gradient:      (p + 8) b s V / t
 
     Not counted: rotary tables (8 b s d, shared), the attention backend's workspace, and a fp32 job's norm output
@@ -198,7 +199,9 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
         chunk = min(job.model.loss_chunk_tokens, b * s_len)
         # The softmax of a chunk overwrites its logits with their gradient, in the compute dtype; eager (not
         # compiled) it also makes two fp32 copies on the way.
-        head = ((4 + residual) * b * s_len * args.hidden_size + 4 * b * s_len + 2 * p * b * s_len * args.hidden_size
+        # The final norm keeps its input and, eager, an fp32 copy of it (compiled where there is no TP: parallelize).
+        norm_input = residual if compiled and layout["tp"] == 1 else 4 + residual
+        head = (norm_input * b * s_len * args.hidden_size + 4 * b * s_len + 2 * p * b * s_len * args.hidden_size
                 + (p + (0 if compiled else 8)) * chunk * args.vocab_size
                 + (4 if one_process else p) * vocab_matrix)
     if copies:

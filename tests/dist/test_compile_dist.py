@@ -1,4 +1,5 @@
-"""parallel.compile=true under FSDP and under TP x FSDP on 2 CPU ranks: the same losses as eager (fp32)."""
+"""parallel.compile=true in one process, under FSDP and under TP x FSDP on 2 CPU ranks: the same losses as eager
+(fp32)."""
 
 import pytest
 
@@ -12,15 +13,16 @@ JOB = {
 }
 
 
-@pytest.mark.parametrize("layout", [
-    {"parallel.activation_checkpointing": "selective"},
-    {"parallel.tp": 2, "parallel.activation_checkpointing": "op"},
-], ids=["fsdp2-selective", "tp2-op"])
-def test_compiled_blocks_train_like_eager(tmp_path, corpus_cache, layout):
+@pytest.mark.parametrize("ranks, layout", [
+    (1, {}),  # one process: the final norm is compiled too
+    (2, {"parallel.activation_checkpointing": "selective"}),
+    (2, {"parallel.tp": 2, "parallel.activation_checkpointing": "op"}),
+], ids=["one-process", "fsdp2-selective", "tp2-op"])
+def test_compiled_blocks_train_like_eager(tmp_path, corpus_cache, ranks, layout):
     runs = {}
     for compile_ in ("false", "true"):
         run_dir = tmp_path / f"compile_{compile_}"
-        result = run_torchrun(2, TRAIN, train_overrides(run_dir, corpus_cache, **JOB, **layout,
+        result = run_torchrun(ranks, TRAIN, train_overrides(run_dir, corpus_cache, **JOB, **layout,
                                                         **{"parallel.compile": compile_}),
                               env={"TORCH_LOGS": "recompiles"})
         assert result.returncode == 0, result.stderr[-4000:]

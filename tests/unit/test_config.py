@@ -225,8 +225,8 @@ def test_compiling_recomputed_tensor_parallel_blocks_is_refused_where_torch_cann
 
 
 def test_compile_options_reach_every_compiled_block_and_the_loss(monkeypatch):
-    """parallel.compile_options, nested keys joined with dots, go to torch.compile for each block and for the
-    chunked loss's softmax step."""
+    """parallel.compile_options, nested keys joined with dots, go to torch.compile for each block, the final norm and
+    the chunked loss's softmax step."""
     from qwen2_dist.model import loss as loss_module
     from qwen2_dist.model.args import get_model_args
     from qwen2_dist.model.qwen2 import build_model
@@ -240,7 +240,7 @@ def test_compile_options_reach_every_compiled_block_and_the_loss(monkeypatch):
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs.get("options")) or fn)
     model = parallelize(build_model(get_model_args("tiny"), "meta"), None, cfg.parallel, device_type="cpu")
-    assert seen == [wanted] * len(model.layers)
+    assert seen == [wanted] * (len(model.layers) + 1)  # every block, and the final norm
     seen.clear()
     loss_module._compiled.cache_clear()
     try:

@@ -48,3 +48,46 @@ def test_layout_runs_and_keeps_the_tie(fake_world, dp_replicate, dp_shard, tp, c
         loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
         loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_one_process_compiles_the_final_norm_and_it_computes_the_eager_norm():
+    """parallel.compile compiles the final RMSNorm too (one process, no TP); under bf16 autocast its output and its
+    gradients are the eager norm's to bf16 rounding, its parameter keeps the name checkpoints save it under."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    args = get_model_args("tiny")
+    eager = build_model(args, "cpu")
+    eager.init_weights(0)
+    model = parallelize(build_model(args, "meta"), None, ParallelConfig(compile="true"), device_type="cpu")
+    assert isinstance(model.norm, OptimizedModule) and not isinstance(eager.norm, OptimizedModule)
+    model.to_empty(device="cpu")
+    model.init_weights(0)  # tells the norms' weights (ones) apart by module: the wrapper prefixed their names
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), eager.parameters()) if a.ndim == 2)
+    assert torch.equal(model.norm.weight, torch.ones(args.hidden_size))
+    # Checkpoints and Hugging Face export name parameters as DCP's state dict does: without the wrapper's prefix.
+    saved = get_model_state_dict(model)
+    assert set(saved) == set(eager.state_dict()) and "norm.weight" in saved
+    with torch.no_grad():
+        eager.norm.weight.uniform_(0.5, 1.5)
+    set_model_state_dict(model, eager.state_dict())
+    x = torch.randn(2, 16, args.hidden_size, dtype=torch.bfloat16)
+
+    def run(norm, bf16: bool) -> list[torch.Tensor]:
+        """The output and the gradients of x and of the weight, of a loss that makes them all non-trivial."""
+        x_in = (x if bf16 else x.float()).clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = norm(x_in)
+        (out.float().pow(2) * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads = [out.detach().float(), x_in.grad.float(), norm.weight.grad.float()]
+        norm.weight.grad = None
+        return grads
+
+    exact = run(eager.norm, bf16=False)  # fp32 throughout: the scale of bf16's rounding
+    plain, compiled = run(eager.norm, bf16=True), run(model.norm, bf16=True)
+    for name, reference, a, b in zip(("output", "d x", "d weight"), exact, plain, compiled):
+        error_plain = ((a - reference).norm() / reference.norm()).item()
+        error_compiled = ((b - reference).norm() / reference.norm()).item()
+        print(f"{name}: relative error eager bf16 {error_plain:.2e}, compiled bf16 {error_compiled:.2e}")
+        # Compiled, the fp32 steps are not rounded to bf16 in between: no further from fp32 than the eager norm.
+        assert error_compiled <= 1.5 * error_plain + 1e-4, name
