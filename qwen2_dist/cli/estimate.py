@@ -213,8 +213,10 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
         gradients = 4 * vocab_matrix
     else:
         gradients = 0 if on_cpu else 4 * plan.sharded
-        if args.tie_word_embeddings and one_process:
-            gradients += 4 * vocab_matrix  # the lookup's gradient, made before it is added to the head's
+        if args.tie_word_embeddings and one_process and loss != "chunked":
+            # The lookup's gradient, made before it is added to the head's. The chunked loss hands its gradient to
+            # the lookup instead, which adds its rows in place (loss.TiedGradient).
+            gradients += 4 * vocab_matrix
     lines["gradients (fp32, end of backward)"] = gradients
     peak = static + max(copies + activations + head, gradients)
     info = {

@@ -8,7 +8,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from qwen2_dist.model import kernels
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.attention import DocumentMask, attention, document_mask
-from qwen2_dist.model.loss import linear_cross_entropy
+from qwen2_dist.model.loss import TiedEmbedding, TiedGradient, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -119,6 +119,16 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding whose lookup can hand its gradient to the chunked loss's gradient of the same, tied, matrix
+    (loss.TiedGradient) instead of making a dense one of its own."""
+
+    def forward(self, tokens: torch.Tensor, tie: TiedGradient | None = None) -> torch.Tensor:
+        if tie is None:
+            return super().forward(tokens)
+        return TiedEmbedding.apply(tokens, self.weight, tie)
+
+
 class TiedHead(nn.Module):
     """The output head of a tied model: logits from the embedding matrix itself, with no parameter of its own.
 
@@ -144,7 +154,7 @@ class Qwen2(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.attention_backend = "sdpa"
@@ -229,9 +239,11 @@ class Qwen2(nn.Module):
         return self.lm_head.weight
 
     def hidden_states(
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask_documents: bool = False
+        self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask_documents: bool = False,
+        tie: TiedGradient | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (batch, seq, hidden) for token ids (batch, seq); see forward()."""
+        """Final-norm hidden states (batch, seq, hidden) for token ids (batch, seq); see forward(). tie: the
+        embedding's gradient goes there (loss.TiedGradient)."""
         if positions is None:
             assert not mask_documents, "document masking needs positions that restart at each document"
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
@@ -240,7 +252,7 @@ class Qwen2(nn.Module):
         mask = None
         if mask_documents or self.attention_backend == "flex":
             mask = document_mask(positions, self.attention_backend)
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens) if tie is None else self.embed_tokens(tokens, tie=tie)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # The residual stream in the autocast dtype (bf16), as it is with FSDP's bf16 weights: one process and
@@ -263,11 +275,17 @@ class Qwen2(nn.Module):
         output weight is still gathered and the full logits need never exist. positions (batch, seq) default to
         0..seq-1; with mask_documents, each 0 in positions starts a document and attention never crosses into
         another."""
-        hidden = self.hidden_states(tokens, positions, mask_documents)
+        weight = self.output_weight()
+        tie = None
+        if (targets is not None and self.loss_impl == "chunked" and isinstance(self.lm_head, TiedHead)
+                and torch.is_grad_enabled() and weight.requires_grad and not isinstance(weight, DTensor)):
+            # One matrix, one gradient: the chunked loss's, into which the lookup adds its rows (loss.TiedGradient).
+            tie = TiedGradient()
+        hidden = self.hidden_states(tokens, positions, mask_documents, tie=tie)
         if targets is None:
             return self.lm_head(hidden)
-        return linear_cross_entropy(hidden, self.output_weight(), targets, self.loss_impl, self.loss_chunk_tokens,
-                                    self.loss_compiled, self.loss_compile_options)
+        return linear_cross_entropy(hidden, weight, targets, self.loss_impl, self.loss_chunk_tokens,
+                                    self.loss_compiled, self.loss_compile_options, tie=tie)
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Qwen2:

@@ -162,6 +162,38 @@ def test_model_forward_with_targets_matches_logits_then_cross_entropy(tied):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=2e-5, msg=name)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_matrix_gets_the_loss_s_gradient_with_the_lookup_s_rows_added(monkeypatch, tied):
+    """Tied, the chunked loss hands its gradient of the matrix to the lookup's backward (loss.TiedGradient), which
+    adds its rows and returns the sum: the same gradients as the plain path, over two accumulated micro-batches with
+    repeated tokens. Untied, nothing is handed over."""
+    from qwen2_dist.model import loss as loss_module
+
+    handed = []
+    take = loss_module.TiedGradient.take
+    monkeypatch.setattr(loss_module.TiedGradient, "take", lambda self: handed.append(self.grad is not None)
+                        or take(self))
+    args = get_model_args("debug", tie_word_embeddings=tied)
+    models = []
+    for impl in ("plain", "chunked"):
+        model = build_model(args, "cpu")
+        model.init_weights(seed=1)
+        model.set_loss(impl, chunk_tokens=24)
+        models.append(model)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        tokens = torch.randint(0, 40, (2, 33), generator=generator)  # 40 distinct ids: many repeats
+        targets = torch.roll(tokens, -1, dims=1)
+        (F.cross_entropy(models[0](tokens).flatten(0, 1), targets.flatten(), reduction="sum") / 7).backward()
+        (models[1](tokens, targets=targets) / 7).backward()
+    assert handed == ([True, True] if tied else [])
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=2e-6, msg=name)
+    with torch.no_grad():  # evaluation: no gradient, nothing handed over
+        models[1](tokens, targets=targets)
+    assert len(handed) == (2 if tied else 0)
+
+
 def test_twenty_training_steps_follow_the_plain_loss_curve():
     # fp32 on the CPU: the two paths are the same computation up to summation order, so the curves agree to ~1e-5
     # (the GPU check compares the compiled bf16 paths within bf16 noise).
