@@ -84,6 +84,17 @@ def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor) ->
     return loss, logits.copy_(torch.where(hit, probs - 1.0, probs))
 
 
+def _chunk_loss_and_new_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """_chunk_loss_and_grad_fusable with the gradient in a buffer of its own (the logits left as they are): what
+    _compiled_step falls back to where this torch cannot compile the other."""
+    fp32 = logits.float()
+    lse = torch.logsumexp(fp32, dim=-1)
+    loss = (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
+    probs = torch.exp(fp32 - lse[:, None])
+    hit = torch.arange(logits.shape[-1], device=logits.device)[None, :] == targets[:, None]
+    return loss, torch.where(hit, probs - 1.0, probs).to(logits.dtype)
+
+
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     fp32 = logits.float()
     return (torch.logsumexp(fp32, dim=-1) - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
@@ -95,6 +106,32 @@ def _compiled(fn, options: tuple = ()):
     # compile costs tens of seconds). dynamic=False: chunks have one size, except maybe the last one. options:
     # parallel.compile_options as sorted (name, value) pairs.
     return torch.compile(fn, dynamic=False, options=dict(options) or None)
+
+
+@functools.cache
+def _compiled_step(options: tuple = ()):
+    """The compiled softmax step: _chunk_loss_and_grad_fusable, which writes the gradient over the logits; where
+    Inductor fails to compile that (torch 2.11's CPU code generator does, with a KeyError in its loop fusion; seen on
+    2026-11-27; torch 2.13 compiles it), _chunk_loss_and_new_grad instead, with a warning: the same values, one
+    more chunk-sized buffer. Only a failure to compile is caught, at whichever call compiles (a chunk of another
+    size compiles again)."""
+    in_place = _compiled(_chunk_loss_and_grad_fusable, options)
+    chosen = [in_place]
+
+    def step(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            return chosen[0](logits, targets)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:
+            if chosen[0] is not in_place:
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            log.warning("loss: this torch could not compile the softmax step that writes the gradient over the "
+                        "logits (%s: %s); using one that writes it to a buffer of its own (the same values, one "
+                        "more chunk-sized buffer)", type(exc).__name__, first)
+            chosen[0] = _compiled(_chunk_loss_and_new_grad, options)
+            return chosen[0](logits, targets)
+
+    return step
 
 
 @functools.cache
@@ -198,7 +235,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # hidden (tokens, hidden) and weight (vocab, hidden) in any dtype; the matmuls run in compute_dtype.
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
-        loss_and_grad = (_compiled(_chunk_loss_and_grad_fusable, compile_options) if compiled
+        loss_and_grad = (_compiled_step(compile_options) if compiled
                          else _chunk_loss_and_grad)
         # d weight summed over the chunks: in fp32 for an fp32 weight; for a low-precision weight (FSDP's bf16
         # gather) in its dtype, each chunk's matmul accumulating in fp32 -- the rounding of the plain path's

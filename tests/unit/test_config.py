@@ -243,12 +243,14 @@ def test_compile_options_reach_every_compiled_block_and_the_loss(monkeypatch):
     assert seen == [wanted] * (len(model.layers) + 1)  # every block, and the final norm
     seen.clear()
     loss_module._compiled.cache_clear()
+    loss_module._compiled_step.cache_clear()
     try:
         hidden, weight = torch.randn(6, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
         loss_module.linear_cross_entropy(hidden, weight, torch.randint(0, 11, (6,)), chunk_tokens=4, compiled=True,
                                          compile_options=tuple(sorted(wanted.items())))
     finally:
         loss_module._compiled.cache_clear()
+        loss_module._compiled_step.cache_clear()
     assert seen == [wanted]
     # None when unset: torch.compile refuses options next to a mode, and Inductor's defaults apply.
     assert inductor_options(job().parallel) == {}

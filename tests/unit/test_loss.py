@@ -260,8 +260,14 @@ def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
     torch.testing.assert_close(grad.float().sum(-1), (probs.sum(-1) - 1).to(torch.bfloat16).float(), atol=2e-2,
                                rtol=0)
     compiled_logits = logits.clone()
-    compiled_loss, compiled_grad = torch.compile(_chunk_loss_and_grad_fusable, dynamic=False)(compiled_logits,
-                                                                                              targets)
+    try:
+        compiled_loss, compiled_grad = torch.compile(_chunk_loss_and_grad_fusable, dynamic=False)(compiled_logits,
+                                                                                                  targets)
+    except torch._dynamo.exc.BackendCompilerFailed:
+        if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 12):
+            pytest.xfail("torch 2.11's CPU Inductor cannot compile it (a KeyError in its loop fusion); the loss "
+                         "falls back to _chunk_loss_and_new_grad there (loss._compiled_step)")
+        raise
     torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=1e-2, atol=1e-3)
     # The gradient is written over the logits: no second chunk-sized buffer, eager or compiled.
@@ -269,6 +275,45 @@ def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
         chunk = logits.clone()
         assert function(chunk, targets)[1].data_ptr() == chunk.data_ptr()
     assert compiled_grad.data_ptr() == compiled_logits.data_ptr() and torch.equal(compiled_logits, compiled_grad)
+
+
+def test_a_softmax_step_this_torch_cannot_compile_falls_back_to_a_buffer_of_its_own(monkeypatch, caplog):
+    """torch 2.11's CPU Inductor fails to compile the step that writes the gradient over the logits; the loss then
+    compiles the one that writes a new buffer, says so once, and computes the same loss and gradients."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    from qwen2_dist.model import loss as loss_module
+
+    attempts = []
+
+    def fake_compile(fn, options=()):
+        def run(*args):
+            attempts.append(fn.__name__)
+            if fn is loss_module._chunk_loss_and_grad_fusable:
+                raise BackendCompilerFailed("inductor", KeyError("buf3"), None)
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(loss_module, "_compiled", fake_compile)
+    loss_module._compiled_step.cache_clear()
+    try:
+        generator = torch.Generator().manual_seed(5)
+        hidden = torch.randn(40, 16, generator=generator, requires_grad=True)
+        weight = torch.randn(50, 16, generator=generator, requires_grad=True)
+        targets = torch.randint(0, 50, (40,), generator=generator)
+        with caplog.at_level("WARNING", logger="qwen2_dist.model.loss"):
+            loss = linear_cross_entropy(hidden, weight, targets, "chunked", chunk_tokens=16, compiled=True)
+        loss.backward()
+    finally:
+        loss_module._compiled_step.cache_clear()
+    # Tried once, then the fallback for every chunk (16, 16, 8 tokens).
+    assert attempts == ["_chunk_loss_and_grad_fusable"] + ["_chunk_loss_and_new_grad"] * 3
+    assert "could not compile the softmax step that writes the gradient over the logits" in caplog.text
+    expected_loss, expected_hidden, expected_weight = chunked_loss_and_grads(hidden.detach(), weight.detach(),
+                                                                             targets, 16)
+    torch.testing.assert_close(loss, expected_loss)
+    torch.testing.assert_close(hidden.grad, expected_hidden)
+    torch.testing.assert_close(weight.grad, expected_weight)
 
 
 def test_the_fp32_out_matmul_is_tried_before_it_is_trusted(monkeypatch, caplog):
