@@ -41,6 +41,7 @@ if [[ $DRY_RUN == 1 ]]; then
     MB_OURS=2 MB_OURS_SMALL=2 MB_HF=2 MB_LIGER=2 MB_HF_SMALL=2 MB_LIGER_SMALL=2 MB_LEAN=2 MB_VARIANT=2
     ACCUM=2 ACCUM_STEPS=(--warmup 1 --steps 1)
     COMPILE=auto  # auto = compile on CUDA only: a CPU compile alone would take longer than the whole dry run
+    FP32_WGRAD=()  # parallel.fp32_weight_grads rewrites compiled blocks on CUDA: refused on the CPU
 else
     SIZE_LARGE=qwen2-1.5b SIZE_SMALL=qwen2-0.5b SEQ=4096 STEPS=()
     # Measured on an H100 (2026-11-27): ours at micro-batch 4 55.6 GiB (5: 63.5 GiB and slower); the lean setting
@@ -48,6 +49,7 @@ else
     MB_OURS=4 MB_OURS_SMALL=8 MB_HF=2 MB_LIGER=4 MB_HF_SMALL=4 MB_LIGER_SMALL=8 MB_LEAN=4 MB_VARIANT=4
     ACCUM=4 ACCUM_STEPS=(--warmup 2 --steps 4)  # 16 timed micro-batches, 24 in all
     COMPILE=true
+    FP32_WGRAD=(--variant fp32_wgrad:parallel.fp32_weight_grads=true)
 fi
 
 mkdir -p "$OUT"
@@ -163,10 +165,11 @@ step env 30 "$PYTHON" -c "$ENV_PY"
 # HF + Liger, then, in the same process (one more row each, not a process each: see benchmarks/throughput.py), the
 # settings that may close the gap, each against the default row with the same weights and batches (so its losses
 # too): AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward;
-# the loss over one 16384-token chunk or 8192-token chunks instead of 2048 (fewer passes over the fp32 gradient of
-# the 151,936 x 1,536 output matrix, larger matmuls; a chunk's bf16 logits, overwritten by their gradient: 4.6 or
-# 2.3 GiB, not 0.6); q/k/v as one matmul (model.fuse_projections=qkv: k and v, 256 wide each, run well below the
-# tensor cores' peak). The default row and the overlap row are profiled (2 more steps each): kernel time by kind,
+# the loss over one 16384-token chunk instead of 8 of 2048 (one pass over the fp32 gradient of the 151,936 x 1,536
+# output matrix, not 8, and larger matmuls; the chunk's bf16 logits, overwritten by their gradient: 4.6 GiB, not
+# 0.6); q/k/v as one matmul (model.fuse_projections=qkv: k and v, 256 wide each, run well below the tensor cores'
+# peak); the blocks' weight gradients written in fp32 by their matmuls (parallel.fp32_weight_grads: ~5 GB less
+# traffic). The default row and the overlap row are profiled (2 more steps each): kernel time by kind,
 # the busiest kernels, the device's idle share, and how much of the update ran alongside the forward. Last, the
 # default again (default_again): how far the same setting drifted over the run, which bounds the gains that can be
 # told apart. Measured slower on 2026-11-27 and so no longer here: model.fuse_projections=true (q/k/v and gate/up;
@@ -175,7 +178,7 @@ step env 30 "$PYTHON" -c "$ENV_PY"
 step throughput_1.5b 240 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE" --seq-len "$SEQ" "${STEPS[@]}" \
     --micro-batch "$MB_OURS" --ours "parallel.compile=$COMPILE" --baseline "hf:$MB_HF" --baseline "hf-liger:$MB_LIGER" \
     --variant overlap:optim.overlap=true --variant loss_chunk_16384:model.loss_chunk_tokens=16384 \
-    --variant loss_chunk_8192:model.loss_chunk_tokens=8192 --variant fuse_qkv:model.fuse_projections=qkv \
+    --variant fuse_qkv:model.fuse_projections=qkv "${FP32_WGRAD[@]}" \
     --variant "default_again:parallel.compile=$COMPILE" \
     --profile "$OUT/profile_1.5b.txt" --profile-variants overlap --json "$OUT/throughput_1.5b.json"
 
@@ -264,10 +267,11 @@ fi
 variant expandable_segments 60 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --
 
 # 9. The GPU-only tests (they skip themselves on a CPU): attention backends against the reference in bf16 (passed on
-# 2026-11-27), and the loss's fp32 weight-gradient accumulation by the matmul itself.
+# 2026-11-27), the loss's fp32 weight-gradient accumulation by the matmul itself, and the blocks' weight gradients
+# written in fp32 (parallel.fp32_weight_grads).
 if [[ -f tests/unit/test_attention_gpu.py ]]; then
     step gpu_tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_attention_gpu.py \
-        tests/unit/test_loss_gpu.py
+        tests/unit/test_loss_gpu.py tests/unit/test_passes_gpu.py
 else
     skip gpu_tests "tests/unit/test_attention_gpu.py does not exist"
 fi

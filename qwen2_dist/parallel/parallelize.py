@@ -27,6 +27,7 @@ from torch.distributed.tensor.parallel import (
 from qwen2_dist.config import ParallelConfig, compile_fails_with_recompute_under_tp, inductor_options
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.qwen2 import Qwen2, TiedHead
+from qwen2_dist.parallel.passes import Fp32WeightGradients
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ def parallelize(
                 model.layers[index] = checkpoint_wrapper(layer)
     compiled = compile_enabled(cfg, device_type, kernels)
     options = inductor_options(cfg)
+    if cfg.fp32_weight_grads:
+        if device_type != "cuda" or not compiled:
+            raise UserError("parallel.fp32_weight_grads=true needs compiled blocks on CUDA (the CPU has no bf16 "
+                            f"matmul writing fp32; here: device {device_type}, compile {'on' if compiled else 'off'})"
+                            "; set parallel.fp32_weight_grads=false")
+        options = {**options, "post_grad_custom_post_pass": Fp32WeightGradients()}
     if compiled:
         # Each block on its own (one graph, reused by every block), before FSDP so its hooks stay outside the graph.
         for index, layer in enumerate(model.layers):
