@@ -164,7 +164,8 @@ step env 30 "$PYTHON" -c "$ENV_PY"
 # 2. Qwen2-1.5B, seq 4096 (its target, 46,000 tokens/s, is not met in bf16 yet): ours (compiled) against HF and
 # HF + Liger, then, in the same process (one more row each, not a process each: see benchmarks/throughput.py), the
 # settings that may close the gap, each against the default row with the same weights and batches (so its losses
-# too): AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward;
+# too): AdamW's update (about 16 ms of a 371 ms step by its memory traffic) on a side stream during the next forward,
+# and the gradient norm (~2 ms) on it during backward;
 # the loss over one 16384-token chunk instead of 8 of 2048 (one pass over the fp32 gradient of the 151,936 x 1,536
 # output matrix, not 8, and larger matmuls; the chunk's bf16 logits, overwritten by their gradient: 4.6 GiB, not
 # 0.6); q/k/v as one matmul (model.fuse_projections=qkv: k and v, 256 wide each, run well below the tensor cores'
@@ -184,7 +185,7 @@ step throughput_1.5b 240 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE"
 
 # 3. An exact check that the overlapped update is never read early: right after step() a forward must give bitwise
 # the logits of the same forward after a synchronize (with a negative control: it must not when the waits are
-# dropped).
+# dropped); and that the gradient norm it takes on its side stream during backward is get_total_norm's, bitwise.
 step overlap_gpu 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_optim_overlap_gpu.py
 
 # 4. The variants of step 2 that beat its default row by 0.5% or more, or by the run's drift where that is larger

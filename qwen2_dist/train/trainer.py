@@ -143,6 +143,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=device)
         for index, (inputs, targets, positions) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            if hasattr(self.optimizer, "last_micro_batch"):  # optim.overlap takes the norm during the last backward
+                self.optimizer.last_micro_batch(index == len(micro_batches) - 1)
             targets = self._to_device(targets)
             with loss_context(self.mesh):  # vocabulary-parallel cross-entropy (and its backward) when tp > 1
                 loss = self._loss(inputs, positions, targets)

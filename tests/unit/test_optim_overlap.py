@@ -53,6 +53,28 @@ def test_same_steps_as_one_adamw(tmp_path, tied):
     assert lrs == {plain.optimizer.param_groups[0]["lr"]}
 
 
+def test_the_norm_is_taken_group_by_group_during_the_last_backward(tmp_path):
+    """Each group's gradient norms are taken as soon as its last gradient is accumulated, in the last micro-batch's
+    backward only; grad_norm() gives get_total_norm's value bit for bit, and starts the next step afresh."""
+    trainer = _trainer(tmp_path, "optim.overlap=true")
+    model, optimizer = trainer.model, trainer.optimizer
+    tokens = torch.randint(0, model.args.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    for step in range(2):
+        for last in (False, True):
+            optimizer.last_micro_batch(last)
+            model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+            assert [norms is not None for norms in optimizer._norms] == [last] * len(optimizer.optimizers), step
+        expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], foreach=True)
+        assert torch.equal(optimizer.grad_norm(), expected)
+        assert optimizer._norms == [None] * len(optimizer.optimizers)
+        optimizer.zero_grad()
+    # A group left incomplete (here: a backward of a micro-batch told it is not the last) is taken when asked for.
+    optimizer.last_micro_batch(False)
+    model(tokens[:, :-1], targets=tokens[:, 1:]).backward()
+    expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], foreach=True)
+    assert torch.equal(optimizer.grad_norm(), expected)
+
+
 def test_a_flagged_step_is_skipped_by_every_group(tmp_path):
     trainer = _trainer(tmp_path, "optim.overlap=true")
     before = [p.detach().clone() for p in trainer.model.parameters()]

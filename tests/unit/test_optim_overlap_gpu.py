@@ -1,5 +1,6 @@
 """optim.overlap on CUDA: the next forward sees every weight fully updated, although the update runs on a side
-stream. Skipped without a GPU (benchmarks/gpu_check.sh runs it there, before it times the overlap variant).
+stream, and the gradient norm taken on that stream during backward is the norm. Skipped without a GPU
+(benchmarks/gpu_check.sh runs it there, before it times the overlap variant).
 
 The check is exact: right after step() (the update still in flight on the side stream) the forward runs, waiting
 only where the pre-hooks make it wait; then, with the GPU synchronized, the same forward runs again on the same
@@ -66,3 +67,19 @@ def test_without_the_waits_the_forward_would_read_stale_weights():
         torch.cuda.synchronize()
         differed += not torch.equal(racing, _forward(model, tokens))
     assert differed > 0
+
+
+def test_the_norm_taken_on_the_side_stream_during_backward_is_the_norm():
+    """The gradient norms each group took on the side stream while backward ran, once waited for, give
+    get_total_norm's value bit for bit (computed after the GPU is synchronized)."""
+    model, optimizer, tokens = _setup()
+    for step in range(3):
+        optimizer.last_micro_batch(True)
+        logits = model(tokens[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        norm = optimizer.grad_norm()  # waits for the side stream, nothing more
+        torch.cuda.synchronize()
+        expected = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()], foreach=True)
+        assert torch.equal(norm, expected), f"step {step + 1}: {norm.item()} against {expected.item()}"
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
