@@ -27,7 +27,6 @@ from torch.distributed.tensor.parallel import (
 from qwen2_dist.config import ParallelConfig, compile_fails_with_recompute_under_tp, inductor_options
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.qwen2 import Qwen2, TiedHead
-from qwen2_dist.parallel.passes import Fp32WeightGradients
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,8 @@ def parallelize(
             raise UserError("parallel.fp32_weight_grads=true needs compiled blocks on CUDA (the CPU has no bf16 "
                             f"matmul writing fp32; here: device {device_type}, compile {'on' if compiled else 'off'})"
                             "; set parallel.fp32_weight_grads=false")
+        from qwen2_dist.parallel.passes import Fp32WeightGradients  # imports Inductor (a second): only when used
+
         options = {**options, "post_grad_custom_post_pass": Fp32WeightGradients()}
     if compiled:
         # Each block on its own (one graph, reused by every block), before FSDP so its hooks stay outside the graph.
