@@ -17,9 +17,8 @@ GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "overlap_gpu", "combined_
                    "throughput_1.5b_lean", "throughput_1.5b_accum", "variant_coordinate_descent",
                    "variant_float8_overlap", "variant_expandable_segments", "gpu_tests", "estimate", "targets"]
 VARIANTS = {"overlap": ["optim.overlap=true"], "loss_chunk_16384": ["model.loss_chunk_tokens=16384"],
-            "loss_chunk_8192": ["model.loss_chunk_tokens=8192"], "fuse_qkv": ["model.fuse_projections=qkv"],
-            "default_again": ["parallel.compile=auto"]}
-"""The --variant rows of the throughput_1.5b step, in their order."""
+            "fuse_qkv": ["model.fuse_projections=qkv"], "default_again": ["parallel.compile=auto"]}
+"""The --variant rows of the throughput_1.5b step in a dry run, in their order (fp32_wgrad: on CUDA only)."""
 
 
 def throughput(*args: str) -> subprocess.CompletedProcess:
@@ -116,19 +115,16 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
             assert (row["first_loss"], row["last_loss"]) == (ours["first_loss"], ours["last_loss"]), name
         assert row["build_s"] >= 0 and row["warmup_s"] > 0
     assert "ms/step wall clock" in (out / "profile_1.5b_overlap.txt").read_text()
-    assert not (out / "profile_1.5b_loss_chunk_8192.txt").exists()  # only the overlap variant is profiled
-    # The dry run combines every variant (--all; on a GPU only those 0.5% faster than the default row of ours), of
-    # the two chunk sizes the faster one.
-    faster_chunk = max(variants[1:3], key=lambda row: row["tokens_per_sec"])["variant_overrides"]
+    assert not (out / "profile_1.5b_loss_chunk_16384.txt").exists()  # only the overlap variant is profiled
+    # The dry run combines every variant (--all; on a GPU only those 0.5% faster than the default row of ours).
     combined = json.loads((out / "combined_1.5b.json").read_text())
-    assert combined["ours_overrides"] == ["parallel.compile=auto", "optim.overlap=true", *faster_chunk,
-                                          "model.fuse_projections=qkv"]
+    assert combined["ours_overrides"] == ["parallel.compile=auto", "optim.overlap=true",
+                                          "model.loss_chunk_tokens=16384", "model.fuse_projections=qkv"]
     assert [r["name"] for r in combined["rows"]] == ["ours", "hf-liger"] and combined["rows"][0]["status"] == "ok"
     picks = (out / "pick_variants.log").read_text().splitlines()
-    assert [line.split(":")[0] for line in picks[:5]] == [f"variant {name}" for name in VARIANTS], picks
-    assert all(": picked" in line for line in picks[:4]), picks  # "(--all)" only when slower
-    assert picks[4].startswith("variant default_again: the default again, after the variants: "), picks
-    assert picks[5].endswith("and was faster") and len(picks) == 6, picks
+    assert [line.split(":")[0] for line in picks] == [f"variant {name}" for name in VARIANTS], picks
+    assert all(": picked" in line for line in picks[:3]), picks  # "(--all)" only when slower
+    assert picks[3].startswith("variant default_again: the default again, after the variants: "), picks
     accum = json.loads((out / "throughput_1.5b_accum.json").read_text())
     assert accum["accum"] == 2 and [r["name"] for r in accum["rows"]] == ["ours", "hf-liger"]
     assert accum["rows"][0]["global_batch"] == 2 * accum["rows"][0]["micro_batch"]
