@@ -76,23 +76,26 @@ def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor) ->
     same values: bitwise when both run eagerly (tests/unit/test_loss.py), and bitwise compiled against the compiled
     scatter on the CPU (checked once, 2026-11-27). Eager it would build a (tokens, vocab) mask: the eager path keeps
     the scatter."""
-    fp32 = logits.float()
-    lse = torch.logsumexp(fp32, dim=-1)
-    loss = (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
-    probs = torch.exp(fp32 - lse[:, None])
-    hit = torch.arange(logits.shape[-1], device=logits.device)[None, :] == targets[:, None]
-    return loss, logits.copy_(torch.where(hit, probs - 1.0, probs))
+    loss, grad = _loss_and_softmax_grad(logits, targets)
+    return loss, logits.copy_(grad)
 
 
 def _chunk_loss_and_new_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """_chunk_loss_and_grad_fusable with the gradient in a buffer of its own (the logits left as they are): what
     _compiled_step falls back to where this torch cannot compile the other."""
+    loss, grad = _loss_and_softmax_grad(logits, targets)
+    return loss, grad.to(logits.dtype)
+
+
+def _loss_and_softmax_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two fusable steps' common part: the chunk's summed loss and softmax - one-hot in fp32 (under
+    torch.compile never written as such: it is fused into the write of the gradient)."""
     fp32 = logits.float()
     lse = torch.logsumexp(fp32, dim=-1)
     loss = (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
     probs = torch.exp(fp32 - lse[:, None])
     hit = torch.arange(logits.shape[-1], device=logits.device)[None, :] == targets[:, None]
-    return loss, torch.where(hit, probs - 1.0, probs).to(logits.dtype)
+    return loss, torch.where(hit, probs - 1.0, probs)
 
 
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
