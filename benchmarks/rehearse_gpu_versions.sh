@@ -4,7 +4,7 @@
 # torch 2.13 and transformers 4.57; code that passes there has failed under the image's versions before (RoPE's theta
 # read from transformers 5's config, Inductor's CPU code generator under torch 2.11: BENCHMARKS.md).
 #
-#   bash benchmarks/rehearse_gpu_versions.sh                  # all three checks below
+#   bash benchmarks/rehearse_gpu_versions.sh                  # every check below
 #   bash benchmarks/rehearse_gpu_versions.sh tests/unit/test_loss.py tests/dist   # the checks, with only these tests
 #   SKIP_TESTS=1 bash benchmarks/rehearse_gpu_versions.sh     # the checks without the test suite
 #
@@ -16,7 +16,9 @@
 # 3. gpu_check.sh's Qwen2-1.5B step as it runs on a GPU -- compiled, ours with the baselines and every variant row of
 #    one process -- on the tiny size at seq 128: every row must be ok, and each variant's losses those of the default
 #    row (same weights and batches; q/k/v as one matmul sums in another order: within 1e-3).
-# 4. The dry run of gpu_check.sh with that venv.
+# 4. benchmarks/loss_parity.py compiled, as on a GPU (the dry run below runs it eagerly): 3 steps of the tiny size,
+#    with the overlap curve.
+# 5. The dry run of gpu_check.sh with that venv.
 # Exit code 1 when a check failed; each one's output is under OUT (default /tmp/rehearse_gpu_versions).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -98,5 +100,7 @@ sys.exit(f"rows not ok or off the default row's losses: {[(r['name'], r.get('var
 EOF
 }
 check compiled_rows compare_rows
+check loss_parity_compiled "$py" benchmarks/loss_parity.py --size tiny --steps 3 --overlap \
+    --out "$OUT/loss_parity.json"
 check gpu_check_dry_run env DRY_RUN=1 PYTHON="$py" OUT="$OUT/gpu_check" bash benchmarks/gpu_check.sh
 exit $FAILED
