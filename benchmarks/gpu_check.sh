@@ -11,7 +11,7 @@
 #                                                # on the device machine, which sends back 8 files at most: all of
 #                                                # /tmp/gc packed into one archive, repacked after every step (PACK
 #                                                # first: the shell expands $OUT there before OUT changes)
-#   SKIP="gpu_tests loss_parity" bash ...        # steps left out (recorded as skipped)
+#   SKIP="attention_gpu loss_parity" bash ...    # steps left out (recorded as skipped)
 #
 # Every step is its own python process under `timeout`, logs to $OUT/<step>.log and gets one line in
 # $OUT/summary.txt (ok, FAILED with the reason, or skipped with why); a failed step never stops the next. The exit
@@ -183,10 +183,15 @@ step throughput_1.5b 240 "$PYTHON" benchmarks/throughput.py --size "$SIZE_LARGE"
     --variant "default_again:parallel.compile=$COMPILE" \
     --profile "$OUT/profile_1.5b.txt" --profile-variants overlap --json "$OUT/throughput_1.5b.json"
 
-# 3. An exact check that the overlapped update is never read early: right after step() a forward must give bitwise
-# the logits of the same forward after a synchronize (with a negative control: it must not when the waits are
-# dropped); and that the gradient norm it takes on its side stream during backward is get_total_norm's, bitwise.
-step overlap_gpu 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_optim_overlap_gpu.py
+# 3. The GPU-only tests of what step 2 measured (they skip themselves on a CPU), here and not with the attention tests
+# at the end, where the budget may cut them: an exact check that the overlapped update is never read early (right
+# after step() a forward must give bitwise the logits of the same forward after a synchronize; a negative control:
+# it must not when the waits are dropped) and that the gradient norm it takes on its side stream during backward is
+# get_total_norm's, bitwise; the loss's head gradient accumulated in fp32 by the matmul itself (the default path since
+# the last GPU run), and whether this torch has that; a compiled block's weight gradients written in fp32 by their
+# matmuls (parallel.fp32_weight_grads) against an fp64 reference.
+step fast_path_gpu 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_optim_overlap_gpu.py \
+    tests/unit/test_loss_gpu.py tests/unit/test_passes_gpu.py
 
 # 4. The variants of step 2 that beat its default row by 0.5% or more, or by the run's drift where that is larger
 # (benchmarks/pick_variants.py; why each was picked or not: pick_variants.log), together, against HF + Liger in the
@@ -267,15 +272,9 @@ else
 fi
 variant expandable_segments 60 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --
 
-# 9. The GPU-only tests (they skip themselves on a CPU): attention backends against the reference in bf16 (passed on
-# 2026-11-27), the loss's fp32 weight-gradient accumulation by the matmul itself, and the blocks' weight gradients
-# written in fp32 (parallel.fp32_weight_grads).
-if [[ -f tests/unit/test_attention_gpu.py ]]; then
-    step gpu_tests 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_attention_gpu.py \
-        tests/unit/test_loss_gpu.py tests/unit/test_passes_gpu.py
-else
-    skip gpu_tests "tests/unit/test_attention_gpu.py does not exist"
-fi
+# 9. The attention backends against the reference in bf16 (GPU-only tests; passed on 2026-11-27, and the attention
+# code has not changed since).
+step attention_gpu 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_attention_gpu.py
 
 # 10. qwen2-estimate for each configuration of ours measured in steps 2, 4, 6 and 7, next to its measured peak.
 reports=()

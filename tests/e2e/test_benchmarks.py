@@ -13,9 +13,9 @@ import torch
 from tests.helpers import REPO, run_python
 
 TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
-GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "overlap_gpu", "combined_1.5b", "loss_parity", "throughput_0.5b",
-                   "throughput_1.5b_lean", "throughput_1.5b_accum", "variant_coordinate_descent",
-                   "variant_float8_overlap", "variant_expandable_segments", "gpu_tests", "estimate", "targets"]
+GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "fast_path_gpu", "combined_1.5b", "loss_parity",
+                   "throughput_0.5b", "throughput_1.5b_lean", "throughput_1.5b_accum", "variant_coordinate_descent",
+                   "variant_float8_overlap", "variant_expandable_segments", "attention_gpu", "estimate", "targets"]
 VARIANTS = {"overlap": ["optim.overlap=true"], "loss_chunk_16384": ["model.loss_chunk_tokens=16384"],
             "fuse_qkv": ["model.fuse_projections=qkv"], "default_again": ["parallel.compile=auto"]}
 """The --variant rows of the throughput_1.5b step in a dry run, in their order (fp32_wgrad: on CUDA only)."""
