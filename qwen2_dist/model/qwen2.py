@@ -252,7 +252,7 @@ class Qwen2(nn.Module):
         mask = None
         if mask_documents or self.attention_backend == "flex":
             mask = document_mask(positions, self.attention_backend)
-        x = self.embed_tokens(tokens) if tie is None else self.embed_tokens(tokens, tie=tie)
+        x = self.embed_tokens(tokens, tie=tie)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # The residual stream in the autocast dtype (bf16), as it is with FSDP's bf16 weights: one process and

@@ -47,4 +47,3 @@ class Fp32WeightGradients(CustomGraphPass):
     def uuid(self) -> bytes:
         # Inductor's compiled-graph cache keys on it: a changed pass is a changed key.
         return get_hash_for_files((__file__,))
-
