@@ -1,9 +1,12 @@
 """The memory traffic of one compiled decoder block, by kernel, as Inductor's scheduler counts it.
 
-    python benchmarks/block_traffic.py --size qwen2-1.5b --step-tokens 16384 [--probe-tokens 512,1024] [--top 25]
+    python benchmarks/block_traffic.py --size qwen2-1.5b --step-tokens 16384 [--ours KEY=VALUE ...]
+        [--probe-tokens 512,1024] [--top 25] [--json FILE]
 
-One block of SIZE, compiled as parallel.compile compiles it (torch.compile, no options), runs forward and backward
-under bf16 autocast with a bf16 input (the residual stream's dtype under autocast) at two sequence lengths, batch 1,
+One block of the job `qwen2-train model=SIZE parallel.compile=true` plus every --ours override would train (built,
+checkpoint-wrapped and compiled by the same parallelize(), one process: e.g. --ours
+parallel.activation_checkpointing=op counts what its backward recomputes, --ours model.fuse_projections=qkv the fused
+projection) runs forward and backward under bf16 autocast with a bf16 input (the residual stream's dtype under autocast) at two sequence lengths, batch 1,
 each compiled anew (static shapes). For every kernel of the two compiled graphs Inductor reports the bytes it reads
 and writes (its `inductor_metrics` log: the sizes of the kernel's buffers, whatever a hardware cache would spare).
 Kernels that compute the same ops in the same pass are one row (Inductor orders them differently at another length);
@@ -19,6 +22,7 @@ fusion: read it as an estimate of the GPU's, which a profile on the GPU replaces
 
 import argparse
 import collections
+import dataclasses
 import json
 import sys
 
@@ -26,9 +30,13 @@ import torch
 import torch._inductor.metrics as inductor_metrics
 from torch._inductor import compile_fx
 
+from qwen2_dist.cli.train import compose_job
+from qwen2_dist.config import JobConfig
 from qwen2_dist.errors import UserError
-from qwen2_dist.model.args import ModelArgs, get_model_args
-from qwen2_dist.model.qwen2 import DecoderLayer, rotary_cos_sin
+from qwen2_dist.model.args import ModelArgs
+from qwen2_dist.model.attention import resolve_backend
+from qwen2_dist.model.qwen2 import build_model, rotary_cos_sin
+from qwen2_dist.parallel.parallelize import parallelize
 
 LAYOUT = {"permute", "reshape", "view", "clone", "expand", "squeeze", "unsqueeze", "slice", "select",
           "convert_element_type", "alias", "t", "transpose"}  # origins that name no computation
@@ -46,17 +54,31 @@ def kernel_label(node) -> str:
     return ",".join(sorted(computing or names)) or type(node).__name__
 
 
-def probe(block: DecoderLayer, args: ModelArgs, tokens: int, device: str) -> dict[tuple, list[int]]:
+def build_block(job: JobConfig, device: str) -> torch.nn.Module:
+    """The job's first decoder block as training builds it for one process (qwen2_dist.cli.train), on the device,
+    with random weights."""
+    model = build_model(dataclasses.replace(job.model.args(), num_hidden_layers=1), "meta")
+    model.set_attention_backend(resolve_backend(job.model.attention, device, job.data.document_masking))
+    model = parallelize(model, None, job.parallel, torch.float32, device, float8=job.model.float8,
+                        kernels=job.model.kernels)
+    model.set_kernels(job.model.kernels, job.model.fuse_projections, device)
+    block = model.layers[0].to_empty(device=device)
+    torch.manual_seed(job.seed)
+    for param in block.parameters():
+        torch.nn.init.normal_(param, std=job.model.args().initializer_range)
+    return block
+
+
+def probe(block: torch.nn.Module, args: ModelArgs, tokens: int, device: str) -> dict[tuple, list[int]]:
     """{(pass, computes, extern): [kernels, bytes]} of the block's compiled forward and backward at this length.
     Kernels are grouped by what they compute: Inductor orders, and at times splits, them differently for another
     length."""
-    torch._dynamo.reset()
+    torch._dynamo.reset()  # compiled anew, for this length only
     inductor_metrics.reset()
-    compiled = torch.compile(block, dynamic=False)
     x = torch.randn(1, tokens, args.hidden_size, device=device, dtype=torch.bfloat16, requires_grad=True)
     cos, sin = rotary_cos_sin(torch.arange(tokens, device=device)[None], args.head_dim, args.rope_theta)
     with torch.autocast(device, dtype=torch.bfloat16):
-        out = compiled(x, cos, sin)
+        out = block(x, cos, sin)
     forward_kernels = len(inductor_metrics.nodes_num_elem)
     out.backward(torch.ones_like(out))
     groups = collections.defaultdict(lambda: [0, 0])
@@ -68,13 +90,10 @@ def probe(block: DecoderLayer, args: ModelArgs, tokens: int, device: str) -> dic
     return groups
 
 
-def traffic(args: ModelArgs, short: int, long: int, device: str) -> list[dict]:
-    """One row per kernel group of a block: bytes = per_token x tokens + fixed (the weights' part)."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        block = DecoderLayer(args)
-    for param in block.parameters():
-        torch.nn.init.normal_(param, std=args.initializer_range)
+def traffic(job: JobConfig, short: int, long: int, device: str) -> list[dict]:
+    """One row per kernel group of the job's block: bytes = per_token x tokens + fixed (the weights' part)."""
+    block = build_block(job, device)
+    args = job.model.args()
     # Inductor counts the bytes only while its inductor_metrics log takes INFO: that log on, its lines (every
     # kernel's counts) kept out of the output. A graph served from Inductor's caches is not generated again, and so
     # not counted: no caches.
@@ -89,6 +108,8 @@ def traffic(args: ModelArgs, short: int, long: int, device: str) -> list[dict]:
         metrics_log.propagate = True
         torch._logging.set_logs()
         torch._dynamo.reset()
+    if not small:
+        raise RuntimeError("Inductor counted no kernel: is the block compiled (parallel.compile)?")
     if set(small) != set(large):
         raise RuntimeError(f"the block compiled to different kernels at {short} and {long} tokens (only at {short}: "
                            f"{sorted(set(small) - set(large))}; only at {long}: {sorted(set(large) - set(small))}); "
@@ -104,6 +125,8 @@ def traffic(args: ModelArgs, short: int, long: int, device: str) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="qwen2-1.5b", help="a model size of conf/model (qwen2_dist.model.args)")
+    parser.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
+                        help="a job override (repeatable), as qwen2-train takes it")
     parser.add_argument("--step-tokens", type=int, default=16384, help="tokens per step (micro-batch x seq)")
     parser.add_argument("--probe-tokens", default="512,1024", help="the two sequence lengths compiled, a,b with a<b")
     parser.add_argument("--bandwidth-tbs", type=float, default=3.0, help="memory bandwidth for the ms column")
@@ -112,28 +135,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write every row, and the totals, to this file")
     opts = parser.parse_args(argv)
     try:
-        args = get_model_args(opts.size)
         short, long = (int(v) for v in opts.probe_tokens.split(","))
         if not 0 < short < long:
             raise ValueError
-    except UserError as exc:
-        print(f"error: --size: {exc}", file=sys.stderr)
-        return 2
     except ValueError:
         print(f"error: --probe-tokens {opts.probe_tokens!r}: give two lengths a,b with 0 < a < b, e.g. 512,1024",
               file=sys.stderr)
         return 2
+    overrides = [f"model={opts.size}", "parallel.compile=true", *opts.ours]
     try:
-        rows = traffic(args, short, long, opts.device)
+        job = compose_job(overrides)
+        rows = traffic(job, short, long, opts.device)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    args = job.model.args()
 
     layers, ms = args.num_hidden_layers, 1e3 / (opts.bandwidth_tbs * 1e12)
     for row in rows:
         row["gb_per_step"] = layers * (row["bytes_per_token"] * opts.step_tokens + row["fixed_bytes"]) / 1e9
         row["ms_per_step"] = row["gb_per_step"] * 1e9 * ms
-    print(f"{opts.size}: {layers} blocks, {opts.step_tokens} tokens a step, device {opts.device}, torch "
+    print(f"{' '.join(overrides)}: {layers} blocks, {opts.step_tokens} tokens a step, device {opts.device}, torch "
           f"{torch.__version__}; {sum(r['kernels'] for r in rows)} kernels a block (forward + backward), those that "
           "compute the same ops in one row")
     print(f"{'pass':<9}{'computes':<50}{'kind':>7}{'kernels':>8}{'B/token':>9}{'fixed MiB':>10}{'GB/step':>9}"
@@ -154,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{total['ms_per_step']:.1f} ms at {opts.bandwidth_tbs} TB/s")
     if opts.json:
         with open(opts.json, "w", encoding="utf-8") as f:
-            json.dump({"size": opts.size, "layers": layers, "step_tokens": opts.step_tokens, "device": opts.device,
+            json.dump({"size": opts.size, "overrides": overrides, "layers": layers, "step_tokens": opts.step_tokens, "device": opts.device,
                        "torch": torch.__version__, "probe_tokens": [short, long],
                        "bandwidth_tbs": opts.bandwidth_tbs, "rows": rows, "totals": totals}, f, indent=1)
     return 0

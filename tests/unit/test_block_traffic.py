@@ -4,17 +4,27 @@ fixed part, checked against what the block's kernels must move (compiled on the 
 import json
 import math
 
+import pytest
+
 from benchmarks import block_traffic
 from qwen2_dist.model.args import get_model_args
 
+TINY = ["--size", "tiny", "--probe-tokens", "16,32", "--step-tokens", "64"]
 
-def test_each_kernel_groups_bytes_split_into_per_token_and_weights(tmp_path, capsys):
+
+def traffic(path, *ours: str) -> dict:
+    assert block_traffic.main([*TINY, *(arg for o in ours for arg in ("--ours", o)), "--json", str(path)]) == 0
+    return json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def default(tmp_path_factory):
+    return traffic(tmp_path_factory.mktemp("traffic") / "default.json")
+
+
+def test_each_kernel_groups_bytes_split_into_per_token_and_weights(default):
     args = get_model_args("tiny")
-    out = tmp_path / "traffic.json"
-    assert block_traffic.main(["--size", "tiny", "--probe-tokens", "16,32", "--step-tokens", "64",
-                               "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    rows = report["rows"]
+    rows = default["rows"]
 
     def group(phase, test):
         (row,) = [r for r in rows if r["pass"] == phase and not r["extern"] and test(r["computes"])]
@@ -43,10 +53,31 @@ def test_each_kernel_groups_bytes_split_into_per_token_and_weights(tmp_path, cap
     # GB / (3 TB/s) in ms: GB / 3.0
     assert math.isclose(forward["gb_per_step"], step) and math.isclose(forward["ms_per_step"], step / 3.0)
     generated = [r for r in rows if not r["extern"]]
-    assert report["totals"]["generated"]["bytes_per_token"] == sum(r["bytes_per_token"] for r in generated)
-    assert "generated (fused element-wise and reductions)" in capsys.readouterr().out
+    assert default["totals"]["generated"]["bytes_per_token"] == sum(r["bytes_per_token"] for r in generated)
 
 
-def test_refuses_probe_lengths_out_of_order(capsys):
-    assert block_traffic.main(["--size", "tiny", "--probe-tokens", "32,16"]) == 2
-    assert "error: --probe-tokens '32,16'" in capsys.readouterr().err
+def test_fused_projections_cast_each_weight_once_as_separate_ones_do(default, tmp_path, capsys):
+    """model.fuse_projections=true under autocast: the concatenated weights cost what the separate casts cost, no
+    fp32 copy of them (kernels.fused_linear casts, then concatenates)."""
+    fused = traffic(tmp_path / "fused.json", "model.fuse_projections=true")
+    assert fused["overrides"][-1] == "model.fuse_projections=true"
+    assert "model=tiny parallel.compile=true model.fuse_projections=true: 2 blocks" in capsys.readouterr().out
+    # q/k/v one matmul instead of three, gate/up one instead of two: 3 fewer in forward, 6 in backward.
+    assert (default["totals"]["extern"]["kernels"], fused["totals"]["extern"]["kernels"]) == (28, 19)
+    # The weights' casts cost the same; the q/k/v biases are concatenated after their cast (4 bytes each at most).
+    args = get_model_args("tiny")
+    biases = args.hidden_size + 2 * args.num_key_value_heads * args.head_dim
+    extra = fused["totals"]["generated"]["fixed_bytes"] - default["totals"]["generated"]["fixed_bytes"]
+    assert 0 <= extra <= 4 * biases, extra
+
+
+def test_refuses_bad_input_in_one_line_naming_it(capsys):
+    for argv, error in [
+        (["--probe-tokens", "32,16"], "error: --probe-tokens '32,16': give two lengths"),
+        (["--ours", "parallel.no_such_key=1"], "error: bad override in "),
+        (["--ours", "parallel.fp32_weight_grads=true"], "error: parallel.fp32_weight_grads=true needs compiled blocks "
+                                                        "on CUDA"),
+    ]:
+        assert block_traffic.main(["--size", "tiny", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(error) and len(err.strip().splitlines()) == 1, err

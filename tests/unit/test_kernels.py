@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from qwen2_dist.config import OptimConfig, ParallelConfig
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.kernels import fused_linear
 from qwen2_dist.model.qwen2 import build_model
 from qwen2_dist.parallel.parallelize import compile_enabled, parallelize
 from qwen2_dist.train.optim import build_optimizer
@@ -34,6 +35,33 @@ def test_fused_projections_match_separate_ones(fuse):
     assert fused_grads.keys() == grads.keys()  # the same parameters: checkpoints and HF conversion are unchanged
     for name, grad in grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fused_projection_under_autocast_casts_then_concatenates_with_the_same_values():
+    """Each weight cast to bf16 before the concatenation: bitwise what F.linear computes from the concatenated fp32
+    weights under autocast, output and fp32 gradients alike."""
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(32, width) for width in (32, 16, 16)]
+    x = torch.randn(2, 5, 32)
+
+    def run(fused: bool):
+        for linear in linears:
+            linear.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if fused:
+                outs = fused_linear(x, linears)
+            else:  # the concatenation in fp32, cast by autocast
+                weight, bias = torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears])
+                outs = F.linear(x, weight, bias).split([32, 16, 16], dim=-1)
+        sum((out.float() * (i + 1)).sum() for i, out in enumerate(outs)).backward()
+        return outs, [(m.weight.grad.clone(), m.bias.grad.clone()) for m in linears]
+
+    (fused, fused_grads), (plain, plain_grads) = run(True), run(False)
+    assert all(out.dtype == torch.bfloat16 for out in fused)
+    for a, b in zip(fused, plain):
+        assert torch.equal(a, b)
+    for (wa, ba), (wb, bb) in zip(fused_grads, plain_grads):
+        assert wa.dtype == torch.float32 and torch.equal(wa, wb) and torch.equal(ba, bb)
 
 
 @pytest.mark.parametrize("kernels, message", [
