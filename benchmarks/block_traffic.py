@@ -6,8 +6,8 @@
 One block of the job `qwen2-train model=SIZE parallel.compile=true` plus every --ours override would train (built,
 checkpoint-wrapped and compiled by the same parallelize(), one process: e.g. --ours
 parallel.activation_checkpointing=op counts what its backward recomputes, --ours model.fuse_projections=qkv the fused
-projection) runs forward and backward under bf16 autocast with a bf16 input (the residual stream's dtype under autocast) at two sequence lengths, batch 1,
-each compiled anew (static shapes). For every kernel of the two compiled graphs Inductor reports the bytes it reads
+projection) runs forward and backward under bf16 autocast with a bf16 input (the residual stream's dtype under
+autocast) at two sequence lengths, batch 1, each compiled anew (static shapes). For every kernel of the two compiled graphs Inductor reports the bytes it reads
 and writes (its `inductor_metrics` log: the sizes of the kernel's buffers, whatever a hardware cache would spare).
 Kernels that compute the same ops in the same pass are one row (Inductor orders them differently at another length);
 the two lengths split each row's bytes into a part per token and a fixed part (weights). The table scales them to a
@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{total['ms_per_step']:.1f} ms at {opts.bandwidth_tbs} TB/s")
     if opts.json:
         with open(opts.json, "w", encoding="utf-8") as f:
-            json.dump({"size": opts.size, "overrides": overrides, "layers": layers, "step_tokens": opts.step_tokens, "device": opts.device,
-                       "torch": torch.__version__, "probe_tokens": [short, long],
+            json.dump({"size": opts.size, "overrides": overrides, "layers": layers, "step_tokens": opts.step_tokens,
+                       "device": opts.device, "torch": torch.__version__, "probe_tokens": [short, long],
                        "bandwidth_tbs": opts.bandwidth_tbs, "rows": rows, "totals": totals}, f, indent=1)
     return 0
 
