@@ -7,12 +7,13 @@ One block of the job `qwen2-train model=SIZE parallel.compile=true` plus every -
 checkpoint-wrapped and compiled by the same parallelize(), one process: e.g. --ours
 parallel.activation_checkpointing=op counts what its backward recomputes, --ours model.fuse_projections=qkv the fused
 projection) runs forward and backward under bf16 autocast with a bf16 input (the residual stream's dtype under
-autocast) at two sequence lengths, batch 1, each compiled anew (static shapes). For every kernel of the two compiled graphs Inductor reports the bytes it reads
-and writes (its `inductor_metrics` log: the sizes of the kernel's buffers, whatever a hardware cache would spare).
-Kernels that compute the same ops in the same pass are one row (Inductor orders them differently at another length);
-the two lengths split each row's bytes into a part per token and a fixed part (weights). The table scales them to a
-step of --step-tokens tokens through every block of the size, and to milliseconds at --bandwidth-tbs (3.0 TB/s by
-default: the device copy rate measured on an H100 on 2026-11-26, shared/notes/gpu-measurements.md).
+autocast) at two sequence lengths, batch 1, each compiled anew (static shapes). For every kernel of the two compiled
+graphs Inductor reports the bytes it reads and writes (its `inductor_metrics` log: the sizes of the kernel's buffers,
+whatever a hardware cache would spare). Kernels that compute the same ops in the same pass are one row (Inductor
+orders them differently at another length); the two lengths split each row's bytes into a part per token and a fixed
+part (weights). The table scales them to a step of --step-tokens tokens through every block of the size, and to
+milliseconds at --bandwidth-tbs (3.0 TB/s by default: the device copy rate measured on an H100 on 2026-11-26,
+shared/notes/gpu-measurements.md).
 
 What it predicts: the time a step spends in the kernels Inductor generates (norms, RoPE, SwiGLU, residual adds, weight
 casts), as a lower bound from bytes alone; matmuls and attention ("extern") are listed for completeness, their time is
