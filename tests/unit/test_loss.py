@@ -1,5 +1,8 @@
 """The chunked linear cross-entropy equals the plain one (values and gradients) without ever holding full logits."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +12,7 @@ from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import get_model_args
 from qwen2_dist.model.loss import linear_cross_entropy, resolve_loss
 from qwen2_dist.model.qwen2 import build_model
+from tests.helpers import REPO
 
 
 def plain_loss_and_grads(hidden, weight, targets):
@@ -277,14 +281,69 @@ def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
     assert compiled_grad.data_ptr() == compiled_logits.data_ptr() and torch.equal(compiled_logits, compiled_grad)
 
 
+def test_the_one_pass_log_sum_exp_gives_the_same_values():
+    from qwen2_dist.model.loss import _lse_and_probs_one_pass
+
+    logits = torch.randn(16, 301, generator=torch.Generator().manual_seed(0)) * 8
+    lse, probs = _lse_and_probs_one_pass(logits)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(probs, torch.softmax(logits, dim=-1), rtol=1e-5, atol=1e-7)
+
+
+PROBE = """
+import torch
+from torch._inductor.fx_passes import post_grad
+# Before Inductor registers its patterns: let the online-softmax pattern match on the CPU too (its check asks for
+# CUDA, whose Triton code the CPU cannot generate: the probe stops each compile before that).
+post_grad.prepare_softmax_extra_check = lambda match: True
+from torch._inductor.custom_graph_pass import CustomGraphPass
+from qwen2_dist.model import loss
+
+
+class Probe(CustomGraphPass):
+    def __call__(self, graph):
+        print(path, sorted({str(node.target) for node in graph.nodes if node.op == "call_function"}))
+        raise RuntimeError("probed")
+
+    def uuid(self):
+        return None
+
+
+for path, devices in (("logsumexp", ()), ("one-pass", ("cpu",))):
+    loss.ONLINE_SOFTMAX_DEVICES = devices  # the CPU as a device of the one-pass formulation
+    torch._dynamo.reset()
+    step = torch.compile(loss._chunk_loss_and_grad_fusable, dynamic=False,
+                         options={"post_grad_custom_post_pass": Probe(), "fx_graph_cache": False})
+    try:
+        step(torch.randn(8, 1000).bfloat16(), torch.randint(0, 1000, (8,)))
+    except Exception as exc:
+        assert "probed" in str(exc), exc
+"""
+
+
+def test_on_cuda_the_softmax_step_is_the_pattern_inductor_computes_in_one_pass():
+    """Inductor replaces max / exp / sum by one pass computing max and sum together (prepare_softmax_online), on
+    CUDA; the probe lets the pattern match on the CPU and reads the graph after Inductor's post-grad passes."""
+    result = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ops = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert "prims.prepare_softmax_online.default" in ops["one-pass"], ops
+    # torch.logsumexp, as the CPU computes it, does not match: its max passes through a masked_fill first.
+    assert "prepare_softmax_online" not in ops["logsumexp"] and "aten.amax.default" in ops["logsumexp"], ops
+
+
 def test_a_softmax_step_this_torch_cannot_compile_falls_back_to_a_buffer_of_its_own(monkeypatch, caplog):
     """torch 2.11's CPU Inductor fails to compile the step that writes the gradient over the logits; the loss then
-    compiles the one that writes a new buffer, says so once, and computes the same loss and gradients."""
+    compiles the one that writes a new buffer, says so once, and computes the same loss and gradients. Where the
+    first takes the log-sum-exp in one pass (CUDA; here the CPU stands in), the fallback uses torch.logsumexp."""
     from torch._dynamo.exc import BackendCompilerFailed
 
     from qwen2_dist.model import loss as loss_module
 
-    attempts = []
+    attempts, one_pass = [], []
+    monkeypatch.setattr(loss_module, "ONLINE_SOFTMAX_DEVICES", ("cpu",))
+    one_pass_fn = loss_module._lse_and_probs_one_pass
+    monkeypatch.setattr(loss_module, "_lse_and_probs_one_pass", lambda fp32: one_pass.append(1) or one_pass_fn(fp32))
 
     def fake_compile(fn, options=()):
         def run(*args):
@@ -308,6 +367,7 @@ def test_a_softmax_step_this_torch_cannot_compile_falls_back_to_a_buffer_of_its_
         loss_module._compiled_step.cache_clear()
     # Tried once, then the fallback for every chunk (16, 16, 8 tokens).
     assert attempts == ["_chunk_loss_and_grad_fusable"] + ["_chunk_loss_and_new_grad"] * 3
+    assert not one_pass
     assert "could not compile the softmax step that writes the gradient over the logits" in caplog.text
     expected_loss, expected_hidden, expected_weight = chunked_loss_and_grads(hidden.detach(), weight.detach(),
                                                                              targets, 16)

@@ -45,3 +45,32 @@ def test_fp32_accumulation_is_at_least_as_close_to_fp64(monkeypatch):
     # The added path rounds each chunk's product to bf16 (relative step 7.8e-3); the fused one keeps fp32.
     assert added_error < 2e-2 * scale
     assert fused_error <= added_error and fused_error < 1e-4 * scale, (fused_error, added_error, scale)
+
+
+def test_the_compiled_softmax_step_takes_max_and_sum_in_one_pass_and_matches_the_eager_one():
+    """loss._lse_and_probs_one_pass, compiled for CUDA: Inductor's online softmax (max and sum in one pass over the
+    151,936 logits of a row), the gradient written over the logits, the values of the eager step (torch.logsumexp
+    and a scatter)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    vocab = 151936
+    logits = (torch.randn(2048, vocab, device="cuda", generator=generator) * 4).bfloat16()
+    targets = torch.randint(0, vocab, (2048,), device="cuda", generator=generator)
+    eager_loss, eager_grad = loss_module._chunk_loss_and_grad(logits.clone(), targets)
+    step = torch.compile(loss_module._chunk_loss_and_grad_fusable, dynamic=False)
+    compiled_logits = logits.clone()
+    (compiled_loss, compiled_grad), code = run_and_get_code(step, compiled_logits, targets)
+    assert "online_softmax" in "\n".join(code)
+    assert compiled_grad.data_ptr() == compiled_logits.data_ptr()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(compiled_grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-6)
+    # Compiled once: a second chunk allocates nothing chunk-sized (its exp is not kept: 1.2 GB in fp32).
+    again = logits.clone()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(again, targets)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < 64 * 2**20
