@@ -73,7 +73,8 @@ def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor) ->
     buffer written and read back); this way one kernel writes the gradient in the logits' dtype, into the logits'
     own memory (its generated code on the CPU, 2026-11-27: one kernel, whose output is the input buffer; the
     gradient of a 2048-token chunk needs no second 0.6 GB buffer, of one 16384-token chunk no second 4.6 GiB). The
-    same values: bitwise when both run eagerly (tests/unit/test_loss.py), and bitwise compiled against the compiled
+    same values: bitwise when both run eagerly on the CPU (tests/unit/test_loss.py; on CUDA the log-sum-exp is
+    taken as _lse_and_probs_one_pass writes it, within fp32 rounding), and bitwise compiled against the compiled
     scatter on the CPU (checked once, 2026-11-27). Eager it would build a (tokens, vocab) mask: the eager path keeps
     the scatter."""
     loss, grad = _loss_and_softmax_grad(logits, targets)
