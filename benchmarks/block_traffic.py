@@ -45,12 +45,11 @@ LAYOUT = {"permute", "reshape", "view", "clone", "expand", "squeeze", "unsqueeze
 
 def kernel_label(node) -> str:
     """What a scheduler node computes: the extern kernel's op, or the computing ops fused into it."""
-    names = collections.Counter()
+    names = set()
     for sub in getattr(node, "snodes", None) or [node]:
         ir = getattr(sub, "node", None)
         for origin in getattr(ir, "origins", ()) or ():
-            target = getattr(origin.target, "__name__", str(origin.target)).split(".")[0]
-            names[target] += 1
+            names.add(getattr(origin.target, "__name__", str(origin.target)).split(".")[0])
     computing = [name for name in names if name not in LAYOUT]
     return ",".join(sorted(computing or names)) or type(node).__name__
 

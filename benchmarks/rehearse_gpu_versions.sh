@@ -8,7 +8,7 @@
 #   bash benchmarks/rehearse_gpu_versions.sh tests/unit/test_loss.py tests/dist   # the checks, with only these tests
 #   SKIP_TESTS=1 bash benchmarks/rehearse_gpu_versions.sh     # the checks without the test suite
 #
-# 1. A venv of its own (VENV, default /tmp/qwen2-dist-gpu-versions; about 4.7 GB: PyPI's torch 2.11.0 is the CUDA
+# 1. A venv of its own (VENV, default /tmp/qwen2-dist-gpu-versions; about 5.4 GB: PyPI's torch 2.11.0 is the CUDA
 #    build with its CUDA libraries, and it runs on a CPU), made once and reused: torch and transformers at the image's
 #    versions, the project's other dependencies, mosaicml-streaming without its own (it asks for transformers < 5),
 #    and this repository installed editable without dependencies (the tests' subprocesses import qwen2_dist).

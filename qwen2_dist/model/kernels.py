@@ -79,13 +79,10 @@ def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch
     as for separate projections. Concatenated first, a compiled block wrote and read back an fp32 copy too, 8 more
     bytes a weight (Inductor's count on the CPU, benchmarks/block_traffic.py: 234 MiB a Qwen2-1.5B block with q/k/v
     and gate/up fused, 6.9 GB a step, ~2.3 ms at 3 TB/s by arithmetic)."""
-    device_type = x.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-    def cast(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
-
-    weight = torch.cat([cast(linear.weight) for linear in linears])
-    biases = [linear.bias for linear in linears]
-    bias = None if biases[0] is None else torch.cat([cast(b) for b in biases])
-    return F.linear(x, weight, bias).split([linear.weight.shape[0] for linear in linears], dim=-1)
+    weights, biases = [linear.weight for linear in linears], [linear.bias for linear in linears]
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        weights = [w.to(dtype) for w in weights]
+        biases = [b if b is None else b.to(dtype) for b in biases]
+    bias = None if biases[0] is None else torch.cat(biases)
+    return F.linear(x, torch.cat(weights), bias).split([linear.weight.shape[0] for linear in linears], dim=-1)

@@ -37,9 +37,10 @@ def test_fused_projections_match_separate_ones(fuse):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_fused_projection_under_autocast_casts_then_concatenates_with_the_same_values():
-    """Each weight cast to bf16 before the concatenation: bitwise what F.linear computes from the concatenated fp32
-    weights under autocast, output and fp32 gradients alike."""
+def test_fused_projection_under_autocast_gives_the_values_of_the_fp32_concatenation():
+    """fused_linear casts each weight to bf16 before concatenating: bitwise what F.linear computes from the
+    concatenated fp32 weights under autocast, output and fp32 gradients alike. (That it casts first, with no fp32
+    copy, is tests/unit/test_block_traffic.py's check.)"""
     torch.manual_seed(0)
     linears = [torch.nn.Linear(32, width) for width in (32, 16, 16)]
     x = torch.randn(2, 5, 32)
