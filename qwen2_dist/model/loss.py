@@ -117,15 +117,27 @@ def _lse_and_probs_one_pass(fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     less, ~1.7 ms at 3 TB/s by arithmetic. On the CPU, which has no such pass, Inductor would keep the exp in fp32
     to share it between the sum and the softmax (a chunk-sized fp32 buffer): there torch.logsumexp stays. The same
     values within fp32 rounding (tests/unit/test_loss.py checks both that and the pattern match)."""
-    row_max = fp32.amax(-1, keepdim=True)
-    exp = (fp32 - row_max).exp()
-    row_sum = exp.sum(-1, keepdim=True)
+    row_max, exp, row_sum = _max_exp_sum(fp32)
     return (row_sum.log() + row_max).squeeze(-1), exp / row_sum
 
 
+def _max_exp_sum(fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    row_max = fp32.amax(-1, keepdim=True)
+    exp = (fp32 - row_max).exp()
+    return row_max, exp, exp.sum(-1, keepdim=True)
+
+
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Evaluation's summed loss of one chunk. On ONLINE_SOFTMAX_DEVICES the log-sum-exp is written as the max / exp /
+    sum that Inductor computes in one pass (the logits read once for it, not twice as torch.logsumexp's max and sum
+    are); elsewhere torch.logsumexp."""
     fp32 = logits.float()
-    return (torch.logsumexp(fp32, dim=-1) - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
+    if logits.device.type in ONLINE_SOFTMAX_DEVICES:
+        row_max, _, row_sum = _max_exp_sum(fp32)
+        lse = (row_sum.log() + row_max).squeeze(-1)
+    else:
+        lse = torch.logsumexp(fp32, dim=-1)
+    return (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
 
 
 @functools.cache

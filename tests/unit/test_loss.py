@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model import loss as loss_module
 from qwen2_dist.model.loss import linear_cross_entropy, resolve_loss
 from qwen2_dist.model.qwen2 import build_model
 from tests.helpers import REPO
@@ -171,7 +172,6 @@ def test_a_tied_matrix_gets_the_loss_s_gradient_with_the_lookup_s_rows_added(mon
     """Tied, the chunked loss hands its gradient of the matrix to the lookup's backward (loss.TiedGradient), which
     adds its rows and returns the sum: the same gradients as the plain path, over two accumulated micro-batches with
     repeated tokens. Untied, nothing is handed over."""
-    from qwen2_dist.model import loss as loss_module
 
     handed = []
     take = loss_module.TiedGradient.take
@@ -281,13 +281,18 @@ def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
     assert compiled_grad.data_ptr() == compiled_logits.data_ptr() and torch.equal(compiled_logits, compiled_grad)
 
 
-def test_the_one_pass_log_sum_exp_gives_the_same_values():
+def test_the_one_pass_log_sum_exp_gives_the_same_values(monkeypatch):
     from qwen2_dist.model.loss import _lse_and_probs_one_pass
 
     logits = torch.randn(16, 301, generator=torch.Generator().manual_seed(0)) * 8
     lse, probs = _lse_and_probs_one_pass(logits)
     torch.testing.assert_close(lse, torch.logsumexp(logits, dim=-1), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(probs, torch.softmax(logits, dim=-1), rtol=1e-5, atol=1e-7)
+    # Evaluation's chunk loss, in the one-pass form (the CPU taken as a device of it) and in torch.logsumexp's.
+    targets = torch.randint(0, 301, (16,), generator=torch.Generator().manual_seed(1))
+    with_logsumexp = loss_module._chunk_loss(logits, targets)
+    monkeypatch.setattr(loss_module, "ONLINE_SOFTMAX_DEVICES", ("cpu",))
+    torch.testing.assert_close(loss_module._chunk_loss(logits, targets), with_logsumexp, rtol=1e-6, atol=0)
 
 
 PROBE = """
@@ -309,11 +314,12 @@ class Probe(CustomGraphPass):
         return None
 
 
-for path, devices in (("logsumexp", ()), ("one-pass", ("cpu",))):
+for path, fn, devices in (("logsumexp", loss._chunk_loss_and_grad_fusable, ()),
+                          ("one-pass", loss._chunk_loss_and_grad_fusable, ("cpu",)),
+                          ("eval-logsumexp", loss._chunk_loss, ()), ("eval-one-pass", loss._chunk_loss, ("cpu",))):
     loss.ONLINE_SOFTMAX_DEVICES = devices  # the CPU as a device of the one-pass formulation
     torch._dynamo.reset()
-    step = torch.compile(loss._chunk_loss_and_grad_fusable, dynamic=False,
-                         options={"post_grad_custom_post_pass": Probe(), "fx_graph_cache": False})
+    step = torch.compile(fn, dynamic=False, options={"post_grad_custom_post_pass": Probe(), "fx_graph_cache": False})
     try:
         step(torch.randn(8, 1000).bfloat16(), torch.randint(0, 1000, (8,)))
     except Exception as exc:
@@ -327,9 +333,11 @@ def test_on_cuda_the_softmax_step_is_the_pattern_inductor_computes_in_one_pass()
     result = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     ops = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    assert "prims.prepare_softmax_online.default" in ops["one-pass"], ops
-    # torch.logsumexp, as the CPU computes it, does not match: its max passes through a masked_fill first.
-    assert "prepare_softmax_online" not in ops["logsumexp"] and "aten.amax.default" in ops["logsumexp"], ops
+    for path in ("one-pass", "eval-one-pass"):  # the training step's and evaluation's
+        assert "prims.prepare_softmax_online.default" in ops[path], ops
+        # torch.logsumexp, as the CPU computes it, does not match: its max passes through a masked_fill first.
+        other = path.replace("one-pass", "logsumexp")
+        assert "prepare_softmax_online" not in ops[other] and "aten.amax.default" in ops[other], ops
 
 
 def test_a_softmax_step_this_torch_cannot_compile_falls_back_to_a_buffer_of_its_own(monkeypatch, caplog):
@@ -338,7 +346,6 @@ def test_a_softmax_step_this_torch_cannot_compile_falls_back_to_a_buffer_of_its_
     first takes the log-sum-exp in one pass (CUDA; here the CPU stands in), the fallback uses torch.logsumexp."""
     from torch._dynamo.exc import BackendCompilerFailed
 
-    from qwen2_dist.model import loss as loss_module
 
     attempts, one_pass = [], []
     monkeypatch.setattr(loss_module, "ONLINE_SOFTMAX_DEVICES", ("cpu",))
@@ -379,7 +386,6 @@ def test_a_softmax_step_this_torch_cannot_compile_falls_back_to_a_buffer_of_its_
 def test_the_fp32_out_matmul_is_tried_before_it_is_trusted(monkeypatch, caplog):
     """The head's gradient is summed by the matmul itself only where a small trial computes the right sum: refused
     (the CPU has no such kernel) or wrong (a torch that dropped the sum), the loss warns and adds bf16 products."""
-    from qwen2_dist.model import loss as loss_module
 
     cpu = torch.device("cpu")
     loss_module._fp32_out_matmul_works.cache_clear()

@@ -74,3 +74,19 @@ def test_the_compiled_softmax_step_takes_max_and_sum_in_one_pass_and_matches_the
     step(again, targets)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before < 64 * 2**20
+
+
+def test_the_compiled_evaluation_loss_takes_max_and_sum_in_one_pass():
+    """loss._chunk_loss (evaluation), compiled for CUDA: the online softmax's one pass, torch.logsumexp's values."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(1024, 151936, device="cuda", generator=generator) * 4).bfloat16()
+    targets = torch.randint(0, 151936, (1024,), device="cuda", generator=generator)
+    fp32 = logits.float()
+    reference = (torch.logsumexp(fp32, -1) - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
+    del fp32
+    loss, code = run_and_get_code(torch.compile(loss_module._chunk_loss, dynamic=False), logits, targets)
+    assert "online_softmax" in "\n".join(code)
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
