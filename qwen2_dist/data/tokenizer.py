@@ -61,13 +61,15 @@ class Tokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without eos."""
+        if not texts:  # a Hugging Face tokenizer raises IndexError on an empty batch
+            return []
         return self._encode_batch(texts)
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids of all texts concatenated (int32, without eos) and the number of tokens of each text (int64)."""
         if self._encode_flat is not None:
             return self._encode_flat(texts)
-        ids = self._encode_batch(texts)
+        ids = self.encode_batch(texts)
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter((i for row in ids for i in row), dtype=np.int32, count=int(lengths.sum()))
         return flat, lengths

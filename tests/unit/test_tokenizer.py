@@ -98,6 +98,10 @@ def test_hf_tokenizer_directory(tmp_path):
     # The eos string inside a document stays text (here: unknown word pieces), as with the embedded tokenizer.
     assert tok.encode_batch(["hello <|endoftext|> world"]) == [[0, 3, 3, 3, 1]]
     assert tok.decode([0, 2]) == "hello <|endoftext|>"
+    # A batch of no texts (prepare's last range of a file, or one whose records were all skipped) is no error.
+    assert tok.encode_batch([]) == []
+    flat, lengths = tok.encode_flat([])
+    assert flat.tolist() == [] and lengths.tolist() == []
 
 
 def test_hf_tokenizer_missing_directory(tmp_path):
