@@ -321,7 +321,40 @@ def _decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
         import zstandard
     except ImportError:
         raise UserError(".zst inputs need the zstandard package; pip install zstandard") from None
-    return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw))
+    return io.BufferedReader(_ZstdFrames(raw, zstandard.ZstdDecompressor()), buffer_size=1 << 20)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a zstd file, frame after frame (as `zstd -d` reads concatenated frames), raising
+    EOFError where the file ends inside a frame: zstandard's stream_reader returns what it has then, and a truncated
+    file would pass for a shorter one."""
+
+    def __init__(self, raw: BinaryIO, decompressor):
+        self._raw, self._decompressor = raw, decompressor
+        self._frame = None  # the current frame's decompressobj
+        self._input = b""  # input after the end of the last frame, not yet decompressed
+        self._out, self._at = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._at == len(self._out):
+            data = self._input or self._raw.read(1 << 20)
+            self._input = b""
+            if not data:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            if self._frame is None or self._frame.eof:
+                self._frame = self._decompressor.decompressobj()
+            self._out, self._at = self._frame.decompress(data), 0
+            if self._frame.eof:
+                self._input = self._frame.unused_data
+        n = min(len(buffer), len(self._out) - self._at)
+        buffer[:n] = memoryview(self._out)[self._at : self._at + n]
+        self._at += n
+        return n
 
 
 def _batches(reader: _Reader, text_field: str) -> Iterator[tuple[list, list, int]]:

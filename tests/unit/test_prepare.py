@@ -274,6 +274,27 @@ def test_compressed_and_parquet_inputs_give_the_same_samples(work):
     assert summary["documents"] == 5 and sum(summary["skipped"].values()) == 0
 
 
+def test_zstd_files_are_read_frame_after_frame_and_a_truncated_one_is_counted(work):
+    zstandard = pytest.importorskip("zstandard")
+    src = work / "src"
+    src.mkdir()
+    docs = [f"document number {i} with some words" for i in range(8000)]  # 3 blocks of zstd's 128 KiB
+    compress = zstandard.ZstdCompressor().compress
+    # Two frames, as `cat a.zst b.zst` or pzstd writes them: every record is read.
+    (src / "a.jsonl.zst").write_bytes(compress(_jsonl_bytes(docs[:400])) + compress(_jsonl_bytes(docs[400:800])))
+    # Cut short (zstandard's stream reader would have passed these for shorter files): the JSONL file keeps the
+    # records of the blocks before the cut and counts the rest as one corrupt_file; the text file is one.
+    whole = compress(_jsonl_bytes(docs))
+    (src / "b.jsonl.zst").write_bytes(whole[: len(whole) // 2])
+    whole = compress(" ".join(docs).encode())
+    (src / "c.txt.zst").write_bytes(whole[: len(whole) // 2])
+    summary = prepare([str(src / "*")], str(work / "out"), seq_len=8)
+    assert summary["skipped"]["corrupt_file"] == 2 and sum(summary["skipped"].values()) == 2
+    assert [e.rsplit(":", 1)[0] for e in summary["skipped_examples"]] == [str(src / "b.jsonl.zst"),
+                                                                          str(src / "c.txt.zst")]
+    assert 800 < summary["documents"] < 800 + 8000
+
+
 def test_every_kind_of_bad_input_is_counted_and_the_rest_is_usable(work):
     import gzip
 
