@@ -387,13 +387,13 @@ class Checkpointer:
         if _rank() == 0:
             try:
                 _commit(pending, self.checksums)
-                if pending.retain:
-                    _apply_retention(self.ckpt_root, self.keep_last, self.keep_every, protect=pending.final)
             except OSError as exc:
                 committed = False
                 log.error("checkpoint: commit of %s failed (%s); the previous checkpoint stays the latest",
                           pending.final, exc)
                 shutil.rmtree(pending.final, ignore_errors=True)
+            if committed and pending.retain:  # after the commit, never part of it: a failure here deletes nothing new
+                _apply_retention(self.ckpt_root, self.keep_last, self.keep_every, protect=pending.final)
         committed = _all_ok(committed)
         if committed:
             log.info("checkpoint: committed %s in %.1f s", pending.final, time.monotonic() - pending.started)
@@ -499,16 +499,28 @@ def _commit(pending: _Pending, checksums: bool) -> None:
                 crc = file_checksum(os.path.join(pending.final, name))
             meta["checksums"][name] = crc
     _write_json_atomic(os.path.join(pending.final, METADATA), meta)
+    _fsync_dir(pending.final)  # the commit on disk before retention deletes anything older
 
 
 def _apply_retention(ckpt_root: str, keep_last: int, keep_every: int, protect: str) -> None:
-    committed = committed_checkpoints(ckpt_root)
+    """Delete the committed checkpoints retention does not keep. One that cannot be deleted (a read-only directory,
+    a stale NFS handle, a cleanup script faster than us) stays, with a warning; the next save tries again."""
+    try:
+        committed = committed_checkpoints(ckpt_root)
+    except OSError as exc:
+        log.warning("checkpoint: could not list %s for retention (%s); older checkpoints stay", ckpt_root, exc)
+        return
     for path in committed[:-keep_last]:
         step = int(_STEP_DIR.match(os.path.basename(path)).group(1))
         if path == protect or (keep_every and step % keep_every == 0):
             continue
-        # Un-commit first, so a crash halfway through the delete leaves a leftover, not a broken checkpoint.
-        os.remove(os.path.join(path, METADATA))
+        try:
+            # Un-commit first, so a crash halfway through the delete leaves a leftover, not a broken checkpoint.
+            os.remove(os.path.join(path, METADATA))
+        except OSError as exc:
+            log.warning("checkpoint: retention could not delete %s (%s); it stays, and the next save tries again",
+                        path, exc)
+            continue
         shutil.rmtree(path, ignore_errors=True)
 
 

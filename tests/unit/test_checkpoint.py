@@ -61,6 +61,25 @@ def test_milestones_survive_retention(tmp_path):
     assert _names(checkpoint.committed_checkpoints(root)) == ["step_00000004", "step_00000008", "step_00000009"]
 
 
+def test_a_checkpoint_retention_cannot_delete_stays_and_the_new_one_is_committed(tmp_path, monkeypatch, caplog):
+    root = str(tmp_path / "checkpoints")
+    model, optimizer = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(root, keep_last=1)
+    saver.save(1, model, None, {"step": 1}, {})
+    remove = os.remove
+
+    def protected(path):  # step 1 made read-only by its owner (as root, chmod would not stop us)
+        if "step_00000001" in path:
+            raise PermissionError(13, "Permission denied", path)
+        remove(path)
+
+    monkeypatch.setattr(os, "remove", protected)
+    for step in (2, 3):
+        assert saver.save(step, model, None, {"step": step}, {})
+    assert _names(checkpoint.committed_checkpoints(root)) == ["step_00000001", "step_00000003"]
+    assert "retention could not delete" in caplog.text and saver.failed_saves == 0
+
+
 def test_async_save_commits_the_state_as_it_was_at_save_time(tmp_path):
     root = str(tmp_path / "checkpoints")
     model, optimizer = _model_and_optimizer(0)
