@@ -195,7 +195,8 @@ class TrainConfig:
     nonfinite: str = "skip"
     """Non-finite loss or gradients: skip (skip the update, count it; stop after max_skipped_in_a_row) or halt."""
     max_skipped_in_a_row: int = 5
-    """Save and stop when this many consecutive steps were skipped (checked at logging steps)."""
+    """Save and stop when this many consecutive steps were skipped (counted every step, acted on at the next logging
+    step)."""
     spike_sigma: float = 0.0
     """Also skip a step whose loss is this many standard deviations above the last spike_window steps (0 = off)."""
     spike_window: int = 128

@@ -27,7 +27,8 @@ class StepGuard:
     A step is skipped when its loss or gradient norm is not finite, or (spike_sigma > 0) when its loss lies more than
     spike_sigma standard deviations above the mean of the last `window` applied steps. The verdict feeds the fused
     optimizer's found_inf, which leaves parameters and optimizer state untouched. Counters stay on the device and
-    are read at logging time.
+    are read at logging time; the longest run of skipped steps since the last read is kept, so a run that ended
+    between two reads is still seen.
     """
 
     def __init__(self, device: torch.device, spike_sigma: float = 0.0, window: int = 128):
@@ -37,6 +38,7 @@ class StepGuard:
         self.filled = torch.zeros((), device=device)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=device)
+        self.longest_in_a_row = torch.zeros((), dtype=torch.int64, device=device)  # since the last counts()
         self.position = 0
 
     def verdict(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -55,17 +57,35 @@ class StepGuard:
         bad_int = bad.to(torch.int64)
         self.skipped_total += bad_int
         self.skipped_in_a_row = (self.skipped_in_a_row + bad_int) * bad_int
+        self.longest_in_a_row = torch.maximum(self.longest_in_a_row, self.skipped_in_a_row)
         return bad.float()
 
     def counts(self) -> tuple[int, int]:
-        """(skipped steps in total, skipped steps in a row up to now); a host sync."""
-        return int(self.skipped_total.item()), int(self.skipped_in_a_row.item())
+        """(skipped steps in total, the longest run of steps skipped in a row since the last call); a host sync."""
+        total, longest = int(self.skipped_total.item()), int(self.longest_in_a_row.item())
+        self.longest_in_a_row.copy_(self.skipped_in_a_row)
+        return total, longest
 
     def state_dict(self) -> dict:
-        return {"skipped_total": int(self.skipped_total.item())}
+        """Everything a resumed run needs to decide as the uninterrupted one would (JSON-ready)."""
+        state = {"skipped_total": int(self.skipped_total.item()), "skipped_in_a_row": int(self.skipped_in_a_row.item()),
+                 "longest_in_a_row": int(self.longest_in_a_row.item())}
+        if self.spike_sigma > 0:
+            state.update(history=self.history.tolist(), filled=float(self.filled.item()), position=self.position)
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped_total.fill_(state.get("skipped_total", 0))
+        self.skipped_in_a_row.fill_(state.get("skipped_in_a_row", 0))
+        self.longest_in_a_row.fill_(state.get("longest_in_a_row", 0))
+        history = state.get("history")
+        if self.spike_sigma > 0 and history is not None and len(history) == self.window:
+            self.history.copy_(torch.tensor(history, dtype=self.history.dtype))
+            self.filled.fill_(state["filled"])
+            self.position = int(state["position"])
+        elif self.spike_sigma > 0 and history is not None:
+            log.warning("spike guard: the checkpoint's loss window has %d steps, train.spike_window=%d; starting "
+                        "an empty window", len(history), self.window)
 
 
 def inject_nan(step: int, loss: torch.Tensor) -> torch.Tensor:

@@ -248,7 +248,7 @@ class Trainer:
                 if self.step % cfg.logging.interval == 0 or self.step == last_step or eval_due:
                     elapsed = time.monotonic() - window_started
                     last_loss = loss.item()
-                    skipped, in_a_row = self.guard.counts()
+                    skipped, in_a_row = self.guard.counts()  # the longest run since the last logged step
                     tokens_per_sec = window_steps * self.tokens_per_step / elapsed
                     record = {
                         "step": self.step,
@@ -295,8 +295,10 @@ class Trainer:
                     break
                 interval = cfg.checkpoint.interval
                 if (interval and self.step % interval == 0) or time_due:
+                    save_started = time.monotonic()
                     self.save()
-                    last_save = window_started = time.monotonic()
+                    last_save = time.monotonic()
+                    window_started += last_save - save_started  # the save's time is not the window's training time
             if cfg.checkpoint.save_final and not stopped and self.saved_step != self.step:
                 self.save(blocking=True)
             # Commit a background save still in flight. (Not on an exception: the commit is collective, and a

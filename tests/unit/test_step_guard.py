@@ -1,0 +1,91 @@
+"""The training loop's guard and window: a skipped step is acted on even when the steps after it were fine, a
+resumed run's spike guard decides as the uninterrupted one would, and a checkpoint's save time is not counted
+against the logged throughput."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
+from qwen2_dist.config import validate
+from qwen2_dist.data.synthetic import SyntheticBatches
+from qwen2_dist.parallel.mesh import init_distributed
+from qwen2_dist.train.faults import INJECT_NAN_ENV, StepGuard, TrainingHalted
+from qwen2_dist.train.trainer import Trainer
+
+FINITE = torch.tensor(1.0)
+
+
+def test_a_run_of_skipped_steps_is_seen_after_it_ended():
+    guard = StepGuard(torch.device("cpu"))
+    for loss in (1.0, float("nan"), float("nan"), 1.0, 1.0):
+        guard.verdict(torch.tensor(loss), FINITE)
+    assert guard.counts() == (2, 2)  # the run ended two steps ago
+    guard.verdict(torch.tensor(1.0), FINITE)
+    assert guard.counts() == (2, 0)  # none since the last read
+    guard.verdict(torch.tensor(float("inf")), FINITE)
+    assert guard.counts() == (3, 1)
+
+
+def test_a_resumed_spike_guard_decides_as_the_uninterrupted_one():
+    losses = [3.0 + 0.01 * (i % 3) for i in range(12)] + [9.0, 3.0, 9.0]
+    whole = StepGuard(torch.device("cpu"), spike_sigma=3.0, window=8)
+    first, resumed = StepGuard(torch.device("cpu"), spike_sigma=3.0, window=8), None
+    verdicts_whole, verdicts_resumed = [], []
+    for i, loss in enumerate(losses):
+        verdicts_whole.append(float(whole.verdict(torch.tensor(loss), FINITE)))
+        if i < 10:
+            first.verdict(torch.tensor(loss), FINITE)
+            continue
+        if resumed is None:  # the state goes through train_state.json
+            resumed = StepGuard(torch.device("cpu"), spike_sigma=3.0, window=8)
+            resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        verdicts_resumed.append(float(resumed.verdict(torch.tensor(loss), FINITE)))
+    assert verdicts_whole[10:] == verdicts_resumed and verdicts_whole[12] == 1.0 and verdicts_whole[14] == 1.0
+    assert whole.counts() == resumed.counts()
+
+
+def _trainer(tmp_path, *overrides):
+    job = compose_job(["model=tiny", f"run_dir={tmp_path}", "train.device=cpu", "train.seq_len=16",
+                       "train.micro_batch_size=2", "train.global_batch_size=2", "optim.warmup_steps=0",
+                       "checkpoint.async_save=false", "eval.interval=0", *overrides])
+    validate(job, 1)
+    world = init_distributed("cpu")
+    model, optimizer = build_model_and_optimizer(job, world, None, "cpu")
+    batches = SyntheticBatches(job.model.args().vocab_size, job.train.seq_len, 2, 2, seed=0)
+    return Trainer(job, job.model.args(), world, None, model, optimizer, batches, 1, {})
+
+
+def test_halt_stops_on_a_skipped_step_between_logging_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv(INJECT_NAN_ENV, "2")
+    trainer = _trainer(tmp_path, "train.nonfinite=halt", "logging.interval=4", "train.steps=8")
+    with pytest.raises(TrainingHalted, match="train.nonfinite=halt"):
+        trainer.fit()
+    assert trainer.step == 4  # acted on at the next logging step, though steps 3 and 4 were fine
+
+
+def test_the_logged_throughput_leaves_out_a_save_between_logging_steps(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, "logging.interval=4", "train.steps=4", "checkpoint.interval=2",
+                       "checkpoint.save_final=false")
+    step_seconds, save, train_step = [], trainer.save, trainer.train_step
+
+    def timed_step():
+        started = time.monotonic()
+        result = train_step()
+        step_seconds.append(time.monotonic() - started)
+        return result
+
+    def slow_save(blocking=False):
+        time.sleep(1.5)
+        return save(blocking)
+
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    monkeypatch.setattr(trainer, "save", slow_save)
+    trainer.fit()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    tokens = 4 * trainer.tokens_per_step
+    # All four steps over at least their own time (not only the two after the save), and not the save's 1.5 s.
+    assert tokens / (sum(step_seconds) + 0.75) < record["tokens_per_sec"] <= tokens / sum(step_seconds)
+    assert record["data_wait_pct"] <= 100
