@@ -257,7 +257,10 @@ class CheckpointConfig:
     async_save: Any = "auto"
     """Write shards in the background; the loop blocks only to copy the state (auto = on CUDA, true, false)."""
     resume: str = "auto"
-    """auto (newest committed checkpoint in run_dir/checkpoints), none, or a checkpoint directory."""
+    """auto (newest committed checkpoint in run_dir/checkpoints), none, or a checkpoint directory. One of this run's
+    rolls the run back to it: the newer ones move to checkpoints/abandoned-TIME/, and restarts of the same command go
+    on from the newest checkpoint written since. One from elsewhere (qwen2-convert from-hf's, another run's) starts
+    the run; once the run has checkpoints of its own, restarts resume from those."""
     save_final: bool = True
     """Save when the run reaches train.steps."""
     checksums: bool = True
@@ -639,10 +642,11 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         )
     # A checkpoint the job names must be a committed one: a run directory, its checkpoints/ or a save cut short
     # would otherwise fail in every process after the launch.
-    from qwen2_dist.train.checkpoint import require_committed
+    from qwen2_dist.train.checkpoint import require_committed, rollback_done
 
     resume = cfg.checkpoint.resume
-    if resume not in ("auto", "none"):
+    # After a rollback to it, PATH may be gone (retention): restarts go on from the run's newer checkpoints.
+    if resume not in ("auto", "none") and not rollback_done(os.path.join(cfg.run_dir, "checkpoints"), resume):
         if not os.path.isdir(resume):
             raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory; use auto, none or an existing "
                             "path")

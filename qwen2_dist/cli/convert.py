@@ -1,7 +1,8 @@
 """qwen2-convert: Hugging Face Qwen2 weights <-> qwen2-dist checkpoints, offline, on the CPU.
 
-  qwen2-convert from-hf HF_DIR OUT_DIR    a committed, model-only checkpoint (resume from it with
-                                          checkpoint.resume=OUT_DIR: weights loaded, step 0, fresh optimizer)
+  qwen2-convert from-hf HF_DIR OUT_DIR    a committed, model-only checkpoint (start a run from it with
+                                          checkpoint.resume=OUT_DIR: weights loaded, step 0, fresh optimizer;
+                                          restarts resume from the run's own checkpoints)
   qwen2-convert to-hf CKPT_DIR HF_DIR     a directory transformers' Qwen2ForCausalLM.from_pretrained loads
   qwen2-convert verify PATH [PATH ...]    check committed checkpoints' files (sizes and checksums) without
                                           loading them, e.g. after copying one to another cluster; PATH is a

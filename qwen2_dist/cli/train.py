@@ -128,12 +128,10 @@ def run(cfg: DictConfig):
     ckpt_root = os.path.join(job.run_dir, "checkpoints")
     if world.is_main:
         checkpoint.clean_partial(ckpt_root)
-    if job.checkpoint.resume == "auto":
-        candidates = checkpoint.committed_checkpoints(ckpt_root)[::-1]  # newest first; older ones are fallbacks
-    elif job.checkpoint.resume == "none":
-        candidates = []
-    else:
-        candidates = [job.checkpoint.resume]
+        checkpoint.roll_back(ckpt_root, job.checkpoint.resume)
+    if dist.is_initialized():
+        dist.barrier()  # every rank lists the checkpoints after rank 0 has cleaned and rolled back
+    candidates = checkpoint.resume_candidates(ckpt_root, job.checkpoint.resume)
     for path in candidates:
         try:
             meta = checkpoint.read_metadata(path)
@@ -197,8 +195,8 @@ def run(cfg: DictConfig):
         except ResumeMismatch as exc:
             raise UserError(f"checkpoint {path}: {exc}") from None
         except UserError as exc:
-            if job.checkpoint.resume != "auto":
-                raise
+            if os.path.abspath(path) == os.path.abspath(job.checkpoint.resume):
+                raise  # the checkpoint the job names
             log.warning("checkpoint %s is damaged (%s); falling back to the previous committed one", path, exc)
             continue
         log.info("resumed from %s at step %d", path, trainer.step)

@@ -227,6 +227,73 @@ def committed_checkpoints(ckpt_root: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
+ROLLBACK = "rollback.json"
+"""In run_dir/checkpoints: the checkpoint a run was rolled back to with checkpoint.resume=PATH (see roll_back)."""
+
+
+def _in_run(ckpt_root: str, path: str) -> bool:
+    return os.path.dirname(os.path.abspath(path)) == os.path.abspath(ckpt_root)
+
+
+def rollback_done(ckpt_root: str, resume: str) -> bool:
+    """True when checkpoint.resume names a checkpoint of this run (under ckpt_root) the run was rolled back to."""
+    if resume in ("auto", "none") or not _in_run(ckpt_root, resume):
+        return False
+    try:
+        with open(os.path.join(ckpt_root, ROLLBACK), encoding="utf-8") as f:
+            return json.load(f).get("to") == os.path.basename(os.path.abspath(resume))
+    except (OSError, ValueError):
+        return False
+
+
+def roll_back(ckpt_root: str, resume: str) -> list[str]:
+    """checkpoint.resume=PATH naming a checkpoint of this run (under ckpt_root) rolls the run back to it, once: the
+    committed checkpoints newer than PATH move to checkpoints/abandoned-TIME/ (neither resumed from nor deleted by
+    retention or clean_partial), then ROLLBACK records PATH. A restart of the same command (torchrun, a requeue)
+    finds the record and goes on from the newest checkpoint of the rolled-back run instead of rolling back again.
+    Rank 0 only, before any rank lists the checkpoints. Returns the moved checkpoints' new paths."""
+    if resume in ("auto", "none") or not _in_run(ckpt_root, resume) or rollback_done(ckpt_root, resume):
+        return []
+    name = os.path.basename(os.path.abspath(resume))
+    match = _STEP_DIR.match(name)
+    if match is None:
+        return []
+    newer = [path for path in committed_checkpoints(ckpt_root)
+             if int(_STEP_DIR.match(os.path.basename(path)).group(1)) > int(match.group(1))]
+    moved = []
+    if newer:
+        aside = os.path.join(ckpt_root, time.strftime("abandoned-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4])
+        os.makedirs(aside, exist_ok=True)
+        for path in newer:
+            moved.append(os.path.join(aside, os.path.basename(path)))
+            os.replace(path, moved[-1])
+        _fsync_dir(ckpt_root)
+        log.warning("checkpoint.resume=%s: rolling the run back to it; its %d newer checkpoint(s) moved to %s "
+                    "(delete them when you no longer need them)", resume, len(moved), aside)
+    _write_json_atomic(os.path.join(ckpt_root, ROLLBACK), {"to": name, "moved": moved, "time": time.time()})
+    return moved
+
+
+def resume_candidates(ckpt_root: str, resume: str) -> list[str]:
+    """The checkpoints to resume from, newest first (the later ones are fallbacks for a damaged one).
+
+    auto: this run's committed checkpoints. PATH of this run: the same, once roll_back() has moved the newer ones
+    aside, so a restart goes on from what the rolled-back run wrote since. PATH elsewhere (a converted Hugging Face
+    checkpoint, another run's): the run's starting point, used only while the run has no checkpoint of its own; a
+    restart then resumes from its own newest one, not from PATH at step 0 again."""
+    if resume == "none":
+        return []
+    own = committed_checkpoints(ckpt_root)[::-1]
+    if resume == "auto":
+        return own
+    if own:
+        if not _in_run(ckpt_root, resume):
+            log.info("checkpoint.resume=%s started this run; it has checkpoints of its own now, so it resumes from "
+                     "the newest, %s", resume, own[0])
+        return own
+    return [resume]
+
+
 def clean_partial(ckpt_root: str) -> list[str]:
     """Delete leftovers of killed saves (temporary dirs, step dirs without metadata); return what went."""
     removed = []

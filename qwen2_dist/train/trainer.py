@@ -280,7 +280,8 @@ class Trainer:
                             f"step {self.step}: {in_a_row} step(s) in a row skipped for a non-finite or spiking "
                             f"loss/gradient (train.nonfinite={cfg.train.nonfinite}, train.max_skipped_in_a_row="
                             f"{cfg.train.max_skipped_in_a_row}); saved {self.saved_step}. Lower optim.lr or "
-                            "resume from an earlier checkpoint with checkpoint.resume=PATH"
+                            "roll back to an earlier checkpoint with checkpoint.resume=PATH (the newer ones are "
+                            "moved to checkpoints/abandoned-*)"
                         )
                 minutes = cfg.checkpoint.interval_minutes
                 write_pending = self.checkpointer.pending_done() is False

@@ -124,6 +124,11 @@ def test_convert_from_hf_makes_a_checkpoint_training_resumes_from(tmp_path, corp
         "checkpoint.resume": str(ckpt), "train.steps": 2}))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 0" in result.stdout
+    # The same command again (a restart, a requeue) goes on from the run's own checkpoint, not from step 0.
+    again = run_cli(TRAIN, train_overrides(tmp_path / "run", corpus_cache, **{
+        "checkpoint.resume": str(ckpt), "train.steps": 3}))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "step_00000002 at step 2" in again.stdout
 
 
 def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache):

@@ -80,6 +80,48 @@ def test_a_checkpoint_retention_cannot_delete_stays_and_the_new_one_is_committed
     assert "retention could not delete" in caplog.text and saver.failed_saves == 0
 
 
+def test_resume_from_a_checkpoint_of_the_run_rolls_it_back_once(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    model, _ = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(root, keep_last=3)
+    for step in (4, 8, 12):
+        saver.save(step, model, None, {"step": step}, {})
+    step_8 = os.path.join(root, "step_00000008")
+    moved = checkpoint.roll_back(root, step_8)
+    assert [os.path.basename(os.path.dirname(p)).startswith("abandoned-") for p in moved] == [True]
+    assert _names(checkpoint.committed_checkpoints(root)) == ["step_00000004", "step_00000008"]
+    assert checkpoint.is_committed(moved[0]) and checkpoint.rollback_done(root, step_8)
+    assert checkpoint.resume_candidates(root, step_8)[0] == step_8
+    # The rolled-back run writes step 10, and a restart of the same command goes on from it: nothing moves again.
+    saver.save(10, model, None, {"step": 10}, {})
+    assert checkpoint.roll_back(root, step_8) == []
+    assert _names(checkpoint.resume_candidates(root, step_8)) == ["step_00000010", "step_00000008", "step_00000004"]
+    # Retention may delete step 8 later; the job that names it is still the rolled-back run (config.validate).
+    keep_one = checkpoint.Checkpointer(root, keep_last=1)
+    keep_one.save(11, model, None, {"step": 11}, {})
+    assert not os.path.exists(step_8) and _names(checkpoint.resume_candidates(root, step_8)) == ["step_00000011"]
+    # A rollback to another checkpoint moves what the rolled-back run wrote after it.
+    for step in (12, 13):
+        saver.save(step, model, None, {"step": step}, {})
+    step_11 = os.path.join(root, "step_00000011")
+    assert not checkpoint.rollback_done(root, step_11)
+    assert _names(checkpoint.roll_back(root, step_11)) == ["step_00000012", "step_00000013"]
+    assert checkpoint.rollback_done(root, step_11) and not checkpoint.rollback_done(root, step_8)
+    assert _names(checkpoint.resume_candidates(root, step_11)) == ["step_00000011"]
+
+
+def test_resume_from_elsewhere_starts_the_run_and_restarts_resume_its_own(tmp_path):
+    model, _ = _model_and_optimizer(0)
+    converted = str(tmp_path / "from_hf" / "step_00000000")
+    checkpoint.write(converted, model, None, {"step": 0}, {})
+    root = str(tmp_path / "run" / "checkpoints")
+    assert checkpoint.roll_back(root, converted) == [] and not checkpoint.rollback_done(root, converted)
+    assert checkpoint.resume_candidates(root, converted) == [converted]
+    checkpoint.Checkpointer(root, keep_last=2).save(2, model, None, {"step": 2}, {})
+    assert _names(checkpoint.resume_candidates(root, converted)) == ["step_00000002"]
+    assert checkpoint.is_committed(converted)
+
+
 def test_async_save_commits_the_state_as_it_was_at_save_time(tmp_path):
     root = str(tmp_path / "checkpoints")
     model, optimizer = _model_and_optimizer(0)
