@@ -511,6 +511,10 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
 
 def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     """Refuse impossible jobs before any tensor is allocated; return the resolved layout and accumulation steps."""
+    if world_size < 1:
+        raise UserError(f"{world_size} processes: a job needs at least one (NPROC, or torchrun's --nproc-per-node)")
+    if cfg.seed < 0:
+        raise UserError(f"seed={cfg.seed}: must be a non-negative integer (it seeds the weights and the data order)")
     args = cfg.model.args()
     t, p, o = cfg.train, cfg.parallel, cfg.optim
     for name, value in (
@@ -566,6 +570,10 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         if not (start.isdigit() and end.isdigit() and 0 < int(start) < int(end)):
             raise UserError(f"logging.profile_steps={lg.profile_steps!r}: use START:END with 0 < START < END, "
                             "e.g. 10:12")
+        if int(end) > cfg.train.steps + 1:
+            raise UserError(f"logging.profile_steps={lg.profile_steps!r} ends after the run's last step "
+                            f"(train.steps={cfg.train.steps}; END is the first step not profiled): use an END <= "
+                            f"{cfg.train.steps + 1}")
     c = cfg.checkpoint
     if c.interval < 0 or c.keep_last < 1 or c.keep_every < 0 or c.interval_minutes < 0:
         raise UserError(

@@ -27,6 +27,9 @@ class ModelArgs:
 
     def check(self, field: str = "model") -> None:
         """Raise UserError when the sizes cannot form a Qwen2 model."""
+        for name in ("hidden_size", "num_attention_heads", "num_key_value_heads"):  # before dividing by them
+            if getattr(self, name) <= 0:
+                raise UserError(f"{field}: {name} must be positive, got {getattr(self, name)}")
         if self.hidden_size % self.num_attention_heads:
             raise UserError(
                 f"{field}: hidden_size {self.hidden_size} is not divisible by num_attention_heads "

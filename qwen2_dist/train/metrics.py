@@ -207,17 +207,29 @@ class StepProfiler:
     def after_step(self, step: int) -> None:
         """Called with the number of the step that just ran."""
         if self.profiler is not None and step + 1 >= self.end:
-            self._synchronize()
-            seconds = time.perf_counter() - self.started
-            self.profiler.__exit__(None, None, None)
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            self.profiler.export_chrome_trace(self.path)
-            summary = profile_summary(self.profiler, self.end - self.start, seconds)
-            with open(self.summary_path, "w") as f:
-                f.write(summary + "\n")
-            log.info("profiler: trace of steps %d-%d written to %s; %s (%s)", self.start, self.end - 1, self.path,
-                     "; ".join(summary.splitlines()[:2]), self.summary_path)
-            self.profiler = None
+            self._finish(step)
+
+    def close(self, step: int) -> None:
+        """The loop ended (the run's last step, train.stop_at, a preemption, an error) with step the last one that
+        ran: a trace still recording is stopped and written with the steps it has. A profiler left running made the
+        process crash at exit."""
+        if self.profiler is not None:
+            self._finish(step)
+
+    def _finish(self, last: int) -> None:
+        self._synchronize()
+        seconds = time.perf_counter() - self.started
+        self.profiler.__exit__(None, None, None)
+        profiler, self.profiler = self.profiler, None
+        if last < self.start:
+            return  # started, then the step failed before it ran
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        profiler.export_chrome_trace(self.path)
+        summary = profile_summary(profiler, last + 1 - self.start, seconds)
+        with open(self.summary_path, "w") as f:
+            f.write(summary + "\n")
+        log.info("profiler: trace of steps %d-%d written to %s; %s (%s)", self.start, last, self.path,
+                 "; ".join(summary.splitlines()[:2]), self.summary_path)
 
 
 def format_step(record: dict) -> str:

@@ -307,5 +307,6 @@ class Trainer:
             self.checkpointer.wait()
         finally:
             watchdog.stop()
+            profiler.close(self.step)
             writer.close()
         return TrainResult(self.step, self.tokens_seen, last_loss, stopped)

@@ -73,3 +73,20 @@ def test_profile_summary_counts_kernel_time_by_kind_and_the_idle_share():
     assert kinds == {"matmul": 0.05, "compiled (Inductor Triton)": 0.05, "attention": 0.05,
                      "optimizer + grad norm": 0.02}
     assert "aten::mm" not in text  # host-side operators are not device time
+
+
+def test_a_trace_still_recording_when_the_loop_ends_is_written_with_its_steps(tmp_path):
+    """train.stop_at, a preemption or an error can end the loop inside logging.profile_steps: the trace is stopped
+    and written (a profiler left running crashed the process at exit)."""
+    from qwen2_dist.train.metrics import StepProfiler
+
+    profiler = StepProfiler("2:10", str(tmp_path), rank=0)
+    for step in (1, 2, 3):
+        profiler.before_step(step)
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        profiler.after_step(step)
+    assert profiler.profiler is not None
+    profiler.close(3)
+    assert profiler.profiler is None
+    assert os.path.getsize(tmp_path / "profile" / "rank0.json") > 0
+    assert (tmp_path / "profile" / "rank0_summary.txt").read_text().strip()
