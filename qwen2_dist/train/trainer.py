@@ -89,7 +89,8 @@ class Trainer:
         self.device_skip = bool(optimizer.defaults.get("fused"))
         self.in_backward = bool(optimizer.defaults.get("in_backward"))
         self.step = 0
-        self.saved_step = -1  # no checkpoint of this run's state yet
+        self.saved_step = -1  # the step of the newest committed checkpoint of this run's state (-1: none yet)
+        self.saving_step: int | None = None  # the step of a save still being written in the background
         self.tokens_seen = 0
         self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         _, self.dp_size = dp_rank_and_size(mesh)
@@ -123,10 +124,21 @@ class Trainer:
         train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.batches.state_dict(),
                        "guard": self.guard.state_dict()}
         meta = dict(self.metadata, tokens_seen=self.tokens_seen)
+        self.wait_for_save()  # the previous background save first (Checkpointer.save would, without telling us)
         path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, meta, blocking=blocking)
-        if path is not None:
-            self.saved_step = self.step
+        if path is not None and self.checkpointer.pending_done() is None:
+            self.saved_step = self.step  # committed
+        elif path is not None:
+            self.saving_step = self.step  # committed by wait_for_save(), if the background write succeeds
         return path
+
+    def wait_for_save(self) -> bool:
+        """Commit a background save (collective); saved_step follows only when it committed. False if it failed."""
+        committed = self.checkpointer.wait()
+        if committed and self.saving_step is not None:
+            self.saved_step = self.saving_step
+        self.saving_step = None
+        return committed
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step; returns (loss, grad norm) as device tensors and the seconds spent on data."""
@@ -289,7 +301,7 @@ class Trainer:
                     stop.requested, bool(minutes) and time.monotonic() - last_save >= 60 * minutes, write_pending,
                 ])
                 if self.checkpointer.pending_done() is not None and not still_writing:
-                    self.checkpointer.wait()
+                    self.wait_for_save()
                 if stop_now:
                     self.save(blocking=True)
                     stopped = True
@@ -300,11 +312,14 @@ class Trainer:
                     self.save()
                     last_save = time.monotonic()
                     window_started += last_save - save_started  # the save's time is not the window's training time
-            if cfg.checkpoint.save_final and not stopped and self.saved_step != self.step:
+            # Commit a background save still in flight, before deciding whether the last step has a checkpoint (a
+            # failed background save of it is written again, blocking). Not on an exception: the commit is
+            # collective, and a failed rank would never join it; the uncommitted shards are cleaned at the next start.
+            self.wait_for_save()
+            # train.stop_at stops with a checkpoint whatever checkpoint.save_final says.
+            if (cfg.checkpoint.save_final or self.step < cfg.train.steps) and not stopped and \
+                    self.saved_step != self.step:
                 self.save(blocking=True)
-            # Commit a background save still in flight. (Not on an exception: the commit is collective, and a
-            # failed rank would never join it; the uncommitted shards are cleaned at the next start.)
-            self.checkpointer.wait()
         finally:
             watchdog.stop()
             profiler.close(self.step)

@@ -1,6 +1,7 @@
-"""The training loop's guard and window: a skipped step is acted on even when the steps after it were fine, a
-resumed run's spike guard decides as the uninterrupted one would, and a checkpoint's save time is not counted
-against the logged throughput."""
+"""The training loop: a skipped step is acted on even when the steps after it were fine, a resumed run's spike
+guard decides as the uninterrupted one would, a checkpoint's save time is not counted against the logged
+throughput, the last step's checkpoint is written again when its background save failed, and train.stop_at stops
+with a checkpoint."""
 
 import json
 import time
@@ -12,6 +13,7 @@ from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
 from qwen2_dist.config import validate
 from qwen2_dist.data.synthetic import SyntheticBatches
 from qwen2_dist.parallel.mesh import init_distributed
+from qwen2_dist.train import checkpoint
 from qwen2_dist.train.faults import INJECT_NAN_ENV, StepGuard, TrainingHalted
 from qwen2_dist.train.trainer import Trainer
 
@@ -50,7 +52,7 @@ def test_a_resumed_spike_guard_decides_as_the_uninterrupted_one():
 def _trainer(tmp_path, *overrides):
     job = compose_job(["model=tiny", f"run_dir={tmp_path}", "train.device=cpu", "train.seq_len=16",
                        "train.micro_batch_size=2", "train.global_batch_size=2", "optim.warmup_steps=0",
-                       "checkpoint.async_save=false", "eval.interval=0", *overrides])
+                       "checkpoint.async_save=false", "eval.interval=0", "checkpoint.interval=0", *overrides])
     validate(job, 1)
     world = init_distributed("cpu")
     model, optimizer = build_model_and_optimizer(job, world, None, "cpu")
@@ -89,3 +91,28 @@ def test_the_logged_throughput_leaves_out_a_save_between_logging_steps(tmp_path,
     # All four steps over at least their own time (not only the two after the save), and not the save's 1.5 s.
     assert tokens / (sum(step_seconds) + 0.75) < record["tokens_per_sec"] <= tokens / sum(step_seconds)
     assert record["data_wait_pct"] <= 100
+
+
+def _committed(trainer):
+    return [int(path[-8:]) for path in checkpoint.committed_checkpoints(trainer.checkpointer.ckpt_root)]
+
+
+def test_a_failed_background_save_of_the_last_step_is_written_again(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, "train.steps=4", "checkpoint.interval=4", "checkpoint.async_save=true")
+    write_data, failed = checkpoint._Writer.write_data, []
+
+    def fails_once(writer, plan, planner):  # a transient disk error in the background write of step 4
+        if "step_00000004" in str(writer.path) and not failed:
+            failed.append(writer.path)
+            raise OSError(28, "No space left on device (test)")
+        return write_data(writer, plan, planner)
+
+    monkeypatch.setattr(checkpoint._Writer, "write_data", fails_once)
+    trainer.fit()
+    assert failed and _committed(trainer) == [4] and trainer.saved_step == 4
+
+
+def test_stop_at_stops_with_a_checkpoint_without_save_final(tmp_path):
+    trainer = _trainer(tmp_path, "train.steps=8", "train.stop_at=3", "checkpoint.save_final=false")
+    trainer.fit()
+    assert trainer.step == 3 and _committed(trainer) == [3]
