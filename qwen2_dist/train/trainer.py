@@ -34,6 +34,11 @@ from qwen2_dist.train.optim import clip_gradients, lr_at, set_lr
 log = logging.getLogger(__name__)
 
 
+def _plain(value):
+    """An optimizer setting as a comparable value (betas come back from a checkpoint as a list or a tuple)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 @dataclass
 class TrainResult:
     """How a run ended."""
@@ -110,8 +115,21 @@ class Trainer:
         )
 
     def restore(self, path: str) -> None:
-        """Continue from a committed checkpoint: weights, optimizer, step, tokens and data position."""
+        """Continue from a committed checkpoint: weights, optimizer, step, tokens and data position. The optimizer's
+        settings are this job's (loading its state also loads the saved weight_decay, betas and eps; the learning
+        rate is set every step anyway): a resumed job that changes them trains with the new ones, as it says."""
+        settings = [{key: group[key] for key in ("weight_decay", "betas", "eps") if key in group}
+                    for group in self.optimizer.param_groups]
         state = checkpoint.load(path, self.model, self.optimizer, self.cfg.checkpoint.checksums)
+        changed = set()
+        for group, wanted in zip(self.optimizer.param_groups, settings):
+            for key, value in wanted.items():
+                if _plain(group[key]) != _plain(value):
+                    changed.add(f"{key} {group[key]} -> {value}")
+                group[key] = value
+        if changed:
+            log.info("resume: the optimizer takes this job's settings, not the checkpoint's: %s",
+                     ", ".join(sorted(changed)))
         self.step = state.get("step", 0)
         self.saved_step = self.step
         self.tokens_seen = state.get("tokens_seen", 0)

@@ -4,6 +4,7 @@ throughput, the last step's checkpoint is written again when its background save
 with a checkpoint."""
 
 import json
+import logging
 import time
 
 import pytest
@@ -116,3 +117,16 @@ def test_stop_at_stops_with_a_checkpoint_without_save_final(tmp_path):
     trainer = _trainer(tmp_path, "train.steps=8", "train.stop_at=3", "checkpoint.save_final=false")
     trainer.fit()
     assert trainer.step == 3 and _committed(trainer) == [3]
+
+
+def test_a_resumed_job_trains_with_its_own_optimizer_settings(tmp_path, caplog):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = _trainer(tmp_path / "a", "train.steps=2", "optim.weight_decay=0.1", "optim.beta2=0.95")
+    first.fit()
+    resumed = _trainer(tmp_path / "b", "train.steps=4", "optim.weight_decay=0.0", "optim.beta2=0.999")
+    caplog.set_level(logging.INFO, logger="qwen2_dist.train.trainer")
+    resumed.restore(checkpoint.committed_checkpoints(first.checkpointer.ckpt_root)[-1])
+    assert resumed.step == 2
+    assert {(g["weight_decay"], tuple(g["betas"])) for g in resumed.optimizer.param_groups} == {(0.0, (0.9, 0.999))}
+    assert "weight_decay 0.1 -> 0.0" in caplog.text and "betas" in caplog.text
