@@ -34,8 +34,8 @@ def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
     from qwen2_dist.model.hf import load_hf_model
     from qwen2_dist.train import checkpoint
 
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise UserError(f"{out_dir}: exists and is not empty; choose a new output directory")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise UserError(f"{out_dir}: exists and is not an empty directory; choose a new output directory")
     model = load_hf_model(hf_dir, allow_pickle=allow_pickle)
     args = model.args
     name = _name_of(args)

@@ -594,7 +594,8 @@ def _apply_retention(ckpt_root: str, keep_last: int, keep_every: int, protect: s
 def write(final: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, train_state: dict,
           metadata: dict) -> None:
     """Write and commit one checkpoint at `final` (blocking), outside any run's retention."""
-    saver = Checkpointer(os.path.dirname(os.path.abspath(final)), keep_last=1)
+    final = os.path.abspath(final)  # a bare name has no directory to sync ('')
+    saver = Checkpointer(os.path.dirname(final), keep_last=1)
     if not saver.save_to(final, model, optimizer, train_state, metadata, blocking=True, retain=False):
         raise UserError(f"{final}: the checkpoint could not be written (see the error above); check the space "
                         "and permissions of its directory")

@@ -280,6 +280,21 @@ def test_a_model_about_to_be_loaded_draws_no_init_and_no_placeholder_survives(tm
         checkpoint.load(path, untied, None)
 
 
+def test_a_checkpoint_written_by_a_bare_name_lands_in_the_working_directory(tmp_path, monkeypatch):
+    model, _ = _model_and_optimizer(0)
+    monkeypatch.chdir(tmp_path)
+    checkpoint.write("converted", model, None, {"step": 0}, {})  # as `qwen2-convert from-hf HF_DIR converted`
+    assert checkpoint.is_committed(str(tmp_path / "converted"))
+
+
+def test_from_hf_refuses_an_output_that_is_a_file_before_reading_anything(tmp_path):
+    from qwen2_dist.cli.convert import from_hf
+
+    (tmp_path / "out").write_text("")
+    with pytest.raises(UserError, match="exists and is not an empty directory"):
+        from_hf(str(tmp_path / "no_such_hf_dir"), str(tmp_path / "out"))
+
+
 def test_verify_checks_every_checkpoint_of_a_run_and_names_the_damaged_one(tmp_path, capsys):
     from qwen2_dist.cli.convert import main as convert_main
 
