@@ -4,7 +4,8 @@
 #   TORCHRUN          the torchrun command, split on spaces (e.g. "torchrun" or "/opt/env/bin/torchrun")
 #   PYTHON            else: run "$PYTHON -m torch.distributed.run"; default the repository's .venv/bin/python
 #                     when it exists, else python3 on PATH
-#   NPROC             processes per node; default the GPU count from nvidia-smi, or 1 when there is no GPU
+#   NPROC             processes per node; default the GPUs this process sees (nvidia-smi's count, or fewer when
+#                     CUDA_VISIBLE_DEVICES names fewer), or 1 when there is none
 #   MAX_RESTARTS      torchrun --max-restarts: how many times a failed worker group is restarted, resuming from
 #                     the newest committed checkpoint (default 3)
 #   SHUTDOWN_TIMEOUT  seconds torchrun gives workers to save a checkpoint and exit after a stop signal before it
@@ -36,6 +37,14 @@ if [ -z "${NPROC:-}" ]; then
     NPROC=1
     if command -v nvidia-smi >/dev/null 2>&1; then
         gpus=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
+        # nvidia-smi lists every GPU of the machine; the workers see only those CUDA_VISIBLE_DEVICES names (none
+        # when it is set but empty), as under Slurm or a shared machine.
+        if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+            IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+            if [ "${#visible[@]}" -lt "$gpus" ]; then
+                gpus=${#visible[@]}
+            fi
+        fi
         if [ "$gpus" -gt 0 ]; then
             NPROC=$gpus
         fi

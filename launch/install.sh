@@ -1,27 +1,43 @@
 #!/usr/bin/env bash
 # Set up (or update) the project's virtual environment in .venv: torch, the package with its dev extra.
-# Idempotent: a second run with the same pyproject.toml returns in about a second.
-#   TORCH_SPEC   the torch requirement when .venv has no torch yet (default torch==2.13.0; on a GPU machine
-#                pick the build that matches its CUDA, e.g. TORCH_SPEC="torch==2.13.0 --index-url ...")
+# Idempotent: a second run with the same pyproject.toml and TORCH_SPEC returns in about a second.
+#   TORCH_SPEC   the torch requirement (default torch==2.13.0; on a GPU machine pick the build that matches its
+#                CUDA, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."). .venv remembers the spec its torch came
+#                from: a run with another TORCH_SPEC reinstalls torch, a run without TORCH_SPEC keeps that torch
 #   VENV         where the environment lives (default .venv in the repository)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
-
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
 py="$venv/bin/python"
 stamp="$venv/.qwen2-dist-installed"
+spec_file="$venv/torch-spec.txt"  # the TORCH_SPEC the installed torch came from
+installed_spec=$(cat "$spec_file" 2>/dev/null || true)
+stamped=$(cat "$stamp" 2>/dev/null || true)
 want=$(sha256sum pyproject.toml launch/install.sh | sha256sum | cut -c1-16)
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+# Nothing to do when the last run finished with these files and TORCH_SPEC is unset or the one torch came from.
+if [ -x "$py" ] && [ "$stamped" = "$want" ] && [ "${TORCH_SPEC:-$installed_spec}" = "$installed_spec" ]; then
     exit 0
 fi
 
-if ! "$py" -c "import torch" 2>/dev/null; then
+# No venv yet, or one whose creation stopped part way (without pip: e.g. Debian without python3-venv, where
+# ensurepip fails after bin/python exists). venv sets up an existing directory again and adds pip to it.
+if ! "$py" -m pip --version >/dev/null 2>&1; then
+    python3 -m venv "$venv"
+fi
+
+install_torch() {
     # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options on purpose
     "$py" -m pip install --quiet $torch_spec
+    echo "$torch_spec" > "$spec_file"
+}
+if ! "$py" -c "import torch" 2>/dev/null; then
+    install_torch
+elif [ -n "${TORCH_SPEC:-}" ] && [ "$TORCH_SPEC" != "$installed_spec" ]; then
+    echo "TORCH_SPEC changed (was: ${installed_spec:-not recorded}): reinstalling torch as $TORCH_SPEC"
+    # Uninstalled first: the same version from another index (another CUDA) would count as installed already.
+    "$py" -m pip uninstall --quiet -y torch
+    install_torch
 fi
 # Keep the torch just installed: without this pin, dependencies that ask for an unpinned torch (via torchvision)
 # make pip replace it with a multi-GB CUDA build.

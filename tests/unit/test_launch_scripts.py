@@ -1,0 +1,166 @@
+"""The launch scripts' own logic, with fake commands on PATH: the process count of launch/common.sh,
+launch/install.sh's decisions (what it installs, when it does nothing) and the run directory slurm/train.sbatch
+picks. The real launches are in tests/e2e/test_launch.py."""
+
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def write_script(path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+
+
+def nproc(tmp_path, **env) -> str:
+    """NPROC as launch/common.sh sets it, on a machine whose nvidia-smi lists 8 GPUs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    write_script(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100\"; done\n")
+    base = {k: v for k, v in os.environ.items() if k not in ("NPROC", "CUDA_VISIBLE_DEVICES")}
+    result = subprocess.run(["bash", "-c", 'set -euo pipefail; source launch/common.sh; echo "$NPROC"'], cwd=REPO,
+                            env={**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_nproc_is_the_gpus_cuda_visible_devices_leaves(tmp_path):
+    assert nproc(tmp_path) == "8"
+    assert nproc(tmp_path, CUDA_VISIBLE_DEVICES="0,1") == "2"
+    assert nproc(tmp_path, CUDA_VISIBLE_DEVICES="GPU-5") == "1"
+    assert nproc(tmp_path, CUDA_VISIBLE_DEVICES="") == "1"  # no GPU visible: one process on the CPU
+    assert nproc(tmp_path, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7,8,9") == "8"  # never more than there are
+    assert nproc(tmp_path, CUDA_VISIBLE_DEVICES="0,1", NPROC="3") == "3"  # an explicit NPROC wins
+
+
+# What install.sh runs, faked: "python3 -m venv DIR" makes DIR with this python in it; the python logs every call
+# and keeps torch and pip as marker files, so a test sees what was installed and when nothing ran at all.
+FAKE_PYTHON3 = """#!/bin/bash
+[ "$1 $2" = "-m venv" ] || exit 1
+echo "python3 $*" >> "$FAKE_LOG"
+mkdir -p "$3/bin" && touch "$3/pyvenv.cfg" "$3/has-pip" && cp "$FAKE_VENV_PYTHON" "$3/bin/python"
+"""
+FAKE_VENV_PYTHON = """#!/bin/bash
+venv=$(dirname "$0")/..
+echo "python $*" >> "$FAKE_LOG"
+if [ "$1" = -m ] && [ "$2" = pip ]; then
+    [ -f "$venv/has-pip" ] || { echo "No module named pip" >&2; exit 1; }
+    case "$3 $5" in
+        "install torch"*) echo "$5" > "$venv/has-torch" ;;
+        "uninstall -y") rm -f "$venv/has-torch" ;;
+        "show "*) exit 1 ;;
+    esac
+    exit 0
+fi
+case "$2" in
+    "import torch") [ -f "$venv/has-torch" ] ;;
+    "import torch;"*) [ -f "$venv/has-torch" ] && echo 2.13.0 ;;
+esac
+"""
+
+
+@pytest.fixture
+def install(tmp_path):
+    """Run launch/install.sh with VENV=tmp_path/venv and the fakes; returns (run, venv, log)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_script(bin_dir / "python3", FAKE_PYTHON3)
+    write_script(tmp_path / "venv_python", FAKE_VENV_PYTHON)
+    venv, log = tmp_path / "venv", tmp_path / "calls.log"
+    log.touch()
+
+    def run(torch_spec=None) -> list[str]:
+        """One run of install.sh; the calls it made."""
+        env = {k: v for k, v in os.environ.items() if k != "TORCH_SPEC"}
+        env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=str(venv), FAKE_LOG=str(log),
+                   FAKE_VENV_PYTHON=str(tmp_path / "venv_python"))
+        if torch_spec is not None:
+            env["TORCH_SPEC"] = torch_spec
+        before = len(log.read_text().splitlines())
+        result = subprocess.run(["bash", "launch/install.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=30)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return log.read_text().splitlines()[before:]
+
+    return run, venv, log
+
+
+def pip_calls(calls: list[str]) -> list[str]:
+    return [c for c in calls if c.startswith("python -m pip") and "--version" not in c]
+
+
+def test_install_makes_the_venv_once_then_does_nothing(install):
+    run, venv, _ = install
+    calls = run()
+    assert calls[0] == f"python3 -m venv {venv}"
+    assert pip_calls(calls)[:2] == ["python -m pip install --quiet torch==2.13.0",
+                                    f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev]"]
+    assert (venv / "torch-constraint.txt").read_text() == "torch==2.13.0\n"
+    assert run() == []
+
+
+def test_install_reinstalls_torch_when_torch_spec_changes(install):
+    run, venv, _ = install
+    run()
+    assert run("torch==2.13.0") == []  # the spec torch came from
+    calls = pip_calls(run("torch==2.12.0 --index-url https://example.invalid/cu126"))
+    assert calls[:2] == ["python -m pip uninstall --quiet -y torch",
+                         "python -m pip install --quiet torch==2.12.0 --index-url https://example.invalid/cu126"]
+    assert "-e .[dev]" in calls[2]
+    assert run("torch==2.12.0 --index-url https://example.invalid/cu126") == []
+    assert run() == []  # without TORCH_SPEC the torch there is kept
+    assert pip_calls(run("torch==2.13.0"))[:2] == ["python -m pip uninstall --quiet -y torch",
+                                                   "python -m pip install --quiet torch==2.13.0"]
+
+
+def test_install_repairs_a_venv_whose_creation_failed(install):
+    # What python3 -m venv leaves when ensurepip fails (Debian without python3-venv): a python, no pip.
+    run, venv, _ = install
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").touch()
+    write_script(venv / "bin" / "python", FAKE_VENV_PYTHON)
+    calls = run()
+    assert f"python3 -m venv {venv}" in calls
+    assert "python -m pip install --quiet torch==2.13.0" in calls
+    assert run() == []
+
+
+def sbatch_run_dir(tmp_path, *overrides: str) -> str:
+    """Run slurm/train.sbatch outside Slurm (fake srun and scontrol); the directory its per-node logs went to."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    write_script(bin_dir / "srun", '#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_SRUN_ARGS"\n')
+    write_script(bin_dir / "scontrol", '#!/bin/bash\n[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
+    cwd = tmp_path / "submit"
+    cwd.mkdir(exist_ok=True)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+           "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs"), "RUN_BASE": str(tmp_path),
+           "FAKE_SRUN_ARGS": str(tmp_path / "srun_args")}
+    result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny", *overrides], cwd=cwd,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    args = (tmp_path / "srun_args").read_text().splitlines()
+    assert args[-len(overrides) - 1:] == ["model=tiny", *overrides]  # the trainers get the overrides as given
+    (output,) = [a for a in args if a.startswith("--output=")]
+    assert os.listdir(cwd) == []  # nothing created where the job was started
+    log_dir = os.path.dirname(output.removeprefix("--output="))
+    assert os.path.isdir(log_dir)
+    return os.path.relpath(os.path.dirname(os.path.dirname(log_dir)), tmp_path)
+
+
+@pytest.mark.parametrize("overrides, run_dir", [
+    ((), "runs/exp1"),
+    (("run_dir='{base}/with space'",), "with space"),
+    (("++run_dir={base}/plus_plus",), "plus_plus"),
+    (("run_dir=${{oc.env:RUN_BASE}}/from_env",), "from_env"),
+    (("run_dir={base}/first", "run_dir={base}/last"), "last"),
+])
+def test_sbatch_logs_go_to_the_run_dir_the_trainer_uses(tmp_path, overrides, run_dir):
+    assert sbatch_run_dir(tmp_path, *(o.format(base=tmp_path) for o in overrides)) == run_dir
