@@ -12,8 +12,9 @@ from qwen2_dist.data.prepare import SUMMARY_NAME, prepare
 
 logger = logging.getLogger(__name__)
 
-# Bump when the recipe below changes, so caches built by an older recipe are not reused.
-RECIPE_VERSION = 2
+# Bump when the recipe below changes, so caches built by an older recipe are not reused. 3: the summary records the
+# tokenizer's vocab_size and the largest token id (prepare()), which loader.check_vocab compares with the model.
+RECIPE_VERSION = 3
 # site-packages differs between environments: including it would make the corpus depend on what is installed.
 SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 # Tests hold deliberately odd files (bad encodings, data tables); they come after the library code, so a small

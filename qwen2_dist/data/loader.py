@@ -106,21 +106,42 @@ class _SourceOrder:
         return out
 
 
-class SampleOrder:
-    """Global position -> (source, sample of that source): exact mixture quotas per block, each source in epochs."""
+def mixture_quotas(sources: list[tuple[str, float]]) -> np.ndarray:
+    """Positions of each source (path, weight) in every block of MIX_BLOCK: largest-remainder shares of the weights.
+    UserError naming data.sources[i].weight for a weight that is not positive or too small for any share, which
+    would leave the source unread."""
+    for path, weight in sources:
+        if weight <= 0:
+            raise UserError(f"data source {path}: weight {weight} must be positive")
+    weights = np.asarray([weight for _, weight in sources], dtype=np.float64)
+    total = float(weights.sum())
+    exact = weights / total * MIX_BLOCK
+    quotas = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - quotas), kind="stable")[: MIX_BLOCK - int(quotas.sum())]:
+        quotas[i] += 1
+    for i, (path, weight) in enumerate(sources):
+        if quotas[i] == 0:
+            # The weight whose share is a whole position per block, whatever the others' remainders; shown 1% above,
+            # so that its 3 digits are not below it.
+            least = (total - weight) / (MIX_BLOCK - 1) * 1.01
+            raise UserError(
+                f"data.sources[{i}].weight={weight} ({path}) is too small: sources are mixed in blocks of {MIX_BLOCK} "
+                f"samples and its share of a block rounds to 0, so it would never be read; set it to at least "
+                f"{least:.3g} (with the other weights as they are) or remove the source"
+            )
+    return quotas
 
-    def __init__(self, samples_per_shard: list[list[int]], weights: list[float], seed: int, shuffle: bool,
+
+class SampleOrder:
+    """Global position -> (source, sample of that source): every block of MIX_BLOCK positions holds each source's
+    exact quota (mixture_quotas) in a seeded order, each source in epochs."""
+
+    def __init__(self, samples_per_shard: list[list[int]], quotas: np.ndarray, seed: int, shuffle: bool,
                  block_size: int):
-        assert len(samples_per_shard) == len(weights) > 0
+        assert len(samples_per_shard) == len(quotas) > 0 and sum(quotas) == MIX_BLOCK and min(quotas) > 0
         self.sources = [_SourceOrder(s, seed, i, shuffle, block_size) for i, s in enumerate(samples_per_shard)]
         self.seed = seed
-        total = float(sum(weights))
-        # Largest-remainder quotas of MIX_BLOCK positions; the realized mixture is exact per block.
-        exact = np.asarray(weights, dtype=np.float64) / total * MIX_BLOCK
-        quotas = np.floor(exact).astype(np.int64)
-        for i in np.argsort(-(exact - quotas), kind="stable")[: MIX_BLOCK - int(quotas.sum())]:
-            quotas[i] += 1
-        self.quotas = quotas
+        self.quotas = np.asarray(quotas, dtype=np.int64)
         self._mix: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
 
     def _mix_block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,9 +215,11 @@ def _human_bytes(n: int) -> str:
 
 
 def _cache_path(cache_dir: str, run_key: str, url: str) -> str:
-    """A local cache directory for one remote source of one run (a run never shares it with another run)."""
+    """A local cache directory for one remote source of one run (a run never shares it with another run): the URL
+    made safe for a file name, then a hash of the whole URL, since s3://b/web/v1 and s3://b/web_v1 read the same."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", url.replace("://", "/")).strip("_")
-    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "remote", run_key, safe)
+    digest = hashlib.sha256(url.encode()).hexdigest()[:8]
+    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "remote", run_key, f"{safe}-{digest}")
 
 
 def _source_summary(path: str, local: str | None) -> dict:
@@ -225,6 +248,38 @@ def split_available(path: str, split: str, cache_dir: str | None = None, run_key
         raise UserError(f"data source {path} is remote; set data.cache_dir to a local directory for its cache")
     summary = _source_summary(path, _cache_path(cache_dir, run_key, path) if remote else None)
     return bool(summary["splits"].get(split, {}).get("samples"))
+
+
+def check_vocab(sources: list[str], vocab_size: int) -> None:
+    """Refuse local sources prepared by different tokenizers, or holding token ids of vocab_size or more (UserError
+    naming the source and the fix). Tokenizers are told apart by vocabulary size, as one tokenizer goes by several
+    names (tokenizer=qwen2, or a directory holding a copy of it). Remote sources, and datasets whose summary predates
+    the tokenizer's vocab_size, are not checked."""
+    first = None  # (path, tokenizer name, vocab size) of the first source checked
+    for path in sources:
+        if "://" in path:
+            continue
+        summary = read_summary(os.path.expanduser(path))
+        name, size, largest = summary.get("tokenizer"), summary.get("vocab_size"), summary.get("max_token_id")
+        if size is None:
+            continue
+        if first is None:
+            first = (path, name, size)
+        elif size != first[2]:
+            raise UserError(
+                f"data sources {first[0]} (tokenizer {first[1]}, {first[2]} tokens) and {path} (tokenizer {name}, "
+                f"{size} tokens) were prepared by different tokenizers, so one token id means different text in each; "
+                "re-prepare them with the model's tokenizer"
+            )
+        if largest is None:  # the tokenizer's vocabulary bounds the ids
+            reach, needed = f"ids of tokenizer {name} ({size} tokens)", size
+        else:
+            reach, needed = f"token ids up to {largest}", largest + 1
+        if needed > vocab_size:
+            raise UserError(
+                f"data source {path} holds {reach}, beyond model.vocab_size={vocab_size}; set model.vocab_size >= "
+                f"{needed} or re-prepare the source with the model's tokenizer"
+            )
 
 
 class _IndexedSamples(Dataset):
@@ -347,14 +402,18 @@ class TokenBatches:
         self.split = split
         self.num_workers = num_workers
         self.paths = [path for path, _ in sources]
+        quotas = mixture_quotas(sources)
+        if len(sources) > 1 and split == TRAIN:  # the held-out split mixes the same shares: said once
+            total = sum(weight for _, weight in sources)
+            log.info("data: mixing %d sources, samples per block of %d: %s", len(sources), MIX_BLOCK, ", ".join(
+                f"{path} {quota} (share {quota / MIX_BLOCK:.4g} for weight share {weight / total:.4g})"
+                for (path, weight), quota in zip(sources, quotas)))
 
         streaming = import_streaming()
         from streaming.base.shared.memory import SharedMemory
 
         streams = []
-        for path, weight in sources:
-            if weight <= 0:
-                raise UserError(f"data source {path}: weight {weight} must be positive")
+        for path, _ in sources:
             if "://" in path and cache_dir is None:
                 raise UserError(f"data source {path} is remote; set data.cache_dir to a local directory for its cache")
             cache = _cache_path(cache_dir, run_key, path) if cache_dir is not None else None
@@ -394,7 +453,7 @@ class TokenBatches:
         if cache_limit:
             self._limit_cache(cache_limit, shard_counts,
                               max(shuffle_block_size, global_batch_size) if shuffle else global_batch_size)
-        self.order = SampleOrder(shard_counts, [w for _, w in sources], seed, shuffle, shuffle_block_size)
+        self.order = SampleOrder(shard_counts, quotas, seed, shuffle, shuffle_block_size)
         self.fingerprint = hashlib.sha256(json.dumps({
             "format": FORMAT_VERSION, "shards": shard_counts, "weights": [w for _, w in sources], "seed": seed,
             "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split,

@@ -4,7 +4,8 @@ Layout of a prepared dataset directory:
   train/                 MDS shards (zstd) with columns `tokens` (seq_len + 1 int32 ids) and `doc_starts` (int32
                          offsets in the sample where a document starts; always begins with 0)
   val/                   the same for the held-out documents (present when val_fraction > 0 gave samples)
-  prepare_summary.json   counts; written last, so its presence marks a finished dataset
+  prepare_summary.json   counts, the tokenizer (name, vocab_size) and the largest token id written; written last,
+                         so its presence marks a finished dataset
 
 The main process cuts the inputs into batches of work in input order (uncompressed JSONL as byte ranges, which the
 workers read themselves), `workers` processes read, parse and tokenize them, and the main process packs the results
@@ -24,13 +25,15 @@ import mmap
 import multiprocessing
 import os
 import shutil
+import signal
 import struct
 import threading
 import time
 import uuid
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -380,13 +383,15 @@ def in_val_split(text: str, val_fraction: float) -> bool:
 class _Encoded:
     """One batch, tokenized: all documents' tokens (each followed by eos), tokens per document (eos included), whether
     each document is held out, skip events as (item position, line, reason, count) -- the line relative to the start
-    of a "range" item, absolute otherwise -- and the number of lines in each "range" item by position."""
+    of a "range" item, absolute otherwise -- the number of lines in each "range" item by position, and the largest
+    token id in chunk (-1 when empty; found by the worker, so the main process does not scan the tokens)."""
 
     chunk: np.ndarray
     sizes: np.ndarray
     is_val: np.ndarray
     events: list
     range_lines: dict
+    max_id: int
 
 
 class _DocumentEncoder:
@@ -423,7 +428,7 @@ class _DocumentEncoder:
         is_val = np.zeros(len(texts), dtype=bool)
         if self.val_fraction > 0:
             is_val[:] = [in_val_split(t, self.val_fraction) for t in texts]
-        return _Encoded(chunk, sizes, is_val, events, range_lines)
+        return _Encoded(chunk, sizes, is_val, events, range_lines, int(chunk.max()) if len(chunk) else -1)
 
     def _json_lines(self, pos: int, lines: list[bytes], first: int, texts: list, events: list) -> None:
         for line, raw in enumerate(lines, start=first):
@@ -493,7 +498,11 @@ def _encode_in_worker(items: list[_Item], slot: int | None) -> _Encoded:
 def _worker_pool(workers: int, encoder: _DocumentEncoder, tokenizer: str) -> Iterator:
     """`workers` tokenizer processes (None for 1: the main process tokenizes). Forked when this process runs no other
     thread, so the children inherit the loaded vocabulary and the result slots and start at once; spawned otherwise
-    (forking a threaded process can deadlock the child), each loading the tokenizer itself, results pickled."""
+    (forking a threaded process can deadlock the child), each loading the tokenizer itself, results pickled.
+
+    A ProcessPoolExecutor, not a multiprocessing.Pool: when a worker dies (the out-of-memory killer, a crash), Pool
+    starts another and the dead one's batch is lost, so the wait for its result never ends; here every pending result
+    raises BrokenProcessPool."""
     global _WORKER_ENCODER, _RESULT_RING
     if workers == 1:
         yield None
@@ -502,16 +511,23 @@ def _worker_pool(workers: int, encoder: _DocumentEncoder, tokenizer: str) -> Ite
         encoder.tokenizer.encode_flat(["load the vocabulary once, before forking"])
         _WORKER_ENCODER = encoder
         _RESULT_RING = mmap.mmap(-1, _num_slots(workers) * _SLOT_TOKENS * 4)
-        pool = multiprocessing.get_context("fork").Pool(workers)
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        # The first task forks every worker, now, while this process has no other thread (the pool's own
+        # management thread starts after the forks).
+        pool.submit(int).result()
     else:
-        pool = multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker,
+        pool = ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
             initargs=(tokenizer, encoder.val_fraction, encoder.text_field, encoder.files),
         )
     try:
-        with pool:
-            yield pool
+        yield pool
     finally:
+        # Stopped at once: after a failure a worker may be deep in a huge document, and shutdown() alone would wait
+        # for it (Python 3.14 has pool.terminate_workers() for this).
+        for process in list((pool._processes or {}).values()):  # None once shut down
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
         _WORKER_ENCODER = None
         if _RESULT_RING is not None:
             _RESULT_RING.close()
@@ -529,6 +545,20 @@ def _num_slots(workers: int) -> int:
     return _window(workers) + 2
 
 
+def _exit_causes(pool: ProcessPoolExecutor) -> str:
+    """How the pool's workers that ended by themselves ended ("killed by SIGKILL", "exit code 1"), for an error
+    message, once one has died (the pool then stops the others with SIGTERM)."""
+    processes = list(pool._processes.values())
+    pool.shutdown(wait=True)  # returns once the pool has reaped every worker, so each exit status is known
+    causes = []
+    for code in sorted({process.exitcode for process in processes} - {None, 0, -signal.SIGTERM}):
+        try:
+            causes.append(f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}")
+        except ValueError:
+            causes.append(f"killed by signal {-code}")
+    return ", ".join(causes) or "cause unknown"
+
+
 def _encoded(batches: Iterator, encoder: _DocumentEncoder, pool, workers: int) -> Iterator:
     """(work items, _Encoded, skip events, bytes read) per batch, in input order, computed by the pool's workers."""
     if pool is None:
@@ -539,20 +569,26 @@ def _encoded(batches: Iterator, encoder: _DocumentEncoder, pool, workers: int) -
     pending: collections.deque = collections.deque()
 
     def take():
-        result, items, events, done = pending.popleft()
-        encoded = result.get()
+        future, items, events, done = pending.popleft()
+        encoded = future.result()
         if isinstance(encoded.chunk, tuple):
             _, slot, length = encoded.chunk
             # Copied out at once (about a millisecond per batch), so no view of the slot outlives this step.
             encoded.chunk = np.frombuffer(_RESULT_RING, np.int32, length, slot * _SLOT_TOKENS * 4).copy()
         return items, encoded, events, done
 
-    for k, (items, events, done) in enumerate(batches):
-        pending.append((pool.apply_async(_encode_in_worker, (items, k % slots)), items, events, done))
-        if len(pending) > _window(workers):
+    try:
+        for k, (items, events, done) in enumerate(batches):
+            pending.append((pool.submit(_encode_in_worker, items, k % slots), items, events, done))
+            if len(pending) > _window(workers):
+                yield take()
+        while pending:
             yield take()
-    while pending:
-        yield take()
+    except BrokenProcessPool:
+        raise UserError(
+            f"a tokenizer worker process died ({_exit_causes(pool)}), so its batch is lost; the usual cause is the "
+            "out-of-memory killer (SIGKILL) on very large documents: rerun with fewer workers= or with more memory"
+        ) from None
 
 
 def _int32_array_bytes(values: np.ndarray) -> bytes:
@@ -751,6 +787,7 @@ def prepare(
         bar = _progress_bar(progress, sum(os.path.getsize(f) for f in files))
         started = time.monotonic()
         remaining = max_tokens
+        max_token_id = -1
         batches = _batches(_Reader(files, BATCH_CHARS), text_field)
         next_line: collections.Counter = collections.Counter()
         for items, encoded, events, done in _encoded(batches, encoder, pool, workers):
@@ -764,6 +801,9 @@ def prepare(
                 sizes, is_val = sizes[: last + 1].copy(), is_val[: last + 1]
                 sizes[last] -= int(sizes.sum()) - remaining
                 chunk = chunk[:remaining]
+                max_token_id = max(max_token_id, int(chunk.max()))  # once: the worker's max_id counts the cut tokens
+            else:
+                max_token_id = max(max_token_id, encoded.max_id)
             for split, writer in writers.items():
                 mine = is_val if split == VAL else ~is_val
                 split_sizes = sizes[mine]
@@ -792,6 +832,10 @@ def prepare(
             "sample_tokens": sample_tokens,
             "columns": sorted(COLUMNS),
             "tokenizer": tok.name,
+            "vocab_size": tok.vocab_size,
+            # The largest id in the packed stream (the last partial sample's tokens included): what the model's
+            # vocabulary must cover (loader.check_vocab).
+            "max_token_id": max_token_id,
             "val_fraction": val_fraction,
             "inputs": files,
             "skipped": skips.counts,

@@ -4,10 +4,11 @@ import glob
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
-from qwen2_dist.data.loader import TokenBatches
+from qwen2_dist.data.loader import TokenBatches, _cache_path
 from qwen2_dist.errors import UserError
 from tests.datasets import make_dataset, sample_ids
 from tests.helpers import run_cli, train_overrides
@@ -64,7 +65,7 @@ def test_s3_source_reads_the_same_samples_as_the_local_copy(tmp_path, s3):
     assert read_ids([(url, 1.0)], cache_dir=str(cache), run_key="run1", split="val", ) == read_ids(
         [(local, 1.0)], split="val")
     # The shards came over the wire into a cache of this run only.
-    cached = os.listdir(cache / "remote" / "run1" / "s3_corpora_ds" / "train")
+    cached = os.listdir(os.path.join(_cache_path(str(cache), "run1", url), "train"))
     assert "index.json" in cached and any(name.startswith("shard.") for name in cached)
 
 
@@ -109,7 +110,7 @@ def test_a_cache_limit_keeps_the_cache_bounded_and_the_samples_unchanged(tmp_pat
         probe.close()
         shutil.rmtree(cache)
         limited = TokenBatches([(url, 1.0)], cache_limit=need, num_workers=workers, **remote_args)
-        shard_dir = cache / "remote" / "run1" / "s3_corpora_ds" / "train"
+        shard_dir = Path(_cache_path(str(cache), "run1", url)) / "train"
         index = sum(stream.get_index_size() for stream in limited.dataset.streams)
         biggest = max(s.get_max_size() for s in limited.dataset.shards)
         assert sum(s.get_max_size() for s in limited.dataset.shards) > 1.5 * (need - index)  # the data cannot fit

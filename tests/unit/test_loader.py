@@ -1,6 +1,8 @@
 """The loader: a seeded global sample order that no layout changes, exact mixtures, exact resumption, hygiene."""
 
 import glob
+import json
+import logging
 import os
 import re
 import signal
@@ -15,7 +17,10 @@ import pytest
 import torch
 
 from qwen2_dist.data import hygiene
-from qwen2_dist.data.loader import SampleOrder, TokenBatches, shards_spanned
+from qwen2_dist.data.loader import (
+    MIX_BLOCK, SampleOrder, TokenBatches, _cache_path, check_vocab, mixture_quotas, shards_spanned,
+)
+from qwen2_dist.data.prepare import SUMMARY_NAME
 from qwen2_dist.errors import UserError
 from tests.datasets import make_dataset, sample_ids
 from tests.helpers import REPO
@@ -61,14 +66,14 @@ def test_shards_a_window_can_span_bounds_every_order_of_the_shards():
 
 def test_each_epoch_is_a_seeded_permutation():
     shards = [7, 7, 7, 3]
-    order = SampleOrder([shards], [1.0], seed=5, shuffle=True, block_size=10)
+    order = SampleOrder([shards], [MIX_BLOCK], seed=5, shuffle=True, block_size=10)
     _, ids = order.lookup(np.arange(72))
     epochs = ids.reshape(3, 24)
     assert all(sorted(e) == list(range(24)) for e in epochs.tolist())
     assert len({tuple(e) for e in epochs.tolist()}) == 3
-    assert (SampleOrder([shards], [1.0], 5, True, 10).lookup(np.arange(72))[1] == ids).all()
-    assert not (SampleOrder([shards], [1.0], 6, True, 10).lookup(np.arange(72))[1] == ids).all()
-    assert SampleOrder([shards], [1.0], 5, False, 10).lookup(np.arange(30))[1].tolist() == list(range(24)) + list(
+    assert (SampleOrder([shards], [MIX_BLOCK], 5, True, 10).lookup(np.arange(72))[1] == ids).all()
+    assert not (SampleOrder([shards], [MIX_BLOCK], 6, True, 10).lookup(np.arange(72))[1] == ids).all()
+    assert SampleOrder([shards], [MIX_BLOCK], 5, False, 10).lookup(np.arange(30))[1].tolist() == list(range(24)) + list(
         range(6))
 
 
@@ -87,6 +92,65 @@ def test_mixture_proportions_within_2_percent_over_10k_samples(tmp_path, data):
     # Each source is read in whole epochs: the 7 samples of B (and the 13 of C) come up equally often.
     per_sample = Counter(i for i in ids if 1000 <= i < 1007)
     assert max(per_sample.values()) - min(per_sample.values()) <= 1
+
+
+def test_a_weight_too_small_for_any_share_is_refused_and_the_shares_are_logged(tmp_path, data, caplog):
+    # Sources are mixed in blocks of 4096 samples: a weight below about 1/8192 of the total got no sample of a block
+    # and its source was silently never read.
+    with pytest.raises(UserError, match=rf"data.sources\[1\].weight=0.0001 \({re.escape(data[1])}\) is too small: "
+                                        r".* never be read; set it to at least 0.000247 "):
+        loader([(data[0], 1.0), (data[1], 1e-4)])
+    with pytest.raises(UserError, match=r"data.sources\[2\].weight=0.0001 "):  # one of two equal weights got a share
+        loader([(data[0], 0.9998), (data[1], 1e-4), (data[1], 1e-4)])
+    assert mixture_quotas([("a", 1.0), ("b", 0.000247)]).tolist() == [4095, 1]  # the weight suggested is enough
+    c = make_dataset(tmp_path / "c", 7, SEQ, first_id=2000, val_samples=2)
+    with caplog.at_level(logging.INFO, logger="qwen2_dist.data.loader"):
+        loader([(data[0], 0.7), (c, 0.3)]).close()
+        loader([(data[0], 0.7), (c, 0.3)], split="val", global_batch_size=2, micro_batch_size=1).close()
+    mixing = [r.getMessage() for r in caplog.records if "mixing" in r.getMessage()]
+    assert mixing == [f"data: mixing 2 sources, samples per block of 4096: {data[0]} 2867 (share 0.7 for weight "
+                      f"share 0.7), {c} 1229 (share 0.3 for weight share 0.3)"]  # once: for the train split
+
+
+def test_remote_sources_whose_urls_differ_in_punctuation_get_their_own_caches(tmp_path):
+    # Both URLs made safe for a file name read s3_b_web_v1: the second source found the first one's cache.
+    paths = [_cache_path(str(tmp_path), "run", url) for url in ("s3://b/web/v1", "s3://b/web_v1", "s3://b/web/v1")]
+    assert paths[0] != paths[1] and paths[0] == paths[2]
+    assert all(os.path.basename(p).startswith("s3_b_web_v1-") for p in paths)  # still readable
+
+
+def _with_vocab(path: str, **fields) -> str:
+    """A dataset directory whose summary also records the tokenizer fields given, as qwen2-prepare's does."""
+    with open(os.path.join(path, SUMMARY_NAME)) as f:
+        summary = json.load(f)
+    with open(os.path.join(path, SUMMARY_NAME), "w") as f:
+        json.dump({**summary, **fields}, f)
+    return path
+
+
+def test_check_vocab_refuses_mixed_tokenizers_and_ids_beyond_the_model(tmp_path):
+    qwen = _with_vocab(make_dataset(tmp_path / "qwen", 4, SEQ), tokenizer="qwen2", vocab_size=151_646,
+                       max_token_id=151_643)
+    copy = _with_vocab(make_dataset(tmp_path / "copy", 4, SEQ), tokenizer="/models/qwen2-tok", vocab_size=151_646,
+                       max_token_id=151_643)
+    llama = _with_vocab(make_dataset(tmp_path / "llama", 4, SEQ), tokenizer="/models/llama3", vocab_size=128_256,
+                        max_token_id=128_001)
+    old = make_dataset(tmp_path / "old", 4, SEQ)  # prepared before summaries recorded the vocabulary
+    check_vocab([qwen, copy, old, "s3://bucket/other"], vocab_size=151_936)  # one tokenizer by two names
+    check_vocab([qwen], vocab_size=151_644)  # the largest id written is what counts
+    with pytest.raises(UserError, match=rf"data sources {re.escape(qwen)} \(tokenizer qwen2, 151646 tokens\) and "
+                                        rf"{re.escape(llama)} \(tokenizer /models/llama3, 128256 tokens\) were "
+                                        r"prepared by different tokenizers.*re-prepare them with the model's "
+                                        r"tokenizer"):
+        check_vocab([qwen, old, llama], vocab_size=151_936)
+    with pytest.raises(UserError, match=rf"data source {re.escape(qwen)} holds token ids up to 151643, beyond "
+                                        r"model.vocab_size=1000; set model.vocab_size >= 151644 or re-prepare"):
+        check_vocab([old, qwen], vocab_size=1000)
+    no_max = _with_vocab(make_dataset(tmp_path / "no_max", 4, SEQ), tokenizer="qwen2", vocab_size=151_646)
+    check_vocab([no_max], vocab_size=151_646)
+    with pytest.raises(UserError, match=r"holds ids of tokenizer qwen2 \(151646 tokens\), beyond "
+                                        r"model.vocab_size=151645; set model.vocab_size >= 151646"):
+        check_vocab([no_max], vocab_size=151_645)
 
 
 def test_step_samples_do_not_depend_on_ranks_or_accumulation(data):

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import threading
 
 import numpy as np
@@ -104,7 +105,7 @@ def test_prepare_writes_exact_samples_and_counts_skips(work, inputs):
     assert (summary["seq_len"], summary["sample_tokens"]) == (4, 5)
     assert summary["tokens"] == 5 * len(expected)
     assert summary["dropped_tail_tokens"] == num_stream - 5 * len(expected)
-    assert summary["tokenizer"] == "qwen2"
+    assert (summary["tokenizer"], summary["vocab_size"]) == ("qwen2", 151_646)
     assert summary["inputs"] == [a, str(inputs / "b.txt")]
     assert read_summary(str(out)) == summary
 
@@ -131,6 +132,11 @@ def test_max_tokens_stops_the_stream(work, inputs):
     assert [s.tolist() for s in read_tokens(out)] == expected_samples(GOOD_DOCS + [TXT_DOC], 5, max_tokens=12)
     assert (summary["samples"], summary["tokens"], summary["dropped_tail_tokens"]) == (2, 10, 2)
     assert summary["documents"] == 3  # the third document is cut; b.txt is never reached
+    # The largest token id counts the stream up to the cut only: the first 2 tokens, not the eos that follows.
+    tokens = load_tokenizer().encode(GOOD_DOCS[0])
+    assert len(tokens) == 2
+    cut = prepare([str(inputs / "a.jsonl")], str(work / "cut"), seq_len=1, max_tokens=2)
+    assert cut["max_token_id"] == max(tokens) < load_tokenizer().eos_id
 
 
 def test_refuses_existing_output_without_overwrite(work, inputs):
@@ -145,6 +151,42 @@ def test_refuses_existing_output_without_overwrite(work, inputs):
     assert not (out / "keep.txt").exists()
     assert read_summary(str(out))["documents"] == 3
     assert sorted(os.listdir(work)) == ["out", "src"]
+
+
+def test_max_token_id_is_the_largest_id_written(work, inputs):
+    summary = prepare([str(inputs / "a.jsonl"), str(inputs / "b.txt")], str(work / "out"), seq_len=4)
+    assert summary["max_token_id"] == max(int(t.max()) for t in read_tokens(work / "out")) == load_tokenizer().eos_id
+
+
+def test_a_dead_worker_is_an_error_not_a_hang(work, monkeypatch):
+    # A worker killed in the middle of a batch (by the out-of-memory killer, say) lost the batch, and prepare waited
+    # for its result forever, leaving output.tmp-* behind.
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 2_000)
+    src = work / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(_jsonl_bytes([f"document {j} " * 20 for j in range(300)]))
+    main_pid = os.getpid()
+    encode = prepare_module._DocumentEncoder.__call__
+
+    def killed_in_a_worker(self, items):
+        if os.getpid() != main_pid and items[0][2] > 0:  # the forked workers, from the second byte range on
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(self, items)
+
+    def hung(*_):
+        raise TimeoutError("prepare still waits for the dead worker's batch")
+
+    monkeypatch.setattr(prepare_module._DocumentEncoder, "__call__", killed_in_a_worker)
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        with pytest.raises(UserError, match=r"a tokenizer worker process died \(killed by SIGKILL\), so its batch is "
+                                            r"lost; .* rerun with fewer workers= or with more memory"):
+            prepare([str(src / "a.jsonl")], str(work / "out"), seq_len=16, workers=2)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert sorted(os.listdir(work)) == ["src"]
 
 
 def test_interrupted_prepare_leaves_nothing(work, inputs, monkeypatch):
@@ -226,6 +268,7 @@ def test_embedded_corpus_builds_once(work, caplog):
     assert len(caplog.records) == 1 and path in caplog.text
     summary = read_summary(path)
     assert summary["tokens"] == summary["samples"] * 33 > 19_000
+    assert (summary["tokenizer"], summary["vocab_size"], summary["max_token_id"]) == ("qwen2", 151_646, 151_643)
     assert summary["tokens"] + summary["dropped_tail_tokens"] == 20_000
     assert os.path.basename(path).startswith("stdlib-")
     assert os.listdir(work) == [os.path.basename(path)]
