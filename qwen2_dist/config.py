@@ -170,7 +170,8 @@ class EvalConfig:
     when the data has no val split."""
     samples: int = 16
     """Held-out samples per evaluation over all ranks (the same samples every time, so evaluations compare);
-    rounded up to a multiple of train.micro_batch_size x data-parallel size."""
+    rounded up to a multiple of train.micro_batch_size x data-parallel size, and down to the held-out split's size
+    (with a warning) where that is smaller, so that no sample counts twice."""
 
 
 @dataclass
@@ -509,6 +510,28 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
         raise UserError(f"eval.samples={e.samples}: must be positive")
 
 
+def _check_token_ids(d: DataConfig, vocab_size: int) -> None:
+    """The data's token ids must lie below model.vocab_size: an id beyond it fails in the embedding lookup after the
+    launch with one process, and with tensor parallelism reads another rank's rows, silently. Also the mixture's
+    shares (a weight too small for any would leave its source unread)."""
+    from qwen2_dist.data.loader import check_vocab, mixture_quotas
+    from qwen2_dist.data.tokenizer import QWEN2_NUM_REGULAR_TOKENS, QWEN2_SPECIAL_TOKENS
+
+    if len(d.sources) > 1:
+        mixture_quotas([(s.path, s.weight) for s in d.sources])
+    if d.synthetic:
+        return
+    paths = [s.path for s in d.sources] or ([d.path] if d.path is not None else [])
+    if paths:
+        check_vocab(paths, vocab_size)
+        return
+    qwen2_tokens = QWEN2_NUM_REGULAR_TOKENS + len(QWEN2_SPECIAL_TOKENS)
+    if vocab_size < qwen2_tokens:
+        raise UserError(f"model.vocab_size={vocab_size}: the embedded corpus holds ids of the Qwen2 tokenizer "
+                        f"({qwen2_tokens} tokens); set model.vocab_size >= {qwen2_tokens}, point data.path at data of "
+                        "a smaller vocabulary, or use data.synthetic=true")
+
+
 def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     """Refuse impossible jobs before any tensor is allocated; return the resolved layout and accumulation steps."""
     if world_size < 1:
@@ -669,6 +692,7 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
             raise UserError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint}: no such directory")
         require_committed(cfg.model.init_from_checkpoint, "model.init_from_checkpoint")
     _check_data(cfg.data, cfg.eval)
+    _check_token_ids(cfg.data, args.vocab_size)
     return {
         "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,
         "grad_accum_steps": t.global_batch_size // (t.micro_batch_size * dp),

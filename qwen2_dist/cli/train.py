@@ -180,9 +180,19 @@ def run(cfg: DictConfig):
         else:
             # Read in the training process: a few micro-batches now and then do not pay for worker start-up.
             per_micro_step = job.train.micro_batch_size * dp_size
-            eval_samples = -(-job.eval.samples // per_micro_step) * per_micro_step
+            eval_samples = eval_sample_count(job.eval.samples, per_micro_step, None)
             eval_batches = TokenBatches(sources, global_batch_size=eval_samples, split=VAL,
                                         **{**loader_args, "num_workers": 0})
+            held_out = sum(source["samples"] for source in eval_batches.order_summary["sources"])
+            if eval_sample_count(job.eval.samples, per_micro_step, held_out) != eval_samples:
+                eval_batches.close()
+                eval_samples = eval_sample_count(job.eval.samples, per_micro_step, held_out)
+                log.warning("eval: eval.samples=%d, rounded to whole micro-batches on %d data-parallel rank(s), "
+                            "is more than the %d held-out samples: %s", job.eval.samples, dp_size, held_out,
+                            f"evaluating {eval_samples}" if eval_samples else
+                            "fewer than one micro-batch on every rank, so evaluation is off")
+                eval_batches = TokenBatches(sources, global_batch_size=eval_samples, split=VAL,
+                                            **{**loader_args, "num_workers": 0}) if eval_samples else None
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
         "config_hash": checkpoint.config_hash(resolved),
@@ -213,6 +223,16 @@ def run(cfg: DictConfig):
             eval_batches.close()
     log.info("done: step %d, %s tokens seen, last loss %s", result.step, f"{result.tokens_seen:,}", result.last_loss)
     return result
+
+
+def eval_sample_count(requested: int, per_micro_step: int, held_out: int | None) -> int:
+    """Held-out samples per evaluation: eval.samples rounded up to whole micro-batches on every data-parallel rank,
+    and down to whole ones within the held-out split where it holds fewer (more would read some samples twice, the
+    order wrapping around; 0: evaluation off). held_out None: not known yet."""
+    count = -(-requested // per_micro_step) * per_micro_step
+    if held_out is not None and count > held_out:
+        count = held_out // per_micro_step * per_micro_step
+    return count
 
 
 def compose_job(overrides: list[str]) -> JobConfig:

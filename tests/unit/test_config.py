@@ -83,6 +83,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["logging.profile_steps=2:10", "train.steps=4", "optim.warmup_steps=0"], 1,
      "ends after the run's last step (train.steps=4; END is the first step not profiled): use an END <= 5"),
     (["seed=-1"], 1, "seed=-1: must be a non-negative integer"),
+    (["model.vocab_size=1000"], 1, "model.vocab_size=1000: the embedded corpus holds ids of the Qwen2 tokenizer"),
     ([], 0, "0 processes: a job needs at least one"),
     (["model.num_attention_heads=0"], 1, "num_attention_heads must be positive, got 0"),
     (["model.num_key_value_heads=0"], 1, "num_key_value_heads must be positive, got 0"),
@@ -263,3 +264,31 @@ def test_compile_options_reach_every_compiled_block_and_the_loss(monkeypatch):
     # None when unset: torch.compile refuses options next to a mode, and Inductor's defaults apply.
     assert inductor_options(job().parallel) == {}
 
+
+
+def test_data_the_model_cannot_read_is_refused_before_launch(tmp_path):
+    """validate() reads the sources' prepare_summary.json: token ids beyond model.vocab_size, or a mixture weight
+    too small for any share of a block, are one line each (after the launch they failed, or read the wrong rows)."""
+    import json
+
+    from tests.datasets import make_dataset
+
+    data = make_dataset(tmp_path / "ds", 8, 16)
+    with open(tmp_path / "ds" / "prepare_summary.json") as f:
+        summary = json.load(f)
+    with open(tmp_path / "ds" / "prepare_summary.json", "w") as f:
+        json.dump({**summary, "tokenizer": "qwen2", "vocab_size": 151646, "max_token_id": 151643}, f)
+    validate(job(f"data.path={data}"), 1)
+    with pytest.raises(UserError, match="holds token ids up to 151643, beyond model.vocab_size=4096"):
+        validate(job(f"data.path={data}", "model.vocab_size=4096"), 1)
+    with pytest.raises(UserError, match=r"data.sources\[1\].weight=0.0001 .* is too small"):
+        validate(job(f"data.sources=[{{path: {data}, weight: 1}}, {{path: {data}, weight: 0.0001}}]"), 1)
+
+
+def test_evaluation_never_reads_a_held_out_sample_twice():
+    from qwen2_dist.cli.train import eval_sample_count
+
+    assert eval_sample_count(16, 4, None) == 16 and eval_sample_count(10, 4, None) == 12  # whole micro-batches
+    assert eval_sample_count(10, 4, 1000) == 12
+    assert eval_sample_count(10000, 4, 390) == 388 and eval_sample_count(10000, 1, 390) == 390
+    assert eval_sample_count(16, 8, 7) == 0  # fewer than one micro-batch on every rank: evaluation off
