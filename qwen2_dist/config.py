@@ -111,13 +111,20 @@ class ModelConfig:
     vocab_size: Optional[int] = None
     tie_word_embeddings: Optional[bool] = None
     max_position_embeddings: Optional[int] = None
+    rope_theta: Optional[float] = None
+    """E.g. 10000.0 for a checkpoint trained with that RoPE base (the Qwen2 sizes: 1e6)."""
+    rms_norm_eps: Optional[float] = None
+    """E.g. 1e-5 or 1e-6, as the config.json of the weights in model.init_from_hf says."""
+    initializer_range: Optional[float] = None
+    """Standard deviation of the initial weights (0.02)."""
 
     def args(self):
         """The ModelArgs of this config: the named size with the non-null overrides applied and checked."""
         from qwen2_dist.model.args import get_model_args
 
         fields = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings")
+                  "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rope_theta",
+                  "rms_norm_eps", "initializer_range")
         overrides = {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
         return get_model_args(self.name, **overrides)
 

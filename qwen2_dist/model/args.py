@@ -42,7 +42,8 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise UserError(f"{field}: head_dim {self.head_dim} is odd; rotary embeddings need an even head_dim")
-        for name in ("vocab_size", "num_hidden_layers", "intermediate_size"):
+        for name in ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
+                     "rope_theta", "rms_norm_eps", "initializer_range"):
             if getattr(self, name) <= 0:
                 raise UserError(f"{field}: {name} must be positive, got {getattr(self, name)}")
 

@@ -89,6 +89,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["model.num_key_value_heads=0"], 1, "num_key_value_heads must be positive, got 0"),
     (["model.hidden_size=0"], 1, "hidden_size must be positive, got 0"),
     (["model.num_attention_heads=-4"], 1, "num_attention_heads must be positive, got -4"),
+    (["model.rope_theta=0"], 1, "rope_theta must be positive, got 0"),
     (["logging.wandb_mode=cloud"], 1, "logging.wandb_mode"),
     (["logging.peak_tflops=0"], 1, "logging.peak_tflops=0.0: must be positive"),
     (["checkpoint.async_save=maybe"], 1, "checkpoint.async_save"),
@@ -292,3 +293,12 @@ def test_evaluation_never_reads_a_held_out_sample_twice():
     assert eval_sample_count(10, 4, 1000) == 12
     assert eval_sample_count(10000, 4, 390) == 388 and eval_sample_count(10000, 1, 390) == 390
     assert eval_sample_count(16, 8, 7) == 0  # fewer than one micro-batch on every rank: evaluation off
+
+
+def test_rope_theta_norm_eps_and_init_range_override_a_size():
+    """Weights trained with another RoPE base or norm epsilon (model.init_from_hf compares them with the job's
+    config.json fields) can be matched by overrides."""
+    args = job("model=qwen2-72b", "model.rope_theta=10000", "model.rms_norm_eps=1e-6",
+               "model.initializer_range=0.01").model.args()
+    assert (args.rope_theta, args.rms_norm_eps, args.initializer_range) == (10000.0, 1e-6, 0.01)
+    assert args.hidden_size == 8192  # the rest is the named size's
