@@ -517,6 +517,34 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
         raise UserError(f"eval.samples={e.samples}: must be positive")
 
 
+def _check_saved(cfg: JobConfig, args) -> None:
+    """What the job would refuse only after the launch, read from the files now (one line and exit 2 rather than a
+    failure torchrun restarts MAX_RESTARTS times): local data of another train.seq_len, a checkpoint to resume of
+    another model."""
+    from qwen2_dist.data.prepare import read_summary
+    from qwen2_dist.train import checkpoint
+
+    d = cfg.data
+    for path in [] if d.synthetic else [s.path for s in d.sources] or ([d.path] if d.path is not None else []):
+        tokens = None if "://" in path else read_summary(os.path.expanduser(path)).get("sample_tokens")
+        if tokens is not None and tokens != cfg.train.seq_len + 1:
+            raise UserError(f"data source {path}: samples hold {tokens} tokens but train.seq_len={cfg.train.seq_len} "
+                            f"needs {cfg.train.seq_len + 1}; set train.seq_len={tokens - 1} or rerun qwen2-prepare "
+                            f"with seq_len={cfg.train.seq_len}")
+    resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
+    if resume not in ("auto", "none") and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(ckpt_root) \
+            and not checkpoint.rollback_done(ckpt_root, resume):
+        first = [resume]  # a rollback to come: the newer checkpoints will be moved aside
+    else:
+        first = checkpoint.resume_candidates(ckpt_root, resume)[:1]
+    for path in first:
+        try:
+            meta = checkpoint.read_metadata(path)
+        except UserError:
+            continue  # damaged or gone: the run reports it, and auto falls back
+        checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
+
+
 def _check_token_ids(d: DataConfig, vocab_size: int) -> None:
     """The data's token ids must lie below model.vocab_size: an id beyond it fails in the embedding lookup after the
     launch with one process, and with tensor parallelism reads another rank's rows, silently. Also the mixture's
@@ -698,8 +726,13 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         if not os.path.isdir(cfg.model.init_from_checkpoint):
             raise UserError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint}: no such directory")
         require_committed(cfg.model.init_from_checkpoint, "model.init_from_checkpoint")
+    if cfg.model.init_from_hf is not None:
+        from qwen2_dist.model.hf import check_hf_matches
+
+        check_hf_matches(cfg.model.init_from_hf, args)  # config.json only
     _check_data(cfg.data, cfg.eval)
     _check_token_ids(cfg.data, args.vocab_size)
+    _check_saved(cfg, args)
     return {
         "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,
         "grad_accum_steps": t.global_batch_size // (t.micro_batch_size * dp),

@@ -132,6 +132,9 @@ def run(cfg: DictConfig):
     if dist.is_initialized():
         dist.barrier()  # every rank lists the checkpoints after rank 0 has cleaned and rolled back
     candidates = checkpoint.resume_candidates(ckpt_root, job.checkpoint.resume)
+    if job.checkpoint.resume not in ("auto", "none", *candidates[:1]) and world.is_main:
+        log.info("checkpoint.resume=%s started this run, which has checkpoints of its own now: resuming from the "
+                 "newest", job.checkpoint.resume)
     for path in candidates:
         try:
             meta = checkpoint.read_metadata(path)

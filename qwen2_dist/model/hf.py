@@ -328,20 +328,25 @@ def load_hf_model(path: str, device: str = "cpu", allow_pickle: bool = False) ->
     return model
 
 
+def check_hf_matches(path: str, args: ModelArgs) -> None:
+    """UserError naming model.init_from_hf and every field of its config.json that differs from args (the fields
+    that change no weight and no computation of a training step are not compared); reads no tensor data."""
+    hf_args, _ = inspect_hf(path)
+    ignored = ("initializer_range", "max_position_embeddings")
+    differ = [f"{k}: {v} vs {getattr(args, k)}" for k, v in hf_args.to_dict().items()
+              if k not in ignored and getattr(args, k) != v]
+    if differ:
+        raise UserError(f"model.init_from_hf={path}: config.json differs from the model being trained "
+                        f"({'; '.join(differ)}); pick the matching model= or model.* overrides")
+
+
 def load_hf_into(model: torch.nn.Module, path: str) -> None:
     """Load HF weights into a (possibly FSDP/TP-sharded) native model in place; each rank reads only its pieces."""
     from torch.distributed.checkpoint import HuggingFaceStorageReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    args, _ = inspect_hf(path)
-    # Fields that change no weight and no computation of a training step are not compared.
-    ignored = ("initializer_range", "max_position_embeddings")
-    differ = [f"{k}: {v} vs {getattr(model.args, k)}" for k, v in args.to_dict().items()
-              if k not in ignored and getattr(model.args, k) != v]
-    if differ:
-        raise UserError(f"model.init_from_hf={path}: config.json differs from the model being trained "
-                        f"({'; '.join(differ)}); pick the matching model= or model.* overrides")
+    check_hf_matches(path, model.args)
     # The state dict's tensors are the model's own (local shards of DTensors): DCP reads into them in place,
     # and its planner asks each rank's storage reader only for the slices that rank holds.
     state = {native_to_hf_name(k): v for k, v in get_model_state_dict(model).items()}

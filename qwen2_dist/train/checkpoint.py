@@ -286,12 +286,7 @@ def resume_candidates(ckpt_root: str, resume: str) -> list[str]:
     own = committed_checkpoints(ckpt_root)[::-1]
     if resume == "auto":
         return own
-    if own:
-        if not _in_run(ckpt_root, resume):
-            log.info("checkpoint.resume=%s started this run; it has checkpoints of its own now, so it resumes from "
-                     "the newest, %s", resume, own[0])
-        return own
-    return [resume]
+    return own or [resume]
 
 
 def clean_partial(ckpt_root: str) -> list[str]:

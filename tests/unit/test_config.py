@@ -279,11 +279,13 @@ def test_data_the_model_cannot_read_is_refused_before_launch(tmp_path):
         summary = json.load(f)
     with open(tmp_path / "ds" / "prepare_summary.json", "w") as f:
         json.dump({**summary, "tokenizer": "qwen2", "vocab_size": 151646, "max_token_id": 151643}, f)
-    validate(job(f"data.path={data}"), 1)
+    validate(job(f"data.path={data}", "train.seq_len=16"), 1)
     with pytest.raises(UserError, match="holds token ids up to 151643, beyond model.vocab_size=4096"):
-        validate(job(f"data.path={data}", "model.vocab_size=4096"), 1)
+        validate(job(f"data.path={data}", "train.seq_len=16", "model.vocab_size=4096"), 1)
     with pytest.raises(UserError, match=r"data.sources\[1\].weight=0.0001 .* is too small"):
         validate(job(f"data.sources=[{{path: {data}, weight: 1}}, {{path: {data}, weight: 0.0001}}]"), 1)
+    with pytest.raises(UserError, match="samples hold 17 tokens but train.seq_len=32 needs 33; set train.seq_len=16"):
+        validate(job(f"data.path={data}", "train.seq_len=32"), 1)
 
 
 def test_evaluation_never_reads_a_held_out_sample_twice():
@@ -302,3 +304,26 @@ def test_rope_theta_norm_eps_and_init_range_override_a_size():
                "model.initializer_range=0.01").model.args()
     assert (args.rope_theta, args.rms_norm_eps, args.initializer_range) == (10000.0, 1e-6, 0.01)
     assert args.hidden_size == 8192  # the rest is the named size's
+
+
+def test_a_checkpoint_or_hugging_face_weights_of_another_model_are_refused_before_launch(tmp_path):
+    import dataclasses
+
+    from qwen2_dist.model.args import get_model_args
+    from qwen2_dist.model.hf import write_hf
+    from qwen2_dist.model.qwen2 import build_model
+    from qwen2_dist.train import checkpoint
+
+    tiny = get_model_args("tiny")
+    model = build_model(tiny, "cpu")
+    model.init_weights(0)
+    checkpoint.write(str(tmp_path / "run" / "checkpoints" / "step_00000002"), model, None, {"step": 2},
+                     {"model": "tiny", "model_args": tiny.to_dict()})
+    validate(job("model=tiny", f"run_dir={tmp_path / 'run'}"), 1)
+    with pytest.raises(UserError, match="step_00000002 holds a tiny model whose sizes differ .*num_hidden_layers"):
+        validate(job("model=tiny", "model.num_hidden_layers=3", f"run_dir={tmp_path / 'run'}"), 1)
+    write_hf(model.state_dict(), dataclasses.replace(tiny, rope_theta=10000.0), str(tmp_path / "hf"))
+    with pytest.raises(UserError, match=r"config.json differs .*rope_theta: 10000.0 vs 1000000.0"):
+        validate(job("model=tiny", f"model.init_from_hf={tmp_path / 'hf'}", f"run_dir={tmp_path / 'new'}"), 1)
+    validate(job("model=tiny", "model.rope_theta=10000", f"model.init_from_hf={tmp_path / 'hf'}",
+                 f"run_dir={tmp_path / 'new'}"), 1)
