@@ -165,18 +165,21 @@ def test_a_dead_worker_is_an_error_not_a_hang(work, monkeypatch):
     src = work / "src"
     src.mkdir()
     (src / "a.jsonl").write_bytes(_jsonl_bytes([f"document {j} " * 20 for j in range(300)]))
-    main_pid = os.getpid()
-    encode = prepare_module._DocumentEncoder.__call__
+    encoded = prepare_module._encoded
 
-    def killed_in_a_worker(self, items):
-        if os.getpid() != main_pid and items[0][2] > 0:  # the forked workers, from the second byte range on
-            os.kill(os.getpid(), signal.SIGKILL)
-        return encode(self, items)
+    def workers_killed_after_the_first_batch(batches, encoder, pool, workers):
+        # From outside, as the out-of-memory killer does: the workers may be forked or spawned (spawned when this
+        # process runs other threads, as in the whole test suite), and a spawned one never sees a monkeypatch.
+        for k, result in enumerate(encoded(batches, encoder, pool, workers)):
+            if k == 0:
+                for process in list(pool._processes.values()):
+                    os.kill(process.pid, signal.SIGKILL)
+            yield result
 
     def hung(*_):
         raise TimeoutError("prepare still waits for the dead worker's batch")
 
-    monkeypatch.setattr(prepare_module._DocumentEncoder, "__call__", killed_in_a_worker)
+    monkeypatch.setattr(prepare_module, "_encoded", workers_killed_after_the_first_batch)
     previous = signal.signal(signal.SIGALRM, hung)
     signal.alarm(60)
     try:
