@@ -134,7 +134,7 @@ def run(cfg: DictConfig):
     candidates = checkpoint.resume_candidates(ckpt_root, job.checkpoint.resume)
     if job.checkpoint.resume not in ("auto", "none", *candidates[:1]) and world.is_main:
         log.info("checkpoint.resume=%s started this run, which has checkpoints of its own now: resuming from the "
-                 "newest", job.checkpoint.resume)
+                 "newest (to start over from it, use a new run_dir)", job.checkpoint.resume)
     for path in candidates:
         try:
             meta = checkpoint.read_metadata(path)
