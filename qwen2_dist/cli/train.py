@@ -307,7 +307,29 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
     except ValueError:
         raise UserError(f"QWEN2_CHECK_ONLY={world_size}: give the number of processes of the job") from None
     layout = validate(job, processes)
+    check_machine(job)
     print(f"config ok for {processes} process(es): {layout}")
+
+
+def check_machine(job: JobConfig) -> str:
+    """What this machine must have for the job, checked where the launchers check it (the node that starts the
+    workers), not after the launch in every worker: the device, and the packages the chosen attention, kernels,
+    loss, optimizer and float8 need. Returns the device type."""
+    from qwen2_dist.model.attention import resolve_backend
+    from qwen2_dist.model.kernels import check_available
+    from qwen2_dist.model.loss import resolve_loss
+    from qwen2_dist.parallel.parallelize import check_float8
+    from qwen2_dist.train.optim import apex_fused_adam
+
+    device_type = resolve_device(job.train.device)
+    resolve_backend(job.model.attention, device_type, job.data.document_masking)
+    check_available(job.model.kernels, device_type)
+    resolve_loss(job.model.loss, job.parallel.tp, device_type)
+    if job.optim.impl == "apex":
+        apex_fused_adam(device_type)
+    if job.model.float8:
+        check_float8(device_type)
+    return device_type
 
 
 def _entry(cfg: DictConfig) -> None:

@@ -6,6 +6,7 @@ block and root.
 """
 
 import contextlib
+import importlib
 import logging
 
 import torch
@@ -125,17 +126,23 @@ def compile_enabled(cfg: ParallelConfig, device_type: str, kernels: str = "torch
                                 and not compile_fails_with_recompute_under_tp(cfg))
 
 
-def apply_float8(model: Qwen2, device_type: str, fsdp: bool) -> None:
-    """Swap the decoder blocks' linear layers for torchao's Float8Linear (dynamic tensor-wise scaling; with FSDP2 the
-    weights are all-gathered in float8). The output head stays bf16: it feeds the loss, where float8 hurts most."""
+def check_float8(device_type: str) -> None:
+    """UserError unless model.float8=true can run here: a CUDA GPU of compute capability >= 8.9, and torchao."""
     if device_type != "cuda" or torch.cuda.get_device_capability() < (8, 9):
         raise UserError("model.float8=true needs a CUDA GPU of compute capability >= 8.9 (H100, L40S, RTX 4090); "
                         "set model.float8=false")
     try:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        importlib.import_module("torchao.float8")
     except ImportError:
         raise UserError("model.float8=true: the torchao package is not importable; pip install torchao or set "
                         "model.float8=false") from None
+
+
+def apply_float8(model: Qwen2, device_type: str, fsdp: bool) -> None:
+    """Swap the decoder blocks' linear layers for torchao's Float8Linear (dynamic tensor-wise scaling; with FSDP2 the
+    weights are all-gathered in float8). The output head stays bf16: it feeds the loss, where float8 hurts most."""
+    check_float8(device_type)
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
     def wanted(module: torch.nn.Module, name: str) -> bool:
         # float8 matmuls need both dimensions divisible by 16.

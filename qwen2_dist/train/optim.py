@@ -9,6 +9,18 @@ from qwen2_dist.config import OptimConfig
 from qwen2_dist.errors import UserError
 
 
+def apex_fused_adam(device_type: str):
+    """apex's FusedAdam class; UserError naming optim.impl=apex where it cannot run."""
+    if device_type != "cuda":
+        raise UserError("optim.impl=apex runs on CUDA devices only; use optim.impl=torch")
+    try:
+        from apex.optimizers import FusedAdam
+    except ImportError:
+        raise UserError("optim.impl=apex: NVIDIA apex (with its CUDA extensions) is not importable; build it "
+                        "from github.com/NVIDIA/apex or use optim.impl=torch") from None
+    return FusedAdam
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str):
     """AdamW; weight decay on projection matrices, none on biases, norms and the embedding. With optim.in_backward,
     an InBackwardOptimizer (see there)."""
@@ -22,13 +34,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str):
     fused = True if cfg.fused == "auto" else bool(cfg.fused)
     groups = _decay_groups(model.named_parameters(), cfg)
     if cfg.impl == "apex":
-        if device_type != "cuda":
-            raise UserError("optim.impl=apex runs on CUDA devices only; use optim.impl=torch")
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError:
-            raise UserError("optim.impl=apex: NVIDIA apex (with its CUDA extensions) is not importable; build it "
-                            "from github.com/NVIDIA/apex or use optim.impl=torch") from None
+        FusedAdam = apex_fused_adam(device_type)
         # AdamW's decoupled weight decay (adam_w_mode); a flagged step is skipped on the host (no found_inf).
         return FusedAdam(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adam_w_mode=True)
     return torch.optim.AdamW(

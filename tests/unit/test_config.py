@@ -327,3 +327,23 @@ def test_a_checkpoint_or_hugging_face_weights_of_another_model_are_refused_befor
         validate(job("model=tiny", f"model.init_from_hf={tmp_path / 'hf'}", f"run_dir={tmp_path / 'new'}"), 1)
     validate(job("model=tiny", "model.rope_theta=10000", f"model.init_from_hf={tmp_path / 'hf'}",
                  f"run_dir={tmp_path / 'new'}"), 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU refuses")
+@pytest.mark.parametrize("override,field", [
+    ("train.device=cuda", "train.device=cuda: no CUDA device is visible"),
+    ("model.attention=flex", "model.attention=flex"),
+    ("model.kernels=liger", "model.kernels=liger runs on CUDA devices only"),
+    ("model.loss=liger", "model.loss=liger needs a CUDA device"),
+    ("optim.impl=apex", "optim.impl=apex runs on CUDA devices only"),
+    ("model.float8=true", "model.float8=true needs a CUDA GPU"),
+])
+def test_the_launchers_check_refuses_what_this_machine_cannot_run(override, field, capsys):
+    """QWEN2_CHECK_ONLY (launch/common.sh, before torchrun): the device and packages too, not only the config, so
+    that torchrun does not start, and restart, workers that fail on them."""
+    from qwen2_dist.cli.train import check_only
+
+    check_only(job("model=tiny"), "1")
+    assert "config ok for 1 process(es)" in capsys.readouterr().out
+    with pytest.raises(UserError, match=re.escape(field)):
+        check_only(job("model=tiny", override), "1")
