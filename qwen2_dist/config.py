@@ -517,10 +517,12 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
         raise UserError(f"eval.samples={e.samples}: must be positive")
 
 
-def _check_saved(cfg: JobConfig, args) -> None:
-    """What the job would refuse only after the launch, read from the files now (one line and exit 2 rather than a
-    failure torchrun restarts MAX_RESTARTS times): local data of another train.seq_len, a checkpoint to resume of
-    another model."""
+def check_saved(cfg: JobConfig) -> None:
+    """What the job would refuse only after the launch, read from its files now (the launchers' check: one line and
+    exit 2 rather than a failure torchrun restarts MAX_RESTARTS times): local data of another train.seq_len, a
+    checkpoint to resume of another model. Not part of validate(): qwen2-estimate plans a job whatever run_dir
+    holds."""
+    args = cfg.model.args()
     from qwen2_dist.data.prepare import read_summary
     from qwen2_dist.train import checkpoint
 
@@ -732,7 +734,6 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         check_hf_matches(cfg.model.init_from_hf, args)  # config.json only
     _check_data(cfg.data, cfg.eval)
     _check_token_ids(cfg.data, args.vocab_size)
-    _check_saved(cfg, args)
     return {
         "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,
         "grad_accum_steps": t.global_batch_size // (t.micro_batch_size * dp),

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from qwen2_dist.config import (
-    JobConfig, check_known_keys, did_you_mean, parse_bytes, register_configs, uses_bf16, validate,
+    JobConfig, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs, uses_bf16, validate,
 )
 from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.train.faults import TrainingHalted
@@ -307,6 +307,7 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
     except ValueError:
         raise UserError(f"QWEN2_CHECK_ONLY={world_size}: give the number of processes of the job") from None
     layout = validate(job, processes)
+    check_saved(job)
     check_machine(job)
     print(f"config ok for {processes} process(es): {layout}")
 

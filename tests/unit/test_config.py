@@ -284,8 +284,12 @@ def test_data_the_model_cannot_read_is_refused_before_launch(tmp_path):
         validate(job(f"data.path={data}", "train.seq_len=16", "model.vocab_size=4096"), 1)
     with pytest.raises(UserError, match=r"data.sources\[1\].weight=0.0001 .* is too small"):
         validate(job(f"data.sources=[{{path: {data}, weight: 1}}, {{path: {data}, weight: 0.0001}}]"), 1)
+    # Before the launch (the launchers' check), not in validate(), which qwen2-estimate shares.
+    from qwen2_dist.cli.train import check_only
+
+    validate(job(f"data.path={data}", "train.seq_len=32"), 1)
     with pytest.raises(UserError, match="samples hold 17 tokens but train.seq_len=32 needs 33; set train.seq_len=16"):
-        validate(job(f"data.path={data}", "train.seq_len=32"), 1)
+        check_only(job(f"data.path={data}", "train.seq_len=32", f"run_dir={tmp_path / 'run'}"), "1")
 
 
 def test_evaluation_never_reads_a_held_out_sample_twice():
@@ -306,7 +310,7 @@ def test_rope_theta_norm_eps_and_init_range_override_a_size():
     assert args.hidden_size == 8192  # the rest is the named size's
 
 
-def test_a_checkpoint_or_hugging_face_weights_of_another_model_are_refused_before_launch(tmp_path):
+def test_a_checkpoint_or_hugging_face_weights_of_another_model_are_refused_before_launch(tmp_path, capsys):
     import dataclasses
 
     from qwen2_dist.model.args import get_model_args
@@ -319,9 +323,14 @@ def test_a_checkpoint_or_hugging_face_weights_of_another_model_are_refused_befor
     model.init_weights(0)
     checkpoint.write(str(tmp_path / "run" / "checkpoints" / "step_00000002"), model, None, {"step": 2},
                      {"model": "tiny", "model_args": tiny.to_dict()})
-    validate(job("model=tiny", f"run_dir={tmp_path / 'run'}"), 1)
+    from qwen2_dist.cli.train import check_only
+
+    check_only(job("model=tiny", f"run_dir={tmp_path / 'run'}"), "1")
+    # The launchers' check refuses it; validate() does not (qwen2-estimate plans a job whatever run_dir holds).
+    other = job("model=tiny", "model.num_hidden_layers=3", f"run_dir={tmp_path / 'run'}")
+    validate(other, 1)
     with pytest.raises(UserError, match="step_00000002 holds a tiny model whose sizes differ .*num_hidden_layers"):
-        validate(job("model=tiny", "model.num_hidden_layers=3", f"run_dir={tmp_path / 'run'}"), 1)
+        check_only(other, "1")
     write_hf(model.state_dict(), dataclasses.replace(tiny, rope_theta=10000.0), str(tmp_path / "hf"))
     with pytest.raises(UserError, match=r"config.json differs .*rope_theta: 10000.0 vs 1000000.0"):
         validate(job("model=tiny", f"model.init_from_hf={tmp_path / 'hf'}", f"run_dir={tmp_path / 'new'}"), 1)
@@ -338,12 +347,12 @@ def test_a_checkpoint_or_hugging_face_weights_of_another_model_are_refused_befor
     ("optim.impl=apex", "optim.impl=apex runs on CUDA devices only"),
     ("model.float8=true", "model.float8=true needs a CUDA GPU"),
 ])
-def test_the_launchers_check_refuses_what_this_machine_cannot_run(override, field, capsys):
+def test_the_launchers_check_refuses_what_this_machine_cannot_run(override, field, capsys, tmp_path):
     """QWEN2_CHECK_ONLY (launch/common.sh, before torchrun): the device and packages too, not only the config, so
     that torchrun does not start, and restart, workers that fail on them."""
     from qwen2_dist.cli.train import check_only
 
-    check_only(job("model=tiny"), "1")
+    check_only(job("model=tiny", f"run_dir={tmp_path}"), "1")
     assert "config ok for 1 process(es)" in capsys.readouterr().out
     with pytest.raises(UserError, match=re.escape(field)):
-        check_only(job("model=tiny", override), "1")
+        check_only(job("model=tiny", f"run_dir={tmp_path}", override), "1")
