@@ -151,3 +151,24 @@ def save_pickle_hf(model, path) -> None:
     weights = os.path.join(path, "model.safetensors")
     torch.save(load_file(weights), os.path.join(path, "pytorch_model.bin"))
     os.remove(weights)
+
+
+def cpu_trainer(run_dir, *overrides: str):
+    """A Trainer of one CPU process as qwen2-train builds it, on random token ids: the tiny model at seq 16,
+    micro-batch 2, no warmup, blocking saves, then the overrides (the last value of a key wins); the global batch
+    over micro-batch 2 sets the accumulation."""
+    from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
+    from qwen2_dist.config import validate
+    from qwen2_dist.data.synthetic import SyntheticBatches
+    from qwen2_dist.parallel.mesh import init_distributed
+    from qwen2_dist.train.trainer import Trainer
+
+    job = compose_job(["model=tiny", f"run_dir={run_dir}", "train.device=cpu", "train.seq_len=16",
+                       "train.micro_batch_size=2", "optim.warmup_steps=0", "checkpoint.async_save=false", *overrides])
+    validate(job, 1)
+    world = init_distributed("cpu")
+    model, optimizer = build_model_and_optimizer(job, world, None, "cpu")
+    args, train = job.model.args(), job.train
+    batches = SyntheticBatches(args.vocab_size, train.seq_len, train.micro_batch_size, train.global_batch_size, seed=0)
+    return Trainer(job, args, world, None, model, optimizer, batches,
+                   train.global_batch_size // train.micro_batch_size, {})

@@ -75,20 +75,11 @@ def test_the_trainer_clips(tmp_path, grad_clip):
     """Trainer.train_step applies train.grad_clip. AdamW is blind to a uniform gradient scale except through its eps:
     gradients clipped to a norm of 1e-12 sit far below eps=1e-8, so the weights barely move (no weight decay), where
     unclipped ones move by about lr per element."""
-    from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
-    from qwen2_dist.data.synthetic import SyntheticBatches
-    from qwen2_dist.parallel.mesh import init_distributed
-    from qwen2_dist.train.trainer import Trainer
+    from tests.helpers import cpu_trainer
 
-    job = compose_job(["model=tiny", f"run_dir={tmp_path}", "train.device=cpu", "train.seq_len=16",
-                       "train.micro_batch_size=2", "train.global_batch_size=2", "optim.lr=1e-2", "optim.eps=1e-8",
-                       "optim.warmup_steps=0", "optim.weight_decay=0", f"train.grad_clip={grad_clip}",
-                       "checkpoint.async_save=false"])
-    world = init_distributed("cpu")
-    model, optimizer = build_model_and_optimizer(job, world, None, "cpu")
-    args = job.model.args()
-    batches = SyntheticBatches(args.vocab_size, job.train.seq_len, 2, 2, seed=0)
-    trainer = Trainer(job, args, world, None, model, optimizer, batches, 1, {})
+    trainer = cpu_trainer(tmp_path, "train.global_batch_size=2", "optim.lr=1e-2", "optim.eps=1e-8",
+                          "optim.weight_decay=0", f"train.grad_clip={grad_clip}")
+    model = trainer.model
     before = [p.detach().clone() for p in model.parameters()]
     _, grad_norm, _ = trainer.train_step()
     moved = max((p - b).abs().max().item() for p, b in zip(model.parameters(), before))

@@ -6,28 +6,18 @@ itself needs CUDA (benchmarks/gpu_check.sh runs it there)."""
 import pytest
 import torch
 
-from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
+from qwen2_dist.cli.train import compose_job
 from qwen2_dist.config import ParallelConfig, validate
-from qwen2_dist.data.synthetic import SyntheticBatches
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import get_model_args
 from qwen2_dist.model.qwen2 import build_model
-from qwen2_dist.parallel.mesh import init_distributed
 from qwen2_dist.parallel.parallelize import parallelize
 from qwen2_dist.train.optim import OverlappedOptimizer
-from qwen2_dist.train.trainer import Trainer
+from tests.helpers import cpu_trainer
 
 
 def _trainer(tmp_path, *overrides):
-    job = compose_job(["model=tiny", f"run_dir={tmp_path}", "train.device=cpu", "train.seq_len=16",
-                       "train.micro_batch_size=2", "train.global_batch_size=4", "optim.lr=1e-2",
-                       "optim.warmup_steps=0", "train.grad_clip=0.05", "checkpoint.async_save=false", *overrides])
-    validate(job, 1)
-    world = init_distributed("cpu")
-    model, optimizer = build_model_and_optimizer(job, world, None, "cpu")
-    args = job.model.args()
-    batches = SyntheticBatches(args.vocab_size, job.train.seq_len, 2, 4, seed=0)
-    return Trainer(job, args, world, None, model, optimizer, batches, 2, {})
+    return cpu_trainer(tmp_path, "train.global_batch_size=4", "optim.lr=1e-2", "train.grad_clip=0.05", *overrides)
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -10,13 +10,9 @@ import time
 import pytest
 import torch
 
-from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
-from qwen2_dist.config import validate
-from qwen2_dist.data.synthetic import SyntheticBatches
-from qwen2_dist.parallel.mesh import init_distributed
 from qwen2_dist.train import checkpoint
 from qwen2_dist.train.faults import INJECT_NAN_ENV, StepGuard, TrainingHalted
-from qwen2_dist.train.trainer import Trainer
+from tests.helpers import cpu_trainer
 
 FINITE = torch.tensor(1.0)
 
@@ -51,14 +47,7 @@ def test_a_resumed_spike_guard_decides_as_the_uninterrupted_one():
 
 
 def _trainer(tmp_path, *overrides):
-    job = compose_job(["model=tiny", f"run_dir={tmp_path}", "train.device=cpu", "train.seq_len=16",
-                       "train.micro_batch_size=2", "train.global_batch_size=2", "optim.warmup_steps=0",
-                       "checkpoint.async_save=false", "eval.interval=0", "checkpoint.interval=0", *overrides])
-    validate(job, 1)
-    world = init_distributed("cpu")
-    model, optimizer = build_model_and_optimizer(job, world, None, "cpu")
-    batches = SyntheticBatches(job.model.args().vocab_size, job.train.seq_len, 2, 2, seed=0)
-    return Trainer(job, job.model.args(), world, None, model, optimizer, batches, 1, {})
+    return cpu_trainer(tmp_path, "train.global_batch_size=2", "eval.interval=0", "checkpoint.interval=0", *overrides)
 
 
 def test_halt_stops_on_a_skipped_step_between_logging_steps(tmp_path, monkeypatch):
