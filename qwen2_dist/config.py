@@ -523,16 +523,14 @@ def check_saved(cfg: JobConfig) -> None:
     checkpoint to resume of another model. Not part of validate(): qwen2-estimate plans a job whatever run_dir
     holds."""
     args = cfg.model.args()
+    from qwen2_dist.data.loader import check_seq_len
     from qwen2_dist.data.prepare import read_summary
     from qwen2_dist.train import checkpoint
 
     d = cfg.data
-    for path in [] if d.synthetic else [s.path for s in d.sources] or ([d.path] if d.path is not None else []):
-        tokens = None if "://" in path else read_summary(os.path.expanduser(path)).get("sample_tokens")
-        if tokens is not None and tokens != cfg.train.seq_len + 1:
-            raise UserError(f"data source {path}: samples hold {tokens} tokens but train.seq_len={cfg.train.seq_len} "
-                            f"needs {cfg.train.seq_len + 1}; set train.seq_len={tokens - 1} or rerun qwen2-prepare "
-                            f"with seq_len={cfg.train.seq_len}")
+    for path in [] if d.synthetic else _data_paths(d):
+        if "://" not in path:
+            check_seq_len(path, read_summary(os.path.expanduser(path))["sample_tokens"], cfg.train.seq_len)
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
     if resume not in ("auto", "none") and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(ckpt_root) \
             and not checkpoint.rollback_done(ckpt_root, resume):
@@ -552,21 +550,23 @@ def _check_token_ids(d: DataConfig, vocab_size: int) -> None:
     launch with one process, and with tensor parallelism reads another rank's rows, silently. Also the mixture's
     shares (a weight too small for any would leave its source unread)."""
     from qwen2_dist.data.loader import check_vocab, mixture_quotas
-    from qwen2_dist.data.tokenizer import QWEN2_NUM_REGULAR_TOKENS, QWEN2_SPECIAL_TOKENS
+    from qwen2_dist.data.tokenizer import QWEN2_VOCAB_SIZE
 
     if len(d.sources) > 1:
         mixture_quotas([(s.path, s.weight) for s in d.sources])
     if d.synthetic:
         return
-    paths = [s.path for s in d.sources] or ([d.path] if d.path is not None else [])
-    if paths:
-        check_vocab(paths, vocab_size)
-        return
-    qwen2_tokens = QWEN2_NUM_REGULAR_TOKENS + len(QWEN2_SPECIAL_TOKENS)
-    if vocab_size < qwen2_tokens:
+    if _data_paths(d):
+        check_vocab(_data_paths(d), vocab_size)
+    elif vocab_size < QWEN2_VOCAB_SIZE:
         raise UserError(f"model.vocab_size={vocab_size}: the embedded corpus holds ids of the Qwen2 tokenizer "
-                        f"({qwen2_tokens} tokens); set model.vocab_size >= {qwen2_tokens}, point data.path at data of "
-                        "a smaller vocabulary, or use data.synthetic=true")
+                        f"({QWEN2_VOCAB_SIZE} tokens); set model.vocab_size >= {QWEN2_VOCAB_SIZE}, point data.path at "
+                        "data of a smaller vocabulary, or use data.synthetic=true")
+
+
+def _data_paths(d: DataConfig) -> list[str]:
+    """The datasets the job reads (data.sources' or data.path); none: the embedded corpus."""
+    return [s.path for s in d.sources] or ([d.path] if d.path is not None else [])
 
 
 def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:

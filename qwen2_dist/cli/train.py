@@ -187,9 +187,10 @@ def run(cfg: DictConfig):
             eval_batches = TokenBatches(sources, global_batch_size=eval_samples, split=VAL,
                                         **{**loader_args, "num_workers": 0})
             held_out = sum(source["samples"] for source in eval_batches.order_summary["sources"])
-            if eval_sample_count(job.eval.samples, per_micro_step, held_out) != eval_samples:
+            capped = eval_sample_count(job.eval.samples, per_micro_step, held_out)
+            if capped != eval_samples:  # the split is smaller: built again for the samples it has
                 eval_batches.close()
-                eval_samples = eval_sample_count(job.eval.samples, per_micro_step, held_out)
+                eval_samples = capped
                 log.warning("eval: eval.samples=%d, rounded to whole micro-batches on %d data-parallel rank(s), "
                             "is more than the %d held-out samples: %s", job.eval.samples, dp_size, held_out,
                             f"evaluating {eval_samples}" if eval_samples else

@@ -250,6 +250,14 @@ def split_available(path: str, split: str, cache_dir: str | None = None, run_key
     return bool(summary["splits"].get(split, {}).get("samples"))
 
 
+def check_seq_len(path: str, sample_tokens: int, seq_len: int) -> None:
+    """UserError naming the source and the fix unless its samples (sample_tokens, from its summary) fit seq_len."""
+    if sample_tokens != seq_len + 1:
+        raise UserError(f"data source {path}: samples hold {sample_tokens} tokens but train.seq_len={seq_len} needs "
+                        f"{seq_len + 1}; set train.seq_len={sample_tokens - 1} or rerun qwen2-prepare with "
+                        f"seq_len={seq_len}")
+
+
 def check_vocab(sources: list[str], vocab_size: int) -> None:
     """Refuse local sources prepared by different tokenizers, or holding token ids of vocab_size or more (UserError
     naming the source and the fix). Tokenizers are told apart by vocabulary size, as one tokenizer goes by several
@@ -517,12 +525,7 @@ class TokenBatches:
         if not split.get("samples"):
             raise UserError(f"data source {path} has no samples in its {self.split} split; "
                             + ("prepare it with val_fraction > 0" if self.split != TRAIN else "rerun qwen2-prepare"))
-        if summary["sample_tokens"] != self.seq_len + 1:
-            raise UserError(
-                f"data source {path}: samples hold {summary['sample_tokens']} tokens but train.seq_len={self.seq_len}"
-                f" needs {self.seq_len + 1}; set train.seq_len={summary['sample_tokens'] - 1} or rerun "
-                f"qwen2-prepare with seq_len={self.seq_len}"
-            )
+        check_seq_len(path, summary["sample_tokens"], self.seq_len)
 
     def global_ids(self, positions: np.ndarray) -> np.ndarray:
         """StreamingDataset sample ids of global positions."""

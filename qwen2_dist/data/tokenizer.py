@@ -19,6 +19,7 @@ QWEN2_PATTERN = (
 )
 QWEN2_NUM_REGULAR_TOKENS = 151_643
 QWEN2_SPECIAL_TOKENS = {"<|endoftext|>": 151_643, "<|im_start|>": 151_644, "<|im_end|>": 151_645}
+QWEN2_VOCAB_SIZE = QWEN2_NUM_REGULAR_TOKENS + len(QWEN2_SPECIAL_TOKENS)  # the tokenizer's (the model's is padded)
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,7 +101,7 @@ def _qwen2_tokenizer() -> Tokenizer:
         ),
         decode=lambda ids: qwen2_encoding().decode(ids),
         eos_id=QWEN2_SPECIAL_TOKENS["<|endoftext|>"],
-        vocab_size=QWEN2_NUM_REGULAR_TOKENS + len(QWEN2_SPECIAL_TOKENS),
+        vocab_size=QWEN2_VOCAB_SIZE,
         encode_flat=encode_flat,
     )
 
