@@ -98,24 +98,35 @@ def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh 
 
 def run(cfg: DictConfig):
     """Run the training job described by a composed config; returns the TrainResult."""
+    from qwen2_dist.parallel.mesh import init_distributed, world_from_env
+    from qwen2_dist.train import runlock
+
+    job = to_job(cfg)
+    _, local_rank, world_size = world_from_env()
+    layout = validate(job, world_size)
+    device_type = resolve_device(job.train.device)
+    world = init_distributed(device_type, job.train.pg_timeout_minutes)
+    setup_logging(job.run_dir, world.rank)
+    lock = runlock.acquire_on_main(job.run_dir, world.is_main)  # before anything in run_dir is cleaned or written
+    try:
+        return _train(cfg, job, world, layout, device_type, local_rank)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device_type: str, local_rank: int):
+    """run() once the job holds its run_dir."""
     from qwen2_dist.data.corpus import embedded_corpus
     from qwen2_dist.data.loader import TokenBatches, split_available
     from qwen2_dist.data.prepare import VAL
     from qwen2_dist.data.synthetic import SyntheticBatches
-    from qwen2_dist.parallel.mesh import (
-        build_mesh, dp_rank_and_size, init_distributed, set_deterministic, world_from_env,
-    )
+    from qwen2_dist.parallel.mesh import build_mesh, dp_rank_and_size, set_deterministic
     from qwen2_dist.train import checkpoint
     from qwen2_dist.train.trainer import Trainer
 
-    job = to_job(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    _, local_rank, world_size = world_from_env()
-    layout = validate(job, world_size)
-    device_type = resolve_device(job.train.device)
     args = job.model.args()
-    world = init_distributed(device_type, job.train.pg_timeout_minutes)
-    setup_logging(job.run_dir, world.rank)
     if job.train.deterministic:
         set_deterministic()
     if world.is_main:
@@ -300,6 +311,8 @@ def _precheck(argv: list[str]) -> JobConfig | None:
 def check_only(job: JobConfig | None, world_size: str) -> None:
     """QWEN2_CHECK_ONLY=WORLD_SIZE: validate the job for that many processes, say so, and stop (the launchers run
     this before torchrun, which would otherwise start the workers, and restart them, on a job that cannot run)."""
+    from qwen2_dist.train import runlock
+
     if job is None:
         print("config check skipped (Hydra multirun or flags)")
         return
@@ -308,6 +321,7 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
     except ValueError:
         raise UserError(f"QWEN2_CHECK_ONLY={world_size}: give the number of processes of the job") from None
     layout = validate(job, processes)
+    runlock.check_free(job.run_dir)
     check_saved(job)
     check_machine(job)
     print(f"config ok for {processes} process(es): {layout}")

@@ -148,3 +148,22 @@ def test_mixed_precision_bf16_computes_in_bf16_in_one_cpu_process(tmp_path, corp
         losses[precision] = [r["loss"] for r in read_metrics(run_dir)]
     assert losses["bf16"] != losses["fp32"]  # the same numbers would mean fp32 compute
     assert max(abs(a - b) for a, b in zip(losses["bf16"], losses["fp32"])) < 0.02
+
+
+def test_a_second_job_in_a_running_jobs_run_dir_is_refused_before_it_touches_anything(tmp_path, corpus_cache):
+    """A second job in a run_dir in use would delete the first one's save in progress (a partial checkpoint to
+    it) and overwrite its config.yaml: refused, by the launchers' check and by the job itself."""
+    from qwen2_dist.train import runlock
+
+    run_dir = tmp_path / "run"
+    in_progress = run_dir / "checkpoints" / "step-00000003.tmp-1"
+    in_progress.mkdir(parents=True)
+    held = runlock.acquire(str(run_dir))
+    try:
+        for env in ({"QWEN2_CHECK_ONLY": "1"}, {}):
+            result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache), env={**os.environ, **env})
+            assert result.returncode == 2, result.stderr[-2000:]
+            assert f"another job is running in it (host {os.uname().nodename}, pid {os.getpid()}" in result.stderr
+        assert in_progress.is_dir() and not (run_dir / "config.yaml").exists()
+    finally:
+        held.close()

@@ -1,0 +1,93 @@
+"""One job at a time in a run_dir: rank 0 holds an exclusive lock on run_dir/run.lock while the job runs.
+
+Two jobs in one run_dir (a second torchrun of the same job, or two jobs given one run_dir=...) would clean each
+other's checkpoints in progress (clean_partial), resume from each other's steps and overwrite config.yaml. The lock is
+flock(2): the kernel drops it when the holding process ends, however it ends (a kill -9, a node lost), so no stale
+lock is ever left to clear by hand. The file holds the holder's host, pid and Slurm job id, for the message. Where
+the filesystem refuses flock (some NFS mounts, Lustre without -o flock), the job runs with a warning, unlocked.
+"""
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from typing import IO
+
+import torch.distributed as dist
+
+from qwen2_dist.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = "run.lock"
+
+
+def _holder(handle: IO[str]) -> str:
+    handle.seek(0)
+    try:
+        who = json.loads(handle.read() or "{}")
+    except ValueError:
+        return "holder unknown"
+    parts = [f"host {who.get('host', '?')}", f"pid {who.get('pid', '?')}"]
+    if who.get("slurm_job_id"):
+        parts.append(f"Slurm job {who['slurm_job_id']}")
+    if who.get("started"):
+        parts.append(f"since {who['started']}")
+    return ", ".join(parts)
+
+
+def acquire(run_dir: str) -> IO[str] | None:
+    """Lock run_dir for this process; the open lock file (close it to release), or None where the filesystem has
+    no flock. A UserError naming the holder when another process holds it."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, LOCK_NAME)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            holder = _holder(handle)
+            handle.close()
+            raise UserError(f"run_dir={run_dir}: another job is running in it ({holder}; lock {path}). Wait for it "
+                            "to end, or give this job a run_dir of its own (run_dir=... or job.name=...)") from None
+        handle.close()
+        log.warning("run_dir %s: this filesystem refuses a lock (%s); nothing stops a second job from running in "
+                    "the same run_dir at the same time", run_dir, os.strerror(exc.errno or 0))
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    handle.flush()
+    return handle
+
+
+def acquire_on_main(run_dir: str, is_main: bool) -> IO[str] | None:
+    """acquire() on rank 0 (the lock to close, or None); a refusal raised on every rank, not on rank 0 alone while
+    the others wait for it at their first collective."""
+    handle, refusal = None, ""
+    if is_main:
+        try:
+            handle = acquire(run_dir)
+        except UserError as exc:
+            refusal = str(exc)
+    if dist.is_initialized():
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    if refusal:
+        raise UserError(refusal)
+    return handle
+
+
+def check_free(run_dir: str) -> None:
+    """The launchers' check: a UserError when a job holds run_dir now (the lock taken and released at once)."""
+    if not os.path.isdir(run_dir):
+        return
+    handle = acquire(run_dir)
+    if handle is not None:
+        handle.close()

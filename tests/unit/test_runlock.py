@@ -1,0 +1,40 @@
+"""One job at a time in a run_dir (qwen2_dist/train/runlock.py)."""
+
+import errno
+import fcntl
+import logging
+import os
+
+import pytest
+
+from qwen2_dist.errors import UserError
+from qwen2_dist.train import runlock
+
+
+def test_a_held_run_dir_is_refused_naming_the_holder_until_it_is_released(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    held = runlock.acquire(str(tmp_path))
+    # flock locks belong to an open file: a second open, even in this process, is a second job.
+    with pytest.raises(UserError, match=rf"run_dir={tmp_path}: another job is running in it \(host .*, pid "
+                                        rf"{os.getpid()}, Slurm job 4242, since .*run_dir=\.\.\. or job\.name="):
+        runlock.acquire(str(tmp_path))
+    with pytest.raises(UserError, match="another job is running"):
+        runlock.check_free(str(tmp_path))
+    held.close()
+    runlock.check_free(str(tmp_path))
+    runlock.acquire(str(tmp_path)).close()
+
+
+def test_the_launchers_check_creates_no_run_dir(tmp_path):
+    runlock.check_free(str(tmp_path / "new"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monkeypatch, caplog):
+    def refuse(handle, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with caplog.at_level(logging.WARNING, logger=runlock.__name__):
+        assert runlock.acquire(str(tmp_path)) is None
+    assert "refuses a lock" in caplog.text and str(tmp_path) in caplog.text
