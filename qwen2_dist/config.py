@@ -176,9 +176,9 @@ class EvalConfig:
     """Compute the loss on the held-out (val) split every this many steps; 0 = never. Skipped, with a warning,
     when the data has no val split."""
     samples: int = 16
-    """Held-out samples per evaluation over all ranks (the same samples every time, so evaluations compare);
-    rounded up to a multiple of train.micro_batch_size x data-parallel size, and down to the held-out split's size
-    (with a warning) where that is smaller, so that no sample counts twice."""
+    """Held-out samples per evaluation over all ranks: the first of the split's order, the same every time and on
+    every layout, so evaluations compare; all of the split (with a warning) where it holds fewer. The last
+    micro-batches are filled up with rows that count for nothing."""
 
 
 @dataclass

@@ -194,26 +194,23 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         else:
             # Read in the training process: a few micro-batches now and then do not pay for worker start-up.
             per_micro_step = job.train.micro_batch_size * dp_size
-            eval_samples = eval_sample_count(job.eval.samples, per_micro_step, None)
-            eval_batches = TokenBatches(sources, global_batch_size=eval_samples, split=VAL,
-                                        **{**loader_args, "num_workers": 0})
+            eval_samples = job.eval.samples
+            eval_batches = TokenBatches(sources, global_batch_size=eval_step_size(eval_samples, per_micro_step),
+                                        split=VAL, **{**loader_args, "num_workers": 0})
             held_out = sum(source["samples"] for source in eval_batches.order_summary["sources"])
-            capped = eval_sample_count(job.eval.samples, per_micro_step, held_out)
-            if capped != eval_samples:  # the split is smaller: built again for the samples it has
+            if held_out < eval_samples:  # built again for the samples the split has
+                log.warning("eval: eval.samples=%d is more than the %d held-out samples: evaluating %d",
+                            eval_samples, held_out, held_out)
+                eval_samples = held_out
                 eval_batches.close()
-                eval_samples = capped
-                log.warning("eval: eval.samples=%d, rounded to whole micro-batches on %d data-parallel rank(s), "
-                            "is more than the %d held-out samples: %s", job.eval.samples, dp_size, held_out,
-                            f"evaluating {eval_samples}" if eval_samples else
-                            "fewer than one micro-batch on every rank, so evaluation is off")
-                eval_batches = TokenBatches(sources, global_batch_size=eval_samples, split=VAL,
-                                            **{**loader_args, "num_workers": 0}) if eval_samples else None
+                eval_batches = TokenBatches(sources, global_batch_size=eval_step_size(eval_samples, per_micro_step),
+                                            split=VAL, **{**loader_args, "num_workers": 0}) if held_out else None
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
         "config_hash": checkpoint.config_hash(resolved),
     }
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata,
-                      eval_batches)
+                      eval_batches, eval_samples if eval_batches is not None else None)
     for path in candidates:
         try:
             trainer.restore(path)
@@ -240,14 +237,10 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     return result
 
 
-def eval_sample_count(requested: int, per_micro_step: int, held_out: int | None) -> int:
-    """Held-out samples per evaluation: eval.samples rounded up to whole micro-batches on every data-parallel rank,
-    and down to whole ones within the held-out split where it holds fewer (more would read some samples twice, the
-    order wrapping around; 0: evaluation off). held_out None: not known yet."""
-    count = -(-requested // per_micro_step) * per_micro_step
-    if held_out is not None and count > held_out:
-        count = held_out // per_micro_step * per_micro_step
-    return count
+def eval_step_size(samples: int, per_micro_step: int) -> int:
+    """The held-out samples one evaluation reads to evaluate `samples` of them: whole micro-batches on every
+    data-parallel rank (per_micro_step samples each), the rows past `samples` ignored (Trainer.evaluate)."""
+    return -(-samples // per_micro_step) * per_micro_step
 
 
 def compose_job(overrides: list[str]) -> JobConfig:

@@ -346,8 +346,7 @@ class _RankSampler:
         step_start = self.start
         while True:
             for micro in range(b.grad_accum_steps):
-                first = step_start + b.dp_rank * b.samples_per_rank + micro * b.micro_batch_size
-                yield b.global_ids(np.arange(first, first + b.micro_batch_size)).tolist()
+                yield b.global_ids(step_start + b.rows_in_step(micro)).tolist()
             step_start += b.global_batch_size
 
 
@@ -560,6 +559,12 @@ class TokenBatches:
         self.position, self.micro_index = position, 0
         self._epochs = self.order.epochs(position)
         self._iterator = None
+
+    def rows_in_step(self, micro: int) -> np.ndarray:
+        """Where the rows of this rank's micro-batch `micro` (0 .. grad_accum_steps - 1) lie among the step's
+        global_batch_size samples: the ranks take consecutive slices, each cut into its micro-batches."""
+        first = self.dp_rank * self.samples_per_rank + micro * self.micro_batch_size
+        return np.arange(first, first + self.micro_batch_size)
 
     def next_batch(self) -> Batch:
         """The next micro-batch of this rank."""

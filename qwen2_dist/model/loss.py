@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 
 LOSSES = ("auto", "chunked", "liger", "plain")
 
+IGNORE_INDEX = -100
+"""A target that counts for nothing (torch's cross_entropy default): evaluation pads its last micro-batches with it.
+Every implementation skips it when evaluating; training's targets never hold it (the loader packs every token)."""
+
 
 def resolve_loss(requested: str, tp: int, device_type: str) -> str:
     """Turn model.loss (possibly 'auto') into a concrete implementation, and say why in the log."""
@@ -128,16 +132,18 @@ def _max_exp_sum(fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Evaluation's summed loss of one chunk. On ONLINE_SOFTMAX_DEVICES the log-sum-exp is written as the max / exp /
-    sum that Inductor computes in one pass (the logits read once for it, not twice as torch.logsumexp's max and sum
-    are); elsewhere torch.logsumexp."""
+    """Evaluation's summed loss of one chunk, targets equal to IGNORE_INDEX left out. On ONLINE_SOFTMAX_DEVICES the
+    log-sum-exp is written as the max / exp / sum that Inductor computes in one pass (the logits read once for it,
+    not twice as torch.logsumexp's max and sum are); elsewhere torch.logsumexp."""
     fp32 = logits.float()
     if logits.device.type in ONLINE_SOFTMAX_DEVICES:
         row_max, _, row_sum = _max_exp_sum(fp32)
         lse = (row_sum.log() + row_max).squeeze(-1)
     else:
         lse = torch.logsumexp(fp32, dim=-1)
-    return (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
+    counted = targets != IGNORE_INDEX
+    picked = fp32.gather(1, torch.where(counted, targets, 0)[:, None]).squeeze(1)
+    return torch.where(counted, lse - picked, 0.0).sum()
 
 
 @functools.cache
@@ -325,7 +331,8 @@ def linear_cross_entropy(
     tie: TiedGradient | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) of the logits hidden @ weight.T against targets, by `impl` (a resolved
-    model.loss). hidden: (..., hidden); targets: (...) token ids; weight: (vocab, hidden). Under autocast the
+    model.loss). hidden: (..., hidden); targets: (...) token ids, or IGNORE_INDEX for none (without gradients
+    only: the chunked training step takes every target); weight: (vocab, hidden). Under autocast the
     projection runs in the autocast dtype, as a plain F.linear would. compiled: the chunked loss's softmax step
     through torch.compile, with compile_options (sorted (name, value) pairs of Inductor settings). tie: the
     TiedGradient of a TiedEmbedding lookup of the same weight in this graph, which then receives the chunked loss's

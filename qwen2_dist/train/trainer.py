@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from qwen2_dist.config import JobConfig, inductor_options, uses_bf16
 from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.model.args import ModelArgs
-from qwen2_dist.model.loss import resolve_loss
+from qwen2_dist.model.loss import IGNORE_INDEX, resolve_loss
 from qwen2_dist.parallel.mesh import World, agree_any, all_reduce_sum, dp_rank_and_size
 from qwen2_dist.parallel.parallelize import compile_enabled, loss_context, set_gradient_sync
 from qwen2_dist.train import checkpoint
@@ -77,10 +77,14 @@ class Trainer:
         grad_accum_steps: int,
         metadata: dict,
         eval_batches: TokenBatches | None = None,
+        eval_samples: int | None = None,
     ):
         self.cfg, self.args, self.world, self.mesh = cfg, args, world, mesh
         self.model, self.optimizer, self.batches = model, optimizer, batches
         self.eval_batches = eval_batches
+        # The first eval_samples of eval_batches' one step count (None: all of them); the rest pad the last
+        # micro-batches, so that the same samples are evaluated on any layout.
+        self.eval_samples = eval_samples
         self.grad_accum_steps = grad_accum_steps
         self.metadata = metadata
         self.checkpointer = checkpoint.Checkpointer(
@@ -220,18 +224,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss per target token over the held-out samples (the same samples at every evaluation)."""
+        """Mean loss per target token over the held-out samples: the same samples at every evaluation, and on every
+        layout (the first eval_samples of the split's order; the rows past them, which fill the last micro-batches,
+        have their targets ignored)."""
         batches = self.eval_batches
         batches.seek(0)
         device = self.world.device
+        evaluated = batches.global_batch_size if self.eval_samples is None else self.eval_samples
         loss_sum = torch.zeros((), device=device)
         num_tokens = 0
-        for _ in range(batches.grad_accum_steps):
+        for micro in range(batches.grad_accum_steps):
             inputs, targets, positions = batches.next_batch()
+            padding = torch.from_numpy(batches.rows_in_step(micro) >= evaluated)
+            if padding.any():  # every rank runs every micro-batch: the collectives of FSDP and TP need them all
+                targets = targets.masked_fill(padding[:, None], IGNORE_INDEX)
             with loss_context(self.mesh):
                 loss = self._loss(inputs, positions, self._to_device(targets))
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
-            num_tokens += targets.numel()
+            num_tokens += int((~padding).sum()) * targets.shape[1]
         global_tokens = all_reduce_sum(torch.tensor(float(num_tokens), device=device), self.mesh)
         return (all_reduce_sum(loss_sum, self.mesh) / global_tokens).item()
 

@@ -292,13 +292,11 @@ def test_data_the_model_cannot_read_is_refused_before_launch(tmp_path):
         check_only(job(f"data.path={data}", "train.seq_len=32", f"run_dir={tmp_path / 'run'}"), "1")
 
 
-def test_evaluation_never_reads_a_held_out_sample_twice():
-    from qwen2_dist.cli.train import eval_sample_count
+def test_evaluation_reads_whole_micro_batches_on_every_rank():
+    from qwen2_dist.cli.train import eval_step_size
 
-    assert eval_sample_count(16, 4, None) == 16 and eval_sample_count(10, 4, None) == 12  # whole micro-batches
-    assert eval_sample_count(10, 4, 1000) == 12
-    assert eval_sample_count(10000, 4, 390) == 388 and eval_sample_count(10000, 1, 390) == 390
-    assert eval_sample_count(16, 8, 7) == 0  # fewer than one micro-batch on every rank: evaluation off
+    assert eval_step_size(16, 4) == 16 and eval_step_size(10, 4) == 12 and eval_step_size(3, 8) == 8
+    assert eval_step_size(390, 1) == 390
 
 
 def test_rope_theta_norm_eps_and_init_range_override_a_size():

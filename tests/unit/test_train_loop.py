@@ -119,3 +119,24 @@ def test_a_resumed_job_trains_with_its_own_optimizer_settings(tmp_path, caplog):
     assert resumed.step == 2
     assert {(g["weight_decay"], tuple(g["betas"])) for g in resumed.optimizer.param_groups} == {(0.0, (0.9, 0.999))}
     assert "weight_decay 0.1 -> 0.0" in caplog.text and "betas" in caplog.text
+
+
+@pytest.mark.parametrize("loss", ["chunked", "plain"])
+def test_evaluation_reads_the_same_samples_whatever_the_micro_batches(tmp_path, loss):
+    """eval.samples=5 read in micro-batches of 1, 2 and 4 (as on 1, 2 or 4 data-parallel ranks): the rows past the
+    fifth, which fill the last micro-batch, count for nothing, also where they wrap past the 7 held-out samples."""
+    from qwen2_dist.data.loader import TokenBatches
+    from qwen2_dist.data.prepare import VAL
+    from tests.datasets import make_dataset
+
+    data = make_dataset(tmp_path / "data", 8, 16, val_samples=7)
+    trainer = cpu_trainer(tmp_path / "run", f"model.loss={loss}", "train.global_batch_size=2")
+    losses = []
+    for micro in (1, 2, 4):
+        step = -(-5 // micro) * micro
+        trainer.eval_batches = TokenBatches([(data, 1.0)], seq_len=16, micro_batch_size=micro,
+                                            global_batch_size=step, split=VAL)
+        trainer.eval_samples = 5
+        losses.append(trainer.evaluate())
+        trainer.eval_batches.close()
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
