@@ -169,6 +169,10 @@ class DataConfig:
     """Train on uniformly random token ids instead of data (nothing is read or built): to measure the speed and memory
     of a layout, e.g. on a new cluster. The loss cannot fall below ln(vocab); evaluation is off."""
 
+    def cache_root(self) -> str:
+        """cache_dir, or its default."""
+        return self.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "qwen2_dist")
+
 
 @dataclass
 class EvalConfig:
@@ -519,18 +523,20 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
 
 def check_saved(cfg: JobConfig) -> None:
     """What the job would refuse only after the launch, read from its files now (the launchers' check: one line and
-    exit 2 rather than a failure torchrun restarts MAX_RESTARTS times): local data of another train.seq_len, a
-    checkpoint to resume of another model. Not part of validate(): qwen2-estimate plans a job whatever run_dir
+    exit 2 rather than a failure torchrun restarts MAX_RESTARTS times): data of another train.seq_len, remote data
+    with token ids beyond the model's vocabulary (validate() checks local data; a remote source's summary is
+    downloaded into the run's cache, where the job finds it), a checkpoint to resume of another model. Not part of validate(): qwen2-estimate plans a job whatever run_dir
     holds."""
     args = cfg.model.args()
-    from qwen2_dist.data.loader import check_seq_len
-    from qwen2_dist.data.prepare import read_summary
+    from qwen2_dist.data.loader import check_seq_len, check_summaries_vocab, run_cache_key, source_summary
     from qwen2_dist.train import checkpoint
 
     d = cfg.data
-    for path in [] if d.synthetic else _data_paths(d):
-        if "://" not in path:
-            check_seq_len(path, read_summary(os.path.expanduser(path))["sample_tokens"], cfg.train.seq_len)
+    summaries = [(path, source_summary(path, d.cache_root(), run_cache_key(cfg.run_dir)))
+                 for path in ([] if d.synthetic else _data_paths(d))]
+    for path, summary in summaries:
+        check_seq_len(path, summary["sample_tokens"], cfg.train.seq_len)
+    check_summaries_vocab([(path, summary) for path, summary in summaries if "://" in path], args.vocab_size)
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
     if resume not in ("auto", "none") and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(ckpt_root) \
             and not checkpoint.rollback_done(ckpt_root, resume):

@@ -1,6 +1,5 @@
 """qwen2-train: the Hydra entry point; builds the job (config -> world -> mesh -> model -> data) and runs it."""
 
-import hashlib
 import logging
 import os
 import re
@@ -118,7 +117,7 @@ def run(cfg: DictConfig):
 def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device_type: str, local_rank: int):
     """run() once the job holds its run_dir."""
     from qwen2_dist.data.corpus import embedded_corpus
-    from qwen2_dist.data.loader import TokenBatches, split_available
+    from qwen2_dist.data.loader import TokenBatches, run_cache_key, split_available
     from qwen2_dist.data.prepare import VAL
     from qwen2_dist.data.synthetic import SyntheticBatches
     from qwen2_dist.parallel.mesh import build_mesh, dp_rank_and_size, set_deterministic
@@ -156,7 +155,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         checkpoint.init_checkpoint_metadata(job.model.init_from_checkpoint, args)  # refused now, not after the build
 
     data_path = job.data.path
-    cache = job.data.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "qwen2_dist")
+    cache = job.data.cache_root()
     if data_path is None and not job.data.sources and not job.data.synthetic:
         if local_rank == 0:
             data_path = embedded_corpus(cache, job.train.seq_len, job.data.embedded_max_tokens)
@@ -174,7 +173,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         seq_len=job.train.seq_len, micro_batch_size=job.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=job.seed, shuffle=job.data.shuffle, shuffle_block_size=job.data.shuffle_block_size,
         document_masking=job.data.document_masking, cache_dir=cache, num_workers=job.data.num_workers,
-        run_key=hashlib.sha256(os.path.abspath(job.run_dir).encode()).hexdigest()[:12],
+        run_key=run_cache_key(job.run_dir), vocab_size=args.vocab_size,
     )
     if job.data.synthetic:
         batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,

@@ -241,13 +241,23 @@ def _source_summary(path: str, local: str | None) -> dict:
     return read_summary(local)
 
 
-def split_available(path: str, split: str, cache_dir: str | None = None, run_key: str = "default") -> bool:
-    """Whether a source (local directory or remote URL) has samples in a split, from its summary."""
+def run_cache_key(run_dir: str) -> str:
+    """The key of a run's own cache of remote sources (_cache_path): a hash of its run_dir."""
+    return hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+
+
+def source_summary(path: str, cache_dir: str | None = None, run_key: str = "default") -> dict:
+    """The prepare summary of a source: a local directory's own, a remote URL's downloaded into the run's cache."""
     remote = "://" in path
     if remote and cache_dir is None:
         raise UserError(f"data source {path} is remote; set data.cache_dir to a local directory for its cache")
-    summary = _source_summary(path, _cache_path(cache_dir, run_key, path) if remote else None)
-    return bool(summary["splits"].get(split, {}).get("samples"))
+    return _source_summary(os.path.expanduser(path) if not remote else path,
+                           _cache_path(cache_dir, run_key, path) if remote else None)
+
+
+def split_available(path: str, split: str, cache_dir: str | None = None, run_key: str = "default") -> bool:
+    """Whether a source (local directory or remote URL) has samples in a split, from its summary."""
+    return bool(source_summary(path, cache_dir, run_key)["splits"].get(split, {}).get("samples"))
 
 
 def check_seq_len(path: str, sample_tokens: int, seq_len: int) -> None:
@@ -259,15 +269,19 @@ def check_seq_len(path: str, sample_tokens: int, seq_len: int) -> None:
 
 
 def check_vocab(sources: list[str], vocab_size: int) -> None:
-    """Refuse local sources prepared by different tokenizers, or holding token ids of vocab_size or more (UserError
-    naming the source and the fix). Tokenizers are told apart by vocabulary size, as one tokenizer goes by several
-    names (tokenizer=qwen2, or a directory holding a copy of it). Remote sources, and datasets whose summary predates
-    the tokenizer's vocab_size, are not checked."""
+    """check_summaries_vocab of the local sources among `sources` (validate(), before anything is downloaded; the
+    loader checks remote ones once it has their summaries)."""
+    check_summaries_vocab([(path, read_summary(os.path.expanduser(path))) for path in sources if "://" not in path],
+                          vocab_size)
+
+
+def check_summaries_vocab(summaries: list[tuple[str, dict]], vocab_size: int) -> None:
+    """Refuse sources (path, prepare summary) prepared by different tokenizers, or holding token ids of vocab_size or
+    more (UserError naming the source and the fix). Tokenizers are told apart by vocabulary size, as one tokenizer
+    goes by several names (tokenizer=qwen2, or a directory holding a copy of it). Datasets whose summary predates
+    the tokenizer's vocab_size are not checked."""
     first = None  # (path, tokenizer name, vocab size) of the first source checked
-    for path in sources:
-        if "://" in path:
-            continue
-        summary = read_summary(os.path.expanduser(path))
+    for path, summary in summaries:
         name, size, largest = summary.get("tokenizer"), summary.get("vocab_size"), summary.get("max_token_id")
         if size is None:
             continue
@@ -393,7 +407,9 @@ class TokenBatches:
         run_key: str = "default",
         num_workers: int = 0,
         cache_limit: int | None = None,
+        vocab_size: int | None = None,
     ):
+        """vocab_size: the model's; token ids of the sources must lie below it (check_summaries_vocab)."""
         if global_batch_size % (micro_batch_size * dp_size):
             raise UserError(
                 f"global batch {global_batch_size} is not divisible by micro-batch {micro_batch_size} x "
@@ -419,18 +435,21 @@ class TokenBatches:
         streaming = import_streaming()
         from streaming.base.shared.memory import SharedMemory
 
-        streams = []
+        streams, summaries = [], []
         for path, _ in sources:
             if "://" in path and cache_dir is None:
                 raise UserError(f"data source {path} is remote; set data.cache_dir to a local directory for its cache")
             cache = _cache_path(cache_dir, run_key, path) if cache_dir is not None else None
-            self._check_summary(path, _source_summary(path, cache if "://" in path else None))
+            summaries.append((path, _source_summary(path, cache if "://" in path else None)))
+            self._check_summary(*summaries[-1])
             remote, local = self._locations(path, cache)
             if cache_limit and remote is None:
                 raise UserError(f"data.cache_limit is set, but data source {path} is a local directory read in "
                                 "place: to stay under the limit streaming would delete its shards. Unset "
                                 "data.cache_limit, or read the source from its remote URL")
             streams.append(streaming.Stream(remote=remote, local=local, split=split))
+        if vocab_size is not None:  # remote sources are checked here first, their summaries downloaded
+            check_summaries_vocab(summaries, vocab_size)
         leader = world_from_env()[1] == 0
         with hygiene.prefix_lock(leader):
             # Under the lock, so no other run is choosing a prefix while dead runs' segments are removed; by the

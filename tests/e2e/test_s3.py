@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from qwen2_dist.cli.train import check_only, compose_job
 from qwen2_dist.data.loader import TokenBatches, _cache_path
 from qwen2_dist.errors import UserError
 from tests.datasets import make_dataset, sample_ids
@@ -59,8 +60,22 @@ def read_ids(sources, **kwargs) -> list[int]:
 def test_s3_source_reads_the_same_samples_as_the_local_copy(tmp_path, s3):
     client, _ = s3
     local = make_dataset(tmp_path / "ds", 40, 8, shard_bytes=300, val_samples=8)
+    summary_path = os.path.join(local, "prepare_summary.json")
+    with open(summary_path) as f:  # what qwen2-prepare records: the tokenizer and the largest id written (56)
+        summary = {**json.load(f), "tokenizer": "qwen2", "vocab_size": 151_936, "max_token_id": 56}
+    with open(summary_path, "w") as f:
+        json.dump(summary, f)
     url = upload(client, local, "ds")
     cache = tmp_path / "cache"
+    # validate() reads local summaries only; a remote source's is downloaded by the launchers' check, and by the
+    # loader on every worker.
+    beyond = f"data source {url} holds token ids up to 56, beyond model.vocab_size=56"
+    with pytest.raises(UserError, match=beyond):
+        check_only(compose_job(["model=tiny", "model.vocab_size=56", "train.seq_len=8", f"data.path={url}",
+                                f"data.cache_dir={cache}", f"run_dir={tmp_path / 'run'}"]), "1")
+    with pytest.raises(UserError, match=beyond):
+        TokenBatches([(url, 1.0)], seq_len=8, micro_batch_size=2, global_batch_size=4, cache_dir=str(cache),
+                     run_key="run1", vocab_size=56)
     assert read_ids([(url, 1.0)], cache_dir=str(cache), run_key="run1") == read_ids([(local, 1.0)])
     assert read_ids([(url, 1.0)], cache_dir=str(cache), run_key="run1", split="val", ) == read_ids(
         [(local, 1.0)], split="val")
