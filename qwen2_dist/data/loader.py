@@ -226,6 +226,7 @@ def _source_summary(path: str, local: str | None) -> dict:
     """The prepare_summary.json of a source, downloaded into its cache when the source is remote."""
     if local is None:
         return read_summary(path)
+    import_streaming()  # first: the submodule's import runs the package's __init__
     from streaming.base.storage.download import CloudDownloader
 
     os.makedirs(local, exist_ok=True)
