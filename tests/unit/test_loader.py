@@ -368,3 +368,22 @@ def test_runs_starting_together_get_their_own_prefixes(data, tmp_path):
         for run in runs:
             if run.poll() is None:
                 os.killpg(run.pid, signal.SIGKILL)
+
+
+def test_streaming_imports_without_torchvision_or_transformers(tmp_path):
+    """A torchvision that fails on import (built for another torch) is never imported, nor is transformers (2 s in
+    every training rank); what the loader and prepare use is there."""
+    broken = tmp_path / "site" / "torchvision"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise RuntimeError('operator torchvision::nms does not exist')\n")
+    code = ("import sys\n"
+            "from qwen2_dist.data.streaming_compat import import_streaming\n"
+            "s = import_streaming()\n"
+            "from streaming.base.shared.memory import SharedMemory\n"
+            "from streaming.base.storage.download import CloudDownloader\n"
+            "print(s.StreamingDataset.__name__, s.Stream.__name__, s.MDSWriter.__name__,\n"
+            "      [m for m in ('torchvision', 'transformers') if m in sys.modules])\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), REPO])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split("\n")[0] == "StreamingDataset Stream MDSWriter []", result.stdout
