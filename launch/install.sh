@@ -26,11 +26,9 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
     python3 -m venv "$venv"
 fi
 
-# --no-compile: pip would byte-compile every module of every package (torch's thousands), about 50 s of a fresh
-# install on a 2-core machine; Python compiles the modules a program imports when it first imports them.
 install_torch() {
     # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options on purpose
-    "$py" -m pip install --quiet --no-compile $torch_spec
+    "$py" -m pip install --quiet $torch_spec
     echo "$torch_spec" > "$spec_file"
 }
 if ! "$py" -c "import torch" 2>/dev/null; then
@@ -45,7 +43,7 @@ fi
 # make pip replace it with a multi-GB CUDA build.
 torch_version=$("$py" -c "import torch; print(torch.__version__.split('+')[0])")
 echo "torch==$torch_version" > "$venv/torch-constraint.txt"
-"$py" -m pip install --quiet --no-compile -c "$venv/torch-constraint.txt" -e ".[dev]"
+"$py" -m pip install --quiet -c "$venv/torch-constraint.txt" -e ".[dev]"
 # mosaicml-streaming pulls torchvision, which we never use; PyPI's build fails to import next to a CPU torch
 # ("operator torchvision::nms does not exist") and transformers then fails to import too. Remove it.
 if "$py" -m pip show torchvision >/dev/null 2>&1 && ! "$py" -c "import torchvision" 2>/dev/null; then
