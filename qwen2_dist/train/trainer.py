@@ -222,6 +222,10 @@ class Trainer:
             logits = self.model(inputs, positions, mask_documents=positions is not None)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
+    def evaluated_samples(self) -> int:
+        """How many held-out samples an evaluation counts."""
+        return self.eval_batches.global_batch_size if self.eval_samples is None else self.eval_samples
+
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss per target token over the held-out samples: the same samples at every evaluation, and on every
@@ -230,7 +234,7 @@ class Trainer:
         batches = self.eval_batches
         batches.seek(0)
         device = self.world.device
-        evaluated = batches.global_batch_size if self.eval_samples is None else self.eval_samples
+        evaluated = self.evaluated_samples()
         loss_sum = torch.zeros((), device=device)
         num_tokens = 0
         for micro in range(batches.grad_accum_steps):
@@ -311,7 +315,7 @@ class Trainer:
                         log.info(format_step(record))
                         if eval_due:
                             log.info("step %d | eval_loss %.4f on %d held-out samples", self.step,
-                                     record["eval_loss"], self.eval_batches.global_batch_size)
+                                     record["eval_loss"], self.evaluated_samples())
                     window_started, window_steps, window_data = time.monotonic(), 0, 0.0
                     limit = 1 if cfg.train.nonfinite == "halt" else cfg.train.max_skipped_in_a_row
                     if in_a_row >= limit:

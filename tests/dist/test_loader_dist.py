@@ -69,6 +69,7 @@ def test_two_ranks_train_and_evaluate_like_one(tmp_path, corpus_cache):
         })
         result = run_torchrun(nproc, "qwen2_dist.cli.train", args)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert "on 5 held-out samples" in result.stdout + result.stderr
         with open(run_dir / "metrics.jsonl") as f:
             records[nproc] = [json.loads(line) for line in f]
     assert [r["step"] for r in records[2]] == [1, 2] and "eval_loss" in records[2][-1]
