@@ -272,8 +272,7 @@ def check_seq_len(path: str, sample_tokens: int, seq_len: int) -> None:
 def check_vocab(sources: list[str], vocab_size: int) -> None:
     """check_summaries_vocab of the local sources among `sources` (validate(), before anything is downloaded; the
     loader checks remote ones once it has their summaries)."""
-    check_summaries_vocab([(path, read_summary(os.path.expanduser(path))) for path in sources if "://" not in path],
-                          vocab_size)
+    check_summaries_vocab([(path, source_summary(path)) for path in sources if "://" not in path], vocab_size)
 
 
 def check_summaries_vocab(summaries: list[tuple[str, dict]], vocab_size: int) -> None:

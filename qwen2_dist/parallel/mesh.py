@@ -81,6 +81,15 @@ def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
     return dp.get_local_rank(), dp.size()
 
 
+def broadcast_str(value: str) -> str:
+    """Rank 0's value on every rank (itself without a process group)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def agree_any(flags: list[bool]) -> list[bool]:
     """For each flag, whether it is set on any rank (one small CPU all-reduce: no device sync)."""
     if not dist.is_initialized():

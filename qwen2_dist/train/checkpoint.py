@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from qwen2_dist.errors import UserError
 from qwen2_dist.fsutil import replace_dir
-from qwen2_dist.parallel.mesh import agree_any
+from qwen2_dist.parallel.mesh import agree_any, broadcast_str
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,6 @@ _CHUNK = 16 << 20
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _broadcast_str(value: str) -> str:
-    """Rank 0's value on every rank."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 @contextmanager
@@ -377,7 +368,7 @@ class Checkpointer:
         """
         self.wait()
         started = time.monotonic()
-        tmp = _broadcast_str(f"{os.path.abspath(final)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = broadcast_str(f"{os.path.abspath(final)}.tmp-{uuid.uuid4().hex[:8]}")
         state = _state(model, optimizer, FORMAT_VERSION)
         future = None
         sums: dict[str, str] = {}

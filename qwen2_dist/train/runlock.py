@@ -16,9 +16,8 @@ import socket
 import time
 from typing import IO
 
-import torch.distributed as dist
-
 from qwen2_dist.errors import UserError
+from qwen2_dist.parallel.mesh import broadcast_str
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +74,7 @@ def acquire_on_main(run_dir: str, is_main: bool) -> IO[str] | None:
             handle = acquire(run_dir)
         except UserError as exc:
             refusal = str(exc)
-    if dist.is_initialized():
-        box = [refusal]
-        dist.broadcast_object_list(box, src=0)
-        refusal = box[0]
+    refusal = broadcast_str(refusal)
     if refusal:
         raise UserError(refusal)
     return handle
