@@ -221,12 +221,11 @@ def wait_until_done(env: dict, job_id: str, timeout: float) -> dict[str, str]:
 
 def test_sbatch_on_two_nodes_matches_torchrun_on_one(slurm, tmp_path, corpus_cache, reference):
     # The same job is submitted twice (one name, so one run_dir): the second must wait for the first to end
-    # (#SBATCH --dependency=singleton; started together, the second would be refused by the first's run_dir lock).
-    # Slurm holding it back is what is checked; it is then cancelled rather than run.
+    # (#SBATCH --dependency=singleton; started together, the second would be refused by the first's run_dir lock),
+    # then find the run complete.
     started = time.monotonic()
     job_id, again = (sbatch(slurm, "same-loss", tmp_path, corpus_cache) for _ in range(2))
     held = job_fields(slurm, again)
-    subprocess.run(["scancel", again], env=slurm, check=True)
     assert (held["JobState"], held["Reason"], held["Dependency"]) == ("PENDING", "Dependency",
                                                                       "singleton(unfulfilled)"), held
     fields = wait_until_done(slurm, job_id, 300)
@@ -238,6 +237,12 @@ def test_sbatch_on_two_nodes_matches_torchrun_on_one(slurm, tmp_path, corpus_cac
     assert {f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log"} <= set(os.listdir(run_dir / "logs" / "slurm"))
     assert "world 4" in rank0_log(run_dir)
     assert_same_run(run_dir, reference)
+    second = wait_until_done(slurm, again, 300)
+    print(f"and the same job again: {time.monotonic() - started:.1f} s")
+    assert (second["JobState"], second["ExitCode"]) == ("COMPLETED", "0:0")
+    assert second["StartTime"] >= fields["EndTime"], (fields["EndTime"], second["StartTime"])
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
+    assert "run already complete: step 16" in rank0_log(run_dir)
 
 
 def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path, corpus_cache, reference):
