@@ -273,9 +273,19 @@ def _segments(prefix: int) -> list[str]:
 
 
 def _leftovers(prefix: int) -> list[str]:
-    """Segments of a prefix that no other live process has taken since (tests run beside other jobs)."""
-    others = [pid for _, _, pid, start in hygiene._records(prefix) if hygiene._alive(pid, start)]
-    return [] if others else _segments(prefix)
+    """Segments of a prefix that no other live process has taken since (tests run beside other jobs, also in the
+    other pytest worker). Looked at under the prefix lock, as no run is then between creating a prefix's segments
+    and recording itself as their owner; and again a moment later if any are found, as a run that is ending drops
+    its record just before it unlinks its segments. A real leftover stays."""
+    for attempt in range(2):
+        if attempt:
+            time.sleep(1.0)
+        with hygiene.prefix_lock(True):
+            others = [pid for _, _, pid, start in hygiene._records(prefix) if hygiene._alive(pid, start)]
+            found = [] if others else _segments(prefix)
+        if not found:
+            return found
+    return found
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory in /dev/shm (Linux)")
