@@ -1,6 +1,7 @@
 """Helpers shared by the end-to-end tests: job overrides and running a CLI as a subprocess."""
 
 import atexit
+import glob
 import json
 import os
 import select
@@ -172,3 +173,27 @@ def cpu_trainer(run_dir, *overrides: str):
     batches = SyntheticBatches(args.vocab_size, train.seq_len, train.micro_batch_size, train.global_batch_size, seed=0)
     return Trainer(job, args, world, None, model, optimizer, batches,
                    train.global_batch_size // train.micro_batch_size, {})
+
+
+def shm_segments(prefix: int) -> list[str]:
+    """mosaicml-streaming's shared-memory segments of one prefix in /dev/shm."""
+    return glob.glob(f"/dev/shm/{prefix:06d}_*")
+
+
+def shm_leftovers(prefix: int) -> list[str]:
+    """Segments of a prefix that no live process other than this one has taken since (tests run beside other jobs,
+    also in the other pytest worker). Looked at under the prefix lock, as no run is then between creating a prefix's segments
+    and recording itself as their owner; and again a moment later if any are found, as a run that is ending drops
+    its record just before it unlinks its segments. A real leftover stays."""
+    for attempt in range(2):
+        if attempt:
+            time.sleep(1.0)
+        from qwen2_dist.data import hygiene
+
+        with hygiene.prefix_lock(True):
+            others = [pid for _, _, pid, start in hygiene._records(prefix)
+                      if pid != os.getpid() and hygiene._alive(pid, start)]
+            found = [] if others else shm_segments(prefix)
+        if not found:
+            return found
+    return found

@@ -2,19 +2,12 @@
 
 import json
 import os
-import re
 
 from qwen2_dist.data.loader import TokenBatches
 from tests.datasets import make_dataset, sample_ids
-from tests.helpers import run_torchrun, train_overrides
+from tests.helpers import run_torchrun, shm_leftovers, train_overrides
 
 STEPS, STOP_AT = 10, 4
-
-
-def streaming_shm(prefixes: set[int]) -> set[str]:
-    """mosaicml-streaming's shared-memory segments of these prefixes in /dev/shm ('000000_locals', ...): only the
-    ones this test's datasets used, so a streaming process running beside the test cannot fail it."""
-    return {name for name in os.listdir("/dev/shm") if re.match(r"\d{6}_", name) and int(name[:6]) in prefixes}
 
 
 def read_steps(batches: TokenBatches, steps: int) -> list[list[int]]:
@@ -53,7 +46,8 @@ def test_resume_on_2_ranks_and_on_1_rank_continues_the_same_sequence(tmp_path):
     tail = read_steps(resumed, STEPS - STOP_AT)
     resumed.close()
     assert global_steps("first") + tail == uninterrupted  # 2 -> 1
-    assert streaming_shm(prefixes) == set()  # neither the two ranks nor this process left a segment behind
+    # neither the two ranks nor this process left a segment behind
+    assert [p for p in prefixes if shm_leftovers(p)] == []
 
 
 def test_two_ranks_train_and_evaluate_like_one(tmp_path, corpus_cache):

@@ -23,7 +23,7 @@ from qwen2_dist.data.loader import (
 from qwen2_dist.data.prepare import SUMMARY_NAME
 from qwen2_dist.errors import UserError
 from tests.datasets import make_dataset, sample_ids
-from tests.helpers import REPO
+from tests.helpers import REPO, shm_leftovers, shm_segments
 
 SEQ = 8
 
@@ -268,26 +268,6 @@ HOLDER = textwrap.dedent("""
 """)
 
 
-def _segments(prefix: int) -> list[str]:
-    return glob.glob(f"/dev/shm/{prefix:06d}_*")
-
-
-def _leftovers(prefix: int) -> list[str]:
-    """Segments of a prefix that no other live process has taken since (tests run beside other jobs, also in the
-    other pytest worker). Looked at under the prefix lock, as no run is then between creating a prefix's segments
-    and recording itself as their owner; and again a moment later if any are found, as a run that is ending drops
-    its record just before it unlinks its segments. A real leftover stays."""
-    for attempt in range(2):
-        if attempt:
-            time.sleep(1.0)
-        with hygiene.prefix_lock(True):
-            others = [pid for _, _, pid, start in hygiene._records(prefix) if hygiene._alive(pid, start)]
-            found = [] if others else _segments(prefix)
-        if not found:
-            return found
-    return found
-
-
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory in /dev/shm (Linux)")
 def test_shared_memory_is_released_and_only_dead_runs_are_cleaned(data):
     env = {**os.environ, "PYTHONPATH": REPO}
@@ -301,23 +281,23 @@ def test_shared_memory_is_released_and_only_dead_runs_are_cleaned(data):
         time.sleep(0.5)
         # Python's resource tracker (still alive) does not unlink them by name: the loader took them over, so a
         # tracker outliving its process can never remove the segments of a later run that reuses the prefix.
-        assert _segments(killed) and _segments(alive)
+        assert shm_segments(killed) and shm_segments(alive)
 
         batches = loader([data[0]])  # cleans what the killed run left, leaves the live run alone
         mine = batches.dataset._shm_prefix_int
         assert holders[0].pid not in [pid for _, _, pid, _ in hygiene._records(killed)]
-        assert mine == killed or not _leftovers(killed)  # the freed prefix may be reused at once
-        assert _segments(alive) and [pid for _, _, pid, _ in hygiene._records(alive)] == [holders[1].pid]
+        assert mine == killed or not shm_leftovers(killed)  # the freed prefix may be reused at once
+        assert shm_segments(alive) and [pid for _, _, pid, _ in hygiene._records(alive)] == [holders[1].pid]
         lock_dir = batches._lock_dir
         batches.close()
         assert os.getpid() not in [pid for _, _, pid, _ in hygiene._records(mine)]
-        assert not _leftovers(mine) and not glob.glob(os.path.join(lock_dir, f"{mine:06d}_*"))
+        assert not shm_leftovers(mine) and not glob.glob(os.path.join(lock_dir, f"{mine:06d}_*"))
 
         holders[1].stdin.write("\n")
         holders[1].stdin.close()
         assert holders[1].wait(timeout=60) == 0
         assert holders[1].pid not in [pid for _, _, pid, _ in hygiene._records(alive)]
-        assert not _leftovers(alive)
+        assert not shm_leftovers(alive)
     finally:
         for h in holders:
             if h.poll() is None:
