@@ -161,6 +161,10 @@ class DataConfig:
     """Samples shuffled together; a rank needs the shards of the current block only (keep >= 10x samples/shard)."""
     document_masking: bool = False
     """Attention stays within each document of a packed sample (positions restart per document)."""
+    eod_mask_loss: bool = False
+    """The first token of each document, predicted from the end of the one before, counts for nothing in the loss
+    (training and evaluation; Megatron-LM's --eod-mask-loss): with document_masking that prediction sees nothing of
+    its document. The loss is then the mean over the counted targets of the global batch."""
     num_workers: int = 0
     """DataLoader worker processes per rank (they read ahead; 0 reads in the training process)."""
     embedded_max_tokens: int = 4_000_000
@@ -488,9 +492,10 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
     """Check the data sources and the evaluation sizes."""
     if d.path is not None and d.sources:
         raise UserError("data.path and data.sources are both set; use data.path for one dataset, data.sources to mix")
-    if d.synthetic and (d.path is not None or d.sources or d.document_masking):
-        raise UserError("data.synthetic=true trains on random tokens, but data.path, data.sources or "
-                        "data.document_masking is set too; drop them, or set data.synthetic=false to read the data")
+    if d.synthetic and (d.path is not None or d.sources or d.document_masking or d.eod_mask_loss):
+        raise UserError("data.synthetic=true trains on random tokens, but data.path, data.sources, "
+                        "data.document_masking or data.eod_mask_loss is set too; drop them, or set "
+                        "data.synthetic=false to read the data")
     paths = [(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]
     if d.path is not None:
         paths.append(("data.path", d.path))

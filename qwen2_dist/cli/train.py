@@ -172,7 +172,8 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     loader_args = dict(
         seq_len=job.train.seq_len, micro_batch_size=job.train.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
         seed=job.seed, shuffle=job.data.shuffle, shuffle_block_size=job.data.shuffle_block_size,
-        document_masking=job.data.document_masking, cache_dir=cache, num_workers=job.data.num_workers,
+        document_masking=job.data.document_masking, eod_mask_loss=job.data.eod_mask_loss, cache_dir=cache,
+        num_workers=job.data.num_workers,
         run_key=run_cache_key(job.run_dir), vocab_size=args.vocab_size,
     )
     if job.data.synthetic:

@@ -33,6 +33,7 @@ from qwen2_dist.data.prepare import FORMAT_VERSION, SUMMARY_NAME, TRAIN, read_su
 from qwen2_dist.data.streaming_compat import import_streaming
 from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.fsutil import reads_in_place
+from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.parallel.mesh import world_from_env
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,8 @@ DOWNLOAD_TIMEOUT = 120.0
 
 
 class Batch(NamedTuple):
-    """One micro-batch: inputs and targets (batch, seq_len) int64; positions restart at each document start when
-    document masking is on (else None)."""
+    """One micro-batch: inputs and targets (batch, seq_len) int64 (a target of loss.IGNORE_INDEX counts for nothing:
+    data.eod_mask_loss); positions restart at each document start when document masking is on (else None)."""
 
     inputs: torch.Tensor
     targets: torch.Tensor
@@ -196,6 +197,16 @@ def positions_from_starts(doc_starts: list[np.ndarray], seq_len: int) -> torch.T
         starts = starts[starts < seq_len]
         last_start[starts] = starts
         out[row] = index - np.maximum.accumulate(last_start)
+    return torch.from_numpy(out)
+
+
+def first_token_targets(doc_starts: list[np.ndarray], seq_len: int) -> torch.Tensor:
+    """(batch, seq_len) True where the target is a document's first token (the token at index s of the sample, for
+    a document start s >= 1, is target s - 1)."""
+    out = np.zeros((len(doc_starts), seq_len), dtype=bool)
+    for row, starts in enumerate(doc_starts):
+        starts = np.asarray(starts, dtype=np.int64)
+        out[row, starts[(starts >= 1) & (starts <= seq_len)] - 1] = True
     return torch.from_numpy(out)
 
 
@@ -402,6 +413,7 @@ class TokenBatches:
         shuffle: bool = True,
         shuffle_block_size: int = 1 << 18,
         document_masking: bool = False,
+        eod_mask_loss: bool = False,
         split: str = TRAIN,
         cache_dir: str | None = None,
         run_key: str = "default",
@@ -409,7 +421,8 @@ class TokenBatches:
         cache_limit: int | None = None,
         vocab_size: int | None = None,
     ):
-        """vocab_size: the model's; token ids of the sources must lie below it (check_summaries_vocab)."""
+        """vocab_size: the model's; token ids of the sources must lie below it (check_summaries_vocab).
+        eod_mask_loss: the target that is a document's first token is IGNORE_INDEX."""
         if global_batch_size % (micro_batch_size * dp_size):
             raise UserError(
                 f"global batch {global_batch_size} is not divisible by micro-batch {micro_batch_size} x "
@@ -422,6 +435,7 @@ class TokenBatches:
         self.samples_per_rank = global_batch_size // dp_size
         self.grad_accum_steps = self.samples_per_rank // micro_batch_size
         self.document_masking = document_masking
+        self.eod_mask_loss = eod_mask_loss
         self.split = split
         self.num_workers = num_workers
         self.paths = [path for path, _ in sources]
@@ -611,7 +625,11 @@ class TokenBatches:
         positions = None
         if self.document_masking:
             positions = positions_from_starts([sample["doc_starts"] for sample in samples], self.seq_len)
-        return Batch(tokens[:, :-1], tokens[:, 1:], positions)
+        targets = tokens[:, 1:]
+        if self.eod_mask_loss:
+            targets = targets.masked_fill(first_token_targets([sample["doc_starts"] for sample in samples],
+                                                              self.seq_len), IGNORE_INDEX)
+        return Batch(tokens[:, :-1], targets, positions)
 
     def close(self) -> None:
         """Stop the workers and release the dataset's shared memory and lock files."""

@@ -24,8 +24,9 @@ log = logging.getLogger(__name__)
 LOSSES = ("auto", "chunked", "liger", "plain")
 
 IGNORE_INDEX = -100
-"""A target that counts for nothing (torch's cross_entropy default): evaluation pads its last micro-batches with it.
-Every implementation skips it when evaluating; training's targets never hold it (the loader packs every token)."""
+"""A target that counts for nothing (torch's cross_entropy default): evaluation pads its last micro-batches with it,
+and data.eod_mask_loss puts it on each document's first token. Every implementation skips it; the chunked one in
+training only when told the targets may hold it (set_loss's masked), which costs it nothing otherwise."""
 
 
 def resolve_loss(requested: str, tp: int, device_type: str) -> str:
@@ -59,18 +60,27 @@ def _liger_function():
     return liger_fused_linear_cross_entropy
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                         masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of one chunk of logits (any float dtype, math in fp32), and the logits themselves,
-    overwritten by d loss / d logits."""
+    overwritten by d loss / d logits. masked: targets equal to IGNORE_INDEX count for nothing (zero loss and
+    gradient)."""
     fp32 = logits.float()
     lse = torch.logsumexp(fp32, dim=-1)
-    loss = (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
+    counted = targets != IGNORE_INDEX if masked else None
+    if masked:
+        targets = torch.where(counted, targets, 0)
+    per_token = lse - fp32.gather(1, targets[:, None]).squeeze(1)
+    loss = (per_token if counted is None else torch.where(counted, per_token, 0.0)).sum()
     grad = torch.exp(fp32 - lse[:, None])
     grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+    if counted is not None:
+        grad.mul_(counted[:, None])
     return loss, logits.copy_(grad)
 
 
-def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor,
+                                 masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """_chunk_loss_and_grad as torch.compile fuses it best: the one-hot subtracted element-wise (a comparison with
     the column index) instead of scattered. A scatter makes Inductor write the chunk's softmax in fp32 and convert it
     in a second pass (checked in its generated code: for a 2048-token chunk of the 151,936 vocabulary a 1.2 GB fp32
@@ -81,15 +91,16 @@ def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor) ->
     taken as _lse_and_probs_one_pass writes it, within fp32 rounding), and bitwise compiled against the compiled
     scatter on the CPU (checked once, 2026-11-27). Eager it would build a (tokens, vocab) mask: the eager path keeps
     the scatter."""
-    loss, grad = _loss_and_softmax_grad(logits, targets)
+    loss, grad = _loss_and_softmax_grad(logits, targets, masked=masked)
     return loss, logits.copy_(grad)
 
 
-def _chunk_loss_and_new_grad(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss_and_new_grad(logits: torch.Tensor, targets: torch.Tensor,
+                             masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """_chunk_loss_and_grad_fusable with the gradient in a buffer of its own (the logits left as they are) and
     torch.logsumexp on every device: what _compiled_step falls back to where this torch cannot compile the other,
     differing from it in both."""
-    loss, grad = _loss_and_softmax_grad(logits, targets, one_pass=False)
+    loss, grad = _loss_and_softmax_grad(logits, targets, one_pass=False, masked=masked)
     return loss, grad.to(logits.dtype)
 
 
@@ -97,20 +108,25 @@ ONLINE_SOFTMAX_DEVICES = ("cuda", "xpu")
 """Where Inductor computes a softmax's max and sum in one pass over the row (config.online_softmax, Triton only)."""
 
 
-def _loss_and_softmax_grad(logits: torch.Tensor, targets: torch.Tensor,
-                           one_pass: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_softmax_grad(logits: torch.Tensor, targets: torch.Tensor, one_pass: bool = True,
+                           masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The two fusable steps' common part: the chunk's summed loss and softmax - one-hot in fp32 (under
     torch.compile never written as such: it is fused into the write of the gradient). one_pass: the log-sum-exp as
-    Inductor computes in one pass, where it does (_lse_and_probs_one_pass)."""
+    Inductor computes in one pass, where it does (_lse_and_probs_one_pass). masked: IGNORE_INDEX targets count for
+    nothing (a select per row in the same kernel; their one-hot never hits, their gradient row is zero)."""
     fp32 = logits.float()
     if one_pass and logits.device.type in ONLINE_SOFTMAX_DEVICES:
         lse, probs = _lse_and_probs_one_pass(fp32)
     else:
         lse = torch.logsumexp(fp32, dim=-1)
         probs = torch.exp(fp32 - lse[:, None])
-    loss = (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
     hit = torch.arange(logits.shape[-1], device=logits.device)[None, :] == targets[:, None]
-    return loss, torch.where(hit, probs - 1.0, probs)
+    grad = torch.where(hit, probs - 1.0, probs)
+    if not masked:
+        return (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum(), grad
+    counted = targets != IGNORE_INDEX
+    picked = fp32.gather(1, torch.where(counted, targets, 0)[:, None]).squeeze(1)
+    return torch.where(counted, lse - picked, 0.0).sum(), torch.where(counted[:, None], grad, 0.0)
 
 
 def _lse_and_probs_one_pass(fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,9 +181,9 @@ def _compiled_step(options: tuple = ()):
     in_place = _compiled(_chunk_loss_and_grad_fusable, options)
     chosen = [in_place]
 
-    def step(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(logits: torch.Tensor, targets: torch.Tensor, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         try:
-            return chosen[0](logits, targets)
+            return chosen[0](logits, targets, masked)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             if chosen[0] is not in_place:
                 raise
@@ -177,7 +193,7 @@ def _compiled_step(options: tuple = ()):
                         "(the same values within fp32 rounding, one more chunk-sized buffer)", type(exc).__name__,
                         first)
             chosen[0] = _compiled(_chunk_loss_and_new_grad, options)
-            return chosen[0](logits, targets)
+            return chosen[0](logits, targets, masked)
 
     return step
 
@@ -279,8 +295,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     TiedGradient, the weight's gradient goes to it instead (see there)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens, compute_dtype, compiled, compile_options, tie):
+    def forward(ctx, hidden, weight, targets, chunk_tokens, compute_dtype, compiled, compile_options, tie, masked):
         # hidden (tokens, hidden) and weight (vocab, hidden) in any dtype; the matmuls run in compute_dtype.
+        # masked: targets may hold IGNORE_INDEX.
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         loss_and_grad = (_compiled_step(compile_options) if compiled
@@ -293,7 +310,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_tokens):
             h_chunk = h[start : start + chunk_tokens]
-            chunk_loss, grad_logits = loss_and_grad(h_chunk @ w.T, targets[start : start + chunk_tokens])
+            chunk_loss, grad_logits = loss_and_grad(h_chunk @ w.T, targets[start : start + chunk_tokens], masked)
             loss += chunk_loss
             torch.matmul(grad_logits, w, out=grad_h[start : start + chunk_tokens])
             grad_w = _accumulate(grad_w, grad_logits.T, h_chunk, weight.dtype == torch.float32)
@@ -317,7 +334,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.tie is not None:
             ctx.tie.hand_over(grad_w)  # the embedding lookup's backward, which comes last, returns it
             grad_w = None
-        return grad_h.mul_(grad_loss).to(hidden_dtype), grad_w, None, None, None, None, None, None
+        return grad_h.mul_(grad_loss).to(hidden_dtype), grad_w, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -329,10 +346,12 @@ def linear_cross_entropy(
     compiled: bool = False,
     compile_options: tuple = (),
     tie: TiedGradient | None = None,
+    masked: bool = False,
 ) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) of the logits hidden @ weight.T against targets, by `impl` (a resolved
-    model.loss). hidden: (..., hidden); targets: (...) token ids, or IGNORE_INDEX for none (without gradients
-    only: the chunked training step takes every target); weight: (vocab, hidden). Under autocast the
+    model.loss). hidden: (..., hidden); targets: (...) token ids, or IGNORE_INDEX for none (the chunked training
+    step only with masked=True, else it takes every target: an IGNORE_INDEX there is an out-of-range index);
+    weight: (vocab, hidden). Under autocast the
     projection runs in the autocast dtype, as a plain F.linear would. compiled: the chunked loss's softmax step
     through torch.compile, with compile_options (sorted (name, value) pairs of Inductor settings). tie: the
     TiedGradient of a TiedEmbedding lookup of the same weight in this graph, which then receives the chunked loss's
@@ -358,4 +377,4 @@ def linear_cross_entropy(
             return sum((chunk_loss(h[s : s + chunk_tokens] @ w.T, targets[s : s + chunk_tokens])
                         for s in range(0, h.shape[0], chunk_tokens)), torch.zeros((), device=h.device))
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, compute_dtype, compiled,
-                                                compile_options, tie)
+                                                compile_options, tie, masked)

@@ -160,6 +160,7 @@ class Qwen2(nn.Module):
         self.attention_backend = "sdpa"
         self.loss_impl, self.loss_chunk_tokens, self.loss_compiled = "plain", 2048, False
         self.loss_compile_options: tuple = ()
+        self.loss_masked = False
         if args.tie_word_embeddings:
             self.lm_head = TiedHead(self.embed_tokens)
         else:
@@ -190,11 +191,12 @@ class Qwen2(nn.Module):
                 module.fused = fuse_projections in (True, "mlp")
 
     def set_loss(self, impl: str, chunk_tokens: int = 2048, compiled: bool = False,
-                 compile_options: dict | None = None) -> None:
+                 compile_options: dict | None = None, masked: bool = False) -> None:
         """How forward(targets=...) computes the loss: a resolved model.loss (see loss.resolve_loss); compiled with
-        these Inductor settings (parallel.compile_options)."""
+        these Inductor settings (parallel.compile_options); masked: training targets may hold loss.IGNORE_INDEX."""
         self.loss_impl, self.loss_chunk_tokens, self.loss_compiled = impl, chunk_tokens, compiled
         self.loss_compile_options = tuple(sorted((compile_options or {}).items()))
+        self.loss_masked = masked
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -285,7 +287,7 @@ class Qwen2(nn.Module):
         if targets is None:
             return self.lm_head(hidden)
         return linear_cross_entropy(hidden, weight, targets, self.loss_impl, self.loss_chunk_tokens,
-                                    self.loss_compiled, self.loss_compile_options, tie=tie)
+                                    self.loss_compiled, self.loss_compile_options, tie=tie, masked=self.loss_masked)
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Qwen2:

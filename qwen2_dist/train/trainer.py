@@ -110,7 +110,8 @@ class Trainer:
         loss_impl = resolve_loss(cfg.model.loss, tp, world.device.type)
         self.loss_in_model = loss_impl != "plain"
         compiled = compile_enabled(cfg.parallel, world.device.type, cfg.model.kernels)
-        model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compiled, inductor_options(cfg.parallel))
+        model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compiled, inductor_options(cfg.parallel),
+                       masked=cfg.data.eod_mask_loss)
         model.set_kernels(cfg.model.kernels, cfg.model.fuse_projections, world.device.type)
         # One process computes in bf16 under autocast; FSDP does it with its bf16 weights.
         use_autocast = mesh is None and uses_bf16(cfg.train, world.device.type)
@@ -169,11 +170,17 @@ class Trainer:
         micro_batches = [self.batches.next_batch() for _ in range(self.grad_accum_steps)]
         data_seconds = time.monotonic() - data_started
         device = self.world.device
-        # Normalize by the number of target tokens of the whole global batch, so the result is the same whatever
-        # the layout and accumulation split. Every sample holds seq_len targets (packed, none ignored), so that is
-        # a constant: no collective, and no host-to-device copy that would wait for the GPU, each step.
-        global_tokens = float(self.tokens_per_step)
-        assert sum(b.targets.numel() for b in micro_batches) * self.dp_size == global_tokens, "samples of seq_len"
+        # Normalize by the number of counted targets of the whole global batch, so the result is the same whatever
+        # the layout and accumulation split. Without data.eod_mask_loss every sample holds seq_len of them (packed,
+        # none ignored): a constant, so no collective and no host-to-device copy each step. With it, each rank
+        # counts its targets on the host, where the batches still are, and the ranks sum the counts on the device
+        # before the first backward (no wait for the GPU; a step of nothing but ignored targets has loss 0).
+        if self.cfg.data.eod_mask_loss:
+            counted = sum(int((b.targets != IGNORE_INDEX).sum()) for b in micro_batches)
+            global_tokens = all_reduce_sum(self._to_device(torch.tensor(float(counted))), self.mesh).clamp_min(1.0)
+        else:
+            global_tokens = float(self.tokens_per_step)
+            assert sum(b.targets.numel() for b in micro_batches) * self.dp_size == global_tokens, "samples of seq_len"
         loss_sum = torch.zeros((), device=device)
         for index, (inputs, targets, positions) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1)
@@ -245,7 +252,7 @@ class Trainer:
             with loss_context(self.mesh):
                 loss = self._loss(inputs, positions, self._to_device(targets))
             loss_sum += loss.full_tensor() if isinstance(loss, DTensor) else loss
-            num_tokens += int((~padding).sum()) * targets.shape[1]
+            num_tokens += int((targets != IGNORE_INDEX).sum())  # padding rows, and first tokens with eod_mask_loss
         global_tokens = all_reduce_sum(torch.tensor(float(num_tokens), device=device), self.mesh)
         return (all_reduce_sum(loss_sum, self.mesh) / global_tokens).item()
 

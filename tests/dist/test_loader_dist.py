@@ -52,14 +52,15 @@ def test_resume_on_2_ranks_and_on_1_rank_continues_the_same_sequence(tmp_path):
 
 def test_two_ranks_train_and_evaluate_like_one(tmp_path, corpus_cache):
     """qwen2-train on 2 ranks and on 1: the same samples per step give the same losses, and the same eval loss
-    (eval.samples=5: 6 held-out samples read on 1 rank, 8 on 2, the same 5 counted)."""
+    (eval.samples=5: 6 held-out samples read on 1 rank, 8 on 2, the same 5 counted). With data.eod_mask_loss, whose
+    count of targets the ranks sum."""
     data = make_dataset(tmp_path / "data", 64, 32, shard_bytes=2000, val_samples=8)
     records = {}
     for nproc in (1, 2):
         run_dir = tmp_path / f"run{nproc}"
         args = train_overrides(run_dir, corpus_cache, **{
             "data.path": data, "train.steps": 2, "eval.interval": 2, "eval.samples": 5, "checkpoint.interval": 0,
-            "checkpoint.save_final": "false",
+            "checkpoint.save_final": "false", "data.eod_mask_loss": "true",
         })
         result = run_torchrun(nproc, "qwen2_dist.cli.train", args)
         assert result.returncode == 0, result.stderr[-3000:]

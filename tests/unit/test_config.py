@@ -67,6 +67,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["data.path=s3://b/a", "data.sources=[{path: s3://b/c}]"], 1, "data.path and data.sources"),
     (["eval.samples=0"], 1, "eval.samples"),
     (["data.synthetic=true", "data.document_masking=true"], 1, "data.synthetic=true trains on random tokens"),
+    (["data.synthetic=true", "data.eod_mask_loss=true"], 1, "data.eod_mask_loss is set too"),
     (["checkpoint.resume=/nonexistent/ckpt"], 1, "checkpoint.resume"),
     (["model.init_from_hf=/nonexistent/hf"], 1, "model.init_from_hf"),
     (["model.init_from_checkpoint=/nonexistent/ckpt"], 1, "model.init_from_checkpoint"),

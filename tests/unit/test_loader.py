@@ -18,8 +18,10 @@ import torch
 
 from qwen2_dist.data import hygiene
 from qwen2_dist.data.loader import (
-    MIX_BLOCK, SampleOrder, TokenBatches, _cache_path, check_vocab, mixture_quotas, shards_spanned,
+    MIX_BLOCK, SampleOrder, TokenBatches, _cache_path, check_vocab, first_token_targets, mixture_quotas,
+    shards_spanned,
 )
+from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.data.prepare import SUMMARY_NAME
 from qwen2_dist.errors import UserError
 from tests.datasets import make_dataset, sample_ids
@@ -242,6 +244,29 @@ def test_validation_split_and_document_positions(data):
     # Targets are the inputs shifted by one token, in every row (each sample counts up from its id).
     assert torch.equal(batch.targets[:, :-1], batch.inputs[:, 1:])
     assert torch.equal(batch.targets[:, -1], batch.inputs[:, -1] + 1)
+
+
+def test_eod_mask_loss_ignores_the_targets_that_start_a_document(data):
+    """data.eod_mask_loss: each sample's second document starts at token (SEQ + 1) // 2, which is the target of
+    input position (SEQ + 1) // 2 - 1; that target is IGNORE_INDEX, every other one the same as without."""
+    batches = {masked: loader([data[0]], global_batch_size=6, micro_batch_size=3, eod_mask_loss=masked)
+               for masked in (False, True)}
+    try:
+        plain, masked = (batches[flag].next_batch() for flag in (False, True))
+    finally:
+        for b in batches.values():
+            b.close()
+    ignored = torch.zeros_like(plain.targets, dtype=torch.bool)
+    ignored[:, (SEQ + 1) // 2 - 1] = True
+    assert torch.equal(masked.inputs, plain.inputs) and torch.equal(masked.targets[~ignored], plain.targets[~ignored])
+    assert (masked.targets[ignored] == IGNORE_INDEX).all()
+
+
+def test_first_token_targets():
+    """A start at s >= 1 marks target s - 1 (the last token of a sample is target SEQ - 1); a start at 0 has no
+    target in the sample."""
+    marks = first_token_targets([np.array([0, 3]), np.array([0, 1, SEQ]), np.array([0])], SEQ)
+    assert marks.nonzero().tolist() == [[0, 2], [1, 0], [1, SEQ - 1]]
 
 
 def test_bad_sources_are_refused_clearly(tmp_path, data):

@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import get_model_args
 from qwen2_dist.model import loss as loss_module
-from qwen2_dist.model.loss import linear_cross_entropy, resolve_loss
+from qwen2_dist.model.loss import IGNORE_INDEX, linear_cross_entropy, resolve_loss
 from qwen2_dist.model.qwen2 import build_model
 from tests.helpers import REPO
 
@@ -24,10 +24,10 @@ def plain_loss_and_grads(hidden, weight, targets):
     return loss.detach(), hidden.grad, weight.grad
 
 
-def chunked_loss_and_grads(hidden, weight, targets, chunk_tokens, scale=1.0):
+def chunked_loss_and_grads(hidden, weight, targets, chunk_tokens, scale=1.0, masked=False):
     hidden = hidden.detach().requires_grad_()
     weight = weight.detach().requires_grad_()
-    loss = linear_cross_entropy(hidden, weight, targets, "chunked", chunk_tokens=chunk_tokens)
+    loss = linear_cross_entropy(hidden, weight, targets, "chunked", chunk_tokens=chunk_tokens, masked=masked)
     (loss * scale).backward()
     return loss.detach(), hidden.grad, weight.grad
 
@@ -50,6 +50,24 @@ def test_matches_plain_loss_and_gradients_fp32(chunk_tokens):
     torch.testing.assert_close(c_hidden, 0.25 * d_hidden, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(c_weight, 0.25 * d_weight, rtol=1e-5, atol=1e-6)
     assert c_hidden.dtype == c_weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 10, 1000])
+def test_masked_training_step_leaves_ignored_targets_out(chunk_tokens):
+    """With masked=True (data.eod_mask_loss) an IGNORE_INDEX target adds nothing to the loss or the gradients, as in
+    torch's cross_entropy; with none ignored, the masked step is bitwise the unmasked one."""
+    hidden, weight, targets = inputs()
+    ignored = targets.clone()
+    ignored.view(-1)[::5] = IGNORE_INDEX
+    loss, d_hidden, d_weight = plain_loss_and_grads(hidden, weight, ignored)
+    c_loss, c_hidden, c_weight = chunked_loss_and_grads(hidden, weight, ignored, chunk_tokens, scale=0.25, masked=True)
+    torch.testing.assert_close(c_loss, loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(c_hidden, 0.25 * d_hidden, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(c_weight, 0.25 * d_weight, rtol=1e-5, atol=1e-6)
+    assert (c_hidden.flatten(0, 1)[::5] == 0).all() and (c_hidden.flatten(0, 1)[1::5] != 0).all()
+    unmasked = chunked_loss_and_grads(hidden, weight, targets, chunk_tokens)
+    for a, b in zip(chunked_loss_and_grads(hidden, weight, targets, chunk_tokens, masked=True), unmasked):
+        assert torch.equal(a, b)
 
 
 def test_bf16_error_is_that_of_the_plain_bf16_path():
@@ -281,6 +299,28 @@ def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
     assert compiled_grad.data_ptr() == compiled_logits.data_ptr() and torch.equal(compiled_logits, compiled_grad)
 
 
+def test_the_masked_softmax_steps_leave_ignored_targets_out_eager_and_compiled():
+    """data.eod_mask_loss's chunk steps: an IGNORE_INDEX row has no loss and a zero gradient; the fusable step is
+    bitwise the eager one, and compiled within fp32 rounding of the log-sum-exp."""
+    from qwen2_dist.model.loss import _chunk_loss_and_grad, _chunk_loss_and_grad_fusable
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(24, 301, generator=generator) * 4).bfloat16()
+    targets = torch.randint(0, 301, (24,), generator=generator)
+    ignored = torch.arange(24) % 3 == 1
+    targets[ignored] = IGNORE_INDEX
+    loss, grad = _chunk_loss_and_grad(logits.clone(), targets, masked=True)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float(), targets, reduction="sum"), rtol=1e-6, atol=1e-5)
+    assert (grad[ignored] == 0).all() and (grad[~ignored] != 0).any(dim=1).all()
+    fused_loss, fused_grad = _chunk_loss_and_grad_fusable(logits.clone(), targets, masked=True)
+    assert torch.equal(loss, fused_loss) and torch.equal(grad, fused_grad)
+    compiled_loss, compiled_grad = torch.compile(_chunk_loss_and_grad_fusable, dynamic=False)(logits.clone(),
+                                                                                              targets, True)
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=1e-2, atol=1e-3)
+    assert (compiled_grad[ignored] == 0).all()
+
+
 def test_the_one_pass_log_sum_exp_gives_the_same_values(monkeypatch):
     from qwen2_dist.model.loss import _lse_and_probs_one_pass
 
@@ -296,6 +336,7 @@ def test_the_one_pass_log_sum_exp_gives_the_same_values(monkeypatch):
 
 
 PROBE = """
+import functools
 import torch
 from torch._inductor.fx_passes import post_grad
 # Before Inductor registers its patterns: let the online-softmax pattern match on the CPU too (its check asks for
@@ -314,8 +355,10 @@ class Probe(CustomGraphPass):
         return None
 
 
+masked_step = functools.partial(loss._chunk_loss_and_grad_fusable, masked=True)
 for path, fn, devices in (("logsumexp", loss._chunk_loss_and_grad_fusable, ()),
                           ("one-pass", loss._chunk_loss_and_grad_fusable, ("cpu",)),
+                          ("masked-logsumexp", masked_step, ()), ("masked-one-pass", masked_step, ("cpu",)),
                           ("eval-logsumexp", loss._chunk_loss, ()), ("eval-one-pass", loss._chunk_loss, ("cpu",))):
     loss.ONLINE_SOFTMAX_DEVICES = devices  # the CPU as a device of the one-pass formulation
     torch._dynamo.reset()
@@ -333,7 +376,7 @@ def test_on_cuda_the_softmax_step_is_the_pattern_inductor_computes_in_one_pass()
     result = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     ops = dict(line.split(" ", 1) for line in result.stdout.splitlines())
-    for path in ("one-pass", "eval-one-pass"):  # the training step's and evaluation's
+    for path in ("one-pass", "masked-one-pass", "eval-one-pass"):  # the training steps' and evaluation's
         assert "prims.prepare_softmax_online.default" in ops[path], ops
         # torch.logsumexp, as the CPU computes it, does not match: its max passes through a masked_fill first.
         other = path.replace("one-pass", "logsumexp")

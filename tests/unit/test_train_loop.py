@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.train import checkpoint
 from qwen2_dist.train.faults import INJECT_NAN_ENV, StepGuard, TrainingHalted
 from tests.helpers import cpu_trainer
@@ -140,3 +141,34 @@ def test_evaluation_reads_the_same_samples_whatever_the_micro_batches(tmp_path, 
         losses.append(trainer.evaluate())
         trainer.eval_batches.close()
     assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["chunked", "plain"])
+def test_with_eod_mask_loss_a_step_s_loss_is_the_mean_over_the_counted_targets(tmp_path, loss):
+    """data.eod_mask_loss: the first token of each sample's second document is no target. A step's loss is the mean
+    over the counted targets of the global batch (torch's cross_entropy over the batch at once), and the loss and
+    the gradient norm are the same whether the batch comes in micro-batches of 1, 2 or 4."""
+    import torch.nn.functional as F
+
+    from qwen2_dist.data.loader import TokenBatches
+    from tests.datasets import make_dataset
+
+    data = make_dataset(tmp_path / "data", 8, 16, first_id=100)
+    results = []
+    for micro in (1, 2, 4):
+        trainer = cpu_trainer(tmp_path / f"run{micro}", f"model.loss={loss}", "data.eod_mask_loss=true",
+                              "train.global_batch_size=4", f"train.micro_batch_size={micro}")
+        reader = TokenBatches([(data, 1.0)], seq_len=16, micro_batch_size=4, global_batch_size=4, eod_mask_loss=True)
+        whole = reader.next_batch()
+        reader.close()
+        assert (whole.targets == IGNORE_INDEX).sum() == 4
+        with torch.no_grad():
+            logits = trainer.model(whole.inputs)
+        expected = F.cross_entropy(logits.float().flatten(0, 1), whole.targets.flatten()).item()
+        trainer.batches = TokenBatches([(data, 1.0)], seq_len=16, micro_batch_size=micro, global_batch_size=4,
+                                       eod_mask_loss=True)
+        step_loss, grad_norm, _ = trainer.train_step()
+        trainer.batches.close()
+        assert step_loss.item() == pytest.approx(expected, rel=1e-5)
+        results.append((step_loss.item(), grad_norm.item()))
+    assert results[1] == pytest.approx(results[0], rel=1e-5) and results[2] == pytest.approx(results[0], rel=1e-5)
