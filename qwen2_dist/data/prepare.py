@@ -24,6 +24,7 @@ import logging
 import mmap
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import struct
@@ -55,6 +56,13 @@ NUM_SKIPPED_EXAMPLES = 10
 JSONL_SUFFIXES = (".jsonl", ".json")
 COMPRESSED_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
+# A zstd file may open with a skippable frame (pzstd writes one): magic 0x184D2A50-0x184D2A5F, little-endian.
+ZSTD_SKIPPABLE_MAGICS = tuple(bytes([0x50 + k, 0x2A, 0x4D, 0x18]) for k in range(16))
+# Containers qwen2-prepare cannot read, by name and by first bytes: refused, rather than read as one text document.
+UNSUPPORTED_SUFFIXES = {".bz2": "bzip2", ".xz": "xz", ".lzma": "lzma", ".lz4": "lz4", ".zip": "zip", ".7z": "7z",
+                        ".tar": "tar", ".tgz": "tar", ".br": "brotli"}
+UNSUPPORTED_MAGICS = {rb"BZh[1-9]1AY&SY": "bzip2", rb"\xfd7zXZ\x00": "xz", rb"\x04\x22\x4d\x18": "lz4",
+                      rb"PK\x03\x04": "zip", rb"7z\xbc\xaf\x27\x1c": "7z"}
 # Uncompressed bytes per shard: large enough that the index stays small, small enough that a rank starts training
 # after downloading one shard.
 SHARD_SIZE_LIMIT = 1 << 26
@@ -88,14 +96,28 @@ def _import_pyarrow_parquet():
 
 
 def _check_readable(path: str) -> None:
-    """Open the file and check its container (compression magic, Parquet footer); UserError if it is unusable."""
+    """Open the file and check its container (compression magic, Parquet footer); UserError if it is unusable. A
+    compressed file too short for its magic (a truncated download) passes: its reading counts it corrupt."""
     kind, compression = _input_kind(path)
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(10)
     except OSError as e:
         raise UserError(f"input file {path} cannot be read ({e.strerror}); fix its permissions") from None
-    if compression is not None and not head.startswith(MAGIC[compression]):
+    unsupported = next((name for magic, name in UNSUPPORTED_MAGICS.items() if re.match(magic, head)), None)
+    if compression is None and unsupported is None:
+        unsupported = next((name for suffix, name in UNSUPPORTED_SUFFIXES.items() if path.lower().endswith(suffix)),
+                           None)
+    if unsupported:
+        raise UserError(f"input file {path} is {unsupported}-compressed or archived, which qwen2-prepare does not "
+                        "read; decompress it, or recompress it with gzip or zstd (.gz, .zst)")
+    if compression is None:
+        found = next((name for name, magic in MAGIC.items() if head.startswith(magic)), None)
+        if found is not None:
+            raise UserError(f"input file {path} is {found}-compressed but its name does not say so; rename it to "
+                            f"end in {'.gz' if found == 'gzip' else '.zst'}")
+    elif not (head.startswith(MAGIC[compression]) or MAGIC[compression].startswith(head)
+              or (compression == "zstd" and head.startswith(ZSTD_SKIPPABLE_MAGICS))):
         raise UserError(f"input file {path} is not {compression}-compressed; rename it or recompress it")
     if kind == "parquet":
         if compression is not None:
@@ -125,9 +147,17 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
         if os.path.isdir(pattern):
             raise UserError(f"input {pattern} is a directory; pass the files inside it, e.g. input={pattern}/*.jsonl")
         files.append(pattern)
+    unique, seen = [], {}
     for path in files:
+        real = os.path.realpath(path)
+        if real in seen:
+            log.warning("input file %s is named twice (also as %s); reading it once", path, seen[real])
+            continue
+        seen[real] = path
+        unique.append(path)
+    for path in unique:
         _check_readable(path)
-    return files
+    return unique
 
 
 @dataclass
@@ -157,7 +187,7 @@ _Item = tuple | str
 def _json_text(raw: bytes, text_field: str) -> tuple[str | None, str | None]:
     """(document text, None) of one JSON line, or (None, the reason to skip it)."""
     try:
-        record = json.loads(raw.decode("utf-8"))
+        record = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark opens some files' first line
     except UnicodeDecodeError:
         return None, "not_utf8"
     except json.JSONDecodeError:
@@ -268,25 +298,31 @@ class _Reader:
                 self._skip(index, 1, "missing_field", num_rows)
             return
         column_type = parquet.schema_arrow.field(column).type
-        is_text = pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
-        is_binary = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
-        if not (is_text or is_binary):
+        if pa.types.is_dictionary(column_type):  # e.g. a pandas categorical: the values' type counts
+            column_type = column_type.value_type
+        text_types = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary,
+                      getattr(pa.types, "is_string_view", None), getattr(pa.types, "is_binary_view", None))
+        if not any(is_type and is_type(column_type) for is_type in text_types):
             if num_rows:
                 self._skip(index, 1, "missing_field", num_rows)
             return
         row = 0
         for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
-            for value in batch.column(0).to_pylist():
+            values = batch.column(0)
+            if pa.types.is_dictionary(values.type):
+                values = values.dictionary_decode()
+            # As bytes, decoded here: pyarrow does not check a string column's UTF-8 when it reads one, so a file
+            # from another writer can hold bytes that would fail in to_pylist() as strings.
+            for value in values.cast(pa.large_binary()).to_pylist():
                 row += 1
                 if value is None:
                     self._skip(index, row, "missing_field")
                     continue
-                if is_binary:
-                    try:
-                        value = value.decode("utf-8")
-                    except UnicodeDecodeError:
-                        self._skip(index, row, "not_utf8")
-                        continue
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._skip(index, row, "not_utf8")
+                    continue
                 if not value.strip():
                     self._skip(index, row, "empty_document")
                 else:
@@ -727,6 +763,11 @@ def _check_output(output: str, overwrite: bool) -> str:
             raise UserError(f"output={output} is a file; choose a directory path")
         if os.listdir(output) and not overwrite:
             raise UserError(f"output={output} exists and is not empty; pass overwrite=true or choose another output")
+    try:
+        os.makedirs(os.path.dirname(output), exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output={output}: its parent directory cannot be created ({e.strerror}: {e.filename}); "
+                        "choose another output") from None
     return output
 
 
@@ -770,7 +811,6 @@ def prepare(
     tok = load_tokenizer(tokenizer)
     sample_tokens = seq_len + 1
 
-    os.makedirs(os.path.dirname(output), exist_ok=True)
     # A sibling, so the final rename stays on one filesystem; its name never looks like the finished dataset.
     tmp = f"{output}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     skips = _Skips()
@@ -818,11 +858,7 @@ def prepare(
                     break
         splits = {split: writer.finish() for split, writer in writers.items()}
         if splits[TRAIN]["samples"] == 0:
-            num_tokens = sum(s["tokens"] + s["dropped_tail_tokens"] for s in splits.values())
-            raise UserError(
-                f"inputs gave {num_tokens} tokens, fewer than one training sample of seq_len+1={sample_tokens}; "
-                "add data, lower seq_len or lower val_fraction"
-            )
+            raise UserError(_no_sample_message(splits, skips, sample_tokens, text_field))
         summary = {
             "format": FORMAT_VERSION,
             **{key: sum(s[key] for s in splits.values()) for key in
@@ -855,6 +891,21 @@ def prepare(
         if bar is not None:
             bar.close()
     return summary
+
+
+def _no_sample_message(splits: dict, skips: _Skips, sample_tokens: int, text_field: str) -> str:
+    """Why the training split came out empty: its tokens and the held-out ones apart, and the records skipped."""
+    train, val = (splits[k]["tokens"] + splits[k]["dropped_tail_tokens"] if k in splits else 0 for k in (TRAIN, VAL))
+    message = (f"inputs gave {train} training tokens{f' ({val} more held out by val_fraction)' if val else ''}, "
+               f"fewer than one training sample of seq_len+1={sample_tokens}; add data, lower seq_len or lower "
+               "val_fraction")
+    skipped = {reason: count for reason, count in skips.counts.items() if count}
+    if skipped:
+        message += (f". Records skipped: {', '.join(f'{reason}={count}' for reason, count in skipped.items())} "
+                    f"(first: {'; '.join(skips.examples[:3])})")
+    if skipped.get("missing_field"):
+        message += f"; check text_field={text_field} (the JSON field or Parquet column that holds the text)"
+    return message
 
 
 def read_summary(path: str) -> dict[str, Any]:

@@ -1,7 +1,10 @@
 """prepare() turns text into exact seq_len+1 token samples, skips bad records, and never leaves a half dataset."""
 
+import bz2
+import gzip
 import json
 import logging
+import lzma
 import os
 import shutil
 import signal
@@ -500,6 +503,12 @@ def test_doc_starts_mark_where_each_document_begins(work):
     ("a.jsonl.gz", b"plain text", r"a\.jsonl\.gz is not gzip-compressed"),
     ("a.jsonl.zst", b"plain text", r"a\.jsonl\.zst is not zstd-compressed"),
     ("a.parquet", b"PAR1 not really", r"a\.parquet is not a readable Parquet file"),
+    # Containers it cannot read are refused, not read as one text document (whose records would vanish).
+    ("a.jsonl.bz2", bz2.compress(b'{"text": "x"}\n'), r"a\.jsonl\.bz2 is bzip2-compressed or archived"),
+    ("a.jsonl.xz", lzma.compress(b'{"text": "x"}\n'), r"a\.jsonl\.xz is xz-compressed or archived"),
+    ("a.txt", lzma.compress(b"text"), r"a\.txt is xz-compressed or archived, .* recompress it with gzip or zstd"),
+    ("a.jsonl", gzip.compress(b'{"text": "x"}\n'), r"a\.jsonl is gzip-compressed but its name does not say so; "
+                                                       r"rename it to end in \.gz"),
 ])
 def test_unreadable_container_is_an_error_before_work(work, name, content, message):
     pytest.importorskip("pyarrow")
@@ -520,3 +529,58 @@ def test_fast_sample_encoding_matches_streaming_generic_encoding(work):
         assert fast.encode_sample(sample) == generic.encode_sample(sample), (tokens_len, starts_len)
     generic.finish()
     fast.finish()
+
+
+def test_containers_and_texts_that_only_look_alike_are_read(work):
+    """A zstd file opening with a skippable frame (as pzstd writes it) is read; a compressed file cut to fewer
+    bytes than its magic is counted corrupt, not refused; a text that starts with "BZh" is text."""
+    zstandard = pytest.importorskip("zstandard")
+    src = work / "src"
+    src.mkdir()
+    skippable = b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"meta"
+    (src / "a.jsonl.zst").write_bytes(skippable + zstandard.ZstdCompressor().compress(_jsonl_bytes(GOOD_DOCS)))
+    (src / "b.jsonl.gz").write_bytes(b"\x1f")
+    (src / "c.txt").write_text("BZh is how a bzip2 file starts, and this is text")
+    summary = prepare([str(src / "*")], str(work / "out"), seq_len=4)
+    assert summary["documents"] == len(GOOD_DOCS) + 1
+    assert summary["skipped"]["corrupt_file"] == 1 and summary["skipped_examples"][0].startswith(str(src / "b"))
+
+
+def test_parquet_text_of_every_arrow_string_type_and_bad_bytes_in_it(work):
+    """Dictionary-encoded strings (a pandas categorical) are text; bytes that are not UTF-8 in a string column
+    (pyarrow does not check them when reading) are a not_utf8 skip, not a crash."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = work / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"text": pa.array(GOOD_DOCS[:2] + GOOD_DOCS[:1]).dictionary_encode()}),
+                   src / "a.parquet")
+    rows = [GOOD_DOCS[2].encode(), b"\xff\xfe bad", TXT_DOC.encode()]
+    offsets = np.cumsum([0] + [len(r) for r in rows]).astype(np.int32)
+    column = pa.StringArray.from_buffers(len(rows), pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(rows)))
+    pq.write_table(pa.table({"text": column}), src / "b.parquet")
+    summary = prepare([str(src / "*")], str(work / "out"), seq_len=4)
+    assert summary["skipped"]["not_utf8"] == 1 and summary["skipped_examples"] == [f"{src / 'b.parquet'}:2 not_utf8"]
+    expected = expected_samples(GOOD_DOCS[:2] + GOOD_DOCS[:1] + [GOOD_DOCS[2], TXT_DOC], 5)
+    assert [t.tolist() for t in read_tokens(work / "out")] == expected
+
+
+def test_an_input_named_twice_is_read_once_and_a_byte_order_mark_is_no_error(work, caplog):
+    src = work / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + _jsonl_bytes(GOOD_DOCS))
+    with caplog.at_level(logging.WARNING, logger="qwen2_dist.data.prepare"):
+        summary = prepare([str(src / "*.jsonl"), str(src / "a.jsonl")], str(work / "out"), seq_len=4)
+    assert summary["inputs"] == [str(src / "a.jsonl")] and "named twice" in caplog.text
+    assert summary["documents"] == len(GOOD_DOCS) and sum(summary["skipped"].values()) == 0
+
+
+def test_no_training_sample_says_what_was_skipped_and_an_unusable_output_is_named(work):
+    src = work / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(_jsonl_bytes(GOOD_DOCS, field="content"))
+    with pytest.raises(UserError, match=r"inputs gave 0 training tokens, .*missing_field=3 .*a\.jsonl:1 "
+                                        r"missing_field.*check text_field=text"):
+        prepare([str(src / "a.jsonl")], str(work / "out"), seq_len=4)
+    with pytest.raises(UserError, match=r"output=.*a\.jsonl/sub/out: its parent directory cannot be created"):
+        prepare([str(src / "a.jsonl")], str(src / "a.jsonl" / "sub" / "out"), seq_len=4, text_field="content")
