@@ -745,6 +745,11 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         check_hf_matches(cfg.model.init_from_hf, args)  # config.json only
     _check_data(cfg.data, cfg.eval)
     _check_token_ids(cfg.data, args.vocab_size)
+    # The embedded corpus (no data.path): built after the launch, on every node; too few tokens would fail there.
+    least = 2 * (cfg.train.seq_len + 1)  # one training sample, with room for the held-out share and the tail
+    if not (cfg.data.synthetic or _data_paths(cfg.data)) and cfg.data.embedded_max_tokens < least:
+        raise UserError(f"data.embedded_max_tokens={cfg.data.embedded_max_tokens}: the embedded corpus needs at least "
+                        f"{least} tokens at train.seq_len={cfg.train.seq_len}; raise it (default 4000000)")
     return {
         "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,
         "grad_accum_steps": t.global_batch_size // (t.micro_batch_size * dp),

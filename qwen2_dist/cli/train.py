@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import hydra
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from qwen2_dist.config import (
     JobConfig, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs, uses_bf16, validate,
@@ -264,9 +264,31 @@ def to_job(cfg: DictConfig) -> JobConfig:
     """The typed job of a composed config, refusing keys the schema does not have (see check_known_keys)."""
     check_known_keys(OmegaConf.to_container(cfg, resolve=False))
     try:
-        return OmegaConf.to_object(cfg)
+        job = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as exc:  # a ??? of conf/ left unset, e.g. data=mixture's source paths
+        key = getattr(exc, "full_key", None) or "a required setting"
+        override = re.sub(r"\[(\d+)\]", r".\1", key)  # data.sources[1].path -> data.sources.1.path
+        raise UserError(f"{key} has no value; set it with {override}=VALUE (conf/ leaves it ??? to be given)") from None
     except Exception as exc:  # e.g. an interpolation that does not resolve
         raise UserError(_why(exc, conf_dir())) from None
+    return expand_user_paths(job)
+
+
+def expand_user_paths(job: JobConfig) -> JobConfig:
+    """A leading ~ of a local path field made the home directory, as a shell does where the override's value is
+    quoted (Hydra needs quotes for '~/...'): left as it is, run_dir=~/x would be a directory named '~' here."""
+    def expand(path: str | None) -> str | None:
+        return os.path.expanduser(path) if path is not None and "://" not in path else path
+
+    job.run_dir = expand(job.run_dir)
+    job.data.path, job.data.cache_dir = expand(job.data.path), expand(job.data.cache_dir)
+    for source in job.data.sources:
+        source.path = expand(source.path)
+    job.model.init_from_hf, job.model.init_from_checkpoint = (expand(job.model.init_from_hf),
+                                                              expand(job.model.init_from_checkpoint))
+    if job.checkpoint.resume not in ("auto", "none"):
+        job.checkpoint.resume = expand(job.checkpoint.resume)
+    return job
 
 
 def _first_line(exc: BaseException) -> str:

@@ -68,6 +68,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["eval.samples=0"], 1, "eval.samples"),
     (["data.synthetic=true", "data.document_masking=true"], 1, "data.synthetic=true trains on random tokens"),
     (["data.synthetic=true", "data.eod_mask_loss=true"], 1, "data.eod_mask_loss is set too"),
+    (["data.embedded_max_tokens=100"], 1, "data.embedded_max_tokens=100: the embedded corpus needs at least 258"),
     (["checkpoint.resume=/nonexistent/ckpt"], 1, "checkpoint.resume"),
     (["model.init_from_hf=/nonexistent/hf"], 1, "model.init_from_hf"),
     (["model.init_from_checkpoint=/nonexistent/ckpt"], 1, "model.init_from_checkpoint"),
@@ -174,6 +175,8 @@ def test_config_interpolation_cannot_execute_code(tmp_path):
     ("model=qwen2_1.5b", "model=qwen2_1.5b: no such model in "),
     ("optim.lr=abc", "Error merging override optim.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
     ("+data.sources=[{path: /x, wieght: 1}]", "Key 'wieght' not in 'DataSource'"),
+    # A ??? of conf/ left unset (conf/data/mixture.yaml's paths): the key and the override that sets it.
+    ("data=mixture", "data.sources[0].path has no value; set it with data.sources.0.path=VALUE"),
 ])
 def test_a_bad_key_or_value_is_refused_in_one_line_with_the_fix(override, expected):
     from qwen2_dist.cli.train import compose_job
@@ -355,3 +358,17 @@ def test_the_launchers_check_refuses_what_this_machine_cannot_run(override, fiel
     assert "config ok for 1 process(es)" in capsys.readouterr().out
     with pytest.raises(UserError, match=re.escape(field)):
         check_only(job("model=tiny", f"run_dir={tmp_path}", override), "1")
+
+
+def test_a_leading_tilde_in_a_local_path_is_the_home_directory(monkeypatch, tmp_path):
+    """Hydra passes '~/x' through as it is; run_dir=~/x would otherwise be a directory named '~' in the working
+    directory, and data.path=~/x a dataset nothing finds. Remote URLs and checkpoint.resume=auto stay as they are."""
+    from qwen2_dist.cli.train import compose_job
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    job = compose_job(["run_dir='~/run'", "data.sources=[{path: '~/a'}, {path: 's3://b/~x'}]",
+                       "data.cache_dir='~/cache'", "model.init_from_hf='~/hf'"])
+    assert job.run_dir == str(tmp_path / "run") and job.data.cache_dir == str(tmp_path / "cache")
+    assert [s.path for s in job.data.sources] == [str(tmp_path / "a"), "s3://b/~x"]
+    assert job.model.init_from_hf == str(tmp_path / "hf") and job.checkpoint.resume == "auto"
+    assert compose_job(["checkpoint.resume='~/ck'"]).checkpoint.resume == str(tmp_path / "ck")
