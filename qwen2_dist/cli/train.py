@@ -71,8 +71,8 @@ def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh 
     from qwen2_dist.train.optim import build_optimizer
 
     model = build_model(job.model.args(), "meta")
-    model.set_attention_backend(resolve_backend(job.model.attention, device_type, job.data.document_masking))
     bf16 = uses_bf16(job.train, device_type)
+    model.set_attention_backend(resolve_backend(job.model.attention, device_type, job.data.document_masking, bf16))
     model = parallelize(model, mesh, job.parallel, torch.bfloat16 if bf16 else torch.float32, device_type,
                         float8=job.model.float8, kernels=job.model.kernels)
     model.to_empty(device=world.device)
@@ -353,7 +353,7 @@ def check_machine(job: JobConfig) -> str:
     from qwen2_dist.train.optim import apex_fused_adam
 
     device_type = resolve_device(job.train.device)
-    resolve_backend(job.model.attention, device_type, job.data.document_masking)
+    resolve_backend(job.model.attention, device_type, job.data.document_masking, uses_bf16(job.train, device_type))
     check_available(job.model.kernels, device_type)
     resolve_loss(job.model.loss, job.parallel.tp, device_type)
     if job.optim.impl == "apex":

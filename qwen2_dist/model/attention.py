@@ -60,8 +60,9 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def resolve_backend(requested: str, device_type: str, document_masking: bool = False) -> str:
-    """Turn model.attention (possibly 'auto') into a concrete backend name, and say why in the log."""
+def resolve_backend(requested: str, device_type: str, document_masking: bool = False, bf16: bool = True) -> str:
+    """Turn model.attention (possibly 'auto') into a concrete backend name, and say why in the log. bf16: whether
+    the job computes in bf16 (flash-attn's kernels take bf16 and fp16 only)."""
     if requested not in BACKENDS:
         raise UserError(f"model.attention: unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     if requested == "flash_attn" and not (device_type == "cuda" and flash_attn_available()):
@@ -69,6 +70,9 @@ def resolve_backend(requested: str, device_type: str, document_masking: bool = F
             "model.attention=flash_attn: flash-attn is not importable on this CUDA machine; "
             "install flash-attn or use model.attention=auto (SDPA)"
         )
+    if requested == "flash_attn" and not bf16:
+        raise UserError("model.attention=flash_attn computes in bf16 or fp16 only, and this job computes in fp32 "
+                        "(train.mixed_precision); use model.attention=auto (SDPA) or train.mixed_precision=bf16")
     if requested == "flex" and device_type != "cuda":
         raise UserError(
             "model.attention=flex: FlexAttention has no backward pass on the CPU; use model.attention=auto "
@@ -79,7 +83,7 @@ def resolve_backend(requested: str, device_type: str, document_masking: bool = F
             prefer_cudnn_attention()
         log.info("attention backend: %s (requested)", requested)
         return requested
-    if device_type == "cuda" and flash_attn_available():
+    if device_type == "cuda" and bf16 and flash_attn_available():
         log.info("attention backend: flash_attn (auto: flash-attn importable%s)",
                  "; documents through flash_attn_varlen_func" if document_masking else "")
         return "flash_attn"
@@ -89,7 +93,7 @@ def resolve_backend(requested: str, device_type: str, document_masking: bool = F
         return "flex"
     if device_type == "cuda":
         prefer_cudnn_attention()
-    log.info("attention backend: sdpa (auto: flash-attn not installed or no CUDA; PyTorch fused attention%s%s)",
+    log.info("attention backend: sdpa (auto: flash-attn not installed, no CUDA or fp32; PyTorch fused attention%s%s)",
              ", cuDNN kernel first" if device_type == "cuda" else "",
              "; documents through an explicit block-diagonal causal mask" if document_masking else "")
     return "sdpa"

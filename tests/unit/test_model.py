@@ -69,6 +69,21 @@ def test_attention_backend_choice():
         resolve_backend("flash_attn", "cpu")
 
 
+def test_flash_attn_is_chosen_only_for_a_job_that_computes_in_bf16(monkeypatch):
+    """flash-attn's kernels take bf16 and fp16 only: under train.mixed_precision=fp32 on CUDA auto picks another
+    backend, and asking for flash_attn is refused before launch (else the first forward fails on every rank)."""
+    from qwen2_dist.model import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "flash_attn_available", lambda: True)
+    monkeypatch.setattr(attention_module, "prefer_cudnn_attention", lambda: None)  # process-wide: not on the CPU
+    assert resolve_backend("auto", "cuda") == "flash_attn"
+    assert resolve_backend("auto", "cuda", bf16=False) == "sdpa"
+    assert resolve_backend("auto", "cuda", document_masking=True, bf16=False) == "flex"
+    assert resolve_backend("flash_attn", "cuda") == "flash_attn"
+    with pytest.raises(UserError, match=r"computes in fp32 \(train.mixed_precision\); use model.attention=auto"):
+        resolve_backend("flash_attn", "cuda", bf16=False)
+
+
 def test_bad_size_is_refused_naming_the_field():
     with pytest.raises(UserError, match="num_attention_heads"):
         get_model_args("tiny", num_attention_heads=5)
