@@ -58,10 +58,9 @@ def rms_norm(kernels: str, x: torch.Tensor, weight: torch.Tensor, eps: float) ->
     if kernels == "liger":
         # "llama" casting: normalized in fp32, cast to the input dtype, then scaled -- Qwen2's order.
         return _liger().liger_rms_norm(x, weight, eps, offset=0.0, casting_mode="llama", in_place=False)
-    apex = _apex_rms_norm()
-    if x.dtype != weight.dtype:  # bf16 activations under autocast, fp32 weight
-        return apex.mixed_dtype_fused_rms_norm_affine(x, weight, weight.shape, eps)
-    return apex.fused_rms_norm_affine(x, weight, weight.shape, eps)
+    # With bf16 activations under autocast and an fp32 weight, the weight is cast (as the plain path casts it): apex's
+    # mixed-dtype kernel would return fp32 activations, in the weight's dtype, where the plain path returns bf16.
+    return _apex_rms_norm().fused_rms_norm_affine(x, weight.to(x.dtype), weight.shape, eps)
 
 
 def liger_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from qwen2_dist.config import OptimConfig, ParallelConfig
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import get_model_args
 from qwen2_dist.model.kernels import fused_linear
-from qwen2_dist.model.qwen2 import build_model
+from qwen2_dist.model.qwen2 import RMSNorm, build_model
 from qwen2_dist.parallel.parallelize import compile_enabled, parallelize
 from qwen2_dist.train.optim import build_optimizer
 
@@ -88,3 +88,28 @@ def test_float8_and_apex_optimizer_need_cuda():
         parallelize(model, None, ParallelConfig(), device_type="cpu", float8=True)
     with pytest.raises(UserError, match="optim.impl=apex runs on CUDA devices only"):
         build_optimizer(build_model(get_model_args("debug"), "cpu"), OptimConfig(impl="apex"), "cpu")
+
+
+def test_apex_rms_norm_returns_the_activations_dtype(monkeypatch):
+    """Under autocast (bf16 activations, fp32 weight) model.kernels=apex gives bf16, as the plain path does: apex's
+    kernels return their output in the weight's dtype (a stand-in computing as they do, for this CPU machine)."""
+    import types
+
+    from qwen2_dist.model import kernels
+
+    def affine(x, weight, shape, eps):
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        return (weight.float() * normed).to(weight.dtype)
+
+    fake = types.SimpleNamespace(fused_rms_norm_affine=affine, mixed_dtype_fused_rms_norm_affine=affine)
+    monkeypatch.setattr(kernels, "_apex_rms_norm", lambda: fake)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, generator=generator).bfloat16()
+    norm = RMSNorm(32, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(32, generator=generator))
+    plain = norm(x)
+    norm.kernels = "apex"
+    fused = norm(x)
+    assert fused.dtype == plain.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-2, atol=2e-2)
