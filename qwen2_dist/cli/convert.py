@@ -59,6 +59,12 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     dtypes = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+    # Before the checkpoint's files are read (with checksums, all of them, optimizer state included).
+    if not max_shard_gib > 0:
+        raise UserError(f"--max-shard-gib {max_shard_gib}: the largest safetensors file must be a positive size, "
+                        "e.g. 5")
+    if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
+        raise UserError(f"{hf_dir}: exists and is not an empty directory; choose another output path")
     meta = checkpoint.verify(ckpt_dir, checksums)
     args = ModelArgs(**meta["model_args"])
     shapes = native_shapes(args)

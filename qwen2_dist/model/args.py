@@ -4,6 +4,11 @@ from dataclasses import asdict, dataclass, replace
 
 from qwen2_dist.errors import UserError
 
+INERT_ARGS = ("initializer_range", "max_position_embeddings")
+"""ModelArgs fields that change no weight and no computation of a training step (the random init's scale; the
+context length a checkpoint's config.json advertises, RoPE being computed for the positions used): weights of
+another value of these load into the model as they are."""
+
 
 @dataclass(frozen=True)
 class ModelArgs:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from qwen2_dist.errors import UserError
 from qwen2_dist.fsutil import replace_dir
-from qwen2_dist.model.args import ModelArgs
+from qwen2_dist.model.args import INERT_ARGS, ModelArgs
 from qwen2_dist.model.qwen2 import Qwen2, build_model
 
 CONFIG_NAME = "config.json"
@@ -236,6 +236,24 @@ def _weight_files(path: str) -> dict[str, str]:
     raise UserError(f"{path}: no {WEIGHTS_NAME} or {INDEX_NAME}; point at a Hugging Face checkpoint directory")
 
 
+def _check_no_shadowing_files(path: str, hf_files: dict[str, str]) -> None:
+    """UserError when a .safetensors file of the directory that the checkpoint's model.safetensors or index does not
+    name holds tensors of the same names (a stray copy, another export): what reads the directory as a whole
+    (model.init_from_hf, through DCP's HuggingFaceStorageReader) would take some tensors from it, silently. Files of
+    other tensors (an adapter) are left alone."""
+    named = {os.path.abspath(f) for f in hf_files.values()}
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        if os.path.abspath(file) in named:
+            continue
+        with _open_safetensors(file) as f:
+            shared = sorted(set(f.keys()) & set(hf_files))
+        if shared:
+            which = WEIGHTS_NAME if hf_files[shared[0]].endswith(WEIGHTS_NAME) else f"the files {INDEX_NAME} names"
+            raise UserError(f"{path}: {os.path.basename(file)} is not part of the checkpoint (which is {which}) but "
+                            f"holds {len(shared)} of its tensors (e.g. {shared[0]}); a loader reading the directory "
+                            "would mix the two. Move it out of the directory")
+
+
 def _open_safetensors(file: str) -> safe_open:
     """safe_open a file, refusing missing, corrupt or non-PyTorch-layout files with UserError."""
     if not os.path.isfile(file):
@@ -265,6 +283,7 @@ def inspect_hf(path: str) -> tuple[ModelArgs, dict[str, str]]:
         raise UserError(f"{config_file}: not valid JSON ({e})")
     args = args_from_hf_config(config, config_file)
     hf_files = _weight_files(path)
+    _check_no_shadowing_files(path, hf_files)
     try:
         files = {hf_to_native_name(k): v for k, v in hf_files.items() if not _skipped_hf_name(k, args)}
     except UserError as e:
@@ -332,9 +351,8 @@ def check_hf_matches(path: str, args: ModelArgs) -> None:
     """UserError naming model.init_from_hf and every field of its config.json that differs from args (the fields
     that change no weight and no computation of a training step are not compared); reads no tensor data."""
     hf_args, _ = inspect_hf(path)
-    ignored = ("initializer_range", "max_position_embeddings")
     differ = [f"{k}: {v} vs {getattr(args, k)}" for k, v in hf_args.to_dict().items()
-              if k not in ignored and getattr(args, k) != v]
+              if k not in INERT_ARGS and getattr(args, k) != v]
     if differ:
         raise UserError(f"model.init_from_hf={path}: config.json differs from the model being trained "
                         f"({'; '.join(differ)}); pick the matching model= or model.* overrides")

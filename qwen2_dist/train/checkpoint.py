@@ -623,14 +623,20 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
 
 
 def check_model_args(what: str, meta: dict, args, fix: str) -> None:
-    """UserError naming `what` and every size that differs when a checkpoint's metadata holds another model."""
+    """UserError naming `what` and every size that differs when a checkpoint's metadata holds another model (the
+    fields of model.args.INERT_ARGS aside: a checkpoint converted from Hugging Face weights that advertise a shorter
+    context loads as it is), with the model.* overrides that give the checkpoint's sizes."""
+    from qwen2_dist.model.args import INERT_ARGS
+
     saved, wanted = meta.get("model_args") or {}, args.to_dict()
-    if saved == wanted:
+    differ = [key for key in sorted(set(saved) | set(wanted))
+              if key not in INERT_ARGS and saved.get(key) != wanted.get(key)]
+    if not differ:
         return
-    diffs = ", ".join(f"{key} {saved.get(key)} vs {wanted.get(key)}" for key in sorted(set(saved) | set(wanted))
-                      if saved.get(key) != wanted.get(key))
-    raise UserError(f"{what} holds a {meta.get('model')} model whose sizes differ from this job's model "
-                    f"(checkpoint vs job: {diffs}); {fix}")
+    diffs = ", ".join(f"{key} {saved.get(key)} vs {wanted.get(key)}" for key in differ)
+    overrides = " ".join(f"model.{key}={saved[key]}" for key in differ if key in saved)
+    raise UserError(f"{what} holds a {meta.get('model') or 'custom-size'} model whose sizes differ from this job's "
+                    f"model (checkpoint vs job: {diffs}); {fix}" + (f" (its sizes: {overrides})" if overrides else ""))
 
 
 def init_checkpoint_metadata(path: str, args, checksums: bool = False) -> dict:

@@ -106,6 +106,14 @@ def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_ca
     assert convert_main(["to-hf", str(ckpt), str(tmp_path / "refused")]) == 2
     assert "__0_0.distcp: checksum crc32:" in capsys.readouterr().err
     assert not (tmp_path / "refused").exists()
+    # A used output directory and a bad shard size are refused first, naming the flag, before the checkpoint is read.
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    assert convert_main(["to-hf", str(ckpt), str(tmp_path / "used")]) == 2
+    err = capsys.readouterr().err
+    assert "used: exists and is not an empty directory; choose another output path" in err and "checksum" not in err
+    assert convert_main(["to-hf", str(ckpt), str(tmp_path / "refused"), "--max-shard-gib", "0"]) == 2
+    assert "--max-shard-gib 0.0: the largest safetensors file must be a positive size" in capsys.readouterr().err
     assert convert_main(["to-hf", str(ckpt), str(tmp_path / "unchecked"), "--no-checksums"]) == 0
 
 

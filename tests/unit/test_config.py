@@ -331,8 +331,12 @@ def test_a_checkpoint_or_hugging_face_weights_of_another_model_are_refused_befor
     # The launchers' check refuses it; validate() does not (qwen2-estimate plans a job whatever run_dir holds).
     other = job("model=tiny", "model.num_hidden_layers=3", f"run_dir={tmp_path / 'run'}")
     validate(other, 1)
-    with pytest.raises(UserError, match="step_00000002 holds a tiny model whose sizes differ .*num_hidden_layers"):
+    with pytest.raises(UserError, match=r"step_00000002 holds a tiny model whose sizes differ .*num_hidden_layers.*"
+                                        r"\(its sizes: model.num_hidden_layers=2\)"):
         check_only(other, "1")
+    # A context length or init scale of another value (Hugging Face configs differ in these) is no obstacle.
+    check_only(job("model=tiny", "model.max_position_embeddings=32768", "model.initializer_range=0.01",
+                   f"run_dir={tmp_path / 'run'}"), "1")
     write_hf(model.state_dict(), dataclasses.replace(tiny, rope_theta=10000.0), str(tmp_path / "hf"))
     with pytest.raises(UserError, match=r"config.json differs .*rope_theta: 10000.0 vs 1000000.0"):
         validate(job("model=tiny", f"model.init_from_hf={tmp_path / 'hf'}", f"run_dir={tmp_path / 'new'}"), 1)

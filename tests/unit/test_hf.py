@@ -243,6 +243,21 @@ def test_bad_directories_are_refused(tmp_path):
         read_hf_state_dict(str(tmp_path / "bin"))
 
 
+def test_a_stray_copy_of_the_tensors_beside_the_checkpoint_is_refused(tmp_path):
+    """A sharded export with an old model.safetensors beside it: model.init_from_hf reads the directory as a whole
+    (DCP), which would take some tensors from each; the directory is refused, naming the file. A file of other
+    tensors (an adapter) is no obstacle."""
+    model = make_hf_model("gqa7_untied_sharded")
+    path = save_hf(model, tmp_path / "hf", sharded=True)
+    save_file({"base_model.lora_A.weight": torch.zeros(2, 2)}, os.path.join(path, "adapter_model.safetensors"))
+    read_hf_state_dict(path)
+    stale = {k: torch.zeros_like(v) for k, v in list(model.state_dict().items())[:3]}
+    save_file(stale, os.path.join(path, "old-copy.safetensors"))
+    with pytest.raises(UserError, match=r"old-copy\.safetensors is not part of the checkpoint .* holds 3 of its "
+                                        r"tensors .* Move it out of the directory"):
+        read_hf_state_dict(path)
+
+
 def base_config() -> dict:
     return hf_config_from_args(ModelArgs(1000, 64, 2, 4, 2, 128, tie_word_embeddings=True))
 
