@@ -90,3 +90,24 @@ def test_the_compiled_evaluation_loss_takes_max_and_sum_in_one_pass():
     loss, code = run_and_get_code(torch.compile(loss_module._chunk_loss, dynamic=False), logits, targets)
     assert "online_softmax" in "\n".join(code)
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=0)
+
+
+def test_the_masked_softmax_step_is_the_same_one_pass_kernel_and_leaves_ignored_targets_out():
+    """data.eod_mask_loss's compiled step: still the online softmax's one pass and the gradient over the logits; an
+    IGNORE_INDEX row has no loss and a zero gradient; the eager masked step's values."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(512, 151936, device="cuda", generator=generator) * 4).bfloat16()
+    targets = torch.randint(0, 151936, (512,), device="cuda", generator=generator)
+    ignored = torch.arange(512, device="cuda") % 7 == 3
+    targets[ignored] = loss_module.IGNORE_INDEX
+    eager_loss, eager_grad = loss_module._chunk_loss_and_grad(logits.clone(), targets, masked=True)
+    compiled_logits = logits.clone()
+    (loss, grad), code = run_and_get_code(torch.compile(loss_module._chunk_loss_and_grad_fusable, dynamic=False),
+                                          compiled_logits, targets, True)
+    assert "online_softmax" in "\n".join(code) and grad.data_ptr() == compiled_logits.data_ptr()
+    assert bool((grad[ignored] == 0).all())
+    torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-6)
