@@ -121,16 +121,17 @@ class Trainer:
 
     def restore(self, path: str) -> None:
         """Continue from a committed checkpoint: weights, optimizer, step, tokens and data position. The optimizer's
-        settings are this job's (loading its state also loads the saved weight_decay, betas and eps; the learning
-        rate is set every step anyway): a resumed job that changes them trains with the new ones, as it says."""
-        settings = [{key: group[key] for key in ("weight_decay", "betas", "eps") if key in group}
+        settings are this job's (loading its state also loads the saved ones: weight_decay, betas, eps, and fused
+        or foreach, which the step relies on; the learning rate is set every step anyway): a resumed job that
+        changes them trains with the new ones, as it says."""
+        settings = [{key: value for key, value in group.items() if key != "params"}
                     for group in self.optimizer.param_groups]
         state = checkpoint.load(path, self.model, self.optimizer, self.cfg.checkpoint.checksums)
         changed = set()
         for group, wanted in zip(self.optimizer.param_groups, settings):
             for key, value in wanted.items():
-                if _plain(group[key]) != _plain(value):
-                    changed.add(f"{key} {group[key]} -> {value}")
+                if key not in ("lr", "initial_lr") and _plain(group.get(key)) != _plain(value):
+                    changed.add(f"{key} {group.get(key)} -> {value}")
                 group[key] = value
         if changed:
             log.info("resume: the optimizer takes this job's settings, not the checkpoint's: %s",

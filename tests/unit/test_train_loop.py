@@ -120,6 +120,15 @@ def test_a_resumed_job_trains_with_its_own_optimizer_settings(tmp_path, caplog):
     assert resumed.step == 2
     assert {(g["weight_decay"], tuple(g["betas"])) for g in resumed.optimizer.param_groups} == {(0.0, (0.9, 0.999))}
     assert "weight_decay 0.1 -> 0.0" in caplog.text and "betas" in caplog.text
+    # fused: the step hands a fused AdamW its skip flag, which an unfused one refuses (the saved setting crashed).
+    (tmp_path / "c").mkdir()
+    (tmp_path / "d").mkdir()
+    unfused = _trainer(tmp_path / "c", "train.steps=2", "optim.fused=false")
+    unfused.fit()
+    fused = _trainer(tmp_path / "d", "train.steps=4")
+    fused.restore(checkpoint.committed_checkpoints(unfused.checkpointer.ckpt_root)[-1])
+    assert all(g["fused"] for g in fused.optimizer.param_groups) and "fused False -> True" in caplog.text
+    fused.train_step()
 
 
 @pytest.mark.parametrize("loss", ["chunked", "plain"])
