@@ -220,7 +220,7 @@ class TrainConfig:
     hang_timeout: float = 1800.0
     """Seconds without a completed step before the watchdog dumps all stacks and exits (0 = off)."""
     hang_timeout_first: float = 3600.0
-    """The same limit for the first step (compilation, data download, first collectives)."""
+    """The same limit for the first step (compilation, data download, first collectives); 0 = off for it."""
     pg_timeout_minutes: float = 30.0
     """Timeout of collective operations in the process group."""
     deterministic: bool = False

@@ -118,7 +118,7 @@ class Watchdog:
         self._thread = threading.Thread(target=self._run, name="qwen2-watchdog", daemon=True)
 
     def start(self) -> "Watchdog":
-        if self.timeout_s > 0:
+        if self.timeout_s > 0 or self.first_timeout_s > 0:  # either limit may be off (0) on its own
             self._thread.start()
         return self
 
@@ -131,14 +131,16 @@ class Watchdog:
         self._stop.set()
 
     def _run(self) -> None:
-        while not self._stop.wait(min(5.0, self.timeout_s / 4)):
-            limit = self.first_timeout_s if self.beats == 0 else self.timeout_s
+        tick = min(5.0, min(t for t in (self.timeout_s, self.first_timeout_s) if t > 0) / 4)
+        while not self._stop.wait(tick):
+            first = self.beats == 0
+            limit = self.first_timeout_s if first else self.timeout_s
             idle = time.monotonic() - self.last_beat
-            if idle > limit:
-                self._fire(idle, limit)
+            if limit > 0 and idle > limit:
+                self._fire(idle, limit, "train.hang_timeout_first" if first else "train.hang_timeout")
 
-    def _fire(self, idle: float, limit: float) -> None:
-        message = (f"watchdog: no training step completed for {idle:.0f} s (train.hang_timeout={limit:.0f} s); "
+    def _fire(self, idle: float, limit: float, key: str) -> None:
+        message = (f"watchdog: no training step completed for {idle:.0f} s ({key}={limit:.0f} s); "
                    f"dumping all stacks and exiting with code {HANG_EXIT_CODE} so the launcher can restart the job")
         log.error(message)
         for handler in logging.getLogger().handlers:

@@ -181,3 +181,25 @@ def test_with_eod_mask_loss_a_step_s_loss_is_the_mean_over_the_counted_targets(t
         assert step_loss.item() == pytest.approx(expected, rel=1e-5)
         results.append((step_loss.item(), grad_norm.item()))
     assert results[1] == pytest.approx(results[0], rel=1e-5) and results[2] == pytest.approx(results[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("first, later", [(0, 0.2), (0.2, 0)])
+def test_a_watchdog_limit_of_0_is_off_for_its_phase_only(first, later):
+    """train.hang_timeout_first=0 turns the first step's limit off (it fired at the watchdog's first tick) and
+    train.hang_timeout=0 the later steps' (with the first one's on, the watchdog ran not at all); the message names
+    the limit that applied."""
+    from qwen2_dist.train.faults import Watchdog
+
+    fired = []
+    watchdog = Watchdog(later, first)
+    watchdog._fire = lambda idle, limit, key: (fired.append(key), watchdog.stop())
+    watchdog.start()
+    time.sleep(0.6)
+    if first:
+        assert fired == ["train.hang_timeout_first"]
+        return
+    assert fired == []
+    watchdog.beat()
+    time.sleep(0.6)
+    watchdog.stop()
+    assert fired == ["train.hang_timeout"]
