@@ -66,6 +66,12 @@ class StepGuard:
         self.longest_in_a_row.copy_(self.skipped_in_a_row)
         return total, longest
 
+    def forget_streak(self) -> None:
+        """The run of skipped steps has been acted on (the run halts): a run resumed from the checkpoint written now
+        starts a streak of its own rather than halting again at its first logging step."""
+        self.skipped_in_a_row.zero_()
+        self.longest_in_a_row.zero_()
+
     def state_dict(self) -> dict:
         """Everything a resumed run needs to decide as the uninterrupted one would (JSON-ready)."""
         state = {"skipped_total": int(self.skipped_total.item()), "skipped_in_a_row": int(self.skipped_in_a_row.item()),

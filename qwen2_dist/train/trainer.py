@@ -327,6 +327,7 @@ class Trainer:
                     window_started, window_steps, window_data = time.monotonic(), 0, 0.0
                     limit = 1 if cfg.train.nonfinite == "halt" else cfg.train.max_skipped_in_a_row
                     if in_a_row >= limit:
+                        self.guard.forget_streak()
                         self.save(blocking=True)
                         raise TrainingHalted(
                             f"step {self.step}: {in_a_row} step(s) in a row skipped for a non-finite or spiking "

@@ -59,6 +59,20 @@ def test_halt_stops_on_a_skipped_step_between_logging_steps(tmp_path, monkeypatc
     assert trainer.step == 4  # acted on at the next logging step, though steps 3 and 4 were fine
 
 
+def test_a_run_restarted_after_a_halt_does_not_halt_again_for_the_same_steps(tmp_path, monkeypatch):
+    """The halt's checkpoint ends with a skipped step; the restarted run (the cause fixed) trains on, where it halted
+    again at its first logging step for the streak it had already halted for."""
+    monkeypatch.setenv(INJECT_NAN_ENV, "4")
+    trainer = _trainer(tmp_path, "train.nonfinite=halt", "logging.interval=4", "train.steps=8")
+    with pytest.raises(TrainingHalted):
+        trainer.fit()
+    assert _committed(trainer) == [4]
+    monkeypatch.delenv(INJECT_NAN_ENV)
+    restarted = _trainer(tmp_path, "train.nonfinite=halt", "logging.interval=4", "train.steps=8")
+    restarted.restore(checkpoint.committed_checkpoints(restarted.checkpointer.ckpt_root)[-1])
+    assert restarted.fit().step == 8 and restarted.guard.counts() == (1, 0)
+
+
 def test_the_logged_throughput_leaves_out_a_save_between_logging_steps(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, "logging.interval=4", "train.steps=4", "checkpoint.interval=2",
                        "checkpoint.save_final=false")
