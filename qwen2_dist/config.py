@@ -543,7 +543,7 @@ def check_saved(cfg: JobConfig) -> None:
         check_seq_len(path, summary["sample_tokens"], cfg.train.seq_len)
     check_summaries_vocab([(path, summary) for path, summary in summaries if "://" in path], args.vocab_size)
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
-    if resume not in ("auto", "none") and os.path.dirname(os.path.abspath(resume)) == os.path.abspath(ckpt_root) \
+    if resume not in ("auto", "none") and checkpoint.in_run(ckpt_root, resume) \
             and not checkpoint.rollback_done(ckpt_root, resume):
         first = [resume]  # a rollback to come: the newer checkpoints will be moved aside
     else:

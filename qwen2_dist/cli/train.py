@@ -136,6 +136,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     log.info("world %d on %s, layout %s", world.world_size, device_type, layout)
 
     ckpt_root = os.path.join(job.run_dir, "checkpoints")
+    checkpoint.check_rollback_target(ckpt_root, job.checkpoint.resume, job.checkpoint.checksums)
     if world.is_main:
         checkpoint.clean_partial(ckpt_root)
         checkpoint.roll_back(ckpt_root, job.checkpoint.resume)

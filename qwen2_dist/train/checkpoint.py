@@ -222,13 +222,14 @@ ROLLBACK = "rollback.json"
 """In run_dir/checkpoints: the checkpoint a run was rolled back to with checkpoint.resume=PATH (see roll_back)."""
 
 
-def _in_run(ckpt_root: str, path: str) -> bool:
-    return os.path.dirname(os.path.abspath(path)) == os.path.abspath(ckpt_root)
+def in_run(ckpt_root: str, path: str) -> bool:
+    """Whether path is a checkpoint directory of this run (under ckpt_root, however either is spelled: symlinks)."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(ckpt_root)
 
 
 def rollback_done(ckpt_root: str, resume: str) -> bool:
     """True when checkpoint.resume names a checkpoint of this run (under ckpt_root) the run was rolled back to."""
-    if resume in ("auto", "none") or not _in_run(ckpt_root, resume):
+    if resume in ("auto", "none") or not in_run(ckpt_root, resume):
         return False
     try:
         with open(os.path.join(ckpt_root, ROLLBACK), encoding="utf-8") as f:
@@ -237,18 +238,35 @@ def rollback_done(ckpt_root: str, resume: str) -> bool:
         return False
 
 
+def rollback_pending(ckpt_root: str, resume: str) -> bool:
+    """Whether roll_back(ckpt_root, resume) would roll the run back (a step directory of this run, not yet done)."""
+    return (resume not in ("auto", "none") and in_run(ckpt_root, resume) and not rollback_done(ckpt_root, resume)
+            and _STEP_DIR.match(os.path.basename(os.path.abspath(resume))) is not None)
+
+
+def check_rollback_target(ckpt_root: str, resume: str, checksums: bool = True) -> None:
+    """Before a rollback moves anything: the checkpoint it rolls back to must be intact (verify(); every rank calls
+    this, as verify is collective), or the run's newer checkpoints would go aside for one that cannot be loaded."""
+    if not rollback_pending(ckpt_root, resume):
+        return
+    try:
+        verify(resume, checksums)
+    except UserError as exc:
+        raise UserError(f"checkpoint.resume={resume}: not rolling the run back to it, nothing was moved: {exc}. "
+                        "Name another checkpoint of the run, or checkpoint.resume=auto to go on from the newest") \
+            from None
+
+
 def roll_back(ckpt_root: str, resume: str) -> list[str]:
     """checkpoint.resume=PATH naming a checkpoint of this run (under ckpt_root) rolls the run back to it, once: the
     committed checkpoints newer than PATH move to checkpoints/abandoned-TIME/ (neither resumed from nor deleted by
     retention or clean_partial), then ROLLBACK records PATH. A restart of the same command (torchrun, a requeue)
     finds the record and goes on from the newest checkpoint of the rolled-back run instead of rolling back again.
     Rank 0 only, before any rank lists the checkpoints. Returns the moved checkpoints' new paths."""
-    if resume in ("auto", "none") or not _in_run(ckpt_root, resume) or rollback_done(ckpt_root, resume):
+    if not rollback_pending(ckpt_root, resume):
         return []
     name = os.path.basename(os.path.abspath(resume))
     match = _STEP_DIR.match(name)
-    if match is None:
-        return []
     newer = [path for path in committed_checkpoints(ckpt_root)
              if int(_STEP_DIR.match(os.path.basename(path)).group(1)) > int(match.group(1))]
     moved = []

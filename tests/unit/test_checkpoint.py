@@ -110,6 +110,30 @@ def test_resume_from_a_checkpoint_of_the_run_rolls_it_back_once(tmp_path):
     assert _names(checkpoint.resume_candidates(root, step_11)) == ["step_00000011"]
 
 
+def test_a_rollback_to_a_damaged_checkpoint_moves_nothing_and_a_symlinked_spelling_is_the_run(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    model, _ = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(root, keep_last=3)
+    for step in (4, 8, 12):
+        saver.save(step, model, None, {"step": step}, {})
+    shard = next(f for f in sorted(os.listdir(os.path.join(root, "step_00000008"))) if f.endswith(".distcp"))
+    path = os.path.join(root, "step_00000008", shard)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 1
+    open(path, "wb").write(bytes(data))
+    step_8 = os.path.join(root, "step_00000008")
+    with pytest.raises(UserError, match=r"checkpoint.resume=.*step_00000008: not rolling the run back to it, nothing "
+                                        r"was moved: .*checksum"):
+        checkpoint.check_rollback_target(root, step_8)
+    assert _names(checkpoint.committed_checkpoints(root)) == ["step_00000004", "step_00000008", "step_00000012"]
+    # The same run under another spelling of its path (a symlink to the run directory) is rolled back all the same.
+    os.symlink(tmp_path, tmp_path / "link")
+    step_4 = str(tmp_path / "link" / "checkpoints" / "step_00000004")
+    checkpoint.check_rollback_target(root, step_4)
+    assert _names(checkpoint.roll_back(root, step_4)) == ["step_00000008", "step_00000012"]
+    assert checkpoint.rollback_done(root, step_4)
+
+
 def test_resume_from_elsewhere_starts_the_run_and_restarts_resume_its_own(tmp_path):
     model, _ = _model_and_optimizer(0)
     converted = str(tmp_path / "from_hf" / "step_00000000")
