@@ -73,12 +73,45 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def supersede_records(path: str, from_step: int) -> int:
+    """Keep in the metrics file at path the records of steps up to from_step, one per step, and move the others
+    (steps logged after the checkpoint a restart resumes from, which the run logs again; an abandoned run's, after a
+    rollback; a line cut short by a kill) to metrics.superseded.jsonl beside it, so that the file holds one record
+    per logged step of the run as it went on. Returns how many moved."""
+    if not os.path.exists(path):
+        return 0
+    kept, moved = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                step = None
+            (kept if isinstance(step, int) and step <= from_step else moved).append(line.rstrip("\n") + "\n")
+    if not moved:
+        return 0
+    with open(os.path.join(os.path.dirname(path), "metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
+        f.writelines(moved)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    log.info("metrics: %d record(s) after step %d (or cut short), logged before this start, moved from %s to "
+             "metrics.superseded.jsonl", len(moved), from_step, path)
+    return len(moved)
+
+
 class MetricsSinks:
     """Where logged steps go: metrics.jsonl always, TensorBoard and W&B when asked (rank 0 only)."""
 
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = False, wandb: bool = False,
-                 wandb_project: str = "qwen2-dist", wandb_mode: str = "offline", config: dict | None = None):
+                 wandb_project: str = "qwen2-dist", wandb_mode: str = "offline", config: dict | None = None,
+                 from_step: int = 0):
+        """from_step: the step the run starts or resumes at; metrics.jsonl keeps the records up to it (see
+        supersede_records)."""
         self.enabled = enabled
+        if enabled:
+            supersede_records(os.path.join(run_dir, "metrics.jsonl"), from_step)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if enabled else None
         self.tb = None
         self.wandb_run = None

@@ -262,7 +262,7 @@ class Trainer:
         cfg = self.cfg
         lg = cfg.logging
         writer = MetricsSinks(cfg.run_dir, self.world.is_main, lg.tensorboard, lg.wandb, lg.wandb_project,
-                              lg.wandb_mode, config=dataclasses.asdict(cfg))
+                              lg.wandb_mode, config=dataclasses.asdict(cfg), from_step=self.step)
         profiler = StepProfiler(lg.profile_steps, cfg.run_dir, self.world.rank, self.world.device)
         record_oom = lg.memory_snapshot_on_oom and self.world.device.type == "cuda"
         if record_oom:

@@ -90,3 +90,19 @@ def test_a_trace_still_recording_when_the_loop_ends_is_written_with_its_steps(tm
     assert profiler.profiler is None
     assert os.path.getsize(tmp_path / "profile" / "rank0.json") > 0
     assert (tmp_path / "profile" / "rank0_summary.txt").read_text().strip()
+
+
+def test_a_restart_keeps_one_record_per_step_and_moves_the_rest_aside(tmp_path):
+    """Steps 6 and 7 were logged after the checkpoint of step 5 that the restart resumes from (and a kill cut the
+    last line short): they move to metrics.superseded.jsonl, and the run's records follow on from step 5."""
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": step, "loss": 10.0 - step}) for step in range(1, 8)] + ['{"step": 8, "lo']
+    path.write_text("\n".join(lines))
+    sinks = MetricsSinks(str(tmp_path), True, from_step=5)
+    sinks.write({"step": 6, "loss": 3.5})
+    sinks.close()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert (tmp_path / "metrics.superseded.jsonl").read_text().splitlines() == lines[5:]
+    MetricsSinks(str(tmp_path), True, from_step=6).close()  # nothing past step 6: nothing moves
+    assert len(path.read_text().splitlines()) == 6 and len((tmp_path / "metrics.superseded.jsonl").read_text()
+                                                           .splitlines()) == 3
