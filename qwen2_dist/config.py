@@ -275,7 +275,8 @@ class CheckpointConfig:
     resume: str = "auto"
     """auto (newest committed checkpoint in run_dir/checkpoints), none, or a checkpoint directory. One of this run's
     rolls the run back to it: the newer ones move to checkpoints/abandoned-TIME/, and restarts of the same command go
-    on from the newest checkpoint written since. One from elsewhere (qwen2-convert from-hf's, another run's) starts
+    on from the newest checkpoint written since. none starts the run afresh the same way (all of its checkpoints
+    move aside; restarts go on from the new start's). One from elsewhere (qwen2-convert from-hf's, another run's) starts
     the run; once the run has checkpoints of its own, restarts resume from those."""
     save_final: bool = True
     """Save when the run reaches train.steps."""

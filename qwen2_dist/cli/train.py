@@ -143,9 +143,9 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     if dist.is_initialized():
         dist.barrier()  # every rank lists the checkpoints after rank 0 has cleaned and rolled back
     candidates = checkpoint.resume_candidates(ckpt_root, job.checkpoint.resume)
-    if job.checkpoint.resume not in ("auto", "none", *candidates[:1]) and world.is_main:
+    if job.checkpoint.resume not in ("auto", *candidates[:1]) and candidates and world.is_main:
         log.info("checkpoint.resume=%s started this run, which has checkpoints of its own now: resuming from the "
-                 "newest (to start over from it, use a new run_dir)", job.checkpoint.resume)
+                 "newest (to start over, use a new run_dir)", job.checkpoint.resume)
     for path in candidates:
         try:
             meta = checkpoint.read_metadata(path)
@@ -226,8 +226,9 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         break
     else:
         if candidates:
-            raise UserError(f"no committed checkpoint under {ckpt_root} could be loaded; "
-                            "move the damaged ones away or start fresh with checkpoint.resume=none")
+            raise UserError(f"no committed checkpoint under {ckpt_root} could be loaded; move the damaged ones "
+                            "away, or start afresh with checkpoint.resume=none (which moves them to "
+                            "checkpoints/abandoned-*)")
     try:
         result = trainer.fit()
     finally:

@@ -228,26 +228,31 @@ def in_run(ckpt_root: str, path: str) -> bool:
 
 
 def rollback_done(ckpt_root: str, resume: str) -> bool:
-    """True when checkpoint.resume names a checkpoint of this run (under ckpt_root) the run was rolled back to."""
-    if resume in ("auto", "none") or not in_run(ckpt_root, resume):
+    """True when checkpoint.resume names a checkpoint of this run (under ckpt_root) the run was rolled back to, or is
+    none and the run was started afresh with it (see roll_back)."""
+    if resume == "auto" or (resume != "none" and not in_run(ckpt_root, resume)):
         return False
     try:
         with open(os.path.join(ckpt_root, ROLLBACK), encoding="utf-8") as f:
-            return json.load(f).get("to") == os.path.basename(os.path.abspath(resume))
+            done = json.load(f).get("to")
     except (OSError, ValueError):
         return False
+    return done == ("none" if resume == "none" else os.path.basename(os.path.abspath(resume)))
 
 
 def rollback_pending(ckpt_root: str, resume: str) -> bool:
-    """Whether roll_back(ckpt_root, resume) would roll the run back (a step directory of this run, not yet done)."""
-    return (resume not in ("auto", "none") and in_run(ckpt_root, resume) and not rollback_done(ckpt_root, resume)
-            and _STEP_DIR.match(os.path.basename(os.path.abspath(resume))) is not None)
+    """Whether roll_back(ckpt_root, resume) would roll the run back (a step directory of this run, or none: not yet
+    done)."""
+    if resume == "auto" or rollback_done(ckpt_root, resume):
+        return False
+    return resume == "none" or (in_run(ckpt_root, resume)
+                                and _STEP_DIR.match(os.path.basename(os.path.abspath(resume))) is not None)
 
 
 def check_rollback_target(ckpt_root: str, resume: str, checksums: bool = True) -> None:
     """Before a rollback moves anything: the checkpoint it rolls back to must be intact (verify(); every rank calls
     this, as verify is collective), or the run's newer checkpoints would go aside for one that cannot be loaded."""
-    if not rollback_pending(ckpt_root, resume):
+    if resume == "none" or not rollback_pending(ckpt_root, resume):
         return
     try:
         verify(resume, checksums)
@@ -262,13 +267,15 @@ def roll_back(ckpt_root: str, resume: str) -> list[str]:
     committed checkpoints newer than PATH move to checkpoints/abandoned-TIME/ (neither resumed from nor deleted by
     retention or clean_partial), then ROLLBACK records PATH. A restart of the same command (torchrun, a requeue)
     finds the record and goes on from the newest checkpoint of the rolled-back run instead of rolling back again.
-    Rank 0 only, before any rank lists the checkpoints. Returns the moved checkpoints' new paths."""
+    checkpoint.resume=none is a rollback to before the first step: every checkpoint of the run moves aside (none
+    mixes with the new start's), and restarts of the same command go on from what the new start writes. Rank 0
+    only, before any rank lists the checkpoints. Returns the moved checkpoints' new paths."""
     if not rollback_pending(ckpt_root, resume):
         return []
-    name = os.path.basename(os.path.abspath(resume))
-    match = _STEP_DIR.match(name)
+    name = "none" if resume == "none" else os.path.basename(os.path.abspath(resume))
+    after = -1 if resume == "none" else int(_STEP_DIR.match(name).group(1))
     newer = [path for path in committed_checkpoints(ckpt_root)
-             if int(_STEP_DIR.match(os.path.basename(path)).group(1)) > int(match.group(1))]
+             if int(_STEP_DIR.match(os.path.basename(path)).group(1)) > after]
     moved = []
     if newer:
         aside = os.path.join(ckpt_root, time.strftime("abandoned-%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4])
@@ -277,8 +284,10 @@ def roll_back(ckpt_root: str, resume: str) -> list[str]:
             moved.append(os.path.join(aside, os.path.basename(path)))
             os.replace(path, moved[-1])
         _fsync_dir(ckpt_root)
-        log.warning("checkpoint.resume=%s: rolling the run back to it; its %d newer checkpoint(s) moved to %s "
-                    "(delete them when you no longer need them)", resume, len(moved), aside)
+        log.warning("checkpoint.resume=%s: %s; its %d %scheckpoint(s) moved to %s (delete them when you no longer "
+                    "need them)", resume, "starting the run afresh" if resume == "none" else "rolling the run back "
+                    "to it", len(moved), "" if resume == "none" else "newer ", aside)
+    os.makedirs(ckpt_root, exist_ok=True)
     _write_json_atomic(os.path.join(ckpt_root, ROLLBACK), {"to": name, "moved": moved, "time": time.time()})
     return moved
 
@@ -289,11 +298,12 @@ def resume_candidates(ckpt_root: str, resume: str) -> list[str]:
     auto: this run's committed checkpoints. PATH of this run: the same, once roll_back() has moved the newer ones
     aside, so a restart goes on from what the rolled-back run wrote since. PATH elsewhere (a converted Hugging Face
     checkpoint, another run's): the run's starting point, used only while the run has no checkpoint of its own; a
-    restart then resumes from its own newest one, not from PATH at step 0 again."""
-    if resume == "none":
+    restart then resumes from its own newest one, not from PATH at step 0 again. none: nothing, until roll_back()
+    has moved the run's checkpoints aside; then (restarts) the new start's."""
+    if resume == "none" and not rollback_done(ckpt_root, resume):
         return []
     own = committed_checkpoints(ckpt_root)[::-1]
-    if resume == "auto":
+    if resume in ("auto", "none"):
         return own
     return own or [resume]
 

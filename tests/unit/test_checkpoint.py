@@ -134,6 +134,22 @@ def test_a_rollback_to_a_damaged_checkpoint_moves_nothing_and_a_symlinked_spelli
     assert checkpoint.rollback_done(root, step_4)
 
 
+def test_resume_none_starts_the_run_afresh_once_and_restarts_go_on_from_the_new_start(tmp_path):
+    """checkpoint.resume=none in a run_dir with checkpoints moves them aside (the new start's step 4 does not sit
+    beside the old run's step 8 as 'latest'); a restart of the same command (torchrun, a requeue) goes on from the
+    new start's checkpoints instead of starting over again. The same on a run_dir with nothing in it yet."""
+    model, _ = _model_and_optimizer(0)
+    for root, old_steps in ((str(tmp_path / "used" / "checkpoints"), (4, 8)), (str(tmp_path / "new" / "ckpts"), ())):
+        for step in old_steps:
+            checkpoint.Checkpointer(root, keep_last=3).save(step, model, None, {"step": step}, {})
+        assert checkpoint.resume_candidates(root, "none") == []
+        assert _names(checkpoint.roll_back(root, "none")) == ["step_00000004", "step_00000008"][:len(old_steps)]
+        assert checkpoint.committed_checkpoints(root) == [] and checkpoint.rollback_done(root, "none")
+        checkpoint.Checkpointer(root, keep_last=3).save(2, model, None, {"step": 2}, {})
+        assert checkpoint.roll_back(root, "none") == []
+        assert _names(checkpoint.resume_candidates(root, "none")) == ["step_00000002"]
+
+
 def test_resume_from_elsewhere_starts_the_run_and_restarts_resume_its_own(tmp_path):
     model, _ = _model_and_optimizer(0)
     converted = str(tmp_path / "from_hf" / "step_00000000")
