@@ -212,6 +212,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     }
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata,
                       eval_batches, eval_samples if eval_batches is not None else None)
+    damaged = []
     for path in candidates:
         try:
             trainer.restore(path)
@@ -221,8 +222,12 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
             if os.path.abspath(path) == os.path.abspath(job.checkpoint.resume):
                 raise  # the checkpoint the job names
             log.warning("checkpoint %s is damaged (%s); falling back to the previous committed one", path, exc)
+            damaged.append(path)
             continue
         log.info("resumed from %s at step %d", path, trainer.step)
+        if world.is_main:  # every rank has loaded; none reads the damaged ones again
+            for bad in damaged:
+                checkpoint.set_aside_damaged(bad)
         break
     else:
         if candidates:

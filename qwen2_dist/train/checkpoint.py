@@ -292,6 +292,17 @@ def roll_back(ckpt_root: str, resume: str) -> list[str]:
     return moved
 
 
+def set_aside_damaged(path: str) -> str:
+    """Rename a committed checkpoint that failed to load to damaged-NAME-TIME beside it: no longer a checkpoint, so
+    restarts do not check it again first (with checksums, every file) and retention does not count it among the
+    kept ones; its files stay for a look. Rank 0 only. Returns the new path."""
+    aside = os.path.join(os.path.dirname(path), f"damaged-{os.path.basename(path)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, aside)
+    _fsync_dir(os.path.dirname(path))
+    log.warning("checkpoint %s could not be loaded: renamed to %s (delete it when you no longer need it)", path, aside)
+    return aside
+
+
 def resume_candidates(ckpt_root: str, resume: str) -> list[str]:
     """The checkpoints to resume from, newest first (the later ones are fallbacks for a damaged one).
 

@@ -58,6 +58,10 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache
     assert result.returncode == 0, result.stderr[-3000:]
     assert "falling back to the previous committed one" in result.stdout
     assert "at step 3" in result.stdout
+    # Renamed, no longer a checkpoint: a restart does not check it again, retention does not count it, and the
+    # resumed run's own step 6 took its place.
+    assert [p.name[:21] for p in newest.parent.glob("damaged-*")] == ["damaged-step_00000006"]
+    assert "renamed to" in result.stdout + result.stderr and (newest / "metadata.json").is_file()
 
 
 def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_cache, capsys):
