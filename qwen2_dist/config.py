@@ -2,6 +2,7 @@
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import typing
@@ -587,6 +588,8 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"{world_size} processes: a job needs at least one (NPROC, or torchrun's --nproc-per-node)")
     if cfg.seed < 0:
         raise UserError(f"seed={cfg.seed}: must be a non-negative integer (it seeds the weights and the data order)")
+    if not str(cfg.run_dir).strip():
+        raise UserError("run_dir is empty; name the run's directory, e.g. run_dir=runs/exp1")
     args = cfg.model.args()
     t, p, o = cfg.train, cfg.parallel, cfg.optim
     for name, value in (
@@ -653,8 +656,12 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
             f"interval_minutes={c.interval_minutes}; need interval >= 0, keep_last >= 1, keep_every >= 0, "
             "interval_minutes >= 0"
         )
-    if c.async_save not in ("auto", True, False):
+    if not (c.async_save == "auto" or isinstance(c.async_save, bool)):  # 1 == True would pass `in (True, False)`
         raise UserError(f"checkpoint.async_save={c.async_save!r}: choose auto, true or false")
+    if c.keep_every and c.interval and c.keep_every % c.interval:
+        raise UserError(f"checkpoint.keep_every={c.keep_every} is not a multiple of checkpoint.interval={c.interval}: "
+                        f"only steps divisible by both (every {math.lcm(c.keep_every, c.interval)}) would be kept; "
+                        f"use a multiple of {c.interval}")
     if t.seq_len > args.max_position_embeddings:
         raise UserError(
             f"train.seq_len={t.seq_len} exceeds the {args.max_position_embeddings} positions of "
@@ -731,6 +738,10 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
             raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory; use auto, none or an existing "
                             "path")
         require_committed(resume, "checkpoint.resume")
+        init = [key for key in ("init_from_hf", "init_from_checkpoint") if getattr(cfg.model, key) is not None]
+        if init:
+            raise UserError(f"checkpoint.resume={resume} and model.{init[0]} are both set: the run starts from the "
+                            f"checkpoint's weights, and model.{init[0]} would be ignored; drop one")
     if cfg.model.init_from_hf is not None and not os.path.isdir(cfg.model.init_from_hf):
         raise UserError(f"model.init_from_hf={cfg.model.init_from_hf}: no such directory")
     if cfg.model.init_from_checkpoint is not None:

@@ -51,7 +51,8 @@ def acquire(run_dir: str) -> IO[str] | None:
             holder = _holder(handle)
             handle.close()
             raise UserError(f"run_dir={run_dir}: another job is running in it ({holder}; lock {path}). Wait for it "
-                            "to end, or give this job a run_dir of its own (run_dir=... or job.name=...)") from None
+                            "to end, or give this job a run_dir of its own (run_dir=..., or under Slurm another "
+                            "job name: sbatch -J NAME)") from None
         handle.close()
         log.warning("run_dir %s: this filesystem refuses a lock (%s); nothing stops a second job from running in "
                     "the same run_dir at the same time", run_dir, os.strerror(exc.errno or 0))

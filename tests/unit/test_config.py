@@ -95,6 +95,10 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["logging.wandb_mode=cloud"], 1, "logging.wandb_mode"),
     (["logging.peak_tflops=0"], 1, "logging.peak_tflops=0.0: must be positive"),
     (["checkpoint.async_save=maybe"], 1, "checkpoint.async_save"),
+    (["checkpoint.async_save=1"], 1, "checkpoint.async_save=1: choose auto, true or false"),
+    (["checkpoint.keep_every=4", "checkpoint.interval=3"], 1,
+     "checkpoint.keep_every=4 is not a multiple of checkpoint.interval=3: only steps divisible by both (every 12)"),
+    (["run_dir=''"], 1, "run_dir is empty"),
     (["checkpoint.keep_last=0"], 1, "keep_last"),
     (["train.stop_at=-1"], 1, "train.stop_at"),
     (["parallel.tp=4"], 4, "num_key_value_heads 2"),
@@ -139,6 +143,10 @@ def test_a_checkpoint_the_job_names_must_be_committed_and_the_newest_committed_o
                 validate(job(f"{key}={path}"), world_size=1)
         with pytest.raises(UserError, match=r"not a committed checkpoint \(no metadata.json\); point"):
             validate(job(f"{key}={steps / 'step_00000006'}"), world_size=1)
+    # Both: the checkpoint's weights start the run, and the init would be ignored silently.
+    with pytest.raises(UserError, match=r"checkpoint.resume=.*step_00000004 and model.init_from_checkpoint are both "
+                                        r"set: .* drop one"):
+        validate(job(f"checkpoint.resume={newest}", f"model.init_from_checkpoint={newest}"), world_size=1)
 
 
 def test_parallel_layouts_resolve():

@@ -16,7 +16,8 @@ def test_a_held_run_dir_is_refused_naming_the_holder_until_it_is_released(tmp_pa
     held = runlock.acquire(str(tmp_path))
     # flock locks belong to an open file: a second open, even in this process, is a second job.
     with pytest.raises(UserError, match=rf"run_dir={tmp_path}: another job is running in it \(host .*, pid "
-                                        rf"{os.getpid()}, Slurm job 4242, since .*run_dir=\.\.\. or job\.name="):
+                                        rf"{os.getpid()}, Slurm job 4242, since .*run_dir=\.\.\., or under Slurm "
+                                        r"another job name: sbatch -J NAME"):
         runlock.acquire(str(tmp_path))
     with pytest.raises(UserError, match="another job is running"):
         runlock.check_free(str(tmp_path))
