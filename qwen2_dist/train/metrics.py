@@ -118,7 +118,9 @@ class MetricsSinks:
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            # Events of steps past from_step, written before this start, are hidden from TensorBoard from now on
+            # (as metrics.jsonl's records of them move aside).
+            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=from_step + 1)
         if enabled and wandb:
             import wandb as wandb_lib
 

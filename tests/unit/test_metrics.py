@@ -106,3 +106,18 @@ def test_a_restart_keeps_one_record_per_step_and_moves_the_rest_aside(tmp_path):
     MetricsSinks(str(tmp_path), True, from_step=6).close()  # nothing past step 6: nothing moves
     assert len(path.read_text().splitlines()) == 6 and len((tmp_path / "metrics.superseded.jsonl").read_text()
                                                            .splitlines()) == 3
+
+
+def test_a_restart_hides_the_tensorboard_events_past_the_step_it_resumes_from(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsSinks(str(tmp_path), True, tensorboard=True)
+    for step in range(1, 8):
+        first.write({"step": step, "loss": 10.0 - step})
+    first.close()
+    restarted = MetricsSinks(str(tmp_path), True, tensorboard=True, from_step=5)
+    restarted.write({"step": 6, "loss": 1.5})
+    restarted.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0),
+                                                                         (5, 5.0), (6, 1.5)]
