@@ -2,8 +2,8 @@
 # which torchrun to run, how many processes per node, and the torchrun flags both launchers share.
 #
 #   TORCHRUN          the torchrun command, split on spaces (e.g. "torchrun" or "/opt/env/bin/torchrun")
-#   PYTHON            else: run "$PYTHON -m torch.distributed.run"; default the repository's .venv/bin/python
-#                     when it exists, else python3 on PATH
+#   PYTHON            else: run "$PYTHON -m torch.distributed.run"; default $VENV/bin/python (VENV as given to
+#                     launch/install.sh), else the repository's .venv/bin/python when it exists, else python3 on PATH
 #   NPROC             processes per node; default the GPUs this process sees (nvidia-smi's count, or fewer when
 #                     CUDA_VISIBLE_DEVICES names fewer), or 1 when there is none
 #   MAX_RESTARTS      torchrun --max-restarts: how many times a failed worker group is restarted, resuming from
@@ -19,12 +19,15 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ -n "${TORCHRUN:-}" ]; then
     read -r -a torchrun <<< "$TORCHRUN"
     python=python3
-    if [ -x "$(dirname "${torchrun[0]}")/python" ]; then
-        python=$(dirname "${torchrun[0]}")/python
+    torchrun_path=$(command -v "${torchrun[0]}" || true)  # TORCHRUN=torchrun: the one on PATH
+    if [ -n "$torchrun_path" ] && [ -x "$(dirname "$torchrun_path")/python" ]; then
+        python=$(dirname "$torchrun_path")/python
     fi
 else
     if [ -n "${PYTHON:-}" ]; then
         python=$PYTHON
+    elif [ -n "${VENV:-}" ] && [ -x "$VENV/bin/python" ]; then
+        python=$VENV/bin/python
     elif [ -x "$repo/.venv/bin/python" ]; then
         python=$repo/.venv/bin/python
     else

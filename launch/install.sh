@@ -4,10 +4,15 @@
 #   TORCH_SPEC   the torch requirement (default torch==2.13.0; on a GPU machine pick the build that matches its
 #                CUDA, e.g. TORCH_SPEC="torch==2.13.0 --index-url ..."). .venv remembers the spec its torch came
 #                from: a run with another TORCH_SPEC reinstalls torch, a run without TORCH_SPEC keeps that torch
-#   VENV         where the environment lives (default .venv in the repository)
+#   VENV         where the environment lives (default .venv in the repository; a relative path is taken from the
+#                current directory). The launchers use it when VENV is set for them too (or PYTHON=$VENV/bin/python)
 set -euo pipefail
+venv=${VENV:-}
+if [ -n "$venv" ] && [ "${venv#/}" = "$venv" ]; then
+    venv=$PWD/$venv
+fi
 cd "$(dirname "$0")/.."
-venv=${VENV:-.venv}
+venv=${venv:-.venv}
 torch_spec=${TORCH_SPEC:-torch==2.13.0}
 py="$venv/bin/python"
 stamp="$venv/.qwen2-dist-installed"

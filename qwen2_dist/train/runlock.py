@@ -38,6 +38,12 @@ def _holder(handle: IO[str]) -> str:
     return ", ".join(parts)
 
 
+def _held(run_dir: str, holder: str, path: str) -> UserError:
+    return UserError(f"run_dir={run_dir}: another job is running in it ({holder}; lock {path}). Wait for it to end, "
+                     "or give this job a run_dir of its own (run_dir=..., or under Slurm another job name: sbatch "
+                     "-J NAME)")
+
+
 def acquire(run_dir: str) -> IO[str] | None:
     """Lock run_dir for this process; the open lock file (close it to release), or None where the filesystem has
     no flock. A UserError naming the holder when another process holds it."""
@@ -45,14 +51,12 @@ def acquire(run_dir: str) -> IO[str] | None:
     path = os.path.join(run_dir, LOCK_NAME)
     handle = open(path, "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_retrying(handle, fcntl.LOCK_EX)
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             holder = _holder(handle)
             handle.close()
-            raise UserError(f"run_dir={run_dir}: another job is running in it ({holder}; lock {path}). Wait for it "
-                            "to end, or give this job a run_dir of its own (run_dir=..., or under Slurm another "
-                            "job name: sbatch -J NAME)") from None
+            raise _held(run_dir, holder, path) from None
         handle.close()
         log.warning("run_dir %s: this filesystem refuses a lock (%s); nothing stops a second job from running in "
                     "the same run_dir at the same time", run_dir, os.strerror(exc.errno or 0))
@@ -81,10 +85,32 @@ def acquire_on_main(run_dir: str, is_main: bool) -> IO[str] | None:
     return handle
 
 
+def _flock_retrying(handle: IO[str], operation: int, tries: int = 5) -> None:
+    """flock without blocking, tried again a few times 0.1 s apart: the launchers' checks hold a shared lock for an
+    instant (check_free), which must not refuse a job that starts just then."""
+    for attempt in range(tries):
+        try:
+            fcntl.flock(handle, operation | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or attempt == tries - 1:
+                raise
+            time.sleep(0.1)
+
+
 def check_free(run_dir: str) -> None:
-    """The launchers' check: a UserError when a job holds run_dir now (the lock taken and released at once)."""
-    if not os.path.isdir(run_dir):
-        return
-    handle = acquire(run_dir)
-    if handle is not None:
-        handle.close()
+    """The launchers' check: a UserError naming the holder when a job holds run_dir now. A shared lock, taken and
+    released at once, with the file left as it is: the checks of several nodes at the same moment (every node of a
+    Slurm job runs one) do not refuse each other, and the holder's record stays for the message."""
+    path = os.path.join(run_dir, LOCK_NAME)
+    try:
+        handle = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return  # no job has run in it (a job creates the file before it takes the lock)
+    with handle:
+        try:
+            _flock_retrying(handle, fcntl.LOCK_SH)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise _held(run_dir, _holder(handle), path) from None
+            # A filesystem without flock: the job itself says so when it starts.

@@ -75,16 +75,16 @@ def install(tmp_path):
     venv, log = tmp_path / "venv", tmp_path / "calls.log"
     log.touch()
 
-    def run(torch_spec=None) -> list[str]:
-        """One run of install.sh; the calls it made."""
+    def run(torch_spec=None, cwd=REPO, venv_value=None) -> list[str]:
+        """One run of install.sh (from cwd, VENV=venv_value or the absolute venv); the calls it made."""
         env = {k: v for k, v in os.environ.items() if k != "TORCH_SPEC"}
-        env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=str(venv), FAKE_LOG=str(log),
+        env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=venv_value or str(venv), FAKE_LOG=str(log),
                    FAKE_VENV_PYTHON=str(tmp_path / "venv_python"))
         if torch_spec is not None:
             env["TORCH_SPEC"] = torch_spec
         before = len(log.read_text().splitlines())
-        result = subprocess.run(["bash", "launch/install.sh"], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=30)
+        result = subprocess.run(["bash", os.path.join(REPO, "launch", "install.sh")], cwd=cwd, env=env,
+                                capture_output=True, text=True, timeout=30)
         assert result.returncode == 0, result.stdout + result.stderr
         return log.read_text().splitlines()[before:]
 
@@ -103,6 +103,12 @@ def test_install_makes_the_venv_once_then_does_nothing(install):
                                     f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev]"]
     assert (venv / "torch-constraint.txt").read_text() == "torch==2.13.0\n"
     assert run() == []
+
+
+def test_install_takes_a_relative_venv_from_the_current_directory(install, tmp_path):
+    run, venv, _ = install
+    assert run(cwd=tmp_path, venv_value="venv")[0] == f"python3 -m venv {venv}"  # not REPO/venv
+    assert run(venv_value=str(venv)) == []  # the same environment
 
 
 def test_install_reinstalls_torch_when_torch_spec_changes(install):
@@ -131,8 +137,9 @@ def test_install_repairs_a_venv_whose_creation_failed(install):
     assert run() == []
 
 
-def sbatch_run_dir(tmp_path, *overrides: str) -> str:
-    """Run slurm/train.sbatch outside Slurm (fake srun and scontrol); the directory its per-node logs went to."""
+def sbatch_run_dir(tmp_path, *overrides: str, **env_changes: str | None) -> str:
+    """Run slurm/train.sbatch outside Slurm (fake srun and scontrol); the directory its per-node logs went to
+    (relative to tmp_path). env_changes: variables to set, or to unset (None)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_script(bin_dir / "srun", '#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_SRUN_ARGS"\n')
@@ -143,6 +150,8 @@ def sbatch_run_dir(tmp_path, *overrides: str) -> str:
            "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
            "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs"), "RUN_BASE": str(tmp_path),
            "FAKE_SRUN_ARGS": str(tmp_path / "srun_args")}
+    env.update({k: v for k, v in env_changes.items() if v is not None})
+    env = {k: v for k, v in env.items() if env_changes.get(k, "") is not None}
     result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny", *overrides], cwd=cwd,
                             env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -164,3 +173,67 @@ def sbatch_run_dir(tmp_path, *overrides: str) -> str:
 ])
 def test_sbatch_logs_go_to_the_run_dir_the_trainer_uses(tmp_path, overrides, run_dir):
     assert sbatch_run_dir(tmp_path, *(o.format(base=tmp_path) for o in overrides)) == run_dir
+
+
+@pytest.mark.parametrize("job_name", ["lr=1e-4", "exp(2),b[1]{c}", "it's", "back\\slash", "x${y}"])
+def test_sbatch_takes_any_job_name_for_the_default_run_dir(tmp_path, job_name):
+    """The default run_dir (RUNS_ROOT/JOB_NAME) goes to Hydra quoted: a name with = , ( [ { ' \\ or ${ is a
+    directory name, not override syntax (lr=1e-4 made every job of that name exit 2)."""
+    assert sbatch_run_dir(tmp_path, SLURM_JOB_NAME=job_name) == f"runs/{job_name}"
+
+
+def test_sbatch_runs_root_defaults_to_the_submit_directory(tmp_path):
+    (tmp_path / "submitted_from").mkdir()
+    assert sbatch_run_dir(tmp_path, RUNS_ROOT=None, QWEN2_DIST_HOME=REPO,
+                          SLURM_SUBMIT_DIR=str(tmp_path / "submitted_from")) == "submitted_from/runs/exp1"
+
+
+def test_sbatch_requeues_on_a_stop_that_comes_before_its_step_started(tmp_path):
+    """SIGUSR1 while the script works out the run directory (a python start; the trap was set only after it, so
+    bash's default action killed the script and the job failed instead of coming back): no step is started, and
+    the job is requeued at once."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_script(bin_dir / "srun", f'#!/bin/bash\ntouch {tmp_path}/srun_ran\n')
+    write_script(bin_dir / "scontrol", f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol_calls\n'
+                                       '[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
+    # The python that composes the run directory signals the batch script first: the topmost of its ancestors
+    # running train.sbatch (a $(...) subshell runs it too).
+    write_script(bin_dir / "python_signalling", f"""#!/bin/bash
+pid=$PPID
+target=
+while [ "$pid" -gt 1 ]; do
+    if tr '\\0' ' ' < /proc/$pid/cmdline | grep -q train.sbatch; then target=$pid; fi
+    pid=$(ps -o ppid= -p "$pid" | tr -d ' ')
+done
+kill -USR1 "$target"
+sleep 0.5
+exec {sys.executable} "$@"
+""")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python_signalling"),
+           "NPROC": "1", "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
+           "SLURM_JOB_NODELIST": "n1", "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs")}
+    result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "requeueing job 7 before its step started" in result.stdout
+    assert not (tmp_path / "srun_ran").exists() and "requeue 7" in (tmp_path / "scontrol_calls").read_text()
+
+
+def test_the_launchers_check_the_job_with_the_python_of_their_torchrun_or_venv(tmp_path):
+    """TORCHRUN=torchrun (found on PATH) checks with the python beside that torchrun (it looked for ./python); VENV,
+    as given to install.sh, is the launchers' environment too."""
+    bin_dir = tmp_path / "env" / "bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("torchrun", "python"):
+        write_script(bin_dir / name, "#!/bin/bash\n")
+
+    def python_of(**env) -> str:
+        result = subprocess.run(["bash", "-c", f"source {REPO}/launch/common.sh; echo $python"], cwd=tmp_path,
+                                env={**{k: v for k, v in os.environ.items() if k not in ("PYTHON", "TORCHRUN", "VENV")},
+                                     "PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
+                                capture_output=True, text=True, timeout=30)
+        return result.stdout.strip()
+
+    assert python_of(TORCHRUN="torchrun") == str(bin_dir / "python")
+    assert python_of(VENV=str(tmp_path / "env")) == str(bin_dir / "python")

@@ -4,6 +4,7 @@ import errno
 import fcntl
 import logging
 import os
+import threading
 
 import pytest
 
@@ -24,6 +25,27 @@ def test_a_held_run_dir_is_refused_naming_the_holder_until_it_is_released(tmp_pa
     held.close()
     runlock.check_free(str(tmp_path))
     runlock.acquire(str(tmp_path)).close()
+
+
+def test_the_launchers_checks_of_several_nodes_at_once_do_not_refuse_each_other(tmp_path):
+    """Every node of a multi-node (Slurm) job runs the check at about the same moment: a check holding its probe
+    (a shared lock) neither refuses another check nor the job's own lock taken an instant later; the holder's record
+    is left as it is for the message."""
+    runlock.acquire(str(tmp_path)).close()  # a job ran here before: the file exists, with its record
+    record = (tmp_path / runlock.LOCK_NAME).read_text()
+    with open(tmp_path / runlock.LOCK_NAME) as other_check:
+        fcntl.flock(other_check, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        runlock.check_free(str(tmp_path))
+        assert (tmp_path / runlock.LOCK_NAME).read_text() == record
+    probe = open(tmp_path / runlock.LOCK_NAME)
+    fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    threading.Timer(0.15, probe.close).start()  # a check ending just as the job takes its lock
+    runlock.acquire(str(tmp_path)).close()
+    held = runlock.acquire(str(tmp_path))
+    with pytest.raises(UserError, match=rf"another job is running in it \(host {os.uname().nodename}, pid "
+                                        rf"{os.getpid()}"):
+        runlock.check_free(str(tmp_path))
+    held.close()
 
 
 def test_the_launchers_check_creates_no_run_dir(tmp_path):
