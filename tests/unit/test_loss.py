@@ -299,9 +299,10 @@ def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
     assert compiled_grad.data_ptr() == compiled_logits.data_ptr() and torch.equal(compiled_logits, compiled_grad)
 
 
-def test_the_masked_softmax_steps_leave_ignored_targets_out_eager_and_compiled():
+def test_the_masked_softmax_steps_leave_ignored_targets_out():
     """data.eod_mask_loss's chunk steps: an IGNORE_INDEX row has no loss and a zero gradient; the fusable step is
-    bitwise the eager one, and compiled within fp32 rounding of the log-sum-exp."""
+    bitwise the eager one (compiled, it is checked on CUDA, where the loss compiles it: test_loss_gpu.py; the CPU
+    probe below checks its graph keeps the one-pass softmax)."""
     from qwen2_dist.model.loss import _chunk_loss_and_grad, _chunk_loss_and_grad_fusable
 
     generator = torch.Generator().manual_seed(0)
@@ -314,11 +315,6 @@ def test_the_masked_softmax_steps_leave_ignored_targets_out_eager_and_compiled()
     assert (grad[ignored] == 0).all() and (grad[~ignored] != 0).any(dim=1).all()
     fused_loss, fused_grad = _chunk_loss_and_grad_fusable(logits.clone(), targets, masked=True)
     assert torch.equal(loss, fused_loss) and torch.equal(grad, fused_grad)
-    compiled_loss, compiled_grad = torch.compile(_chunk_loss_and_grad_fusable, dynamic=False)(logits.clone(),
-                                                                                              targets, True)
-    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=1e-2, atol=1e-3)
-    assert (compiled_grad[ignored] == 0).all()
 
 
 def test_the_one_pass_log_sum_exp_gives_the_same_values(monkeypatch):
