@@ -142,7 +142,8 @@ def sbatch_run_dir(tmp_path, *overrides: str, **env_changes: str | None) -> str:
     (relative to tmp_path). env_changes: variables to set, or to unset (None)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    write_script(bin_dir / "srun", '#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_SRUN_ARGS"\n')
+    write_script(bin_dir / "srun", '#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_SRUN_ARGS"\n'
+                                   'echo "${NODE_RANK-unset}" > "$FAKE_SRUN_ARGS.node_rank"\n')
     write_script(bin_dir / "scontrol", '#!/bin/bash\n[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
     cwd = tmp_path / "submit"
     cwd.mkdir(exist_ok=True)
@@ -182,10 +183,13 @@ def test_sbatch_takes_any_job_name_for_the_default_run_dir(tmp_path):
     assert sbatch_run_dir(tmp_path, SLURM_JOB_NAME=job_name) == f"runs/{job_name}"
 
 
-def test_sbatch_runs_root_defaults_to_the_submit_directory(tmp_path):
+def test_sbatch_runs_root_defaults_to_the_submit_directory_and_node_ranks_are_slurm_s(tmp_path):
+    """RUNS_ROOT's default is the submit directory's runs/ (as documented; it was the checkout's); a NODE_RANK
+    exported at submission does not reach the nodes, which take theirs from SLURM_NODEID."""
     (tmp_path / "submitted_from").mkdir()
-    assert sbatch_run_dir(tmp_path, RUNS_ROOT=None, QWEN2_DIST_HOME=REPO,
+    assert sbatch_run_dir(tmp_path, RUNS_ROOT=None, QWEN2_DIST_HOME=REPO, NODE_RANK="1",
                           SLURM_SUBMIT_DIR=str(tmp_path / "submitted_from")) == "submitted_from/runs/exp1"
+    assert (tmp_path / "srun_args.node_rank").read_text().strip() == "unset"
 
 
 def test_sbatch_requeues_on_a_stop_that_comes_before_its_step_started(tmp_path):
