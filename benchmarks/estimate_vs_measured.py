@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("reports", nargs="+", help="JSON files written by benchmarks/throughput.py --json")
     parser.add_argument("--gpu-mem-gib", type=float, default=80.0, help="GPU memory for the fits/does-not-fit line")
     opts = parser.parse_args(argv)
-    table = []
+    table, failed = [], 0
     for path in opts.reports:
         try:
             with open(path, encoding="utf-8") as f:
@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 job = compose_job(row["overrides"])
                 info, lines = estimate(job, 1)
-            except UserError as exc:
-                print(f"error: {path}: {exc}", file=sys.stderr)
-                return 2
+            except UserError as exc:  # this row only: the others are still estimated
+                print(f"error: {path}: {' '.join(row['overrides'])}: {exc}", file=sys.stderr)
+                failed += 1
+                continue
             print(f"== {path}: ours, {' '.join(row['overrides'])}")
             print(render(job, info, lines, opts.gpu_mem_gib))
             estimated = info["peak"] / GIB
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'report':<28}{'mb':>4}  {'estimate GiB':>12}  {'measured':>14}  {'estimate vs measured':>20}  --ours")
     for path, mb, estimated, measured, delta, ours in table:
         print(f"{path:<28}{mb:>4}  {estimated:>12.2f}  {measured:>14}  {delta:>20}  {ours}")
-    return 0
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":

@@ -52,6 +52,13 @@ else
     FP32_WGRAD=(--variant fp32_wgrad:parallel.fp32_weight_grads=true)
 fi
 
+# Files of an earlier run in OUT would be read as this run's (pick_variants, the estimate, targets) and packed with
+# them: they move aside first, kept.
+if [[ -d $OUT ]] && [[ -n $(ls -A "$OUT") ]]; then
+    previous="$OUT.previous-$(date -u +%Y%m%dT%H%M%SZ)"
+    mv "$OUT" "$previous"
+    echo "gpu_check: $OUT held an earlier run's files: moved to $previous" >&2
+fi
 mkdir -p "$OUT"
 if [[ -n $PACK ]]; then
     mkdir -p "$(dirname "$PACK")"
@@ -97,9 +104,12 @@ step() {  # step NAME TIMEOUT_S COMMAND...: run it under timeout (cut to the bud
     shown=${shown//$'\n'/ }
     ((${#shown} <= 240)) || shown="${shown:0:240} ..."
     left=$((BUDGET_S - (SECONDS - STARTED) - 5))
-    if ((left < 10)); then
-        echo "not run: no time left of the $BUDGET_S s budget" | tee "$OUT/$name.log"
-        record "$name" "FAILED (no time left of the $BUDGET_S s budget)" 0
+    # Under half its timeout left, a step would most likely be cut before it wrote anything: not started, so the
+    # device time goes to the steps after it that may still fit, or is not spent.
+    if ((left < 10 || 2 * left < limit)); then
+        echo "not run: $((left > 0 ? left : 0)) s left of the $BUDGET_S s budget, under half its $limit s" \
+            | tee "$OUT/$name.log"
+        record "$name" "FAILED (not run: $((left > 0 ? left : 0)) s left of the budget, under half its $limit s)" 0
         FAILED=1
         return
     fi
@@ -143,8 +153,8 @@ if shutil.which("nvidia-smi"):
     print(subprocess.run(["nvidia-smi"], capture_output=True, text=True).stdout)
 else:
     print("nvidia-smi: not found")
-for name in ("torch", "transformers", "triton", "liger_kernel", "hydra", "omegaconf", "tiktoken", "zstandard",
-             "safetensors", "numpy", "pytest"):
+for name in ("torch", "transformers", "triton", "liger_kernel", "torchao", "hydra", "omegaconf", "tiktoken",
+             "zstandard", "safetensors", "numpy", "pytest"):
     try:
         module = importlib.import_module(name)
         print("%-13s %s" % (name, getattr(module, "__version__", "(no __version__)")))

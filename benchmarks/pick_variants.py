@@ -13,8 +13,10 @@ taken. A --variant row with no overrides beyond the default's is the default mea
 where it differs from the default row by more than --min-gain, that difference is the threshold instead (a gain
 within the run's own drift is not told apart from it). The winners' overrides go to stdout, one per line; what was
 decided for each variant goes to stderr. A variant without overrides of its own (an environment variable only), a
-missing or failed row, or a report of another size or sequence length is never picked. --all picks every variant
-that ran (the dry run uses it, so that the combined step is exercised on the CPU, where the timings mean nothing).
+missing or failed row, a report of another size or sequence length, or a row whose loss shows it did not train as
+the default did (targets.loss_problem: not finite, or off the default's) is never picked, --all or not. --all picks
+every variant that ran (the dry run uses it, so that the combined step is exercised on the CPU, where the timings
+mean nothing).
 
 Exit 0 with the winners, 3 when none won (nothing printed to stdout), 4 when the winners' overrides are exactly
 those of one row of DEFAULT.json (printed all the same): that row already ran in the same invocation as
@@ -26,6 +28,11 @@ import argparse
 import json
 import sys
 from typing import NamedTuple
+
+try:
+    from benchmarks.targets import loss_problem
+except ImportError:  # run as a script: python benchmarks/pick_variants.py
+    from targets import loss_problem
 
 NO_WINNER = 3
 ONE_WINNER_IN_DEFAULT = 4
@@ -118,6 +125,8 @@ def pick(default: dict, variants: dict[str, dict | None], min_gain: float,
             verdict = f"micro-batch {row['micro_batch']}, the default's is {base['micro_batch']}"
         elif not own:
             verdict = "no overrides of its own (an environment setting): not combinable here"
+        elif (why := loss_problem(row, base)) is not None:
+            verdict = f"not picked: {why} (it did not train as the default did)"
         else:
             gain = row["tokens_per_sec"] / base["tokens_per_sec"] - 1
             won = take_all or gain >= min_gain

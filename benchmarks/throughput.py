@@ -161,12 +161,13 @@ def copy_initial(model: torch.nn.Module, values: list[torch.Tensor]) -> bool:
 
 
 def run_ours(job: JobConfig, warmup: int, steps: int, seed: int, profile: str | None = None,
-             keep_initial: bool = False) -> tuple[float, list[float], dict]:
+             keep_initial: bool = False, timed=None) -> tuple[float, list[float], dict]:
     """Time Trainer.train_step() of this job on random tokens, in this process; with `profile`, then run 2 more
-    steps under the trainer's StepProfiler and write its summary (metrics.profile_summary) to that file. The model
-    starts from the initial weights kept in INITIAL by an earlier row of the same shape and seed, if any (the values
-    init_weights(job.seed) draws); keep_initial: keep this row's for the rows to come. Returns the timing of
-    timed_steps, with the seconds the model and optimizer took to build ("build_s")."""
+    steps under the trainer's StepProfiler and write its summary (metrics.profile_summary) to that file, after
+    handing the timing to `timed` (so that a run cut during the profile keeps it). The model starts from the initial
+    weights kept in INITIAL by an earlier row of the same shape and seed, if any (the values init_weights(job.seed)
+    draws); keep_initial: keep this row's for the rows to come. Returns the timing of timed_steps, with the seconds
+    the model and optimizer took to build ("build_s")."""
     started = time.perf_counter()
     layout = validate(job, 1)
     device_type = resolve_device(job.train.device)
@@ -191,6 +192,8 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int, profile: str | 
     result = timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
     result[2]["build_s"] = build_seconds
     if profile:
+        if timed is not None:
+            timed(result)
         try:
             # The trainer's own profiler (logging.profile_steps), on 2 more steps; its summary is copied to `profile`.
             profiler = StepProfiler("1:3", job.run_dir, world.rank, world.device)
@@ -267,7 +270,10 @@ def run_baseline(variant: str, job: JobConfig, device: torch.device, warmup: int
 
     def step() -> torch.Tensor:
         for _ in range(batches.grad_accum_steps):
-            inputs = batches.next_batch().inputs.to(device, non_blocking=True)
+            inputs = batches.next_batch().inputs
+            if device.type == "cuda":  # from pinned memory, as the trainer copies ours: no wait for the GPU's queue
+                inputs = inputs.pin_memory()
+            inputs = inputs.to(device, non_blocking=True)
             with autocast:
                 loss = model(input_ids=inputs, labels=inputs).loss  # shifted inside: seq_len - 1 targets
             (loss / batches.grad_accum_steps).backward()
@@ -305,6 +311,14 @@ def release(device: torch.device) -> None:
         print(f"warning: {left:.2f} GiB still allocated after the configuration was released", flush=True)
 
 
+def fill_ok(row: dict, result: tuple[float, list[float], dict], device: torch.device) -> None:
+    """A row's fields from a timing of timed_steps (seconds, losses, phases)."""
+    seconds, losses, phases = result
+    tokens = row["global_batch"] * row["seq_len"] * row["steps"]
+    row.update(status="ok", seconds=seconds, tokens_per_sec=tokens / seconds, first_loss=losses[0],
+               last_loss=losses[-1], peak_mem_gib=memory_gib(device), **phases)
+
+
 def measure(name: str, run, row: dict, device: torch.device) -> dict:
     """Run one configuration (a function returning (seconds, losses, phases) as run_ours does) and fill its row; OOM
     and failures too."""
@@ -322,9 +336,7 @@ def measure(name: str, run, row: dict, device: torch.device) -> dict:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             row["status"] = f"failed ({type(exc).__name__}: {first})"
     else:
-        tokens = row["global_batch"] * row["seq_len"] * row["steps"]
-        row.update(status="ok", seconds=seconds, tokens_per_sec=tokens / seconds, first_loss=losses[0],
-                   last_loss=losses[-1], peak_mem_gib=memory_gib(device), **phases)
+        fill_ok(row, (seconds, losses, phases), device)
         if device.type == "cuda":
             # Near a full GPU the caching allocator frees its cache and retries cudaMalloc, which synchronizes:
             # a configuration that retried (warmup included) may be slower for it; expandable segments
@@ -517,8 +529,15 @@ def main(argv: list[str] | None = None) -> int:
                 if profile and variant is not None:
                     stem, ext = os.path.splitext(profile)
                     profile = f"{stem}_{variant}{ext}"
+                def timed(result, row=row):  # written before the profile runs: a cut there keeps the timing
+                    fill_ok(row, result, device)
+                    if opts.json:
+                        rows = report["rows"] + [row]
+                        finish_rows(rows, peak)
+                        write_json(opts.json, {**report, "rows": rows})
+
                 measure(name, functools.partial(run_ours, job, opts.warmup, opts.steps, opts.seed, profile,
-                                                keep_initial=ours_done < ours_total), row, device)
+                                                keep_initial=ours_done < ours_total, timed=timed), row, device)
                 if ours_done == ours_total:
                     INITIAL.clear()
             else:

@@ -78,8 +78,9 @@ def build_plan(job: JobConfig, layout: dict[str, int], world_size: int, param_dt
         dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
         world = World(rank=0, local_rank=0, world_size=world_size, device=torch.device("cpu"))
         mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
-    # compile changes no tensor sizes; offload is accounted for below (its pinned buffers need CUDA).
-    parallel = replace(job.parallel, compile="false", cpu_offload=False)
+    # compile (and fp32_weight_grads, a pass of the compiled blocks, which needs them) change no tensor sizes;
+    # offload is accounted for below (its pinned buffers need CUDA).
+    parallel = replace(job.parallel, compile="false", fp32_weight_grads=False, cpu_offload=False)
     try:
         model = parallelize(build_model(job.model.args(), "meta"), mesh, parallel, param_dtype, "cuda")
         return read_plan(model)

@@ -149,3 +149,29 @@ def test_compiled_block_formula_matches_what_the_compiled_block_saves():
     weight_copies = sum(2 * p.numel() for p in layer.parameters() if p.dim() == 2)  # autocast's bf16 casts
     assert saved - weight_copies == formula["compiled_block"]
     assert formula["compiled_block"] < formula["block"]
+
+
+def test_the_fp32_weight_gradient_pass_is_estimated_as_the_job_without_it():
+    """parallel.fp32_weight_grads (an Inductor pass of the compiled blocks) changes no tensor size; the plan, which
+    builds the model uncompiled, refused it (the GPU check's estimate step failed at that variant's row)."""
+    from qwen2_dist.cli.estimate import estimate
+    from qwen2_dist.cli.train import compose_job
+
+    base = ["model=qwen2-1.5b", "train.seq_len=4096", "train.micro_batch_size=4", "train.global_batch_size=4",
+            "parallel.compile=true"]
+    with_pass, _ = estimate(compose_job([*base, "parallel.fp32_weight_grads=true"]), 1)
+    assert with_pass["peak"] == estimate(compose_job(base), 1)[0]["peak"]
+
+
+def test_estimate_vs_measured_goes_on_past_a_row_it_cannot_estimate(tmp_path, capsys):
+    import json
+
+    from benchmarks import estimate_vs_measured
+
+    good = ["model=tiny", "train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=2"]
+    rows = [{"name": "ours", "status": "ok", "micro_batch": 2, "peak_mem_gib": 1.0, "overrides": [*good, "x.y=1"]},
+            {"name": "ours", "status": "ok", "micro_batch": 2, "peak_mem_gib": 1.0, "overrides": good}]
+    (tmp_path / "r.json").write_text(json.dumps({"memory": "cuda", "ours_overrides": [], "rows": rows}))
+    assert estimate_vs_measured.main([str(tmp_path / "r.json")]) == 2
+    out, err = capsys.readouterr()
+    assert "x.y=1" in err and out.count("== ") == 1 and "r.json" in out.splitlines()[-1]

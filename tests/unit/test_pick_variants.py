@@ -9,11 +9,14 @@ from benchmarks import pick_variants
 from tests.helpers import run_python
 
 
-def report(tokens_per_sec, *overrides, status="ok", micro_batch=4, size="qwen2-1.5b", seq_len=4096):
+def report(tokens_per_sec, *overrides, status="ok", micro_batch=4, size="qwen2-1.5b", seq_len=4096,
+           last_loss=None):
+    ours = {"name": "ours", "status": status, "micro_batch": micro_batch,
+            "tokens_per_sec": tokens_per_sec if status == "ok" else None}
+    if last_loss is not None:
+        ours.update(first_loss=12.2353, last_loss=last_loss)
     return {"size": size, "seq_len": seq_len, "ours_overrides": ["parallel.compile=true", *overrides],
-            "rows": [{"name": "ours", "status": status, "micro_batch": micro_batch,
-                      "tokens_per_sec": tokens_per_sec if status == "ok" else None},
-                     {"name": "hf-liger", "status": "ok", "micro_batch": 4, "tokens_per_sec": 1.0}]}
+            "rows": [ours, {"name": "hf-liger", "status": "ok", "micro_batch": 4, "tokens_per_sec": 1.0}]}
 
 
 DEFAULT = report(44000.0)
@@ -77,6 +80,11 @@ def test_picks_among_the_variant_rows_of_the_default_report(capsys):
     (report(50000.0, "optim.overlap=true", size="qwen2-0.5b"), "not comparable (qwen2-0.5b seq 4096"),
     (report(50000.0, "optim.overlap=true", seq_len=2048), "not comparable (qwen2-1.5b seq 2048"),
     (report(50000.0), "no overrides of its own (an environment setting)"),
+    # Faster because it did not train (a non-finite gradient: every update skipped), or trained otherwise.
+    (report(46100.0, "parallel.fp32_weight_grads=true", last_loss=float("nan")),
+     "not picked: its loss is not finite (12.2353, nan)"),
+    (report(46100.0, "parallel.fp32_weight_grads=true", last_loss=12.2353),
+     "not picked: its last loss 12.2353 differs from the default row's 12.2110 by more than 0.02 nats"),
 ])
 def test_never_picks_what_is_not_comparable_or_not_combinable(variant, why, capsys):
     assert pick_variants.pick(DEFAULT, {"v.json": variant}, 0.01, take_all=True) == ([], [])

@@ -8,10 +8,11 @@ from tests.helpers import run_python
 H100 = "NVIDIA H100 80GB HBM3"
 
 
-def row(tokens, gib, *overrides, variant=None, name="ours", status="ok", micro_batch=4, ratio=None):
+def row(tokens, gib, *overrides, variant=None, name="ours", status="ok", micro_batch=4, ratio=None, losses=None):
+    losses = {} if losses is None else {"first_loss": losses[0], "last_loss": losses[1]}
     return {"name": name, "status": status, "micro_batch": micro_batch, "global_batch": micro_batch,
             "tokens_per_sec": tokens, "peak_mem_gib": gib, "variant": variant, "vs_best_baseline": ratio,
-            "overrides": ["model=qwen2-1.5b", "train.seq_len=4096", "parallel.compile=true", *overrides]}
+            "overrides": ["model=qwen2-1.5b", "train.seq_len=4096", "parallel.compile=true", *overrides], **losses}
 
 
 def write(out, name, rows, size="qwen2-1.5b", device=H100, accum=1):
@@ -42,11 +43,40 @@ def test_each_target_is_judged_by_the_row_that_decides_it(tmp_path):
     assert lines[1].startswith("  fastest bf16 row, not counted (over 70 GiB or no baseline in its run): 47,000")
     assert lines[2].startswith("  float8, not counted (the targets are for bf16): 49,337 tokens/s")
     assert lines[3].startswith("lean: qwen2-1.5b under 24 GiB at >= 32,000 tokens/s: MET: 36,152 tokens/s at 23.11")
-    assert lines[4].startswith("small: qwen2-0.5b >= 1.3x the best baseline of the same run: MET: 1.50x, 106,852")
+    assert lines[4].startswith("small: qwen2-0.5b >= 1.3x the best baseline of the same run (HF + Liger among them): "
+                               "MET: 1.50x, 106,852")
     assert lines[5] == ("parity: the fast path's loss curve within bf16 noise over 20 steps: MET: largest distance "
                         "from fp32 0.0356 nats against a tolerance of 0.0846")
     assert lines[6:] == ["  overlap: within the tolerance (0.0357 nats)", "  float8: NOT within the tolerance (0.2000 "
                                                                           "nats)"]
+
+
+def test_a_row_whose_loss_shows_it_did_not_train_as_the_default_did_is_not_counted(tmp_path):
+    """A variant whose updates were all skipped (a non-finite gradient: the fused AdamW skips the step, about 16 ms
+    of 371 at 1.5B, enough to cross 46,000) or did not lower the loss is listed apart; combined_1.5b's row is held to
+    throughput_1.5b's default. The small target needs HF + Liger in its run (else the ratio is against plain HF)."""
+    write(tmp_path, "throughput_1.5b.json", [
+        row(44148.0, 53.1, ratio=1.38, losses=(12.2353, 12.2110)),
+        row(32000.0, 59.8, name="hf-liger"),
+        row(46100.0, 55.0, "parallel.fp32_weight_grads=true", variant="wgrad", ratio=1.44,
+            losses=(12.2353, float("nan"))),
+        row(45000.0, 55.0, "optim.overlap=true", variant="overlap", ratio=1.41, losses=(12.2353, 12.2131)),
+    ])
+    write(tmp_path, "combined_1.5b.json", [row(46300.0, 55.0, "parallel.fp32_weight_grads=true",
+                                               losses=(12.2353, 12.2353)), row(32000.0, 59.8, name="hf-liger")])
+    write(tmp_path, "throughput_0.5b.json", [row(106852.0, 39.9, ratio=1.8), row(59214.0, 58.8, name="hf")],
+          size="qwen2-0.5b")
+    (tmp_path / "loss_parity.json").write_text(json.dumps({
+        "device": H100, "fast_ok": True, "fast_error": 0.0356, "tolerance": 0.0846, "overlap": None,
+        "overlap_error": None, "float8": None, "float8_error": "ImportError: No module named 'torchao'"}))
+    lines = targets.judge(str(tmp_path), "qwen2-1.5b", "qwen2-0.5b", 4096, any_device=False)
+    assert lines[-1] == "  float8: its curve did not run (ImportError: No module named 'torchao')"
+    assert ": NOT MET: 45,000 tokens/s" in lines[0] and "ours:overlap" in lines[0]
+    assert any(line.startswith("  not counted, its loss is not finite (12.2353, nan): 46,100") for line in lines)
+    assert any(line.startswith("  not counted, its last loss 12.2353 differs from the default row's 12.2110 by more "
+                               "than 0.02 nats: 46,300") for line in lines)
+    assert any(line.endswith("NOT MEASURED: HF + Liger did not run next to it (is liger-kernel installed?)")
+               for line in lines if line.startswith("small:"))
 
 
 def test_what_falls_short_or_was_not_measured_on_an_h100_says_so(tmp_path):
