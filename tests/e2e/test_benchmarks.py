@@ -75,9 +75,45 @@ def test_gpu_check_refuses_an_archive_inside_the_directory_it_packs(tmp_path):
     assert not (tmp_path / "out" / "summary.txt").exists()  # refused before any step
 
 
-GPU_ONLY_STEPS = ["env", "fast_path_gpu", "attention_gpu"]
-"""Steps a dry run leaves to SKIP in CI: on a CPU they only import packages (env) or run GPU-only tests that skip
-themselves, about 4 s each; what they name is checked without running them."""
+def test_gpu_check_moves_an_earlier_run_s_files_aside(tmp_path):
+    """A second run into the same OUT (a second call on a warm device machine) read the first run's reports as its
+    own: here a stale 0.5B report counted for the small target though this run skipped that step."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "throughput_0.5b.json").write_text(json.dumps({
+        "size": "tiny", "seq_len": 128, "device": "cpu", "rows": [
+            {"name": "ours", "status": "ok", "micro_batch": 2, "tokens_per_sec": 9.0, "peak_mem_gib": 1.0,
+             "vs_best_baseline": 2.0, "overrides": []},
+            {"name": "hf-liger", "status": "ok", "micro_batch": 2, "tokens_per_sec": 4.5, "peak_mem_gib": 1.0}]}))
+    skip = " ".join(step for step in GPU_CHECK_STEPS if step != "targets")
+    env = {**os.environ, "OUT": str(out), "DRY_RUN": "1", "PYTHON": sys.executable, "SKIP": skip}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (previous,) = tmp_path.glob("out.previous-*")
+    assert (previous / "throughput_0.5b.json").is_file() and not (out / "throughput_0.5b.json").exists()
+    small = next(line for line in (out / "targets.txt").read_text().splitlines() if line.startswith("small:"))
+    assert "NOT MEASURED" in small, small
+
+
+def test_gpu_check_does_not_start_a_step_with_less_than_half_its_timeout_left(tmp_path):
+    """It would most likely be cut before writing anything: the device time is not spent on it."""
+    skip = " ".join(step for step in GPU_CHECK_STEPS if step not in ("throughput_1.5b", "targets"))
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DRY_RUN": "1", "PYTHON": sys.executable, "SKIP": skip,
+           "BUDGET_S": "100"}
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert re.search(r"throughput_1\.5b\s.*FAILED \(not run: 9\d s left of the budget, under half its 240 s\)",
+                     summary), summary
+
+
+GPU_ONLY_STEPS = ["env", "fast_path_gpu", "attention_gpu", "variant_coordinate_descent"]
+"""Steps a dry run leaves to SKIP in CI: on a CPU they only import packages (env), run GPU-only tests that skip
+themselves, or run what another step runs (coordinate-descent tuning tunes compiled kernels, and the dry run
+compiles nothing: the row of variant_expandable_segments, whose env prefix is the other form of a variant step),
+about 4-8 s each; what they name is checked without running them."""
 
 
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
@@ -99,6 +135,10 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     script = open(os.path.join(REPO, "benchmarks", "gpu_check.sh")).read()
     named = set(re.findall(r"tests/unit/\S+\.py", script))
     assert len(named) == 4 and all(os.path.isfile(os.path.join(REPO, path)) for path in named), named
+    from qwen2_dist.cli.train import compose_job
+
+    (tuning,) = re.findall(r"^variant coordinate_descent \d+ -- (\S+)$", script, re.M)
+    assert compose_job([tuning]).parallel.compile_options == {"coordinate_descent_tuning": True}
     for name in ("throughput_1.5b", "throughput_1.5b_lean", "throughput_0.5b", "estimate"):
         assert outcomes[name] == "ok", summary
         assert (out / f"{name}.log").is_file()
@@ -107,7 +147,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert "parallel.activation_checkpointing=full" in lean["rows"][0]["overrides"]
     assert "optim.in_backward=true" in lean["rows"][0]["overrides"]
     for name in GPU_CHECK_STEPS:
-        if name.startswith("variant_") and name != "variant_float8_overlap":
+        if name.startswith("variant_") and name not in ("variant_float8_overlap", *GPU_ONLY_STEPS):
             assert outcomes[name] == "ok", summary
             assert json.loads((out / f"{name}.json").read_text())["rows"][0]["status"] == "ok"
     # Step 2: the default row of ours, the baselines, then each variant as one more row of the same process.
@@ -244,3 +284,22 @@ def test_a_failed_profile_loses_the_profile_not_the_row(monkeypatch, tmp_path):
     assert throughput.main([*TINY, "--baseline", "none", "--profile", str(profile), "--json", str(report)]) == 0
     assert json.loads(report.read_text())["rows"][0]["status"] == "ok"
     assert "profile failed after the timed steps (RuntimeError: CUPTI is busy)" in profile.read_text()
+
+
+def test_a_run_cut_while_profiling_keeps_the_row_s_timing(monkeypatch, tmp_path):
+    """The profile runs after the timed steps; a cut there (the GPU check's timeout) lost the row too, when its JSON
+    was written only after the profile."""
+    import pytest
+
+    from benchmarks import throughput
+
+    class Cut:
+        def __init__(self, *args, **kwargs):
+            raise KeyboardInterrupt  # as a kill would: not caught by the profile's own error handling
+
+    monkeypatch.setattr(throughput, "StepProfiler", Cut)
+    report = tmp_path / "t.json"
+    with pytest.raises(KeyboardInterrupt):
+        throughput.main([*TINY, "--baseline", "none", "--profile", str(tmp_path / "p.txt"), "--json", str(report)])
+    (row,) = json.loads(report.read_text())["rows"]
+    assert row["status"] == "ok" and row["tokens_per_sec"] > 0
