@@ -67,16 +67,24 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
     gradient)."""
     fp32 = logits.float()
     lse = torch.logsumexp(fp32, dim=-1)
-    counted = targets != IGNORE_INDEX if masked else None
-    if masked:
-        targets = torch.where(counted, targets, 0)
-    per_token = lse - fp32.gather(1, targets[:, None]).squeeze(1)
-    loss = (per_token if counted is None else torch.where(counted, per_token, 0.0)).sum()
+    loss = _summed_loss(fp32, lse, targets, masked)
     grad = torch.exp(fp32 - lse[:, None])
-    grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+    counted = targets != IGNORE_INDEX if masked else None
+    hits = targets if counted is None else torch.where(counted, targets, 0)
+    grad.scatter_add_(1, hits[:, None], torch.full_like(lse[:, None], -1.0))
     if counted is not None:
         grad.mul_(counted[:, None])
     return loss, logits.copy_(grad)
+
+
+def _summed_loss(fp32: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, masked: bool) -> torch.Tensor:
+    """The chunk's summed cross-entropy from its fp32 logits and their log-sum-exp; masked: IGNORE_INDEX targets
+    add nothing."""
+    if not masked:
+        return (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
+    counted = targets != IGNORE_INDEX
+    picked = fp32.gather(1, torch.where(counted, targets, 0)[:, None]).squeeze(1)
+    return torch.where(counted, lse - picked, 0.0).sum()
 
 
 def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor,
@@ -122,11 +130,9 @@ def _loss_and_softmax_grad(logits: torch.Tensor, targets: torch.Tensor, one_pass
         probs = torch.exp(fp32 - lse[:, None])
     hit = torch.arange(logits.shape[-1], device=logits.device)[None, :] == targets[:, None]
     grad = torch.where(hit, probs - 1.0, probs)
-    if not masked:
-        return (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum(), grad
-    counted = targets != IGNORE_INDEX
-    picked = fp32.gather(1, torch.where(counted, targets, 0)[:, None]).squeeze(1)
-    return torch.where(counted, lse - picked, 0.0).sum(), torch.where(counted[:, None], grad, 0.0)
+    if masked:
+        grad = torch.where((targets != IGNORE_INDEX)[:, None], grad, 0.0)
+    return _summed_loss(fp32, lse, targets, masked), grad
 
 
 def _lse_and_probs_one_pass(fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,9 +163,7 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         lse = (row_sum.log() + row_max).squeeze(-1)
     else:
         lse = torch.logsumexp(fp32, dim=-1)
-    counted = targets != IGNORE_INDEX
-    picked = fp32.gather(1, torch.where(counted, targets, 0)[:, None]).squeeze(1)
-    return torch.where(counted, lse - picked, 0.0).sum()
+    return _summed_loss(fp32, lse, targets, masked=True)
 
 
 @functools.cache
