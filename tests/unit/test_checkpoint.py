@@ -80,12 +80,18 @@ def test_a_checkpoint_retention_cannot_delete_stays_and_the_new_one_is_committed
     assert "retention could not delete" in caplog.text and saver.failed_saves == 0
 
 
-def test_resume_from_a_checkpoint_of_the_run_rolls_it_back_once(tmp_path):
-    root = str(tmp_path / "checkpoints")
+def _run_with_checkpoints(root: str, steps=(4, 8, 12)):
+    """A run's checkpoints/ with committed checkpoints of these steps; (model, its Checkpointer)."""
     model, _ = _model_and_optimizer(0)
     saver = checkpoint.Checkpointer(root, keep_last=3)
-    for step in (4, 8, 12):
+    for step in steps:
         saver.save(step, model, None, {"step": step}, {})
+    return model, saver
+
+
+def test_resume_from_a_checkpoint_of_the_run_rolls_it_back_once(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    model, saver = _run_with_checkpoints(root)
     step_8 = os.path.join(root, "step_00000008")
     moved = checkpoint.roll_back(root, step_8)
     assert [os.path.basename(os.path.dirname(p)).startswith("abandoned-") for p in moved] == [True]
@@ -112,16 +118,10 @@ def test_resume_from_a_checkpoint_of_the_run_rolls_it_back_once(tmp_path):
 
 def test_a_rollback_to_a_damaged_checkpoint_moves_nothing_and_a_symlinked_spelling_is_the_run(tmp_path):
     root = str(tmp_path / "checkpoints")
-    model, _ = _model_and_optimizer(0)
-    saver = checkpoint.Checkpointer(root, keep_last=3)
-    for step in (4, 8, 12):
-        saver.save(step, model, None, {"step": step}, {})
-    shard = next(f for f in sorted(os.listdir(os.path.join(root, "step_00000008"))) if f.endswith(".distcp"))
-    path = os.path.join(root, "step_00000008", shard)
-    data = bytearray(open(path, "rb").read())
-    data[len(data) // 2] ^= 1
-    open(path, "wb").write(bytes(data))
+    _run_with_checkpoints(root)
     step_8 = os.path.join(root, "step_00000008")
+    shard = next(f for f in sorted(os.listdir(step_8)) if f.endswith(".distcp"))
+    _flip_byte(os.path.join(step_8, shard), os.path.getsize(os.path.join(step_8, shard)) // 2)
     with pytest.raises(UserError, match=r"checkpoint.resume=.*step_00000008: not rolling the run back to it, nothing "
                                         r"was moved: .*checksum"):
         checkpoint.check_rollback_target(root, step_8)
@@ -138,10 +138,8 @@ def test_resume_none_starts_the_run_afresh_once_and_restarts_go_on_from_the_new_
     """checkpoint.resume=none in a run_dir with checkpoints moves them aside (the new start's step 4 does not sit
     beside the old run's step 8 as 'latest'); a restart of the same command (torchrun, a requeue) goes on from the
     new start's checkpoints instead of starting over again. The same on a run_dir with nothing in it yet."""
-    model, _ = _model_and_optimizer(0)
     for root, old_steps in ((str(tmp_path / "used" / "checkpoints"), (4, 8)), (str(tmp_path / "new" / "ckpts"), ())):
-        for step in old_steps:
-            checkpoint.Checkpointer(root, keep_last=3).save(step, model, None, {"step": step}, {})
+        model, _ = _run_with_checkpoints(root, old_steps)
         assert checkpoint.resume_candidates(root, "none") == []
         assert _names(checkpoint.roll_back(root, "none")) == ["step_00000004", "step_00000008"][:len(old_steps)]
         assert checkpoint.committed_checkpoints(root) == [] and checkpoint.rollback_done(root, "none")
