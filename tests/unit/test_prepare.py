@@ -507,9 +507,9 @@ def test_doc_starts_mark_where_each_document_begins(work):
     ("a.jsonl.bz2", bz2.compress(b'{"text": "x"}\n'), r"a\.jsonl\.bz2 is bzip2-compressed or archived"),
     ("a.jsonl.xz", lzma.compress(b'{"text": "x"}\n'), r"a\.jsonl\.xz is xz-compressed or archived"),
     ("a.txt", lzma.compress(b"text"), r"a\.txt is xz-compressed or archived, .* recompress it with gzip or zstd"),
-    ("a.jsonl", gzip.compress(b'{"text": "x"}\n'), r"a\.jsonl is gzip-compressed but its name does not say so; "
-                                                       r"rename it to end in \.gz"),
-])
+    ("a.jsonl", gzip.compress(b'{"text": "x"}\n', mtime=0), r"a\.jsonl is gzip-compressed but its name does not "
+                                                                r"say so; rename it to end in \.gz"),
+], ids=["not-gzip", "not-zstd", "not-parquet", "bzip2", "xz", "xz-as-txt", "gzip-without-suffix"])
 def test_unreadable_container_is_an_error_before_work(work, name, content, message):
     pytest.importorskip("pyarrow")
     (work / name).write_bytes(content)
