@@ -485,7 +485,7 @@ class _DocumentEncoder:
                 events.append((pos, 1, "corrupt_file", 1))
                 return
         try:
-            text = data.decode("utf-8")
+            text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is not text
         except UnicodeDecodeError as e:
             events.append((pos, data.count(b"\n", 0, e.start) + 1, "not_utf8", 1))
             return

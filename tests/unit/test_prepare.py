@@ -569,10 +569,13 @@ def test_an_input_named_twice_is_read_once_and_a_byte_order_mark_is_no_error(wor
     src = work / "src"
     src.mkdir()
     (src / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + _jsonl_bytes(GOOD_DOCS))
+    (src / "b.txt").write_bytes(b"\xef\xbb\xbf" + TXT_DOC.encode())
     with caplog.at_level(logging.WARNING, logger="qwen2_dist.data.prepare"):
-        summary = prepare([str(src / "*.jsonl"), str(src / "a.jsonl")], str(work / "out"), seq_len=4)
-    assert summary["inputs"] == [str(src / "a.jsonl")] and "named twice" in caplog.text
-    assert summary["documents"] == len(GOOD_DOCS) and sum(summary["skipped"].values()) == 0
+        summary = prepare([str(src / "*"), str(src / "a.jsonl")], str(work / "out"), seq_len=4)
+    assert summary["inputs"] == [str(src / "a.jsonl"), str(src / "b.txt")] and "named twice" in caplog.text
+    assert summary["documents"] == len(GOOD_DOCS) + 1 and sum(summary["skipped"].values()) == 0
+    # The mark is not part of either file's first document.
+    assert [t.tolist() for t in read_tokens(work / "out")] == expected_samples(GOOD_DOCS + [TXT_DOC], 5)
 
 
 def test_no_training_sample_says_what_was_skipped_and_an_unusable_output_is_named(work):
