@@ -7,6 +7,7 @@ import os
 import re
 import resource
 import time
+import uuid
 
 import torch
 
@@ -101,6 +102,47 @@ def supersede_records(path: str, from_step: int) -> int:
     return len(moved)
 
 
+def last_logged_step(path: str) -> int | None:
+    """The largest step recorded in the metrics file at path (None: no file, or no record)."""
+    if not os.path.exists(path):
+        return None
+    last = None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                step = json.loads(line).get("step")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(step, int) and (last is None or step > last):
+                last = step
+    return last
+
+
+def wandb_run_id(run_dir: str, rewinds: bool, from_step: int) -> tuple[str, str]:
+    """The W&B run this start logs to, and its group (stable, from the run directory's path).
+
+    A restart resumes the W&B run of the start before it. W&B keeps a run's steps increasing and drops a step
+    logged again, so a start that goes back over logged steps (a restart past its checkpoint, a rollback) logs to a
+    new run of the same group: its steps would otherwise be lost and the abandoned ones shown. The current run's id
+    is kept in run_dir/wandb/run_id."""
+    group = "qwen2-" + hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+    path = os.path.join(run_dir, "wandb", "run_id")
+    run_id = group
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            run_id = f.read().strip() or group
+    if rewinds:
+        run_id = f"{group}-from{from_step}-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        log.info("W&B: this start goes back to step %d, over steps the last one logged; it logs to a new W&B run, "
+                 "%s, in group %s (W&B drops a step logged again)", from_step, run_id, group)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id, group
+
+
 class MetricsSinks:
     """Where logged steps go: metrics.jsonl always, TensorBoard and W&B when asked (rank 0 only)."""
 
@@ -110,7 +152,10 @@ class MetricsSinks:
         """from_step: the step the run starts or resumes at; metrics.jsonl keeps the records up to it (see
         supersede_records)."""
         self.enabled = enabled
+        rewinds = False
         if enabled:
+            last = last_logged_step(os.path.join(run_dir, "metrics.jsonl"))
+            rewinds = last is not None and last > from_step
             supersede_records(os.path.join(run_dir, "metrics.jsonl"), from_step)
         self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if enabled else None
         self.tb = None
@@ -124,10 +169,9 @@ class MetricsSinks:
         if enabled and wandb:
             import wandb as wandb_lib
 
-            # A stable id from the run directory, so a resumed run appends to the same W&B run.
-            run_id = "qwen2-" + hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
+            run_id, group = wandb_run_id(run_dir, rewinds, from_step)
             self.wandb_run = wandb_lib.init(project=wandb_project, mode=wandb_mode, dir=run_dir, id=run_id,
-                                            resume="allow", config=config)
+                                            group=group, resume="allow", config=config)
 
     def write(self, record: dict) -> None:
         """Record one logged step in every sink."""

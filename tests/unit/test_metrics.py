@@ -108,6 +108,28 @@ def test_a_restart_keeps_one_record_per_step_and_moves_the_rest_aside(tmp_path):
                                                            .splitlines()) == 3
 
 
+def test_a_restart_resumes_its_wandb_run_unless_it_goes_back_over_logged_steps(tmp_path, monkeypatch):
+    """W&B drops a step logged again: a start that resumes from before the last logged step logs to a new W&B run
+    of the same group, and the next restart (past every logged step) resumes that one."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def start(from_step, steps):
+        sinks = MetricsSinks(str(tmp_path), True, wandb=True, from_step=from_step)
+        run_id, group = sinks.wandb_run.id, sinks.wandb_run.group
+        for step in steps:
+            sinks.write({"step": step, "loss": 1.0})
+        sinks.close()
+        return run_id, group
+
+    first, group = start(0, [1, 2, 3])
+    assert first == group and group.startswith("qwen2-")
+    assert start(3, [4]) == (first, group)  # nothing logged past step 3: the same run goes on
+    rewound, same_group = start(2, [3])  # steps 3 and 4 were logged: a new run
+    assert same_group == group and rewound.startswith(f"{group}-from2-") and rewound != first
+    assert start(3, [4]) == (rewound, group)
+    assert (tmp_path / "wandb" / "run_id").read_text().strip() == rewound
+
+
 def test_a_restart_hides_the_tensorboard_events_past_the_step_it_resumes_from(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
