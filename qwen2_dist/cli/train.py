@@ -27,11 +27,16 @@ log = logging.getLogger("qwen2_dist")
 
 
 def conf_dir() -> str:
-    """The conf/ directory: $QWEN2_DIST_CONF, else the one next to the package in the source tree."""
-    path = os.environ.get("QWEN2_DIST_CONF") or str(Path(__file__).resolve().parents[2] / "conf")
+    """The conf/ directory: $QWEN2_DIST_CONF; else the copy an installed package holds (qwen2_dist/conf, see
+    pyproject.toml); else the source tree's, next to the package (an editable install, or a checkout on the path)."""
+    path = os.environ.get("QWEN2_DIST_CONF")
+    if not path:
+        package = Path(__file__).resolve().parents[1]
+        installed = package / "conf"
+        path = str(installed if (installed / "config.yaml").is_file() else package.parent / "conf")
     if not os.path.isfile(os.path.join(path, "config.yaml")):
-        raise UserError(f"{path}/config.yaml not found; install qwen2-dist from its source tree (pip install -e .) "
-                        "or set QWEN2_DIST_CONF to its conf/ directory")
+        raise UserError(f"{path}/config.yaml not found; set QWEN2_DIST_CONF to a conf/ directory (the source tree's "
+                        "conf/, or a copy of it) or reinstall qwen2-dist")
     return path
 
 
