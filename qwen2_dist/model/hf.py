@@ -292,6 +292,35 @@ def inspect_hf(path: str) -> tuple[ModelArgs, dict[str, str]]:
     return args, files
 
 
+def _check_headers(files: dict[str, str], args: ModelArgs) -> None:
+    """UserError for a file the index names that is missing or unreadable, a tensor missing from the file the index
+    puts it in, or a tensor whose shape is not the one config.json implies: read from the files' headers, so that
+    the launchers' check refuses them (DCP's reader would fail on every rank, after the build)."""
+    shapes = native_shapes(args)
+    by_file: dict[str, list[str]] = {}
+    for name, file in files.items():
+        by_file.setdefault(file, []).append(name)
+    for file, names in sorted(by_file.items()):
+        with _open_safetensors(file) as f:
+            keys = set(f.keys())
+            for name in names:
+                hf_name = native_to_hf_name(name)
+                _check_in_file(file, hf_name, keys)
+                _check_shape(file, hf_name, tuple(f.get_slice(hf_name).get_shape()), shapes[name])
+
+
+def _check_in_file(file: str, hf_name: str, keys: set[str]) -> None:
+    if hf_name not in keys:
+        raise UserError(f"{file}: has no tensor {hf_name}, which {INDEX_NAME} puts there; re-export or re-download "
+                        "the checkpoint")
+
+
+def _check_shape(file: str, hf_name: str, shape: tuple, wanted: torch.Size) -> None:
+    if shape != tuple(wanted):
+        raise UserError(f"{file}: {hf_name} has shape {shape} but config.json implies {tuple(wanted)}; the config "
+                        "does not match the weights")
+
+
 def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """ModelArgs and native-named tensors of a HF checkpoint dir; with names, only those tensors and files are read."""
     args, files = inspect_hf(path)
@@ -306,13 +335,11 @@ def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelA
     tensors = {}
     for file, file_names in sorted(by_file.items()):
         with _open_safetensors(file) as f:
+            keys = set(f.keys())
             for name in file_names:
+                _check_in_file(file, native_to_hf_name(name), keys)
                 tensor = f.get_tensor(native_to_hf_name(name))
-                if tensor.shape != shapes[name]:
-                    raise UserError(
-                        f"{file}: {native_to_hf_name(name)} has shape {tuple(tensor.shape)} but config.json implies "
-                        f"{tuple(shapes[name])}; the config does not match the weights"
-                    )
+                _check_shape(file, native_to_hf_name(name), tuple(tensor.shape), shapes[name])
                 tensors[name] = tensor
     # Parameter order, so callers iterate as model.state_dict() does.
     return args, {name: tensors[name] for name in shapes if name in tensors}
@@ -327,7 +354,12 @@ def _read_pickle_state_dict(path: str) -> tuple[ModelArgs, dict[str, torch.Tenso
     for file in sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))):
         # weights_only refuses anything but tensors and plain containers: no code runs while unpickling.
         hf.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-    return args, hf_to_native_state_dict(hf, args)
+    state_dict = hf_to_native_state_dict(hf, args)
+    shapes = native_shapes(args)
+    for name, tensor in state_dict.items():
+        if name in shapes:
+            _check_shape(f"{path}/pytorch_model*.bin", native_to_hf_name(name), tuple(tensor.shape), shapes[name])
+    return args, state_dict
 
 
 def load_hf_model(path: str, device: str = "cpu", allow_pickle: bool = False) -> Qwen2:
@@ -349,26 +381,37 @@ def load_hf_model(path: str, device: str = "cpu", allow_pickle: bool = False) ->
 
 def check_hf_matches(path: str, args: ModelArgs) -> None:
     """UserError naming model.init_from_hf and every field of its config.json that differs from args (the fields
-    that change no weight and no computation of a training step are not compared); reads no tensor data."""
-    hf_args, _ = inspect_hf(path)
+    that change no weight and no computation of a training step are not compared), or a weight file or tensor that
+    is missing or of the wrong shape; reads the files' headers, no tensor data."""
+    hf_args, files = inspect_hf(path)
     differ = [f"{k}: {v} vs {getattr(args, k)}" for k, v in hf_args.to_dict().items()
               if k not in INERT_ARGS and getattr(args, k) != v]
     if differ:
         raise UserError(f"model.init_from_hf={path}: config.json differs from the model being trained "
                         f"({'; '.join(differ)}); pick the matching model= or model.* overrides")
+    try:
+        _check_headers(files, hf_args)
+    except UserError as exc:
+        raise UserError(f"model.init_from_hf={path}: {exc}") from None
 
 
 def load_hf_into(model: torch.nn.Module, path: str) -> None:
     """Load HF weights into a (possibly FSDP/TP-sharded) native model in place; each rank reads only its pieces."""
-    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint import CheckpointException, HuggingFaceStorageReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from qwen2_dist.train.checkpoint import describe_error
 
     check_hf_matches(path, model.args)
     # The state dict's tensors are the model's own (local shards of DTensors): DCP reads into them in place,
     # and its planner asks each rank's storage reader only for the slices that rank holds.
     state = {native_to_hf_name(k): v for k, v in get_model_state_dict(model).items()}
-    dcp_load(state, storage_reader=HuggingFaceStorageReader(path))
+    try:
+        dcp_load(state, storage_reader=HuggingFaceStorageReader(path))
+    except (Exception, CheckpointException) as exc:  # DCP's wrapper is a BaseException
+        raise UserError(f"model.init_from_hf={path}: the weights cannot be loaded ({describe_error(exc)}); check "
+                        "that the directory holds the complete checkpoint of this model") from None
 
 
 def _shard_plan(sizes: dict[str, int], max_shard_bytes: int) -> list[list[str]]:

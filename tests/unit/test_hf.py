@@ -243,6 +243,52 @@ def test_bad_directories_are_refused(tmp_path):
         read_hf_state_dict(str(tmp_path / "bin"))
 
 
+def test_the_launch_check_reads_the_headers_and_a_failed_load_is_one_error(tmp_path, monkeypatch):
+    """model.init_from_hf's check (validate, before launch) refuses an index that puts a tensor in a file without
+    it, a tensor of a shape config.json does not give, and a shard the index names that is missing; a load that
+    fails even so is one UserError naming the key, not DCP's traceback on every rank."""
+    from qwen2_dist.model.qwen2 import build_model
+
+    path = save_hf(make_hf_model("gqa7_untied_sharded"), tmp_path / "hf", sharded=True)
+    args, _ = read_hf_state_dict(path)
+    hf_module.check_hf_matches(path, args)
+    index_file = os.path.join(path, INDEX_NAME)
+    index = json.loads(open(index_file).read())
+    weight_map = index["weight_map"]
+    # A tensor that shares its file with others (so that the file stays named), put by the index in another file.
+    moved = next(name for name, file in weight_map.items() if list(weight_map.values()).count(file) > 1)
+    elsewhere = next(f for f in sorted(set(weight_map.values())) if f != weight_map[moved])
+    with open(index_file, "w") as f:
+        json.dump({**index, "weight_map": {**weight_map, moved: elsewhere}}, f)
+    with pytest.raises(UserError, match=rf"model.init_from_hf=.*{elsewhere}: has no tensor {moved}, which"):
+        hf_module.check_hf_matches(path, args)
+    with open(index_file, "w") as f:
+        json.dump(index, f)
+
+    shard = os.path.join(path, weight_map["model.norm.weight"])
+    tensors = load_file(shard)
+    save_file({**tensors, "model.norm.weight": torch.ones(57)}, shard, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=r"model.norm.weight has shape \(57,\) but config.json implies \(56,\)"):
+        hf_module.check_hf_matches(path, args)
+    os.remove(shard)
+    with pytest.raises(UserError, match="listed in model.safetensors.index.json but missing"):
+        hf_module.check_hf_matches(path, args)
+
+    monkeypatch.setattr(hf_module, "check_hf_matches", lambda *_: None)  # as if the files went after the check
+    with pytest.raises(UserError, match=r"model.init_from_hf=.*: the weights cannot be loaded \(.*\); check that"):
+        hf_module.load_hf_into(build_model(args, "cpu"), path)
+
+
+def test_pickle_weights_of_another_shape_than_config_json_are_refused(tmp_path):
+    save_pickle_hf(make_hf_model("mha_tied"), tmp_path / "bin")
+    load_hf_model(str(tmp_path / "bin"), allow_pickle=True)
+    config_file = tmp_path / "bin" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(UserError, match=r"down_proj.weight has shape \(64, 128\) but config.json implies \(64, 96\)"):
+        load_hf_model(str(tmp_path / "bin"), allow_pickle=True)
+
+
 def test_a_stray_copy_of_the_tensors_beside_the_checkpoint_is_refused(tmp_path):
     """A sharded export with an old model.safetensors beside it: model.init_from_hf reads the directory as a whole
     (DCP), which would take some tensors from each; the directory is refused, naming the file. A file of other
