@@ -151,12 +151,16 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     if job.checkpoint.resume not in ("auto", *candidates[:1]) and candidates and world.is_main:
         log.info("checkpoint.resume=%s started this run, which has checkpoints of its own now: resuming from the "
                  "newest (to start over, use a new run_dir)", job.checkpoint.resume)
+    # Where the weights started: this job's model.init_from_*, or the resumed run's (its newest readable checkpoint).
+    init_from, checked = checkpoint.init_source(job.model), False
     for path in candidates:
         try:
             meta = checkpoint.read_metadata(path)
         except UserError:
             continue  # damaged: restore() below reports it and falls back
         checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
+        if not checked:
+            init_from, checked = checkpoint.check_init_source(path, meta, init_from), True
     if job.model.init_from_checkpoint and not candidates:
         checkpoint.init_checkpoint_metadata(job.model.init_from_checkpoint, args)  # refused now, not after the build
 
@@ -213,7 +217,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
                                             split=VAL, **{**loader_args, "num_workers": 0}) if held_out else None
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
-        "config_hash": checkpoint.config_hash(resolved),
+        "config_hash": checkpoint.config_hash(resolved), "init_from": init_from,
     }
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata,
                       eval_batches, eval_samples if eval_batches is not None else None)

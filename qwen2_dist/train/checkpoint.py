@@ -678,6 +678,36 @@ def check_model_args(what: str, meta: dict, args, fix: str) -> None:
                     f"model (checkpoint vs job: {diffs}); {fix}" + (f" (its sizes: {overrides})" if overrides else ""))
 
 
+INIT_KEYS = ("init_from_hf", "init_from_checkpoint")
+
+
+def init_source(model_cfg) -> dict:
+    """Where a run's weights started, as its checkpoints record it ("init_from"): the real path of
+    model.init_from_hf or model.init_from_checkpoint, or neither (a random initialization)."""
+    return {key: os.path.realpath(getattr(model_cfg, key)) if getattr(model_cfg, key) else None for key in INIT_KEYS}
+
+
+def check_init_source(path: str, meta: dict, job_source: dict) -> dict:
+    """The init source a resumed run goes on recording: the checkpoint's. UserError when the job names an init
+    source (model.init_from_*) other than the one the run whose checkpoint it resumes started from: resuming would
+    never load it. A checkpoint written before sources were recorded is not checked (a warning says so)."""
+    named = {key: value for key, value in job_source.items() if value}
+    if "init_from" not in meta:
+        if named:
+            log.warning("checkpoint %s does not record where its run's weights started; resuming it, and %s is not "
+                        "loaded", path, "model." + next(iter(named)))
+        return job_source
+    saved = meta["init_from"]
+    if named and saved != job_source:
+        key, value = next(iter(named.items()))
+        origin = next((f"model.{k}={v}" for k, v in saved.items() if v), "a random initialization")
+        raise UserError(f"model.{key}={value}, but the run_dir has checkpoints of a run that started from {origin} "
+                        f"(the newest: {path}), which this job would resume without loading {value}. Use a new "
+                        f"run_dir, or checkpoint.resume=none to start this run afresh (the old checkpoints move "
+                        f"aside), or leave model.{key} unset to resume that run")
+    return saved
+
+
 def init_checkpoint_metadata(path: str, args, checksums: bool = False) -> dict:
     """Metadata of the checkpoint model.init_from_checkpoint names, once it is known to be committed, intact (its
     files' sizes; their checksums too when asked) and of the job's model (UserError naming the key otherwise)."""

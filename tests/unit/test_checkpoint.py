@@ -407,3 +407,27 @@ def test_a_save_failing_after_its_shards_are_written_never_commits(tmp_path, mon
     assert saver.save(3, model, optimizer, {"step": 3}, {}) is not None
     assert saver.wait() is True
     assert _names(checkpoint.committed_checkpoints(str(root))) == ["step_00000001", "step_00000003"]
+
+
+def test_a_resumed_run_keeps_its_init_source_and_refuses_another(tmp_path, caplog):
+    """A checkpoint records where its run's weights started; a job naming another model.init_from_* than the run
+    it would resume is refused (it would never load them), one naming none resumes and keeps the run's."""
+    from types import SimpleNamespace
+
+    weights = tmp_path / "hf"
+    weights.mkdir()
+    (tmp_path / "link").symlink_to(weights)
+    hf = checkpoint.init_source(SimpleNamespace(init_from_hf=str(tmp_path / "link"), init_from_checkpoint=None))
+    none = checkpoint.init_source(SimpleNamespace(init_from_hf=None, init_from_checkpoint=None))
+    assert hf == {"init_from_hf": str(weights), "init_from_checkpoint": None}  # by real path
+    assert checkpoint.check_init_source("ck", {"init_from": hf}, hf) == hf
+    assert checkpoint.check_init_source("ck", {"init_from": hf}, none) == hf  # a plain restart keeps the source
+    with pytest.raises(UserError, match=rf"model.init_from_hf={weights}, but the run_dir has checkpoints of a run "
+                                        r"that started from a random initialization \(the newest: ck\)"):
+        checkpoint.check_init_source("ck", {"init_from": none}, hf)
+    other = {"init_from_hf": None, "init_from_checkpoint": "/elsewhere/step_1"}
+    with pytest.raises(UserError, match="started from model.init_from_checkpoint=/elsewhere/step_1"):
+        checkpoint.check_init_source("ck", {"init_from": other}, hf)
+    with caplog.at_level("WARNING"):
+        assert checkpoint.check_init_source("old", {}, hf) == hf  # written before sources were recorded
+    assert "does not record where its run's weights started" in caplog.text
