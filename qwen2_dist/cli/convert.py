@@ -31,7 +31,7 @@ def _name_of(args) -> str | None:
 
 def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
     """Convert a Hugging Face Qwen2 directory into a committed model-only checkpoint at out_dir."""
-    from qwen2_dist.model.hf import load_hf_model
+    from qwen2_dist.model.hf import hf_source_fields, load_hf_model
     from qwen2_dist.train import checkpoint
 
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -40,7 +40,7 @@ def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
     args = model.args
     name = _name_of(args)
     meta = {"model": name, "model_args": args.to_dict(), "world_size": 1, "source": os.path.abspath(hf_dir),
-            "step": 0, "tokens_seen": 0}
+            "step": 0, "tokens_seen": 0, "hf_source": hf_source_fields(hf_dir)}
     checkpoint.write(out_dir, model, None, {"step": 0, "tokens_seen": 0}, meta)
     return out_dir
 
@@ -72,7 +72,7 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     def fetch(names: list[str]) -> dict[str, torch.Tensor]:
         return checkpoint.read_tensors(ckpt_dir, {name: shapes[name] for name in names})
 
-    write_hf_from(fetch, args, hf_dir, int(max_shard_gib * 2**30), dtypes[dtype])
+    write_hf_from(fetch, args, hf_dir, int(max_shard_gib * 2**30), dtypes[dtype], source=meta.get("hf_source"))
     return hf_dir
 
 
@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     p_to.add_argument("ckpt_dir")
     p_to.add_argument("hf_dir")
     p_to.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors file (GiB)")
-    p_to.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: as trained)")
+    p_to.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32, the master weights as "
+                      "the checkpoint holds them; bfloat16 halves the files)")
     p_to.add_argument("--no-checksums", action="store_true",
                       help="check the checkpoint's file sizes only, not their checksums (which reads every file once "
                            "more, optimizer state included)")

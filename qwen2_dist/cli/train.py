@@ -125,6 +125,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     from qwen2_dist.data.loader import TokenBatches, run_cache_key, split_available
     from qwen2_dist.data.prepare import VAL
     from qwen2_dist.data.synthetic import SyntheticBatches
+    from qwen2_dist.model.hf import hf_source_fields
     from qwen2_dist.parallel.mesh import build_mesh, dp_rank_and_size, set_deterministic
     from qwen2_dist.train import checkpoint
     from qwen2_dist.train.trainer import Trainer
@@ -152,17 +153,22 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         log.info("checkpoint.resume=%s started this run, which has checkpoints of its own now: resuming from the "
                  "newest (to start over, use a new run_dir)", job.checkpoint.resume)
     # Where the weights started: this job's model.init_from_*, or the resumed run's (its newest readable checkpoint).
-    init_from, checked = checkpoint.init_source(job.model), False
+    init_from, resumed_meta = checkpoint.init_source(job.model), None
     for path in candidates:
         try:
             meta = checkpoint.read_metadata(path)
         except UserError:
             continue  # damaged: restore() below reports it and falls back
         checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
-        if not checked:
-            init_from, checked = checkpoint.check_init_source(path, meta, init_from), True
+        if resumed_meta is None:
+            init_from, resumed_meta = checkpoint.check_init_source(path, meta, init_from), meta
+    # What the export keeps of the Hugging Face weights the run started from (model.hf.hf_source_fields).
+    hf_source = resumed_meta.get("hf_source") if resumed_meta is not None else None
     if job.model.init_from_checkpoint and not candidates:
-        checkpoint.init_checkpoint_metadata(job.model.init_from_checkpoint, args)  # refused now, not after the build
+        # Refused now, not after the build.
+        hf_source = checkpoint.init_checkpoint_metadata(job.model.init_from_checkpoint, args).get("hf_source")
+    if job.model.init_from_hf and not candidates:
+        hf_source = hf_source_fields(job.model.init_from_hf)
 
     data_path = job.data.path
     cache = job.data.cache_root()
@@ -217,7 +223,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
                                             split=VAL, **{**loader_args, "num_workers": 0}) if held_out else None
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
-        "config_hash": checkpoint.config_hash(resolved), "init_from": init_from,
+        "config_hash": checkpoint.config_hash(resolved), "init_from": init_from, "hf_source": hf_source,
     }
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata,
                       eval_batches, eval_samples if eval_batches is not None else None)

@@ -22,6 +22,10 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 # <|endoftext|> in the Qwen2 tokenizer; the published base models use it as both bos and eos.
 QWEN2_EOS_TOKEN_ID = 151643
+GENERATION_CONFIG_NAME = "generation_config.json"
+# Fields of a source checkpoint's config.json that change no weight and no training step, kept for the export:
+# an Instruct model's eos (<|im_end|>), a Qwen2.5 model's advertised context (32768, not the size's 131072).
+SOURCE_KEYS = ("max_position_embeddings", "bos_token_id", "eos_token_id")
 
 # Defaults of transformers' Qwen2Config for keys a config.json may omit; the file means what transformers reads.
 _HF_DEFAULTS = {
@@ -115,8 +119,36 @@ def args_from_hf_config(config: dict, file: str = CONFIG_NAME) -> ModelArgs:
     return args
 
 
-def hf_config_from_args(args: ModelArgs, torch_dtype: str = "float32") -> dict:
-    """A config.json dict that transformers' Qwen2ForCausalLM.from_pretrained loads as this architecture."""
+def hf_source_fields(path: str) -> dict:
+    """What of a Hugging Face checkpoint directory its export should carry (recorded as a checkpoint's
+    "hf_source"): config.json's SOURCE_KEYS, and generation_config.json when there is one."""
+    with open(os.path.join(path, CONFIG_NAME)) as f:
+        config = json.load(f)
+    fields = {key: config[key] for key in SOURCE_KEYS if key in config}
+    generation = os.path.join(path, GENERATION_CONFIG_NAME)
+    if os.path.isfile(generation):
+        try:
+            with open(generation) as f:
+                fields["generation_config"] = json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{generation}: not valid JSON ({e}); fix or remove it")
+    return fields
+
+
+def hf_config_from_args(args: ModelArgs, torch_dtype: str = "float32", source: dict | None = None) -> dict:
+    """A config.json dict that transformers' Qwen2ForCausalLM.from_pretrained loads as this architecture; with
+    source (hf_source_fields of the weights the run started from), their max_position_embeddings and token ids.
+    A token id outside the vocabulary is left out."""
+    config = _hf_config(args, torch_dtype)
+    config.update({key: value for key, value in (source or {}).items() if key in SOURCE_KEYS})
+    for key in ("bos_token_id", "eos_token_id"):
+        ids = config[key] if isinstance(config[key], list) else [config[key]]
+        if any(isinstance(i, int) and i >= args.vocab_size for i in ids):
+            config[key] = None
+    return config
+
+
+def _hf_config(args: ModelArgs, torch_dtype: str) -> dict:
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -468,10 +500,12 @@ def write_hf_from(
     max_shard_bytes: int,
     dtype: torch.dtype,
     overwrite: bool = False,
+    source: dict | None = None,
 ) -> None:
     """Write a HF checkpoint whose tensors come from fetch(native names), called once per output file.
 
-    Only one output file's tensors are in memory at a time, so a model larger than memory exports too.
+    Only one output file's tensors are in memory at a time, so a model larger than memory exports too. source:
+    see hf_config_from_args; its generation_config is written as generation_config.json.
     """
     if max_shard_bytes <= 0:
         raise UserError(f"max_shard_bytes={max_shard_bytes}: the largest safetensors file must be a positive size")
@@ -504,7 +538,10 @@ def write_hf_from(
             with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(hf_config_from_args(args, str(dtype).removeprefix("torch.")), f, indent=2)
+            json.dump(hf_config_from_args(args, str(dtype).removeprefix("torch."), source), f, indent=2)
+        if (source or {}).get("generation_config") is not None:
+            with open(os.path.join(tmp, GENERATION_CONFIG_NAME), "w") as f:
+                json.dump(source["generation_config"], f, indent=2)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

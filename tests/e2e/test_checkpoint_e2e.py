@@ -71,13 +71,17 @@ def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_ca
     from qwen2_dist.model.hf import hf_config_from_args
 
     torch.manual_seed(0)
-    config = Qwen2Config(**hf_config_from_args(get_model_args("tiny")))
+    # As an Instruct model's config has them: its eos (<|im_end|>) and context are carried to the export.
+    config = Qwen2Config(**{**hf_config_from_args(get_model_args("tiny")), "eos_token_id": 151645,
+                            "max_position_embeddings": 32768})
     original = Qwen2ForCausalLM(config)
     with torch.no_grad():
         for param in original.parameters():
             param.normal_(0.0, 0.05)  # biases and norms too, so a mapping mistake cannot hide
     hf_in = tmp_path / "hf_in"
     original.save_pretrained(hf_in, safe_serialization=True, max_shard_size="20KB")
+    generation = {"eos_token_id": [151645, 151643], "top_p": 0.8}
+    (hf_in / "generation_config.json").write_text(json.dumps(generation))
     assert len([p for p in os.listdir(hf_in) if p.endswith(".safetensors")]) >= 2
 
     run_dir = tmp_path / "run"
@@ -92,6 +96,8 @@ def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_ca
     assert export.returncode == 0, export.stderr[-3000:]
     assert (hf_out / "model.safetensors.index.json").is_file()
     exported = Qwen2ForCausalLM.from_pretrained(hf_out)
+    assert (exported.config.eos_token_id, exported.config.max_position_embeddings) == (151645, 32768)
+    assert json.loads((hf_out / "generation_config.json").read_text()) == generation
     tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(original(tokens).logits, exported(tokens).logits)
@@ -128,7 +134,8 @@ def test_convert_from_hf_makes_a_checkpoint_training_resumes_from(tmp_path, corp
     from qwen2_dist.model.hf import hf_config_from_args
 
     hf_dir = tmp_path / "hf"
-    Qwen2ForCausalLM(Qwen2Config(**hf_config_from_args(get_model_args("tiny")))).save_pretrained(hf_dir)
+    config = {**hf_config_from_args(get_model_args("tiny")), "max_position_embeddings": 32768}
+    Qwen2ForCausalLM(Qwen2Config(**config)).save_pretrained(hf_dir)
     ckpt = tmp_path / "converted"
     converted = run_cli("qwen2_dist.cli.convert", ["from-hf", str(hf_dir), str(ckpt)])
     assert converted.returncode == 0, converted.stderr[-3000:]
@@ -141,6 +148,9 @@ def test_convert_from_hf_makes_a_checkpoint_training_resumes_from(tmp_path, corp
         "checkpoint.resume": str(ckpt), "train.steps": 3}))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed from" in again.stdout and "step_00000002 at step 2" in again.stdout
+    # What the export keeps of the weights the run started from goes from checkpoint to checkpoint.
+    with open(tmp_path / "run" / "checkpoints" / "step_00000003" / "metadata.json") as f:
+        assert json.load(f)["hf_source"]["max_position_embeddings"] == 32768
 
 
 def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache):

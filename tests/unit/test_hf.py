@@ -279,6 +279,19 @@ def test_the_launch_check_reads_the_headers_and_a_failed_load_is_one_error(tmp_p
         hf_module.load_hf_into(build_model(args, "cpu"), path)
 
 
+def test_the_export_keeps_the_source_context_and_token_ids_inside_the_vocabulary():
+    args = ModelArgs(**{**CONFIGS["mha_tied"], "vocab_size": 151936, "intermediate_size": 128})
+    plain = hf_config_from_args(args)
+    assert plain["eos_token_id"] == plain["bos_token_id"] == 151643
+    source = {"max_position_embeddings": 32768, "eos_token_id": 151645, "bos_token_id": 151643,
+              "generation_config": {"top_p": 0.8}}
+    config = hf_config_from_args(args, source=source)
+    assert (config["max_position_embeddings"], config["eos_token_id"]) == (32768, 151645)
+    assert "generation_config" not in config
+    small = hf_config_from_args(ModelArgs(**{**args.to_dict(), "vocab_size": 1000}), source=source)
+    assert small["eos_token_id"] is None and small["bos_token_id"] is None  # not tokens of a 1000-token vocabulary
+
+
 def test_pickle_weights_of_another_shape_than_config_json_are_refused(tmp_path):
     save_pickle_hf(make_hf_model("mha_tied"), tmp_path / "bin")
     load_hf_model(str(tmp_path / "bin"), allow_pickle=True)
