@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     p_to.add_argument("ckpt_dir")
     p_to.add_argument("hf_dir")
     p_to.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors file (GiB)")
-    p_to.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32, the master weights as "
-                      "the checkpoint holds them; bfloat16 halves the files)")
+    p_to.add_argument("--dtype", default=None,
+                      help="float32, bfloat16 or float16 (default: float32, the master weights as the checkpoint "
+                      "holds them; bfloat16 halves the files)")
     p_to.add_argument("--no-checksums", action="store_true",
                       help="check the checkpoint's file sizes only, not their checksums (which reads every file once "
                            "more, optimizer state included)")
