@@ -74,7 +74,7 @@ if TYPE_CHECKING:
 @dataclass
 class ModelConfig:
     name: str = "debug"
-    """Size from qwen2_dist.model.args.SIZES: debug, qwen2-0.5b, qwen2-1.5b, qwen2-7b, qwen2-72b."""
+    """Size from qwen2_dist.model.args.SIZES: debug, tiny, qwen2-0.5b, qwen2-1.5b, qwen2-7b, qwen2-72b."""
     attention: str = "auto"
     """Attention backend: auto (flash-attn if importable on CUDA; else SDPA, preferring cuDNN's kernel on CUDA; compiled
     FlexAttention for document masking on CUDA without flash-attn), flash_attn, sdpa, flex, reference."""
@@ -245,8 +245,11 @@ class OptimConfig:
     weight_decay: float = 0.1
     """Decoupled weight decay on matrices (not on biases, norms or embeddings)."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.95
+    """AdamW's second-moment decay."""
     eps: float = 1e-8
+    """AdamW's epsilon, added to the root of the second moment."""
     fused: Any = "auto"
     """auto (= true: fused AdamW, on CUDA and CPU; it skips flagged steps without a host sync), true or false."""
     impl: str = "torch"
@@ -298,7 +301,7 @@ class LoggingConfig:
     wandb_project: str = "qwen2-dist"
     """W&B project."""
     wandb_mode: str = "offline"
-    """W&B mode: offline (files under run_dir/wandb, no network; sync later with `wandb sync`) or online."""
+    """W&B mode: offline (files under run_dir/wandb, no network; sync later with `wandb sync`), online or disabled."""
     profile_steps: Optional[str] = None
     """Record a torch.profiler trace of steps START:END (e.g. 10:12) to run_dir/profile/rank{N}.json."""
     memory_snapshot_on_oom: bool = True
@@ -323,7 +326,8 @@ class ParallelConfig:
     ac_every: int = 2
     """With activation_checkpointing=selective: recompute blocks 0, k, 2k, ... for k = ac_every."""
     compile: str = "auto"
-    """torch.compile each decoder block: auto (on for CUDA, off on CPU), true or false."""
+    """torch.compile each decoder block: auto (on for CUDA, off on CPU; also off with model.kernels liger or apex,
+    and where this torch cannot compile recomputed blocks under tensor parallelism), true or false."""
     compile_options: dict[str, Any] = field(default_factory=dict)
     """Inductor settings for every compiled block and the compiled loss (torch.compile's `options`), added one by
     one: +parallel.compile_options.coordinate_descent_tuning=true, +parallel.compile_options.max_autotune=true.
@@ -335,7 +339,8 @@ class ParallelConfig:
     bf16 gradients, where it changes nothing). About 5 GB less memory traffic a step at qwen2-1.5b by arithmetic;
     not measured yet."""
     reshard_after_forward: str = "default"
-    """FSDP2 after a block's forward: default (free the gathered weights, except the root's), always, or never
+    """FSDP2 after a block's forward: default (free the gathered weights, except the root's and the last block's,
+    which backward needs first), always, or never
     (keep them until backward: less communication, more memory)."""
     cpu_offload: bool = False
     """Keep sharded parameters, gradients and optimizer state in CPU memory (FSDP2 CPUOffloadPolicy; CUDA only)."""
@@ -504,8 +509,9 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
     for name, path in paths:
         if "://" not in path and not os.path.isdir(path):
             raise UserError(
-                f"{name}={path}: no such directory; write shards with qwen2-prepare input=... output=DIR "
-                "or leave data.path unset for the embedded corpus"
+                f"{name}={path}: no such directory; write shards with qwen2-prepare input=... output=DIR"
+                + (" or leave data.path unset for the embedded corpus" if name == "data.path" and not d.sources
+                   else "")
             )
     for i, source in enumerate(d.sources):
         if not source.weight > 0:
