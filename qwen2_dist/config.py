@@ -538,7 +538,8 @@ def check_saved(cfg: JobConfig) -> None:
     """What the job would refuse only after the launch, read from its files now (the launchers' check: one line and
     exit 2 rather than a failure torchrun restarts MAX_RESTARTS times): data of another train.seq_len, remote data
     with token ids beyond the model's vocabulary (validate() checks local data; a remote source's summary is
-    downloaded into the run's cache, where the job finds it), a checkpoint to resume of another model. Not part of
+    downloaded into the run's cache, where the job finds it), a checkpoint to resume of another model or of a run
+    that started from other weights than the model.init_from_* named. Not part of
     validate(): qwen2-estimate plans a job whatever run_dir holds."""
     args = cfg.model.args()
     from qwen2_dist.data.loader import check_seq_len, check_summaries_vocab, run_cache_key, source_summary
@@ -562,6 +563,7 @@ def check_saved(cfg: JobConfig) -> None:
         except UserError:
             continue  # damaged or gone: the run reports it, and auto falls back
         checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
+        checkpoint.check_init_source(path, meta, checkpoint.init_source(cfg.model))
 
 
 def _check_token_ids(d: DataConfig, vocab_size: int) -> None:

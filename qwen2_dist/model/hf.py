@@ -423,6 +423,7 @@ def check_hf_matches(path: str, args: ModelArgs) -> None:
                         f"({'; '.join(differ)}); pick the matching model= or model.* overrides")
     try:
         _check_headers(files, hf_args)
+        hf_source_fields(path)  # what the run's checkpoints will record of it: a bad generation_config.json
     except UserError as exc:
         raise UserError(f"model.init_from_hf={path}: {exc}") from None
 

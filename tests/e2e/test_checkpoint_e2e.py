@@ -178,10 +178,13 @@ def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache)
     with open(last / "metadata.json") as f:
         assert json.load(f)["init_from"] == {"init_from_hf": None, "init_from_checkpoint": os.path.realpath(source)}
     # A run_dir whose checkpoints started elsewhere (here from scratch) would be resumed without the weights named.
-    refused = run_cli(TRAIN, train_overrides(first, corpus_cache, **{"model.init_from_checkpoint": str(last)}))
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    assert (f"model.init_from_checkpoint={last}, but the run_dir has checkpoints of a run that started from a "
-            "random initialization") in refused.stderr
+    # Refused by the launchers' check (QWEN2_CHECK_ONLY) and by the job itself.
+    for env in ({"QWEN2_CHECK_ONLY": "1"}, {}):
+        refused = run_cli(TRAIN, train_overrides(first, corpus_cache, **{"model.init_from_checkpoint": str(last)}),
+                          env={**os.environ, **env})
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert (f"model.init_from_checkpoint={last}, but the run_dir has checkpoints of a run that started from a "
+                "random initialization") in refused.stderr
 
     for bad, message in ((first / "checkpoints", "not a committed checkpoint"),
                          (source, "(checkpoint vs job: hidden_size 32 vs 128, intermediate_size 64 vs 384")):

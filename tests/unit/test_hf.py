@@ -252,6 +252,12 @@ def test_the_launch_check_reads_the_headers_and_a_failed_load_is_one_error(tmp_p
     path = save_hf(make_hf_model("gqa7_untied_sharded"), tmp_path / "hf", sharded=True)
     args, _ = read_hf_state_dict(path)
     hf_module.check_hf_matches(path, args)
+    generation = os.path.join(path, "generation_config.json")
+    with open(generation, "w") as f:
+        f.write('{"eos_token_id": ')  # cut short
+    with pytest.raises(UserError, match=r"model.init_from_hf=.*generation_config.json: not valid JSON"):
+        hf_module.check_hf_matches(path, args)
+    os.remove(generation)
     index_file = os.path.join(path, INDEX_NAME)
     index = json.loads(open(index_file).read())
     weight_map = index["weight_map"]
