@@ -564,6 +564,29 @@ def check_saved(cfg: JobConfig) -> None:
             continue  # damaged or gone: the run reports it, and auto falls back
         checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
         checkpoint.check_init_source(path, meta, checkpoint.init_source(cfg.model))
+        problem = _resume_data_problem(cfg, checkpoint.peek_train_state(path).get("loader"), summaries)
+        if problem:
+            raise UserError(f"checkpoint {path}: {problem}")
+
+
+def _resume_data_problem(cfg: JobConfig, saved: dict | None, summaries: list[tuple[str, dict]]) -> str | None:
+    """What of a checkpoint's data order (its loader state, not yet verified) the job changes, as far as the
+    config and the sources' summaries tell (the loader compares the whole fingerprint after the launch, before the
+    checkpoint is loaded); None when nothing visible changed."""
+    from qwen2_dist.data.loader import _order_changes, order_mismatch
+    from qwen2_dist.data.prepare import TRAIN
+
+    d = cfg.data
+    if not saved or saved.get("synthetic") or d.synthetic or not saved.get("order"):
+        return None
+    order = saved["order"]
+    now = {"seed": cfg.seed, "shuffle": d.shuffle, "shuffle_block_size": d.shuffle_block_size, "split": TRAIN,
+           "seq_len": cfg.train.seq_len, "sources": order.get("sources", [])}
+    if summaries:  # the embedded corpus (no summary before the launch builds it) keeps the saved sources
+        weights = [s.weight for s in d.sources] or [1.0]
+        now["sources"] = [{"path": path, "weight": weight, "samples": summary["splits"].get(TRAIN, {}).get("samples")}
+                          for (path, summary), weight in zip(summaries, weights)]
+    return order_mismatch(order, now) if _order_changes(order, now) else None
 
 
 def _check_token_ids(d: DataConfig, vocab_size: int) -> None:

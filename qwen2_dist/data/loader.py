@@ -383,14 +383,30 @@ def _order_changes(saved: dict | None, now: dict) -> str:
         return ""
     changes = [f"{key} {saved.get(key)} -> {now[key]}" for key in ("seed", "shuffle", "shuffle_block_size", "split")
                if saved.get(key) != now[key]]
+    if "seq_len" in saved and "seq_len" in now and saved["seq_len"] != now["seq_len"]:
+        changes.append(f"train.seq_len {saved['seq_len']} -> {now['seq_len']}")
     before, after = saved.get("sources", []), now["sources"]
     if len(before) != len(after):
         changes.append(f"{len(before)} source(s) -> {len(after)}")
     for index, (old, new) in enumerate(zip(before, after)):
         for key in ("weight", "shards", "samples"):
-            if old.get(key) != new[key]:
+            if key in new and old.get(key) != new[key]:  # a summary without shard counts (check_saved) skips them
                 changes.append(f"source {index} ({new['path']}): {key} {old.get(key)} -> {new[key]}")
     return "; ".join(changes)
+
+
+# The fix a refusal to resume on other data names, besides restoring the data config: new data (another mixture,
+# a longer context) is a new stage, which starts from the weights.
+NEW_DATA_FIX = ("or, to train on the new data, start a new run_dir with model.init_from_checkpoint set to this "
+                "checkpoint (its weights; a fresh optimizer, schedule and data order)")
+
+
+def order_mismatch(saved: dict | None, now: dict) -> str:
+    """The refusal to resume a data position saved with order summary `saved` on a loader with `now`."""
+    changed = _order_changes(saved, now)
+    return ("the checkpoint was trained on other data or another data order ("
+            + (f"changed since: {changed}" if changed else "sources, their shards, weights, seed or shuffle")
+            + f"), so the samples after it are undefined; restore the data config it was trained with, {NEW_DATA_FIX}")
 
 
 class TokenBatches:
@@ -502,6 +518,7 @@ class TokenBatches:
         # changed. The paths are for the message only: data that moved is the same data.
         self.order_summary = {
             "seed": seed, "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split,
+            "seq_len": seq_len,  # not in the fingerprint (the samples are): named when the samples changed with it
             "sources": [{"path": path, "weight": weight, "shards": len(counts), "samples": sum(counts)}
                         for (path, weight), counts in zip(sources, shard_counts)],
         }
@@ -569,22 +586,24 @@ class TokenBatches:
         assert self.micro_index == 0, "the loader position is saved between optimizer steps"
         return {"samples_seen": self.position, "fingerprint": self.fingerprint, "order": self.order_summary}
 
+    def state_problem(self, state: dict) -> str | None:
+        """Why a saved data position cannot continue on this loader (a ResumeMismatch's message), or None. Raises
+        nothing: read before the checkpoint is loaded, from a train state not yet verified."""
+        if state.get("synthetic"):
+            return ("the checkpoint was trained on random tokens (data.synthetic=true), not on this data; set "
+                    "data.synthetic=true to continue it, or start a new run_dir")
+        if "samples_seen" in state and state.get("fingerprint") != self.fingerprint:
+            return order_mismatch(state.get("order"), self.order_summary)
+        return None
+
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved position: the next batch is the one an uninterrupted run would have seen."""
-        if state.get("synthetic"):
-            raise ResumeMismatch("the checkpoint was trained on random tokens (data.synthetic=true), not on this data; "
-                                 "set data.synthetic=true to continue it, or start a new run_dir")
+        problem = self.state_problem(state)
+        if problem:
+            raise ResumeMismatch(problem)
         if "samples_seen" not in state:
             raise UserError("the checkpoint's data position was written by an older loader (epoch and samples of "
                             "streaming's order); resume it with the release that wrote it, or start a new run_dir")
-        if state["fingerprint"] != self.fingerprint:
-            changed = _order_changes(state.get("order"), self.order_summary)
-            raise ResumeMismatch(
-                "the checkpoint was trained on other data or another data order ("
-                + (f"changed since: {changed}" if changed else "sources, their shards, weights, seed or shuffle")
-                + "), so the samples after it are undefined; restore the data config it was trained with, or start "
-                "a new run_dir"
-            )
         self.seek(state["samples_seen"])
 
     def seek(self, position: int) -> None:

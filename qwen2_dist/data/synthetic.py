@@ -52,13 +52,20 @@ class SyntheticBatches:
         assert not self._rows, "the position is saved between optimizer steps"
         return {"synthetic": True, "batches_read": self.batches_read, "seed": self.seed}
 
-    def load_state_dict(self, state: dict) -> None:
+    def state_problem(self, state: dict) -> str | None:
+        """Why a saved position cannot continue here (see TokenBatches.state_problem), or None."""
         if not state.get("synthetic"):
-            raise ResumeMismatch("the checkpoint was trained on a dataset, this job reads random tokens "
-                                 "(data.synthetic=true); set data.synthetic=false or start a new run_dir")
-        if state["seed"] != self.seed:
-            raise ResumeMismatch(f"the checkpoint read random tokens of seed {state['seed']}, this job's seed is "
-                                 f"{self.seed}; restore the seed or start a new run_dir")
+            return ("the checkpoint was trained on a dataset, this job reads random tokens (data.synthetic=true); "
+                    "set data.synthetic=false or start a new run_dir")
+        if state.get("seed") != self.seed:
+            return (f"the checkpoint read random tokens of seed {state.get('seed')}, this job's seed is {self.seed}; "
+                    "restore the seed or start a new run_dir")
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        problem = self.state_problem(state)
+        if problem:
+            raise ResumeMismatch(problem)
         self.seek(state["batches_read"])
 
     def seek(self, batches_read: int) -> None:

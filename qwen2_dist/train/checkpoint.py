@@ -192,6 +192,17 @@ def verify(path: str, checksums: bool = True) -> dict:
     return meta
 
 
+def peek_train_state(path: str) -> dict:
+    """A checkpoint's train state as its file reads now, before the checkpoint is verified ({} when it cannot be
+    read; never raises): what a restart can check against the job before it loads the checkpoint."""
+    try:
+        with open(os.path.join(path, TRAIN_STATE), encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
 def _share(sizes: dict[str, int], names, rank: int, world: int) -> list[str]:
     """This rank's files to checksum: largest first, each to the rank with the fewest bytes so far (the same split
     on every rank), so the ranks read about equal amounts when the files are many."""

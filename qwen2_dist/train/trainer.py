@@ -3,18 +3,21 @@
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
 from qwen2_dist.config import JobConfig, inductor_options, uses_bf16
 from qwen2_dist.data.loader import TokenBatches
+from qwen2_dist.errors import ResumeMismatch
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.loss import IGNORE_INDEX, resolve_loss
 from qwen2_dist.parallel.mesh import World, agree_any, all_reduce_sum, dp_rank_and_size
@@ -124,9 +127,11 @@ class Trainer:
         settings are this job's (loading its state also loads the saved ones: weight_decay, betas, eps, and fused
         or foreach, which the step relies on; the learning rate is set every step anyway): a resumed job that
         changes them trains with the new ones, as it says."""
+        self._check_data_position(path)
         settings = [{key: value for key, value in group.items() if key != "params"}
                     for group in self.optimizer.param_groups]
         state = checkpoint.load(path, self.model, self.optimizer, self.cfg.checkpoint.checksums)
+        self._warn_if_the_schedule_moved(state.get("step", 0))
         changed = set()
         for group, wanted in zip(self.optimizer.param_groups, settings):
             for key, value in wanted.items():
@@ -142,6 +147,35 @@ class Trainer:
         self.guard.load_state_dict(state.get("guard", {}))
         if "loader" in state:
             self.batches.load_state_dict(state["loader"])
+
+    def _check_data_position(self, path: str) -> None:
+        """ResumeMismatch, before the checkpoint's weights and optimizer state are read, when its data position
+        cannot continue on this job's data (another order, other sources). The ranks agree first; a checkpoint that
+        disagrees is verified before the refusal, so that a damaged file is reported as damage (and auto-resume falls
+        back past it) rather than as changed data."""
+        loader_state = checkpoint.peek_train_state(path).get("loader")
+        problem = self.batches.state_problem(loader_state) if loader_state is not None else None
+        if dist.is_initialized() and self.world.world_size > 1:
+            problems = [None] * self.world.world_size
+            dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p), None)
+        if problem:
+            checkpoint.verify(path, self.cfg.checkpoint.checksums)
+            raise ResumeMismatch(problem)
+
+    def _warn_if_the_schedule_moved(self, step: int) -> None:
+        """A WARNING when this job's schedule (train.steps, optim.lr, warmup, decay, schedule) gives the resumed step
+        another learning rate than the one the checkpoint's run used there: the rate jumps at the next step."""
+        if step <= 0:
+            return
+        used = float(self.optimizer.param_groups[0]["lr"])
+        now = lr_at(step, self.cfg.train.steps, self.cfg.optim)
+        if not math.isclose(used, now, rel_tol=1e-4, abs_tol=1e-12):
+            log.warning("resume: this job's learning-rate schedule gives step %d lr %.3g, where the checkpoint's run "
+                        "used %.3g; the next step trains at %.3g (train.steps, optim.lr, optim.warmup_steps, "
+                        "optim.decay_steps or optim.schedule changed; with the WSD schedule, extend train.steps "
+                        "before the decay starts)", step, now, used,
+                        lr_at(step + 1, self.cfg.train.steps, self.cfg.optim))
 
     def save(self, blocking: bool = False) -> str | None:
         """Save a checkpoint of the current step (committed now, or in the background when async)."""

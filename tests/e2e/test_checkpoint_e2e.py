@@ -241,11 +241,16 @@ def test_optimizer_in_backward_trains_and_resumes_exactly(tmp_path, corpus_cache
 def test_resume_with_another_data_order_stops_instead_of_falling_back(tmp_path, corpus_cache):
     # Another seed means another sample order: every checkpoint of the run would mismatch, so resume=auto reports
     # it once, naming the newest checkpoint, rather than calling them damaged one after the other.
+    # It is refused before the checkpoint is loaded, and by the launchers' check (QWEN2_CHECK_ONLY) already.
     run_dir = tmp_path / "run"
     assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache)).returncode == 0
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"seed": 1, "train.steps": 9}))
-    assert result.returncode == 2
-    error = result.stderr.strip().splitlines()[-1]
-    assert error.startswith(f"error: checkpoint {run_dir / 'checkpoints' / 'step_00000006'}: the checkpoint was "
-                            "trained on other data or another data order (changed since: seed 0 -> 1)")
-    assert "damaged" not in result.stdout + result.stderr
+    newest = run_dir / "checkpoints" / "step_00000006"
+    for env in ({"QWEN2_CHECK_ONLY": "1"}, {}):
+        result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"seed": 1, "train.steps": 9}),
+                         env={**os.environ, **env})
+        assert result.returncode == 2
+        error = result.stderr.strip().splitlines()[-1]
+        assert error.startswith(f"error: checkpoint {newest}: the checkpoint was trained on other data or another "
+                                "data order (changed since: seed 0 -> 1)"), error
+        assert "start a new run_dir with model.init_from_checkpoint set to this checkpoint (its weights" in error
+        assert "damaged" not in result.stdout + result.stderr and "checkpoint: loaded" not in result.stdout

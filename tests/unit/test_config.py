@@ -384,3 +384,26 @@ def test_a_leading_tilde_in_a_local_path_is_the_home_directory(monkeypatch, tmp_
     assert [s.path for s in job.data.sources] == [str(tmp_path / "a"), "s3://b/~x"]
     assert job.model.init_from_hf == str(tmp_path / "hf") and job.checkpoint.resume == "auto"
     assert compose_job(["checkpoint.resume='~/ck'"]).checkpoint.resume == str(tmp_path / "ck")
+
+
+def test_the_launch_check_names_a_data_order_the_job_changes():
+    """check_saved's look at the checkpoint's data order, from the config and the sources' summaries: what changed
+    is named, what cannot be told before the launch (the embedded corpus' samples) is left to the loader."""
+    from qwen2_dist.cli.train import compose_job
+    from qwen2_dist.config import _resume_data_problem
+
+    job = compose_job(["data.path=/data/a"])
+    order = {"seed": job.seed, "shuffle": job.data.shuffle, "shuffle_block_size": job.data.shuffle_block_size,
+             "split": "train", "seq_len": job.train.seq_len,
+             "sources": [{"path": "/old/a", "weight": 1.0, "shards": 3, "samples": 100}]}
+    saved = {"samples_seen": 8, "fingerprint": "0123", "order": order}
+    summary = {"splits": {"train": {"samples": 100}}}
+    assert _resume_data_problem(job, saved, [("/data/a", summary)]) is None  # moved data is the same data
+    problem = _resume_data_problem(job, saved, [("/data/a", {"splits": {"train": {"samples": 50}}})])
+    assert "changed since: source 0 (/data/a): samples 100 -> 50)" in problem
+    assert "model.init_from_checkpoint set to this checkpoint" in problem
+    longer = compose_job(["data.path=/data/a", f"train.seq_len={2 * job.train.seq_len}", "seed=7"])
+    problem = _resume_data_problem(longer, saved, [])  # the embedded corpus: no summary before the launch
+    assert f"changed since: seed {job.seed} -> 7; train.seq_len {job.train.seq_len} -> {2 * job.train.seq_len})" \
+        in problem
+    assert _resume_data_problem(job, {"synthetic": True, "seed": 0, "batches_read": 2}, []) is None

@@ -5,11 +5,13 @@ with a checkpoint."""
 
 import json
 import logging
+import shutil
 import time
 
 import pytest
 import torch
 
+from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.train import checkpoint
 from qwen2_dist.train.faults import INJECT_NAN_ENV, StepGuard, TrainingHalted
@@ -217,3 +219,33 @@ def test_a_watchdog_limit_of_0_is_off_for_its_phase_only(first, later):
     time.sleep(0.6)
     watchdog.stop()
     assert fired == ["train.hang_timeout"]
+
+
+def test_a_resume_that_moves_the_schedule_says_so_and_one_on_other_data_loads_nothing(tmp_path, caplog, monkeypatch):
+    """A job whose schedule gives the resumed step another learning rate warns (the rate jumps); a job on another
+    data order is refused before the checkpoint is loaded, unless the train state that disagrees is damaged, which
+    is reported as damage (auto-resume then falls back past it)."""
+    for name in "abcde":
+        (tmp_path / name).mkdir()
+    first = _trainer(tmp_path / "a", "train.steps=4", "optim.lr=1e-2")
+    first.fit()
+    last = checkpoint.committed_checkpoints(first.checkpointer.ckpt_root)[-1]
+    caplog.set_level(logging.INFO, logger="qwen2_dist.train.trainer")
+    _trainer(tmp_path / "b", "train.steps=4", "optim.lr=1e-2").restore(last)
+    assert "learning-rate schedule" not in caplog.text
+    _trainer(tmp_path / "c", "train.steps=8", "optim.lr=1e-2").restore(last)  # a finished cosine, extended
+    assert "this job's learning-rate schedule gives step 4 lr 0.0055, where the checkpoint's run used 0.001" \
+        in caplog.text
+
+    other = _trainer(tmp_path / "d", "train.steps=8")
+    other.batches.seed = 1
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("the checkpoint was loaded"))
+    with pytest.raises(ResumeMismatch, match="the checkpoint read random tokens of seed 0, this job's seed is 1"):
+        other.restore(last)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(last, damaged)
+    state = (damaged / "train_state.json").read_text()
+    assert '"seed": 0' in state
+    (damaged / "train_state.json").write_text(state.replace('"seed": 0', '"seed": 1'))  # same size, other bytes
+    with pytest.raises(UserError, match=r"train_state.json: checksum .* the checkpoint is damaged"):
+        _trainer(tmp_path / "e", "train.steps=8").restore(str(damaged))
