@@ -4,6 +4,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,6 +39,50 @@ def conf_dir() -> str:
         raise UserError(f"{path}/config.yaml not found; set QWEN2_DIST_CONF to a conf/ directory (the source tree's "
                         "conf/, or a copy of it) or reinstall qwen2-dist")
     return path
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def write_job_config(run_dir: str, resolved: dict) -> list[str]:
+    """Write the job's resolved config to run_dir/config.yaml. A start whose config differs from the last one's
+    keeps that one as configs/config-UTCTIME.yaml and logs what changed (which settings a restart changed, and
+    when, stays on record); returns the changes, as "key: old -> new"."""
+    path = os.path.join(run_dir, "config.yaml")
+    text = OmegaConf.to_yaml(resolved)
+    changes = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            before_text = f.read()
+        if before_text != text:
+            try:
+                before = OmegaConf.to_container(OmegaConf.create(before_text))
+            except Exception:  # unreadable: kept aside all the same
+                before = {}
+            old, new = _flat(before if isinstance(before, dict) else {}), _flat(resolved)
+            changes = [f"{key}: {old.get(key, '(unset)')} -> {new.get(key, '(unset)')}"
+                       for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+            stem = os.path.join(run_dir, "configs", f"config-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+            kept, n = f"{stem}.yaml", 1
+            while os.path.exists(kept):  # two starts in one second
+                n += 1
+                kept = f"{stem}-{n}.yaml"
+            os.makedirs(os.path.dirname(kept), exist_ok=True)
+            os.replace(path, kept)
+            log.info("config: %d setting(s) changed since the last start (its config kept as %s): %s", len(changes),
+                     kept, "; ".join(changes[:12]) + ("; ..." if len(changes) > 12 else ""))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return changes
 
 
 def setup_logging(run_dir: str, rank: int) -> None:
@@ -135,8 +180,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     if job.train.deterministic:
         set_deterministic()
     if world.is_main:
-        with open(os.path.join(job.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-            f.write(OmegaConf.to_yaml(resolved))
+        write_job_config(job.run_dir, resolved)
     mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
     dp_rank, dp_size = dp_rank_and_size(mesh)
     log.info("world %d on %s, layout %s", world.world_size, device_type, layout)

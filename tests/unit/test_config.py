@@ -407,3 +407,21 @@ def test_the_launch_check_names_a_data_order_the_job_changes():
     assert f"changed since: seed {job.seed} -> 7; train.seq_len {job.train.seq_len} -> {2 * job.train.seq_len})" \
         in problem
     assert _resume_data_problem(job, {"synthetic": True, "seed": 0, "batches_read": 2}, []) is None
+
+
+def test_a_start_with_another_config_keeps_the_last_one_and_says_what_changed(tmp_path, caplog):
+    from qwen2_dist.cli.train import write_job_config
+
+    first = {"seed": 0, "train": {"steps": 10, "seq_len": 128}, "data": {"sources": []}}
+    assert write_job_config(str(tmp_path), first) == []
+    assert write_job_config(str(tmp_path), first) == [] and not (tmp_path / "configs").exists()  # a plain restart
+    second = {"seed": 0, "train": {"steps": 20, "seq_len": 128, "stop_at": 15}, "data": {"sources": []}}
+    with caplog.at_level("INFO", logger="qwen2_dist"):
+        changes = write_job_config(str(tmp_path), second)
+    assert changes == ["train.steps: 10 -> 20", "train.stop_at: (unset) -> 15"]
+    assert "2 setting(s) changed since the last start" in caplog.text
+    (kept,) = (tmp_path / "configs").iterdir()
+    assert OmegaConf.to_container(OmegaConf.load(kept)) == first
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml")) == second
+    write_job_config(str(tmp_path), first)  # within the same second: kept beside the first, not over it
+    assert len(list((tmp_path / "configs").iterdir())) == 2
