@@ -564,6 +564,8 @@ def check_saved(cfg: JobConfig) -> None:
             continue  # damaged or gone: the run reports it, and auto falls back
         checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
         checkpoint.check_init_source(path, meta, checkpoint.init_source(cfg.model))
+        if not checkpoint.train_state_intact(path, meta):
+            continue  # damaged: the job reports it and falls back past it
         problem = _resume_data_problem(cfg, checkpoint.peek_train_state(path).get("loader"), summaries)
         if problem:
             raise UserError(f"checkpoint {path}: {problem}")
@@ -577,11 +579,12 @@ def _resume_data_problem(cfg: JobConfig, saved: dict | None, summaries: list[tup
     from qwen2_dist.data.prepare import TRAIN
 
     d = cfg.data
-    if not saved or saved.get("synthetic") or d.synthetic or not saved.get("order"):
+    if not isinstance(saved, dict) or saved.get("synthetic") or d.synthetic or not isinstance(saved.get("order"), dict):
         return None
     order = saved["order"]
     now = {"seed": cfg.seed, "shuffle": d.shuffle, "shuffle_block_size": d.shuffle_block_size, "split": TRAIN,
-           "seq_len": cfg.train.seq_len, "sources": order.get("sources", [])}
+           "seq_len": cfg.train.seq_len,
+           "sources": order["sources"] if isinstance(order.get("sources"), list) else []}
     if summaries:  # the embedded corpus (no summary before the launch builds it) keeps the saved sources
         weights = [s.weight for s in d.sources] or [1.0]
         now["sources"] = [{"path": path, "weight": weight, "samples": summary["splits"].get(TRAIN, {}).get("samples")}

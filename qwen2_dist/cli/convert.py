@@ -40,7 +40,8 @@ def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
     args = model.args
     name = _name_of(args)
     meta = {"model": name, "model_args": args.to_dict(), "world_size": 1, "source": os.path.abspath(hf_dir),
-            "step": 0, "tokens_seen": 0, "hf_source": hf_source_fields(hf_dir)}
+            "step": 0, "tokens_seen": 0, "hf_source": hf_source_fields(hf_dir),
+            "init_from": {"init_from_hf": os.path.realpath(hf_dir), "init_from_checkpoint": None}}
     checkpoint.write(out_dir, model, None, {"step": 0, "tokens_seen": 0}, meta)
     return out_dir
 
@@ -72,8 +73,23 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     def fetch(names: list[str]) -> dict[str, torch.Tensor]:
         return checkpoint.read_tensors(ckpt_dir, {name: shapes[name] for name in names})
 
-    write_hf_from(fetch, args, hf_dir, int(max_shard_gib * 2**30), dtypes[dtype], source=meta.get("hf_source"))
+    write_hf_from(fetch, args, hf_dir, int(max_shard_gib * 2**30), dtypes[dtype], source=_export_source(meta, args))
     return hf_dir
+
+
+def _export_source(meta: dict, args) -> dict | None:
+    """What the export keeps of the Hugging Face weights the run started from (model.hf.hf_config_from_args): their
+    max_position_embeddings only while the run kept its size's own (a model.max_position_embeddings override, a
+    longer-context stage, wins)."""
+    from qwen2_dist.model.args import SIZES
+
+    source = meta.get("hf_source")
+    if not isinstance(source, dict):
+        return None
+    size = SIZES.get(meta.get("model") or "")
+    if size is not None and args.max_position_embeddings != size.max_position_embeddings:
+        source = {key: value for key, value in source.items() if key != "max_position_embeddings"}
+    return source
 
 
 def checkpoints_under(path: str) -> list[str]:

@@ -179,8 +179,6 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     args = job.model.args()
     if job.train.deterministic:
         set_deterministic()
-    if world.is_main:
-        write_job_config(job.run_dir, resolved)
     mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
     dp_rank, dp_size = dp_rank_and_size(mesh)
     log.info("world %d on %s, layout %s", world.world_size, device_type, layout)
@@ -293,6 +291,8 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
             raise UserError(f"no committed checkpoint under {ckpt_root} could be loaded; move the damaged ones "
                             "away, or start afresh with checkpoint.resume=none (which moves them to "
                             "checkpoints/abandoned-*)")
+    if world.is_main:  # once the job is known to run: a start refused above leaves the record as it was
+        write_job_config(job.run_dir, resolved)
     try:
         result = trainer.fit()
     finally:

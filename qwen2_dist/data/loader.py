@@ -379,16 +379,18 @@ def _order_changes(saved: dict | None, now: dict) -> str:
     """What differs between a checkpoint's order summary and this loader's, as 'seed 3 -> 4; source 0 (PATH):
     samples 240 -> 480', or '' when the summaries agree (a checkpoint of an older release has none; or the shards
     and samples add up the same but are split differently)."""
-    if not saved:
+    if not isinstance(saved, dict) or not saved:
         return ""
     changes = [f"{key} {saved.get(key)} -> {now[key]}" for key in ("seed", "shuffle", "shuffle_block_size", "split")
                if saved.get(key) != now[key]]
     if "seq_len" in saved and "seq_len" in now and saved["seq_len"] != now["seq_len"]:
         changes.append(f"train.seq_len {saved['seq_len']} -> {now['seq_len']}")
-    before, after = saved.get("sources", []), now["sources"]
+    before, after = saved.get("sources"), now["sources"]
+    before = before if isinstance(before, list) else []
     if len(before) != len(after):
         changes.append(f"{len(before)} source(s) -> {len(after)}")
     for index, (old, new) in enumerate(zip(before, after)):
+        old = old if isinstance(old, dict) else {}
         for key in ("weight", "shards", "samples"):
             if key in new and old.get(key) != new[key]:  # a summary without shard counts (check_saved) skips them
                 changes.append(f"source {index} ({new['path']}): {key} {old.get(key)} -> {new[key]}")

@@ -130,7 +130,7 @@ def hf_source_fields(path: str) -> dict:
         try:
             with open(generation) as f:
                 fields["generation_config"] = json.load(f)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # not JSON, or not UTF-8
             raise UserError(f"{generation}: not valid JSON ({e}); fix or remove it")
     return fields
 

@@ -203,6 +203,20 @@ def peek_train_state(path: str) -> dict:
     return state if isinstance(state, dict) else {}
 
 
+def train_state_intact(path: str, meta: dict) -> bool:
+    """Whether a committed checkpoint's train_state.json has the size and (when recorded) the checksum its commit
+    recorded: what a check before the launch may read it for (a damaged one is the job's to report and skip)."""
+    full = os.path.join(path, TRAIN_STATE)
+    size = (meta.get("files") or {}).get(TRAIN_STATE)
+    try:
+        if size is None or os.path.getsize(full) != size:
+            return False
+        recorded = (meta.get("checksums") or {}).get(TRAIN_STATE)
+        return recorded is None or file_checksum(full) == recorded
+    except OSError:
+        return False
+
+
 def _share(sizes: dict[str, int], names, rank: int, world: int) -> list[str]:
     """This rank's files to checksum: largest first, each to the rank with the fewest bytes so far (the same split
     on every rank), so the ranks read about equal amounts when the files are many."""
@@ -698,24 +712,31 @@ def init_source(model_cfg) -> dict:
     return {key: os.path.realpath(getattr(model_cfg, key)) if getattr(model_cfg, key) else None for key in INIT_KEYS}
 
 
-def check_init_source(path: str, meta: dict, job_source: dict) -> dict:
-    """The init source a resumed run goes on recording: the checkpoint's. UserError when the job names an init
-    source (model.init_from_*) other than the one the run whose checkpoint it resumes started from: resuming would
-    never load it. A checkpoint written before sources were recorded is not checked (a warning says so)."""
+def check_init_source(path: str, meta: dict, job_source: dict) -> dict | None:
+    """The init source a resumed run goes on recording: the checkpoint's (None: unknown, for a checkpoint written
+    before sources were recorded). UserError when the job names model.init_from_* but the run whose checkpoint it
+    resumes started from a random initialization or from the other kind of source: resuming would never load it.
+    The same kind at another path (weights copied to a job's scratch, moved, downloaded again) resumes with a
+    warning, as does a checkpoint that does not record its source."""
     named = {key: value for key, value in job_source.items() if value}
-    if "init_from" not in meta:
+    saved = meta.get("init_from")
+    if not isinstance(saved, dict):
         if named:
             log.warning("checkpoint %s does not record where its run's weights started; resuming it, and %s is not "
                         "loaded", path, "model." + next(iter(named)))
-        return job_source
-    saved = meta["init_from"]
-    if named and saved != job_source:
+        return None
+    if named:
         key, value = next(iter(named.items()))
-        origin = next((f"model.{k}={v}" for k, v in saved.items() if v), "a random initialization")
-        raise UserError(f"model.{key}={value}, but the run_dir has checkpoints of a run that started from {origin} "
-                        f"(the newest: {path}), which this job would resume without loading {value}. Use a new "
-                        f"run_dir, or checkpoint.resume=none to start this run afresh (the old checkpoints move "
-                        f"aside), or leave model.{key} unset to resume that run")
+        if not saved.get(key):
+            origin = next((f"model.{k}={v}" for k, v in saved.items() if v), "a random initialization")
+            raise UserError(f"model.{key}={value}, but the run_dir has checkpoints of a run that started from "
+                            f"{origin} (the newest: {path}), which this job would resume without loading {value}. "
+                            f"Use a new run_dir, or checkpoint.resume=none to start this run afresh (the old "
+                            f"checkpoints move aside), or leave model.{key} unset to resume that run")
+        if saved[key] != value:
+            log.warning("model.%s=%s, but the run in this run_dir started from %s: resuming it (the weights named "
+                        "are not loaded; a run that should start from them needs a new run_dir)", key, value,
+                        saved[key])
     return saved
 
 

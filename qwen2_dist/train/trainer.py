@@ -154,7 +154,7 @@ class Trainer:
         disagrees is verified before the refusal, so that a damaged file is reported as damage (and auto-resume falls
         back past it) rather than as changed data."""
         loader_state = checkpoint.peek_train_state(path).get("loader")
-        problem = self.batches.state_problem(loader_state) if loader_state is not None else None
+        problem = self.batches.state_problem(loader_state) if isinstance(loader_state, dict) else None
         if dist.is_initialized() and self.world.world_size > 1:
             problems = [None] * self.world.world_size
             dist.all_gather_object(problems, problem)

@@ -254,3 +254,5 @@ def test_resume_with_another_data_order_stops_instead_of_falling_back(tmp_path, 
                                 "data order (changed since: seed 0 -> 1)"), error
         assert "start a new run_dir with model.init_from_checkpoint set to this checkpoint (its weights" in error
         assert "damaged" not in result.stdout + result.stderr and "checkpoint: loaded" not in result.stdout
+    # The refused starts leave the record of the run's config as it was.
+    assert "seed: 0" in (run_dir / "config.yaml").read_text() and not (run_dir / "configs").exists()

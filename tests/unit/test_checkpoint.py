@@ -410,8 +410,9 @@ def test_a_save_failing_after_its_shards_are_written_never_commits(tmp_path, mon
 
 
 def test_a_resumed_run_keeps_its_init_source_and_refuses_another(tmp_path, caplog):
-    """A checkpoint records where its run's weights started; a job naming another model.init_from_* than the run
-    it would resume is refused (it would never load them), one naming none resumes and keeps the run's."""
+    """A checkpoint records where its run's weights started; a job naming model.init_from_* for a run that started
+    from scratch or from the other kind of source is refused (it would never load them); the same kind at another
+    path (weights moved, copied to scratch) resumes with a warning; a job naming none resumes and keeps the run's."""
     from types import SimpleNamespace
 
     weights = tmp_path / "hf"
@@ -428,6 +429,33 @@ def test_a_resumed_run_keeps_its_init_source_and_refuses_another(tmp_path, caplo
     other = {"init_from_hf": None, "init_from_checkpoint": "/elsewhere/step_1"}
     with pytest.raises(UserError, match="started from model.init_from_checkpoint=/elsewhere/step_1"):
         checkpoint.check_init_source("ck", {"init_from": other}, hf)
+    moved = {"init_from_hf": "/scratch/job7/hf", "init_from_checkpoint": None}
     with caplog.at_level("WARNING"):
-        assert checkpoint.check_init_source("old", {}, hf) == hf  # written before sources were recorded
+        assert checkpoint.check_init_source("ck", {"init_from": moved}, hf) == moved
+        assert checkpoint.check_init_source("old", {}, hf) is None  # written before sources were recorded: unknown
+        assert checkpoint.check_init_source("old", {"init_from": None}, none) is None
+    assert "but the run in this run_dir started from /scratch/job7/hf: resuming it" in caplog.text
     assert "does not record where its run's weights started" in caplog.text
+
+
+def test_a_check_before_the_launch_reads_only_an_intact_train_state(tmp_path):
+    """check_saved reads a checkpoint's data position only when its train_state.json is as committed (a damaged one
+    is the job's to report and fall back past), and a train state of the wrong shape is no data change."""
+    from qwen2_dist.cli.train import compose_job
+    from qwen2_dist.config import _resume_data_problem
+
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(tmp_path), keep_last=1).save(1, model, optimizer, {"step": 1, "loader": {
+        "samples_seen": 8, "fingerprint": "0123", "order": {"seed": 5}}}, {"model": "tiny"})
+    meta = checkpoint.read_metadata(path)
+    assert checkpoint.train_state_intact(path, meta)
+    assert checkpoint.peek_train_state(path)["loader"]["order"] == {"seed": 5}
+    _flip_byte(os.path.join(path, "train_state.json"), 3)
+    assert not checkpoint.train_state_intact(path, meta)
+    os.remove(os.path.join(path, "train_state.json"))
+    assert not checkpoint.train_state_intact(path, meta) and checkpoint.peek_train_state(path) == {}
+    job = compose_job([])
+    assert _resume_data_problem(job, "loader", []) is None
+    assert _resume_data_problem(job, {"order": "seed 5"}, []) is None
+    odd = _resume_data_problem(job, {"order": {"sources": 3, "seed": job.seed}}, [])  # named, no traceback
+    assert "changed since: shuffle None -> " in odd

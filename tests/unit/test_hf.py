@@ -298,6 +298,17 @@ def test_the_export_keeps_the_source_context_and_token_ids_inside_the_vocabulary
     assert small["eos_token_id"] is None and small["bos_token_id"] is None  # not tokens of a 1000-token vocabulary
 
 
+def test_an_export_keeps_the_source_context_unless_the_run_set_its_own():
+    from qwen2_dist.cli.convert import _export_source
+
+    args = SIZES["qwen2-0.5b"]
+    meta = {"model": "qwen2-0.5b", "hf_source": {"max_position_embeddings": 32768, "eos_token_id": 151645}}
+    assert _export_source(meta, args) == meta["hf_source"]
+    longer = ModelArgs(**{**args.to_dict(), "max_position_embeddings": 262144})  # a longer-context stage
+    assert _export_source(meta, longer) == {"eos_token_id": 151645}
+    assert _export_source({"model": "qwen2-0.5b"}, args) is None
+
+
 def test_pickle_weights_of_another_shape_than_config_json_are_refused(tmp_path):
     save_pickle_hf(make_hf_model("mha_tied"), tmp_path / "bin")
     load_hf_model(str(tmp_path / "bin"), allow_pickle=True)
