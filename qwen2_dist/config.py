@@ -575,7 +575,7 @@ def _resume_data_problem(cfg: JobConfig, saved: dict | None, summaries: list[tup
     """What of a checkpoint's data order (its loader state, not yet verified) the job changes, as far as the
     config and the sources' summaries tell (the loader compares the whole fingerprint after the launch, before the
     checkpoint is loaded); None when nothing visible changed."""
-    from qwen2_dist.data.loader import _order_changes, order_mismatch
+    from qwen2_dist.data.loader import order_changes, order_mismatch
     from qwen2_dist.data.prepare import TRAIN
 
     d = cfg.data
@@ -589,7 +589,7 @@ def _resume_data_problem(cfg: JobConfig, saved: dict | None, summaries: list[tup
         weights = [s.weight for s in d.sources] or [1.0]
         now["sources"] = [{"path": path, "weight": weight, "samples": summary["splits"].get(TRAIN, {}).get("samples")}
                           for (path, summary), weight in zip(summaries, weights)]
-    return order_mismatch(order, now) if _order_changes(order, now) else None
+    return order_mismatch(order, now) if order_changes(order, now) else None
 
 
 def _check_token_ids(d: DataConfig, vocab_size: int) -> None:
@@ -788,7 +788,7 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if cfg.model.init_from_hf is not None:
         from qwen2_dist.model.hf import check_hf_matches
 
-        check_hf_matches(cfg.model.init_from_hf, args)  # config.json only
+        check_hf_matches(cfg.model.init_from_hf, args)  # config.json and the weight files' headers
     _check_data(cfg.data, cfg.eval)
     _check_token_ids(cfg.data, args.vocab_size)
     # The embedded corpus (no data.path): built after the launch, on every node; too few tokens would fail there.

@@ -375,7 +375,7 @@ class _RankSampler:
             step_start += b.global_batch_size
 
 
-def _order_changes(saved: dict | None, now: dict) -> str:
+def order_changes(saved: dict | None, now: dict) -> str:
     """What differs between a checkpoint's order summary and this loader's, as 'seed 3 -> 4; source 0 (PATH):
     samples 240 -> 480', or '' when the summaries agree (a checkpoint of an older release has none; or the shards
     and samples add up the same but are split differently)."""
@@ -405,7 +405,7 @@ NEW_DATA_FIX = ("or, to train on the new data, start a new run_dir with model.in
 
 def order_mismatch(saved: dict | None, now: dict) -> str:
     """The refusal to resume a data position saved with order summary `saved` on a loader with `now`."""
-    changed = _order_changes(saved, now)
+    changed = order_changes(saved, now)
     return ("the checkpoint was trained on other data or another data order ("
             + (f"changed since: {changed}" if changed else "sources, their shards, weights, seed or shuffle")
             + f"), so the samples after it are undefined; restore the data config it was trained with, {NEW_DATA_FIX}")

@@ -74,21 +74,30 @@ def memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def supersede_records(path: str, from_step: int) -> int:
-    """Keep in the metrics file at path the records of steps up to from_step, one per step, and move the others
-    (steps logged after the checkpoint a restart resumes from, which the run logs again; an abandoned run's, after a
-    rollback; a line cut short by a kill) to metrics.superseded.jsonl beside it, so that the file holds one record
-    per logged step of the run as it went on. Returns how many moved."""
+def _records(path: str) -> list[tuple[str, int | None]]:
+    """The lines of a metrics file (newline-terminated), each with its record's step (None: not a record, e.g. a
+    line cut short by a kill); none when there is no file."""
     if not os.path.exists(path):
-        return 0
-    kept, moved = [], []
+        return []
+    records = []
     with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             try:
                 step = json.loads(line).get("step")
             except (ValueError, AttributeError):
                 step = None
-            (kept if isinstance(step, int) and step <= from_step else moved).append(line.rstrip("\n") + "\n")
+            records.append((line.rstrip("\n") + "\n", step if isinstance(step, int) else None))
+    return records
+
+
+def supersede_records(path: str, from_step: int) -> int:
+    """Keep in the metrics file at path the records of steps up to from_step, one per step, and move the others
+    (steps logged after the checkpoint a restart resumes from, which the run logs again; an abandoned run's, after a
+    rollback; a line cut short by a kill) to metrics.superseded.jsonl beside it, so that the file holds one record
+    per logged step of the run as it went on. Returns how many moved."""
+    kept, moved = [], []
+    for line, step in _records(path):
+        (kept if step is not None and step <= from_step else moved).append(line)
     if not moved:
         return 0
     with open(os.path.join(os.path.dirname(path), "metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
@@ -104,18 +113,7 @@ def supersede_records(path: str, from_step: int) -> int:
 
 def last_logged_step(path: str) -> int | None:
     """The largest step recorded in the metrics file at path (None: no file, or no record)."""
-    if not os.path.exists(path):
-        return None
-    last = None
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                step = json.loads(line).get("step")
-            except (ValueError, AttributeError):
-                continue
-            if isinstance(step, int) and (last is None or step > last):
-                last = step
-    return last
+    return max((step for _, step in _records(path) if step is not None), default=None)
 
 
 def wandb_run_id(run_dir: str, rewinds: bool, from_step: int) -> tuple[str, str]:

@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -155,13 +154,10 @@ class Trainer:
         back past it) rather than as changed data."""
         loader_state = checkpoint.peek_train_state(path).get("loader")
         problem = self.batches.state_problem(loader_state) if isinstance(loader_state, dict) else None
-        if dist.is_initialized() and self.world.world_size > 1:
-            problems = [None] * self.world.world_size
-            dist.all_gather_object(problems, problem)
-            problem = next((p for p in problems if p), None)
-        if problem:
+        if agree_any([problem is not None])[0]:  # every rank reads the same file: the same message, but for I/O
             checkpoint.verify(path, self.cfg.checkpoint.checksums)
-            raise ResumeMismatch(problem)
+            raise ResumeMismatch(problem or "another rank found that the checkpoint's data position does not fit "
+                                 "this job's data; its log says how")
 
     def _warn_if_the_schedule_moved(self, step: int) -> None:
         """A WARNING when this job's schedule (train.steps, optim.lr, warmup, decay, schedule) gives the resumed step
