@@ -459,3 +459,22 @@ def test_a_check_before_the_launch_reads_only_an_intact_train_state(tmp_path):
     assert _resume_data_problem(job, {"order": "seed 5"}, []) is None
     odd = _resume_data_problem(job, {"order": {"sources": 3, "seed": job.seed}}, [])  # named, no traceback
     assert "changed since: shuffle None -> " in odd
+
+
+def test_the_launch_check_refuses_another_data_order_unless_the_train_state_is_damaged(tmp_path):
+    from qwen2_dist.cli.train import compose_job
+    from qwen2_dist.config import check_saved
+
+    job = compose_job(["model=tiny", f"run_dir={tmp_path}", "seed=3"])
+    order = {"seed": 0, "shuffle": job.data.shuffle, "shuffle_block_size": job.data.shuffle_block_size,
+             "split": "train", "seq_len": job.train.seq_len, "sources": [{"path": "corpus", "weight": 1.0}]}
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep_last=1).save(
+        1, model, optimizer, {"step": 1, "loader": {"samples_seen": 8, "fingerprint": "0123", "order": order}},
+        {"model": "tiny", "model_args": get_model_args("tiny").to_dict()})
+    with pytest.raises(UserError, match=rf"checkpoint {re.escape(path)}: .*changed since: seed 0 -> 3\)"):
+        check_saved(job)
+    state_file = os.path.join(path, "train_state.json")
+    _flip_byte(state_file, open(state_file, "rb").read().index(b'"0123"') + 1)  # still JSON, seed still 0
+    assert checkpoint.peek_train_state(path)["loader"]["order"]["seed"] == 0
+    check_saved(job)  # damaged: the job reports it and falls back past it, the launch check does not call it a change
