@@ -233,24 +233,77 @@ def _cache_path(cache_dir: str, run_key: str, url: str) -> str:
     return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "remote", run_key, f"{safe}-{digest}")
 
 
+# The remote caches whose summary this process has compared with the remote one: once per process is enough.
+_compared_caches: set[str] = set()
+
+
 def _source_summary(path: str, local: str | None) -> dict:
-    """The prepare_summary.json of a source, downloaded into its cache when the source is remote."""
+    """The prepare_summary.json of a source, downloaded into its cache when the source is remote. A cache that holds
+    one already is checked against the remote's, once per process (_check_same_version)."""
     if local is None:
         return read_summary(path)
+    target = os.path.join(local, SUMMARY_NAME)
+    if local in _compared_caches and os.path.exists(target):
+        return read_summary(local)
     import_streaming()  # first: the submodule's import runs the package's __init__
     from streaming.base.storage.download import CloudDownloader
 
     os.makedirs(local, exist_ok=True)
-    target = os.path.join(local, SUMMARY_NAME)
-    if not os.path.exists(target):
-        tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
         try:
             CloudDownloader.direct_download(f"{path.rstrip('/')}/{SUMMARY_NAME}", tmp, DOWNLOAD_TIMEOUT)
         except Exception as e:  # each storage client raises its own types; all mean "cannot fetch it"
-            raise UserError(f"data source {path}: cannot download {SUMMARY_NAME} ({e}); check the URL and "
-                            "the credentials, and that the dataset was written by qwen2-prepare") from None
-        os.replace(tmp, target)
+            if not os.path.exists(target):
+                raise UserError(f"data source {path}: cannot download {SUMMARY_NAME} ({e}); check the URL and "
+                                "the credentials, and that the dataset was written by qwen2-prepare") from None
+            log.warning("data source %s: cannot download %s to compare it with the copy cached in %s (%s); "
+                        "reading on with the cached copy", path, SUMMARY_NAME, local, e)
+        else:
+            if os.path.exists(target):
+                _check_same_version(path, local, read_summary(local), _read_json(tmp))
+            else:
+                os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _compared_caches.add(local)
     return read_summary(local)
+
+
+def _read_json(path: str):
+    """A JSON file's value, or None when it is not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError:
+        return None
+
+
+def _check_same_version(url: str, local: str, cached: dict, remote) -> None:
+    """UserError naming the fixes when a remote source's prepare summary is not the one its cache was filled from:
+    the dataset was prepared again at the same URL, and the shards and index cached would mix the two versions."""
+    if cached == remote:
+        return
+    if isinstance(remote, dict):
+        changed = [f"{key} {cached.get(key)} -> {remote.get(key)}" for key in ("documents", "tokens", "samples",
+                   "seq_len", "tokenizer") if cached.get(key) != remote.get(key)]
+        old_splits, new_splits = (summary.get("splits") if isinstance(summary.get("splits"), dict) else {}
+                                  for summary in (cached, remote))
+        changed += [f"{split} samples {old_splits.get(split, {}).get('samples', 0)} -> "
+                    f"{new_splits.get(split, {}).get('samples', 0)}" for split in sorted({*old_splits, *new_splits})
+                    if old_splits.get(split) != new_splits.get(split)]
+        changed += [key for key in ("inputs", "skipped", "max_token_id", "val_fraction", "format")
+                    if cached.get(key) != remote.get(key)]
+    else:
+        changed = ["the remote copy is not JSON"]
+    raise UserError(
+        f"data source {url} was prepared again since this run cached it in {local}: its {SUMMARY_NAME} differs ("
+        f"{'; '.join(changed) or 'other fields'}), and the shards cached there are of the old version, so the "
+        f"samples read would mix the two. To go on with the old version, put it back at {url}. To train on the new "
+        f"one, delete {local} (a resumed run's data order is then checked against the new data), or start a new "
+        "run_dir with model.init_from_checkpoint set to this run's latest checkpoint"
+    )
 
 
 def run_cache_key(run_dir: str) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qwen2_dist.cli.train import check_only, compose_job
-from qwen2_dist.data.loader import TokenBatches, _cache_path
+from qwen2_dist.data.loader import TokenBatches, _cache_path, run_cache_key
 from qwen2_dist.errors import UserError
 from tests.datasets import make_dataset, sample_ids
 from tests.helpers import run_cli, train_overrides
@@ -164,3 +164,42 @@ def test_training_mixes_an_s3_source_with_a_local_one(tmp_path, s3, corpus_cache
     assert sorted(evals) == [3, 6] and all(v > 0 for v in evals.values())
     assert "flash-attn not installed, no CUDA or fp32" in first.stdout and "explicit block-diagonal causal mask" in (
         first.stdout)
+
+
+def test_a_dataset_prepared_again_at_the_same_url_is_not_mixed_with_the_cached_one(tmp_path, s3, monkeypatch, caplog):
+    """The cache of a remote source keeps the summary, index and shards it was filled from; a dataset prepared again
+    at the same URL is refused by the launchers' check and the loader (naming what changed and the fixes), until the
+    cache is deleted; a summary that cannot be fetched again leaves the cached copy in use, with a warning."""
+    from qwen2_dist.data import loader
+
+    client, _ = s3
+    v1 = make_dataset(tmp_path / "v1", 40, 8, shard_bytes=300)
+    v2 = make_dataset(tmp_path / "v2", 48, 8, first_id=1000, shard_bytes=300)
+    url = upload(client, v1, "ds")
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    remote_args = dict(cache_dir=str(cache), run_key=run_cache_key(str(run_dir)))
+    assert read_ids([(url, 1.0)], **remote_args) == read_ids([(v1, 1.0)])
+
+    client.delete_objects(Bucket=BUCKET, Delete={"Objects": [
+        {"Key": o["Key"]} for o in client.list_objects_v2(Bucket=BUCKET, Prefix="ds/")["Contents"]]})
+    upload(client, v2, "ds")
+    # The process has compared this cache already: the memory of that goes, as it does with a new process.
+    monkeypatch.setattr(loader, "_compared_caches", set())
+    local = _cache_path(str(cache), remote_args["run_key"], url)
+    again = (rf"data source {url} was prepared again since this run cached it in {local}: .*train samples 40 -> 48"
+             ".* delete ")
+    with pytest.raises(UserError, match=again):
+        read_ids([(url, 1.0)], **remote_args)
+    monkeypatch.setattr(loader, "_compared_caches", set())
+    with pytest.raises(UserError, match=again):
+        check_only(compose_job(["model=tiny", "train.seq_len=8", f"data.path={url}", f"data.cache_dir={cache}",
+                                f"run_dir={run_dir}"]), "1")
+
+    shutil.rmtree(local)
+    monkeypatch.setattr(loader, "_compared_caches", set())
+    assert read_ids([(url, 1.0)], **remote_args) == read_ids([(v2, 1.0)])
+
+    client.delete_object(Bucket=BUCKET, Key="ds/prepare_summary.json")
+    monkeypatch.setattr(loader, "_compared_caches", set())
+    assert read_ids([(url, 1.0)], **remote_args) == read_ids([(v2, 1.0)])
+    assert "cannot download prepare_summary.json to compare it with the copy cached in" in caplog.text
