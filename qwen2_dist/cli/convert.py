@@ -80,16 +80,19 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
 def _export_source(meta: dict, args) -> dict | None:
     """What the export keeps of the Hugging Face weights the run started from (model.hf.hf_config_from_args): their
     max_position_embeddings only while the run kept its size's own (a model.max_position_embeddings override, a
-    longer-context stage, wins)."""
+    longer-context stage, wins). The context written is at least the longest train.seq_len the weights were trained
+    at (recorded by checkpoints since 2026-12-05, "trained_seq_len"): a stage at 64k on a 32k source exports 64k."""
     from qwen2_dist.model.args import SIZES
 
     source = meta.get("hf_source")
-    if not isinstance(source, dict):
-        return None
+    source = dict(source) if isinstance(source, dict) else {}
     size = SIZES.get(meta.get("model") or "")
     if size is not None and args.max_position_embeddings != size.max_position_embeddings:
-        source = {key: value for key, value in source.items() if key != "max_position_embeddings"}
-    return source
+        source.pop("max_position_embeddings", None)
+    trained = meta.get("trained_seq_len")
+    if isinstance(trained, int) and trained > source.get("max_position_embeddings", args.max_position_embeddings):
+        source["max_position_embeddings"] = trained
+    return source or None
 
 
 def checkpoints_under(path: str) -> list[str]:

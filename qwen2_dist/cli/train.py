@@ -205,12 +205,16 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         if resumed_meta is None:
             init_from, resumed_meta = checkpoint.check_init_source(path, meta, init_from), meta
     # What the export keeps of the Hugging Face weights the run started from (model.hf.hf_source_fields).
-    hf_source = resumed_meta.get("hf_source") if resumed_meta is not None else None
+    # The longest train.seq_len the weights have been trained at, by this job and the run or stage before it: the
+    # export's context is at least that (convert._export_source).
+    before = resumed_meta or {}
     if job.model.init_from_checkpoint and not candidates:
-        # Refused now, not after the build.
-        hf_source = checkpoint.init_checkpoint_metadata(job.model.init_from_checkpoint, args).get("hf_source")
+        before = checkpoint.init_checkpoint_metadata(job.model.init_from_checkpoint, args)  # refused now, not later
     if job.model.init_from_hf and not candidates:
-        hf_source = hf_source_fields(job.model.init_from_hf)
+        before = {"hf_source": hf_source_fields(job.model.init_from_hf)}
+    hf_source = before.get("hf_source")
+    earlier = before.get("trained_seq_len")
+    trained_seq_len = max(job.train.seq_len, earlier if isinstance(earlier, int) else 0)
 
     data_path = job.data.path
     cache = job.data.cache_root()
@@ -266,6 +270,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
         "config_hash": checkpoint.config_hash(resolved), "init_from": init_from, "hf_source": hf_source,
+        "trained_seq_len": trained_seq_len,
     }
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata,
                       eval_batches, eval_samples if eval_batches is not None else None)

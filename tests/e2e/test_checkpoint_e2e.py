@@ -162,8 +162,10 @@ def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache)
     assert run_cli(TRAIN, train_overrides(first, corpus_cache)).returncode == 0
     source = first / "checkpoints" / "step_00000006"
     run_dir = tmp_path / "continued"
-    # stop_at=0 saves the weights the run starts from, before any step.
-    job = {"model.init_from_checkpoint": str(source), "train.stop_at": 0, "optim.lr": 0.001, "train.steps": 4}
+    # stop_at=0 saves the weights the run starts from, before any step. A stage at a shorter context: the export's
+    # context stays the longest the weights were trained at.
+    job = {"model.init_from_checkpoint": str(source), "train.stop_at": 0, "optim.lr": 0.001, "train.steps": 4,
+           "train.seq_len": 16}
     result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
     assert result.returncode == 0, result.stderr[-3000:]
     start = run_dir / "checkpoints" / "step_00000000"
@@ -176,7 +178,9 @@ def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache)
     assert resumed.returncode == 0 and "at step 0" in resumed.stdout  # its own checkpoints win from now on
     last = run_dir / "checkpoints" / "step_00000004"
     with open(last / "metadata.json") as f:
-        assert json.load(f)["init_from"] == {"init_from_hf": None, "init_from_checkpoint": os.path.realpath(source)}
+        meta = json.load(f)
+    assert meta["init_from"] == {"init_from_hf": None, "init_from_checkpoint": os.path.realpath(source)}
+    assert meta["trained_seq_len"] == 32
     # A run_dir whose checkpoints started elsewhere (here from scratch) would be resumed without the weights named.
     # Refused by the launchers' check (QWEN2_CHECK_ONLY) and by the job itself.
     for env in ({"QWEN2_CHECK_ONLY": "1"}, {}):

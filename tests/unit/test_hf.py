@@ -298,7 +298,7 @@ def test_the_export_keeps_the_source_context_and_token_ids_inside_the_vocabulary
     assert small["eos_token_id"] is None and small["bos_token_id"] is None  # not tokens of a 1000-token vocabulary
 
 
-def test_an_export_keeps_the_source_context_unless_the_run_set_its_own():
+def test_an_export_keeps_the_source_context_unless_the_run_set_its_own_or_trained_longer():
     from qwen2_dist.cli.convert import _export_source
 
     args = SIZES["qwen2-0.5b"]
@@ -307,6 +307,13 @@ def test_an_export_keeps_the_source_context_unless_the_run_set_its_own():
     longer = ModelArgs(**{**args.to_dict(), "max_position_embeddings": 262144})  # a longer-context stage
     assert _export_source(meta, longer) == {"eos_token_id": 151645}
     assert _export_source({"model": "qwen2-0.5b"}, args) is None
+    # Never shorter than the longest context trained at.
+    assert _export_source({**meta, "trained_seq_len": 65536}, args) == {**meta["hf_source"],
+                                                                         "max_position_embeddings": 65536}
+    assert _export_source({**meta, "trained_seq_len": 4096}, args) == meta["hf_source"]
+    assert _export_source({"model": "qwen2-0.5b", "trained_seq_len": 4096}, args) is None
+    assert _export_source({"model": "qwen2-0.5b", "trained_seq_len": 262144}, args) == {
+        "max_position_embeddings": 262144}
 
 
 def test_pickle_weights_of_another_shape_than_config_json_are_refused(tmp_path):
