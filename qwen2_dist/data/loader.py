@@ -428,6 +428,10 @@ class _RankSampler:
             step_start += b.global_batch_size
 
 
+def _fingerprint(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
 def order_changes(saved: dict | None, now: dict) -> str:
     """What differs between a checkpoint's order summary and this loader's, as 'seed 3 -> 4; source 0 (PATH):
     samples 240 -> 480', or '' when the summaries agree (a checkpoint of an older release has none; or the shards
@@ -445,6 +449,8 @@ def order_changes(saved: dict | None, now: dict) -> str:
     for index, (old, new) in enumerate(zip(before, after)):
         old = old if isinstance(old, dict) else {}
         for key in ("weight", "shards", "samples"):
+            if key == "weight" and "quota" in old and old.get("quota") == new.get("quota"):
+                continue  # another weight, the same share of every block (the weights scaled by one factor)
             if key in new and old.get(key) != new[key]:  # a summary without shard counts (check_saved) skips them
                 changes.append(f"source {index} ({new['path']}): {key} {old.get(key)} -> {new[key]}")
     return "; ".join(changes)
@@ -565,17 +571,23 @@ class TokenBatches:
             self._limit_cache(cache_limit, shard_counts,
                               max(shuffle_block_size, global_batch_size) if shuffle else global_batch_size)
         self.order = SampleOrder(shard_counts, quotas, seed, shuffle, shuffle_block_size)
-        self.fingerprint = hashlib.sha256(json.dumps({
-            "format": FORMAT_VERSION, "shards": shard_counts, "weights": [w for _, w in sources], "seed": seed,
-            "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split,
-        }).encode()).hexdigest()[:16]
+        # The order is a function of the sources' quotas, not of their weights: weights scaled by one factor (0.7
+        # and 0.3 as 70 and 30) give the same order and the same fingerprint.
+        order_key = {"seed": seed, "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split}
+        self.fingerprint = _fingerprint({"format": FORMAT_VERSION, "shards": shard_counts,
+                                         "quotas": quotas.tolist(), **order_key})
+        # The fingerprint of the same order by checkpoints written before 2026-12-05 (raw weights, in this key
+        # order), still resumed.
+        self._weights_fingerprint = _fingerprint({"format": FORMAT_VERSION, "shards": shard_counts,
+                                                  "weights": [w for _, w in sources], **order_key})
         # What the fingerprint covers, in a few numbers, saved beside it: a mismatch on resume can then say what
         # changed. The paths are for the message only: data that moved is the same data.
         self.order_summary = {
             "seed": seed, "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split,
             "seq_len": seq_len,  # not in the fingerprint (the samples are): named when the samples changed with it
-            "sources": [{"path": path, "weight": weight, "shards": len(counts), "samples": sum(counts)}
-                        for (path, weight), counts in zip(sources, shard_counts)],
+            "sources": [{"path": path, "weight": weight, "quota": int(quota), "shards": len(counts),
+                         "samples": sum(counts)}
+                        for (path, weight), quota, counts in zip(sources, quotas, shard_counts)],
         }
         self.position = 0
         self.micro_index = 0
@@ -647,7 +659,7 @@ class TokenBatches:
         if state.get("synthetic"):
             return ("the checkpoint was trained on random tokens (data.synthetic=true), not on this data; set "
                     "data.synthetic=true to continue it, or start a new run_dir")
-        if "samples_seen" in state and state.get("fingerprint") != self.fingerprint:
+        if "samples_seen" in state and state.get("fingerprint") not in (self.fingerprint, self._weights_fingerprint):
             return order_mismatch(state.get("order"), self.order_summary)
         return None
 

@@ -399,6 +399,11 @@ def test_the_launch_check_names_a_data_order_the_job_changes():
     saved = {"samples_seen": 8, "fingerprint": "0123", "order": order}
     summary = {"splits": {"train": {"samples": 100}}}
     assert _resume_data_problem(job, saved, [("/data/a", summary)]) is None  # moved data is the same data
+    # Another weight of the same share of the mixing block (a quota, recorded since 2026-12-05) is the same order.
+    same_share = {**saved, "order": {**order, "sources": [{**order["sources"][0], "weight": 2.0, "quota": 4096}]}}
+    assert _resume_data_problem(job, same_share, [("/data/a", summary)]) is None
+    assert "weight 2.0 -> 1.0" in _resume_data_problem(job, {**same_share, "order": {**same_share["order"], "sources": [
+        {**same_share["order"]["sources"][0], "quota": 4000}]}}, [("/data/a", summary)])
     problem = _resume_data_problem(job, saved, [("/data/a", {"splits": {"train": {"samples": 50}}})])
     assert "changed since: source 0 (/data/a): samples 100 -> 50)" in problem
     assert "model.init_from_checkpoint set to this checkpoint" in problem

@@ -1,6 +1,7 @@
 """The loader: a seeded global sample order that no layout changes, exact mixtures, exact resumption, hygiene."""
 
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -218,15 +219,55 @@ def test_resume_refuses_other_data_or_an_old_position(data):
             mixed.load_state_dict(state)
         assert ("seed" not in str(caught.value)
                 and "changed since: shuffle True -> False; 1 source(s) -> 2)" in str(caught.value)), str(caught.value)
-        more = loader([(data[0], 3.0)], global_batch_size=16)  # the weight alone; the batch is not part of the order
-        try:
-            with pytest.raises(UserError, match=rf"changed since: source 0 \({re.escape(data[0])}\): weight 1.0 -> "
-                                                r"3.0\)"):
-                more.load_state_dict(state)
-        finally:
-            more.close()
     finally:
         mixed.close()
+
+
+def test_a_mixture_resumes_on_weights_of_the_same_shares_only(data):
+    """The order depends on each source's share of a mixing block (its quota), not on how the weights are written:
+    weights scaled by one factor resume (checkpoints of either fingerprint), another share is refused, naming the
+    weight; a single source's weight is no part of its order."""
+    first = loader([(data[0], 0.7), (data[1], 0.3)])
+    head = read_steps(first, 4)
+    state = first.state_dict()
+    tail = read_steps(first, 4)
+    first.close()
+    assert [source["quota"] for source in state["order"]["sources"]] == [2867, 1229] and head != tail
+    # What checkpoints written before the quotas were hashed hold: the raw weights in the fingerprint, no quota.
+    old_key = {"format": 2, "shards": [shard_samples(path) for path in data], "weights": [0.7, 0.3], "seed": 3,
+               "shuffle": True, "shuffle_block_size": 1 << 18, "split": "train"}  # in this order
+    old_state = {**state, "fingerprint": hashlib.sha256(json.dumps(old_key).encode()).hexdigest()[:16],
+                 "order": {**state["order"], "sources": [{k: v for k, v in source.items() if k != "quota"}
+                                                         for source in state["order"]["sources"]]}}
+    for saved, weights in ((state, (70.0, 30.0)), (old_state, (0.7, 0.3))):
+        again = loader(list(zip(data, weights)))
+        try:
+            again.load_state_dict(saved)
+            assert read_steps(again, 4) == tail
+        finally:
+            again.close()
+    other = loader([(data[0], 0.6), (data[1], 0.4)])
+    try:
+        with pytest.raises(UserError, match=rf"changed since: source 0 \({re.escape(data[0])}\): weight 0.7 -> 0.6; "
+                                            rf"source 1 \({re.escape(data[1])}\): weight 0.3 -> 0.4\)"):
+            other.load_state_dict(state)
+    finally:
+        other.close()
+    one = loader([data[0]])
+    state = one.state_dict()
+    one.close()
+    single = loader([(data[0], 3.0)], global_batch_size=16)  # the batch is not part of the order either
+    try:
+        single.load_state_dict({**state, "samples_seen": 8})
+        assert single.position == 8
+    finally:
+        single.close()
+
+
+def shard_samples(path: str) -> list[int]:
+    """Samples per shard of a dataset's train split, from its MDS index."""
+    with open(os.path.join(path, "train", "index.json")) as f:
+        return [shard["samples"] for shard in json.load(f)["shards"]]
 
 
 def test_validation_split_and_document_positions(data):
