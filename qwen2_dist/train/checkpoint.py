@@ -143,14 +143,27 @@ def read_metadata(path: str) -> dict:
     return meta
 
 
+# The checkpoints whose checksums this process has checked (verify, every rank its share), by real path, with the
+# stat signature of their files then: a second verify of files not changed since (a rollback's target, checked
+# before anything moves and again when loaded) reads nothing again.
+_checked: dict[str, tuple] = {}
+
+
+def _signature(path: str, names) -> tuple:
+    """What tells whether a checkpoint's files changed: each one's size, times and inode, and the metadata's."""
+    stats = [(name, os.stat(os.path.join(path, name))) for name in sorted({*names, METADATA})]
+    return tuple((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for name, st in stats)
+
+
 def verify(path: str, checksums: bool = True) -> dict:
     """Check that every file the commit recorded is present with its size and (checksums, when the commit recorded
     them) its CRC32; return the metadata. Collective when distributed: each rank reads its share of the files, and
     every rank raises the same UserError when any rank found a problem (also one only that rank sees, such as an
-    unreadable file), so no rank is left waiting in a collective."""
+    unreadable file), so no rank is left waiting in a collective. A rank reads its share once per process while the
+    files stay as they were (_checked)."""
     started = time.monotonic()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    meta, problem, checked = None, None, 0
+    meta, problem, checked, signature = None, None, 0, None
     try:
         meta = read_metadata(path)
         for name, size in meta.get("files", {}).items():
@@ -169,7 +182,10 @@ def verify(path: str, checksums: bool = True) -> dict:
         if unrecorded:
             raise UserError(f"{os.path.join(path, unrecorded[0])}: no checksum recorded for it, unlike the "
                             "checkpoint's other files; the metadata was changed, the checkpoint is damaged")
-        for name in _share(meta.get("files", {}), recorded, rank, world):
+        if recorded:
+            signature = _signature(path, meta.get("files", {}))
+        already = signature is not None and _checked.get(os.path.realpath(path)) == signature
+        for name in [] if already else _share(meta.get("files", {}), recorded, rank, world):
             found = file_checksum(os.path.join(path, name))
             checked += 1
             if found != recorded[name]:
@@ -186,6 +202,8 @@ def verify(path: str, checksums: bool = True) -> dict:
     problems = [p for p in problems if p]
     if problems:
         raise UserError(problems[0])
+    if signature is not None:
+        _checked[os.path.realpath(path)] = signature
     if checked:
         log.info("checkpoint: %d file checksums of %s checked on this rank in %.1f s", checked, path,
                  time.monotonic() - started)

@@ -478,3 +478,26 @@ def test_the_launch_check_refuses_another_data_order_unless_the_train_state_is_d
     _flip_byte(state_file, open(state_file, "rb").read().index(b'"0123"') + 1)  # still JSON, seed still 0
     assert checkpoint.peek_train_state(path)["loader"]["order"]["seed"] == 0
     check_saved(job)  # damaged: the job reports it and falls back past it, the launch check does not call it a change
+
+
+def test_a_rollback_target_is_read_once_for_its_checksums(tmp_path, monkeypatch):
+    """verify() checked before a rollback moves anything, and again when the checkpoint is loaded: the second reads
+    nothing while the files are as they were, and reads again (finding the damage) once one changed."""
+    root = str(tmp_path / "checkpoints")
+    _run_with_checkpoints(root)
+    step_8 = os.path.join(root, "step_00000008")
+    read = []
+    real = checkpoint.file_checksum
+    monkeypatch.setattr(checkpoint, "file_checksum", lambda path: read.append(path) or real(path))
+    checkpoint.check_rollback_target(root, step_8)
+    files = len(checkpoint.read_metadata(step_8)["files"])
+    assert len(read) == files
+    checkpoint.roll_back(root, step_8)
+    model, optimizer = _model_and_optimizer(1)
+    checkpoint.load(step_8, model, optimizer)
+    assert len(read) == files
+    shard = next(f for f in sorted(os.listdir(step_8)) if f.endswith(".distcp"))
+    _flip_byte(os.path.join(step_8, shard), os.path.getsize(os.path.join(step_8, shard)) // 2)
+    with pytest.raises(UserError, match="checksum"):
+        checkpoint.verify(step_8)
+    assert len(read) > files
