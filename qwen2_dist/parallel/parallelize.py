@@ -215,6 +215,9 @@ def apply_fsdp(
 ) -> None:
     """FSDP2 per decoder block and at the root (embedding, final norm, head: one group keeps a tie in one piece)."""
     dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    # The blocks' inputs as they come: the residual stream is in param_dtype already (the root's embedding), and
+    # the rotary tables stay fp32, as in one process under autocast (FSDP's default would round them to bf16).
+    block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     options = {"mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
     if cfg.cpu_offload:
         if device_type != "cuda":
@@ -224,7 +227,7 @@ def apply_fsdp(
     for index, layer in enumerate(model.layers):
         # default: the last block is needed again as soon as backward starts, so its weights stay gathered.
         reshard = {"always": True, "never": False, "default": index < last}[cfg.reshard_after_forward]
-        fully_shard(layer, reshard_after_forward=reshard, **options)
+        fully_shard(layer, reshard_after_forward=reshard, **{**options, "mp_policy": block_policy})
     # None lets FSDP keep the root's weights gathered between forward and backward (they are used first in both).
     root_reshard = {"always": True, "never": False, "default": None}[cfg.reshard_after_forward]
     fully_shard(model, reshard_after_forward=root_reshard, **options)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -91,3 +92,29 @@ def test_one_process_compiles_the_final_norm_and_it_computes_the_eager_norm():
         print(f"{name}: relative error eager bf16 {error_plain:.2e}, compiled bf16 {error_compiled:.2e}")
         # Compiled, the fp32 steps are not rounded to bf16 in between: no further from fp32 than the eager norm.
         assert error_compiled <= 1.5 * error_plain + 1e-4, name
+
+
+def test_fsdp_in_bf16_computes_what_one_process_computes_under_autocast(tmp_path):
+    """A real 1-rank FSDP2 group with bf16 weights gives the logits of the plain model under bf16 autocast (what one
+    process runs), bit for bit: the blocks get the residual stream in bf16 either way and the rotary tables in fp32
+    (FSDP casts no block input), so one GPU and many compute alike."""
+    from qwen2_dist.parallel.parallelize import apply_fsdp
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        args = get_model_args("tiny")
+        tokens = torch.randint(0, args.vocab_size, (2, 256), generator=torch.Generator().manual_seed(0))
+        plain = build_model(args, "cpu")
+        plain.init_weights(0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = plain(tokens).float()
+        sharded = build_model(args, "cpu")
+        sharded.init_weights(0)
+        # build_mesh gives one process no mesh (it runs without FSDP): the mesh of a 1 x 1 x 1 layout by hand.
+        mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+        apply_fsdp(sharded, mesh, ParallelConfig(), torch.bfloat16, "cpu")
+        with torch.no_grad():
+            assert torch.equal(sharded(tokens).float(), expected)
+    finally:
+        dist.destroy_process_group()
+        _clear_sharding_prop_cache()
