@@ -386,6 +386,14 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fmt:
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _holds_state(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether an optimizer (or any of an InBackwardOptimizer's) has state: it has made an update."""
+    if optimizer is None:
+        return False
+    optimizers = _optimizers(optimizer)
+    return any(o.state for o in (optimizers if isinstance(optimizers, (list, tuple)) else [optimizers]))
+
+
 def _options(fmt: int) -> StateDictOptions:
     """How the optimizer's state is laid out in a checkpoint of format fmt (see FORMAT_VERSION)."""
     return StateDictOptions(flatten_optimizer_state_dict=fmt >= 2)
@@ -451,7 +459,10 @@ class Checkpointer:
         self.wait()
         started = time.monotonic()
         tmp = broadcast_str(f"{os.path.abspath(final)}.tmp-{uuid.uuid4().hex[:8]}")
-        state = _state(model, optimizer, FORMAT_VERSION)
+        # An optimizer that has not updated anything yet (every step so far skipped, on a path that skips on the
+        # host) has no state to save, and asking DCP for it would make some: a step at lr 0 that counts as step 1,
+        # which the first real update's bias correction would then take for its second.
+        state = _state(model, optimizer if _holds_state(optimizer) else None, FORMAT_VERSION)
         future = None
         sums: dict[str, str] = {}
         writer = _Writer(tmp, self.checksums, fail_after_write=_injected_fault(metadata.get("step")) == "write")

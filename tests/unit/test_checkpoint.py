@@ -501,3 +501,24 @@ def test_a_rollback_target_is_read_once_for_its_checksums(tmp_path, monkeypatch)
     with pytest.raises(UserError, match="checksum"):
         checkpoint.verify(step_8)
     assert len(read) > files
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_optimizer_that_has_not_updated_yet_saves_no_state_and_gains_no_step(tmp_path, fused):
+    """A save before the first update (train.stop_at=0, or every step so far skipped on the host): DCP would make the
+    optimizer's state by a step at lr 0, counted as step 1; the checkpoint holds the model only, the live optimizer
+    stays empty, and once it has updated its state is saved with the steps it took."""
+    model = build_model(get_model_args("tiny"), "cpu")
+    model.init_weights(0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused, foreach=None if fused else True)
+    saver = checkpoint.Checkpointer(str(tmp_path), keep_last=2)
+    path = saver.save(0, model, optimizer, {"step": 0}, {})
+    assert checkpoint.read_metadata(path)["contents"] == ["model"] and not optimizer.state
+    model(torch.arange(8).view(1, 8)).float().logsumexp(-1).mean().backward()
+    optimizer.step()
+    path = saver.save(1, model, optimizer, {"step": 1}, {})
+    assert checkpoint.read_metadata(path)["contents"] == ["model", "optim"]
+    fresh = build_model(get_model_args("tiny"), "cpu")
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    checkpoint.load(path, fresh, fresh_optimizer)
+    assert {float(state["step"]) for state in fresh_optimizer.state.values()} == {1.0}
