@@ -2,9 +2,13 @@
 
 Two jobs in one run_dir (a second torchrun of the same job, or two jobs given one run_dir=...) would clean each
 other's checkpoints in progress (clean_partial), resume from each other's steps and overwrite config.yaml. The lock is
-flock(2): the kernel drops it when the holding process ends, however it ends (a kill -9, a node lost), so no stale
-lock is ever left to clear by hand. The file holds the holder's host, pid and Slurm job id, for the message. Where
-the filesystem refuses flock (some NFS mounts, Lustre without -o flock), the job runs with a warning, unlocked.
+flock(2): the kernel drops it when the holding process ends, however it ends (a kill -9), so no stale lock is left
+to clear by hand. A network filesystem keeps the lock of a client it lost (a node that died) until that client's
+lease runs out or the server evicts it, minutes later: a job whose own earlier attempt holds the lock (the same
+Slurm job id, another SLURM_RESTART_COUNT: a requeue after a node failure) waits for it up to QWEN2_LOCK_WAIT
+seconds (default 300) instead of being refused at once. The file holds the holder's host, pid, Slurm job id and
+restart count, for the message. Where the filesystem refuses flock (some NFS mounts, Lustre without -o flock), the
+job runs with a warning, unlocked.
 """
 
 import errno
@@ -24,11 +28,19 @@ log = logging.getLogger(__name__)
 LOCK_NAME = "run.lock"
 
 
-def _holder(handle: IO[str]) -> str:
+def _record(handle: IO[str]) -> dict:
+    """The holder's record in the lock file ({} when there is none)."""
     handle.seek(0)
     try:
         who = json.loads(handle.read() or "{}")
     except ValueError:
+        return {}
+    return who if isinstance(who, dict) else {}
+
+
+def _holder(handle: IO[str]) -> str:
+    who = _record(handle)
+    if not who:
         return "holder unknown"
     parts = [f"host {who.get('host', '?')}", f"pid {who.get('pid', '?')}"]
     if who.get("slurm_job_id"):
@@ -41,7 +53,39 @@ def _holder(handle: IO[str]) -> str:
 def _held(run_dir: str, holder: str, path: str) -> UserError:
     return UserError(f"run_dir={run_dir}: another job is running in it ({holder}; lock {path}). Wait for it to end, "
                      "or give this job a run_dir of its own (run_dir=..., or under Slurm another job name: sbatch "
-                     "-J NAME)")
+                     f"-J NAME). If that job is gone (a network filesystem keeps a lost node's lock for minutes), "
+                     f"delete {path} once you are sure none of its processes runs")
+
+
+def _earlier_attempt(who: dict) -> bool:
+    """Whether a lock record is an earlier attempt's of this Slurm job: the same job id, another restart count (a
+    requeue; two launches in one allocation share both, and the second is another job in the run_dir)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return bool(job) and str(who.get("slurm_job_id")) == job and "slurm_restart_count" in who and \
+        str(who["slurm_restart_count"]) != os.environ.get("SLURM_RESTART_COUNT", "0")
+
+
+def _lock(handle: IO[str], operation: int) -> None:
+    """flock (_flock_retrying); held by an earlier attempt of this Slurm job, tried again every second for up to
+    QWEN2_LOCK_WAIT seconds: that attempt has ended, but a network filesystem may keep its lock a while."""
+    try:
+        _flock_retrying(handle, operation)
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or not _earlier_attempt(_record(handle)):
+            raise
+    wait = float(os.environ.get("QWEN2_LOCK_WAIT", "300"))
+    log.warning("run_dir lock %s: held by an earlier attempt of this Slurm job (%s), which has ended; waiting up to "
+                "%.0f s for the filesystem to release it (QWEN2_LOCK_WAIT)", handle.name, _holder(handle), wait)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            _flock_retrying(handle, operation)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or time.monotonic() >= deadline:
+                raise
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
 def acquire(run_dir: str) -> IO[str] | None:
@@ -51,7 +95,7 @@ def acquire(run_dir: str) -> IO[str] | None:
     path = os.path.join(run_dir, LOCK_NAME)
     handle = open(path, "a+", encoding="utf-8")
     try:
-        _flock_retrying(handle, fcntl.LOCK_EX)
+        _lock(handle, fcntl.LOCK_EX)
     except OSError as exc:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             holder = _holder(handle)
@@ -65,6 +109,7 @@ def acquire(run_dir: str) -> IO[str] | None:
     handle.truncate()
     handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                              "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                             "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     handle.flush()
     return handle
@@ -109,7 +154,7 @@ def check_free(run_dir: str) -> None:
         return  # no job has run in it (a job creates the file before it takes the lock)
     with handle:
         try:
-            _flock_retrying(handle, fcntl.LOCK_SH)
+            _lock(handle, fcntl.LOCK_SH)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise _held(run_dir, _holder(handle), path) from None

@@ -61,3 +61,37 @@ def test_a_filesystem_without_flock_runs_unlocked_with_a_warning(tmp_path, monke
     with caplog.at_level(logging.WARNING, logger=runlock.__name__):
         assert runlock.acquire(str(tmp_path)) is None
     assert "refuses a lock" in caplog.text and str(tmp_path) in caplog.text
+
+
+def test_a_lock_left_by_an_earlier_attempt_of_the_same_slurm_job_is_waited_for(tmp_path, monkeypatch, caplog):
+    """A network filesystem keeps a lost node's lock for minutes: the requeued job (same Slurm job id) waits for it
+    (QWEN2_LOCK_WAIT), the launchers' check too; another job's lock is refused at once, naming the file to delete
+    if that job is gone."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("QWEN2_LOCK_WAIT", "20")
+    stale = runlock.acquire(str(tmp_path))
+    # Two launches in one allocation (salloc): the same job id and restart count, another job in the run_dir.
+    with pytest.raises(UserError, match="another job is running in it"):
+        runlock.acquire(str(tmp_path))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued job
+    threading.Timer(1.0, stale.close).start()  # the filesystem lets the dead attempt's lock go
+    with caplog.at_level(logging.WARNING):
+        runlock.check_free(str(tmp_path))
+    assert "held by an earlier attempt of this Slurm job" in caplog.text
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    stale = runlock.acquire(str(tmp_path))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    threading.Timer(1.0, stale.close).start()
+    runlock.acquire(str(tmp_path)).close()
+
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    other = runlock.acquire(str(tmp_path))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "78")
+    with pytest.raises(UserError, match=rf"Slurm job 77.*delete {tmp_path}/run.lock once you are sure none of its "):
+        runlock.acquire(str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("QWEN2_LOCK_WAIT", "0.3")  # still held when the wait runs out
+    with pytest.raises(UserError, match="another job is running in it"):
+        runlock.acquire(str(tmp_path))
+    other.close()
