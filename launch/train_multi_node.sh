@@ -11,6 +11,7 @@
 #   MASTER_ADDR     address of node 0, reachable from every node; MASTER_PORT its port (default 29500)
 #   RDZV_ENDPOINT   host:port of the rendezvous, instead of MASTER_ADDR/MASTER_PORT
 #   RDZV_ID         the same on every node of one job, different between jobs sharing an endpoint (default qwen2)
+#   RDZV_READ_TIMEOUT  seconds a node waits for node 0's rendezvous store to answer (default 300)
 # and the ones of launch/common.sh (TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, SHUTDOWN_TIMEOUT).
 # A worker that crashes on any node restarts the workers of all nodes from the newest committed checkpoint.
 set -euo pipefail
@@ -25,14 +26,17 @@ if [ -z "$endpoint" ]; then
     fi
     endpoint=$MASTER_ADDR:${MASTER_PORT:-29500}
 fi
-rdzv_args=(--rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${RDZV_ID:-qwen2}")
+# How long a node waits for node 0's rendezvous store: torchrun's 60 s fails the nodes whose launch check (a python
+# start, remote summaries to fetch) ended more than a minute before node 0's.
+rdzv_conf=read_timeout=${RDZV_READ_TIMEOUT:-300}
 node_rank=${NODE_RANK:-${SLURM_NODEID:-}}
 if [ -n "$node_rank" ]; then
     # Say who hosts the store rather than let torchrun guess from host names (which fails behind NAT and, on one
     # machine, makes every node think it is the host).
     if [ "$node_rank" = 0 ]; then is_host=true; else is_host=false; fi
-    rdzv_args+=(--rdzv-conf="is_host=$is_host")
+    rdzv_conf+=",is_host=$is_host"
 fi
+rdzv_args=(--rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${RDZV_ID:-qwen2}" --rdzv-conf="$rdzv_conf")
 
 if [[ ${NNODES:-1} =~ ^[0-9]+$ ]]; then
     check_job $((NPROC * ${NNODES:-1})) "$@"

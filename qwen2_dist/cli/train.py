@@ -435,17 +435,19 @@ def check_machine(job: JobConfig) -> str:
 
 
 def _entry(cfg: DictConfig) -> None:
+    from qwen2_dist.train import no_restart
+
     code = 0
     try:
         result = run(cfg)
         if result.stopped_by_signal:
             code = int(os.environ.get("QWEN2_PREEMPT_EXIT_CODE", "0"))
-    except UserError as exc:
+    except (UserError, TrainingHalted) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = 2
-    except TrainingHalted as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 3
+        code = 3 if isinstance(exc, TrainingHalted) else 2
+        run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
+        if isinstance(run_dir, str):
+            no_restart.record(run_dir, code, str(exc))  # under torchrun: a restart must not train on
     finally:
         multi_process = dist.is_initialized()
         if multi_process:
@@ -473,6 +475,13 @@ def main() -> None:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if job is not None:
+        from qwen2_dist.train import no_restart
+
+        stop = no_restart.previous_stop(job.run_dir)
+        if stop is not None:
+            print(f"error: {stop[1]}", file=sys.stderr)
+            sys.exit(stop[0])
     hydra.main(version_base="1.3", config_path=path, config_name="config")(_entry)()
 
 

@@ -195,12 +195,14 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", cluster, "stop", str(state)], env=env, timeout=120)
 
 
-def sbatch(env: dict, job_name: str, runs_root, corpus_cache: str) -> str:
-    """Submit slurm/train.sbatch on 2 nodes x 2 processes; the job id."""
+def sbatch(env: dict, job_name: str, runs_root, corpus_cache: str, *overrides: str, nodes: int = 2,
+           nproc: int = 2, **job_env: str) -> str:
+    """Submit slurm/train.sbatch on 2 nodes x 2 processes (or as told), the job plus overrides; the job id."""
     result = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=2", f"--job-name={job_name}", f"--output={runs_root}/slurm-%x-%j.out",
-         "slurm/train.sbatch", *job_overrides(corpus_cache)],
-        cwd=REPO, env={**env, "NPROC": "2", "RUNS_ROOT": str(runs_root), "RDZV_PORT": str(free_ports(1)[0])},
+        ["sbatch", "--parsable", f"--nodes={nodes}", f"--job-name={job_name}", f"--output={runs_root}/slurm-%x-%j.out",
+         "slurm/train.sbatch", *job_overrides(corpus_cache), *overrides],
+        cwd=REPO, env={**env, "NPROC": str(nproc), "RUNS_ROOT": str(runs_root), "RDZV_PORT": str(free_ports(1)[0]),
+                       **job_env},
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stderr
@@ -267,6 +269,20 @@ def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path
     assert sorted(os.listdir(run_dir / "logs" / "slurm")) == [
         f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log", f"{job_id}-a1-node0.log", f"{job_id}-a1-node1.log"]
     assert_same_run(run_dir, reference)
+
+
+def test_a_halted_sbatch_job_is_not_restarted_and_ends_with_the_halts_exit_code(slurm, tmp_path, corpus_cache):
+    """train.nonfinite=halt under sbatch: torchrun's restart stops at once on the halt's record instead of training
+    on, and the job ends FAILED with exit code 3 (the halt's), not torchrun's 1."""
+    job_id = sbatch(slurm, "halted", tmp_path, corpus_cache, "train.nonfinite=halt", nodes=1, nproc=1,
+                    QWEN2_INJECT_NAN_STEP="3", MAX_RESTARTS="1")
+    fields = wait_until_done(slurm, job_id, 300)
+    out = (tmp_path / f"slurm-halted-{job_id}.out").read_text()
+    assert (fields["JobState"], fields["ExitCode"]) == ("FAILED", "3:0"), out
+    assert "the trainers stopped on purpose with exit 3, not restarted" in out
+    node_log = (tmp_path / "halted" / "logs" / "slurm" / f"{job_id}-a0-node0.log").read_text()
+    assert "error: not training on: torchrun restarted the workers (restart 1)" in node_log
+    assert "resumed from" not in node_log and [r["step"] for r in metrics(tmp_path / "halted")] == [1, 2, 3]
 
 
 def test_launcher_refuses_an_impossible_job_before_torchrun(tmp_path):

@@ -1,0 +1,84 @@
+"""A stop that needs the user (a config or data error, exit 2; a training halt, exit 3) is not trained past by a
+torchrun restart.
+
+torchrun restarts the workers after any failure, up to --max-restarts times, and cannot tell a crash (worth a
+restart from the newest checkpoint) from a refusal: restarted, a halted run would resume from the checkpoint saved
+at the halt and train on, its retention deleting the checkpoints the halt said to roll back to. So a worker that
+stops on purpose under torchrun records why in RUN_DIR/no_restart.json, and a restarted worker of the same torchrun
+that finds the record stops at once with the same exit code and message, before it builds anything. The first start
+of a torchrun (restart 0) removes an earlier record. torchrun itself then exits 1 once its restarts are spent;
+slurm/train.sbatch turns the record into its own exit code.
+"""
+
+import json
+import logging
+import os
+import time
+import uuid
+
+log = logging.getLogger(__name__)
+
+NAME = "no_restart.json"
+
+
+def _attempt() -> tuple[str, int] | None:
+    """(torchrun's run id, its restart count) in a worker started by torchrun; None otherwise."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    try:
+        return run_id, int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    except ValueError:
+        return run_id, 0
+
+
+def record(run_dir: str, code: int, error: str) -> None:
+    """Under torchrun: say in run_dir that this attempt stopped on purpose with `code` (never raises: the stop's own
+    error is what the user must see)."""
+    attempt = _attempt()
+    if attempt is None:
+        return
+    path = os.path.join(run_dir, NAME)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            # "code" first: slurm/train.sbatch reads it with grep.
+            json.dump({"code": code, "error": error, "torchrun_run_id": attempt[0], "restart": attempt[1],
+                       "rank": int(os.environ.get("RANK", 0)), "time": time.time()}, f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not write %s (%s): torchrun may restart this stopped run", path, exc)
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+
+
+def previous_stop(run_dir: str) -> tuple[int, str] | None:
+    """In a worker that torchrun restarted: (exit code, message) when an earlier attempt of the same torchrun
+    stopped on purpose; None otherwise. In the first attempt, global rank 0 removes an earlier torchrun's record."""
+    attempt = _attempt()
+    if attempt is None:
+        return None
+    path = os.path.join(run_dir, NAME)
+    run_id, restart = attempt
+    if restart == 0:
+        if int(os.environ.get("RANK", 0)) == 0:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            stop = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stop, dict) or stop.get("torchrun_run_id") != run_id or not isinstance(stop.get("code"), int):
+        return None
+    return stop["code"], (
+        f"not training on: torchrun restarted the workers (restart {restart}) after attempt {stop.get('restart')} "
+        f"stopped on purpose with exit {stop['code']}: {stop.get('error')}. A restart cannot fix that; fix it and "
+        f"start the job again ({path} records the stop)"
+    )
