@@ -147,8 +147,8 @@ class DataConfig:
     """Several datasets mixed by weight, instead of data.path: '[{path: /d/web, weight: 0.7}, {path: s3://b/code,
     weight: 0.3}]'. Each is read in epochs of its own; the mixture is exact in every block of 4096 samples."""
     cache_dir: Optional[str] = None
-    """Node-local cache for remote sources (one directory per run) and where the embedded corpus is built;
-    default ~/.cache/qwen2_dist."""
+    """Cache for remote sources (one directory per run and node: best on a node-local disk) and where the embedded
+    corpus is built; default ~/.cache/qwen2_dist."""
     cache_limit: Optional[str] = None
     """Bytes of training shards a node keeps in its cache of remote sources, e.g. 500gb or 2tib (null = no limit: a
     remote dataset is cached whole). Before each download the least recently read shards are deleted to stay under

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import socket
 import tempfile
 import uuid
 import weakref
@@ -226,11 +227,15 @@ def _human_bytes(n: int) -> str:
 
 
 def _cache_path(cache_dir: str, run_key: str, url: str) -> str:
-    """A local cache directory for one remote source of one run (a run never shares it with another run): the URL
-    made safe for a file name, then a hash of the whole URL, since s3://b/web/v1 and s3://b/web_v1 read the same."""
+    """A local cache directory for one remote source of one run on this node (a run never shares it with another
+    run, nor a node with another node: streaming decompresses shards under one temporary name and evicts by its own
+    node's reads, so two nodes in one directory, as under a default cache_dir in a shared home, would spoil each
+    other's files): the host name, then the URL made safe for a file name and a hash of the whole URL, since
+    s3://b/web/v1 and s3://b/web_v1 read the same."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", url.replace("://", "/")).strip("_")
     digest = hashlib.sha256(url.encode()).hexdigest()[:8]
-    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "remote", run_key, f"{safe}-{digest}")
+    host = re.sub(r"[^A-Za-z0-9._-]+", "_", socket.gethostname()) or "host"
+    return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "remote", run_key, host, f"{safe}-{digest}")
 
 
 # The remote caches whose summary this process has compared with the remote one: once per process is enough.

@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -120,6 +121,8 @@ def test_remote_sources_whose_urls_differ_in_punctuation_get_their_own_caches(tm
     paths = [_cache_path(str(tmp_path), "run", url) for url in ("s3://b/web/v1", "s3://b/web_v1", "s3://b/web/v1")]
     assert paths[0] != paths[1] and paths[0] == paths[2]
     assert all(os.path.basename(p).startswith("s3_b_web_v1-") for p in paths)  # still readable
+    # One directory per node, also in a cache_dir every node sees (a shared home): streaming's files are per node.
+    assert os.path.basename(os.path.dirname(paths[0])) == socket.gethostname().replace("/", "_")
 
 
 def _with_vocab(path: str, **fields) -> str:
