@@ -186,8 +186,9 @@ class EvalConfig:
     when the data has no val split."""
     samples: int = 16
     """Held-out samples per evaluation over all ranks: the first of the split's order, the same every time and on
-    every layout, so evaluations compare; all of the split (with a warning) where it holds fewer. The last
-    micro-batches are filled up with rows that count for nothing."""
+    every layout, so evaluations compare; at most as many as the split holds (with a warning). Several sources are
+    mixed by weight as in training (a small source's held-out samples repeat). The last micro-batches are filled up
+    with rows that count for nothing."""
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """qwen2-prepare: tokenize text, JSONL or Parquet files into MDS shards of fixed-length samples."""
 
 import os
+import signal
 import sys
 from dataclasses import dataclass, fields
 from typing import Optional
@@ -65,12 +66,25 @@ def parse_args(argv: list[str]) -> PrepareConfig:
     return OmegaConf.to_object(cfg)
 
 
+_MAIN_PID = os.getpid()
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked tokenizing worker (the pool stops them with SIGTERM): die of it
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run qwen2-prepare on argv (default sys.argv[1:]); returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
+    # SIGTERM (kill, a Slurm time limit) ends the run as an exception does: the partial output is removed.
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         cfg = parse_args(argv)
         summary = prepare(
@@ -88,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     skipped = ", ".join(f"{reason}={n}" for reason, n in summary["skipped"].items() if n) or "none"
     splits = ", ".join(f"{name} {s['samples']}" for name, s in summary["splits"].items())
     print(

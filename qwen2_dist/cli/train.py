@@ -251,7 +251,8 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     if job.eval.interval and not job.data.synthetic:
         missing = [p for p, _ in sources if not split_available(p, VAL, cache, loader_args["run_key"])]
         if missing:
-            log.warning("eval: no held-out split in %s (prepare with val_fraction > 0); evaluation is off",
+            log.warning("eval: no held-out split in %s (prepare with a val_fraction > 0 that holds out at least one "
+                        "sample); evaluation is off",
                         ", ".join(missing))
         else:
             # Read in the training process: a few micro-batches now and then do not pay for worker start-up.

@@ -64,7 +64,7 @@ def _unlink_prefix(prefix_int: int, lock_dirs: set[str]) -> list[str]:
         try:
             os.remove(path)
             removed.append(path)
-        except FileNotFoundError:
+        except OSError:  # gone already, or another user's (sticky /dev/shm and /tmp): not ours to remove
             pass
     return removed
 
@@ -127,14 +127,14 @@ def clean_stale(lock_dir: str | None = None) -> list[str]:
             try:
                 os.remove(path)
                 removed.append(path)
-            except FileNotFoundError:
+            except OSError:
                 pass
     if lock_dir is not None and os.path.isdir(SHM_DIR):
         for path in _orphan_lock_files(lock_dir):
             try:
                 os.remove(path)
                 removed.append(path)
-            except FileNotFoundError:
+            except OSError:
                 pass
     if removed:
         log.warning("data: removed %d shared-memory segments, lock files and records left by killed runs",

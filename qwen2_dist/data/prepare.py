@@ -53,7 +53,7 @@ TRAIN, VAL = "train", "val"
 COLUMNS = {"tokens": "ndarray:int32", "doc_starts": "ndarray:int32"}
 SKIP_REASONS = ("malformed_json", "missing_field", "not_utf8", "empty_document", "corrupt_file")
 NUM_SKIPPED_EXAMPLES = 10
-JSONL_SUFFIXES = (".jsonl", ".json")
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonlines")
 COMPRESSED_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
 # A zstd file may open with a skippable frame (pzstd writes one): magic 0x184D2A50-0x184D2A5F, little-endian.
@@ -119,6 +119,9 @@ def _check_readable(path: str) -> None:
     elif not (head.startswith(MAGIC[compression]) or MAGIC[compression].startswith(head)
               or (compression == "zstd" and head.startswith(ZSTD_SKIPPABLE_MAGICS))):
         raise UserError(f"input file {path} is not {compression}-compressed; rename it or recompress it")
+    if kind == "jsonl" and _opens_an_array(path, compression):
+        raise UserError(f"input file {path} holds a JSON array, but qwen2-prepare reads JSON lines (one object per "
+                        f"line); convert it, e.g. jq -c '.[]' {path} > {os.path.splitext(path)[0]}.jsonl")
     if kind == "parquet":
         if compression is not None:
             raise UserError(f"input file {path}: Parquet compresses internally; pass the .parquet file itself")
@@ -127,6 +130,16 @@ def _check_readable(path: str) -> None:
             pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError...; all mean "not a Parquet file".
             raise UserError(f"input file {path} is not a readable Parquet file ({e})") from None
+
+
+def _opens_an_array(path: str, compression: str | None) -> bool:
+    """Whether a JSON file's first character (after whitespace and a BOM) is "[": an array, not JSON lines."""
+    try:
+        with open(path, "rb") as raw:
+            head = _decompressed(raw, compression).read(4096)
+    except (OSError, *_CORRUPT_ERRORS):
+        return False  # its reading counts it corrupt
+    return head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n").startswith("[")
 
 
 def _expand_inputs(inputs: list[str]) -> list[str]:
@@ -245,6 +258,10 @@ class _Reader:
                 yield ("text", index), os.path.getsize(path)
             elif kind == "jsonl" and compression is None:
                 yield from self._ranges(index, path)
+            elif compression is not None and os.path.getsize(path) == 0:
+                # Not even a header (an empty gzip file is 20 bytes): a failed download, not an empty dataset.
+                self._skip(index, 1, "corrupt_file")
+                log.warning("input %s: an empty file, not %s data (corrupt_file)", path, compression)
             else:
                 with open(path, "rb") as raw:
                     self._raw = raw
@@ -282,9 +299,11 @@ class _Reader:
                 if size >= self.batch_bytes:
                     yield ("lines", index, first, b"".join(lines)), size
                     lines, first, size = [], line_number + 1, 0
-        except _CORRUPT_ERRORS:
+        except _CORRUPT_ERRORS as e:
             # A truncated or damaged compressed file: keep what was read, count the rest as one skip.
             self._skip(index, line_number + 1, "corrupt_file")
+            log.warning("input %s: cannot be read past line %d (%s: %s); the rest of the file is skipped "
+                        "(corrupt_file)", self.files[index], line_number, type(e).__name__, e)
         if lines:
             yield ("lines", index, first, b"".join(lines)), size
 
@@ -307,26 +326,46 @@ class _Reader:
                 self._skip(index, 1, "missing_field", num_rows)
             return
         row = 0
-        for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[column]):
-            values = batch.column(0)
-            if pa.types.is_dictionary(values.type):
-                values = values.dictionary_decode()
-            # As bytes, decoded here: pyarrow does not check a string column's UTF-8 when it reads one, so a file
-            # from another writer can hold bytes that would fail in to_pylist() as strings.
-            for value in values.cast(pa.large_binary()).to_pylist():
-                row += 1
-                if value is None:
-                    self._skip(index, row, "missing_field")
-                    continue
+        for group in range(parquet.num_row_groups):
+            # One row group at a time: a damaged one loses its own rows, and reading goes on with the next.
+            group_end = row + parquet.metadata.row_group(group).num_rows
+            batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[column])
+            while True:
                 try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    self._skip(index, row, "not_utf8")
-                    continue
-                if not value.strip():
-                    self._skip(index, row, "empty_document")
-                else:
-                    yield value
+                    batch = next(batches, None)
+                except (pa.ArrowException, OSError) as e:  # a damaged page: the rest of the row group is lost
+                    self._skip(index, row + 1, "corrupt_file", group_end - row)
+                    log.warning("input %s: rows %d-%d (row group %d) cannot be read (%s) and are skipped "
+                                "(corrupt_file)", path, row + 1, group_end, group, e)
+                    row = group_end
+                    break
+                if batch is None:
+                    break
+                row = yield from self._parquet_values(index, row, batch.column(0))
+
+    def _parquet_values(self, index: int, row: int, values) -> Iterator[str]:
+        """The documents of a Parquet column batch whose first value is row `row + 1`; returns the last row."""
+        import pyarrow as pa
+
+        if pa.types.is_dictionary(values.type):
+            values = values.dictionary_decode()
+        # As bytes, decoded here: pyarrow does not check a string column's UTF-8 when it reads one, so a file
+        # from another writer can hold bytes that would fail in to_pylist() as strings.
+        for value in values.cast(pa.large_binary()).to_pylist():
+            row += 1
+            if value is None:
+                self._skip(index, row, "missing_field")
+                continue
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                self._skip(index, row, "not_utf8")
+                continue
+            if not value.strip():
+                self._skip(index, row, "empty_document")
+            else:
+                yield value
+        return row
 
 
 def _encodable(text: str) -> bool:
@@ -360,7 +399,9 @@ def _decompressed(raw: BinaryIO, compression: str | None) -> BinaryIO:
         import zstandard
     except ImportError:
         raise UserError(".zst inputs need the zstandard package; pip install zstandard") from None
-    return io.BufferedReader(_ZstdFrames(raw, zstandard.ZstdDecompressor()), buffer_size=1 << 20)
+    # Windows up to 2 GiB, as `zstd --long=31` writes them (zstandard refuses over 128 MiB by default).
+    return io.BufferedReader(_ZstdFrames(raw, zstandard.ZstdDecompressor(max_window_size=1 << 31)),
+                             buffer_size=1 << 20)
 
 
 class _ZstdFrames(io.RawIOBase):
@@ -754,15 +795,29 @@ def _with_eos(flat: np.ndarray, lengths: np.ndarray, eos_id: int) -> tuple[np.nd
     return chunk, sizes
 
 
-def _check_output(output: str, overwrite: bool) -> str:
+# What a directory qwen2-prepare wrote holds: overwrite=true replaces nothing else.
+DATASET_ENTRIES = (SUMMARY_NAME, TRAIN, VAL)
+
+
+def _check_output(output: str, overwrite: bool, files: list[str]) -> str:
     if "://" in output:
         raise UserError(f"output={output} must be a local directory; upload the finished directory afterwards")
     output = os.path.abspath(os.path.expanduser(output))
+    inside = [f for f in files if os.path.realpath(f).startswith(os.path.realpath(output) + os.sep)]
+    if inside:
+        raise UserError(f"output={output} holds the input {inside[0]}, which the finished dataset would replace; "
+                        "choose an output directory outside the inputs")
     if os.path.exists(output):
         if not os.path.isdir(output):
             raise UserError(f"output={output} is a file; choose a directory path")
-        if os.listdir(output) and not overwrite:
+        entries = sorted(os.listdir(output))
+        if entries and not overwrite:
             raise UserError(f"output={output} exists and is not empty; pass overwrite=true or choose another output")
+        others = [name for name in entries if name not in DATASET_ENTRIES]
+        if others:
+            raise UserError(f"output={output} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, "
+                            f"which is not part of a prepared dataset ({', '.join(DATASET_ENTRIES)}): overwrite=true "
+                            "replaces only a directory qwen2-prepare wrote; choose another output")
     try:
         os.makedirs(os.path.dirname(output), exist_ok=True)
     except OSError as e:
@@ -807,12 +862,15 @@ def prepare(
         raise UserError(f"workers={workers} must be >= 0 (0 = one per available CPU core)")
     workers = workers or available_cpus()
     files = _expand_inputs(inputs)
-    output = _check_output(output, overwrite)
+    output = _check_output(output, overwrite, files)
     tok = load_tokenizer(tokenizer)
     sample_tokens = seq_len + 1
 
     # A sibling, so the final rename stays on one filesystem; its name never looks like the finished dataset.
     tmp = f"{output}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for leftover in sorted(glob.glob(f"{glob.escape(output)}.tmp-*")):
+        log.warning("%s: the partial output of an interrupted qwen2-prepare (killed, or still running elsewhere); "
+                    "delete it when no qwen2-prepare writes there", leftover)
     skips = _Skips()
     bar = None
     encoder = _DocumentEncoder(tok, val_fraction, text_field, files)
@@ -859,6 +917,10 @@ def prepare(
         splits = {split: writer.finish() for split, writer in writers.items()}
         if splits[TRAIN]["samples"] == 0:
             raise UserError(_no_sample_message(splits, skips, sample_tokens, text_field))
+        if VAL in splits and splits[VAL]["samples"] == 0:
+            log.warning("val_fraction=%s held out %d tokens, fewer than one sample of seq_len+1=%d: the dataset has "
+                        "no held-out split (training evaluates nothing); raise val_fraction", val_fraction,
+                        splits[VAL]["tokens"] + splits[VAL]["dropped_tail_tokens"], sample_tokens)
         summary = {
             "format": FORMAT_VERSION,
             **{key: sum(s[key] for s in splits.values()) for key in

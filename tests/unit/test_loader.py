@@ -446,3 +446,27 @@ def test_streaming_imports_without_torchvision_or_transformers(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split("\n")[0] == "StreamingDataset Stream MDSWriter []", result.stdout
+
+
+def test_cleaning_skips_what_another_user_left(tmp_path, monkeypatch):
+    """/dev/shm and /tmp are shared and sticky: a dead run of another user leaves segments and lock files this user
+    may not remove. The cleaning at every loader start goes past them instead of failing the run."""
+    shm, locks = tmp_path / "shm", tmp_path / "locks"
+    shm.mkdir()
+    locks.mkdir()
+    monkeypatch.setattr(hygiene, "SHM_DIR", str(shm))
+    dead = 999_999_999  # no such pid
+    (shm / f"{hygiene.RECORD_PREFIX}000123-{dead}-1").write_text(str(locks))
+    (shm / "000123_locals").write_text("")
+    (locks / "000123_cache_filelock").write_text("")
+    (locks / "000124_barrier_filelock").write_text("")  # an orphan lock file
+    remove = os.remove
+
+    def not_ours(path, *args, **kwargs):
+        if os.path.basename(path).startswith("000"):
+            raise PermissionError(1, "Operation not permitted", path)
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "remove", not_ours)
+    removed = hygiene.clean_stale(str(locks))
+    assert removed == [str(shm / f"{hygiene.RECORD_PREFIX}000123-{dead}-1")]

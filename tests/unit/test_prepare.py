@@ -150,8 +150,18 @@ def test_refuses_existing_output_without_overwrite(work, inputs):
         prepare([str(inputs / "a.jsonl")], str(out), seq_len=4)
     assert os.listdir(out) == ["keep.txt"]
 
+    # overwrite=true replaces a dataset qwen2-prepare wrote, nothing else: not a directory of other files (a slip
+    # such as output=. or output=~), not the directory of the inputs.
+    with pytest.raises(UserError, match=r"output=.*out holds keep.txt, which is not part of a prepared dataset "
+                                        r"\(prepare_summary.json, train, val\): overwrite=true replaces only"):
+        prepare([str(inputs / "a.jsonl")], str(out), seq_len=4, overwrite=True)
+    with pytest.raises(UserError, match=r"output=.*src holds the input .*a.jsonl, which the finished dataset would "
+                                        "replace"):
+        prepare([str(inputs / "a.jsonl")], str(inputs), seq_len=4, overwrite=True)
+    assert (out / "keep.txt").read_text() == "precious" and (inputs / "a.jsonl").exists()
+    os.remove(out / "keep.txt")
+    prepare([str(inputs / "b.txt")], str(out), seq_len=4)
     prepare([str(inputs / "a.jsonl")], str(out), seq_len=4, overwrite=True)
-    assert not (out / "keep.txt").exists()
     assert read_summary(str(out))["documents"] == 3
     assert sorted(os.listdir(work)) == ["out", "src"]
 
@@ -271,7 +281,7 @@ def test_cli_user_error_exit_2(work, capsys):
 def test_embedded_corpus_builds_once(work, caplog):
     with caplog.at_level(logging.INFO, logger="qwen2_dist.data.corpus"):
         path = embedded_corpus(str(work), seq_len=32, max_tokens=20_000)
-    assert len(caplog.records) == 1 and path in caplog.text
+    assert len([r for r in caplog.records if r.name == "qwen2_dist.data.corpus"]) == 1 and path in caplog.text
     summary = read_summary(path)
     assert summary["tokens"] == summary["samples"] * 33 > 19_000
     assert (summary["tokenizer"], summary["vocab_size"], summary["max_token_id"]) == ("qwen2", 151_646, 151_643)
@@ -587,3 +597,74 @@ def test_no_training_sample_says_what_was_skipped_and_an_unusable_output_is_name
         prepare([str(src / "a.jsonl")], str(work / "out"), seq_len=4)
     with pytest.raises(UserError, match=r"output=.*a\.jsonl/sub/out: its parent directory cannot be created"):
         prepare([str(src / "a.jsonl")], str(src / "a.jsonl" / "sub" / "out"), seq_len=4, text_field="content")
+
+
+def test_inputs_that_are_easy_to_get_wrong_are_read_or_named(work, caplog):
+    """.ndjson is JSON lines; a JSON array is refused naming the conversion; an empty compressed file (a failed
+    download) is counted corrupt; a zstd file with a 256 MiB window (zstd --long) is read; a val_fraction that held
+    out less than one sample says so; the partial output an interrupted run left is named."""
+    zstandard = pytest.importorskip("zstandard")
+    src = work / "src"
+    src.mkdir()
+    docs = [f"document number {i} with some words" for i in range(50)]
+    (src / "a.ndjson").write_bytes(_jsonl_bytes(docs[:20]))
+    (src / "b.jsonl.gz").write_bytes(b"")
+    # A 256 MiB window (zstandard refuses over 128 MiB by default) and no content size, as `zstd --long=28` writes.
+    params = zstandard.ZstdCompressionParameters.from_level(3, window_log=28, write_content_size=False)
+    compressor = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    (src / "c.jsonl.zst").write_bytes(compressor.compress(_jsonl_bytes(docs[20:])) + compressor.flush())
+    (work / "out.tmp-1-dead").mkdir()
+    with caplog.at_level(logging.WARNING):
+        summary = prepare([str(src / "*")], str(work / "out"), seq_len=8, val_fraction=0.001)
+    assert summary["documents"] == 50 and summary["skipped"]["corrupt_file"] == 1
+    assert summary["skipped_examples"] == [f"{src / 'b.jsonl.gz'}:1 corrupt_file"]
+    assert "an empty file, not gzip data" in caplog.text
+    assert "no held-out split (training evaluates nothing); raise val_fraction" in caplog.text
+    assert f"{work / 'out.tmp-1-dead'}: the partial output of an interrupted qwen2-prepare" in caplog.text
+
+    for name, content in (("d.json", b'[{"text": "a"}, {"text": "b"}]'), ("e.jsonl.gz", gzip.compress(
+            b'\n  [\n  {"text": "a"}\n]\n', mtime=0))):
+        (src / name).write_bytes(content)
+        with pytest.raises(UserError, match=rf"input file .*{name} holds a JSON array, but qwen2-prepare reads JSON "
+                                            r"lines .*jq -c '\.\[\]'"):
+            prepare([str(src / name)], str(work / "refused"), seq_len=8)
+
+
+def test_a_parquet_row_group_damaged_inside_is_counted_and_the_rest_read(work, caplog):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = work / "a.parquet"
+    docs = [f"document number {i} with some words" for i in range(50)]
+    pq.write_table(pa.table({"text": docs}), path, row_group_size=10, compression="none")
+    offset = pq.ParquetFile(path).metadata.row_group(2).column(0).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[offset:offset + 64] = bytes(b ^ 0xA5 for b in data[offset:offset + 64])  # its page header
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        summary = prepare([str(path)], str(work / "out"), seq_len=8)
+    # Its row group is lost; the ones after it are read.
+    assert summary["skipped"]["corrupt_file"] == 10 and summary["documents"] == 40
+    assert summary["skipped_examples"] == [f"{path}:21 corrupt_file"]
+    assert f"input {path}: rows 21-30 (row group 2) cannot be read" in caplog.text
+
+
+def test_sigterm_removes_the_partial_output(work, inputs, monkeypatch):
+    """kill (or a Slurm time limit) ends qwen2-prepare as an exception does: no OUTPUT.tmp-* is left behind."""
+    tok = load_tokenizer("qwen2")
+    encode_flat = tok.encode_flat
+    calls = []
+
+    def encode_flat_then_terminated(texts):
+        calls.append(len(texts))
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return encode_flat(texts)
+
+    monkeypatch.setattr(tok, "encode_flat", encode_flat_then_terminated)
+    monkeypatch.setattr(prepare_module, "load_tokenizer", lambda spec: tok)
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 1)  # one document per batch
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped:
+        main([f"input={inputs / 'a.jsonl'}", f"output={work / 'out'}", "seq_len=1", "workers=1", "progress=false"])
+    assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 2
+    assert sorted(os.listdir(work)) == ["src"] and signal.getsignal(signal.SIGTERM) == previous
