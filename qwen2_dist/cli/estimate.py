@@ -219,7 +219,21 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
             # the lookup instead, which adds its rows in place (loss.TiedGradient).
             gradients += 4 * vocab_matrix
     lines["gradients (fp32, end of backward)"] = gradients
-    peak = static + max(copies + activations + head, gradients)
+    # Gradient accumulation: the gradients of the micro-batches before the last are kept while the next ones run
+    # forward. One process: every parameter's fp32 .grad (zero_grad comes after the step). FSDP: gradient sync is
+    # off before the last micro-batch, so every block's unsharded gradient waits in fp32 until its reduce-scatter.
+    # parallel.reduce_every_micro_batch: only the sharded gradients are kept.
+    accumulated = 0
+    if layout["grad_accum_steps"] > 1 and not job.optim.in_backward:
+        if one_process or job.parallel.reduce_every_micro_batch:
+            accumulated = 0 if on_cpu else 4 * plan.sharded
+        else:
+            accumulated = 4 * (plan.gathered_root + layers * plan.gathered_block)
+        lines["gradients kept across micro-batches (fp32)"] = accumulated
+    # At the end of the last backward the kept gradients are the reduced ones (one process, or reduced every
+    # micro-batch), or they wait beside them for their reduce-scatter.
+    kept_apart = not (one_process or job.parallel.reduce_every_micro_batch)
+    peak = static + max(copies + activations + head + accumulated, gradients + (accumulated if kept_apart else 0))
     info = {
         "args": args, "layout": layout, "world_size": world_size, "plan": plan, "plan_seconds": plan_seconds,
         "parameters": count_parameters(build_model(args, "meta")), "peak": peak,
@@ -251,7 +265,8 @@ def render(job: JobConfig, info: dict, lines: dict[str, float], gpu_mem_gib: flo
     out += [f"  {name:<46}{value / GIB:>9.2f}" for name, value in lines.items()]
     out += [
         "  (peak = parameters, optimizer state and FSDP buffers + the larger of what forward saves (weight copies,",
-        "   activations) and the gradients: backward frees the one as it makes the other)",
+        "   activations, gradients kept across micro-batches) and the gradients: backward frees the one as it makes",
+        "   the other)",
         f"  {'peak tensor memory (max_memory_allocated)':<46}{info['peak'] / GIB:>9.2f}",
         f"  {f'+ CUDA context {CONTEXT_GIB:.0f} GiB, fragmentation {FRAGMENTATION:.0%}':<46}{allowance / GIB:>9.2f}",
         f"  {'total':<46}{total / GIB:>9.2f}",

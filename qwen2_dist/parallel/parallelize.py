@@ -246,7 +246,16 @@ def loss_context(mesh: DeviceMesh | None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def set_gradient_sync(model: Qwen2, enabled: bool) -> None:
-    """Turn gradient reduction on or off for the next backward (off for all but the last micro-batch)."""
-    if hasattr(model, "set_requires_gradient_sync"):
-        model.set_requires_gradient_sync(enabled)
+def set_gradient_sync(model: Qwen2, last: bool, every_micro_batch: bool = False) -> None:
+    """Gradient reduction for the next backward, that of the step's last micro-batch or of an earlier one. By
+    default only the last reduces: the earlier ones keep every block's unsharded fp32 gradient until then (no
+    communication before the last backward). every_micro_batch (parallel.reduce_every_micro_batch): each backward
+    reduce-scatters, so only the sharded gradients are kept between micro-batches, and HSDP's all-reduce over the
+    replicas runs at the last one only."""
+    if not hasattr(model, "set_requires_gradient_sync"):
+        return
+    if every_micro_batch:
+        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(last)
+    else:
+        model.set_requires_gradient_sync(last)

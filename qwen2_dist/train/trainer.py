@@ -214,7 +214,7 @@ class Trainer:
             assert sum(b.targets.numel() for b in micro_batches) * self.dp_size == global_tokens, "samples of seq_len"
         loss_sum = torch.zeros((), device=device)
         for index, (inputs, targets, positions) in enumerate(micro_batches):
-            set_gradient_sync(self.model, index == len(micro_batches) - 1)
+            set_gradient_sync(self.model, index == len(micro_batches) - 1, self.cfg.parallel.reduce_every_micro_batch)
             if hasattr(self.optimizer, "last_micro_batch"):  # optim.overlap takes the norm during the last backward
                 self.optimizer.last_micro_batch(index == len(micro_batches) - 1)
             targets = self._to_device(targets)

@@ -35,10 +35,11 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
     "fsdp4": (4, ["parallel.dp_shard=4", "train.micro_batch_size=1", "parallel.activation_checkpointing=full"]),
     # TP x FSDP with op-level recompute (matmul and attention outputs kept, element-wise ops recomputed).
     "tp2_fsdp2": (4, ["parallel.tp=2", "train.micro_batch_size=2", "parallel.activation_checkpointing=op"]),
-    # HSDP also runs q/k/v and gate/up as fused matmuls (the reference does not): same losses and weights.
+    # HSDP also runs q/k/v and gate/up as fused matmuls (the reference does not), and reduce-scatters every
+    # micro-batch (all-reducing over the replicas at the last): same losses and weights.
     "hsdp2x2": (4, ["parallel.dp_replicate=2", "train.micro_batch_size=1",
                     "parallel.activation_checkpointing=selective", "parallel.ac_every=2",
-                    "model.fuse_projections=true"]),
+                    "model.fuse_projections=true", "parallel.reduce_every_micro_batch=true"]),
     # An untied head is a column-parallel linear of its own under TP.
     "single_untied": (1, ["train.micro_batch_size=4", "model.tie_word_embeddings=false"]),
     "tp2_untied": (2, ["parallel.tp=2", "train.micro_batch_size=4", "model.tie_word_embeddings=false",

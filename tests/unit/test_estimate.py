@@ -175,3 +175,24 @@ def test_estimate_vs_measured_goes_on_past_a_row_it_cannot_estimate(tmp_path, ca
     assert estimate_vs_measured.main([str(tmp_path / "r.json")]) == 2
     out, err = capsys.readouterr()
     assert "x.y=1" in err and out.count("== ") == 1 and "r.json" in out.splitlines()[-1]
+
+
+def test_gradients_kept_across_micro_batches_are_estimated(capsys):
+    """One process keeps every fp32 gradient while the next micro-batch runs forward; FSDP keeps every block's
+    unsharded one until the last micro-batch, unless parallel.reduce_every_micro_batch reduces them each time."""
+    def peak(world_size: int, *overrides: str):
+        info, lines = estimate(compose_job(["model=qwen2-1.5b", "train.seq_len=4096", "train.micro_batch_size=1",
+                                            *overrides]), world_size)
+        return info["peak"], lines, info["plan"]
+
+    one, lines_one, plan = peak(1, "train.global_batch_size=1")
+    two, lines_two, _ = peak(1, "train.global_batch_size=2")
+    assert "gradients kept across micro-batches (fp32)" not in lines_one
+    assert two - one == lines_two["gradients kept across micro-batches (fp32)"] == 4 * plan.sharded
+    kept, lines_kept, plan = peak(8, "train.global_batch_size=16")
+    reduced, lines_reduced, _ = peak(8, "train.global_batch_size=16", "parallel.reduce_every_micro_batch=true")
+    layers = get_model_args("qwen2-1.5b").num_hidden_layers
+    assert lines_kept["gradients kept across micro-batches (fp32)"] == 4 * (plan.gathered_root +
+                                                                             layers * plan.gathered_block)
+    assert lines_reduced["gradients kept across micro-batches (fp32)"] == 4 * plan.sharded
+    assert kept - reduced == 4 * (plan.gathered_root + layers * plan.gathered_block) - 4 * plan.sharded

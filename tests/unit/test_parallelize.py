@@ -118,3 +118,36 @@ def test_fsdp_in_bf16_computes_what_one_process_computes_under_autocast(tmp_path
     finally:
         dist.destroy_process_group()
         _clear_sharding_prop_cache()
+
+
+@pytest.mark.parametrize("every_micro_batch", [False, True])
+def test_gradients_between_micro_batches_are_sharded_only_when_reduced_every_micro_batch(tmp_path, every_micro_batch):
+    """parallel.reduce_every_micro_batch: after a micro-batch that is not the step's last, the gradients are reduced
+    into the sharded parameters' .grad (nothing unsharded kept); by default nothing is reduced until the last one
+    (every block keeps its unsharded gradient); both end with the same gradients."""
+    from qwen2_dist.parallel.parallelize import apply_fsdp, set_gradient_sync
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        args = get_model_args("tiny")
+        model = build_model(args, "cpu")
+        model.init_weights(0)
+        mesh = init_device_mesh("cpu", (1, 1, 1), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+        apply_fsdp(model, mesh, ParallelConfig(), torch.float32, "cpu")
+        tokens = torch.randint(0, args.vocab_size, (2, 2, 16), generator=torch.Generator().manual_seed(0))
+        for index in range(2):
+            set_gradient_sync(model, index == 1, every_micro_batch)
+            model(tokens[index]).float().logsumexp(-1).mean().backward()
+            if index == 0:
+                reduced = [p.grad is not None for p in model.layers[0].parameters()]
+                assert all(reduced) if every_micro_batch else not any(reduced)
+        grads = {name: p.grad.full_tensor().clone() for name, p in model.named_parameters()}
+    finally:
+        dist.destroy_process_group()
+        _clear_sharding_prop_cache()
+    plain = build_model(args, "cpu")
+    plain.init_weights(0)
+    for index in range(2):
+        plain(tokens[index]).float().logsumexp(-1).mean().backward()
+    for name, p in plain.named_parameters():
+        assert torch.allclose(grads[name], p.grad, atol=1e-6), name
