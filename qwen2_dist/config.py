@@ -306,7 +306,8 @@ class LoggingConfig:
     profile_steps: Optional[str] = None
     """Record a torch.profiler trace of steps START:END (e.g. 10:12) to run_dir/profile/rank{N}.json."""
     memory_snapshot_on_oom: bool = True
-    """On CUDA, record allocations and write run_dir/oom_snapshot_rank{N}.pickle when a step runs out of memory."""
+    """On CUDA, record allocations (with their Python stacks) and write run_dir/oom_snapshot_rank{N}.pickle when a
+    step runs out of memory. Its cost per step is not measured yet; set false to rule it out."""
     peak_tflops: Optional[float] = None
     """Dense bf16 peak of one GPU in TFLOP/s, the denominator of the logged MFU; null = looked up from the device
     name (H100, H200, B200, A100, MI300X, ...; a GPU not in the table logs no MFU rather than a wrong one)."""

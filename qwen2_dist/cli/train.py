@@ -432,6 +432,14 @@ def check_machine(job: JobConfig) -> str:
         apex_fused_adam(device_type)
     if job.model.float8:
         check_float8(device_type)
+    # The sinks are opened by rank 0 once the model is built and restored: a missing package would fail there, and
+    # torchrun would restart the job for it.
+    import importlib.util
+
+    for name in ("tensorboard", "wandb"):
+        if getattr(job.logging, name) and importlib.util.find_spec(name) is None:
+            raise UserError(f"logging.{name}=true needs the {name} package; pip install {name}, or set "
+                            f"logging.{name}=false")
     return device_type
 
 

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 PEAK_BF16_FLOPS = {  # dense bf16, by a substring of torch.cuda.get_device_name(); the first match wins
     "H100 PCIe": 756e12,
     "H100 NVL": 835e12,
+    "H200 NVL": 835e12,
+    "H800 PCIe": 756e12,
     "H200": 989.4e12,
     "H100": 989.4e12,
     "H800": 989.4e12,

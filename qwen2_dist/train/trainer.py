@@ -194,6 +194,11 @@ class Trainer:
         self.saving_step = None
         return committed
 
+    def _synchronize(self) -> None:
+        """Wait for the work queued on this rank's GPU (nothing to wait for on the CPU)."""
+        if self.world.device.type == "cuda":
+            torch.cuda.synchronize(self.world.device)
+
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step; returns (loss, grad norm) as device tensors and the seconds spent on data."""
         inject_hang(self.step + 1, self.world.rank)
@@ -296,7 +301,8 @@ class Trainer:
         profiler = StepProfiler(lg.profile_steps, cfg.run_dir, self.world.rank, self.world.device)
         record_oom = lg.memory_snapshot_on_oom and self.world.device.type == "cuda"
         if record_oom:
-            torch.cuda.memory._record_memory_history(max_entries=100_000)
+            # Python stacks only: the C++ ones (torch's default, stacks="all") cost an unwind at every allocation.
+            torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
         stop = StopFlag()
         last_loss, stopped = None, False
         window_started, window_steps, window_data = time.monotonic(), 0, 0.0
@@ -328,6 +334,8 @@ class Trainer:
                 window_data += data_seconds
                 eval_due = self.eval_batches is not None and self.step % cfg.eval.interval == 0
                 if self.step % cfg.logging.interval == 0 or self.step == last_step or eval_due:
+                    # The host runs ahead of the GPU: the window ends when the work queued so far is done.
+                    self._synchronize()
                     elapsed = time.monotonic() - window_started
                     last_loss = loss.item()
                     skipped, in_a_row = self.guard.counts()  # the longest run since the last logged step
@@ -379,6 +387,7 @@ class Trainer:
                     break
                 interval = cfg.checkpoint.interval
                 if (interval and self.step % interval == 0) or time_due:
+                    self._synchronize()  # the queued training work is the window's, not the save's
                     save_started = time.monotonic()
                     self.save()
                     last_save = time.monotonic()

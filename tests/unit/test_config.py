@@ -372,6 +372,19 @@ def test_the_launchers_check_refuses_what_this_machine_cannot_run(override, fiel
         check_only(job("model=tiny", f"run_dir={tmp_path}", override), "1")
 
 
+def test_the_launchers_check_refuses_a_metrics_sink_whose_package_is_missing(monkeypatch, tmp_path):
+    import importlib.util
+
+    from qwen2_dist.cli.train import check_machine
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    check_machine(job("model=tiny", f"run_dir={tmp_path}", "logging.tensorboard=true"))
+    with pytest.raises(UserError, match=r"logging.wandb=true needs the wandb package; pip install wandb, or set "
+                                        r"logging.wandb=false"):
+        check_machine(job("model=tiny", f"run_dir={tmp_path}", "logging.wandb=true"))
+
+
 def test_a_leading_tilde_in_a_local_path_is_the_home_directory(monkeypatch, tmp_path):
     """Hydra passes '~/x' through as it is; run_dir=~/x would otherwise be a directory named '~' in the working
     directory, and data.path=~/x a dataset nothing finds. Remote URLs and checkpoint.resume=auto stay as they are."""

@@ -6,6 +6,7 @@ import json
 import os
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from qwen2_dist.model.args import get_model_args
@@ -143,3 +144,15 @@ def test_a_restart_hides_the_tensorboard_events_past_the_step_it_resumes_from(tm
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 6.0),
                                                                          (5, 5.0), (6, 1.5)]
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989.4e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H800 PCIe", 756e12), ("NVIDIA H800", 989.4e12),
+    ("NVIDIA GH200 480GB", 989.4e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+])
+def test_the_peak_of_a_gpu_is_its_variant_s_not_its_family_s(monkeypatch, name, peak):
+    from qwen2_dist.train.metrics import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda")) == peak
