@@ -16,6 +16,7 @@ Verdict: a fast curve may not stray from the fp32 curve by more than 2x as far a
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -98,15 +99,6 @@ def main() -> None:
         "bf16 plain": curve(args, batches, device, bf16=True, fast=False, compile_blocks=compile_blocks),
         "bf16 fast": curve(args, batches, device, bf16=True, fast=True, compile_blocks=compile_blocks),
     }
-    errors = {}  # extra curve -> why it could not run
-    for name, wanted, option in (("fast float8", opts.float8, "float8"), ("fast overlap", opts.overlap, "overlap")):
-        if not wanted:
-            continue
-        try:
-            curves[name] = curve(args, batches, device, bf16=True, fast=True, compile_blocks=compile_blocks,
-                                 **{option: True})
-        except Exception as exc:  # reported, and the bf16 verdict still printed and written
-            errors[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     truth = curves["fp32 plain"]
     noise = max(abs(a - b) for a, b in zip(curves["bf16 plain"], truth))
     tolerance = TOLERANCE_FACTOR * noise + TOLERANCE_FLOOR
@@ -116,8 +108,40 @@ def main() -> None:
         vs_plain = max(abs(a - b) for a, b in zip(curves[name], curves["bf16 plain"]))
         return {"error": error, "vs_plain": vs_plain, "ok": error <= tolerance}
 
+    wanted = [(name, option) for name, want, option in (("fast float8", opts.float8, "float8"),
+                                                        ("fast overlap", opts.overlap, "overlap")) if want]
+    # Extra curve -> why it could not run. Until it has run: that the check stopped before it (a timeout kills this
+    # process, perhaps in a cold compile), so the core verdict is written first, and again after every extra curve.
+    errors = {name: "not run: the check was stopped before this curve" for name, _ in wanted}
+
+    def write_report() -> bool:
+        """Write --out (atomically) from the curves so far; whether everything run and wanted is within tolerance."""
+        fast, extras = verdict("bf16 fast"), {name: verdict(name) for name, _ in wanted if name in curves}
+        ok = fast["ok"] and not errors and all(result["ok"] for result in extras.values())
+        if opts.out:
+            with open(f"{opts.out}.tmp", "w") as f:
+                json.dump({"size": size, "layers": opts.layers, "seq_len": seq_len, "micro_batch": opts.micro_batch,
+                           "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                           "torch": torch.__version__, "curves": curves, "noise": noise, "tolerance": tolerance,
+                           "fast_error": fast["error"], "fast_vs_plain": fast["vs_plain"], "fast_ok": fast["ok"],
+                           "float8": extras.get("fast float8"), "float8_error": errors.get("fast float8"),
+                           "overlap": extras.get("fast overlap"), "overlap_error": errors.get("fast overlap"),
+                           "ok": ok}, f, indent=2)
+            os.replace(f"{opts.out}.tmp", opts.out)
+        return ok
+
+    write_report()
+    for name, option in wanted:
+        try:
+            curves[name] = curve(args, batches, device, bf16=True, fast=True, compile_blocks=compile_blocks,
+                                 **{option: True})
+            del errors[name]
+        except Exception as exc:  # reported, and the bf16 verdict still printed and written
+            errors[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        write_report()
+
     fast = verdict("bf16 fast")
-    extras = {name: verdict(name) for name in ("fast float8", "fast overlap") if name in curves}
+    extras = {name: verdict(name) for name, _ in wanted if name in curves}
     print(f"{size} ({opts.layers} blocks), seq {seq_len}, micro-batch {opts.micro_batch}, {opts.steps} steps on "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, compile {compile_blocks}")
     print("step  " + "  ".join(f"{name:>11}" for name in curves))
@@ -135,17 +159,7 @@ def main() -> None:
     for name, error in errors.items():
         print(f"{name}: FAILED to run ({error})")
     print(f"({time.perf_counter() - started:.0f} s)")
-    ok = fast["ok"] and not errors and all(result["ok"] for result in extras.values())
-    if opts.out:
-        with open(opts.out, "w") as f:
-            json.dump({"size": size, "layers": opts.layers, "seq_len": seq_len, "micro_batch": opts.micro_batch,
-                       "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "curves": curves, "noise": noise, "tolerance": tolerance,
-                       "fast_error": fast["error"], "fast_vs_plain": fast["vs_plain"], "fast_ok": fast["ok"],
-                       "float8": extras.get("fast float8"), "float8_error": errors.get("fast float8"),
-                       "overlap": extras.get("fast overlap"), "overlap_error": errors.get("fast overlap"),
-                       "ok": ok}, f, indent=2)
-    sys.exit(0 if ok else 1)
+    sys.exit(0 if write_report() else 1)
 
 if __name__ == "__main__":
     main()
