@@ -3,6 +3,7 @@
 import binascii
 import functools
 import importlib.resources
+import logging
 import os
 import unicodedata
 from collections.abc import Callable, Sequence
@@ -12,12 +13,15 @@ import tiktoken
 
 from qwen2_dist.errors import UserError
 
+log = logging.getLogger(__name__)
+
 # The Qwen2 pre-tokenizer (see assets/VOCAB_PROVENANCE.md): digits split one by one.
 QWEN2_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 QWEN2_NUM_REGULAR_TOKENS = 151_643
+ENDOFTEXT = "<|endoftext|>"
 QWEN2_SPECIAL_TOKENS = {"<|endoftext|>": 151_643, "<|im_start|>": 151_644, "<|im_end|>": 151_645}
 QWEN2_VOCAB_SIZE = QWEN2_NUM_REGULAR_TOKENS + len(QWEN2_SPECIAL_TOKENS)  # the tokenizer's (the model's is padded)
 
@@ -124,7 +128,14 @@ def _hf_tokenizer(spec: str) -> Tokenizer:
     except Exception as e:  # transformers raises OSError, ValueError, HF hub errors...; all mean "cannot load".
         reason = " ".join(str(e).split())  # transformers' messages span lines; an error here is one line.
         raise UserError(f"tokenizer={spec}: could not load a Hugging Face tokenizer ({reason}); {fix}") from e
-    if hf.eos_token_id is None:
+    # The document separator: <|endoftext|> where the tokenizer has it as a special token, as Qwen's pretraining
+    # data uses it; a Qwen Instruct or Qwen2.5 tokenizer's eos is <|im_end|>, the end of a chat turn. Else its eos.
+    vocab = hf.get_vocab()
+    separator = vocab[ENDOFTEXT] if ENDOFTEXT in vocab else hf.eos_token_id
+    if separator is not None and separator != hf.eos_token_id:
+        log.info("tokenizer %s: documents are separated by %s (id %d), not by its eos token %s", spec, ENDOFTEXT,
+                 separator, hf.eos_token)
+    if separator is None:
         raise UserError(
             f"tokenizer={spec} defines no eos token, which separates documents; set eos_token in its config"
         )
@@ -137,7 +148,7 @@ def _hf_tokenizer(spec: str) -> Tokenizer:
         name=spec,
         encode_batch=encode_batch,
         decode=lambda ids: hf.decode(ids, skip_special_tokens=False),
-        eos_id=hf.eos_token_id,
+        eos_id=separator,
         vocab_size=len(hf),
     )
 

@@ -79,15 +79,26 @@ def test_nfc_normalizes_before_encoding(tok):
     assert tok.decode(tok.encode("cafe\u0301")) == "caf\u00e9"
 
 
-def _tiny_hf_tokenizer(path):
+def _tiny_hf_tokenizer(path, eos="<|endoftext|>", specials=("<|endoftext|>",)):
     tokenizers = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
-    vocab = {"hello": 0, "world": 1, "<|endoftext|>": 2, "[UNK]": 3}
+    vocab = {"hello": 0, "world": 1, **{token: 2 + i for i, token in enumerate(specials)}, "[UNK]": 2 + len(specials)}
     model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
     model.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    model.add_special_tokens(["<|endoftext|>"])
-    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|endoftext|>", unk_token="[UNK]")
+    model.add_special_tokens(list(specials))
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=model, eos_token=eos, unk_token="[UNK]")
     hf.save_pretrained(path)
+
+
+def test_documents_are_separated_by_endoftext_also_where_the_eos_ends_a_chat_turn(tmp_path):
+    """A Qwen Instruct (or Qwen2.5) tokenizer's eos is <|im_end|>, the end of a chat turn: pretraining documents are
+    separated by <|endoftext|>, as Qwen's are. A tokenizer without it separates them by its eos."""
+    _tiny_hf_tokenizer(tmp_path / "instruct", eos="<|im_end|>", specials=("<|endoftext|>", "<|im_end|>"))
+    assert load_tokenizer(str(tmp_path / "instruct")).eos_id == 2
+    _tiny_hf_tokenizer(tmp_path / "other", eos="</s>", specials=("</s>",))
+    assert load_tokenizer(str(tmp_path / "other")).eos_id == 2
+    _tiny_hf_tokenizer(tmp_path / "other_order", eos="</s>", specials=("<pad>", "</s>"))
+    assert load_tokenizer(str(tmp_path / "other_order")).eos_id == 3
 
 
 def test_hf_tokenizer_directory(tmp_path):
