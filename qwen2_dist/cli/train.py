@@ -157,6 +157,10 @@ def run(cfg: DictConfig):
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     setup_logging(job.run_dir, world.rank)
     lock = runlock.acquire_on_main(job.run_dir, world.is_main)  # before anything in run_dir is cleaned or written
+    if world.is_main:
+        from qwen2_dist.train import no_restart
+
+        no_restart.clear_earlier(job.run_dir)  # a new torchrun: an earlier one's stop does not hold for it
     try:
         return _train(cfg, job, world, layout, device_type, local_rank)
     finally:
@@ -445,6 +449,7 @@ def check_machine(job: JobConfig) -> str:
 
 def _entry(cfg: DictConfig) -> None:
     from qwen2_dist.train import no_restart
+    from qwen2_dist.train.runlock import RunDirBusy
 
     code = 0
     try:
@@ -455,7 +460,7 @@ def _entry(cfg: DictConfig) -> None:
         print(f"error: {exc}", file=sys.stderr)
         code = 3 if isinstance(exc, TrainingHalted) else 2
         run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
-        if isinstance(run_dir, str):
+        if isinstance(run_dir, str) and not isinstance(exc, RunDirBusy):  # another job's run_dir is not ours
             no_restart.record(run_dir, code, str(exc))  # under torchrun: a restart must not train on
     finally:
         multi_process = dist.is_initialized()

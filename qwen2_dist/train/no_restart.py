@@ -6,7 +6,8 @@ restart from the newest checkpoint) from a refusal: restarted, a halted run woul
 at the halt and train on, its retention deleting the checkpoints the halt said to roll back to. So a worker that
 stops on purpose under torchrun records why in RUN_DIR/no_restart.json, and a restarted worker of the same torchrun
 that finds the record stops at once with the same exit code and message, before it builds anything. The first start
-of a torchrun (restart 0) removes an earlier record. torchrun itself then exits 1 once its restarts are spent;
+of a torchrun (restart 0) removes an earlier record once it holds the run_dir's lock; a job refused by another job's
+lock records nothing. torchrun itself then exits 1 once its restarts are spent;
 slurm/train.sbatch turns the record into its own exit code.
 """
 
@@ -57,19 +58,12 @@ def record(run_dir: str, code: int, error: str) -> None:
 
 def previous_stop(run_dir: str) -> tuple[int, str] | None:
     """In a worker that torchrun restarted: (exit code, message) when an earlier attempt of the same torchrun
-    stopped on purpose; None otherwise. In the first attempt, global rank 0 removes an earlier torchrun's record."""
+    stopped on purpose; None otherwise."""
     attempt = _attempt()
-    if attempt is None:
+    if attempt is None or attempt[1] == 0:
         return None
     path = os.path.join(run_dir, NAME)
     run_id, restart = attempt
-    if restart == 0:
-        if int(os.environ.get("RANK", 0)) == 0:
-            try:
-                os.remove(path)
-            except FileNotFoundError:
-                pass
-        return None
     try:
         with open(path, encoding="utf-8") as f:
             stop = json.load(f)
@@ -82,3 +76,15 @@ def previous_stop(run_dir: str) -> tuple[int, str] | None:
         f"stopped on purpose with exit {stop['code']}: {stop.get('error')}. A restart cannot fix that; fix it and "
         f"start the job again ({path} records the stop)"
     )
+
+
+def clear_earlier(run_dir: str) -> None:
+    """In the first attempt of a torchrun, once this job holds the run_dir's lock (rank 0): remove an earlier
+    torchrun's record (a job refused by another's lock removes nothing of that job's, and records nothing)."""
+    attempt = _attempt()
+    if attempt is None or attempt[1] != 0:
+        return
+    try:
+        os.remove(os.path.join(run_dir, NAME))
+    except FileNotFoundError:
+        pass

@@ -50,8 +50,12 @@ def _holder(handle: IO[str]) -> str:
     return ", ".join(parts)
 
 
+class RunDirBusy(UserError):
+    """Another job holds the run_dir: this job stops, and leaves nothing of its own there (no_restart)."""
+
+
 def _held(run_dir: str, holder: str, path: str) -> UserError:
-    return UserError(f"run_dir={run_dir}: another job is running in it ({holder}; lock {path}). Wait for it to end, "
+    return RunDirBusy(f"run_dir={run_dir}: another job is running in it ({holder}; lock {path}). Wait for it to end, "
                      "or give this job a run_dir of its own (run_dir=..., or under Slurm another job name: sbatch "
                      f"-J NAME). If that job is gone (a network filesystem keeps a lost node's lock for minutes), "
                      f"delete {path} once you are sure none of its processes runs")

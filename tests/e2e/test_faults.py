@@ -60,15 +60,20 @@ def test_a_halt_under_torchrun_is_not_trained_past_by_its_restarts(tmp_path, cor
     assert "resumed from" not in result.stdout and os.listdir(run_dir / "checkpoints") == ["step_00000002"]
     stop = json.loads((run_dir / "no_restart.json").read_text())
     assert (stop["code"], stop["restart"]) == (3, 0)
-    # Another torchrun's restart does not take it for its own; the next torchrun's first attempt removes it.
+    # Another torchrun's restart does not take it for its own; the next torchrun's first attempt removes it once it
+    # holds the run_dir's lock (a job refused by the lock of another job in the run_dir records and removes nothing).
+    # Restart 0 reads no record.
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", stop["torchrun_run_id"])
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert no_restart.previous_stop(str(run_dir))[0] == 3
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another")
     assert no_restart.previous_stop(str(run_dir)) is None
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    monkeypatch.setenv("RANK", "0")
-    assert no_restart.previous_stop(str(run_dir)) is None and not (run_dir / "no_restart.json").exists()
+    assert no_restart.previous_stop(str(run_dir)) is None and (run_dir / "no_restart.json").exists()
+    # The next torchrun (here resuming at the halt's step and stopping there) removes it.
+    again = run_cli("torch.distributed.run", [*torchrun, *job, "train.stop_at=2"], env={"OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
+    assert not (run_dir / "no_restart.json").exists()
 
 
 def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, corpus_cache):

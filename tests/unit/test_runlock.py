@@ -20,7 +20,7 @@ def test_a_held_run_dir_is_refused_naming_the_holder_until_it_is_released(tmp_pa
                                         rf"{os.getpid()}, Slurm job 4242, since .*run_dir=\.\.\., or under Slurm "
                                         r"another job name: sbatch -J NAME"):
         runlock.acquire(str(tmp_path))
-    with pytest.raises(UserError, match="another job is running"):
+    with pytest.raises(runlock.RunDirBusy, match="another job is running"):  # a UserError (no_restart skips it)
         runlock.check_free(str(tmp_path))
     held.close()
     runlock.check_free(str(tmp_path))
