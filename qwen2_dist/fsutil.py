@@ -17,6 +17,20 @@ def replace_dir(tmp: str, final: str) -> None:
         os.rename(tmp, final)
 
 
+def write_atomic(path: str, text: str) -> None:
+    """Write a small file whole or not at all: to a temporary sibling, flushed to disk, then renamed over path."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def reads_in_place(path: str, split: str) -> bool:
     """Whether the loader reads a data source's split where it lies (a local, writable directory: streaming writes
     decompressed shards beside the compressed ones) rather than through a cache (remote, or read-only local)."""

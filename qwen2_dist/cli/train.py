@@ -17,6 +17,7 @@ from qwen2_dist.config import (
     JobConfig, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs, uses_bf16, validate,
 )
 from qwen2_dist.errors import ResumeMismatch, UserError
+from qwen2_dist.fsutil import write_atomic
 from qwen2_dist.train.faults import TrainingHalted
 
 if TYPE_CHECKING:
@@ -78,10 +79,7 @@ def write_job_config(run_dir: str, resolved: dict) -> list[str]:
             os.replace(path, kept)
             log.info("config: %d setting(s) changed since the last start (its config kept as %s): %s", len(changes),
                      kept, "; ".join(changes[:12]) + ("; ..." if len(changes) > 12 else ""))
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
     return changes
 
 

@@ -130,8 +130,8 @@ def _hf_tokenizer(spec: str) -> Tokenizer:
         raise UserError(f"tokenizer={spec}: could not load a Hugging Face tokenizer ({reason}); {fix}") from e
     # The document separator: <|endoftext|> where the tokenizer has it as a special token, as Qwen's pretraining
     # data uses it; a Qwen Instruct or Qwen2.5 tokenizer's eos is <|im_end|>, the end of a chat turn. Else its eos.
-    vocab = hf.get_vocab()
-    separator = vocab[ENDOFTEXT] if ENDOFTEXT in vocab else hf.eos_token_id
+    found = hf.convert_tokens_to_ids(ENDOFTEXT)
+    separator = found if found is not None and found != hf.unk_token_id else hf.eos_token_id
     if separator is not None and separator != hf.eos_token_id:
         log.info("tokenizer %s: documents are separated by %s (id %d), not by its eos token %s", spec, ENDOFTEXT,
                  separator, hf.eos_token)

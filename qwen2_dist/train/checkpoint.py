@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from qwen2_dist.errors import UserError
-from qwen2_dist.fsutil import replace_dir
+from qwen2_dist.fsutil import replace_dir, write_atomic
 from qwen2_dist.parallel.mesh import agree_any, broadcast_str
 
 log = logging.getLogger(__name__)
@@ -70,12 +70,7 @@ def _quiet_dcp():
 
 
 def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _fsync_dir(path: str) -> None:

@@ -11,6 +11,7 @@ import uuid
 
 import torch
 
+from qwen2_dist.fsutil import write_atomic
 from qwen2_dist.model.args import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,12 @@ PEAK_BF16_FLOPS = {  # dense bf16, by a substring of torch.cuda.get_device_name(
     "MI325X": 1307.4e12,
     "MI250X": 191.5e12,  # one of its two dies: PyTorch sees each as a device
 }
+
+
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the work queued on a CUDA device (nothing to wait for on the CPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def flops_per_token(args: ModelArgs, seq_len: int) -> float:
@@ -104,10 +111,7 @@ def supersede_records(path: str, from_step: int) -> int:
         return 0
     with open(os.path.join(os.path.dirname(path), "metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
         f.writelines(moved)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_atomic(path, "".join(kept))
     log.info("metrics: %d record(s) after step %d (or cut short), logged before this start, moved from %s to "
              "metrics.superseded.jsonl", len(moved), from_step, path)
     return len(moved)
@@ -136,10 +140,7 @@ def wandb_run_id(run_dir: str, rewinds: bool, from_step: int) -> tuple[str, str]
         log.info("W&B: this start goes back to step %d, over steps the last one logged; it logs to a new W&B run, "
                  "%s, in group %s (W&B drops a step logged again)", from_step, run_id, group)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(run_id + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, run_id + "\n")
     return run_id, group
 
 
@@ -272,8 +273,7 @@ class StepProfiler:
         self.started = 0.0
 
     def _synchronize(self) -> None:
-        if self.device is not None and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     def before_step(self, step: int) -> None:
         """Called with the number of the step about to run."""

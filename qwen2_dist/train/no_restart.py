@@ -15,7 +15,8 @@ import json
 import logging
 import os
 import time
-import uuid
+
+from qwen2_dist.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -40,20 +41,14 @@ def record(run_dir: str, code: int, error: str) -> None:
     if attempt is None:
         return
     path = os.path.join(run_dir, NAME)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         os.makedirs(run_dir, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            # "code" first: slurm/train.sbatch reads it with grep.
-            json.dump({"code": code, "error": error, "torchrun_run_id": attempt[0], "restart": attempt[1],
-                       "rank": int(os.environ.get("RANK", 0)), "time": time.time()}, f)
-        os.replace(tmp, path)
+        # "code" first: slurm/train.sbatch reads it with grep.
+        write_atomic(path, json.dumps({"code": code, "error": error, "torchrun_run_id": attempt[0],
+                                       "restart": attempt[1], "rank": int(os.environ.get("RANK", 0)),
+                                       "time": time.time()}))
     except OSError as exc:
         log.warning("could not write %s (%s): torchrun may restart this stopped run", path, exc)
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
 
 
 def previous_stop(run_dir: str) -> tuple[int, str] | None:

@@ -30,6 +30,7 @@ from qwen2_dist.train.metrics import (
     format_step,
     memory_gib,
     peak_flops,
+    synchronize,
 )
 from qwen2_dist.train.optim import clip_gradients, lr_at, set_lr
 
@@ -194,11 +195,6 @@ class Trainer:
         self.saving_step = None
         return committed
 
-    def _synchronize(self) -> None:
-        """Wait for the work queued on this rank's GPU (nothing to wait for on the CPU)."""
-        if self.world.device.type == "cuda":
-            torch.cuda.synchronize(self.world.device)
-
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step; returns (loss, grad norm) as device tensors and the seconds spent on data."""
         inject_hang(self.step + 1, self.world.rank)
@@ -335,7 +331,7 @@ class Trainer:
                 eval_due = self.eval_batches is not None and self.step % cfg.eval.interval == 0
                 if self.step % cfg.logging.interval == 0 or self.step == last_step or eval_due:
                     # The host runs ahead of the GPU: the window ends when the work queued so far is done.
-                    self._synchronize()
+                    synchronize(self.world.device)
                     elapsed = time.monotonic() - window_started
                     last_loss = loss.item()
                     skipped, in_a_row = self.guard.counts()  # the longest run since the last logged step
@@ -387,7 +383,7 @@ class Trainer:
                     break
                 interval = cfg.checkpoint.interval
                 if (interval and self.step % interval == 0) or time_due:
-                    self._synchronize()  # the queued training work is the window's, not the save's
+                    synchronize(self.world.device)  # the queued training work is the window's, not the save's
                     save_started = time.monotonic()
                     self.save()
                     last_save = time.monotonic()

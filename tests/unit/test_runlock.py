@@ -95,3 +95,24 @@ def test_a_lock_left_by_an_earlier_attempt_of_the_same_slurm_job_is_waited_for(t
     with pytest.raises(UserError, match="another job is running in it"):
         runlock.acquire(str(tmp_path))
     other.close()
+
+
+def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir(tmp_path, monkeypatch):
+    """Under torchrun a stop on purpose is recorded (no_restart.json) so that restarts do not train on; a job refused
+    because another job runs in the run_dir writes nothing there, so the running job's restarts are not affected."""
+    from omegaconf import OmegaConf
+
+    from qwen2_dist.cli import train
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mine")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    cfg = OmegaConf.create({"run_dir": str(tmp_path)})
+    for error, recorded in ((runlock.RunDirBusy("another job is running in it"), False), (UserError("bad"), True)):
+        def refuse(cfg, error=error):
+            raise error
+
+        monkeypatch.setattr(train, "run", refuse)
+        with pytest.raises(SystemExit) as stopped:
+            train._entry(cfg)
+        assert stopped.value.code == 2
+        assert (tmp_path / "no_restart.json").exists() == recorded
