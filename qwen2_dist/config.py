@@ -136,6 +136,9 @@ class DataSource:
     """Dataset directory written by qwen2-prepare, or its remote URL (s3://, gs://, oci://, azure://, hf://, ...)."""
     weight: float = 1.0
     """Share of the training samples drawn from this source (weights are normalized to sum to 1)."""
+    name: Optional[str] = None
+    """What the metrics call this source (eval_loss/NAME); default: the last part of its path (with _INDEX added
+    where two sources' last parts are the same). Letters, digits, '.', '_' and '-'."""
 
 
 @dataclass
@@ -185,10 +188,12 @@ class EvalConfig:
     """Compute the loss on the held-out (val) split every this many steps; 0 = never. Skipped, with a warning,
     when the data has no val split."""
     samples: int = 16
-    """Held-out samples per evaluation over all ranks: the first of the split's order, the same every time and on
-    every layout, so evaluations compare; at most as many as the split holds (with a warning). Several sources are
-    mixed by weight as in training (a small source's held-out samples repeat). The last micro-batches are filled up
-    with rows that count for nothing."""
+    """Held-out samples per evaluation and source, over all ranks: the first of the split's order, the same every
+    time and on every layout, so evaluations compare; at most as many as the split holds (with a warning). With
+    several sources (data.sources) each is evaluated on its own, logged as eval_loss/NAME, and eval_loss is their
+    mean weighted as training weighs them (sources without a held-out split are left out, with a warning, and then
+    there is no eval_loss); an evaluation so reads eval.samples of each source. The last micro-batches are filled
+    up with rows that count for nothing."""
 
 
 @dataclass
@@ -503,6 +508,29 @@ def parse_bytes(key: str, value) -> int:
     return size
 
 
+_SOURCE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def source_names(sources: list[DataSource]) -> list[str]:
+    """Each source's name in the metrics: its data.sources[i].name, else the last part of its path (with _INDEX
+    added where two are the same). Raises UserError for a name given twice or with other characters."""
+    given = [s.name for s in sources]
+    for i, name in enumerate(given):
+        if name is not None and not _SOURCE_NAME.fullmatch(name):
+            raise UserError(f"data.sources[{i}].name={name!r}: use letters, digits, '.', '_' and '-' only")
+        if name is not None and given.index(name) != i:
+            raise UserError(f"data.sources[{given.index(name)}] and data.sources[{i}] are both named {name!r}: "
+                            "give each source its own data.sources[i].name")
+    bases = [re.sub(r"[^A-Za-z0-9._-]", "_", s.path.rstrip("/").rsplit("/", 1)[-1]) or "source" for s in sources]
+    names = [name if name is not None else base + (f"_{i}" if bases.count(base) > 1 else "")
+             for i, (name, base) in enumerate(zip(given, bases))]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise UserError(f"data.sources[{names.index(name)}] and data.sources[{i}] would both be named "
+                            f"{name!r} in the metrics: give them data.sources[i].name")
+    return names
+
+
 def _check_data(d: DataConfig, e: EvalConfig) -> None:
     """Check the data sources and the evaluation sizes."""
     if d.path is not None and d.sources:
@@ -524,6 +552,7 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
     for i, source in enumerate(d.sources):
         if not source.weight > 0:
             raise UserError(f"data.sources[{i}].weight={source.weight}: must be positive")
+    source_names(d.sources)
     if d.shuffle_block_size < 1 or d.num_workers < 0:
         raise UserError("data.shuffle_block_size must be >= 1 and data.num_workers >= 0")
     if d.cache_limit is not None:

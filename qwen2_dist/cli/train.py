@@ -169,8 +169,7 @@ def run(cfg: DictConfig):
 def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device_type: str, local_rank: int):
     """run() once the job holds its run_dir."""
     from qwen2_dist.data.corpus import embedded_corpus
-    from qwen2_dist.data.loader import TokenBatches, run_cache_key, split_available
-    from qwen2_dist.data.prepare import VAL
+    from qwen2_dist.data.loader import TokenBatches, run_cache_key
     from qwen2_dist.data.synthetic import SyntheticBatches
     from qwen2_dist.model.hf import hf_source_fields
     from qwen2_dist.parallel.mesh import build_mesh, dp_rank_and_size, set_deterministic
@@ -249,34 +248,16 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         limit = parse_bytes("data.cache_limit", job.data.cache_limit) if job.data.cache_limit is not None else None
         batches = TokenBatches(sources, global_batch_size=job.train.global_batch_size, cache_limit=limit,
                                **loader_args)
-    eval_batches = None
+    evals, evals_complete = [], True
     if job.eval.interval and not job.data.synthetic:
-        missing = [p for p, _ in sources if not split_available(p, VAL, cache, loader_args["run_key"])]
-        if missing:
-            log.warning("eval: no held-out split in %s (prepare with a val_fraction > 0 that holds out at least one "
-                        "sample); evaluation is off",
-                        ", ".join(missing))
-        else:
-            # Read in the training process: a few micro-batches now and then do not pay for worker start-up.
-            per_micro_step = job.train.micro_batch_size * dp_size
-            eval_samples = job.eval.samples
-            eval_batches = TokenBatches(sources, global_batch_size=eval_step_size(eval_samples, per_micro_step),
-                                        split=VAL, **{**loader_args, "num_workers": 0})
-            held_out = sum(source["samples"] for source in eval_batches.order_summary["sources"])
-            if held_out < eval_samples:  # built again for the samples the split has
-                log.warning("eval: eval.samples=%d is more than the %d held-out samples: evaluating %d",
-                            eval_samples, held_out, held_out)
-                eval_samples = held_out
-                eval_batches.close()
-                eval_batches = TokenBatches(sources, global_batch_size=eval_step_size(eval_samples, per_micro_step),
-                                            split=VAL, **{**loader_args, "num_workers": 0}) if held_out else None
+        evals, evals_complete = build_evals(job, sources, loader_args, dp_size)
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
         "config_hash": checkpoint.config_hash(resolved), "init_from": init_from, "hf_source": hf_source,
         "trained_seq_len": trained_seq_len,
     }
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata,
-                      eval_batches, eval_samples if eval_batches is not None else None)
+                      evals, evals_complete)
     damaged = []
     for path in candidates:
         try:
@@ -305,10 +286,46 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         result = trainer.fit()
     finally:
         batches.close()
-        if eval_batches is not None:
-            eval_batches.close()
+        for ev in evals:
+            ev.batches.close()
     log.info("done: step %d, %s tokens seen, last loss %s", result.step, f"{result.tokens_seen:,}", result.last_loss)
     return result
+
+
+def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: dict, dp_size: int):
+    """The held-out samples each evaluation reads: one eval set for the job's one source, one per source of a
+    mixture (named as in the metrics), each of the first eval.samples of its val split (fewer where the split holds
+    fewer, with a warning). Sources without a held-out split are left out with a warning. Returns the eval sets
+    and whether every source has one (a mixture's eval_loss weighs all of them)."""
+    from qwen2_dist.config import source_names
+    from qwen2_dist.data.loader import TokenBatches, source_summary
+    from qwen2_dist.data.prepare import VAL
+    from qwen2_dist.train.trainer import EvalSet
+
+    names = source_names(job.data.sources) if len(sources) > 1 else [None]
+    held = [source_summary(path, loader_args["cache_dir"], loader_args["run_key"])["splits"].get(VAL, {})
+            .get("samples", 0) for path, _ in sources]
+    missing = [path for (path, _), count in zip(sources, held) if not count]
+    if missing:
+        log.warning("eval: no held-out split in %s (prepare with a val_fraction > 0 that holds out at least one "
+                    "sample); %s", ", ".join(missing),
+                    "evaluation is off" if len(missing) == len(sources) else
+                    "those sources are not evaluated, and there is no mixture eval_loss")
+    per_micro_step = job.train.micro_batch_size * dp_size
+    evals = []
+    for (path, weight), name, count in zip(sources, names, held):
+        if not count:
+            continue
+        samples = job.eval.samples
+        if count < samples:
+            log.warning("eval: eval.samples=%d is more than the %d held-out samples%s: evaluating %d", samples,
+                        count, f" of {name} ({path})" if name else "", count)
+            samples = count
+        # Read in the training process: a few micro-batches now and then do not pay for worker start-up.
+        batches = TokenBatches([(path, 1.0)], global_batch_size=eval_step_size(samples, per_micro_step), split=VAL,
+                               **{**loader_args, "num_workers": 0})
+        evals.append(EvalSet(batches, samples, name, weight))
+    return evals, not missing
 
 
 def eval_step_size(samples: int, per_micro_step: int) -> int:

@@ -325,11 +325,6 @@ def source_summary(path: str, cache_dir: str | None = None, run_key: str = "defa
                            _cache_path(cache_dir, run_key, path) if remote else None)
 
 
-def split_available(path: str, split: str, cache_dir: str | None = None, run_key: str = "default") -> bool:
-    """Whether a source (local directory or remote URL) has samples in a split, from its summary."""
-    return bool(source_summary(path, cache_dir, run_key)["splits"].get(split, {}).get("samples"))
-
-
 def check_seq_len(path: str, sample_tokens: int, seq_len: int) -> None:
     """UserError naming the source and the fix unless its samples (sample_tokens, from its summary) fit seq_len."""
     if sample_tokens != seq_len + 1:

@@ -52,6 +52,23 @@ class TrainResult:
     stopped_by_signal: bool
 
 
+@dataclass
+class EvalSet:
+    """Held-out samples evaluated together: the first `samples` of `batches`' one step (None: all of them; the rows
+    past them pad the last micro-batches, so that the same samples are evaluated on any layout)."""
+
+    batches: TokenBatches
+    samples: int | None = None
+    name: str | None = None
+    """The source's name in a mixture (logged as eval_loss/NAME); None for the one source of a job."""
+    weight: float = 1.0
+    """The source's share of training, which weighs its loss in the mixture's eval_loss."""
+
+    def counted(self) -> int:
+        """How many held-out samples an evaluation counts."""
+        return self.batches.global_batch_size if self.samples is None else self.samples
+
+
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (preemption); the loop saves and leaves at the end of the current step."""
 
@@ -79,15 +96,14 @@ class Trainer:
         batches: TokenBatches,
         grad_accum_steps: int,
         metadata: dict,
-        eval_batches: TokenBatches | None = None,
-        eval_samples: int | None = None,
+        evals: list[EvalSet] | tuple = (),
+        evals_complete: bool = True,
     ):
         self.cfg, self.args, self.world, self.mesh = cfg, args, world, mesh
         self.model, self.optimizer, self.batches = model, optimizer, batches
-        self.eval_batches = eval_batches
-        # The first eval_samples of eval_batches' one step count (None: all of them); the rest pad the last
-        # micro-batches, so that the same samples are evaluated on any layout.
-        self.eval_samples = eval_samples
+        self.evals = list(evals)
+        # Every source of the job has a held-out split: a mixture's eval_loss weighs all of them.
+        self.evals_complete = evals_complete
         self.grad_accum_steps = grad_accum_steps
         self.metadata = metadata
         self.checkpointer = checkpoint.Checkpointer(
@@ -261,19 +277,14 @@ class Trainer:
             logits = self.model(inputs, positions, mask_documents=positions is not None)
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
 
-    def evaluated_samples(self) -> int:
-        """How many held-out samples an evaluation counts."""
-        return self.eval_batches.global_batch_size if self.eval_samples is None else self.eval_samples
-
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss per target token over the held-out samples: the same samples at every evaluation, and on every
-        layout (the first eval_samples of the split's order; the rows past them, which fill the last micro-batches,
-        have their targets ignored)."""
-        batches = self.eval_batches
+    def evaluate(self, batches: TokenBatches, samples: int | None = None) -> float:
+        """Mean loss per target token over the first `samples` held-out samples of `batches`' one step (None: all
+        of it): the same samples at every evaluation, and on every layout (the rows past them, which fill the last
+        micro-batches, have their targets ignored)."""
         batches.seek(0)
         device = self.world.device
-        evaluated = self.evaluated_samples()
+        evaluated = batches.global_batch_size if samples is None else samples
         loss_sum = torch.zeros((), device=device)
         num_tokens = 0
         for micro in range(batches.grad_accum_steps):
@@ -287,6 +298,25 @@ class Trainer:
             num_tokens += int((targets != IGNORE_INDEX).sum())  # padding rows, and first tokens with eod_mask_loss
         global_tokens = all_reduce_sum(torch.tensor(float(num_tokens), device=device), self.mesh)
         return (all_reduce_sum(loss_sum, self.mesh) / global_tokens).item()
+
+    def evaluate_all(self) -> tuple[dict, str]:
+        """Every eval set's loss as metrics (eval_loss for one source; eval_loss/NAME per source of a mixture, and
+        eval_loss their mean weighted by the training shares when every source has a held-out split), and the log
+        line's text."""
+        if len(self.evals) == 1 and self.evals[0].name is None:
+            ev = self.evals[0]
+            loss = self.evaluate(ev.batches, ev.samples)
+            return {"eval_loss": loss}, f"eval_loss {loss:.4f} on {ev.counted()} held-out samples"
+        losses = {ev.name: self.evaluate(ev.batches, ev.samples) for ev in self.evals}
+        record, parts = {}, []
+        if self.evals_complete:
+            total = sum(ev.weight for ev in self.evals)
+            record["eval_loss"] = sum(ev.weight / total * losses[ev.name] for ev in self.evals)
+            parts.append(f"eval_loss {record['eval_loss']:.4f} (weighted as in training) |")
+        for ev in self.evals:
+            record[f"eval_loss/{ev.name}"] = losses[ev.name]
+            parts.append(f"{ev.name} {losses[ev.name]:.4f} on {ev.counted()},")
+        return record, " ".join(parts).rstrip(",") + " held-out samples"
 
     def fit(self) -> TrainResult:
         """Train from the current step up to train.steps, logging, checkpointing and honouring preemption."""
@@ -328,7 +358,7 @@ class Trainer:
                 self.tokens_seen += self.tokens_per_step
                 window_steps += 1
                 window_data += data_seconds
-                eval_due = self.eval_batches is not None and self.step % cfg.eval.interval == 0
+                eval_due = bool(self.evals) and self.step % cfg.eval.interval == 0
                 if self.step % cfg.logging.interval == 0 or self.step == last_step or eval_due:
                     # The host runs ahead of the GPU: the window ends when the work queued so far is done.
                     synchronize(self.world.device)
@@ -351,13 +381,13 @@ class Trainer:
                         "time": time.time(),
                     }
                     if eval_due:  # after the window's clock stopped: evaluation time is not training time
-                        record["eval_loss"] = self.evaluate()
+                        eval_record, eval_text = self.evaluate_all()
+                        record.update(eval_record)
                     writer.write(record)
                     if self.world.is_main:
                         log.info(format_step(record))
                         if eval_due:
-                            log.info("step %d | eval_loss %.4f on %d held-out samples", self.step,
-                                     record["eval_loss"], self.evaluated_samples())
+                            log.info("step %d | %s", self.step, eval_text)
                     window_started, window_steps, window_data = time.monotonic(), 0, 0.0
                     limit = 1 if cfg.train.nonfinite == "halt" else cfg.train.max_skipped_in_a_row
                     if in_a_row >= limit:

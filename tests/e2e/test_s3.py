@@ -160,8 +160,11 @@ def test_training_mixes_an_s3_source_with_a_local_one(tmp_path, s3, corpus_cache
     assert "resumed from" in second.stdout
     with open(run_dir / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
-    evals = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
-    assert sorted(evals) == [3, 6] and all(v > 0 for v in evals.values())
+    evals = {r["step"]: r for r in records if "eval_loss" in r}
+    assert sorted(evals) == [3, 6] and all(r["eval_loss"] > 0 for r in evals.values())
+    for r in evals.values():  # each source on its own, weighted as in training
+        assert r["eval_loss"] == pytest.approx(0.25 * r["eval_loss/remote"] + 0.75 * r["eval_loss/local"])
+    assert "(weighted as in training) | remote " in first.stdout + first.stderr
     assert "flash-attn not installed, no CUDA or fp32" in first.stdout and "explicit block-diagonal causal mask" in (
         first.stdout)
 

@@ -160,12 +160,69 @@ def test_evaluation_reads_the_same_samples_whatever_the_micro_batches(tmp_path, 
     losses = []
     for micro in (1, 2, 4):
         step = -(-5 // micro) * micro
-        trainer.eval_batches = TokenBatches([(data, 1.0)], seq_len=16, micro_batch_size=micro,
-                                            global_batch_size=step, split=VAL)
-        trainer.eval_samples = 5
-        losses.append(trainer.evaluate())
-        trainer.eval_batches.close()
+        batches = TokenBatches([(data, 1.0)], seq_len=16, micro_batch_size=micro, global_batch_size=step, split=VAL)
+        losses.append(trainer.evaluate(batches, 5))
+        batches.close()
     assert losses[1] == pytest.approx(losses[0], rel=1e-6) and losses[2] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_a_mixture_is_evaluated_per_source_and_weighted_as_in_training(tmp_path, caplog):
+    """data.sources: each source's first eval.samples held-out samples on their own (eval_loss/NAME, the same loss
+    as that source evaluated alone; a split smaller than eval.samples evaluated whole), eval_loss their mean by the
+    training weights. A source without a held-out split is left out, and then there is no mixture eval_loss."""
+    from qwen2_dist.cli.train import build_evals
+    from qwen2_dist.data.loader import TokenBatches
+    from qwen2_dist.data.prepare import VAL
+    from tests.datasets import make_dataset
+
+    web = make_dataset(tmp_path / "web", 8, 16, val_samples=7)
+    code = make_dataset(tmp_path / "code" / "v1", 8, 16, first_id=3000, val_samples=3)
+    nothing_held_out = make_dataset(tmp_path / "books", 8, 16)
+    sources = f"[{{path: {web}, weight: 3}}, {{path: {code}, weight: 1, name: code}}]"
+    trainer = cpu_trainer(tmp_path / "run", "train.global_batch_size=2", f"data.sources={sources}",
+                          "eval.samples=5")
+    loader_args = dict(seq_len=16, micro_batch_size=2, dp_rank=0, dp_size=1, cache_dir=None, run_key="default")
+    evals, complete = build_evals(trainer.cfg, [(web, 3.0), (code, 1.0)], loader_args, 1)
+    assert complete and [(ev.name, ev.samples, ev.weight) for ev in evals] == [("web", 5, 3.0), ("code", 3, 1.0)]
+    assert "eval.samples=5 is more than the 3 held-out samples of code" in caplog.text
+    trainer.evals = evals
+    record, text = trainer.evaluate_all()
+    alone = {}
+    for name, path, samples in (("web", web, 5), ("code", code, 3)):
+        batches = TokenBatches([(path, 1.0)], seq_len=16, micro_batch_size=2, global_batch_size=6, split=VAL)
+        alone[name] = trainer.evaluate(batches, samples)
+        batches.close()
+    assert record["eval_loss/web"] == pytest.approx(alone["web"], rel=1e-6)
+    assert record["eval_loss/code"] == pytest.approx(alone["code"], rel=1e-6)
+    assert abs(alone["web"] - alone["code"]) > 1e-3  # the two sources' samples differ
+    assert record["eval_loss"] == pytest.approx(0.75 * alone["web"] + 0.25 * alone["code"], rel=1e-6)
+    assert "web" in text and "code" in text and "on 3" in text
+    for ev in evals:
+        ev.batches.close()
+
+    evals, complete = build_evals(trainer.cfg, [(web, 3.0), (nothing_held_out, 1.0)], loader_args, 1)
+    assert not complete and [ev.name for ev in evals] == ["web"]
+    assert f"no held-out split in {nothing_held_out}" in caplog.text
+    trainer.evals, trainer.evals_complete = evals, complete
+    assert set(trainer.evaluate_all()[0]) == {"eval_loss/web"}
+    evals[0].batches.close()
+
+
+def test_source_names_come_from_the_paths_unless_given(tmp_path):
+    from qwen2_dist.config import DataSource, source_names
+
+    def names(*sources):
+        return source_names([DataSource(path=p, name=n) for p, n in sources])
+
+    assert names(("/d/web/", None), ("s3://bucket/code", None), ("/d/x", "books")) == ["web", "code", "books"]
+    assert names(("/d/web/v1", None), ("/d/code/v1", None), ("/d/v1", "v1_9")) == ["v1_0", "v1_1", "v1_9"]
+    assert names(("hf://datasets/org/my data", None)) == ["my_data"]
+    with pytest.raises(UserError, match=r"data.sources\[0\] and data.sources\[1\] are both named 'a'"):
+        names(("/d/x", "a"), ("/d/y", "a"))
+    with pytest.raises(UserError, match=r"data.sources\[1\].name='a/b'"):
+        names(("/d/x", None), ("/d/y", "a/b"))
+    with pytest.raises(UserError, match="would both be named 'web_1'"):
+        names(("/d/web", None), ("/e/web", None), ("/f/x", "web_1"))
 
 
 @pytest.mark.parametrize("loss", ["chunked", "plain"])
