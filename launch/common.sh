@@ -1,8 +1,10 @@
 # Sourced by train_single_node.sh and train_multi_node.sh (and, through them, slurm/train.sbatch):
 # which torchrun to run, how many processes per node, and the torchrun flags both launchers share.
 #
-#   TORCHRUN          the torchrun command, split on spaces (e.g. "torchrun" or "/opt/env/bin/torchrun")
-#   PYTHON            else: run "$PYTHON -m torch.distributed.run"; default $VENV/bin/python (VENV as given to
+#   TORCHRUN          the torchrun command, split on spaces (e.g. "torchrun" or "/opt/env/bin/torchrun"); it exits 1
+#                     also when the trainers stopped on purpose (2: a config or data error; 3: a training halt)
+#   PYTHON            else: run "$PYTHON -m qwen2_dist.cli.torchrun" (torchrun in the same process, whose exit code
+#                     is then 2 or 3 for such a stop); default $VENV/bin/python (VENV as given to
 #                     launch/install.sh), else the repository's .venv/bin/python when it exists, else python3 on PATH
 #   NPROC             processes per node; default the GPUs this process sees (nvidia-smi's count, or fewer when
 #                     CUDA_VISIBLE_DEVICES names fewer), or 1 when there is none
@@ -33,7 +35,7 @@ else
     else
         python=python3
     fi
-    torchrun=("$python" -m torch.distributed.run)
+    torchrun=("$python" -m qwen2_dist.cli.torchrun)
 fi
 
 if [ -z "${NPROC:-}" ]; then

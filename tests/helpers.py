@@ -73,7 +73,7 @@ class _Zygote:
         """Whether a child forked here starts as a fresh interpreter with `env` would. torchrun's agent only
         starts fresh workers (which read their environment themselves), so its own import-time environment does
         not matter."""
-        if module == "torch.distributed.run":
+        if module in ("torch.distributed.run", "qwen2_dist.cli.torchrun"):
             return True
         keys = {k for k in (*env, *self.env) if k.startswith(IMPORT_TIME_ENV)}
         return all(env.get(k) == self.env.get(k) for k in keys)

@@ -7,8 +7,8 @@ at the halt and train on, its retention deleting the checkpoints the halt said t
 stops on purpose under torchrun records why in RUN_DIR/no_restart.json, and a restarted worker of the same torchrun
 that finds the record stops at once with the same exit code and message, before it builds anything. The first start
 of a torchrun (restart 0) removes an earlier record once it holds the run_dir's lock; a job refused by another job's
-lock records nothing. torchrun itself then exits 1 once its restarts are spent;
-slurm/train.sbatch turns the record into its own exit code.
+lock records nothing. torchrun itself then exits 1 once its restarts are spent; qwen2_dist/cli/torchrun.py (what
+the launchers run) and slurm/train.sbatch turn the record into their own exit code.
 """
 
 import json
@@ -71,6 +71,21 @@ def previous_stop(run_dir: str) -> tuple[int, str] | None:
         f"stopped on purpose with exit {stop['code']}: {stop.get('error')}. A restart cannot fix that; fix it and "
         f"start the job again ({path} records the stop)"
     )
+
+
+def stopped_since(run_dir: str, since: float) -> tuple[int, str] | None:
+    """(exit code, error) of a stop on purpose recorded in run_dir at or after time `since` (by the torchrun that
+    started then); None when there is none."""
+    try:
+        with open(os.path.join(run_dir, NAME), encoding="utf-8") as f:
+            stop = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(stop, dict) or not isinstance(stop.get("code"), int) or not stop["code"]:
+        return None
+    if not isinstance(stop.get("time"), (int, float)) or stop["time"] < since:
+        return None
+    return stop["code"], str(stop.get("error"))
 
 
 def clear_earlier(run_dir: str) -> None:

@@ -50,13 +50,16 @@ def test_a_halt_under_torchrun_is_not_trained_past_by_its_restarts(tmp_path, cor
     run_dir = tmp_path / "halt"
     job = train_overrides(run_dir, corpus_cache, **JOB, **{"train.nonfinite": "halt", "checkpoint.keep_last": 1})
     torchrun = ["--standalone", "--nproc-per-node=1", "--max-restarts=1", "-m", TRAIN]
-    result = run_cli("torch.distributed.run", [*torchrun, *job], env={"QWEN2_INJECT_NAN_STEP": "2",
-                                                                       "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 1, result.stderr[-3000:]  # torchrun's, once its restarts are spent
+    # The launchers' torchrun (qwen2_dist/cli/torchrun.py) ends with the halt's code; torchrun's own would be 1.
+    result = run_cli("qwen2_dist.cli.torchrun", [*torchrun, *job], env={"QWEN2_INJECT_NAN_STEP": "2",
+                                                                         "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and "train.nonfinite=halt" in errors[0], errors
+    assert len(errors) == 3 and "train.nonfinite=halt" in errors[0], errors
     assert errors[1].startswith("error: not training on: torchrun restarted the workers (restart 1) after attempt 0 "
                                 "stopped on purpose with exit 3: step 2: "), errors
+    assert errors[2].startswith("error: the trainers stopped on purpose with exit 3, which torchrun reports as a "
+                                "failure (exit 1); ending with 3: step 2: "), errors
     assert "resumed from" not in result.stdout and os.listdir(run_dir / "checkpoints") == ["step_00000002"]
     stop = json.loads((run_dir / "no_restart.json").read_text())
     assert (stop["code"], stop["restart"]) == (3, 0)

@@ -282,6 +282,8 @@ def test_a_halted_sbatch_job_is_not_restarted_and_ends_with_the_halts_exit_code(
     assert "the trainers stopped on purpose with exit 3, not restarted" in out
     node_log = (tmp_path / "halted" / "logs" / "slurm" / f"{job_id}-a0-node0.log").read_text()
     assert "error: not training on: torchrun restarted the workers (restart 1)" in node_log
+    # The launcher's torchrun (qwen2_dist/cli/torchrun.py) ends with the halt's code itself.
+    assert "which torchrun reports as a failure (exit 1); ending with 3: step 3: " in node_log
     assert "resumed from" not in node_log and [r["step"] for r in metrics(tmp_path / "halted")] == [1, 2, 3]
 
 
