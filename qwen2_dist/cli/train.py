@@ -159,11 +159,29 @@ def run(cfg: DictConfig):
         from qwen2_dist.train import no_restart
 
         no_restart.clear_earlier(job.run_dir)  # a new torchrun: an earlier one's stop does not hold for it
+    if local_rank == 0:
+        warn_few_cpus(job.data.num_workers)
     try:
         return _train(cfg, job, world, layout, device_type, local_rank)
     finally:
         if lock is not None:
             lock.close()
+
+
+def warn_few_cpus(num_workers: int) -> None:
+    """Warn when this node's trainers and their data workers have fewer CPUs than processes (this process' CPU
+    affinity, which Slurm and containers set): a Slurm task gets one CPU unless the job asks for more."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return
+    trainers = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    if cpus < trainers * (1 + num_workers):
+        log.warning("this node's %d trainer process(es) and their %d data worker(s) (data.num_workers=%d) share "
+                    "%d CPU(s), this process' CPU affinity: the steps may wait for the host. Give the job more "
+                    "CPUs (under Slurm: #SBATCH --cpus-per-task=N, as a task gets one CPU unless it asks; "
+                    "slurm/train.sbatch passes it on to srun) or lower data.num_workers", trainers,
+                    trainers * num_workers, num_workers, cpus)
 
 
 def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device_type: str, local_rank: int):

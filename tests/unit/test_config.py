@@ -443,3 +443,18 @@ def test_a_start_with_another_config_keeps_the_last_one_and_says_what_changed(tm
     assert OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml")) == second
     write_job_config(str(tmp_path), first)  # within the same second: kept beside the first, not over it
     assert len(list((tmp_path / "configs").iterdir())) == 2
+
+
+@pytest.mark.parametrize("cpus, trainers, workers, warned", [(1, 8, 0, True), (8, 8, 0, False), (16, 8, 2, True),
+                                                             (24, 8, 2, False)])
+def test_fewer_cpus_than_trainers_and_data_workers_is_warned(monkeypatch, caplog, cpus, trainers, workers, warned):
+    """A Slurm task without --cpus-per-task gets one CPU for all of its node's trainers and data workers."""
+    from qwen2_dist.cli.train import warn_few_cpus
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(trainers))
+    warn_few_cpus(workers)
+    assert ("--cpus-per-task" in caplog.text) == warned
+    if warned:
+        assert f"{trainers} trainer process(es) and their {trainers * workers} data worker(s)" in caplog.text
+        assert f"share {cpus} CPU(s)" in caplog.text
