@@ -185,8 +185,8 @@ class DataConfig:
 @dataclass
 class EvalConfig:
     interval: int = 50
-    """Compute the loss on the held-out (val) split every this many steps; 0 = never. Skipped, with a warning,
-    when the data has no val split."""
+    """Compute the loss on the held-out (val) split every this many steps and at the last step (train.steps);
+    0 = never. Skipped, with a warning, when the data has no val split."""
     samples: int = 16
     """Held-out samples per evaluation and source, over all ranks: the first of the split's order, the same every
     time and on every layout, so evaluations compare; at most as many as the split holds (with a warning). With

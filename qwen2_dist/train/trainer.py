@@ -358,7 +358,8 @@ class Trainer:
                 self.tokens_seen += self.tokens_per_step
                 window_steps += 1
                 window_data += data_seconds
-                eval_due = bool(self.evals) and self.step % cfg.eval.interval == 0
+                # Every eval.interval steps and at the end of the run (not at a train.stop_at before it).
+                eval_due = bool(self.evals) and (self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps)
                 if self.step % cfg.logging.interval == 0 or self.step == last_step or eval_due:
                     # The host runs ahead of the GPU: the window ends when the work queued so far is done.
                     synchronize(self.world.device)

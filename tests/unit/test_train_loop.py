@@ -208,6 +208,26 @@ def test_a_mixture_is_evaluated_per_source_and_weighted_as_in_training(tmp_path,
     evals[0].batches.close()
 
 
+def test_evaluation_runs_every_interval_and_at_the_last_step_not_at_a_stop_before_it(tmp_path):
+    from qwen2_dist.data.loader import TokenBatches
+    from qwen2_dist.data.prepare import VAL
+    from qwen2_dist.train.trainer import EvalSet
+    from tests.datasets import make_dataset
+    from tests.helpers import read_metrics
+
+    data = make_dataset(tmp_path / "data", 8, 16, val_samples=4)
+    for name, steps, stop_at, evaluated in (("end", 5, None, [2, 4, 5]), ("stop", 5, 3, [2])):
+        (tmp_path / name).mkdir()
+        trainer = cpu_trainer(tmp_path / name, "train.global_batch_size=2", f"train.steps={steps}",
+                              f"train.stop_at={stop_at if stop_at else 'null'}", "eval.interval=2",
+                              "logging.interval=1", "checkpoint.interval=0")
+        batches = TokenBatches([(data, 1.0)], seq_len=16, micro_batch_size=2, global_batch_size=4, split=VAL)
+        trainer.evals = [EvalSet(batches, 4)]
+        trainer.fit()
+        batches.close()
+        assert [r["step"] for r in read_metrics(tmp_path / name) if "eval_loss" in r] == evaluated, name
+
+
 def test_source_names_come_from_the_paths_unless_given(tmp_path):
     from qwen2_dist.config import DataSource, source_names
 
