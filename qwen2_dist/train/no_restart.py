@@ -73,17 +73,26 @@ def previous_stop(run_dir: str) -> tuple[int, str] | None:
     )
 
 
-def stopped_since(run_dir: str, since: float) -> tuple[int, str] | None:
-    """(exit code, error) of a stop on purpose recorded in run_dir at or after time `since` (by the torchrun that
-    started then); None when there is none."""
+def record_identity(run_dir: str) -> tuple[int, int, int] | None:
+    """What tells this record file apart from any rewrite of it (inode, modification time, size); None: none."""
+    try:
+        st = os.stat(os.path.join(run_dir, NAME))
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def recorded_since(run_dir: str, before: tuple[int, int, int] | None) -> tuple[int, str] | None:
+    """(exit code, error) of a stop on purpose recorded in run_dir after `before` (record_identity's value then:
+    every record is a new file, write_atomic); None when the record is the same one, or there is none."""
+    if record_identity(run_dir) in (None, before):
+        return None
     try:
         with open(os.path.join(run_dir, NAME), encoding="utf-8") as f:
             stop = json.load(f)
     except (OSError, ValueError):
         return None
     if not isinstance(stop, dict) or not isinstance(stop.get("code"), int) or not stop["code"]:
-        return None
-    if not isinstance(stop.get("time"), (int, float)) or stop["time"] < since:
         return None
     return stop["code"], str(stop.get("error"))
 

@@ -1,40 +1,47 @@
 """qwen2_dist/cli/torchrun.py: torchrun in this process, ending with the exit code of a deliberate stop."""
 
 import json
-import time
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+from torch.distributed.elastic.rendezvous import RendezvousClosedError
 
 from qwen2_dist.cli import torchrun
+from qwen2_dist.fsutil import write_atomic
 from qwen2_dist.train import no_restart
 
 
-def _failing_torchrun(monkeypatch, run_dir, record_code=None, record_age=0.0):
+def _record(run_dir, code):
+    write_atomic(str(run_dir / no_restart.NAME), json.dumps({
+        "code": code, "error": "step 2: halted", "torchrun_run_id": "x", "restart": 0, "rank": 0, "time": 0.0}))
+
+
+def _failing_torchrun(monkeypatch, run_dir, record_code=None, error=None):
     """torch.distributed.run.main replaced by one whose worker recorded a stop (or not), then failed."""
     import torch.distributed.run
 
     def fake_main(argv):
         if record_code is not None:
-            (run_dir / no_restart.NAME).write_text(json.dumps({
-                "code": record_code, "error": "step 2: halted", "torchrun_run_id": "x", "restart": 0, "rank": 0,
-                "time": time.time() - record_age}))
-        raise ChildFailedError("qwen2_dist.cli.train", {0: ProcessFailure(0, 1, record_code or 1, "<N/A>")})
+            _record(run_dir, record_code)
+        raise error or ChildFailedError("qwen2_dist.cli.train", {0: ProcessFailure(0, 1, record_code or 1, "<N/A>")})
 
     monkeypatch.setattr(torch.distributed.run, "main", fake_main)
 
 
-def _argv(run_dir, module="qwen2_dist.cli.train"):
-    return ["--standalone", "--nproc-per-node=1", "-m", module, "model=tiny", f"run_dir={run_dir}"]
+def _argv(run_dir, module="qwen2_dist.cli.train", *more):
+    return ["--standalone", "--nproc-per-node=1", "-m", module, "model=tiny", f"run_dir={run_dir}", *more]
 
 
 @pytest.mark.parametrize("code", [2, 3])
-def test_a_recorded_stop_ends_torchrun_with_its_code(tmp_path, monkeypatch, capsys, code):
+@pytest.mark.parametrize("error", ["worker failed", "rendezvous closed (another node stopped)"])
+def test_a_recorded_stop_ends_torchrun_with_its_code(tmp_path, monkeypatch, capsys, code, error):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    _failing_torchrun(monkeypatch, run_dir, record_code=code)
+    _record(run_dir, 3)  # an earlier torchrun's record: replaced by this one's
+    _failing_torchrun(monkeypatch, run_dir, record_code=code,
+                      error=RendezvousClosedError() if error.startswith("rendezvous") else None)
     with pytest.raises(SystemExit) as exc:
-        torchrun.main(_argv(run_dir))
+        torchrun.main(_argv(run_dir, "qwen2_dist.cli.train", "+hydra.verbose=true"))
     assert exc.value.code == code
     err = capsys.readouterr().err
     assert f"error: the trainers stopped on purpose with exit {code}" in err and "step 2: halted" in err
@@ -44,8 +51,21 @@ def test_a_recorded_stop_ends_torchrun_with_its_code(tmp_path, monkeypatch, caps
 def test_any_other_failure_stays_torchrun_s(tmp_path, monkeypatch, case):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    _failing_torchrun(monkeypatch, run_dir, record_code=None if case == "no record" else 3,
-                      record_age=60.0 if case == "an earlier torchrun's record" else 0.0)
+    if case == "an earlier torchrun's record":
+        _record(run_dir, 3)
+    _failing_torchrun(monkeypatch, run_dir, record_code=3 if case == "another program" else None)
     argv = _argv(run_dir, "some.other.module") if case == "another program" else _argv(run_dir)
     with pytest.raises(ChildFailedError):
         torchrun.main(argv)
+
+
+def test_overrides_that_do_not_compose_stop_before_torchrun_with_exit_2(tmp_path, monkeypatch, capsys):
+    """As the trainers would, but before they start (they stop before they know the run_dir to record it in),
+    also where the launchers' check does not run (PRECHECK=0, an elastic node count)."""
+    import torch.distributed.run
+
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: pytest.fail("torchrun started"))
+    with pytest.raises(SystemExit) as exc:
+        torchrun.main(_argv(tmp_path / "run", "qwen2_dist.cli.train", "train.stepz=3"))
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.startswith("error: bad override in ")
