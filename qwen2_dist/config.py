@@ -137,8 +137,9 @@ class DataSource:
     weight: float = 1.0
     """Share of the training samples drawn from this source (weights are normalized to sum to 1)."""
     name: Optional[str] = None
-    """What the metrics call this source (eval_loss/NAME); default: the last part of its path (with _INDEX added
-    where two sources' last parts are the same). Letters, digits, '.', '_' and '-'."""
+    """What the metrics call this source of a mixture (eval_loss/NAME; a job of one source logs eval_loss only);
+    default: the last part of its path (the last two, joined by '-', where two sources' last parts are the same).
+    Letters, digits, '.', '_' and '-'."""
 
 
 @dataclass
@@ -511,9 +512,19 @@ def parse_bytes(key: str, value) -> int:
 _SOURCE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 
+def _path_parts(path: str) -> list[str]:
+    """The components of a source's path (a local one made absolute), metric-name safe, last one last."""
+    if "://" in path:
+        parts = path.split("://", 1)[1].split("/")
+    else:
+        parts = os.path.abspath(os.path.expanduser(path)).split(os.sep)
+    return [re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in parts if part not in ("", ".", "..")] or ["source"]
+
+
 def source_names(sources: list[DataSource]) -> list[str]:
-    """Each source's name in the metrics: its data.sources[i].name, else the last part of its path (with _INDEX
-    added where two are the same). Raises UserError for a name given twice or with other characters."""
+    """Each source's name in the metrics: its data.sources[i].name, else the last part of its path; where two would
+    be the same, the last two parts joined by '-' (/d/web/v1 and /d/code/v1: web-v1 and code-v1), and where those
+    are too, _INDEX added. Raises UserError for a name given twice or with other characters."""
     given = [s.name for s in sources]
     for i, name in enumerate(given):
         if name is not None and not _SOURCE_NAME.fullmatch(name):
@@ -521,9 +532,13 @@ def source_names(sources: list[DataSource]) -> list[str]:
         if name is not None and given.index(name) != i:
             raise UserError(f"data.sources[{given.index(name)}] and data.sources[{i}] are both named {name!r}: "
                             "give each source its own data.sources[i].name")
-    bases = [re.sub(r"[^A-Za-z0-9._-]", "_", s.path.rstrip("/").rsplit("/", 1)[-1]) or "source" for s in sources]
-    names = [name if name is not None else base + (f"_{i}" if bases.count(base) > 1 else "")
-             for i, (name, base) in enumerate(zip(given, bases))]
+    parts = [_path_parts(s.path) for s in sources]
+    names = [name if name is not None else p[-1] for name, p in zip(given, parts)]
+    for depth in (2, None):
+        clash = {name for i, name in enumerate(names) if given[i] is None and names.count(name) > 1}
+        for i, name in enumerate(names):
+            if name in clash and given[i] is None:
+                names[i] = "-".join(parts[i][-2:]) if depth else f"{name}_{i}"
     for i, name in enumerate(names):
         if names.index(name) != i:
             raise UserError(f"data.sources[{names.index(name)}] and data.sources[{i}] would both be named "

@@ -517,7 +517,7 @@ class TokenBatches:
         self.num_workers = num_workers
         self.paths = [path for path, _ in sources]
         quotas = mixture_quotas(sources)
-        if len(sources) > 1 and split == TRAIN:  # the held-out split mixes the same shares: said once
+        if len(sources) > 1 and split == TRAIN:
             total = sum(weight for _, weight in sources)
             log.info("data: mixing %d sources, samples per block of %d: %s", len(sources), MIX_BLOCK, ", ".join(
                 f"{path} {quota} (share {quota / MIX_BLOCK:.4g} for weight share {weight / total:.4g})"
@@ -700,7 +700,8 @@ class TokenBatches:
             self.position += self.global_batch_size
             epochs = self.order.epochs(self.position)
             for path, before, now in zip(self.paths, self._epochs, epochs):
-                if now != before:
+                # Not for the held-out split, whose rows that pad an evaluation read on past its end every time.
+                if now != before and self.split == TRAIN:
                     log.info("data: %s (%s split) starts epoch %d", path, self.split, now)
             self._epochs = epochs
         return batch

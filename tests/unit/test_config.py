@@ -451,10 +451,21 @@ def test_fewer_cpus_than_trainers_and_data_workers_is_warned(monkeypatch, caplog
     """A Slurm task without --cpus-per-task gets one CPU for all of its node's trainers and data workers."""
     from qwen2_dist.cli.train import warn_few_cpus
 
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setattr("qwen2_dist.cli.train.usable_cpus", lambda: cpus)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(trainers))
     warn_few_cpus(workers)
     assert ("--cpus-per-task" in caplog.text) == warned
     if warned:
         assert f"{trainers} trainer process(es) and their {trainers * workers} data worker(s)" in caplog.text
         assert f"share {cpus} CPU(s)" in caplog.text
+
+
+def test_usable_cpus_are_the_affinity_bounded_by_a_cgroup_quota(tmp_path, monkeypatch):
+    from qwen2_dist.cli.train import usable_cpus
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    cpu_max = tmp_path / "cpu.max"
+    for text, cpus in (("max 100000", 16), ("250000 100000", 3), ("50000 100000", 1), ("3200000 100000", 16)):
+        cpu_max.write_text(text + "\n")
+        assert usable_cpus(str(cpu_max)) == cpus, text
+    assert usable_cpus(str(tmp_path / "none")) == 16  # cgroup v1, or no cgroup file

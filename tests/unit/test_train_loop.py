@@ -3,6 +3,7 @@ guard decides as the uninterrupted one would, a checkpoint's save time is not co
 throughput, the last step's checkpoint is written again when its background save failed, and train.stop_at stops
 with a checkpoint."""
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -171,6 +172,7 @@ def test_a_mixture_is_evaluated_per_source_and_weighted_as_in_training(tmp_path,
     as that source evaluated alone; a split smaller than eval.samples evaluated whole), eval_loss their mean by the
     training weights. A source without a held-out split is left out, and then there is no mixture eval_loss."""
     from qwen2_dist.cli.train import build_evals
+    from qwen2_dist.config import DataSource
     from qwen2_dist.data.loader import TokenBatches
     from qwen2_dist.data.prepare import VAL
     from tests.datasets import make_dataset
@@ -200,8 +202,11 @@ def test_a_mixture_is_evaluated_per_source_and_weighted_as_in_training(tmp_path,
     for ev in evals:
         ev.batches.close()
 
-    evals, complete = build_evals(trainer.cfg, [(web, 3.0), (nothing_held_out, 1.0)], loader_args, 1)
-    assert not complete and [ev.name for ev in evals] == ["web"]
+    # The source without a held-out split first: names and weights stay with their sources.
+    sources = [DataSource(path=nothing_held_out, weight=1.0), DataSource(path=web, weight=3.0)]
+    job = dataclasses.replace(trainer.cfg, data=dataclasses.replace(trainer.cfg.data, sources=sources))
+    evals, complete = build_evals(job, [(nothing_held_out, 1.0), (web, 3.0)], loader_args, 1)
+    assert not complete and [(ev.name, ev.samples, ev.weight) for ev in evals] == [("web", 5, 3.0)]
     assert f"no held-out split in {nothing_held_out}" in caplog.text
     trainer.evals, trainer.evals_complete = evals, complete
     assert set(trainer.evaluate_all()[0]) == {"eval_loss/web"}
@@ -235,14 +240,17 @@ def test_source_names_come_from_the_paths_unless_given(tmp_path):
         return source_names([DataSource(path=p, name=n) for p, n in sources])
 
     assert names(("/d/web/", None), ("s3://bucket/code", None), ("/d/x", "books")) == ["web", "code", "books"]
-    assert names(("/d/web/v1", None), ("/d/code/v1", None), ("/d/v1", "v1_9")) == ["v1_0", "v1_1", "v1_9"]
-    assert names(("hf://datasets/org/my data", None)) == ["my_data"]
+    assert names(("/d/web/v1", None), ("s3://b/code/v1", None), ("/d/v1", "v9")) == ["web-v1", "code-v1", "v9"]
+    assert names(("/d/web", None), ("/e/web", "other")) == ["web", "other"]  # no clash with a given name
+    assert names(("/a/x/web", None), ("/b/x/web", None)) == ["x-web_0", "x-web_1"]
+    assert names(("hf://datasets/org/my data", None), ("/d/web/..", None)) == ["my_data", "d"]
     with pytest.raises(UserError, match=r"data.sources\[0\] and data.sources\[1\] are both named 'a'"):
         names(("/d/x", "a"), ("/d/y", "a"))
     with pytest.raises(UserError, match=r"data.sources\[1\].name='a/b'"):
         names(("/d/x", None), ("/d/y", "a/b"))
-    with pytest.raises(UserError, match="would both be named 'web_1'"):
-        names(("/d/web", None), ("/e/web", None), ("/f/x", "web_1"))
+    assert names(("/d/web", None), ("/f/x", "web")) == ["d-web", "web"]
+    with pytest.raises(UserError, match="would both be named 'x-web_0'"):
+        names(("/a/x/web", None), ("/b/x/web", None), ("/f/x", "x-web_0"))
 
 
 @pytest.mark.parametrize("loss", ["chunked", "plain"])
