@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from qwen2_dist.errors import UserError
+from qwen2_dist.errors import CheckpointNotLoadable, UserError
 from qwen2_dist.fsutil import reads_in_place
 
 SCHEDULES = ("cosine", "linear", "sqrt", "constant")
@@ -612,6 +612,8 @@ def check_saved(cfg: JobConfig) -> None:
     for path in first:
         try:
             meta = checkpoint.read_metadata(path)
+        except CheckpointNotLoadable:
+            raise  # a newer format: the run would stop on it too
         except UserError:
             continue  # damaged or gone: the run reports it, and auto falls back
         checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")

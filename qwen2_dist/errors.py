@@ -8,3 +8,9 @@ class UserError(Exception):
 class ResumeMismatch(UserError):
     """A checkpoint that loads fine but belongs to another job (other data or data order): falling back to an older
     checkpoint of the same run cannot help, so resume=auto stops with this instead."""
+
+
+class CheckpointNotLoadable(UserError):
+    """A checkpoint this process cannot use now, though it may well be intact: a format newer than this version
+    reads, or files this rank cannot read (an I/O error, a file not visible on this node yet). resume=auto stops with
+    this rather than falling back past the checkpoint and setting it aside as damaged (its progress lost)."""

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from qwen2_dist.config import (
     JobConfig, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs, uses_bf16, validate,
 )
-from qwen2_dist.errors import ResumeMismatch, UserError
+from qwen2_dist.errors import CheckpointNotLoadable, ResumeMismatch, UserError
 from qwen2_dist.fsutil import write_atomic
 from qwen2_dist.train.faults import TrainingHalted
 
@@ -297,6 +297,8 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
             trainer.restore(path)
         except ResumeMismatch as exc:
             raise UserError(f"checkpoint {path}: {exc}") from None
+        except CheckpointNotLoadable:
+            raise  # maybe intact: neither fallen back past (its progress lost) nor set aside as damaged
         except UserError as exc:
             if os.path.abspath(path) == os.path.abspath(job.checkpoint.resume):
                 raise  # the checkpoint the job names

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from qwen2_dist.errors import UserError
+from qwen2_dist.errors import CheckpointNotLoadable, UserError
 from qwen2_dist.fsutil import replace_dir, write_atomic
 from qwen2_dist.parallel.mesh import agree_any, broadcast_str
 
@@ -130,11 +130,15 @@ def read_metadata(path: str) -> dict:
     try:
         with open(os.path.join(path, METADATA), encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, ValueError) as exc:
+    except ValueError as exc:  # not JSON (or not UTF-8)
         raise UserError(f"{path}/{METADATA}: unreadable ({exc}); the checkpoint is damaged") from None
+    except OSError as exc:  # an I/O error: the file may be intact
+        raise CheckpointNotLoadable(f"{path}/{METADATA}: cannot be read ({exc}); if the filesystem recovers, start "
+                                    "the job again; if the checkpoint is lost, move it out of checkpoints/") from None
     if meta.get("format") not in READABLE_FORMATS:
-        raise UserError(f"{path}/{METADATA}: checkpoint format {meta.get('format')} is not one this version reads "
-                        f"({', '.join(map(str, READABLE_FORMATS))}); load it with the version that wrote it")
+        raise CheckpointNotLoadable(
+            f"{path}/{METADATA}: checkpoint format {meta.get('format')} is not one this version reads "
+            f"({', '.join(map(str, READABLE_FORMATS))}); load it with the version that wrote it")
     return meta
 
 
@@ -186,17 +190,22 @@ def verify(path: str, checksums: bool = True) -> dict:
             if found != recorded[name]:
                 raise UserError(f"{os.path.join(path, name)}: checksum {found}, the commit recorded {recorded[name]} "
                                 "(same size, changed bytes); the checkpoint is damaged")
+    except CheckpointNotLoadable as exc:
+        problem = (True, str(exc))
     except UserError as exc:
-        problem = str(exc)
+        problem = (False, str(exc))
     except OSError as exc:
-        problem = f"{path}: cannot be read on rank {rank} ({exc}); the checkpoint is damaged or not visible there"
+        problem = (True, f"{path}: cannot be read on rank {rank} ({exc}), so it is not loaded, nor set aside as "
+                         "damaged: if the filesystem recovers, start the job again; if the checkpoint is lost, move "
+                         "it out of checkpoints/ (or name an older one with checkpoint.resume=PATH)")
     problems = [problem]
     if world > 1:
         problems = [None] * world
         dist.all_gather_object(problems, problem)
     problems = [p for p in problems if p]
-    if problems:
-        raise UserError(problems[0])
+    if problems:  # the same on every rank: the first rank's that found one, a problem that is not damage first
+        not_loadable, text = min(problems, key=lambda p: not p[0])
+        raise (CheckpointNotLoadable if not_loadable else UserError)(text)
     if signature is not None:
         _checked[os.path.realpath(path)] = signature
     if checked:
@@ -466,11 +475,19 @@ class Checkpointer:
             # torch.save's RuntimeError for it) cannot leave the other ranks waiting inside DCP's collectives.
             _maybe_fail(metadata.get("step"))
             os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+            # On disk before the commit can name them (as DCP syncs its own files): a crash after the commit must
+            # not leave a committed checkpoint with an empty train state or RNG file.
             if _rank() == 0:
                 with open(os.path.join(tmp, TRAIN_STATE), "w", encoding="utf-8") as f:
                     json.dump(train_state, f, sort_keys=True)
+                    f.flush()
+                    os.fsync(f.fileno())
             rng_name = f"rng/rank{_rank()}.pt"
-            torch.save(_rng_state(), os.path.join(tmp, rng_name))
+            with open(os.path.join(tmp, rng_name), "wb") as f:
+                torch.save(_rng_state(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(os.path.join(tmp, "rng"))
             if self.checksums:
                 sums[rng_name] = file_checksum(os.path.join(tmp, rng_name))
             ok = _all_ok(True)

@@ -47,6 +47,17 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache
     run_dir = tmp_path / "run"
     assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache)).returncode == 0
     newest = run_dir / "checkpoints" / "step_00000006"
+    # A newer version's checkpoint is not damage: the run and the launchers' check stop on it (exit 2), neither
+    # falling back past it (its progress lost) nor setting it aside.
+    written = (newest / "metadata.json").read_text()
+    (newest / "metadata.json").write_text(json.dumps({**json.loads(written), "format": 99}))
+    for env in ({"QWEN2_CHECK_ONLY": "1"}, {}):
+        newer = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 9}), env=env)
+        assert newer.returncode == 2, newer.stdout[-2000:] + newer.stderr[-3000:]
+        assert "checkpoint format 99 is not one this version reads" in newer.stderr
+        assert "falling back" not in newer.stdout + newer.stderr and sorted(os.listdir(newest.parent)) == [
+            "step_00000003", "step_00000006"]
+    (newest / "metadata.json").write_text(written)
     shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[:50])
 

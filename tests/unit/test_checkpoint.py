@@ -212,6 +212,58 @@ def test_damage_is_detected_before_loading(tmp_path):
         checkpoint.load(path, model, optimizer)
 
 
+def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, monkeypatch):
+    """An I/O error (or a file this node cannot read yet) and a newer format say the checkpoint may be intact:
+    CheckpointNotLoadable, which resume=auto stops on rather than falling back past it and setting it aside;
+    damage (sizes, checksums) stays a plain UserError."""
+    from qwen2_dist.errors import CheckpointNotLoadable
+
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(tmp_path), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
+    checkpoint._checked.clear()
+
+    def unreadable(name):
+        raise OSError(5, "Input/output error", name)
+
+    monkeypatch.setattr(checkpoint, "file_checksum", unreadable)
+    with pytest.raises(CheckpointNotLoadable, match="cannot be read on rank 0.*Input/output error.*nor set aside"):
+        checkpoint.verify(path)
+    monkeypatch.undo()
+    meta = json.loads(open(os.path.join(path, checkpoint.METADATA)).read())
+    with open(os.path.join(path, checkpoint.METADATA), "w") as f:
+        json.dump({**meta, "format": 99}, f)
+    with pytest.raises(CheckpointNotLoadable, match="format 99 is not one this version reads"):
+        checkpoint.verify(path)
+    with open(os.path.join(path, checkpoint.METADATA), "w") as f:
+        json.dump(meta, f)
+    shard = next(name for name in os.listdir(path) if name.endswith(".distcp"))
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(UserError) as damaged:
+        checkpoint.verify(path)
+    assert not isinstance(damaged.value, CheckpointNotLoadable)
+
+
+def test_every_file_of_a_checkpoint_is_on_disk_before_its_commit(tmp_path, monkeypatch):
+    """fsync of each file the metadata will name (DCP's shards, the train state, the RNG states) before metadata.json
+    is written: after a crash, a committed checkpoint has no empty file."""
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(tmp_path), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
+    committed = next(i for i, name in enumerate(synced) if name.startswith(checkpoint.METADATA))
+    meta = json.loads(open(os.path.join(path, checkpoint.METADATA)).read())
+    files = {os.path.basename(name) for name in meta["files"]}
+    # (DCP writes .metadata as .metadata.tmp, synced, then renamed.)
+    assert files <= {name.removesuffix(".tmp") for name in synced[:committed]}, (files, synced)
+
+
 def _flip_byte(path: str, offset: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
