@@ -3,7 +3,8 @@
   qwen2-convert from-hf HF_DIR OUT_DIR    a committed, model-only checkpoint (start a run from it with
                                           checkpoint.resume=OUT_DIR: weights loaded, step 0, fresh optimizer;
                                           restarts resume from the run's own checkpoints)
-  qwen2-convert to-hf CKPT_DIR HF_DIR     a directory transformers' Qwen2ForCausalLM.from_pretrained loads
+  qwen2-convert to-hf CKPT_DIR HF_DIR     a directory transformers' Qwen2ForCausalLM.from_pretrained loads, with
+                                          the tokenizer's files (--tokenizer)
   qwen2-convert verify PATH [PATH ...]    check committed checkpoints' files (sizes and checksums) without
                                           loading them, e.g. after copying one to another cluster; PATH is a
                                           checkpoint or a run directory (all of its checkpoints); exit 2 if any
@@ -47,8 +48,9 @@ def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
 
 
 def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | None = None,
-          checksums: bool = True) -> str:
-    """Export the model weights of a committed checkpoint as a Hugging Face Qwen2 directory.
+          checksums: bool = True, tokenizer: str = "auto") -> str:
+    """Export the model weights of a committed checkpoint as a Hugging Face Qwen2 directory, with the tokenizer's
+    files (export_tokenizer).
 
     Reads the checkpoint one output file at a time (DCP loads just the tensors asked for), so memory stays at
     one safetensors shard, not the whole model.
@@ -73,8 +75,34 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     def fetch(names: list[str]) -> dict[str, torch.Tensor]:
         return checkpoint.read_tensors(ckpt_dir, {name: shapes[name] for name in names})
 
-    write_hf_from(fetch, args, hf_dir, int(max_shard_gib * 2**30), dtypes[dtype], source=_export_source(meta, args))
+    write_hf_from(fetch, args, hf_dir, int(max_shard_gib * 2**30), dtypes[dtype], source=_export_source(meta, args),
+                  tokenizer=export_tokenizer(tokenizer, meta))
     return hf_dir
+
+
+def export_tokenizer(choice: str, meta: dict) -> str | None:
+    """Which tokenizer to_hf writes beside the weights (model.hf.write_tokenizer's spec; None: none): --tokenizer
+    qwen2, DIR or none as given; auto: the one the checkpoint's training data was prepared with (recorded since
+    2026-12-05), else the tokenizer files of the Hugging Face weights the run started from, else none, with a
+    warning that says how to choose one (evaluation tools and vLLM load the tokenizer from the model directory)."""
+    from qwen2_dist.model.hf import has_tokenizer
+
+    if choice != "auto":
+        return None if choice == "none" else choice
+    data = meta.get("data_tokenizer")
+    source = (meta.get("hf_source") or {}).get("path") if isinstance(meta.get("hf_source"), dict) else None
+    if isinstance(data, str):
+        log.info("tokenizer: %s, which the training data was prepared with (--tokenizer to choose another)", data)
+        return data
+    if isinstance(source, str) and os.path.isdir(source) and has_tokenizer(source):
+        log.info("tokenizer: the one of %s, the Hugging Face weights the run started from (--tokenizer to choose "
+                 "another)", source)
+        return source
+    log.warning("no tokenizer written: the checkpoint does not say which tokenizer its data was prepared with "
+                "(saved before 2026-12-05, or trained on data.synthetic). Tools such as vLLM and lm-eval load the "
+                "tokenizer from the model directory: export again with --tokenizer qwen2 (qwen2-prepare's default, "
+                "the embedded Qwen2 vocabulary) or --tokenizer DIR (a Hugging Face tokenizer directory)")
+    return None
 
 
 def _export_source(meta: dict, args) -> dict | None:
@@ -162,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     p_to.add_argument("--dtype", default=None,
                       help="float32, bfloat16 or float16 (default: float32, the master weights as the checkpoint "
                       "holds them; bfloat16 halves the files)")
+    p_to.add_argument("--tokenizer", default="auto",
+                      help="tokenizer files written beside the weights: qwen2 (the embedded Qwen2 vocabulary), a "
+                      "Hugging Face tokenizer directory, none, or auto (default: the tokenizer the training data "
+                      "was prepared with, else the one of the Hugging Face weights the run started from)")
     p_to.add_argument("--no-checksums", action="store_true",
                       help="check the checkpoint's file sizes only, not their checksums (which reads every file once "
                            "more, optimizer state included)")
@@ -176,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         if opts.command == "from-hf":
             out = from_hf(opts.hf_dir, opts.out_dir, opts.allow_pickle)
         else:
-            out = to_hf(opts.ckpt_dir, opts.hf_dir, opts.max_shard_gib, opts.dtype, not opts.no_checksums)
+            out = to_hf(opts.ckpt_dir, opts.hf_dir, opts.max_shard_gib, opts.dtype, not opts.no_checksums,
+                        opts.tokenizer)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -288,6 +288,8 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
         "config_hash": checkpoint.config_hash(resolved), "init_from": init_from, "hf_source": hf_source,
         "trained_seq_len": trained_seq_len,
+        # The tokenizer the data was prepared with (qwen2-prepare's tokenizer=): what qwen2-convert to-hf writes.
+        "data_tokenizer": None if job.data.synthetic else data_tokenizer(sources, loader_args),
     }
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata,
                       evals, evals_complete)
@@ -325,6 +327,16 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
             ev.batches.close()
     log.info("done: step %d, %s tokens seen, last loss %s", result.step, f"{result.tokens_seen:,}", result.last_loss)
     return result
+
+
+def data_tokenizer(sources: list[tuple[str, float]], loader_args: dict) -> str | None:
+    """The tokenizer the sources' prepare summaries name (tokenizer=qwen2, or a Hugging Face tokenizer's directory
+    or hub id as given to qwen2-prepare); None when they name none, or several."""
+    from qwen2_dist.data.loader import source_summary
+
+    names = {source_summary(path, loader_args["cache_dir"], loader_args["run_key"]).get("tokenizer")
+             for path, _ in sources}
+    return names.pop() if len(names) == 1 and isinstance(next(iter(names)), str) else None
 
 
 def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: dict, dp_size: int):

@@ -153,6 +153,28 @@ def _hf_tokenizer(spec: str) -> Tokenizer:
     )
 
 
+def save_qwen2_hf_tokenizer(out_dir: str) -> None:
+    """The embedded Qwen2 vocabulary as Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json) in out_dir, which transformers' AutoTokenizer, vLLM and lm-eval load: the same
+    byte-level BPE, pre-tokenizer and NFC normalization, so it encodes text as tokenizer=qwen2 does (special-token
+    strings in text aside, which it reads as the special tokens); eos = pad = <|endoftext|>, no bos, as Qwen2's."""
+    try:
+        from tokenizers import normalizers
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError as exc:
+        raise UserError(f"writing the Qwen2 tokenizer needs transformers and tokenizers ({exc}); pip install "
+                        "transformers") from None
+    with importlib.resources.as_file(importlib.resources.files("qwen2_dist").joinpath("assets/qwen.tiktoken")) as f:
+        converted = TikTokenConverter(vocab_file=str(f), pattern=QWEN2_PATTERN,
+                                      additional_special_tokens=QWEN2_SPECIAL_TOKENS).converted()
+    converted.normalizer = normalizers.NFC()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
+                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+                                        model_max_length=32768, clean_up_tokenization_spaces=False)
+    tokenizer.save_pretrained(out_dir)
+
+
 def load_tokenizer(spec: str = "qwen2") -> Tokenizer:
     """The tokenizer named by spec: "qwen2" (embedded vocabulary) or a Hugging Face tokenizer directory or hub id."""
     if spec == "qwen2":

@@ -2,6 +2,7 @@
 
 import glob
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -16,6 +17,8 @@ from qwen2_dist.errors import UserError
 from qwen2_dist.fsutil import replace_dir
 from qwen2_dist.model.args import INERT_ARGS, ModelArgs
 from qwen2_dist.model.qwen2 import Qwen2, build_model
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -121,10 +124,12 @@ def args_from_hf_config(config: dict, file: str = CONFIG_NAME) -> ModelArgs:
 
 def hf_source_fields(path: str) -> dict:
     """What of a Hugging Face checkpoint directory its export should carry (recorded as a checkpoint's
-    "hf_source"): config.json's SOURCE_KEYS, and generation_config.json when there is one."""
+    "hf_source"): config.json's SOURCE_KEYS, generation_config.json when there is one, and the directory's path
+    (where its tokenizer files are)."""
     with open(os.path.join(path, CONFIG_NAME)) as f:
         config = json.load(f)
     fields = {key: config[key] for key in SOURCE_KEYS if key in config}
+    fields["path"] = os.path.realpath(path)
     generation = os.path.join(path, GENERATION_CONFIG_NAME)
     if os.path.isfile(generation):
         try:
@@ -133,6 +138,44 @@ def hf_source_fields(path: str) -> dict:
         except ValueError as e:  # not JSON, or not UTF-8
             raise UserError(f"{generation}: not valid JSON ({e}); fix or remove it")
     return fields
+
+
+# The files of a Hugging Face tokenizer directory (those that exist are read: a fast tokenizer's tokenizer.json, a
+# slow one's vocab.json and merges.txt, and the settings).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt")
+
+
+def has_tokenizer(path: str) -> bool:
+    """Whether a directory holds Hugging Face tokenizer files."""
+    return os.path.isfile(os.path.join(path, "tokenizer.json")) or (
+        os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")))
+
+
+def write_tokenizer(spec: str, out_dir: str, vocab_size: int) -> None:
+    """Tokenizer files in out_dir: spec "qwen2" for the embedded Qwen2 vocabulary (qwen2-prepare's default), or a
+    Hugging Face tokenizer directory (or hub id in the local cache) saved again by transformers. UserError when it
+    cannot be loaded, or has ids the model's vocabulary (vocab_size rows) cannot hold."""
+    from qwen2_dist.data.tokenizer import QWEN2_VOCAB_SIZE, save_qwen2_hf_tokenizer
+
+    if spec == "qwen2":
+        if vocab_size < QWEN2_VOCAB_SIZE:
+            raise UserError(f"--tokenizer qwen2: its {QWEN2_VOCAB_SIZE} tokens do not fit the model's vocab_size "
+                            f"{vocab_size}; pass the tokenizer the data was prepared with (--tokenizer DIR)")
+        save_qwen2_hf_tokenizer(out_dir)
+        return
+    fix = "pass --tokenizer qwen2, a Hugging Face tokenizer directory, or --tokenizer none"
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(spec))
+    except Exception as exc:  # transformers raises OSError, ValueError, hub errors: all mean "cannot load"
+        raise UserError(f"--tokenizer {spec}: could not load a Hugging Face tokenizer "
+                        f"({' '.join(str(exc).split())}); {fix}") from None
+    if len(tokenizer) > vocab_size:
+        raise UserError(f"--tokenizer {spec}: {len(tokenizer)} tokens, more than the model's vocab_size "
+                        f"{vocab_size}; {fix}")
+    tokenizer.save_pretrained(out_dir)
 
 
 def hf_config_from_args(args: ModelArgs, torch_dtype: str = "float32", source: dict | None = None) -> dict:
@@ -301,19 +344,24 @@ def _open_safetensors(file: str) -> safe_open:
     return handle
 
 
+def _read_config(path: str) -> dict:
+    """A Hugging Face checkpoint directory's config.json (UserError naming the file when missing or not JSON)."""
+    config_file = os.path.join(path, CONFIG_NAME)
+    if not os.path.isfile(config_file):
+        raise UserError(f"{config_file}: missing; a Hugging Face checkpoint directory needs its config.json")
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise UserError(f"{config_file}: not valid JSON ({e})") from None
+
+
 def inspect_hf(path: str) -> tuple[ModelArgs, dict[str, str]]:
     """ModelArgs of a HF checkpoint dir and the file of each native tensor name, checked; reads no tensor data."""
     if not os.path.isdir(path):
         raise UserError(f"{path}: checkpoint directory does not exist")
     config_file = os.path.join(path, CONFIG_NAME)
-    if not os.path.isfile(config_file):
-        raise UserError(f"{config_file}: missing; a Hugging Face checkpoint directory needs its config.json")
-    try:
-        with open(config_file) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file}: not valid JSON ({e})")
-    args = args_from_hf_config(config, config_file)
+    args = args_from_hf_config(_read_config(path), config_file)
     hf_files = _weight_files(path)
     _check_no_shadowing_files(path, hf_files)
     try:
@@ -379,9 +427,7 @@ def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelA
 
 def _read_pickle_state_dict(path: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """Native tensors of a directory holding only pytorch_model*.bin files, unpickled with weights_only=True."""
-    with open(os.path.join(path, CONFIG_NAME)) as f:
-        config_file = os.path.join(path, CONFIG_NAME)
-        args = args_from_hf_config(json.load(f), config_file)
+    args = args_from_hf_config(_read_config(path), os.path.join(path, CONFIG_NAME))
     hf: dict[str, torch.Tensor] = {}
     for file in sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))):
         # weights_only refuses anything but tensors and plain containers: no code runs while unpickling.
@@ -502,11 +548,13 @@ def write_hf_from(
     dtype: torch.dtype,
     overwrite: bool = False,
     source: dict | None = None,
+    tokenizer: str | None = None,
 ) -> None:
     """Write a HF checkpoint whose tensors come from fetch(native names), called once per output file.
 
     Only one output file's tensors are in memory at a time, so a model larger than memory exports too. source:
-    see hf_config_from_args; its generation_config is written as generation_config.json.
+    see hf_config_from_args; its generation_config is written as generation_config.json. tokenizer: tokenizer
+    files written beside the weights (write_tokenizer), or none.
     """
     if max_shard_bytes <= 0:
         raise UserError(f"max_shard_bytes={max_shard_bytes}: the largest safetensors file must be a positive size")
@@ -524,8 +572,14 @@ def write_hf_from(
     os.makedirs(parent, exist_ok=True)
     # Written next to out_dir and renamed into place, so a failed export leaves no half-written checkpoint.
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
+    leftovers = sorted(glob.glob(glob.escape(os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-")) + "*"))
+    if leftovers:  # a killed export (SIGKILL, a time limit) leaves its hidden copy, as large as the model
+        log.warning("%d unfinished export(s) of an earlier, interrupted run beside %s, never used: %s; delete them "
+                    "(rm -r) to free their space", len(leftovers), out_dir, ", ".join(leftovers))
     os.mkdir(tmp)
     try:
+        if tokenizer is not None:  # first: a tokenizer that cannot be written fails before the weights are read
+            write_tokenizer(tokenizer, tmp, args.vocab_size)
         weight_map = {}
         # disable=None: a progress bar on a terminal, silence in logs and CI.
         for i, shard in enumerate(tqdm(shards, desc=f"writing {os.path.basename(out_dir)}", unit="file", disable=None)):
@@ -543,6 +597,17 @@ def write_hf_from(
         if (source or {}).get("generation_config") is not None:
             with open(os.path.join(tmp, GENERATION_CONFIG_NAME), "w") as f:
                 json.dump(source["generation_config"], f, indent=2)
+        for name in os.listdir(tmp):  # on disk before the export is renamed into place, complete
+            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -112,6 +112,15 @@ def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_ca
     tokens = torch.randint(0, config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(original(tokens).logits, exported(tokens).logits)
+    # The data was prepared with tokenizer=qwen2 (the embedded corpus): the export has that tokenizer, as
+    # AutoTokenizer loads it.
+    from transformers import AutoTokenizer
+
+    from qwen2_dist.data.tokenizer import load_tokenizer
+
+    assert json.loads((ckpt / "metadata.json").read_text())["data_tokenizer"] == "qwen2"
+    text = "Hello, world! 12345 été\n    return x  # 你好"
+    assert AutoTokenizer.from_pretrained(hf_out).encode(text) == load_tokenizer("qwen2").encode(text)
 
     # A changed byte in the checkpoint: the export refuses it (exit 2, naming the file) unless told to check sizes only.
     from qwen2_dist.cli.convert import main as convert_main
@@ -135,7 +144,9 @@ def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_ca
     assert "used: exists and is not an empty directory; choose another output path" in err and "checksum" not in err
     assert convert_main(["to-hf", str(ckpt), str(tmp_path / "refused"), "--max-shard-gib", "0"]) == 2
     assert "--max-shard-gib 0.0: the largest safetensors file must be a positive size" in capsys.readouterr().err
-    assert convert_main(["to-hf", str(ckpt), str(tmp_path / "unchecked"), "--no-checksums"]) == 0
+    assert convert_main(["to-hf", str(ckpt), str(tmp_path / "unchecked"), "--no-checksums", "--tokenizer",
+                         "none"]) == 0
+    assert not (tmp_path / "unchecked" / "tokenizer.json").exists()
 
 
 def test_convert_from_hf_makes_a_checkpoint_training_resumes_from(tmp_path, corpus_cache):

@@ -459,3 +459,55 @@ def test_write_refuses_non_empty_dir_and_failures_leave_nothing(tmp_path, monkey
         write_hf(native, args, str(tmp_path / "new"), max_shard_bytes=40_000)
     assert len(calls) == 2
     assert sorted(os.listdir(tmp_path)) == ["hf", "out"]
+
+
+def test_the_export_writes_the_tokenizer_the_data_was_prepared_with(tmp_path, caplog):
+    from qwen2_dist.cli.convert import export_tokenizer
+    from qwen2_dist.data.tokenizer import save_qwen2_hf_tokenizer
+
+    source = tmp_path / "hf_source"
+    source.mkdir()
+    no_tokenizer = tmp_path / "bare"
+    no_tokenizer.mkdir()
+    assert export_tokenizer("auto", {"data_tokenizer": "qwen2", "hf_source": {"path": str(source)}}) == "qwen2"
+    assert export_tokenizer("auto", {"data_tokenizer": "/tok/dir"}) == "/tok/dir"
+    assert export_tokenizer("auto", {"hf_source": {"path": str(no_tokenizer)}}) is None  # a checkpoint before
+    assert "no tokenizer written" in caplog.text and "--tokenizer qwen2" in caplog.text
+    save_qwen2_hf_tokenizer(str(source))
+    assert export_tokenizer("auto", {"hf_source": {"path": str(source)}}) == str(source)
+    assert export_tokenizer("none", {"data_tokenizer": "qwen2"}) is None
+    assert export_tokenizer(str(tmp_path), {"data_tokenizer": "qwen2"}) == str(tmp_path)
+
+
+def test_a_tokenizer_the_model_cannot_hold_or_load_is_refused_before_the_weights_are_read(tmp_path):
+    from qwen2_dist.model.hf import write_tokenizer
+
+    with pytest.raises(UserError, match="--tokenizer qwen2: its 151646 tokens do not fit the model's vocab_size"):
+        write_tokenizer("qwen2", str(tmp_path), 1000)
+    with pytest.raises(UserError, match=r"--tokenizer /no/such/dir: could not load a Hugging Face tokenizer"):
+        write_tokenizer("/no/such/dir", str(tmp_path), 151936)
+
+
+def test_an_export_warns_of_unfinished_exports_left_beside_it_and_syncs_its_files(tmp_path, caplog, monkeypatch):
+    from qwen2_dist.model.args import get_model_args
+    from qwen2_dist.model.hf import native_shapes, write_hf_from
+
+    args = get_model_args("tiny")
+    shapes = native_shapes(args)
+    (tmp_path / ".out.tmp-deadbeef").mkdir()  # a killed export's
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    write_hf_from(lambda names: {n: torch.zeros(shapes[n]) for n in names}, args, str(tmp_path / "out"), 1 << 30,
+                  torch.bfloat16)
+    assert "1 unfinished export(s)" in caplog.text and ".out.tmp-deadbeef" in caplog.text
+    written = sorted(os.listdir(tmp_path / "out"))
+    assert {os.path.basename(p) for p in synced} >= set(written), (written, synced)
+
+
+def test_a_pickle_checkpoint_without_config_json_is_a_clear_error(tmp_path):
+    from qwen2_dist.model.hf import load_hf_model
+
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="config.json: missing; a Hugging Face checkpoint directory needs"):
+        load_hf_model(str(tmp_path), allow_pickle=True)

@@ -124,3 +124,25 @@ def test_hf_tokenizer_without_transformers(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(UserError, match=r"tokenizer=org/model needs the transformers package"):
         load_tokenizer("org/model")
+
+
+def test_the_qwen2_tokenizer_written_for_hugging_face_encodes_as_the_embedded_one(tok, tmp_path):
+    """qwen2-convert to-hf's tokenizer files: the same ids as tokenizer=qwen2 on text of every kind (code, CJK,
+    emoji, digits, whitespace runs, contractions, text NFC changes), and Qwen2's special ids, eos = pad, no bos."""
+    from transformers import AutoTokenizer
+
+    from qwen2_dist.data.tokenizer import save_qwen2_hf_tokenizer
+
+    save_qwen2_hf_tokenizer(str(tmp_path))
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    texts = ["Hello, world!", "你好，世界", "12345 and 3.14159", "e\u0301te\u0301 Å", "  runs   of\n\n\tspace  ",
+             "I'm they'LL WE'VE it's", "emoji 😀👍🏽 Ω≈ç√", "def f(x):\r\n    return x**2  # done\n"]
+    with open(__file__, encoding="utf-8") as f:
+        texts.append(f.read().replace("<|", "< |"))  # (special-token strings in text: below)
+    for text in texts:
+        assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
+    assert [hf.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
+        151643, 151644, 151645]
+    assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id, len(hf)) == (151643, 151643, None, 151646)
+    # The one difference, as Qwen2's own tokenizer files have it: special-token strings in text are the specials.
+    assert hf.encode("a<|endoftext|>", add_special_tokens=False) == tok.encode("a") + [151643]
