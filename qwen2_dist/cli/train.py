@@ -218,13 +218,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     log.info("world %d on %s, layout %s", world.world_size, device_type, layout)
 
     ckpt_root = os.path.join(job.run_dir, "checkpoints")
-    checkpoint.check_rollback_target(ckpt_root, job.checkpoint.resume, job.checkpoint.checksums)
-    if world.is_main:
-        checkpoint.clean_partial(ckpt_root)
-        checkpoint.roll_back(ckpt_root, job.checkpoint.resume)
-    if dist.is_initialized():
-        dist.barrier()  # every rank lists the checkpoints after rank 0 has cleaned and rolled back
-    candidates = checkpoint.resume_candidates(ckpt_root, job.checkpoint.resume)
+    candidates = checkpoint.prepare_resume(ckpt_root, job.checkpoint.resume, job.checkpoint.checksums)
     if job.checkpoint.resume not in ("auto", *candidates[:1]) and candidates and world.is_main:
         log.info("checkpoint.resume=%s started this run, which has checkpoints of its own now: resuming from the "
                  "newest (to start over, use a new run_dir)", job.checkpoint.resume)

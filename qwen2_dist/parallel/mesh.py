@@ -81,8 +81,8 @@ def dp_rank_and_size(mesh: DeviceMesh | None) -> tuple[int, int]:
     return dp.get_local_rank(), dp.size()
 
 
-def broadcast_str(value: str) -> str:
-    """Rank 0's value on every rank (itself without a process group)."""
+def broadcast_object(value):
+    """Rank 0's value (any picklable object) on every rank (itself without a process group)."""
     if not dist.is_initialized():
         return value
     box = [value]

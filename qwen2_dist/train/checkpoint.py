@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from qwen2_dist.errors import CheckpointNotLoadable, UserError
 from qwen2_dist.fsutil import replace_dir, write_atomic
-from qwen2_dist.parallel.mesh import agree_any, broadcast_str
+from qwen2_dist.parallel.mesh import agree_any, broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -296,10 +296,13 @@ def rollback_pending(ckpt_root: str, resume: str) -> bool:
                                 and _STEP_DIR.match(os.path.basename(os.path.abspath(resume))) is not None)
 
 
-def check_rollback_target(ckpt_root: str, resume: str, checksums: bool = True) -> None:
+def check_rollback_target(ckpt_root: str, resume: str, checksums: bool = True, pending: bool | None = None) -> None:
     """Before a rollback moves anything: the checkpoint it rolls back to must be intact (verify(); every rank calls
-    this, as verify is collective), or the run's newer checkpoints would go aside for one that cannot be loaded."""
-    if resume == "none" or not rollback_pending(ckpt_root, resume):
+    this, as verify is collective), or the run's newer checkpoints would go aside for one that cannot be loaded.
+    pending: whether a rollback is to come, as rank 0 sees it (default: as this process sees it)."""
+    if pending is None:
+        pending = rollback_pending(ckpt_root, resume)
+    if resume == "none" or not pending:
         return
     try:
         verify(resume, checksums)
@@ -348,6 +351,20 @@ def set_aside_damaged(path: str) -> str:
     _fsync_dir(os.path.dirname(path))
     log.warning("checkpoint %s could not be loaded: renamed to %s (delete it when you no longer need it)", path, aside)
     return aside
+
+
+def prepare_resume(ckpt_root: str, resume: str, checksums: bool = True) -> list[str]:
+    """Every rank (collective): check a rollback's target, then (rank 0) remove interrupted saves and roll back,
+    and return the checkpoints to resume from, newest first (resume_candidates). What rank 0 sees decides, and the
+    other ranks take it: on a shared filesystem another node's directory listing can lag behind (NFS caches them),
+    and ranks that disagreed would wait in different collectives or load different steps."""
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    pending = broadcast_object(rollback_pending(ckpt_root, resume) if main else None)
+    check_rollback_target(ckpt_root, resume, checksums, pending)
+    if main:
+        clean_partial(ckpt_root)
+        roll_back(ckpt_root, resume)
+    return broadcast_object(resume_candidates(ckpt_root, resume) if main else None)
 
 
 def resume_candidates(ckpt_root: str, resume: str) -> list[str]:
@@ -462,7 +479,7 @@ class Checkpointer:
         """
         self.wait()
         started = time.monotonic()
-        tmp = broadcast_str(f"{os.path.abspath(final)}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp = broadcast_object(f"{os.path.abspath(final)}.tmp-{uuid.uuid4().hex[:8]}")
         # An optimizer that has not updated anything yet (every step so far skipped, on a path that skips on the
         # host) has no state to save, and asking DCP for it would make some: a step at lr 0 that counts as step 1,
         # which the first real update's bias correction would then take for its second.

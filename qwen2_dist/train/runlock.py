@@ -21,7 +21,7 @@ import time
 from typing import IO
 
 from qwen2_dist.errors import UserError
-from qwen2_dist.parallel.mesh import broadcast_str
+from qwen2_dist.parallel.mesh import broadcast_object
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def acquire_on_main(run_dir: str, is_main: bool) -> IO[str] | None:
             handle = acquire(run_dir)
         except UserError as exc:
             refusal = str(exc)
-    refusal = broadcast_str(refusal)
+    refusal = broadcast_object(refusal)
     if refusal:
         raise UserError(refusal)
     return handle

@@ -92,3 +92,30 @@ def test_a_changed_byte_in_any_ranks_shard_refuses_the_resume_on_every_rank(tmp_
     assert output.count(f"{name}: checksum crc32:") >= 2, output[-4000:]  # logged by both ranks
     assert "no committed checkpoint under" in output
     assert not (run_dir / "metrics.jsonl").exists() or not step_losses(run_dir).get(4)
+
+
+def _resume_worker(rank: int, root: str, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from qwen2_dist.train import checkpoint
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    if rank == 1:  # a node whose view of the shared directory lags (NFS caches listings): it sees no checkpoint
+        checkpoint.committed_checkpoints = lambda ckpt_root: []
+    candidates = checkpoint.prepare_resume(root, "auto", checksums=False)
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(candidates, f)
+    dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_checkpoints_rank_0_sees(tmp_path):
+    import torch.multiprocessing as mp
+
+    root = tmp_path / "checkpoints"
+    for step in (3, 6):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / "metadata.json").write_text("{}")
+    mp.spawn(_resume_worker, args=(str(root), str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    expected = [str(root / "step_00000006"), str(root / "step_00000003")]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
