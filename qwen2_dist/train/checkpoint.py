@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException, FileSystemWriter
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -507,15 +508,23 @@ class Checkpointer:
             _fsync_dir(os.path.join(tmp, "rng"))
             if self.checksums:
                 sums[rng_name] = file_checksum(os.path.join(tmp, rng_name))
+            staged = None
+            if self.async_save and not blocking:
+                # The copy to host memory an async save writes from, made here: it can fail on one rank (host
+                # memory), and dcp.async_save would then have started the other ranks' background writes, whose
+                # first collective nothing would ever answer.
+                if _injected_fault(metadata.get("step")) == "stage":
+                    raise MemoryError(f"staging failed (injected by {FAIL_ENV})")
+                staged = writer.stage(state)
             ok = _all_ok(True)
-        except Exception as exc:  # OSError, or torch.save's RuntimeError for one
+        except Exception as exc:  # OSError, MemoryError, or torch.save's RuntimeError for one
             ok = _all_ok(False, exc)
         if ok:
             try:
                 with _quiet_dcp():
-                    if self.async_save and not blocking:
-                        future = dcp.async_save(state, checkpoint_id=tmp, storage_writer=writer,
-                                                process_group=self._group)
+                    if staged is not None:
+                        future = dcp.async_save(staged, checkpoint_id=tmp, storage_writer=writer,
+                                                process_group=self._group, async_stager=_AlreadyStaged())
                     else:
                         dcp.save(state, checkpoint_id=tmp, storage_writer=writer)
                 ok = _all_ok(True)
@@ -605,7 +614,8 @@ def _all_ok(ok: bool, exc: BaseException | None = None) -> bool:
 
 
 def _injected_fault(step: int | None) -> str | None:
-    """Test hook (FAIL_ENV): "start" or "write" when this rank's save of `step` is to fail, else None."""
+    """Test hook (FAIL_ENV): "start", "stage" (an async save's copy to host memory) or "write" when this rank's save
+    of `step` is to fail, else None."""
     spec = os.environ.get(FAIL_ENV)
     if step is None or not spec:
         return None
@@ -619,6 +629,21 @@ def _injected_fault(step: int | None) -> str | None:
 def _maybe_fail(step: int | None) -> None:
     if _injected_fault(step) == "start":
         raise OSError(errno.ENOSPC, f"No space left on device (injected by {FAIL_ENV})")
+
+
+class _AlreadyStaged(AsyncStager):
+    """The stager of an async save whose state dict is staged already (Checkpointer.save): it hands it on."""
+
+    _synchronize_after_execute = False
+
+    def stage(self, state_dict):
+        return state_dict
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Writer(FileSystemWriter):
