@@ -219,9 +219,9 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
 
     ckpt_root = os.path.join(job.run_dir, "checkpoints")
     candidates = checkpoint.prepare_resume(ckpt_root, job.checkpoint.resume, job.checkpoint.checksums)
-    if job.checkpoint.resume not in ("auto", *candidates[:1]) and candidates and world.is_main:
-        log.info("checkpoint.resume=%s started this run, which has checkpoints of its own now: resuming from the "
-                 "newest (to start over, use a new run_dir)", job.checkpoint.resume)
+    note = checkpoint.resume_note(ckpt_root, job.checkpoint.resume, candidates)
+    if note and world.is_main:
+        log.info("%s", note)
     # Where the weights started: this job's model.init_from_*, or the resumed run's (its newest readable checkpoint).
     init_from, resumed_meta = checkpoint.init_source(job.model), None
     for path in candidates:

@@ -280,11 +280,18 @@ def rollback_done(ckpt_root: str, resume: str) -> bool:
     none and the run was started afresh with it (see roll_back)."""
     if resume == "auto" or (resume != "none" and not in_run(ckpt_root, resume)):
         return False
+    path = os.path.join(ckpt_root, ROLLBACK)
     try:
-        with open(os.path.join(ckpt_root, ROLLBACK), encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             done = json.load(f).get("to")
-    except (OSError, ValueError):
+    except FileNotFoundError:
         return False
+    except (OSError, ValueError, AttributeError) as exc:
+        # Not "not done": that would roll the run back again, moving aside everything written since.
+        raise CheckpointNotLoadable(f"{path}: cannot be read ({exc}); it says whether the run was rolled back to "
+                                    f"checkpoint.resume={resume} already. If the filesystem recovers, start the job "
+                                    "again; to roll back again, delete the file; to go on from the newest checkpoint, "
+                                    "use checkpoint.resume=auto") from None
     return done == ("none" if resume == "none" else os.path.basename(os.path.abspath(resume)))
 
 
@@ -366,6 +373,18 @@ def prepare_resume(ckpt_root: str, resume: str, checksums: bool = True) -> list[
         clean_partial(ckpt_root)
         roll_back(ckpt_root, resume)
     return broadcast_object(resume_candidates(ckpt_root, resume) if main else None)
+
+
+def resume_note(ckpt_root: str, resume: str, candidates: list[str]) -> str | None:
+    """What to tell the user when the job names a checkpoint.resume=PATH but resumes from a newer checkpoint of
+    the run (a restart of the command that started or rolled back the run); None otherwise."""
+    if resume in ("auto", *candidates[:1]) or not candidates:
+        return None
+    if rollback_done(ckpt_root, resume):
+        return (f"checkpoint.resume={resume}: the run was rolled back to it before ({os.path.join(ckpt_root, ROLLBACK)}"
+                "), and has checkpoints since: resuming from the newest (to roll back to it again, delete that file)")
+    return (f"checkpoint.resume={resume} started this run, which has checkpoints of its own now: resuming from the "
+            "newest (to start over, use a new run_dir)")
 
 
 def resume_candidates(ckpt_root: str, resume: str) -> list[str]:

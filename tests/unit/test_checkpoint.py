@@ -102,6 +102,11 @@ def test_resume_from_a_checkpoint_of_the_run_rolls_it_back_once(tmp_path):
     saver.save(10, model, None, {"step": 10}, {})
     assert checkpoint.roll_back(root, step_8) == []
     assert _names(checkpoint.resume_candidates(root, step_8)) == ["step_00000010", "step_00000008", "step_00000004"]
+    note = checkpoint.resume_note(root, step_8, checkpoint.resume_candidates(root, step_8))
+    assert "the run was rolled back to it before" in note and "delete that file" in note
+    assert checkpoint.resume_note(root, step_8, [step_8]) is None
+    elsewhere = str(tmp_path / "converted")
+    assert "started this run" in checkpoint.resume_note(root, elsewhere, checkpoint.resume_candidates(root, elsewhere))
     # Retention may delete step 8 later; the job that names it is still the rolled-back run (config.validate).
     keep_one = checkpoint.Checkpointer(root, keep_last=1)
     keep_one.save(11, model, None, {"step": 11}, {})
@@ -114,6 +119,13 @@ def test_resume_from_a_checkpoint_of_the_run_rolls_it_back_once(tmp_path):
     assert _names(checkpoint.roll_back(root, step_11)) == ["step_00000012", "step_00000013"]
     assert checkpoint.rollback_done(root, step_11) and not checkpoint.rollback_done(root, step_8)
     assert _names(checkpoint.resume_candidates(root, step_11)) == ["step_00000011"]
+    # A record that cannot be read is not "not rolled back yet": that would move aside what the run wrote since.
+    from qwen2_dist.errors import CheckpointNotLoadable
+
+    with open(os.path.join(root, checkpoint.ROLLBACK), "w") as f:
+        f.write("{not json")
+    with pytest.raises(CheckpointNotLoadable, match="rollback.json: cannot be read.*delete the file"):
+        checkpoint.rollback_pending(root, step_11)
 
 
 def test_a_rollback_to_a_damaged_checkpoint_moves_nothing_and_a_symlinked_spelling_is_the_run(tmp_path):
