@@ -90,6 +90,24 @@ def test_logits_match_transformers(name, tmp_path):
     assert (native - reference).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("name", ["gqa2_untied", "gqa7_untied_sharded"])
+def test_init_from_hf_loads_untied_weights_in_place_as_transformers_reads_them(name, tmp_path):
+    """model.init_from_hf's path (load_hf_into: DCP reads each tensor into the model's own, as each rank of a
+    sharded model reads its slices), with an untied lm_head as 7B and 72B have, bf16 files into fp32 weights."""
+    hf_model = make_hf_model(name).to(torch.bfloat16)
+    path = save_hf(hf_model, tmp_path / "hf", sharded="sharded" in name)
+    from qwen2_dist.model.qwen2 import build_model
+
+    args, _ = read_hf_state_dict(path)
+    model = build_model(args, "cpu")
+    hf_module.load_hf_into(model, path)
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        native = model(tokens)
+    assert (native - hf_logits(path, tokens, "eager")).abs().max().item() <= 1e-5
+    assert torch.equal(model.state_dict()["lm_head.weight"], hf_model.lm_head.weight.float())
+
+
 def test_logit_check_catches_a_swapped_mapping(tmp_path):
     path = save_hf(make_hf_model("gqa2_untied"), tmp_path / "hf", sharded=False)
     model = load_hf_model(path)
