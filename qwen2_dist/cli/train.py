@@ -296,7 +296,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         except CheckpointNotLoadable:
             raise  # maybe intact: neither fallen back past (its progress lost) nor set aside as damaged
         except UserError as exc:
-            if os.path.abspath(path) == os.path.abspath(job.checkpoint.resume):
+            if os.path.realpath(path) == os.path.realpath(job.checkpoint.resume):
                 raise  # the checkpoint the job names
             log.warning("checkpoint %s is damaged (%s); falling back to the previous committed one", path, exc)
             damaged.append(path)

@@ -609,8 +609,8 @@ class Checkpointer:
         self.failed_saves += 1
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        log.error("checkpoint: save of %s failed and was skipped (%d so far); training continues and the "
-                  "previous committed checkpoint stays the latest", final, self.failed_saves)
+        log.error("checkpoint: save of %s failed and was skipped (%d so far); the previous committed checkpoint "
+                  "stays the latest", final, self.failed_saves)
 
 
 def describe_error(exc: BaseException) -> str:
