@@ -635,14 +635,15 @@ def _all_ok(ok: bool, exc: BaseException | None = None) -> bool:
 def _injected_fault(step: int | None) -> str | None:
     """Test hook (FAIL_ENV): "start", "stage" (an async save's copy to host memory) or "write" when this rank's save
     of `step` is to fail, else None."""
-    spec = os.environ.get(FAIL_ENV)
-    if step is None or not spec:
+    specs = os.environ.get(FAIL_ENV)
+    if step is None or not specs:
         return None
-    fail_step, _, rest = spec.partition(":")
-    fail_rank, _, phase = rest.partition(":")
-    if fail_step != str(step) or (fail_rank and fail_rank != str(_rank())):
-        return None
-    return phase or "start"
+    for spec in specs.split(","):  # STEP[:RANK[:PHASE]], several separated by commas
+        fail_step, _, rest = spec.partition(":")
+        fail_rank, _, phase = rest.partition(":")
+        if fail_step == str(step) and (not fail_rank or fail_rank == str(_rank())):
+            return phase or "start"
+    return None
 
 
 def _maybe_fail(step: int | None) -> None:

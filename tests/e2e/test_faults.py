@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.helpers import REPO, read_metrics, run_cli, run_torchrun, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
@@ -17,9 +19,16 @@ def final(run_dir) -> dict:
     return read_metrics(run_dir)[-1]
 
 
-def test_nan_step_is_skipped_once_and_the_run_goes_on(tmp_path, corpus_cache):
-    clean, faulty = tmp_path / "clean", tmp_path / "nan"
-    assert run_cli(TRAIN, train_overrides(clean, corpus_cache, **JOB)).returncode == 0
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, corpus_cache):
+    """JOB run without a fault (the run the faulty ones are compared with)."""
+    run_dir = tmp_path_factory.mktemp("clean")
+    assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **JOB)).returncode == 0
+    return run_dir
+
+
+def test_nan_step_is_skipped_once_and_the_run_goes_on(tmp_path, corpus_cache, clean):
+    faulty = tmp_path / "nan"
     result = run_cli(TRAIN, train_overrides(faulty, corpus_cache, **JOB), env={"QWEN2_INJECT_NAN_STEP": "5"})
     assert result.returncode == 0, result.stderr[-3000:]
     by_step = {r["step"]: r for r in read_metrics(faulty)}
@@ -81,7 +90,7 @@ def test_a_halt_under_torchrun_is_not_trained_past_by_its_restarts(tmp_path, cor
 
 def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, corpus_cache):
     clean, run_dir = tmp_path / "clean", tmp_path / "run"
-    job = dict(JOB, **{"train.steps": 30, "checkpoint.interval": 0})
+    job = dict(JOB, **{"train.steps": 20, "checkpoint.interval": 0})
     assert run_cli(TRAIN, train_overrides(clean, corpus_cache, **job)).returncode == 0
     proc = subprocess.Popen([sys.executable, "-m", TRAIN, *train_overrides(run_dir, corpus_cache, **job)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -92,7 +101,7 @@ def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, cor
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     stopped_at = final(run_dir)["step"]
-    assert stopped_at < 30
+    assert stopped_at < 20
     assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "metadata.json").is_file()
 
     result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
@@ -102,9 +111,8 @@ def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, cor
     assert final(run_dir)["tokens_seen"] == final(clean)["tokens_seen"]
 
 
-def test_a_failing_checkpoint_write_is_skipped_without_harm(tmp_path, corpus_cache):
-    clean, run_dir = tmp_path / "clean", tmp_path / "run"
-    assert run_cli(TRAIN, train_overrides(clean, corpus_cache, **JOB)).returncode == 0
+def test_a_failing_checkpoint_write_is_skipped_without_harm(tmp_path, corpus_cache, clean):
+    run_dir = tmp_path / "run"
     result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **JOB), env={"QWEN2_INJECT_CKPT_FAIL_STEP": "8"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "save of" in result.stdout + result.stderr and "failed and was skipped" in result.stdout + result.stderr
