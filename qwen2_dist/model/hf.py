@@ -465,8 +465,13 @@ def check_hf_matches(path: str, args: ModelArgs) -> None:
     differ = [f"{k}: {v} vs {getattr(args, k)}" for k, v in hf_args.to_dict().items()
               if k not in INERT_ARGS and getattr(args, k) != v]
     if differ:
+        from qwen2_dist.model.args import SIZES
+
+        same = [name for name, size in SIZES.items()
+                if all(getattr(size, k) == v for k, v in hf_args.to_dict().items() if k not in INERT_ARGS)]
+        fix = f"set model={same[0]}" if same else "pick the matching model= or model.* overrides"
         raise UserError(f"model.init_from_hf={path}: config.json differs from the model being trained "
-                        f"({'; '.join(differ)}); pick the matching model= or model.* overrides")
+                        f"({'; '.join(differ)}); {fix}")
     try:
         _check_headers(files, hf_args)
         hf_source_fields(path)  # what the run's checkpoints will record of it: a bad generation_config.json

@@ -529,3 +529,20 @@ def test_a_pickle_checkpoint_without_config_json_is_a_clear_error(tmp_path):
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(UserError, match="config.json: missing; a Hugging Face checkpoint directory needs"):
         load_hf_model(str(tmp_path), allow_pickle=True)
+
+
+def test_weights_of_a_named_size_name_it_as_the_fix(tmp_path, monkeypatch):
+    import dataclasses
+
+    from qwen2_dist.model import args as args_module
+    from qwen2_dist.model.args import get_model_args
+
+    path = save_hf(make_hf_model("gqa2_untied"), tmp_path / "hf", sharded=False)
+    with pytest.raises(UserError, match=r"pick the matching model= or model.\* overrides$"):
+        hf_module.check_hf_matches(path, get_model_args("tiny"))
+    # As if these were a published size's weights, of an Instruct model (whose context changes no weight).
+    args, _ = read_hf_state_dict(path)
+    monkeypatch.setitem(args_module.SIZES, "qwen2-small", dataclasses.replace(args, max_position_embeddings=131072))
+    with pytest.raises(UserError, match=r"config.json differs from the model being trained \(.*\); set "
+                                        r"model=qwen2-small$"):
+        hf_module.check_hf_matches(path, get_model_args("tiny"))
