@@ -613,7 +613,7 @@ def check_saved(cfg: JobConfig) -> None:
         try:
             meta = checkpoint.read_metadata(path)
         except CheckpointNotLoadable:
-            raise  # a newer format: the run would stop on it too
+            raise  # a newer format or an I/O error: the run would stop on it too
         except UserError:
             continue  # damaged or gone: the run reports it, and auto falls back
         checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")

@@ -91,15 +91,18 @@ def export_tokenizer(choice: str, meta: dict) -> str | None:
         return None if choice == "none" else choice
     data = meta.get("data_tokenizer")
     source = (meta.get("hf_source") or {}).get("path") if isinstance(meta.get("hf_source"), dict) else None
-    if isinstance(data, str):
+    if isinstance(data, str) and (data == "qwen2" or os.path.isdir(data) or not data.startswith((".", "/", "~"))):
         log.info("tokenizer: %s, which the training data was prepared with (--tokenizer to choose another)", data)
         return data
+    if isinstance(data, str):
+        log.warning("tokenizer: the training data was prepared with %s, which is not a directory here", data)
     if isinstance(source, str) and os.path.isdir(source) and has_tokenizer(source):
         log.info("tokenizer: the one of %s, the Hugging Face weights the run started from (--tokenizer to choose "
                  "another)", source)
         return source
-    log.warning("no tokenizer written: the checkpoint does not say which tokenizer its data was prepared with "
-                "(saved before 2026-12-05, or trained on data.synthetic). Tools such as vLLM and lm-eval load the "
+    log.warning("no tokenizer written: the checkpoint names no one tokenizer its data was prepared with that is "
+                "found here (saved before 2026-12-05, trained on data.synthetic, sources prepared with different "
+                "tokenizers, or a tokenizer directory moved since). Tools such as vLLM and lm-eval load the "
                 "tokenizer from the model directory: export again with --tokenizer qwen2 (qwen2-prepare's default, "
                 "the embedded Qwen2 vocabulary) or --tokenizer DIR (a Hugging Face tokenizer directory)")
     return None

@@ -52,11 +52,12 @@ def main(argv: list[str] | None = None) -> None:
         torchrun_main(argv)
     except SignalException:
         raise
-    except Exception:  # ChildFailedError; on another node than the stopping one also a closed rendezvous
+    except Exception as exc:  # ChildFailedError; on another node than the stopping one also a closed rendezvous
         stop = no_restart.recorded_since(run_dir, before) if run_dir is not None else None
         if stop is None:
             raise
         code, text = stop
+        print(exc, file=sys.stderr)  # torchrun's report (which ranks failed, where), as an uncaught error shows it
         print(f"error: the trainers stopped on purpose with exit {code}, which torchrun reports as a failure "
               f"(exit 1); ending with {code}: {text} (see {os.path.join(run_dir, no_restart.NAME)})",
               file=sys.stderr)

@@ -219,8 +219,8 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
 
     ckpt_root = os.path.join(job.run_dir, "checkpoints")
     candidates = checkpoint.prepare_resume(ckpt_root, job.checkpoint.resume, job.checkpoint.checksums)
-    note = checkpoint.resume_note(ckpt_root, job.checkpoint.resume, candidates)
-    if note and world.is_main:
+    note = checkpoint.resume_note(ckpt_root, job.checkpoint.resume, candidates) if world.is_main else None
+    if note:
         log.info("%s", note)
     # Where the weights started: this job's model.init_from_*, or the resumed run's (its newest readable checkpoint).
     init_from, resumed_meta = checkpoint.init_source(job.model), None
@@ -517,7 +517,9 @@ def _entry(cfg: DictConfig) -> None:
         code = 3 if isinstance(exc, TrainingHalted) else 2
         run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
         if isinstance(run_dir, str) and not isinstance(exc, RunDirBusy):  # another job's run_dir is not ours
-            no_restart.record(run_dir, code, str(exc))  # under torchrun: a restart must not train on
+            # Under torchrun: a restart must not train on. In the job's run_dir as to_job makes it (a leading ~
+            # expanded), where the restarts and the launchers look.
+            no_restart.record(os.path.expanduser(run_dir), code, str(exc))
     finally:
         multi_process = dist.is_initialized()
         if multi_process:

@@ -3,6 +3,7 @@
 import binascii
 import functools
 import importlib.resources
+import json
 import logging
 import os
 import unicodedata
@@ -145,7 +146,9 @@ def _hf_tokenizer(spec: str) -> Tokenizer:
         return hf(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     return Tokenizer(
-        name=spec,
+        # A directory by its real path (recorded in prepare_summary.json and, through it, in checkpoints, where
+        # qwen2-convert to-hf finds the tokenizer again from another working directory); a hub id as given.
+        name=os.path.realpath(path) if os.path.isdir(path) else spec,
         encode_batch=encode_batch,
         decode=lambda ids: hf.decode(ids, skip_special_tokens=False),
         eos_id=separator,
@@ -169,10 +172,23 @@ def save_qwen2_hf_tokenizer(out_dir: str) -> None:
         converted = TikTokenConverter(vocab_file=str(f), pattern=QWEN2_PATTERN,
                                       additional_special_tokens=QWEN2_SPECIAL_TOKENS).converted()
     converted.normalizer = normalizers.NFC()
+    specials = [token for token in QWEN2_SPECIAL_TOKENS if token != ENDOFTEXT]
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
-                                        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-                                        model_max_length=32768, clean_up_tokenization_spaces=False)
+                                        additional_special_tokens=specials)
     tokenizer.save_pretrained(out_dir)
+    # The settings written as Qwen2's own tokenizer_config.json has them, not as this transformers version would:
+    # transformers 5 names its generic class (TokenizersBackend), which transformers 4 cannot load, and 4's generic
+    # class would hand generate() token_type_ids. Qwen2Tokenizer loads in both (the fast one, from tokenizer.json).
+    config = {
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": ENDOFTEXT, "pad_token": ENDOFTEXT,
+        "unk_token": None, "additional_special_tokens": specials, "model_max_length": 32768, "errors": "replace",
+        "clean_up_tokenization_spaces": False, "split_special_tokens": False,
+        "added_tokens_decoder": {str(i): {"content": token, "lstrip": False, "normalized": False, "rstrip": False,
+                                          "single_word": False, "special": True}
+                                 for token, i in QWEN2_SPECIAL_TOKENS.items()},
+    }
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
 
 
 def load_tokenizer(spec: str = "qwen2") -> Tokenizer:

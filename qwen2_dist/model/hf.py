@@ -140,12 +140,6 @@ def hf_source_fields(path: str) -> dict:
     return fields
 
 
-# The files of a Hugging Face tokenizer directory (those that exist are read: a fast tokenizer's tokenizer.json, a
-# slow one's vocab.json and merges.txt, and the settings).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt")
-
-
 def has_tokenizer(path: str) -> bool:
     """Whether a directory holds Hugging Face tokenizer files."""
     return os.path.isfile(os.path.join(path, "tokenizer.json")) or (

@@ -155,6 +155,39 @@ def _signature(path: str, names) -> tuple:
     return tuple((name, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for name, st in stats)
 
 
+class _Missing(UserError):
+    """A file of a checkpoint that this rank does not find (verify decides with the other ranks what it means);
+    everywhere: the message when no rank finds it."""
+
+    def __init__(self, text: str, everywhere: str):
+        super().__init__(text)
+        self.everywhere = everywhere
+
+
+_NOT_LOADED = ("so it is not loaded, nor set aside as damaged: if the filesystem recovers, start the job again; if "
+               "the checkpoint is lost, move it out of checkpoints/ (or name an older one with checkpoint.resume=PATH)")
+
+
+def _raise_agreed(problems: list[tuple], world: int) -> None:
+    """verify's verdict from every rank's problem (kind, rank, text; for "missing", the texts for some ranks and for
+    all), the same on every rank: a problem that may
+    not be damage first (an I/O error; a file some ranks do not find while others do: not visible on every node
+    yet, as a shared filesystem's cached listings lag), then damage (a file no rank finds is missing)."""
+    if not problems:
+        return
+    missing = [p for p in problems if p[0] == "missing"]
+    for kind, rank, text in problems:
+        if kind == "not loadable":
+            raise CheckpointNotLoadable(text)
+    if missing and len(missing) < world:
+        ranks = ", ".join(str(p[1]) for p in missing)
+        raise CheckpointNotLoadable(f"{missing[0][2][0]} on rank(s) {ranks} only, while the others find it, "
+                                    f"{_NOT_LOADED}")
+    if missing:
+        raise UserError(missing[0][2][1])
+    raise UserError(problems[0][2])
+
+
 def verify(path: str, checksums: bool = True) -> dict:
     """Check that every file the commit recorded is present with its size and (checksums, when the commit recorded
     them) its CRC32; return the metadata. Collective when distributed: each rank reads its share of the files, and
@@ -165,15 +198,21 @@ def verify(path: str, checksums: bool = True) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     meta, problem, checked, signature = None, None, 0, None
     try:
+        if not is_committed(path):
+            try:
+                require_committed(path)  # raises, naming the newest committed checkpoint under path, if any
+            except UserError as exc:
+                raise _Missing(f"{os.path.join(path, METADATA)}: missing", str(exc)) from None
         meta = read_metadata(path)
         for name, size in meta.get("files", {}).items():
             full = os.path.join(path, name)
-            if not os.path.isfile(full):
-                raise UserError(f"{full}: missing from checkpoint {path}; the checkpoint is damaged")
-            if os.path.getsize(full) != size:
-                raise UserError(
-                    f"{full}: {os.path.getsize(full)} bytes, the commit recorded {size}; the checkpoint is damaged"
-                )
+            try:
+                found_size = os.stat(full).st_size  # another OSError (ESTALE, EIO, EACCES): not loadable, below
+            except FileNotFoundError:
+                raise _Missing(f"{full}: missing from checkpoint {path}",
+                               f"{full}: missing from checkpoint {path}; the checkpoint is damaged") from None
+            if found_size != size:
+                raise UserError(f"{full}: {found_size} bytes, the commit recorded {size}; the checkpoint is damaged")
         recorded = (meta.get("checksums") or {}) if checksums else {}
         if checksums and not recorded:
             log.warning("checkpoint: %s recorded no checksums (saved with checkpoint.checksums=false, or by an older "
@@ -191,22 +230,19 @@ def verify(path: str, checksums: bool = True) -> dict:
             if found != recorded[name]:
                 raise UserError(f"{os.path.join(path, name)}: checksum {found}, the commit recorded {recorded[name]} "
                                 "(same size, changed bytes); the checkpoint is damaged")
+    except _Missing as exc:
+        problem = ("missing", rank, (str(exc), exc.everywhere))
     except CheckpointNotLoadable as exc:
-        problem = (True, str(exc))
+        problem = ("not loadable", rank, str(exc))
     except UserError as exc:
-        problem = (False, str(exc))
+        problem = ("damaged", rank, str(exc))
     except OSError as exc:
-        problem = (True, f"{path}: cannot be read on rank {rank} ({exc}), so it is not loaded, nor set aside as "
-                         "damaged: if the filesystem recovers, start the job again; if the checkpoint is lost, move "
-                         "it out of checkpoints/ (or name an older one with checkpoint.resume=PATH)")
+        problem = ("not loadable", rank, f"{path}: cannot be read on rank {rank} ({exc}), {_NOT_LOADED}")
     problems = [problem]
     if world > 1:
         problems = [None] * world
         dist.all_gather_object(problems, problem)
-    problems = [p for p in problems if p]
-    if problems:  # the same on every rank: the first rank's that found one, a problem that is not damage first
-        not_loadable, text = min(problems, key=lambda p: not p[0])
-        raise (CheckpointNotLoadable if not_loadable else UserError)(text)
+    _raise_agreed([p for p in problems if p], world)
     if signature is not None:
         _checked[os.path.realpath(path)] = signature
     if checked:
@@ -367,12 +403,30 @@ def prepare_resume(ckpt_root: str, resume: str, checksums: bool = True) -> list[
     other ranks take it: on a shared filesystem another node's directory listing can lag behind (NFS caches them),
     and ranks that disagreed would wait in different collectives or load different steps."""
     main = not dist.is_initialized() or dist.get_rank() == 0
-    pending = broadcast_object(rollback_pending(ckpt_root, resume) if main else None)
+
+    def on_main(step):
+        """step()'s value on rank 0, or its error, raised on every rank (none waits for a broadcast that never
+        comes)."""
+        outcome = None
+        if main:
+            try:
+                outcome = (step(), None)
+            except UserError as exc:
+                outcome = (None, exc)
+        value, error = broadcast_object(outcome)
+        if error is not None:
+            raise error
+        return value
+
+    pending = on_main(lambda: rollback_pending(ckpt_root, resume))
     check_rollback_target(ckpt_root, resume, checksums, pending)
-    if main:
+
+    def tidy_and_list():
         clean_partial(ckpt_root)
         roll_back(ckpt_root, resume)
-    return broadcast_object(resume_candidates(ckpt_root, resume) if main else None)
+        return resume_candidates(ckpt_root, resume)
+
+    return on_main(tidy_and_list)
 
 
 def resume_note(ckpt_root: str, resume: str, candidates: list[str]) -> str | None:

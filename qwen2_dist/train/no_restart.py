@@ -75,8 +75,9 @@ def previous_stop(run_dir: str) -> tuple[int, str] | None:
 
 def record_identity(run_dir: str) -> tuple[int, int, int] | None:
     """What tells this record file apart from any rewrite of it (inode, modification time, size); None: none."""
-    try:
-        st = os.stat(os.path.join(run_dir, NAME))
+    try:  # opened, not only stat'ed: an NFS client revalidates its cached attributes at open
+        with open(os.path.join(run_dir, NAME), "rb") as f:
+            st = os.fstat(f.fileno())
     except OSError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -106,9 +107,16 @@ def _resume_worker(rank: int, root: str, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     if rank == 1:  # a node whose view of the shared directory lags (NFS caches listings): it sees no checkpoint
         checkpoint.committed_checkpoints = lambda ckpt_root: []
-    candidates = checkpoint.prepare_resume(root, "auto", checksums=False)
+    outcome = {"candidates": checkpoint.prepare_resume(root, "auto", checksums=False)}
+    # What rank 0 finds wrong (here an unreadable rollback record) stops every rank, none left waiting.
+    with open(os.path.join(root, checkpoint.ROLLBACK), "w") as f:
+        f.write("{cut short")
+    try:
+        checkpoint.prepare_resume(root, os.path.join(root, "step_00000003"), checksums=False)
+    except Exception as exc:
+        outcome["error"] = type(exc).__name__
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(candidates, f)
+        json.dump(outcome, f)
     dist.destroy_process_group()
 
 
@@ -119,7 +127,12 @@ def test_every_rank_resumes_from_the_checkpoints_rank_0_sees(tmp_path):
     for step in (3, 6):
         (root / f"step_{step:08d}").mkdir(parents=True)
         (root / f"step_{step:08d}" / "metadata.json").write_text("{}")
-    mp.spawn(_resume_worker, args=(str(root), str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    context = mp.start_processes(_resume_worker, args=(str(root), str(tmp_path / "store"), str(tmp_path)),
+                                 nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        assert time.monotonic() < deadline, "a rank is still waiting"
     expected = [str(root / "step_00000006"), str(root / "step_00000003")]
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == expected
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == {
+            "candidates": expected, "error": "CheckpointNotLoadable"}

@@ -56,12 +56,15 @@ def test_a_halt_under_torchrun_is_not_trained_past_by_its_restarts(tmp_path, cor
     the checkpoints to roll back to); the next torchrun (restart 0) is a new start and removes the record."""
     from qwen2_dist.train import no_restart
 
+    # run_dir under ~ (HOME is tmp_path here): the record is in the directory the job uses, ~ expanded, where the
+    # restarts and the launchers' torchrun look for it.
     run_dir = tmp_path / "halt"
-    job = train_overrides(run_dir, corpus_cache, **JOB, **{"train.nonfinite": "halt", "checkpoint.keep_last": 1})
+    job = train_overrides("'~/halt'", corpus_cache, **JOB, **{"train.nonfinite": "halt", "checkpoint.keep_last": 1})
     torchrun = ["--standalone", "--nproc-per-node=1", "--max-restarts=1", "-m", TRAIN]
     # The launchers' torchrun (qwen2_dist/cli/torchrun.py) ends with the halt's code; torchrun's own would be 1.
     result = run_cli("qwen2_dist.cli.torchrun", [*torchrun, *job], env={"QWEN2_INJECT_NAN_STEP": "2",
-                                                                         "OMP_NUM_THREADS": "1"})
+                                                                         "OMP_NUM_THREADS": "1",
+                                                                         "HOME": str(tmp_path)})
     assert result.returncode == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 and "train.nonfinite=halt" in errors[0], errors
@@ -83,7 +86,8 @@ def test_a_halt_under_torchrun_is_not_trained_past_by_its_restarts(tmp_path, cor
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert no_restart.previous_stop(str(run_dir)) is None and (run_dir / "no_restart.json").exists()
     # The next torchrun (here resuming at the halt's step and stopping there) removes it.
-    again = run_cli("torch.distributed.run", [*torchrun, *job, "train.stop_at=2"], env={"OMP_NUM_THREADS": "1"})
+    again = run_cli("torch.distributed.run", [*torchrun, *job, "train.stop_at=2"],
+                    env={"OMP_NUM_THREADS": "1", "HOME": str(tmp_path)})
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
     assert not (run_dir / "no_restart.json").exists()
 

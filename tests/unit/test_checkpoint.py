@@ -241,6 +241,29 @@ def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, mo
     with pytest.raises(CheckpointNotLoadable, match="cannot be read on rank 0.*Input/output error.*nor set aside"):
         checkpoint.verify(path)
     monkeypatch.undo()
+    real_stat = os.stat
+
+    def stale(name, *args, **kwargs):  # a file handle the NFS server no longer knows
+        if str(name).endswith(".distcp"):
+            raise OSError(116, "Stale file handle", name)
+        return real_stat(name, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stale)
+    with pytest.raises(CheckpointNotLoadable, match="Stale file handle"):
+        checkpoint.verify(path)
+    monkeypatch.undo()
+    # The verdict of all ranks: a file some ranks do not find while others do is not visible everywhere yet (not
+    # damage); one no rank finds is missing (damage); a problem that may not be damage comes first.
+    missing = ("missing", 1, ("f: missing from checkpoint c", "f: missing; the checkpoint is damaged"))
+    with pytest.raises(CheckpointNotLoadable, match=r"f: missing from checkpoint c on rank\(s\) 1 only, while the "
+                                                    r"others find it, so it is not loaded, nor set aside"):
+        checkpoint._raise_agreed([missing], 2)
+    with pytest.raises(UserError, match="the checkpoint is damaged") as everywhere:
+        checkpoint._raise_agreed([("missing", 0, missing[2]), missing], 2)
+    assert not isinstance(everywhere.value, CheckpointNotLoadable)
+    with pytest.raises(CheckpointNotLoadable, match="^y$"):
+        checkpoint._raise_agreed([("damaged", 0, "x"), ("not loadable", 1, "y")], 2)
+    checkpoint._raise_agreed([], 2)
     meta = json.loads(open(os.path.join(path, checkpoint.METADATA)).read())
     with open(os.path.join(path, checkpoint.METADATA), "w") as f:
         json.dump({**meta, "format": 99}, f)

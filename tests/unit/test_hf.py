@@ -488,7 +488,11 @@ def test_the_export_writes_the_tokenizer_the_data_was_prepared_with(tmp_path, ca
     no_tokenizer = tmp_path / "bare"
     no_tokenizer.mkdir()
     assert export_tokenizer("auto", {"data_tokenizer": "qwen2", "hf_source": {"path": str(source)}}) == "qwen2"
-    assert export_tokenizer("auto", {"data_tokenizer": "/tok/dir"}) == "/tok/dir"
+    assert export_tokenizer("auto", {"data_tokenizer": str(source)}) == str(source)
+    assert export_tokenizer("auto", {"data_tokenizer": "Qwen/Qwen2-0.5B"}) == "Qwen/Qwen2-0.5B"  # a hub id
+    # A tokenizer directory gone since: the weights' source's, else none, with a warning.
+    assert export_tokenizer("auto", {"data_tokenizer": "/moved/tok"}) is None
+    assert "prepared with /moved/tok, which is not a directory here" in caplog.text
     assert export_tokenizer("auto", {"hf_source": {"path": str(no_tokenizer)}}) is None  # a checkpoint before
     assert "no tokenizer written" in caplog.text and "--tokenizer qwen2" in caplog.text
     save_qwen2_hf_tokenizer(str(source))

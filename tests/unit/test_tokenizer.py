@@ -2,6 +2,7 @@
 
 import hashlib
 import importlib.resources
+import os
 import sys
 
 import numpy as np
@@ -115,6 +116,14 @@ def test_hf_tokenizer_directory(tmp_path):
     assert flat.tolist() == [] and lengths.tolist() == []
 
 
+def test_a_tokenizer_directory_is_named_by_its_real_path(tmp_path, monkeypatch):
+    """The name prepare_summary.json (and checkpoints, through it) record: qwen2-convert to-hf finds the tokenizer
+    again from another working directory."""
+    _tiny_hf_tokenizer(tmp_path / "tok")
+    monkeypatch.chdir(tmp_path)
+    assert load_tokenizer("./tok").name == os.path.realpath(tmp_path / "tok")
+
+
 def test_hf_tokenizer_missing_directory(tmp_path):
     with pytest.raises(UserError, match=r"tokenizer=.*nope.*tokenizer=qwen2"):
         load_tokenizer(str(tmp_path / "nope"))
@@ -144,5 +153,9 @@ def test_the_qwen2_tokenizer_written_for_hugging_face_encodes_as_the_embedded_on
     assert [hf.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
         151643, 151644, 151645]
     assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id, len(hf)) == (151643, 151643, None, 151646)
+    assert set(hf("hi")) == {"input_ids", "attention_mask"}  # no token_type_ids, which generate() refuses
+    # Qwen2's own tokenizer class, which transformers 4 and 5 both load (5's generic class name 4 cannot):
+    # checked by hand on 2026-12-05 with files written by 4.57.6 and 5.17.0, each loaded by both.
+    assert type(hf).__name__.startswith("Qwen2Tokenizer")
     # The one difference, as Qwen2's own tokenizer files have it: special-token strings in text are the specials.
     assert hf.encode("a<|endoftext|>", add_special_tokens=False) == tok.encode("a") + [151643]
