@@ -12,6 +12,7 @@
 """
 
 import argparse
+import glob
 import logging
 import os
 import sys
@@ -31,19 +32,26 @@ def _name_of(args) -> str | None:
 
 
 def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
-    """Convert a Hugging Face Qwen2 directory into a committed model-only checkpoint at out_dir."""
-    from qwen2_dist.model.hf import hf_source_fields, load_hf_model
+    """Convert a Hugging Face Qwen2 directory into a committed model-only checkpoint at out_dir.
+
+    The weights are written as the files hold them (bf16 for the published models; a load converts them to the
+    fp32 parameters exactly), from views of the files mapped into memory: no copy of the model in process memory,
+    so a model larger than memory converts too."""
+    from qwen2_dist.model.hf import hf_source_fields, read_hf_state_dict, read_pickle_state_dict
     from qwen2_dist.train import checkpoint
 
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise UserError(f"{out_dir}: exists and is not an empty directory; choose a new output directory")
-    model = load_hf_model(hf_dir, allow_pickle=allow_pickle)
-    args = model.args
+    if allow_pickle and not glob.glob(os.path.join(hf_dir, "*.safetensors")) and glob.glob(
+            os.path.join(hf_dir, "pytorch_model*.bin")):
+        args, state = read_pickle_state_dict(hf_dir)  # unpickled with mmap=True: views of the files too
+    else:
+        args, state = read_hf_state_dict(hf_dir, mapped=True)
     name = _name_of(args)
     meta = {"model": name, "model_args": args.to_dict(), "world_size": 1, "source": os.path.abspath(hf_dir),
             "step": 0, "tokens_seen": 0, "hf_source": hf_source_fields(hf_dir),
             "init_from": {"init_from_hf": os.path.realpath(hf_dir), "init_from_checkpoint": None}}
-    checkpoint.write(out_dir, model, None, {"step": 0, "tokens_seen": 0}, meta)
+    checkpoint.write(out_dir, state, None, {"step": 0, "tokens_seen": 0}, meta)
     return out_dir
 
 

@@ -3,6 +3,7 @@
 import glob
 import json
 import logging
+import mmap
 import os
 import shutil
 import uuid
@@ -395,8 +396,38 @@ def _check_shape(file: str, hf_name: str, shape: tuple, wanted: torch.Size) -> N
                         "does not match the weights")
 
 
-def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    """ModelArgs and native-named tensors of a HF checkpoint dir; with names, only those tensors and files are read."""
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+
+class _MappedSafetensors:
+    """The tensors of a safetensors file as views of the file mapped into memory (copy-on-write, never written
+    back): nothing is read until used, and what is read stays page cache the kernel can drop, not process memory."""
+
+    def __init__(self, file: str):
+        with open(file, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        header_len = int.from_bytes(self.map[:8], "little")
+        self.header = json.loads(self.map[8:8 + header_len])
+        self.data_start = 8 + header_len
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        entry = self.header[name]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise UserError(f"{name}: dtype {entry['dtype']}; only floating-point weights load")
+        begin, end = entry["data_offsets"]
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(self.map, dtype=dtype, count=count, offset=self.data_start + begin).view(
+            entry["shape"])
+
+
+def read_hf_state_dict(path: str, names: set[str] | None = None,
+                       mapped: bool = False) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+    """ModelArgs and native-named tensors of a HF checkpoint dir; with names, only those tensors and files are read.
+    mapped: the tensors are views of the files mapped into memory (_MappedSafetensors), in their own dtype, rather
+    than copies in process memory (qwen2-convert from-hf of a model larger than memory)."""
     args, files = inspect_hf(path)
     shapes = native_shapes(args)
     if names is None:
@@ -410,16 +441,17 @@ def read_hf_state_dict(path: str, names: set[str] | None = None) -> tuple[ModelA
     for file, file_names in sorted(by_file.items()):
         with _open_safetensors(file) as f:
             keys = set(f.keys())
+            source = _MappedSafetensors(file) if mapped else f
             for name in file_names:
                 _check_in_file(file, native_to_hf_name(name), keys)
-                tensor = f.get_tensor(native_to_hf_name(name))
+                tensor = source.get_tensor(native_to_hf_name(name))
                 _check_shape(file, native_to_hf_name(name), tuple(tensor.shape), shapes[name])
                 tensors[name] = tensor
     # Parameter order, so callers iterate as model.state_dict() does.
     return args, {name: tensors[name] for name in shapes if name in tensors}
 
 
-def _read_pickle_state_dict(path: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
+def read_pickle_state_dict(path: str) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """Native tensors of a directory holding only pytorch_model*.bin files, unpickled with weights_only=True."""
     args = args_from_hf_config(_read_config(path), os.path.join(path, CONFIG_NAME))
     hf: dict[str, torch.Tensor] = {}
@@ -442,7 +474,7 @@ def load_hf_model(path: str, device: str = "cpu", allow_pickle: bool = False) ->
     """
     has_safetensors = glob.glob(os.path.join(path, "*.safetensors"))
     if allow_pickle and not has_safetensors and glob.glob(os.path.join(path, "pytorch_model*.bin")):
-        args, state_dict = _read_pickle_state_dict(path)
+        args, state_dict = read_pickle_state_dict(path)
     else:
         args, state_dict = read_hf_state_dict(path)
     # Meta then to_empty: skip a random initialization that the checkpoint overwrites at once.

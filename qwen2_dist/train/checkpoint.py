@@ -472,7 +472,9 @@ def clean_partial(ckpt_root: str) -> list[str]:
     return removed
 
 
-def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, fmt: int) -> dict:
+def _state(model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | None, fmt: int) -> dict:
+    if isinstance(model, dict):  # the model's state dict itself (write(): qwen2-convert from-hf's mapped tensors)
+        return {"model": model}
     if optimizer is None:
         return {"model": get_model_state_dict(model)}
     if hasattr(optimizer, "wait"):
@@ -798,9 +800,10 @@ def _apply_retention(ckpt_root: str, keep_last: int, keep_every: int, protect: s
         shutil.rmtree(path, ignore_errors=True)
 
 
-def write(final: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, train_state: dict,
+def write(final: str, model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | None, train_state: dict,
           metadata: dict) -> None:
-    """Write and commit one checkpoint at `final` (blocking), outside any run's retention."""
+    """Write and commit one checkpoint at `final` (blocking), outside any run's retention. model: a module, or a
+    state dict of its parameters' names (in any floating dtype: a load converts to the parameters' own)."""
     final = os.path.abspath(final)  # a bare name has no directory to sync ('')
     saver = Checkpointer(os.path.dirname(final), keep_last=1)
     if not saver.save_to(final, model, optimizer, train_state, metadata, blocking=True, retain=False):

@@ -550,3 +550,48 @@ def test_weights_of_a_named_size_name_it_as_the_fix(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"config.json differs from the model being trained \(.*\); set "
                                         r"model=qwen2-small$"):
         hf_module.check_hf_matches(path, get_model_args("tiny"))
+
+
+@pytest.mark.parametrize("name", ["gqa2_untied", "gqa7_untied_sharded"])
+def test_from_hf_writes_the_files_tensors_as_they_are_and_a_load_gives_the_same_model(name, tmp_path):
+    """qwen2-convert from-hf writes the weights from views of the mapped files in their own dtype (no fp32 copy of
+    the model in memory: for 72B about 290 GB), and a load converts them to the fp32 parameters exactly."""
+    import torch.distributed.checkpoint as dcp
+
+    from qwen2_dist.cli.convert import from_hf
+    from qwen2_dist.model.qwen2 import build_model
+    from qwen2_dist.train import checkpoint
+
+    path = save_hf(make_hf_model(name).to(torch.bfloat16), tmp_path / "hf", sharded="sharded" in name)
+    out = from_hf(path, str(tmp_path / "converted"))
+    stored = dcp.FileSystemReader(out).read_metadata().state_dict_metadata
+    assert {meta.properties.dtype for key, meta in stored.items() if key.startswith("model.")} == {torch.bfloat16}
+    args, source = read_hf_state_dict(path)
+    model = build_model(args, "cpu")
+    checkpoint.load(out, model, None)
+    loaded = model.state_dict()
+    assert set(loaded) == set(source) and all(torch.equal(loaded[k], source[k].float()) for k in source)
+    tokens = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(tokens) - hf_logits(path, tokens, "eager")).abs().max().item() <= 1e-5
+
+
+def test_mapped_tensors_are_views_of_the_files_not_copies(tmp_path, monkeypatch):
+    import ctypes
+
+    path = save_hf(make_hf_model("gqa7_untied_sharded").to(torch.bfloat16), tmp_path / "hf", sharded=True)
+    opened = []
+    real = hf_module._MappedSafetensors
+
+    def recording(file):
+        opened.append(real(file))
+        return opened[-1]
+
+    monkeypatch.setattr(hf_module, "_MappedSafetensors", recording)
+    _, mapped = read_hf_state_dict(path, mapped=True)
+    _, copied = read_hf_state_dict(path)
+    spans = [(ctypes.addressof(ctypes.c_char.from_buffer(m.map)), len(m.map)) for m in opened]
+    assert len(spans) == len({f for f in os.listdir(path) if f.endswith(".safetensors")}) > 1
+    for name, tensor in mapped.items():
+        assert any(base <= tensor.data_ptr() < base + size for base, size in spans), name
+        assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, copied[name])
