@@ -595,3 +595,32 @@ def test_mapped_tensors_are_views_of_the_files_not_copies(tmp_path, monkeypatch)
     for name, tensor in mapped.items():
         assert any(base <= tensor.data_ptr() < base + size for base, size in spans), name
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, copied[name])
+
+
+# The published Qwen2 base configs (shared/notes/qwen2-facts.md: the model cards and config.json files), typed in
+# here rather than taken from model.args.SIZES, so that a wrong value there fails: hidden, layers, heads, kv heads,
+# intermediate, vocabulary rows, tied, rms_norm_eps, and the model card's non-embedding parameters (billions).
+PUBLISHED = {
+    "qwen2-0.5b": (896, 24, 14, 2, 4864, 151936, True, 1e-6, 0.35),
+    "qwen2-1.5b": (1536, 28, 12, 2, 8960, 151936, True, 1e-6, 1.3),
+    "qwen2-7b": (3584, 28, 28, 4, 18944, 152064, False, 1e-6, None),
+    "qwen2-72b": (8192, 80, 64, 8, 29568, 152064, False, 1e-5, None),
+}
+
+
+@pytest.mark.parametrize("size", PUBLISHED)
+def test_the_exported_config_of_each_size_is_the_published_one(size):
+    from qwen2_dist.model.qwen2 import build_model
+
+    hidden, layers, heads, kv_heads, inter, vocab, tied, eps, card_params = PUBLISHED[size]
+    config = hf_config_from_args(SIZES[size], "bfloat16")
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"],
+            config["num_key_value_heads"], config["intermediate_size"], config["vocab_size"],
+            config["tie_word_embeddings"], config["rms_norm_eps"]) == (hidden, layers, heads, kv_heads, inter, vocab,
+                                                                       tied, eps)
+    assert (config["rope_theta"], config["max_position_embeddings"], config["hidden_act"]) == (1e6, 131072, "silu")
+    assert (config["bos_token_id"], config["eos_token_id"], config["use_sliding_window"]) == (151643, 151643, False)
+    if card_params is not None:  # the model card rounds: 0.35B, 1.3B
+        model = build_model(SIZES[size], "meta")
+        non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
+        assert abs(non_embedding / 1e9 - card_params) < 0.05, non_embedding
