@@ -122,15 +122,15 @@ def acquire(run_dir: str) -> IO[str] | None:
 def acquire_on_main(run_dir: str, is_main: bool) -> IO[str] | None:
     """acquire() on rank 0 (the lock to close, or None); a refusal raised on every rank, not on rank 0 alone while
     the others wait for it at their first collective."""
-    handle, refusal = None, ""
+    handle, refusal = None, None
     if is_main:
         try:
             handle = acquire(run_dir)
         except UserError as exc:
-            refusal = str(exc)
-    refusal = broadcast_object(refusal)
-    if refusal:
-        raise UserError(refusal)
+            refusal = exc
+    refusal = broadcast_object(refusal)  # the error itself: a RunDirBusy stays one (no_restart records none)
+    if refusal is not None:
+        raise refusal
     return handle
 
 

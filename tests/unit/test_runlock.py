@@ -107,12 +107,18 @@ def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mine")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     cfg = OmegaConf.create({"run_dir": str(tmp_path)})
-    for error, recorded in ((runlock.RunDirBusy("another job is running in it"), False), (UserError("bad"), True)):
-        def refuse(cfg, error=error):
-            raise error
+    held = runlock.acquire(str(tmp_path))  # the other job's lock (a second open file: flock refuses it here too)
 
+    def busy(cfg):  # the refusal as run() meets it, on rank 0 and handed to every rank
+        runlock.acquire_on_main(str(tmp_path), True)
+
+    def bad(cfg):
+        raise UserError("bad")
+
+    for refuse, recorded in ((busy, False), (bad, True)):
         monkeypatch.setattr(train, "run", refuse)
         with pytest.raises(SystemExit) as stopped:
             train._entry(cfg)
         assert stopped.value.code == 2
         assert (tmp_path / "no_restart.json").exists() == recorded
+    held.close()
