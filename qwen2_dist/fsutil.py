@@ -17,6 +17,15 @@ def replace_dir(tmp: str, final: str) -> None:
         os.rename(tmp, final)
 
 
+def fsync_path(path: str) -> None:
+    """Flush a file, or a directory's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write a small file whole or not at all: to a temporary sibling, flushed to disk, then renamed over path."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"

@@ -330,7 +330,8 @@ def data_tokenizer(sources: list[tuple[str, float]], loader_args: dict) -> str |
 
     names = {source_summary(path, loader_args["cache_dir"], loader_args["run_key"]).get("tokenizer")
              for path, _ in sources}
-    return names.pop() if len(names) == 1 and isinstance(next(iter(names)), str) else None
+    (name,) = names if len(names) == 1 else (None,)
+    return name if isinstance(name, str) else None
 
 
 def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: dict, dp_size: int):

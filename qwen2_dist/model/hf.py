@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from qwen2_dist.errors import UserError
-from qwen2_dist.fsutil import replace_dir
+from qwen2_dist.fsutil import fsync_path, replace_dir
 from qwen2_dist.model.args import INERT_ARGS, ModelArgs
 from qwen2_dist.model.qwen2 import Qwen2, build_model
 
@@ -629,16 +629,8 @@ def write_hf_from(
             with open(os.path.join(tmp, GENERATION_CONFIG_NAME), "w") as f:
                 json.dump(source["generation_config"], f, indent=2)
         for name in os.listdir(tmp):  # on disk before the export is renamed into place, complete
-            fd = os.open(os.path.join(tmp, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            fsync_path(os.path.join(tmp, name))
+        fsync_path(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

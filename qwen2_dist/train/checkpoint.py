@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from qwen2_dist.errors import CheckpointNotLoadable, UserError
-from qwen2_dist.fsutil import replace_dir, write_atomic
+from qwen2_dist.fsutil import fsync_path, replace_dir, write_atomic
 from qwen2_dist.parallel.mesh import agree_any, broadcast_object
 
 log = logging.getLogger(__name__)
@@ -72,14 +72,6 @@ def _quiet_dcp():
 
 def _write_json_atomic(path: str, obj: dict) -> None:
     write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _file_sizes(path: str) -> dict[str, int]:
@@ -125,6 +117,10 @@ def require_committed(path: str, key: str | None = None) -> None:
     raise UserError(f"{f'{key}={path}' if key else path}: not a committed checkpoint (no {METADATA}){hint}; {fix}")
 
 
+_NOT_LOADED = ("so it is not loaded, nor set aside as damaged: if the filesystem recovers, start the job again; if "
+               "the checkpoint is lost, move it out of checkpoints/ (or name an older one with checkpoint.resume=PATH)")
+
+
 def read_metadata(path: str) -> dict:
     """The metadata of a committed checkpoint; UserError when the directory is not one."""
     require_committed(path)
@@ -134,8 +130,7 @@ def read_metadata(path: str) -> dict:
     except ValueError as exc:  # not JSON (or not UTF-8)
         raise UserError(f"{path}/{METADATA}: unreadable ({exc}); the checkpoint is damaged") from None
     except OSError as exc:  # an I/O error: the file may be intact
-        raise CheckpointNotLoadable(f"{path}/{METADATA}: cannot be read ({exc}); if the filesystem recovers, start "
-                                    "the job again; if the checkpoint is lost, move it out of checkpoints/") from None
+        raise CheckpointNotLoadable(f"{path}/{METADATA}: cannot be read ({exc}), {_NOT_LOADED}") from None
     if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointNotLoadable(
             f"{path}/{METADATA}: checkpoint format {meta.get('format')} is not one this version reads "
@@ -164,15 +159,11 @@ class _Missing(UserError):
         self.everywhere = everywhere
 
 
-_NOT_LOADED = ("so it is not loaded, nor set aside as damaged: if the filesystem recovers, start the job again; if "
-               "the checkpoint is lost, move it out of checkpoints/ (or name an older one with checkpoint.resume=PATH)")
-
-
 def _raise_agreed(problems: list[tuple], world: int) -> None:
     """verify's verdict from every rank's problem (kind, rank, text; for "missing", the texts for some ranks and for
-    all), the same on every rank: a problem that may
-    not be damage first (an I/O error; a file some ranks do not find while others do: not visible on every node
-    yet, as a shared filesystem's cached listings lag), then damage (a file no rank finds is missing)."""
+    all), the same on every rank: a problem that may not be damage first (an I/O error; a file some ranks do not
+    find while others do: not visible on every node yet, as a shared filesystem's cached listings lag), then damage
+    (a file no rank finds is missing)."""
     if not problems:
         return
     missing = [p for p in problems if p[0] == "missing"]
@@ -198,11 +189,10 @@ def verify(path: str, checksums: bool = True) -> dict:
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     meta, problem, checked, signature = None, None, 0, None
     try:
-        if not is_committed(path):
-            try:
-                require_committed(path)  # raises, naming the newest committed checkpoint under path, if any
-            except UserError as exc:
-                raise _Missing(f"{os.path.join(path, METADATA)}: missing", str(exc)) from None
+        try:
+            require_committed(path)  # names the newest committed checkpoint under path, if any
+        except UserError as exc:
+            raise _Missing(f"{os.path.join(path, METADATA)}: missing", str(exc)) from None
         meta = read_metadata(path)
         for name, size in meta.get("files", {}).items():
             full = os.path.join(path, name)
@@ -377,7 +367,7 @@ def roll_back(ckpt_root: str, resume: str) -> list[str]:
         for path in newer:
             moved.append(os.path.join(aside, os.path.basename(path)))
             os.replace(path, moved[-1])
-        _fsync_dir(ckpt_root)
+        fsync_path(ckpt_root)
         log.warning("checkpoint.resume=%s: %s; its %d %scheckpoint(s) moved to %s (delete them when you no longer "
                     "need them)", resume, "starting the run afresh" if resume == "none" else "rolling the run back "
                     "to it", len(moved), "" if resume == "none" else "newer ", aside)
@@ -392,7 +382,7 @@ def set_aside_damaged(path: str) -> str:
     kept ones; its files stay for a look. Rank 0 only. Returns the new path."""
     aside = os.path.join(os.path.dirname(path), f"damaged-{os.path.basename(path)}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.replace(path, aside)
-    _fsync_dir(os.path.dirname(path))
+    fsync_path(os.path.dirname(path))
     log.warning("checkpoint %s could not be loaded: renamed to %s (delete it when you no longer need it)", path, aside)
     return aside
 
@@ -573,14 +563,11 @@ class Checkpointer:
             if _rank() == 0:
                 with open(os.path.join(tmp, TRAIN_STATE), "w", encoding="utf-8") as f:
                     json.dump(train_state, f, sort_keys=True)
-                    f.flush()
-                    os.fsync(f.fileno())
+                fsync_path(os.path.join(tmp, TRAIN_STATE))
             rng_name = f"rng/rank{_rank()}.pt"
-            with open(os.path.join(tmp, rng_name), "wb") as f:
-                torch.save(_rng_state(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(os.path.join(tmp, "rng"))
+            torch.save(_rng_state(), os.path.join(tmp, rng_name))
+            fsync_path(os.path.join(tmp, rng_name))
+            fsync_path(os.path.join(tmp, "rng"))
             if self.checksums:
                 sums[rng_name] = file_checksum(os.path.join(tmp, rng_name))
             staged = None
@@ -758,7 +745,7 @@ def _gather_checksums(pending: _Pending, group) -> None:
 
 def _commit(pending: _Pending, checksums: bool) -> None:
     replace_dir(pending.tmp, pending.final)  # over an uncommitted leftover of the same step, if any
-    _fsync_dir(os.path.dirname(pending.final))
+    fsync_path(os.path.dirname(pending.final))
     files = _file_sizes(pending.final)
     meta = dict(pending.metadata, format=FORMAT_VERSION, time=time.time(), contents=pending.contents,
                 save_seconds=round(time.monotonic() - pending.started, 3), files=files)
@@ -775,7 +762,7 @@ def _commit(pending: _Pending, checksums: bool) -> None:
                 crc = file_checksum(os.path.join(pending.final, name))
             meta["checksums"][name] = crc
     _write_json_atomic(os.path.join(pending.final, METADATA), meta)
-    _fsync_dir(pending.final)  # the commit on disk before retention deletes anything older
+    fsync_path(pending.final)  # the commit on disk before retention deletes anything older
 
 
 def _apply_retention(ckpt_root: str, keep_last: int, keep_every: int, protect: str) -> None:

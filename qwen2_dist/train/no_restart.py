@@ -51,6 +51,16 @@ def record(run_dir: str, code: int, error: str) -> None:
         log.warning("could not write %s (%s): torchrun may restart this stopped run", path, exc)
 
 
+def _read(path: str) -> dict | None:
+    """The record at path, when there is one with an exit code."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            stop = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return stop if isinstance(stop, dict) and isinstance(stop.get("code"), int) and stop["code"] else None
+
+
 def previous_stop(run_dir: str) -> tuple[int, str] | None:
     """In a worker that torchrun restarted: (exit code, message) when an earlier attempt of the same torchrun
     stopped on purpose; None otherwise."""
@@ -59,12 +69,8 @@ def previous_stop(run_dir: str) -> tuple[int, str] | None:
         return None
     path = os.path.join(run_dir, NAME)
     run_id, restart = attempt
-    try:
-        with open(path, encoding="utf-8") as f:
-            stop = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(stop, dict) or stop.get("torchrun_run_id") != run_id or not isinstance(stop.get("code"), int):
+    stop = _read(path)
+    if stop is None or stop.get("torchrun_run_id") != run_id:
         return None
     return stop["code"], (
         f"not training on: torchrun restarted the workers (restart {restart}) after attempt {stop.get('restart')} "
@@ -88,14 +94,8 @@ def recorded_since(run_dir: str, before: tuple[int, int, int] | None) -> tuple[i
     every record is a new file, write_atomic); None when the record is the same one, or there is none."""
     if record_identity(run_dir) in (None, before):
         return None
-    try:
-        with open(os.path.join(run_dir, NAME), encoding="utf-8") as f:
-            stop = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(stop, dict) or not isinstance(stop.get("code"), int) or not stop["code"]:
-        return None
-    return stop["code"], str(stop.get("error"))
+    stop = _read(os.path.join(run_dir, NAME))
+    return None if stop is None else (stop["code"], str(stop.get("error")))
 
 
 def clear_earlier(run_dir: str) -> None:
