@@ -633,11 +633,17 @@ class Checkpointer:
         if _rank() == 0:
             try:
                 _commit(pending, self.checksums)
-            except OSError as exc:
+            except Exception as exc:  # any kind: the other ranks wait for this one in the agreement below
                 committed = False
                 log.error("checkpoint: commit of %s failed (%s); the previous checkpoint stays the latest",
-                          pending.final, exc)
-                shutil.rmtree(pending.final, ignore_errors=True)
+                          pending.final, describe_error(exc))
+                # Before the rename only its source is this save's (the target may be anything, left as it is).
+                written = pending.tmp if os.path.exists(pending.tmp) else pending.final
+                try:
+                    _delete(written)
+                except OSError as rm_exc:
+                    log.error("checkpoint: %s may look committed and could not be deleted (%s); delete it before "
+                              "the job resumes", written, rm_exc)
             if committed and pending.retain:  # after the commit, never part of it: a failure here deletes nothing new
                 _apply_retention(self.ckpt_root, self.keep_last, self.keep_every, protect=pending.final)
         committed = _all_ok(committed)
@@ -778,13 +784,21 @@ def _apply_retention(ckpt_root: str, keep_last: int, keep_every: int, protect: s
         if path == protect or (keep_every and step % keep_every == 0):
             continue
         try:
-            # Un-commit first, so a crash halfway through the delete leaves a leftover, not a broken checkpoint.
-            os.remove(os.path.join(path, METADATA))
+            _delete(path)
         except OSError as exc:
             log.warning("checkpoint: retention could not delete %s (%s); it stays, and the next save tries again",
                         path, exc)
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+
+
+def _delete(path: str) -> None:
+    """Delete a checkpoint directory, un-committing it first (its metadata.json): a crash or a failure halfway
+    through the delete leaves an uncommitted leftover, removed at the next start, never a checkpoint with files
+    missing. OSError when the metadata cannot be removed (nothing else is touched then)."""
+    try:
+        os.remove(os.path.join(path, METADATA))
+    except FileNotFoundError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def write(final: str, model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | None, train_state: dict,

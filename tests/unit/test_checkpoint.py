@@ -3,6 +3,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -494,6 +495,50 @@ def test_a_save_failing_after_its_shards_are_written_never_commits(tmp_path, mon
     assert saver.save(3, model, optimizer, {"step": 3}, {}) is not None
     assert saver.wait() is True
     assert _names(checkpoint.committed_checkpoints(str(root))) == ["step_00000001", "step_00000003"]
+
+
+def test_a_commit_failing_with_an_error_of_any_kind_is_a_skipped_save(tmp_path, monkeypatch, caplog):
+    """Not only an OSError: whatever stops rank 0's commit is a skipped save (every rank agrees on it; an error
+    escaping there would leave the other ranks waiting in the agreement), and the new directory goes."""
+    root = tmp_path / "checkpoints"
+    model, optimizer = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(str(root), keep_last=3)
+    assert saver.save(1, model, optimizer, {"step": 1}, {}) is not None
+
+    def broken(tmp, final):
+        raise ValueError("not what a rename raises")
+
+    monkeypatch.setattr(checkpoint, "replace_dir", broken)
+    assert saver.save(2, model, optimizer, {"step": 2}, {}) is None
+    assert "commit of" in caplog.text and "ValueError: not what a rename raises" in caplog.text
+    assert saver.failed_saves == 1 and sorted(os.listdir(root)) == ["step_00000001"]
+
+
+def test_a_commit_failing_after_its_metadata_is_written_leaves_no_committed_directory(tmp_path, monkeypatch):
+    """The commit's last fsync fails and the delete of the new directory fails halfway (as on a flaky network
+    filesystem): what is left must be an uncommitted leftover, cleaned at the next start, not a checkpoint that
+    resume would pick with files missing."""
+    root = tmp_path / "checkpoints"
+    model, optimizer = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(str(root), keep_last=3)
+    assert saver.save(1, model, optimizer, {"step": 1}, {}) is not None
+    real_fsync = checkpoint.fsync_path
+
+    def failing_once_committed(path):
+        if os.path.isfile(os.path.join(path, checkpoint.METADATA)) and "step_00000002" in path:
+            raise OSError(5, "Input/output error", path)
+        real_fsync(path)
+
+    def deletes_one_shard(path, ignore_errors=False):  # a delete that stops after its first file
+        os.remove(next(Path(path).glob("*.distcp")))
+
+    monkeypatch.setattr(checkpoint, "fsync_path", failing_once_committed)
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", deletes_one_shard)
+    assert saver.save(2, model, optimizer, {"step": 2}, {}) is None
+    assert os.path.isdir(root / "step_00000002")  # the delete failed ...
+    assert _names(checkpoint.committed_checkpoints(str(root))) == ["step_00000001"]  # ... but it is no checkpoint
+    monkeypatch.undo()
+    assert checkpoint.clean_partial(str(root)) == [str(root / "step_00000002")]
 
 
 def test_a_resumed_run_keeps_its_init_source_and_refuses_another(tmp_path, caplog):
