@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     # The record as it is now (none, or an earlier torchrun's): only another one, written by this torchrun's
     # workers, says why they failed. Compared by file identity, not by time, so that no clocks of two nodes meet.
     before = no_restart.record_identity(run_dir) if run_dir is not None else None
+    if before is not None:  # nor is it for the workers' restarts, whatever torchrun run id it names
+        os.environ[no_restart.EARLIER_ENV] = ":".join(map(str, before))
     try:
         torchrun_main(argv)
     except SignalException:

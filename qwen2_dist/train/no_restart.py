@@ -61,14 +61,31 @@ def _read(path: str) -> dict | None:
     return stop if isinstance(stop, dict) and isinstance(stop.get("code"), int) and stop["code"] else None
 
 
+EARLIER_ENV = "QWEN2_EARLIER_STOP_RECORD"
+"""Set by qwen2_dist/cli/torchrun.py for its workers: the identity (record_identity) of the record that was in the
+run_dir before this torchrun started, as "INODE:MTIME_NS:SIZE"."""
+
+
+def _earlier_identity() -> tuple[int, ...] | None:
+    try:
+        return tuple(int(part) for part in os.environ[EARLIER_ENV].split(":"))
+    except (KeyError, ValueError):
+        return None
+
+
 def previous_stop(run_dir: str) -> tuple[int, str] | None:
     """In a worker that torchrun restarted: (exit code, message) when an earlier attempt of the same torchrun
-    stopped on purpose; None otherwise."""
+    stopped on purpose; None otherwise. The same torchrun: its run id (a fixed --rdzv-id repeats between jobs), and,
+    under the launchers, not the record that was there before it started (the first attempt of a job may fail before
+    it removes an earlier job's record)."""
     attempt = _attempt()
     if attempt is None or attempt[1] == 0:
         return None
     path = os.path.join(run_dir, NAME)
     run_id, restart = attempt
+    earlier = _earlier_identity()
+    if earlier is not None and record_identity(run_dir) == earlier:
+        return None
     stop = _read(path)
     if stop is None or stop.get("torchrun_run_id") != run_id:
         return None

@@ -11,6 +11,12 @@ from qwen2_dist.fsutil import write_atomic
 from qwen2_dist.train import no_restart
 
 
+@pytest.fixture(autouse=True)
+def _environment(monkeypatch):
+    """torchrun.main sets os.environ for its workers: taken back after each test."""
+    monkeypatch.delenv(no_restart.EARLIER_ENV, raising=False)
+
+
 def _record(run_dir, code):
     write_atomic(str(run_dir / no_restart.NAME), json.dumps({
         "code": code, "error": "step 2: halted", "torchrun_run_id": "x", "restart": 0, "rank": 0, "time": 0.0}))
@@ -57,6 +63,29 @@ def test_any_other_failure_stays_torchrun_s(tmp_path, monkeypatch, case):
     argv = _argv(run_dir, "some.other.module") if case == "another program" else _argv(run_dir)
     with pytest.raises(ChildFailedError):
         torchrun.main(argv)
+
+
+def test_a_restart_does_not_obey_a_record_from_before_its_torchrun_of_the_same_run_id(tmp_path, monkeypatch):
+    """A fixed --rdzv-id (launch/train_multi_node.sh's default) repeats between jobs: when a job's first attempt
+    fails before it removes an earlier job's record, its restart must not stop on that record; it does stop on one
+    its own torchrun's workers wrote."""
+    import torch.distributed.run
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _record(run_dir, 3)  # the earlier job's halt, under the same run id "x"
+    seen = []
+
+    def fake_main(argv):  # the restarted workers' view, in the environment torchrun hands them
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        seen.append(no_restart.previous_stop(str(run_dir)))
+        _record(run_dir, 2)  # this torchrun's attempt 0 stopped on purpose
+        seen.append(no_restart.previous_stop(str(run_dir)))
+
+    monkeypatch.setattr(torch.distributed.run, "main", fake_main)
+    torchrun.main(_argv(run_dir))
+    assert seen[0] is None and seen[1][0] == 2, seen
 
 
 def test_overrides_that_do_not_compose_stop_before_torchrun_with_exit_2(tmp_path, monkeypatch, capsys):
