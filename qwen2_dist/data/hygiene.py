@@ -9,13 +9,14 @@ or a run in its first milliseconds) are never touched.
 
 streaming chooses a prefix by looking for the first free one in /dev/shm; two runs starting at the same moment can
 choose the same one, and the second then fails ("File exists: '/000000_locals'"). prefix_lock() makes the choice
-one run at a time on a machine.
+one run at a time on a machine, and release() removes a prefix under the same lock.
 """
 
 import contextlib
 import glob
 import logging
 import os
+import time
 from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
@@ -95,9 +96,12 @@ def release(prefix_int: int, record: str | None, lock_dir: str) -> None:
             os.remove(record)
         except FileNotFoundError:
             pass
-    if any(_alive(pid, start) for _, _, pid, start in _records(prefix_int)):
-        return
-    _unlink_prefix(prefix_int, {lock_dir})
+    # Under the prefix lock: another run's ranks may be choosing their prefix from what is in /dev/shm right now,
+    # and one of them would see this prefix taken, another free.
+    with _cleanup_lock():
+        if any(_alive(pid, start) for _, _, pid, start in _records(prefix_int)):
+            return
+        _unlink_prefix(prefix_int, {lock_dir})
 
 
 def _orphan_lock_files(lock_dir: str) -> list[str]:
@@ -142,21 +146,97 @@ def clean_stale(lock_dir: str | None = None) -> list[str]:
     return removed
 
 
+_held = False
+"""Whether this process holds the machine's prefix lock now (a loader's finalizer, run by the garbage collector
+inside the locked section, must not wait for the lock its own process holds)."""
+
+
 @contextlib.contextmanager
-def prefix_lock(leader: bool) -> Iterator[None]:
-    """Held by each run's local leader (local rank 0) while its StreamingDataset picks and registers a shared-memory
-    prefix, so that no other run on this machine picks at the same time. An exclusive flock on the /dev/shm
-    directory itself: it needs no file (nothing to leave behind) and is released by the kernel if the process dies.
-    The other local ranks of the run take no lock: they wait at the run's barrier, which their leader passes only
-    with the lock in hand, and pick the prefix their leader registers."""
-    if not leader or not os.path.isdir(SHM_DIR):
-        yield
-        return
+def prefix_lock(leader: bool, lock_path: str = SHM_DIR) -> Iterator[None]:
+    """Held by each run's local leaders (local rank 0) while its StreamingDataset picks and registers a shared-memory
+    prefix, so that no other run on the same machine picks at the same time. An exclusive flock on the /dev/shm
+    directory itself (lock_path): it needs no file (nothing to leave behind) and is released by the kernel if the
+    process dies. The other local ranks take no lock: they wait at the run's barriers, which their leader passes
+    only with the lock in hand, and pick the prefix their leader registers.
+
+    Collective when torch.distributed is initialized: the run's leaders hold their machines' locks all together or
+    none of them. Each tries without waiting, the run agrees (a CPU all-reduce), and when a leader did not get its
+    lock the others let theirs go and all try again after a random pause. A leader that waited for its lock while
+    holding another machine's would deadlock two multi-node runs sharing two machines: each would hold one machine's
+    lock, waiting at its barriers for a rank that waits for the other's."""
+    global _held
     import fcntl
 
-    fd = os.open(SHM_DIR, os.O_RDONLY)
+    fd = os.open(lock_path, os.O_RDONLY) if leader and os.path.isdir(lock_path) else None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        if fd is not None and not _dist_initialized():
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one process: nothing to agree on, wait for the lock
+        else:
+            _lock_together(fd)
+        _held = fd is not None
         yield
     finally:
-        os.close(fd)  # closing the descriptor drops the lock
+        _held = False
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the lock
+
+
+def _dist_initialized() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _lock_together(fd: int | None) -> None:
+    """Every rank: return once every leader of the run holds its lock (fd None: this rank takes none)."""
+    import fcntl
+    import random
+
+    from qwen2_dist.parallel.mesh import agree_any
+
+    pause, started, said = 0.05, time.monotonic(), False
+    jitter = random.SystemRandom()  # not the random module's seeded state, which a run may use
+    while True:
+        got = True
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                got = False
+        if not agree_any([not got])[0]:
+            return
+        if got:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        if not said and time.monotonic() - started > 60:
+            log.warning("data: waiting for other runs on this run's machines to finish choosing their "
+                        "shared-memory prefixes (%s is locked)", SHM_DIR)
+            said = True
+        time.sleep(jitter.uniform(pause / 2, pause))
+        pause = min(2 * pause, 2.0)
+
+
+@contextlib.contextmanager
+def _cleanup_lock(timeout: float = 10.0) -> Iterator[None]:
+    """The prefix lock for a cleanup, unless this process holds it already; after `timeout` seconds without it, the
+    cleanup goes on (a process stopped while holding it must not hang another's exit)."""
+    import fcntl
+
+    if _held or not os.path.isdir(SHM_DIR):
+        yield
+        return
+    fd = os.open(SHM_DIR, os.O_RDONLY)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    log.warning("data: %s stayed locked for %.0f s; releasing this loader's shared memory without "
+                                "the lock", SHM_DIR, timeout)
+                    break
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)

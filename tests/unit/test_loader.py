@@ -399,6 +399,77 @@ STARTER = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory in /dev/shm (Linux)")
+def test_a_closing_loader_removes_its_prefix_under_the_prefix_lock(tmp_path, monkeypatch, caplog):
+    """Another run's ranks may be choosing their prefix from what /dev/shm holds: the last owner removes its
+    segments only with the lock in hand; inside this process's own locked section, without waiting for itself."""
+    import fcntl
+
+    held = []
+
+    def unlink(prefix_int, lock_dirs):
+        fd = os.open(hygiene.SHM_DIR, os.O_RDONLY)
+        try:  # another open file description: refused while the releasing one holds the lock
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return []
+
+    monkeypatch.setattr(hygiene, "_unlink_prefix", unlink)
+    hygiene.release(999_998, None, str(tmp_path))
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING), hygiene.prefix_lock(True):
+        hygiene.release(999_998, None, str(tmp_path))  # a finalizer run by the garbage collector in there
+    assert held == [True, True]
+    assert time.monotonic() - started < 5 and "without the lock" not in caplog.text
+
+
+CROSSED = textwrap.dedent("""
+    import os, sys, time
+    from datetime import timedelta
+    import torch.distributed as dist
+    from qwen2_dist.data import hygiene
+
+    store, rank, lock, delay = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=120))
+    time.sleep(delay)
+    with hygiene.prefix_lock(True, lock):
+        dist.barrier()  # as streaming's and the loader's barriers, with the lock in hand
+        time.sleep(0.2)
+    print("done", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_two_multi_node_runs_sharing_two_machines_do_not_deadlock_on_the_prefix_locks(tmp_path):
+    """Runs a and b each have a leader on machine 1 and one on machine 2 (each machine's lock a directory here). a's
+    leader on 1 and b's on 2 come first; a leader that waited for its lock while the other held its own, waiting at
+    its run's barrier, would deadlock both runs until the process group's timeout."""
+    machines = [tmp_path / "machine1", tmp_path / "machine2"]
+    for machine in machines:
+        machine.mkdir()
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    layout = [("a", 0, machines[0], 0.0), ("a", 1, machines[1], 1.5), ("b", 0, machines[1], 0.0),
+              ("b", 1, machines[0], 1.5)]
+    procs = [subprocess.Popen([sys.executable, "-c", CROSSED, str(tmp_path / f"store_{run}"), str(rank), str(lock),
+                               str(delay)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True)
+             for run, rank, lock, delay in layout]
+    try:
+        outs = [proc.communicate(timeout=90) for proc in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two runs deadlocked on the machines' prefix locks")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert [out.strip() for out, _ in outs] == ["done"] * 4, [err[-2000:] for _, err in outs]
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory in /dev/shm (Linux)")
 def test_runs_starting_together_get_their_own_prefixes(data, tmp_path):
     # streaming picks the first free prefix in /dev/shm; without hygiene.prefix_lock, runs that look at the same
     # moment pick the same one and all but one fail with "File exists: '/000000_locals'" (seen in CI). The runs
