@@ -368,6 +368,32 @@ def check_summaries_vocab(summaries: list[tuple[str, dict]], vocab_size: int) ->
             )
 
 
+def _decompressed(path: str, compression: str, size: int, raw_size: int) -> bytes:
+    """A compressed shard's contents; UserError naming the shard when the file is not what its index.json says (a
+    copy cut short, a damaged disk): every later start would stop at the same step again."""
+    from streaming.base.compression import decompress
+
+    fix = ("the copy of the dataset is damaged or incomplete: copy it again from its source, or prepare it again "
+           "with qwen2-prepare")
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read()
+    except OSError as exc:
+        raise UserError(f"data shard {path}: cannot be read ({exc.strerror or exc}); {fix}") from None
+    if len(zipped) != size:
+        raise UserError(f"data shard {path}: {len(zipped):,} bytes, where the dataset's index.json says {size:,}; "
+                        f"{fix}")
+    try:
+        data = decompress(compression, zipped)
+    except Exception as exc:  # each codec raises its own kind
+        raise UserError(f"data shard {path}: does not decompress as {compression} ({type(exc).__name__}: "
+                        f"{str(exc).strip()[:200]}); {fix}") from None
+    if len(data) != raw_size:
+        raise UserError(f"data shard {path}: decompresses to {len(data):,} bytes, where the dataset's index.json "
+                        f"says {raw_size:,}; {fix}")
+    return data
+
+
 class _IndexedSamples(Dataset):
     """Samples of a StreamingDataset by global index (a map-style dataset for torch's DataLoader)."""
 
@@ -388,16 +414,14 @@ class _IndexedSamples(Dataset):
         shard_id, _ = self.dataset.spanner[sample_id]
         if shard_id in self._ready:
             return
-        from streaming.base.compression import decompress
-
         shard = self.dataset.shards[shard_id]
         stream = self.dataset.streams[self.dataset.stream_per_shard[shard_id]]
         for raw_info, zip_info in shard.file_pairs if stream.remote is None else []:
             raw = os.path.join(stream.local, stream.split, raw_info.basename)
             if zip_info is None or os.path.exists(raw):
                 continue
-            with open(os.path.join(stream.local, stream.split, zip_info.basename), "rb") as f:
-                data = decompress(shard.compression, f.read())
+            data = _decompressed(os.path.join(stream.local, stream.split, zip_info.basename), shard.compression,
+                                 zip_info.bytes, raw_info.bytes)
             tmp = f"{raw}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             try:
                 with open(tmp, "wb") as f:

@@ -326,6 +326,26 @@ def test_bad_sources_are_refused_clearly(tmp_path, data):
         loader([(data[0], -1.0)])
 
 
+@pytest.mark.parametrize("damage", ["cut short", "a changed byte"])
+def test_a_damaged_shard_stops_with_its_name_and_the_fix(data, damage):
+    """A copy of a dataset cut short (or a damaged disk) stops at the first sample of the shard with a UserError
+    naming it, not with the codec's message alone: a crash there would be restarted into the same shard again."""
+    shard = sorted(glob.glob(os.path.join(data[0], "train", "shard.*.mds.zstd")))[-1]
+    content = open(shard, "rb").read()
+    if damage == "cut short":
+        content = content[: len(content) // 2]
+    else:
+        content = content[:20] + bytes([content[20] ^ 0xFF]) + content[21:]
+    open(shard, "wb").write(content)
+    batches = loader([data[0]], shuffle=False, global_batch_size=2)
+    try:
+        with pytest.raises(UserError, match=rf"data shard {re.escape(shard)}: .*copy it again from its source"):
+            for _ in range(30):
+                batches.next_batch()
+    finally:
+        batches.close()
+
+
 HOLDER = textwrap.dedent("""
     import sys
     from qwen2_dist.data.loader import TokenBatches
