@@ -564,9 +564,16 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
                 + (" or leave data.path unset for the embedded corpus" if name == "data.path" and not d.sources
                    else "")
             )
+    seen: dict[str, int] = {}
     for i, source in enumerate(d.sources):
         if not source.weight > 0:
             raise UserError(f"data.sources[{i}].weight={source.weight}: must be positive")
+        # A URL as written; a directory however it is spelled (streaming refuses one local directory used twice).
+        key = source.path.rstrip("/") if "://" in source.path else os.path.realpath(source.path)
+        if key in seen:
+            raise UserError(f"data.sources[{i}].path={source.path}: the same data as data.sources[{seen[key]}]; "
+                            "list each dataset once, with the sum of the weights you meant for it")
+        seen[key] = i
     source_names(d.sources)
     if d.shuffle_block_size < 1 or d.num_workers < 0:
         raise UserError("data.shuffle_block_size must be >= 1 and data.num_workers >= 0")

@@ -64,6 +64,10 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["data.path=/nonexistent/shards"], 1, "data.path"),
     (["data.sources=[{path: /nonexistent/a, weight: 1}]"], 1, "data.sources[0].path"),
     (["data.sources=[{path: s3://b/a, weight: 0}]"], 1, "data.sources[0].weight"),
+    (["data.sources=[{path: s3://b/a, weight: 1}, {path: s3://b/c}, {path: 's3://b/a/', weight: 2}]"], 1,
+     "data.sources[2].path=s3://b/a/: the same data as data.sources[0]"),
+    (["data.sources=[{path: /tmp, name: t}, {path: /tmp/../tmp/, name: u}]"], 1,
+     "data.sources[1].path=/tmp/../tmp/: the same data as data.sources[0]"),
     (["data.path=s3://b/a", "data.sources=[{path: s3://b/c}]"], 1, "data.path and data.sources"),
     (["eval.samples=0"], 1, "eval.samples"),
     (["data.synthetic=true", "data.document_masking=true"], 1, "data.synthetic=true trains on random tokens"),
@@ -294,8 +298,9 @@ def test_data_the_model_cannot_read_is_refused_before_launch(tmp_path):
     validate(job(f"data.path={data}", "train.seq_len=16"), 1)
     with pytest.raises(UserError, match="holds token ids up to 151643, beyond model.vocab_size=4096"):
         validate(job(f"data.path={data}", "train.seq_len=16", "model.vocab_size=4096"), 1)
+    other = make_dataset(tmp_path / "other", 8, 16)
     with pytest.raises(UserError, match=r"data.sources\[1\].weight=0.0001 .* is too small"):
-        validate(job(f"data.sources=[{{path: {data}, weight: 1}}, {{path: {data}, weight: 0.0001}}]"), 1)
+        validate(job(f"data.sources=[{{path: {data}, weight: 1}}, {{path: {other}, weight: 0.0001}}]"), 1)
     # Before the launch (the launchers' check), not in validate(), which qwen2-estimate shares.
     from qwen2_dist.cli.train import check_only
 
