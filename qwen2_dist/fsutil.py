@@ -4,6 +4,8 @@ import os
 import shutil
 import uuid
 
+from qwen2_dist.errors import UserError
+
 
 def replace_dir(tmp: str, final: str) -> None:
     """Move a fully written directory `tmp` to `final`, replacing whatever was there in one rename."""
@@ -44,3 +46,20 @@ def reads_in_place(path: str, split: str) -> bool:
     """Whether the loader reads a data source's split where it lies (a local, writable directory: streaming writes
     decompressed shards beside the compressed ones) rather than through a cache (remote, or read-only local)."""
     return "://" not in path and os.access(os.path.join(os.path.abspath(os.path.expanduser(path)), split), os.W_OK)
+
+
+def new_output_dir(path: str, fix: str) -> str:
+    """The real path of an output directory to be written beside it and renamed into its place (replace_dir):
+    UserError, ending with `fix`, unless it does not exist or is an empty directory that a rename can replace. A
+    symlink is followed (the rename replaces its target, not the link); a mount point (a volume mounted there) is
+    refused, as a rename cannot replace it and the output would first be written to the filesystem above it."""
+    real = os.path.realpath(os.path.expanduser(path))
+    if not os.path.exists(real):
+        return real
+    if not os.path.isdir(real) or os.listdir(real):
+        raise UserError(f"{path}: exists and is not an empty directory; {fix}")
+    if os.path.ismount(real):
+        raise UserError(f"{path}: is a mount point; the output is written beside its directory and renamed into its "
+                        f"place, which a mount point cannot take: name a new directory inside it, e.g. "
+                        f"{os.path.join(path, 'model')}")
+    return real

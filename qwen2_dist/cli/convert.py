@@ -20,6 +20,7 @@ import sys
 import torch
 
 from qwen2_dist.errors import UserError
+from qwen2_dist.fsutil import new_output_dir
 
 log = logging.getLogger("qwen2_dist")
 
@@ -40,8 +41,7 @@ def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
     from qwen2_dist.model.hf import hf_source_fields, read_hf_state_dict, read_pickle_state_dict
     from qwen2_dist.train import checkpoint
 
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise UserError(f"{out_dir}: exists and is not an empty directory; choose a new output directory")
+    out_dir = new_output_dir(out_dir, "choose a new output directory")
     if allow_pickle and not glob.glob(os.path.join(hf_dir, "*.safetensors")) and glob.glob(
             os.path.join(hf_dir, "pytorch_model*.bin")):
         args, state = read_pickle_state_dict(hf_dir)  # unpickled with mmap=True: views of the files too
@@ -74,8 +74,7 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     if not max_shard_gib > 0:
         raise UserError(f"--max-shard-gib {max_shard_gib}: the largest safetensors file must be a positive size, "
                         "e.g. 5")
-    if os.path.exists(hf_dir) and (not os.path.isdir(hf_dir) or os.listdir(hf_dir)):
-        raise UserError(f"{hf_dir}: exists and is not an empty directory; choose another output path")
+    hf_dir = new_output_dir(hf_dir, "choose another output path")
     meta = checkpoint.verify(ckpt_dir, checksums)
     args = ModelArgs(**meta["model_args"])
     shapes = native_shapes(args)

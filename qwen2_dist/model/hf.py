@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from qwen2_dist.errors import UserError
-from qwen2_dist.fsutil import fsync_path, replace_dir
+from qwen2_dist.fsutil import fsync_path, new_output_dir, replace_dir
 from qwen2_dist.model.args import INERT_ARGS, ModelArgs
 from qwen2_dist.model.qwen2 import Qwen2, build_model
 
@@ -589,12 +589,10 @@ def write_hf_from(
     """
     if max_shard_bytes <= 0:
         raise UserError(f"max_shard_bytes={max_shard_bytes}: the largest safetensors file must be a positive size")
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        if not os.path.isdir(out_dir):
-            raise UserError(f"{out_dir}: exists and is not a directory; choose another output path")
-        if os.listdir(out_dir) and not overwrite:
-            raise UserError(f"{out_dir}: exists and is not empty; choose another output path or pass overwrite=True")
+    if overwrite and os.path.isdir(out_dir):
+        out_dir = os.path.realpath(out_dir)
+    else:
+        out_dir = new_output_dir(out_dir, "choose another output path or pass overwrite=True")
 
     shapes = {n: s for n, s in native_shapes(args).items() if not _skipped_hf_name(native_to_hf_name(n), args)}
     sizes = {native_to_hf_name(n): shape.numel() * dtype.itemsize for n, shape in shapes.items()}

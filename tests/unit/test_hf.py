@@ -447,12 +447,35 @@ def test_names_and_state_dicts_map_both_ways():
         assert back.keys() == expected
 
 
+def test_an_output_named_by_a_symlink_lands_in_its_target_and_a_mount_point_is_refused(tmp_path, monkeypatch):
+    """The export is written beside the output and renamed into its place: through a symlink to an empty directory
+    it must land in the target (the link still pointing there, nothing left beside the link), and a mount point,
+    which a rename cannot replace, is refused before anything is written."""
+    args, native = read_hf_state_dict(save_hf(make_hf_model("mha_tied"), tmp_path / "hf", sharded=False))
+    (tmp_path / "disk").mkdir()
+    target = tmp_path / "disk" / "export"
+    target.mkdir()
+    (tmp_path / "links").mkdir()
+    link = tmp_path / "links" / "export"
+    link.symlink_to(target)
+    write_hf(native, args, str(link))
+    assert link.is_symlink() and os.path.samefile(link, target)
+    assert sorted(os.listdir(target)) == ["config.json", WEIGHTS_NAME] and os.listdir(tmp_path / "links") == ["export"]
+    mount = tmp_path / "volume"
+    mount.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(mount))
+    with pytest.raises(UserError, match=rf"{mount}: is a mount point; .* name a new directory inside it, e.g. "
+                                        rf"{mount}/model"):
+        write_hf(native, args, str(mount))
+    assert os.listdir(mount) == [] and sorted(os.listdir(tmp_path)) == ["disk", "hf", "links", "volume"]
+
+
 def test_write_refuses_non_empty_dir_and_failures_leave_nothing(tmp_path, monkeypatch):
     args, native = read_hf_state_dict(save_hf(make_hf_model("mha_tied"), tmp_path / "hf", sharded=False))
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    with pytest.raises(UserError, match="exists and is not empty.*overwrite=True"):
+    with pytest.raises(UserError, match="exists and is not an empty directory.*overwrite=True"):
         write_hf(native, args, str(out))
     write_hf(native, args, str(out), overwrite=True)
     assert sorted(os.listdir(out)) == ["config.json", WEIGHTS_NAME]
