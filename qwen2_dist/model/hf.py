@@ -457,7 +457,19 @@ def read_pickle_state_dict(path: str) -> tuple[ModelArgs, dict[str, torch.Tensor
     hf: dict[str, torch.Tensor] = {}
     for file in sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))):
         # weights_only refuses anything but tensors and plain containers: no code runs while unpickling.
-        hf.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+        try:
+            try:
+                hf.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
+            except RuntimeError as exc:
+                if "_use_new_zipfile_serialization" not in str(exc):
+                    raise
+                # torch's format before 1.6 cannot be mapped: read into memory instead
+                hf.update(torch.load(file, map_location="cpu", weights_only=True))
+        except Exception as exc:  # a damaged file, or objects weights_only refuses
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise UserError(f"{file}: cannot be read as PyTorch weights ({type(exc).__name__}: {first}); save the "
+                            "model again with transformers' save_pretrained (safetensors), or copy the file "
+                            "again") from None
     state_dict = hf_to_native_state_dict(hf, args)
     shapes = native_shapes(args)
     for name, tensor in state_dict.items():

@@ -344,6 +344,21 @@ def test_pickle_weights_of_another_shape_than_config_json_are_refused(tmp_path):
         load_hf_model(str(tmp_path / "bin"), allow_pickle=True)
 
 
+def test_pickle_weights_in_torch_s_old_format_load_and_a_damaged_file_is_named(tmp_path):
+    """torch's format before 1.6 cannot be memory-mapped: read into memory instead, the same weights; a file that
+    does not unpickle is one error naming it."""
+    save_pickle_hf(make_hf_model("mha_tied"), tmp_path / "bin")
+    weights = tmp_path / "bin" / "pytorch_model.bin"
+    expected = load_hf_model(str(tmp_path / "bin"), allow_pickle=True).state_dict()
+    torch.save(torch.load(weights, weights_only=True), weights, _use_new_zipfile_serialization=False)
+    loaded = load_hf_model(str(tmp_path / "bin"), allow_pickle=True).state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in expected.items())
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UserError, match=rf"^{weights}: cannot be read as PyTorch weights \(\w+: .*save the model "
+                                        "again with transformers' save_pretrained"):
+        load_hf_model(str(tmp_path / "bin"), allow_pickle=True)
+
+
 def test_a_stray_copy_of_the_tensors_beside_the_checkpoint_is_refused(tmp_path):
     """A sharded export with an old model.safetensors beside it: model.init_from_hf reads the directory as a whole
     (DCP), which would take some tensors from each; the directory is refused, naming the file. A file of other
