@@ -111,6 +111,14 @@ def _qwen2_tokenizer() -> Tokenizer:
     )
 
 
+def document_separator(hf) -> int | None:
+    """The id that ends each document of a Hugging Face tokenizer's data: <|endoftext|> where the tokenizer has it
+    as a token (Qwen's pretraining data uses it; a Qwen Instruct or Qwen2.5 tokenizer's eos is <|im_end|>, the end
+    of a chat turn), else its eos token; None when it has neither."""
+    found = hf.convert_tokens_to_ids(ENDOFTEXT)
+    return found if found is not None and found != hf.unk_token_id else hf.eos_token_id
+
+
 def _hf_tokenizer(spec: str) -> Tokenizer:
     fix = "pass tokenizer=qwen2 for the embedded Qwen2 vocabulary, or a local Hugging Face tokenizer directory"
     try:
@@ -131,8 +139,7 @@ def _hf_tokenizer(spec: str) -> Tokenizer:
         raise UserError(f"tokenizer={spec}: could not load a Hugging Face tokenizer ({reason}); {fix}") from e
     # The document separator: <|endoftext|> where the tokenizer has it as a special token, as Qwen's pretraining
     # data uses it; a Qwen Instruct or Qwen2.5 tokenizer's eos is <|im_end|>, the end of a chat turn. Else its eos.
-    found = hf.convert_tokens_to_ids(ENDOFTEXT)
-    separator = found if found is not None and found != hf.unk_token_id else hf.eos_token_id
+    separator = document_separator(hf)
     if separator is not None and separator != hf.eos_token_id:
         log.info("tokenizer %s: documents are separated by %s (id %d), not by its eos token %s", spec, ENDOFTEXT,
                  separator, hf.eos_token)

@@ -147,18 +147,20 @@ def has_tokenizer(path: str) -> bool:
         os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")))
 
 
-def write_tokenizer(spec: str, out_dir: str, vocab_size: int) -> None:
+def write_tokenizer(spec: str, out_dir: str, vocab_size: int) -> dict[str, int | None]:
     """Tokenizer files in out_dir: spec "qwen2" for the embedded Qwen2 vocabulary (qwen2-prepare's default), or a
     Hugging Face tokenizer directory (or hub id in the local cache) saved again by transformers. UserError when it
-    cannot be loaded, or has ids the model's vocabulary (vocab_size rows) cannot hold."""
-    from qwen2_dist.data.tokenizer import QWEN2_VOCAB_SIZE, save_qwen2_hf_tokenizer
+    cannot be loaded, or has ids the model's vocabulary (vocab_size rows) cannot hold. Returns its bos_token_id
+    and eos_token_id as config.json gives them: eos the id that ended the documents the data was prepared from
+    (data.tokenizer.document_separator), which is what a trained model predicts at a document's end."""
+    from qwen2_dist.data.tokenizer import QWEN2_VOCAB_SIZE, document_separator, save_qwen2_hf_tokenizer
 
     if spec == "qwen2":
         if vocab_size < QWEN2_VOCAB_SIZE:
             raise UserError(f"--tokenizer qwen2: its {QWEN2_VOCAB_SIZE} tokens do not fit the model's vocab_size "
                             f"{vocab_size}; pass the tokenizer the data was prepared with (--tokenizer DIR)")
         save_qwen2_hf_tokenizer(out_dir)
-        return
+        return {"bos_token_id": QWEN2_EOS_TOKEN_ID, "eos_token_id": QWEN2_EOS_TOKEN_ID}  # as Qwen2's own config
     fix = "pass --tokenizer qwen2, a Hugging Face tokenizer directory, or --tokenizer none"
     try:
         from transformers import AutoTokenizer
@@ -171,13 +173,17 @@ def write_tokenizer(spec: str, out_dir: str, vocab_size: int) -> None:
         raise UserError(f"--tokenizer {spec}: {len(tokenizer)} tokens, more than the model's vocab_size "
                         f"{vocab_size}; {fix}")
     tokenizer.save_pretrained(out_dir)
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": document_separator(tokenizer)}
 
 
-def hf_config_from_args(args: ModelArgs, torch_dtype: str = "float32", source: dict | None = None) -> dict:
+def hf_config_from_args(args: ModelArgs, torch_dtype: str = "float32", source: dict | None = None,
+                        token_ids: dict | None = None) -> dict:
     """A config.json dict that transformers' Qwen2ForCausalLM.from_pretrained loads as this architecture; with
-    source (hf_source_fields of the weights the run started from), their max_position_embeddings and token ids.
-    A token id outside the vocabulary is left out."""
+    token_ids (write_tokenizer's: of the tokenizer written beside it), its bos and eos ids instead of Qwen2's; with
+    source (hf_source_fields of the weights the run started from), their max_position_embeddings and token ids
+    over both. A token id outside the vocabulary is left out."""
     config = _hf_config(args, torch_dtype)
+    config.update(token_ids or {})
     config.update({key: value for key, value in (source or {}).items() if key in SOURCE_KEYS})
     for key in ("bos_token_id", "eos_token_id"):
         ids = config[key] if isinstance(config[key], list) else [config[key]]
@@ -618,9 +624,10 @@ def write_hf_from(
         log.warning("%d unfinished export(s) of an earlier, interrupted run beside %s, never used: %s; delete them "
                     "(rm -r) to free their space", len(leftovers), out_dir, ", ".join(leftovers))
     os.mkdir(tmp)
+    token_ids = None
     try:
         if tokenizer is not None:  # first: a tokenizer that cannot be written fails before the weights are read
-            write_tokenizer(tokenizer, tmp, args.vocab_size)
+            token_ids = write_tokenizer(tokenizer, tmp, args.vocab_size)
         weight_map = {}
         # disable=None: a progress bar on a terminal, silence in logs and CI.
         for i, shard in enumerate(tqdm(shards, desc=f"writing {os.path.basename(out_dir)}", unit="file", disable=None)):
@@ -634,7 +641,7 @@ def write_hf_from(
             with open(os.path.join(tmp, INDEX_NAME), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
-            json.dump(hf_config_from_args(args, str(dtype).removeprefix("torch."), source), f, indent=2)
+            json.dump(hf_config_from_args(args, str(dtype).removeprefix("torch."), source, token_ids), f, indent=2)
         if (source or {}).get("generation_config") is not None:
             with open(os.path.join(tmp, GENERATION_CONFIG_NAME), "w") as f:
                 json.dump(source["generation_config"], f, indent=2)

@@ -539,6 +539,36 @@ def test_the_export_writes_the_tokenizer_the_data_was_prepared_with(tmp_path, ca
     assert export_tokenizer(str(tmp_path), {"data_tokenizer": "qwen2"}) == str(tmp_path)
 
 
+def test_an_export_gives_config_json_the_token_ids_of_the_tokenizer_written_beside_it(tmp_path):
+    """A run from scratch on data prepared with a tokenizer of its own ends each document with that tokenizer's
+    separator: config.json (and the generation config transformers derives from it) must stop there, not at Qwen2's
+    <|endoftext|> id, an untrained row of this model; the weights a run started from keep their own ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
+
+    from qwen2_dist.data.tokenizer import load_tokenizer
+    from qwen2_dist.model.args import get_model_args
+    from qwen2_dist.model.hf import native_shapes, write_hf_from
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(100)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>") \
+        .save_pretrained(tmp_path / "tok")
+    assert load_tokenizer(str(tmp_path / "tok")).eos_id == 2  # what qwen2-prepare ended each document with
+    small, qwen2 = get_model_args("tiny", vocab_size=128), get_model_args("tiny")
+    for name, args, tokenizer, source, expected in (
+            ("own", small, str(tmp_path / "tok"), None, (1, 2)),
+            ("started", small, str(tmp_path / "tok"), {"bos_token_id": 5, "eos_token_id": 7}, (5, 7)),
+            ("qwen2", qwen2, "qwen2", None, (151643, 151643))):
+        shapes = native_shapes(args)
+        write_hf_from(lambda names: {n: torch.zeros(shapes[n]) for n in names}, args, str(tmp_path / name),
+                      1 << 30, torch.float32, source=source, tokenizer=tokenizer)
+        config = AutoConfig.from_pretrained(tmp_path / name)
+        assert (config.bos_token_id, config.eos_token_id) == expected, name
+        assert GenerationConfig.from_model_config(config).eos_token_id == expected[1], name
+
+
 def test_a_tokenizer_the_model_cannot_hold_or_load_is_refused_before_the_weights_are_read(tmp_path):
     from qwen2_dist.model.hf import write_tokenizer
 
