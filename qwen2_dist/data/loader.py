@@ -562,6 +562,9 @@ class TokenBatches:
                 raise UserError(f"data.cache_limit is set, but data source {path} is a local directory read in "
                                 "place: to stay under the limit streaming would delete its shards. Unset "
                                 "data.cache_limit, or read the source from its remote URL")
+            if remote is not None and split == TRAIN:
+                log.info("data: %s is cached in %s (%s; kept after the run, for a resume)", path, local,
+                         f"at most {_human_bytes(cache_limit)} of it" if cache_limit else "whole")
             streams.append(streaming.Stream(remote=remote, local=local, split=split))
         if vocab_size is not None:  # remote sources are checked here first, their summaries downloaded
             check_summaries_vocab(summaries, vocab_size)
