@@ -595,8 +595,9 @@ class TokenBatches:
         ]
         self._stream_offsets = np.asarray(self.dataset.sample_offset_per_stream, dtype=np.int64)
         if cache_limit:
-            self._limit_cache(cache_limit, shard_counts,
-                              max(shuffle_block_size, global_batch_size) if shuffle else global_batch_size)
+            by_block = shuffle and shuffle_block_size > global_batch_size  # else the global batch sets the window
+            self._limit_cache(cache_limit, shard_counts, shuffle_block_size if by_block else global_batch_size,
+                              by_block)
         self.order = SampleOrder(shard_counts, quotas, seed, shuffle, shuffle_block_size)
         # The order is a function of the sources' quotas, not of their weights: weights scaled by one factor (0.7
         # and 0.3 as 70 and 30) give the same order and the same fingerprint.
@@ -622,13 +623,14 @@ class TokenBatches:
         self._iterator = None
         self._loader = None
 
-    def _limit_cache(self, limit: int, shard_counts: list[list[int]], window: int) -> None:
+    def _limit_cache(self, limit: int, shard_counts: list[list[int]], window: int, by_block: bool) -> None:
         """Bound the node's cache of this dataset's shards to `limit` bytes (streaming evicts the least recently read
         shards), once it is known to hold what the read order needs at once: per source, the shards that two
         consecutive windows (the larger of a shuffle block and a global batch; a global batch without shuffling)
         can span, plus one shard in flight per other reading process of this node (streaming checks the limit before
         a download and counts the shard after it), each at the source's largest shard size (compressed and raw
-        forms), plus the indexes. UserError naming data.cache_limit otherwise."""
+        forms), plus the indexes. UserError naming data.cache_limit otherwise (and data.shuffle_block_size when the
+        window is a shuffle block: by_block)."""
         readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, self.num_workers)
         need = sum(stream.get_index_size() for stream in self.dataset.streams)
         parts = []
@@ -640,9 +642,11 @@ class TokenBatches:
         if limit < need:
             raise UserError(
                 f"data.cache_limit={_human_bytes(limit)} is below the {_human_bytes(need)} the read order needs in the "
-                f"cache at once ({'; '.join(parts)}: the shards that two shuffle blocks or global batches, whichever "
-                f"is larger, can span, and one being fetched by each of the node's {readers} reading processes, each "
-                "at its source's largest shard); raise data.cache_limit or lower data.shuffle_block_size"
+                f"cache at once ({'; '.join(parts)}: the shards that two "
+                f"{'shuffle blocks' if by_block else 'global batches'} of {window} samples can span, and one being "
+                f"fetched by each of the node's {readers} reading processes, each at its source's largest shard); "
+                + ("raise data.cache_limit or lower data.shuffle_block_size" if by_block else
+                   "raise data.cache_limit (or prepare the data in smaller shards)")
             )
         # streaming's own cache_limit argument: set after its set-up, whose check (4 shards) ours replaces.
         self.dataset.cache_limit = limit

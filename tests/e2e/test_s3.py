@@ -111,8 +111,11 @@ def test_a_cache_limit_keeps_the_cache_bounded_and_the_samples_unchanged(tmp_pat
     remote_args = dict(cache_dir=str(cache), run_key="run1", **kwargs)
 
     with pytest.raises(UserError, match=r"data.cache_limit=1 kB is below the [0-9.]+ kB the read order needs .* "
-                                        r"raise data.cache_limit or lower data.shuffle_block_size"):
+                                        r"two global batches of 8 samples .* raise data.cache_limit \(or prepare"):
         TokenBatches([(url, 1.0)], cache_limit=1000, **remote_args)
+    with pytest.raises(UserError, match=r"two shuffle blocks of 64 samples .* raise data.cache_limit or lower "
+                                        r"data.shuffle_block_size$"):
+        TokenBatches([(url, 1.0)], cache_limit=1000, **{**remote_args, "shuffle_block_size": 64})
     with pytest.raises(UserError, match=r"data.cache_limit is set, but data source .* is a local directory"):
         TokenBatches([(local, 1.0)], cache_limit=10**9, **kwargs)
 
