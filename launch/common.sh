@@ -38,7 +38,19 @@ else
     torchrun=("$python" -m qwen2_dist.cli.torchrun)
 fi
 
-if [ -z "${NPROC:-}" ]; then
+# The GPUs of this node as the launcher knows them (Slurm's count for the node, else nvidia-smi's when it sets
+# NPROC): the launch check then refuses a torch that sees none, which would train every process on the CPU.
+launch_gpus=0
+if [[ ${SLURM_GPUS_ON_NODE:-} =~ ^[0-9]+$ ]]; then
+    launch_gpus=$SLURM_GPUS_ON_NODE
+fi
+if [ -n "${NPROC:-}" ]; then
+    if ! [[ $NPROC =~ ^[1-9][0-9]*$ ]]; then
+        echo "error: NPROC=$NPROC: give the number of processes per node (e.g. NPROC=8), or leave it unset for" \
+            "one per GPU" >&2
+        exit 2
+    fi
+else
     NPROC=1
     if command -v nvidia-smi >/dev/null 2>&1; then
         gpus=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
@@ -52,6 +64,7 @@ if [ -z "${NPROC:-}" ]; then
         fi
         if [ "$gpus" -gt 0 ]; then
             NPROC=$gpus
+            launch_gpus=$gpus
         fi
     fi
 fi
@@ -59,11 +72,18 @@ fi
 # Preemption: the trainer saves a checkpoint and stops on SIGTERM or SIGUSR1 (qwen2_dist/train/trainer.py).
 # torchrun forwards the signals it handles to its workers and waits SHUTDOWN_TIMEOUT for them; SIGUSR1 is not
 # among its defaults, hence PET_SIGNALS_TO_HANDLE. An older torchrun that ignores that variable must not die of
-# SIGUSR1 either: ignored here, the signal still reaches the trainers when sent to the workers (Slurm signals every
-# process of a job step), because the handler a trainer installs replaces an inherited "ignore".
+# SIGUSR1 either: ignored by run_torchrun below, the signal still reaches the trainers when sent to the workers
+# (Slurm signals every process of a job step), because the handler a trainer installs replaces an inherited "ignore".
+# Not before: a SIGUSR1 during the launch check then ends this script, so the job step ends and slurm/train.sbatch
+# requeues the job, instead of the signal being lost and the run training on.
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}}
-trap '' USR1
+
+# run_torchrun ARGS...: this script becomes torchrun (exec: the signals sent to it reach torchrun).
+run_torchrun() {
+    trap '' USR1
+    exec "${torchrun[@]}" "$@"
+}
 
 # By default torch 2.13's agents keep one TCP store for all rendezvous rounds; restarting the workers of a 2-node
 # job after one of them failed then hung in init_process_group (2 of 2 tries here), and never with a fresh store
@@ -79,5 +99,5 @@ check_job() {
     local world=$1
     shift
     [ "${PRECHECK:-1}" = 1 ] || return 0
-    QWEN2_CHECK_ONLY=$world "$python" -m qwen2_dist.cli.train "$@"
+    QWEN2_CHECK_ONLY=$world QWEN2_LAUNCH_GPUS=$launch_gpus "$python" -m qwen2_dist.cli.train "$@"
 }

@@ -41,4 +41,4 @@ rdzv_args=(--rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${RDZV_ID:
 if [[ ${NNODES:-1} =~ ^[0-9]+$ ]]; then
     check_job $((NPROC * ${NNODES:-1})) "$@"
 fi  # an elastic MIN:MAX node count leaves the world size to the rendezvous: each worker validates it then
-exec "${torchrun[@]}" --nnodes="${NNODES:-1}" "${rdzv_args[@]}" "${common_args[@]}" "$@"
+run_torchrun --nnodes="${NNODES:-1}" "${rdzv_args[@]}" "${common_args[@]}" "$@"

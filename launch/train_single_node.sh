@@ -9,4 +9,4 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 
 check_job "$NPROC" "$@"
-exec "${torchrun[@]}" --standalone --nnodes=1 "${common_args[@]}" "$@"
+run_torchrun --standalone --nnodes=1 "${common_args[@]}" "$@"

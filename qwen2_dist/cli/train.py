@@ -471,8 +471,27 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
     layout = validate(job, processes)
     runlock.check_free(job.run_dir)
     check_saved(job)
-    check_machine(job)
-    print(f"config ok for {processes} process(es): {layout}")
+    device_type = check_machine(job)
+    gpus = os.environ.get("QWEN2_LAUNCH_GPUS", "0")
+    if gpus.isdigit() and int(gpus) > 0 and job.train.device == "auto" and device_type != "cuda":
+        raise UserError(
+            f"the launcher counted {gpus} GPU(s) on this node (nvidia-smi, or Slurm's GPUs of the node) and started "
+            f"one process per GPU, but this torch ({torch.__version__}) sees no CUDA device "
+            f"({_why_no_cuda()}): every process would train on the CPU. Install a CUDA build of torch "
+            "(TORCH_SPEC=... bash launch/install.sh; see the README), or, to train on the CPU on purpose, set "
+            "train.device=cpu and NPROC")
+    print(f"config ok for {processes} process(es) on {device_type}: {layout}")
+
+
+def _why_no_cuda() -> str:
+    """Why torch.cuda is not available, in a few words."""
+    if torch.version.cuda is None:
+        return "a build without CUDA"
+    try:
+        count = torch.cuda.device_count()
+    except Exception as exc:  # a driver that does not load
+        return f"CUDA {torch.version.cuda} build; {type(exc).__name__}: {str(exc).strip()[:200]}"
+    return f"CUDA {torch.version.cuda} build, {count} device(s): the driver may be older than the build needs"
 
 
 def check_machine(job: JobConfig) -> str:

@@ -241,3 +241,111 @@ def test_the_launchers_check_the_job_with_the_python_of_their_torchrun_or_venv(t
 
     assert python_of(TORCHRUN="torchrun") == str(bin_dir / "python")
     assert python_of(VENV=str(tmp_path / "env")) == str(bin_dir / "python")
+
+
+def launch_single_node(tmp_path, *overrides: str, **env_changes: str) -> subprocess.CompletedProcess:
+    """launch/train_single_node.sh on a machine whose nvidia-smi lists 8 GPUs, with this (CPU) torch, PYTHON a
+    wrapper: the launch check runs for real, the torchrun command only says that it started ("torchrun started" in
+    the output). FAKE_SIGNAL_CHECK=1: the check first sends SIGUSR1 to the launcher."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    write_script(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100\"; done\n")
+    write_script(bin_dir / "python_wrapper", f"""#!/bin/bash
+if [ -z "${{QWEN2_CHECK_ONLY:-}}" ]; then echo "torchrun started"; exit 0; fi
+if [ "${{FAKE_SIGNAL_CHECK:-}}" = 1 ]; then kill -USR1 "$PPID"; sleep 1; fi
+exec {sys.executable} "$@"
+""")
+    env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "CUDA_VISIBLE_DEVICES", "TORCHRUN", "PRECHECK")}
+    env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python_wrapper"), **env_changes})
+    return subprocess.run(["bash", os.path.join(REPO, "launch", "train_single_node.sh"), "model=tiny",
+                           f"run_dir={tmp_path}/run", *overrides], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_gpus_counted_for_the_processes_but_a_torch_that_sees_none_is_refused_before_torchrun(tmp_path):
+    """One process per GPU nvidia-smi lists, with a torch that sees no CUDA device (a CPU build, an old driver),
+    would train every process on the CPU, and the check said the config was ok."""
+    result = launch_single_node(tmp_path, "train.global_batch_size=32")
+    assert result.returncode == 2 and "torchrun started" not in result.stdout, result.stdout + result.stderr
+    assert "the launcher counted 8 GPU(s) on this node" in result.stderr and "a build without CUDA" in result.stderr
+    assert "TORCH_SPEC=" in result.stderr
+    chosen = launch_single_node(tmp_path, "train.device=cpu", NPROC="2")  # global batch 8: a multiple of 4 x 2  # on purpose: NPROC and the device named
+    assert chosen.returncode == 0 and "torchrun started" in chosen.stdout, chosen.stdout + chosen.stderr
+    assert "config ok for 2 process(es) on cpu" in chosen.stdout
+
+
+def test_a_stop_signal_during_the_launch_check_ends_the_launcher_instead_of_being_lost(tmp_path):
+    """SIGUSR1 (Slurm's warning before the time limit, or scancel --signal=USR1) while the check runs: ignored
+    there, it was lost, and the run trained on to the time limit without a checkpoint; now the launcher ends, so
+    slurm/train.sbatch requeues the job. Once torchrun runs, the trainers handle it."""
+    result = launch_single_node(tmp_path, "train.device=cpu", NPROC="1", FAKE_SIGNAL_CHECK="1")
+    assert result.returncode == -10 and "torchrun started" not in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("value", ["gpu", "0", "auto", "2x"])
+def test_an_nproc_that_is_not_a_count_is_refused_naming_it(tmp_path, value):
+    result = subprocess.run(["bash", "-c", "set -euo pipefail; source launch/common.sh"], cwd=REPO,
+                            env={**os.environ, "NPROC": value}, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and f"error: NPROC={value}: give the number of processes per node" in result.stderr
+
+
+def test_sbatch_requeues_attempts_without_a_new_checkpoint_only_a_few_times_in_a_row(tmp_path):
+    """Every SIGUSR1 requeued the job: with a time limit hardly longer than the signal's lead (the signal comes
+    during the start) or a save that keeps failing, it came back forever without training. Attempts that save no
+    new checkpoint are requeued MAX_IDLE_REQUEUES times in a row; one that saves resets the count."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    run_dir = tmp_path / "runs" / "exp1"
+    # The step: saves a checkpoint when FAKE_STEP (its name) is set, then Slurm's warning reaches the batch script.
+    write_script(bin_dir / "srun", f"""#!/bin/bash
+if [ -n "${{FAKE_STEP:-}}" ]; then
+    mkdir -p {run_dir}/checkpoints/$FAKE_STEP && touch {run_dir}/checkpoints/$FAKE_STEP/metadata.json
+fi
+kill -USR1 $PPID
+exec sleep 5
+""")
+    write_script(bin_dir / "scontrol", f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol_calls\n'
+                                       '[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+           "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs"), "MAX_IDLE_REQUEUES": "2"}
+
+    def attempt(step: str | None = None) -> tuple[subprocess.CompletedProcess, int]:
+        result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny"], cwd=tmp_path,
+                                env={**env, **({"FAKE_STEP": step} if step else {})}, capture_output=True,
+                                text=True, timeout=60)
+        calls = (tmp_path / "scontrol_calls").read_text().count("requeue 7")
+        return result, calls
+
+    for expected, step, idle in ((1, None, 1), (2, "step_00000010", None), (3, None, 1), (4, None, 2)):
+        result, calls = attempt(step)
+        assert result.returncode == 0 and calls == expected, result.stdout + result.stderr
+        assert (f"no new checkpoint in this attempt ({idle} in a row; at most 2)" in result.stdout if idle else
+                "in a row" not in result.stdout), result.stdout
+    result, calls = attempt()
+    assert result.returncode == 1 and calls == 4, result.stdout + result.stderr
+    assert "error: not requeueing job 7: its last 3 attempts ended without a new checkpoint" in result.stderr
+    assert f"(newest: {run_dir}/checkpoints/step_00000010/metadata.json)" in result.stderr
+    result, calls = attempt("step_00000020")  # submitted again: it trains and saves, and the count starts afresh
+    assert result.returncode == 0 and calls == 5 and "in a row" not in result.stdout, result.stdout + result.stderr
+    assert not os.path.exists(run_dir / "logs" / "slurm" / ".idle-requeues-7")
+
+
+def test_sbatch_goes_on_without_the_node_record_and_says_how_to_run_it(tmp_path):
+    """A controller that does not answer `scontrol show node` (or hides node records) killed the job (set -e) before
+    its step: the rendezvous takes the host name instead. Run by hand, outside sbatch, it says so."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_script(bin_dir / "srun", f'#!/bin/bash\necho "$RDZV_ENDPOINT" > {tmp_path}/endpoint\n')
+    write_script(bin_dir / "scontrol", '#!/bin/bash\n[ "$2" = hostnames ] && { echo n1; exit 0; }\n'
+                                       'echo "slurm_load_node error: Socket timed out" >&2; exit 1\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+           "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs")}
+    sbatch = os.path.join(REPO, "slurm", "train.sbatch")
+    result = subprocess.run(["bash", sbatch, "model=tiny"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and (tmp_path / "endpoint").read_text().strip() == "n1:10007", result.stderr
+    by_hand = subprocess.run(["bash", sbatch, "model=tiny"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                             env={k: v for k, v in env.items() if k != "SLURM_JOB_ID"})
+    assert by_hand.returncode == 1 and "SLURM_JOB_ID: is not set: submit this script with sbatch" in by_hand.stderr
