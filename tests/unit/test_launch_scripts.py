@@ -269,7 +269,8 @@ def test_gpus_counted_for_the_processes_but_a_torch_that_sees_none_is_refused_be
     assert result.returncode == 2 and "torchrun started" not in result.stdout, result.stdout + result.stderr
     assert "the launcher counted 8 GPU(s) on this node" in result.stderr and "a build without CUDA" in result.stderr
     assert "TORCH_SPEC=" in result.stderr
-    chosen = launch_single_node(tmp_path, "train.device=cpu", NPROC="2")  # global batch 8: a multiple of 4 x 2  # on purpose: NPROC and the device named
+    # On purpose: the device and NPROC named (the default global batch, 8, a multiple of micro-batch 4 x 2 ranks).
+    chosen = launch_single_node(tmp_path, "train.device=cpu", NPROC="2")
     assert chosen.returncode == 0 and "torchrun started" in chosen.stdout, chosen.stdout + chosen.stderr
     assert "config ok for 2 process(es) on cpu" in chosen.stdout
 
