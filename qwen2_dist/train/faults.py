@@ -49,8 +49,10 @@ class StepGuard:
             mean = self.history.mean()
             std = self.history.std()
             bad = bad | (full & (loss > mean + self.spike_sigma * std))
-            # Only applied steps enter the window, so one spike cannot widen the band for the next.
-            slot = self.position % self.window
+            # Only applied steps enter the window, so one spike cannot widen the band for the next; in the slot of
+            # the oldest applied one (counted by applied steps: a skipped step before the window filled would leave
+            # a slot at its initial 0 in a window taken as full, and the band 10x wider).
+            slot = self.filled.long() % self.window
             self.history[slot] = torch.where(bad, self.history[slot], loss.detach().float())
             self.filled += (~bad).to(self.filled.dtype)
             self.position += 1
@@ -130,8 +132,8 @@ class Watchdog:
 
     def beat(self) -> None:
         """A step completed."""
+        self.last_beat = time.monotonic()  # first: the watchdog reads beats, then last_beat
         self.beats += 1
-        self.last_beat = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()

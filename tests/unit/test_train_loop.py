@@ -50,6 +50,18 @@ def test_a_resumed_spike_guard_decides_as_the_uninterrupted_one():
     assert whole.counts() == resumed.counts()
 
 
+def test_a_step_skipped_before_the_spike_window_filled_leaves_no_empty_slot_in_it():
+    """A non-finite step early in a run (the window not yet full) must not leave a slot of the window at its initial
+    0: the window taken as full with a 0 in it widens the band about tenfold, and a real spike is applied."""
+    losses = [3.0 + 0.02 * ((-1) ** i) for i in range(10)]  # 9 applied: the window of 8 is full
+    losses[3] = float("nan")
+    guard = StepGuard(torch.device("cpu"), spike_sigma=3.0, window=8)
+    verdicts = [float(guard.verdict(torch.tensor(loss), FINITE)) for loss in losses + [3.5]]
+    assert verdicts[3] == 1.0 and sum(verdicts[:10]) == 1.0
+    assert verdicts[-1] == 1.0, guard.history  # the spike is skipped
+    assert float(guard.history.min()) > 2.9
+
+
 def _trainer(tmp_path, *overrides):
     return cpu_trainer(tmp_path, "train.global_batch_size=2", "eval.interval=0", "checkpoint.interval=0", *overrides)
 
