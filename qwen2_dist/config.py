@@ -804,15 +804,20 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
             f"(got {world_size}; under FSDP each rank updates only its shard), optim.in_backward=false, "
             f"optim.impl=torch and optim.fused=auto or true (got {o.in_backward}, {o.impl}, {o.fused})"
         )
+    fused_off = o.fused is False or str(o.fused).lower() == "false"
     if o.in_backward and (world_size > 1 or t.grad_clip > 0 or t.spike_sigma > 0
-                          or t.global_batch_size != t.micro_batch_size):
+                          or t.global_batch_size != t.micro_batch_size or fused_off or o.impl != "torch"):
         raise UserError(
-            "optim.in_backward=true updates each parameter during backward, so it needs one process, "
-            f"train.grad_clip=0 (got {t.grad_clip}), train.spike_sigma=0 (got {t.spike_sigma}) and "
-            f"train.global_batch_size = train.micro_batch_size (got {t.global_batch_size} and {t.micro_batch_size})"
+            "optim.in_backward=true updates each parameter during backward with torch's fused AdamW, so it needs one "
+            f"process, train.grad_clip=0 (got {t.grad_clip}), train.spike_sigma=0 (got {t.spike_sigma}), "
+            f"train.global_batch_size = train.micro_batch_size (got {t.global_batch_size} and {t.micro_batch_size}), "
+            f"optim.impl=torch (got {o.impl}) and optim.fused=auto or true (got {o.fused})"
         )
     if o.impl not in ("torch", "apex"):
         raise UserError(f"optim.impl={o.impl!r}: choose torch or apex")
+    if o.impl == "apex" and str(o.fused).lower() != "auto":
+        raise UserError(f"optim.fused={o.fused} chooses torch's AdamW kernel; apex's FusedAdam (optim.impl=apex) is "
+                        "always fused: leave optim.fused=auto, or set optim.impl=torch")
     if m.loss_chunk_tokens < 1:
         raise UserError(f"model.loss_chunk_tokens={m.loss_chunk_tokens}: must be a positive number of tokens, "
                         "e.g. 2048")
