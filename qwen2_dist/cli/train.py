@@ -446,6 +446,11 @@ def _why(exc: Exception, path: str) -> str:
             return f"{group}={option}: no such {group} in {path}/{group}; choose one of {', '.join(options)}"
     if exc.__cause__ is not None:
         return f"{first}: {_first_line(exc.__cause__)}"
+    if re.search(r"LexerNoViableAlt|mismatched input|no viable alternative|token recognition error", first):
+        # Hydra's grammar did not parse the override: a character it gives a meaning (~ = [ ] { } , ' " $) in a
+        # value that is meant as text.
+        return (f"{first}: Hydra could not parse the override; quote a value that holds characters such as ~ = , "
+                "[ ] { } as KEY='VALUE' (in a shell: \"KEY='VALUE'\")")
     return f"{first} (list the valid keys with qwen2-train --cfg job)"
 
 

@@ -190,6 +190,10 @@ def test_config_interpolation_cannot_execute_code(tmp_path):
     ("model=qwen2_1.5b", "model=qwen2_1.5b: no such model in "),
     ("optim.lr=abc", "Error merging override optim.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
     ("+data.sources=[{path: /x, wieght: 1}]", "Key 'wieght' not in 'DataSource'"),
+    # Values Hydra's grammar reads as syntax (a ~ the shell did not expand, an =, an open bracket): quoting fixes them.
+    ("run_dir=~/x", "Hydra could not parse the override; quote a value that holds characters such as ~ = , [ ] { } "
+                    "as KEY='VALUE'"),
+    ("run_dir=a=b", "mismatched input '=' expecting <EOF>: Hydra could not parse the override; quote a value"),
     # A ??? of conf/ left unset (conf/data/mixture.yaml's paths): the key and the override that sets it.
     ("data=mixture", "data.sources[0].path has no value; set it with data.sources.0.path=VALUE"),
 ])
