@@ -43,7 +43,7 @@ import numpy as np
 from qwen2_dist.data.streaming_compat import import_streaming
 from qwen2_dist.data.tokenizer import Tokenizer, load_tokenizer
 from qwen2_dist.errors import UserError
-from qwen2_dist.fsutil import replace_dir
+from qwen2_dist.fsutil import fsync_path, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,11 @@ def _check_readable(path: str) -> None:
     except OSError as e:
         raise UserError(f"input file {path} cannot be read ({e.strerror}); fix its permissions") from None
     unsupported = next((name for magic, name in UNSUPPORTED_MAGICS.items() if re.match(magic, head)), None)
-    if compression is None and unsupported is None:
-        unsupported = next((name for suffix, name in UNSUPPORTED_SUFFIXES.items() if path.lower().endswith(suffix)),
-                           None)
+    if unsupported is None:  # by name: the whole name, or the name inside .gz / .zst (a .tar.gz)
+        inner = path.lower()
+        if compression is not None:
+            inner = next(inner[: -len(suffix)] for suffix in COMPRESSED_SUFFIXES if inner.endswith(suffix))
+        unsupported = next((name for suffix, name in UNSUPPORTED_SUFFIXES.items() if inner.endswith(suffix)), None)
     if unsupported:
         raise UserError(f"input file {path} is {unsupported}-compressed or archived, which qwen2-prepare does not "
                         "read; decompress it, or recompress it with gzip or zstd (.gz, .zst)")
@@ -149,7 +151,8 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
     files = []
     for pattern in inputs:
         pattern = os.path.expanduser(pattern)
-        if any(c in pattern for c in "*?["):
+        # A file whose name holds * ? or [ is itself (as a pattern it could match another file, or none).
+        if any(c in pattern for c in "*?[") and not os.path.exists(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise UserError(f"input pattern {pattern} matches no files; check the path or quote the glob")
@@ -203,7 +206,7 @@ def _json_text(raw: bytes, text_field: str) -> tuple[str | None, str | None]:
         record = json.loads(raw.decode("utf-8-sig"))  # a byte-order mark opens some files' first line
     except UnicodeDecodeError:
         return None, "not_utf8"
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON; also an integer of over 4300 digits, or nesting too deep
         return None, "malformed_json"
     text = record.get(text_field) if isinstance(record, dict) else None
     if not isinstance(text, str):
@@ -795,15 +798,33 @@ def _with_eos(flat: np.ndarray, lengths: np.ndarray, eos_id: int) -> tuple[np.nd
     return chunk, sizes
 
 
-# What a directory qwen2-prepare wrote holds: overwrite=true replaces nothing else.
+# What a directory qwen2-prepare wrote holds: overwrite=true replaces nothing else. In its splits: streaming's
+# index, the shards, and the raw shards (with their temporary names) a loader decompresses beside them.
 DATASET_ENTRIES = (SUMMARY_NAME, TRAIN, VAL)
+_SPLIT_ENTRY = re.compile(r"index\.json|shard\.\d+\.mds(\.zstd)?(\.tmp-[\w-]+)?")
+
+
+def _foreign_entries(output: str, entries: list[str]) -> list[str]:
+    """The entries of an existing output (and of its train/ and val/) that a prepared dataset does not hold."""
+    foreign = [name for name in entries if name not in DATASET_ENTRIES]
+    for split in (TRAIN, VAL):
+        path = os.path.join(output, split)
+        if split not in entries:
+            continue
+        if not os.path.isdir(path) or os.path.islink(path):
+            foreign.append(split)
+            continue
+        foreign += [f"{split}/{name}" for name in sorted(os.listdir(path))
+                    if not (_SPLIT_ENTRY.fullmatch(name) and os.path.isfile(os.path.join(path, name)))]
+    return foreign
 
 
 def _check_output(output: str, overwrite: bool, files: list[str]) -> str:
     if "://" in output:
         raise UserError(f"output={output} must be a local directory; upload the finished directory afterwards")
-    output = os.path.abspath(os.path.expanduser(output))
-    inside = [f for f in files if os.path.realpath(f).startswith(os.path.realpath(output) + os.sep)]
+    # Its real path: through a symlink, the dataset goes to the link's target (renamed into its place there).
+    output = os.path.realpath(os.path.expanduser(output))
+    inside = [f for f in files if os.path.realpath(f).startswith(output + os.sep)]
     if inside:
         raise UserError(f"output={output} holds the input {inside[0]}, which the finished dataset would replace; "
                         "choose an output directory outside the inputs")
@@ -813,11 +834,16 @@ def _check_output(output: str, overwrite: bool, files: list[str]) -> str:
         entries = sorted(os.listdir(output))
         if entries and not overwrite:
             raise UserError(f"output={output} exists and is not empty; pass overwrite=true or choose another output")
-        others = [name for name in entries if name not in DATASET_ENTRIES]
+        others = _foreign_entries(output, entries)
         if others:
             raise UserError(f"output={output} holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, "
-                            f"which is not part of a prepared dataset ({', '.join(DATASET_ENTRIES)}): overwrite=true "
-                            "replaces only a directory qwen2-prepare wrote; choose another output")
+                            f"which is not part of a prepared dataset ({', '.join(DATASET_ENTRIES)}, and shards in "
+                            "the splits): overwrite=true replaces only a directory qwen2-prepare wrote; choose "
+                            "another output")
+        if os.path.ismount(output):
+            raise UserError(f"output={output} is a mount point; the dataset is written beside its directory and "
+                            "renamed into its place, which a mount point cannot take: name a new directory inside "
+                            f"it, e.g. output={os.path.join(output, 'dataset')}")
     try:
         os.makedirs(os.path.dirname(output), exist_ok=True)
     except OSError as e:
@@ -939,10 +965,18 @@ def prepare(
             "skipped": skips.counts,
             "skipped_examples": skips.examples,
         }
+        # On disk before the summary names them complete: after a crash, a dataset with a summary has its shards.
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                fsync_path(os.path.join(root, name))
+            fsync_path(root)
         # Written last: its presence marks a complete dataset.
         with open(os.path.join(tmp, SUMMARY_NAME), "w") as f:
             json.dump(summary, f, indent=2)
+        fsync_path(os.path.join(tmp, SUMMARY_NAME))
+        fsync_path(tmp)
         replace_dir(tmp, output)
+        fsync_path(os.path.dirname(output))
     except BaseException:
         for writer in writers.values():
             writer.abort()

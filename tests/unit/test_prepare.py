@@ -153,7 +153,8 @@ def test_refuses_existing_output_without_overwrite(work, inputs):
     # overwrite=true replaces a dataset qwen2-prepare wrote, nothing else: not a directory of other files (a slip
     # such as output=. or output=~), not the directory of the inputs.
     with pytest.raises(UserError, match=r"output=.*out holds keep.txt, which is not part of a prepared dataset "
-                                        r"\(prepare_summary.json, train, val\): overwrite=true replaces only"):
+                                        r"\(prepare_summary.json, train, val, and shards in the splits\): "
+                                        "overwrite=true replaces only"):
         prepare([str(inputs / "a.jsonl")], str(out), seq_len=4, overwrite=True)
     with pytest.raises(UserError, match=r"output=.*src holds the input .*a.jsonl, which the finished dataset would "
                                         "replace"):
@@ -164,6 +165,47 @@ def test_refuses_existing_output_without_overwrite(work, inputs):
     prepare([str(inputs / "a.jsonl")], str(out), seq_len=4, overwrite=True)
     assert read_summary(str(out))["documents"] == 3
     assert sorted(os.listdir(work)) == ["out", "src"]
+    # Nor a directory whose train/ or val/ holds other files (a project's raw data split the same way).
+    project = work / "project"
+    (project / "train").mkdir(parents=True)
+    (project / "train" / "raw.jsonl").write_text("precious")
+    with pytest.raises(UserError, match=r"output=.*project holds train/raw.jsonl, which is not part of a prepared "
+                                        "dataset"):
+        prepare([str(inputs / "a.jsonl")], str(project), seq_len=4, overwrite=True)
+    assert (project / "train" / "raw.jsonl").read_text() == "precious"
+    shutil.rmtree(project)
+
+
+def test_an_output_through_a_symlink_lands_in_its_target_and_a_mount_point_is_refused(work, inputs, monkeypatch):
+    """The dataset is written beside the output and renamed into its place: through a symlink it must land in the
+    link's target (it replaced the link, and the target stayed empty), and a mount point, which a rename cannot
+    replace, is refused before the work (it failed after all of it)."""
+    (work / "disk" / "shards").mkdir(parents=True)
+    (work / "links").mkdir()
+    (work / "links" / "shards").symlink_to(work / "disk" / "shards")
+    prepare([str(inputs / "a.jsonl")], str(work / "links" / "shards"), seq_len=4)
+    assert (work / "links" / "shards").is_symlink() and os.listdir(work / "links") == ["shards"]
+    assert read_summary(str(work / "disk" / "shards"))["documents"] == 3
+    mount = work / "volume"
+    mount.mkdir()
+    monkeypatch.setattr(os.path, "ismount", lambda path: str(path) == str(mount))
+    with pytest.raises(UserError, match=rf"output={mount} is a mount point; .* e.g. output={mount}/dataset"):
+        prepare([str(inputs / "a.jsonl")], str(mount), seq_len=4)
+    assert os.listdir(mount) == []
+
+
+def test_records_json_cannot_hold_are_skipped_and_names_with_glob_characters_are_files(work):
+    """An integer of over 4300 digits (Python's limit) or nesting deeper than the recursion limit raised out of
+    json.loads and ended the run; a file named with [ ] is that file, not a pattern matching another one."""
+    good = {"text": "kept document"}
+    (work / "part[1].jsonl").write_text("\n".join([
+        json.dumps(good), '{"text": "x", "id": ' + "9" * 5000 + "}", "[" * 100_000, json.dumps(good)]) + "\n")
+    (work / "part1.jsonl").write_text(json.dumps({"text": "the other file"}) + "\n")
+    summary = prepare([str(work / "part[1].jsonl")], str(work / "out"), seq_len=2)
+    assert summary["inputs"] == [str(work / "part[1].jsonl")] and summary["documents"] == 2
+    assert summary["skipped"]["malformed_json"] == 2
+    assert summary["skipped_examples"] == [f"{work}/part[1].jsonl:2 malformed_json",
+                                           f"{work}/part[1].jsonl:3 malformed_json"]
 
 
 def test_max_token_id_is_the_largest_id_written(work, inputs):
@@ -517,9 +559,11 @@ def test_doc_starts_mark_where_each_document_begins(work):
     ("a.jsonl.bz2", bz2.compress(b'{"text": "x"}\n'), r"a\.jsonl\.bz2 is bzip2-compressed or archived"),
     ("a.jsonl.xz", lzma.compress(b'{"text": "x"}\n'), r"a\.jsonl\.xz is xz-compressed or archived"),
     ("a.txt", lzma.compress(b"text"), r"a\.txt is xz-compressed or archived, .* recompress it with gzip or zstd"),
+    # A tar archive inside gzip: the gzip is readable, the tar headers and padding would be trained on as text.
+    ("docs.tar.gz", gzip.compress(b"docs/" + bytes(507) + b"text", mtime=0), r"docs\.tar\.gz is tar-compressed"),
     ("a.jsonl", gzip.compress(b'{"text": "x"}\n', mtime=0), r"a\.jsonl is gzip-compressed but its name does not "
                                                                 r"say so; rename it to end in \.gz"),
-], ids=["not-gzip", "not-zstd", "not-parquet", "bzip2", "xz", "xz-as-txt", "gzip-without-suffix"])
+], ids=["not-gzip", "not-zstd", "not-parquet", "bzip2", "xz", "xz-as-txt", "tar-in-gzip", "gzip-without-suffix"])
 def test_unreadable_container_is_an_error_before_work(work, name, content, message):
     pytest.importorskip("pyarrow")
     (work / name).write_bytes(content)
@@ -668,3 +712,20 @@ def test_sigterm_removes_the_partial_output(work, inputs, monkeypatch):
         main([f"input={inputs / 'a.jsonl'}", f"output={work / 'out'}", "seq_len=1", "workers=1", "progress=false"])
     assert stopped.value.code == 128 + signal.SIGTERM and len(calls) == 2
     assert sorted(os.listdir(work)) == ["src"] and signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_every_file_of_a_dataset_is_on_disk_before_its_summary(work, inputs, monkeypatch):
+    """The summary marks a dataset complete: after a crash, a dataset with a summary must have its shards (nothing
+    was synced, and a power loss could leave the summary beside empty shards)."""
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    prepare([str(inputs / "a.jsonl")], str(work / "out"), seq_len=2, val_fraction=0.5)
+    summary = synced.index(SUMMARY_NAME)
+    written = {name for _, _, names in os.walk(work / "out") for name in names} - {SUMMARY_NAME}
+    assert written and written <= set(synced[:summary]), (written, synced)
