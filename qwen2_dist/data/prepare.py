@@ -162,6 +162,8 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
             raise UserError(f"input file {pattern} does not exist; check the path")
         if os.path.isdir(pattern):
             raise UserError(f"input {pattern} is a directory; pass the files inside it, e.g. input={pattern}/*.jsonl")
+        if not os.path.isfile(pattern):  # a pipe (input=<(...)) would be read up by the checks before its records
+            raise UserError(f"input {pattern} is not a regular file (a pipe or a device); write it to a file first")
         files.append(pattern)
     unique, seen = [], {}
     for path in files:
