@@ -196,19 +196,20 @@ def test_an_output_through_a_symlink_lands_in_its_target_and_a_mount_point_is_re
 
 def test_records_json_cannot_hold_are_skipped_and_inputs_are_the_files_named(work):
     """An integer of over 4300 digits (Python's limit) or nesting deeper than the recursion limit raised out of
-    json.loads and ended the run; a file named with [ ] is that file, not a pattern matching another one."""
+    json.loads and ended the run; a file named with [ ] is that file, not a pattern matching another one; a pipe is
+    refused."""
     good = {"text": "kept document"}
     (work / "part[1].jsonl").write_text("\n".join([
         json.dumps(good), '{"text": "x", "id": ' + "9" * 5000 + "}", "[" * 100_000, json.dumps(good)]) + "\n")
     (work / "part1.jsonl").write_text(json.dumps({"text": "the other file"}) + "\n")
     summary = prepare([str(work / "part[1].jsonl")], str(work / "out"), seq_len=2)
     assert summary["inputs"] == [str(work / "part[1].jsonl")] and summary["documents"] == 2
-    os.mkfifo(work / "pipe")  # as input=<(zcat ...) gives: its records would be read up by the checks
-    with pytest.raises(UserError, match=r"input .*pipe is not a regular file \(a pipe or a device\)"):
-        prepare([str(work / "pipe")], str(work / "out2"), seq_len=2)  # (without the check: blocks on the pipe)
     assert summary["skipped"]["malformed_json"] == 2
     assert summary["skipped_examples"] == [f"{work}/part[1].jsonl:2 malformed_json",
                                            f"{work}/part[1].jsonl:3 malformed_json"]
+    os.mkfifo(work / "pipe")  # as input=<(zcat ...) gives: its records would be read up by the checks
+    with pytest.raises(UserError, match=r"input .*pipe is not a regular file \(a pipe or a device\)"):
+        prepare([str(work / "pipe")], str(work / "out2"), seq_len=2)  # (without the check: blocks on the pipe)
 
 
 def test_max_token_id_is_the_largest_id_written(work, inputs):
