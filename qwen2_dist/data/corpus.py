@@ -47,7 +47,8 @@ def embedded_corpus(cache_dir: str, seq_len: int, max_tokens: int) -> str:
     # the second fails on the non-empty directory and it throws its copy away.
     tmp = f"{path}.build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     summary = prepare(
-        stdlib_sources(), tmp, seq_len=seq_len, tokenizer=TOKENIZER, max_tokens=max_tokens, val_fraction=VAL_FRACTION
+        stdlib_sources(), tmp, seq_len=seq_len, tokenizer=TOKENIZER, max_tokens=max_tokens, val_fraction=VAL_FRACTION,
+        held_out_fix="raise data.embedded_max_tokens (the embedded corpus holds out a fixed share of its documents)",
     )
     try:
         os.rename(tmp, path)

@@ -878,8 +878,11 @@ def prepare(
     workers: int = 1,
     val_fraction: float = 0.0,
     progress: bool = False,
+    held_out_fix: str | None = None,
 ) -> dict[str, Any]:
-    """Tokenize inputs into train (and val) MDS samples of seq_len + 1 tokens under output; return the summary."""
+    """Tokenize inputs into train (and val) MDS samples of seq_len + 1 tokens under output; return the summary.
+    held_out_fix: what the warning for a held-out split too small for one sample says to do (default: raise
+    val_fraction, or max_tokens when it is set)."""
     if seq_len < 1:
         raise UserError(f"seq_len={seq_len} must be at least 1")
     if max_tokens is not None and max_tokens < 1:
@@ -946,9 +949,10 @@ def prepare(
         if splits[TRAIN]["samples"] == 0:
             raise UserError(_no_sample_message(splits, skips, sample_tokens, text_field))
         if VAL in splits and splits[VAL]["samples"] == 0:
+            fix = held_out_fix or ("raise val_fraction" + (" or max_tokens" if max_tokens is not None else ""))
             log.warning("val_fraction=%s held out %d tokens, fewer than one sample of seq_len+1=%d: the dataset has "
-                        "no held-out split (training evaluates nothing); raise val_fraction", val_fraction,
-                        splits[VAL]["tokens"] + splits[VAL]["dropped_tail_tokens"], sample_tokens)
+                        "no held-out split (training evaluates nothing); %s", val_fraction,
+                        splits[VAL]["tokens"] + splits[VAL]["dropped_tail_tokens"], sample_tokens, fix)
         summary = {
             "format": FORMAT_VERSION,
             **{key: sum(s[key] for s in splits.values()) for key in

@@ -357,6 +357,15 @@ def test_embedded_corpus_race_loser_discards_its_copy(work, monkeypatch):
     assert os.listdir(work) == [os.path.basename(path)]
 
 
+def test_an_embedded_corpus_too_small_for_a_held_out_sample_names_its_own_setting(work, caplog):
+    """The embedded corpus holds out a fixed share: the fix is data.embedded_max_tokens, not val_fraction, which a
+    user cannot set there."""
+    with caplog.at_level(logging.WARNING):
+        embedded_corpus(str(work), seq_len=128, max_tokens=258)
+    assert "no held-out split" in caplog.text and "raise data.embedded_max_tokens" in caplog.text
+    assert "raise val_fraction" not in caplog.text
+
+
 def _jsonl_bytes(docs: list[str], field: str = "text") -> bytes:
     return b"".join(json.dumps({field: d}, ensure_ascii=False).encode() + b"\n" for d in docs)
 
