@@ -128,13 +128,16 @@ def wandb_run_id(run_dir: str, rewinds: bool, from_step: int) -> tuple[str, str]
     A restart resumes the W&B run of the start before it. W&B keeps a run's steps increasing and drops a step
     logged again, so a start that goes back over logged steps (a restart past its checkpoint, a rollback) logs to a
     new run of the same group: its steps would otherwise be lost and the abandoned ones shown. The current run's id
-    is kept in run_dir/wandb/run_id."""
+    is kept in run_dir/wandb/run_id; the first start of a run makes a new one (a run_dir used again after its
+    contents were deleted, or the same path on another machine, must not continue another experiment's W&B run)."""
     group = "qwen2-" + hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
     path = os.path.join(run_dir, "wandb", "run_id")
-    run_id = group
+    run_id = ""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            run_id = f.read().strip() or group
+            run_id = f.read().strip()
+    if not run_id:
+        run_id = f"{group}-{uuid.uuid4().hex[:8]}"
     if rewinds:
         run_id = f"{group}-from{from_step}-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:4]}"
         log.info("W&B: this start goes back to step %d, over steps the last one logged; it logs to a new W&B run, "

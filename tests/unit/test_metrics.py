@@ -4,6 +4,7 @@ profile summary."""
 import glob
 import json
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -123,12 +124,17 @@ def test_a_restart_resumes_its_wandb_run_unless_it_goes_back_over_logged_steps(t
         return run_id, group
 
     first, group = start(0, [1, 2, 3])
-    assert first == group and group.startswith("qwen2-")
+    assert first.startswith(f"{group}-") and group.startswith("qwen2-")
     assert start(3, [4]) == (first, group)  # nothing logged past step 3: the same run goes on
     rewound, same_group = start(2, [3])  # steps 3 and 4 were logged: a new run
     assert same_group == group and rewound.startswith(f"{group}-from2-") and rewound != first
     assert start(3, [4]) == (rewound, group)
     assert (tmp_path / "wandb" / "run_id").read_text().strip() == rewound
+    # A run_dir used again after its contents were deleted is another experiment: not the old W&B run.
+    for name in os.listdir(tmp_path):
+        shutil.rmtree(tmp_path / name) if (tmp_path / name).is_dir() else os.remove(tmp_path / name)
+    again, same_group = start(0, [1])
+    assert same_group == group and again not in (first, rewound)
 
 
 def test_a_restart_hides_the_tensorboard_events_past_the_step_it_resumes_from(tmp_path):
