@@ -86,7 +86,8 @@ def write_job_config(run_dir: str, resolved: dict) -> list[str]:
 def setup_logging(run_dir: str, rank: int) -> None:
     """Console on rank 0 (warnings only elsewhere) and one log file per rank under run_dir/logs/."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
-    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    # With the date: the file is appended to across restarts and requeues, which may span days.
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -151,6 +152,7 @@ def run(cfg: DictConfig):
     job = to_job(cfg)
     _, local_rank, world_size = world_from_env()
     layout = validate(job, world_size)
+    check_sinks(job)  # also here, not only in the launchers' check: rank 0 opens them after the model is built
     device_type = resolve_device(job.train.device)
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     setup_logging(job.run_dir, world.rank)
@@ -517,15 +519,29 @@ def check_machine(job: JobConfig) -> str:
         apex_fused_adam(device_type)
     if job.model.float8:
         check_float8(device_type)
-    # The sinks are opened by rank 0 once the model is built and restored: a missing package would fail there, and
-    # torchrun would restart the job for it.
+    check_sinks(job)
+    return device_type
+
+
+def check_sinks(job: JobConfig) -> None:
+    """The packages of the metrics sinks the job asks for. Rank 0 opens the sinks once the model is built and
+    restored: a missing package would fail there, after that work, and torchrun would restart the job for it."""
     import importlib.util
 
     for name in ("tensorboard", "wandb"):
         if getattr(job.logging, name) and importlib.util.find_spec(name) is None:
             raise UserError(f"logging.{name}=true needs the {name} package; pip install {name}, or set "
                             f"logging.{name}=false")
-    return device_type
+
+
+def _note_in_rank_log(text: str) -> None:
+    """text as an ERROR line of this rank's log file (run_dir/logs/rankN.log), when logging is set up, and nowhere
+    else: the console has it already."""
+    logger = logging.getLogger("qwen2_dist")
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 def _entry(cfg: DictConfig) -> None:
@@ -539,6 +555,7 @@ def _entry(cfg: DictConfig) -> None:
             code = int(os.environ.get("QWEN2_PREEMPT_EXIT_CODE", "0"))
     except (UserError, TrainingHalted) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        _note_in_rank_log(f"stopped: {exc}")  # the rank's log says why it ends, beside what came before
         code = 3 if isinstance(exc, TrainingHalted) else 2
         run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
         if isinstance(run_dir, str) and not isinstance(exc, RunDirBusy):  # another job's run_dir is not ours

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,9 @@ def test_nonfinite_halt_saves_and_stops_with_a_clear_error(tmp_path, corpus_cach
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "train.nonfinite=halt" in lines[0]
     assert (run_dir / "checkpoints" / "step_00000005" / "metadata.json").is_file()
+    # The rank's log says why it ended (it was only on stderr), on a dated line (the file spans restarts and days).
+    last = (run_dir / "logs" / "rank0.log").read_text().splitlines()[-1]
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[rank0\] ERROR qwen2_dist: stopped: step 5: ", last), last
 
 
 def test_a_halt_under_torchrun_is_not_trained_past_by_its_restarts(tmp_path, corpus_cache, monkeypatch):

@@ -481,3 +481,22 @@ def test_usable_cpus_are_the_affinity_bounded_by_a_cgroup_quota(tmp_path, monkey
         cpu_max.write_text(text + "\n")
         assert usable_cpus(str(cpu_max)) == cpus, text
     assert usable_cpus(str(tmp_path / "none")) == 16  # cgroup v1, or no cgroup file
+
+
+def test_a_missing_sink_package_stops_qwen2_train_before_anything_is_built(tmp_path, monkeypatch):
+    """Without the launchers' check (qwen2-train run directly, as the README does), a missing tensorboard or wandb
+    failed on rank 0 only after the model was built and restored, with a traceback and exit 1."""
+    import importlib.util
+
+    from qwen2_dist.cli.train import run
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "wandb" else real(name, *rest))
+    register_configs()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", f"run_dir={tmp_path}/run", "logging.wandb=true",
+                                           "logging.wandb_mode=disabled", "data.synthetic=true", "train.steps=1",
+                                           "optim.warmup_steps=0", "train.seq_len=16", "checkpoint.save_final=false"])
+    with pytest.raises(UserError, match="logging.wandb=true needs the wandb package; pip install wandb, or set "):
+        run(cfg)
+    assert not (tmp_path / "run").exists()  # nothing built, nothing written
