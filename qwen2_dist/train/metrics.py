@@ -286,10 +286,12 @@ class StepProfiler:
             self.profiler.__enter__()
             self.started = time.perf_counter()
 
-    def after_step(self, step: int) -> None:
-        """Called with the number of the step that just ran."""
+    def after_step(self, step: int) -> float:
+        """Called with the number of the step that just ran; returns the seconds spent writing the trace and its
+        summary (not training: the caller leaves them out of the logged throughput)."""
         if self.profiler is not None and step + 1 >= self.end:
-            self._finish(step)
+            return self._finish(step)
+        return 0.0
 
     def close(self, step: int) -> None:
         """The loop ended (the run's last step, train.stop_at, a preemption, an error) with step the last one that
@@ -298,13 +300,15 @@ class StepProfiler:
         if self.profiler is not None:
             self._finish(step)
 
-    def _finish(self, last: int) -> None:
+    def _finish(self, last: int) -> float:
+        """Stop and write the trace; the seconds that took, after the profiled steps' kernels finished."""
         self._synchronize()
-        seconds = time.perf_counter() - self.started
+        finished = time.perf_counter()
+        seconds = finished - self.started
         self.profiler.__exit__(None, None, None)
         profiler, self.profiler = self.profiler, None
         if last < self.start:
-            return  # started, then the step failed before it ran
+            return time.perf_counter() - finished  # started, then the step failed before it ran
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         profiler.export_chrome_trace(self.path)
         summary = profile_summary(profiler, last + 1 - self.start, seconds)
@@ -312,6 +316,7 @@ class StepProfiler:
             f.write(summary + "\n")
         log.info("profiler: trace of steps %d-%d written to %s; %s (%s)", self.start, last, self.path,
                  "; ".join(summary.splitlines()[:2]), self.summary_path)
+        return time.perf_counter() - finished
 
 
 def format_step(record: dict) -> str:

@@ -352,7 +352,8 @@ class Trainer:
                         log.error("out of memory at step %d: allocation history written to %s (open it at "
                                   "https://pytorch.org/memory_viz)", self.step + 1, path)
                     raise
-                profiler.after_step(self.step + 1)
+                # Writing a trace is not training: out of the window's time, as a save is.
+                window_started += profiler.after_step(self.step + 1)
                 watchdog.beat()
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
