@@ -175,6 +175,20 @@ def cpu_trainer(run_dir, *overrides: str):
                    train.global_batch_size // train.micro_batch_size, {})
 
 
+def record_fsyncs(monkeypatch) -> list[str]:
+    """The base names of the files and directories os.fsync is called on from now on, in call order (the fsyncs
+    still happen)."""
+    synced = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
 def shm_segments(prefix: int) -> list[str]:
     """mosaicml-streaming's shared-memory segments of one prefix in /dev/shm."""
     return glob.glob(f"/dev/shm/{prefix:06d}_*")

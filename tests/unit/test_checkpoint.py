@@ -12,6 +12,7 @@ from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import get_model_args
 from qwen2_dist.model.qwen2 import build_model
 from qwen2_dist.train import checkpoint
+from tests.helpers import record_fsyncs
 
 
 def _model_and_optimizer(seed: int):
@@ -283,14 +284,7 @@ def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, mo
 def test_every_file_of_a_checkpoint_is_on_disk_before_its_commit(tmp_path, monkeypatch):
     """fsync of each file the metadata will name (DCP's shards, the train state, the RNG states) before metadata.json
     is written: after a crash, a committed checkpoint has no empty file."""
-    synced = []
-    real_fsync = os.fsync
-
-    def spy(fd):
-        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = record_fsyncs(monkeypatch)
     model, optimizer = _model_and_optimizer(0)
     path = checkpoint.Checkpointer(str(tmp_path), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
     committed = next(i for i, name in enumerate(synced) if name.startswith(checkpoint.METADATA))

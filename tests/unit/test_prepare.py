@@ -20,6 +20,7 @@ from qwen2_dist.data.prepare import SUMMARY_NAME, prepare, read_summary
 from qwen2_dist.data.streaming_compat import import_streaming
 from qwen2_dist.data.tokenizer import load_tokenizer
 from qwen2_dist.errors import UserError
+from tests.helpers import record_fsyncs
 
 GOOD_DOCS = ["Hello world", "你好，世界", "12345 <|endoftext|> tail"]
 TXT_DOC = "Plain text file.\nSecond line, with more words in it.\n"
@@ -730,14 +731,7 @@ def test_sigterm_removes_the_partial_output(work, inputs, monkeypatch):
 def test_every_file_of_a_dataset_is_on_disk_before_its_summary(work, inputs, monkeypatch):
     """The summary marks a dataset complete: after a crash, a dataset with a summary must have its shards (nothing
     was synced, and a power loss could leave the summary beside empty shards)."""
-    synced = []
-    real_fsync = os.fsync
-
-    def spy(fd):
-        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
-        return real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", spy)
+    synced = record_fsyncs(monkeypatch)
     prepare([str(inputs / "a.jsonl")], str(work / "out"), seq_len=2, val_fraction=0.5)
     summary = synced.index(SUMMARY_NAME)
     written = {name for _, _, names in os.walk(work / "out") for name in names} - {SUMMARY_NAME}
