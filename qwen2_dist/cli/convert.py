@@ -12,7 +12,6 @@
 """
 
 import argparse
-import glob
 import logging
 import os
 import sys
@@ -38,15 +37,11 @@ def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
     The weights are written as the files hold them (bf16 for the published models; a load converts them to the
     fp32 parameters exactly), from views of the files mapped into memory: no copy of the model in process memory,
     so a model larger than memory converts too."""
-    from qwen2_dist.model.hf import hf_source_fields, read_hf_state_dict, read_pickle_state_dict
+    from qwen2_dist.model.hf import hf_source_fields, read_weights
     from qwen2_dist.train import checkpoint
 
     out_dir = new_output_dir(out_dir, "choose a new output directory")
-    if allow_pickle and not glob.glob(os.path.join(hf_dir, "*.safetensors")) and glob.glob(
-            os.path.join(hf_dir, "pytorch_model*.bin")):
-        args, state = read_pickle_state_dict(hf_dir)  # unpickled with mmap=True: views of the files too
-    else:
-        args, state = read_hf_state_dict(hf_dir, mapped=True)
+    args, state = read_weights(hf_dir, allow_pickle, mapped=True)
     name = _name_of(args)
     meta = {"model": name, "model_args": args.to_dict(), "world_size": 1, "source": os.path.abspath(hf_dir),
             "step": 0, "tokens_seen": 0, "hf_source": hf_source_fields(hf_dir),

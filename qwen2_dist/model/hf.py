@@ -484,17 +484,22 @@ def read_pickle_state_dict(path: str) -> tuple[ModelArgs, dict[str, torch.Tensor
     return args, state_dict
 
 
+def read_weights(path: str, allow_pickle: bool = False, mapped: bool = False) -> tuple[ModelArgs, dict]:
+    """ModelArgs and native-named tensors of a HF Qwen2 directory: its safetensors (read_hf_state_dict, mapped as
+    there), or with allow_pickle, when it holds only pytorch_model*.bin files, those (read_pickle_state_dict)."""
+    if allow_pickle and not glob.glob(os.path.join(path, "*.safetensors")) and glob.glob(
+            os.path.join(path, "pytorch_model*.bin")):
+        return read_pickle_state_dict(path)  # unpickled with mmap=True: views of the files too
+    return read_hf_state_dict(path, mapped=mapped)
+
+
 def load_hf_model(path: str, device: str = "cpu", allow_pickle: bool = False) -> Qwen2:
     """The native model with the exact weights of a HF Qwen2 checkpoint directory.
 
     Only safetensors are read unless allow_pickle is set; then a directory with only pytorch_model*.bin files is
     read too, with torch.load(weights_only=True).
     """
-    has_safetensors = glob.glob(os.path.join(path, "*.safetensors"))
-    if allow_pickle and not has_safetensors and glob.glob(os.path.join(path, "pytorch_model*.bin")):
-        args, state_dict = read_pickle_state_dict(path)
-    else:
-        args, state_dict = read_hf_state_dict(path)
+    args, state_dict = read_weights(path, allow_pickle)
     # Meta then to_empty: skip a random initialization that the checkpoint overwrites at once.
     model = build_model(args, "meta").to_empty(device=device)
     model.load_state_dict(state_dict, strict=True)
