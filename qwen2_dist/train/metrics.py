@@ -3,6 +3,7 @@
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import resource
@@ -147,6 +148,13 @@ def wandb_run_id(run_dir: str, rewinds: bool, from_step: int) -> tuple[str, str]
     return run_id, group
 
 
+def record_as_json(record: dict) -> dict:
+    """The record with a non-finite number written as the string "nan", "inf" or "-inf": Python's json would write
+    a bare NaN or Infinity, which is not JSON, and jq, JavaScript and most strict readers refuse the whole line."""
+    return {key: str(value) if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in record.items()}
+
+
 class MetricsSinks:
     """Where logged steps go: metrics.jsonl always, TensorBoard and W&B when asked (rank 0 only)."""
 
@@ -180,7 +188,7 @@ class MetricsSinks:
     def write(self, record: dict) -> None:
         """Record one logged step in every sink."""
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(record_as_json(record)) + "\n")
             self.file.flush()
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self.tb is not None:

@@ -46,6 +46,20 @@ def test_sinks_write_jsonl_tensorboard_and_wandb_offline(tmp_path, monkeypatch):
     assert "step 3 | loss 5.5000" in format_step(record)
 
 
+def test_a_non_finite_number_is_written_as_json_a_strict_reader_takes(tmp_path):
+    """A skipped step's NaN loss: Python's json would write a bare NaN, which jq and JavaScript refuse."""
+    sinks = MetricsSinks(str(tmp_path), enabled=True)
+    sinks.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "lr": -float("inf"), "mfu": None})
+    sinks.close()
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=refuse) == {"step": 1, "loss": "nan", "grad_norm": "inf", "lr": "-inf",
+                                                       "mfu": None}
+
+
 def test_disabled_sinks_write_nothing(tmp_path):
     sinks = MetricsSinks(str(tmp_path), enabled=False, tensorboard=True, wandb=True)
     sinks.write({"step": 1, "loss": 1.0})
