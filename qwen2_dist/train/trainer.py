@@ -361,7 +361,13 @@ class Trainer:
                 window_data += data_seconds
                 # Every eval.interval steps and at the end of the run (not at a train.stop_at before it).
                 eval_due = bool(self.evals) and (self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps)
-                if self.step % cfg.logging.interval == 0 or self.step == last_step or eval_due:
+                minutes = cfg.checkpoint.interval_minutes
+                write_pending = self.checkpointer.pending_done() is False
+                stop_now, time_due, still_writing = agree_any([
+                    stop.requested, bool(minutes) and time.monotonic() - last_save >= 60 * minutes, write_pending,
+                ])
+                # A stop logs the steps since the last logged one: the run's record ends where its checkpoint does.
+                if self.step % cfg.logging.interval == 0 or self.step == last_step or eval_due or stop_now:
                     # The host runs ahead of the GPU: the window ends when the work queued so far is done.
                     synchronize(self.world.device)
                     elapsed = time.monotonic() - window_started
@@ -402,11 +408,6 @@ class Trainer:
                             "roll back to an earlier checkpoint with checkpoint.resume=PATH (the newer ones are "
                             "moved to checkpoints/abandoned-*)"
                         )
-                minutes = cfg.checkpoint.interval_minutes
-                write_pending = self.checkpointer.pending_done() is False
-                stop_now, time_due, still_writing = agree_any([
-                    stop.requested, bool(minutes) and time.monotonic() - last_save >= 60 * minutes, write_pending,
-                ])
                 if self.checkpointer.pending_done() is not None and not still_writing:
                     self.wait_for_save()
                 if stop_now:

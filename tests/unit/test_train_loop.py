@@ -6,7 +6,9 @@ with a checkpoint."""
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import signal
 import time
 
 import pytest
@@ -346,3 +348,26 @@ def test_a_resume_that_moves_the_schedule_says_so_and_one_on_other_data_loads_no
     (damaged / "train_state.json").write_text(state.replace('"seed": 0', '"seed": 1'))  # same size, other bytes
     with pytest.raises(UserError, match=r"train_state.json: checksum .* the checkpoint is damaged"):
         _trainer(tmp_path / "e", "train.steps=8").restore(str(damaged))
+
+
+def test_a_stop_between_logging_steps_logs_the_steps_it_ends_with(tmp_path, monkeypatch):
+    """SIGTERM at step 3 of a run logging every 4: metrics.jsonl's last record is step 3, the checkpoint's step."""
+    trainer = _trainer(tmp_path, "logging.interval=4", "train.steps=8")
+    train_step = trainer.train_step
+
+    def step_then_preempted():
+        result = train_step()
+        if trainer.step == 2:  # the step now running is step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", step_then_preempted)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        result = trainer.fit()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert result.stopped_by_signal and result.step == 3 and _committed(trainer) == [3]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3] and records[0]["tokens_seen"] == 3 * trainer.tokens_per_step
