@@ -12,6 +12,7 @@ import uuid
 
 import torch
 
+from qwen2_dist.errors import UserError
 from qwen2_dist.fsutil import write_atomic
 from qwen2_dist.model.args import ModelArgs
 
@@ -182,8 +183,16 @@ class MetricsSinks:
             import wandb as wandb_lib
 
             run_id, group = wandb_run_id(run_dir, rewinds, from_step)
-            self.wandb_run = wandb_lib.init(project=wandb_project, mode=wandb_mode, dir=run_dir, id=run_id,
-                                            group=group, resume="allow", config=config)
+            try:
+                self.wandb_run = wandb_lib.init(project=wandb_project, mode=wandb_mode, dir=run_dir, id=run_id,
+                                                group=group, resume="allow", config=config)
+            except Exception as exc:  # wandb's own errors (no API key, no network, a bad project) share no base
+                self.close()
+                raise UserError(
+                    f"logging.wandb=true: wandb.init failed in logging.wandb_mode={wandb_mode} "
+                    f"({type(exc).__name__}: {exc}). For online, run `wandb login` or set WANDB_API_KEY and check "
+                    "logging.wandb_project; or set logging.wandb_mode=offline (sync later with `wandb sync`)"
+                ) from exc
 
     def write(self, record: dict) -> None:
         """Record one logged step in every sink."""

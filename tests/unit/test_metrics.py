@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import get_model_args
 from qwen2_dist.train.metrics import MetricsSinks, flops_per_token, format_step, profile_summary
 
@@ -58,6 +59,17 @@ def test_a_non_finite_number_is_written_as_json_a_strict_reader_takes(tmp_path):
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=refuse) == {"step": 1, "loss": "nan", "grad_norm": "inf", "lr": "-inf",
                                                        "mfu": None}
+
+
+def test_a_failing_wandb_init_is_a_user_error_naming_the_mode_and_the_fix(tmp_path, monkeypatch):
+    import wandb
+
+    def no_key(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", no_key)
+    with pytest.raises(UserError, match=r"wandb_mode=online \(UsageError: api_key not configured.*WANDB_API_KEY"):
+        MetricsSinks(str(tmp_path), enabled=True, wandb=True, wandb_mode="online")
 
 
 def test_disabled_sinks_write_nothing(tmp_path):
