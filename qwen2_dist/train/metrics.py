@@ -291,6 +291,13 @@ class StepProfiler:
         self.device = device
         self.profiler = None
         self.started = 0.0
+        self.left_out: list[tuple[str, float]] = []
+
+    def leave_out(self, what: str, seconds: float) -> None:
+        """Work that is not a training step (a checkpoint save, an evaluation) took seconds of the wall clock while
+        the trace records: the summary's ms/step leaves them out, and says so (their kernels stay in its tables)."""
+        if self.profiler is not None:
+            self.left_out.append((what, seconds))
 
     def _synchronize(self) -> None:
         synchronize(self.device)
@@ -302,6 +309,7 @@ class StepProfiler:
             self.profiler = torch.profiler.profile(record_shapes=True, with_stack=False)
             self.profiler.__enter__()
             self.started = time.perf_counter()
+            self.left_out = []
 
     def after_step(self, step: int) -> float:
         """Called with the number of the step that just ran; returns the seconds spent writing the trace and its
@@ -328,7 +336,11 @@ class StepProfiler:
             return time.perf_counter() - finished  # started, then the step failed before it ran
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         profiler.export_chrome_trace(self.path)
-        summary = profile_summary(profiler, last + 1 - self.start, seconds)
+        left_out = sum(s for _, s in self.left_out)
+        summary = profile_summary(profiler, last + 1 - self.start, seconds - left_out)
+        if self.left_out:
+            summary += "\n\nleft out of the wall clock above (their kernels are in the tables): " + "; ".join(
+                f"{what} ({s:.2f} s)" for what, s in self.left_out)
         with open(self.summary_path, "w") as f:
             f.write(summary + "\n")
         log.info("profiler: trace of steps %d-%d written to %s; %s (%s)", self.start, last, self.path,

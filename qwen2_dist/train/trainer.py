@@ -389,8 +389,10 @@ class Trainer:
                         "time": time.time(),
                     }
                     if eval_due:  # after the window's clock stopped: evaluation time is not training time
+                        eval_started = time.monotonic()
                         eval_record, eval_text = self.evaluate_all()
                         record.update(eval_record)
+                        profiler.leave_out(f"evaluation at step {self.step}", time.monotonic() - eval_started)
                     writer.write(record)
                     if self.world.is_main:
                         log.info(format_step(record))
@@ -411,6 +413,7 @@ class Trainer:
                 if self.checkpointer.pending_done() is not None and not still_writing:
                     self.wait_for_save()
                 if stop_now:
+                    profiler.close(self.step)  # the trace ends with the last step, before the save
                     self.save(blocking=True)
                     stopped = True
                     break
@@ -421,6 +424,8 @@ class Trainer:
                     self.save()
                     last_save = time.monotonic()
                     window_started += last_save - save_started  # the save's time is not the window's training time
+                    profiler.leave_out(f"checkpoint save at step {self.step}", last_save - save_started)
+            profiler.close(self.step)  # a trace ending past the last step ends with it, before the saves below
             # Commit a background save still in flight, before deciding whether the last step has a checkpoint (a
             # failed background save of it is written again, blocking). Not on an exception: the commit is
             # collective, and a failed rank would never join it; the uncommitted shards are cleaned at the next start.

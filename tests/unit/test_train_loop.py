@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -371,3 +372,28 @@ def test_a_stop_between_logging_steps_logs_the_steps_it_ends_with(tmp_path, monk
     assert result.stopped_by_signal and result.step == 3 and _committed(trainer) == [3]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3] and records[0]["tokens_seen"] == 3 * trainer.tokens_per_step
+
+
+def test_the_profile_summary_leaves_out_a_save_inside_the_profiled_steps(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, "train.steps=5", "checkpoint.interval=3", "logging.profile_steps=2:5",
+                       "checkpoint.save_final=false")
+    step_seconds, save, train_step = {}, trainer.save, trainer.train_step
+
+    def timed_step():
+        started = time.monotonic()
+        result = train_step()
+        step_seconds[trainer.step + 1] = time.monotonic() - started
+        return result
+
+    def slow_save(blocking=False):
+        time.sleep(1.5)
+        return save(blocking)
+
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    monkeypatch.setattr(trainer, "save", slow_save)
+    trainer.fit()
+    summary = (tmp_path / "profile" / "rank0_summary.txt").read_text()
+    ms_per_step = float(re.match(r"profiled 3 steps: ([\d.]+) ms/step", summary).group(1))
+    profiled = sum(step_seconds[step] for step in (2, 3, 4))
+    assert profiled < 3 * ms_per_step / 1e3 < profiled + 0.75, (summary, step_seconds)  # not the save's 1.5 s
+    assert re.search(r"left out of the wall clock .*: checkpoint save at step 3 \([1-9]\.\d\d s\)$", summary, re.M)
