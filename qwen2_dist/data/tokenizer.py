@@ -164,8 +164,8 @@ def _hf_tokenizer(spec: str) -> Tokenizer:
 
 
 def save_qwen2_hf_tokenizer(out_dir: str) -> None:
-    """The embedded Qwen2 vocabulary as Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json; with
-    transformers 4 also special_tokens_map.json) in out_dir, which transformers' AutoTokenizer, vLLM and lm-eval
+    """The embedded Qwen2 vocabulary as Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json,
+    vocab.json, merges.txt; with transformers 4 also special_tokens_map.json) in out_dir, which transformers' AutoTokenizer, vLLM and lm-eval
     load: the same byte-level BPE, pre-tokenizer and NFC normalization, so it encodes text as tokenizer=qwen2 does
     (special-token strings in text aside, which it reads as the special tokens); eos = pad = <|endoftext|>, no bos,
     as Qwen2's."""
@@ -184,6 +184,9 @@ def save_qwen2_hf_tokenizer(out_dir: str) -> None:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=ENDOFTEXT, pad_token=ENDOFTEXT,
                                         additional_special_tokens=specials)
     tokenizer.save_pretrained(out_dir)
+    # vocab.json and merges.txt too, as Qwen2's own repositories have them: the slow Qwen2Tokenizer
+    # (use_fast=False) and tools that read the BPE files themselves need them.
+    converted.model.save(out_dir)
     # The settings written as Qwen2's own tokenizer_config.json has them, not as this transformers version would:
     # transformers 5 names its generic class (TokenizersBackend), which transformers 4 cannot load, and 4's generic
     # class would hand generate() token_type_ids. Qwen2Tokenizer loads in both (the fast one, from tokenizer.json).

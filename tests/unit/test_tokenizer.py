@@ -148,10 +148,15 @@ def test_the_qwen2_tokenizer_written_for_hugging_face_encodes_as_the_embedded_on
              "I'm they'LL WE'VE it's", "emoji 😀👍🏽 Ω≈ç√", "def f(x):\r\n    return x**2  # done\n"]
     with open(__file__, encoding="utf-8") as f:
         texts.append(f.read().replace("<|", "< |"))  # (special-token strings in text: below)
+    # The slow tokenizer (use_fast=False), from vocab.json and merges.txt.
+    slow = AutoTokenizer.from_pretrained(tmp_path, use_fast=False)
+    assert type(slow).__name__ == "Qwen2Tokenizer"
     for text in texts:
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
+        assert slow.encode(text, add_special_tokens=False) == tok.encode(text), text
     assert [hf.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
-        151643, 151644, 151645]
+        151643, 151644, 151645] == [slow.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>",
+                                                                            "<|im_end|>")]
     assert (hf.eos_token_id, hf.pad_token_id, hf.bos_token_id, len(hf)) == (151643, 151643, None, 151646)
     assert set(hf("hi")) == {"input_ids", "attention_mask"}  # no token_type_ids, which generate() refuses
     # Qwen2's own tokenizer class, which transformers 4 and 5 both load (5's generic class name 4 cannot):
