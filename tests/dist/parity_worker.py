@@ -5,7 +5,7 @@ Run as `python tests/dist/parity_worker.py LAYOUT OUT_FILE [hydra overrides...]`
 parallelize -> to_empty + init_weights -> optimizer -> Trainer.train_step), but reads a synthetic global batch drawn
 from a seed instead of the data loader, so the test checks the parallel math alone. Rank 0 saves, with torch.save:
 per-step losses and gradient norms, the full final weights, the full gradient of the embedding after one probe
-backward, and the tie checks.
+backward, and the tie checks; with model.init_from_hf=DIR among the overrides, also the full weights as loaded.
 """
 
 import os
@@ -92,7 +92,10 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
     args = job.model.args()
     # Built as qwen2-train builds it; fused AdamW has no state before its first step, so the probe below leaves the
     # optimizer as the trainer would find it.
-    model, optimizer = build_model_and_optimizer(job, world, mesh, "cpu")
+    model, optimizer = build_model_and_optimizer(job, world, mesh, "cpu", load_weights=True)
+    # Weights loaded from model.init_from_hf= (an extra override): as each rank's shards hold them, gathered.
+    initial = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+        if job.model.init_from_hf else None
     # The tie: one registered parameter serves the lookup and the head, after every wrapper and shard.
     vocab_rows = [name for name, p in model.named_parameters() if p.shape[0] == args.vocab_size]
     tie = {
@@ -115,7 +118,7 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save({"layout": layout, "losses": losses, "grad_norms": grad_norms, "weights": weights,
-                    "embedding_grad": embedding_grad, "tie": tie}, out_file)
+                    "embedding_grad": embedding_grad, "tie": tie, "initial": initial}, out_file)
     if dist.is_initialized():
         dist.destroy_process_group()
 
