@@ -144,12 +144,32 @@ def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh 
     return model, optimizer
 
 
+# The run_dirs of the sweep points run so far in this process (qwen2-train -m runs them one after the other).
+_sweep_run_dirs: set[str] = set()
+
+
+def check_sweep_point(raw_run_dir: str, run_dir: str, seen: set[str]) -> None:
+    """A point of a Hydra sweep (qwen2-train -m) needs a run_dir of its own: in another point's, it would resume
+    that point's checkpoints and train nothing (or continue it with other settings)."""
+    fix = "give each point its own from the swept values, e.g. run_dir='runs/sweep/lr${optim.lr}'"
+    if "${" not in raw_run_dir:
+        raise UserError(f"qwen2-train -m: every point of the sweep would train in run_dir={raw_run_dir}; {fix}")
+    if os.path.realpath(run_dir) in seen:
+        raise UserError(f"qwen2-train -m: this point's run_dir={run_dir} is an earlier point's; {fix}")
+    seen.add(os.path.realpath(run_dir))
+
+
 def run(cfg: DictConfig):
     """Run the training job described by a composed config; returns the TrainResult."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from qwen2_dist.parallel.mesh import init_distributed, world_from_env
     from qwen2_dist.train import runlock
 
     job = to_job(cfg)
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        check_sweep_point(str(OmegaConf.to_container(cfg, resolve=False)["run_dir"]), job.run_dir, _sweep_run_dirs)
     _, local_rank, world_size = world_from_env()
     layout = validate(job, world_size)
     check_sinks(job)  # also here, not only in the launchers' check: rank 0 opens them after the model is built
@@ -397,7 +417,13 @@ def compose_job(overrides: list[str]) -> JobConfig:
 
 def to_job(cfg: DictConfig) -> JobConfig:
     """The typed job of a composed config, refusing keys the schema does not have (see check_known_keys)."""
-    check_known_keys(OmegaConf.to_container(cfg, resolve=False))
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    check_known_keys(raw)
+    if "${now:" in str(raw.get("run_dir", "")).replace(" ", ""):
+        # Each process resolves its own config, and each restart again: the time differs between them.
+        raise UserError(f"run_dir={raw['run_dir']}: ${{now:...}} gives every process and every restart its own "
+                        "directory, so ranks disagree and a restart starts over instead of resuming; use a fixed "
+                        "name (or ${oc.env:SLURM_JOB_ID})")
     try:
         job = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as exc:  # a ??? of conf/ left unset, e.g. data=mixture's source paths

@@ -110,6 +110,13 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, corpus_cache):
         assert not run_dir.exists()
 
 
+def test_a_sweep_whose_points_share_a_run_dir_is_refused_before_training(tmp_path):
+    result = run_cli(TRAIN, ["-m", "optim.lr=1e-3,2e-3", f"run_dir={tmp_path / 'x'}", "train.steps=2"])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: qwen2-train -m: every point of the sweep would train in run_dir=" in result.stderr
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
 def test_profiler_trace_of_a_chosen_step_range(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
     job = {"train.steps": 4, "logging.profile_steps": "2:4"}

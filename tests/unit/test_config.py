@@ -1,5 +1,6 @@
 """validate(): impossible jobs are refused before anything is allocated, naming the field and the fix."""
 
+import os
 import re
 
 import pytest
@@ -207,6 +208,27 @@ def test_a_bad_key_or_value_is_refused_in_one_line_with_the_fix(override, expect
     assert "\n" not in message
     if override.startswith("model="):
         assert message.endswith("choose one of debug, qwen2-0.5b, qwen2-1.5b, qwen2-72b, qwen2-7b, tiny"), message
+
+
+def test_a_run_dir_named_by_the_time_is_refused():
+    """Every process, and every restart, resolves ${now:} again: ranks would disagree and restarts start over."""
+    from qwen2_dist.cli.train import compose_job
+
+    with pytest.raises(UserError, match=r"run_dir=runs/\$\{now:%m%d-%H%M\}: .* use a fixed name"):
+        compose_job(["run_dir=runs/${now:%m%d-%H%M}"])
+    assert compose_job(["run_dir=runs/${oc.env:HOME}"]).run_dir == f"runs/{os.environ['HOME']}"
+
+
+def test_each_point_of_a_sweep_needs_a_run_dir_of_its_own(tmp_path):
+    from qwen2_dist.cli.train import check_sweep_point
+
+    seen: set[str] = set()
+    with pytest.raises(UserError, match=r"every point of the sweep would train in run_dir=runs/x; .*lr\$\{optim.lr\}"):
+        check_sweep_point("runs/x", "runs/x", seen)
+    check_sweep_point("runs/lr${optim.lr}", str(tmp_path / "lr0.001"), seen)
+    check_sweep_point("runs/lr${optim.lr}", str(tmp_path / "lr0.002"), seen)
+    with pytest.raises(UserError, match=r"this point's run_dir=.*lr0.001 is an earlier point's"):
+        check_sweep_point("runs/s${seed}", str(tmp_path / "lr0.001"), seen)
 
 
 def test_keys_that_may_be_added_still_are_and_unknown_ones_inside_a_list_are_found():
