@@ -679,10 +679,24 @@ def _data_paths(d: DataConfig) -> list[str]:
     return [s.path for s in d.sources] or ([d.path] if d.path is not None else [])
 
 
+def _check_finite(node: Any, path: str = "") -> None:
+    """Every number of the config finite: nan passes every range check (nan <= 0 is false) and inf overflows
+    later, far from the field."""
+    if dataclasses.is_dataclass(node):
+        for f in dataclasses.fields(node):
+            _check_finite(getattr(node, f.name), f"{path}.{f.name}" if path else f.name)
+    elif isinstance(node, (list, tuple)):
+        for i, item in enumerate(node):
+            _check_finite(item, f"{path}[{i}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise UserError(f"{path}={node}: must be a finite number")
+
+
 def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     """Refuse impossible jobs before any tensor is allocated; return the resolved layout and accumulation steps."""
     if world_size < 1:
         raise UserError(f"{world_size} processes: a job needs at least one (NPROC, or torchrun's --nproc-per-node)")
+    _check_finite(cfg)
     if cfg.seed < 0:
         raise UserError(f"seed={cfg.seed}: must be a non-negative integer (it seeds the weights and the data order)")
     if not str(cfg.run_dir).strip():
@@ -788,6 +802,10 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if m.kernels != "torch" and str(p.compile).lower() == "true":
         raise UserError(f"model.kernels={m.kernels} with parallel.compile=true: the compiled blocks fuse these ops "
                         "themselves; use model.kernels=torch, or parallel.compile=false")
+    if m.kernels != "torch" and p.tp > 1:
+        # Under TP the norms see sequence-sharded DTensors, which the Triton and CUDA kernels cannot take.
+        raise UserError(f"model.kernels={m.kernels} needs parallel.tp=1 (got {p.tp}): its kernels take plain tensors, "
+                        "not tensor parallelism's sharded activations; use model.kernels=torch")
     if m.fuse_projections not in FUSE_PROJECTIONS:
         raise UserError(f"model.fuse_projections={m.fuse_projections!r}: choose false, true (q/k/v and gate/up), qkv "
                         "or mlp")
@@ -815,6 +833,12 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         )
     if o.impl not in ("torch", "apex"):
         raise UserError(f"optim.impl={o.impl!r}: choose torch or apex")
+    if o.impl == "apex" and world_size > 1:
+        # FusedAdam hands the parameters' and gradients' storage to its CUDA kernels; FSDP's and TP's parameters
+        # are DTensors, whose local shards it would have to be given instead.
+        raise UserError(f"optim.impl=apex runs in one process only (got {world_size}): apex's FusedAdam cannot "
+                        "update FSDP's or TP's sharded (DTensor) parameters; use optim.impl=torch, whose fused AdamW "
+                        "does")
     if o.impl == "apex" and str(o.fused).lower() != "auto":
         raise UserError(f"optim.fused={o.fused} chooses torch's AdamW kernel; apex's FusedAdam (optim.impl=apex) is "
                         "always fused: leave optim.fused=auto, or set optim.impl=torch")
