@@ -8,6 +8,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from qwen2_dist.errors import UserError
+
 
 @dataclass(frozen=True)
 class World:
@@ -32,6 +34,13 @@ def init_distributed(device_type: str, timeout_minutes: float = 30.0) -> World:
     """Initialize the default process group when torchrun started several processes; pick this rank's device."""
     rank, local_rank, world_size = world_from_env()
     if device_type == "cuda":
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:  # else CUDA's "invalid device ordinal", and torchrun restarts it
+            raise UserError(
+                f"local rank {local_rank}: this node starts {os.environ.get('LOCAL_WORLD_SIZE', local_rank + 1)} "
+                f"processes, but torch sees {visible} GPU(s) here (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start one process per GPU: NPROC={visible} "
+                f"(torchrun --nproc-per-node={visible})")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:

@@ -11,6 +11,7 @@ from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from qwen2_dist.config import ParallelConfig
+from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import get_model_args
 from qwen2_dist.model.qwen2 import build_model
 from qwen2_dist.parallel.mesh import World, build_mesh
@@ -151,3 +152,16 @@ def test_gradients_between_micro_batches_are_sharded_only_when_reduced_every_mic
         plain(tokens[index]).float().logsumexp(-1).mean().backward()
     for name, p in plain.named_parameters():
         assert torch.allclose(grads[name], p.grad, atol=1e-6), name
+
+
+def test_more_processes_on_a_node_than_gpus_is_a_user_error_naming_nproc(monkeypatch):
+    from qwen2_dist.parallel.mesh import init_distributed
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device reached"))
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(UserError, match=r"local rank 3: this node starts 4 processes, but torch sees 2 GPU\(s\) here "
+                                        r"\(CUDA_VISIBLE_DEVICES=0,1\); start one process per GPU: NPROC=2"):
+        init_distributed("cuda")
