@@ -226,7 +226,8 @@ class TrainConfig:
     spike_window: int = 128
     """Applied steps in the loss-spike window."""
     hang_timeout: float = 1800.0
-    """Seconds without a completed step before the watchdog dumps all stacks and exits (0 = off)."""
+    """Seconds without a completed step, evaluation or checkpoint save (each has the whole limit) before the watchdog
+    dumps all stacks and exits (0 = off)."""
     hang_timeout_first: float = 3600.0
     """The same limit for the first step (compilation, data download, first collectives); 0 = off for it."""
     pg_timeout_minutes: float = 30.0

@@ -131,7 +131,7 @@ class Watchdog:
         return self
 
     def beat(self) -> None:
-        """A step completed."""
+        """A step, an evaluation or a checkpoint save completed."""
         self.last_beat = time.monotonic()  # first: the watchdog reads beats, then last_beat
         self.beats += 1
 
@@ -148,7 +148,7 @@ class Watchdog:
                 self._fire(idle, limit, "train.hang_timeout_first" if first else "train.hang_timeout")
 
     def _fire(self, idle: float, limit: float, key: str) -> None:
-        message = (f"watchdog: no training step completed for {idle:.0f} s ({key}={limit:.0f} s); "
+        message = (f"watchdog: no training step, evaluation or save completed for {idle:.0f} s ({key}={limit:.0f} s); "
                    f"dumping all stacks and exiting with code {HANG_EXIT_CODE} so the launcher can restart the job")
         log.error(message)
         for handler in logging.getLogger().handlers:

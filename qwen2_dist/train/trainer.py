@@ -393,6 +393,7 @@ class Trainer:
                         eval_record, eval_text = self.evaluate_all()
                         record.update(eval_record)
                         profiler.leave_out(f"evaluation at step {self.step}", time.monotonic() - eval_started)
+                        watchdog.beat()  # the limit is for each step, evaluation and save, not for their sum
                     writer.write(record)
                     if self.world.is_main:
                         log.info(format_step(record))
@@ -425,6 +426,7 @@ class Trainer:
                     last_save = time.monotonic()
                     window_started += last_save - save_started  # the save's time is not the window's training time
                     profiler.leave_out(f"checkpoint save at step {self.step}", last_save - save_started)
+                    watchdog.beat()
             profiler.close(self.step)  # a trace ending past the last step ends with it, before the saves below
             # Commit a background save still in flight, before deciding whether the last step has a checkpoint (a
             # failed background save of it is written again, blocking). Not on an exception: the commit is

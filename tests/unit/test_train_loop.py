@@ -397,3 +397,21 @@ def test_the_profile_summary_leaves_out_a_save_inside_the_profiled_steps(tmp_pat
     profiled = sum(step_seconds[step] for step in (2, 3, 4))
     assert profiled < 3 * ms_per_step / 1e3 < profiled + 0.75, (summary, step_seconds)  # not the save's 1.5 s
     assert re.search(r"left out of the wall clock .*: checkpoint save at step 3 \([1-9]\.\d\d s\)$", summary, re.M)
+
+
+def test_the_watchdog_gives_an_evaluation_and_a_save_each_the_whole_limit(tmp_path, monkeypatch):
+    """train.hang_timeout=2: 1.2 s steps, and after step 2 a 1.5 s evaluation and a 1.5 s save, fit it one by one
+    (together, or the save with the step after it, they would not)."""
+    from qwen2_dist.train.faults import Watchdog
+
+    fired = []
+    monkeypatch.setattr(Watchdog, "_fire", lambda self, idle, limit, key: fired.append((round(idle, 1), key)))
+    trainer = _trainer(tmp_path, "train.steps=3", "train.hang_timeout=2", "eval.interval=2", "checkpoint.interval=2",
+                       "checkpoint.save_final=false")
+    train_step, save = trainer.train_step, trainer.save
+    trainer.evals = [None]  # one eval set, evaluated by the stand-in below
+    monkeypatch.setattr(trainer, "train_step", lambda: (time.sleep(1.2), train_step())[1])
+    monkeypatch.setattr(trainer, "evaluate_all", lambda: (time.sleep(1.5), ({"eval_loss": 1.0}, "eval"))[1])
+    monkeypatch.setattr(trainer, "save", lambda blocking=False: (time.sleep(1.5), save(blocking))[1])
+    assert trainer.fit().step == 3 and _committed(trainer) == [2]
+    assert fired == []
