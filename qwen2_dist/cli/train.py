@@ -581,7 +581,8 @@ def _entry(cfg: DictConfig) -> None:
             code = int(os.environ.get("QWEN2_PREEMPT_EXIT_CODE", "0"))
     except (UserError, TrainingHalted) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        _note_in_rank_log(f"stopped: {exc}")  # the rank's log says why it ends, beside what came before
+        if not isinstance(exc, RunDirBusy):  # that rank log is the other job's
+            _note_in_rank_log(f"stopped: {exc}")  # the rank's log says why it ends, beside what came before
         code = 3 if isinstance(exc, TrainingHalted) else 2
         run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
         if isinstance(run_dir, str) and not isinstance(exc, RunDirBusy):  # another job's run_dir is not ours

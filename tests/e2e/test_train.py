@@ -165,6 +165,9 @@ def test_a_second_job_in_a_running_jobs_run_dir_is_refused_before_it_touches_any
     run_dir = tmp_path / "run"
     in_progress = run_dir / "checkpoints" / "step-00000003.tmp-1"
     in_progress.mkdir(parents=True)
+    rank_log = run_dir / "logs" / "rank0.log"
+    rank_log.parent.mkdir()
+    rank_log.write_text("the running job's log\n")
     held = runlock.acquire(str(run_dir))
     try:
         for env in ({"QWEN2_CHECK_ONLY": "1"}, {}):
@@ -172,5 +175,6 @@ def test_a_second_job_in_a_running_jobs_run_dir_is_refused_before_it_touches_any
             assert result.returncode == 2, result.stderr[-2000:]
             assert f"another job is running in it (host {os.uname().nodename}, pid {os.getpid()}" in result.stderr
         assert in_progress.is_dir() and not (run_dir / "config.yaml").exists()
+        assert rank_log.read_text() == "the running job's log\n"  # the refusal is on the console only
     finally:
         held.close()
