@@ -288,8 +288,11 @@ class CheckpointConfig:
     """auto (newest committed checkpoint in run_dir/checkpoints), none, or a checkpoint directory. One of this run's
     rolls the run back to it: the newer ones move to checkpoints/abandoned-TIME/, and restarts of the same command go
     on from the newest checkpoint written since. none starts the run afresh the same way (all of its checkpoints
-    move aside; restarts go on from the new start's). One from elsewhere (qwen2-convert from-hf's, another run's) starts
-    the run; once the run has checkpoints of its own, restarts resume from those."""
+    move aside; restarts go on from the new start's). One from elsewhere (qwen2-convert from-hf's, another run's) is
+    continued in this run_dir: its step, optimizer state, schedule and data position (model.init_from_checkpoint
+    takes its weights only, for a new run); once the run has checkpoints of its own, restarts resume from those. A
+    rollback or none happens once per run_dir (recorded in checkpoints/rollback.json): to do it again, delete that
+    file."""
     save_final: bool = True
     """Save when the run reaches train.steps."""
     checksums: bool = True
@@ -311,7 +314,8 @@ class LoggingConfig:
     wandb_mode: str = "offline"
     """W&B mode: offline (files under run_dir/wandb, no network; sync later with `wandb sync`), online or disabled."""
     profile_steps: Optional[str] = None
-    """Record a torch.profiler trace of steps START:END (e.g. 10:12) to run_dir/profile/rank{N}.json."""
+    """Record a torch.profiler trace of steps START to END-1 (10:12: steps 10 and 11) to
+    run_dir/profile/rank{N}.json."""
     memory_snapshot_on_oom: bool = True
     """On CUDA, record allocations (with their Python stacks) and write run_dir/oom_snapshot_rank{N}.pickle when a
     step runs out of memory. Its cost per step is not measured yet; set false to rule it out."""
