@@ -415,3 +415,47 @@ def test_the_watchdog_gives_an_evaluation_and_a_save_each_the_whole_limit(tmp_pa
     monkeypatch.setattr(trainer, "save", lambda blocking=False: (time.sleep(1.5), save(blocking))[1])
     assert trainer.fit().step == 3 and _committed(trainer) == [2]
     assert fired == []
+
+
+@pytest.mark.parametrize("cause", ["nan", "spike"])
+@pytest.mark.parametrize("optim", ["optim.fused=true", "optim.fused=false", "optim.overlap=true"])
+def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_path, monkeypatch, optim, cause):
+    """Each optimizer path skips its own way (fused AdamW on the device, the others on the host): a step skipped
+    for a NaN loss, or for a spike with finite gradients, then a good step, ends where the good step alone does."""
+    skipped = _trainer(tmp_path / "skipped", optim)
+    if cause == "nan":
+        monkeypatch.setenv(INJECT_NAN_ENV, "1")
+    else:
+        monkeypatch.setattr(skipped.guard, "verdict", lambda loss, grad_norm: torch.ones(()))
+    before = {name: p.detach().clone() for name, p in skipped.model.named_parameters()}
+    _, grad_norm, _ = skipped.train_step()
+    assert bool(torch.isfinite(grad_norm)) == (cause == "spike")
+    assert all(torch.equal(p, before[name]) for name, p in skipped.model.named_parameters())
+    monkeypatch.delenv(INJECT_NAN_ENV, raising=False)
+    monkeypatch.undo()
+    skipped.step = 1
+    skipped.train_step()
+
+    alone = _trainer(tmp_path / "alone", optim)
+    for _ in range(alone.grad_accum_steps):  # the batch the skipped step read
+        alone.batches.next_batch()
+    alone.train_step()
+    for (name, p), q in zip(skipped.model.named_parameters(), alone.model.parameters()):
+        assert torch.equal(p, q), name  # AdamW's moments and step count (its bias correction) untouched
+
+
+@pytest.mark.parametrize("nan_steps, halted_at", [((2, 3), 3), ((2, 4), None)])
+def test_the_default_policy_halts_after_max_skipped_in_a_row(tmp_path, monkeypatch, nan_steps, halted_at):
+    """train.nonfinite=skip with train.max_skipped_in_a_row=2: two skipped steps in a row halt the run with a
+    checkpoint; two apart do not."""
+    from qwen2_dist.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "inject_nan", lambda step, loss: loss * float("nan") if step in nan_steps
+                        else loss)
+    trainer = _trainer(tmp_path, "train.max_skipped_in_a_row=2", "logging.interval=1", "train.steps=5")
+    if halted_at is None:
+        assert trainer.fit().step == 5 and trainer.guard.counts()[0] == 2
+        return
+    with pytest.raises(TrainingHalted, match="2 step\\(s\\) in a row skipped"):
+        trainer.fit()
+    assert trainer.step == halted_at and _committed(trainer) == [halted_at]
