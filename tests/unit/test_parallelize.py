@@ -27,17 +27,25 @@ def fake_world():
     _clear_sharding_prop_cache()
 
 
-@pytest.mark.parametrize("dp_replicate, dp_shard, tp, checkpointing, reshard", [
-    (2, 2, 2, "full", "default"),  # HSDP x TP: three mesh axes
-    (1, 4, 2, "selective", "never"),
-    (2, 4, 1, "none", "always"),
+# (the tiny model's 2 blocks) which are checkpointed, and which reshard after forward
+@pytest.mark.parametrize("dp_replicate, dp_shard, tp, checkpointing, reshard, wrapped, resharded", [
+    (2, 2, 2, "full", "default", [True, True], [True, False]),  # HSDP x TP: three mesh axes
+    (1, 4, 2, "selective", "never", [True, False], [False, False]),  # ac_every=2: every 2nd block from the first
+    (2, 4, 1, "none", "always", [False, False], [True, True]),
 ])
-def test_layout_runs_and_keeps_the_tie(fake_world, dp_replicate, dp_shard, tp, checkpointing, reshard):
+def test_layout_runs_and_keeps_the_tie(fake_world, dp_replicate, dp_shard, tp, checkpointing, reshard, wrapped,
+                                       resharded):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
     args = get_model_args("tiny")
     cfg = ParallelConfig(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp, activation_checkpointing=checkpointing,
                          ac_every=2, reshard_after_forward=reshard)
     mesh = build_mesh(fake_world, dp_replicate, dp_shard, tp)
     model = parallelize(build_model(args, "meta"), mesh, cfg, torch.bfloat16, "cpu")
+    assert [isinstance(layer, CheckpointWrapper) for layer in model.layers] == wrapped
+    # FSDP2 keeps a block's mesh for after forward only when it reshards then.
+    assert [layer._get_fsdp_state()._fsdp_param_group.post_forward_mesh_info is not None
+            for layer in model.layers] == resharded
     model.to_empty(device="cpu")
     model.init_weights(0)
     assert model.lm_head.weight is model.embed_tokens.weight
