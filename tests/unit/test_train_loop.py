@@ -459,3 +459,53 @@ def test_the_default_policy_halts_after_max_skipped_in_a_row(tmp_path, monkeypat
     with pytest.raises(TrainingHalted, match="2 step\\(s\\) in a row skipped"):
         trainer.fit()
     assert trainer.step == halted_at and _committed(trainer) == [halted_at]
+
+
+@pytest.mark.parametrize("minutes, committed", [(2, [2, 4]), (0, [])])
+def test_checkpoint_interval_minutes_saves_by_the_clock(tmp_path, monkeypatch, minutes, committed):
+    """Steps of 61 s on the loop's clock: checkpoint.interval_minutes=2 saves after every 2nd step, 0 never."""
+    from types import SimpleNamespace
+
+    from qwen2_dist.train import trainer as trainer_module
+
+    trainer = _trainer(tmp_path, "train.steps=4", f"checkpoint.interval_minutes={minutes}", "checkpoint.keep_last=5",
+                       "checkpoint.save_final=false")
+    passed = [0.0]
+    clock = SimpleNamespace(**vars(time))
+    clock.monotonic = lambda: time.monotonic() + passed[0]
+    monkeypatch.setattr(trainer_module, "time", clock)
+    train_step = trainer.train_step
+
+    def slow_step():
+        passed[0] += 61.0
+        return train_step()
+
+    monkeypatch.setattr(trainer, "train_step", slow_step)
+    assert trainer.fit().step == 4
+    assert _committed(trainer) == committed
+
+
+def test_the_logged_data_wait_is_the_share_of_the_window_spent_reading_batches(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, "train.steps=2", "logging.interval=2", "checkpoint.save_final=false")
+    read_seconds, step_seconds = [], []
+    next_batch, train_step = trainer.batches.next_batch, trainer.train_step
+
+    def slow_batch():
+        started = time.monotonic()
+        time.sleep(0.3)
+        batch = next_batch()
+        read_seconds.append(time.monotonic() - started)
+        return batch
+
+    def timed_step():
+        started = time.monotonic()
+        result = train_step()
+        step_seconds.append(time.monotonic() - started)
+        return result
+
+    monkeypatch.setattr(trainer.batches, "next_batch", slow_batch)
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    trainer.fit()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    read, stepped = sum(read_seconds), sum(step_seconds)
+    assert 100 * read / (stepped + 0.5) <= record["data_wait_pct"] <= 100 * read / stepped + 1, (record, read, stepped)
