@@ -42,15 +42,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str):
     )
 
 
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether weight decay applies: to the projection matrices (and an untied head), not to biases, norms and the
+    embedding."""
+    return param.ndim >= 2 and "embed_tokens" not in name
+
+
 def _decay_groups(named_parameters, cfg: OptimConfig) -> list[dict]:
-    """AdamW's parameter groups: weight decay on projection matrices, none on biases, norms and the embedding. An
-    empty group is left out (distributed checkpointing cannot load one)."""
+    """AdamW's parameter groups by decays(). An empty group is left out (distributed checkpointing cannot load
+    one)."""
     decay, no_decay = [], []
     for name, param in named_parameters:
-        if param.ndim < 2 or "embed_tokens" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (decay if decays(name, param) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
 
@@ -126,7 +129,7 @@ class InBackwardOptimizer:
         self._skip: torch.Tensor | None = None
         self.defaults = {"fused": False, "in_backward": True}  # a flagged step cannot be taken back
         for name, param in model.named_parameters():
-            decay = 0.0 if param.ndim < 2 or "embed_tokens" in name else cfg.weight_decay
+            decay = cfg.weight_decay if decays(name, param) else 0.0
             optimizer = torch.optim.AdamW([param], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                                           weight_decay=decay, fused=True)
             self.optimizers.append(optimizer)

@@ -1,5 +1,7 @@
 """optim.in_backward: the same updates as AdamW after backward, without ever holding every gradient; skips and
-checkpoints work; the settings it cannot honour are refused."""
+checkpoints work; the settings it cannot honour are refused; both decay the same parameters."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -112,3 +114,22 @@ def test_checkpoint_round_trip(tmp_path):
 def test_refused_where_it_cannot_hold(overrides, world_size):
     with pytest.raises(UserError, match="optim.in_backward=true updates each parameter during backward"):
         validate(compose_job(overrides), world_size)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_decay_is_on_the_projection_matrices_only_in_both_optimizers(tied):
+    """Not on biases, norms or the embedding; on an untied head. The same for AdamW after backward and in
+    backward."""
+    model = build_model(dataclasses.replace(get_model_args("tiny"), tie_word_embeddings=tied), "cpu")
+    names = {id(p): name for name, p in model.named_parameters()}
+    projections = {f"layers.{i}.{part}.weight" for i in range(len(model.layers))
+                   for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    expected = projections if tied else projections | {"lm_head.weight"}
+    groups = build_optimizer(model, CFG, "cpu").param_groups
+    assert {names[id(p)] for g in groups if g["weight_decay"] == CFG.weight_decay > 0 for p in g["params"]} == expected
+    undecayed = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert undecayed == set(names.values()) - expected
+    in_backward = build_optimizer(model, OptimConfig(in_backward=True), "cpu")
+    assert {names[id(o.param_groups[0]["params"][0])] for o in in_backward.optimizers
+            if o.param_groups[0]["weight_decay"] > 0} == expected
