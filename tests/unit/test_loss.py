@@ -258,11 +258,28 @@ def test_autocast_computes_in_bf16_and_returns_fp32_gradients():
     # summed over the chunks in fp32 (here on the CPU's autocast, the same code path).
     hidden, weight, targets = inputs(batch=4, seq=64, dim=32, vocab=300)
     truth = plain_loss_and_grads(hidden.double(), weight.double(), targets)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                self.seen.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = plain_loss_and_grads(hidden, weight, targets)
-        chunked = chunked_loss_and_grads(hidden, weight, targets, chunk_tokens=32)
+        with MatmulDtypes() as matmuls:
+            chunked = chunked_loss_and_grads(hidden, weight, targets, chunk_tokens=32)
     assert chunked[1].dtype == chunked[2].dtype == torch.float32
     assert_no_further_from_truth(truth, plain, chunked)
+    # Every matmul of the chunked loss (8 chunks: the logits and the gradients) reads bf16: a path that fell
+    # back to fp32 would pass the error bound above, being nearer the truth.
+    assert len(matmuls.seen) >= 2 * 8 and all(set(dtypes) == {torch.bfloat16} for dtypes in matmuls.seen), \
+        matmuls.seen
 
 
 def test_the_compiled_softmax_step_computes_what_the_eager_one_does():
