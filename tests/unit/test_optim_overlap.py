@@ -223,13 +223,22 @@ def test_each_module_waits_for_its_own_update_just_before_it_runs(monkeypatch):
     assert log[-1] == "wait side stream"
 
 
-def test_a_checkpoint_waits_for_the_update_in_flight(tmp_path):
+def test_a_checkpoint_waits_for_the_update_in_flight(tmp_path, monkeypatch):
     """Whatever writes a checkpoint (the trainer's saves, qwen2-convert, tests) reads the weights and moments only
     after the side stream's update: checkpoint's state gathering calls the optimizer's wait()."""
+    from qwen2_dist.train import checkpoint
+
     trainer = _trainer(tmp_path, "optim.overlap=true")
     trainer.train_step()
     calls = []
     trainer.optimizer.wait = lambda: calls.append("wait")
+    get_state_dict = checkpoint.get_state_dict
+
+    def reads_state(*args, **kwargs):
+        calls.append("read")
+        return get_state_dict(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "get_state_dict", reads_state)
     trainer.step = 1
     trainer.save(blocking=True)
-    assert calls == ["wait"]
+    assert calls == ["wait", "read"]
