@@ -6,6 +6,7 @@ block and root.
 """
 
 import contextlib
+import functools
 import importlib
 import logging
 
@@ -96,13 +97,27 @@ def parallelize(
     return model
 
 
-def _saved_ops() -> set:
-    """The ops whose outputs activation_checkpointing=op keeps: the matmuls and attention (the FLOPs of a block)."""
+@functools.cache
+def _saved_ops() -> frozenset:
+    """The ops whose outputs activation_checkpointing=op keeps: the matmuls (float8's _scaled_mm too) and attention
+    (the FLOPs of a block), whichever backend runs it (SDPA's, flash-attn's, FlexAttention), and TP's reduce-scatter
+    (recomputing it would repeat the communication in backward)."""
     aten = torch.ops.aten
-    names = ("mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-             "_flash_attention_forward", "_efficient_attention_forward")
-    return {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    names = ("mm", "addmm", "bmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward", "_efficient_attention_forward")
+    saved = {getattr(aten, name).default for name in names if hasattr(aten, name)}
+    saved.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)
+    saved.add(torch.ops.higher_order.flex_attention)
+    if importlib.util.find_spec("flash_attn") is not None:
+        try:
+            import flash_attn  # noqa: F401  (its import registers torch.ops.flash_attn)
+
+            saved |= {torch.ops.flash_attn._flash_attn_forward.default,
+                      torch.ops.flash_attn._flash_attn_varlen_forward.default}
+        except (ImportError, AttributeError, RuntimeError):  # an older flash-attn without torch ops, a broken build
+            pass
+    return frozenset(saved)
 
 
 def _recompute_elementwise_only():

@@ -56,3 +56,15 @@ def test_op_mode_recomputes_element_wise_ops_but_no_matmul(runs):
     assert sum(op[m] for m in matmuls) == sum(none[m] for m in matmuls) < sum(full[m] for m in matmuls)
     # ...while the norms (rsqrt) are: both recompute modes run them again in backward, none does not.
     assert none["rsqrt"] == 0 and op["rsqrt"] > 0 and full["rsqrt"] == op["rsqrt"]
+
+
+def test_op_mode_keeps_every_attention_backend_and_float8_matmul_and_tp_reduce_scatter():
+    """The backends the CPU cannot run here (flash-attn and FlexAttention on CUDA, float8's scaled matmul) and TP's
+    reduce-scatter are kept by op too, not recomputed: named in the policy's list on this torch."""
+    from qwen2_dist.parallel.parallelize import _saved_ops
+
+    saved = _saved_ops()
+    for op in (torch.ops.aten._scaled_mm.default, torch.ops.higher_order.flex_attention,
+               torch.ops._c10d_functional.reduce_scatter_tensor.default,
+               torch.ops.aten._scaled_dot_product_cudnn_attention.default):
+        assert op in saved, op
