@@ -534,7 +534,7 @@ def check_machine(job: JobConfig) -> str:
     from qwen2_dist.model.attention import resolve_backend
     from qwen2_dist.model.kernels import check_available
     from qwen2_dist.model.loss import resolve_loss
-    from qwen2_dist.parallel.parallelize import check_float8
+    from qwen2_dist.parallel.parallelize import check_float8, check_parallel_on
     from qwen2_dist.train.optim import apex_fused_adam
 
     device_type = resolve_device(job.train.device)
@@ -545,6 +545,7 @@ def check_machine(job: JobConfig) -> str:
         apex_fused_adam(device_type)
     if job.model.float8:
         check_float8(device_type)
+    check_parallel_on(job.parallel, device_type, job.model.kernels)
     check_sinks(job)
     return device_type
 

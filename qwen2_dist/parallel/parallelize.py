@@ -47,6 +47,7 @@ def parallelize(
 
     One process (mesh None) gets only checkpointing and compile. Call on the meta device, before to_empty.
     """
+    check_parallel_on(cfg, device_type, kernels)
     tp = mesh["tp"].size() if mesh is not None else 1
     if float8:
         apply_float8(model, device_type, fsdp=mesh is not None)
@@ -63,10 +64,6 @@ def parallelize(
     compiled = compile_enabled(cfg, device_type, kernels)
     options = inductor_options(cfg)
     if cfg.fp32_weight_grads:
-        if device_type != "cuda" or not compiled:
-            raise UserError("parallel.fp32_weight_grads=true needs compiled blocks on CUDA (the CPU has no bf16 "
-                            f"matmul writing fp32; here: device {device_type}, compile {'on' if compiled else 'off'})"
-                            "; set parallel.fp32_weight_grads=false")
         from qwen2_dist.parallel.passes import Fp32WeightGradients  # imports Inductor (a second): only when used
 
         options = {**options, "post_grad_custom_post_pass": Fp32WeightGradients()}
@@ -225,6 +222,18 @@ def apply_tensor_parallel(model: Qwen2, tp_mesh: DeviceMesh) -> None:
         })
 
 
+def check_parallel_on(cfg: ParallelConfig, device_type: str, kernels: str = "torch") -> None:
+    """The parallel settings that need CUDA (or compiled blocks), refused on this device: checked by the launchers
+    before the workers start, and by parallelize()."""
+    compiled = compile_enabled(cfg, device_type, kernels)
+    if cfg.fp32_weight_grads and (device_type != "cuda" or not compiled):
+        raise UserError("parallel.fp32_weight_grads=true needs compiled blocks on CUDA (the CPU has no bf16 matmul "
+                        f"writing fp32; here: device {device_type}, compile {'on' if compiled else 'off'}); set "
+                        "parallel.fp32_weight_grads=false")
+    if cfg.cpu_offload and device_type != "cuda":
+        raise UserError("parallel.cpu_offload=true needs CUDA devices; set parallel.cpu_offload=false")
+
+
 def apply_fsdp(
     model: Qwen2, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype: torch.dtype, device_type: str
 ) -> None:
@@ -235,8 +244,6 @@ def apply_fsdp(
     block_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     options = {"mesh": dp_mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
     if cfg.cpu_offload:
-        if device_type != "cuda":
-            raise UserError("parallel.cpu_offload=true needs CUDA devices; set parallel.cpu_offload=false")
         options["offload_policy"] = CPUOffloadPolicy()
     last = len(model.layers) - 1
     for index, layer in enumerate(model.layers):

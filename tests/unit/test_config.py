@@ -395,23 +395,25 @@ def test_a_checkpoint_or_hugging_face_weights_of_another_model_are_refused_befor
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks what a machine without a GPU refuses")
-@pytest.mark.parametrize("override,field", [
-    ("train.device=cuda", "train.device=cuda: no CUDA device is visible"),
-    ("model.attention=flex", "model.attention=flex"),
-    ("model.kernels=liger", "model.kernels=liger runs on CUDA devices only"),
-    ("model.loss=liger", "model.loss=liger needs a CUDA device"),
-    ("optim.impl=apex", "optim.impl=apex runs on CUDA devices only"),
-    ("model.float8=true", "model.float8=true needs a CUDA GPU"),
+@pytest.mark.parametrize("override,field,processes", [
+    ("train.device=cuda", "train.device=cuda: no CUDA device is visible", 1),
+    ("model.attention=flex", "model.attention=flex", 1),
+    ("model.kernels=liger", "model.kernels=liger runs on CUDA devices only", 1),
+    ("model.loss=liger", "model.loss=liger needs a CUDA device", 1),
+    ("optim.impl=apex", "optim.impl=apex runs on CUDA devices only", 1),
+    ("model.float8=true", "model.float8=true needs a CUDA GPU", 1),
+    ("parallel.fp32_weight_grads=true", "parallel.fp32_weight_grads=true needs compiled blocks on CUDA", 1),
+    ("parallel.cpu_offload=true", "parallel.cpu_offload=true needs CUDA devices", 2),
 ])
-def test_the_launchers_check_refuses_what_this_machine_cannot_run(override, field, capsys, tmp_path):
+def test_the_launchers_check_refuses_what_this_machine_cannot_run(override, field, processes, capsys, tmp_path):
     """QWEN2_CHECK_ONLY (launch/common.sh, before torchrun): the device and packages too, not only the config, so
     that torchrun does not start, and restart, workers that fail on them."""
     from qwen2_dist.cli.train import check_only
 
-    check_only(job("model=tiny", f"run_dir={tmp_path}"), "1")
-    assert "config ok for 1 process(es)" in capsys.readouterr().out
+    check_only(job("model=tiny", f"run_dir={tmp_path}"), str(processes))
+    assert f"config ok for {processes} process(es)" in capsys.readouterr().out
     with pytest.raises(UserError, match=re.escape(field)):
-        check_only(job("model=tiny", f"run_dir={tmp_path}", override), "1")
+        check_only(job("model=tiny", f"run_dir={tmp_path}", override), str(processes))
 
 
 def test_the_launchers_check_refuses_a_metrics_sink_whose_package_is_missing(monkeypatch, tmp_path):
