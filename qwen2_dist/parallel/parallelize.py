@@ -108,8 +108,7 @@ def _saved_ops() -> frozenset:
     saved.add(torch.ops.higher_order.flex_attention)
     if importlib.util.find_spec("flash_attn") is not None:
         try:
-            import flash_attn  # noqa: F401  (its import registers torch.ops.flash_attn)
-
+            importlib.import_module("flash_attn")  # its import registers torch.ops.flash_attn
             saved |= {torch.ops.flash_attn._flash_attn_forward.default,
                       torch.ops.flash_attn._flash_attn_varlen_forward.default}
         except (ImportError, AttributeError, RuntimeError):  # an older flash-attn without torch ops, a broken build
