@@ -166,9 +166,9 @@ def _hf_tokenizer(spec: str) -> Tokenizer:
 def save_qwen2_hf_tokenizer(out_dir: str) -> None:
     """The embedded Qwen2 vocabulary as Hugging Face tokenizer files (tokenizer.json, tokenizer_config.json,
     vocab.json, merges.txt; with transformers 4 also special_tokens_map.json) in out_dir, which transformers'
-    AutoTokenizer, vLLM and lm-eval load: the same byte-level BPE, pre-tokenizer and NFC normalization, so it encodes text as tokenizer=qwen2 does
-    (special-token strings in text aside, which it reads as the special tokens); eos = pad = <|endoftext|>, no bos,
-    as Qwen2's."""
+    AutoTokenizer, vLLM and lm-eval load: the same byte-level BPE, pre-tokenizer and NFC normalization, so it
+    encodes text as tokenizer=qwen2 does (special-token strings in text aside, which it reads as the special
+    tokens); eos = pad = <|endoftext|>, no bos, as Qwen2's."""
     try:
         from tokenizers import normalizers
         from transformers import PreTrainedTokenizerFast
