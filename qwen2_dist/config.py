@@ -702,6 +702,12 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if world_size < 1:
         raise UserError(f"{world_size} processes: a job needs at least one (NPROC, or torchrun's --nproc-per-node)")
     _check_finite(cfg)
+    # These take auto (or qkv/mlp) besides a boolean, so a quoted 'true' (from YAML or shell quoting) stays the
+    # string; taken as the boolean it names, as parallel.compile takes either.
+    for section, key in ((cfg.optim, "fused"), (cfg.checkpoint, "async_save"), (cfg.model, "fuse_projections")):
+        value = getattr(section, key)
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            setattr(section, key, value.lower() == "true")
     if cfg.seed < 0:
         raise UserError(f"seed={cfg.seed}: must be a non-negative integer (it seeds the weights and the data order)")
     if not str(cfg.run_dir).strip():

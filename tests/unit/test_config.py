@@ -218,6 +218,16 @@ def test_a_bad_key_or_value_is_refused_in_one_line_with_the_fix(override, expect
         assert message.endswith("choose one of debug, qwen2-0.5b, qwen2-1.5b, qwen2-72b, qwen2-7b, tiny"), message
 
 
+def test_a_quoted_boolean_is_the_boolean():
+    """optim.fused, checkpoint.async_save and model.fuse_projections also take a string (auto, qkv, mlp), so a
+    quoted 'false' arrives as text: taken as False (bool('false') would have been True)."""
+    from qwen2_dist.cli.train import compose_job
+
+    cfg = compose_job(["optim.fused='false'", "checkpoint.async_save='TRUE'", "model.fuse_projections='false'"])
+    validate(cfg, 1)
+    assert (cfg.optim.fused, cfg.checkpoint.async_save, cfg.model.fuse_projections) == (False, True, False)
+
+
 def test_a_run_dir_named_by_the_time_is_refused():
     """Every process, and every restart, resolves ${now:} again: ranks would disagree and restarts start over."""
     from qwen2_dist.cli.train import compose_job
