@@ -142,6 +142,15 @@ def run_torchrun(nproc: int, module: str, args: list[str], timeout: float = 300,
                    timeout=timeout, env={"OMP_NUM_THREADS": "1", **(env or {})})
 
 
+def first_error(stderr: str, size: int = 4000) -> str:
+    """The first traceback in a multi-process run's stderr and its end: the rank that failed first is the cause, and
+    the others' errors (a closed connection to it) come after and would fill a tail alone."""
+    start = stderr.find("Traceback (most recent call last)")
+    if start < 0 or start >= len(stderr) - size:
+        return stderr[-size:]
+    return stderr[start:start + size] + "\n[...]\n" + stderr[-size:]
+
+
 def save_pickle_hf(model, path) -> None:
     """An old-style Hugging Face directory: config.json and pytorch_model.bin (transformers 5 no longer writes the
     pickle format, so it is made from what save_pretrained writes)."""

@@ -2,7 +2,7 @@
 
 import json
 
-from tests.helpers import read_metrics, run_cli, run_torchrun, train_overrides
+from tests.helpers import first_error, read_metrics, run_cli, run_torchrun, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
 JOB = {"parallel.activation_checkpointing": "full", "train.steps": 2, "checkpoint.interval": 0}
@@ -15,7 +15,7 @@ def losses(run_dir) -> list[float]:
 def test_tensor_parallel_job_trains_like_one_process(tmp_path, corpus_cache):
     tp_dir, one_dir = tmp_path / "tp2", tmp_path / "one"
     result = run_torchrun(2, TRAIN, train_overrides(tp_dir, corpus_cache, **JOB, **{"parallel.tp": 2}))
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, first_error(result.stderr)
     with open(tp_dir / "checkpoints" / "step_00000002" / "metadata.json") as f:
         assert json.load(f)["layout"] == {"dp_replicate": 1, "dp_shard": 1, "tp": 2, "grad_accum_steps": 2}
     single = run_cli(TRAIN, train_overrides(one_dir, corpus_cache, **JOB))
