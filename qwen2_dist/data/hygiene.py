@@ -205,7 +205,7 @@ def _lock_together(fd: int | None) -> None:
                 got = False
         if not agree_any([not got])[0]:
             return
-        if got:
+        if got and fd is not None:
             fcntl.flock(fd, fcntl.LOCK_UN)
         if not said and time.monotonic() - started > 60:
             log.warning("data: waiting for other runs on this run's machines to finish choosing their "

@@ -489,6 +489,32 @@ def test_two_multi_node_runs_sharing_two_machines_do_not_deadlock_on_the_prefix_
     assert [out.strip() for out, _ in outs] == ["done"] * 4, [err[-2000:] for _, err in outs]
 
 
+def test_a_rank_without_a_lock_waits_while_its_leader_cannot_get_one(tmp_path):
+    """Another run holds the machine's prefix lock: the leader (local rank 0) retries, and rank 1, which takes no
+    lock, retries beside it until the lock is free (it tried to let go of a lock it never took, and failed)."""
+    import fcntl
+
+    lock = tmp_path / "machine"
+    lock.mkdir()
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    held = os.open(lock, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # the other run's
+    code = CROSSED.replace("hygiene.prefix_lock(True, lock)", "hygiene.prefix_lock(rank == 0, lock)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store"), str(rank), str(lock), "0"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                              start_new_session=True) for rank in (0, 1)]
+    try:
+        time.sleep(3)
+        assert [proc.poll() for proc in procs] == [None, None]  # both waiting, none failed
+        os.close(held)
+        outs = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert [out.strip() for out, _ in outs] == ["done"] * 2, [err[-2000:] for _, err in outs]
+
+
 @pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="POSIX shared memory in /dev/shm (Linux)")
 def test_runs_starting_together_get_their_own_prefixes(data, tmp_path):
     # streaming picks the first free prefix in /dev/shm; without hygiene.prefix_lock, runs that look at the same
