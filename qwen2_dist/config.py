@@ -826,16 +826,14 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     if m.float8 and (p.tp > 1 or m.fuse_projections):
         raise UserError("model.float8=true works with parallel.tp=1 and model.fuse_projections=false (the fused "
                         "projections bypass the float8 linears); change one of them")
-    if o.overlap and (world_size > 1 or o.in_backward or o.impl != "torch" or o.fused is False
-                      or str(o.fused).lower() == "false"):
+    if o.overlap and (world_size > 1 or o.in_backward or o.impl != "torch" or o.fused is False):
         raise UserError(
             "optim.overlap=true steps torch's fused AdamW on a side stream of one process: it needs one process "
             f"(got {world_size}; under FSDP each rank updates only its shard), optim.in_backward=false, "
             f"optim.impl=torch and optim.fused=auto or true (got {o.in_backward}, {o.impl}, {o.fused})"
         )
-    fused_off = o.fused is False or str(o.fused).lower() == "false"
     if o.in_backward and (world_size > 1 or t.grad_clip > 0 or t.spike_sigma > 0
-                          or t.global_batch_size != t.micro_batch_size or fused_off or o.impl != "torch"):
+                          or t.global_batch_size != t.micro_batch_size or o.fused is False or o.impl != "torch"):
         raise UserError(
             "optim.in_backward=true updates each parameter during backward with torch's fused AdamW, so it needs one "
             f"process, train.grad_clip=0 (got {t.grad_clip}), train.spike_sigma=0 (got {t.spike_sigma}), "
@@ -850,7 +848,7 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         raise UserError(f"optim.impl=apex runs in one process only (got {world_size}): apex's FusedAdam cannot "
                         "update FSDP's or TP's sharded (DTensor) parameters; use optim.impl=torch, whose fused AdamW "
                         "does")
-    if o.impl == "apex" and str(o.fused).lower() != "auto":
+    if o.impl == "apex" and o.fused != "auto":
         raise UserError(f"optim.fused={o.fused} chooses torch's AdamW kernel; apex's FusedAdam (optim.impl=apex) is "
                         "always fused: leave optim.fused=auto, or set optim.impl=torch")
     if m.loss_chunk_tokens < 1:
