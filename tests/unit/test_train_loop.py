@@ -69,6 +69,26 @@ def _trainer(tmp_path, *overrides):
     return cpu_trainer(tmp_path, "train.global_batch_size=2", "eval.interval=0", "checkpoint.interval=0", *overrides)
 
 
+def _timed_steps(trainer, monkeypatch) -> dict[int, float]:
+    """Each step's own seconds, by step number, as fit() runs them."""
+    seconds, train_step = {}, trainer.train_step
+
+    def timed_step():
+        started = time.monotonic()
+        result = train_step()
+        seconds[trainer.step + 1] = time.monotonic() - started
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", timed_step)
+    return seconds
+
+
+def _slow_saves(trainer, monkeypatch, seconds: float) -> None:
+    """Every save takes `seconds` longer."""
+    save = trainer.save
+    monkeypatch.setattr(trainer, "save", lambda blocking=False: (time.sleep(seconds), save(blocking))[1])
+
+
 def test_halt_stops_on_a_skipped_step_between_logging_steps(tmp_path, monkeypatch):
     monkeypatch.setenv(INJECT_NAN_ENV, "2")
     trainer = _trainer(tmp_path, "train.nonfinite=halt", "logging.interval=4", "train.steps=8")
@@ -94,25 +114,13 @@ def test_a_run_restarted_after_a_halt_does_not_halt_again_for_the_same_steps(tmp
 def test_the_logged_throughput_leaves_out_a_save_between_logging_steps(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, "logging.interval=4", "train.steps=4", "checkpoint.interval=2",
                        "checkpoint.save_final=false")
-    step_seconds, save, train_step = [], trainer.save, trainer.train_step
-
-    def timed_step():
-        started = time.monotonic()
-        result = train_step()
-        step_seconds.append(time.monotonic() - started)
-        return result
-
-    def slow_save(blocking=False):
-        time.sleep(1.5)
-        return save(blocking)
-
-    monkeypatch.setattr(trainer, "train_step", timed_step)
-    monkeypatch.setattr(trainer, "save", slow_save)
+    step_seconds = _timed_steps(trainer, monkeypatch)
+    _slow_saves(trainer, monkeypatch, 1.5)
     trainer.fit()
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    tokens = 4 * trainer.tokens_per_step
+    tokens, stepped = 4 * trainer.tokens_per_step, sum(step_seconds.values())
     # All four steps over at least their own time (not only the two after the save), and not the save's 1.5 s.
-    assert tokens / (sum(step_seconds) + 0.75) < record["tokens_per_sec"] <= tokens / sum(step_seconds)
+    assert tokens / (stepped + 0.75) < record["tokens_per_sec"] <= tokens / stepped
     assert record["data_wait_pct"] <= 100
 
 
@@ -377,20 +385,8 @@ def test_a_stop_between_logging_steps_logs_the_steps_it_ends_with(tmp_path, monk
 def test_the_profile_summary_leaves_out_a_save_inside_the_profiled_steps(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, "train.steps=5", "checkpoint.interval=3", "logging.profile_steps=2:5",
                        "checkpoint.save_final=false")
-    step_seconds, save, train_step = {}, trainer.save, trainer.train_step
-
-    def timed_step():
-        started = time.monotonic()
-        result = train_step()
-        step_seconds[trainer.step + 1] = time.monotonic() - started
-        return result
-
-    def slow_save(blocking=False):
-        time.sleep(1.5)
-        return save(blocking)
-
-    monkeypatch.setattr(trainer, "train_step", timed_step)
-    monkeypatch.setattr(trainer, "save", slow_save)
+    step_seconds = _timed_steps(trainer, monkeypatch)
+    _slow_saves(trainer, monkeypatch, 1.5)
     trainer.fit()
     summary = (tmp_path / "profile" / "rank0_summary.txt").read_text()
     ms_per_step = float(re.match(r"profiled 3 steps: ([\d.]+) ms/step", summary).group(1))
@@ -400,21 +396,29 @@ def test_the_profile_summary_leaves_out_a_save_inside_the_profiled_steps(tmp_pat
 
 
 def test_the_watchdog_gives_an_evaluation_and_a_save_each_the_whole_limit(tmp_path, monkeypatch):
-    """train.hang_timeout=2: 1.2 s steps, and after step 2 a 1.5 s evaluation and a 1.5 s save, fit it one by one
-    (together, or the save with the step after it, they would not)."""
+    """On a clock that the stand-ins advance (1.2 s a step; after step 2 a 1.5 s evaluation and a 1.5 s save), the
+    watchdog hears a beat after each of them: no wait between beats spans two (an evaluation with the save after it,
+    or a save with the step after it), which its limit would then have to cover together."""
     from qwen2_dist.train.faults import Watchdog
 
-    fired = []
-    monkeypatch.setattr(Watchdog, "_fire", lambda self, idle, limit, key: fired.append((round(idle, 1), key)))
-    trainer = _trainer(tmp_path, "train.steps=3", "train.hang_timeout=2", "eval.interval=2", "checkpoint.interval=2",
+    now, beats = [0.0], []
+    monkeypatch.setattr(Watchdog, "beat", lambda self: beats.append(now[0]))
+
+    def takes(seconds, work):
+        def run(*args, **kwargs):
+            now[0] += seconds
+            return work(*args, **kwargs)
+        return run
+
+    trainer = _trainer(tmp_path, "train.steps=3", "eval.interval=2", "checkpoint.interval=2",
                        "checkpoint.save_final=false")
-    train_step, save = trainer.train_step, trainer.save
     trainer.evals = [None]  # one eval set, evaluated by the stand-in below
-    monkeypatch.setattr(trainer, "train_step", lambda: (time.sleep(1.2), train_step())[1])
-    monkeypatch.setattr(trainer, "evaluate_all", lambda: (time.sleep(1.5), ({"eval_loss": 1.0}, "eval"))[1])
-    monkeypatch.setattr(trainer, "save", lambda blocking=False: (time.sleep(1.5), save(blocking))[1])
+    monkeypatch.setattr(trainer, "train_step", takes(1.2, trainer.train_step))
+    monkeypatch.setattr(trainer, "evaluate_all", takes(1.5, lambda: ({"eval_loss": 1.0}, "eval")))
+    monkeypatch.setattr(trainer, "save", takes(1.5, trainer.save))
     assert trainer.fit().step == 3 and _committed(trainer) == [2]
-    assert fired == []
+    # Steps 1 and 2, the evaluation, the save, step 3, the evaluation at the run's end.
+    assert beats == pytest.approx([1.2, 2.4, 3.9, 5.4, 6.6, 8.1])
 
 
 @pytest.mark.parametrize("cause", ["nan", "spike"])
@@ -431,8 +435,7 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_pa
     _, grad_norm, _ = skipped.train_step()
     assert bool(torch.isfinite(grad_norm)) == (cause == "spike")
     assert all(torch.equal(p, before[name]) for name, p in skipped.model.named_parameters())
-    monkeypatch.delenv(INJECT_NAN_ENV, raising=False)
-    monkeypatch.undo()
+    monkeypatch.undo()  # the NaN or the spike verdict gone: the next step is a good one
     skipped.step = 1
     skipped.train_step()
 
@@ -487,8 +490,7 @@ def test_checkpoint_interval_minutes_saves_by_the_clock(tmp_path, monkeypatch, m
 
 def test_the_logged_data_wait_is_the_share_of_the_window_spent_reading_batches(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, "train.steps=2", "logging.interval=2", "checkpoint.save_final=false")
-    read_seconds, step_seconds = [], []
-    next_batch, train_step = trainer.batches.next_batch, trainer.train_step
+    read_seconds, next_batch = [], trainer.batches.next_batch
 
     def slow_batch():
         started = time.monotonic()
@@ -497,15 +499,9 @@ def test_the_logged_data_wait_is_the_share_of_the_window_spent_reading_batches(t
         read_seconds.append(time.monotonic() - started)
         return batch
 
-    def timed_step():
-        started = time.monotonic()
-        result = train_step()
-        step_seconds.append(time.monotonic() - started)
-        return result
-
     monkeypatch.setattr(trainer.batches, "next_batch", slow_batch)
-    monkeypatch.setattr(trainer, "train_step", timed_step)
+    step_seconds = _timed_steps(trainer, monkeypatch)
     trainer.fit()
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    read, stepped = sum(read_seconds), sum(step_seconds)
+    read, stepped = sum(read_seconds), sum(step_seconds.values())
     assert 100 * read / (stepped + 0.5) <= record["data_wait_pct"] <= 100 * read / stepped + 1, (record, read, stepped)
