@@ -60,11 +60,27 @@ def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-def resolve_backend(requested: str, device_type: str, document_masking: bool = False, bf16: bool = True) -> str:
+# The head sizes the kernels take: flash-attn 2 up to 256; FlexAttention's Triton kernels from 16 (tl.dot's least).
+FLASH_ATTN_MAX_HEAD_DIM = 256
+FLEX_MIN_HEAD_DIM = 16
+
+
+def resolve_backend(requested: str, device_type: str, document_masking: bool = False, bf16: bool = True,
+                    head_dim: int | None = None) -> str:
     """Turn model.attention (possibly 'auto') into a concrete backend name, and say why in the log. bf16: whether
-    the job computes in bf16 (flash-attn's kernels take bf16 and fp16 only)."""
+    the job computes in bf16 (flash-attn's kernels take bf16 and fp16 only). head_dim: the model's, when known (a
+    size a kernel cannot take is refused here, or passed over by auto, not found at the first forward)."""
     if requested not in BACKENDS:
         raise UserError(f"model.attention: unknown backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    flash_fits = head_dim is None or head_dim <= FLASH_ATTN_MAX_HEAD_DIM
+    flex_fits = head_dim is None or head_dim >= FLEX_MIN_HEAD_DIM or device_type != "cuda"
+    if requested == "flash_attn" and not flash_fits:
+        raise UserError(f"model.attention=flash_attn: flash-attn takes heads of up to {FLASH_ATTN_MAX_HEAD_DIM} "
+                        f"dimensions, and this model's have {head_dim}; use model.attention=auto (SDPA)")
+    if requested == "flex" and not flex_fits:
+        raise UserError(f"model.attention=flex: FlexAttention's CUDA kernels take heads of {FLEX_MIN_HEAD_DIM} "
+                        f"dimensions or more, and this model's have {head_dim}; use model.attention=auto (SDPA, "
+                        "with an explicit mask under data.document_masking)")
     if requested == "flash_attn" and not (device_type == "cuda" and flash_attn_available()):
         raise UserError(
             "model.attention=flash_attn: flash-attn is not importable on this CUDA machine; "
@@ -83,17 +99,19 @@ def resolve_backend(requested: str, device_type: str, document_masking: bool = F
             prefer_cudnn_attention()
         log.info("attention backend: %s (requested)", requested)
         return requested
-    if device_type == "cuda" and bf16 and flash_attn_available():
+    if device_type == "cuda" and bf16 and flash_fits and flash_attn_available():
         log.info("attention backend: flash_attn (auto: flash-attn importable%s)",
                  "; documents through flash_attn_varlen_func" if document_masking else "")
         return "flash_attn"
-    if device_type == "cuda" and document_masking:
+    if device_type == "cuda" and document_masking and flex_fits:
         log.info("attention backend: flex (auto: document masking on CUDA without flash-attn; compiled "
                  "FlexAttention with a block mask)")
         return "flex"
     if device_type == "cuda":
         prefer_cudnn_attention()
-    log.info("attention backend: sdpa (auto: flash-attn not installed, no CUDA or fp32; PyTorch fused attention%s%s)",
+    log.info("attention backend: sdpa (auto: %s; PyTorch fused attention%s%s)",
+             "flash-attn not installed, no CUDA or fp32" if flash_fits and flex_fits else
+             f"head_dim {head_dim}, which flash-attn or FlexAttention cannot take",
              ", cuDNN kernel first" if device_type == "cuda" else "",
              "; documents through an explicit block-diagonal causal mask" if document_masking else "")
     return "sdpa"

@@ -84,6 +84,25 @@ def test_flash_attn_is_chosen_only_for_a_job_that_computes_in_bf16(monkeypatch):
         resolve_backend("flash_attn", "cuda", bf16=False)
 
 
+def test_a_head_size_the_kernels_cannot_take_is_refused_or_passed_over(monkeypatch):
+    """FlexAttention's CUDA kernels need heads of 16 dimensions or more, flash-attn 2 takes up to 256: each failed
+    at the first forward, on every rank."""
+    from qwen2_dist.model import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "flash_attn_available", lambda: True)
+    monkeypatch.setattr(attention_module, "prefer_cudnn_attention", lambda: None)
+    assert resolve_backend("auto", "cuda", document_masking=True, bf16=False, head_dim=16) == "flex"
+    assert resolve_backend("auto", "cuda", document_masking=True, bf16=False, head_dim=8) == "sdpa"
+    assert resolve_backend("auto", "cuda", head_dim=256) == "flash_attn"
+    assert resolve_backend("auto", "cuda", head_dim=320) == "sdpa"
+    with pytest.raises(UserError, match="model.attention=flex: FlexAttention's CUDA kernels take heads of 16 "
+                                        "dimensions or more, and this model's have 8"):
+        resolve_backend("flex", "cuda", head_dim=8)
+    with pytest.raises(UserError, match="model.attention=flash_attn: flash-attn takes heads of up to 256 "
+                                        "dimensions, and this model's have 320"):
+        resolve_backend("flash_attn", "cuda", head_dim=320)
+
+
 def test_bad_size_is_refused_naming_the_field():
     with pytest.raises(UserError, match="num_attention_heads"):
         get_model_args("tiny", num_attention_heads=5)
