@@ -219,6 +219,21 @@ def shards_spanned(samples_per_shard: list[int], window: int) -> int:
     return int(np.searchsorted(np.cumsum(sizes), window, side="right")) + 2
 
 
+# A shuffle block should hold the samples of this many shards at least: a smaller one mixes the samples of one or
+# two shards (neighbouring stretches of the prepared text) and steps see little of the rest of the data for a while.
+SHUFFLE_SHARDS = 10
+
+
+def narrow_shuffle(samples_per_shard: list[int], block_size: int) -> int | None:
+    """The block size a source's shuffle needs (SHUFFLE_SHARDS shards' samples, or all of them when it has fewer)
+    when block_size is below it; None when it is not."""
+    counts = [c for c in samples_per_shard if c]
+    if not counts:
+        return None
+    need = min(sum(counts), SHUFFLE_SHARDS * -(-sum(counts) // len(counts)))
+    return need if block_size < need else None
+
+
 def _human_bytes(n: int) -> str:
     for unit, size in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
         if n >= size:
@@ -598,6 +613,16 @@ class TokenBatches:
             by_block = shuffle and shuffle_block_size > global_batch_size  # else the global batch sets the window
             self._limit_cache(cache_limit, shard_counts, shuffle_block_size if by_block else global_batch_size,
                               by_block)
+        if shuffle and split == TRAIN and dp_rank == 0:
+            for path, counts in zip(self.paths, shard_counts):
+                need = narrow_shuffle(counts, shuffle_block_size)
+                if need:
+                    shards = sum(1 for c in counts if c)
+                    log.warning("data: data.shuffle_block_size=%d holds fewer samples than %d of the %d shards of %s "
+                                "(%.3g samples each on average): each stretch of the run reads few shards, so its "
+                                "batches mix little of the data; use data.shuffle_block_size >= %d",
+                                shuffle_block_size, min(SHUFFLE_SHARDS, shards), shards, path, sum(counts) / shards,
+                                need)
         self.order = SampleOrder(shard_counts, quotas, seed, shuffle, shuffle_block_size)
         # The order is a function of the sources' quotas, not of their weights: weights scaled by one factor (0.7
         # and 0.3 as 70 and 30) give the same order and the same fingerprint.
@@ -640,12 +665,15 @@ class TokenBatches:
             need += shards * largest
             parts.append(f"{path}: {shards} x {_human_bytes(largest)}")
         if limit < need:
+            # The smallest shuffle block that still mixes enough shards (narrow_shuffle); a global batch: none.
+            floor = max(narrow_shuffle(counts, 0) or 1 for counts in shard_counts) if by_block else window
             raise UserError(
                 f"data.cache_limit={_human_bytes(limit)} is below the {_human_bytes(need)} the read order needs in the "
                 f"cache at once ({'; '.join(parts)}: the shards that two "
                 f"{'shuffle blocks' if by_block else 'global batches'} of {window} samples can span, and one being "
                 f"fetched by each of the node's {readers} reading processes, each at its source's largest shard); "
-                + ("raise data.cache_limit or lower data.shuffle_block_size" if by_block else
+                + (f"raise data.cache_limit or lower data.shuffle_block_size (to no less than {floor}, "
+                   f"{SHUFFLE_SHARDS} shards' samples: a smaller block mixes few shards)" if window > floor else
                    "raise data.cache_limit (or prepare the data in smaller shards)")
             )
         # streaming's own cache_limit argument: set after its set-up, whose check (4 shards) ours replaces.

@@ -114,8 +114,11 @@ def test_a_cache_limit_keeps_the_cache_bounded_and_the_samples_unchanged(tmp_pat
                                         r"two global batches of 8 samples .* raise data.cache_limit \(or prepare"):
         TokenBatches([(url, 1.0)], cache_limit=1000, **remote_args)
     with pytest.raises(UserError, match=r"two shuffle blocks of 64 samples .* raise data.cache_limit or lower "
-                                        r"data.shuffle_block_size$"):
+                                        r"data.shuffle_block_size \(to no less than 60, 10 shards' samples: a "
+                                        r"smaller block mixes few shards\)$"):
         TokenBatches([(url, 1.0)], cache_limit=1000, **{**remote_args, "shuffle_block_size": 64})
+    with pytest.raises(UserError, match=r"two shuffle blocks of 48 samples .* raise data.cache_limit \(or prepare"):
+        TokenBatches([(url, 1.0)], cache_limit=1000, **{**remote_args, "shuffle_block_size": 48})  # below the 60
     with pytest.raises(UserError, match=r"data.cache_limit is set, but data source .* is a local directory"):
         TokenBatches([(local, 1.0)], cache_limit=10**9, **kwargs)
 

@@ -21,7 +21,7 @@ import torch
 from qwen2_dist.data import hygiene
 from qwen2_dist.data.loader import (
     MIX_BLOCK, SampleOrder, TokenBatches, _cache_path, check_vocab, first_token_targets, mixture_quotas,
-    shards_spanned,
+    narrow_shuffle, shards_spanned,
 )
 from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.data.prepare import SUMMARY_NAME
@@ -114,6 +114,22 @@ def test_a_weight_too_small_for_any_share_is_refused_and_the_shares_are_logged(t
     mixing = [r.getMessage() for r in caplog.records if "mixing" in r.getMessage()]
     assert mixing == [f"data: mixing 2 sources, samples per block of 4096: {data[0]} 2867 (share 0.7 for weight "
                       f"share 0.7), {c} 1229 (share 0.3 for weight share 0.3)"]  # once: for the train split
+
+
+def test_a_shuffle_block_of_few_shards_is_named_with_the_block_that_mixes_enough(data, caplog):
+    # A block smaller than a shard's samples shuffled within one or two shards, silently.
+    assert narrow_shuffle([100] * 50, 999) == 1000 and narrow_shuffle([100] * 50, 1000) is None
+    assert narrow_shuffle([100] * 3, 299) == 300  # fewer than 10 shards: the block should hold them all
+    assert narrow_shuffle([0, 7, 7], 13) == 14 and narrow_shuffle([0], 1) is None  # empty shards hold no sample
+    with caplog.at_level(logging.WARNING, logger="qwen2_dist.data.loader"):
+        loader([data[0]], shuffle_block_size=9).close()  # A: 30 shards of one sample (and an empty one)
+        loader([data[0]], shuffle_block_size=9, shuffle=False).close()  # no shuffle: nothing to warn about
+        loader([data[0]], shuffle_block_size=9, dp_rank=1, dp_size=2).close()  # once per run, on the first dp rank
+        loader([data[0]], shuffle_block_size=10).close()
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [f"data: data.shuffle_block_size=9 holds fewer samples than 10 of the 30 shards of {data[0]} "
+                      "(1 samples each on average): each stretch of the run reads few shards, so its batches mix "
+                      "little of the data; use data.shuffle_block_size >= 10"], warned
 
 
 def test_remote_sources_whose_urls_differ_in_punctuation_get_their_own_caches(tmp_path):
