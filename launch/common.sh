@@ -99,5 +99,5 @@ check_job() {
     local world=$1
     shift
     [ "${PRECHECK:-1}" = 1 ] || return 0
-    QWEN2_CHECK_ONLY=$world QWEN2_LAUNCH_GPUS=$launch_gpus "$python" -m qwen2_dist.cli.train "$@"
+    QWEN2_CHECK_ONLY=$world QWEN2_LAUNCH_GPUS=$launch_gpus QWEN2_LAUNCH_NPROC=$NPROC "$python" -m qwen2_dist.cli.train "$@"
 }

@@ -163,7 +163,8 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle samples (deterministically, from the run seed): shards, then samples within blocks."""
     shuffle_block_size: int = 262144
-    """Samples shuffled together; a rank needs the shards of the current block only (keep >= 10x samples/shard)."""
+    """Samples shuffled together; a rank needs the shards of the current block only. Keep >= 10 shards' samples
+    (the job warns below that: a smaller block mixes few shards)."""
     document_masking: bool = False
     """Attention stays within each document of a packed sample (positions restart per document)."""
     eod_mask_loss: bool = False
@@ -202,7 +203,8 @@ class TrainConfig:
     steps: int = 150
     """Optimizer steps of the whole run (a resumed run continues up to this count)."""
     stop_at: Optional[int] = None
-    """Stop after this step with a checkpoint, without changing the schedule (chunked jobs, resume tests)."""
+    """Stop after this step with a checkpoint, without changing the schedule (chunked jobs, resume tests); 0 to
+    train.steps."""
     seq_len: int = 128
     """Tokens per sample; must equal the sample length the shards were prepared with."""
     micro_batch_size: int = 4
@@ -630,11 +632,27 @@ def check_saved(cfg: JobConfig) -> None:
             continue  # damaged or gone: the run reports it, and auto falls back
         checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
         checkpoint.check_init_source(path, meta, checkpoint.init_source(cfg.model))
+        check_resume_step(cfg, path, meta.get("step"))
         if not checkpoint.train_state_intact(path, meta):
             continue  # damaged: the job reports it and falls back past it
         problem = _resume_data_problem(cfg, checkpoint.peek_train_state(path).get("loader"), summaries)
         if problem:
             raise UserError(f"checkpoint {path}: {problem}")
+
+
+def check_resume_step(cfg: JobConfig, path: str, step: Any) -> None:
+    """A checkpoint.resume of another run (a starting point) at or past train.steps: the job would load it, say
+    "run already complete" and exit 0, having trained nothing (usually a train.steps not raised to continue it)."""
+    resume = cfg.checkpoint.resume
+    if resume in ("auto", "none") or os.path.realpath(path) != os.path.realpath(resume):
+        return
+    from qwen2_dist.train.checkpoint import in_run
+
+    if not in_run(os.path.join(cfg.run_dir, "checkpoints"), resume) and isinstance(step, int) \
+            and step >= cfg.train.steps:
+        raise UserError(f"checkpoint.resume={resume} is at step {step}, and train.steps={cfg.train.steps}: the run "
+                        "would train nothing. To continue that run, raise train.steps past its step (the schedule "
+                        "runs to train.steps); or resume one of its earlier checkpoints")
 
 
 def _resume_data_problem(cfg: JobConfig, saved: dict | None, summaries: list[tuple[str, dict]]) -> str | None:
@@ -697,6 +715,22 @@ def _check_finite(node: Any, path: str = "") -> None:
         raise UserError(f"{path}={node}: must be a finite number")
 
 
+def advisories(cfg: JobConfig, processes_per_node: int | None) -> list[str]:
+    """What a valid job does that its user may not mean, one sentence each: logged by the job and printed by the
+    launchers' check. processes_per_node: None when unknown."""
+    c, tp, out = cfg.checkpoint, cfg.parallel.tp, []
+    if not (c.interval or c.interval_minutes or c.save_final):
+        out.append("checkpoint.interval=0, checkpoint.interval_minutes=0 and checkpoint.save_final=false: the run "
+                   "writes no checkpoint (only a stop by signal or train.stop_at saves one), so a failure loses all "
+                   "of it; set checkpoint.interval=N or checkpoint.save_final=true to keep its weights")
+    if processes_per_node and processes_per_node % tp:  # tp is the mesh's innermost dimension: consecutive ranks
+        out.append(f"parallel.tp={tp} does not divide the {processes_per_node} processes of a node: tensor-parallel "
+                   "groups span nodes, and their collectives, several per block at every step, cross the network; "
+                   f"use a parallel.tp that divides {processes_per_node} and shard the rest with FSDP "
+                   "(parallel.dp_shard)")
+    return out
+
+
 def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
     """Refuse impossible jobs before any tensor is allocated; return the resolved layout and accumulation steps."""
     if world_size < 1:
@@ -743,8 +777,9 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         if not 0 < o.decay_steps <= t.steps - o.warmup_steps:
             raise UserError(f"optim.decay_steps={o.decay_steps}: must lie in [1, train.steps - optim.warmup_steps = "
                             f"{t.steps - o.warmup_steps}] (the decay ends at train.steps and starts after warmup)")
-    if t.stop_at is not None and t.stop_at < 0:
-        raise UserError(f"train.stop_at={t.stop_at}: must be >= 0 (0 saves the initial weights and stops)")
+    if t.stop_at is not None and not 0 <= t.stop_at <= t.steps:
+        raise UserError(f"train.stop_at={t.stop_at}: must lie in [0, train.steps={t.steps}] (0 saves the initial "
+                        "weights and stops; the run ends at train.steps anyway)")
     if t.nonfinite not in ("skip", "halt"):
         raise UserError(f"train.nonfinite={t.nonfinite!r}: choose skip or halt")
     if t.max_skipped_in_a_row < 1 or t.spike_sigma < 0 or t.spike_window < 2:

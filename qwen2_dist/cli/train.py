@@ -14,7 +14,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from qwen2_dist.config import (
-    JobConfig, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs, uses_bf16, validate,
+    JobConfig, advisories, check_known_keys, check_resume_step, check_saved, did_you_mean, parse_bytes,
+    register_configs, uses_bf16, validate,
 )
 from qwen2_dist.errors import CheckpointNotLoadable, ResumeMismatch, UserError
 from qwen2_dist.fsutil import write_atomic
@@ -121,7 +122,8 @@ def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh 
 
     model = build_model(job.model.args(), "meta")
     bf16 = uses_bf16(job.train, device_type)
-    model.set_attention_backend(resolve_backend(job.model.attention, device_type, job.data.document_masking, bf16))
+    model.set_attention_backend(resolve_backend(job.model.attention, device_type, job.data.document_masking, bf16,
+                                                job.model.args().head_dim))
     model = parallelize(model, mesh, job.parallel, torch.bfloat16 if bf16 else torch.float32, device_type,
                         float8=job.model.float8, kernels=job.model.kernels)
     model.to_empty(device=world.device)
@@ -177,6 +179,9 @@ def run(cfg: DictConfig):
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     setup_logging(job.run_dir, world.rank)
     lock = runlock.acquire_on_main(job.run_dir, world.is_main)  # before anything in run_dir is cleaned or written
+    if world.is_main:
+        for advice in advisories(job, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None):
+            log.warning(advice)
     if world.is_main:
         from qwen2_dist.train import no_restart
 
@@ -324,6 +329,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
             damaged.append(path)
             continue
         log.info("resumed from %s at step %d", path, trainer.step)
+        check_resume_step(job, path, trainer.step)
         if world.is_main:  # every rank has loaded; none reads the damaged ones again
             for bad in damaged:
                 checkpoint.set_aside_damaged(bad)
@@ -513,6 +519,9 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
             f"({_why_no_cuda()}): every process would train on the CPU. Install a CUDA build of torch "
             "(TORCH_SPEC=... bash launch/install.sh; see the README), or, to train on the CPU on purpose, set "
             "train.device=cpu and NPROC")
+    per_node = os.environ.get("QWEN2_LAUNCH_NPROC", "")
+    for advice in advisories(job, int(per_node) if per_node.isdigit() else None):
+        print(f"warning: {advice}")
     print(f"config ok for {processes} process(es) on {device_type}: {layout}")
 
 
@@ -538,7 +547,8 @@ def check_machine(job: JobConfig) -> str:
     from qwen2_dist.train.optim import apex_fused_adam
 
     device_type = resolve_device(job.train.device)
-    resolve_backend(job.model.attention, device_type, job.data.document_masking, uses_bf16(job.train, device_type))
+    resolve_backend(job.model.attention, device_type, job.data.document_masking, uses_bf16(job.train, device_type),
+                    job.model.args().head_dim)
     check_available(job.model.kernels, device_type)
     resolve_loss(job.model.loss, job.parallel.tp, device_type)
     if job.optim.impl == "apex":

@@ -34,10 +34,20 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000003", "step_00000006"]
     assert "step 6 | loss" in result.stdout
 
-    again = run_cli(TRAIN, train_overrides(run_dir, corpus_cache))
+    # The job itself warns of what it does that its user may not mean (config.advisories), as the launchers do.
+    again = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"checkpoint.interval": 0,
+                                                                     "checkpoint.save_final": "false"}))
     assert again.returncode == 0
     assert "run already complete" in again.stdout
+    assert "checkpoint.save_final=false: the run writes no checkpoint (only a stop by signal" in again.stdout
     assert len(read_metrics(run_dir)) == 6
+    # Another run starting from its last checkpoint without a larger train.steps would train nothing, and said so
+    # only in the log, exiting 0.
+    final = run_dir / "checkpoints" / "step_00000006"
+    other = run_cli(TRAIN, train_overrides(tmp_path / "other", corpus_cache, **{"checkpoint.resume": final}))
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert f"error: checkpoint.resume={final} is at step 6, and train.steps=6: the run would train nothing" \
+        in other.stderr
 
 
 def test_a_stable_run_is_extended_by_a_cool_down(tmp_path, corpus_cache):
@@ -68,7 +78,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, corpus_ca
 
 def test_kill_9_mid_run_resumes_from_the_last_committed_checkpoint(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
-    args = train_overrides(run_dir, corpus_cache, **{"train.steps": 40, "checkpoint.interval": 4})
+    # The first checkpoint is at step 4: the kill lands some 16 steps (several seconds) before the run would end.
+    args = train_overrides(run_dir, corpus_cache, **{"train.steps": 20, "checkpoint.interval": 4})
     proc = subprocess.Popen([sys.executable, "-m", TRAIN, *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     ckpts = run_dir / "checkpoints"
@@ -82,15 +93,15 @@ def test_kill_9_mid_run_resumes_from_the_last_committed_checkpoint(tmp_path, cor
     committed = sorted(d for d in os.listdir(ckpts) if (ckpts / d / "metadata.json").exists())
     assert committed, "no checkpoint was committed before the kill"
     killed_at = int(committed[-1].split("_")[1])
-    assert killed_at < 40
+    assert killed_at < 20
 
     result = run_cli(TRAIN, args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {killed_at}" in result.stdout
     steps = [r["step"] for r in read_metrics(run_dir)]
-    assert steps[-1] == 40
+    assert steps[-1] == 20
     # Steps after the checkpoint were logged twice (before the kill and after the restart); none are missing.
-    assert sorted(set(steps)) == list(range(1, 41))
+    assert sorted(set(steps)) == list(range(1, 21))
     assert all(".tmp-" not in d for d in os.listdir(ckpts))
 
 

@@ -606,6 +606,28 @@ def test_the_launch_check_refuses_another_data_order_unless_the_train_state_is_d
     check_saved(job)  # damaged: the job reports it and falls back past it, the launch check does not call it a change
 
 
+def test_the_launch_check_refuses_to_resume_another_run_at_or_past_train_steps(tmp_path):
+    from qwen2_dist.cli.train import compose_job
+    from qwen2_dist.config import check_saved
+
+    model, optimizer = _model_and_optimizer(0)
+    meta = {"model": "tiny", "model_args": get_model_args("tiny").to_dict()}
+    done = checkpoint.Checkpointer(str(tmp_path / "a" / "checkpoints"), keep_last=1).save(
+        8, model, optimizer, {"step": 8}, meta)
+    overrides = ["model=tiny", f"checkpoint.resume={done}"]
+    for steps in (8, 5):
+        with pytest.raises(UserError, match=rf"checkpoint.resume={re.escape(done)} is at step 8, and train.steps="
+                                            rf"{steps}: the run would train nothing. To continue that run, raise"):
+            check_saved(compose_job([*overrides, f"run_dir={tmp_path / 'b'}", f"train.steps={steps}"]))
+    check_saved(compose_job([*overrides, f"run_dir={tmp_path / 'b'}", "train.steps=9"]))
+    # Once the run has checkpoints of its own, restarts resume those (a finished run says so and exits 0).
+    checkpoint.Checkpointer(str(tmp_path / "b" / "checkpoints"), keep_last=1).save(
+        8, model, optimizer, {"step": 8}, meta)
+    check_saved(compose_job([*overrides, f"run_dir={tmp_path / 'b'}", "train.steps=8"]))
+    # A rollback within the run is not a starting point: unchanged.
+    check_saved(compose_job(["model=tiny", f"run_dir={tmp_path / 'a'}", f"checkpoint.resume={done}", "train.steps=8"]))
+
+
 def test_a_rollback_target_is_read_once_for_its_checksums(tmp_path, monkeypatch):
     """verify() checked before a rollback moves anything, and again when the checkpoint is loaded: the second reads
     nothing while the files are as they were, and reads again (finding the damage) once one changed."""

@@ -9,7 +9,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from qwen2_dist.cli.train import conf_dir
-from qwen2_dist.config import JobConfig, inductor_options, register_configs, validate
+from qwen2_dist.config import JobConfig, advisories, inductor_options, register_configs, validate
 from qwen2_dist.errors import UserError
 
 
@@ -117,6 +117,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["run_dir=''"], 1, "run_dir is empty"),
     (["checkpoint.keep_last=0"], 1, "keep_last"),
     (["train.stop_at=-1"], 1, "train.stop_at"),
+    (["train.steps=30", "train.stop_at=31"], 1, "train.stop_at=31: must lie in [0, train.steps=30]"),
     (["parallel.tp=4"], 4, "num_key_value_heads 2"),
     (["parallel.tp=2", "model.intermediate_size=383"], 2, "intermediate_size 383"),
     (["parallel.tp=2", "model.vocab_size=151935"], 2, "vocab_size 151935"),
@@ -424,6 +425,30 @@ def test_the_launchers_check_refuses_what_this_machine_cannot_run(override, fiel
     assert f"config ok for {processes} process(es)" in capsys.readouterr().out
     with pytest.raises(UserError, match=re.escape(field)):
         check_only(job("model=tiny", f"run_dir={tmp_path}", override), str(processes))
+
+
+def test_a_job_that_keeps_no_checkpoint_or_splits_tp_across_nodes_is_warned_about(monkeypatch, capsys, tmp_path):
+    from qwen2_dist.cli.train import check_only
+
+    assert advisories(job("train.steps=10", "train.stop_at=10"), 8) == []  # the defaults, and stop_at = steps
+    assert advisories(job("parallel.tp=4"), 8) == advisories(job("parallel.tp=4"), None) == []
+    for off in (["checkpoint.interval=0"], ["checkpoint.save_final=false"],
+                ["checkpoint.interval=0", "checkpoint.save_final=false", "checkpoint.interval_minutes=30"]):
+        assert advisories(job(*off), None) == [], off
+    none = "checkpoint.interval=0", "checkpoint.save_final=false"
+    assert [a.split(":")[0] for a in advisories(job(*none), None)] == [
+        "checkpoint.interval=0, checkpoint.interval_minutes=0 and checkpoint.save_final=false"]
+    for tp, per_node in ((16, 8), (3, 4)):
+        said = advisories(job(f"parallel.tp={tp}"), per_node)
+        assert len(said) == 1 and said[0].startswith(f"parallel.tp={tp} does not divide the {per_node} processes "
+                                                     "of a node: tensor-parallel groups span nodes"), said
+    # The launchers' check prints them (with the processes per node launch/common.sh passes), and goes on.
+    monkeypatch.setenv("QWEN2_LAUNCH_NPROC", "1")
+    check_only(job("model=tiny", f"run_dir={tmp_path}", *none, "parallel.tp=2"), "2")
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in out] == [
+        "warning", "warning", "config ok for 2 process(es) on cpu"], out
+    assert out[1].startswith("warning: parallel.tp=2 does not divide the 1 processes of a node")
 
 
 def test_the_launchers_check_refuses_a_metrics_sink_whose_package_is_missing(monkeypatch, tmp_path):
