@@ -100,8 +100,18 @@ def config_hash(resolved_config: dict) -> str:
 
 
 def is_committed(path: str) -> bool:
-    """True when the directory holds a committed checkpoint (its metadata.json exists)."""
-    return os.path.isfile(os.path.join(path, METADATA))
+    """True when the directory holds a committed checkpoint (its metadata.json exists). CheckpointNotLoadable when
+    the filesystem cannot say (ESTALE, EIO, EACCES: os.path.isfile reads those as "no file", and an intact
+    checkpoint was then removed as a killed save's leftover, or passed over for an older one)."""
+    try:
+        os.stat(os.path.join(path, METADATA))
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        raise CheckpointNotLoadable(f"{path}: cannot tell whether it is a committed checkpoint ({exc}); it may be "
+                                    "intact, so the run stops rather than pass over it. Check the filesystem (a "
+                                    "stale NFS handle, permissions) and start again") from None
+    return True
 
 
 def require_committed(path: str, key: str | None = None) -> None:
@@ -454,7 +464,12 @@ def clean_partial(ckpt_root: str) -> list[str]:
         return removed
     for name in sorted(os.listdir(ckpt_root)):
         path = os.path.join(ckpt_root, name)
-        if ".tmp-" in name or ".old-" in name or (_STEP_DIR.match(name) and not is_committed(path)):
+        try:
+            leftover = ".tmp-" in name or ".old-" in name or (_STEP_DIR.match(name) and not is_committed(path))
+        except CheckpointNotLoadable as exc:
+            log.warning("checkpoint: %s; not removed", exc)  # the resume that lists it stops on it
+            continue
+        if leftover:
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
             removed.append(path)
     for path in removed:
@@ -530,10 +545,11 @@ class Checkpointer:
         self.failed_saves = 0
 
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-             train_state: dict, metadata: dict, blocking: bool = False) -> str | None:
-        """Save step `step` under ckpt_root (committed on return unless in the background); None if it failed."""
+             train_state: dict, metadata: dict, blocking: bool = False, retain: bool = True) -> str | None:
+        """Save step `step` under ckpt_root (committed on return unless in the background); None if it failed.
+        retain=False: keep every older checkpoint (a halt's save: the ones before it are what a rollback needs)."""
         final = os.path.join(self.ckpt_root, f"step_{step:08d}")
-        ok = self.save_to(final, model, optimizer, train_state, dict(metadata, step=step), blocking, retain=True)
+        ok = self.save_to(final, model, optimizer, train_state, dict(metadata, step=step), blocking, retain=retain)
         return final if ok else None
 
     def save_to(self, final: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -818,8 +834,20 @@ def _dcp_load(state: dict, path: str) -> None:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=path)
     except (Exception, CheckpointException) as exc:  # DCP's wrapper is a BaseException
+        if _is_io_error(exc):  # the files may be intact: not a reason to fall back past them and set them aside
+            raise CheckpointNotLoadable(f"{path}: cannot be read ({describe_error(exc)}); it may be intact, so the "
+                                        "run stops rather than fall back past it. Check the filesystem and start "
+                                        "again") from None
         raise UserError(f"{path}: cannot be loaded ({describe_error(exc)}); "
                         "the checkpoint is damaged or from another model") from None
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    """An OSError, also inside DCP's CheckpointException: verify() has found every file at its size before the
+    load, so a file that cannot be read now (gone, not yet visible on this node, EIO) is not a damaged checkpoint."""
+    if isinstance(exc, CheckpointException):
+        return any(_is_io_error(inner) for inner, _ in exc.failures.values())
+    return isinstance(exc, OSError)
 
 
 def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, checksums: bool = True) -> dict:

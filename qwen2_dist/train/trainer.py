@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from qwen2_dist.config import JobConfig, inductor_options, uses_bf16
 from qwen2_dist.data.loader import TokenBatches
-from qwen2_dist.errors import ResumeMismatch
+from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.loss import IGNORE_INDEX, resolve_loss
 from qwen2_dist.parallel.mesh import World, agree_any, all_reduce_sum, dp_rank_and_size
@@ -190,13 +190,15 @@ class Trainer:
                         "before the decay starts)", step, now, used,
                         lr_at(step + 1, self.cfg.train.steps, self.cfg.optim))
 
-    def save(self, blocking: bool = False) -> str | None:
-        """Save a checkpoint of the current step (committed now, or in the background when async)."""
+    def save(self, blocking: bool = False, retain: bool = True) -> str | None:
+        """Save a checkpoint of the current step (committed now, or in the background when async); retain=False
+        deletes none of the older ones."""
         train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.batches.state_dict(),
                        "guard": self.guard.state_dict()}
         meta = dict(self.metadata, tokens_seen=self.tokens_seen)
         self.wait_for_save()  # the previous background save first (Checkpointer.save would, without telling us)
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, meta, blocking=blocking)
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, train_state, meta, blocking=blocking,
+                                      retain=retain)
         if path is not None and self.checkpointer.pending_done() is None:
             self.saved_step = self.step  # committed
         elif path is not None:
@@ -403,7 +405,8 @@ class Trainer:
                     limit = 1 if cfg.train.nonfinite == "halt" else cfg.train.max_skipped_in_a_row
                     if in_a_row >= limit:
                         self.guard.forget_streak()
-                        self.save(blocking=True)
+                        # Without retention: the checkpoints before the bad stretch are the ones to roll back to.
+                        self.save(blocking=True, retain=False)
                         raise TrainingHalted(
                             f"step {self.step}: {in_a_row} step(s) in a row skipped for a non-finite or spiking "
                             f"loss/gradient (train.nonfinite={cfg.train.nonfinite}, train.max_skipped_in_a_row="
@@ -416,6 +419,10 @@ class Trainer:
                 if stop_now:
                     profiler.close(self.step)  # the trace ends with the last step, before the save
                     self.save(blocking=True)
+                    if self.saved_step != self.step:  # the stop goes on (a requeue resumes the older checkpoint)
+                        log.error("stop: the checkpoint of step %d could not be written (the error is above); the "
+                                  "next start resumes from %s", self.step,
+                                  f"step {self.saved_step}" if self.saved_step >= 0 else "the start")
                     stopped = True
                     break
                 interval = cfg.checkpoint.interval
@@ -436,6 +443,13 @@ class Trainer:
             if (cfg.checkpoint.save_final or self.step < cfg.train.steps) and not stopped and \
                     self.saved_step != self.step:
                 self.save(blocking=True)
+                if self.saved_step != self.step:  # "done" and exit 0 would hide that the run's end is not saved
+                    raise UserError(
+                        f"the checkpoint of step {self.step}, where this job ends, could not be written (the storage "
+                        f"error is logged above): the training since "
+                        f"{f'step {self.saved_step}' if self.saved_step >= 0 else 'the start'} is not saved. Fix "
+                        "the storage (space, permissions, quota) and run the same command again: it resumes from "
+                        "the newest committed checkpoint")
         finally:
             watchdog.stop()
             profiler.close(self.step)

@@ -254,6 +254,27 @@ def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, mo
     with pytest.raises(CheckpointNotLoadable, match="Stale file handle"):
         checkpoint.verify(path)
     monkeypatch.undo()
+    # The same for the commit record itself: os.path.isfile read a stale handle as "no metadata.json", and the
+    # start's clean-up deleted the committed checkpoint as a killed save's leftover.
+    monkeypatch.setattr(os, "stat", lambda name, *a, **k: stale(f"{name}.distcp") if str(name).endswith(
+        checkpoint.METADATA) else real_stat(name, *a, **k))
+    assert checkpoint.clean_partial(str(tmp_path)) == [] and os.path.isdir(path)
+    with pytest.raises(CheckpointNotLoadable, match=rf"{re.escape(path)}: cannot tell whether it is a committed "
+                                                    r"checkpoint \(\[Errno 116\] Stale file handle"):
+        checkpoint.resume_candidates(str(tmp_path), "auto")
+    monkeypatch.undo()
+    assert checkpoint.resume_candidates(str(tmp_path), "auto") == [path]
+    # An I/O error while DCP reads the shards (checked by size only, checkpoint.checksums=false): not damage either.
+    from torch.distributed.checkpoint import CheckpointException
+
+    for failure in (OSError(5, "Input/output error"), CheckpointException("ranks: [1]", {
+            1: (OSError(116, "Stale file handle"), None)})):
+        def failing_load(*args, failure=failure, **kwargs):
+            raise failure
+        monkeypatch.setattr(checkpoint.dcp, "load", failing_load)
+        with pytest.raises(CheckpointNotLoadable, match=r"cannot be read \((rank 1: )?OSError: .*it may be intact"):
+            checkpoint.load(path, model, optimizer, checksums=False)
+        monkeypatch.undo()
     # The verdict of all ranks: a file some ranks do not find while others do is not visible everywhere yet (not
     # damage); one no rank finds is missing (damage); a problem that may not be damage comes first.
     missing = ("missing", 1, ("f: missing from checkpoint c", "f: missing; the checkpoint is damaged"))

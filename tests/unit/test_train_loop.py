@@ -86,7 +86,7 @@ def _timed_steps(trainer, monkeypatch) -> dict[int, float]:
 def _slow_saves(trainer, monkeypatch, seconds: float) -> None:
     """Every save takes `seconds` longer."""
     save = trainer.save
-    monkeypatch.setattr(trainer, "save", lambda blocking=False: (time.sleep(seconds), save(blocking))[1])
+    monkeypatch.setattr(trainer, "save", lambda *args, **kwargs: (time.sleep(seconds), save(*args, **kwargs))[1])
 
 
 def test_halt_stops_on_a_skipped_step_between_logging_steps(tmp_path, monkeypatch):
@@ -141,6 +141,67 @@ def test_a_failed_background_save_of_the_last_step_is_written_again(tmp_path, mo
     monkeypatch.setattr(checkpoint._Writer, "write_data", fails_once)
     trainer.fit()
     assert failed and _committed(trainer) == [4] and trainer.saved_step == 4
+
+
+def _fit_with_sigterm_during_step(trainer, monkeypatch, step: int):
+    """trainer.fit(), with a SIGTERM to this process while step `step` runs; the signal handlers put back after."""
+    train_step = trainer.train_step
+
+    def step_then_preempted():
+        result = train_step()
+        if trainer.step == step - 1:  # the step now running is `step`
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(trainer, "train_step", step_then_preempted)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        return trainer.fit()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _failing_writes(monkeypatch, step: int) -> None:
+    """Every write of step `step`'s checkpoint fails (a full disk)."""
+    write_data = checkpoint._Writer.write_data
+
+    def fails(writer, plan, planner):
+        if f"step_{step:08d}" in str(writer.path):
+            raise OSError(28, "No space left on device (test)")
+        return write_data(writer, plan, planner)
+
+    monkeypatch.setattr(checkpoint._Writer, "write_data", fails)
+
+
+def test_a_final_save_that_fails_is_an_error_not_done(tmp_path, monkeypatch):
+    """The run said "done" and exited 0 though its last steps were saved nowhere."""
+    trainer = _trainer(tmp_path, "train.steps=4", "checkpoint.interval=2")
+    _failing_writes(monkeypatch, 4)
+    with pytest.raises(UserError, match=r"the checkpoint of step 4, where this job ends, could not be written .* "
+                                        r"the training since step 2 is not saved. Fix the storage"):
+        trainer.fit()
+    assert _committed(trainer) == [2]
+
+
+def test_a_stop_whose_save_fails_still_stops_and_says_where_the_next_start_resumes(tmp_path, monkeypatch, caplog):
+    trainer = _trainer(tmp_path, "train.steps=8", "checkpoint.interval=2")
+    _failing_writes(monkeypatch, 3)
+    result = _fit_with_sigterm_during_step(trainer, monkeypatch, 3)
+    assert result.stopped_by_signal and result.step == 3 and _committed(trainer) == [2]
+    assert "stop: the checkpoint of step 3 could not be written (the error is above); the next start resumes from " \
+           "step 2" in caplog.text
+
+
+def test_a_halts_save_deletes_none_of_the_checkpoints_to_roll_back_to(tmp_path, monkeypatch):
+    """With checkpoint.keep_last=1 the halt's own save deleted the last checkpoint before the bad steps, the one its
+    message says to roll back to."""
+    monkeypatch.setenv(INJECT_NAN_ENV, "3")
+    trainer = _trainer(tmp_path, "train.nonfinite=halt", "logging.interval=1", "train.steps=6",
+                       "checkpoint.interval=1", "checkpoint.keep_last=1")
+    with pytest.raises(TrainingHalted, match="roll back to an earlier checkpoint"):
+        trainer.fit()
+    assert _committed(trainer) == [2, 3]
 
 
 def test_stop_at_stops_with_a_checkpoint_without_save_final(tmp_path):
@@ -362,21 +423,7 @@ def test_a_resume_that_moves_the_schedule_says_so_and_one_on_other_data_loads_no
 def test_a_stop_between_logging_steps_logs_the_steps_it_ends_with(tmp_path, monkeypatch):
     """SIGTERM at step 3 of a run logging every 4: metrics.jsonl's last record is step 3, the checkpoint's step."""
     trainer = _trainer(tmp_path, "logging.interval=4", "train.steps=8")
-    train_step = trainer.train_step
-
-    def step_then_preempted():
-        result = train_step()
-        if trainer.step == 2:  # the step now running is step 3
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    monkeypatch.setattr(trainer, "train_step", step_then_preempted)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    try:
-        result = trainer.fit()
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+    result = _fit_with_sigterm_during_step(trainer, monkeypatch, 3)
     assert result.stopped_by_signal and result.step == 3 and _committed(trainer) == [3]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3] and records[0]["tokens_seen"] == 3 * trainer.tokens_per_step
