@@ -281,7 +281,8 @@ class CheckpointConfig:
     interval_minutes: float = 0.0
     """Also save when this many minutes passed since the last save (0 = off)."""
     keep_last: int = 2
-    """Committed checkpoints kept; older ones are deleted after a new commit."""
+    """Committed checkpoints kept; older ones are deleted after a new commit (not after a halt's save, which keeps
+    every earlier one to roll back to)."""
     keep_every: int = 0
     """Milestones: checkpoints of steps divisible by this are never deleted (0 = none)."""
     async_save: Any = "auto"
@@ -292,9 +293,10 @@ class CheckpointConfig:
     on from the newest checkpoint written since. none starts the run afresh the same way (all of its checkpoints
     move aside; restarts go on from the new start's). One from elsewhere (qwen2-convert from-hf's, another run's) is
     continued in this run_dir: its step, optimizer state, schedule and data position (model.init_from_checkpoint
-    takes its weights only, for a new run); once the run has checkpoints of its own, restarts resume from those. A
-    rollback or none happens once per run_dir (recorded in checkpoints/rollback.json): to do it again, delete that
-    file."""
+    takes its weights only, for a new run); once the run has checkpoints of its own, restarts resume from those
+    (and PATH may be gone by then). A rollback to one checkpoint, or none, happens once (the last one is recorded
+    in checkpoints/rollback.json): the same command's restarts do not repeat it, naming another checkpoint rolls
+    back again, and deleting that file repeats it."""
     save_final: bool = True
     """Save when the run reaches train.steps."""
     checksums: bool = True
@@ -899,32 +901,39 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
         )
     # A checkpoint the job names must be a committed one: a run directory, its checkpoints/ or a save cut short
     # would otherwise fail in every process after the launch.
-    from qwen2_dist.train.checkpoint import require_committed, rollback_done
+    from qwen2_dist.train.checkpoint import in_run, require_committed, resume_candidates, rollback_done
 
-    resume = cfg.checkpoint.resume
+    resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
+    # A run with checkpoints of its own resumes them: what started it (checkpoint.resume=PATH of another run,
+    # model.init_from_*) is not read again, and may be gone by now (scratch cleaned, the other run's retention)
+    # without its restarts and requeues being refused for it.
+    first = resume_candidates(ckpt_root, resume)[:1]
+    resumes_own = bool(first) and in_run(ckpt_root, first[0])
     # After a rollback to it, PATH may be gone (retention): restarts go on from the run's newer checkpoints.
-    if resume not in ("auto", "none") and not rollback_done(os.path.join(cfg.run_dir, "checkpoints"), resume):
-        if not os.path.isdir(resume):
-            raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory; use auto, none or an existing "
-                            "path")
-        require_committed(resume, "checkpoint.resume")
+    if resume not in ("auto", "none") and not rollback_done(ckpt_root, resume):
+        if not (resumes_own and not in_run(ckpt_root, resume)):
+            if not os.path.isdir(resume):
+                raise UserError(f"checkpoint.resume={resume}: no such checkpoint directory; use auto, none or an "
+                                "existing path")
+            require_committed(resume, "checkpoint.resume")
         init = [key for key in ("init_from_hf", "init_from_checkpoint") if getattr(cfg.model, key) is not None]
         if init:
             raise UserError(f"checkpoint.resume={resume} and model.{init[0]} are both set: the run starts from the "
                             f"checkpoint's weights, and model.{init[0]} would be ignored; drop one")
-    if cfg.model.init_from_hf is not None and not os.path.isdir(cfg.model.init_from_hf):
-        raise UserError(f"model.init_from_hf={cfg.model.init_from_hf}: no such directory")
-    if cfg.model.init_from_checkpoint is not None:
+    if cfg.model.init_from_checkpoint is not None and cfg.model.init_from_hf is not None:
+        raise UserError("model.init_from_hf and model.init_from_checkpoint are both set: pick the one whose weights "
+                        "start the run")
+    if not resumes_own:
+        if cfg.model.init_from_hf is not None and not os.path.isdir(cfg.model.init_from_hf):
+            raise UserError(f"model.init_from_hf={cfg.model.init_from_hf}: no such directory")
+        if cfg.model.init_from_checkpoint is not None:
+            if not os.path.isdir(cfg.model.init_from_checkpoint):
+                raise UserError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint}: no such directory")
+            require_committed(cfg.model.init_from_checkpoint, "model.init_from_checkpoint")
         if cfg.model.init_from_hf is not None:
-            raise UserError("model.init_from_hf and model.init_from_checkpoint are both set: pick the one whose "
-                            "weights start the run")
-        if not os.path.isdir(cfg.model.init_from_checkpoint):
-            raise UserError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint}: no such directory")
-        require_committed(cfg.model.init_from_checkpoint, "model.init_from_checkpoint")
-    if cfg.model.init_from_hf is not None:
-        from qwen2_dist.model.hf import check_hf_matches
+            from qwen2_dist.model.hf import check_hf_matches
 
-        check_hf_matches(cfg.model.init_from_hf, args)  # config.json and the weight files' headers
+            check_hf_matches(cfg.model.init_from_hf, args)  # config.json and the weight files' headers
     _check_data(cfg.data, cfg.eval)
     _check_token_ids(cfg.data, args.vocab_size)
     # The embedded corpus (no data.path): built after the launch, on every node; too few tokens would fail there.

@@ -489,10 +489,12 @@ def _why(exc: Exception, path: str) -> str:
 
 
 def _precheck(argv: list[str]) -> JobConfig | None:
-    """Compose the overrides once outside Hydra so a bad one is reported in one line (Hydra prints several)."""
-    if any(a in ("-m", "--multirun") or a.startswith("--") for a in argv):
+    """Compose the overrides once outside Hydra so a bad one is reported in one line (Hydra prints several). Not
+    with a Hydra flag (-m, -c job, -cn NAME, --cfg ...): Hydra's own parse takes those, some with a value after
+    them that is no override."""
+    if any(a.startswith("-") for a in argv):
         return None
-    return compose_job([a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra", "-"))])
+    return compose_job([a for a in argv if not a.startswith(("hydra.", "hydra/", "+hydra"))])
 
 
 def check_only(job: JobConfig | None, world_size: str) -> None:

@@ -13,10 +13,15 @@ from qwen2_dist.config import JobConfig, advisories, inductor_options, register_
 from qwen2_dist.errors import UserError
 
 
+# The default run_dir (runs/default, under the current directory) may hold a run's checkpoints, which the checks
+# of what starts a run depend on: the jobs here use one that holds none, unless they name their own.
+NO_RUN = "/nonexistent/qwen2-dist-tests/run"
+
+
 def job(*overrides: str) -> JobConfig:
     register_configs()
     with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=list(overrides)))
+        return OmegaConf.to_object(compose("config", overrides=[f"run_dir={NO_RUN}", *overrides]))
 
 
 def test_cache_limit_takes_sizes_for_remote_sources_only(tmp_path):
@@ -166,6 +171,28 @@ def test_a_checkpoint_the_job_names_must_be_committed_and_the_newest_committed_o
         validate(job(f"checkpoint.resume={newest}", f"model.init_from_checkpoint={newest}"), world_size=1)
 
 
+def test_a_run_with_checkpoints_of_its_own_is_not_refused_for_a_starting_point_gone_since(tmp_path):
+    """checkpoint.resume=PATH of another run, model.init_from_hf and model.init_from_checkpoint start a run; its
+    restarts resume its own checkpoints and never read them again. Deleted since (scratch cleaned, the other run's
+    retention), every restart and requeue was refused with "no such directory"."""
+    gone = tmp_path / "gone" / "step_00000004"
+    starts = [f"checkpoint.resume={gone}", f"model.init_from_hf={gone}", f"model.init_from_checkpoint={gone}"]
+    for start in starts:
+        with pytest.raises(UserError, match=rf"{re.escape(start)}: no such (checkpoint )?directory"):
+            validate(job(f"run_dir={tmp_path / 'run'}", start), world_size=1)
+    own = tmp_path / "run" / "checkpoints" / "step_00000002"
+    own.mkdir(parents=True)
+    (own / "metadata.json").write_text("{}")
+    for start in starts:
+        validate(job(f"run_dir={tmp_path / 'run'}", start), world_size=1)
+        # checkpoint.resume=none moves the run's checkpoints aside and starts from what it names: still checked.
+        if not start.startswith("checkpoint.resume"):
+            with pytest.raises(UserError, match=rf"{re.escape(start)}: no such directory"):
+                validate(job(f"run_dir={tmp_path / 'run'}", start, "checkpoint.resume=none"), world_size=1)
+    with pytest.raises(UserError, match=r"checkpoint.resume=.*: no such checkpoint directory"):  # a rollback target
+        validate(job(f"run_dir={tmp_path / 'run'}", f"checkpoint.resume={own.parent / 'step_00000001'}"), 1)
+
+
 def test_parallel_layouts_resolve():
     assert validate(job("parallel.tp=2", "train.micro_batch_size=2"), world_size=4) == {
         "dp_replicate": 1, "dp_shard": 2, "tp": 2, "grad_accum_steps": 2}
@@ -184,6 +211,16 @@ def test_config_interpolation_cannot_execute_code(tmp_path):
         with pytest.raises(UserError, match="bad override"):
             _precheck([override])
     assert not marker.exists()
+
+
+def test_the_one_line_check_leaves_hydra_s_flags_and_their_values_to_hydra():
+    """-c job, -cn NAME, -cp DIR: the flag was dropped and its value composed as an override ("Error parsing
+    override 'job'"), so qwen2-train -c job and the launchers' check exited 2."""
+    from qwen2_dist.cli.train import _precheck
+
+    for argv in (["-c", "job"], ["-cn", "config"], ["--cfg", "job"], ["-m", "seed=1,2"], ["model=tiny", "-c", "job"]):
+        assert _precheck(argv) is None, argv
+    assert _precheck(["model=tiny", "hydra.job.chdir=false"]).model.name == "tiny"
 
 
 @pytest.mark.parametrize("override, expected", [
