@@ -14,7 +14,27 @@ a script path).
 """
 
 import os
+import signal
 import sys
+
+
+def _stop_before_the_workers(signum: int, frame) -> None:
+    """A stop signal before torchrun starts the workers (its imports, the run directory's compose, the
+    rendezvous): end now, with nothing trained, so that the job step ends and slurm/train.sbatch requeues the job."""
+    sys.stderr.write(f"torchrun: {signal.Signals(signum).name} before the workers started: stopping, nothing "
+                     "trained yet\n")
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def stop_on_signals_until_torchrun_handles_them() -> None:
+    """The launchers ignore SIGUSR1 before they exec torchrun (a torchrun that does not take it over must not die
+    of it), and torchrun takes over the signals of PET_SIGNALS_TO_HANDLE only once its workers start: until then a
+    SIGUSR1 (Slurm's warning before the time limit) was lost, and the job ran into its time limit unsaved and was
+    not requeued."""
+    wanted = {name.strip() for name in os.environ.get("PET_SIGNALS_TO_HANDLE", "").split(",")}
+    if "SIGUSR1" in wanted:
+        signal.signal(signal.SIGUSR1, _stop_before_the_workers)
 
 
 def job_run_dir(argv: list[str]) -> str | None:
@@ -33,6 +53,7 @@ def job_run_dir(argv: list[str]) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    stop_on_signals_until_torchrun_handles_them()  # before the imports, which take seconds
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
 

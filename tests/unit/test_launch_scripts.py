@@ -52,7 +52,7 @@ echo "python $*" >> "$FAKE_LOG"
 if [ "$1" = -m ] && [ "$2" = pip ]; then
     [ -f "$venv/has-pip" ] || { echo "No module named pip" >&2; exit 1; }
     case "$3 $5" in
-        "install torch"*) echo "$5" > "$venv/has-torch" ;;
+        "install torch"*) [ -z "${FAKE_PIP_FAIL:-}" ] || exit 1; echo "$5" > "$venv/has-torch" ;;
         "uninstall -y") rm -f "$venv/has-torch" ;;
         "show "*) exit 1 ;;
     esac
@@ -75,17 +75,19 @@ def install(tmp_path):
     venv, log = tmp_path / "venv", tmp_path / "calls.log"
     log.touch()
 
-    def run(torch_spec=None, cwd=REPO, venv_value=None) -> list[str]:
+    def run(torch_spec=None, cwd=REPO, venv_value=None, torch_download_fails=False) -> list[str]:
         """One run of install.sh (from cwd, VENV=venv_value or the absolute venv); the calls it made."""
-        env = {k: v for k, v in os.environ.items() if k != "TORCH_SPEC"}
+        env = {k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "FAKE_PIP_FAIL")}
         env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=venv_value or str(venv), FAKE_LOG=str(log),
                    FAKE_VENV_PYTHON=str(tmp_path / "venv_python"))
         if torch_spec is not None:
             env["TORCH_SPEC"] = torch_spec
+        if torch_download_fails:
+            env["FAKE_PIP_FAIL"] = "1"
         before = len(log.read_text().splitlines())
         result = subprocess.run(["bash", os.path.join(REPO, "launch", "install.sh")], cwd=cwd, env=env,
                                 capture_output=True, text=True, timeout=30)
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert (result.returncode != 0) == torch_download_fails, result.stdout + result.stderr
         return log.read_text().splitlines()[before:]
 
     return run, venv, log
@@ -123,6 +125,18 @@ def test_install_reinstalls_torch_when_torch_spec_changes(install):
     assert run() == []  # without TORCH_SPEC the torch there is kept
     assert pip_calls(run("torch==2.13.0"))[:2] == ["python -m pip uninstall --quiet -y torch",
                                                    "python -m pip install --quiet torch==2.13.0"]
+
+
+def test_install_after_a_torch_reinstall_that_failed_installs_the_recorded_torch(install):
+    """A reinstall stopped between torch's uninstall and install (a failed download) left the stamp of the run
+    before it: the next run without TORCH_SPEC did nothing, with no torch; or installed the default torch."""
+    run, venv, _ = install
+    cuda = "torch==2.12.0 --index-url https://example.invalid/cu126"
+    run(cuda)
+    run("torch==2.11.0", torch_download_fails=True)
+    assert not (venv / "has-torch").exists()
+    assert pip_calls(run())[0] == f"python -m pip install --quiet {cuda}"
+    assert (venv / "has-torch").read_text().strip() == "torch==2.12.0" and run() == []
 
 
 def test_install_repairs_a_venv_whose_creation_failed(install):
@@ -330,6 +344,31 @@ exec sleep 5
     result, calls = attempt("step_00000020")  # submitted again: it trains and saves, and the count starts afresh
     assert result.returncode == 0 and calls == 5 and "in a row" not in result.stdout, result.stdout + result.stderr
     assert not os.path.exists(run_dir / "logs" / "slurm" / ".idle-requeues-7")
+
+
+def test_sbatch_does_not_requeue_a_job_whose_trainers_stopped_on_purpose_when_a_stop_signal_came_too(tmp_path):
+    """A halt (exit 3) and Slurm's warning before the time limit in one attempt: the requeue won, and the next
+    attempt's start cleared the halt's record and trained past it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    run_dir = tmp_path / "runs" / "exp1"
+    write_script(bin_dir / "srun", f"""#!/bin/bash
+echo '{{"code": 3, "error": "step 5: halted (test)"}}' > {run_dir}/no_restart.json
+kill -USR1 $PPID
+sleep 0.5
+exit 1
+""")
+    write_script(bin_dir / "scontrol", f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol_calls\n'
+                                       '[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+           "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
+           "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs")}
+    result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "the trainers stopped on purpose with exit 3, not restarted" in result.stdout
+    assert "not requeueing job 7 for the stop signal that came too" in result.stdout
+    assert "requeue 7" not in (tmp_path / "scontrol_calls").read_text()
 
 
 def test_sbatch_goes_on_without_the_node_record_and_says_how_to_run_it(tmp_path):

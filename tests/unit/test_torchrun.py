@@ -98,3 +98,27 @@ def test_overrides_that_do_not_compose_stop_before_torchrun_with_exit_2(tmp_path
         torchrun.main(_argv(tmp_path / "run", "qwen2_dist.cli.train", "train.stepz=3"))
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("error: bad override in ")
+
+
+def test_a_stop_signal_before_the_workers_start_ends_torchrun(tmp_path):
+    """The launchers ignore SIGUSR1 before they exec torchrun, and torchrun handles it only once its workers start:
+    a SIGUSR1 in between (its imports, the compose, the rendezvous) was lost, and the job ran into its time limit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.helpers import REPO
+
+    env = {**os.environ, "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGUSR1"}
+    command = f"trap '' USR1; exec {sys.executable} -m qwen2_dist.cli.torchrun " + " ".join(
+        _argv(tmp_path / "run", "qwen2_dist.cli.train", "data.synthetic=true", "train.steps=2"))
+    proc = subprocess.Popen(["bash", "-c", command], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)  # python has started (its handler is set first thing); torch's import takes seconds more
+    proc.send_signal(signal.SIGUSR1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR1, out[-2000:] + err[-2000:]
+    assert "torchrun: SIGUSR1 before the workers started: stopping, nothing trained yet" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
