@@ -221,35 +221,16 @@ def wait_until_done(env: dict, job_id: str, timeout: float) -> dict[str, str]:
                     f"job {job_id} to end", interval=0.5)
 
 
-def test_sbatch_on_two_nodes_matches_torchrun_on_one(slurm, tmp_path, corpus_cache, reference):
-    # The same job is submitted twice (one name, so one run_dir): the second must wait for the first to end
-    # (#SBATCH --dependency=singleton; started together, the second would be refused by the first's run_dir lock),
-    # then find the run complete.
+def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path, corpus_cache, reference):
+    """sbatch on two nodes x 2 processes trains as torchrun on one node does, through a preemption and requeue.
+    The same job submitted again (one name, so one run_dir) waits for the first to end, requeue included
+    (#SBATCH --dependency=singleton; started together, the second would be refused by the first's run_dir lock),
+    then finds the run complete."""
     started = time.monotonic()
-    job_id, again = (sbatch(slurm, "same-loss", tmp_path, corpus_cache) for _ in range(2))
+    job_id, again = (sbatch(slurm, "preempted", tmp_path, corpus_cache) for _ in range(2))
     held = job_fields(slurm, again)
     assert (held["JobState"], held["Reason"], held["Dependency"]) == ("PENDING", "Dependency",
                                                                       "singleton(unfulfilled)"), held
-    fields = wait_until_done(slurm, job_id, 300)
-    print(f"sbatch 2 nodes x 2 processes: {time.monotonic() - started:.1f} s")
-    run_dir = tmp_path / "same-loss"
-    out = (tmp_path / f"slurm-same-loss-{job_id}.out").read_text()
-    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), out
-    assert "2 nodes (n[1-2])" in out
-    assert {f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log"} <= set(os.listdir(run_dir / "logs" / "slurm"))
-    assert "world 4" in rank0_log(run_dir)
-    assert_same_run(run_dir, reference)
-    second = wait_until_done(slurm, again, 300)
-    print(f"and the same job again: {time.monotonic() - started:.1f} s")
-    assert (second["JobState"], second["ExitCode"]) == ("COMPLETED", "0:0")
-    assert second["StartTime"] >= fields["EndTime"], (fields["EndTime"], second["StartTime"])
-    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
-    assert "run already complete: step 16" in rank0_log(run_dir)
-
-
-def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path, corpus_cache, reference):
-    started = time.monotonic()
-    job_id = sbatch(slurm, "preempted", tmp_path, corpus_cache)
     run_dir = tmp_path / "preempted"
     wait_for(lambda: (run_dir / "metrics.jsonl").exists() and len(metrics(run_dir)) >= 2, 240, "step 2")
     # What Slurm sends the batch script before the time limit (#SBATCH --signal=B:USR1@...), sent now.
@@ -258,7 +239,7 @@ def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path
     print(f"sbatch preempted and requeued: {time.monotonic() - started:.1f} s")
     out = (tmp_path / f"slurm-preempted-{job_id}.out").read_text()
     assert (fields["JobState"], fields["ExitCode"], fields["Restarts"]) == ("COMPLETED", "0:0", "1"), out
-    assert "SIGUSR1" in out and "attempt 1" in out
+    assert "SIGUSR1" in out and "attempt 1" in out and "2 nodes (n[1-2])" in out
     # The stopped attempt's last act was to commit a checkpoint after the signal; the requeued attempt resumed from
     # exactly that one.
     log = rank0_log(run_dir)
@@ -266,9 +247,17 @@ def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path
     (resumed,) = resumed_steps(log)
     committed = re.findall(r"committed \S+/step_(\d+)", after_signal[:after_signal.index("resumed from")])
     assert committed and int(committed[-1]) == resumed < STEPS, after_signal
-    assert sorted(os.listdir(run_dir / "logs" / "slurm")) == [
-        f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log", f"{job_id}-a1-node0.log", f"{job_id}-a1-node1.log"]
+    assert "world 4" in log
     assert_same_run(run_dir, reference)
+    second = wait_until_done(slurm, again, 300)
+    print(f"and the same job again: {time.monotonic() - started:.1f} s")
+    assert (second["JobState"], second["ExitCode"]) == ("COMPLETED", "0:0")
+    assert second["StartTime"] >= fields["EndTime"], (fields["EndTime"], second["StartTime"])
+    assert sorted(os.listdir(run_dir / "logs" / "slurm")) == [
+        f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log", f"{job_id}-a1-node0.log", f"{job_id}-a1-node1.log",
+        f"{again}-a0-node0.log", f"{again}-a0-node1.log"]
+    assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
+    assert f"run already complete: step {STEPS}" in rank0_log(run_dir)
 
 
 def test_a_halted_sbatch_job_is_not_restarted_and_ends_with_the_halts_exit_code(slurm, tmp_path, corpus_cache):
