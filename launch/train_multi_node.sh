@@ -12,6 +12,8 @@
 #   RDZV_ENDPOINT   host:port of the rendezvous, instead of MASTER_ADDR/MASTER_PORT
 #   RDZV_ID         the same on every node of one job, different between jobs sharing an endpoint (default qwen2)
 #   RDZV_READ_TIMEOUT  seconds a node waits for node 0's rendezvous store to answer (default 300)
+#   LOCAL_ADDR      this node's address on the network the nodes share (default: its NodeAddr under srun, else
+#                   torchrun's choice, the host name)
 # and the ones of launch/common.sh (TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, SHUTDOWN_TIMEOUT).
 # A worker that crashes on any node restarts the workers of all nodes from the newest committed checkpoint.
 set -euo pipefail
@@ -37,6 +39,16 @@ if [ -n "$node_rank" ]; then
     rdzv_conf+=",is_host=$is_host"
 fi
 rdzv_args=(--rdzv-backend=c10d --rdzv-endpoint="$endpoint" --rdzv-id="${RDZV_ID:-qwen2}" --rdzv-conf="$rdzv_conf")
+# The address the other nodes' workers reach this node at (torchrun's --local-addr: the first node's workers host
+# the store of init_process_group there). torchrun's default is the host name, which need not resolve to the
+# network the nodes share; under srun, this node's NodeAddr is used, as for the rendezvous endpoint.
+local_addr=${LOCAL_ADDR:-}
+if [ -z "$local_addr" ] && [ -n "${SLURMD_NODENAME:-}" ] && command -v scontrol >/dev/null 2>&1; then
+    local_addr=$(scontrol show node "$SLURMD_NODENAME" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' || true)
+fi
+if [ -n "$local_addr" ]; then
+    rdzv_args+=(--local-addr="$local_addr")
+fi
 
 if [[ ${NNODES:-1} =~ ^[0-9]+$ ]]; then
     check_job $((NPROC * ${NNODES:-1})) "$@"

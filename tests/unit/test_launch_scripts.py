@@ -238,6 +238,30 @@ exec {sys.executable} "$@"
     assert not (tmp_path / "srun_ran").exists() and "requeue 7" in (tmp_path / "scontrol_calls").read_text()
 
 
+def test_each_node_gives_torchrun_its_slurm_address_for_the_workers_store(tmp_path):
+    """Without --local-addr the first node's workers host init_process_group's store at torchrun's host name, which
+    need not resolve on the network the nodes share: under srun each node passes its NodeAddr (LOCAL_ADDR wins)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_script(bin_dir / "fake_torchrun", '#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    write_script(bin_dir / "scontrol", '#!/bin/bash\n[ "$3" = n2 ] && echo "NodeName=n2 NodeAddr=10.1.2.3 Port=0"\n')
+    base = {k: v for k, v in os.environ.items() if k not in ("SLURMD_NODENAME", "LOCAL_ADDR", "TORCHRUN")}
+
+    def torchrun_args(**env) -> list[str]:
+        result = subprocess.run(["bash", os.path.join(REPO, "launch", "train_multi_node.sh"), "model=tiny"],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=30, env={
+                                    **base, "PATH": f"{bin_dir}:{os.environ['PATH']}", "TORCHRUN": "fake_torchrun",
+                                    "PRECHECK": "0", "NPROC": "1", "NNODES": "2", "NODE_RANK": "1",
+                                    "MASTER_ADDR": "10.0.0.1", **env})
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout.splitlines()
+
+    assert "--local-addr=10.1.2.3" in torchrun_args(SLURMD_NODENAME="n2")
+    assert "--local-addr=10.9.9.9" in torchrun_args(SLURMD_NODENAME="n2", LOCAL_ADDR="10.9.9.9")
+    assert not any(a.startswith("--local-addr") for a in torchrun_args())  # outside Slurm: torchrun's choice
+    assert not any(a.startswith("--local-addr") for a in torchrun_args(SLURMD_NODENAME="n9"))  # no NodeAddr
+
+
 def test_the_launchers_check_the_job_with_the_python_of_their_torchrun_or_venv(tmp_path):
     """TORCHRUN=torchrun (found on PATH) checks with the python beside that torchrun (it looked for ./python); VENV,
     as given to install.sh, is the launchers' environment too."""
