@@ -632,7 +632,7 @@ def check_saved(cfg: JobConfig) -> None:
             raise  # a newer format or an I/O error: the run would stop on it too
         except UserError:
             continue  # damaged or gone: the run reports it, and auto falls back
-        checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
+        checkpoint.check_model_args(f"checkpoint {path}", meta, args, checkpoint.other_model_fix(ckpt_root, path))
         checkpoint.check_init_source(path, meta, checkpoint.init_source(cfg.model))
         check_resume_step(cfg, path, meta.get("step"))
         if not checkpoint.train_state_intact(path, meta):

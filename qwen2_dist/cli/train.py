@@ -256,7 +256,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
             meta = checkpoint.read_metadata(path)
         except UserError:
             continue  # damaged: restore() below reports it and falls back
-        checkpoint.check_model_args(f"checkpoint {path}", meta, args, "set model= to match, or use another run_dir")
+        checkpoint.check_model_args(f"checkpoint {path}", meta, args, checkpoint.other_model_fix(ckpt_root, path))
         if resumed_meta is None:
             init_from, resumed_meta = checkpoint.check_init_source(path, meta, init_from), meta
     # What the export keeps of the Hugging Face weights the run started from (model.hf.hf_source_fields).

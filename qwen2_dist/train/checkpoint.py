@@ -432,8 +432,8 @@ def prepare_resume(ckpt_root: str, resume: str, checksums: bool = True) -> list[
 def resume_note(ckpt_root: str, resume: str, candidates: list[str]) -> str | None:
     """What to tell the user when the job names a checkpoint.resume=PATH but resumes from a newer checkpoint of
     the run (a restart of the command that started or rolled back the run); None otherwise."""
-    if resume in ("auto", *candidates[:1]) or not candidates:
-        return None
+    if resume == "auto" or not candidates or os.path.realpath(resume) == os.path.realpath(candidates[0]):
+        return None  # however the two are spelled (relative, absolute, through a symlink)
     if rollback_done(ckpt_root, resume):
         return (f"checkpoint.resume={resume}: the run was rolled back to it before ({os.path.join(ckpt_root, ROLLBACK)}"
                 "), and has checkpoints since: resuming from the newest (to roll back to it again, delete that file)")
@@ -873,6 +873,13 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
             torch.cuda.set_rng_state(rng["cuda"])
     log.info("checkpoint: loaded %s (step %s)", path, meta.get("step"))
     return train_state
+
+
+def other_model_fix(ckpt_root: str, path: str) -> str:
+    """What to do about a checkpoint to resume that holds another model than the job's (check_model_args' fix)."""
+    if in_run(ckpt_root, path):
+        return "set model= to match, or use another run_dir"
+    return "set model= to match, or name another checkpoint.resume"
 
 
 def check_model_args(what: str, meta: dict, args, fix: str) -> None:

@@ -412,7 +412,8 @@ class Trainer:
                             f"loss/gradient (train.nonfinite={cfg.train.nonfinite}, train.max_skipped_in_a_row="
                             f"{cfg.train.max_skipped_in_a_row}); saved {self.saved_step}. Lower optim.lr or "
                             "roll back to an earlier checkpoint with checkpoint.resume=PATH (the newer ones are "
-                            "moved to checkpoints/abandoned-*)"
+                            "moved to checkpoints/abandoned-*; to one the run was rolled back to before, delete "
+                            "checkpoints/rollback.json first)"
                         )
                 if self.checkpointer.pending_done() is not None and not still_writing:
                     self.wait_for_save()

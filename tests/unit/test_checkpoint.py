@@ -107,6 +107,8 @@ def test_resume_from_a_checkpoint_of_the_run_rolls_it_back_once(tmp_path):
     note = checkpoint.resume_note(root, step_8, checkpoint.resume_candidates(root, step_8))
     assert "the run was rolled back to it before" in note and "delete that file" in note
     assert checkpoint.resume_note(root, step_8, [step_8]) is None
+    # The rollback itself, with PATH spelled otherwise than the run's listing: it resumes PATH, and says nothing.
+    assert checkpoint.resume_note(root, os.path.relpath(step_8), [step_8]) is None
     elsewhere = str(tmp_path / "converted")
     assert "started this run" in checkpoint.resume_note(root, elsewhere, checkpoint.resume_candidates(root, elsewhere))
     # Retention may delete step 8 later; the job that names it is still the rolled-back run (config.validate).
@@ -647,6 +649,13 @@ def test_the_launch_check_refuses_to_resume_another_run_at_or_past_train_steps(t
     check_saved(compose_job([*overrides, f"run_dir={tmp_path / 'b'}", "train.steps=8"]))
     # A rollback within the run is not a starting point: unchanged.
     check_saved(compose_job(["model=tiny", f"run_dir={tmp_path / 'a'}", f"checkpoint.resume={done}", "train.steps=8"]))
+    # Another model: the fix for another run's checkpoint is another checkpoint.resume, not another run_dir.
+    other = ["model=tiny", "model.num_hidden_layers=3", "train.steps=9"]
+    with pytest.raises(UserError, match=r"num_hidden_layers 2 vs 3\); set model= to match, or name another "
+                                        r"checkpoint.resume"):
+        check_saved(compose_job([*other, f"checkpoint.resume={done}", f"run_dir={tmp_path / 'c'}"]))
+    with pytest.raises(UserError, match=r"num_hidden_layers 2 vs 3\); set model= to match, or use another run_dir"):
+        check_saved(compose_job([*other, f"run_dir={tmp_path / 'a'}"]))
 
 
 def test_a_rollback_target_is_read_once_for_its_checksums(tmp_path, monkeypatch):
