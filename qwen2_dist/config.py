@@ -607,8 +607,9 @@ def check_saved(cfg: JobConfig) -> None:
     exit 2 rather than a failure torchrun restarts MAX_RESTARTS times): data of another train.seq_len, remote data
     with token ids beyond the model's vocabulary (validate() checks local data; a remote source's summary is
     downloaded into the run's cache, where the job finds it), a checkpoint to resume of another model or of a run
-    that started from other weights than the model.init_from_* named. Not part of
-    validate(): qwen2-estimate plans a job whatever run_dir holds."""
+    that started from other weights than the model.init_from_* named. The job runs it too, on rank 0, before it
+    builds the model or rolls anything back (a start without the launchers). Not part of validate():
+    qwen2-estimate plans a job whatever run_dir holds."""
     args = cfg.model.args()
     from qwen2_dist.data.loader import check_seq_len, check_summaries_vocab, run_cache_key, source_summary
     from qwen2_dist.train import checkpoint

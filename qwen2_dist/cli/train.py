@@ -166,7 +166,7 @@ def run(cfg: DictConfig):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from qwen2_dist.parallel.mesh import init_distributed, world_from_env
+    from qwen2_dist.parallel.mesh import broadcast_object, init_distributed, world_from_env
     from qwen2_dist.train import runlock
 
     job = to_job(cfg)
@@ -187,6 +187,17 @@ def run(cfg: DictConfig):
 
         no_restart.clear_earlier(job.run_dir)  # a new torchrun: an earlier one's stop does not hold for it
     try:
+        # What the launchers' check reads from the job's files (check_saved), for a job started without them too
+        # (qwen2-train, a torchrun of one's own): before the model is built, and before a rollback moves anything.
+        problem = None
+        if world.is_main:
+            try:
+                check_saved(job)
+            except UserError as exc:
+                problem = exc
+        problem = broadcast_object(problem)  # every rank stops with it, none waits in a collective
+        if problem is not None:
+            raise problem
         if local_rank == 0:
             warn_few_cpus(0 if job.data.synthetic else job.data.num_workers)
         return _train(cfg, job, world, layout, device_type, local_rank)

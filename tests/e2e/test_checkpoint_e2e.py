@@ -282,3 +282,10 @@ def test_resume_with_another_data_order_stops_instead_of_falling_back(tmp_path, 
         assert "damaged" not in result.stdout + result.stderr and "checkpoint: loaded" not in result.stdout
     # The refused starts leave the record of the run's config as it was.
     assert "seed: 0" in (run_dir / "config.yaml").read_text() and not (run_dir / "configs").exists()
+    # A rollback to a checkpoint of another model, started without the launchers (their check refuses it): the job
+    # refuses it too before anything moves; it moved the newer checkpoints aside and recorded the rollback first.
+    before = sorted(os.listdir(run_dir / "checkpoints"))
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{
+        "checkpoint.resume": run_dir / "checkpoints" / "step_00000003", "model.num_hidden_layers": 3}))
+    assert result.returncode == 2 and "num_hidden_layers 2 vs 3" in result.stderr, result.stderr[-3000:]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == before == ["step_00000003", "step_00000006"]
