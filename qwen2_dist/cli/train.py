@@ -337,19 +337,22 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
             if os.path.realpath(path) == os.path.realpath(job.checkpoint.resume):
                 raise  # the checkpoint the job names
             log.warning("checkpoint %s is damaged (%s); falling back to the previous committed one", path, exc)
-            damaged.append(path)
+            damaged.append((path, exc))
             continue
         log.info("resumed from %s at step %d", path, trainer.step)
         check_resume_step(job, path, trainer.step)
         if world.is_main:  # every rank has loaded; none reads the damaged ones again
-            for bad in damaged:
+            for bad, _ in damaged:
                 checkpoint.set_aside_damaged(bad)
         break
     else:
         if candidates:
-            raise UserError(f"no committed checkpoint under {ckpt_root} could be loaded; move the damaged ones "
-                            "away, or start afresh with checkpoint.resume=none (which moves them to "
-                            "checkpoints/abandoned-*)")
+            newest, error = damaged[0]
+            raise UserError(f"none of the {len(damaged)} committed checkpoints under {ckpt_root} could be loaded "
+                            f"(the newest, {os.path.basename(newest)}: {error}). If they all fail the same way, this "
+                            "job's settings may not fit them (compare with the run's config.yaml) rather than every "
+                            "file being damaged; otherwise move the damaged ones away, or start afresh with "
+                            "checkpoint.resume=none (which moves them to checkpoints/abandoned-*)")
     if world.is_main:  # once the job is known to run: a start refused above leaves the record as it was
         write_job_config(job.run_dir, resolved)
     try:

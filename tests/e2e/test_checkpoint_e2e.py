@@ -60,6 +60,17 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache
     (newest / "metadata.json").write_text(written)
     shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[:50])
+    # Every checkpoint damaged: the error names the newest one's problem, and nothing is set aside.
+    older = next(p for p in (run_dir / "checkpoints" / "step_00000003").iterdir() if p.suffix == ".distcp")
+    kept = older.read_bytes()
+    older.write_bytes(kept[:50])
+    none_left = run_cli(TRAIN, train_overrides(run_dir, corpus_cache))
+    assert none_left.returncode == 2, none_left.stderr[-3000:]
+    assert f"none of the 2 committed checkpoints under {run_dir / 'checkpoints'} could be loaded (the newest, " \
+           f"step_00000006: {newest / shard.name}: 50 bytes, the commit recorded " in none_left.stderr, \
+        none_left.stderr[-3000:]
+    assert sorted(os.listdir(newest.parent)) == ["step_00000003", "step_00000006"]
+    older.write_bytes(kept)
 
     explicit = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"checkpoint.resume": str(newest)}))
     assert explicit.returncode == 2
