@@ -13,7 +13,10 @@
 #   RDZV_ID         the same on every node of one job, different between jobs sharing an endpoint (default qwen2)
 #   RDZV_READ_TIMEOUT  seconds a node waits for node 0's rendezvous store to answer (default 300)
 #   LOCAL_ADDR      this node's address on the network the nodes share (default: its NodeAddr under srun, else
-#                   torchrun's choice, the host name)
+#                   torchrun's choice, the host name). The first node's workers host init_process_group's store
+#                   there, on a free port torchrun picks (a store per rendezvous round, launch/common.sh): a
+#                   firewall between the nodes must let them reach the first node's ephemeral ports, not only the
+#                   rendezvous port
 # and the ones of launch/common.sh (TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, SHUTDOWN_TIMEOUT).
 # A worker that crashes on any node restarts the workers of all nodes from the newest committed checkpoint.
 set -euo pipefail
