@@ -348,8 +348,8 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     else:
         if candidates:
             newest, error = damaged[0]
-            raise UserError(f"none of the {len(damaged)} committed checkpoints under {ckpt_root} could be loaded "
-                            f"(the newest, {os.path.basename(newest)}: {error}). If they all fail the same way, this "
+            raise UserError(f"no committed checkpoint under {ckpt_root} could be loaded ({len(damaged)} tried; "
+                            f"the newest, {os.path.basename(newest)}: {error}). If they all fail the same way, this "
                             "job's settings may not fit them (compare with the run's config.yaml) rather than every "
                             "file being damaged; otherwise move the damaged ones away, or start afresh with "
                             "checkpoint.resume=none (which moves them to checkpoints/abandoned-*)")

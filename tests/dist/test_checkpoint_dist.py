@@ -95,7 +95,8 @@ def test_a_changed_byte_in_any_ranks_shard_refuses_the_resume_on_every_rank(tmp_
     output = result.stdout + result.stderr
     assert result.returncode != 0, output[-4000:]
     assert output.count(f"{name}: checksum crc32:") >= 2, output[-4000:]  # logged by both ranks
-    assert "no committed checkpoint under" in output
+    assert "no committed checkpoint under" in output and f"(1 tried; the newest, step_00000003: {path / name}: " \
+        "checksum crc32:" in output, output[-4000:]
     assert not (run_dir / "metrics.jsonl").exists() or not step_losses(run_dir).get(4)
 
 

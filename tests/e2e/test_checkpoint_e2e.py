@@ -66,7 +66,7 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache
     older.write_bytes(kept[:50])
     none_left = run_cli(TRAIN, train_overrides(run_dir, corpus_cache))
     assert none_left.returncode == 2, none_left.stderr[-3000:]
-    assert f"none of the 2 committed checkpoints under {run_dir / 'checkpoints'} could be loaded (the newest, " \
+    assert f"no committed checkpoint under {run_dir / 'checkpoints'} could be loaded (2 tried; the newest, " \
            f"step_00000006: {newest / shard.name}: 50 bytes, the commit recorded " in none_left.stderr, \
         none_left.stderr[-3000:]
     assert sorted(os.listdir(newest.parent)) == ["step_00000003", "step_00000006"]
