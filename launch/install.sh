@@ -13,11 +13,12 @@ if [ -n "$venv" ] && [ "${venv#/}" = "$venv" ]; then
 fi
 cd "$(dirname "$0")/.."
 venv=${venv:-.venv}
-torch_spec=${TORCH_SPEC:-torch==2.13.0}  # without TORCH_SPEC, a torch that must be installed again is the recorded one
 py="$venv/bin/python"
 stamp="$venv/.qwen2-dist-installed"
 spec_file="$venv/torch-spec.txt"  # the TORCH_SPEC the installed torch came from
 installed_spec=$(cat "$spec_file" 2>/dev/null || true)
+# Without TORCH_SPEC, a torch that must be installed again (gone after a run stopped part way) is the recorded one.
+torch_spec=${TORCH_SPEC:-${installed_spec:-torch==2.13.0}}
 stamped=$(cat "$stamp" 2>/dev/null || true)
 want=$(sha256sum pyproject.toml launch/install.sh | sha256sum | cut -c1-16)
 # Nothing to do when the last run finished with these files and TORCH_SPEC is unset or the one torch came from.
@@ -27,9 +28,6 @@ fi
 # Not done until the end: a run stopped part way (a failed download between torch's uninstall and install) must not
 # leave the stamp that makes the next run do nothing.
 rm -f "$stamp"
-if [ -z "${TORCH_SPEC:-}" ] && [ -n "$installed_spec" ]; then
-    torch_spec=$installed_spec
-fi
 
 # No venv yet, or one whose creation stopped part way (without pip: e.g. Debian without python3-venv, where
 # ensurepip fails after bin/python exists). venv sets up an existing directory again and adds pip to it.

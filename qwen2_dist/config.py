@@ -635,7 +635,7 @@ def check_saved(cfg: JobConfig) -> None:
             continue  # damaged or gone: the run reports it, and auto falls back
         checkpoint.check_model_args(f"checkpoint {path}", meta, args, checkpoint.other_model_fix(ckpt_root, path))
         checkpoint.check_init_source(path, meta, checkpoint.init_source(cfg.model))
-        check_resume_step(cfg, path, meta.get("step"))
+        _check_resume_step(cfg, path, meta.get("step"))
         if not checkpoint.train_state_intact(path, meta):
             continue  # damaged: the job reports it and falls back past it
         problem = _resume_data_problem(cfg, checkpoint.peek_train_state(path).get("loader"), summaries)
@@ -643,7 +643,7 @@ def check_saved(cfg: JobConfig) -> None:
             raise UserError(f"checkpoint {path}: {problem}")
 
 
-def check_resume_step(cfg: JobConfig, path: str, step: Any) -> None:
+def _check_resume_step(cfg: JobConfig, path: str, step: Any) -> None:
     """A checkpoint.resume of another run (a starting point) at or past train.steps: the job would load it, say
     "run already complete" and exit 0, having trained nothing (usually a train.steps not raised to continue it)."""
     resume = cfg.checkpoint.resume

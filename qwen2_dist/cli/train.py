@@ -14,8 +14,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from qwen2_dist.config import (
-    JobConfig, advisories, check_known_keys, check_resume_step, check_saved, did_you_mean, parse_bytes,
-    register_configs, uses_bf16, validate,
+    JobConfig, advisories, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs, uses_bf16,
+    validate,
 )
 from qwen2_dist.errors import CheckpointNotLoadable, ResumeMismatch, UserError
 from qwen2_dist.fsutil import write_atomic
@@ -182,7 +182,6 @@ def run(cfg: DictConfig):
     if world.is_main:
         for advice in advisories(job, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None):
             log.warning(advice)
-    if world.is_main:
         from qwen2_dist.train import no_restart
 
         no_restart.clear_earlier(job.run_dir)  # a new torchrun: an earlier one's stop does not hold for it
@@ -340,7 +339,6 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
             damaged.append((path, exc))
             continue
         log.info("resumed from %s at step %d", path, trainer.step)
-        check_resume_step(job, path, trainer.step)
         if world.is_main:  # every rank has loaded; none reads the damaged ones again
             for bad, _ in damaged:
                 checkpoint.set_aside_damaged(bad)

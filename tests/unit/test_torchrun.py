@@ -116,7 +116,16 @@ def test_a_stop_signal_before_the_workers_start_ends_torchrun(tmp_path):
         _argv(tmp_path / "run", "qwen2_dist.cli.train", "data.synthetic=true", "train.steps=2"))
     proc = subprocess.Popen(["bash", "-c", command], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)  # python has started (its handler is set first thing); torch's import takes seconds more
+    # Sent once the handler is in (the first thing main() does; torch's import takes seconds more), not on a timer.
+    caught = 0
+    deadline = time.monotonic() + 60
+    while not caught >> (signal.SIGUSR1 - 1) & 1 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+        try:
+            with open(f"/proc/{proc.pid}/status") as f:
+                caught = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+        except FileNotFoundError:  # ended (the handler never came): the assertions below say so
+            break
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGUSR1, out[-2000:] + err[-2000:]
