@@ -2,6 +2,7 @@
 
 import faulthandler
 import logging
+import math
 import os
 import sys
 import threading
@@ -61,6 +62,19 @@ class StepGuard:
         self.skipped_in_a_row = (self.skipped_in_a_row + bad_int) * bad_int
         self.longest_in_a_row = torch.maximum(self.longest_in_a_row, self.skipped_in_a_row)
         return bad.float()
+
+    def spike_note(self, loss: float, grad_norm: float) -> str:
+        """Why the step just taken was skipped when its loss and norm are finite (the spike band, a host sync), for
+        a halt's message; '' when it was not skipped for a spike."""
+        if self.spike_sigma <= 0 or not (math.isfinite(loss) and math.isfinite(grad_norm)) \
+                or int(self.skipped_in_a_row.item()) == 0:
+            return ""
+        mean, std = float(self.history.mean()), float(self.history.std())
+        return (f" The last step's loss {loss:.4g} is finite: the spike guard skipped it as more than "
+                f"train.spike_sigma={self.spike_sigma:g} standard deviations ({std:.3g}) above the mean ({mean:.4g}) of the last "
+                f"train.spike_window={self.window} applied steps. If the loss level has risen for good (new data, "
+                "a new stage), every later step is skipped too: restart with a larger train.spike_sigma or "
+                "train.spike_sigma=0 (off).")
 
     def counts(self) -> tuple[int, int]:
         """(skipped steps in total, the longest run of steps skipped in a row since the last call); a host sync."""

@@ -42,6 +42,15 @@ def _plain(value):
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
+def found_inf_on(skip: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The skip verdict on the device of the optimizer's parameters, there when this returns.
+
+    The fused AdamW moves found_inf to its parameters' device itself, without blocking: from a GPU to the CPU
+    (parallel.cpu_offload) such a copy lands in pinned memory after the CPU kernel has read it, which may then apply
+    a step that was to be skipped. On the same device this is the tensor itself (no copy, no sync)."""
+    return skip if skip.device == device else skip.to(device)
+
+
 @dataclass
 class TrainResult:
     """How a run ended."""
@@ -115,6 +124,8 @@ class Trainer:
         self.guard = StepGuard(world.device, cfg.train.spike_sigma, cfg.train.spike_window)
         # The fused AdamW skips a flagged step on the device; the others need the verdict on the host.
         self.device_skip = bool(optimizer.defaults.get("fused"))
+        first = optimizer.param_groups[0]["params"][0]
+        self.params_device = (first.to_local() if isinstance(first, DTensor) else first).device  # cpu_offload: CPU
         self.in_backward = bool(optimizer.defaults.get("in_backward"))
         self.step = 0
         self.saved_step = -1  # the step of the newest committed checkpoint of this run's state (-1: none yet)
@@ -147,7 +158,8 @@ class Trainer:
         settings = [{key: value for key, value in group.items() if key != "params"}
                     for group in self.optimizer.param_groups]
         state = checkpoint.load(path, self.model, self.optimizer, self.cfg.checkpoint.checksums)
-        self._warn_if_the_schedule_moved(state.get("step", 0))
+        if "optim" in checkpoint.read_metadata(path)["contents"]:  # else the rate it ran at is not in it
+            self._warn_if_the_schedule_moved(state.get("step", 0))
         changed = set()
         for group, wanted in zip(self.optimizer.param_groups, settings):
             for key, value in wanted.items():
@@ -253,7 +265,7 @@ class Trainer:
         loss = all_reduce_sum(loss_sum, self.mesh) / global_tokens
         skip = self.guard.verdict(loss, grad_norm)  # identical on every rank: loss and norm are global
         if self.device_skip:
-            self.optimizer.found_inf = skip
+            self.optimizer.found_inf = found_inf_on(skip, self.params_device)
             self.optimizer.step()
         elif not self.in_backward and not skip.item():
             self.optimizer.step()
@@ -404,6 +416,7 @@ class Trainer:
                     window_started, window_steps, window_data = time.monotonic(), 0, 0.0
                     limit = 1 if cfg.train.nonfinite == "halt" else cfg.train.max_skipped_in_a_row
                     if in_a_row >= limit:
+                        spike_note = self.guard.spike_note(last_loss, record["grad_norm"])
                         self.guard.forget_streak()
                         # Without retention: the checkpoints before the bad stretch are the ones to roll back to.
                         self.save(blocking=True, retain=False)
@@ -413,10 +426,15 @@ class Trainer:
                             f"{cfg.train.max_skipped_in_a_row}); saved {self.saved_step}. Lower optim.lr or "
                             "roll back to an earlier checkpoint with checkpoint.resume=PATH (the newer ones are "
                             "moved to checkpoints/abandoned-*; to one the run was rolled back to before, delete "
-                            "checkpoints/rollback.json first)"
+                            f"checkpoints/rollback.json first).{spike_note}"
                         )
                 if self.checkpointer.pending_done() is not None and not still_writing:
-                    self.wait_for_save()
+                    synchronize(self.world.device)  # as for a save: the queued training work is the window's
+                    commit_started = time.monotonic()
+                    self.wait_for_save()  # the commit: a collective, then the deletes of checkpoint retention
+                    committed = time.monotonic()
+                    window_started += committed - commit_started
+                    profiler.leave_out(f"checkpoint commit at step {self.step}", committed - commit_started)
                 if stop_now:
                     profiler.close(self.step)  # the trace ends with the last step, before the save
                     self.save(blocking=True)

@@ -124,6 +124,20 @@ def test_the_logged_throughput_leaves_out_a_save_between_logging_steps(tmp_path,
     assert record["data_wait_pct"] <= 100
 
 
+def test_the_logged_throughput_leaves_out_the_commit_of_a_background_save(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, "logging.interval=6", "train.steps=6", "checkpoint.interval=2",
+                       "checkpoint.async_save=true", "checkpoint.save_final=false", "checkpoint.keep_last=1")
+    step_seconds = _timed_steps(trainer, monkeypatch)
+    wait, commits = trainer.checkpointer.wait, []
+    monkeypatch.setattr(trainer.checkpointer, "wait",  # a slow commit: a shared filesystem's renames and deletes
+                        lambda: (commits.append(trainer.step), time.sleep(1.5), wait())[-1])
+    trainer.fit()
+    assert commits[0] < 6, commits  # committed inside the window, not only by the end of the run
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    tokens, stepped = 6 * trainer.tokens_per_step, sum(step_seconds.values())
+    assert tokens / (stepped + 0.75) < record["tokens_per_sec"] <= tokens / stepped
+
+
 def _committed(trainer):
     return [int(path[-8:]) for path in checkpoint.committed_checkpoints(trainer.checkpointer.ckpt_root)]
 
@@ -394,7 +408,7 @@ def test_a_resume_that_moves_the_schedule_says_so_and_one_on_other_data_loads_no
     """A job whose schedule gives the resumed step another learning rate warns (the rate jumps); a job on another
     data order is refused before the checkpoint is loaded, unless the train state that disagrees is damaged, which
     is reported as damage (auto-resume then falls back past it)."""
-    for name in "abcde":
+    for name in "abcdef":
         (tmp_path / name).mkdir()
     first = _trainer(tmp_path / "a", "train.steps=4", "optim.lr=1e-2")
     first.fit()
@@ -405,6 +419,12 @@ def test_a_resume_that_moves_the_schedule_says_so_and_one_on_other_data_loads_no
     _trainer(tmp_path / "c", "train.steps=8", "optim.lr=1e-2").restore(last)  # a finished cosine, extended
     assert "this job's learning-rate schedule gives step 4 lr 0.0055, where the checkpoint's run used 0.001" \
         in caplog.text
+    caplog.clear()  # a checkpoint without optimizer state (an optimizer that skipped every step so far holds none)
+    model_only = str(tmp_path / "model_only")
+    checkpoint.write(model_only, first.model, None, {"step": 4, "tokens_seen": first.tokens_seen,
+                                                    "loader": first.batches.state_dict()}, dict(first.metadata))
+    _trainer(tmp_path / "f", "train.steps=8", "optim.lr=1e-2").restore(model_only)
+    assert "resume: this job's learning-rate schedule" not in caplog.text  # no rate of its run to compare with
 
     other = _trainer(tmp_path / "d", "train.steps=8")
     other.batches.seed = 1
@@ -492,6 +512,20 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_pa
     alone.train_step()
     for (name, p), q in zip(skipped.model.named_parameters(), alone.model.parameters()):
         assert torch.equal(p, q), name  # AdamW's moments and step count (its bias correction) untouched
+
+
+def test_a_halt_for_a_lasting_rise_of_the_loss_names_the_spike_guard(tmp_path, monkeypatch):
+    """Only applied steps enter the spike window, so a loss that stays higher is skipped step after step until the
+    run halts: the message says that a finite loss was skipped as a spike, and how to train on."""
+    from qwen2_dist.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "inject_nan", lambda step, loss: loss * 3 if step >= 5 else loss)
+    trainer = _trainer(tmp_path, "train.spike_sigma=3", "train.spike_window=4", "train.max_skipped_in_a_row=2",
+                       "logging.interval=1", "train.steps=8")
+    with pytest.raises(TrainingHalted, match=r"loss [0-9.]+ is finite: the spike guard skipped it .* "
+                       r"train.spike_sigma=0 \(off\)") as halted:
+        trainer.fit()
+    assert trainer.step == 6, halted.value
 
 
 @pytest.mark.parametrize("nan_steps, halted_at", [((2, 3), 3), ((2, 4), None)])
