@@ -3,9 +3,10 @@
 A StreamingDataset keeps its state in POSIX shared memory named "<prefix:06>_<name>" (in /dev/shm) and lock files
 "<tmpdir>/<prefix:06>_*_filelock". A killed run leaves them behind, and streaming's clean_stale_shared_memory()
 cannot tell a dead run's prefix from a live one's: it would unlink the segments of a run still training. So every
-process that opens a dataset writes an owner record /dev/shm/qwen2_dist-owner-<prefix>-<pid>-<start time> holding
-its lock directory. A prefix is stale when every recorded owner is dead; prefixes without a record (other programs,
-or a run in its first milliseconds) are never touched.
+process that opens a dataset writes an owner record /dev/shm/qwen2_dist-owner-<prefix>-<pid>-<start time>.<PID
+namespace> holding its lock directory. A prefix is stale when every recorded owner is dead; prefixes without a record
+(other programs, or a run in its first milliseconds) are never touched, nor are those with an owner recorded in
+another PID namespace (a container sharing /dev/shm), whose processes this one cannot see.
 
 streaming chooses a prefix by looking for the first free one in /dev/shm; two runs starting at the same moment can
 choose the same one, and the second then fails ("File exists: '/000000_locals'"). prefix_lock() makes the choice
@@ -40,8 +41,21 @@ def _start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace, as the inode of /proc/self/ns/pid ('' when /proc does not say)."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
 def _alive(pid: int, start_time: str) -> bool:
-    return _start_time(pid) == start_time
+    """Whether a recorded owner may still run. A record "START.NAMESPACE" of another PID namespace (a container
+    sharing this /dev/shm, e.g. docker --ipc=host) names a pid this /proc does not show: taken as alive."""
+    start, _, namespace = start_time.partition(".")
+    if namespace and namespace != _pid_namespace():
+        return True
+    return _start_time(pid) == start
 
 
 def _records(prefix_int: int | None = None) -> list[tuple[str, int, int, str]]:
@@ -83,6 +97,8 @@ def register(prefix_int: int, lock_dir: str) -> str | None:
     start = _start_time(os.getpid())
     if start is None or not os.path.isdir(SHM_DIR):
         return None
+    namespace = _pid_namespace()
+    start = f"{start}.{namespace}" if namespace else start
     path = os.path.join(SHM_DIR, f"{RECORD_PREFIX}{prefix_int:06d}-{os.getpid()}-{start}")
     with open(path, "w") as f:
         f.write(lock_dir)

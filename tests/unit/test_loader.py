@@ -581,6 +581,25 @@ def test_streaming_imports_without_torchvision_or_transformers(tmp_path):
     assert result.stdout.split("\n")[0] == "StreamingDataset Stream MDSWriter []", result.stdout
 
 
+def test_cleaning_leaves_the_prefixes_of_another_pid_namespace_alone(tmp_path, monkeypatch):
+    """Containers sharing /dev/shm (docker --ipc=host) have PID namespaces of their own: an owner recorded in another
+    one is not in this /proc, so it cannot be told dead, and its segments stay; a dead owner of this one's go."""
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(hygiene, "SHM_DIR", str(shm))
+    record = hygiene.register(123, str(tmp_path))
+    mine = os.path.basename(record)[len(hygiene.RECORD_PREFIX):].split("-")[2]
+    assert mine.endswith("." + hygiene._pid_namespace()) and hygiene._pid_namespace()
+    os.remove(record)
+    dead = 999_999_999  # no such pid, in this namespace or, as the record says, in another
+    (shm / f"{hygiene.RECORD_PREFIX}000123-{dead}-1.{hygiene._pid_namespace()}").write_text(str(tmp_path))
+    (shm / f"{hygiene.RECORD_PREFIX}000124-{dead}-1.1").write_text(str(tmp_path))
+    for prefix in ("000123", "000124"):
+        (shm / f"{prefix}_locals").write_text("")
+    hygiene.clean_stale(str(tmp_path))
+    assert sorted(os.listdir(shm)) == ["000124_locals", f"{hygiene.RECORD_PREFIX}000124-{dead}-1.1"]
+
+
 def test_cleaning_skips_what_another_user_left(tmp_path, monkeypatch):
     """/dev/shm and /tmp are shared and sticky: a dead run of another user leaves segments and lock files this user
     may not remove. The cleaning at every loader start goes past them instead of failing the run."""
