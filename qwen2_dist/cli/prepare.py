@@ -1,5 +1,6 @@
 """qwen2-prepare: tokenize text, JSONL or Parquet files into MDS shards of fixed-length samples."""
 
+import logging
 import os
 import signal
 import sys
@@ -14,15 +15,16 @@ from qwen2_dist.errors import UserError
 
 USAGE = (
     "usage: qwen2-prepare input=FILES output=DIR [seq_len=2048] [tokenizer=qwen2] [text_field=text] "
-    "[workers=0] [val_fraction=0.005] [overwrite=false] [max_tokens=null] [progress=true]"
+    "[text_split=file|line|paragraph|endoftext] [workers=0] [val_fraction=0.005] [overwrite=false] "
+    "[max_tokens=null] [progress=true]"
 )
 
 
 @dataclass
 class PrepareConfig:
     input: str = "???"
-    """Files or glob patterns, comma-separated: .jsonl/.json are JSON lines, .parquet is Parquet, anything else is one
-    document per file; .gz or .zst after the name means compressed (e.g. data.jsonl.zst)."""
+    """Files or glob patterns, comma-separated: .jsonl/.json are JSON lines, .parquet is Parquet, anything else is
+    text (cut into documents by text_split); .gz or .zst after the name means compressed (e.g. data.jsonl.zst)."""
     output: str = "???"
     """Directory for the MDS shards and prepare_summary.json; must not exist or be empty unless overwrite=true."""
     seq_len: int = 2048
@@ -31,8 +33,12 @@ class PrepareConfig:
     """qwen2 (the embedded Qwen2 vocabulary) or a Hugging Face tokenizer directory or hub id."""
     text_field: str = "text"
     """Field of each JSON record (or column of each Parquet file) that holds the document text."""
+    text_split: str = "file"
+    """How a text file is cut into documents: file (the whole file is one), line (each non-empty line), paragraph
+    (separated by blank lines) or endoftext (separated by the literal <|endoftext|>, as in TinyStories)."""
     workers: int = 0
-    """Tokenizer processes; 0 = one per available CPU core. The output is identical for any value."""
+    """Tokenizer processes; 0 = one per available CPU core (capped by a container's cgroup CPU quota). The output is
+    identical for any value."""
     val_fraction: float = 0.005
     """Fraction of documents held out in the val/ split, chosen by a stable hash of each document's text."""
     overwrite: bool = False
@@ -83,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)
         return 0
+    if not logging.getLogger().handlers:
+        # Python alone prints warnings only; the worker count chosen (an info line) is for people too. Other
+        # libraries stay at warnings.
+        logging.basicConfig(format="%(message)s")
+        logging.getLogger("qwen2_dist").setLevel(logging.INFO)
     # SIGTERM (kill, a Slurm time limit) ends the run as an exception does: the partial output is removed.
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
@@ -93,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             seq_len=cfg.seq_len,
             tokenizer=cfg.tokenizer,
             text_field=cfg.text_field,
+            text_split=cfg.text_split,
             overwrite=cfg.overwrite,
             max_tokens=cfg.max_tokens,
             workers=cfg.workers,

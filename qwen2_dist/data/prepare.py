@@ -8,12 +8,14 @@ Layout of a prepared dataset directory:
                          so its presence marks a finished dataset
 
 The main process cuts the inputs into batches of work in input order (uncompressed JSONL as byte ranges, which the
-workers read themselves), `workers` processes read, parse and tokenize them, and the main process packs the results
-in the same order, so the output is byte-identical for any number of workers.
+workers read themselves; text files split into documents as blocks cut at a document boundary), `workers` processes
+read, parse and tokenize them, and the main process packs the results in the same order, so the output is
+byte-identical for any number of workers.
 """
 
 import collections
 import contextlib
+import ctypes
 import functools
 import glob
 import gzip
@@ -28,6 +30,7 @@ import re
 import shutil
 import signal
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -51,7 +54,7 @@ SUMMARY_NAME = "prepare_summary.json"
 FORMAT_VERSION = 2
 TRAIN, VAL = "train", "val"
 COLUMNS = {"tokens": "ndarray:int32", "doc_starts": "ndarray:int32"}
-SKIP_REASONS = ("malformed_json", "missing_field", "not_utf8", "empty_document", "corrupt_file")
+SKIP_REASONS = ("malformed_json", "missing_field", "wrong_type", "not_utf8", "empty_document", "corrupt_file")
 NUM_SKIPPED_EXAMPLES = 10
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonlines")
 COMPRESSED_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
@@ -71,6 +74,20 @@ BATCH_CHARS = 1 << 20
 # Batches handed to each worker ahead of the one being packed.
 PENDING_BATCHES_PER_WORKER = 8
 PARQUET_BATCH_ROWS = 1024
+# How a plain-text input is cut into documents: the whole file, each non-empty line, paragraphs between blank lines,
+# or pieces between literal <|endoftext|> strings (TinyStories), which would otherwise be tokenized as plain text.
+TEXT_SPLITS = ("file", "line", "paragraph", "endoftext")
+ENDOFTEXT = b"<|endoftext|>"
+BYTE_ORDER_MARK = b"\xef\xbb\xbf"
+# A text file read as one document past this size most likely holds many: a warning names text_split=.
+ONE_DOCUMENT_WARN_BYTES = 64 << 20
+# A blank line (only ASCII whitespace) after a line end: where text_split=paragraph may cut a file.
+_BLANK_LINE = re.compile(rb"\n[^\S\n]*\n")
+# Bytes of the previous block searched again with a new one, so a boundary across two blocks is found (a blank line
+# of more whitespace than this is only found later, which merely makes a larger batch).
+_BOUNDARY_CONTEXT = 64
+CGROUP_ROOT = "/sys/fs/cgroup"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def _input_kind(path: str) -> tuple[str, str | None]:
@@ -196,10 +213,12 @@ class _Skips:
 #                                       them itself, so the text never passes through the main process
 #   ("lines", file index, first line, data)  whole lines of a compressed JSONL file, decompressed by the main process
 #   ("text", file index)                a whole text file (one document), read and decompressed by the worker
-#   str                                 one document (a Parquet row, read by the main process)
+#   ("split", file index, first line, data)  whole documents of a text file (text_split other than file), read and
+#                                       decompressed by the main process; data may start and end inside a line
+#   ("row", file index, text)           one document (a Parquet row, read by the main process)
 # Line numbers inside a range are only known relative to its start; the main process makes them absolute (it sees
 # the results in input order), so it never has to read the text to count lines.
-_Item = tuple | str
+_Item = tuple
 
 
 def _json_text(raw: bytes, text_field: str) -> tuple[str | None, str | None]:
@@ -228,6 +247,45 @@ def _split_lines(data: bytes) -> list[bytes]:
     return lines
 
 
+def _last_boundary(data: bytes, text_split: str) -> int:
+    """The offset just after the last place in data where text_split ends a document (0 if there is none)."""
+    if text_split == "line":
+        return data.rfind(b"\n") + 1
+    if text_split == "endoftext":
+        at = data.rfind(ENDOFTEXT)
+        return at + len(ENDOFTEXT) if at >= 0 else 0
+    return max((m.end() for m in _BLANK_LINE.finditer(data)), default=0)
+
+
+def _text_pieces(data: bytes, text_split: str) -> Iterator[tuple[int, bytes]]:
+    """(offset in data, bytes) of each document of data, which starts where a document may start (a line, or after
+    a separator) and ends where one ends. Blank lines separate documents and are none; between two <|endoftext|>
+    an empty piece is an empty document, after the last one only text is a document."""
+    if text_split == "endoftext":
+        pieces = data.split(ENDOFTEXT)
+        offset = 0
+        for k, piece in enumerate(pieces):
+            text = piece.strip()
+            if text or k < len(pieces) - 1:
+                yield offset + len(piece) - len(piece.lstrip()), text
+            offset += len(piece) + len(ENDOFTEXT)
+        return
+    offset, start, end = 0, -1, 0  # start, end: the paragraph being gathered (start -1: none)
+    for line in data.split(b"\n"):
+        if line.strip():
+            if text_split == "line":
+                yield offset, line.removesuffix(b"\r")
+            elif start < 0:
+                start = offset
+            end = offset + len(line)
+        elif start >= 0:
+            yield start, data[start:end].removesuffix(b"\r")
+            start = -1
+        offset += len(line) + 1
+    if start >= 0:
+        yield start, data[start:end].removesuffix(b"\r")
+
+
 class _Reader:
     """Work items (see _Item) of the input files in order, each with its size in input bytes. Skipped records found
     here (corrupt compressed files, Parquet rows) are queued as (file index, line, reason, count) events for the
@@ -237,6 +295,10 @@ class _Reader:
         self.files = files
         self.batch_bytes = batch_bytes
         self.events: list[tuple[int, int, str, int]] = []
+        # Files read to their end, taken with the events: a batch carries them no earlier than their last item.
+        self.finished: list[int] = []
+        # Files whose whole loss a warning has named already (an empty compressed file, a missing Parquet column).
+        self.reported: set[int] = set()
         self._done_bytes = 0
         self._position = 0
         self._raw: BinaryIO | None = None
@@ -249,34 +311,40 @@ class _Reader:
             current = 0
         return self._done_bytes + current
 
-    def take_events(self) -> list[tuple[int, int, str, int]]:
+    def take_events(self) -> tuple[list[tuple[int, int, str, int]], list[int]]:
+        """The skip events and the finished files since the last call."""
         events, self.events = self.events, []
-        return events
+        finished, self.finished = self.finished, []
+        return events, finished
 
     def _skip(self, index: int, line: int, reason: str, count: int = 1) -> None:
         self.events.append((index, line, reason, count))
 
-    def items(self, text_field: str) -> Iterator[tuple[_Item, int]]:
+    def items(self, text_field: str, text_split: str) -> Iterator[tuple[_Item, int]]:
         for index, path in enumerate(self.files):
             kind, compression = _input_kind(path)
-            if kind == "text":
+            if compression is not None and os.path.getsize(path) == 0:
+                # Not even a header (an empty gzip file is 20 bytes): a failed download, not an empty dataset.
+                self._skip(index, 1, "corrupt_file")
+                self.reported.add(index)
+                log.warning("input %s: an empty file, not %s data (corrupt_file)", path, compression)
+            elif kind == "text" and text_split == "file":
                 yield ("text", index), os.path.getsize(path)
             elif kind == "jsonl" and compression is None:
                 yield from self._ranges(index, path)
-            elif compression is not None and os.path.getsize(path) == 0:
-                # Not even a header (an empty gzip file is 20 bytes): a failed download, not an empty dataset.
-                self._skip(index, 1, "corrupt_file")
-                log.warning("input %s: an empty file, not %s data (corrupt_file)", path, compression)
             else:
                 with open(path, "rb") as raw:
                     self._raw = raw
                     if kind == "parquet":
-                        yield from ((doc, len(doc)) for doc in self._parquet(index, path, text_field))
+                        yield from ((("row", index, doc), len(doc)) for doc in self._parquet(index, path, text_field))
+                    elif kind == "text":
+                        yield from self._split_text(index, _decompressed(raw, compression), text_split)
                     else:
                         yield from self._compressed_lines(index, _decompressed(raw, compression))
                 self._raw = None
             self._position = 0
             self._done_bytes += os.path.getsize(path)
+            self.finished.append(index)
 
     def _ranges(self, index: int, path: str) -> Iterator[tuple[_Item, int]]:
         # Cut at the first line end after every batch_bytes: a seek and one short read per batch.
@@ -312,14 +380,52 @@ class _Reader:
         if lines:
             yield ("lines", index, first, b"".join(lines)), size
 
+    def _split_text(self, index: int, stream: BinaryIO, text_split: str) -> Iterator[tuple[_Item, int]]:
+        # Blocks of batch_bytes, cut after the last document boundary in each: a multi-GB file streams through in
+        # bounded items, and no document is split between two of them.
+        parts: list[bytes] = []  # read since the last cut
+        first_line, tail, at_start = 1, b"", True
+        while True:
+            try:
+                block = stream.read(max(self.batch_bytes, len(BYTE_ORDER_MARK)))
+            except _CORRUPT_ERRORS as e:
+                line = first_line + sum(part.count(b"\n") for part in parts)
+                self._skip(index, line, "corrupt_file")
+                log.warning("input %s: cannot be read past line %d (%s: %s); the rest of the file is skipped "
+                            "(corrupt_file)", self.files[index], line, type(e).__name__, e)
+                break
+            if not block:
+                break
+            if at_start:  # a byte-order mark (Windows editors write one) is not text
+                block, at_start = block.removeprefix(BYTE_ORDER_MARK), False
+            window = tail + block
+            cut = _last_boundary(window, text_split) - len(tail)
+            tail = window[-_BOUNDARY_CONTEXT:]
+            if cut <= 0:
+                parts.append(block)
+                continue
+            parts.append(block[:cut])
+            data = b"".join(parts)
+            yield ("split", index, first_line, data), len(data)
+            first_line += data.count(b"\n")
+            parts = [block[cut:]]
+        data = b"".join(parts)
+        if data:
+            yield ("split", index, first_line, data), len(data)
+
     def _parquet(self, index: int, path: str, column: str) -> Iterator[str]:
         import pyarrow as pa
 
         parquet = _import_pyarrow_parquet().ParquetFile(path)
         num_rows = parquet.metadata.num_rows
-        if column not in parquet.schema_arrow.names:
+        names = parquet.schema_arrow.names
+        if column not in names:
             if num_rows:
                 self._skip(index, 1, "missing_field", num_rows)
+            self.reported.add(index)
+            log.warning("input %s has no column %r (its columns: %s), so its %d rows are skipped (missing_field); "
+                        "set text_field= to the column that holds the text", path, column,
+                        ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""), num_rows)
             return
         column_type = parquet.schema_arrow.field(column).type
         if pa.types.is_dictionary(column_type):  # e.g. a pandas categorical: the values' type counts
@@ -328,7 +434,10 @@ class _Reader:
                       getattr(pa.types, "is_string_view", None), getattr(pa.types, "is_binary_view", None))
         if not any(is_type and is_type(column_type) for is_type in text_types):
             if num_rows:
-                self._skip(index, 1, "missing_field", num_rows)
+                self._skip(index, 1, "wrong_type", num_rows)
+            self.reported.add(index)
+            log.warning("input %s: column %r holds %s, not text, so its %d rows are skipped (wrong_type); set "
+                        "text_field= to a string column, or convert this one", path, column, column_type, num_rows)
             return
         row = 0
         for group in range(parquet.num_row_groups):
@@ -442,11 +551,12 @@ class _ZstdFrames(io.RawIOBase):
         return n
 
 
-def _batches(reader: _Reader, text_field: str) -> Iterator[tuple[list, list, int]]:
-    """(work items, skip events, input bytes read) in chunks of about reader.batch_bytes input bytes."""
+def _batches(reader: _Reader, text_field: str, text_split: str) -> Iterator[tuple[list, tuple, int]]:
+    """(work items, (skip events, finished files), input bytes read) in chunks of about reader.batch_bytes input
+    bytes."""
     batch: list[_Item] = []
     num_bytes = 0
-    for item, size in reader.items(text_field):
+    for item, size in reader.items(text_field, text_split):
         batch.append(item)
         num_bytes += size
         if num_bytes >= reader.batch_bytes:
@@ -465,8 +575,9 @@ def in_val_split(text: str, val_fraction: float) -> bool:
 class _Encoded:
     """One batch, tokenized: all documents' tokens (each followed by eos), tokens per document (eos included), whether
     each document is held out, skip events as (item position, line, reason, count) -- the line relative to the start
-    of a "range" item, absolute otherwise -- the number of lines in each "range" item by position, and the largest
-    token id in chunk (-1 when empty; found by the worker, so the main process does not scan the tokens)."""
+    of a "range" item, absolute otherwise -- the number of lines in each "range" item by position, the largest
+    token id in chunk (-1 when empty; found by the worker, so the main process does not scan the tokens), the number
+    of documents from each file (by index), and warnings for the main process to log."""
 
     chunk: np.ndarray
     sizes: np.ndarray
@@ -474,27 +585,37 @@ class _Encoded:
     events: list
     range_lines: dict
     max_id: int
+    file_docs: collections.Counter
+    warnings: list
 
 
 class _DocumentEncoder:
     """Work items -> _Encoded. Runs in the tokenizer workers: reading, decoding, JSON parsing, tokenization and
     the held-out hash all happen there, so the main process only packs and writes."""
 
-    def __init__(self, tokenizer: Tokenizer, val_fraction: float, text_field: str, files: list[str]):
+    def __init__(self, tokenizer: Tokenizer, val_fraction: float, text_field: str, text_split: str,
+                 files: list[str]):
         self.tokenizer = tokenizer
         self.val_fraction = val_fraction
         self.text_field = text_field
+        self.text_split = text_split
         self.files = files
 
     def __call__(self, items: list[_Item]) -> _Encoded:
         texts: list[str] = []
         events: list[tuple[int, int, str, int]] = []
         range_lines: dict[int, int] = {}
+        file_docs: collections.Counter = collections.Counter()
+        warnings: list[str] = []
         for pos, item in enumerate(items):
-            if isinstance(item, str):
-                texts.append(item)
+            before = len(texts)
+            if item[0] == "row":
+                texts.append(item[2])
             elif item[0] == "text":
-                self._text_file(pos, self.files[item[1]], texts, events)
+                self._text_file(pos, self.files[item[1]], texts, events, warnings)
+            elif item[0] == "split":
+                _, _, first, data = item
+                self._text_documents(pos, data, first, texts, events)
             elif item[0] == "range":
                 _, index, start, end = item
                 with open(self.files[index], "rb") as f:
@@ -505,12 +626,14 @@ class _DocumentEncoder:
             else:
                 _, index, first, data = item
                 self._json_lines(pos, _split_lines(data), first, texts, events)
+            file_docs[item[1]] += len(texts) - before
         flat, lengths = self.tokenizer.encode_flat(texts)
         chunk, sizes = _with_eos(flat, lengths, self.tokenizer.eos_id)
         is_val = np.zeros(len(texts), dtype=bool)
         if self.val_fraction > 0:
             is_val[:] = [in_val_split(t, self.val_fraction) for t in texts]
-        return _Encoded(chunk, sizes, is_val, events, range_lines, int(chunk.max()) if len(chunk) else -1)
+        return _Encoded(chunk, sizes, is_val, events, range_lines, int(chunk.max()) if len(chunk) else -1,
+                        file_docs, warnings)
 
     def _json_lines(self, pos: int, lines: list[bytes], first: int, texts: list, events: list) -> None:
         for line, raw in enumerate(lines, start=first):
@@ -522,7 +645,27 @@ class _DocumentEncoder:
             else:
                 events.append((pos, line, reason, 1))
 
-    def _text_file(self, pos: int, path: str, texts: list, events: list) -> None:
+    def _text_documents(self, pos: int, data: bytes, first: int, texts: list, events: list) -> None:
+        line, counted = first, 0  # the line at offset `counted`, found only for a skip (a rare event)
+
+        def line_at(offset: int) -> int:
+            nonlocal line, counted
+            line += data.count(b"\n", counted, offset)
+            counted = offset
+            return line
+
+        for offset, piece in _text_pieces(data, self.text_split):
+            try:
+                text = piece.decode("utf-8")
+            except UnicodeDecodeError as e:
+                events.append((pos, line_at(offset + e.start), "not_utf8", 1))
+                continue
+            if not text.strip():
+                events.append((pos, line_at(offset), "empty_document", 1))
+                continue
+            texts.append(text)
+
+    def _text_file(self, pos: int, path: str, texts: list, events: list, warnings: list) -> None:
         _, compression = _input_kind(path)
         with open(path, "rb") as raw:
             try:
@@ -538,6 +681,15 @@ class _DocumentEncoder:
         if not text.strip():
             events.append((pos, 1, "empty_document", 1))
             return
+        causes = []
+        if len(data) > ONE_DOCUMENT_WARN_BYTES:
+            causes.append(f"is {len(data) / (1 << 20):.0f} MiB long")
+        if ENDOFTEXT in data:
+            causes.append(f"holds the literal {ENDOFTEXT.decode()}, which is tokenized as text, not as a document end")
+        if causes:
+            warnings.append(f"input {path} is read as one document (text_split=file) but {' and '.join(causes)}; "
+                            "if it holds many documents, pass text_split=line (one per line), paragraph (separated "
+                            "by blank lines) or endoftext (separated by <|endoftext|>)")
         texts.append(text)
 
 
@@ -561,9 +713,22 @@ _SLOT_TOKENS = BATCH_CHARS  # int32 tokens per slot: a batch of BATCH_CHARS char
                             # one oversized document, which then comes back through the pipe instead.
 
 
-def _init_worker(tokenizer: str, val_fraction: float, text_field: str, files: list[str]) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel kill this worker when its parent dies: after a SIGKILLed qwen2-prepare (the out-of-memory
+    killer, kill -9) its workers would wait for work forever, each holding its memory."""
+    if sys.platform.startswith("linux"):
+        # The signal comes when the parent's thread that forked this worker ends: the one running prepare(), which
+        # closes the pool before it returns.
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(parent: int, tokenizer: str, val_fraction: float, text_field: str, text_split: str,
+                 files: list[str]) -> None:
     global _WORKER_ENCODER
-    _WORKER_ENCODER = _DocumentEncoder(load_tokenizer(tokenizer), val_fraction, text_field, files)
+    _die_with_parent(parent)
+    _WORKER_ENCODER = _DocumentEncoder(load_tokenizer(tokenizer), val_fraction, text_field, text_split, files)
 
 
 def _encode_in_worker(items: list[_Item], slot: int | None) -> _Encoded:
@@ -593,14 +758,16 @@ def _worker_pool(workers: int, encoder: _DocumentEncoder, tokenizer: str) -> Ite
         encoder.tokenizer.encode_flat(["load the vocabulary once, before forking"])
         _WORKER_ENCODER = encoder
         _RESULT_RING = mmap.mmap(-1, _num_slots(workers) * _SLOT_TOKENS * 4)
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_die_with_parent, initargs=(os.getpid(),))
         # The first task forks every worker, now, while this process has no other thread (the pool's own
         # management thread starts after the forks).
         pool.submit(int).result()
     else:
         pool = ProcessPoolExecutor(
             workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
-            initargs=(tokenizer, encoder.val_fraction, encoder.text_field, encoder.files),
+            initargs=(os.getpid(), tokenizer, encoder.val_fraction, encoder.text_field, encoder.text_split,
+                      encoder.files),
         )
     try:
         yield pool
@@ -854,9 +1021,37 @@ def _check_output(output: str, overwrite: bool, files: list[str]) -> str:
     return output
 
 
-def available_cpus() -> int:
-    """CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+def cgroup_cpu_limit(root: str = CGROUP_ROOT) -> int | None:
+    """CPUs the cgroup CPU quota under root allows (a container's CPU limit, rounded up); None without a quota."""
+    try:  # cgroup v2: "QUOTA PERIOD" in microseconds, or "max PERIOD"
+        with open(os.path.join(root, "cpu.max")) as f:
+            quota, period = f.read().split()
+        if quota == "max":
+            return None
+        quota, period = int(quota), int(period)
+    except (OSError, ValueError):
+        try:  # cgroup v1: the quota (-1: none) and the period in files of their own
+            with open(os.path.join(root, "cpu", "cpu.cfs_quota_us")) as f:
+                quota = int(f.read())
+            with open(os.path.join(root, "cpu", "cpu.cfs_period_us")) as f:
+                period = int(f.read())
+        except (OSError, ValueError):
+            return None
+    if quota <= 0 or period <= 0:
+        return None
+    return -(-quota // period)
+
+
+def available_cpus(cgroup_root: str = CGROUP_ROOT) -> int:
+    """CPU cores this process may use: those it may run on, capped by the cgroup CPU quota (a container's limit),
+    which the scheduler enforces however many cores the host has."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    limit = cgroup_cpu_limit(cgroup_root)
+    if limit is not None and limit < cores:
+        log.info("the cgroup CPU quota (%s) allows %d CPUs of the %d cores this process may run on", cgroup_root,
+                 limit, cores)
+        return limit
+    return cores
 
 
 def _progress_bar(enabled: bool, total_bytes: int):
@@ -873,6 +1068,7 @@ def prepare(
     seq_len: int,
     tokenizer: str = "qwen2",
     text_field: str = "text",
+    text_split: str = "file",
     overwrite: bool = False,
     max_tokens: int | None = None,
     workers: int = 1,
@@ -881,8 +1077,9 @@ def prepare(
     held_out_fix: str | None = None,
 ) -> dict[str, Any]:
     """Tokenize inputs into train (and val) MDS samples of seq_len + 1 tokens under output; return the summary.
-    held_out_fix: what the warning for a held-out split too small for one sample says to do (default: raise
-    val_fraction, or max_tokens when it is set)."""
+    text_split: how a plain-text input is cut into documents (one of TEXT_SPLITS). held_out_fix: what the warning for
+    a held-out split too small for one sample says to do (default: raise val_fraction, or max_tokens when it is
+    set)."""
     if seq_len < 1:
         raise UserError(f"seq_len={seq_len} must be at least 1")
     if max_tokens is not None and max_tokens < 1:
@@ -891,7 +1088,13 @@ def prepare(
         raise UserError(f"val_fraction={val_fraction} must lie in [0, 1), e.g. 0.005 for 0.5% held out")
     if workers < 0:
         raise UserError(f"workers={workers} must be >= 0 (0 = one per available CPU core)")
-    workers = workers or available_cpus()
+    if text_split not in TEXT_SPLITS:
+        raise UserError(f"text_split={text_split} is not one of {', '.join(TEXT_SPLITS)}: file (a text file is one "
+                        "document), line (each non-empty line), paragraph (separated by blank lines) or endoftext "
+                        "(separated by <|endoftext|>)")
+    if workers == 0:
+        workers = available_cpus(CGROUP_ROOT)
+        log.info("workers=0: %d tokenizer processes, one per available CPU core", workers)
     files = _expand_inputs(inputs)
     output = _check_output(output, overwrite, files)
     tok = load_tokenizer(tokenizer)
@@ -904,7 +1107,7 @@ def prepare(
                     "delete it when no qwen2-prepare writes there", leftover)
     skips = _Skips()
     bar = None
-    encoder = _DocumentEncoder(tok, val_fraction, text_field, files)
+    encoder = _DocumentEncoder(tok, val_fraction, text_field, text_split, files)
     stack = contextlib.ExitStack()
     writers: dict[str, _SplitWriter] = {}
     try:
@@ -917,13 +1120,27 @@ def prepare(
         started = time.monotonic()
         remaining = max_tokens
         max_token_id = -1
-        batches = _batches(_Reader(files, BATCH_CHARS), text_field)
+        reader = _Reader(files, BATCH_CHARS)
+        batches = _batches(reader, text_field, text_split)
         next_line: collections.Counter = collections.Counter()
-        for items, encoded, events, done in _encoded(batches, encoder, pool, workers):
+        file_docs: collections.Counter = collections.Counter()
+        file_skips: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+        for items, encoded, (events, finished), done in _encoded(batches, encoder, pool, workers):
             chunk, sizes, is_val = encoded.chunk, encoded.sizes, encoded.is_val
             # In file and line order: the reader's events and the workers' interleave.
             for index, line, reason, count in sorted(events + _absolute_events(items, encoded, next_line)):
                 skips.add(files[index], line, reason, count)
+                file_skips[index][reason] += count
+            for message in encoded.warnings:
+                log.warning("%s", message)
+            # Counted before a max_tokens cut: a file whose documents fall after the cut did give documents.
+            file_docs.update(encoded.file_docs)
+            for index in finished:
+                if not file_docs[index] and index not in reader.reported:
+                    skipped = ", ".join(f"{reason}={count}" for reason, count in file_skips[index].items())
+                    empty = os.path.getsize(files[index]) == 0
+                    log.warning("input %s gave no documents (%s)", files[index],
+                                skipped or ("an empty file" if empty else "no records in it"))
             if remaining is not None and len(chunk) >= remaining:
                 # Cut the stream at max_tokens: later documents go, the one that crosses the limit is truncated.
                 last = int(np.searchsorted(np.cumsum(sizes), remaining))
@@ -967,6 +1184,7 @@ def prepare(
             # vocabulary must cover (loader.check_vocab).
             "max_token_id": max_token_id,
             "val_fraction": val_fraction,
+            "text_split": text_split,
             "inputs": files,
             "skipped": skips.counts,
             "skipped_examples": skips.examples,
@@ -1005,7 +1223,7 @@ def _no_sample_message(splits: dict, skips: _Skips, sample_tokens: int, text_fie
     if skipped:
         message += (f". Records skipped: {', '.join(f'{reason}={count}' for reason, count in skipped.items())} "
                     f"(first: {'; '.join(skips.examples[:3])})")
-    if skipped.get("missing_field"):
+    if skipped.get("missing_field") or skipped.get("wrong_type"):
         message += f"; check text_field={text_field} (the JSON field or Parquet column that holds the text)"
     return message
 

@@ -8,7 +8,10 @@ import lzma
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -93,7 +96,8 @@ def test_prepare_writes_exact_samples_and_counts_skips(work, inputs):
 
     a = str(inputs / "a.jsonl")
     assert summary["skipped"] == {
-        "malformed_json": 1, "missing_field": 2, "not_utf8": 1, "empty_document": 1, "corrupt_file": 0,
+        "malformed_json": 1, "missing_field": 2, "wrong_type": 0, "not_utf8": 1, "empty_document": 1,
+        "corrupt_file": 0,
     }
     assert summary["skipped_examples"] == [
         f"{a}:2 malformed_json",
@@ -438,8 +442,8 @@ def test_every_kind_of_bad_input_is_counted_and_the_rest_is_usable(work):
     summary = prepare([str(src / "*")], str(work / "out"), seq_len=8)
 
     assert summary["skipped"] == {
-        "malformed_json": 1, "missing_field": 2 + 1 + 3, "not_utf8": 2 + 1, "empty_document": 1 + 1 + 1,
-        "corrupt_file": 1,
+        "malformed_json": 1, "missing_field": 2 + 1 + 3, "wrong_type": 0, "not_utf8": 2 + 1,
+        "empty_document": 1 + 1 + 1, "corrupt_file": 1,
     }
     a, b = str(src / "a.jsonl"), str(src / "b.jsonl.gz")
     assert summary["skipped_examples"][:6] == [
@@ -736,3 +740,194 @@ def test_every_file_of_a_dataset_is_on_disk_before_its_summary(work, inputs, mon
     summary = synced.index(SUMMARY_NAME)
     written = {name for _, _, names in os.walk(work / "out") for name in names} - {SUMMARY_NAME}
     assert written and written <= set(synced[:summary]), (written, synced)
+
+
+# One text, cut three ways. Lines: 1 "Once..." (CRLF, after a byte-order mark), 3 and 4 blank, 5 and 8 separators,
+# 9 blank, 10 a separator after an empty piece, 11 not UTF-8, 13 text, a separator and trailing whitespace.
+SPLIT_TEXT = b"\xef\xbb\xbf" + (
+    b"Once upon a time.\r\nShe smiled.\n\r\n  \t\n<|endoftext|>\nA second story,\nin two lines.\n<|endoftext|>\n\n"
+    b"<|endoftext|>\nbad \xff byte\n<|endoftext|>\ntail<|endoftext|>  \n")
+SPLIT_DOCS = {
+    "line": (["Once upon a time.", "She smiled.", "<|endoftext|>", "A second story,", "in two lines.",
+              "<|endoftext|>", "<|endoftext|>", "<|endoftext|>", "tail<|endoftext|>  "], [(11, "not_utf8")]),
+    "paragraph": (["Once upon a time.\r\nShe smiled.", "<|endoftext|>\nA second story,\nin two lines.\n<|endoftext|>"],
+                  [(11, "not_utf8")]),
+    "endoftext": (["Once upon a time.\r\nShe smiled.", "A second story,\nin two lines.", "tail"],
+                  [(10, "empty_document"), (11, "not_utf8")]),
+}
+
+
+@pytest.mark.parametrize("text_split", ["line", "paragraph", "endoftext"])
+def test_text_split_cuts_text_files_into_documents_however_they_are_read(work, monkeypatch, text_split):
+    """Each document gets its own eos; the documents are the same whatever the block size the file is read in (a
+    separator or a blank line across two blocks), compressed or not, and the output is byte-identical for any
+    number of workers."""
+    src = work / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(SPLIT_TEXT)
+    (src / "b.txt.gz").write_bytes(gzip.compress(SPLIT_TEXT, mtime=0))
+    docs, skipped = SPLIT_DOCS[text_split]
+    whole = prepare([str(src / "*")], str(work / "whole"), seq_len=4, text_split=text_split)
+    assert [t.tolist() for t in read_tokens(work / "whole")] == expected_samples(docs + docs, 5)
+    assert whole["documents"] == 2 * len(docs) and whole["text_split"] == text_split
+    assert whole["skipped_examples"] == [f"{src / name}:{line} {reason}" for name in ("a.txt", "b.txt.gz")
+                                         for line, reason in skipped]
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 7)
+    one = prepare([str(src / "*")], str(work / "one"), seq_len=4, text_split=text_split, workers=1)
+    two = prepare([str(src / "*")], str(work / "two"), seq_len=4, text_split=text_split, workers=2)
+    assert whole == one == two
+    names = sorted(os.listdir(work / "one" / "train"))
+    assert names == sorted(os.listdir(work / "two" / "train"))
+    for name in names:
+        assert (work / "one" / "train" / name).read_bytes() == (work / "two" / "train" / name).read_bytes()
+
+
+def test_a_text_file_read_whole_says_when_it_looks_like_many_documents(work, monkeypatch, caplog):
+    """text_split=file (the default) keeps a text file one document, as before; one holding the literal
+    <|endoftext|> (tokenized as text, so no eos between its stories) or a very large one is named with the fix, once;
+    a text_split it does not know is refused naming the choices."""
+    monkeypatch.setattr(prepare_module, "ONE_DOCUMENT_WARN_BYTES", 1000)
+    src = work / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(SPLIT_TEXT.replace(b"\xff", b"x"))
+    (src / "b.txt").write_text("x" * 1001)
+    (src / "c.txt").write_text(TXT_DOC)
+    with caplog.at_level(logging.WARNING):
+        summary = prepare([str(src / "*")], str(work / "out"), seq_len=4)
+    assert summary["documents"] == 3 and summary["text_split"] == "file"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2
+    assert warnings[0].startswith(f"input {src / 'a.txt'} is read as one document (text_split=file) but holds the "
+                                  "literal <|endoftext|>, which is tokenized as text")
+    assert warnings[1].startswith(f"input {src / 'b.txt'} is read as one document (text_split=file) but is 0 MiB long")
+    assert all("pass text_split=line (one per line), paragraph" in w for w in warnings)
+    with pytest.raises(UserError, match=r"text_split=lines is not one of file, line, paragraph, endoftext"):
+        prepare([str(src / "*")], str(work / "refused"), seq_len=4, text_split="lines")
+    assert main([f"input={src / 'c.txt'}", f"output={work / 'cli'}", "seq_len=4", "text_split=line"]) == 0
+    assert read_summary(str(work / "cli"))["documents"] == 2
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_file_that_gives_no_documents_is_named_with_its_cause(work, caplog, workers):
+    """A Parquet file without the text column (its columns are listed) or with one that is not text (its type is
+    named; counted wrong_type), an empty or wholly broken JSON lines file, an empty text file: each was lost without a
+    word. An empty .txt.gz is a failed download (corrupt_file), not an empty document."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = work / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(_jsonl_bytes(GOOD_DOCS))
+    pq.write_table(pa.table({"body": ["x", "y"], "id": [1, 2]}), src / "b.parquet")
+    pq.write_table(pa.table({"text": [["x", "y"], ["z"], []]}), src / "c.parquet")
+    (src / "d.jsonl").write_bytes(b"")
+    (src / "e.jsonl").write_bytes(b"{broken\n" + json.dumps({"other": 1}).encode() + b"\n")
+    (src / "f.txt.gz").write_bytes(b"")
+    (src / "g.txt").write_text("\n  \n\n")
+    with caplog.at_level(logging.WARNING):
+        summary = prepare([str(src / "*")], str(work / "out"), seq_len=4, workers=workers)
+    assert summary["skipped"] == {"malformed_json": 1, "missing_field": 2 + 1, "wrong_type": 3, "not_utf8": 0,
+                                  "empty_document": 1, "corrupt_file": 1}
+    assert summary["documents"] == len(GOOD_DOCS)
+    # In file order (the reader's warnings come as it reads, ahead of the workers' results by a number of batches).
+    assert sorted(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING) == [
+        f"input {src / 'b.parquet'} has no column 'text' (its columns: body, id), so its 2 rows are skipped "
+        "(missing_field); set text_field= to the column that holds the text",
+        f"input {src / 'c.parquet'}: column 'text' holds list<element: string>, not text, so its 3 rows are skipped "
+        "(wrong_type); set text_field= to a string column, or convert this one",
+        f"input {src / 'd.jsonl'} gave no documents (an empty file)",
+        f"input {src / 'e.jsonl'} gave no documents (malformed_json=1, missing_field=1)",
+        f"input {src / 'f.txt.gz'}: an empty file, not gzip data (corrupt_file)",
+        f"input {src / 'g.txt'} gave no documents (empty_document=1)",
+    ]
+    assert f"{src / 'f.txt.gz'}:1 corrupt_file" in summary["skipped_examples"]
+
+
+def test_workers_0_is_capped_by_the_cgroup_cpu_quota(work, inputs, monkeypatch, caplog):
+    """A container limited to 4 CPUs on a 192-core host started 192 workers (and a shared buffer for each)."""
+    def cgroup(files: dict) -> str:
+        root = work / f"cgroup{len(os.listdir(work))}"
+        for name, content in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(content + "\n")
+        return str(root)
+
+    limit = prepare_module.cgroup_cpu_limit
+    assert limit(cgroup({"cpu.max": "max 100000"})) is None
+    assert limit(cgroup({"cpu.max": "400000 100000"})) == 4
+    assert limit(cgroup({"cpu.max": "150000 100000"})) == 2  # 1.5 CPUs: rounded up
+    assert limit(cgroup({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"})) is None
+    assert limit(cgroup({"cpu/cpu.cfs_quota_us": "250000", "cpu/cpu.cfs_period_us": "100000"})) == 3
+    assert limit(cgroup({})) is None
+    cores = len(os.sched_getaffinity(0))
+    assert prepare_module.available_cpus(cgroup({"cpu.max": "max 100000"})) == cores
+    assert prepare_module.available_cpus(cgroup({"cpu.max": f"{100000 * (cores + 8)} 100000"})) == cores
+    one_cpu = cgroup({"cpu.max": "100000 100000"})
+    assert prepare_module.available_cpus(one_cpu) == 1
+    monkeypatch.setattr(prepare_module, "CGROUP_ROOT", one_cpu)
+    with caplog.at_level(logging.INFO, logger="qwen2_dist.data.prepare"):
+        prepare([str(inputs / "a.jsonl")], str(work / "out"), seq_len=4, workers=0)
+    assert f"the cgroup CPU quota ({one_cpu}) allows 1 CPUs of the {cores} cores" in caplog.text
+    assert "workers=0: 1 tokenizer processes" in caplog.text
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is pid, each with its start time (so a reused pid is not taken for it)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children[int(entry)] = fields[19]
+    return children
+
+
+def _alive(pid: int, start_time: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[19] == start_time and fields[0] not in "ZX"  # a zombie is dead, only not yet reaped
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_with_a_killed_main_process(work):
+    """A qwen2-prepare killed with SIGKILL (the out-of-memory killer, kill -9) left its forked workers waiting for
+    work forever, each holding its memory. The run is slowed (each batch 0.2 s) so it is still going at the kill."""
+    src = work / "src"
+    src.mkdir()
+    (src / "a.jsonl").write_bytes(_jsonl_bytes([f"document {j} " * 20 for j in range(500)]))
+    script = (
+        "import sys, time\n"
+        "from qwen2_dist.data import prepare as p\n"
+        "tok = p.load_tokenizer('qwen2')\n"
+        "encode_flat = tok.encode_flat\n"
+        "tok.encode_flat = lambda texts: time.sleep(0.2) or encode_flat(texts)\n"
+        "p.load_tokenizer = lambda spec: tok\n"
+        "p.BATCH_CHARS = 1000\n"
+        "p.prepare([sys.argv[1]], sys.argv[2], seq_len=16, workers=2)\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-c", script, str(src / "a.jsonl"), str(work / "out")], cwd=root)
+    children: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 30
+        while len(children) < 2 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            children = _children(proc.pid)
+        assert len(children) == 2, "the workers did not start"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while any(_alive(pid, start) for pid, start in children.items()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid, start in children.items() if _alive(pid, start)], "workers outlived the main"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid, start in children.items():
+            if _alive(pid, start):
+                os.kill(pid, signal.SIGKILL)
