@@ -1,5 +1,6 @@
 """Small filesystem steps that keep outputs whole: a directory appears complete or not at all."""
 
+import errno
 import os
 import shutil
 import uuid
@@ -17,6 +18,24 @@ def replace_dir(tmp: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
+
+
+class OutputTaken(UserError):
+    """publish_dir's error: another output took the path while this one was written; this one is kept."""
+
+
+def publish_dir(tmp: str, final: str) -> None:
+    """Rename a fully written directory `tmp` to `final`, which new_output_dir found absent or empty: OutputTaken,
+    naming both and leaving both as they are, when something else has been written there since."""
+    try:
+        # Unlike replace_dir, never moves anything aside: a rename onto a non-empty directory fails on Linux.
+        os.rename(tmp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        raise OutputTaken(f"{final}: was written by something else (another export to the same path?) while this "
+                          f"output was being written, and is left as it is; this output is complete in {tmp}: "
+                          f"check {final}, then move this one to a path of its own (mv {tmp} NEW_PATH)") from None
 
 
 def fsync_path(path: str) -> None:
@@ -49,10 +68,11 @@ def reads_in_place(path: str, split: str) -> bool:
 
 
 def new_output_dir(path: str, fix: str) -> str:
-    """The real path of an output directory to be written beside it and renamed into its place (replace_dir):
-    UserError, ending with `fix`, unless it does not exist or is an empty directory that a rename can replace. A
-    symlink is followed (the rename replaces its target, not the link); a mount point (a volume mounted there) is
-    refused, as a rename cannot replace it and the output would first be written to the filesystem above it."""
+    """The real path of an output directory to be written beside it and renamed into its place (publish_dir;
+    replace_dir for a checkpoint): UserError, ending with `fix`, unless it does not exist or is an empty directory
+    that a rename can replace. A symlink is followed (the rename replaces its target, not the link); a mount point (a
+    volume mounted there) is refused, as a rename cannot replace it and the output would first be written to the
+    filesystem above it."""
     real = os.path.realpath(os.path.expanduser(path))
     if not os.path.exists(real):
         return real

@@ -15,11 +15,15 @@ import argparse
 import logging
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from qwen2_dist.errors import UserError
 from qwen2_dist.fsutil import new_output_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("qwen2_dist")
 
@@ -50,7 +54,7 @@ def from_hf(hf_dir: str, out_dir: str, allow_pickle: bool = False) -> str:
     return out_dir
 
 
-def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | None = None,
+def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str = "bfloat16",
           checksums: bool = True, tokenizer: str = "auto") -> str:
     """Export the model weights of a committed checkpoint as a Hugging Face Qwen2 directory, with the tokenizer's
     files (export_tokenizer).
@@ -62,14 +66,18 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
     from qwen2_dist.model.hf import native_shapes, write_hf_from
     from qwen2_dist.train import checkpoint
 
-    dtypes = {None: torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
-        raise UserError(f"--dtype {dtype}: choose float32, bfloat16 or float16")
+        raise UserError(f"--dtype {dtype}: choose bfloat16, float32 or float16")
     # Before the checkpoint's files are read (with checksums, all of them, optimizer state included).
     if not max_shard_gib > 0:
         raise UserError(f"--max-shard-gib {max_shard_gib}: the largest safetensors file must be a positive size, "
                         "e.g. 5")
     hf_dir = new_output_dir(hf_dir, "choose another output path")
+    # The tokenizer is loaded from the metadata alone, before verify reads every file (a 72B run's: about a TB), so
+    # that a --tokenizer that cannot be written fails in seconds.
+    meta = checkpoint.read_metadata(ckpt_dir)
+    loaded_tokenizer = export_tokenizer(tokenizer, meta, ModelArgs(**meta["model_args"]).vocab_size)
     meta = checkpoint.verify(ckpt_dir, checksums)
     args = ModelArgs(**meta["model_args"])
     shapes = native_shapes(args)
@@ -78,30 +86,74 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str | N
         return checkpoint.read_tensors(ckpt_dir, {name: shapes[name] for name in names})
 
     write_hf_from(fetch, args, hf_dir, int(max_shard_gib * 2**30), dtypes[dtype], source=_export_source(meta, args),
-                  tokenizer=export_tokenizer(tokenizer, meta))
+                  tokenizer=loaded_tokenizer)
     return hf_dir
 
 
-def export_tokenizer(choice: str, meta: dict) -> str | None:
-    """Which tokenizer to_hf writes beside the weights (model.hf.write_tokenizer's spec; None: none): --tokenizer
-    qwen2, DIR or none as given; auto: the one the checkpoint's training data was prepared with (recorded since
-    2026-12-05), else the tokenizer files of the Hugging Face weights the run started from, else none, with a
-    warning that says how to choose one (evaluation tools and vLLM load the tokenizer from the model directory)."""
-    from qwen2_dist.model.hf import has_tokenizer
+# Text of the kinds the data holds (prose, CJK, code with its whitespace, digits, accents that NFC composes): a
+# tokenizer that encodes these as the embedded Qwen2 vocabulary does and has its special tokens at the same ids is
+# the same byte-level BPE (Qwen2's, Qwen2.5's, which adds special tokens and a chat template).
+_PROBES = ("Hello, world! The quick brown fox jumps over 13 lazy dogs.", "你好，世界。日本語のテキストと한국어",
+           "def f(x):\n    return x ** 2  # 12345\n\n\tpass\r\n", "cafe\u0301 e\u0301te\u0301 naïve")
+
+
+def _qwen2_mismatch(tokenizer: "PreTrainedTokenizerBase") -> str | None:
+    """How a transformers tokenizer encodes otherwise than the embedded Qwen2 vocabulary (tokenizer=qwen2): the
+    first probe text or Qwen2 special token whose ids differ; None when none does."""
+    from qwen2_dist.data.tokenizer import QWEN2_SPECIAL_TOKENS, load_tokenizer
+
+    qwen2 = load_tokenizer("qwen2")
+    for text in _PROBES:
+        # As qwen2-prepare encodes with a Hugging Face tokenizer (data.tokenizer): special-token text stays text.
+        theirs = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ours = qwen2.encode(text)
+        if theirs != ours:
+            return f"it encodes {text!r} as {theirs}, qwen2 as {ours}"
+    for token, token_id in QWEN2_SPECIAL_TOKENS.items():
+        if tokenizer.convert_tokens_to_ids(token) != token_id:
+            return f"its {token} is id {tokenizer.convert_tokens_to_ids(token)}, qwen2's {token_id}"
+    return None
+
+
+def export_tokenizer(choice: str, meta: dict, vocab_size: int) -> "str | PreTrainedTokenizerBase | None":
+    """The tokenizer to_hf writes beside the weights, loaded (model.hf.load_export_tokenizer; None: none):
+    --tokenizer qwen2, DIR or none as given; auto: the one the checkpoint's training data was prepared with
+    (recorded since 2026-12-05), except that data prepared with qwen2 gets the tokenizer files of the Hugging Face
+    weights the run started from when those encode as qwen2 does (a Qwen2.5 or Instruct tokenizer: the same ids,
+    and its chat template and special tokens); without a recorded one, the source's; else none, with a warning that
+    says how to choose one (evaluation tools and vLLM load the tokenizer from the model directory)."""
+    from qwen2_dist.model.hf import has_tokenizer, load_export_tokenizer
 
     if choice != "auto":
-        return None if choice == "none" else choice
+        return None if choice == "none" else load_export_tokenizer(choice, vocab_size)
     data = meta.get("data_tokenizer")
     source = (meta.get("hf_source") or {}).get("path") if isinstance(meta.get("hf_source"), dict) else None
+    if not (isinstance(source, str) and os.path.isdir(source) and has_tokenizer(source)):
+        source = None
+    if data == "qwen2" and source is not None:
+        try:
+            candidate = load_export_tokenizer(source, vocab_size)
+            mismatch = _qwen2_mismatch(candidate)
+        except UserError as exc:
+            candidate, mismatch = None, str(exc)
+        if mismatch is None:
+            log.info("tokenizer: the one of %s, the Hugging Face weights the run started from, with its chat template "
+                     "and special tokens: it encodes text as qwen2 (which the training data was prepared with) does "
+                     "(--tokenizer to choose another)", source)
+            return candidate
+        log.warning("tokenizer: qwen2, which the training data was prepared with, not the one of %s, the Hugging "
+                    "Face weights the run started from (%s): the export has neither that one's chat template nor its "
+                    "extra special tokens (--tokenizer %s writes it even so)", source, mismatch, source)
+        return load_export_tokenizer(data, vocab_size)
     if isinstance(data, str) and (data == "qwen2" or os.path.isdir(data) or not data.startswith((".", "/", "~"))):
         log.info("tokenizer: %s, which the training data was prepared with (--tokenizer to choose another)", data)
-        return data
+        return load_export_tokenizer(data, vocab_size)
     if isinstance(data, str):
         log.warning("tokenizer: the training data was prepared with %s, which is not a directory here", data)
-    if isinstance(source, str) and os.path.isdir(source) and has_tokenizer(source):
+    if source is not None:
         log.info("tokenizer: the one of %s, the Hugging Face weights the run started from (--tokenizer to choose "
                  "another)", source)
-        return source
+        return load_export_tokenizer(source, vocab_size)
     log.warning("no tokenizer written: the checkpoint names no one tokenizer its data was prepared with that is "
                 "found here (saved before 2026-12-05, trained on data.synthetic, sources prepared with different "
                 "tokenizers, or a tokenizer directory moved since). Tools such as vLLM and lm-eval load the "
@@ -192,13 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     p_to.add_argument("ckpt_dir")
     p_to.add_argument("hf_dir")
     p_to.add_argument("--max-shard-gib", type=float, default=5.0, help="largest safetensors file (GiB)")
-    p_to.add_argument("--dtype", default=None,
-                      help="float32, bfloat16 or float16 (default: float32, the master weights as the checkpoint "
-                      "holds them; bfloat16 halves the files)")
+    p_to.add_argument("--dtype", default="bfloat16",
+                      help="bfloat16 (default: as the published Qwen2 weights, and what vLLM's --dtype auto serves "
+                      "them in), float32 (the master weights exactly, twice the files) or float16")
     p_to.add_argument("--tokenizer", default="auto",
                       help="tokenizer files written beside the weights: qwen2 (the embedded Qwen2 vocabulary), a "
                       "Hugging Face tokenizer directory, none, or auto (default: the tokenizer the training data "
-                      "was prepared with, else the one of the Hugging Face weights the run started from)")
+                      "was prepared with, or, for data prepared with qwen2, the one of the Hugging Face weights the "
+                      "run started from when it encodes alike: its chat template and special tokens)")
     p_to.add_argument("--no-checksums", action="store_true",
                       help="check the checkpoint's file sizes only, not their checksums (which reads every file once "
                            "more, optimizer state included)")

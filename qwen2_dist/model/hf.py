@@ -8,6 +8,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -15,9 +16,12 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from qwen2_dist.errors import UserError
-from qwen2_dist.fsutil import fsync_path, new_output_dir, replace_dir
+from qwen2_dist.fsutil import OutputTaken, fsync_path, new_output_dir, publish_dir, replace_dir
 from qwen2_dist.model.args import INERT_ARGS, ModelArgs
 from qwen2_dist.model.qwen2 import Qwen2, build_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
@@ -69,12 +73,13 @@ def args_from_hf_config(config: dict, file: str = CONFIG_NAME) -> ModelArgs:
     rope_type = (rope_scaling.get("rope_type") or rope_scaling.get("type")) if isinstance(rope_scaling, dict) else None
     if rope_scaling is not None and rope_type != "default":
         raise _refuse(file, "rope_scaling", rope_scaling, "set it to null; only unscaled RoPE is implemented")
-    rope_parameters = config.get("rope_parameters")
-    if rope_parameters is not None:
+    # transformers applies it wherever it is given (rope_parameters too): RoPE on that fraction of a head only.
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _refuse(file, "partial_rotary_factor", config["partial_rotary_factor"],
+                      "RoPE rotates every dimension of a head here; set it to 1.0 or remove it")
+    if config.get("rope_parameters") is not None:
         # transformers >= 5 writes the RoPE settings here (theta included) instead of rope_theta / rope_scaling.
-        if not isinstance(rope_parameters, dict) or rope_parameters.get("rope_type", "default") != "default":
-            raise _refuse(file, "rope_parameters", rope_parameters,
-                          'only unscaled RoPE is implemented (rope_type "default")')
+        rope_parameters = _unscaled_rope(file, config["rope_parameters"])
         if "rope_theta" in rope_parameters:
             theta = rope_parameters["rope_theta"]
             if "rope_theta" in config and config["rope_theta"] != theta:
@@ -88,8 +93,10 @@ def args_from_hf_config(config: dict, file: str = CONFIG_NAME) -> ModelArgs:
         raise _refuse(file, "mlp_bias", config["mlp_bias"], "Qwen2's MLP has no bias")
     if config.get("attention_dropout", 0.0) != 0.0:
         raise _refuse(file, "attention_dropout", config["attention_dropout"], "set it to 0.0; there is no dropout")
-    if config.get("quantization_config") is not None:
-        raise _refuse(file, "quantization_config", config["quantization_config"], "load an unquantized checkpoint")
+    # "quantization" is MLX's spelling: its files hold packed integer weights, scales and biases.
+    for key in ("quantization_config", "quantization"):
+        if config.get(key) is not None:
+            raise _refuse(file, key, config[key], "load an unquantized checkpoint")
 
     values = {}
     for key in _SIZE_KEYS:
@@ -123,6 +130,36 @@ def args_from_hf_config(config: dict, file: str = CONFIG_NAME) -> ModelArgs:
     return args
 
 
+_ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+
+
+def _unscaled_rope(file: str, rope: object) -> dict:
+    """config.json's rope_parameters as one flat dict of plain RoPE settings (_ROPE_KEYS); the per-layer-type form
+    unwrapped when every layer type has the same. UserError naming the key for anything else: transformers would
+    compute another RoPE from it (a scaled rope_type, also under the older key "type", or its parameters)."""
+    key = "rope_parameters"
+    if isinstance(rope, dict) and rope and all(isinstance(value, dict) for value in rope.values()):
+        # {"full_attention": {...}, "sliding_attention": {...}}: transformers 5's form for models that mix layer types.
+        settings = list(rope.values())
+        if any(other != settings[0] for other in settings[1:]):
+            raise _refuse(file, key, rope, "its layer types' RoPE settings differ; the model has one RoPE for all "
+                          "layers")
+        key, rope = f"{key}.{next(iter(rope))}", settings[0]
+    if not isinstance(rope, dict):
+        raise _refuse(file, key, rope, 'write it as {"rope_type": "default", "rope_theta": THETA}')
+    for name in ("rope_type", "type"):
+        if rope.get(name, "default") != "default":
+            raise _refuse(file, f"{key}.{name}", rope[name], 'only unscaled RoPE is implemented (rope_type "default")')
+    unknown = [name for name in rope if name not in _ROPE_KEYS]
+    if unknown:
+        raise _refuse(file, f"{key}.{unknown[0]}", rope[unknown[0]],
+                      f"only unscaled RoPE is implemented, with the settings {', '.join(_ROPE_KEYS)}; remove it")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise _refuse(file, f"{key}.partial_rotary_factor", rope["partial_rotary_factor"],
+                      "RoPE rotates every dimension of a head here; set it to 1.0 or remove it")
+    return rope
+
+
 def hf_source_fields(path: str) -> dict:
     """What of a Hugging Face checkpoint directory its export should carry (recorded as a checkpoint's
     "hf_source"): config.json's SOURCE_KEYS, generation_config.json when there is one, and the directory's path
@@ -147,20 +184,18 @@ def has_tokenizer(path: str) -> bool:
         os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")))
 
 
-def write_tokenizer(spec: str, out_dir: str, vocab_size: int) -> dict[str, int | None]:
-    """Tokenizer files in out_dir: spec "qwen2" for the embedded Qwen2 vocabulary (qwen2-prepare's default), or a
-    Hugging Face tokenizer directory (or hub id in the local cache) saved again by transformers. UserError when it
-    cannot be loaded, or has ids the model's vocabulary (vocab_size rows) cannot hold. Returns its bos_token_id
-    and eos_token_id as config.json gives them: eos the id that ended the documents the data was prepared from
-    (data.tokenizer.document_separator), which is what a trained model predicts at a document's end."""
-    from qwen2_dist.data.tokenizer import QWEN2_VOCAB_SIZE, document_separator, save_qwen2_hf_tokenizer
+def load_export_tokenizer(spec: str, vocab_size: int) -> "str | PreTrainedTokenizerBase":
+    """The tokenizer write_tokenizer writes for spec, loaded and checked now, so that one that cannot be written fails
+    before any weight is read: "qwen2" for the embedded Qwen2 vocabulary (qwen2-prepare's default), or the
+    transformers tokenizer of a Hugging Face tokenizer directory (or hub id in the local cache). UserError when it
+    cannot be loaded, or has ids the model's vocabulary (vocab_size rows) cannot hold."""
+    from qwen2_dist.data.tokenizer import QWEN2_VOCAB_SIZE
 
     if spec == "qwen2":
         if vocab_size < QWEN2_VOCAB_SIZE:
             raise UserError(f"--tokenizer qwen2: its {QWEN2_VOCAB_SIZE} tokens do not fit the model's vocab_size "
                             f"{vocab_size}; pass the tokenizer the data was prepared with (--tokenizer DIR)")
-        save_qwen2_hf_tokenizer(out_dir)
-        return {"bos_token_id": QWEN2_EOS_TOKEN_ID, "eos_token_id": QWEN2_EOS_TOKEN_ID}  # as Qwen2's own config
+        return spec
     fix = "pass --tokenizer qwen2, a Hugging Face tokenizer directory, or --tokenizer none"
     try:
         from transformers import AutoTokenizer
@@ -172,8 +207,22 @@ def write_tokenizer(spec: str, out_dir: str, vocab_size: int) -> dict[str, int |
     if len(tokenizer) > vocab_size:
         raise UserError(f"--tokenizer {spec}: {len(tokenizer)} tokens, more than the model's vocab_size "
                         f"{vocab_size}; {fix}")
-    tokenizer.save_pretrained(out_dir)
-    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": document_separator(tokenizer)}
+    return tokenizer
+
+
+def write_tokenizer(tokenizer: "str | PreTrainedTokenizerBase", out_dir: str,
+                    vocab_size: int) -> dict[str, int | None]:
+    """Tokenizer files in out_dir: tokenizer is load_export_tokenizer's, or a spec it loads. Returns its bos_token_id
+    and eos_token_id as config.json gives them: eos the id that ended the documents the data was prepared from
+    (data.tokenizer.document_separator), which is what a trained model predicts at a document's end."""
+    from qwen2_dist.data.tokenizer import document_separator, save_qwen2_hf_tokenizer
+
+    loaded = load_export_tokenizer(tokenizer, vocab_size) if isinstance(tokenizer, str) else tokenizer
+    if isinstance(loaded, str):  # "qwen2"
+        save_qwen2_hf_tokenizer(out_dir)
+        return {"bos_token_id": QWEN2_EOS_TOKEN_ID, "eos_token_id": QWEN2_EOS_TOKEN_ID}  # as Qwen2's own config
+    loaded.save_pretrained(out_dir)
+    return {"bos_token_id": loaded.bos_token_id, "eos_token_id": document_separator(loaded)}
 
 
 def hf_config_from_args(args: ModelArgs, torch_dtype: str = "float32", source: dict | None = None,
@@ -219,8 +268,10 @@ def _hf_config(args: ModelArgs, torch_dtype: str) -> dict:
         "bos_token_id": QWEN2_EOS_TOKEN_ID,
         "eos_token_id": QWEN2_EOS_TOKEN_ID,
         "use_cache": True,
-        # "torch_dtype" rather than the newer "dtype": every transformers version since 4.45 reads it.
+        # Both spellings: transformers before 4.56 (and tools reading config.json, vLLM's --dtype auto) read
+        # "torch_dtype"; later versions read "dtype" first, and load either without a deprecation warning.
         "torch_dtype": torch_dtype,
+        "dtype": torch_dtype,
     }
 
 
@@ -410,6 +461,7 @@ class _MappedSafetensors:
     back): nothing is read until used, and what is read stays page cache the kernel can drop, not process memory."""
 
     def __init__(self, file: str):
+        self.file = file
         with open(file, "rb") as f:
             self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         header_len = int.from_bytes(self.map[:8], "little")
@@ -420,7 +472,8 @@ class _MappedSafetensors:
         entry = self.header[name]
         dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
         if dtype is None:
-            raise UserError(f"{name}: dtype {entry['dtype']}; only floating-point weights load")
+            raise UserError(f"{self.file}: {name} has dtype {entry['dtype']}; only floating-point weights load "
+                            "(BF16, F16, F32, F64): a quantized checkpoint is not read, load an unquantized one")
         begin, end = entry["data_offsets"]
         count = (end - begin) // dtype.itemsize
         if count == 0:
@@ -511,16 +564,19 @@ def check_hf_matches(path: str, args: ModelArgs) -> None:
     that change no weight and no computation of a training step are not compared), or a weight file or tensor that
     is missing or of the wrong shape; reads the files' headers, no tensor data."""
     hf_args, files = inspect_hf(path)
-    differ = [f"{k}: {v} vs {getattr(args, k)}" for k, v in hf_args.to_dict().items()
-              if k not in INERT_ARGS and getattr(args, k) != v]
+    theirs = hf_args.to_dict()
+    differ = [key for key, value in theirs.items() if key not in INERT_ARGS and getattr(args, key) != value]
     if differ:
         from qwen2_dist.model.args import SIZES
 
         same = [name for name, size in SIZES.items()
-                if all(getattr(size, k) == v for k, v in hf_args.to_dict().items() if k not in INERT_ARGS)]
-        fix = f"set model={same[0]}" if same else "pick the matching model= or model.* overrides"
+                if all(getattr(size, k) == v for k, v in theirs.items() if k not in INERT_ARGS)]
+        # As checkpoint.check_model_args words it for a checkpoint of another size.
+        overrides = " ".join(f"model.{key}={theirs[key]}" for key in differ)
+        fix = f"set model={same[0]}" if same else f"set the model.* overrides that match it: {overrides}"
+        diffs = ", ".join(f"{key} {theirs[key]} vs {getattr(args, key)}" for key in differ)
         raise UserError(f"model.init_from_hf={path}: config.json differs from the model being trained "
-                        f"({'; '.join(differ)}); {fix}")
+                        f"(config.json vs job: {diffs}); {fix}")
     try:
         _check_headers(files, hf_args)
         hf_source_fields(path)  # what the run's checkpoints will record of it: a bad generation_config.json
@@ -602,13 +658,14 @@ def write_hf_from(
     dtype: torch.dtype,
     overwrite: bool = False,
     source: dict | None = None,
-    tokenizer: str | None = None,
+    tokenizer: "str | PreTrainedTokenizerBase | None" = None,
 ) -> None:
     """Write a HF checkpoint whose tensors come from fetch(native names), called once per output file.
 
     Only one output file's tensors are in memory at a time, so a model larger than memory exports too. source:
     see hf_config_from_args; its generation_config is written as generation_config.json. tokenizer: tokenizer
-    files written beside the weights (write_tokenizer), or none.
+    files written beside the weights (write_tokenizer), or none. Without overwrite, an output that another process
+    wrote at out_dir meanwhile is left alone (fsutil.OutputTaken: this one is kept beside it).
     """
     if max_shard_bytes <= 0:
         raise UserError(f"max_shard_bytes={max_shard_bytes}: the largest safetensors file must be a positive size")
@@ -653,7 +710,12 @@ def write_hf_from(
         for name in os.listdir(tmp):  # on disk before the export is renamed into place, complete
             fsync_path(os.path.join(tmp, name))
         fsync_path(tmp)
-        replace_dir(tmp, out_dir)
+        if overwrite:
+            replace_dir(tmp, out_dir)
+        else:
+            publish_dir(tmp, out_dir)
+    except OutputTaken:
+        raise  # the finished output stays where the message says, not deleted with a failed one's
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

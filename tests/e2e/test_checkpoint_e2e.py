@@ -114,7 +114,9 @@ def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_ca
     assert (ckpt / "metadata.json").is_file()
 
     hf_out = tmp_path / "hf_out"
-    export = run_cli("qwen2_dist.cli.convert", ["to-hf", str(ckpt), str(hf_out), "--max-shard-gib", "0.004"])
+    # float32: the fp32 weights exactly, compared below (the default, bfloat16, rounds them).
+    export = run_cli("qwen2_dist.cli.convert", ["to-hf", str(ckpt), str(hf_out), "--max-shard-gib", "0.004",
+                                                "--dtype", "float32"])
     assert export.returncode == 0, export.stderr[-3000:]
     assert (hf_out / "model.safetensors.index.json").is_file()
     exported = Qwen2ForCausalLM.from_pretrained(hf_out)

@@ -180,7 +180,7 @@ def test_write_bfloat16(tmp_path):
     args, native = read_hf_state_dict(save_hf(make_hf_model("gqa2_untied"), tmp_path / "hf", sharded=False))
     write_hf(native, args, str(tmp_path / "out"), dtype=torch.bfloat16)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert config["torch_dtype"] == "bfloat16"
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
     written = load_file(tmp_path / "out" / WEIGHTS_NAME)
     assert written.keys() == native_to_hf_state_dict(native, args).keys()
     for name, tensor in native.items():
@@ -393,6 +393,8 @@ def base_config() -> dict:
         ("head_dim", 32, "head_dim=32.*= 16"),
         ("num_key_value_heads", 3, "not divisible by num_key_value_heads 3"),
         ("hidden_size", "64", 'hidden_size="64" has the wrong type'),
+        ("quantization", {"group_size": 64, "bits": 4}, r'quantization=\{"group_size": 64, "bits": 4\}.*unquantized'),
+        ("quantization_config", {"quant_method": "awq"}, "quantization_config=.*unquantized"),
     ],
 )
 def test_unsupported_configs_are_refused(key, value, message):
@@ -434,8 +436,42 @@ def test_transformers_5_rope_parameters_are_read_and_checked():
         args_from_hf_config(config)
     del config["rope_theta"]
     config["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}
-    with pytest.raises(UserError, match=r'rope_parameters=.*"yarn".*only unscaled RoPE'):
+    with pytest.raises(UserError, match=r'config.json: rope_parameters.rope_type="yarn" .*only unscaled RoPE'):
         args_from_hf_config(config)
+
+
+@pytest.mark.parametrize("rope, message", [
+    # "type" is the older key for the RoPE type, which transformers still reads.
+    ({"type": "yarn", "factor": 4.0}, r'rope_parameters.type="yarn" is not supported.*only unscaled RoPE'),
+    ({"rope_type": "default", "rope_theta": 1e6, "factor": 4.0}, r"rope_parameters.factor=4.0 .*; remove it"),
+    ({"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5},
+     r"rope_parameters.partial_rotary_factor=0.5 .*set it to 1.0"),
+    ({"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+     r"rope_parameters=.*layer types' RoPE settings differ"),
+    ({"full_attention": {"rope_type": "linear", "factor": 2.0}}, r'rope_parameters.full_attention.rope_type="linear"'),
+    ("default", r'rope_parameters="default" .*write it as'),
+])
+def test_rope_parameters_that_are_not_plain_rope_are_refused_naming_the_key(rope, message):
+    config = base_config()
+    del config["rope_theta"], config["rope_scaling"]
+    config["rope_parameters"] = rope
+    with pytest.raises(UserError, match=rf"^config.json: {message}"):
+        args_from_hf_config(config)
+
+
+def test_rope_parameters_per_layer_type_and_a_full_rotary_factor_are_read():
+    """transformers 5's per-layer-type form, with one RoPE for every layer type, is that RoPE: its theta, not the
+    default 10000 that a config.json without rope_theta would otherwise mean."""
+    config = base_config()
+    del config["rope_theta"], config["rope_scaling"]
+    config["rope_parameters"] = {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}
+    assert args_from_hf_config(config).rope_theta == 1e6
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e5, "partial_rotary_factor": 1.0}
+    assert args_from_hf_config({**config, "partial_rotary_factor": 1.0}).rope_theta == 5e5
+    # transformers rotates only this fraction of each head when the key is at the top level too.
+    with pytest.raises(UserError, match=r"^config.json: partial_rotary_factor=0.5 is not supported"):
+        args_from_hf_config({**config, "partial_rotary_factor": 0.5})
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -517,44 +553,114 @@ def test_write_refuses_non_empty_dir_and_failures_leave_nothing(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == ["hf", "out"]
 
 
-def test_the_export_writes_the_tokenizer_the_data_was_prepared_with(tmp_path, caplog):
-    from qwen2_dist.cli.convert import export_tokenizer
+@pytest.fixture(scope="module")
+def qwen2_tokenizer_dir(tmp_path_factory) -> str:
+    """The embedded Qwen2 vocabulary as Hugging Face tokenizer files (a few seconds to write: once per module)."""
     from qwen2_dist.data.tokenizer import save_qwen2_hf_tokenizer
 
+    path = str(tmp_path_factory.mktemp("qwen2_tokenizer"))
+    save_qwen2_hf_tokenizer(path)
+    return path
+
+
+def save_word_tokenizer(path) -> None:
+    """A small tokenizer of its own (words w0..w99, <s>, </s>), unlike Qwen2's."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(100)}}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>") \
+        .save_pretrained(path)
+
+
+def test_the_export_writes_the_tokenizer_the_data_was_prepared_with(tmp_path, caplog, monkeypatch):
+    from qwen2_dist.cli.convert import export_tokenizer
+
+    monkeypatch.setattr(hf_module, "load_export_tokenizer", lambda spec, vocab_size: f"loaded {spec}")
     source = tmp_path / "hf_source"
     source.mkdir()
     no_tokenizer = tmp_path / "bare"
     no_tokenizer.mkdir()
-    assert export_tokenizer("auto", {"data_tokenizer": "qwen2", "hf_source": {"path": str(source)}}) == "qwen2"
-    assert export_tokenizer("auto", {"data_tokenizer": str(source)}) == str(source)
-    assert export_tokenizer("auto", {"data_tokenizer": "Qwen/Qwen2-0.5B"}) == "Qwen/Qwen2-0.5B"  # a hub id
+    rows = 151936
+    assert export_tokenizer("auto", {"data_tokenizer": "qwen2", "hf_source": {"path": str(no_tokenizer)}},
+                            rows) == "loaded qwen2"
+    assert export_tokenizer("auto", {"data_tokenizer": str(source)}, rows) == f"loaded {source}"
+    assert export_tokenizer("auto", {"data_tokenizer": "Qwen/Qwen2-0.5B"}, rows) == "loaded Qwen/Qwen2-0.5B"  # hub id
     # A tokenizer directory gone since: the weights' source's, else none, with a warning.
-    assert export_tokenizer("auto", {"data_tokenizer": "/moved/tok"}) is None
+    assert export_tokenizer("auto", {"data_tokenizer": "/moved/tok"}, rows) is None
     assert "prepared with /moved/tok, which is not a directory here" in caplog.text
-    assert export_tokenizer("auto", {"hf_source": {"path": str(no_tokenizer)}}) is None  # a checkpoint before
+    assert export_tokenizer("auto", {"hf_source": {"path": str(no_tokenizer)}}, rows) is None  # a checkpoint before
     assert "no tokenizer written" in caplog.text and "--tokenizer qwen2" in caplog.text
-    save_qwen2_hf_tokenizer(str(source))
-    assert export_tokenizer("auto", {"hf_source": {"path": str(source)}}) == str(source)
-    assert export_tokenizer("none", {"data_tokenizer": "qwen2"}) is None
-    assert export_tokenizer(str(tmp_path), {"data_tokenizer": "qwen2"}) == str(tmp_path)
+    (source / "tokenizer.json").write_text("{}")
+    assert export_tokenizer("auto", {"hf_source": {"path": str(source)}}, rows) == f"loaded {source}"
+    assert export_tokenizer("auto", {"data_tokenizer": "/moved/tok", "hf_source": {"path": str(source)}},
+                            rows) == f"loaded {source}"
+    assert export_tokenizer("none", {"data_tokenizer": "qwen2"}, rows) is None
+    assert export_tokenizer(str(tmp_path), {"data_tokenizer": "qwen2"}, rows) == f"loaded {tmp_path}"
+
+
+def test_auto_writes_the_source_tokenizer_with_its_chat_template_when_it_encodes_as_the_data_s_qwen2(
+        tmp_path, caplog, qwen2_tokenizer_dir):
+    """A run started from Qwen2.5(-Instruct) weights on data prepared with tokenizer=qwen2: the export carries the
+    source's tokenizer (same ids for the Qwen2 vocabulary, plus its chat template and extra special tokens); a
+    source tokenizer that encodes otherwise is not written, with a warning that says what is lost."""
+    import logging
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from qwen2_dist.cli.convert import export_tokenizer
+    from qwen2_dist.model.hf import write_tokenizer
+
+    caplog.set_level(logging.INFO, logger="qwen2_dist")
+    source = tmp_path / "qwen2.5-instruct"
+    shutil.copytree(qwen2_tokenizer_dir, source)
+    template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    qwen25 = AutoTokenizer.from_pretrained(source)
+    qwen25.add_special_tokens({"additional_special_tokens": ["<|object_ref_start|>", "<|fim_prefix|>"]},
+                              replace_additional_special_tokens=False)
+    qwen25.chat_template = template
+    qwen25.save_pretrained(source)
+    rows = 151936
+    chosen = export_tokenizer("auto", {"data_tokenizer": "qwen2", "hf_source": {"path": str(source)}}, rows)
+    assert f"tokenizer: the one of {source}" in caplog.text and "encodes text as qwen2" in caplog.text
+    write_tokenizer(chosen, str(tmp_path / "out"), rows)
+    written = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert written.chat_template == template and written.convert_tokens_to_ids("<|fim_prefix|>") == 151647
+
+    caplog.clear()
+    save_word_tokenizer(tmp_path / "words")
+    meta = {"data_tokenizer": "qwen2", "hf_source": {"path": str(tmp_path / "words")}}
+    assert export_tokenizer("auto", meta, rows) == "qwen2"
+    assert (f"tokenizer: qwen2, which the training data was prepared with, not the one of {tmp_path / 'words'}"
+            in caplog.text and "it encodes 'Hello, world!" in caplog.text and "chat template" in caplog.text)
+    # The same text, other special tokens: Qwen2's <|im_end|> is not where qwen2 has it.
+    config_file = source / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["added_tokens_decoder"]["151645"]["content"] = "<|im_stop|>"
+    tokens = json.loads((source / "tokenizer.json").read_text())
+    for token in tokens["added_tokens"]:
+        token["content"] = token["content"].replace("<|im_end|>", "<|im_stop|>")
+    (source / "tokenizer.json").write_text(json.dumps(tokens))
+    config_file.write_text(json.dumps(config))
+    caplog.clear()
+    assert export_tokenizer("auto", {"data_tokenizer": "qwen2", "hf_source": {"path": str(source)}}, rows) == "qwen2"
+    assert "its <|im_end|> is id" in caplog.text
 
 
 def test_an_export_gives_config_json_the_token_ids_of_the_tokenizer_written_beside_it(tmp_path):
     """A run from scratch on data prepared with a tokenizer of its own ends each document with that tokenizer's
     separator: config.json (and the generation config transformers derives from it) must stop there, not at Qwen2's
     <|endoftext|> id, an untrained row of this model; the weights a run started from keep their own ids."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
+    from transformers import AutoConfig, GenerationConfig
 
     from qwen2_dist.data.tokenizer import load_tokenizer
     from qwen2_dist.model.args import get_model_args
     from qwen2_dist.model.hf import native_shapes, write_hf_from
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(100)}}
-    words = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=words, bos_token="<s>", eos_token="</s>", unk_token="<unk>") \
-        .save_pretrained(tmp_path / "tok")
+    save_word_tokenizer(tmp_path / "tok")
     assert load_tokenizer(str(tmp_path / "tok")).eos_id == 2  # what qwen2-prepare ended each document with
     small, qwen2 = get_model_args("tiny", vocab_size=128), get_model_args("tiny")
     for name, args, tokenizer, source, expected in (
@@ -607,9 +713,15 @@ def test_weights_of_a_named_size_name_it_as_the_fix(tmp_path, monkeypatch):
     from qwen2_dist.model import args as args_module
     from qwen2_dist.model.args import get_model_args
 
+    from omegaconf import OmegaConf
+
     path = save_hf(make_hf_model("gqa2_untied"), tmp_path / "hf", sharded=False)
-    with pytest.raises(UserError, match=r"pick the matching model= or model.\* overrides$"):
+    with pytest.raises(UserError, match=r"\(config.json vs job: vocab_size 1000 vs 151936, hidden_size 64 vs 32, .*"
+                                        r"\); set the model.\* overrides that match it: model.vocab_size=1000 ") as err:
         hf_module.check_hf_matches(path, get_model_args("tiny"))
+    # The overrides given, parsed as the command line parses them, make a job that matches.
+    overrides = str(err.value).split("that match it: ")[1].split()
+    hf_module.check_hf_matches(path, get_model_args("tiny", **OmegaConf.from_dotlist(overrides).model))
     # As if these were a published size's weights, of an Instruct model (whose context changes no weight).
     args, _ = read_hf_state_dict(path)
     monkeypatch.setitem(args_module.SIZES, "qwen2-small", dataclasses.replace(args, max_position_embeddings=131072))
@@ -661,6 +773,101 @@ def test_mapped_tensors_are_views_of_the_files_not_copies(tmp_path, monkeypatch)
     for name, tensor in mapped.items():
         assert any(base <= tensor.data_ptr() < base + size for base, size in spans), name
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, copied[name])
+
+
+def test_a_mapped_tensor_of_an_integer_dtype_is_refused_naming_its_file(tmp_path):
+    path = save_hf(make_hf_model("mha_tied"), tmp_path / "hf", sharded=False)
+    file = os.path.join(path, WEIGHTS_NAME)
+    tensors = load_file(file)
+    save_file({**tensors, "model.norm.weight": torch.ones(64, dtype=torch.int32)}, file, metadata={"format": "pt"})
+    with pytest.raises(UserError, match=rf"^{file}: model.norm.weight has dtype I32; only floating-point weights"):
+        read_hf_state_dict(path, mapped=True)
+
+
+def make_checkpoint(tmp_path) -> tuple[str, dict]:
+    """A committed checkpoint converted from random tiny bf16 HF weights (qwen2-convert from-hf), and the weights."""
+    from qwen2_dist.cli.convert import from_hf
+
+    model = make_hf_model("gqa2_untied").to(torch.bfloat16)
+    path = save_hf(model, tmp_path / "hf", sharded=False)
+    return from_hf(path, str(tmp_path / "ckpt")), load_file(os.path.join(path, WEIGHTS_NAME))
+
+
+def test_the_export_defaults_to_bfloat16_both_dtype_keys_say_so_and_float32_stays_exact(tmp_path):
+    """The published Qwen2 weights are bf16, and vLLM's --dtype auto serves a config that says float32 in fp16,
+    where Qwen2 can overflow: the export writes bf16 unless told otherwise, and config.json says so under both keys
+    (torch_dtype: transformers < 4.56 and tools reading the file; dtype: later transformers, which then warns of
+    nothing)."""
+    import io
+    import logging
+
+    from transformers import AutoConfig
+
+    from qwen2_dist.cli.convert import main as convert_main
+
+    ckpt, source = make_checkpoint(tmp_path)
+    for flags, dtype in (([], torch.bfloat16), (["--dtype", "float32"], torch.float32)):
+        out = tmp_path / f"out_{dtype}"
+        assert convert_main(["to-hf", ckpt, str(out), "--no-checksums", *flags]) == 0
+        config = json.loads((out / "config.json").read_text())
+        name = str(dtype).removeprefix("torch.")
+        assert config["torch_dtype"] == config["dtype"] == name
+        written = load_file(out / WEIGHTS_NAME)
+        assert written.keys() == source.keys()
+        assert all(t.dtype == dtype and torch.equal(t, source[k].to(dtype)) for k, t in written.items())
+    messages = io.StringIO()
+    handler = logging.StreamHandler(messages)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        assert AutoConfig.from_pretrained(tmp_path / "out_torch.bfloat16").dtype == torch.bfloat16
+        Qwen2ForCausalLM.from_pretrained(tmp_path / "out_torch.bfloat16", dtype="auto")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert "deprecated" not in messages.getvalue()
+
+
+def test_the_export_loads_the_tokenizer_before_it_checks_the_checkpoint_s_files(tmp_path, monkeypatch):
+    """Checking every file's checksum reads the whole checkpoint (about a TB for 72B with its optimizer state): a
+    tokenizer that cannot be written must fail before, in seconds."""
+    from qwen2_dist.cli.convert import to_hf
+    from qwen2_dist.train import checkpoint
+
+    ckpt, _ = make_checkpoint(tmp_path)
+
+    def verify(*_):
+        raise AssertionError("the checkpoint's files were checked before the tokenizer was loaded")
+
+    monkeypatch.setattr(checkpoint, "verify", verify)
+    with pytest.raises(UserError, match=rf"--tokenizer {tmp_path}/typo: could not load a Hugging Face tokenizer"):
+        to_hf(ckpt, str(tmp_path / "out"), tokenizer=str(tmp_path / "typo"))
+    with pytest.raises(UserError, match="--tokenizer qwen2: its 151646 tokens do not fit the model's vocab_size 1000"):
+        to_hf(ckpt, str(tmp_path / "out"), tokenizer="qwen2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_export_never_replaces_what_another_wrote_at_its_path_meanwhile(tmp_path):
+    """Two exports to one path: each checked that it was free when it started; the one that finishes second must
+    neither delete the first one's output nor its own, and say where its own is."""
+    from qwen2_dist.model.args import get_model_args
+    from qwen2_dist.model.hf import native_shapes, write_hf_from
+
+    args = get_model_args("tiny", vocab_size=128)
+    shapes = native_shapes(args)
+    out = tmp_path / "out"
+
+    def fetch(names):
+        if not out.exists():  # the other export finishes while this one is writing
+            out.mkdir()
+            (out / "config.json").write_text("the other export's")
+        return {n: torch.ones(shapes[n]) for n in names}
+
+    with pytest.raises(UserError, match=rf"^{out}: was written by something else .* this output is complete in "
+                                        rf"{tmp_path}/\.out\.tmp-\w+: check {out}") as err:
+        write_hf_from(fetch, args, str(out), 1 << 30, torch.bfloat16)
+    assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == "the other export's"
+    kept = str(err.value).split("this output is complete in ")[1].split(":")[0]
+    assert sorted(os.listdir(kept)) == ["config.json", WEIGHTS_NAME]
+    assert args_from_hf_config(json.loads(open(os.path.join(kept, "config.json")).read())) == args
 
 
 # The published Qwen2 base configs (shared/notes/qwen2-facts.md: the model cards and config.json files), typed in
