@@ -250,9 +250,10 @@ fi
 # get_total_norm's, bitwise; the loss's head gradient accumulated in fp32 by the matmul itself (the default path since
 # the last GPU run), and whether this torch has that; a compiled block's weight gradients written in fp32 by their
 # matmuls (parallel.fp32_weight_grads) against an fp64 reference; a skip verdict made on the GPU skipping the fused
-# AdamW of parameters on the CPU (parallel.cpu_offload).
+# AdamW of parameters on the CPU, and a model built with parallel.cpu_offload training and skipping a NaN step.
 step fast_path_gpu 90 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_optim_overlap_gpu.py \
-    tests/unit/test_loss_gpu.py tests/unit/test_passes_gpu.py tests/unit/test_found_inf_gpu.py
+    tests/unit/test_loss_gpu.py tests/unit/test_passes_gpu.py tests/unit/test_found_inf_gpu.py \
+    tests/unit/test_cpu_offload_gpu.py
 
 # 7. The same comparison at 4 micro-batches per optimizer step, as a pretraining batch of millions of tokens on few
 # GPUs takes it (the optimizer's fixed cost shared by 4 micro-batches, for ours and the baseline alike).

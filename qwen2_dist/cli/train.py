@@ -126,7 +126,9 @@ def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh 
                                                 job.model.args().head_dim))
     model = parallelize(model, mesh, job.parallel, torch.bfloat16 if bf16 else torch.float32, device_type,
                         float8=job.model.float8, kernels=job.model.kernels)
-    model.to_empty(device=world.device)
+    # FSDP's CPU offload keeps the sharded parameters on the CPU (it gathers them onto the GPU for each forward and
+    # backward) and refuses, at the first forward, parameters materialized on the GPU.
+    model.to_empty(device="cpu" if job.parallel.cpu_offload else world.device)
     from_hf = load_weights and job.model.init_from_hf
     from_checkpoint = load_weights and job.model.init_from_checkpoint
     if restoring or from_hf or from_checkpoint:

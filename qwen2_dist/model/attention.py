@@ -43,16 +43,24 @@ def document_mask(positions: torch.Tensor, backend: str) -> DocumentMask:
         return DocumentMask(cu_seqlens=cu_seqlens, max_seqlen=seq_len)
     document = starts.cumsum(dim=1)
     if backend == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-
         def same_document_causal(b, h, q, kv):
             return (document[b, q] == document[b, kv]) & (kv <= q)
 
-        return DocumentMask(block_mask=create_block_mask(
+        return DocumentMask(block_mask=_block_mask_maker(positions.device.type)(
             same_document_causal, batch, None, seq_len, seq_len, device=positions.device
         ))
     causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=positions.device).tril()
     return DocumentMask(dense=((document[:, :, None] == document[:, None, :]) & causal)[:, None])
+
+
+@functools.cache
+def _block_mask_maker(device_type: str):
+    """create_block_mask, compiled on CUDA: eager, it first builds the dense (batch, 1, seq, seq) mask and reduces it
+    to blocks (at seq 32768, 1 GiB a sample, every forward); compiled, the reduction is fused and no dense mask is
+    made. Eager on the CPU, where FlexAttention serves tests only and a compile would cost more than the mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask) if device_type == "cuda" else create_block_mask
 
 
 def flash_attn_available() -> bool:
