@@ -220,11 +220,12 @@ class Qwen2(nn.Module):
                     scratch = torch.empty(max(p.numel() for p in self.parameters()))
                 value = scratch[:param.numel()].view(param.shape).normal_(0.0, std, generator=generator)
                 if isinstance(param, DTensor):
-                    # Every rank drew the same values: each keeps its own shard, nothing is sent.
-                    value = distribute_tensor(
-                        value.to(param.device), param.device_mesh, param.placements, src_data_rank=None
-                    )
-                param.copy_(value)
+                    # Every rank drew the same values: each keeps its own shard, nothing is sent. Copied shard to
+                    # shard: under FSDP's CPU offload the parameter's shard is on the CPU, the mesh's on the GPU.
+                    shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+                    param.to_local().copy_(shard.to_local())
+                else:
+                    param.copy_(value)
 
     @torch.no_grad()
     def init_placeholders(self) -> None:
