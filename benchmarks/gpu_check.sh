@@ -288,8 +288,9 @@ else
 fi
 variant expandable_segments 60 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True --
 
-# 9. The attention backends against the reference in bf16 (GPU-only tests; passed on 2026-11-27, and the attention
-# code has not changed since).
+# 9. The attention backends against the reference in bf16 (GPU-only tests; passed on 2026-11-27; changed since for
+# document masking only, which the throughput steps do not use: FlexAttention's compiled block mask, SDPA's K/V
+# expanded for a mask).
 step attention_gpu 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/unit/test_attention_gpu.py
 
 # 10. qwen2-estimate for each configuration of ours measured in steps 2, 3, 5 and 7, next to its measured peak: a few

@@ -171,6 +171,13 @@ def attention(
     gqa = q.shape[1] != k.shape[1]
     if backend == "sdpa":
         if mask is not None:
+            if gqa and q.is_cuda:
+                # Of SDPA's CUDA kernels only flash takes GQA unexpanded, and flash takes no mask: K/V expanded, the
+                # memory-efficient kernel runs, where enable_gqa with a mask falls back to the math one (the whole
+                # fp32 score matrix).
+                repeats = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense, enable_gqa=gqa)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if backend == "flash_attn":
