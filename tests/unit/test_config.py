@@ -436,7 +436,7 @@ def test_a_checkpoint_or_hugging_face_weights_of_another_model_are_refused_befor
     check_only(job("model=tiny", "model.max_position_embeddings=32768", "model.initializer_range=0.01",
                    f"run_dir={tmp_path / 'run'}"), "1")
     write_hf(model.state_dict(), dataclasses.replace(tiny, rope_theta=10000.0), str(tmp_path / "hf"))
-    with pytest.raises(UserError, match=r"config.json differs .*rope_theta: 10000.0 vs 1000000.0"):
+    with pytest.raises(UserError, match=r"config.json differs .*config.json vs job: rope_theta 10000.0 vs 1000000.0"):
         validate(job("model=tiny", f"model.init_from_hf={tmp_path / 'hf'}", f"run_dir={tmp_path / 'new'}"), 1)
     validate(job("model=tiny", "model.rope_theta=10000", f"model.init_from_hf={tmp_path / 'hf'}",
                  f"run_dir={tmp_path / 'new'}"), 1)
