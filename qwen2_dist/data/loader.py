@@ -11,11 +11,14 @@ changes with the number of DataLoader workers and at epoch ends, and its mixing 
 StreamingDataset serves the samples by index (get_item), downloading and caching the shards of remote sources.
 """
 
+import filecmp
+import functools
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
 import socket
 import tempfile
 import uuid
@@ -31,13 +34,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from qwen2_dist.data import hygiene
 from qwen2_dist.data.prepare import FORMAT_VERSION, SUMMARY_NAME, TRAIN, read_summary
-from qwen2_dist.data.streaming_compat import import_streaming
+from qwen2_dist.data.streaming_compat import import_streaming, install_stand_ins
 from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.fsutil import reads_in_place
 from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.parallel.mesh import world_from_env
 
 log = logging.getLogger(__name__)
+
+# Now, not only in import_streaming(): a DataLoader worker started by spawn or forkserver unpickles its dataset
+# (_IndexedSamples), importing this module by the class's name and then streaming by its classes' names -- without
+# the stand-ins streaming's __init__ would import torchvision, and the worker die.
+install_stand_ins()
 
 # Global positions per mixing block: each block holds every source's exact quota, in a shuffled order.
 MIX_BLOCK = 4096
@@ -219,9 +227,29 @@ def shards_spanned(samples_per_shard: list[int], window: int) -> int:
     return int(np.searchsorted(np.cumsum(sizes), window, side="right")) + 2
 
 
+def shards_read_together(samples_per_shard: list[int], global_batch_size: int, shuffle: bool, block_size: int) -> int:
+    """The most shards of one source that two consecutive optimizer steps (2 x global_batch_size positions, at most
+    as many samples of the source) can read from, which the cache must hold at once: those of as many consecutive
+    samples without shuffling (shards_spanned). Shuffled, a step draws from the whole of every block it overlaps:
+    W positions of an epoch, from blocks of at most W + 2 x (block_size - 1) consecutive samples of its shard order.
+    Across an epoch's end, from the end of one epoch's shard order and the start of the next one's: the shards
+    wholly inside either part (counted once) hold no more samples than that, and each part has a partial shard at
+    one end only, so the bound is the same."""
+    counts = [c for c in samples_per_shard if c]
+    window = 2 * global_batch_size + (2 * (block_size - 1) if shuffle else 0)
+    return min(len(counts), shards_spanned(counts, window))
+
+
 # A shuffle block should hold the samples of this many shards at least: a smaller one mixes the samples of one or
 # two shards (neighbouring stretches of the prepared text) and steps see little of the rest of the data for a while.
 SHUFFLE_SHARDS = 10
+
+
+def acting_block_size(shuffle: bool, block_size: int, samples: list[int]) -> int | None:
+    """The shuffle block size as it acts on sources of `samples` samples each (the data order depends on it, not on
+    the size configured): None without shuffling; at most the largest source's samples, as a block that holds all
+    of a source's samples shuffles each epoch of it whole, whatever its size."""
+    return min(block_size, max(samples)) if shuffle else None
 
 
 def narrow_shuffle(samples_per_shard: list[int], block_size: int) -> int | None:
@@ -251,6 +279,25 @@ def _cache_path(cache_dir: str, run_key: str, url: str) -> str:
     digest = hashlib.sha256(url.encode()).hexdigest()[:8]
     host = re.sub(r"[^A-Za-z0-9._-]+", "_", socket.gethostname()) or "host"
     return os.path.join(os.path.abspath(os.path.expanduser(cache_dir)), "remote", run_key, host, f"{safe}-{digest}")
+
+
+def _warn_other_hosts(run_cache: str, host: str) -> None:
+    """A WARNING when a run's cache directory (remote/RUN_KEY of _cache_path) holds the copies of more other hosts
+    than this job has other nodes: each node caches the run's data on its own, so a job requeued onto other nodes
+    fetches it all again, and what the hosts it left cached stays, read by no job. Lists the directory only."""
+    try:
+        others = sorted(name for name in os.listdir(run_cache)
+                        if name != host and os.path.isdir(os.path.join(run_cache, name)))
+    except OSError:
+        return
+    nodes = max(1, int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    if len(others) < nodes:  # all may be this job's other nodes, reading theirs now
+        return
+    log.warning("data: %s holds this run's cached data for %d other host(s) (%s), more than this job's %d other "
+                "node(s): each node keeps a copy of its own, and a job requeued onto other nodes leaves the copies "
+                "of the nodes it ran on before; remove each such copy (rm -r %s/HOST) once no job on its host reads "
+                "it", run_cache, len(others), ", ".join(others[:5]) + (", ..." if len(others) > 5 else ""),
+                nodes - 1, run_cache)
 
 
 # The remote caches whose summary this process has compared with the remote one: once per process is enough.
@@ -300,12 +347,15 @@ def _read_json(path: str):
         return None
 
 
-def _check_same_version(url: str, local: str, cached: dict, remote) -> None:
-    """UserError naming the fixes when a remote source's prepare summary is not the one its cache was filled from:
-    the dataset was prepared again at the same URL, and the shards and index cached would mix the two versions."""
+def _check_same_version(url: str, local: str, cached, remote) -> None:
+    """UserError naming the fixes when a source's prepare summary (remote, or read-only local: _check_local_copy)
+    is not the one its cache was filled from: the dataset was prepared again at the same place, and the shards and
+    index cached would mix the two versions."""
     if cached == remote:
         return
-    if isinstance(remote, dict):
+    if not isinstance(cached, dict):
+        changed = ["the cached copy is not JSON"]
+    elif isinstance(remote, dict):
         changed = [f"{key} {cached.get(key)} -> {remote.get(key)}" for key in ("documents", "tokens", "samples",
                    "seq_len", "tokenizer") if cached.get(key) != remote.get(key)]
         old_splits, new_splits = (summary.get("splits") if isinstance(summary.get("splits"), dict) else {}
@@ -316,14 +366,46 @@ def _check_same_version(url: str, local: str, cached: dict, remote) -> None:
         changed += [key for key in ("inputs", "skipped", "max_token_id", "val_fraction", "format")
                     if cached.get(key) != remote.get(key)]
     else:
-        changed = ["the remote copy is not JSON"]
-    raise UserError(
-        f"data source {url} was prepared again since this run cached it in {local}: its {SUMMARY_NAME} differs ("
+        changed = ["the source's copy is not JSON"]
+    raise _other_version(url, local, SUMMARY_NAME, changed)
+
+
+def _other_version(source: str, local: str, name: str, changed: list[str]) -> UserError:
+    """The refusal to read a source through a cache filled from another version of it (file `name` differs)."""
+    return UserError(
+        f"data source {source} was prepared again since this run cached it in {local}: its {name} differs ("
         f"{'; '.join(changed) or 'other fields'}), and the shards cached there are of the old version, so the "
-        f"samples read would mix the two. To go on with the old version, put it back at {url}. To train on the new "
-        f"one, delete {local} (a resumed run's data order is then checked against the new data), or start a new "
+        f"samples read would mix the two. To go on with the old version, put it back at {source}. To train on the "
+        f"new one, delete {local} (a resumed run's data order is then checked against the new data), or start a new "
         "run_dir with model.init_from_checkpoint set to this run's latest checkpoint"
     )
+
+
+def _check_local_copy(source: str, local: str, split: str) -> None:
+    """UserError naming the fixes (_other_version) when the run's copy of a read-only local source (_locations)
+    was taken from another version of it: its prepare summary or the split's index.json (which streaming copies
+    once, and reads thereafter) is not the source's. Both are small local files, compared at every start; the
+    index tells apart versions whose summaries agree (the same counts of other text). The first start records the
+    summary."""
+    os.makedirs(local, exist_ok=True)
+    cached = os.path.join(local, SUMMARY_NAME)
+    if os.path.exists(cached):
+        _check_same_version(source, local, _read_json(cached), _read_json(os.path.join(source, SUMMARY_NAME)))
+    else:
+        tmp = f"{cached}.tmp-{uuid.uuid4().hex[:8]}"  # the node's ranks start together: each renames a whole copy
+        shutil.copyfile(os.path.join(source, SUMMARY_NAME), tmp)
+        os.replace(tmp, cached)
+    index = os.path.join(split, "index.json")
+    ours, theirs = os.path.join(local, index), os.path.join(source, index)
+    if os.path.exists(ours) and not filecmp.cmp(ours, theirs, shallow=False):
+        counts = []
+        for path in (ours, theirs):
+            shards = _read_json(path) if os.path.exists(path) else None
+            shards = shards.get("shards") if isinstance(shards, dict) else None
+            counts.append(f"{len(shards)} shards of {sum(s.get('samples', 0) for s in shards)} samples"
+                          if isinstance(shards, list) and all(isinstance(s, dict) for s in shards) else "unreadable")
+        raise _other_version(source, local, index, [f"{counts[0]} -> {counts[1]}" if counts[0] != counts[1]
+                                                    else "as many shards and samples, of other sizes"])
 
 
 def run_cache_key(run_dir: str) -> str:
@@ -419,6 +501,19 @@ class _IndexedSamples(Dataset):
     def __len__(self) -> int:
         return self.dataset.num_samples
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in a DataLoader worker started by spawn or forkserver: the dataset's shared-memory segments were
+        attached again by name, which registers them with Python's resource tracker -- that of the training
+        process, which would unlink them by name when it ends, maybe from a later run reusing the prefix (as
+        _untrack says). The owner records decide instead; a forked worker attaches nothing."""
+        self.__dict__.update(state)
+        from streaming.base.shared.memory import SharedMemory
+
+        for memory in _shared_memories(vars(self.dataset).values(), SharedMemory):
+            # Once per name: the tracker holds a set of names, and a second unregister would print its KeyError.
+            for name in {s._name for s in (memory.shm, *memory.created_shms, *memory.opened_shms)}:
+                resource_tracker.unregister(name, "shared_memory")
+
     def _ensure_raw(self, sample_id: int) -> None:
         """Decompress a shard of a local source (read in place) under a private temporary name, then rename it.
 
@@ -478,7 +573,7 @@ def order_changes(saved: dict | None, now: dict) -> str:
     if not isinstance(saved, dict) or not saved:
         return ""
     changes = [f"{key} {saved.get(key)} -> {now[key]}" for key in ("seed", "shuffle", "shuffle_block_size", "split")
-               if saved.get(key) != now[key]]
+               if saved.get(key) != now[key] and (key != "shuffle_block_size" or _block_changes_order(saved, now))]
     if "seq_len" in saved and "seq_len" in now and saved["seq_len"] != now["seq_len"]:
         changes.append(f"train.seq_len {saved['seq_len']} -> {now['seq_len']}")
     before, after = saved.get("sources"), now["sources"]
@@ -493,6 +588,18 @@ def order_changes(saved: dict | None, now: dict) -> str:
             if key in new and old.get(key) != new[key]:  # a summary without shard counts (check_saved) skips them
                 changes.append(f"source {index} ({new['path']}): {key} {old.get(key)} -> {new[key]}")
     return "; ".join(changes)
+
+
+def _block_changes_order(saved: dict, now: dict) -> bool:
+    """Whether another shuffle_block_size between order summaries changes the order of this job's data: not without
+    shuffling (or where shuffle changed, named itself), nor between sizes that act the same on its sources."""
+    if not (saved.get("shuffle") is True and now["shuffle"] is True):
+        return False  # no blocks, or another shuffle, named itself
+    samples = [source.get("samples") for source in now["sources"] if isinstance(source, dict)]
+    blocks = (saved.get("shuffle_block_size"), now["shuffle_block_size"])
+    if not samples or not all(isinstance(n, int) and n > 0 for n in samples + list(blocks)):
+        return True  # cannot tell: as configured
+    return len({acting_block_size(True, block, samples) for block in blocks}) > 1
 
 
 # The fix a refusal to resume on other data names, besides restoring the data config: new data (another mixture,
@@ -565,7 +672,7 @@ class TokenBatches:
         streaming = import_streaming()
         from streaming.base.shared.memory import SharedMemory
 
-        streams, summaries = [], []
+        streams, summaries, run_caches = [], [], set()
         for path, _ in sources:
             if "://" in path and cache_dir is None:
                 raise UserError(f"data source {path} is remote; set data.cache_dir to a local directory for its cache")
@@ -573,10 +680,14 @@ class TokenBatches:
             summaries.append((path, _source_summary(path, cache if "://" in path else None)))
             self._check_summary(*summaries[-1])
             remote, local = self._locations(path, cache)
+            if remote is not None and "://" not in remote:
+                _check_local_copy(remote, local, split)
             if cache_limit and remote is None:
                 raise UserError(f"data.cache_limit is set, but data source {path} is a local directory read in "
                                 "place: to stay under the limit streaming would delete its shards. Unset "
                                 "data.cache_limit, or read the source from its remote URL")
+            if remote is not None:
+                run_caches.add(os.path.split(os.path.dirname(local)))  # (remote/RUN_KEY, this host)
             if remote is not None and split == TRAIN:
                 log.info("data: %s is cached in %s (%s; kept after the run, for a resume)", path, local,
                          f"at most {_human_bytes(cache_limit)} of it" if cache_limit else "whole")
@@ -584,6 +695,8 @@ class TokenBatches:
         if vocab_size is not None:  # remote sources are checked here first, their summaries downloaded
             check_summaries_vocab(summaries, vocab_size)
         leader = world_from_env()[1] == 0
+        for run_cache, host in sorted(run_caches) if leader and split == TRAIN else []:
+            _warn_other_hosts(run_cache, host)
         with hygiene.prefix_lock(leader):
             # Under the lock, so no other run is choosing a prefix while dead runs' segments are removed; by the
             # local leader only (the other ranks would repeat the same work).
@@ -610,9 +723,7 @@ class TokenBatches:
         ]
         self._stream_offsets = np.asarray(self.dataset.sample_offset_per_stream, dtype=np.int64)
         if cache_limit:
-            by_block = shuffle and shuffle_block_size > global_batch_size  # else the global batch sets the window
-            self._limit_cache(cache_limit, shard_counts, shuffle_block_size if by_block else global_batch_size,
-                              by_block)
+            self._limit_cache(cache_limit, shard_counts, shuffle, shuffle_block_size)
         if shuffle and split == TRAIN and dp_rank == 0:
             for path, counts in zip(self.paths, shard_counts):
                 need = narrow_shuffle(counts, shuffle_block_size)
@@ -625,14 +736,11 @@ class TokenBatches:
                                 need)
         self.order = SampleOrder(shard_counts, quotas, seed, shuffle, shuffle_block_size)
         # The order is a function of the sources' quotas, not of their weights: weights scaled by one factor (0.7
-        # and 0.3 as 70 and 30) give the same order and the same fingerprint.
-        order_key = {"seed": seed, "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split}
-        self.fingerprint = _fingerprint({"format": FORMAT_VERSION, "shards": shard_counts,
-                                         "quotas": quotas.tolist(), **order_key})
-        # The fingerprint of the same order by checkpoints written before 2026-12-05 (raw weights, in this key
-        # order), still resumed.
-        self._weights_fingerprint = _fingerprint({"format": FORMAT_VERSION, "shards": shard_counts,
-                                                  "weights": [w for _, w in sources], **order_key})
+        # and 0.3 as 70 and 30) give the same order and the same fingerprint. Likewise the shuffle block counts as it
+        # acts (acting_block_size), not as configured.
+        self._order_parts = (shard_counts, quotas.tolist(), [w for _, w in sources], seed, shuffle, split)
+        self._acting_block = acting_block_size(shuffle, shuffle_block_size, [sum(c) for c in shard_counts])
+        self.fingerprint = self._fingerprint(self._acting_block)
         # What the fingerprint covers, in a few numbers, saved beside it: a mismatch on resume can then say what
         # changed. The paths are for the message only: data that moved is the same data.
         self.order_summary = {
@@ -648,33 +756,52 @@ class TokenBatches:
         self._iterator = None
         self._loader = None
 
-    def _limit_cache(self, limit: int, shard_counts: list[list[int]], window: int, by_block: bool) -> None:
+    def _limit_cache(self, limit: int, shard_counts: list[list[int]], shuffle: bool, block_size: int) -> None:
         """Bound the node's cache of this dataset's shards to `limit` bytes (streaming evicts the least recently read
         shards), once it is known to hold what the read order needs at once: per source, the shards that two
-        consecutive windows (the larger of a shuffle block and a global batch; a global batch without shuffling)
-        can span, plus one shard in flight per other reading process of this node (streaming checks the limit before
-        a download and counts the shard after it), each at the source's largest shard size (compressed and raw
-        forms), plus the indexes. UserError naming data.cache_limit otherwise (and data.shuffle_block_size when the
-        window is a shuffle block: by_block)."""
+        consecutive optimizer steps can read from (shards_read_together), plus one shard in flight per other reading
+        process of this node (streaming checks the limit before a download and counts the shard after it), each at
+        the source's largest shard size (compressed and raw forms), plus the indexes. UserError naming
+        data.cache_limit otherwise, and what else lowers the need: data.num_workers, and for a new run (not a
+        resumed one, whose data order must stay) data.shuffle_block_size."""
+        batch = self.global_batch_size
         readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, self.num_workers)
         need = sum(stream.get_index_size() for stream in self.dataset.streams)
-        parts = []
+        parts, largest_shards = [], []
         for path, counts, first in zip(self.paths, shard_counts, self.dataset.shard_offset_per_stream):
-            shards = min(len(counts), shards_spanned(counts, 2 * window)) + readers - 1
+            shards = shards_read_together(counts, batch, shuffle, block_size) + readers - 1
             largest = max(shard.get_max_size() for shard in self.dataset.shards[first:first + len(counts)])
+            largest_shards.append(largest)
             need += shards * largest
             parts.append(f"{path}: {shards} x {_human_bytes(largest)}")
         if limit < need:
-            # The smallest shuffle block that still mixes enough shards (narrow_shuffle); a global batch: none.
-            floor = max(narrow_shuffle(counts, 0) or 1 for counts in shard_counts) if by_block else window
+            by_block = shuffle and block_size > batch  # else the global batch sets most of the window
+            # The smallest shuffle block that still mixes enough shards (narrow_shuffle).
+            floor = max(narrow_shuffle(counts, 0) or 1 for counts in shard_counts)
+            if not shuffle:
+                window = f"two global batches of {batch} samples"
+            elif by_block:
+                window = f"two shuffle blocks of {block_size} samples and {2 * batch - 2} more"
+            else:
+                window = f"two global batches of {batch} samples and {2 * block_size - 2} more"
+            workers = ""
+            if self.num_workers > 1:
+                fewer = (readers - readers // self.num_workers) * sum(largest_shards)
+                workers = f", or lower data.num_workers (to 1: {_human_bytes(fewer)} less)"
+            if by_block and block_size > floor:
+                fix = (f"to resume a run, raise data.cache_limit{workers}: another data.shuffle_block_size changes "
+                       "the data order, and the checkpoint's position would be refused; for a new run, raise "
+                       f"data.cache_limit or lower data.shuffle_block_size (to no less than {floor}, "
+                       f"{SHUFFLE_SHARDS} shards' samples: a smaller block mixes few shards)")
+            else:
+                fix = f"raise data.cache_limit (or prepare the data in smaller shards){workers}"
             raise UserError(
                 f"data.cache_limit={_human_bytes(limit)} is below the {_human_bytes(need)} the read order needs in the "
-                f"cache at once ({'; '.join(parts)}: the shards that two "
-                f"{'shuffle blocks' if by_block else 'global batches'} of {window} samples can span, and one being "
-                f"fetched by each of the node's {readers} reading processes, each at its source's largest shard); "
-                + (f"raise data.cache_limit or lower data.shuffle_block_size (to no less than {floor}, "
-                   f"{SHUFFLE_SHARDS} shards' samples: a smaller block mixes few shards)" if window > floor else
-                   "raise data.cache_limit (or prepare the data in smaller shards)")
+                f"cache at once ({'; '.join(parts)}: the shards that {window} can span"
+                + (", as a step reads from every shuffle block it overlaps, also across an epoch's end" if shuffle
+                   else "")
+                + f", and one being fetched by each of the node's {readers} reading processes, each at its source's "
+                f"largest shard); {fix}"
             )
         # streaming's own cache_limit argument: set after its set-up, whose check (4 shards) ours replaces.
         self.dataset.cache_limit = limit
@@ -694,6 +821,24 @@ class TokenBatches:
         if cache is None:
             raise UserError(f"data source {path} is read-only; set data.cache_dir for a decompressed copy")
         return path, cache
+
+    def _fingerprint(self, block_size: int | None, by: str = "quotas") -> str:
+        """The fingerprint of this loader's order with the block size given, of the sources' quotas or weights."""
+        shards, quotas, weights, seed, shuffle, split = self._order_parts
+        return _fingerprint({"format": FORMAT_VERSION, "shards": shards, by: quotas if by == "quotas" else weights,
+                             "seed": seed, "shuffle": shuffle, "shuffle_block_size": block_size, "split": split})
+
+    def _fingerprints(self, saved_order) -> set[str]:
+        """The fingerprints that name this loader's order: its own, and those of checkpoints of earlier releases,
+        which hashed the block size as configured (this job's, or the checkpoint's where it acts the same: its order
+        summary says), with the sources' quotas or, before 2026-12-05, their raw weights (in this key order)."""
+        shards, shuffle = self._order_parts[0], self._order_parts[4]
+        blocks = {self.order_summary["shuffle_block_size"]}
+        saved = saved_order.get("shuffle_block_size") if isinstance(saved_order, dict) else None
+        if isinstance(saved, int) and saved > 0 \
+                and acting_block_size(shuffle, saved, [sum(c) for c in shards]) == self._acting_block:
+            blocks.add(saved)
+        return {self.fingerprint} | {self._fingerprint(block, by) for block in blocks for by in ("quotas", "weights")}
 
     def _check_summary(self, path: str, summary: dict) -> None:
         split = summary["splits"].get(self.split, {})
@@ -718,7 +863,10 @@ class TokenBatches:
         if state.get("synthetic"):
             return ("the checkpoint was trained on random tokens (data.synthetic=true), not on this data; set "
                     "data.synthetic=true to continue it, or start a new run_dir")
-        if "samples_seen" in state and state.get("fingerprint") not in (self.fingerprint, self._weights_fingerprint):
+        if "samples_seen" not in state:  # refused before the weights load: auto-resume would call it damaged
+            return ("the checkpoint's data position was written by an older loader (epoch and samples of "
+                    "streaming's order); resume it with the release that wrote it, or start a new run_dir")
+        if state.get("fingerprint") not in self._fingerprints(state.get("order")):
             return order_mismatch(state.get("order"), self.order_summary)
         return None
 
@@ -727,9 +875,6 @@ class TokenBatches:
         problem = self.state_problem(state)
         if problem:
             raise ResumeMismatch(problem)
-        if "samples_seen" not in state:
-            raise UserError("the checkpoint's data position was written by an older loader (epoch and samples of "
-                            "streaming's order); resume it with the release that wrote it, or start a new run_dir")
         self.seek(state["samples_seen"])
 
     def seek(self, position: int) -> None:
@@ -747,9 +892,12 @@ class TokenBatches:
     def next_batch(self) -> Batch:
         """The next micro-batch of this rank."""
         if self._iterator is None:
+            # The collate function is pickled for each worker under spawn or forkserver: a few settings, not self.
+            collate = functools.partial(_collate, seq_len=self.seq_len, document_masking=self.document_masking,
+                                        eod_mask_loss=self.eod_mask_loss)
             self._loader = DataLoader(
                 self.samples, batch_sampler=_RankSampler(self, self.position), num_workers=self.num_workers,
-                collate_fn=self._collate,
+                collate_fn=collate,
             )
             self._iterator = iter(self._loader)
         batch = next(self._iterator)
@@ -765,18 +913,6 @@ class TokenBatches:
             self._epochs = epochs
         return batch
 
-    def _collate(self, samples: list[dict]) -> Batch:
-        tokens = torch.from_numpy(np.stack([sample["tokens"] for sample in samples]).astype(np.int64))
-        assert tokens.shape[1] == self.seq_len + 1, "the summary's sample_tokens was checked against seq_len"
-        positions = None
-        if self.document_masking:
-            positions = positions_from_starts([sample["doc_starts"] for sample in samples], self.seq_len)
-        targets = tokens[:, 1:]
-        if self.eod_mask_loss:
-            targets = targets.masked_fill(first_token_targets([sample["doc_starts"] for sample in samples],
-                                                              self.seq_len), IGNORE_INDEX)
-        return Batch(tokens[:, :-1], targets, positions)
-
     def close(self) -> None:
         """Stop the workers and release the dataset's shared memory and lock files."""
         self._iterator = None
@@ -790,6 +926,20 @@ class TokenBatches:
         self._release()
         self.dataset = None
         self.samples = None
+
+
+def _collate(samples: list[dict], seq_len: int, document_masking: bool, eod_mask_loss: bool) -> Batch:
+    """A micro-batch of samples (TokenBatches' settings)."""
+    tokens = torch.from_numpy(np.stack([sample["tokens"] for sample in samples]).astype(np.int64))
+    assert tokens.shape[1] == seq_len + 1, "the summary's sample_tokens was checked against seq_len"
+    positions = None
+    if document_masking:
+        positions = positions_from_starts([sample["doc_starts"] for sample in samples], seq_len)
+    targets = tokens[:, 1:]
+    if eod_mask_loss:
+        targets = targets.masked_fill(first_token_targets([sample["doc_starts"] for sample in samples], seq_len),
+                                      IGNORE_INDEX)
+    return Batch(tokens[:, :-1], targets, positions)
 
 
 def _untrack(memories: list) -> list:

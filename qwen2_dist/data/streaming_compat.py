@@ -7,6 +7,10 @@ StreamingDataLoader's batch types). torchvision is often absent, or built for an
 (every training rank): 3.4 s for `import streaming` on this project's 2-core machine, 1.3 s (torch alone) without
 them (2026-12-05). Nothing here uses those modules: they get empty stand-ins, in sys.modules before the package is
 imported. StreamingDataset, Stream, MDSWriter and the storage and shared-memory helpers import as they are.
+
+A process that imports streaming without import_streaming() needs the stand-ins too: a DataLoader worker started by
+spawn or forkserver (Python 3.14's default on Linux) unpickles its dataset, which imports streaming by its class
+names. qwen2_dist.data.loader installs them when it is imported (install_stand_ins), which unpickling does first.
 """
 
 import importlib
@@ -24,7 +28,8 @@ class _NoStreamingDataLoader:
                            "(it pulls in transformers); use torch.utils.data.DataLoader")
 
 
-def _stub_unused() -> None:
+def install_stand_ins() -> None:
+    """Put the empty stand-ins for the modules of _UNUSED into sys.modules (those not imported already)."""
     for name in _UNUSED:
         if name not in sys.modules:
             sys.modules[name] = types.ModuleType(name)
@@ -37,5 +42,5 @@ def import_streaming() -> types.ModuleType:
     torchvision). Call it before importing any streaming submodule: that import would run the package's __init__."""
     if "streaming" in sys.modules:
         return sys.modules["streaming"]
-    _stub_unused()
+    install_stand_ins()
     return importlib.import_module("streaming")

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -18,14 +19,14 @@ import numpy as np
 import pytest
 import torch
 
-from qwen2_dist.data import hygiene
+from qwen2_dist.data import hygiene, loader as loader_module
 from qwen2_dist.data.loader import (
-    MIX_BLOCK, SampleOrder, TokenBatches, _cache_path, check_vocab, first_token_targets, mixture_quotas,
-    narrow_shuffle, shards_spanned,
+    MIX_BLOCK, SampleOrder, TokenBatches, _cache_path, _SourceOrder, _warn_other_hosts, check_vocab,
+    first_token_targets, mixture_quotas, narrow_shuffle, order_changes, shards_read_together, shards_spanned,
 )
 from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.data.prepare import SUMMARY_NAME
-from qwen2_dist.errors import UserError
+from qwen2_dist.errors import ResumeMismatch, UserError
 from tests.datasets import make_dataset, sample_ids
 from tests.helpers import REPO, shm_leftovers, shm_segments
 
@@ -66,6 +67,33 @@ def test_shards_a_window_can_span_bounds_every_order_of_the_shards():
             for start in range(max(1, len(shard_of) - window + 1)):
                 most = max(most, len(set(shard_of[start:start + window].tolist())))
         assert most <= bound, (sizes, window, most, bound)
+
+
+def most_shards_of_two_steps(counts: list[int], batch: int, shuffle: bool, block: int, epochs: int = 3) -> int:
+    """Brute force: the most shards any two consecutive steps read, over a few epochs of the real order."""
+    order = _SourceOrder(counts, 0, 0, shuffle, block)
+    shard_of = np.repeat(np.arange(len(counts)), counts)
+    return max(len(set(shard_of[order.sample_ids(np.arange(t * batch, (t + 2) * batch))].tolist()))
+               for t in range(epochs * sum(counts) // batch + 1))
+
+
+def test_the_cache_budget_covers_the_shards_two_consecutive_steps_read():
+    # With shuffle blocks no larger than the global batch the budget counted the shards of 2 global batches, but a
+    # step reads from every block it overlaps: 16 shards where 12 were budgeted (the review's numbers).
+    counts = [100] * 200
+    for batch, block, budget in ((512, 400, 20), (512, 300, 18), (512, 512, 22), (256, 4096, 89)):
+        assert shards_read_together(counts, batch, True, block) == budget
+        assert most_shards_of_two_steps(counts, batch, True, block) <= budget, (batch, block)
+    assert shards_read_together(counts, 512, False, 400) == shards_spanned(counts, 1024) == 12  # no blocks
+    # Shards of uneven sizes, epochs' ends (each epoch shuffles the shards anew), blocks above and below the batch.
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        counts = rng.integers(0, 20, size=int(rng.integers(1, 12))).tolist()
+        counts[0] = counts[0] or 3
+        batch, block, shuffle = int(rng.integers(1, 16)), int(rng.integers(1, 40)), bool(rng.integers(0, 4))
+        bound = shards_read_together(counts, batch, shuffle, block)
+        assert most_shards_of_two_steps(counts, batch, shuffle, block) <= bound, (counts, batch, block, shuffle)
+        assert bound <= sum(1 for c in counts if c)
 
 
 def test_each_epoch_is_a_seeded_permutation():
@@ -141,6 +169,63 @@ def test_remote_sources_whose_urls_differ_in_punctuation_get_their_own_caches(tm
     assert os.path.basename(os.path.dirname(paths[0])) == socket.gethostname().replace("/", "_")
 
 
+def test_a_read_only_source_cached_from_another_version_of_it_is_refused(tmp_path, monkeypatch):
+    """A read-only directory is read through a copy in the run's cache, keyed by its path: prepared again there, it
+    was read from the old shards cached, under the new summary (the fingerprint the same when the counts are)."""
+    monkeypatch.setattr(loader_module, "reads_in_place", lambda path, split: False)  # as on a read-only mount
+    source, cache = str(tmp_path / "ro"), str(tmp_path / "cache")
+    make_dataset(source, 30, SEQ, first_id=0, shard_bytes=256)
+    kwargs = dict(shuffle=False, cache_dir=cache, global_batch_size=4, micro_batch_size=4)
+    for _ in range(2):  # the copy of the same version is read again
+        batches = loader([source], **kwargs)
+        local = batches.dataset.streams[0].local
+        assert sample_ids(batches.next_batch()) == [0, 1, 2, 3] and local.startswith(cache)
+        batches.close()
+    shutil.rmtree(source)
+    make_dataset(source, 30, SEQ, first_id=5000, shard_bytes=256)  # the same counts of other text: the same summary
+    with pytest.raises(UserError, match=rf"data source {re.escape(source)} was prepared again since this run cached "
+                                        rf"it in {re.escape(local)}: its train/index.json differs \(as many shards "
+                                        r"and samples, of other sizes\).* delete "):
+        loader([source], **kwargs)
+    shutil.rmtree(source)
+    make_dataset(source, 40, SEQ, first_id=5000, shard_bytes=256)
+    with pytest.raises(UserError, match=r"its prepare_summary.json differs \(train samples 30 -> 40\)"):
+        loader([source], **kwargs)
+    os.remove(os.path.join(local, SUMMARY_NAME))  # a copy cached before the summary was: its index still tells
+    with pytest.raises(UserError, match=r"its train/index.json differs \(\d+ shards of 30 samples -> \d+ shards of "
+                                        r"40 samples\)"):
+        loader([source], **kwargs)
+    shutil.rmtree(local)  # the fix named
+    batches = loader([source], **kwargs)
+    assert sample_ids(batches.next_batch()) == [5000, 5001, 5002, 5003]
+    batches.close()
+
+
+def test_a_run_cache_holding_more_hosts_than_the_job_has_nodes_is_named(tmp_path, monkeypatch, caplog):
+    """Each node caches a run's remote data under its host name: a job requeued onto other nodes fetches it again,
+    and the old nodes' copies stay. Named at the start, unless they can all be this job's other nodes."""
+    monkeypatch.setattr(loader_module, "reads_in_place", lambda path, split: False)  # cached, as remote data is
+    source, cache = make_dataset(tmp_path / "ro", 6, SEQ, val_samples=2), str(tmp_path / "cache")
+    run_cache = os.path.dirname(os.path.dirname(_cache_path(cache, "run", source)))
+    for host in ("node-a", "node-b"):
+        os.makedirs(os.path.join(run_cache, host, "x"))
+    with caplog.at_level(logging.WARNING, logger="qwen2_dist.data.loader"):
+        loader([source], cache_dir=cache, run_key="run").close()
+        loader([source], cache_dir=cache, run_key="run", split="val", global_batch_size=2,
+               micro_batch_size=1).close()  # once: by the training split's loader
+        monkeypatch.setenv("WORLD_SIZE", "6")
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        _warn_other_hosts(run_cache, socket.gethostname())  # 3 nodes: the two may be this job's
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        _warn_other_hosts(run_cache, socket.gethostname())
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and warned[0] == warned[1].replace("this job's 1 other", "this job's 0 other"), warned
+    assert warned[0] == (f"data: {run_cache} holds this run's cached data for 2 other host(s) (node-a, node-b), more "
+                         "than this job's 0 other node(s): each node keeps a copy of its own, and a job requeued onto "
+                         "other nodes leaves the copies of the nodes it ran on before; remove each such copy (rm -r "
+                         f"{run_cache}/HOST) once no job on its host reads it")
+
+
 def _with_vocab(path: str, **fields) -> str:
     """A dataset directory whose summary also records the tokenizer fields given, as qwen2-prepare's does."""
     with open(os.path.join(path, SUMMARY_NAME)) as f:
@@ -196,6 +281,36 @@ def test_worker_processes_read_the_same_sequence(data):
     finally:
         for b in batches:
             b.close()
+
+
+SPAWNED = textwrap.dedent("""
+    import json, multiprocessing, sys
+    from qwen2_dist.data.loader import TokenBatches
+    from tests.datasets import sample_ids
+
+    multiprocessing.set_start_method(sys.argv[2])
+    ids = []
+    for workers in (0, 1):
+        batches = TokenBatches([(sys.argv[1], 1.0)], seq_len=8, micro_batch_size=2, global_batch_size=4, seed=3,
+                               num_workers=workers)
+        try:
+            ids.append([batches.next_batch().inputs[:, 0].tolist() for _ in range(4)])
+        finally:
+            batches.close()
+    print(json.dumps(ids))
+""")
+
+
+def test_workers_started_by_spawn_read_the_same_sequence_and_leave_the_segments_to_their_owner(data):
+    """Workers started by spawn (forkserver, Python 3.14's default on Linux, alike) unpickle the dataset: they died
+    importing streaming's torchvision-bound modules. The shared-memory segments they attach again must not be left
+    to Python's resource tracker, which would unlink them by name at exit (its warning names them as leaked)."""
+    result = subprocess.run([sys.executable, "-c", SPAWNED, data[0], "spawn"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr[-3000:]
+    in_process, by_worker = json.loads(result.stdout.splitlines()[-1])
+    assert by_worker == in_process and len(sum(in_process, [])) == 8
+    assert "resource_tracker" not in result.stderr, result.stderr[-3000:]
 
 
 def test_resume_1_to_1_continues_the_same_sequence(data):
@@ -281,6 +396,106 @@ def test_a_mixture_resumes_on_weights_of_the_same_shares_only(data):
         assert single.position == 8
     finally:
         single.close()
+
+
+def test_a_position_saved_by_an_older_loader_is_refused_before_the_checkpoint_loads(data):
+    """Without samples_seen the refusal came from load_state_dict, after the weights had loaded: auto-resume took
+    every such checkpoint for a damaged one and fell back through all of them."""
+    batches = loader([data[0]])
+    try:
+        problem = batches.state_problem({"epoch": 0, "samples_in_epoch": 8})
+        assert problem.startswith("the checkpoint's data position was written by an older loader"), problem
+        with pytest.raises(ResumeMismatch, match="written by an older loader"):
+            batches.load_state_dict({"epoch": 0, "samples_in_epoch": 8})
+        assert batches.state_problem(batches.state_dict()) is None
+    finally:
+        batches.close()
+
+
+def legacy_fingerprint(state: dict, paths: list[str], block: int, shuffle: bool) -> str:
+    """The fingerprint a checkpoint of an earlier release holds: the block size as configured, the quotas."""
+    key = {"format": 2, "shards": [shard_samples(path) for path in paths],
+           "quotas": [source["quota"] for source in state["order"]["sources"]], "seed": 3, "shuffle": shuffle,
+           "shuffle_block_size": block, "split": "train"}
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def test_a_shuffle_block_size_that_acts_the_same_resumes(data):
+    """The block size is no part of the order without shuffling, nor between sizes at or above the largest source's
+    samples (A: 30): such a change resumes, from checkpoints of either fingerprint, and the launchers' look at the
+    order (order_changes) does not name it; one that changes the order still is refused, naming it."""
+    for shuffle, before, after in ((False, 10, 20), (True, 30, 1 << 18), (True, 64, 1000)):
+        first = loader([data[0], data[1]], shuffle=shuffle, shuffle_block_size=before)
+        read_steps(first, 2)
+        state = first.state_dict()
+        tail = read_steps(first, 3)
+        first.close()
+        legacy = {**state, "fingerprint": legacy_fingerprint(state, data, before, shuffle)}
+        assert legacy["fingerprint"] != state["fingerprint"] or (shuffle, before) == (True, 30)
+        again = loader([data[0], data[1]], shuffle=shuffle, shuffle_block_size=after)
+        try:
+            assert order_changes(state["order"], again.order_summary) == ""
+            for saved in (state, legacy):
+                again.load_state_dict(saved)
+                assert read_steps(again, 3) == tail, (shuffle, before, after)
+        finally:
+            again.close()
+    first = loader([data[0]], shuffle_block_size=9)
+    state = first.state_dict()
+    first.close()
+    other = loader([data[0]], shuffle_block_size=10)
+    try:
+        with pytest.raises(ResumeMismatch, match=r"changed since: shuffle_block_size 9 -> 10\)"):
+            other.load_state_dict(state)
+        with pytest.raises(ResumeMismatch, match=r"changed since: shuffle_block_size 9 -> 10\)"):
+            other.load_state_dict({**state, "fingerprint": legacy_fingerprint(state, data[:1], 9, True)})
+    finally:
+        other.close()
+    # As the launchers' check builds it: sources from the datasets' summaries (no shard counts).
+    now = {"seed": 3, "shuffle": True, "shuffle_block_size": 1 << 18, "split": "train", "seq_len": SEQ,
+           "sources": [{"path": "/data/a", "weight": 1.0, "quota": 4096, "samples": 30}]}
+    assert order_changes({**now, "shuffle_block_size": 30}, now) == ""
+    assert order_changes({**now, "shuffle_block_size": 29}, now) == "shuffle_block_size 29 -> 262144"
+    assert order_changes({**now, "shuffle": False, "shuffle_block_size": 5}, {**now, "shuffle": False}) == ""
+    assert order_changes({**now, "shuffle_block_size": 5}, {**now, "shuffle": False}) == "shuffle True -> False"
+
+
+def test_another_global_batch_resumes_at_the_sample_position_saved(data):
+    """The order does not depend on the global batch: a resume with another one reads on from the position."""
+    straight = loader([data[0]], global_batch_size=4, micro_batch_size=4)
+    expected = sum(read_steps(straight, 6), [])
+    straight.close()
+    first = loader([data[0]], global_batch_size=8, micro_batch_size=4)
+    head = sum(read_steps(first, 1), [])
+    state = first.state_dict()
+    first.close()
+    bigger = loader([data[0]], global_batch_size=16, micro_batch_size=4)
+    try:
+        bigger.load_state_dict(state)
+        assert head + sum(read_steps(bigger, 1), []) == expected
+    finally:
+        bigger.close()
+
+
+def test_a_cache_limit_too_small_names_the_fixes_that_keep_the_order_for_a_resume(tmp_path, monkeypatch):
+    """Lowering data.shuffle_block_size changes the data order, which a resumed run's checkpoint refuses: the other
+    fixes come first, for a resume."""
+    monkeypatch.setattr(loader_module, "reads_in_place", lambda path, split: False)  # cached, as remote data is
+    source = make_dataset(tmp_path / "ro", 30, SEQ, shard_bytes=256)  # 30 shards of one sample, and an empty one
+    kwargs = dict(cache_dir=str(tmp_path / "cache"), cache_limit=1000)
+    with pytest.raises(UserError, match=r"the shards that two shuffle blocks of 16 samples and 14 more can span, as a "
+                                        r"step reads from every shuffle block it overlaps, also across an epoch's end, "
+                                        r"and one being fetched by each of the node's 2 reading processes.*; to resume "
+                                        r"a run, raise data.cache_limit, or lower data.num_workers \(to 1: [0-9.]+ "
+                                        r"\w+ less\): another data.shuffle_block_size changes the data order, and the "
+                                        r"checkpoint's position would be refused; for a new run, raise "
+                                        r"data.cache_limit or lower data.shuffle_block_size \(to no less than 10, "):
+        loader([source], shuffle_block_size=16, num_workers=2, **kwargs)
+    with pytest.raises(UserError, match=r"the shards that two global batches of 8 samples and 6 more can span.* "
+                                        r"raise data.cache_limit \(or prepare the data in smaller shards\)$"):
+        loader([source], shuffle_block_size=4, **kwargs)
+    with pytest.raises(UserError, match=r"the shards that two global batches of 8 samples can span, and one"):
+        loader([source], shuffle=False, **kwargs)
 
 
 def shard_samples(path: str) -> list[int]:
