@@ -162,7 +162,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
                for name in GPU_ONLY_STEPS), summary
     script = open(os.path.join(REPO, "benchmarks", "gpu_check.sh")).read()
     named = set(re.findall(r"tests/unit/\S+\.py", script))
-    assert len(named) == 4 and all(os.path.isfile(os.path.join(REPO, path)) for path in named), named
+    assert len(named) == 6 and all(os.path.isfile(os.path.join(REPO, path)) for path in named), named
     from qwen2_dist.cli.train import compose_job
 
     (tuning,) = re.findall(r"^variant coordinate_descent \d+ -- (\S+)$", script, re.M)

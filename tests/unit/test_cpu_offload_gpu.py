@@ -42,7 +42,8 @@ def test_an_offloaded_model_trains_on_the_gpu_and_skips_a_nan_step_on_the_cpu(tm
         mesh._qwen2_dp = mesh["dp_replicate", "dp_shard"]._flatten("dp")  # as mesh.build_mesh makes it
         job = compose_job(["model=tiny", f"run_dir={tmp_path}", "train.device=cuda", "train.seq_len=64",
                            "train.micro_batch_size=2", "train.global_batch_size=2", "optim.warmup_steps=0",
-                           "optim.lr=1e-2", "parallel.cpu_offload=true", "checkpoint.interval=0"])
+                           "optim.lr=1e-2", "parallel.cpu_offload=true", "checkpoint.interval=0",
+                           "parallel.compile=false"])  # what is tested is the offload, not the compile
         world = World(rank=0, local_rank=0, world_size=1, device=torch.device("cuda", 0))
         model, optimizer = build_model_and_optimizer(job, world, mesh, "cuda")
         assert {_local(p).device.type for p in model.parameters()} == {"cpu"}
