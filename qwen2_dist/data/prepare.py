@@ -33,6 +33,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -229,9 +230,11 @@ def _json_text(raw: bytes, text_field: str) -> tuple[str | None, str | None]:
         return None, "not_utf8"
     except (ValueError, RecursionError):  # not JSON; also an integer of over 4300 digits, or nesting too deep
         return None, "malformed_json"
-    text = record.get(text_field) if isinstance(record, dict) else None
-    if not isinstance(text, str):
+    if not isinstance(record, dict) or text_field not in record:
         return None, "missing_field"
+    text = record[text_field]
+    if not isinstance(text, str):
+        return None, "wrong_type"  # a number, a list, null: as a Parquet column of another type
     if not text.strip():
         return None, "empty_document"
     if not _encodable(text):
@@ -566,8 +569,12 @@ def _batches(reader: _Reader, text_field: str, text_split: str) -> Iterator[tupl
 
 
 def in_val_split(text: str, val_fraction: float) -> bool:
-    """Whether a document belongs to the held-out split: a stable hash of its text, compared with val_fraction."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    """Whether a document belongs to the held-out split: a stable hash of its text, compared with val_fraction.
+
+    Hashed in NFC, the form the tokenizer encodes: the same document saved composed and decomposed (é as one code
+    point or as e and an accent) gives the same tokens, and goes to the same split. Most text is NFC already, and
+    hashes as before."""
+    digest = hashlib.blake2b(unicodedata.normalize("NFC", text).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 
