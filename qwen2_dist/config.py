@@ -555,8 +555,8 @@ def source_names(sources: list[DataSource]) -> list[str]:
     return names
 
 
-def _check_data(d: DataConfig, e: EvalConfig) -> None:
-    """Check the data sources and the evaluation sizes."""
+def _check_data(d: DataConfig, e: EvalConfig, files: bool = True) -> None:
+    """Check the data sources and the evaluation sizes (files: also that the local ones exist, as directories)."""
     if d.path is not None and d.sources:
         raise UserError("data.path and data.sources are both set; use data.path for one dataset, data.sources to mix")
     if d.synthetic and (d.path is not None or d.sources or d.document_masking or d.eod_mask_loss):
@@ -566,7 +566,7 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
     paths = [(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]
     if d.path is not None:
         paths.append(("data.path", d.path))
-    for name, path in paths:
+    for name, path in paths if files else []:
         if "://" not in path and not os.path.isdir(path):
             raise UserError(
                 f"{name}={path}: no such directory; write shards with qwen2-prepare input=... output=DIR"
@@ -588,7 +588,7 @@ def _check_data(d: DataConfig, e: EvalConfig) -> None:
         raise UserError("data.shuffle_block_size must be >= 1 and data.num_workers >= 0")
     if d.cache_limit is not None:
         parse_bytes("data.cache_limit", d.cache_limit)
-        for name, path in paths:
+        for name, path in paths if files else []:
             if reads_in_place(path, "train"):
                 raise UserError(f"data.cache_limit is set, but {name}={path} is a local directory read in place: to "
                                 "stay under the limit streaming would delete its shards. Unset data.cache_limit "
@@ -621,6 +621,11 @@ def check_saved(cfg: JobConfig) -> None:
         check_seq_len(path, summary["sample_tokens"], cfg.train.seq_len)
     check_summaries_vocab([(path, summary) for path, summary in summaries if "://" in path], args.vocab_size)
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
+    # Meant as a keyword, read as a path: with checkpoints of its own the run would resume the newest without a word
+    # (a path of another run is not read once the run has its own), where "None" meant to start afresh.
+    if resume not in ("auto", "none") and resume.strip().lower() in ("auto", "none", "null", "latest", "last"):
+        raise UserError(f"checkpoint.resume={resume}: the keywords are auto (resume the newest checkpoint of the run) "
+                        "and none (start afresh), in lower case; a checkpoint is named by its path")
     if resume not in ("auto", "none") and checkpoint.in_run(ckpt_root, resume) \
             and not checkpoint.rollback_done(ckpt_root, resume):
         first = [resume]  # a rollback to come: the newer checkpoints will be moved aside
@@ -734,8 +739,10 @@ def advisories(cfg: JobConfig, processes_per_node: int | None) -> list[str]:
     return out
 
 
-def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
-    """Refuse impossible jobs before any tensor is allocated; return the resolved layout and accumulation steps."""
+def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, int]:
+    """Refuse impossible jobs before any tensor is allocated; return the resolved layout and accumulation steps.
+    files=False (qwen2-estimate, on a machine without the job's data or checkpoints) leaves out what reads the
+    file system: the data's directories and token ids, and the checkpoint and weights the job starts from."""
     if world_size < 1:
         raise UserError(f"{world_size} processes: a job needs at least one (NPROC, or torchrun's --nproc-per-node)")
     _check_finite(cfg)
@@ -900,11 +907,38 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
             f"data-parallel size = {t.micro_batch_size} x {dp}; pick a global batch that is a multiple of "
             f"{t.micro_batch_size * dp}"
         )
+    if files:
+        _check_start(cfg, args)
+    _check_data(cfg.data, cfg.eval, files)
+    if files:
+        _check_token_ids(cfg.data, args.vocab_size)
+    elif len(cfg.data.sources) > 1:
+        from qwen2_dist.data.loader import mixture_quotas
+
+        mixture_quotas([(s.path, s.weight) for s in cfg.data.sources])
+    # The embedded corpus (no data.path): built after the launch, on every node; too few tokens would fail there.
+    least = 2 * (cfg.train.seq_len + 1)  # one training sample, with room for the held-out share and the tail
+    if not (cfg.data.synthetic or _data_paths(cfg.data)) and cfg.data.embedded_max_tokens < least:
+        raise UserError(f"data.embedded_max_tokens={cfg.data.embedded_max_tokens}: the embedded corpus needs at least "
+                        f"{least} tokens at train.seq_len={cfg.train.seq_len}; raise it (default 4000000)")
+    return {
+        "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,
+        "grad_accum_steps": t.global_batch_size // (t.micro_batch_size * dp),
+    }
+
+
+def _check_start(cfg: JobConfig, args) -> None:
+    """The checkpoint or weights the job starts from: existing, committed, of this model."""
     # A checkpoint the job names must be a committed one: a run directory, its checkpoints/ or a save cut short
     # would otherwise fail in every process after the launch.
     from qwen2_dist.train.checkpoint import in_run, require_committed, resume_candidates, rollback_done
 
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
+    # Meant as a keyword, read as a path: with checkpoints of its own the run would resume the newest without a word
+    # (a path of another run is not read once the run has its own), where "None" meant to start afresh.
+    if resume not in ("auto", "none") and resume.strip().lower() in ("auto", "none", "null", "latest", "last"):
+        raise UserError(f"checkpoint.resume={resume}: the keywords are auto (resume the newest checkpoint of the run) "
+                        "and none (start afresh), in lower case; a checkpoint is named by its path")
     # A run with checkpoints of its own resumes them: what started it (checkpoint.resume=PATH of another run,
     # model.init_from_*) is not read again, and may be gone by now (scratch cleaned, the other run's retention)
     # without its restarts and requeues being refused for it.
@@ -935,14 +969,3 @@ def validate(cfg: JobConfig, world_size: int) -> dict[str, int]:
             from qwen2_dist.model.hf import check_hf_matches
 
             check_hf_matches(cfg.model.init_from_hf, args)  # config.json and the weight files' headers
-    _check_data(cfg.data, cfg.eval)
-    _check_token_ids(cfg.data, args.vocab_size)
-    # The embedded corpus (no data.path): built after the launch, on every node; too few tokens would fail there.
-    least = 2 * (cfg.train.seq_len + 1)  # one training sample, with room for the held-out share and the tail
-    if not (cfg.data.synthetic or _data_paths(cfg.data)) and cfg.data.embedded_max_tokens < least:
-        raise UserError(f"data.embedded_max_tokens={cfg.data.embedded_max_tokens}: the embedded corpus needs at least "
-                        f"{least} tokens at train.seq_len={cfg.train.seq_len}; raise it (default 4000000)")
-    return {
-        "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp,
-        "grad_accum_steps": t.global_batch_size // (t.micro_batch_size * dp),
-    }

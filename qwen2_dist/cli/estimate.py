@@ -4,7 +4,8 @@
         train.micro_batch_size=1 train.global_batch_size=512 eval.samples=64 gpu_mem_gib=80
 
 Every argument but world_size= (default 1) and gpu_mem_gib= (default 80) is a qwen2-train override, composed with
-conf/ and checked by the trainer's validate(), so a job the trainer refuses is refused here with the same message.
+conf/ and checked by the trainer's validate(), so a job the trainer refuses is refused here with the same message;
+not the files it reads (data directories, checkpoints, weights), which the machine estimating need not have.
 The model is built on the meta device and parallelized exactly as qwen2-train does it, over a fake process group of
 world_size ranks, and the per-rank shard sizes are read from that plan. Activations are an analytic estimate
 (see activation_bytes). The job is assumed to run on CUDA (bf16 unless train.mixed_precision=fp32).
@@ -146,7 +147,7 @@ def activation_bytes(args: ModelArgs, batch: int, seq: int, tp: int, compute: in
 
 def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     """(description of the job, memory per rank in bytes by line); raises UserError as the trainer would."""
-    layout = validate(job, world_size)
+    layout = validate(job, world_size, files=False)
     args = job.model.args()
     bf16 = uses_bf16(job.train, "cuda")
     started = time.monotonic()

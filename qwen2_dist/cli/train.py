@@ -631,10 +631,23 @@ def _entry(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
+def check_sweep_processes(argv: list[str], processes: int) -> None:
+    """A Hydra sweep (-m) runs its points one after the other in one process: with several processes (torchrun),
+    each would end with the first point's process group, the rest untrained, and exit 0. UserError then."""
+    if processes > 1 and any(a in ("-m", "--multirun") for a in argv):
+        raise UserError(f"qwen2-train -m (a Hydra sweep) runs its points one after the other in one process, and this "
+                        f"job has {processes} processes: only the first point would train. Launch one job per point "
+                        "(e.g. for lr in 1e-4 3e-4; do NPROC=8 bash launch/train_single_node.sh optim.lr=$lr "
+                        "run_dir=runs/lr$lr; done), or sweep with one process")
+
+
 def main() -> None:
     """Console script qwen2-train."""
     register_configs()
     try:
+        check_only_world = os.environ.get("QWEN2_CHECK_ONLY")
+        world = check_only_world if check_only_world and check_only_world.isdigit() else os.environ.get("WORLD_SIZE")
+        check_sweep_processes(sys.argv[1:], int(world) if world and world.isdigit() else 1)
         job = _precheck(sys.argv[1:])
         path = conf_dir()
         if os.environ.get("QWEN2_CHECK_ONLY"):

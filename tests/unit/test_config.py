@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,6 +193,25 @@ def test_a_run_with_checkpoints_of_its_own_is_not_refused_for_a_starting_point_g
                 validate(job(f"run_dir={tmp_path / 'run'}", start, "checkpoint.resume=none"), world_size=1)
     with pytest.raises(UserError, match=r"checkpoint.resume=.*: no such checkpoint directory"):  # a rollback target
         validate(job(f"run_dir={tmp_path / 'run'}", f"checkpoint.resume={own.parent / 'step_00000001'}"), 1)
+    # A keyword misspelt (None for none: a fresh start meant) would resume the newest as a gone starting point does.
+    for value in ("None", "NONE", "latest", "Auto"):
+        with pytest.raises(UserError, match=rf"checkpoint.resume={value}: the keywords are auto .* and none"):
+            validate(job(f"run_dir={tmp_path / 'run'}", f"checkpoint.resume={value}"), world_size=1)
+
+
+def test_a_sweep_is_refused_with_several_processes():
+    """A Hydra sweep runs its points in turn in one process; under torchrun with several, the first point's end ended
+    the process (exit 0), the other points untrained."""
+    from qwen2_dist.cli.train import check_sweep_processes
+
+    with pytest.raises(UserError, match=r"qwen2-train -m .* this job has 2 processes: only the first point"):
+        check_sweep_processes(["-m", "optim.lr=1e-3,3e-3", "run_dir=runs/lr${optim.lr}"], 2)
+    check_sweep_processes(["--multirun", "optim.lr=1e-3,3e-3"], 1)
+    check_sweep_processes(["optim.lr=1e-3"], 2)
+    env = dict(os.environ, QWEN2_CHECK_ONLY="2")  # as the launchers check a job of 2 processes before torchrun
+    result = subprocess.run([sys.executable, "-m", "qwen2_dist.cli.train", "-m", "optim.lr=1e-3,3e-3"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "only the first point would train" in result.stderr, result.stderr[-2000:]
 
 
 def test_parallel_layouts_resolve():

@@ -45,6 +45,18 @@ def test_impossible_jobs_are_refused_with_the_trainers_message(overrides, world_
     assert capsys.readouterr().err.strip() == f"error: {trainer.value}"
 
 
+def test_the_estimate_needs_none_of_the_jobs_files(tmp_path, capsys):
+    """Estimated on a login node or a laptop, a job names data and weights of the cluster: the trainer would refuse
+    them there, the memory estimate does not read them."""
+    missing = tmp_path / "on-the-cluster"
+    overrides = ["model=qwen2-7b", f"data.path={missing}", f"model.init_from_hf={missing}", "model.vocab_size=152064",
+                 "train.micro_batch_size=1", "train.global_batch_size=8"]
+    with pytest.raises(UserError, match="no such"):
+        validate(compose_job(overrides), 8)
+    main([*overrides, "world_size=8"])
+    assert "fits in 80 GiB" in capsys.readouterr().out
+
+
 def test_float8_says_its_activations_are_not_modelled(capsys):
     main(["model=qwen2-1.5b", "train.seq_len=4096", "train.micro_batch_size=4", "train.global_batch_size=4",
           "model.float8=true"])
