@@ -621,11 +621,6 @@ def check_saved(cfg: JobConfig) -> None:
         check_seq_len(path, summary["sample_tokens"], cfg.train.seq_len)
     check_summaries_vocab([(path, summary) for path, summary in summaries if "://" in path], args.vocab_size)
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
-    # Meant as a keyword, read as a path: with checkpoints of its own the run would resume the newest without a word
-    # (a path of another run is not read once the run has its own), where "None" meant to start afresh.
-    if resume not in ("auto", "none") and resume.strip().lower() in ("auto", "none", "null", "latest", "last"):
-        raise UserError(f"checkpoint.resume={resume}: the keywords are auto (resume the newest checkpoint of the run) "
-                        "and none (start afresh), in lower case; a checkpoint is named by its path")
     if resume not in ("auto", "none") and checkpoint.in_run(ckpt_root, resume) \
             and not checkpoint.rollback_done(ckpt_root, resume):
         first = [resume]  # a rollback to come: the newer checkpoints will be moved aside
@@ -907,6 +902,12 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
             f"data-parallel size = {t.micro_batch_size} x {dp}; pick a global batch that is a multiple of "
             f"{t.micro_batch_size * dp}"
         )
+    # Meant as a keyword, read as a path: with checkpoints of its own the run would resume the newest without a word
+    # (a path of another run is not read once the run has its own), where "None" meant to start afresh.
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "none") and resume.strip().lower() in ("auto", "none", "null", "latest", "last"):
+        raise UserError(f"checkpoint.resume={resume}: the keywords are auto (resume the newest checkpoint of the run) "
+                        "and none (start afresh), in lower case; a checkpoint is named by its path")
     if files:
         _check_start(cfg, args)
     _check_data(cfg.data, cfg.eval, files)
@@ -934,11 +935,6 @@ def _check_start(cfg: JobConfig, args) -> None:
     from qwen2_dist.train.checkpoint import in_run, require_committed, resume_candidates, rollback_done
 
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
-    # Meant as a keyword, read as a path: with checkpoints of its own the run would resume the newest without a word
-    # (a path of another run is not read once the run has its own), where "None" meant to start afresh.
-    if resume not in ("auto", "none") and resume.strip().lower() in ("auto", "none", "null", "latest", "last"):
-        raise UserError(f"checkpoint.resume={resume}: the keywords are auto (resume the newest checkpoint of the run) "
-                        "and none (start afresh), in lower case; a checkpoint is named by its path")
     # A run with checkpoints of its own resumes them: what started it (checkpoint.resume=PATH of another run,
     # model.init_from_*) is not read again, and may be gone by now (scratch cleaned, the other run's retention)
     # without its restarts and requeues being refused for it.

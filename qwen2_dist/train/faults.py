@@ -71,10 +71,10 @@ class StepGuard:
             return ""
         mean, std = float(self.history.mean()), float(self.history.std())
         return (f" The last step's loss {loss:.4g} is finite: the spike guard skipped it as more than "
-                f"train.spike_sigma={self.spike_sigma:g} standard deviations ({std:.3g}) above the mean ({mean:.4g}) of the last "
-                f"train.spike_window={self.window} applied steps. If the loss level has risen for good (new data, "
-                "a new stage), every later step is skipped too: restart with a larger train.spike_sigma or "
-                "train.spike_sigma=0 (off).")
+                f"train.spike_sigma={self.spike_sigma:g} standard deviations ({std:.3g}) above the mean ({mean:.4g}) "
+                f"of the last train.spike_window={self.window} applied steps. If the loss level has risen for good "
+                "(new data, a new stage), every later step is skipped too: restart with a larger train.spike_sigma "
+                "or train.spike_sigma=0 (off).")
 
     def counts(self) -> tuple[int, int]:
         """(skipped steps in total, the longest run of steps skipped in a row since the last call); a host sync."""
