@@ -207,30 +207,14 @@ def run(cfg: DictConfig):
             lock.close()
 
 
-def usable_cpus(cgroup_cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int | None:
-    """CPUs this process may use: its CPU affinity (Slurm's and taskset's confinement), bounded by a cgroup v2 CPU
-    quota (docker --cpus, Kubernetes limits), rounded up; None where neither can be read (not Linux)."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cpus = None
-    try:
-        with open(cgroup_cpu_max, encoding="utf-8") as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max" and int(period) > 0:
-            limit = max(1, -(-int(quota) // int(period)))
-            cpus = limit if cpus is None else min(cpus, limit)
-    except (OSError, ValueError):
-        pass
-    return cpus
-
-
 def warn_few_cpus(num_workers: int) -> None:
-    """Warn when this node's trainers and their data workers have fewer CPUs than processes (usable_cpus): a Slurm
-    task gets one CPU unless the job asks for more."""
-    cpus = usable_cpus()
+    """Warn when this node's trainers and their data workers have fewer CPUs than processes (available_cpus: the
+    CPU affinity bounded by a cgroup quota): a Slurm task gets one CPU unless the job asks for more."""
+    from qwen2_dist.data.prepare import available_cpus
+
+    cpus = available_cpus()
     trainers = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
-    if cpus is not None and cpus < trainers * (1 + num_workers):
+    if cpus < trainers * (1 + num_workers):
         log.warning("this node's %d trainer process(es) and their %d data worker(s) (data.num_workers=%d) share "
                     "%d CPU(s) (this process' CPU affinity and CPU quota): the steps may wait for the host. Give "
                     "the job more CPUs (under Slurm: #SBATCH --cpus-per-task=N, as a task gets one CPU unless it "

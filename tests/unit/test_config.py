@@ -588,7 +588,7 @@ def test_fewer_cpus_than_trainers_and_data_workers_is_warned(monkeypatch, caplog
     """A Slurm task without --cpus-per-task gets one CPU for all of its node's trainers and data workers."""
     from qwen2_dist.cli.train import warn_few_cpus
 
-    monkeypatch.setattr("qwen2_dist.cli.train.usable_cpus", lambda: cpus)
+    monkeypatch.setattr("qwen2_dist.data.prepare.available_cpus", lambda: cpus)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(trainers))
     warn_few_cpus(workers)
     assert ("--cpus-per-task" in caplog.text) == warned
@@ -597,15 +597,15 @@ def test_fewer_cpus_than_trainers_and_data_workers_is_warned(monkeypatch, caplog
         assert f"share {cpus} CPU(s)" in caplog.text
 
 
-def test_usable_cpus_are_the_affinity_bounded_by_a_cgroup_quota(tmp_path, monkeypatch):
-    from qwen2_dist.cli.train import usable_cpus
+def test_available_cpus_are_the_affinity_bounded_by_a_cgroup_quota(tmp_path, monkeypatch):
+    from qwen2_dist.data.prepare import available_cpus
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     cpu_max = tmp_path / "cpu.max"
     for text, cpus in (("max 100000", 16), ("250000 100000", 3), ("50000 100000", 1), ("3200000 100000", 16)):
         cpu_max.write_text(text + "\n")
-        assert usable_cpus(str(cpu_max)) == cpus, text
-    assert usable_cpus(str(tmp_path / "none")) == 16  # cgroup v1, or no cgroup file
+        assert available_cpus(str(tmp_path)) == cpus, text
+    assert available_cpus(str(tmp_path / "none")) == 16  # no cgroup file
 
 
 def test_a_missing_sink_package_stops_qwen2_train_before_anything_is_built(tmp_path, monkeypatch):
