@@ -14,3 +14,9 @@ class CheckpointNotLoadable(UserError):
     """A checkpoint this process cannot use now, though it may well be intact: a format newer than this version
     reads, or files this rank cannot read (an I/O error, a file not visible on this node yet). resume=auto stops with
     this rather than falling back past the checkpoint and setting it aside as damaged (its progress lost)."""
+
+
+class StorageUnreadable(CheckpointNotLoadable):
+    """Checkpoint files the storage cannot give now (an I/O error such as a stale NFS handle, a file not visible on
+    every node yet): a later start may read them. Under torchrun the stop is not recorded in no_restart.json, so
+    torchrun's restarts (MAX_RESTARTS) try again instead of ending the job as for a mistake in its settings."""

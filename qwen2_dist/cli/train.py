@@ -17,7 +17,7 @@ from qwen2_dist.config import (
     JobConfig, advisories, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs, uses_bf16,
     validate,
 )
-from qwen2_dist.errors import CheckpointNotLoadable, ResumeMismatch, UserError
+from qwen2_dist.errors import CheckpointNotLoadable, ResumeMismatch, StorageUnreadable, UserError
 from qwen2_dist.fsutil import write_atomic
 from qwen2_dist.train.faults import TrainingHalted
 
@@ -596,7 +596,8 @@ def _entry(cfg: DictConfig) -> None:
             _note_in_rank_log(f"stopped: {exc}")  # the rank's log says why it ends, beside what came before
         code = 3 if isinstance(exc, TrainingHalted) else 2
         run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
-        if isinstance(run_dir, str) and not isinstance(exc, RunDirBusy):  # another job's run_dir is not ours
+        # Not recorded: another job's run_dir is not ours; storage that failed a read may give it to a restart.
+        if isinstance(run_dir, str) and not isinstance(exc, (RunDirBusy, StorageUnreadable)):
             # Under torchrun: a restart must not train on. In the job's run_dir as to_job makes it (a leading ~
             # expanded), where the restarts and the launchers look.
             no_restart.record(os.path.expanduser(run_dir), code, str(exc))

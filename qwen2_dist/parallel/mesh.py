@@ -108,6 +108,15 @@ def agree_any(flags: list[bool]) -> list[bool]:
     return [bool(v) for v in tensor.tolist()]
 
 
+def agree_max(values: list[float]) -> list[float]:
+    """For each value, its largest over the ranks (one small CPU all-reduce: no device sync)."""
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def all_reduce_sum(value: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     """Sum a tensor over the data-parallel ranks (identity for one process)."""
     if mesh is not None and dp_mesh(mesh).size() > 1:

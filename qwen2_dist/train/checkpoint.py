@@ -7,6 +7,7 @@ save killed at any point never becomes "latest", and a file that later goes miss
 byte is caught before loading.
 """
 
+import datetime
 import errno
 import hashlib
 import json
@@ -14,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 import warnings
@@ -34,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from qwen2_dist.errors import CheckpointNotLoadable, UserError
+from qwen2_dist.errors import CheckpointNotLoadable, StorageUnreadable, UserError
 from qwen2_dist.fsutil import fsync_path, replace_dir, write_atomic
 from qwen2_dist.parallel.mesh import agree_any, broadcast_object
 
@@ -101,14 +103,14 @@ def config_hash(resolved_config: dict) -> str:
 
 def is_committed(path: str) -> bool:
     """True when the directory holds a committed checkpoint (its metadata.json exists). CheckpointNotLoadable when
-    the filesystem cannot say (ESTALE, EIO, EACCES: os.path.isfile reads those as "no file", and an intact
-    checkpoint was then removed as a killed save's leftover, or passed over for an older one)."""
+    the filesystem cannot say (StorageUnreadable: ESTALE, EIO, EACCES: os.path.isfile reads those as "no file", and
+    an intact checkpoint was then removed as a killed save's leftover, or passed over for an older one)."""
     try:
         os.stat(os.path.join(path, METADATA))
     except (FileNotFoundError, NotADirectoryError):
         return False
     except OSError as exc:
-        raise CheckpointNotLoadable(f"{path}: cannot tell whether it is a committed checkpoint ({exc}); it may be "
+        raise StorageUnreadable(f"{path}: cannot tell whether it is a committed checkpoint ({exc}); it may be "
                                     "intact, so the run stops rather than pass over it. Check the filesystem (a "
                                     "stale NFS handle, permissions) and start again") from None
     return True
@@ -140,7 +142,7 @@ def read_metadata(path: str) -> dict:
     except ValueError as exc:  # not JSON (or not UTF-8)
         raise UserError(f"{path}/{METADATA}: unreadable ({exc}); the checkpoint is damaged") from None
     except OSError as exc:  # an I/O error: the file may be intact
-        raise CheckpointNotLoadable(f"{path}/{METADATA}: cannot be read ({exc}), {_NOT_LOADED}") from None
+        raise StorageUnreadable(f"{path}/{METADATA}: cannot be read ({exc}), {_NOT_LOADED}") from None
     if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointNotLoadable(
             f"{path}/{METADATA}: checkpoint format {meta.get('format')} is not one this version reads "
@@ -180,9 +182,11 @@ def _raise_agreed(problems: list[tuple], world: int) -> None:
     for kind, rank, text in problems:
         if kind == "not loadable":
             raise CheckpointNotLoadable(text)
+        if kind == "unreadable":
+            raise StorageUnreadable(text)
     if missing and len(missing) < world:
         ranks = ", ".join(str(p[1]) for p in missing)
-        raise CheckpointNotLoadable(f"{missing[0][2][0]} on rank(s) {ranks} only, while the others find it, "
+        raise StorageUnreadable(f"{missing[0][2][0]} on rank(s) {ranks} only, while the others find it, "
                                     f"{_NOT_LOADED}")
     if missing:
         raise UserError(missing[0][2][1])
@@ -233,11 +237,11 @@ def verify(path: str, checksums: bool = True) -> dict:
     except _Missing as exc:
         problem = ("missing", rank, (str(exc), exc.everywhere))
     except CheckpointNotLoadable as exc:
-        problem = ("not loadable", rank, str(exc))
+        problem = ("unreadable" if isinstance(exc, StorageUnreadable) else "not loadable", rank, str(exc))
     except UserError as exc:
         problem = ("damaged", rank, str(exc))
     except OSError as exc:
-        problem = ("not loadable", rank, f"{path}: cannot be read on rank {rank} ({exc}), {_NOT_LOADED}")
+        problem = ("unreadable", rank, f"{path}: cannot be read on rank {rank} ({exc}), {_NOT_LOADED}")
     problems = [problem]
     if world > 1:
         problems = [None] * world
@@ -324,10 +328,11 @@ def rollback_done(ckpt_root: str, resume: str) -> bool:
         return False
     except (OSError, ValueError, AttributeError) as exc:
         # Not "not done": that would roll the run back again, moving aside everything written since.
-        raise CheckpointNotLoadable(f"{path}: cannot be read ({exc}); it says whether the run was rolled back to "
-                                    f"checkpoint.resume={resume} already. If the filesystem recovers, start the job "
-                                    "again; to roll back again, delete the file; to go on from the newest checkpoint, "
-                                    "use checkpoint.resume=auto") from None
+        kind = StorageUnreadable if isinstance(exc, OSError) else CheckpointNotLoadable  # an I/O error may pass
+        raise kind(f"{path}: cannot be read ({exc}); it says whether the run was rolled back to "
+                   f"checkpoint.resume={resume} already. If the filesystem recovers, start the job again; to roll "
+                   "back again, delete the file; to go on from the newest checkpoint, use checkpoint.resume=auto"
+                   ) from None
     return done == ("none" if resume == "none" else os.path.basename(os.path.abspath(resume)))
 
 
@@ -464,7 +469,14 @@ def clean_partial(ckpt_root: str) -> list[str]:
         return removed
     for name in sorted(os.listdir(ckpt_root)):
         path = os.path.join(ckpt_root, name)
+        final = os.path.join(ckpt_root, name.split(".old-")[0])
         try:
+            if ".old-" in name and _STEP_DIR.match(os.path.basename(final)) and not os.path.lexists(final) \
+                    and is_committed(path):
+                # A commit killed between replace_dir's two renames: this is the step's only committed copy.
+                os.rename(path, final)
+                log.warning("checkpoint: %s put back as %s (a save was killed while it replaced it)", path, final)
+                continue
             leftover = ".tmp-" in name or ".old-" in name or (_STEP_DIR.match(name) and not is_committed(path))
         except CheckpointNotLoadable as exc:
             log.warning("checkpoint: %s; not removed", exc)  # the resume that lists it stops on it
@@ -532,15 +544,17 @@ class Checkpointer:
     """
 
     def __init__(self, ckpt_root: str, keep_last: int, keep_every: int = 0, async_save: bool = False,
-                 checksums: bool = True):
+                 checksums: bool = True, timeout_minutes: float = 30.0):
         self.ckpt_root = ckpt_root
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.async_save = async_save
         self.checksums = checksums
         self._pending: _Pending | None = None
-        # Background writes run collectives of their own: keep them off the training process group.
-        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        # Background writes run collectives of their own: keep them off the training process group (with the
+        # job's train.pg_timeout_minutes: a new group's own default is 30 minutes).
+        self._group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=timeout_minutes)) \
+            if async_save and dist.is_initialized() else None
         self.last_blocking_seconds = 0.0
         self.failed_saves = 0
 
@@ -660,9 +674,11 @@ class Checkpointer:
                 except OSError as rm_exc:
                     log.error("checkpoint: %s may look committed and could not be deleted (%s); delete it before "
                               "the job resumes", written, rm_exc)
-            if committed and pending.retain:  # after the commit, never part of it: a failure here deletes nothing new
-                _apply_retention(self.ckpt_root, self.keep_last, self.keep_every, protect=pending.final)
         committed = _all_ok(committed)
+        # After every rank has agreed on the commit, so no rank waits in that agreement for the deletes (minutes
+        # for a large checkpoint on Lustre or NFS): each is un-committed here and deleted in the background.
+        if _rank() == 0 and committed and pending.retain:
+            _apply_retention(self.ckpt_root, self.keep_last, self.keep_every, protect=pending.final)
         if committed:
             log.info("checkpoint: committed %s in %.1f s", pending.final, time.monotonic() - pending.started)
         else:
@@ -769,6 +785,12 @@ def _commit(pending: _Pending, checksums: bool) -> None:
     replace_dir(pending.tmp, pending.final)  # over an uncommitted leftover of the same step, if any
     fsync_path(os.path.dirname(pending.final))
     files = _file_sizes(pending.final)
+    # A file a writer reported that rank 0's listing lacks (a shared filesystem's cached directory listing lags):
+    # recorded from its own stat, so every file is size- and checksum-checked at a load; missing here, no commit.
+    for name in sorted(set(pending.checksums) - set(files)):
+        log.warning("checkpoint: %s, written by another rank, is not in rank 0's listing of %s; recorded from its "
+                    "own stat", name, pending.final)
+        files[name] = os.stat(os.path.join(pending.final, name)).st_size
     meta = dict(pending.metadata, format=FORMAT_VERSION, time=time.time(), contents=pending.contents,
                 save_seconds=round(time.monotonic() - pending.started, 3), files=files)
     if checksums:
@@ -800,21 +822,39 @@ def _apply_retention(ckpt_root: str, keep_last: int, keep_every: int, protect: s
         if path == protect or (keep_every and step % keep_every == 0):
             continue
         try:
-            _delete(path)
+            _delete(path, background=True)
         except OSError as exc:
             log.warning("checkpoint: retention could not delete %s (%s); it stays, and the next save tries again",
                         path, exc)
 
 
-def _delete(path: str) -> None:
+_deletes: list[threading.Thread] = []  # retention's background deletes of this process, not yet waited for
+
+
+def wait_for_deletes() -> None:
+    """Wait until retention's background deletes are done (the end of a run; an exit without it leaves uncommitted
+    leftovers, which clean_partial removes at the next start)."""
+    while _deletes:
+        _deletes.pop().join()
+
+
+def _delete(path: str, background: bool = False) -> None:
     """Delete a checkpoint directory, un-committing it first (its metadata.json): a crash or a failure halfway
     through the delete leaves an uncommitted leftover, removed at the next start, never a checkpoint with files
-    missing. OSError when the metadata cannot be removed (nothing else is touched then)."""
+    missing. OSError when the metadata cannot be removed (nothing else is touched then). background: the files
+    are deleted by a thread once the checkpoint is un-committed (wait_for_deletes)."""
     try:
         os.remove(os.path.join(path, METADATA))
     except FileNotFoundError:
         pass
-    shutil.rmtree(path, ignore_errors=True)
+    if not background:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    _deletes[:] = [thread for thread in _deletes if thread.is_alive()]
+    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
+                              name=f"delete {os.path.basename(path)}", daemon=True)
+    thread.start()
+    _deletes.append(thread)
 
 
 def write(final: str, model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | None, train_state: dict,
@@ -828,16 +868,24 @@ def write(final: str, model: torch.nn.Module | dict, optimizer: torch.optim.Opti
                         "and permissions of its directory")
 
 
-def _dcp_load(state: dict, path: str) -> None:
-    """dcp.load into state; any failure is one UserError naming the checkpoint and the failing rank's error."""
+def _dcp_load(state: dict, path: str, intact: bool = False) -> None:
+    """dcp.load into state; any failure is one UserError naming the checkpoint and the failing rank's error.
+    intact: verify() has matched every file against the checksums of its commit, so a failure to load is not damage
+    (CheckpointNotLoadable: never fallen back past and set aside as damaged, its progress lost)."""
     try:
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=path)
     except (Exception, CheckpointException) as exc:  # DCP's wrapper is a BaseException
         if _is_io_error(exc):  # the files may be intact: not a reason to fall back past them and set them aside
-            raise CheckpointNotLoadable(f"{path}: cannot be read ({describe_error(exc)}); it may be intact, so the "
-                                        "run stops rather than fall back past it. Check the filesystem and start "
-                                        "again") from None
+            raise StorageUnreadable(f"{path}: cannot be read ({describe_error(exc)}); it may be intact, so the "
+                                    "run stops rather than fall back past it. Check the filesystem and start "
+                                    "again") from None
+        if intact:  # out of memory, an interrupted read, state this job's settings do not fit
+            raise CheckpointNotLoadable(
+                f"{path}: cannot be loaded ({describe_error(exc)}), though its files match the checksums of its "
+                "commit: the checkpoint is intact, so the run stops rather than fall back past it. Compare this "
+                "job's settings with the run's config.yaml (optim.*, model.*); if it ran out of memory, free some "
+                "and start again") from None
         raise UserError(f"{path}: cannot be loaded ({describe_error(exc)}); "
                         "the checkpoint is damaged or from another model") from None
 
@@ -855,7 +903,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     meta = verify(path, checksums)
     with_optim = "optim" in meta["contents"] and optimizer is not None
     state = _state(model, optimizer if with_optim else None, meta["format"])
-    _dcp_load(state, path)
+    _dcp_load(state, path, intact=checksums and bool(meta.get("checksums")))  # verify checked every file's
     if with_optim:
         set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=_options(meta["format"]))

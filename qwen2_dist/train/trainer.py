@@ -19,7 +19,7 @@ from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.loss import IGNORE_INDEX, resolve_loss
-from qwen2_dist.parallel.mesh import World, agree_any, all_reduce_sum, dp_rank_and_size
+from qwen2_dist.parallel.mesh import World, agree_any, agree_max, all_reduce_sum, dp_rank_and_size
 from qwen2_dist.parallel.parallelize import compile_enabled, loss_context, set_gradient_sync
 from qwen2_dist.train import checkpoint
 from qwen2_dist.train.faults import StepGuard, TrainingHalted, Watchdog, inject_hang, inject_nan
@@ -119,7 +119,7 @@ class Trainer:
             os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
             async_save=cfg.checkpoint.async_save is True
             or (cfg.checkpoint.async_save == "auto" and world.device.type == "cuda"),
-            checksums=cfg.checkpoint.checksums,
+            checksums=cfg.checkpoint.checksums, timeout_minutes=cfg.train.pg_timeout_minutes,
         )
         self.guard = StepGuard(world.device, cfg.train.spike_sigma, cfg.train.spike_window)
         # The fused AdamW skips a flagged step on the device; the others need the verdict on the host.
@@ -397,7 +397,7 @@ class Trainer:
                         "tokens_seen": self.tokens_seen,
                         "mfu": (tokens_per_sec / self.world.world_size * self.flops_per_token / self.peak_flops)
                         if self.peak_flops else None,
-                        "mem_gib": memory_gib(self.world.device),
+                        "mem_gib": agree_max([memory_gib(self.world.device)])[0],  # the rank nearest its limit
                         "data_wait_pct": 100.0 * window_data / elapsed,
                         "skipped_steps": skipped,
                         "time": time.time(),
@@ -431,13 +431,15 @@ class Trainer:
                 if self.checkpointer.pending_done() is not None and not still_writing:
                     synchronize(self.world.device)  # as for a save: the queued training work is the window's
                     commit_started = time.monotonic()
-                    self.wait_for_save()  # the commit: a collective, then the deletes of checkpoint retention
+                    self.wait_for_save()  # the commit: a collective (retention's deletes go on in the background)
+                    watchdog.beat()  # the limit is for each step, evaluation and save, not for their sum
                     committed = time.monotonic()
                     window_started += committed - commit_started
                     profiler.leave_out(f"checkpoint commit at step {self.step}", committed - commit_started)
                 if stop_now:
                     profiler.close(self.step)  # the trace ends with the last step, before the save
-                    self.save(blocking=True)
+                    watchdog.beat()
+                    self.save(blocking=True)  # (commits one in flight first)
                     if self.saved_step != self.step:  # the stop goes on (a requeue resumes the older checkpoint)
                         log.error("stop: the checkpoint of step %d could not be written (the error is above); the "
                                   "next start resumes from %s", self.step,
@@ -458,6 +460,7 @@ class Trainer:
             # failed background save of it is written again, blocking). Not on an exception: the commit is
             # collective, and a failed rank would never join it; the uncommitted shards are cleaned at the next start.
             self.wait_for_save()
+            watchdog.beat()
             # train.stop_at stops with a checkpoint whatever checkpoint.save_final says.
             if (cfg.checkpoint.save_final or self.step < cfg.train.steps) and not stopped and \
                     self.saved_step != self.step:
@@ -473,4 +476,5 @@ class Trainer:
             watchdog.stop()
             profiler.close(self.step)
             writer.close()
+            checkpoint.wait_for_deletes()
         return TrainResult(self.step, self.tokens_seen, last_loss, stopped)

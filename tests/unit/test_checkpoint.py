@@ -114,6 +114,7 @@ def test_resume_from_a_checkpoint_of_the_run_rolls_it_back_once(tmp_path):
     # Retention may delete step 8 later; the job that names it is still the rolled-back run (config.validate).
     keep_one = checkpoint.Checkpointer(root, keep_last=1)
     keep_one.save(11, model, None, {"step": 11}, {})
+    checkpoint.wait_for_deletes()  # un-committed at once, its files deleted in the background
     assert not os.path.exists(step_8) and _names(checkpoint.resume_candidates(root, step_8)) == ["step_00000011"]
     # A rollback to another checkpoint moves what the rolled-back run wrote after it.
     for step in (12, 13):
@@ -232,7 +233,7 @@ def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, mo
     """An I/O error (or a file this node cannot read yet) and a newer format say the checkpoint may be intact:
     CheckpointNotLoadable, which resume=auto stops on rather than falling back past it and setting it aside;
     damage (sizes, checksums) stays a plain UserError."""
-    from qwen2_dist.errors import CheckpointNotLoadable
+    from qwen2_dist.errors import CheckpointNotLoadable, StorageUnreadable
 
     model, optimizer = _model_and_optimizer(0)
     path = checkpoint.Checkpointer(str(tmp_path), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
@@ -242,7 +243,7 @@ def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, mo
         raise OSError(5, "Input/output error", name)
 
     monkeypatch.setattr(checkpoint, "file_checksum", unreadable)
-    with pytest.raises(CheckpointNotLoadable, match="cannot be read on rank 0.*Input/output error.*nor set aside"):
+    with pytest.raises(StorageUnreadable, match="cannot be read on rank 0.*Input/output error.*nor set aside"):
         checkpoint.verify(path)
     monkeypatch.undo()
     real_stat = os.stat
@@ -253,7 +254,7 @@ def test_a_checkpoint_that_cannot_be_read_now_is_not_called_damaged(tmp_path, mo
         return real_stat(name, *args, **kwargs)
 
     monkeypatch.setattr(os, "stat", stale)
-    with pytest.raises(CheckpointNotLoadable, match="Stale file handle"):
+    with pytest.raises(StorageUnreadable, match="Stale file handle"):
         checkpoint.verify(path)
     monkeypatch.undo()
     # The same for the commit record itself: os.path.isfile read a stale handle as "no metadata.json", and the
@@ -700,3 +701,98 @@ def test_an_optimizer_that_has_not_updated_yet_saves_no_state_and_gains_no_step(
     fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     checkpoint.load(path, fresh, fresh_optimizer)
     assert {float(state["step"]) for state in fresh_optimizer.state.values()} == {1.0}
+
+
+def test_a_load_failing_on_files_that_match_their_checksums_is_not_called_damaged(tmp_path, monkeypatch):
+    """Every file matched the checksum of its commit, so a load that fails anyway (out of memory, an interrupted
+    read, state this job's settings do not fit) stops the run (CheckpointNotLoadable): resume=auto fell back past
+    the newest checkpoint and renamed it damaged-*, its progress lost. Checked by size only, it may be damage."""
+    from qwen2_dist.errors import CheckpointNotLoadable, StorageUnreadable
+
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(tmp_path), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(checkpoint.dcp, "load", out_of_memory)
+    with pytest.raises(CheckpointNotLoadable, match=r"RuntimeError: CUDA out of memory.*match the checksums of its "
+                                                    r"commit: the checkpoint is intact") as intact:
+        checkpoint.load(path, model, optimizer)
+    assert not isinstance(intact.value, StorageUnreadable)  # not an I/O error: a restart would fail the same way
+    with pytest.raises(UserError, match="damaged or from another model") as unchecked:
+        checkpoint.load(path, model, optimizer, checksums=False)
+    assert not isinstance(unchecked.value, CheckpointNotLoadable)
+
+
+def test_io_errors_are_storage_errors_a_restart_may_get_past_and_a_newer_format_is_not(tmp_path, monkeypatch):
+    """StorageUnreadable (not recorded in no_restart.json: torchrun's restarts try again) for what the storage
+    could not give now; a format this version does not read stays CheckpointNotLoadable, which a restart repeats."""
+    from qwen2_dist.errors import CheckpointNotLoadable, StorageUnreadable
+
+    model, optimizer = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(tmp_path), keep_last=2).save(1, model, optimizer, {"step": 1}, {})
+    with pytest.raises(StorageUnreadable, match=r"on rank\(s\) 1 only"):
+        checkpoint._raise_agreed([("missing", 1, ("f: missing from checkpoint c", "damaged"))], 2)
+    with pytest.raises(StorageUnreadable, match="^z$"):
+        checkpoint._raise_agreed([("damaged", 0, "x"), ("unreadable", 1, "z")], 2)
+    meta = json.loads(open(os.path.join(path, checkpoint.METADATA)).read())
+    with open(os.path.join(path, checkpoint.METADATA), "w") as f:
+        json.dump({**meta, "format": 99}, f)
+    with pytest.raises(CheckpointNotLoadable, match="format 99") as newer:
+        checkpoint.verify(path)
+    assert not isinstance(newer.value, StorageUnreadable)
+
+
+def test_a_file_missing_from_rank_0s_listing_is_still_recorded_and_checked(tmp_path, monkeypatch):
+    """The commit's file list was rank 0's directory listing alone: a shard another node wrote that a lagging
+    listing did not show was recorded nowhere, and never size- or checksum-checked at a load."""
+    listing = checkpoint._file_sizes
+    monkeypatch.setattr(checkpoint, "_file_sizes", lambda path: {
+        name: size for name, size in listing(path).items() if not name.endswith(".distcp")})
+    model, _ = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(str(tmp_path), keep_last=1).save(1, model, None, {"step": 1}, {})
+    meta = checkpoint.verify(path)
+    shards = [name for name in meta["files"] if name.endswith(".distcp")]
+    assert shards and set(meta["files"]) == set(meta["checksums"])
+    assert meta["files"][shards[0]] == os.path.getsize(os.path.join(path, shards[0]))
+
+
+def test_a_commit_killed_between_its_two_renames_gets_its_checkpoint_back(tmp_path):
+    """replace_dir moves the step's directory aside (.old-*) before it renames the new one in; killed between the
+    two, the committed copy aside was the step's only one, and the next start deleted it as a leftover."""
+    root = str(tmp_path)
+    model, _ = _model_and_optimizer(0)
+    path = checkpoint.Checkpointer(root, keep_last=2).save(4, model, None, {"step": 4}, {})
+    os.rename(path, f"{path}.old-0123abcd")
+    os.makedirs(f"{path}.old-4567cdef")  # an uncommitted one aside is a leftover still
+    assert checkpoint.clean_partial(root) == [f"{path}.old-4567cdef"]
+    assert checkpoint.committed_checkpoints(root) == [path] and sorted(os.listdir(root)) == ["step_00000004"]
+
+
+def test_retention_deletes_after_the_commit_is_agreed_and_in_the_background(tmp_path, monkeypatch):
+    """Every rank waited in the commit's agreement while rank 0 deleted old checkpoints (minutes on Lustre)."""
+    order = []
+    agree, retain = checkpoint._all_ok, checkpoint._apply_retention
+    monkeypatch.setattr(checkpoint, "_all_ok", lambda ok, exc=None: (order.append("agreed"), agree(ok, exc))[1])
+    monkeypatch.setattr(checkpoint, "_apply_retention", lambda *a, **k: (order.append("retention"), retain(*a, **k)))
+    model, _ = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(str(tmp_path), keep_last=1)
+    for step in (1, 2):
+        saver.save(step, model, None, {"step": step}, {})
+    assert order[-2:] == ["agreed", "retention"]
+    assert _names(checkpoint.committed_checkpoints(str(tmp_path))) == ["step_00000002"]  # un-committed at once
+    checkpoint.wait_for_deletes()
+    assert os.listdir(tmp_path) == ["step_00000002"]
+
+
+def test_background_writes_use_the_jobs_process_group_timeout(tmp_path, monkeypatch):
+    import datetime
+
+    import torch.distributed as dist
+
+    made = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "new_group", lambda **kwargs: made.append(kwargs))
+    checkpoint.Checkpointer(str(tmp_path), keep_last=1, async_save=True, timeout_minutes=90)
+    assert made == [{"backend": "gloo", "timeout": datetime.timedelta(minutes=90)}]

@@ -173,3 +173,18 @@ def test_more_processes_on_a_node_than_gpus_is_a_user_error_naming_nproc(monkeyp
     with pytest.raises(UserError, match=r"local rank 3: this node starts 4 processes, but torch sees 2 GPU\(s\) here "
                                         r"\(CUDA_VISIBLE_DEVICES=0,1\); start one process per GPU: NPROC=2"):
         init_distributed("cuda")
+
+
+def test_agree_max_gives_every_rank_the_largest_value_of_any_rank(monkeypatch):
+    """The logged mem_gib is the largest peak over the ranks (the rank nearest its limit), not rank 0's own."""
+    from qwen2_dist.parallel.mesh import agree_max
+
+    other_rank = torch.tensor([7.5, 0.25], dtype=torch.float64)
+
+    def all_reduce(tensor, op):  # what a second rank holding other_rank contributes
+        assert op == dist.ReduceOp.MAX
+        torch.maximum(tensor, other_rank, out=tensor)
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    assert agree_max([3.0, 1.5]) == [7.5, 1.5]

@@ -99,10 +99,12 @@ def test_a_lock_left_by_an_earlier_attempt_of_the_same_slurm_job_is_waited_for(t
 
 def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir(tmp_path, monkeypatch):
     """Under torchrun a stop on purpose is recorded (no_restart.json) so that restarts do not train on; a job refused
-    because another job runs in the run_dir writes nothing there, so the running job's restarts are not affected."""
+    because another job runs in the run_dir writes nothing there, so the running job's restarts are not affected; nor
+    does a stop on storage that could not be read (StorageUnreadable), so that torchrun's restarts try again."""
     from omegaconf import OmegaConf
 
     from qwen2_dist.cli import train
+    from qwen2_dist.errors import StorageUnreadable
 
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mine")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
@@ -115,7 +117,10 @@ def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir
     def bad(cfg):
         raise UserError("bad")
 
-    for refuse, recorded in ((busy, False), (bad, True)):
+    def storage(cfg):  # a stale NFS handle at the resume: a restart may read the checkpoint
+        raise StorageUnreadable("checkpoints/step_00000004: cannot be read ([Errno 116] Stale file handle)")
+
+    for refuse, recorded in ((busy, False), (storage, False), (bad, True)):
         monkeypatch.setattr(train, "run", refuse)
         with pytest.raises(SystemExit) as stopped:
             train._entry(cfg)

@@ -500,9 +500,11 @@ def test_the_watchdog_gives_an_evaluation_and_a_save_each_the_whole_limit(tmp_pa
     monkeypatch.setattr(trainer, "train_step", takes(1.2, trainer.train_step))
     monkeypatch.setattr(trainer, "evaluate_all", takes(1.5, lambda: ({"eval_loss": 1.0}, "eval")))
     monkeypatch.setattr(trainer, "save", takes(1.5, trainer.save))
+    monkeypatch.setattr(trainer, "wait_for_save", takes(1.0, trainer.wait_for_save))  # a commit of a background save
     assert trainer.fit().step == 3 and _committed(trainer) == [2]
-    # Steps 1 and 2, the evaluation, the save, step 3, the evaluation at the run's end.
-    assert beats == pytest.approx([1.2, 2.4, 3.9, 5.4, 6.6, 8.1])
+    # Steps 1 and 2, the evaluation, the save (with its wait for the previous one), step 3, the evaluation at the
+    # run's end, the wait for a save in flight after the last step.
+    assert beats == pytest.approx([1.2, 2.4, 3.9, 6.4, 7.6, 9.1, 10.1])
 
 
 @pytest.mark.parametrize("cause", ["nan", "spike"])
