@@ -1,5 +1,6 @@
 """Throughput, MFU and memory of a training step, and the sinks they go to (console, metrics.jsonl)."""
 
+import errno
 import hashlib
 import json
 import logging
@@ -124,29 +125,95 @@ def last_logged_step(path: str) -> int | None:
     return max((step for _, step in _records(path) if step is not None), default=None)
 
 
-def wandb_run_id(run_dir: str, rewinds: bool, from_step: int) -> tuple[str, str]:
+def wandb_run_id(run_dir: str, rewinds: bool, from_step: int, resumable: bool = True) -> tuple[str, str]:
     """The W&B run this start logs to, and its group (stable, from the run directory's path).
 
-    A restart resumes the W&B run of the start before it. W&B keeps a run's steps increasing and drops a step
-    logged again, so a start that goes back over logged steps (a restart past its checkpoint, a rollback) logs to a
-    new run of the same group: its steps would otherwise be lost and the abandoned ones shown. The current run's id
-    is kept in run_dir/wandb/run_id; the first start of a run makes a new one (a run_dir used again after its
-    contents were deleted, or the same path on another machine, must not continue another experiment's W&B run)."""
+    Online (resumable), a restart resumes the W&B run of the start before it. W&B keeps a run's steps increasing and
+    drops a step logged again, so a start that goes back over logged steps (a restart past its checkpoint, a
+    rollback) logs to a new run of the same group: its steps would otherwise be lost and the abandoned ones shown.
+    Offline (not resumable), every start logs to a new run of the group: wandb ignores resume offline and writes
+    another offline-run-* directory with the same id, and `wandb sync` of two directories with one id keeps the
+    history of one only. The current run's id is kept in run_dir/wandb/run_id, with "offline" on a second line when
+    an offline start made it (an online start after it does not resume it: it may not be uploaded yet); the first
+    start of a run makes a new one (a run_dir used again after its contents were deleted, or the same path on
+    another machine, must not continue another experiment's W&B run)."""
     group = "qwen2-" + hashlib.sha256(os.path.abspath(run_dir).encode()).hexdigest()[:12]
     path = os.path.join(run_dir, "wandb", "run_id")
-    run_id = ""
+    run_id, made_offline = "", False
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            run_id = f.read().strip()
-    if not run_id:
+            lines = f.read().split()
+        run_id, made_offline = (lines[0] if lines else ""), lines[1:] == ["offline"]
+    if not run_id or made_offline:
         run_id = f"{group}-{uuid.uuid4().hex[:8]}"
-    if rewinds:
+    if rewinds or not resumable:
         run_id = f"{group}-from{from_step}-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:4]}"
-        log.info("W&B: this start goes back to step %d, over steps the last one logged; it logs to a new W&B run, "
-                 "%s, in group %s (W&B drops a step logged again)", from_step, run_id, group)
+        if resumable:
+            log.info("W&B: this start goes back to step %d, over steps the last one logged; it logs to a new W&B "
+                     "run, %s, in group %s (W&B drops a step logged again)", from_step, run_id, group)
+        else:
+            log.info("W&B offline: this start logs to a W&B run of its own, %s, in group %s (an offline run cannot "
+                     "be resumed)", run_id, group)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    write_atomic(path, run_id + "\n")
+    write_atomic(path, run_id + ("\n" if resumable else "\noffline\n"))
     return run_id, group
+
+
+def wandb_unreachable(exc: Exception) -> bool:
+    """Whether wandb.init failed for want of the W&B server (no network, a timeout, the server down), rather than
+    for something the user must fix (no or a bad API key, a wrong entity or project, a bad setting)."""
+    import wandb
+
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if not isinstance(exc, wandb.errors.CommError) or isinstance(exc, wandb.errors.AuthenticationError):
+        return False
+    # wandb-core reports an HTTP error as a CommError too: a client error (4xx but 408 timeout and 429 too many
+    # requests) is the user's (a project or entity that does not exist or is not theirs).
+    return not re.search(r"\b4(0[0-79]|1\d|2[0-8]|[3-9]\d)\b|permission|forbidden|unauthori[sz]ed|not found|api.?key",
+                         str(exc), re.I)
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError as its errno's name and text ("ENOSPC: No space left on device"), or its message without one."""
+    if exc.errno is None:
+        return f"{type(exc).__name__}: {exc}"
+    return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror or os.strerror(exc.errno)}"
+
+
+class _LostRecords:
+    """The storage errors of one sink (metrics.jsonl, TensorBoard's event files), logged without stopping the
+    training: rank 0 alone would stop while the other ranks wait for it in a collective (and the checkpointer also
+    lives through a full disk). One WARNING at the first error, then none until a record is written again, which
+    says how many were lost; close() says it for those lost up to the end."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.lost = 0
+
+    def failed(self, exc: OSError) -> None:
+        self.lost += 1
+        if self.lost == 1:
+            log.warning("metrics: could not write %s (%s): training goes on, and each logged step tries again (its "
+                        "record is lost until one is written). Free space on its file system, or check that run_dir "
+                        "is writable", self.what, os_error_text(exc))
+
+    def written(self) -> None:
+        if self.lost:
+            log.warning("metrics: %s written again; the %d record(s) before this one could not be written and are "
+                        "lost", self.what, self.lost)
+            self.lost = 0
+
+    def closed(self) -> None:
+        if self.lost:
+            log.warning("metrics: the last %d record(s) could not be written to %s and are lost", self.lost, self.what)
+            self.lost = 0
+
+
+def tensorboard_tag(key: str) -> str:
+    """A record's key as a TensorBoard tag: eval_loss and eval_loss/NAME under eval/ (eval/loss, eval/loss/NAME),
+    the others under train/."""
+    return "eval/" + key[len("eval_"):] if key.startswith("eval_") else f"train/{key}"
 
 
 def record_as_json(record: dict) -> dict:
@@ -157,7 +224,10 @@ def record_as_json(record: dict) -> dict:
 
 
 class MetricsSinks:
-    """Where logged steps go: metrics.jsonl always, TensorBoard and W&B when asked (rank 0 only)."""
+    """Where logged steps go: metrics.jsonl always, TensorBoard and W&B when asked (rank 0 only).
+
+    A storage error (a full disk) while writing a record is logged and the record lost, in each file sink on its own:
+    write() and close() never raise for it (see _LostRecords). One at the start, before training, is a UserError."""
 
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = False, wandb: bool = False,
                  wandb_project: str = "qwen2-dist", wandb_mode: str = "offline", config: dict | None = None,
@@ -165,57 +235,142 @@ class MetricsSinks:
         """from_step: the step the run starts or resumes at; metrics.jsonl keeps the records up to it (see
         supersede_records)."""
         self.enabled = enabled
-        rewinds = False
-        if enabled:
-            last = last_logged_step(os.path.join(run_dir, "metrics.jsonl"))
-            rewinds = last is not None and last > from_step
-            supersede_records(os.path.join(run_dir, "metrics.jsonl"), from_step)
-        self.file = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8") if enabled else None
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb_dir = os.path.join(run_dir, "tensorboard")
+        self.file = None
         self.tb = None
         self.wandb_run = None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+        self.jsonl = enabled  # False once closed, as the others
+        self.tensorboard = enabled and tensorboard
+        self.size = 0  # of metrics.jsonl up to its last record written whole
+        self.file_lost = _LostRecords(self.path)
+        self.tb_lost = _LostRecords(f"the TensorBoard events in {self.tb_dir}")
+        if not enabled:
+            return
+        try:
+            last = last_logged_step(self.path)
+            rewinds = last is not None and last > from_step
+            supersede_records(self.path, from_step)
+            self.file = self._open_jsonl()
+            if tensorboard:
+                # Events of steps past from_step, written before this start, are hidden from TensorBoard from now on
+                # (as metrics.jsonl's records of them move aside).
+                self.tb = self._open_tensorboard(purge_step=from_step + 1)
+            if wandb:
+                run_id, group = wandb_run_id(run_dir, rewinds, from_step, resumable=wandb_mode != "offline")
+        except OSError as exc:
+            self.close()
+            raise UserError(
+                f"cannot write the metrics of run_dir={run_dir}: {exc.filename or run_dir}: {os_error_text(exc)}. "
+                "Free space on its file system or check that run_dir is writable, then run the same command again"
+            ) from exc
+        if wandb:
+            self.wandb_run = self._start_wandb(run_dir, wandb_project, wandb_mode, config, run_id, group, from_step)
 
-            # Events of steps past from_step, written before this start, are hidden from TensorBoard from now on
-            # (as metrics.jsonl's records of them move aside).
-            self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=from_step + 1)
-        if enabled and wandb:
-            import wandb as wandb_lib
+    def _start_wandb(self, run_dir: str, project: str, mode: str, config: dict | None, run_id: str, group: str,
+                     from_step: int):
+        """wandb.init; online, a W&B server out of reach makes this start log offline instead (a network failure
+        must not stop the job), and any other failure is a UserError."""
+        import wandb as wandb_lib
 
-            run_id, group = wandb_run_id(run_dir, rewinds, from_step)
+        try:
             try:
-                self.wandb_run = wandb_lib.init(project=wandb_project, mode=wandb_mode, dir=run_dir, id=run_id,
-                                                group=group, resume="allow", config=config)
+                return wandb_lib.init(project=project, mode=mode, dir=run_dir, id=run_id, group=group, config=config,
+                                      **({"resume": "allow"} if mode == "online" else {}))
             except Exception as exc:  # wandb's own errors (no API key, no network, a bad project) share no base
-                self.close()
-                raise UserError(
-                    f"logging.wandb=true: wandb.init failed in logging.wandb_mode={wandb_mode} "
-                    f"({type(exc).__name__}: {exc}). For online, run `wandb login` or set WANDB_API_KEY and check "
-                    "logging.wandb_project; or set logging.wandb_mode=offline (sync later with `wandb sync`)"
-                ) from exc
+                if mode != "online" or not wandb_unreachable(exc):
+                    raise
+                run_id, group = wandb_run_id(run_dir, False, from_step, resumable=False)
+                log.warning("W&B: wandb.init could not reach the W&B server in logging.wandb_mode=online (%s: %s): "
+                            "this start logs offline instead, to run %s. Upload it when the network is back with "
+                            "`wandb sync %s`", type(exc).__name__, exc, run_id,
+                            os.path.join(run_dir, "wandb", f"offline-run-*-{run_id}"))
+                mode = "offline"
+                return wandb_lib.init(project=project, mode=mode, dir=run_dir, id=run_id, group=group, config=config)
+        except Exception as exc:
+            self.close()
+            raise UserError(
+                f"logging.wandb=true: wandb.init failed in logging.wandb_mode={mode} "
+                f"({type(exc).__name__}: {exc}). For online, run `wandb login` or set WANDB_API_KEY and check "
+                "logging.wandb_project; or set logging.wandb_mode=offline (sync later with `wandb sync`)"
+            ) from exc
+
+    def _open_jsonl(self):
+        f = open(self.path, "a", encoding="utf-8")
+        self.size = os.path.getsize(self.path)
+        return f
+
+    def _cut_to_last_record(self) -> None:
+        """Cut off what a failed write put in metrics.jsonl of its record: a line cut short, which strict JSON
+        readers refuse."""
+        if os.path.exists(self.path) and os.path.getsize(self.path) > self.size:
+            os.truncate(self.path, self.size)
+
+    def _open_tensorboard(self, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(self.tb_dir, purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         """Record one logged step in every sink."""
-        if self.file is not None:
-            self.file.write(json.dumps(record_as_json(record)) + "\n")
-            self.file.flush()
+        if self.jsonl:
+            line = json.dumps(record_as_json(record)) + "\n"
+            try:
+                if self.file is None:  # the write of an earlier record failed
+                    self._cut_to_last_record()
+                    self.file = self._open_jsonl()
+                self.file.write(line)
+                self.file.flush()
+                self.size += len(line.encode("utf-8"))
+                self.file_lost.written()
+            except OSError as exc:
+                self.file_lost.failed(exc)
+                self._close_file()
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
-        if self.tb is not None:
-            for key, value in numbers.items():
-                self.tb.add_scalar(f"train/{key}", value, record["step"])
-            self.tb.flush()
+        if self.tensorboard:
+            try:
+                if self.tb is None:  # the writer failed at an earlier record: its events go to a new file
+                    self.tb = self._open_tensorboard()
+                for key, value in numbers.items():
+                    self.tb.add_scalar(tensorboard_tag(key), value, record["step"])
+                self.tb.flush()
+                self.tb_lost.written()
+            except OSError as exc:
+                self.tb_lost.failed(exc)
+                self._close_tensorboard()
         if self.wandb_run is not None:
             self.wandb_run.log(numbers, step=record["step"])
 
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
+    def _close_file(self) -> None:
+        file, self.file = self.file, None
+        try:
+            if file is not None:
+                file.close()
+        except OSError:  # its buffer could not be written: the record it held is counted lost already
+            pass
+
+    def _close_tensorboard(self) -> None:
+        tb, self.tb = self.tb, None
+        try:
+            if tb is not None:
+                tb.close()
+        except OSError:  # the events it held are counted lost already
+            pass
+
+    def close(self, exit_code: int = 0) -> None:
+        """Close every sink; exit_code: the W&B run's (0: finished, another: failed)."""
+        self._close_file()
+        if self.jsonl and self.file_lost.lost:
+            try:
+                self._cut_to_last_record()
+            except OSError:  # the next start moves a line cut short aside (supersede_records)
+                pass
+        self.file_lost.closed()
+        self._close_tensorboard()
+        self.tb_lost.closed()
+        self.jsonl = self.tensorboard = False
         if self.wandb_run is not None:
-            self.wandb_run.finish()
+            self.wandb_run.finish(exit_code=exit_code)
             self.wandb_run = None
 
 

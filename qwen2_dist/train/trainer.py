@@ -351,6 +351,7 @@ class Trainer:
                             os.path.join(cfg.run_dir, "logs", f"rank{self.world.rank}.log")).start()
         if self.step >= cfg.train.steps:
             log.info("run already complete: step %d of train.steps=%d", self.step, cfg.train.steps)
+        exit_code = 1  # a crash, a halt or an interrupt marks the W&B run failed; a stop by signal returns: 0
         try:
             last_step = cfg.train.steps if cfg.train.stop_at is None else min(cfg.train.steps, cfg.train.stop_at)
             while self.step < last_step:
@@ -472,9 +473,10 @@ class Trainer:
                         f"{f'step {self.saved_step}' if self.saved_step >= 0 else 'the start'} is not saved. Fix "
                         "the storage (space, permissions, quota) and run the same command again: it resumes from "
                         "the newest committed checkpoint")
+            exit_code = 0
         finally:
             watchdog.stop()
             profiler.close(self.step)
-            writer.close()
+            writer.close(exit_code)
             checkpoint.wait_for_deletes()
         return TrainResult(self.step, self.tokens_seen, last_loss, stopped)

@@ -1,8 +1,10 @@
 """Metrics: the MFU formula, the sinks (JSONL, TensorBoard, W&B offline) writing what they were given, and the
 profile summary."""
 
+import errno
 import glob
 import json
+import logging
 import os
 import shutil
 import time
@@ -153,13 +155,34 @@ def test_a_restart_keeps_one_record_per_step_and_moves_the_rest_aside(tmp_path):
                                                            .splitlines()) == 3
 
 
-def test_a_restart_resumes_its_wandb_run_unless_it_goes_back_over_logged_steps(tmp_path, monkeypatch):
-    """W&B drops a step logged again: a start that resumes from before the last logged step logs to a new W&B run
-    of the same group, and the next restart (past every logged step) resumes that one."""
-    monkeypatch.setenv("WANDB_SILENT", "true")
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    """wandb.init recording its arguments and the runs it made (their logged steps and exit code); it raises the
+    exceptions put in its `failures` list first, one a call."""
+    import wandb
+
+    calls = SimpleNamespace(kwargs=[], runs=[], failures=[])
+
+    def init(**kwargs):
+        calls.kwargs.append(kwargs)
+        if calls.failures:
+            raise calls.failures.pop(0)
+        run = SimpleNamespace(id=kwargs["id"], group=kwargs["group"], steps=[], exit_code=None)
+        run.log = lambda numbers, step: run.steps.append(step)
+        run.finish = lambda exit_code=None: setattr(run, "exit_code", exit_code)
+        calls.runs.append(run)
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    return calls
+
+
+def test_a_restart_resumes_its_wandb_run_unless_it_goes_back_over_logged_steps(tmp_path, fake_wandb):
+    """Online, W&B drops a step logged again: a start that resumes from before the last logged step logs to a new
+    W&B run of the same group, and the next restart (past every logged step) resumes that one."""
 
     def start(from_step, steps):
-        sinks = MetricsSinks(str(tmp_path), True, wandb=True, from_step=from_step)
+        sinks = MetricsSinks(str(tmp_path), True, wandb=True, wandb_mode="online", from_step=from_step)
         run_id, group = sinks.wandb_run.id, sinks.wandb_run.group
         for step in steps:
             sinks.write({"step": step, "loss": 1.0})
@@ -173,11 +196,157 @@ def test_a_restart_resumes_its_wandb_run_unless_it_goes_back_over_logged_steps(t
     assert same_group == group and rewound.startswith(f"{group}-from2-") and rewound != first
     assert start(3, [4]) == (rewound, group)
     assert (tmp_path / "wandb" / "run_id").read_text().strip() == rewound
+    assert {kwargs["resume"] for kwargs in fake_wandb.kwargs} == {"allow"}
     # A run_dir used again after its contents were deleted is another experiment: not the old W&B run.
     for name in os.listdir(tmp_path):
         shutil.rmtree(tmp_path / name) if (tmp_path / name).is_dir() else os.remove(tmp_path / name)
     again, same_group = start(0, [1])
     assert same_group == group and again not in (first, rewound)
+
+
+def test_each_offline_start_is_a_wandb_run_of_its_own_in_the_run_s_group(tmp_path, fake_wandb):
+    """wandb ignores resume offline: a second start with the same id writes another offline-run-* directory, and
+    `wandb sync` of the two keeps one's history only. So each offline start logs to a new run of the group; an online
+    start after them does not resume the last one either (it may not be uploaded yet)."""
+    for from_step, steps in [(0, [1, 2]), (2, [3, 4]), (4, [5])]:
+        sinks = MetricsSinks(str(tmp_path), True, wandb=True, wandb_mode="offline", from_step=from_step)
+        for step in steps:
+            sinks.write({"step": step, "loss": 1.0})
+        sinks.close()
+    online = MetricsSinks(str(tmp_path), True, wandb=True, wandb_mode="online", from_step=5)
+    online.close()
+    ids = [kwargs["id"] for kwargs in fake_wandb.kwargs]
+    group = fake_wandb.kwargs[0]["group"]
+    assert len(set(ids)) == 4 and {kwargs["group"] for kwargs in fake_wandb.kwargs} == {group}
+    assert [run_id.startswith(f"{group}-from{step}-") for run_id, step in zip(ids, [0, 2, 4])] == [True] * 3
+    assert ["resume" in kwargs for kwargs in fake_wandb.kwargs] == [False, False, False, True]
+    assert [run.steps for run in fake_wandb.runs[:3]] == [[1, 2], [3, 4], [5]]
+
+
+def test_an_online_start_that_cannot_reach_wandb_logs_offline_and_a_bad_key_stays_an_error(tmp_path, fake_wandb,
+                                                                                             caplog):
+    """A network failure of wandb.init must not stop the job (on rank 0 alone, with no restart): that start logs
+    offline, and says how to upload it. What the user must fix (the API key, the project) is a UserError still."""
+    import wandb
+
+    fake_wandb.failures.append(wandb.errors.CommError("Run initialization has timed out after 90.0 sec."))
+    with caplog.at_level(logging.WARNING, logger="qwen2_dist.train.metrics"):
+        sinks = MetricsSinks(str(tmp_path), True, wandb=True, wandb_mode="online")
+    sinks.close()
+    online, offline = fake_wandb.kwargs
+    assert (online["mode"], offline["mode"]) == ("online", "offline") and offline["group"] == online["group"]
+    assert sinks.wandb_run is None and fake_wandb.runs[0].id == offline["id"] != online["id"]
+    assert "could not reach the W&B server" in caplog.text and "CommError: Run initialization has timed out" in \
+        caplog.text and f"wandb sync {tmp_path}/wandb/offline-run-*-{offline['id']}" in caplog.text
+    assert (tmp_path / "wandb" / "run_id").read_text().split() == [offline["id"], "offline"]
+    for failure in [wandb.errors.AuthenticationError("API key must be 40 characters long, yours was 3"),
+                    wandb.errors.CommError('returned error 404 Not Found: {"errors":["project not found"]}')]:
+        fake_wandb.kwargs.clear()
+        fake_wandb.failures.append(failure)
+        with pytest.raises(UserError, match=rf"wandb_mode=online \({type(failure).__name__}: .*WANDB_API_KEY"):
+            MetricsSinks(str(tmp_path), True, wandb=True, wandb_mode="online")
+        assert len(fake_wandb.kwargs) == 1  # no offline start instead
+
+
+def test_closing_after_an_error_marks_the_wandb_run_failed(tmp_path, fake_wandb):
+    """finish() without an exit code marks a run "Finished" in W&B, a crashed or halted one too."""
+    for exit_code in (1, 0):
+        sinks = MetricsSinks(str(tmp_path), True, wandb=True)
+        sinks.close(exit_code=exit_code)
+        assert fake_wandb.runs[-1].exit_code == exit_code
+    MetricsSinks(str(tmp_path), True, wandb=True).close()
+    assert fake_wandb.runs[-1].exit_code == 0
+
+
+class FullDisk:
+    """metrics.jsonl on a full disk: a write puts the first bytes of its text in the file, then fails."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def write(self, text):
+        with open(self.path, "a") as f:
+            f.write(text[:7])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_a_full_disk_loses_records_with_a_warning_and_never_stops_the_training(tmp_path, monkeypatch, caplog):
+    """The checkpointer lives through a full disk; the metrics sinks raised on rank 0 only, which stopped the job
+    with the other ranks waiting in a collective. Now: a WARNING naming the file and the fix at the first failure,
+    none while it goes on, and one saying how many records were lost once one is written again (or at the end);
+    a line cut short by the failure is cut off, so that every line stays JSON."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    sinks = MetricsSinks(str(tmp_path), True, tensorboard=True)
+    sinks.write({"step": 1, "loss": 9.0})
+    sinks.file.close()
+    sinks.file = FullDisk(tmp_path / "metrics.jsonl")
+    monkeypatch.setattr(sinks, "_open_jsonl", lambda: FullDisk(tmp_path / "metrics.jsonl"))
+    monkeypatch.setattr(SummaryWriter, "flush", no_space)
+    with caplog.at_level(logging.WARNING, logger="qwen2_dist.train.metrics"):
+        sinks.write({"step": 2, "loss": 8.0})
+        sinks.write({"step": 3, "loss": 7.0})
+        assert [r.getMessage() for r in caplog.records] == [
+            f"metrics: could not write {tmp_path}/metrics.jsonl (ENOSPC: No space left on device): training goes "
+            "on, and each logged step tries again (its record is lost until one is written). Free space on its "
+            "file system, or check that run_dir is writable",
+            f"metrics: could not write the TensorBoard events in {tmp_path}/tensorboard (ENOSPC: No space left on "
+            "device): training goes on, and each logged step tries again (its record is lost until one is "
+            "written). Free space on its file system, or check that run_dir is writable"]
+        caplog.clear()
+        monkeypatch.undo()  # space is freed
+        sinks.write({"step": 4, "loss": 6.0})
+        assert [r.getMessage() for r in caplog.records] == [
+            f"metrics: {tmp_path}/metrics.jsonl written again; the 2 record(s) before this one could not be "
+            "written and are lost",
+            f"metrics: the TensorBoard events in {tmp_path}/tensorboard written again; the 2 record(s) before this "
+            "one could not be written and are lost"]
+        caplog.clear()
+        sinks.file.close()
+        sinks.file = FullDisk(tmp_path / "metrics.jsonl")  # full again, up to the end
+        sinks.write({"step": 5, "loss": 5.0})
+        sinks.close()
+        assert caplog.records[-1].getMessage() == (f"metrics: the last 1 record(s) could not be written to "
+                                                   f"{tmp_path}/metrics.jsonl and are lost")
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 4]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert {(e.step, e.value) for e in events.Scalars("train/loss")} >= {(1, 9.0), (4, 6.0)}
+
+
+def test_a_storage_error_at_the_start_is_a_user_error_naming_the_file_and_the_fix(tmp_path, monkeypatch):
+    """Before training (moving the records a restart logs again aside): a clear error, not a traceback."""
+    from qwen2_dist.train import metrics
+
+    def no_space(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    monkeypatch.setattr(metrics, "write_atomic", no_space)
+    with pytest.raises(UserError, match=rf"run_dir={tmp_path}: {tmp_path}/metrics.jsonl: ENOSPC: No space left on "
+                                        r"device. Free space on its file system or check that run_dir is writable"):
+        MetricsSinks(str(tmp_path), True, from_step=1)
+
+
+def test_tensorboard_shows_the_evaluation_losses_under_eval(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    sinks = MetricsSinks(str(tmp_path), True, tensorboard=True)
+    sinks.write({"step": 4, "loss": 2.0, "eval_loss": 3.0, "eval_loss/web": 3.5, "time": 0.0})
+    sinks.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert sorted(events.Tags()["scalars"]) == ["eval/loss", "eval/loss/web", "train/loss"]
+    assert [(e.step, e.value) for e in events.Scalars("eval/loss/web")] == [(4, 3.5)]
 
 
 def test_a_restart_hides_the_tensorboard_events_past_the_step_it_resumes_from(tmp_path):

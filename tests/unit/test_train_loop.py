@@ -605,3 +605,23 @@ def test_the_logged_data_wait_is_the_share_of_the_window_spent_reading_batches(t
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     read, stepped = sum(read_seconds), sum(step_seconds.values())
     assert 100 * read / (stepped + 0.5) <= record["data_wait_pct"] <= 100 * read / stepped + 1, (record, read, stepped)
+
+
+def test_a_run_that_fails_closes_its_metrics_sinks_as_failed(tmp_path, monkeypatch):
+    """W&B marked every run "Finished": the sinks were closed without an exit code, a crash or a halt included."""
+    from qwen2_dist.train.metrics import MetricsSinks
+
+    closed = []
+    monkeypatch.setattr(MetricsSinks, "close", lambda self, exit_code=0: closed.append(exit_code))
+    for name in ("ok", "failing"):
+        os.makedirs(tmp_path / name)
+    _trainer(tmp_path / "ok", "train.steps=1", "checkpoint.save_final=false").fit()
+    failing = _trainer(tmp_path / "failing", "train.steps=1")
+
+    def crash():
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(failing, "train_step", crash)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        failing.fit()
+    assert closed == [0, 1]
