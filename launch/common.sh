@@ -6,8 +6,9 @@
 #   PYTHON            else: run "$PYTHON -m qwen2_dist.cli.torchrun" (torchrun in the same process, whose exit code
 #                     is then 2 or 3 for such a stop); default $VENV/bin/python (VENV as given to
 #                     launch/install.sh), else the repository's .venv/bin/python when it exists, else python3 on PATH
-#   NPROC             processes per node; default the GPUs this process sees (nvidia-smi's count, or fewer when
-#                     CUDA_VISIBLE_DEVICES names fewer), or 1 when there is none
+#   NPROC             processes per node; default the GPUs of this node: Slurm's count for it (SLURM_GPUS_ON_NODE,
+#                     set per node under srun), else nvidia-smi's count (or fewer when CUDA_VISIBLE_DEVICES names
+#                     fewer), else 1. On CUDA, more than the node's GPUs is refused before torchrun starts
 #   MAX_RESTARTS      torchrun --max-restarts: how many times a failed worker group is restarted, resuming from
 #                     the newest committed checkpoint (default 3)
 #   SHUTDOWN_TIMEOUT  seconds torchrun gives workers to save a checkpoint and exit after a stop signal before it
@@ -38,8 +39,25 @@ else
     torchrun=("$python" -m qwen2_dist.cli.torchrun)
 fi
 
+# gpus_of_nvidia_smi: the GPUs this process sees by nvidia-smi's count, or fewer when CUDA_VISIBLE_DEVICES names
+# fewer (none when it is set but empty, as under Slurm or a shared machine); 0 without nvidia-smi.
+gpus_of_nvidia_smi() {
+    local gpus=0 visible
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        gpus=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
+        if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+            IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+            if [ "${#visible[@]}" -lt "$gpus" ]; then
+                gpus=${#visible[@]}
+            fi
+        fi
+    fi
+    echo "$gpus"
+}
+
 # The GPUs of this node as the launcher knows them (Slurm's count for the node, else nvidia-smi's when it sets
 # NPROC): the launch check then refuses a torch that sees none, which would train every process on the CPU.
+# nproc_from says where NPROC came from (given, slurm, nvidia-smi or default).
 launch_gpus=0
 if [[ ${SLURM_GPUS_ON_NODE:-} =~ ^[0-9]+$ ]]; then
     launch_gpus=$SLURM_GPUS_ON_NODE
@@ -50,22 +68,19 @@ if [ -n "${NPROC:-}" ]; then
             "one per GPU" >&2
         exit 2
     fi
+    nproc_from=given
+elif [ "$launch_gpus" -gt 0 ]; then
+    # Under srun, each node's own count: the nodes of one job may have different numbers of GPUs.
+    NPROC=$launch_gpus
+    nproc_from=slurm
 else
     NPROC=1
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        gpus=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
-        # nvidia-smi lists every GPU of the machine; the workers see only those CUDA_VISIBLE_DEVICES names (none
-        # when it is set but empty), as under Slurm or a shared machine.
-        if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-            IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
-            if [ "${#visible[@]}" -lt "$gpus" ]; then
-                gpus=${#visible[@]}
-            fi
-        fi
-        if [ "$gpus" -gt 0 ]; then
-            NPROC=$gpus
-            launch_gpus=$gpus
-        fi
+    nproc_from=default
+    gpus=$(gpus_of_nvidia_smi)
+    if [ "$gpus" -gt 0 ]; then
+        NPROC=$gpus
+        launch_gpus=$gpus
+        nproc_from=nvidia-smi
     fi
 fi
 

@@ -6,6 +6,7 @@
 #                from: a run with another TORCH_SPEC reinstalls torch, a run without TORCH_SPEC keeps that torch
 #   VENV         where the environment lives (default .venv in the repository; a relative path is taken from the
 #                current directory). The launchers use it when VENV is set for them too (or PYTHON=$VENV/bin/python)
+#   PYTHON3      the Python (3.10 or newer) that creates the environment (default python3 on PATH)
 set -euo pipefail
 venv=${VENV:-}
 if [ -n "$venv" ] && [ "${venv#/}" = "$venv" ]; then
@@ -32,7 +33,20 @@ rm -f "$stamp"
 # No venv yet, or one whose creation stopped part way (without pip: e.g. Debian without python3-venv, where
 # ensurepip fails after bin/python exists). venv sets up an existing directory again and adds pip to it.
 if ! "$py" -m pip --version >/dev/null 2>&1; then
-    python3 -m venv "$venv"
+    python3=${PYTHON3:-python3}
+    # Checked first: with an older Python, the first error would be pip's "No matching distribution found for torch".
+    version=$("$python3" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
+    if ! [[ $version =~ ^([0-9]+)\.([0-9]+)$ ]]; then
+        echo "error: PYTHON3=$python3: not found or does not run; set PYTHON3 to a Python 3.10 or newer" \
+            "(e.g. PYTHON3=python3.12 bash launch/install.sh)" >&2
+        exit 2
+    fi
+    if [ "${BASH_REMATCH[1]}" -lt 3 ] || { [ "${BASH_REMATCH[1]}" = 3 ] && [ "${BASH_REMATCH[2]}" -lt 10 ]; }; then
+        echo "error: PYTHON3=$python3 is Python $version; qwen2-dist needs 3.10 or newer (pyproject.toml," \
+            "requires-python): set PYTHON3 to a newer one (e.g. PYTHON3=python3.12 bash launch/install.sh)" >&2
+        exit 2
+    fi
+    "$python3" -m venv "$venv"
 fi
 
 install_torch() {

@@ -54,6 +54,13 @@ if [ -n "$local_addr" ]; then
 fi
 
 if [[ ${NNODES:-1} =~ ^[0-9]+$ ]]; then
-    check_job $((NPROC * ${NNODES:-1})) "$@"
+    world=$((NPROC * ${NNODES:-1}))
+    # One worker per GPU of each node under srun, where sbatch --gpus=N (a total) may give the nodes different
+    # numbers of GPUs (8 and 4): the world is then those N GPUs, not this node's count times the nodes. torchrun
+    # numbers the ranks of nodes with different process counts; each worker validates the actual world again.
+    if [ "$nproc_from" = slurm ] && [[ ${SLURM_GPUS:-} =~ ^([^:]*:)?([1-9][0-9]*)$ ]]; then
+        world=${BASH_REMATCH[2]}
+    fi
+    check_job "$world" "$@"
 fi  # an elastic MIN:MAX node count leaves the world size to the rendezvous: each worker validates it then
 run_torchrun --nnodes="${NNODES:-1}" "${rdzv_args[@]}" "${common_args[@]}" "$@"

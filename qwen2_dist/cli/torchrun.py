@@ -32,9 +32,28 @@ def stop_on_signals_until_torchrun_handles_them() -> None:
     of it), and torchrun takes over the signals of PET_SIGNALS_TO_HANDLE only once its workers start: until then a
     SIGUSR1 (Slurm's warning before the time limit) was lost, and the job ran into its time limit unsaved and was
     not requeued."""
-    wanted = {name.strip() for name in os.environ.get("PET_SIGNALS_TO_HANDLE", "").split(",")}
-    if "SIGUSR1" in wanted:
+    if "SIGUSR1" in _signals_to_handle():
         signal.signal(signal.SIGUSR1, _stop_before_the_workers)
+
+
+def _signals_to_handle() -> set[str]:
+    return {name.strip() for name in os.environ.get("PET_SIGNALS_TO_HANDLE", "").split(",")}
+
+
+def ignore_sigusr1_where_torchrun_never_handles_it() -> None:
+    """A torchrun without --signals-to-handle (older torch) reads no PET_SIGNALS_TO_HANDLE and never replaces the
+    handler above: a SIGUSR1 while its workers train (Slurm's warning before the time limit) would end torchrun at
+    once and kill the workers before they save. Ignored instead, as the launchers do (launch/common.sh): torchrun
+    lives on, and the trainers, whose own handler replaces the inherited "ignore", save and stop when the signal
+    reaches them (Slurm signals every process of the job step). One that comes before the workers start is then
+    lost, as it is with such a torchrun run directly."""
+    from torch.distributed.run import get_args_parser
+
+    if "SIGUSR1" not in _signals_to_handle():
+        return
+    # argparse keeps no public list of the options a parser takes; _option_string_actions is that map.
+    if "--signals-to-handle" not in get_args_parser()._option_string_actions:
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def job_run_dir(argv: list[str]) -> str | None:
@@ -59,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from qwen2_dist.errors import UserError
     from qwen2_dist.train import no_restart
+
+    ignore_sigusr1_where_torchrun_never_handles_it()
 
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -520,6 +520,12 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
             "(TORCH_SPEC=... bash launch/install.sh; see the README), or, to train on the CPU on purpose, set "
             "train.device=cpu and NPROC")
     per_node = os.environ.get("QWEN2_LAUNCH_NPROC", "")
+    visible = torch.cuda.device_count() if device_type == "cuda" else 0
+    if per_node.isdigit() and visible and int(per_node) > visible:  # the workers past them would fail each
+        raise UserError(
+            f"NPROC={per_node}: more processes than the {visible} GPU(s) torch sees on this node (CUDA_VISIBLE_DEVICES="
+            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}), and the job trains on cuda, one GPU per process: "
+            f"set NPROC={visible} or fewer, or leave NPROC unset for one per GPU")
     for advice in advisories(job, int(per_node) if per_node.isdigit() else None):
         print(f"warning: {advice}")
     print(f"config ok for {processes} process(es) on {device_type}: {layout}")

@@ -485,6 +485,26 @@ def test_the_launchers_check_refuses_what_this_machine_cannot_run(override, fiel
         check_only(job("model=tiny", f"run_dir={tmp_path}", override), str(processes))
 
 
+def test_the_launchers_check_refuses_more_processes_than_gpus_on_cuda(monkeypatch, capsys, tmp_path):
+    """NPROC=8 on a node with 4 GPUs (Slurm's for the node, or CUDA_VISIBLE_DEVICES): every worker past the fourth
+    failed after torchrun started them all."""
+    from qwen2_dist.cli import train
+
+    monkeypatch.setattr(train, "check_machine", lambda job: "cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setenv("QWEN2_LAUNCH_NPROC", "8")
+    with pytest.raises(UserError, match=re.escape("NPROC=8: more processes than the 4 GPU(s) torch sees on this node "
+                                                  "(CUDA_VISIBLE_DEVICES=0,1,2,3)") + ".*set NPROC=4 or fewer"):
+        train.check_only(job("model=tiny", f"run_dir={tmp_path}"), "2")
+    monkeypatch.setenv("QWEN2_LAUNCH_NPROC", "4")
+    train.check_only(job("model=tiny", f"run_dir={tmp_path}"), "2")
+    monkeypatch.setattr(train, "check_machine", lambda job: "cpu")  # train.device=cpu: as many as asked, on purpose
+    monkeypatch.setenv("QWEN2_LAUNCH_NPROC", "8")
+    train.check_only(job("model=tiny", f"run_dir={tmp_path}"), "2")
+    assert capsys.readouterr().out.count("config ok for") == 2
+
+
 def test_a_job_that_keeps_no_checkpoint_or_splits_tp_across_nodes_is_warned_about(monkeypatch, capsys, tmp_path):
     from qwen2_dist.cli.train import check_only
 

@@ -1,6 +1,7 @@
 """The launch scripts' own logic, with fake commands on PATH: the process count of launch/common.sh,
-launch/install.sh's decisions (what it installs, when it does nothing) and the run directory slurm/train.sbatch
-picks. The real launches are in tests/e2e/test_launch.py."""
+launch/install.sh's decisions (what it installs, when it does nothing), the run directory slurm/train.sbatch
+picks and what it refuses, and how qwen2_dist/cli/torchrun.py treats SIGUSR1. The real launches are in
+tests/e2e/test_launch.py."""
 
 import os
 import stat
@@ -22,7 +23,7 @@ def nproc(tmp_path, **env) -> str:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_script(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100\"; done\n")
-    base = {k: v for k, v in os.environ.items() if k not in ("NPROC", "CUDA_VISIBLE_DEVICES")}
+    base = {k: v for k, v in os.environ.items() if k not in ("NPROC", "CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE")}
     result = subprocess.run(["bash", "-c", 'set -euo pipefail; source launch/common.sh; echo "$NPROC"'], cwd=REPO,
                             env={**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
                             capture_output=True, text=True, timeout=30)
@@ -39,11 +40,19 @@ def test_nproc_is_the_gpus_cuda_visible_devices_leaves(tmp_path):
     assert nproc(tmp_path, CUDA_VISIBLE_DEVICES="0,1", NPROC="3") == "3"  # an explicit NPROC wins
 
 
+def test_nproc_under_srun_is_the_gpus_slurm_gave_this_node(tmp_path):
+    """Each node of a job takes its own step's count (8 and 4 under sbatch --gpus=12), not nvidia-smi's 8."""
+    assert nproc(tmp_path, SLURM_GPUS_ON_NODE="4") == "4"
+    assert nproc(tmp_path, SLURM_GPUS_ON_NODE="0") == "8"  # a node without Slurm GPUs: nvidia-smi's count
+    assert nproc(tmp_path, SLURM_GPUS_ON_NODE="4", NPROC="2") == "2"
+
+
 # What install.sh runs, faked: "python3 -m venv DIR" makes DIR with this python in it; the python logs every call
 # and keeps torch and pip as marker files, so a test sees what was installed and when nothing ran at all.
 FAKE_PYTHON3 = """#!/bin/bash
+[ "$1" = -c ] && { echo "${FAKE_PYTHON3_VERSION:-3.12}"; exit 0; }  # the version check
 [ "$1 $2" = "-m venv" ] || exit 1
-echo "python3 $*" >> "$FAKE_LOG"
+echo "$(basename "$0") $*" >> "$FAKE_LOG"
 mkdir -p "$3/bin" && touch "$3/pyvenv.cfg" "$3/has-pip" && cp "$FAKE_VENV_PYTHON" "$3/bin/python"
 """
 FAKE_VENV_PYTHON = """#!/bin/bash
@@ -139,6 +148,29 @@ def test_install_after_a_torch_reinstall_that_failed_installs_the_recorded_torch
     assert (venv / "has-torch").read_text().strip() == "torch==2.12.0" and run() == []
 
 
+def test_install_refuses_a_python_older_than_3_10_before_making_the_venv(install, tmp_path):
+    """python3 3.9 made the venv, and the first error was pip's "No matching distribution found for torch==2.13.0";
+    PYTHON3 names another interpreter."""
+    _, venv, log = install
+
+    def run(**env) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", os.path.join(REPO, "launch", "install.sh")], cwd=REPO, capture_output=True,
+                              text=True, timeout=30, env={
+                                  **{k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "PYTHON3")},
+                                  "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "VENV": str(venv),
+                                  "FAKE_LOG": str(log), "FAKE_VENV_PYTHON": str(tmp_path / "venv_python"), **env})
+
+    old = run(FAKE_PYTHON3_VERSION="3.9")
+    assert old.returncode == 2 and not venv.exists() and log.read_text() == "", old.stdout + old.stderr
+    assert old.stderr.startswith("error: PYTHON3=python3 is Python 3.9; qwen2-dist needs 3.10 or newer")
+    missing = run(PYTHON3="python3.99")
+    assert missing.returncode == 2 and "error: PYTHON3=python3.99: not found or does not run" in missing.stderr
+    write_script(tmp_path / "bin" / "python3.12", FAKE_PYTHON3)
+    chosen = run(PYTHON3="python3.12", FAKE_PYTHON3_VERSION="3.12")
+    assert chosen.returncode == 0, chosen.stdout + chosen.stderr
+    assert log.read_text().splitlines()[0] == f"python3.12 -m venv {venv}"
+
+
 def test_install_repairs_a_venv_whose_creation_failed(install):
     # What python3 -m venv leaves when ensurepip fails (Debian without python3-venv): a python, no pip.
     run, venv, _ = install
@@ -157,7 +189,8 @@ def sbatch_run_dir(tmp_path, *overrides: str, **env_changes: str | None) -> str:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_script(bin_dir / "srun", '#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_SRUN_ARGS"\n'
-                                   'echo "${NODE_RANK-unset}" > "$FAKE_SRUN_ARGS.node_rank"\n')
+                                   'echo "${NODE_RANK-unset}" > "$FAKE_SRUN_ARGS.node_rank"\n'
+                                   'echo "${LOCAL_ADDR-unset} ${NPROC-unset}" > "$FAKE_SRUN_ARGS.env"\n')
     write_script(bin_dir / "scontrol", '#!/bin/bash\n[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
     cwd = tmp_path / "submit"
     cwd.mkdir(exist_ok=True)
@@ -204,6 +237,44 @@ def test_sbatch_runs_root_defaults_to_the_submit_directory_and_node_ranks_are_sl
     assert sbatch_run_dir(tmp_path, RUNS_ROOT=None, QWEN2_DIST_HOME=REPO, NODE_RANK="1",
                           SLURM_SUBMIT_DIR=str(tmp_path / "submitted_from")) == "submitted_from/runs/exp1"
     assert (tmp_path / "srun_args.node_rank").read_text().strip() == "unset"
+
+
+def test_sbatch_leaves_each_node_its_own_gpu_count_and_address(tmp_path):
+    """NPROC was exported from the batch step's SLURM_GPUS_ON_NODE, so every node started as many workers as the
+    first has GPUs (8 on a node with 4); a LOCAL_ADDR exported at submission became every node's --local-addr."""
+    # GPUs per task with one task per node give the step all of them: not refused (see the test below).
+    sbatch_run_dir(tmp_path, NPROC=None, SLURM_GPUS_ON_NODE="8", LOCAL_ADDR="10.9.9.9", SLURM_GPUS_PER_TASK="8",
+                   SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1")
+    assert (tmp_path / "srun_args.env").read_text().split() == ["unset", "unset"]
+
+
+def sbatch_refusal(tmp_path, *overrides: str, **env_changes: str) -> subprocess.CompletedProcess:
+    """slurm/train.sbatch outside Slurm, expected to stop with exit 2 before its step (srun) starts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    write_script(bin_dir / "srun", f"#!/bin/bash\ntouch {tmp_path}/srun_ran\n")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+           "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs"), **env_changes}
+    result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny", *overrides],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and not (tmp_path / "srun_ran").exists(), result.stdout + result.stderr
+    return result
+
+
+@pytest.mark.parametrize("flags", [("--config-name=other",), ("-cn", "other"), ("--config-dir", "/x")])
+def test_sbatch_refuses_hydra_flags_naming_what_to_use_instead(tmp_path, flags):
+    """The run directory's compose took a flag for an override: exit 2 with "bad override ... quote a value"."""
+    result = sbatch_refusal(tmp_path, *flags)
+    assert result.stderr.startswith(f"error: {flags[0]}: slurm/train.sbatch takes Hydra overrides only (KEY=VALUE")
+    assert "QWEN2_DIST_CONF=DIR" in result.stderr and "bad override" not in result.stderr
+
+
+@pytest.mark.parametrize("per_task", [{"SLURM_GPUS_PER_TASK": "1"}, {"SLURM_TRES_PER_TASK": "cpu=8,gres/gpu=1"}])
+def test_sbatch_refuses_gpus_per_task_with_several_tasks_per_node(tmp_path, per_task):
+    """srun passed the job's GPUs per task on to the step of one task per node: one GPU for NPROC=8 workers."""
+    result = sbatch_refusal(tmp_path, SLURM_NTASKS="16", SLURM_NTASKS_PER_NODE="8", **per_task)
+    assert result.stderr.startswith("error: sbatch --gpus-per-task (") and "--gpus-per-node=N" in result.stderr
 
 
 def test_sbatch_requeues_on_a_stop_that_comes_before_its_step_started(tmp_path):
@@ -413,3 +484,70 @@ def test_sbatch_goes_on_without_the_node_record_and_says_how_to_run_it(tmp_path)
     by_hand = subprocess.run(["bash", sbatch, "model=tiny"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                              env={k: v for k, v in env.items() if k != "SLURM_JOB_ID"})
     assert by_hand.returncode == 1 and "SLURM_JOB_ID: is not set: submit this script with sbatch" in by_hand.stderr
+
+
+def launch_multi_node_checked(tmp_path, device: str, **env_changes: str) -> subprocess.CompletedProcess:
+    """launch/train_multi_node.sh (2 nodes) with a fake python: the check prints what it was asked and says the job
+    trains on `device`; torchrun prints its arguments. nvidia-smi lists 8 GPUs."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    write_script(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100\"; done\n")
+    write_script(bin_dir / "fake_python", f"""#!/bin/bash
+if [ -n "${{QWEN2_CHECK_ONLY:-}}" ]; then
+    echo "checked world=$QWEN2_CHECK_ONLY nproc=$QWEN2_LAUNCH_NPROC"
+    echo "config ok for $QWEN2_CHECK_ONLY process(es) on {device}: {{}}"
+else
+    echo "torchrun $*"
+fi
+""")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NPROC", "CUDA_VISIBLE_DEVICES", "TORCHRUN", "PRECHECK", "SLURMD_NODENAME", "LOCAL_ADDR")
+           and not k.startswith("SLURM_")}
+    env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "fake_python"), "NNODES": "2",
+                "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", **env_changes})
+    return subprocess.run(["bash", os.path.join(REPO, "launch", "train_multi_node.sh"), "model=tiny"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_the_multi_node_check_counts_the_gpus_of_all_nodes_when_slurm_gives_them_unevenly(tmp_path):
+    """sbatch --gpus=12 on two nodes may give them 8 and 4: the 4-GPU node checked the job for 4 x 2 = 8 processes
+    (and the 8-GPU node for 16), so one refused what the other let through; the world is the 12 GPUs."""
+    result = launch_multi_node_checked(tmp_path, "cuda", SLURM_GPUS_ON_NODE="4", SLURM_GPUS="h100:12")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "checked world=12 nproc=4" in result.stdout and "--nproc-per-node=4" in result.stdout
+    even = launch_multi_node_checked(tmp_path, "cuda", SLURM_GPUS_ON_NODE="4", SLURM_GPUS_PER_NODE="4")
+    assert "checked world=8 nproc=4" in even.stdout, even.stdout + even.stderr
+    given = launch_multi_node_checked(tmp_path, "cuda", SLURM_GPUS_ON_NODE="4", SLURM_GPUS="12", NPROC="2")
+    assert "checked world=4 nproc=2" in given.stdout, given.stdout + given.stderr  # NPROC given: the same on all
+
+
+def test_torchrun_without_signals_to_handle_ignores_sigusr1_instead_of_dying_of_it(monkeypatch):
+    """The wrapper ends on SIGUSR1 until torchrun takes the signal over once its workers start; a torchrun without
+    --signals-to-handle (older torch) never does, so Slurm's warning before the time limit killed it at once and the
+    workers with it, unsaved. Ignored there: torchrun lives on and the trainers, signalled by Slurm, save."""
+    import argparse
+    import signal
+
+    import torch.distributed.run
+
+    from qwen2_dist.cli import torchrun
+
+    def parser_without_the_option() -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--nproc-per-node")
+        parser.add_argument("-m", "--module", action="store_true")
+        parser.add_argument("training_script")
+        parser.add_argument("training_script_args", nargs=argparse.REMAINDER)
+        return parser
+
+    seen = []
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: seen.append(signal.getsignal(signal.SIGUSR1)))
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGUSR1")
+    before = signal.getsignal(signal.SIGUSR1)
+    try:
+        torchrun.main(["--nproc-per-node=1", "train.py"])  # this torch's torchrun takes the signal over itself
+        monkeypatch.setattr(torch.distributed.run, "get_args_parser", parser_without_the_option)
+        torchrun.main(["--nproc-per-node=1", "train.py"])
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+    assert seen == [torchrun._stop_before_the_workers, signal.SIG_IGN]
