@@ -1,6 +1,6 @@
 """Data path throughput: qwen2-prepare with 1 and 2 workers next to the bare tokenizer, and the loader.
 
-    .venv/bin/python benchmarks/data_throughput.py [--mb 120] [--seq-len 2048]
+    .venv/bin/python benchmarks/data_throughput.py [--mb 240] [--seq-len 2048]
 
 The input is JSONL made of the Python standard library's sources (the embedded corpus' text), repeated up to
 --mb megabytes. Targets (issue 3): the 1-worker pipeline keeps >= 80% of the bare tokenizer's speed on one core,

@@ -76,8 +76,9 @@ class ModelConfig:
     name: str = "debug"
     """Size from qwen2_dist.model.args.SIZES: debug, tiny, qwen2-0.5b, qwen2-1.5b, qwen2-7b, qwen2-72b."""
     attention: str = "auto"
-    """Attention backend: auto (flash-attn if importable on CUDA; else SDPA, preferring cuDNN's kernel on CUDA; compiled
-    FlexAttention for document masking on CUDA without flash-attn), flash_attn, sdpa, flex, reference."""
+    """Attention backend: auto (flash-attn if importable on CUDA, in bf16; else SDPA, preferring cuDNN's kernel on
+    CUDA; compiled FlexAttention for document masking on CUDA without flash-attn), flash_attn, sdpa, flex,
+    reference."""
     loss: str = "auto"
     """Output projection + cross-entropy: auto (chunked, or plain under tensor parallelism), chunked (fused, never
     materializes the full logits), liger (Liger-Kernel's fused linear cross-entropy, CUDA), plain (logits, then
@@ -87,7 +88,8 @@ class ModelConfig:
     logits, overwritten by their gradient), chunk x vocab x 10 bytes eager (with two fp32 copies)."""
     kernels: str = "torch"
     """Who computes RMSNorm (and SwiGLU): torch (fused by torch.compile per block on CUDA), liger (Liger-Kernel's Triton
-    kernels) or apex (NVIDIA apex's fused RMSNorm); liger and apex need CUDA and parallel.compile=false or auto."""
+    kernels) or apex (NVIDIA apex's fused RMSNorm); liger and apex need CUDA, parallel.compile=false or auto, and
+    parallel.tp=1."""
     fuse_projections: Any = False
     """Compute q/k/v, and gate/up, each as one matmul over the concatenated weights (parameters stay separate): true
     (both), qkv (q/k/v only), mlp (gate/up only) or false; parallel.tp=1 only. Both were slower on an H100 for
@@ -157,8 +159,9 @@ class DataConfig:
     """Bytes of training shards a node keeps in its cache of remote sources, e.g. 500gb or 2tib (null = no limit: a
     remote dataset is cached whole). Before each download the least recently read shards are deleted to stay under
     it (downloads running at that moment in the node's other reading processes can add one shard each); a limit
-    below what the read order needs at once (each source: the shards two shuffle blocks can span, and one per reading
-    process) is refused before training. Only for remote (or read-only, copied) sources: local ones are read in
+    below what the read order needs at once (each source: the shards two consecutive steps can read, two global
+    batches and the shuffle blocks they overlap, and one per other reading process of the node) is refused before
+    training. Only for remote (or read-only, copied) sources: local ones are read in
     place and never deleted."""
     shuffle: bool = True
     """Shuffle samples (deterministically, from the run seed): shards, then samples within blocks."""
@@ -219,12 +222,14 @@ class TrainConfig:
     """auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32. bf16: FSDP's bf16 weights (fp32 master copy, fp32 gradient
     reduction), or autocast in one process; parameters and optimizer state stay fp32."""
     nonfinite: str = "skip"
-    """Non-finite loss or gradients: skip (skip the update, count it; stop after max_skipped_in_a_row) or halt."""
+    """Non-finite loss or gradients: skip (skip the update, count it; stop after max_skipped_in_a_row) or halt (stop
+    at the first, acted on at the next logging step)."""
     max_skipped_in_a_row: int = 5
     """Save and stop when this many consecutive steps were skipped (counted every step, acted on at the next logging
     step)."""
     spike_sigma: float = 0.0
-    """Also skip a step whose loss is this many standard deviations above the last spike_window steps (0 = off)."""
+    """Also skip a step whose loss is this many standard deviations above the last spike_window steps (0 = off; no
+    step is skipped for a spike until spike_window steps were applied)."""
     spike_window: int = 128
     """Applied steps in the loss-spike window."""
     hang_timeout: float = 1800.0

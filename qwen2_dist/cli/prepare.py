@@ -23,8 +23,9 @@ USAGE = (
 @dataclass
 class PrepareConfig:
     input: str = "???"
-    """Files or glob patterns, comma-separated: .jsonl/.json are JSON lines, .parquet is Parquet, anything else is
-    text (cut into documents by text_split); .gz or .zst after the name means compressed (e.g. data.jsonl.zst)."""
+    """Files or glob patterns, comma-separated: .jsonl/.json/.ndjson/.jsonlines are JSON lines, .parquet is Parquet,
+    anything else is text (cut into documents by text_split); .gz, .zst or .zstd after the name means compressed
+    (e.g. data.jsonl.zst)."""
     output: str = "???"
     """Directory for the MDS shards and prepare_summary.json; must not exist or be empty unless overwrite=true."""
     seq_len: int = 2048
