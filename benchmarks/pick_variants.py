@@ -19,9 +19,10 @@ every variant that ran (the dry run uses it, so that the combined step is exerci
 mean nothing).
 
 Exit 0 with the winners, 3 when none won (nothing printed to stdout), 4 when the winners' overrides are exactly
-those of one row of DEFAULT.json (printed all the same): that row already ran in the same invocation as
-DEFAULT.json's baselines, so there is nothing to combine and no need to measure it again; 2 for an unreadable
-default report.
+those of one --variant row of DEFAULT.json (printed all the same), whether that row won, lost or did not run (OOM,
+failed, refused for its loss): it already ran in the same invocation as DEFAULT.json's baselines, so there is
+nothing to combine and no need to run it again (gpu_check.sh's step 2 has the combination most likely to win as a
+row of its own); 2 for an unreadable default report.
 """
 
 import argparse
@@ -168,10 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         print("no variant won", file=sys.stderr)
         return NO_WINNER
     print("\n".join(winners))
-    measured = [w for w in wins if w.in_default and set(w.own) == set(winners)]
+    # A row of the default report with exactly these overrides, a winner or not: running it again in a process of its
+    # own would measure what already ran next to that report's baselines (a loser, an OOM or a failure again).
+    measured = [v for v in wins + candidates(default, {}) if v.in_default and set(v.own) == set(winners)]
     if measured:
+        state = ("it won" if measured[0] in wins else "it did not win" if measured[0].row is not None
+                 else "it did not run")
         print(f"the winners' overrides are those of {measured[0].label}, measured in {opts.default} with that run's "
-              "baselines: nothing to combine", file=sys.stderr)
+              f"baselines ({state}): nothing to combine", file=sys.stderr)
         return ONE_WINNER_IN_DEFAULT
     return 0
 

@@ -7,11 +7,16 @@ OUT_DIR is what benchmarks/gpu_check.sh wrote; whichever of its reports exist ar
 default row of ours, its --variant rows and the baselines), combined_1.5b.json, throughput_1.5b_lean.json,
 throughput_0.5b.json and loss_parity.json. A row of ours counts when it ran (status ok), on an H100 (the report's
 device; --any-device lifts that, for the dry run), at the target's size and sequence length, with one micro-batch per
-optimizer step, without float8 linears (those rows are listed apart: the targets are for bf16), and with a loss that
-shows it trained as the report's default row did (loss_problem; other rows are listed apart). The targets:
+optimizer step, without float8 linears (those rows are listed apart: the targets are for bf16), with no step whose
+update was skipped and a loss that shows it trained as the report's default row did (loss_problem), and, with
+optim.overlap=true, only when loss_parity.json's overlap curve is within its tolerance (overlap_problem; the rows
+left out are listed apart). The targets:
 
-- speed: the large size at >= 46,000 tokens/s and <= 70 GiB peak, in a report where a baseline ran too (our step and
-  the baseline in the same run);
+- speed: the large size at >= 46,000 tokens/s and <= 70 GiB peak, in a report where HF + Liger ran too (our step and
+  the baseline a user would pick in the same run; --any-device: any baseline). The fastest such row is MET only when
+  it clears 46,000 by more than the run's drift (a default row measured again: drift()), the largest in the reports
+  of the size, or DEFAULT_DRIFT when no report has one; it is picked as the best of several noisy rows, and a margin
+  within the drift does not tell it apart from a row below the target;
 - lean: the large size under 24 GiB peak at >= 32,000 tokens/s;
 - small: the small size at >= 1.3x the best baseline of its own report, HF + Liger among them (on a GPU);
 - parity: loss_parity.json's verdict on the fast path (and on the overlapped update and float8, when measured).
@@ -33,7 +38,11 @@ LOSS_TOLERANCE = 0.02
 """Nats a row's last timed loss may differ from its report's default row's (same seed, batches and micro-batch) and
 still count as the same training: on an H100 on 2026-11-27 the rows of one size differed by 0.004 at most (the lean
 setting, without clipping, included), while the 10 timed steps lower the loss by about 0.025, so a row whose updates
-were all skipped (a non-finite gradient: the fused AdamW then skips the step, which is faster) lands outside it."""
+were all skipped (a non-finite gradient: the fused AdamW then skips the step, which is faster) lands outside it;
+a row that records its skipped steps (skipped_steps) is refused for any of them."""
+DEFAULT_DRIFT = 0.005
+"""The run's drift when no default row was measured again: runs of one setting differed by up to 1% on 2026-11-27,
+and gpu_check.sh's pick of variants takes 0.5% as its smallest gain."""
 
 
 def load(path: str) -> dict | None:
@@ -86,11 +95,17 @@ def default_row(report: dict) -> dict | None:
 
 def loss_problem(row: dict, base: dict | None) -> str | None:
     """Why a row of ours does not count as the same training as its report's default row (base), or None: a
-    non-finite loss, or a last loss more than LOSS_TOLERANCE from the default's at the same micro-batch. Rows
-    without losses (older reports) pass."""
+    non-finite loss, a step whose update the trainer's StepGuard skipped (skipped_steps), or a last loss more than
+    LOSS_TOLERANCE from the default's at the same micro-batch. Rows without losses or skipped_steps (older reports)
+    pass those checks."""
     losses = [row[key] for key in ("first_loss", "last_loss") if isinstance(row.get(key), (int, float))]
     if any(not math.isfinite(loss) for loss in losses):
         return f"its loss is not finite ({', '.join(f'{loss:.4f}' for loss in losses)})"
+    skipped = row.get("skipped_steps")
+    if isinstance(skipped, int) and skipped > 0:
+        # A skipped step leaves the weights as they were (the fused AdamW's found_inf), which is faster than an update.
+        return (f"{skipped} of its steps skipped their update (a non-finite or spiking loss or gradient), which is "
+                "faster than updating")
     if base is None or base is row or base.get("micro_batch") != row.get("micro_batch"):
         return None
     mine, theirs = row.get("last_loss"), base.get("last_loss")
@@ -98,6 +113,39 @@ def loss_problem(row: dict, base: dict | None) -> str | None:
         return (f"its last loss {mine:.4f} differs from the default row's {theirs:.4f} by more than "
                 f"{LOSS_TOLERANCE} nats")
     return None
+
+
+def overlap_problem(parity: dict | None) -> str | None:
+    """Why rows with optim.overlap=true do not count, or None: loss_parity.json's curve of the fast path with the
+    overlapped update must be within its tolerance (the same update on a side stream: a missed wait changes the
+    losses, which the throughput rows' few steps cannot tell from noise)."""
+    verdict = (parity or {}).get("overlap")
+    if isinstance(verdict, dict) and verdict.get("ok"):
+        return None
+    if parity is None:
+        why = "no loss_parity.json"
+    elif isinstance(verdict, dict):
+        why = f"its curve is {verdict.get('error', float('nan')):.4f} nats from fp32, over the tolerance"
+    elif parity.get("overlap_error"):
+        why = f"its curve did not run: {parity['overlap_error']}"
+    else:
+        why = "loss_parity.json has no overlap curve"
+    return f"optim.overlap=true without an ok overlap verdict in loss_parity.json ({why})"
+
+
+def drift(report: dict) -> float | None:
+    """How far the report's default row measured again (a --variant row with no overrides beyond the report's own,
+    such as gpu_check.sh's default_again) differs from its default row, as a fraction (the largest such row); None
+    when the default was not measured again."""
+    base = default_row(report)
+    if base is None:
+        return None
+    own = set(report.get("ours_overrides", []))
+    repeats = [row for row in report.get("rows", []) if row.get("name") == "ours" and row.get("variant")
+               and row.get("status") == "ok" and row.get("micro_batch") == base.get("micro_batch")
+               and isinstance(row.get("variant_overrides"), list)
+               and all(o in own for o in row["variant_overrides"])]
+    return max((abs(row["tokens_per_sec"] / base["tokens_per_sec"] - 1) for row in repeats), default=None)
 
 
 def baseline_ran(report: dict) -> bool:
@@ -125,25 +173,39 @@ def judge(out: str, size_large: str, size_small: str, seq_len: int, any_device: 
     reports = {os.path.join(out, n): r for n in names if (r := load(os.path.join(out, n))) is not None}
     lines = []
 
+    parity = load(os.path.join(out, "loss_parity.json"))
     suspect: list = []
     # The large size's rows are all held to throughput_1.5b.json's default row (combined_1.5b.json's row of ours is
     # the winners together: the same seed and batches).
     counted, float8, elsewhere = rows_of_ours(reports, size_large, seq_len, any_device, suspect,
                                               reports.get(os.path.join(out, names[0])))
-    target = f"speed: {size_large} >= {SPEED_TOKENS:,} tokens/s at <= {SPEED_GIB:.0f} GiB, baseline in the same run"
-    eligible = [e for e in counted if e[1]["peak_mem_gib"] <= SPEED_GIB and baseline_ran(e[2])]
-    top = best(eligible)
+    if (why := overlap_problem(parity)) is not None:
+        suspect += [(path, row, why) for path, row, _ in counted if "optim.overlap=true" in row.get("overrides", [])]
+        counted = [e for e in counted if "optim.overlap=true" not in e[1].get("overrides", [])]
+    target = (f"speed: {size_large} >= {SPEED_TOKENS:,} tokens/s at <= {SPEED_GIB:.0f} GiB, HF + Liger in the same "
+              "run")
+    within = [e for e in counted if e[1]["peak_mem_gib"] <= SPEED_GIB and baseline_ran(e[2])]
+    top = best([e for e in within if any_device or liger_ran(e[2])])
     if top is None:
-        why = "NOT MEASURED: no row within the memory limit next to a baseline"
+        why = ("NOT MEASURED: no HF + Liger baseline in the same run (is liger-kernel installed?)" if within
+               else "NOT MEASURED: no row within the memory limit next to a baseline")
         lines.append(f"{target}: {why if counted else not_measured(elsewhere, size_large)}")
     else:
         path, row, report = top
         ratio = f"; {row['vs_best_baseline']:.2f}x the best baseline of its run" if row.get("vs_best_baseline") else ""
-        verdict = "MET" if row["tokens_per_sec"] >= SPEED_TOKENS else "NOT MET"
-        lines.append(f"{target}: {verdict}: {describe(row, path)}{ratio}")
+        # The best of several noisy rows: a margin within the run's drift does not tell it from a row below 46,000.
+        drifts = [(d, f"the default row measured again in {os.path.basename(p)}") for p, r in reports.items()
+                  if r.get("size") == size_large and (d := drift(r)) is not None]
+        limit, source = max(drifts, default=(DEFAULT_DRIFT, "no default row measured again: the least gain gpu_check "
+                                                            "picks"))
+        margin = row["tokens_per_sec"] / SPEED_TOKENS - 1
+        verdict = "MET" if margin > limit else "NOT MET (within drift)" if margin >= 0 else "NOT MET"
+        note = (f"; {margin:.1%} over {SPEED_TOKENS:,}, {'more' if margin > limit else 'not more'} than the run's "
+                f"drift of {limit:.1%} ({source})" if margin >= 0 else "")
+        lines.append(f"{target}: {verdict}: {describe(row, path)}{ratio}{note}")
     fastest = best(counted)
     if fastest is not None and fastest is not top:
-        lines.append(f"  fastest bf16 row, not counted (over {SPEED_GIB:.0f} GiB or no baseline in its run): "
+        lines.append(f"  fastest bf16 row, not counted (over {SPEED_GIB:.0f} GiB, or no HF + Liger in its run): "
                      f"{describe(fastest[1], fastest[0])}")
     for path, row, _ in float8:
         lines.append(f"  float8, not counted (the targets are for bf16): {describe(row, path)}")
@@ -170,7 +232,6 @@ def judge(out: str, size_large: str, size_small: str, seq_len: int, any_device: 
         verdict = "MET" if small[1]["vs_best_baseline"] >= SMALL_RATIO else "NOT MET"
         lines.append(f"{target}: {verdict}: {small[1]['vs_best_baseline']:.2f}x, {describe(small[1], small[0])}")
 
-    parity = load(os.path.join(out, "loss_parity.json"))
     target = "parity: the fast path's loss curve within bf16 noise over 20 steps"
     if parity is None or "fast_ok" not in parity:
         lines.append(f"{target}: NOT MEASURED: no loss_parity.json")

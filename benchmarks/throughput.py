@@ -26,8 +26,11 @@ since the configuration started (on the CPU: the process' max RSS, which never g
 records the allocator's peak reserved memory and how often it had to free its cache and retry cudaMalloc (a
 synchronizing stall). The last column is tokens/s over the best baseline of the same run. An out-of-memory
 configuration is reported as OOM and the run goes on; a configuration that fails otherwise is reported as failed
-(traceback on stderr) and the exit code is 1. --profile FILE: after timing ours, 2 more steps under torch.profiler,
-summarized as logging.profile_steps does it (qwen2_dist.train.metrics) into FILE.
+(traceback on stderr) and the exit code is 1. Each row of ours records how many of its steps (warmup included) the
+trainer's StepGuard skipped (skipped_steps: a non-finite or spiking loss or gradient; the fused AdamW then leaves the
+weights as they were, which is faster, so such a row is no measure of the setting). --profile FILE: after timing
+ours, 2 more steps under torch.profiler, summarized as logging.profile_steps does it (metrics.profile_summary) into
+FILE, without the Chrome trace (the run directory is temporary).
 
 --variant NAME:KEY=VALUE[ KEY=VALUE...] (repeatable): one more row of ours per micro-batch, with these overrides
 after the --ours ones, measured in the same process after the baselines (its row: "variant": NAME). A variant costs
@@ -37,8 +40,10 @@ measured in the same run as the baselines. Each row of ours after the first star
 (torch._dynamo.reset(): a row never runs code compiled for another row's shapes or settings; Inductor's on-disk
 cache still serves what did not change) and from the same initial weights, drawn once per process (copied, not
 drawn again: the draw of a 1.5B model takes seconds of CPU time). Liger's patches, applied before hf-liger, change
-transformers' classes only, which ours does not use. --profile-variants NAME[,NAME]: profile those variants too
-(after --profile's own configuration), each into FILE with _NAME before its extension.
+transformers' classes only, which ours does not use. --profile-row NAME: the row --profile profiles into FILE, a
+--variant's NAME instead of the default row (e.g. the default measured again as the last variant: a profiler that
+fails or hangs then costs no row after it). --profile-variants NAME[,NAME]: profile those variants too, each into FILE
+with _NAME before its extension.
 """
 
 import argparse
@@ -66,7 +71,7 @@ from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.hf import hf_config_from_args
 from qwen2_dist.model.qwen2 import build_model, count_parameters
 from qwen2_dist.parallel.mesh import build_mesh, init_distributed, world_from_env
-from qwen2_dist.train.metrics import StepProfiler, flops_per_token, memory_gib, peak_flops
+from qwen2_dist.train.metrics import flops_per_token, memory_gib, peak_flops, profile_summary
 from qwen2_dist.train.trainer import Trainer
 
 BASELINES = ("hf", "hf-ac", "hf-liger")
@@ -162,12 +167,12 @@ def copy_initial(model: torch.nn.Module, values: list[torch.Tensor]) -> bool:
 
 def run_ours(job: JobConfig, warmup: int, steps: int, seed: int, profile: str | None = None,
              keep_initial: bool = False, timed=None) -> tuple[float, list[float], dict]:
-    """Time Trainer.train_step() of this job on random tokens, in this process; with `profile`, then run 2 more
-    steps under the trainer's StepProfiler and write its summary (metrics.profile_summary) to that file, after
-    handing the timing to `timed` (so that a run cut during the profile keeps it). The model starts from the initial
-    weights kept in INITIAL by an earlier row of the same shape and seed, if any (the values init_weights(job.seed)
-    draws); keep_initial: keep this row's for the rows to come. Returns the timing of timed_steps, with the seconds
-    the model and optimizer took to build ("build_s")."""
+    """Time Trainer.train_step() of this job on random tokens, in this process; with `profile`, then profile 2 more
+    steps (profile_steps) and write the summary to that file, after handing the timing to `timed` (so that a run cut
+    during the profile keeps it). The model starts from the initial weights kept in INITIAL by an earlier row of the
+    same shape and seed, if any (the values init_weights(job.seed) draws); keep_initial: keep this row's for the rows
+    to come. Returns the timing of timed_steps, with the seconds the model and optimizer took to build ("build_s")
+    and the number of steps, warmup included, whose update the trainer's StepGuard skipped ("skipped_steps")."""
     started = time.perf_counter()
     layout = validate(job, 1)
     device_type = resolve_device(job.train.device)
@@ -191,18 +196,14 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int, profile: str | 
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata={})
     result = timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
     result[2]["build_s"] = build_seconds
+    # Read before the profiled steps: a step skipped for a non-finite or spiking loss or gradient (the fused AdamW's
+    # found_inf) is faster than one that updates, so the row is not a measure of its setting (benchmarks/targets.py).
+    result[2]["skipped_steps"] = trainer.guard.counts()[0]
     if profile:
         if timed is not None:
             timed(result)
         try:
-            # The trainer's own profiler (logging.profile_steps), on 2 more steps; its summary is copied to `profile`.
-            profiler = StepProfiler("1:3", job.run_dir, world.rank, world.device)
-            for step in (1, 2):
-                profiler.before_step(step)
-                trainer.train_step()
-                profiler.after_step(step)
-            with open(profiler.summary_path) as f:
-                summary = f.read().rstrip("\n")
+            summary = profile_steps(trainer, world.device)
         except Exception as exc:  # the row's timing stands; only its profile is lost, and says why
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             summary = f"profile failed after the timed steps ({type(exc).__name__}: {first}); the timing stands"
@@ -211,6 +212,21 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int, profile: str | 
             f.write(f"throughput.py {' '.join(sys.argv[1:])}\n{summary}\n")
         print(summary, flush=True)
     return result
+
+
+def profile_steps(trainer: Trainer, device: torch.device, steps: int = 2) -> str:
+    """metrics.profile_summary of `steps` more training steps under torch.profiler, as logging.profile_steps
+    summarizes them (kernel time by kind, the busiest kernels, the device's idle share), without StepProfiler's
+    Chrome trace and recorded shapes, which the summary does not use: the trace went to the temporary run directory,
+    deleted unread, and writing it was benchmark time spent for nothing."""
+    synchronize(device)  # the wall clock covers the profiled steps' kernels only
+    with torch.profiler.profile() as profiler:
+        started = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step()
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    return profile_summary(profiler, steps, seconds)
 
 
 def sdpa_defaults() -> tuple[list[int] | None, bool]:
@@ -351,7 +367,9 @@ def measure(name: str, run, row: dict, device: torch.device) -> dict:
              f"{row['first_loss']:.4f} (first measured step) -> {row['last_loss']:.4f} (last); built in "
              f"{row['build_s']:.1f} s, warmup (compile) {row['warmup_s']:.1f} s" if row["status"] == "ok" else "")
           + (f"; {row['peak_reserved_gib']:.2f} GiB reserved at peak, {row['alloc_retries']} allocator retries"
-             if "alloc_retries" in row else ""), flush=True)
+             if "alloc_retries" in row else "")
+          + (f"; {row['skipped_steps']} of its {row['warmup'] + row['steps']} steps skipped their update (non-finite "
+             "or spiking loss or gradient)" if row.get("skipped_steps") else ""), flush=True)
     return row
 
 
@@ -429,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default=None, metavar="PATH",
                         help="after timing ours (one micro-batch), profile 2 more steps: kernel time by kind, the "
                              "busiest kernels and the device's idle share, printed and written here")
+    parser.add_argument("--profile-row", default="", metavar="NAME",
+                        help="with --profile: profile the --variant NAME into the --profile file instead of the "
+                             "default row (e.g. the default measured again as the last variant)")
     parser.add_argument("--profile-variants", default="", metavar="NAME[,NAME...]",
                         help="with --profile: profile these variants too, each into the --profile file with _NAME "
                              "before its extension")
@@ -454,6 +475,10 @@ def main(argv: list[str] | None = None) -> int:
             if unknown or (profiled and not opts.profile):
                 raise UserError(f"--profile-variants {opts.profile_variants}: "
                                 + (f"no --variant named {', '.join(unknown)}" if unknown else "needs --profile FILE"))
+            profile_row = opts.profile_row or None  # the variant profiled into --profile's file; None: the default
+            if profile_row and (profile_row not in [n for n, _ in variants] or not opts.profile):
+                raise UserError(f"--profile-row {profile_row}: "
+                                + ("needs --profile FILE" if not opts.profile else f"no --variant named {profile_row}"))
             try:
                 compose_job(opts.ours)  # alone first, so that an error quotes only the user's overrides
             except UserError as exc:
@@ -525,9 +550,11 @@ def main(argv: list[str] | None = None) -> int:
                 if ours_done:
                     torch._dynamo.reset()  # a row of ours already ran: nothing compiled for it is reused
                 ours_done += 1
-                profile = opts.profile if variant is None or variant in profiled else None
-                if profile and variant is not None:
-                    stem, ext = os.path.splitext(profile)
+                profile = None
+                if opts.profile and variant == profile_row:
+                    profile = opts.profile
+                elif opts.profile and variant in profiled:
+                    stem, ext = os.path.splitext(opts.profile)
                     profile = f"{stem}_{variant}{ext}"
                 def timed(result, row=row):  # written before the profile runs: a cut there keeps the timing
                     fill_ok(row, result, device)

@@ -17,12 +17,17 @@ from tests.helpers import REPO, run_python
 TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
 GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "throughput_0.5b", "throughput_1.5b_lean", "loss_parity",
                    "combined_1.5b", "fast_path_gpu", "throughput_1.5b_accum", "variant_coordinate_descent",
-                   "variant_float8_overlap", "variant_expandable_segments", "attention_gpu", "estimate", "targets"]
+                   "variant_float8_overlap", "variant_expandable_segments", "attention_gpu", "targets", "estimate"]
 """In their order: the must-shows of issue 7 first (1.5B against HF and HF + Liger, 0.5B, the lean setting, loss
-parity), so that the budget cuts the optional steps, never those."""
+parity), so that the budget cuts the optional steps, never those; the targets before the estimate, so that a cut in
+the estimate still leaves targets.txt packed."""
+SMALL = ["--size", "tiny", "--seq-len", "16", "--micro-batch", "1", "--steps", "1", "--warmup", "0", "--ours",
+         "data.synthetic=true", "--ours", "model.vocab_size=256"]
+"""The least a row of ours can be (about a second on the CPU), for tests of what throughput.py records."""
 VARIANTS = {"overlap": ["optim.overlap=true"], "loss_chunk_16384": ["model.loss_chunk_tokens=16384"],
             "fuse_qkv": ["model.fuse_projections=qkv"], "default_again": ["parallel.compile=auto"]}
-"""The --variant rows of the throughput_1.5b step in a dry run, in their order (fp32_wgrad: on CUDA only)."""
+"""The --variant rows of the throughput_1.5b step in a dry run, in their order (on CUDA the combination of overlap, the
+16384-token chunk and fp32 weight gradients, and fp32_wgrad, come first: parallel.fp32_weight_grads is CUDA only)."""
 
 
 def throughput(*args: str) -> subprocess.CompletedProcess:
@@ -47,6 +52,9 @@ def test_throughput_refuses_a_bad_override_in_one_line(capsys):
          "error: --profile-variants a: needs --profile"),
         (["--variant", "a:optim.overlap=true", "--profile", "p.txt", "--profile-variants", "b"],
          "error: --profile-variants b: no --variant named b"),
+        (["--variant", "a:optim.overlap=true", "--profile-row", "a"], "error: --profile-row a: needs --profile"),
+        (["--variant", "a:optim.overlap=true", "--profile", "p.txt", "--profile-row", "b"],
+         "error: --profile-row b: no --variant named b"),
     ]:
         baseline = [] if "--baseline" in args else ["--baseline", "none"]
         code = throughput_script.main([*TINY, *baseline, *args])
@@ -70,6 +78,27 @@ def test_loss_parity_reports_float8_that_cannot_run_and_keeps_the_bf16_verdict(t
     assert report["fast_ok"] and not report["ok"] and report["float8"] is None and report["overlap"]["ok"]
     assert set(report["curves"]) == {"fp32 plain", "bf16 plain", "bf16 fast", "fast overlap"}
     assert report["curves"]["fast overlap"] == report["curves"]["bf16 fast"]
+
+
+def test_loss_parity_runs_the_overlap_curve_before_float8_so_a_timeout_cuts_float8(tmp_path, monkeypatch):
+    """The overlap verdict decides whether optim.overlap's throughput rows count for the speed target; float8 is not
+    needed for the bf16 targets."""
+    from benchmarks import loss_parity
+
+    def killed_in_float8(args, batches, device, float8=False, **kwargs):
+        if float8:
+            raise SystemExit(-9)  # what the process would show of a SIGKILL: nothing more runs
+        return [12.0 - step / 10 for step in range(len(batches))]  # no model: the order is what is checked here
+
+    out = tmp_path / "parity.json"
+    monkeypatch.setattr(loss_parity, "curve", killed_in_float8)
+    monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--size", "tiny", "--seq-len", "16", "--no-compile", "--steps",
+                                      "2", "--float8", "--overlap", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        loss_parity.main()
+    report = json.loads(out.read_text())
+    assert report["overlap"]["ok"] and report["overlap_error"] is None
+    assert report["float8"] is None and report["float8_error"] == "not run: the check was stopped before this curve"
 
 
 def test_loss_parity_written_before_its_extra_curves_survives_a_timeout_in_them(tmp_path, monkeypatch):
@@ -133,7 +162,7 @@ def test_gpu_check_does_not_start_a_step_with_less_than_half_its_timeout_left(tm
                             timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     summary = (tmp_path / "out" / "summary.txt").read_text()
-    assert re.search(r"throughput_1\.5b\s.*FAILED \(not run: 9\d s left of the budget, under half its 240 s\)",
+    assert re.search(r"throughput_1\.5b\s.*FAILED \(not run: 9\d s left of the budget, under half its 250 s\)",
                      summary), summary
 
 
@@ -195,8 +224,9 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
         else:
             assert (row["first_loss"], row["last_loss"]) == (ours["first_loss"], ours["last_loss"]), name
         assert row["build_s"] >= 0 and row["warmup_s"] > 0
-    assert "ms/step wall clock" in (out / "profile_1.5b_overlap.txt").read_text()
-    assert not (out / "profile_1.5b_loss_chunk_16384.txt").exists()  # only the overlap variant is profiled
+    # Only default_again, the last row, is profiled (into profile_1.5b.txt): a profiler failing costs no other row.
+    assert sorted(path.name for path in out.glob("profile_1.5b*")) == ["profile_1.5b.txt"]
+    assert all(row["skipped_steps"] == 0 for row in rows if row["name"] == "ours")
     # The dry run combines every variant (--all; on a GPU only those 0.5% faster than the default row of ours).
     combined = json.loads((out / "combined_1.5b.json").read_text())
     assert combined["ours_overrides"] == ["parallel.compile=auto", "optim.overlap=true",
@@ -222,8 +252,10 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     assert summary.splitlines()[-1].startswith("total ")
     with tarfile.open(pack) as archive:
         names = set(archive.getnames())
-    # Packed after the last step was recorded: everything but the final "total" line of the summary.
-    assert {"out/summary.txt", "out/throughput_1.5b.json", "out/profile_1.5b.txt", "out/estimate.log"} <= names
+        packed_summary = archive.extractfile("out/summary.txt").read().decode()
+    assert {"out/summary.txt", "out/throughput_1.5b.json", "out/profile_1.5b.txt", "out/estimate.log",
+            "out/targets.txt"} <= names
+    assert packed_summary == summary  # packed again after the final "total" line
     _check_ours_and_baselines(out / "throughput_1.5b.log", out / "throughput_1.5b.json")
 
 
@@ -307,7 +339,7 @@ def test_a_failed_profile_loses_the_profile_not_the_row(monkeypatch, tmp_path):
         def __init__(self, *args, **kwargs):
             raise RuntimeError("CUPTI is busy")
 
-    monkeypatch.setattr(throughput, "StepProfiler", Broken)
+    monkeypatch.setattr(throughput.torch.profiler, "profile", Broken)
     report, profile = tmp_path / "t.json", tmp_path / "p.txt"
     assert throughput.main([*TINY, "--baseline", "none", "--profile", str(profile), "--json", str(report)]) == 0
     assert json.loads(report.read_text())["rows"][0]["status"] == "ok"
@@ -325,9 +357,53 @@ def test_a_run_cut_while_profiling_keeps_the_row_s_timing(monkeypatch, tmp_path)
         def __init__(self, *args, **kwargs):
             raise KeyboardInterrupt  # as a kill would: not caught by the profile's own error handling
 
-    monkeypatch.setattr(throughput, "StepProfiler", Cut)
+    monkeypatch.setattr(throughput.torch.profiler, "profile", Cut)
     report = tmp_path / "t.json"
     with pytest.raises(KeyboardInterrupt):
         throughput.main([*TINY, "--baseline", "none", "--profile", str(tmp_path / "p.txt"), "--json", str(report)])
     (row,) = json.loads(report.read_text())["rows"]
     assert row["status"] == "ok" and row["tokens_per_sec"] > 0
+
+
+def test_profile_row_profiles_that_variant_after_every_row_before_it(monkeypatch, tmp_path):
+    """gpu_check.sh profiles default_again, its last row: a profiler that fails or hangs on a new image then costs
+    neither the baselines nor a variant."""
+    from benchmarks import throughput
+
+    report, profile = tmp_path / "t.json", tmp_path / "p.txt"
+    rows_at_profile = []
+
+    def profile_steps(trainer, device, steps=2):
+        rows_at_profile.append([row.get("variant") for row in json.loads(report.read_text())["rows"]])
+        return "profiled"
+
+    monkeypatch.setattr(throughput, "profile_steps", profile_steps)
+    assert throughput.main([*SMALL, "--baseline", "none", "--variant", "again:parallel.compile=auto", "--profile",
+                            str(profile), "--profile-row", "again", "--json", str(report)]) == 0
+    assert rows_at_profile == [[None, "again"]]  # once, after both rows' timings were written
+    assert profile.read_text().endswith("\nprofiled\n")
+
+
+def test_rows_of_ours_record_the_steps_whose_update_was_skipped(monkeypatch, tmp_path):
+    """A skipped step (a non-finite or spiking loss or gradient: the fused AdamW's found_inf) is faster than an
+    update; benchmarks/targets.py refuses rows with any."""
+    from benchmarks import throughput
+
+    report = tmp_path / "t.json"
+    monkeypatch.setenv("QWEN2_INJECT_NAN_STEP", "1")  # the trainer's step counter stays at 0 here: every step
+    assert throughput.main([*SMALL, "--warmup", "1", "--baseline", "none", "--json", str(report)]) == 0
+    (row,) = json.loads(report.read_text())["rows"]
+    assert row["status"] == "ok" and row["skipped_steps"] == 2  # the warmup step and the timed one
+
+
+def test_the_profile_writes_its_summary_without_a_chrome_trace(monkeypatch, tmp_path):
+    """The trace went to the temporary run directory, deleted unread: writing it was benchmark time for nothing."""
+    from benchmarks import throughput
+
+    def no_trace(self, path):
+        raise AssertionError(f"a Chrome trace was written to {path}")
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", no_trace)
+    profile = tmp_path / "p.txt"
+    assert throughput.main([*SMALL, "--baseline", "none", "--profile", str(profile)]) == 0
+    assert "ms/step wall clock" in profile.read_text()

@@ -23,6 +23,12 @@ DEFAULT = report(44000.0)
 DEFAULT["rows"][0]["last_loss"] = 12.2110
 
 
+def skipped(made: dict) -> dict:
+    """made, with one step of its row of ours skipped by the trainer's StepGuard (throughput.py's skipped_steps)."""
+    made["rows"][0]["skipped_steps"] = 1
+    return made
+
+
 def test_picks_the_variants_at_least_min_gain_faster_in_their_order(capsys):
     overlap = report(45500.0, "optim.overlap=true")  # +3.4%
     overlap["rows"][0]["last_loss"] = 12.2112
@@ -85,6 +91,9 @@ def test_picks_among_the_variant_rows_of_the_default_report(capsys):
      "not picked: its loss is not finite (12.2353, nan)"),
     (report(46100.0, "parallel.fp32_weight_grads=true", last_loss=12.2353),
      "not picked: its last loss 12.2353 differs from the default row's 12.2110 by more than 0.02 nats"),
+    # One skipped update of 13 barely moves the loss, but the row is faster for it.
+    (skipped(report(46100.0, "parallel.fp32_weight_grads=true", last_loss=12.2112)),
+     "not picked: 1 of its steps skipped their update"),
 ])
 def test_never_picks_what_is_not_comparable_or_not_combinable(variant, why, capsys):
     assert pick_variants.pick(DEFAULT, {"v.json": variant}, 0.01, take_all=True) == ([], [])
@@ -136,6 +145,22 @@ def test_command_line_exit_codes(tmp_path, capsys):
     assert cli("one", "win")[:2] == (pick_variants.ONE_WINNER_IN_DEFAULT, ["optim.overlap=true"])
     # Another report's winner makes a combination no row measured yet.
     assert cli("one", "other")[:2] == (0, ["optim.overlap=true", "model.loss_chunk_tokens=16384"])
+
+
+@pytest.mark.parametrize("combination, state", [(43900.0, "it did not win"), (None, "it did not run")])
+def test_winners_that_are_a_row_of_the_default_report_that_did_not_win_are_not_run_again(
+        tmp_path, capsys, combination, state):
+    """gpu_check.sh's step 2 has overlap + the 16384-token chunk + fp32 weight gradients as a row of its own: when
+    each won alone and that row lost (or OOMed), the combined step would only run that row again."""
+    made = with_variants(DEFAULT, ("both", combination, "optim.overlap=true", "model.loss_chunk_tokens=16384"),
+                         ("overlap", 44800.0, "optim.overlap=true"),
+                         ("chunk_16384", 44600.0, "model.loss_chunk_tokens=16384"))
+    (tmp_path / "default.json").write_text(json.dumps(made))
+    assert pick_variants.main([str(tmp_path / "default.json")]) == pick_variants.ONE_WINNER_IN_DEFAULT
+    out, err = capsys.readouterr()
+    assert out.splitlines() == ["optim.overlap=true", "model.loss_chunk_tokens=16384"]
+    assert f"the winners' overrides are those of variant both, measured in {tmp_path / 'default.json'} with that " \
+        f"run's baselines ({state}): nothing to combine" in err.splitlines()[-1]
 
 
 def test_the_default_measured_again_sets_the_threshold_when_it_drifted_more(capsys):
