@@ -14,7 +14,8 @@
 #    and this repository installed editable without dependencies (the tests' subprocesses import qwen2_dist).
 # 2. The test suite (or the paths given) with that venv: the GPU-only tests skip themselves.
 # 3. gpu_check.sh's Qwen2-1.5B step as it runs on a GPU -- compiled, ours with the baselines and every variant row of
-#    one process -- on the tiny size at seq 128: every row must be ok, and each variant's losses those of the default
+#    one process (the combined row without fp32 weight gradients, which need CUDA) -- on the tiny size at seq 128:
+#    every row must be ok, and each variant's losses those of the default
 #    row (same weights and batches; q/k/v as one matmul sums in another order: within 1e-3).
 # 4. benchmarks/loss_parity.py compiled, as on a GPU (the dry run below runs it eagerly): 3 steps of the tiny size,
 #    with the overlap curve.
@@ -81,8 +82,9 @@ fi
 # shellcheck disable=SC2317  # run through check
 compare_rows() {
     "$py" benchmarks/throughput.py --size tiny --seq-len 128 --warmup 1 --steps 2 --micro-batch 2 \
-        --ours parallel.compile=true --baseline hf:2 --variant overlap:optim.overlap=true \
-        --variant loss_chunk_16384:model.loss_chunk_tokens=16384 --variant fuse_qkv:model.fuse_projections=qkv \
+        --ours parallel.compile=true --baseline hf:2 \
+        --variant "overlap+chunk_16384:optim.overlap=true model.loss_chunk_tokens=16384" \
+        --variant overlap:optim.overlap=true --variant loss_chunk_16384:model.loss_chunk_tokens=16384 --variant fuse_qkv:model.fuse_projections=qkv \
         --variant full_recompute:parallel.activation_checkpointing=full \
         --variant default_again:parallel.compile=true --json "$OUT/compiled_rows.json"
     "$py" - "$OUT/compiled_rows.json" <<'EOF'
