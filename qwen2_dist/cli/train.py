@@ -587,6 +587,9 @@ def _note_in_rank_log(text: str) -> None:
             handler.handle(record)
 
 
+STORAGE_WAIT_ENV = "QWEN2_STORAGE_RETRY_WAIT"
+
+
 def _entry(cfg: DictConfig) -> None:
     from qwen2_dist.train import no_restart
     from qwen2_dist.train.runlock import RunDirBusy
@@ -607,6 +610,15 @@ def _entry(cfg: DictConfig) -> None:
             # Under torchrun: a restart must not train on. In the job's run_dir as to_job makes it (a leading ~
             # expanded), where the restarts and the launchers look.
             no_restart.record(os.path.expanduser(run_dir), code, str(exc))
+        if isinstance(exc, StorageUnreadable) and no_restart.restarts_left():
+            # torchrun restarts at once: without a pause its restarts would all meet the same outage in seconds.
+            try:
+                wait = float(os.environ.get(STORAGE_WAIT_ENV, "60"))
+            except ValueError:
+                wait = 60.0
+            print(f"storage not readable: waiting {wait:g} s ({STORAGE_WAIT_ENV}) before this worker exits, so that "
+                  f"torchrun's restart ({no_restart.restarts_left()} left) reads it later", file=sys.stderr)
+            time.sleep(wait)
     finally:
         multi_process = dist.is_initialized()
         if multi_process:

@@ -34,6 +34,17 @@ def _attempt() -> tuple[str, int] | None:
         return run_id, 0
 
 
+def restarts_left() -> int:
+    """How many more times torchrun restarts this worker's group after a failure (its --max-restarts less the
+    restarts so far); 0 outside torchrun."""
+    attempt = _attempt()
+    try:
+        limit = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    except ValueError:
+        return 0
+    return max(0, limit - attempt[1]) if attempt is not None else 0
+
+
 def record(run_dir: str, code: int, error: str) -> None:
     """Under torchrun: say in run_dir that this attempt stopped on purpose with `code` (never raises: the stop's own
     error is what the user must see)."""

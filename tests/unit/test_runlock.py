@@ -127,3 +127,28 @@ def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir
         assert stopped.value.code == 2
         assert (tmp_path / "no_restart.json").exists() == recorded
     held.close()
+
+
+def test_a_storage_error_under_torchrun_waits_before_the_restart_it_leaves_to_come(tmp_path, monkeypatch):
+    """torchrun restarts a failed worker group at once: its restarts all met the same storage outage in seconds.
+    Each but the last waits QWEN2_STORAGE_RETRY_WAIT seconds before it exits."""
+    from omegaconf import OmegaConf
+
+    from qwen2_dist.cli import train
+    from qwen2_dist.errors import StorageUnreadable
+
+    def storage(cfg):
+        raise StorageUnreadable("checkpoints/step_00000004: cannot be read ([Errno 5] Input/output error)")
+
+    waits = []
+    monkeypatch.setattr(train, "run", storage)
+    monkeypatch.setattr(train.time, "sleep", waits.append)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mine")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("QWEN2_STORAGE_RETRY_WAIT", "45")
+    for restart in (0, 2, 3):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restart))
+        with pytest.raises(SystemExit):
+            train._entry(OmegaConf.create({"run_dir": str(tmp_path)}))
+    assert waits == [45.0, 45.0]  # none after the last restart
+    assert not (tmp_path / "no_restart.json").exists()
