@@ -111,8 +111,8 @@ def is_committed(path: str) -> bool:
         return False
     except OSError as exc:
         raise StorageUnreadable(f"{path}: cannot tell whether it is a committed checkpoint ({exc}); it may be "
-                                    "intact, so the run stops rather than pass over it. Check the filesystem (a "
-                                    "stale NFS handle, permissions) and start again") from None
+                                "intact, so the run stops rather than pass over it. Check the filesystem (a "
+                                "stale NFS handle, permissions) and start again") from None
     return True
 
 
@@ -187,7 +187,7 @@ def _raise_agreed(problems: list[tuple], world: int) -> None:
     if missing and len(missing) < world:
         ranks = ", ".join(str(p[1]) for p in missing)
         raise StorageUnreadable(f"{missing[0][2][0]} on rank(s) {ranks} only, while the others find it, "
-                                    f"{_NOT_LOADED}")
+                                f"{_NOT_LOADED}")
     if missing:
         raise UserError(missing[0][2][1])
     raise UserError(problems[0][2])
