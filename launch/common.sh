@@ -39,22 +39,6 @@ else
     torchrun=("$python" -m qwen2_dist.cli.torchrun)
 fi
 
-# gpus_of_nvidia_smi: the GPUs this process sees by nvidia-smi's count, or fewer when CUDA_VISIBLE_DEVICES names
-# fewer (none when it is set but empty, as under Slurm or a shared machine); 0 without nvidia-smi.
-gpus_of_nvidia_smi() {
-    local gpus=0 visible
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        gpus=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
-        if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
-            IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
-            if [ "${#visible[@]}" -lt "$gpus" ]; then
-                gpus=${#visible[@]}
-            fi
-        fi
-    fi
-    echo "$gpus"
-}
-
 # The GPUs of this node as the launcher knows them (Slurm's count for the node, else nvidia-smi's when it sets
 # NPROC): the launch check then refuses a torch that sees none, which would train every process on the CPU.
 # nproc_from says where NPROC came from (given, slurm, nvidia-smi or default).
@@ -76,11 +60,21 @@ elif [ "$launch_gpus" -gt 0 ]; then
 else
     NPROC=1
     nproc_from=default
-    gpus=$(gpus_of_nvidia_smi)
-    if [ "$gpus" -gt 0 ]; then
-        NPROC=$gpus
-        launch_gpus=$gpus
-        nproc_from=nvidia-smi
+    if command -v nvidia-smi >/dev/null 2>&1; then
+        gpus=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
+        # nvidia-smi lists every GPU of the machine; the workers see only those CUDA_VISIBLE_DEVICES names (none
+        # when it is set but empty), as under Slurm or a shared machine.
+        if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+            IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
+            if [ "${#visible[@]}" -lt "$gpus" ]; then
+                gpus=${#visible[@]}
+            fi
+        fi
+        if [ "$gpus" -gt 0 ]; then
+            NPROC=$gpus
+            launch_gpus=$gpus
+            nproc_from=nvidia-smi
+        fi
     fi
 fi
 

@@ -903,7 +903,7 @@ def load(path: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | N
     meta = verify(path, checksums)
     with_optim = "optim" in meta["contents"] and optimizer is not None
     state = _state(model, optimizer if with_optim else None, meta["format"])
-    _dcp_load(state, path, intact=checksums and bool(meta.get("checksums")))  # verify checked every file's
+    _dcp_load(state, path, intact=checksums and bool(meta.get("checksums")))  # verify matched every checksum
     if with_optim:
         set_state_dict(model, _optimizers(optimizer), model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=_options(meta["format"]))
