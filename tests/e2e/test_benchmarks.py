@@ -14,7 +14,9 @@ import torch
 
 from tests.helpers import REPO, run_python
 
-TINY = ["--size", "tiny", "--seq-len", "128", "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
+SEQ = 32
+"""The sequence length of gpu_check's dry run (its SEQ), and of the tests' own tiny rows."""
+TINY = ["--size", "tiny", "--seq-len", str(SEQ), "--micro-batch", "2", "--steps", "2", "--warmup", "1"]
 GPU_CHECK_STEPS = ["wheels", "env", "throughput_1.5b", "throughput_0.5b", "throughput_1.5b_lean", "loss_parity",
                    "combined_1.5b", "fast_path_gpu", "throughput_1.5b_accum", "variant_coordinate_descent",
                    "variant_float8_overlap", "variant_expandable_segments", "attention_gpu", "targets", "estimate"]
@@ -63,17 +65,23 @@ def test_throughput_refuses_a_bad_override_in_one_line(capsys):
         assert len(err.strip().splitlines()) == 1 and "ours" not in out, err
 
 
-def test_loss_parity_reports_float8_that_cannot_run_and_keeps_the_bf16_verdict(tmp_path):
+def test_loss_parity_reports_float8_that_cannot_run_and_keeps_the_bf16_verdict(tmp_path, monkeypatch, capsys):
     """On the GPU the float8 and overlap curves are more curves of the parity step: if one fails, the bf16 verdict
     still stands (here float8 fails as it does without CUDA). optim.overlap computes the same update: on the CPU,
-    with no side stream, its curve is the fast one exactly."""
+    with no side stream, its curve is the fast one exactly. In this process, at seq 16 (gpu_check's dry run runs the
+    step itself, without --float8)."""
+    from benchmarks import loss_parity
+
     out = tmp_path / "parity.json"
-    result = run_python(["benchmarks/loss_parity.py", "--size", "tiny", "--no-compile", "--steps", "2", "--float8",
-                         "--overlap", "--out", str(out)], timeout=120)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert "bf16 fast: max |fast - fp32|" in result.stdout and ": ok" in result.stdout
-    assert "fast float8: FAILED to run (UserError: model.float8=true needs a CUDA GPU" in result.stdout
-    assert "max |overlap - fast| = 0.0000: ok" in result.stdout
+    monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--size", "tiny", "--layers", "2", "--seq-len", "16",
+                                      "--no-compile", "--steps", "2", "--float8", "--overlap", "--out", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        loss_parity.main()
+    stdout = capsys.readouterr().out
+    assert exit_.value.code == 1, stdout
+    assert "bf16 fast: max |fast - fp32|" in stdout and ": ok" in stdout
+    assert "fast float8: FAILED to run (UserError: model.float8=true needs a CUDA GPU" in stdout
+    assert "max |overlap - fast| = 0.0000: ok" in stdout
     report = json.loads(out.read_text())
     assert report["fast_ok"] and not report["ok"] and report["float8"] is None and report["overlap"]["ok"]
     assert set(report["curves"]) == {"fp32 plain", "bf16 plain", "bf16 fast", "fast overlap"}
@@ -115,8 +123,8 @@ def test_loss_parity_written_before_its_extra_curves_survives_a_timeout_in_them(
 
     out = tmp_path / "parity.json"
     monkeypatch.setattr(loss_parity, "curve", killed_in_overlap)
-    monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--size", "tiny", "--no-compile", "--steps", "2",
-                                      "--overlap", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["loss_parity.py", "--size", "tiny", "--layers", "2", "--seq-len", "16",
+                                      "--no-compile", "--steps", "2", "--overlap", "--out", str(out)])
     with pytest.raises(SystemExit):
         loss_parity.main()
     report = json.loads(out.read_text())
@@ -217,7 +225,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
         assert row["status"] == "ok" and row["variant_overrides"] == overrides
         assert row["overrides"] == ours["overrides"] + overrides
         # The same weights (drawn for the default row, copied for the variants), seed and batches, and the same
-        # update (optim.overlap on a CPU; one chunk of the loss at 256 tokens): the same losses, exactly; q/k/v as
+        # update (optim.overlap on a CPU; one chunk of the loss at 64 tokens): the same losses, exactly; q/k/v as
         # one matmul sums in another order.
         if name == "fuse_qkv":
             assert abs(row["last_loss"] - ours["last_loss"]) < 1e-3, (row, ours)
@@ -239,7 +247,7 @@ def test_gpu_check_dry_run_runs_every_step(tmp_path):
     accum = json.loads((out / "throughput_1.5b_accum.json").read_text())
     assert accum["accum"] == 2 and [r["name"] for r in accum["rows"]] == ["ours", "hf-liger"]
     assert accum["rows"][0]["global_batch"] == 2 * accum["rows"][0]["micro_batch"]
-    assert accum["rows"][0]["tokens_per_sec"] == 2 * 2 * 128 / accum["rows"][0]["seconds"]
+    assert accum["rows"][0]["tokens_per_sec"] == 2 * 2 * SEQ / accum["rows"][0]["seconds"]
     parity = json.loads((out / "loss_parity.json").read_text())
     assert parity["ok"] and parity["overlap"]["ok"]
     assert "estimated peak tensor memory" in (out / "estimate.log").read_text()
@@ -265,7 +273,7 @@ def _check_ours_and_baselines(log_path, report_path):
              if line.split() and line.split()[0] in ("ours", "hf", "hf-liger") and "tiny" in line}
     # config, size, seq, mb, tokens/s, MFU, memory, ratio
     for name in ("ours", "hf"):
-        assert table[name][1:4] == ["tiny", "128", "2"], table[name]
+        assert table[name][1:4] == ["tiny", str(SEQ), "2"], table[name]
         assert float(table[name][4].replace(",", "")) > 0
         assert table[name][5] == "n/a"  # no MFU on a CPU
     assert table["hf"][7] == "1.00x"  # the only measured baseline is the best one
@@ -278,10 +286,10 @@ def _check_ours_and_baselines(log_path, report_path):
     for name in ("ours", "hf"):
         row = rows[name]
         assert row["status"] == "ok" and row["tokens_per_sec"] > 0 and row["peak_mem_gib"] > 0
-        assert row["tokens_per_sec"] == 2 * 2 * 128 / row["seconds"]
+        assert row["tokens_per_sec"] == 2 * 2 * SEQ / row["seconds"]
         # Random init on random tokens: both near ln(vocab) = 11.93 on the measured steps.
         assert abs(row["first_loss"] - math.log(151936)) < 0.5 and abs(row["last_loss"] - math.log(151936)) < 0.5
-    assert rows["ours"]["overrides"][:2] == ["model=tiny", "train.seq_len=128"]
+    assert rows["ours"]["overrides"][:2] == ["model=tiny", f"train.seq_len={SEQ}"]
     assert rows["ours"]["vs_best_baseline"] == rows["ours"]["tokens_per_sec"] / rows["hf"]["tokens_per_sec"]
     assert rows["hf-liger"]["status"].startswith("skipped")
 
