@@ -590,6 +590,20 @@ def _note_in_rank_log(text: str) -> None:
 STORAGE_WAIT_ENV = "QWEN2_STORAGE_RETRY_WAIT"
 
 
+def storage_wait() -> float:
+    """QWEN2_STORAGE_RETRY_WAIT in seconds (60 when unset); a value that is no number of seconds >= 0 is named in a
+    warning and 60 is taken: the storage error it follows is what the run must report."""
+    text = os.environ.get(STORAGE_WAIT_ENV, "60")
+    try:
+        wait = float(text)
+    except ValueError:
+        wait = -1.0
+    if not 0 <= wait < float("inf"):
+        print(f"warning: {STORAGE_WAIT_ENV}={text!r} is no number of seconds >= 0: waiting 60", file=sys.stderr)
+        wait = 60.0
+    return wait
+
+
 def _entry(cfg: DictConfig) -> None:
     from qwen2_dist.train import no_restart
     from qwen2_dist.train.runlock import RunDirBusy
@@ -612,10 +626,7 @@ def _entry(cfg: DictConfig) -> None:
             no_restart.record(os.path.expanduser(run_dir), code, str(exc))
         if isinstance(exc, StorageUnreadable) and no_restart.restarts_left():
             # torchrun restarts at once: without a pause its restarts would all meet the same outage in seconds.
-            try:
-                wait = float(os.environ.get(STORAGE_WAIT_ENV, "60"))
-            except ValueError:
-                wait = 60.0
+            wait = storage_wait()
             print(f"storage not readable: waiting {wait:g} s ({STORAGE_WAIT_ENV}) before this worker exits, so that "
                   f"torchrun's restart ({no_restart.restarts_left()} left) reads it later", file=sys.stderr)
             time.sleep(wait)

@@ -152,3 +152,16 @@ def test_a_storage_error_under_torchrun_waits_before_the_restart_it_leaves_to_co
             train._entry(OmegaConf.create({"run_dir": str(tmp_path)}))
     assert waits == [45.0, 45.0]  # none after the last restart
     assert not (tmp_path / "no_restart.json").exists()
+
+
+@pytest.mark.parametrize("value", ["-5", "soon", "nan", "inf"])
+def test_a_storage_wait_that_is_no_number_of_seconds_is_named_and_60_taken(value, monkeypatch, capsys):
+    """A negative wait made time.sleep raise inside the error's handler, hiding the storage error behind a traceback;
+    a word was taken as 60 without a word."""
+    from qwen2_dist.cli import train
+
+    monkeypatch.setenv("QWEN2_STORAGE_RETRY_WAIT", value)
+    assert train.storage_wait() == 60.0
+    assert f"warning: QWEN2_STORAGE_RETRY_WAIT='{value}' is no number of seconds >= 0" in capsys.readouterr().err
+    monkeypatch.setenv("QWEN2_STORAGE_RETRY_WAIT", "0")
+    assert train.storage_wait() == 0.0 and not capsys.readouterr().err
