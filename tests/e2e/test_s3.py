@@ -15,7 +15,8 @@ from tests.datasets import make_dataset, sample_ids
 from tests.helpers import run_cli, train_overrides
 
 moto_server = pytest.importorskip(
-    "moto.moto_server.threaded_moto_server", reason="moto[server] is not installed (pip install 'moto[server]')"
+    "moto.moto_server.threaded_moto_server",
+    reason="moto's S3 server is not installed (pip install 'moto[s3]' flask flask-cors)",
 )
 BUCKET = "corpora"
 

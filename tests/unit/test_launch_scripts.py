@@ -62,11 +62,13 @@ if [ "$1" = -m ] && [ "$2" = pip ]; then
     [ -f "$venv/has-pip" ] || { echo "No module named pip" >&2; exit 1; }
     case "$3 $5" in
         "install torch"*) [ -z "${FAKE_PIP_FAIL:-}" ] || exit 1; echo "$5" > "$venv/has-torch" ;;
+        "install --upgrade") [ -z "${FAKE_NO_INDEX:-}" ] || exit 1 ;;
         "uninstall -y") rm -f "$venv/has-torch" ;;
         "show "*) exit 1 ;;
     esac
     exit 0
 fi
+[ "$1" = -W ] && shift 2  # a warnings filter
 case "$2" in
     "import torch") [ -f "$venv/has-torch" ] ;;
     "import torch;"*) [ -f "$venv/has-torch" ] && echo 2.13.0 ;;
@@ -84,9 +86,10 @@ def install(tmp_path):
     venv, log = tmp_path / "venv", tmp_path / "calls.log"
     log.touch()
 
-    def run(torch_spec=None, cwd=REPO, venv_value=None, torch_download_fails=False) -> list[str]:
+    def run(torch_spec=None, cwd=REPO, venv_value=None, torch_download_fails=False, **fake_env) -> list[str]:
         """One run of install.sh (from cwd, VENV=venv_value or the absolute venv); the calls it made."""
-        env = {k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "FAKE_PIP_FAIL")}
+        env = {k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "FAKE_PIP_FAIL", "FAKE_NO_INDEX")}
+        env.update(fake_env)
         env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=venv_value or str(venv), FAKE_LOG=str(log),
                    FAKE_VENV_PYTHON=str(tmp_path / "venv_python"))
         if torch_spec is not None:
@@ -110,10 +113,22 @@ def test_install_makes_the_venv_once_then_does_nothing(install):
     run, venv, _ = install
     calls = run()
     assert calls[0] == f"python3 -m venv {venv}"
-    assert pip_calls(calls)[:2] == ["python -m pip install --quiet torch==2.13.0",
+    # The new venv's pip is upgraded first (a current pip installs the rest in about two thirds of the time).
+    assert pip_calls(calls)[:3] == ["python -m pip install --quiet --upgrade pip>=25",
+                                    "python -m pip install --quiet torch==2.13.0",
                                     f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev]"]
     assert (venv / "torch-constraint.txt").read_text() == "torch==2.13.0\n"
     assert run() == []
+
+
+def test_install_goes_on_with_the_venvs_own_pip_when_it_cannot_upgrade_it(install, tmp_path):
+    """No package index for pip itself (a machine with a local wheelhouse only): a warning, then the install."""
+    run, venv, _ = install
+    calls = pip_calls(run(FAKE_NO_INDEX="1"))
+    assert calls[0] == "python -m pip install --quiet --upgrade pip>=25"
+    assert calls[1:3] == ["python -m pip install --quiet torch==2.13.0",
+                          f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev]"]
+    assert (venv / ".qwen2-dist-installed").exists()
 
 
 def test_install_takes_a_relative_venv_from_the_current_directory(install, tmp_path):
