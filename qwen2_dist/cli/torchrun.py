@@ -51,8 +51,8 @@ def ignore_sigusr1_where_torchrun_never_handles_it() -> None:
 
     if "SIGUSR1" not in _signals_to_handle():
         return
-    # argparse keeps no public list of the options a parser takes; _option_string_actions is that map.
-    if "--signals-to-handle" not in get_args_parser()._option_string_actions:
+    # A parser's default for an option it does not have is None; torchrun's --signals-to-handle has a default.
+    if get_args_parser().get_default("signals_to_handle") is None:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 

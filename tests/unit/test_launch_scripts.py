@@ -507,8 +507,8 @@ def launch_multi_node_checked(tmp_path, **env_changes: str) -> subprocess.Comple
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_script(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100\"; done\n")
-    write_script(bin_dir / "fake_python", f"""#!/bin/bash
-if [ -n "${{QWEN2_CHECK_ONLY:-}}" ]; then
+    write_script(bin_dir / "fake_python", """#!/bin/bash
+if [ -n "${QWEN2_CHECK_ONLY:-}" ]; then
     echo "checked world=$QWEN2_CHECK_ONLY nproc=$QWEN2_LAUNCH_NPROC"
 else
     echo "torchrun $*"

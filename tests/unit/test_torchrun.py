@@ -131,3 +131,32 @@ def test_a_stop_signal_before_the_workers_start_ends_torchrun(tmp_path):
     assert proc.returncode == 128 + signal.SIGUSR1, out[-2000:] + err[-2000:]
     assert "torchrun: SIGUSR1 before the workers started: stopping, nothing trained yet" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("has_option", [True, False])
+def test_sigusr1_is_ignored_only_where_torchrun_has_no_signals_to_handle(monkeypatch, has_option):
+    """An older torchrun (no --signals-to-handle) would end at a SIGUSR1 and kill the workers before they save: this
+    process ignores it then, and leaves it to torchrun's own handling otherwise."""
+    import argparse
+    import signal
+
+    import torch.distributed.run
+
+    def parser():
+        parser = argparse.ArgumentParser()
+        if has_option:
+            parser.add_argument("--signals-to-handle", default="SIGTERM,SIGINT")
+        return parser
+
+    monkeypatch.setattr(torch.distributed.run, "get_args_parser", parser)
+    monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGUSR1")
+    before = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        torchrun.ignore_sigusr1_where_torchrun_never_handles_it()
+        assert signal.getsignal(signal.SIGUSR1) == (signal.SIG_DFL if has_option else signal.SIG_IGN)
+        monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM")  # SIGUSR1 not asked for: left as it is
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        torchrun.ignore_sigusr1_where_torchrun_never_handles_it()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, before)
