@@ -50,8 +50,8 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
     # The pip a new venv brings is the Python's own (23.2 with 3.11), which takes much longer over this install than
     # a current one (on a 2-core machine on 2026-12-06: 139-156 s with pip 23.2, 102-114 s with pip 26.3 and its 2 s
     # upgrade). Only in a venv made here; where the upgrade fails (no index), the bundled pip goes on.
-    "$venv/bin/python" -m pip install --quiet --upgrade "pip>=25" ||
-        echo "warning: could not upgrade pip in $venv; installing with $("$venv/bin/python" -m pip --version)" >&2
+    "$py" -m pip install --quiet --upgrade "pip>=25" ||
+        echo "warning: could not upgrade pip in $venv; installing with $("$py" -m pip --version)" >&2
 fi
 
 install_torch() {

@@ -22,8 +22,8 @@ import os
 import sys
 
 # What a CLI run imports first; anything else is imported by the child itself. torch._dynamo: a model's first
-# initialization on the meta device imports it (torch._refs): 0.8 s of each forked training run (4.3 s to 3.5 s
-# for a 6-step run of the tiny model, 2-core machine, 2026-12-06).
+# initialization on the meta device imports it (torch._refs), and torch.optim's Optimizer would: 0.8 s of each
+# forked training run (4.3 s to 3.5 s for a 6-step run of the tiny model, 2-core machine, 2026-12-06).
 WARM = ("torch", "torch._dynamo", "torch.distributed.run", "qwen2_dist.cli.train", "qwen2_dist.cli.convert",
         "qwen2_dist.cli.prepare", "qwen2_dist.cli.estimate")
 
