@@ -747,11 +747,14 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
         raise UserError(f"{world_size} processes: a job needs at least one (NPROC, or torchrun's --nproc-per-node)")
     _check_finite(cfg)
     # These take auto (or qkv/mlp) besides a boolean, so a quoted 'true' (from YAML or shell quoting) stays the
-    # string; taken as the boolean it names, as parallel.compile takes either.
+    # string, and 1 or 0 the integer; each taken as the boolean it names, as parallel.compile takes either and a
+    # boolean setting (optim.overlap=1) takes 1 and 0. Left as 0, optim.fused=0 passed `is False` checks as on.
     for section, key in ((cfg.optim, "fused"), (cfg.checkpoint, "async_save"), (cfg.model, "fuse_projections")):
         value = getattr(section, key)
         if isinstance(value, str) and value.lower() in ("true", "false"):
             setattr(section, key, value.lower() == "true")
+        elif type(value) is int and value in (0, 1):
+            setattr(section, key, bool(value))
     if cfg.seed < 0:
         raise UserError(f"seed={cfg.seed}: must be a non-negative integer (it seeds the weights and the data order)")
     if not str(cfg.run_dir).strip():
@@ -823,7 +826,8 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
             f"interval_minutes={c.interval_minutes}; need interval >= 0, keep_last >= 1, keep_every >= 0, "
             "interval_minutes >= 0"
         )
-    if not (c.async_save == "auto" or isinstance(c.async_save, bool)):  # 1 == True would pass `in (True, False)`
+    # By type: a float 1.0 == True would pass `in (True, False)` (the integers 1 and 0 are booleans by now).
+    if not (c.async_save == "auto" or isinstance(c.async_save, bool)):
         raise UserError(f"checkpoint.async_save={c.async_save!r}: choose auto, true or false")
     if c.keep_every and c.interval and c.keep_every % c.interval:
         raise UserError(f"checkpoint.keep_every={c.keep_every} is not a multiple of checkpoint.interval={c.interval}: "
@@ -838,7 +842,7 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
         raise UserError(f"train.device={t.device!r}: choose auto, cpu or cuda")
     if t.mixed_precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"train.mixed_precision={t.mixed_precision!r}: choose auto, bf16 or fp32")
-    if o.fused not in ("auto", True, False):
+    if not (o.fused == "auto" or isinstance(o.fused, bool)):
         raise UserError(f"optim.fused={o.fused!r}: choose auto, true or false")
     m = cfg.model
     from qwen2_dist.model.attention import BACKENDS
@@ -862,7 +866,7 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
         # Under TP the norms see sequence-sharded DTensors, which the Triton and CUDA kernels cannot take.
         raise UserError(f"model.kernels={m.kernels} needs parallel.tp=1 (got {p.tp}): its kernels take plain tensors, "
                         "not tensor parallelism's sharded activations; use model.kernels=torch")
-    if m.fuse_projections not in FUSE_PROJECTIONS:
+    if not isinstance(m.fuse_projections, (bool, str)) or m.fuse_projections not in FUSE_PROJECTIONS:
         raise UserError(f"model.fuse_projections={m.fuse_projections!r}: choose false, true (q/k/v and gate/up), qkv "
                         "or mlp")
     if m.fuse_projections and p.tp > 1:

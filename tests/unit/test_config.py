@@ -118,7 +118,11 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["logging.wandb_mode=cloud"], 1, "logging.wandb_mode"),
     (["logging.peak_tflops=0"], 1, "logging.peak_tflops=0.0: must be positive"),
     (["checkpoint.async_save=maybe"], 1, "checkpoint.async_save"),
-    (["checkpoint.async_save=1"], 1, "checkpoint.async_save=1: choose auto, true or false"),
+    (["checkpoint.async_save=2"], 1, "checkpoint.async_save=2: choose auto, true or false"),
+    (["checkpoint.async_save=1.0"], 1, "checkpoint.async_save=1.0: choose auto, true or false"),
+    (["optim.fused=1.0"], 1, "optim.fused=1.0: choose auto, true or false"),
+    (["model.fuse_projections=1.0"], 1, "model.fuse_projections=1.0: choose false, true"),
+    (["optim.overlap=true", "optim.fused=0"], 1, "optim.fused=auto or true (got False, torch, False)"),
     (["checkpoint.keep_every=4", "checkpoint.interval=3"], 1,
      "checkpoint.keep_every=4 is not a multiple of checkpoint.interval=3: only steps divisible by both (every 12)"),
     (["run_dir=''"], 1, "run_dir is empty"),
@@ -279,12 +283,17 @@ def test_a_bad_key_or_value_is_refused_in_one_line_with_the_fix(override, expect
 
 def test_a_quoted_boolean_is_the_boolean():
     """optim.fused, checkpoint.async_save and model.fuse_projections also take a string (auto, qkv, mlp), so a
-    quoted 'false' arrives as text: taken as False (bool('false') would have been True)."""
+    quoted 'false' arrives as text, and 0 as an integer: each taken as False (bool('false') would have been True)."""
     from qwen2_dist.cli.train import compose_job
 
     cfg = compose_job(["optim.fused='false'", "checkpoint.async_save='TRUE'", "model.fuse_projections='false'"])
     validate(cfg, 1)
     assert (cfg.optim.fused, cfg.checkpoint.async_save, cfg.model.fuse_projections) == (False, True, False)
+    # 1 and 0, as a boolean setting such as optim.overlap takes them (0 was let through as on by `is False` checks)
+    cfg = compose_job(["optim.fused=0", "checkpoint.async_save=1", "model.fuse_projections=1"])
+    validate(cfg, 1)
+    assert [type(v) for v in (cfg.optim.fused, cfg.checkpoint.async_save, cfg.model.fuse_projections)] == [bool] * 3
+    assert (cfg.optim.fused, cfg.checkpoint.async_save, cfg.model.fuse_projections) == (False, True, True)
 
 
 def test_a_run_dir_named_by_the_time_is_refused():
