@@ -173,7 +173,7 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     on_cpu = job.parallel.cpu_offload
     lines["parameters (fp32)"] = 0 if on_cpu else 4 * plan.sharded
     lines["optimizer state (AdamW m, v fp32)"] = 0 if on_cpu else 8 * plan.sharded
-    copies = 0
+    copies, root_gradients = 0, 0
     if one_process:
         if bf16:
             # autocast's bf16 copy of each weight lives as long as the block that saved it for backward: all of
@@ -181,12 +181,17 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
             copies = 2 * (plan.sharded - plan.checkpointed_layers * plan.gathered_block
                           + (plan.gathered_block if plan.checkpointed_layers else 0))
     else:
-        # FSDP: the root stays gathered from forward to the end of backward, with its gradient in compute dtype;
-        # two blocks are gathered at a time (one computing, one prefetched; all of them with reshard 'never'),
-        # plus one block's gradient in compute dtype and as the fp32 reduce-scatter input.
+        # FSDP: the root stays gathered from forward to the end of backward; two blocks are gathered at a time (one
+        # computing, one prefetched; all of them with reshard 'never'), plus, from the last block's backward on,
+        # one block's gradient in compute dtype and as the fp32 reduce-scatter input.
         blocks = layers if job.parallel.reshard_after_forward == "never" else 2
         lines["gathered weights (root + blocks)"] = p * (plan.gathered_root + blocks * plan.gathered_block)
-        lines["unsharded gradients in flight"] = (p * plan.gathered_root + (p + 4) * plan.gathered_block)
+        lines["a block's unsharded gradient in flight"] = (p + 4) * plan.gathered_block
+        # The root's gradients (embedding, final norm, head) are reduced last, at the end of backward: in compute
+        # dtype, and cast beside them into the fp32 reduce-scatter input. Not at the end of forward, where the
+        # head's gradient that the chunked loss makes is counted with its activations, and the embedding's does
+        # not exist yet (both as torch's FSDPMemTracker sees them: tests/unit/test_estimate.py).
+        root_gradients = (p + 4) * plan.gathered_root
     static = sum(lines.values())
     # Backward frees activations as it makes gradients, so the two never peak together: the peak is the static
     # part plus the larger of (everything saved at the end of forward) and (every gradient at the end of backward).
@@ -220,6 +225,8 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
             # the lookup instead, which adds its rows in place (loss.TiedGradient).
             gradients += 4 * vocab_matrix
     lines["gradients (fp32, end of backward)"] = gradients
+    if root_gradients:
+        lines["root's gradients + their fp32 reduce input"] = root_gradients
     # Gradient accumulation: the gradients of the micro-batches before the last are kept while the next ones run
     # forward. One process: every parameter's fp32 .grad (zero_grad comes after the step). FSDP: gradient sync is
     # off before the last micro-batch, so every block's unsharded gradient waits in fp32 until its reduce-scatter.
@@ -234,7 +241,8 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     # At the end of the last backward the kept gradients are the reduced ones (one process, or reduced every
     # micro-batch), or they wait beside them for their reduce-scatter.
     kept_apart = not (one_process or job.parallel.reduce_every_micro_batch)
-    peak = static + max(copies + activations + head + accumulated, gradients + (accumulated if kept_apart else 0))
+    peak = static + max(copies + activations + head + accumulated,
+                        gradients + root_gradients + (accumulated if kept_apart else 0))
     info = {
         "args": args, "layout": layout, "world_size": world_size, "plan": plan, "plan_seconds": plan_seconds,
         "parameters": count_parameters(build_model(args, "meta")), "peak": peak,

@@ -208,3 +208,55 @@ def test_gradients_kept_across_micro_batches_are_estimated(capsys):
                                                                              layers * plan.gathered_block)
     assert lines_reduced["gradients kept across micro-batches (fp32)"] == 4 * plan.sharded
     assert kept - reduced == 4 * (plan.gathered_root + layers * plan.gathered_block) - 4 * plan.sharded
+
+
+def test_the_roots_fsdp_gradients_are_counted_where_torchs_memory_tracker_sees_them():
+    """Under FSDP the root's gradients (embedding, final norm, head) exist only at the end of backward, where they
+    are cast into the fp32 reduce-scatter input beside themselves: torch's FSDPMemTracker, on a fake process group
+    of 4 ranks (this process is rank 0), must see no unsharded gradient when the root's backward starts (the head's
+    gradient that the chunked loss makes in forward is one of its activations then), and, as the root reduces,
+    its unsharded bf16 gradients and then their fp32 reduce-scatter input: the estimate's line, byte for byte."""
+    import torch.distributed as dist
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModState, _FSDPRefType
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from qwen2_dist.cli.train import build_model_and_optimizer
+    from qwen2_dist.parallel.mesh import World, build_mesh
+
+    world_size = 4
+    job = compose_job(["model=debug", "model.vocab_size=4096", "train.seq_len=16", "train.micro_batch_size=1",
+                       f"train.global_batch_size={world_size}", "train.mixed_precision=bf16", "parallel.compile=false",
+                       "model.loss=chunked", "model.loss_chunk_tokens=16"])
+    info, lines = estimate(job, world_size)
+    plan = info["plan"]
+    layout = validate(job, world_size, files=False)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        world = World(rank=0, local_rank=0, world_size=world_size, device=torch.device("cpu"))
+        mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
+        model, optimizer = build_model_and_optimizer(job, world, mesh, "cpu")
+        model.set_loss("chunked", job.model.loss_chunk_tokens)
+        tokens = torch.randint(0, job.model.args().vocab_size, (1, 16))
+        tracker = FSDPMemTracker(model, optimizer)
+        with tracker:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(tokens, targets=tokens)
+            loss.backward()
+        snapshots = tracker.memory_tracking[model].snapshots
+    finally:
+        dist.destroy_process_group()
+
+    def seen(state, kind):
+        return max(snapshot[torch.device("cpu")][kind] for snapshot in snapshots[state])
+
+    # Where backward starts: none of the root's gradients, so none among what the estimate holds all step.
+    assert seen(_FSDPModState.AFT_PRE_BW, _FSDPRefType.UNSHARDED_GRAD) == 0
+    assert lines["a block's unsharded gradient in flight"] == (2 + 4) * plan.gathered_block
+    # As the root reduces: its bf16 gradients, then their fp32 reduce-scatter input.
+    unsharded = seen(_FSDPModState.BEF_POST_BW, _FSDPRefType.UNSHARDED_GRAD)
+    reduce_input = seen(_FSDPModState.AFT_POST_BW, _FSDPRefType.REDUCE_SCATTER)
+    assert (unsharded, reduce_input) == (2 * plan.gathered_root, 4 * plan.gathered_root)
+    assert lines["root's gradients + their fp32 reduce input"] == unsharded + reduce_input
+    held = sum(lines[key] for key in ("parameters (fp32)", "optimizer state (AdamW m, v fp32)",
+                                      "gathered weights (root + blocks)", "a block's unsharded gradient in flight"))
+    assert info["peak"] >= held + lines["gradients (fp32, end of backward)"] + unsharded + reduce_input
