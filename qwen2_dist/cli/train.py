@@ -655,6 +655,53 @@ def check_sweep_processes(argv: list[str], processes: int) -> None:
                         "run_dir=runs/lr$lr; done), or sweep with one process")
 
 
+def check_sweep_points(argv: list[str]) -> None:
+    """Before a Hydra sweep (qwen2-train -m) trains its first point: every point composed as Hydra's basic sweeper
+    will compose it, refused as that point would be, and with a run_dir of its own. Otherwise a run_dir that names
+    no swept key (run_dir=runs/s${seed} for a sweep of optim.lr) was found only at the second point, after the
+    first had trained, and a bad value of a later point after the earlier ones had. Sweeps this cannot expand
+    (other Hydra flags, another sweeper, glob() or interval sweeps, a run_dir that needs ${hydra:...}) are left
+    to the check of each point (check_sweep_point)."""
+    if not any(a in ("-m", "--multirun") for a in argv) or any(a.startswith("-") and a not in ("-m", "--multirun")
+                                                               for a in argv):
+        return
+    overrides = [a for a in argv if a not in ("-m", "--multirun")]
+    if any(a.lstrip("+~").startswith(("hydra.", "hydra/")) or "${hydra:" in a for a in overrides):
+        return  # Hydra's settings, or values resolved only inside the sweep (${hydra:job.num})
+    try:
+        # The expansion of Hydra's own (default) sweeper, which is not public API: a Hydra without it skips this.
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        points = BasicSweeper.split_arguments(parsed, None)[0]
+    except Exception:  # Hydra reports a sweep it cannot parse or expand itself, in its own words
+        return
+    swept = {override.get_key_element() for override in parsed if override.is_sweep_override()}
+
+    def name(point: list[str]) -> str:  # a point by its swept values, as Hydra writes them (1e-3 as 0.001)
+        return " ".join(o for o in point if o.partition("=")[0] in swept)
+
+    jobs, first_of = [], {}
+    for point in points:
+        try:
+            job = compose_job(point)
+        except UserError as exc:
+            raise UserError(f"qwen2-train -m: the sweep's point {name(point)}: {exc}") from None
+        run_dir = os.path.realpath(job.run_dir)
+        if run_dir in first_of:
+            raise UserError(f"qwen2-train -m: the sweep's points {first_of[run_dir]} and {name(point)} would both "
+                            f"train in run_dir={job.run_dir}; give each point its own from the swept values, e.g. "
+                            "run_dir='runs/sweep/lr${optim.lr}'")
+        first_of[run_dir] = name(point)
+        jobs.append((point, job))
+    for point, job in jobs:
+        try:
+            validate(job, 1, files=False)
+        except UserError as exc:
+            raise UserError(f"qwen2-train -m: the sweep's point {name(point)}: {exc}") from None
+
+
 def main() -> None:
     """Console script qwen2-train."""
     register_configs()
@@ -662,6 +709,7 @@ def main() -> None:
         check_only_world = os.environ.get("QWEN2_CHECK_ONLY")
         world = check_only_world if check_only_world and check_only_world.isdigit() else os.environ.get("WORLD_SIZE")
         check_sweep_processes(sys.argv[1:], int(world) if world and world.isdigit() else 1)
+        check_sweep_points(sys.argv[1:])
         job = _precheck(sys.argv[1:])
         path = conf_dir()
         if os.environ.get("QWEN2_CHECK_ONLY"):

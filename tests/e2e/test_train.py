@@ -122,10 +122,13 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, corpus_cache):
 
 
 def test_a_sweep_whose_points_share_a_run_dir_is_refused_before_training(tmp_path):
-    result = run_cli(TRAIN, ["-m", "optim.lr=1e-3,2e-3", f"run_dir={tmp_path / 'x'}", "train.steps=2"])
+    """Refused before Hydra starts the sweep: nothing written, not even Hydra's multirun.yaml (which went to the
+    run_dir before)."""
+    result = run_cli(TRAIN, ["-m", "optim.lr=1e-3,2e-3", f"run_dir={tmp_path / 's'}${{seed}}", "train.steps=2"])
     assert result.returncode == 2, result.stderr[-3000:]
-    assert "error: qwen2-train -m: every point of the sweep would train in run_dir=" in result.stderr
-    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+    assert result.stderr.startswith("error: qwen2-train -m: the sweep's points optim.lr=0.001 and optim.lr=0.002 "
+                                    f"would both train in run_dir={tmp_path / 's0'}; give each point"), result.stderr
+    assert not list(tmp_path.iterdir())
 
 
 def test_profiler_trace_of_a_chosen_step_range(tmp_path, corpus_cache):

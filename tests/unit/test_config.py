@@ -317,6 +317,28 @@ def test_each_point_of_a_sweep_needs_a_run_dir_of_its_own(tmp_path):
         check_sweep_point("runs/s${seed}", str(tmp_path / "lr0.001"), seen)
 
 
+def test_a_sweeps_points_are_checked_before_the_first_trains():
+    """Each point composed and checked as it would be, before Hydra starts the sweep (which writes its record and
+    trains the first point): a run_dir that names no swept key, or a bad value of a later point, is refused then."""
+    from qwen2_dist.cli.train import check_sweep_points
+
+    with pytest.raises(UserError, match=r"^qwen2-train -m: the sweep's points optim\.lr=0\.001 and optim\.lr=0\.002 "
+                                        r"would both train in run_dir=runs/s0; give each point its own"):
+        check_sweep_points(["-m", "optim.lr=1e-3,2e-3", "run_dir=runs/s${seed}"])
+    with pytest.raises(UserError, match=r"^qwen2-train -m: the sweep's point train\.steps=1 seed=0: "
+                                        r"optim\.warmup_steps=5: must lie in \[0, train\.steps=1\]"):
+        check_sweep_points(["--multirun", "train.steps=100,1", "optim.warmup_steps=5", "seed=range(0,2)",
+                            "run_dir=runs/t${train.steps}-s${seed}"])
+    with pytest.raises(UserError, match=r"^qwen2-train -m: the sweep's point model=tinyy: bad override .*tinyy"):
+        check_sweep_points(["-m", "model=tiny,tinyy", "run_dir=runs/${model.name}"])
+    # Points of their own; and what it leaves to Hydra and to each point's own check (check_sweep_point).
+    for argv in (["-m", "optim.lr=1e-3,2e-3", "seed=range(0,2)", "run_dir=runs/lr${optim.lr}-s${seed}"],
+                 ["model=tiny"], ["-m", "-cn", "config", "optim.lr=1e-3,2e-3"],
+                 ["-m", "hydra/sweeper=basic", "optim.lr=1e-3,2e-3"], ["-m", "optim.lr=interval(0,1)"],
+                 ["-m", "optim.lr=1e-3,2e-3", "run_dir=runs/${hydra:job.num}"]):
+        check_sweep_points(argv)
+
+
 def test_keys_that_may_be_added_still_are_and_unknown_ones_inside_a_list_are_found():
     from qwen2_dist.cli.train import compose_job, to_job
     from qwen2_dist.config import check_known_keys
