@@ -1,5 +1,6 @@
 """qwen2-train: the Hydra entry point; builds the job (config -> world -> mesh -> model -> data) and runs it."""
 
+import difflib
 import logging
 import os
 import re
@@ -468,6 +469,16 @@ def _why(exc: Exception, path: str) -> str:
     missing_option = re.search(r"Could not find '([^'/]+)/([^']+)'", first)
     if missing_key:
         key = missing_key.group(1)
+        cause = exc.__cause__
+        inner = getattr(cause, "full_key", None)
+        if cause is not None and inner and not (key == inner or key.startswith(f"{inner}.")):
+            # The key exists; the value refused is inside it (data.sources=[{path:/a,wieght:1}]: a key of
+            # DataSource misspelt, or a field's value of the wrong type): Hydra's "Could not override" alone read
+            # as a setting that does not exist.
+            fields = getattr(getattr(cause, "object_type", None), "__dataclass_fields__", {})
+            near = difflib.get_close_matches(str(getattr(cause, "key", "")), list(fields), n=1)
+            hint = f"; did you mean {near[0]}?" if near else f" (its keys: {', '.join(fields)})" if fields else ""
+            return f"{first.rstrip('.')}: {_first_line(cause)}{hint}"
         if key.startswith("parallel.compile_options."):  # a dict of free names: its keys are added, not set
             return f"{first.rstrip('.')}: an Inductor setting is added with +{key}=VALUE"
         return f"{first.rstrip('.')}: no such setting{did_you_mean(key)}"
@@ -478,6 +489,9 @@ def _why(exc: Exception, path: str) -> str:
             return f"{group}={option}: no such {group} in {path}/{group}; choose one of {', '.join(options)}"
     if exc.__cause__ is not None:
         return f"{first}: {_first_line(exc.__cause__)}"
+    if "HydraConfig was not set" in first:
+        return (f"{first}: a ${{hydra:...}} value exists only inside Hydra's run, and the job is composed and checked "
+                "before it (and by the launchers before torchrun); write the value itself")
     if re.search(r"LexerNoViableAlt|mismatched input|no viable alternative|token recognition error", first):
         # Hydra's grammar did not parse the override: a character it gives a meaning (~ = [ ] { } , ' " $) in a
         # value that is meant as text.

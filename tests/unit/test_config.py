@@ -262,10 +262,15 @@ def test_the_one_line_check_leaves_hydra_s_flags_and_their_values_to_hydra():
     ("model=qwen2_1.5b", "model=qwen2_1.5b: no such model in "),
     ("optim.lr=abc", "Error merging override optim.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
     ("+data.sources=[{path: /x, wieght: 1}]", "Key 'wieght' not in 'DataSource'"),
+    # An existing key whose value is refused inside: not "no such setting" (what Hydra's first line alone said).
+    ("data.sources=[{path: /x, wieght: 1}]", "Could not override 'data.sources': Key 'wieght' not in 'DataSource'; "
+                                             "did you mean weight?"),
+    ("data.sources=[{path: /x, extra: 1}]", "Key 'extra' not in 'DataSource' (its keys: path, weight, name)"),
     # Values Hydra's grammar reads as syntax (a ~ the shell did not expand, an =, an open bracket): quoting fixes them.
     ("run_dir=~/x", "Hydra could not parse the override; quote a value that holds characters such as ~ = , [ ] { } "
                     "as KEY='VALUE'"),
     ("run_dir=a=b", "mismatched input '=' expecting <EOF>: Hydra could not parse the override; quote a value"),
+    ("run_dir=runs/${hydra:job.name}", "HydraConfig was not set: a ${hydra:...} value exists only inside Hydra's run"),
     # A ??? of conf/ left unset (conf/data/mixture.yaml's paths): the key and the override that sets it.
     ("data=mixture", "data.sources[0].path has no value; set it with data.sources.0.path=VALUE"),
 ])
