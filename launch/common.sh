@@ -103,10 +103,18 @@ common_args=(--nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" -m qw
 
 # check_job WORLD_SIZE OVERRIDES...: compose and validate the job once, here, before torchrun starts anything. A
 # wrong override or a layout that does not divide the world is then one line and exit 2, instead of every worker
-# failing and torchrun restarting them all MAX_RESTARTS times. PRECHECK=0 turns it off.
+# failing and torchrun restarting them all MAX_RESTARTS times. A run whose newest checkpoint is already at
+# train.steps (the check exits 10) launches nothing: this script ends with 0 (a finished Slurm job submitted again
+# or requeued after its last save would otherwise load that checkpoint on every node to find nothing to train).
+# PRECHECK=0 turns it off.
 check_job() {
-    local world=$1
+    local world=$1 rc=0
     shift
     [ "${PRECHECK:-1}" = 1 ] || return 0
-    QWEN2_CHECK_ONLY=$world QWEN2_LAUNCH_GPUS=$launch_gpus QWEN2_LAUNCH_NPROC=$NPROC "$python" -m qwen2_dist.cli.train "$@"
+    QWEN2_CHECK_ONLY=$world QWEN2_LAUNCH_GPUS=$launch_gpus QWEN2_LAUNCH_NPROC=$NPROC "$python" -m qwen2_dist.cli.train \
+        "$@" || rc=$?
+    if [ "$rc" = 10 ]; then
+        exit 0
+    fi
+    return "$rc"
 }

@@ -524,6 +524,10 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
     layout = validate(job, processes)
     runlock.check_free(job.run_dir)
     check_saved(job)
+    complete = completed_run(job)
+    if complete is not None:
+        print(complete)
+        sys.exit(RUN_COMPLETE_EXIT)
     device_type = check_machine(job)
     gpus = os.environ.get("QWEN2_LAUNCH_GPUS", "0")
     if gpus.isdigit() and int(gpus) > 0 and job.train.device == "auto" and device_type != "cuda":
@@ -543,6 +547,42 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
     for advice in advisories(job, int(per_node) if per_node.isdigit() else None):
         print(f"warning: {advice}")
     print(f"config ok for {processes} process(es) on {device_type}: {layout}")
+
+
+RUN_COMPLETE_EXIT = 10
+"""The launchers' check (QWEN2_CHECK_ONLY) exits with this when the run has nothing left to train: launch/common.sh
+then starts no torchrun and ends with 0."""
+
+
+def completed_run(job: JobConfig) -> str | None:
+    """What the launchers' check says of a run that has nothing left to train (checkpoint.resume=auto, the newest
+    committed checkpoint at train.steps, or train.stop_at), or None. The job itself would load that checkpoint only
+    to say "run already complete" and exit 0: for a large model on many nodes, minutes of the allocation, as when
+    a finished Slurm job is submitted again, or requeued after its last save. The checkpoint must have every file
+    its commit recorded, of the recorded size (os.stat, no file read), and an intact train state; otherwise (a
+    truncated shard) None, and the job falls back past it as a resume does and trains the last steps again. Its
+    files' checksums are not read here (that is the whole checkpoint): they are checked where it is read, by a
+    resume with a larger train.steps or by qwen2-convert to-hf."""
+    from qwen2_dist.train import checkpoint
+
+    if job.checkpoint.resume != "auto":
+        return None
+    candidates = checkpoint.resume_candidates(os.path.join(job.run_dir, "checkpoints"), "auto")
+    if not candidates:
+        return None
+    newest = candidates[0]
+    try:
+        meta = checkpoint.verify(newest, checksums=False)
+    except UserError:
+        return None  # damaged, gone, or not readable now: the job reports it (and falls back past damage)
+    step = meta.get("step")
+    last = job.train.steps if job.train.stop_at is None else min(job.train.steps, job.train.stop_at)
+    if not isinstance(step, int) or step < last or not checkpoint.train_state_intact(newest, meta):
+        return None
+    until = f"train.steps={job.train.steps}" if last == job.train.steps else f"train.stop_at={job.train.stop_at}"
+    return (f"run already complete: its newest checkpoint {newest} is at step {step} ({until}); nothing to launch. "
+            "Raise train.steps to train on (the learning-rate schedule runs to train.steps); PRECHECK=0 launches "
+            "anyway")
 
 
 def _why_no_cuda() -> str:

@@ -60,6 +60,10 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache
     (newest / "metadata.json").write_text(written)
     shard = next(p for p in newest.iterdir() if p.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[:50])
+    # The run's last checkpoint truncated: the launchers' check does not take the run as complete (exit 10), so the
+    # job starts, falls back past it and trains the last steps again.
+    check = run_cli(TRAIN, train_overrides(run_dir, corpus_cache), env={"QWEN2_CHECK_ONLY": "1"})
+    assert check.returncode == 0 and "config ok" in check.stdout, check.stdout[-2000:] + check.stderr[-2000:]
     # Every checkpoint damaged: the error names the newest one's problem, and nothing is set aside.
     older = next(p for p in (run_dir / "checkpoints" / "step_00000003").iterdir() if p.suffix == ".distcp")
     kept = older.read_bytes()

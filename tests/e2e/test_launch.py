@@ -257,7 +257,12 @@ def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path
         f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log", f"{job_id}-a1-node0.log", f"{job_id}-a1-node1.log",
         f"{again}-a0-node0.log", f"{again}-a0-node1.log"]
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
-    assert f"run already complete: step {STEPS}" in rank0_log(run_dir)
+    # Each node's launch check found the run complete, so no worker started (nor loaded the checkpoint).
+    for node in (0, 1):
+        node_log = (run_dir / "logs" / "slurm" / f"{again}-a0-node{node}.log").read_text()
+        assert f"run already complete: its newest checkpoint {run_dir}/checkpoints/step_{STEPS:08d} is at step " \
+               f"{STEPS} (train.steps={STEPS}); nothing to launch" in node_log, node_log
+    assert "run already complete" not in rank0_log(run_dir)
 
 
 def test_a_halted_sbatch_job_is_not_restarted_and_ends_with_the_halts_exit_code(slurm, tmp_path, corpus_cache):

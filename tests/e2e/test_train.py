@@ -48,6 +48,15 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
     assert other.returncode == 2, other.stderr[-3000:]
     assert f"error: checkpoint.resume={final} is at step 6, and train.steps=6: the run would train nothing" \
         in other.stderr
+    # The launchers' check sees the run complete (exit 10: launch/common.sh starts no torchrun and exits 0), and
+    # one that has steps left to train not.
+    check = {"QWEN2_CHECK_ONLY": "1"}
+    done = run_cli(TRAIN, train_overrides(run_dir, corpus_cache), env=check)
+    assert done.returncode == 10, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"run already complete: its newest checkpoint {final} is at step 6 (train.steps=6); nothing to launch" \
+        in done.stdout
+    more = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 9}), env=check)
+    assert more.returncode == 0 and "config ok for 1 process(es)" in more.stdout, more.stderr[-2000:]
 
 
 def test_a_stable_run_is_extended_by_a_cool_down(tmp_path, corpus_cache):

@@ -409,6 +409,21 @@ def test_a_stop_signal_during_the_launch_check_ends_the_launcher_instead_of_bein
     assert result.returncode == -10 and "torchrun started" not in result.stdout, result.stdout + result.stderr
 
 
+@pytest.mark.parametrize("check_exit, launcher_exit, launched", [(0, 0, True), (10, 0, False), (2, 2, False)])
+def test_a_run_the_check_finds_complete_launches_nothing_and_ends_well(tmp_path, check_exit, launcher_exit,
+                                                                        launched):
+    """The launchers' check exits 10 for a run whose newest checkpoint is at train.steps (cli.train.completed_run):
+    no torchrun then, and the launcher's exit is 0 (Slurm: COMPLETED, not requeued); other codes stay as they are."""
+    write_script(tmp_path / "python", f"""#!/bin/bash
+if [ -n "${{QWEN2_CHECK_ONLY:-}}" ]; then exit {check_exit}; fi
+echo "torchrun started"
+""")
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "train_single_node.sh"), "model=tiny"], cwd=tmp_path,
+                            env={**os.environ, "PYTHON": str(tmp_path / "python"), "NPROC": "1"},
+                            capture_output=True, text=True, timeout=30)
+    assert (result.returncode, "torchrun started" in result.stdout) == (launcher_exit, launched), result.stderr
+
+
 @pytest.mark.parametrize("value", ["gpu", "0", "auto", "2x"])
 def test_an_nproc_that_is_not_a_count_is_refused_naming_it(tmp_path, value):
     result = subprocess.run(["bash", "-c", "set -euo pipefail; source launch/common.sh"], cwd=REPO,
