@@ -104,9 +104,10 @@ common_args=(--nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" -m qw
 # check_job WORLD_SIZE OVERRIDES...: compose and validate the job once, here, before torchrun starts anything. A
 # wrong override or a layout that does not divide the world is then one line and exit 2, instead of every worker
 # failing and torchrun restarting them all MAX_RESTARTS times. A run whose newest checkpoint is already at
-# train.steps (the check exits 10) launches nothing: this script ends with 0 (a finished Slurm job submitted again
-# or requeued after its last save would otherwise load that checkpoint on every node to find nothing to train).
-# PRECHECK=0 turns it off.
+# train.steps (the check exits 10) launches nothing on one node: this script ends with 0 (a finished job submitted
+# again would otherwise load that checkpoint to find nothing to train). With several nodes, each deciding alone
+# could disagree (a file one node sees late): they launch, and the trainers find the run complete together
+# (slurm/train.sbatch decides it once, before its job step). PRECHECK=0 turns the check off.
 check_job() {
     local world=$1 rc=0
     shift
@@ -114,7 +115,11 @@ check_job() {
     QWEN2_CHECK_ONLY=$world QWEN2_LAUNCH_GPUS=$launch_gpus QWEN2_LAUNCH_NPROC=$NPROC "$python" -m qwen2_dist.cli.train \
         "$@" || rc=$?
     if [ "$rc" = 10 ]; then
-        exit 0
+        if [ "${NNODES:-1}" = 1 ]; then
+            exit 0
+        fi
+        echo "(with NNODES=${NNODES:-1} nodes, the trainers confirm that together: launching)"
+        rc=0
     fi
     return "$rc"
 }

@@ -199,7 +199,12 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     # auto resolved as the trainer does (a named one is taken as is: estimating needs no Liger installed).
     loss = resolve_loss("auto", layout["tp"], "cuda") if job.model.loss == "auto" else job.model.loss
     head = act["head"]
-    if loss != "plain":
+    if loss == "plain":
+        # The head's weight gradient, made as backward starts (the others' in forward, below), while every block's
+        # activations are still held: fp32 for one process's fp32 weights, else in the compute dtype, held to the
+        # root's reduce at the end of backward.
+        head += (4 if one_process else p) * vocab_matrix
+    else:
         # No logits kept: one chunk's logits in flight, and the gradients of the head input and of the output
         # matrix, made in forward (the latter in fp32 for one process's fp32 weights).
         b, s_len = job.train.micro_batch_size, job.train.seq_len

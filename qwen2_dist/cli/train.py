@@ -151,13 +151,17 @@ def build_model_and_optimizer(job: JobConfig, world: "World", mesh: "DeviceMesh 
 
 # The run_dirs of the sweep points run so far in this process (qwen2-train -m runs them one after the other).
 _sweep_run_dirs: set[str] = set()
+# Whether check_sweep_points composed every point of this process' sweep before it started (each with its own
+# run_dir, a swept run_dir=a,b included); else each point is checked as it comes (check_sweep_point).
+_sweep_expanded = False
 
 
-def check_sweep_point(raw_run_dir: str, run_dir: str, seen: set[str]) -> None:
+def check_sweep_point(raw_run_dir: str, run_dir: str, seen: set[str], expanded: bool = False) -> None:
     """A point of a Hydra sweep (qwen2-train -m) needs a run_dir of its own: in another point's, it would resume
-    that point's checkpoints and train nothing (or continue it with other settings)."""
+    that point's checkpoints and train nothing (or continue it with other settings). expanded: check_sweep_points
+    saw every point's run_dir before the sweep started (a fixed one is then a swept value, as in run_dir=a,b)."""
     fix = "give each point its own from the swept values, e.g. run_dir='runs/sweep/lr${optim.lr}'"
-    if "${" not in raw_run_dir:
+    if "${" not in raw_run_dir and not expanded:
         raise UserError(f"qwen2-train -m: every point of the sweep would train in run_dir={raw_run_dir}; {fix}")
     if os.path.realpath(run_dir) in seen:
         raise UserError(f"qwen2-train -m: this point's run_dir={run_dir} is an earlier point's; {fix}")
@@ -174,7 +178,8 @@ def run(cfg: DictConfig):
 
     job = to_job(cfg)
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        check_sweep_point(str(OmegaConf.to_container(cfg, resolve=False)["run_dir"]), job.run_dir, _sweep_run_dirs)
+        check_sweep_point(str(OmegaConf.to_container(cfg, resolve=False)["run_dir"]), job.run_dir, _sweep_run_dirs,
+                          _sweep_expanded)
     _, local_rank, world_size = world_from_env()
     layout = validate(job, world_size)
     check_sinks(job)  # also here, not only in the launchers' check: rank 0 opens them after the model is built
@@ -579,10 +584,13 @@ def completed_run(job: JobConfig) -> str | None:
     last = job.train.steps if job.train.stop_at is None else min(job.train.steps, job.train.stop_at)
     if not isinstance(step, int) or step < last or not checkpoint.train_state_intact(newest, meta):
         return None
-    until = f"train.steps={job.train.steps}" if last == job.train.steps else f"train.stop_at={job.train.stop_at}"
-    return (f"run already complete: its newest checkpoint {newest} is at step {step} ({until}); nothing to launch. "
-            "Raise train.steps to train on (the learning-rate schedule runs to train.steps); PRECHECK=0 launches "
-            "anyway")
+    if last == job.train.steps:
+        until, more = f"train.steps={job.train.steps}", ("raise train.steps to train on (the learning-rate schedule "
+                                                         "runs to train.steps)")
+    else:
+        until, more = f"train.stop_at={job.train.stop_at}", "raise or remove train.stop_at to train on"
+    return f"run already complete: its newest checkpoint {newest} is at step {step} ({until}); nothing to launch: " \
+           f"{more}; PRECHECK=0 launches anyway"
 
 
 def _why_no_cuda() -> str:
@@ -754,6 +762,8 @@ def check_sweep_points(argv: list[str]) -> None:
             validate(job, 1, files=False)
         except UserError as exc:
             raise UserError(f"qwen2-train -m: the sweep's point {name(point)}: {exc}") from None
+    global _sweep_expanded
+    _sweep_expanded = True
 
 
 def main() -> None:

@@ -253,15 +253,13 @@ def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path
     print(f"and the same job again: {time.monotonic() - started:.1f} s")
     assert (second["JobState"], second["ExitCode"]) == ("COMPLETED", "0:0")
     assert second["StartTime"] >= fields["EndTime"], (fields["EndTime"], second["StartTime"])
+    # The batch script found the run complete before its job step: no node started, nor loaded the checkpoint.
     assert sorted(os.listdir(run_dir / "logs" / "slurm")) == [
-        f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log", f"{job_id}-a1-node0.log", f"{job_id}-a1-node1.log",
-        f"{again}-a0-node0.log", f"{again}-a0-node1.log"]
+        f"{job_id}-a0-node0.log", f"{job_id}-a0-node1.log", f"{job_id}-a1-node0.log", f"{job_id}-a1-node1.log"]
+    again_out = (tmp_path / f"slurm-preempted-{again}.out").read_text()
+    assert f"run already complete: its newest checkpoint {run_dir}/checkpoints/step_{STEPS:08d} is at step " \
+           f"{STEPS} (train.steps={STEPS}); nothing to launch" in again_out, again_out
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
-    # Each node's launch check found the run complete, so no worker started (nor loaded the checkpoint).
-    for node in (0, 1):
-        node_log = (run_dir / "logs" / "slurm" / f"{again}-a0-node{node}.log").read_text()
-        assert f"run already complete: its newest checkpoint {run_dir}/checkpoints/step_{STEPS:08d} is at step " \
-               f"{STEPS} (train.steps={STEPS}); nothing to launch" in node_log, node_log
     assert "run already complete" not in rank0_log(run_dir)
 
 

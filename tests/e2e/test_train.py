@@ -57,6 +57,10 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
         in done.stdout
     more = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 9}), env=check)
     assert more.returncode == 0 and "config ok for 1 process(es)" in more.stdout, more.stderr[-2000:]
+    stopped = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 9, "train.stop_at": 5}),
+                      env=check)
+    assert stopped.returncode == 10 and "is at step 6 (train.stop_at=5); nothing to launch: raise or remove " \
+        "train.stop_at to train on" in stopped.stdout, stopped.stdout[-2000:] + stopped.stderr[-2000:]
 
 
 def test_a_stable_run_is_extended_by_a_cool_down(tmp_path, corpus_cache):
@@ -133,11 +137,13 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(tmp_path, corpus_cache):
 def test_a_sweep_whose_points_share_a_run_dir_is_refused_before_training(tmp_path):
     """Refused before Hydra starts the sweep: nothing written, not even Hydra's multirun.yaml (which went to the
     run_dir before)."""
+    sweeps = os.path.join(REPO, "multirun")  # Hydra's record of a sweep, under the working directory (the repository)
+    before = sorted(os.walk(sweeps))
     result = run_cli(TRAIN, ["-m", "optim.lr=1e-3,2e-3", f"run_dir={tmp_path / 's'}${{seed}}", "train.steps=2"])
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.startswith("error: qwen2-train -m: the sweep's points optim.lr=0.001 and optim.lr=0.002 "
                                     f"would both train in run_dir={tmp_path / 's0'}; give each point"), result.stderr
-    assert not list(tmp_path.iterdir())
+    assert not list(tmp_path.iterdir()) and sorted(os.walk(sweeps)) == before
 
 
 def test_profiler_trace_of_a_chosen_step_range(tmp_path, corpus_cache):

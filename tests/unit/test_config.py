@@ -322,9 +322,10 @@ def test_each_point_of_a_sweep_needs_a_run_dir_of_its_own(tmp_path):
         check_sweep_point("runs/s${seed}", str(tmp_path / "lr0.001"), seen)
 
 
-def test_a_sweeps_points_are_checked_before_the_first_trains():
+def test_a_sweeps_points_are_checked_before_the_first_trains(monkeypatch):
     """Each point composed and checked as it would be, before Hydra starts the sweep (which writes its record and
     trains the first point): a run_dir that names no swept key, or a bad value of a later point, is refused then."""
+    from qwen2_dist.cli import train
     from qwen2_dist.cli.train import check_sweep_points
 
     with pytest.raises(UserError, match=r"^qwen2-train -m: the sweep's points optim\.lr=0\.001 and optim\.lr=0\.002 "
@@ -336,6 +337,11 @@ def test_a_sweeps_points_are_checked_before_the_first_trains():
                             "run_dir=runs/t${train.steps}-s${seed}"])
     with pytest.raises(UserError, match=r"^qwen2-train -m: the sweep's point model=tinyy: bad override .*tinyy"):
         check_sweep_points(["-m", "model=tiny,tinyy", "run_dir=runs/${model.name}"])
+    # A swept run_dir (run_dir=a,b): each point's own, though it names no swept key, once every point was seen.
+    monkeypatch.setattr(train, "_sweep_expanded", False)
+    check_sweep_points(["-m", "run_dir=runs/a,runs/b"])
+    assert train._sweep_expanded
+    train.check_sweep_point("runs/a", "runs/a", set(), expanded=True)
     # Points of their own; and what it leaves to Hydra and to each point's own check (check_sweep_point).
     for argv in (["-m", "optim.lr=1e-3,2e-3", "seed=range(0,2)", "run_dir=runs/lr${optim.lr}-s${seed}"],
                  ["model=tiny"], ["-m", "-cn", "config", "optim.lr=1e-3,2e-3"],

@@ -210,12 +210,15 @@ def test_gradients_kept_across_micro_batches_are_estimated(capsys):
     assert kept - reduced == 4 * (plan.gathered_root + layers * plan.gathered_block) - 4 * plan.sharded
 
 
-def test_the_roots_fsdp_gradients_are_counted_where_torchs_memory_tracker_sees_them():
-    """Under FSDP the root's gradients (embedding, final norm, head) exist only at the end of backward, where they
-    are cast into the fp32 reduce-scatter input beside themselves: torch's FSDPMemTracker, on a fake process group
-    of 4 ranks (this process is rank 0), must see no unsharded gradient when the root's backward starts (the head's
-    gradient that the chunked loss makes in forward is one of its activations then), and, as the root reduces,
-    its unsharded bf16 gradients and then their fp32 reduce-scatter input: the estimate's line, byte for byte."""
+@pytest.mark.parametrize("loss", ["chunked", "plain"])
+def test_the_roots_fsdp_gradients_are_counted_where_torchs_memory_tracker_sees_them(loss):
+    """Under FSDP the root's gradients (embedding, final norm, head) are reduced at the end of backward, where they
+    are cast into the fp32 reduce-scatter input beside themselves. Torch's FSDPMemTracker, on a fake process group
+    of 4 ranks (this process is rank 0), must see as the blocks' backward starts (the last block's pre-backward,
+    every activation still held) the head's gradient made by the plain loss (the estimate counts it with the
+    loss's activations), and none with the chunked loss (which holds the one it made in forward, an activation,
+    until its own backward hands it on); and, as the root reduces, its unsharded bf16 gradients, then their fp32
+    reduce-scatter input: the estimate's line, byte for byte."""
     import torch.distributed as dist
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModState, _FSDPRefType
     from torch.testing._internal.distributed.fake_pg import FakeStore
@@ -226,7 +229,8 @@ def test_the_roots_fsdp_gradients_are_counted_where_torchs_memory_tracker_sees_t
     world_size = 4
     job = compose_job(["model=debug", "model.vocab_size=4096", "train.seq_len=16", "train.micro_batch_size=1",
                        f"train.global_batch_size={world_size}", "train.mixed_precision=bf16", "parallel.compile=false",
-                       "model.loss=chunked", "model.loss_chunk_tokens=16"])
+                       f"model.loss={loss}", "model.loss_chunk_tokens=16"])
+    args = job.model.args()
     info, lines = estimate(job, world_size)
     plan = info["plan"]
     layout = validate(job, world_size, files=False)
@@ -235,26 +239,34 @@ def test_the_roots_fsdp_gradients_are_counted_where_torchs_memory_tracker_sees_t
         world = World(rank=0, local_rank=0, world_size=world_size, device=torch.device("cpu"))
         mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
         model, optimizer = build_model_and_optimizer(job, world, mesh, "cpu")
-        model.set_loss("chunked", job.model.loss_chunk_tokens)
-        tokens = torch.randint(0, job.model.args().vocab_size, (1, 16))
+        model.set_loss(loss, job.model.loss_chunk_tokens)
+        tokens = torch.randint(0, args.vocab_size, (1, 16))
         tracker = FSDPMemTracker(model, optimizer)
         with tracker:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = model(tokens, targets=tokens)
-            loss.backward()
-        snapshots = tracker.memory_tracking[model].snapshots
+                loss_value = model(tokens, targets=tokens)
+            loss_value.backward()
+        root, last_block = (tracker.memory_tracking[m].snapshots for m in (model, model.layers[-1]))
     finally:
         dist.destroy_process_group()
 
-    def seen(state, kind):
+    def seen(snapshots, state, kind):
         return max(snapshot[torch.device("cpu")][kind] for snapshot in snapshots[state])
 
-    # Where backward starts: none of the root's gradients, so none among what the estimate holds all step.
-    assert seen(_FSDPModState.AFT_PRE_BW, _FSDPRefType.UNSHARDED_GRAD) == 0
+    # As the blocks' backward starts, what the tracker files as temporary besides the gradients of the last block's
+    # output (bf16, 16 tokens) and of the final norm's weight: the plain loss's head gradient, nothing else.
+    at_blocks = (seen(last_block, _FSDPModState.BEF_PRE_BW, _FSDPRefType.TEMP) - 2 * 16 * args.hidden_size
+                 - 2 * args.hidden_size)
+    head = activation_bytes(args, 1, 16, 1, 2, 2)["head"]
+    if loss == "plain":
+        assert at_blocks == 2 * args.vocab_size * args.hidden_size
+        assert lines["activations (final norm, plain loss)"] == head + at_blocks
+    else:
+        assert at_blocks == 0
     assert lines["a block's unsharded gradient in flight"] == (2 + 4) * plan.gathered_block
     # As the root reduces: its bf16 gradients, then their fp32 reduce-scatter input.
-    unsharded = seen(_FSDPModState.BEF_POST_BW, _FSDPRefType.UNSHARDED_GRAD)
-    reduce_input = seen(_FSDPModState.AFT_POST_BW, _FSDPRefType.REDUCE_SCATTER)
+    unsharded = seen(root, _FSDPModState.BEF_POST_BW, _FSDPRefType.UNSHARDED_GRAD)
+    reduce_input = seen(root, _FSDPModState.AFT_POST_BW, _FSDPRefType.REDUCE_SCATTER)
     assert (unsharded, reduce_input) == (2 * plan.gathered_root, 4 * plan.gathered_root)
     assert lines["root's gradients + their fp32 reduce input"] == unsharded + reduce_input
     held = sum(lines[key] for key in ("parameters (fp32)", "optimizer state (AdamW m, v fp32)",

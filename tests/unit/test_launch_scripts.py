@@ -409,17 +409,25 @@ def test_a_stop_signal_during_the_launch_check_ends_the_launcher_instead_of_bein
     assert result.returncode == -10 and "torchrun started" not in result.stdout, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("check_exit, launcher_exit, launched", [(0, 0, True), (10, 0, False), (2, 2, False)])
-def test_a_run_the_check_finds_complete_launches_nothing_and_ends_well(tmp_path, check_exit, launcher_exit,
-                                                                        launched):
+@pytest.mark.parametrize("nodes, check_exit, launcher_exit, launched", [
+    (1, 0, 0, True), (1, 10, 0, False), (1, 2, 2, False), (2, 10, 0, True), (2, 2, 2, False)])
+def test_a_run_the_check_finds_complete_launches_nothing_on_one_node(tmp_path, nodes, check_exit, launcher_exit,
+                                                                      launched):
     """The launchers' check exits 10 for a run whose newest checkpoint is at train.steps (cli.train.completed_run):
-    no torchrun then, and the launcher's exit is 0 (Slurm: COMPLETED, not requeued); other codes stay as they are."""
+    on one node no torchrun then, and the launcher's exit is 0 (Slurm: COMPLETED, not requeued); with several nodes,
+    each deciding alone could disagree, so they launch (the trainers find the run complete together); other codes
+    stay as they are."""
     write_script(tmp_path / "python", f"""#!/bin/bash
 if [ -n "${{QWEN2_CHECK_ONLY:-}}" ]; then exit {check_exit}; fi
 echo "torchrun started"
 """)
-    result = subprocess.run(["bash", os.path.join(REPO, "launch", "train_single_node.sh"), "model=tiny"], cwd=tmp_path,
-                            env={**os.environ, "PYTHON": str(tmp_path / "python"), "NPROC": "1"},
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("NODE_RANK", "NNODES")}
+    env.update({"PYTHON": str(tmp_path / "python"), "NPROC": "1"})
+    script = "train_single_node.sh"
+    if nodes > 1:
+        env.update({"NNODES": str(nodes), "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"})
+        script = "train_multi_node.sh"
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", script), "model=tiny"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=30)
     assert (result.returncode, "torchrun started" in result.stdout) == (launcher_exit, launched), result.stderr
 
