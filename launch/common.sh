@@ -118,7 +118,8 @@ check_job() {
         if [ "${NNODES:-1}" = 1 ]; then
             exit 0
         fi
-        echo "(with NNODES=${NNODES:-1} nodes, the trainers confirm that together: launching)"
+        echo "launching all the same: with NNODES=${NNODES:-1}, this node does not decide alone (the trainers find" \
+            "the run complete together)"
         rc=0
     fi
     return "$rc"
