@@ -7,24 +7,16 @@ to clear by hand. A network filesystem keeps the lock of a client it lost (a nod
 lease runs out or the server evicts it, minutes later: a job whose own earlier attempt holds the lock (the same
 Slurm job id, another SLURM_RESTART_COUNT: a requeue after a node failure) waits for it up to QWEN2_LOCK_WAIT
 seconds (default 300) instead of being refused at once. The file holds the holder's host, pid, Slurm job id and
-restart count, for the message.
-
-flock does not reach other nodes everywhere: Lustre mounted with -o localflock locks per node, and where the
-filesystem refuses flock (some NFS mounts, Lustre without -o flock) there is no lock at all (the job runs with a
-warning). So the holder also keeps a lease: it touches the file every QWEN2_LOCK_HEARTBEAT seconds (default 30)
-and marks its record released when it lets go. A record of another host, not released, touched within
-LEASE_BEATS heartbeats, is a job running there, whatever flock said: refused, as a held lock is (an earlier
-attempt of the same Slurm job, or an earlier round of the same torchrun, waited for or passed, as above).
+restart count, for the message. Where the filesystem refuses flock (some NFS mounts, Lustre without -o flock), the
+job runs with a warning, unlocked.
 """
 
-import contextlib
 import errno
 import fcntl
 import json
 import logging
 import os
 import socket
-import threading
 import time
 from typing import IO
 
@@ -34,17 +26,6 @@ from qwen2_dist.parallel.mesh import broadcast_object
 log = logging.getLogger(__name__)
 
 LOCK_NAME = "run.lock"
-LEASE_BEATS = 4
-"""A record not touched for this many heartbeats is a job that ended without letting go (a node that died)."""
-
-
-def _heartbeat() -> float:
-    """QWEN2_LOCK_HEARTBEAT in seconds (30 when unset or not a positive number)."""
-    try:
-        beat = float(os.environ.get("QWEN2_LOCK_HEARTBEAT", "30"))
-    except ValueError:
-        beat = 30.0
-    return beat if 0 < beat < float("inf") else 30.0
 
 
 def _record(handle: IO[str]) -> dict:
@@ -88,88 +69,6 @@ def _earlier_attempt(who: dict) -> bool:
         str(who["slurm_restart_count"]) != os.environ.get("SLURM_RESTART_COUNT", "0")
 
 
-def _earlier_round(who: dict) -> bool:
-    """Whether a lock record is an earlier round's of this torchrun (the same TORCHELASTIC_RUN_ID, a lower restart
-    count): torchrun ended that round's workers before it started this one, whichever node rank 0 is on now."""
-    run = os.environ.get("TORCHELASTIC_RUN_ID")
-    try:
-        return bool(run) and who.get("torchelastic_run_id") == run and \
-            int(who.get("torchelastic_restart_count", -1)) < int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    except (TypeError, ValueError):
-        return False
-
-
-def _lease_age(path: str, who: dict) -> float | None:
-    """Seconds since another host's job touched its lock, when its lease still runs (not released, touched within
-    LEASE_BEATS heartbeats, not an earlier round of this torchrun); else None. The same host is flock's to decide."""
-    if not who or who.get("released") or who.get("host") in (None, socket.gethostname()) or _earlier_round(who):
-        return None
-    try:
-        age = time.time() - os.stat(path).st_mtime
-    except OSError:
-        return None
-    return age if age < LEASE_BEATS * _heartbeat() else None
-
-
-def _check_lease(run_dir: str, path: str, handle: IO[str], wait: bool) -> None:
-    """RunDirBusy when another host's job holds the lease (see the module's docstring); an earlier attempt of this
-    Slurm job is waited for (wait=True: up to QWEN2_LOCK_WAIT seconds) until its lease runs out."""
-    who = _record(handle)
-    age = _lease_age(path, who)
-    if age is None:
-        return
-    if wait and _earlier_attempt(who):
-        deadline = time.monotonic() + float(os.environ.get("QWEN2_LOCK_WAIT", "300"))
-        log.warning("run_dir lock %s: the lease of an earlier attempt of this Slurm job (%s) was renewed %.0f s ago; "
-                    "waiting up to %s s for it to run out (QWEN2_LOCK_WAIT)", path, _holder(handle), age,
-                    os.environ.get("QWEN2_LOCK_WAIT", "300"))
-        while age is not None and time.monotonic() < deadline:
-            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-            age = _lease_age(path, _record(handle))
-        if age is None:
-            return
-    elif _earlier_attempt(who):
-        return  # the launchers' check: the job itself waits for it
-    raise RunDirBusy(
-        f"run_dir={run_dir}: another job is running in it on another node ({_holder(handle)}; its lock {path} was "
-        f"renewed {age:.0f} s ago, and a job renews it every {_heartbeat():g} s: this filesystem's locks do not "
-        "reach other nodes, e.g. Lustre mounted with -o localflock). Wait for it to end, or give this job a run_dir "
-        "of its own (run_dir=..., or under Slurm another job name: sbatch -J NAME). If that job is gone, its lease "
-        f"runs out {LEASE_BEATS * _heartbeat():g} s after its last renewal, or delete {path} once you are sure none "
-        "of its processes runs")
-
-
-class Lease:
-    """The lock of a job's run_dir, while it runs: the open, flock-locked file (None where the filesystem has no
-    flock), renewed every heartbeat by a daemon thread; close() stops that and marks the record released."""
-
-    def __init__(self, path: str, handle: IO[str] | None, record: dict):
-        self.path, self.handle, self.record = path, handle, record
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._renew, name="qwen2-run-lock", daemon=True)
-        self._thread.start()
-
-    def _renew(self) -> None:
-        while not self._stop.wait(_heartbeat()):
-            try:
-                os.utime(self.path)
-            except OSError as exc:  # a storage hiccup: the next beat tries again
-                log.warning("run_dir lock %s: could not renew its lease (%s)", self.path, exc)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-        try:
-            _write_record(self.path, self.handle,
-                          {**self.record, "released": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        except OSError as exc:
-            log.warning("run_dir lock %s: could not mark it released (%s); another node takes the run_dir once the "
-                        "lease runs out", self.path, exc)
-        finally:
-            if self.handle is not None:
-                self.handle.close()
-
-
 def _lock(handle: IO[str], operation: int) -> None:
     """flock (_flock_retrying); held by an earlier attempt of this Slurm job, tried again every second for up to
     QWEN2_LOCK_WAIT seconds: that attempt has ended, but a network filesystem may keep its lock a while."""
@@ -193,9 +92,9 @@ def _lock(handle: IO[str], operation: int) -> None:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
-def acquire(run_dir: str) -> Lease:
-    """Lock run_dir for this process: the Lease (close it to release). A UserError naming the holder when another
-    process holds it, or another node's job holds its lease."""
+def acquire(run_dir: str) -> IO[str] | None:
+    """Lock run_dir for this process; the open lock file (close it to release), or None where the filesystem has
+    no flock. A UserError naming the holder when another process holds it."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK_NAME)
     handle = open(path, "a+", encoding="utf-8")
@@ -206,42 +105,23 @@ def acquire(run_dir: str) -> Lease:
             holder = _holder(handle)
             handle.close()
             raise _held(run_dir, holder, path) from None
-        log.warning("run_dir %s: this filesystem refuses a lock (%s); only the lease in %s (its record, renewed "
-                    "every %g s) tells another node's job that this one runs", run_dir, os.strerror(exc.errno or 0),
-                    path, _heartbeat())
-        try:
-            _check_lease(run_dir, path, handle, wait=True)
-        finally:
-            handle.close()
-        handle = None
-    else:
-        try:
-            _check_lease(run_dir, path, handle, wait=True)
-        except UserError:
-            handle.close()
-            raise
-    record = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
-              "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
-              "torchelastic_run_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
-              "torchelastic_restart_count": os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _write_record(path, handle, record)
-    return Lease(path, handle, record)
+        handle.close()
+        log.warning("run_dir %s: this filesystem refuses a lock (%s); nothing stops a second job from running in "
+                    "the same run_dir at the same time", run_dir, os.strerror(exc.errno or 0))
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                             "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                             "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    handle.flush()
+    return handle
 
 
-def _write_record(path: str, handle: IO[str] | None, record: dict) -> None:
-    """The lock file's record replaced: through the locked handle where there is one (the next holder's flock then
-    waits for it to be closed), else through a file of its own."""
-    with open(path, "r+", encoding="utf-8") if handle is None else contextlib.nullcontext(handle) as f:
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-
-
-def acquire_on_main(run_dir: str, is_main: bool) -> Lease | None:
-    """acquire() on rank 0 (the Lease to close; None elsewhere); a refusal raised on every rank, not on rank 0
-    alone while the others wait for it at their first collective."""
+def acquire_on_main(run_dir: str, is_main: bool) -> IO[str] | None:
+    """acquire() on rank 0 (the lock to close, or None); a refusal raised on every rank, not on rank 0 alone while
+    the others wait for it at their first collective."""
     handle, refusal = None, None
     if is_main:
         try:
@@ -283,4 +163,3 @@ def check_free(run_dir: str) -> None:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise _held(run_dir, _holder(handle), path) from None
             # A filesystem without flock: the job itself says so when it starts.
-        _check_lease(run_dir, path, handle, wait=False)
