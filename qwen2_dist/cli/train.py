@@ -562,12 +562,12 @@ then starts no torchrun and ends with 0."""
 def completed_run(job: JobConfig) -> str | None:
     """What the launchers' check says of a run that has nothing left to train (checkpoint.resume=auto, the newest
     committed checkpoint at train.steps, or train.stop_at), or None. The job itself would load that checkpoint only
-    to say "run already complete" and exit 0: for a large model on many nodes, minutes of the allocation, as when
-    a finished Slurm job is submitted again, or requeued after its last save. The checkpoint must have every file
-    its commit recorded, of the recorded size (os.stat, no file read), and an intact train state; otherwise (a
-    truncated shard) None, and the job falls back past it as a resume does and trains the last steps again. Its
-    files' checksums are not read here (that is the whole checkpoint): they are checked where it is read, by a
-    resume with a larger train.steps or by qwen2-convert to-hf."""
+    to say "run already complete" and exit 0, after reading all of it (qwen2-72b with its AdamW state: about
+    870 GB, by arithmetic), as when a finished Slurm job is submitted again, or requeued after its last save. The
+    checkpoint must have every file its commit recorded, of the recorded size (os.stat, no file read), and an intact
+    train state; otherwise (a truncated shard) None, and the job falls back past it as a resume does and trains the
+    last steps again. Its files' checksums are not read here (that is the whole checkpoint): they are checked where
+    it is read, by a resume with a larger train.steps or by qwen2-convert to-hf."""
     from qwen2_dist.train import checkpoint
 
     if job.checkpoint.resume != "auto":
