@@ -1,9 +1,13 @@
 """The Qwen2 decoder in plain PyTorch: no parallelism inside, built on the meta device, then init_weights()."""
 
+import hashlib
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import _StridedShard
 
 from qwen2_dist.model import kernels
 from qwen2_dist.model.args import ModelArgs
@@ -199,41 +203,32 @@ class Qwen2(nn.Module):
         self.loss_masked = masked
 
     @torch.no_grad()
-    def init_weights(self, seed: int = 0) -> None:
-        """Deterministic initialization: normal(0, initializer_range) matrices, zero biases, unit norms."""
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+    def init_weights(self, seed: int = 0) -> int:
+        """Deterministic initialization: normal(0, initializer_range) matrices, zero biases, unit norms. The values
+        depend on neither the device nor how a parameter is sharded, and a rank draws only the row blocks its shards
+        hold (init_block_rows); returns how many values this process drew."""
         std = self.args.initializer_range
-        # One buffer for every draw instead of a fresh tensor per matrix, whose new pages cost time to fault in
-        # (qwen2-1.5b on the 2-core CPU machine, parameters already in memory: 8.4 s -> 6.8 s; the same values).
-        scratch = None
         # Told apart by module, not by name: parallelize's wrappers (torch.compile, checkpoint_wrapper) prefix names.
         norms = {id(module.weight) for module in self.modules() if isinstance(module, RMSNorm)}
-        for name, param in self.named_parameters():
+        # One buffer for every block instead of a fresh tensor per draw, whose new pages cost time to fault in.
+        scratch = torch.empty(max(init_block_rows(p.shape) * _row_numel(p.shape) for p in self.parameters()))
+        drawn = 0
+        for index, (name, param) in enumerate(self.named_parameters()):
             if name.endswith("bias"):
                 param.zero_()
             elif id(param) in norms:
                 param.fill_(1.0)
             else:
-                # Drawn whole on the CPU from one generator in a fixed parameter order, so the values depend on
-                # neither the device nor how the parameter is sharded.
-                if scratch is None:
-                    scratch = torch.empty(max(p.numel() for p in self.parameters()))
-                value = scratch[:param.numel()].view(param.shape).normal_(0.0, std, generator=generator)
-                if isinstance(param, DTensor):
-                    # Every rank drew the same values: each keeps its own shard, nothing is sent. Copied shard to
-                    # shard: under FSDP's CPU offload the parameter's shard is on the CPU, the mesh's on the GPU.
-                    shard = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
-                    param.to_local().copy_(shard.to_local())
-                else:
-                    param.copy_(value)
+                drawn += _init_normal(param, std, seed, index, scratch)
+        return drawn
 
     @torch.no_grad()
     def init_placeholders(self) -> None:
         """Every parameter set to NaN: what the model holds when its weights are about to be loaded (a resumed
         checkpoint, Hugging Face weights). Those loads are strict, so no NaN survives them; a parameter that no load
         reached could never pass for a trained one. It replaces init_weights(), whose draws would all be
-        overwritten: every rank draws every full matrix with one CPU generator (qwen2-1.5b: 9 s on the 2-core CPU
-        machine, about 160M values/s; at that rate 72B would take over 7 minutes, on every restart)."""
+        overwritten, for seconds on every restart (benchmarks/init_bench.py on the 2-core CPU machine: qwen2-1.5b
+        in one process 8.6 s; qwen2-7b, a rank of 8, 9.4 s)."""
         for param in self.parameters():
             param.fill_(float("nan"))
 
@@ -300,3 +295,86 @@ def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Qwen2:
 def count_parameters(model: nn.Module) -> int:
     """Number of distinct parameters (a tied matrix counts once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+# Values per block of rows that init_weights draws from a generator of its own (1 MiB of fp32).
+INIT_BLOCK_VALUES = 1 << 18
+
+
+def _row_numel(shape: torch.Size) -> int:
+    """Values in one row (index of dim 0) of a tensor of this shape."""
+    return math.prod(shape[1:])
+
+
+def init_block_rows(shape: torch.Size) -> int:
+    """How many rows (along dim 0) of a parameter of this global shape one init block holds: at least one."""
+    return max(1, INIT_BLOCK_VALUES // max(_row_numel(shape), 1))
+
+
+def _block_generator(seed: int, index: int, block: int) -> torch.Generator:
+    """The CPU generator of one init block, seeded from (seed, parameter index, block index) alone."""
+    key = hashlib.blake2b(f"qwen2-init/{seed}/{index}/{block}".encode(), digest_size=8).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(key, "little") >> 1)
+
+
+def _global_indices(param: DTensor) -> list[torch.Tensor]:
+    """For each dim of a DTensor parameter, the global indices (CPU int64) of what its local shard holds along that
+    dim, in the local order: the arange of the dim distributed as the parameter is along it (Shard / _StridedShard
+    of that dim; a placement of another dim, or Replicate, takes every index of it)."""
+    indices = []
+    for dim, size in enumerate(param.shape):
+        placements = []
+        for placement in param.placements:
+            if isinstance(placement, _StridedShard) and placement.dim == dim:
+                placements.append(_StridedShard(0, split_factor=placement.split_factor))
+            elif isinstance(placement, Shard) and placement.dim == dim:
+                placements.append(Shard(0))
+            else:
+                placements.append(Replicate())
+        whole = torch.arange(size, device=param.device_mesh.device_type)
+        indices.append(distribute_tensor(whole, param.device_mesh, placements, src_data_rank=None).to_local().cpu())
+    local_shape = tuple(param.to_local().shape)
+    if tuple(len(i) for i in indices) != local_shape:
+        raise RuntimeError(f"init: the shard indices {[len(i) for i in indices]} of a parameter placed "
+                           f"{param.placements} do not cover its local shape {local_shape}")
+    return indices
+
+
+def _init_normal(param: torch.Tensor, std: float, seed: int, index: int, scratch: torch.Tensor) -> int:
+    """Fill param (plain or DTensor, one dim at least) with normal(0, std) values: its global rows in blocks of
+    init_block_rows, each block drawn whole in fp32 on the CPU from its own generator (_block_generator), so that
+    the values depend on neither device, dtype nor sharding; a DTensor's rank draws the blocks its shard has rows
+    in. Returns the values drawn."""
+    shape = param.shape
+    rows = init_block_rows(shape)
+    row_numel = _row_numel(shape)
+    if not isinstance(param, DTensor):
+        # Drawn in place where the parameter is an fp32 CPU tensor (the same values as into the scratch buffer,
+        # without a copy: qwen2-1.5b 8.6 s, not 12.6), else copied row block by row block (a GPU's, a bf16 one).
+        in_place = param.device.type == "cpu" and param.dtype == torch.float32 and param.is_contiguous()
+        drawn = 0
+        for block, start in enumerate(range(0, shape[0], rows)):
+            count = min(rows, shape[0] - start)
+            value = param[start:start + count] if in_place else scratch[:count * row_numel].view(count, *shape[1:])
+            value.normal_(0.0, std, generator=_block_generator(seed, index, block))
+            if not in_place:
+                param[start:start + count].copy_(value)
+            drawn += value.numel()
+        return drawn
+    indices, local = _global_indices(param), param.to_local()
+    row_index = indices[0]
+    drawn = 0
+    # Copied block by block into the local shard: under FSDP's CPU offload the shard is on the CPU, else on the GPU.
+    for block in torch.unique(row_index // rows).tolist():
+        start = block * rows
+        count = min(rows, shape[0] - start)
+        value = scratch[:count * row_numel].view(count, *shape[1:])
+        value.normal_(0.0, std, generator=_block_generator(seed, index, block))
+        drawn += value.numel()
+        positions = ((row_index >= start) & (row_index < start + count)).nonzero().flatten()
+        picked = value[row_index[positions] - start]
+        for dim in range(1, param.ndim):
+            if len(indices[dim]) != shape[dim]:
+                picked = picked.index_select(dim, indices[dim])
+        local[positions.to(local.device)] = picked.to(local.device, local.dtype)
+    return drawn

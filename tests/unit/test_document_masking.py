@@ -54,7 +54,11 @@ def test_packed_documents_train_as_if_alone(backend):
             start += n
     torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-4)
     for name, param in model.named_parameters():
-        torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
+        # fp32 sums over the 151,936-token vocabulary in other groupings: the tied matrix's gradient (largest value
+        # about 7) is up to 3e-5 off at seeds 0-2, 8e-5 with the earlier init; the tolerance scales with that largest
+        # value. A document that saw another's tokens is off by far more (the loss alone by over 1e-2, below).
+        atol = 2e-5 * max(1.0, param.grad.abs().max().item())
+        torch.testing.assert_close(packed_grads[name], param.grad, rtol=1e-4, atol=atol, msg=name)
 
     # Without the mask the documents see each other: the loss differs.
     unmasked, _ = _loss_and_grads(model, inputs, targets, positions=positions)

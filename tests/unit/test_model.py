@@ -50,6 +50,22 @@ def test_init_weights_is_deterministic_and_shaped_as_specified():
     assert abs(a.embed_tokens.weight.std().item() - 0.02) < 1e-3
 
 
+def test_init_weights_draws_the_same_values_into_any_dtype_and_memory_layout(monkeypatch):
+    """The in-place draw (an fp32 CPU parameter) and the drawn-then-copied one (bf16 here; a GPU's or a shard's) give
+    the same values, blocks of rows included (several per matrix, as small blocks make them)."""
+    import qwen2_dist.model.qwen2 as qwen2
+
+    monkeypatch.setattr(qwen2, "INIT_BLOCK_VALUES", 96)
+    args = replace(get_model_args("tiny"), vocab_size=1000)
+    reference = build_model(args).to_empty(device="cpu")
+    reference.init_weights(5)
+    model = build_model(args).to_empty(device="cpu").to(torch.bfloat16)
+    drawn = model.init_weights(5)
+    assert drawn == sum(p.numel() for n, p in reference.named_parameters() if "norm" not in n and "bias" not in n)
+    for (name, expected), param in zip(reference.named_parameters(), model.parameters()):
+        assert param.dtype == torch.bfloat16 and torch.equal(param, expected.to(torch.bfloat16)), name
+
+
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (4, 2), (7, 1)])
 def test_sdpa_matches_reference(heads, kv_heads):
     gen = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -188,3 +188,39 @@ def test_agree_max_gives_every_rank_the_largest_value_of_any_rank(monkeypatch):
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     assert agree_max([3.0, 1.5]) == [7.5, 1.5]
+
+
+@pytest.mark.parametrize("dp_replicate, dp_shard, tp", [(1, 4, 2), (2, 2, 2), (1, 8, 1)])
+def test_every_rank_initializes_its_shards_as_one_process_does_drawing_only_its_blocks(monkeypatch, dp_replicate,
+                                                                                       dp_shard, tp):
+    """init_weights on a sharded model (FSDP, HSDP, TP x FSDP: _StridedShard rows): every rank's shards hold the
+    values of the same shards of the one-process model, while the rank draws only the row blocks it holds rows of.
+    Blocks of 64 values (2 rows of a 32-wide matrix), so that shards cut through blocks and hold several."""
+    from dataclasses import replace
+
+    import qwen2_dist.model.qwen2 as qwen2
+
+    monkeypatch.setattr(qwen2, "INIT_BLOCK_VALUES", 64)
+    # Uneven shards (FSDP pads the last ranks' rows): 1002 rows, 501 per TP rank (validate() has tp divide it).
+    args = replace(get_model_args("tiny"), vocab_size=1002)
+    plain = build_model(args, "cpu")
+    total = plain.init_weights(3)
+    expected = dict(plain.named_parameters())
+    cfg = ParallelConfig(dp_replicate=dp_replicate, dp_shard=dp_shard, tp=tp)
+    for rank in range(8):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=8)
+        try:
+            world = World(rank=rank, local_rank=rank, world_size=8, device=torch.device("cpu"))
+            model = parallelize(build_model(args, "meta"), build_mesh(world, dp_replicate, dp_shard, tp), cfg,
+                                torch.float32, "cpu")
+            model.to_empty(device="cpu")
+            drawn = model.init_weights(3)
+            for name, param in model.named_parameters():
+                shard = distribute_tensor(expected[name].detach(), param.device_mesh, param.placements,
+                                          src_data_rank=None)
+                assert torch.equal(param.to_local(), shard.to_local()), (rank, name, param.placements)
+        finally:
+            dist.destroy_process_group()
+            _clear_sharding_prop_cache()
+        # Each matrix is split dp_shard ways along its rows (TP's halves are rows of some, columns of others).
+        assert drawn <= total / dp_shard + 2 * 64 * len(expected), (rank, drawn, total)
