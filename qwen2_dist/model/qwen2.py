@@ -206,21 +206,38 @@ class Qwen2(nn.Module):
     def init_weights(self, seed: int = 0) -> int:
         """Deterministic initialization: normal(0, initializer_range) matrices, zero biases, unit norms. The values
         depend on neither the device nor how a parameter is sharded, and a rank draws only the row blocks its shards
-        hold (init_block_rows); returns how many values this process drew."""
+        hold (init_block_rows); returns how many values this process drew. They are drawn by the CPU, whose normal_
+        may round the last bits otherwise on hosts of other vector instructions (ATen's CPU capability: an ARM
+        host against an x86 one), so a job of mixed hosts should start from a checkpoint."""
         std = self.args.initializer_range
-        # Told apart by module, not by name: parallelize's wrappers (torch.compile, checkpoint_wrapper) prefix names.
-        norms = {id(module.weight) for module in self.modules() if isinstance(module, RMSNorm)}
         # One buffer for every block instead of a fresh tensor per draw, whose new pages cost time to fault in.
         scratch = torch.empty(max(init_block_rows(p.shape) * _row_numel(p.shape) for p in self.parameters()))
         drawn = 0
-        for index, (name, param) in enumerate(self.named_parameters()):
-            if name.endswith("bias"):
+        for kind, param, first_block in self.init_plan():
+            if kind == "zero":
                 param.zero_()
-            elif id(param) in norms:
+            elif kind == "one":
                 param.fill_(1.0)
             else:
-                drawn += _init_normal(param, std, seed, index, scratch)
+                drawn += _init_normal(param, std, seed, first_block, scratch)
         return drawn
+
+    def init_plan(self) -> list[tuple[str, nn.Parameter, int]]:
+        """(kind, parameter, number of its first init block) for every parameter, in registration order: "zero"
+        (biases), "one" (norms) or "normal" (the matrices), whose blocks are numbered through the model from 0, from
+        global shapes alone, so that every block of a model has a seed of its own (block_seed) in every layout."""
+        # Told apart by module, not by name: parallelize's wrappers (torch.compile, checkpoint_wrapper) prefix names.
+        norms = {id(module.weight) for module in self.modules() if isinstance(module, RMSNorm)}
+        plan, blocks = [], 0
+        for name, param in self.named_parameters():
+            if name.endswith("bias"):
+                plan.append(("zero", param, blocks))
+            elif id(param) in norms:
+                plan.append(("one", param, blocks))
+            else:
+                plan.append(("normal", param, blocks))
+                blocks += -(-param.shape[0] // init_block_rows(param.shape))
+        return plan
 
     @torch.no_grad()
     def init_placeholders(self) -> None:
@@ -311,10 +328,23 @@ def init_block_rows(shape: torch.Size) -> int:
     return max(1, INIT_BLOCK_VALUES // max(_row_numel(shape), 1))
 
 
-def _block_generator(seed: int, index: int, block: int) -> torch.Generator:
-    """The CPU generator of one init block, seeded from (seed, parameter index, block index) alone."""
-    key = hashlib.blake2b(f"qwen2-init/{seed}/{index}/{block}".encode(), digest_size=8).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(key, "little") >> 1)
+def block_seed(seed: int, block: int) -> int:
+    """The 32-bit seed of a model's init block number `block` (Qwen2.init_plan): torch's CPU generator (mt19937)
+    keeps only the low 32 bits of a seed, so seeds hashed per block collide (qwen2-72b's 285,344 blocks: about a
+    dozen pairs of identical blocks). The block number, offset by a hash of the seed, goes through murmur3's
+    finalizer, a bijection of 32-bit integers: distinct blocks of one model (fewer than 2^32) get distinct seeds."""
+    base = int.from_bytes(hashlib.blake2b(f"qwen2-init/{seed}".encode(), digest_size=4).digest(), "little")
+    x = (base + block) & 0xFFFFFFFF
+    x ^= x >> 16
+    x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+    x ^= x >> 13
+    x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def _block_generator(seed: int, block: int) -> torch.Generator:
+    """The CPU generator of one init block (numbered through the model)."""
+    return torch.Generator(device="cpu").manual_seed(block_seed(seed, block))
 
 
 def _global_indices(param: DTensor) -> list[torch.Tensor]:
@@ -340,7 +370,7 @@ def _global_indices(param: DTensor) -> list[torch.Tensor]:
     return indices
 
 
-def _init_normal(param: torch.Tensor, std: float, seed: int, index: int, scratch: torch.Tensor) -> int:
+def _init_normal(param: torch.Tensor, std: float, seed: int, first_block: int, scratch: torch.Tensor) -> int:
     """Fill param (plain or DTensor, one dim at least) with normal(0, std) values: its global rows in blocks of
     init_block_rows, each block drawn whole in fp32 on the CPU from its own generator (_block_generator), so that
     the values depend on neither device, dtype nor sharding; a DTensor's rank draws the blocks its shard has rows
@@ -356,22 +386,26 @@ def _init_normal(param: torch.Tensor, std: float, seed: int, index: int, scratch
         for block, start in enumerate(range(0, shape[0], rows)):
             count = min(rows, shape[0] - start)
             value = param[start:start + count] if in_place else scratch[:count * row_numel].view(count, *shape[1:])
-            value.normal_(0.0, std, generator=_block_generator(seed, index, block))
+            value.normal_(0.0, std, generator=_block_generator(seed, first_block + block))
             if not in_place:
                 param[start:start + count].copy_(value)
             drawn += value.numel()
         return drawn
     indices, local = _global_indices(param), param.to_local()
     row_index = indices[0]
+    # The local rows in global order, cut at block starts: each block's positions without a pass over all rows.
+    order = torch.argsort(row_index, stable=True)
+    sorted_rows = row_index[order]
     drawn = 0
     # Copied block by block into the local shard: under FSDP's CPU offload the shard is on the CPU, else on the GPU.
-    for block in torch.unique(row_index // rows).tolist():
+    for block in torch.unique(sorted_rows // rows).tolist():
         start = block * rows
         count = min(rows, shape[0] - start)
+        low, high = torch.searchsorted(sorted_rows, torch.tensor([start, start + count])).tolist()
+        positions = order[low:high]
         value = scratch[:count * row_numel].view(count, *shape[1:])
-        value.normal_(0.0, std, generator=_block_generator(seed, index, block))
+        value.normal_(0.0, std, generator=_block_generator(seed, first_block + block))
         drawn += value.numel()
-        positions = ((row_index >= start) & (row_index < start + count)).nonzero().flatten()
         picked = value[row_index[positions] - start]
         for dim in range(1, param.ndim):
             if len(indices[dim]) != shape[dim]:

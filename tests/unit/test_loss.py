@@ -221,7 +221,9 @@ def test_a_tied_matrix_gets_the_loss_s_gradient_with_the_lookup_s_rows_added(mon
 
 def test_twenty_training_steps_follow_the_plain_loss_curve():
     # fp32 on the CPU: the two paths are the same computation up to summation order, so the curves agree to ~1e-5
-    # (the GPU check compares the compiled bf16 paths within bf16 noise).
+    # at first; AdamW (lr 3e-3) lets the rounding grow over the steps: at init seeds 0-3 up to 1.0e-4 by step 18 (of
+    # a loss of 6; 7.7e-5 with the earlier init), hence 2.5e-4 (a dropped or doubled chunk is off by far more). The
+    # GPU check compares the compiled bf16 paths within bf16 noise.
     args = get_model_args("debug", vocab_size=2048)
     generator = torch.Generator().manual_seed(3)
     distinct = [torch.randint(0, args.vocab_size, (2, 65), generator=generator) for _ in range(4)]
@@ -241,7 +243,7 @@ def test_twenty_training_steps_follow_the_plain_loss_curve():
             curve.append(loss.item())
         curves[impl] = torch.tensor(curve)
     assert curves["plain"][-1] < curves["plain"][0] - 0.5  # it trains
-    torch.testing.assert_close(curves["chunked"], curves["plain"], rtol=0, atol=5e-5)
+    torch.testing.assert_close(curves["chunked"], curves["plain"], rtol=0, atol=2.5e-4)
 
 
 def test_resolve_loss():

@@ -50,6 +50,24 @@ def test_init_weights_is_deterministic_and_shaped_as_specified():
     assert abs(a.embed_tokens.weight.std().item() - 0.02) < 1e-3
 
 
+def test_every_init_block_of_the_largest_model_has_a_seed_of_its_own():
+    """torch's CPU generator keeps a seed's low 32 bits: block seeds hashed from (seed, parameter, block) collided
+    in qwen2-72b (identical 1 MiB blocks in two matrices). Numbered through the model, no two blocks share one."""
+    from qwen2_dist.model.qwen2 import block_seed, init_block_rows
+
+    model = build_model(get_model_args("qwen2-72b"))  # the meta device: shapes only
+    plan = [(param, first) for kind, param, first in model.init_plan() if kind == "normal"]
+    blocks = plan[-1][1] + -(-plan[-1][0].shape[0] // init_block_rows(plan[-1][0].shape))
+    assert [first for _, first in plan] == sorted({first for _, first in plan})  # numbered in order, none twice
+    assert blocks > 280_000
+    for seed in (0, 1):
+        seeds = {block_seed(seed, block) for block in range(blocks)}
+        assert len(seeds) == blocks and max(seeds) < 2**32
+    # A seed of the generator's 32 bits gives other values than its neighbours (not the same stream shifted).
+    first, second = (torch.randn(8, generator=torch.Generator().manual_seed(block_seed(0, b))) for b in (0, 1))
+    assert not torch.equal(first, second)
+
+
 def test_init_weights_draws_the_same_values_into_any_dtype_and_memory_layout(monkeypatch):
     """The in-place draw (an fp32 CPU parameter) and the drawn-then-copied one (bf16 here; a GPU's or a shard's) give
     the same values, blocks of rows included (several per matrix, as small blocks make them)."""

@@ -190,19 +190,22 @@ def test_agree_max_gives_every_rank_the_largest_value_of_any_rank(monkeypatch):
     assert agree_max([3.0, 1.5]) == [7.5, 1.5]
 
 
-@pytest.mark.parametrize("dp_replicate, dp_shard, tp", [(1, 4, 2), (2, 2, 2), (1, 8, 1)])
+@pytest.mark.parametrize("dp_replicate, dp_shard, tp, tied", [
+    (1, 4, 2, True), (1, 4, 2, False), (2, 2, 2, True), (1, 8, 1, True),
+])
 def test_every_rank_initializes_its_shards_as_one_process_does_drawing_only_its_blocks(monkeypatch, dp_replicate,
-                                                                                       dp_shard, tp):
-    """init_weights on a sharded model (FSDP, HSDP, TP x FSDP: _StridedShard rows): every rank's shards hold the
-    values of the same shards of the one-process model, while the rank draws only the row blocks it holds rows of.
-    Blocks of 64 values (2 rows of a 32-wide matrix), so that shards cut through blocks and hold several."""
+                                                                                       dp_shard, tp, tied):
+    """init_weights on a sharded model (FSDP, HSDP, TP x FSDP: _StridedShard rows; a tied and an untied head): every
+    rank's shards hold the values of the same shards of the one-process model, while the rank draws only the row
+    blocks it holds rows of. Blocks of 96 values (3 rows of a 32-wide matrix), so that shards cut through blocks
+    and hold several."""
     from dataclasses import replace
 
     import qwen2_dist.model.qwen2 as qwen2
 
-    monkeypatch.setattr(qwen2, "INIT_BLOCK_VALUES", 64)
+    monkeypatch.setattr(qwen2, "INIT_BLOCK_VALUES", 96)
     # Uneven shards (FSDP pads the last ranks' rows): 1002 rows, 501 per TP rank (validate() has tp divide it).
-    args = replace(get_model_args("tiny"), vocab_size=1002)
+    args = replace(get_model_args("tiny", tie_word_embeddings=tied), vocab_size=1002)
     plain = build_model(args, "cpu")
     total = plain.init_weights(3)
     expected = dict(plain.named_parameters())
@@ -223,4 +226,4 @@ def test_every_rank_initializes_its_shards_as_one_process_does_drawing_only_its_
             dist.destroy_process_group()
             _clear_sharding_prop_cache()
         # Each matrix is split dp_shard ways along its rows (TP's halves are rows of some, columns of others).
-        assert drawn <= total / dp_shard + 2 * 64 * len(expected), (rank, drawn, total)
+        assert drawn <= total / dp_shard + 2 * 96 * len(expected), (rank, drawn, total)
