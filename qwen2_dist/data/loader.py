@@ -227,17 +227,30 @@ def shards_spanned(samples_per_shard: list[int], window: int) -> int:
     return int(np.searchsorted(np.cumsum(sizes), window, side="right")) + 2
 
 
-def shards_read_together(samples_per_shard: list[int], global_batch_size: int, shuffle: bool, block_size: int) -> int:
-    """The most shards of one source that two consecutive optimizer steps (2 x global_batch_size positions, at most
-    as many samples of the source) can read from, which the cache must hold at once: those of as many consecutive
-    samples without shuffling (shards_spanned). Shuffled, a step draws from the whole of every block it overlaps:
-    W positions of an epoch, from blocks of at most W + 2 x (block_size - 1) consecutive samples of its shard order.
-    Across an epoch's end, from the end of one epoch's shard order and the start of the next one's: the shards
-    wholly inside either part (counted once) hold no more samples than that, and each part has a partial shard at
-    one end only, so the bound is the same."""
+def shards_read_together(samples_per_shard: list[int], global_batch_size: int, shuffle: bool, block_size: int,
+                         steps: int = 2) -> int:
+    """The most shards of one source that `steps` consecutive optimizer steps (steps x global_batch_size positions,
+    at most as many samples of the source) can read from, which the cache must hold at once: those of as many
+    consecutive samples without shuffling (shards_spanned). Shuffled, a step draws from the whole of every block it
+    overlaps: W positions of an epoch, from blocks of at most W + 2 x (block_size - 1) consecutive samples of its
+    shard order. Across an epoch's end, from the end of one epoch's shard order and the start of the next one's: the
+    shards wholly inside either part (counted once) hold no more samples than that, and each part has a partial shard
+    at one end only, so the bound is the same."""
     counts = [c for c in samples_per_shard if c]
-    window = 2 * global_batch_size + (2 * (block_size - 1) if shuffle else 0)
+    window = steps * global_batch_size + (2 * (block_size - 1) if shuffle else 0)
     return min(len(counts), shards_spanned(counts, window))
+
+
+# Micro-batches each DataLoader worker reads ahead (torch's prefetch_factor, its default).
+PREFETCH_FACTOR = 2
+
+
+def steps_read_together(num_workers: int, grad_accum_steps: int) -> int:
+    """How many consecutive optimizer steps a node's ranks read from at once: the step being read and the next (one
+    rank can be a step ahead of another: they meet at the step's gradient reduction), and with DataLoader workers
+    the micro-batches they read ahead (PREFETCH_FACTOR per worker) reach ceil(PREFETCH_FACTOR x workers /
+    accumulation steps) steps further."""
+    return 2 + (-(-PREFETCH_FACTOR * num_workers // grad_accum_steps) if num_workers else 0)
 
 
 # A shuffle block should hold the samples of this many shards at least: a smaller one mixes the samples of one or
@@ -758,36 +771,45 @@ class TokenBatches:
 
     def _limit_cache(self, limit: int, shard_counts: list[list[int]], shuffle: bool, block_size: int) -> None:
         """Bound the node's cache of this dataset's shards to `limit` bytes (streaming evicts the least recently read
-        shards), once it is known to hold what the read order needs at once: per source, the shards that two
-        consecutive optimizer steps can read from (shards_read_together), plus one shard in flight per other reading
-        process of this node (streaming checks the limit before a download and counts the shard after it), each at
-        the source's largest shard size (compressed and raw forms), plus the indexes. UserError naming
-        data.cache_limit otherwise, and what else lowers the need: data.num_workers, and for a new run (not a
-        resumed one, whose data order must stay) data.shuffle_block_size."""
+        shards), once it is known to hold what the read order needs at once: per source, the shards that the steps
+        read together (steps_read_together: two, and those the DataLoader's workers read ahead) can read from
+        (shards_read_together), plus one shard in flight per other reading process of this node (streaming checks
+        the limit before a download and counts the shard after it), each at the source's largest shard size
+        (compressed and raw forms), plus the indexes. UserError naming data.cache_limit otherwise, and what else
+        lowers the need: data.num_workers, and for a new run (not a resumed one, whose data order must stay)
+        data.shuffle_block_size."""
         batch = self.global_batch_size
-        readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, self.num_workers)
-        need = sum(stream.get_index_size() for stream in self.dataset.streams)
-        parts, largest_shards = [], []
-        for path, counts, first in zip(self.paths, shard_counts, self.dataset.shard_offset_per_stream):
-            shards = shards_read_together(counts, batch, shuffle, block_size) + readers - 1
-            largest = max(shard.get_max_size() for shard in self.dataset.shards[first:first + len(counts)])
-            largest_shards.append(largest)
-            need += shards * largest
-            parts.append(f"{path}: {shards} x {_human_bytes(largest)}")
+        largest_shards = [max(shard.get_max_size() for shard in self.dataset.shards[first:first + len(counts)])
+                          for counts, first in zip(shard_counts, self.dataset.shard_offset_per_stream)]
+        indexes = sum(stream.get_index_size() for stream in self.dataset.streams)
+
+        def need_with(num_workers: int) -> tuple[int, list[int]]:  # bytes, and shards per source
+            readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, num_workers)
+            steps = steps_read_together(num_workers, self.grad_accum_steps)
+            shards = [shards_read_together(counts, batch, shuffle, block_size, steps) + readers - 1
+                      for counts in shard_counts]
+            return indexes + sum(n * size for n, size in zip(shards, largest_shards)), shards
+
+        need, shards = need_with(self.num_workers)
         if limit < need:
+            steps = steps_read_together(self.num_workers, self.grad_accum_steps)
+            readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, self.num_workers)
+            parts = [f"{path}: {n} x {_human_bytes(size)}" for path, n, size in zip(self.paths, shards, largest_shards)]
             by_block = shuffle and block_size > batch  # else the global batch sets most of the window
             # The smallest shuffle block that still mixes enough shards (narrow_shuffle).
             floor = max(narrow_shuffle(counts, 0) or 1 for counts in shard_counts)
+            batches = f"{'two' if steps == 2 else steps} global batches of {batch} samples"
+            ahead = "" if steps == 2 else (f", {steps - 2} of them read ahead by the {self.num_workers} DataLoader "
+                                           f"workers at {PREFETCH_FACTOR} micro-batches each")
             if not shuffle:
-                window = f"two global batches of {batch} samples"
+                window = batches + ahead
             elif by_block:
-                window = f"two shuffle blocks of {block_size} samples and {2 * batch - 2} more"
+                window = f"two shuffle blocks of {block_size} samples and {steps * batch - 2} more" + (
+                    f" ({steps} global batches{ahead})" if ahead else "")
             else:
-                window = f"two global batches of {batch} samples and {2 * block_size - 2} more"
-            workers = ""
-            if self.num_workers > 1:
-                fewer = (readers - readers // self.num_workers) * sum(largest_shards)
-                workers = f", or lower data.num_workers (to 1: {_human_bytes(fewer)} less)"
+                window = f"{batches} and {2 * block_size - 2} more{ahead}"
+            fewer = [f"to {n}: {_human_bytes(need - need_with(n)[0])} less" for n in (1, 0) if n < self.num_workers]
+            workers = f", or lower data.num_workers ({'; '.join(fewer)})" if fewer else ""
             if by_block and block_size > floor:
                 fix = (f"to resume a run, raise data.cache_limit{workers}: another data.shuffle_block_size changes "
                        "the data order, and the checkpoint's position would be refused; for a new run, raise "
@@ -897,7 +919,7 @@ class TokenBatches:
                                         eod_mask_loss=self.eod_mask_loss)
             self._loader = DataLoader(
                 self.samples, batch_sampler=_RankSampler(self, self.position), num_workers=self.num_workers,
-                collate_fn=collate,
+                collate_fn=collate, prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
             )
             self._iterator = iter(self._loader)
         batch = next(self._iterator)

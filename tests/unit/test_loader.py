@@ -21,8 +21,9 @@ import torch
 
 from qwen2_dist.data import hygiene, loader as loader_module
 from qwen2_dist.data.loader import (
-    MIX_BLOCK, SampleOrder, TokenBatches, _cache_path, _SourceOrder, _warn_other_hosts, check_vocab,
-    first_token_targets, mixture_quotas, narrow_shuffle, order_changes, shards_read_together, shards_spanned,
+    MIX_BLOCK, PREFETCH_FACTOR, SampleOrder, TokenBatches, _cache_path, _SourceOrder, _warn_other_hosts, check_vocab,
+    first_token_targets, mixture_quotas, narrow_shuffle, order_changes, shards_read_together,
+    shards_spanned, steps_read_together,
 )
 from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.data.prepare import SUMMARY_NAME
@@ -69,11 +70,12 @@ def test_shards_a_window_can_span_bounds_every_order_of_the_shards():
         assert most <= bound, (sizes, window, most, bound)
 
 
-def most_shards_of_two_steps(counts: list[int], batch: int, shuffle: bool, block: int, epochs: int = 3) -> int:
-    """Brute force: the most shards any two consecutive steps read, over a few epochs of the real order."""
+def most_shards_of_two_steps(counts: list[int], batch: int, shuffle: bool, block: int, epochs: int = 3,
+                             steps: int = 2) -> int:
+    """Brute force: the most shards any two (or `steps`) consecutive steps read, over a few epochs of the real order."""
     order = _SourceOrder(counts, 0, 0, shuffle, block)
     shard_of = np.repeat(np.arange(len(counts)), counts)
-    return max(len(set(shard_of[order.sample_ids(np.arange(t * batch, (t + 2) * batch))].tolist()))
+    return max(len(set(shard_of[order.sample_ids(np.arange(t * batch, (t + steps) * batch))].tolist()))
                for t in range(epochs * sum(counts) // batch + 1))
 
 
@@ -94,6 +96,20 @@ def test_the_cache_budget_covers_the_shards_two_consecutive_steps_read():
         bound = shards_read_together(counts, batch, shuffle, block)
         assert most_shards_of_two_steps(counts, batch, shuffle, block) <= bound, (counts, batch, block, shuffle)
         assert bound <= sum(1 for c in counts if c)
+        # More steps at once (DataLoader workers reading ahead: steps_read_together).
+        steps = int(rng.integers(3, 7))
+        bound = shards_read_together(counts, batch, shuffle, block, steps)
+        assert most_shards_of_two_steps(counts, batch, shuffle, block, steps=steps) <= bound, (counts, batch, steps)
+
+
+def test_the_steps_read_at_once_count_what_the_dataloader_workers_read_ahead():
+    """Each DataLoader worker holds PREFETCH_FACTOR (2) micro-batches in flight: 2 workers read up to 4 micro-batches
+    ahead, 4 steps of one micro-batch each, or 1 step of 4; no workers, the main process reads: the two steps."""
+    assert PREFETCH_FACTOR == 2
+    assert steps_read_together(0, 1) == steps_read_together(0, 16) == 2
+    assert steps_read_together(2, 1) == 6
+    assert steps_read_together(2, 4) == 3
+    assert steps_read_together(8, 3) == 2 + 6  # 16 micro-batches: 5 steps and part of a sixth
 
 
 def test_each_epoch_is_a_seeded_permutation():
@@ -483,11 +499,15 @@ def test_a_cache_limit_too_small_names_the_fixes_that_keep_the_order_for_a_resum
     monkeypatch.setattr(loader_module, "reads_in_place", lambda path, split: False)  # cached, as remote data is
     source = make_dataset(tmp_path / "ro", 30, SEQ, shard_bytes=256)  # 30 shards of one sample, and an empty one
     kwargs = dict(cache_dir=str(tmp_path / "cache"), cache_limit=1000)
-    with pytest.raises(UserError, match=r"the shards that two shuffle blocks of 16 samples and 14 more can span, as a "
+    # 2 workers read 4 micro-batches (of 2 samples; 4 per step of 8) ahead: one step more than the two.
+    with pytest.raises(UserError, match=r"the shards that two shuffle blocks of 16 samples and 22 more \(3 global "
+                                        r"batches, 1 of them read ahead by the 2 DataLoader workers at 2 micro-batches "
+                                        r"each\) can span, as a "
                                         r"step reads from every shuffle block it overlaps, also across an epoch's end, "
                                         r"and one being fetched by each of the node's 2 reading processes.*; to resume "
                                         r"a run, raise data.cache_limit, or lower data.num_workers \(to 1: [0-9.]+ "
-                                        r"\w+ less\): another data.shuffle_block_size changes the data order, and the "
+                                        r"\w+ less; to 0: [0-9.]+ \w+ less\): another data.shuffle_block_size changes "
+                                        r"the data order, and the "
                                         r"checkpoint's position would be refused; for a new run, raise "
                                         r"data.cache_limit or lower data.shuffle_block_size \(to no less than 10, "):
         loader([source], shuffle_block_size=16, num_workers=2, **kwargs)
