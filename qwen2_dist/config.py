@@ -160,9 +160,9 @@ class DataConfig:
     remote dataset is cached whole). Before each download the least recently read shards are deleted to stay under
     it (downloads running at that moment in the node's other reading processes can add one shard each); a limit
     below what the read order needs at once (each source: the shards two consecutive steps can read, two global
-    batches and the shuffle blocks they overlap, and one per other reading process of the node) is refused before
-    training. Only for remote (or read-only, copied) sources: local ones are read in
-    place and never deleted."""
+    batches and the shuffle blocks they overlap, more steps with num_workers, whose workers read ahead, and one per
+    other reading process of the node) is refused before training. Only for remote (or read-only, copied) sources:
+    local ones are read in place and never deleted."""
     shuffle: bool = True
     """Shuffle samples (deterministically, from the run seed): shards, then samples within blocks."""
     shuffle_block_size: int = 262144
@@ -175,7 +175,8 @@ class DataConfig:
     (training and evaluation; Megatron-LM's --eod-mask-loss): with document_masking that prediction sees nothing of
     its document. The loss is then the mean over the counted targets of the global batch."""
     num_workers: int = 0
-    """DataLoader worker processes per rank (they read ahead; 0 reads in the training process)."""
+    """DataLoader worker processes per rank (they read ahead, 2 micro-batches each, which cache_limit must then hold
+    too; 0 reads in the training process)."""
     embedded_max_tokens: int = 4_000_000
     """Tokens taken from the Python standard library sources for the embedded default corpus."""
     synthetic: bool = False

@@ -246,10 +246,10 @@ PREFETCH_FACTOR = 2
 
 
 def steps_read_together(num_workers: int, grad_accum_steps: int) -> int:
-    """How many consecutive optimizer steps a node's ranks read from at once: the step being read and the next (one
-    rank can be a step ahead of another: they meet at the step's gradient reduction), and with DataLoader workers
-    the micro-batches they read ahead (PREFETCH_FACTOR per worker) reach ceil(PREFETCH_FACTOR x workers /
-    accumulation steps) steps further."""
+    """How many consecutive optimizer steps a node's ranks can read from at once: the step being read and, as a
+    margin, the next (the ranks read a step's micro-batches before computing it and meet at the step's end, the
+    trainer's agree_any, so they read the same step), and with DataLoader workers the micro-batches they read ahead
+    (PREFETCH_FACTOR per worker) reach ceil(PREFETCH_FACTOR x workers / accumulation steps) steps further."""
     return 2 + (-(-PREFETCH_FACTOR * num_workers // grad_accum_steps) if num_workers else 0)
 
 
@@ -798,17 +798,26 @@ class TokenBatches:
             by_block = shuffle and block_size > batch  # else the global batch sets most of the window
             # The smallest shuffle block that still mixes enough shards (narrow_shuffle).
             floor = max(narrow_shuffle(counts, 0) or 1 for counts in shard_counts)
-            batches = f"{'two' if steps == 2 else steps} global batches of {batch} samples"
-            ahead = "" if steps == 2 else (f", {steps - 2} of them read ahead by the {self.num_workers} DataLoader "
-                                           f"workers at {PREFETCH_FACTOR} micro-batches each")
+            ahead = f"{steps - 2} of them read ahead by the {self.num_workers} DataLoader workers, {PREFETCH_FACTOR} " \
+                    "micro-batches each"
+            if steps == 2:
+                batches = f"two global batches of {batch} samples"
+            else:
+                batches = f"{steps} global batches of {batch} samples ({ahead})"
             if not shuffle:
-                window = batches + ahead
+                window = batches
             elif by_block:
                 window = f"two shuffle blocks of {block_size} samples and {steps * batch - 2} more" + (
-                    f" ({steps} global batches{ahead})" if ahead else "")
+                    f" ({steps} global batches, {ahead})" if steps > 2 else "")
             else:
-                window = f"{batches} and {2 * block_size - 2} more{ahead}"
-            fewer = [f"to {n}: {_human_bytes(need - need_with(n)[0])} less" for n in (1, 0) if n < self.num_workers]
+                window = f"{batches} and {2 * block_size - 2} more"
+            # Fewer workers, where that lowers the need (a window over all of a source's shards stays that).
+            fewer, floor_need = [], need
+            for n in (1, 0):
+                if n < self.num_workers and need_with(n)[0] < floor_need:
+                    floor_need = need_with(n)[0]
+                    fewer.append(f"to {n}: {_human_bytes(need - floor_need)} less"
+                                 + (", reading in the training process" if n == 0 else ""))
             workers = f", or lower data.num_workers ({'; '.join(fewer)})" if fewer else ""
             if by_block and block_size > floor:
                 fix = (f"to resume a run, raise data.cache_limit{workers}: another data.shuffle_block_size changes "

@@ -101,9 +101,9 @@ def _cached_shard_bytes(cache) -> int:
 
 def test_a_cache_limit_keeps_the_cache_bounded_and_the_samples_unchanged(tmp_path, s3):
     """Two epochs of a 43-shard S3 dataset through a cache limited to what the read order needs at once (two global
-    batches of 8 samples span at most 5 shards of 4 or 6 samples), read by one process and by 2 DataLoader workers: the
-    same samples as the local copy, the cache over the limit by no more than the downloads in flight, shards evicted
-    and fetched again."""
+    batches of 8 samples span at most 5 shards of 4 or 6 samples; with 2 DataLoader workers reading 4 micro-batches
+    ahead, 4 global batches), read by one process and by 2 DataLoader workers: the same samples as the local copy, the
+    cache over the limit by no more than the downloads in flight, shards evicted and fetched again."""
     client, _ = s3
     local = make_dataset(tmp_path / "ds", 256, 8, shard_bytes=600)  # 6 samples per shard
     url = upload(client, local, "ds")

@@ -501,13 +501,12 @@ def test_a_cache_limit_too_small_names_the_fixes_that_keep_the_order_for_a_resum
     kwargs = dict(cache_dir=str(tmp_path / "cache"), cache_limit=1000)
     # 2 workers read 4 micro-batches (of 2 samples; 4 per step of 8) ahead: one step more than the two.
     with pytest.raises(UserError, match=r"the shards that two shuffle blocks of 16 samples and 22 more \(3 global "
-                                        r"batches, 1 of them read ahead by the 2 DataLoader workers at 2 micro-batches "
+                                        r"batches, 1 of them read ahead by the 2 DataLoader workers, 2 micro-batches "
                                         r"each\) can span, as a "
                                         r"step reads from every shuffle block it overlaps, also across an epoch's end, "
                                         r"and one being fetched by each of the node's 2 reading processes.*; to resume "
                                         r"a run, raise data.cache_limit, or lower data.num_workers \(to 1: [0-9.]+ "
-                                        r"\w+ less; to 0: [0-9.]+ \w+ less\): another data.shuffle_block_size changes "
-                                        r"the data order, and the "
+                                        r"\w+ less\): another data.shuffle_block_size changes the data order, and the "
                                         r"checkpoint's position would be refused; for a new run, raise "
                                         r"data.cache_limit or lower data.shuffle_block_size \(to no less than 10, "):
         loader([source], shuffle_block_size=16, num_workers=2, **kwargs)
@@ -516,6 +515,34 @@ def test_a_cache_limit_too_small_names_the_fixes_that_keep_the_order_for_a_resum
         loader([source], shuffle_block_size=4, **kwargs)
     with pytest.raises(UserError, match=r"the shards that two global batches of 8 samples can span, and one"):
         loader([source], shuffle=False, **kwargs)
+
+
+def test_the_cache_must_hold_what_the_dataloader_workers_read_ahead(tmp_path, monkeypatch):
+    """Workers read PREFETCH_FACTOR micro-batches ahead each (the DataLoader is built with it): 2 workers, 4 micro-
+    batches of 2 samples per step, so 3 steps at once where the training process reads 2; 60 shards of one sample,
+    in order: 26 shards and one more in flight instead of 18, which the need and the message count."""
+    monkeypatch.setattr(loader_module, "reads_in_place", lambda path, split: False)  # cached, as remote data is
+    source = make_dataset(tmp_path / "ro", 60, SEQ, shard_bytes=256)
+    kwargs = dict(cache_dir=str(tmp_path / "cache"), shuffle=False)
+    needs = {}
+    for workers in (0, 2):
+        batches = loader([source], num_workers=workers, cache_limit=10**9, **kwargs)
+        try:
+            largest = max(shard.get_max_size() for shard in batches.dataset.shards)
+            needs[workers] = batches.cache_need
+            batches.next_batch()
+            if workers:
+                assert batches._loader.prefetch_factor == PREFETCH_FACTOR
+        finally:
+            batches.close()
+    assert needs[2] - needs[0] == (26 + 1 - 18) * largest
+    with pytest.raises(UserError, match=r"the shards that 3 global batches of 8 samples \(1 of them read ahead by the "
+                                        r"2 DataLoader workers, 2 micro-batches each\) can span, and one being fetched "
+                                        r"by each of the node's 2 reading processes.*raise data.cache_limit \(or "
+                                        r"prepare the data in smaller shards\), or lower data.num_workers \(to 1: "
+                                        r"[0-9.]+ \w+ less; to 0: [0-9.]+ \w+ less, reading in the training "
+                                        r"process\)$"):
+        loader([source], num_workers=2, cache_limit=needs[2] - 1, **kwargs)
 
 
 def shard_samples(path: str) -> list[int]:
