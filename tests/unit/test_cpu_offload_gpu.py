@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
+from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.qwen2 import build_model
 from qwen2_dist.train.faults import INJECT_NAN_ENV
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -48,6 +50,11 @@ def test_an_offloaded_model_trains_on_the_gpu_and_skips_a_nan_step_on_the_cpu(tm
         model, optimizer = build_model_and_optimizer(job, world, mesh, "cuda")
         assert {_local(p).device.type for p in model.parameters()} == {"cpu"}
         args = job.model.args()
+        # The offloaded shards (on the CPU, the mesh on the GPU) start from the one-process CPU model's values.
+        plain = build_model(args, "cpu")
+        plain.init_weights(job.seed)
+        for (name, param), expected in zip(model.named_parameters(), plain.parameters()):
+            assert torch.equal(_local(param).float(), expected), name
         batches = SyntheticBatches(args.vocab_size, 64, 2, 2, seed=0)
         trainer = Trainer(job, args, world, mesh, model, optimizer, batches, 1, {})
         monkeypatch.setenv(INJECT_NAN_ENV, "2")
@@ -62,3 +69,14 @@ def test_an_offloaded_model_trains_on_the_gpu_and_skips_a_nan_step_on_the_cpu(tm
         assert not all(torch.equal(a, b) for a, b in zip(weights[1], weights[2])), "the good step was not"
     finally:
         dist.destroy_process_group()
+
+
+def test_weights_initialized_on_the_gpu_are_those_drawn_on_the_cpu():
+    """init_weights of a model on CUDA (drawn on the CPU block by block and copied) gives the CPU model's values."""
+    args = get_model_args("tiny", vocab_size=4096)
+    on_gpu = build_model(args, "meta").to_empty(device="cuda")
+    on_gpu.init_weights(5)
+    on_cpu = build_model(args, "cpu")
+    on_cpu.init_weights(5)
+    for (name, param), expected in zip(on_gpu.named_parameters(), on_cpu.parameters()):
+        assert param.device.type == "cuda" and torch.equal(param.cpu(), expected), name
