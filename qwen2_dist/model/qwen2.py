@@ -245,7 +245,7 @@ class Qwen2(nn.Module):
         checkpoint, Hugging Face weights). Those loads are strict, so no NaN survives them; a parameter that no load
         reached could never pass for a trained one. It replaces init_weights(), whose draws would all be
         overwritten, for seconds on every restart (benchmarks/init_bench.py on the 2-core CPU machine: qwen2-1.5b
-        in one process 8.6 s; qwen2-7b, a rank of 8, 9.4 s)."""
+        in one process 8.6 s; qwen2-7b, a rank of 8, 9.0 s)."""
         for param in self.parameters():
             param.fill_(float("nan"))
 
