@@ -783,17 +783,15 @@ class TokenBatches:
                           for counts, first in zip(shard_counts, self.dataset.shard_offset_per_stream)]
         indexes = sum(stream.get_index_size() for stream in self.dataset.streams)
 
-        def need_with(num_workers: int) -> tuple[int, list[int]]:  # bytes, and shards per source
+        def need_with(num_workers: int) -> tuple[int, list[int], int, int]:  # bytes, shards per source, steps, readers
             readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, num_workers)
             steps = steps_read_together(num_workers, self.grad_accum_steps)
             shards = [shards_read_together(counts, batch, shuffle, block_size, steps) + readers - 1
                       for counts in shard_counts]
-            return indexes + sum(n * size for n, size in zip(shards, largest_shards)), shards
+            return indexes + sum(n * size for n, size in zip(shards, largest_shards)), shards, steps, readers
 
-        need, shards = need_with(self.num_workers)
+        need, shards, steps, readers = need_with(self.num_workers)
         if limit < need:
-            steps = steps_read_together(self.num_workers, self.grad_accum_steps)
-            readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, self.num_workers)
             parts = [f"{path}: {n} x {_human_bytes(size)}" for path, n, size in zip(self.paths, shards, largest_shards)]
             by_block = shuffle and block_size > batch  # else the global batch sets most of the window
             # The smallest shuffle block that still mixes enough shards (narrow_shuffle).
@@ -814,8 +812,9 @@ class TokenBatches:
             # Fewer workers, where that lowers the need (a window over all of a source's shards stays that).
             fewer, floor_need = [], need
             for n in (1, 0):
-                if n < self.num_workers and need_with(n)[0] < floor_need:
-                    floor_need = need_with(n)[0]
+                lower = need_with(n)[0] if n < self.num_workers else need
+                if lower < floor_need:
+                    floor_need = lower
                     fewer.append(f"to {n}: {_human_bytes(need - floor_need)} less"
                                  + (", reading in the training process" if n == 0 else ""))
             workers = f", or lower data.num_workers ({'; '.join(fewer)})" if fewer else ""
