@@ -86,6 +86,11 @@ class ModelConfig:
     loss_chunk_tokens: int = 2048
     """Tokens per chunk of the chunked loss: its transient memory is about chunk x vocab x 2 bytes compiled (the bf16
     logits, overwritten by their gradient), chunk x vocab x 10 bytes eager (with two fp32 copies)."""
+    z_loss: float = 0.0
+    """Add z_loss x log(sum(exp(logits)))^2 of each target token to the training loss (the z-loss of PaLM, 1e-4, and
+    OLMo 2, 1e-5): it keeps the output logits from drifting, a guard against late loss spikes. 0 = off. Logged apart
+    as z_loss (the term per target token); loss and eval_loss stay the cross-entropy. model.loss chunked or plain
+    (also under tensor parallelism), not liger."""
     kernels: str = "torch"
     """Who computes RMSNorm (and SwiGLU): torch (fused by torch.compile per block on CUDA), liger (Liger-Kernel's Triton
     kernels) or apex (NVIDIA apex's fused RMSNorm); liger and apex need CUDA, parallel.compile=false or auto, and
@@ -847,7 +852,7 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
         raise UserError(f"optim.fused={o.fused!r}: choose auto, true or false")
     m = cfg.model
     from qwen2_dist.model.attention import BACKENDS
-    from qwen2_dist.model.loss import LOSSES
+    from qwen2_dist.model.loss import LOSSES, liger_z_loss_error
 
     if m.attention not in BACKENDS:
         raise UserError(f"model.attention={m.attention!r}: choose one of {', '.join(BACKENDS)}")
@@ -856,6 +861,10 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
     if m.loss in ("chunked", "liger") and p.tp > 1:
         raise UserError(f"model.loss={m.loss} cannot read vocabulary-sharded logits (parallel.tp={p.tp}); use "
                         "model.loss=auto or plain with tensor parallelism")
+    if not 0 <= m.z_loss < 1:
+        raise UserError(f"model.z_loss={m.z_loss:g}: must be a number from 0 (off) to below 1, e.g. 1e-4 or 1e-5")
+    if m.z_loss and m.loss == "liger":
+        raise liger_z_loss_error(m.z_loss)
     from qwen2_dist.model.kernels import FUSE_PROJECTIONS, KERNELS
 
     if m.kernels not in KERNELS:

@@ -204,6 +204,10 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
         # activations are still held: fp32 for one process's fp32 weights, else in the compute dtype, held to the
         # root's reduce at the end of backward.
         head += (4 if one_process else p) * vocab_matrix
+        if job.model.z_loss and layout["tp"] > 1:
+            # model.z_loss's exp(logits - max) of the vocabulary shard, in fp32, saved for backward
+            # (loss.vocab_parallel_z_term; in one process torch.logsumexp keeps only its input, counted above).
+            head += 4 * job.train.micro_batch_size * job.train.seq_len * args.vocab_size // layout["tp"]
     else:
         # No logits kept: one chunk's logits in flight, and the gradients of the head input and of the output
         # matrix, made in forward (the latter in fp32 for one process's fp32 weights).

@@ -618,7 +618,7 @@ def check_machine(job: JobConfig) -> str:
     resolve_backend(job.model.attention, device_type, job.data.document_masking, uses_bf16(job.train, device_type),
                     job.model.args().head_dim)
     check_available(job.model.kernels, device_type)
-    resolve_loss(job.model.loss, job.parallel.tp, device_type)
+    resolve_loss(job.model.loss, job.parallel.tp, device_type, job.model.z_loss)
     if job.optim.impl == "apex":
         apex_fused_adam(device_type)
     if job.model.float8:

@@ -9,6 +9,10 @@ matmuls per token (logits, d hidden, d weight) as in the plain path, and is neve
 
 Backends (model.loss): chunked (this module), liger (Liger-Kernel's fused linear cross-entropy, when installed),
 plain (logits, then torch's cross_entropy; the only one that works on vocabulary-sharded tensor-parallel logits).
+
+model.z_loss adds z x log-sum-exp^2 of each counted token's logits to the training loss (the auxiliary loss of PaLM
+and OLMo 2, which keeps the softmax's normalizer near 1): chunked and plain, and under tensor parallelism
+(vocab_parallel_z_term); its gradient, 2 z lse x softmax, joins the cross-entropy's in the same pass.
 """
 
 import functools
@@ -29,10 +33,12 @@ and data.eod_mask_loss puts it on each document's first token. Every implementat
 training only when told the targets may hold it (set_loss's masked), which costs it nothing otherwise."""
 
 
-def resolve_loss(requested: str, tp: int, device_type: str) -> str:
+def resolve_loss(requested: str, tp: int, device_type: str, z_loss: float = 0.0) -> str:
     """Turn model.loss (possibly 'auto') into a concrete implementation, and say why in the log."""
     if requested not in LOSSES:
         raise UserError(f"model.loss: unknown implementation {requested!r}; choose one of {', '.join(LOSSES)}")
+    if requested == "liger" and z_loss:
+        raise liger_z_loss_error(z_loss)
     if requested in ("chunked", "liger") and tp > 1:
         raise UserError(f"model.loss={requested} cannot read vocabulary-sharded logits (parallel.tp={tp}); "
                         "use model.loss=auto or plain with tensor parallelism")
@@ -50,6 +56,11 @@ def resolve_loss(requested: str, tp: int, device_type: str) -> str:
     return "chunked"
 
 
+def liger_z_loss_error(z_loss: float) -> UserError:
+    return UserError(f"model.z_loss={z_loss:g} is not computed by model.loss=liger; use model.loss=auto (chunked) or "
+                     "plain, or model.z_loss=0")
+
+
 @functools.cache
 def _liger_function():
     try:
@@ -60,21 +71,24 @@ def _liger_function():
     return liger_fused_linear_cross_entropy
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor,
-                         masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, masked: bool = False,
+                         z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of one chunk of logits (any float dtype, math in fp32), and the logits themselves,
     overwritten by d loss / d logits. masked: targets equal to IGNORE_INDEX count for nothing (zero loss and
-    gradient)."""
+    gradient). z_loss > 0: the gradient is that of cross-entropy + z_loss x lse^2, and the loss a pair (summed
+    cross-entropy, summed lse^2) (_with_z)."""
     fp32 = logits.float()
     lse = torch.logsumexp(fp32, dim=-1)
     loss = _summed_loss(fp32, lse, targets, masked)
     grad = torch.exp(fp32 - lse[:, None])
+    if z_loss:
+        grad.mul_((1.0 + 2.0 * z_loss * lse)[:, None])  # d(z lse^2) = 2 z lse softmax
     counted = targets != IGNORE_INDEX if masked else None
     hits = targets if counted is None else torch.where(counted, targets, 0)
     grad.scatter_add_(1, hits[:, None], torch.full_like(lse[:, None], -1.0))
     if counted is not None:
         grad.mul_(counted[:, None])
-    return loss, logits.copy_(grad)
+    return _with_z(loss, lse, targets, masked, z_loss), logits.copy_(grad)
 
 
 def _summed_loss(fp32: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, masked: bool) -> torch.Tensor:
@@ -87,8 +101,8 @@ def _summed_loss(fp32: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, m
     return torch.where(counted, lse - picked, 0.0).sum()
 
 
-def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor,
-                                 masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor, masked: bool = False,
+                                 z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """_chunk_loss_and_grad as torch.compile fuses it best: the one-hot subtracted element-wise (a comparison with
     the column index) instead of scattered. A scatter makes Inductor write the chunk's softmax in fp32 and convert it
     in a second pass (checked in its generated code: for a 2048-token chunk of the 151,936 vocabulary a 1.2 GB fp32
@@ -99,16 +113,16 @@ def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor,
     taken as _lse_and_probs_one_pass writes it, within fp32 rounding), and bitwise compiled against the compiled
     scatter on the CPU (checked once, 2026-11-27). Eager it would build a (tokens, vocab) mask: the eager path keeps
     the scatter."""
-    loss, grad = _loss_and_softmax_grad(logits, targets, masked=masked)
+    loss, grad = _loss_and_softmax_grad(logits, targets, masked=masked, z_loss=z_loss)
     return loss, logits.copy_(grad)
 
 
-def _chunk_loss_and_new_grad(logits: torch.Tensor, targets: torch.Tensor,
-                             masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_loss_and_new_grad(logits: torch.Tensor, targets: torch.Tensor, masked: bool = False,
+                             z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """_chunk_loss_and_grad_fusable with the gradient in a buffer of its own (the logits left as they are) and
     torch.logsumexp on every device: what _compiled_step falls back to where this torch cannot compile the other,
     differing from it in both."""
-    loss, grad = _loss_and_softmax_grad(logits, targets, one_pass=False, masked=masked)
+    loss, grad = _loss_and_softmax_grad(logits, targets, one_pass=False, masked=masked, z_loss=z_loss)
     return loss, grad.to(logits.dtype)
 
 
@@ -116,23 +130,34 @@ ONLINE_SOFTMAX_DEVICES = ("cuda", "xpu")
 """Where Inductor computes a softmax's max and sum in one pass over the row (config.online_softmax, Triton only)."""
 
 
-def _loss_and_softmax_grad(logits: torch.Tensor, targets: torch.Tensor, one_pass: bool = True,
-                           masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two fusable steps' common part: the chunk's summed loss and softmax - one-hot in fp32 (under
-    torch.compile never written as such: it is fused into the write of the gradient). one_pass: the log-sum-exp as
-    Inductor computes in one pass, where it does (_lse_and_probs_one_pass). masked: IGNORE_INDEX targets count for
-    nothing (a select per row in the same kernel; their one-hot never hits, their gradient row is zero)."""
+def _loss_and_softmax_grad(logits: torch.Tensor, targets: torch.Tensor, one_pass: bool = True, masked: bool = False,
+                           z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two fusable steps' common part: the chunk's summed loss (with z_loss > 0 the pair of _with_z) and
+    softmax x (1 + 2 z_loss lse) - one-hot in fp32 (under torch.compile never written as such: it is fused into the
+    write of the gradient). one_pass: the log-sum-exp as Inductor computes in one pass, where it does
+    (_lse_and_probs_one_pass). masked: IGNORE_INDEX targets count for nothing (a select per row in the same kernel;
+    their one-hot never hits, their gradient row is zero)."""
     fp32 = logits.float()
     if one_pass and logits.device.type in ONLINE_SOFTMAX_DEVICES:
         lse, probs = _lse_and_probs_one_pass(fp32)
     else:
         lse = torch.logsumexp(fp32, dim=-1)
         probs = torch.exp(fp32 - lse[:, None])
+    if z_loss:
+        probs = probs * (1.0 + 2.0 * z_loss * lse)[:, None]
     hit = torch.arange(logits.shape[-1], device=logits.device)[None, :] == targets[:, None]
     grad = torch.where(hit, probs - 1.0, probs)
     if masked:
         grad = torch.where((targets != IGNORE_INDEX)[:, None], grad, 0.0)
-    return _summed_loss(fp32, lse, targets, masked), grad
+    return _with_z(_summed_loss(fp32, lse, targets, masked), lse, targets, masked, z_loss), grad
+
+
+def _with_z(loss: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, masked: bool, z_loss: float) -> torch.Tensor:
+    """The chunk's summed cross-entropy as it is (z_loss 0: the compiled step of a job without z_loss is the one it
+    always was), or with z_loss the pair (summed cross-entropy, sum of lse^2 over the counted targets)."""
+    if not z_loss:
+        return loss
+    return torch.stack([loss, _summed_z(lse, targets, masked)])
 
 
 def _lse_and_probs_one_pass(fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,9 +210,12 @@ def _compiled_step(options: tuple = ()):
     in_place = _compiled(_chunk_loss_and_grad_fusable, options)
     chosen = [in_place]
 
-    def step(logits: torch.Tensor, targets: torch.Tensor, masked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(logits: torch.Tensor, targets: torch.Tensor, masked: bool = False,
+             z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        # z_loss is passed only when set: the compiled function of a job without it is the one it always was.
+        args = (logits, targets, masked) + ((z_loss,) if z_loss else ())
         try:
-            return chosen[0](logits, targets, masked)
+            return chosen[0](*args)
         except torch._dynamo.exc.BackendCompilerFailed as exc:
             if chosen[0] is not in_place:
                 raise
@@ -197,7 +225,7 @@ def _compiled_step(options: tuple = ()):
                         "(the same values within fp32 rounding, one more chunk-sized buffer)", type(exc).__name__,
                         first)
             chosen[0] = _compiled(_chunk_loss_and_new_grad, options)
-            return chosen[0](logits, targets, masked)
+            return chosen[0](*args)
 
     return step
 
@@ -246,6 +274,54 @@ def _accumulate(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, fp
     if total is None:
         return product.float()
     return total.add_(product)
+
+
+class ZLoss:
+    """model.z_loss for one loss: its coefficient, and what the last training loss computed with it held apart
+    (detached fp32 scalars on the device, for the log): the summed cross-entropy, and the term z x sum of lse^2 over
+    the counted targets that the returned loss adds to it. Evaluation adds no term (it reports cross-entropy): its
+    loss leaves both None."""
+
+    def __init__(self, coefficient: float = 0.0):
+        self.coefficient = float(coefficient)
+        self.cross_entropy: torch.Tensor | None = None
+        self.term: torch.Tensor | None = None
+
+    def record(self, cross_entropy: torch.Tensor | None, term: torch.Tensor | None) -> None:
+        self.cross_entropy = None if cross_entropy is None else cross_entropy.detach()
+        self.term = None if term is None else term.detach()
+
+
+def _summed_z(lse: torch.Tensor, targets: torch.Tensor, masked: bool) -> torch.Tensor:
+    """Sum of lse^2 over the chunk's tokens (masked: IGNORE_INDEX targets add nothing)."""
+    squares = lse * lse
+    if masked:
+        squares = torch.where(targets != IGNORE_INDEX, squares, 0.0)
+    return squares.sum()
+
+
+def plain_z_term(logits: torch.Tensor, targets: torch.Tensor, z_loss: float) -> torch.Tensor:
+    """z_loss x sum of log-sum-exp^2 over the targets that count (not IGNORE_INDEX), from (tokens, vocab) logits of
+    one process; differentiable."""
+    return z_loss * _summed_z(torch.logsumexp(logits.float(), dim=-1), targets, masked=True)
+
+
+def vocab_parallel_z_term(logits, targets: torch.Tensor, z_loss: float):
+    """plain_z_term of vocabulary-sharded logits (a DTensor sharded on its last dimension, as tensor parallelism's
+    head makes them), without gathering them: each rank sums exp(logits - max) over its columns (the max taken
+    across the ranks, detached: the log-sum-exp does not depend on it), and the ranks add those sums, one value a
+    token. A replicated scalar DTensor."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    fp32 = logits.float()
+    row_max = fp32.to_local().detach().amax(-1, keepdim=True)
+    group = fp32.device_mesh.get_group()
+    torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
+    row_max = DTensor.from_local(row_max, fp32.device_mesh, [Replicate()] * fp32.device_mesh.ndim, run_check=False)
+    lse = (fp32 - row_max).exp().sum(-1).log() + row_max.squeeze(-1)
+    counted = DTensor.from_local((targets != IGNORE_INDEX).to(lse.dtype), fp32.device_mesh,
+                                 [Replicate()] * fp32.device_mesh.ndim, run_check=False)
+    return z_loss * (lse * lse * counted).sum()
 
 
 class TiedGradient:
@@ -299,9 +375,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     TiedGradient, the weight's gradient goes to it instead (see there)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_tokens, compute_dtype, compiled, compile_options, tie, masked):
+    def forward(ctx, hidden, weight, targets, chunk_tokens, compute_dtype, compiled, compile_options, tie, masked,
+                z: ZLoss | None):
         # hidden (tokens, hidden) and weight (vocab, hidden) in any dtype; the matmuls run in compute_dtype.
-        # masked: targets may hold IGNORE_INDEX.
+        # masked: targets may hold IGNORE_INDEX. z: model.z_loss, whose term the returned loss includes.
         h = hidden.to(compute_dtype)
         w = weight.to(compute_dtype)
         loss_and_grad = (_compiled_step(compile_options) if compiled
@@ -311,10 +388,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # bf16 weight gradient, plus one rounding per chunk.
         grad_w = None
         grad_h = torch.empty_like(h)
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        z_loss = z.coefficient if z is not None else 0.0
+        # With z_loss: (summed cross-entropy, summed lse^2), accumulated together.
+        loss = torch.zeros((2,) if z_loss else (), dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], chunk_tokens):
             h_chunk = h[start : start + chunk_tokens]
-            chunk_loss, grad_logits = loss_and_grad(h_chunk @ w.T, targets[start : start + chunk_tokens], masked)
+            chunk_targets = targets[start : start + chunk_tokens]
+            chunk_loss, grad_logits = (loss_and_grad(h_chunk @ w.T, chunk_targets, masked, z_loss) if z_loss
+                                       else loss_and_grad(h_chunk @ w.T, chunk_targets, masked))
             loss += chunk_loss
             torch.matmul(grad_logits, w, out=grad_h[start : start + chunk_tokens])
             grad_w = _accumulate(grad_w, grad_logits.T, h_chunk, weight.dtype == torch.float32)
@@ -324,7 +405,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.grads = (grad_h, grad_w)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         ctx.tie = tie
-        return loss
+        if not z_loss:
+            return loss
+        cross_entropy, term = loss[0], z_loss * loss[1]
+        z.record(cross_entropy, term)
+        return cross_entropy + term
 
     @staticmethod
     def backward(ctx, grad_loss):
@@ -338,7 +423,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if ctx.tie is not None:
             ctx.tie.hand_over(grad_w)  # the embedding lookup's backward, which comes last, returns it
             grad_w = None
-        return grad_h.mul_(grad_loss).to(hidden_dtype), grad_w, None, None, None, None, None, None, None
+        return grad_h.mul_(grad_loss).to(hidden_dtype), grad_w, None, None, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -351,6 +436,7 @@ def linear_cross_entropy(
     compile_options: tuple = (),
     tie: TiedGradient | None = None,
     masked: bool = False,
+    z: ZLoss | None = None,
 ) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) of the logits hidden @ weight.T against targets, by `impl` (a resolved
     model.loss). hidden: (..., hidden); targets: (...) token ids, or IGNORE_INDEX for none (the chunked training
@@ -359,15 +445,27 @@ def linear_cross_entropy(
     projection runs in the autocast dtype, as a plain F.linear would. compiled: the chunked loss's softmax step
     through torch.compile, with compile_options (sorted (name, value) pairs of Inductor settings). tie: the
     TiedGradient of a TiedEmbedding lookup of the same weight in this graph, which then receives the chunked loss's
-    gradient of the weight (the other implementations ignore it, and the lookup makes its own)."""
+    gradient of the weight (the other implementations ignore it, and the lookup makes its own). z: model.z_loss;
+    with a coefficient, a loss that computes gradients (training) adds z x lse^2 of each counted token and records
+    its parts in z; one that does not (evaluation) is cross-entropy alone, and records None."""
     hidden = hidden.flatten(0, -2)
     targets = targets.flatten().to(hidden.device)
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    z_loss = z.coefficient if z is not None and torch.is_grad_enabled() else 0.0
+    if z is not None:
+        z.record(None, None)
     if impl == "plain":
         logits = F.linear(hidden, weight)
-        return F.cross_entropy(logits.float(), targets, reduction="sum")
+        loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+        if not z_loss:
+            return loss
+        term = plain_z_term(logits, targets, z_loss)
+        z.record(loss, term)
+        return loss + term
     if impl == "liger":
+        if z_loss:
+            raise liger_z_loss_error(z_loss)
         return _liger_function()(hidden.to(compute_dtype), weight.to(compute_dtype), targets, reduction="sum").float()
     if impl != "chunked":
         raise AssertionError(f"unresolved loss implementation {impl!r}")
@@ -381,4 +479,4 @@ def linear_cross_entropy(
             return sum((chunk_loss(h[s : s + chunk_tokens] @ w.T, targets[s : s + chunk_tokens])
                         for s in range(0, h.shape[0], chunk_tokens)), torch.zeros((), device=h.device))
         return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk_tokens, compute_dtype, compiled,
-                                                compile_options, tie, masked)
+                                                compile_options, tie, masked, z if z_loss else None)

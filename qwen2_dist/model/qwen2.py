@@ -12,7 +12,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from qwen2_dist.model import kernels
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.attention import DocumentMask, attention, document_mask
-from qwen2_dist.model.loss import TiedEmbedding, TiedGradient, linear_cross_entropy
+from qwen2_dist.model.loss import TiedEmbedding, TiedGradient, ZLoss, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -165,6 +165,7 @@ class Qwen2(nn.Module):
         self.loss_impl, self.loss_chunk_tokens, self.loss_compiled = "plain", 2048, False
         self.loss_compile_options: tuple = ()
         self.loss_masked = False
+        self.z_loss = ZLoss()
         if args.tie_word_embeddings:
             self.lm_head = TiedHead(self.embed_tokens)
         else:
@@ -195,12 +196,14 @@ class Qwen2(nn.Module):
                 module.fused = fuse_projections in (True, "mlp")
 
     def set_loss(self, impl: str, chunk_tokens: int = 2048, compiled: bool = False,
-                 compile_options: dict | None = None, masked: bool = False) -> None:
+                 compile_options: dict | None = None, masked: bool = False, z_loss: float = 0.0) -> None:
         """How forward(targets=...) computes the loss: a resolved model.loss (see loss.resolve_loss); compiled with
-        these Inductor settings (parallel.compile_options); masked: training targets may hold loss.IGNORE_INDEX."""
+        these Inductor settings (parallel.compile_options); masked: training targets may hold loss.IGNORE_INDEX;
+        z_loss: model.z_loss, added in training (self.z_loss holds the last loss's parts for the log)."""
         self.loss_impl, self.loss_chunk_tokens, self.loss_compiled = impl, chunk_tokens, compiled
         self.loss_compile_options = tuple(sorted((compile_options or {}).items()))
         self.loss_masked = masked
+        self.z_loss.coefficient = float(z_loss)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> int:
@@ -300,7 +303,8 @@ class Qwen2(nn.Module):
         if targets is None:
             return self.lm_head(hidden)
         return linear_cross_entropy(hidden, weight, targets, self.loss_impl, self.loss_chunk_tokens,
-                                    self.loss_compiled, self.loss_compile_options, tie=tie, masked=self.loss_masked)
+                                    self.loss_compiled, self.loss_compile_options, tie=tie, masked=self.loss_masked,
+                                    z=self.z_loss if self.z_loss.coefficient else None)
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Qwen2:

@@ -18,7 +18,7 @@ from qwen2_dist.config import JobConfig, inductor_options, uses_bf16
 from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.model.args import ModelArgs
-from qwen2_dist.model.loss import IGNORE_INDEX, resolve_loss
+from qwen2_dist.model.loss import IGNORE_INDEX, ZLoss, plain_z_term, resolve_loss, vocab_parallel_z_term
 from qwen2_dist.parallel.mesh import World, agree_any, agree_max, all_reduce_sum, dp_rank_and_size
 from qwen2_dist.parallel.parallelize import compile_enabled, loss_context, set_gradient_sync
 from qwen2_dist.train import checkpoint
@@ -137,11 +137,14 @@ class Trainer:
         self.peak_flops = peak_flops(world.device, cfg.logging.peak_tflops and cfg.logging.peak_tflops * 1e12)
         tp = mesh["tp"].size() if mesh is not None else 1
         # The loss inside the model's forward (model.loss chunked or liger), or logits out and the loss here.
-        loss_impl = resolve_loss(cfg.model.loss, tp, world.device.type)
+        loss_impl = resolve_loss(cfg.model.loss, tp, world.device.type, cfg.model.z_loss)
         self.loss_in_model = loss_impl != "plain"
         compiled = compile_enabled(cfg.parallel, world.device.type, cfg.model.kernels)
         model.set_loss(loss_impl, cfg.model.loss_chunk_tokens, compiled, inductor_options(cfg.parallel),
-                       masked=cfg.data.eod_mask_loss)
+                       masked=cfg.data.eod_mask_loss, z_loss=cfg.model.z_loss)
+        # model.z_loss: the parts of the last training loss (cross-entropy, the z term), recorded where it is made.
+        self.z = model.z_loss if self.loss_in_model else ZLoss(cfg.model.z_loss)
+        self.last_z_loss: torch.Tensor | None = None  # the last step's z term per target token (device scalar)
         model.set_kernels(cfg.model.kernels, cfg.model.fuse_projections, world.device.type)
         # One process computes in bf16 under autocast; FSDP does it with its bf16 weights.
         use_autocast = mesh is None and uses_bf16(cfg.train, world.device.type)
@@ -244,6 +247,7 @@ class Trainer:
             global_tokens = float(self.tokens_per_step)
             assert sum(b.targets.numel() for b in micro_batches) * self.dp_size == global_tokens, "samples of seq_len"
         loss_sum = torch.zeros((), device=device)
+        z_sum = torch.zeros((), device=device) if self.z.coefficient else None
         for index, (inputs, targets, positions) in enumerate(micro_batches):
             set_gradient_sync(self.model, index == len(micro_batches) - 1, self.cfg.parallel.reduce_every_micro_batch)
             if hasattr(self.optimizer, "last_micro_batch"):  # optim.overlap takes the norm during the last backward
@@ -255,6 +259,9 @@ class Trainer:
                 if self.in_backward:
                     self.optimizer.skip_if(~torch.isfinite(loss))
                 (loss / global_tokens).backward()
+            if z_sum is not None:  # the log's loss is the cross-entropy; the z term is logged apart
+                loss, term = self.z.cross_entropy, self.z.term
+                z_sum += term.full_tensor() if isinstance(term, DTensor) else term
             loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
         if self.in_backward:
             grad_norm = self.optimizer.grad_norm()  # the updates are done; nothing to clip or step
@@ -262,7 +269,10 @@ class Trainer:
             grad_norm = clip_gradients(self.model, self.optimizer, self.cfg.train.grad_clip)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        loss = all_reduce_sum(loss_sum, self.mesh) / global_tokens
+        if z_sum is None:
+            loss = all_reduce_sum(loss_sum, self.mesh) / global_tokens
+        else:  # one collective for both
+            loss, self.last_z_loss = all_reduce_sum(torch.stack([loss_sum, z_sum]), self.mesh) / global_tokens
         skip = self.guard.verdict(loss, grad_norm)  # identical on every rank: loss and norm are global
         if self.device_skip:
             self.optimizer.found_inf = found_inf_on(skip, self.params_device)
@@ -289,7 +299,14 @@ class Trainer:
             if self.loss_in_model:
                 return self.model(inputs, positions, mask_documents=positions is not None, targets=targets)
             logits = self.model(inputs, positions, mask_documents=positions is not None)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        logits, targets = logits.float().flatten(0, 1), targets.flatten()
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        if not (self.z.coefficient and torch.is_grad_enabled()):  # evaluation reports cross-entropy alone
+            return loss
+        z_term = vocab_parallel_z_term if isinstance(logits, DTensor) else plain_z_term
+        term = z_term(logits, targets, self.z.coefficient)
+        self.z.record(loss, term)
+        return loss + term
 
     @torch.no_grad()
     def evaluate(self, batches: TokenBatches, samples: int | None = None) -> float:
@@ -403,6 +420,8 @@ class Trainer:
                         "skipped_steps": skipped,
                         "time": time.time(),
                     }
+                    if self.last_z_loss is not None:
+                        record["z_loss"] = self.last_z_loss.item()
                     if eval_due:  # after the window's clock stopped: evaluation time is not training time
                         eval_started = time.monotonic()
                         eval_record, eval_text = self.evaluate_all()

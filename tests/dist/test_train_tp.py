@@ -5,11 +5,13 @@ import json
 from tests.helpers import first_error, read_metrics, run_cli, run_torchrun, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
-JOB = {"parallel.activation_checkpointing": "full", "train.steps": 2, "checkpoint.interval": 0}
+# model.z_loss on: under TP its term is taken from the vocabulary-sharded logits (loss.vocab_parallel_z_term), in
+# one process by the chunked loss; 0.1, so that a wrong gradient of it would move the second step's loss.
+JOB = {"parallel.activation_checkpointing": "full", "train.steps": 2, "checkpoint.interval": 0, "model.z_loss": 0.1}
 
 
-def losses(run_dir) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir)]
+def losses(run_dir, key="loss") -> list[float]:
+    return [r[key] for r in read_metrics(run_dir)]
 
 
 def test_tensor_parallel_job_trains_like_one_process(tmp_path, corpus_cache):
@@ -24,3 +26,5 @@ def test_tensor_parallel_job_trains_like_one_process(tmp_path, corpus_cache):
     got, expected = losses(tp_dir), losses(one_dir)
     assert len(got) == len(expected) == 2
     assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-5, (got, expected)
+    got, expected = losses(tp_dir, "z_loss"), losses(one_dir, "z_loss")
+    assert min(expected) > 1 and max(abs(a - b) / b for a, b in zip(got, expected)) <= 1e-5, (got, expected)

@@ -62,6 +62,8 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["model.loss=fused"], 1, "model.loss"),
     (["model.loss=chunked", "parallel.tp=2"], 2, "model.loss=chunked"),
     (["model.loss_chunk_tokens=0"], 1, "model.loss_chunk_tokens"),
+    (["model.z_loss=-1e-4"], 1, "model.z_loss=-0.0001: must be a number from 0 (off) to below 1"),
+    (["model.z_loss=1e-4", "model.loss=liger"], 1, "model.z_loss=0.0001 is not computed by model.loss=liger"),
     (["model.kernels=triton"], 1, "model.kernels"),
     (["model.kernels=liger", "parallel.compile=true"], 1, "model.kernels=liger with parallel.compile=true"),
     (["model.fuse_projections=true", "parallel.tp=2"], 2, "model.fuse_projections"),

@@ -246,6 +246,77 @@ def test_twenty_training_steps_follow_the_plain_loss_curve():
     torch.testing.assert_close(curves["chunked"], curves["plain"], rtol=0, atol=2.5e-4)
 
 
+def z_reference(hidden, weight, targets, z_loss):
+    """cross-entropy + z_loss x sum of lse^2 over the counted targets, by autograd in fp64: (cross-entropy, the z
+    term, d hidden, d weight)."""
+    hidden = hidden.detach().double().requires_grad_()
+    weight = weight.detach().double().requires_grad_()
+    logits = F.linear(hidden, weight).flatten(0, 1)
+    flat = targets.flatten()
+    cross_entropy = F.cross_entropy(logits, flat, reduction="sum")
+    term = z_loss * torch.where(flat != IGNORE_INDEX, torch.logsumexp(logits, -1) ** 2, 0.0).sum()
+    (cross_entropy + term).backward()
+    return cross_entropy.detach(), term.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("impl,chunk_tokens,masked", [("chunked", 1, False), ("chunked", 10, True),
+                                                      ("chunked", 1000, False), ("plain", 0, True)])
+def test_z_loss_adds_z_times_lse_squared_and_its_gradient(impl, chunk_tokens, masked):
+    """model.z_loss: the training loss is cross-entropy + z x lse^2 of each counted token, with that gradient (an
+    fp64 autograd reference); z records the two parts apart for the log. Evaluation (no gradients) is cross-entropy
+    alone and records nothing."""
+    hidden, weight, targets = inputs()
+    hidden = hidden * 3  # logits of a few units: lse^2 well away from what a wrong factor would give
+    if masked:
+        targets.view(-1)[::4] = IGNORE_INDEX
+    z_loss = 0.05
+    cross_entropy, term, d_hidden, d_weight = z_reference(hidden, weight, targets, z_loss)
+    assert term > 0.2 * cross_entropy  # the term matters to this test's gradients
+    z = loss_module.ZLoss(z_loss)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss = linear_cross_entropy(h, w, targets, impl, chunk_tokens=chunk_tokens or 2048, masked=masked, z=z)
+    (loss * 0.25).backward()
+    torch.testing.assert_close(loss.double(), cross_entropy + term, rtol=1e-5, atol=0)
+    torch.testing.assert_close(z.cross_entropy.double(), cross_entropy, rtol=1e-5, atol=0)
+    torch.testing.assert_close(z.term.double(), term, rtol=1e-5, atol=0)
+    torch.testing.assert_close(h.grad.double(), 0.25 * d_hidden, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), 0.25 * d_weight, rtol=1e-4, atol=1e-6)
+    if masked:
+        assert (h.grad.flatten(0, 1)[::4] == 0).all()
+    with torch.no_grad():
+        evaluated = linear_cross_entropy(hidden, weight, targets, impl, chunk_tokens=chunk_tokens or 2048, z=z)
+    torch.testing.assert_close(evaluated.double(), cross_entropy, rtol=1e-5, atol=0)
+    assert z.cross_entropy is None and z.term is None
+
+
+def test_the_softmax_steps_with_z_loss_compute_what_the_eager_one_does():
+    """The chunk steps with model.z_loss: the fusable one (eager, and compiled as the loss compiles it) gives the
+    eager step's (cross-entropy, sum of lse^2) and gradient, written over the logits; z_loss 0 leaves every step
+    as it was (a scalar loss)."""
+    from qwen2_dist.model.loss import _chunk_loss_and_grad, _chunk_loss_and_grad_fusable
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(24, 301, generator=generator) * 4).bfloat16()
+    targets = torch.randint(0, 301, (24,), generator=generator)
+    targets[::3] = IGNORE_INDEX
+    for function in (_chunk_loss_and_grad, _chunk_loss_and_grad_fusable):
+        assert function(logits.clone(), targets, True)[0].shape == ()
+    pair, grad = _chunk_loss_and_grad(logits.clone(), targets, True, 0.01)
+    lse = torch.logsumexp(logits.float(), -1)
+    counted = targets != IGNORE_INDEX
+    torch.testing.assert_close(pair, torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"),
+                                                  (lse[counted] ** 2).sum()]), rtol=1e-6, atol=0)
+    fused_pair, fused_grad = _chunk_loss_and_grad_fusable(logits.clone(), targets, True, 0.01)
+    torch.testing.assert_close(fused_pair, pair, rtol=1e-6, atol=0)
+    torch.testing.assert_close(fused_grad.float(), grad.float(), rtol=1e-2, atol=1e-3)
+    torch._dynamo.reset()
+    compiled_logits = logits.clone()
+    compiled_pair, compiled_grad = loss_module._compiled_step()(compiled_logits, targets, True, 0.01)
+    torch.testing.assert_close(compiled_pair, pair, rtol=1e-5, atol=0)
+    torch.testing.assert_close(compiled_grad.float(), grad.float(), rtol=1e-2, atol=1e-3)
+    assert compiled_grad.data_ptr() == compiled_logits.data_ptr()
+
+
 def test_resolve_loss():
     assert resolve_loss("auto", tp=1, device_type="cpu") == "chunked"
     assert resolve_loss("auto", tp=2, device_type="cuda") == "plain"
@@ -256,6 +327,8 @@ def test_resolve_loss():
         resolve_loss("liger", tp=1, device_type="cpu")
     with pytest.raises(UserError, match="model.loss: unknown implementation 'fused'"):
         resolve_loss("fused", tp=1, device_type="cpu")
+    with pytest.raises(UserError, match="model.z_loss=0.0001 is not computed by model.loss=liger; use model.loss=auto"):
+        resolve_loss("liger", tp=1, device_type="cuda", z_loss=1e-4)
 
 
 def test_autocast_computes_in_bf16_and_returns_fp32_gradients():

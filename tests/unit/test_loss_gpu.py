@@ -111,3 +111,23 @@ def test_the_masked_softmax_step_is_the_same_one_pass_kernel_and_leaves_ignored_
     assert bool((grad[ignored] == 0).all())
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-6)
+
+
+def test_the_compiled_step_with_z_loss_is_still_one_pass_and_computes_the_eager_values():
+    """model.z_loss's compiled step (softmax x (1 + 2 z lse) - one-hot): still the online softmax's one pass and the
+    gradient over the logits, the eager step's (cross-entropy, sum of lse^2) and gradient."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(512, 151936, device="cuda", generator=generator) * 4).bfloat16()
+    targets = torch.randint(0, 151936, (512,), device="cuda", generator=generator)
+    targets[::5] = loss_module.IGNORE_INDEX
+    eager_pair, eager_grad = loss_module._chunk_loss_and_grad(logits.clone(), targets, True, 1e-4)
+    compiled_logits = logits.clone()
+    (pair, grad), code = run_and_get_code(torch.compile(loss_module._chunk_loss_and_grad_fusable, dynamic=False),
+                                          compiled_logits, targets, True, 1e-4)
+    assert "online_softmax" in "\n".join(code) and grad.data_ptr() == compiled_logits.data_ptr()
+    assert pair.shape == (2,) and bool((grad[::5] == 0).all())
+    torch.testing.assert_close(pair, eager_pair, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-6)

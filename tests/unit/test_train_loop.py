@@ -625,3 +625,39 @@ def test_a_run_that_fails_closes_its_metrics_sinks_as_failed(tmp_path, monkeypat
     with pytest.raises(RuntimeError, match="illegal memory access"):
         failing.fit()
     assert closed == [0, 1]
+
+
+@pytest.mark.parametrize("loss", ["chunked", "plain"])
+def test_z_loss_is_trained_on_and_logged_apart_from_the_cross_entropy(tmp_path, loss):
+    """model.z_loss: the logged loss stays the cross-entropy (step 1: that of the same run without it), z_loss is
+    the term per target token (z x the mean lse^2 of the first batch's logits, recomputed here), the term's
+    gradient changes the training, and a loss taken without gradients (evaluation) is the cross-entropy alone.
+    chunked: the loss in the model's forward; plain: the trainer's own, the path of tensor parallelism."""
+    from qwen2_dist.data.synthetic import SyntheticBatches
+    from tests.helpers import read_metrics
+
+    runs = {}
+    for name, z in (("off", "0"), ("on", "0.1")):
+        (tmp_path / name).mkdir()
+        runs[name] = _trainer(tmp_path / name, f"model.loss={loss}", f"model.z_loss={z}", "train.steps=3",
+                              "logging.interval=1")
+    on = runs["on"]
+    inputs, targets, _ = SyntheticBatches(on.args.vocab_size, 16, 2, 2, seed=0).next_batch()
+    with torch.no_grad():
+        lse = torch.logsumexp(on.model(inputs).float(), dim=-1)
+        for trainer in runs.values():  # evaluation's loss: the cross-entropy, with or without model.z_loss
+            assert float(trainer._loss(inputs, None, targets)) == pytest.approx(
+                float(torch.nn.functional.cross_entropy(trainer.model(inputs).float().flatten(0, 1),
+                                                        targets.flatten(), reduction="sum")), rel=1e-6)
+    for trainer in runs.values():
+        trainer.fit()
+    records = {name: read_metrics(tmp_path / name) for name in runs}
+    assert [r["step"] for r in records["on"]] == [1, 2, 3]
+    assert "z_loss" not in records["off"][0]
+    assert records["on"][0]["loss"] == pytest.approx(records["off"][0]["loss"], rel=1e-6)
+    assert records["on"][0]["z_loss"] == pytest.approx(0.1 * float((lse ** 2).mean()), rel=1e-5)
+    # Its gradient was applied: it pulls the log-sum-exp down, below the run's without it.
+    with torch.no_grad():
+        squares = {name: float((torch.logsumexp(trainer.model(inputs).float(), dim=-1) ** 2).mean())
+                   for name, trainer in runs.items()}
+    assert squares["on"] < squares["off"] - 5e-3, squares
