@@ -311,16 +311,20 @@ def vocab_parallel_z_term(logits, targets: torch.Tensor, z_loss: float):
     head makes them), without gathering them: each rank sums exp(logits - max) over its columns (the max taken
     across the ranks, detached: the log-sum-exp does not depend on it), and the ranks add those sums, one value a
     token. A replicated scalar DTensor."""
-    from torch.distributed.tensor import DTensor, Replicate
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     fp32 = logits.float()
+    mesh, vocab_dim = fp32.device_mesh, fp32.ndim - 1
+    sharded = [i for i, placement in enumerate(fp32.placements) if placement in (Shard(vocab_dim), Shard(-1))]
+    if len(sharded) != 1 or any(not isinstance(placement, Replicate)
+                                for i, placement in enumerate(fp32.placements) if i != sharded[0]):
+        raise AssertionError(f"vocab_parallel_z_term takes logits sharded on the vocabulary only: {fp32.placements}")
     row_max = fp32.to_local().detach().amax(-1, keepdim=True)
-    group = fp32.device_mesh.get_group()
-    torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=group)
-    row_max = DTensor.from_local(row_max, fp32.device_mesh, [Replicate()] * fp32.device_mesh.ndim, run_check=False)
+    torch.distributed.all_reduce(row_max, op=torch.distributed.ReduceOp.MAX, group=mesh.get_group(sharded[0]))
+    replicated = [Replicate()] * mesh.ndim
+    row_max = DTensor.from_local(row_max, mesh, replicated, run_check=False)
     lse = (fp32 - row_max).exp().sum(-1).log() + row_max.squeeze(-1)
-    counted = DTensor.from_local((targets != IGNORE_INDEX).to(lse.dtype), fp32.device_mesh,
-                                 [Replicate()] * fp32.device_mesh.ndim, run_check=False)
+    counted = DTensor.from_local((targets != IGNORE_INDEX).to(lse.dtype), mesh, replicated, run_check=False)
     return z_loss * (lse * lse * counted).sum()
 
 
@@ -452,7 +456,9 @@ def linear_cross_entropy(
     targets = targets.flatten().to(hidden.device)
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    z_loss = z.coefficient if z is not None and torch.is_grad_enabled() else 0.0
+    # Training (the term added) is what the chunked loss below takes for it: gradients wanted of hidden or weight.
+    training = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    z_loss = z.coefficient if z is not None and training else 0.0
     if z is not None:
         z.record(None, None)
     if impl == "plain":
@@ -472,7 +478,7 @@ def linear_cross_entropy(
     if chunk_tokens < 1:
         raise UserError(f"model.loss_chunk_tokens={chunk_tokens} must be positive, e.g. 2048")
     with torch.autocast(device_type, enabled=False):
-        if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        if not training:
             # Evaluation: the same chunked loss, no gradients.
             h, w = hidden.to(compute_dtype), weight.to(compute_dtype)
             chunk_loss = _compiled(_chunk_loss, compile_options) if compiled else _chunk_loss

@@ -508,7 +508,7 @@ def format_step(record: dict) -> str:
     parts = [
         f"step {record['step']}",
         f"loss {record['loss']:.4f}",
-        *([f"z_loss {record['z_loss']:.4f}"] if record.get("z_loss") is not None else []),
+        *([f"z_loss {record['z_loss']:.4g}"] if record.get("z_loss") is not None else []),
         f"lr {record['lr']:.2e}",
         f"grad_norm {record['grad_norm']:.3f}",
         f"tok/s {record['tokens_per_sec']:,.0f}",

@@ -259,8 +259,12 @@ class Trainer:
                 if self.in_backward:
                     self.optimizer.skip_if(~torch.isfinite(loss))
                 (loss / global_tokens).backward()
-            if z_sum is not None:  # the log's loss is the cross-entropy; the z term is logged apart
-                loss, term = self.z.cross_entropy, self.z.term
+            if z_sum is not None:
+                # The log's loss is the cross-entropy, the z term logged apart; plus the objective less itself (0
+                # when finite), so that a non-finite loss (a fault, or one injected) still shows there and to the
+                # guard.
+                objective, term = loss.detach(), self.z.term
+                loss = self.z.cross_entropy + (objective - objective)
                 z_sum += term.full_tensor() if isinstance(term, DTensor) else term
             loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
         if self.in_backward:
@@ -301,7 +305,7 @@ class Trainer:
             logits = self.model(inputs, positions, mask_documents=positions is not None)
         logits, targets = logits.float().flatten(0, 1), targets.flatten()
         loss = F.cross_entropy(logits, targets, reduction="sum")
-        if not (self.z.coefficient and torch.is_grad_enabled()):  # evaluation reports cross-entropy alone
+        if not (self.z.coefficient and torch.is_grad_enabled() and logits.requires_grad):  # evaluation: cross-entropy
             return loss
         z_term = vocab_parallel_z_term if isinstance(logits, DTensor) else plain_z_term
         term = z_term(logits, targets, self.z.coefficient)

@@ -6,7 +6,8 @@ from tests.helpers import first_error, read_metrics, run_cli, run_torchrun, trai
 
 TRAIN = "qwen2_dist.cli.train"
 # model.z_loss on: under TP its term is taken from the vocabulary-sharded logits (loss.vocab_parallel_z_term), in
-# one process by the chunked loss; 0.1, so that a wrong gradient of it would move the second step's loss.
+# one process by the chunked loss; 0.1, so that a wrong gradient of it would move the second step's loss. (The TP
+# layouts of tests/dist/test_parity.py train through the same Trainer without it.)
 JOB = {"parallel.activation_checkpointing": "full", "train.steps": 2, "checkpoint.interval": 0, "model.z_loss": 0.1}
 
 

@@ -661,3 +661,17 @@ def test_z_loss_is_trained_on_and_logged_apart_from_the_cross_entropy(tmp_path, 
         squares = {name: float((torch.logsumexp(trainer.model(inputs).float(), dim=-1) ** 2).mean())
                    for name, trainer in runs.items()}
     assert squares["on"] < squares["off"] - 5e-3, squares
+
+
+def test_with_z_loss_a_non_finite_loss_still_shows_in_the_logged_loss(tmp_path, monkeypatch):
+    """The logged loss is the cross-entropy recorded apart from the z term: a loss made NaN (here by the fault
+    injection, which acts on the whole loss) must still be NaN there, for the log and the guard."""
+    from qwen2_dist.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "inject_nan", lambda step, loss: loss * float("nan") if step == 1 else loss)
+    trainer = _trainer(tmp_path, "model.z_loss=1e-4")
+    loss, _, _ = trainer.train_step()
+    assert torch.isnan(loss) and trainer.guard.counts()[0] == 1
+    trainer.step += 1  # as fit() counts it
+    loss, _, _ = trainer.train_step()
+    assert torch.isfinite(loss) and trainer.guard.counts()[0] == 1
