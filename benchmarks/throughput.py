@@ -193,7 +193,7 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int, profile: str | 
     build_seconds = time.perf_counter() - started
     batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
                                job.train.global_batch_size, seed=seed)
-    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata={})
+    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, metadata={})
     result = timed_steps(lambda: trainer.train_step()[0], warmup, steps, world.device)
     result[2]["build_s"] = build_seconds
     # Read before the profiled steps: a step skipped for a non-finite or spiking loss or gradient (the fused AdamW's

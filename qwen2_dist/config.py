@@ -62,6 +62,62 @@ def inductor_options(p: "ParallelConfig") -> dict[str, Any]:
     return flat
 
 
+@dataclass(frozen=True)
+class BatchSchedule:
+    """The global batch of each optimizer step: train.batch_rampup's stages, then train.global_batch_size."""
+
+    final: int
+    stages: tuple[tuple[int, int], ...] = ()
+    """(global batch, last step of the stage), the last steps increasing."""
+
+    @classmethod
+    def of(cls, t: "TrainConfig") -> "BatchSchedule":
+        """The schedule of a job's train section (its stages checked with batch_stages)."""
+        return cls(t.global_batch_size, batch_stages(t))
+
+    def at(self, step: int) -> int:
+        """Samples of optimizer step `step` (1 is the first)."""
+        for batch, last in self.stages:
+            if step <= last:
+                return batch
+        return self.final
+
+    def sizes(self) -> list[int]:
+        """Every global batch the run uses."""
+        return sorted({self.final, *(batch for batch, _ in self.stages)})
+
+    def describe(self) -> str:
+        """The stages in words, for the log."""
+        parts, first = [], 1
+        for batch, last in self.stages:
+            parts.append(f"{batch} for steps {first}-{last}")
+            first = last + 1
+        return ", ".join(parts + [f"{self.final} from step {first} on"])
+
+
+def batch_stages(t: "TrainConfig") -> tuple[tuple[int, int], ...]:
+    """train.batch_rampup as (batch, last step) pairs; UserError naming it and the form it takes when it is not a
+    list of [BATCH, LAST_STEP] pairs of positive integers with increasing last steps before train.steps."""
+    form = ("give it as [[BATCH, LAST_STEP], ...], e.g. 'train.batch_rampup=[[64,1000],[128,3000]]' (global batch 64 "
+            "for steps 1-1000, 128 for steps 1001-3000, then train.global_batch_size)")
+    stages, before = [], 0
+    for stage in t.batch_rampup:
+        if not (isinstance(stage, (list, tuple)) and len(stage) == 2
+                and all(type(v) is int and v > 0 for v in stage)):
+            raise UserError(f"train.batch_rampup={list(t.batch_rampup)}: the stage {stage} is not a pair of positive "
+                            f"integers; {form}")
+        batch, last = stage
+        if last <= before:
+            raise UserError(f"train.batch_rampup={list(t.batch_rampup)}: the stages' last steps must increase (stage "
+                            f"{list(stage)} ends at step {last}, not after the one before it); {form}")
+        stages.append((batch, last))
+        before = last
+    if stages and before >= t.steps:
+        raise UserError(f"train.batch_rampup ends at step {before}, not before train.steps={t.steps}: the run would "
+                        "never train on train.global_batch_size; end its last stage earlier or raise train.steps")
+    return tuple(stages)
+
+
 def uses_bf16(train: "TrainConfig", device_type: str) -> bool:
     """Whether a job computes in bf16 on this device type (train.mixed_precision; auto = on CUDA only)."""
     return train.mixed_precision == "bf16" or (train.mixed_precision == "auto" and device_type == "cuda")
@@ -220,6 +276,11 @@ class TrainConfig:
     """Samples per forward/backward on one data-parallel rank."""
     global_batch_size: int = 8
     """Samples per optimizer step over all ranks; the rest comes from gradient accumulation."""
+    batch_rampup: list[Any] = field(default_factory=list)
+    """A smaller global batch for the first steps, as stages [BATCH, LAST_STEP]: [[64, 1000], [128, 3000]] trains
+    steps 1-1000 on global batches of 64 samples, steps 1001-3000 on 128, then on train.global_batch_size. Each
+    batch a multiple of micro-batch x data-parallel ranks; the samples are read in the order of a run without it.
+    Empty: none."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
     device: str = "auto"
@@ -891,12 +952,13 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
             f"(got {world_size}; under FSDP each rank updates only its shard), optim.in_backward=false, "
             f"optim.impl=torch and optim.fused=auto or true (got {o.in_backward}, {o.impl}, {o.fused})"
         )
-    if o.in_backward and (world_size > 1 or t.grad_clip > 0 or t.spike_sigma > 0
+    if o.in_backward and (world_size > 1 or t.grad_clip > 0 or t.spike_sigma > 0 or t.batch_rampup
                           or t.global_batch_size != t.micro_batch_size or o.fused is False or o.impl != "torch"):
         raise UserError(
             "optim.in_backward=true updates each parameter during backward with torch's fused AdamW, so it needs one "
             f"process, train.grad_clip=0 (got {t.grad_clip}), train.spike_sigma=0 (got {t.spike_sigma}), "
-            f"train.global_batch_size = train.micro_batch_size (got {t.global_batch_size} and {t.micro_batch_size}), "
+            f"train.global_batch_size = train.micro_batch_size (got {t.global_batch_size} and {t.micro_batch_size}) "
+            f"and no train.batch_rampup (got {list(t.batch_rampup)}), "
             f"optim.impl=torch (got {o.impl}) and optim.fused=auto or true (got {o.fused})"
         )
     if o.impl not in ("torch", "apex"):
@@ -920,6 +982,13 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
             f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size x "
             f"data-parallel size = {t.micro_batch_size} x {dp}; pick a global batch that is a multiple of "
             f"{t.micro_batch_size * dp}"
+        )
+    uneven = [batch for batch, _ in batch_stages(t) if batch % (t.micro_batch_size * dp)]
+    if uneven:
+        raise UserError(
+            f"train.batch_rampup={list(t.batch_rampup)}: the global batch {uneven[0]} is not divisible by "
+            f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}; make each stage's batch a "
+            f"multiple of {t.micro_batch_size * dp}"
         )
     # Meant as a keyword, read as a path: with checkpoints of its own the run would resume the newest without a word
     # (a path of another run is not read once the run has its own), where "None" meant to start afresh.

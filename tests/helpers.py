@@ -168,7 +168,7 @@ def cpu_trainer(run_dir, *overrides: str):
     micro-batch 2, no warmup, blocking saves, then the overrides (the last value of a key wins); the global batch
     over micro-batch 2 sets the accumulation."""
     from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
-    from qwen2_dist.config import validate
+    from qwen2_dist.config import BatchSchedule, validate
     from qwen2_dist.data.synthetic import SyntheticBatches
     from qwen2_dist.parallel.mesh import init_distributed
     from qwen2_dist.train.trainer import Trainer
@@ -179,9 +179,9 @@ def cpu_trainer(run_dir, *overrides: str):
     world = init_distributed("cpu")
     model, optimizer = build_model_and_optimizer(job, world, None, "cpu")
     args, train = job.model.args(), job.train
-    batches = SyntheticBatches(args.vocab_size, train.seq_len, train.micro_batch_size, train.global_batch_size, seed=0)
-    return Trainer(job, args, world, None, model, optimizer, batches,
-                   train.global_batch_size // train.micro_batch_size, {})
+    batches = SyntheticBatches(args.vocab_size, train.seq_len, train.micro_batch_size, train.global_batch_size, seed=0,
+                               batch_schedule=BatchSchedule.of(train))
+    return Trainer(job, args, world, None, model, optimizer, batches, {})
 
 
 def record_fsyncs(monkeypatch) -> list[str]:

@@ -21,7 +21,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.tensor import DTensor, Shard
 
 from qwen2_dist.cli.train import compose_job
-from qwen2_dist.config import JobConfig, uses_bf16, validate
+from qwen2_dist.config import BatchSchedule, JobConfig, uses_bf16, validate
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.loss import resolve_loss
@@ -241,7 +241,7 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     # off before the last micro-batch, so every block's unsharded gradient waits in fp32 until its reduce-scatter.
     # parallel.reduce_every_micro_batch: only the sharded gradients are kept.
     accumulated = 0
-    if layout["grad_accum_steps"] > 1 and not job.optim.in_backward:
+    if most_micro_batches(job, layout) > 1 and not job.optim.in_backward:
         if one_process or job.parallel.reduce_every_micro_batch:
             accumulated = 0 if on_cpu else 4 * plan.sharded
         else:
@@ -260,6 +260,19 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     return info, lines
 
 
+def most_micro_batches(job: JobConfig, layout: dict) -> int:
+    """The most micro-batches a rank accumulates in one step (train.batch_rampup's stages included)."""
+    dp = layout["dp_replicate"] * layout["dp_shard"]
+    return max(BatchSchedule.of(job.train).sizes()) // (job.train.micro_batch_size * dp)
+
+
+def micro_batches_text(job: JobConfig, layout: dict) -> str:
+    """Micro-batches per step in words: one number, or its range under train.batch_rampup."""
+    dp = layout["dp_replicate"] * layout["dp_shard"]
+    counts = [size // (job.train.micro_batch_size * dp) for size in BatchSchedule.of(job.train).sizes()]
+    return f"{counts[0]} micro-batch(es)" if len(counts) == 1 else f"{counts[0]} to {counts[-1]} micro-batches"
+
+
 def render(job: JobConfig, info: dict, lines: dict[str, float], gpu_mem_gib: float) -> str:
     """The printed report."""
     layout, plan, t = info["layout"], info["plan"], job.train
@@ -270,7 +283,7 @@ def render(job: JobConfig, info: dict, lines: dict[str, float], gpu_mem_gib: flo
     out = [
         f"qwen2-estimate: {job.model.name} ({info['parameters']:,} parameters) on {info['world_size']} "
         f"rank(s): dp_replicate {layout['dp_replicate']} x dp_shard {layout['dp_shard']} x tp {layout['tp']}",
-        f"micro-batch {t.micro_batch_size} x seq {t.seq_len}, {layout['grad_accum_steps']} micro-batch(es) per step, "
+        f"micro-batch {t.micro_batch_size} x seq {t.seq_len}, {micro_batches_text(job, layout)} per step, "
         f"{info['dtype']} compute ({mode}), activation checkpointing {ac} ({plan.checkpointed_layers} of "
         f"{info['args'].num_hidden_layers} blocks), reshard {job.parallel.reshard_after_forward}, "
         f"cpu offload {job.parallel.cpu_offload}",

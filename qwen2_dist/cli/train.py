@@ -15,8 +15,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from qwen2_dist.config import (
-    JobConfig, advisories, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs, uses_bf16,
-    validate,
+    BatchSchedule, JobConfig, advisories, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs,
+    uses_bf16, validate,
 )
 from qwen2_dist.errors import CheckpointNotLoadable, ResumeMismatch, StorageUnreadable, UserError
 from qwen2_dist.fsutil import write_atomic
@@ -297,13 +297,13 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     )
     if job.data.synthetic:
         batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
-                                   job.train.global_batch_size, dp_rank, dp_size, job.seed)
+                                   job.train.global_batch_size, dp_rank, dp_size, job.seed, BatchSchedule.of(job.train))
         log.info("data: random token ids (data.synthetic=true); evaluation is off")
     else:
         # The limit bounds the training shards; the held-out split (a small fraction) is cached whole.
         limit = parse_bytes("data.cache_limit", job.data.cache_limit) if job.data.cache_limit is not None else None
         batches = TokenBatches(sources, global_batch_size=job.train.global_batch_size, cache_limit=limit,
-                               **loader_args)
+                               batch_schedule=BatchSchedule.of(job.train), **loader_args)
     evals, evals_complete = [], True
     if job.eval.interval and not job.data.synthetic:
         evals, evals_complete = build_evals(job, sources, loader_args, dp_size)
@@ -314,7 +314,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         # The tokenizer the data was prepared with (qwen2-prepare's tokenizer=): what qwen2-convert to-hf writes.
         "data_tokenizer": None if job.data.synthetic else data_tokenizer(sources, loader_args),
     }
-    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], metadata,
+    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, metadata,
                       evals, evals_complete)
     damaged = []
     for path in candidates:

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from qwen2_dist.config import BatchSchedule
 from qwen2_dist.data import hygiene
 from qwen2_dist.data.prepare import FORMAT_VERSION, SUMMARY_NAME, TRAIN, read_summary
 from qwen2_dist.data.streaming_compat import import_streaming, install_stand_ins
@@ -563,16 +564,19 @@ class _IndexedSamples(Dataset):
 class _RankSampler:
     """Endless global-index micro-batches of one data-parallel rank, from a global position on."""
 
-    def __init__(self, batches: "TokenBatches", start: int):
-        self.batches, self.start = batches, start
+    def __init__(self, batches: "TokenBatches", start: int, step: int):
+        """start: the global position of optimizer step `step`'s first sample."""
+        self.batches, self.start, self.step = batches, start, step
 
     def __iter__(self):
         b = self.batches
-        step_start = self.start
+        step_start, step = self.start, self.step
         while True:
-            for micro in range(b.grad_accum_steps):
-                yield b.global_ids(step_start + b.rows_in_step(micro)).tolist()
-            step_start += b.global_batch_size
+            batch = b.schedule.at(step)
+            for micro in range(batch // (b.micro_batch_size * b.dp_size)):
+                yield b.global_ids(step_start + b.rows_in_step(micro, batch)).tolist()
+            step_start += batch
+            step += 1
 
 
 def _fingerprint(key: dict) -> str:
@@ -633,7 +637,9 @@ class TokenBatches:
     """Endless, resumable micro-batches of one data-parallel rank over one split of one or more sources.
 
     next_batch() is called grad_accum_steps times per optimizer step; state_dict() (between steps) is the number
-    of samples consumed by all ranks together, plus a fingerprint of the data and order it counts in.
+    of samples consumed by all ranks together, plus a fingerprint of the data and order it counts in. With a
+    batch_schedule (train.batch_rampup), global_batch_size, samples_per_rank and grad_accum_steps are those of the
+    next step; the samples are read in the same order whatever the steps' sizes.
     """
 
     def __init__(
@@ -656,20 +662,24 @@ class TokenBatches:
         num_workers: int = 0,
         cache_limit: int | None = None,
         vocab_size: int | None = None,
+        batch_schedule: BatchSchedule | None = None,
     ):
         """vocab_size: the model's; token ids of the sources must lie below it (check_summaries_vocab).
-        eod_mask_loss: the target that is a document's first token is IGNORE_INDEX."""
-        if global_batch_size % (micro_batch_size * dp_size):
-            raise UserError(
-                f"global batch {global_batch_size} is not divisible by micro-batch {micro_batch_size} x "
-                f"data-parallel size {dp_size}"
-            )
+        eod_mask_loss: the target that is a document's first token is IGNORE_INDEX. batch_schedule: each step's
+        global batch (train.batch_rampup); None: global_batch_size for every step."""
+        self.schedule = batch_schedule or BatchSchedule(global_batch_size)
+        assert self.schedule.final == global_batch_size, "the schedule ends with the job's global batch"
+        for size in self.schedule.sizes():
+            if size % (micro_batch_size * dp_size):
+                raise UserError(
+                    f"global batch {size} is not divisible by micro-batch {micro_batch_size} x "
+                    f"data-parallel size {dp_size}"
+                )
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
-        self.global_batch_size = global_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.samples_per_rank = global_batch_size // dp_size
-        self.grad_accum_steps = self.samples_per_rank // micro_batch_size
+        self.steps_read = 0  # optimizer steps whose samples were read: the next one is steps_read + 1
+        self._size_step()
         self.document_masking = document_masking
         self.eod_mask_loss = eod_mask_loss
         self.split = split
@@ -769,6 +779,12 @@ class TokenBatches:
         self._iterator = None
         self._loader = None
 
+    def _size_step(self) -> None:
+        """The next step's global batch, samples per rank and micro-batches per rank."""
+        self.global_batch_size = self.schedule.at(self.steps_read + 1)
+        self.samples_per_rank = self.global_batch_size // self.dp_size
+        self.grad_accum_steps = self.samples_per_rank // self.micro_batch_size
+
     def _limit_cache(self, limit: int, shard_counts: list[list[int]], shuffle: bool, block_size: int) -> None:
         """Bound the node's cache of this dataset's shards to `limit` bytes (streaming evicts the least recently read
         shards), once it is known to hold what the read order needs at once: per source, the shards that the steps
@@ -777,15 +793,17 @@ class TokenBatches:
         the limit before a download and counts the shard after it), each at the source's largest shard size
         (compressed and raw forms), plus the indexes. UserError naming data.cache_limit otherwise, and what else
         lowers the need: data.num_workers, and for a new run (not a resumed one, whose data order must stay)
-        data.shuffle_block_size."""
-        batch = self.global_batch_size
+        data.shuffle_block_size. Under train.batch_rampup, as if every step read the largest global batch with the
+        accumulation of the smallest (the most steps read ahead): no fewer shards than any stretch of the run needs."""
+        batch = max(self.schedule.sizes())
+        fewest_micro_batches = min(self.schedule.sizes()) // (self.micro_batch_size * self.dp_size)
         largest_shards = [max(shard.get_max_size() for shard in self.dataset.shards[first:first + len(counts)])
                           for counts, first in zip(shard_counts, self.dataset.shard_offset_per_stream)]
         indexes = sum(stream.get_index_size() for stream in self.dataset.streams)
 
         def need_with(num_workers: int) -> tuple[int, list[int], int, int]:  # bytes, shards per source, steps, readers
             readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, num_workers)
-            steps = steps_read_together(num_workers, self.grad_accum_steps)
+            steps = steps_read_together(num_workers, fewest_micro_batches)
             shards = [shards_read_together(counts, batch, shuffle, block_size, steps) + readers - 1
                       for counts in shard_counts]
             return indexes + sum(n * size for n, size in zip(shards, largest_shards)), shards, steps, readers
@@ -900,23 +918,27 @@ class TokenBatches:
             return order_mismatch(state.get("order"), self.order_summary)
         return None
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a saved position: the next batch is the one an uninterrupted run would have seen."""
+    def load_state_dict(self, state: dict, steps_done: int = 0) -> None:
+        """Continue from a saved position, after optimizer step `steps_done`: the next batch is the one an
+        uninterrupted run would have seen (one whose batch schedule changed: the next samples, in the new sizes)."""
         problem = self.state_problem(state)
         if problem:
             raise ResumeMismatch(problem)
-        self.seek(state["samples_seen"])
+        self.seek(state["samples_seen"], steps_done)
 
-    def seek(self, position: int) -> None:
-        """Make the next optimizer step read global positions from `position` on."""
-        self.position, self.micro_index = position, 0
+    def seek(self, position: int, steps_done: int = 0) -> None:
+        """Make the next optimizer step, step steps_done + 1, read global positions from `position` on."""
+        self.position, self.micro_index, self.steps_read = position, 0, steps_done
+        self._size_step()
         self._epochs = self.order.epochs(position)
         self._iterator = None
 
-    def rows_in_step(self, micro: int) -> np.ndarray:
-        """Where the rows of this rank's micro-batch `micro` (0 .. grad_accum_steps - 1) lie among the step's
-        global_batch_size samples: the ranks take consecutive slices, each cut into its micro-batches."""
-        first = self.dp_rank * self.samples_per_rank + micro * self.micro_batch_size
+    def rows_in_step(self, micro: int, batch: int | None = None) -> np.ndarray:
+        """Where the rows of this rank's micro-batch `micro` (0 .. grad_accum_steps - 1) lie among a step's `batch`
+        samples (None: the next step's global_batch_size): the ranks take consecutive slices, each cut into its
+        micro-batches."""
+        per_rank = self.samples_per_rank if batch is None else batch // self.dp_size
+        first = self.dp_rank * per_rank + micro * self.micro_batch_size
         return np.arange(first, first + self.micro_batch_size)
 
     def next_batch(self) -> Batch:
@@ -926,7 +948,8 @@ class TokenBatches:
             collate = functools.partial(_collate, seq_len=self.seq_len, document_masking=self.document_masking,
                                         eod_mask_loss=self.eod_mask_loss)
             self._loader = DataLoader(
-                self.samples, batch_sampler=_RankSampler(self, self.position), num_workers=self.num_workers,
+                self.samples, batch_sampler=_RankSampler(self, self.position, self.steps_read + 1),
+                num_workers=self.num_workers,
                 collate_fn=collate, prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
             )
             self._iterator = iter(self._loader)
@@ -935,6 +958,8 @@ class TokenBatches:
         if self.micro_index == self.grad_accum_steps:
             self.micro_index = 0
             self.position += self.global_batch_size
+            self.steps_read += 1
+            self._size_step()
             epochs = self.order.epochs(self.position)
             for path, before, now in zip(self.paths, self._epochs, epochs):
                 # Not for the held-out split, whose rows that pad an evaluation read on past its end every time.

@@ -8,6 +8,7 @@ run continues with the batches an uninterrupted one would have read.
 
 import torch
 
+from qwen2_dist.config import BatchSchedule
 from qwen2_dist.data.loader import Batch
 from qwen2_dist.errors import ResumeMismatch
 
@@ -16,14 +17,20 @@ class SyntheticBatches:
     """What the Trainer reads from a TokenBatches, with uniformly random token ids."""
 
     def __init__(self, vocab_size: int, seq_len: int, micro_batch_size: int, global_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0):
-        assert global_batch_size % (micro_batch_size * dp_size) == 0, "validate() checks the batch split"
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, batch_schedule: BatchSchedule | None = None):
+        """batch_schedule: each step's global batch (train.batch_rampup); None: global_batch_size throughout."""
+        self.schedule = batch_schedule or BatchSchedule(global_batch_size)
+        assert all(size % (micro_batch_size * dp_size) == 0 for size in self.schedule.sizes()), \
+            "validate() checks the batch split"
         self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
-        self.micro_batch_size, self.global_batch_size = micro_batch_size, global_batch_size
+        self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
-        self.grad_accum_steps = global_batch_size // (micro_batch_size * dp_size)
-        self.batches_read = 0  # global batches (optimizer steps) completed
-        self._rows: list[torch.Tensor] = []
+        self.seek(0)
+
+    def _size_step(self) -> None:
+        """The next step's global batch and micro-batches per rank."""
+        self.global_batch_size = self.schedule.at(self.batches_read + 1)
+        self.grad_accum_steps = self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
     def rows(self, index: int, start: int, stop: int) -> torch.Tensor:
         """Rows start..stop-1 of global batch `index`: (stop - start, seq_len + 1) token ids, the same on every rank."""
@@ -35,8 +42,8 @@ class SyntheticBatches:
         return out
 
     def global_batch(self, index: int) -> torch.Tensor:
-        """Global batch `index`: (global_batch_size, seq_len + 1) token ids."""
-        return self.rows(index, 0, self.global_batch_size)
+        """Global batch `index` (of step index + 1): (its global batch size, seq_len + 1) token ids."""
+        return self.rows(index, 0, self.schedule.at(index + 1))
 
     def next_batch(self) -> Batch:
         """This rank's next micro-batch: inputs and targets (micro_batch_size, seq_len) int64 on the CPU."""
@@ -45,6 +52,7 @@ class SyntheticBatches:
             mine = self.rows(self.batches_read, self.dp_rank * per_rank, (self.dp_rank + 1) * per_rank)
             self._rows = list(mine.split(self.micro_batch_size))
             self.batches_read += 1
+            self._size_step()
         tokens = self._rows.pop(0)
         return Batch(tokens[:, :-1], tokens[:, 1:], None)
 
@@ -62,14 +70,17 @@ class SyntheticBatches:
                     "restore the seed or start a new run_dir")
         return None
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, steps_done: int = 0) -> None:
+        """Continue after the saved global batch (steps_done: the trainer's step, which it equals)."""
         problem = self.state_problem(state)
         if problem:
             raise ResumeMismatch(problem)
         self.seek(state["batches_read"])
 
     def seek(self, batches_read: int) -> None:
+        """Make global batch `batches_read` (that of step batches_read + 1) the next one."""
         self.batches_read, self._rows = batches_read, []
+        self._size_step()
 
     def close(self) -> None:
         pass

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from qwen2_dist.config import JobConfig, inductor_options, uses_bf16
+from qwen2_dist.config import BatchSchedule, JobConfig, inductor_options, uses_bf16
 from qwen2_dist.data.loader import TokenBatches
 from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.model.args import ModelArgs
@@ -103,7 +103,6 @@ class Trainer:
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         batches: TokenBatches,
-        grad_accum_steps: int,
         metadata: dict,
         evals: list[EvalSet] | tuple = (),
         evals_complete: bool = True,
@@ -113,7 +112,6 @@ class Trainer:
         self.evals = list(evals)
         # Every source of the job has a held-out split: a mixture's eval_loss weighs all of them.
         self.evals_complete = evals_complete
-        self.grad_accum_steps = grad_accum_steps
         self.metadata = metadata
         self.checkpointer = checkpoint.Checkpointer(
             os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
@@ -131,7 +129,6 @@ class Trainer:
         self.saved_step = -1  # the step of the newest committed checkpoint of this run's state (-1: none yet)
         self.saving_step: int | None = None  # the step of a save still being written in the background
         self.tokens_seen = 0
-        self.tokens_per_step = cfg.train.global_batch_size * cfg.train.seq_len
         _, self.dp_size = dp_rank_and_size(mesh)
         self.flops_per_token = flops_per_token(args, cfg.train.seq_len)
         self.peak_flops = peak_flops(world.device, cfg.logging.peak_tflops and cfg.logging.peak_tflops * 1e12)
@@ -177,7 +174,7 @@ class Trainer:
         self.tokens_seen = state.get("tokens_seen", 0)
         self.guard.load_state_dict(state.get("guard", {}))
         if "loader" in state:
-            self.batches.load_state_dict(state["loader"])
+            self.batches.load_state_dict(state["loader"], self.step)
 
     def _check_data_position(self, path: str) -> None:
         """ResumeMismatch, before the checkpoint's weights and optimizer state are read, when its data position
@@ -229,10 +226,12 @@ class Trainer:
         return committed
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """One optimizer step; returns (loss, grad norm) as device tensors and the seconds spent on data."""
+        """One optimizer step (of the batches' next global batch, train.batch_rampup's size at this step); returns
+        (loss, grad norm) as device tensors and the seconds spent on data."""
         inject_hang(self.step + 1, self.world.rank)
         data_started = time.monotonic()
-        micro_batches = [self.batches.next_batch() for _ in range(self.grad_accum_steps)]
+        tokens_in_step = self.batches.global_batch_size * self.cfg.train.seq_len
+        micro_batches = [self.batches.next_batch() for _ in range(self.batches.grad_accum_steps)]
         data_seconds = time.monotonic() - data_started
         device = self.world.device
         # Normalize by the number of counted targets of the whole global batch, so the result is the same whatever
@@ -244,7 +243,7 @@ class Trainer:
             counted = sum(int((b.targets != IGNORE_INDEX).sum()) for b in micro_batches)
             global_tokens = all_reduce_sum(self._to_device(torch.tensor(float(counted))), self.mesh).clamp_min(1.0)
         else:
-            global_tokens = float(self.tokens_per_step)
+            global_tokens = float(tokens_in_step)
             assert sum(b.targets.numel() for b in micro_batches) * self.dp_size == global_tokens, "samples of seq_len"
         loss_sum = torch.zeros((), device=device)
         z_sum = torch.zeros((), device=device) if self.z.coefficient else None
@@ -366,7 +365,7 @@ class Trainer:
             torch.cuda.memory._record_memory_history(max_entries=100_000, stacks="python")
         stop = StopFlag()
         last_loss, stopped = None, False
-        window_started, window_steps, window_data = time.monotonic(), 0, 0.0
+        window_started, window_tokens, window_data = time.monotonic(), 0, 0.0
         last_save = time.monotonic()
         watchdog = Watchdog(cfg.train.hang_timeout, cfg.train.hang_timeout_first,
                             os.path.join(cfg.run_dir, "logs", f"rank{self.world.rank}.log")).start()
@@ -375,9 +374,15 @@ class Trainer:
         exit_code = 1  # a crash, a halt or an interrupt marks the W&B run failed; a stop by signal returns: 0
         try:
             last_step = cfg.train.steps if cfg.train.stop_at is None else min(cfg.train.steps, cfg.train.stop_at)
+            last_samples = None
             while self.step < last_step:
                 lr = lr_at(self.step + 1, cfg.train.steps, cfg.optim)
                 set_lr(self.optimizer, lr)
+                step_samples = self.batches.global_batch_size  # train.batch_rampup's, at this step
+                if self.world.is_main and cfg.train.batch_rampup and step_samples != last_samples:
+                    log.info("step %d: global batch %d samples (train.batch_rampup: %s)", self.step + 1, step_samples,
+                             BatchSchedule.of(cfg.train).describe())
+                last_samples = step_samples
                 profiler.before_step(self.step + 1)
                 try:
                     loss, grad_norm, data_seconds = self.train_step()
@@ -392,8 +397,8 @@ class Trainer:
                 window_started += profiler.after_step(self.step + 1)
                 watchdog.beat()
                 self.step += 1
-                self.tokens_seen += self.tokens_per_step
-                window_steps += 1
+                self.tokens_seen += step_samples * cfg.train.seq_len
+                window_tokens += step_samples * cfg.train.seq_len
                 window_data += data_seconds
                 # Every eval.interval steps and at the end of the run (not at a train.stop_at before it).
                 eval_due = bool(self.evals) and (self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps)
@@ -409,7 +414,7 @@ class Trainer:
                     elapsed = time.monotonic() - window_started
                     last_loss = loss.item()
                     skipped, in_a_row = self.guard.counts()  # the longest run since the last logged step
-                    tokens_per_sec = window_steps * self.tokens_per_step / elapsed
+                    tokens_per_sec = window_tokens / elapsed
                     record = {
                         "step": self.step,
                         "loss": last_loss,
@@ -437,7 +442,7 @@ class Trainer:
                         log.info(format_step(record))
                         if eval_due:
                             log.info("step %d | %s", self.step, eval_text)
-                    window_started, window_steps, window_data = time.monotonic(), 0, 0.0
+                    window_started, window_tokens, window_data = time.monotonic(), 0, 0.0
                     limit = 1 if cfg.train.nonfinite == "halt" else cfg.train.max_skipped_in_a_row
                     if in_a_row >= limit:
                         spike_note = self.guard.spike_note(last_loss, record["grad_norm"])

@@ -108,7 +108,7 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
     batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
                                job.train.global_batch_size, dp_rank, dp_size, seed=DATA_SEED)
     embedding_grad = probe_embedding_grad(model, mesh, batches)
-    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, layout["grad_accum_steps"], {})
+    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, {})
     losses, grad_norms = [], []
     for step in range(1, job.train.steps + 1):
         set_lr(optimizer, lr_at(step, job.train.steps, job.optim))

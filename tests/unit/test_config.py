@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from qwen2_dist.cli.train import conf_dir
-from qwen2_dist.config import JobConfig, advisories, inductor_options, register_configs, validate
+from qwen2_dist.config import BatchSchedule, JobConfig, advisories, inductor_options, register_configs, validate
 from qwen2_dist.errors import UserError
 
 
@@ -31,6 +31,16 @@ def test_cache_limit_takes_sizes_for_remote_sources_only(tmp_path):
     (tmp_path / "train").mkdir()
     with pytest.raises(UserError, match=r"data.cache_limit is set, but data.sources\[1\].path=.* read in place"):
         validate(job(f"data.sources=[{{path: s3://b/a}}, {{path: {tmp_path}}}]", "data.cache_limit=500gb"), 1)
+
+
+def test_a_batch_rampup_sizes_each_step_and_counts_its_samples():
+    t = job("train.global_batch_size=16", "train.batch_rampup=[[4,2],[8,5]]").train
+    schedule = BatchSchedule.of(t)
+    assert [schedule.at(step) for step in range(1, 8)] == [4, 4, 8, 8, 8, 16, 16]
+    assert schedule.sizes() == [4, 8, 16]
+    assert schedule.describe() == "4 for steps 1-2, 8 for steps 3-5, 16 from step 6 on"
+    assert validate(job("train.global_batch_size=16", "train.batch_rampup=[[8,2]]"), 2)["grad_accum_steps"] == 2
+    assert BatchSchedule.of(job().train) == BatchSchedule(8) and BatchSchedule(8).at(1) == 8
 
 
 def test_default_job_is_valid_and_derives_accumulation():
@@ -53,6 +63,18 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["optim.decay_steps=10", "optim.schedule=constant"], 1, "optim.schedule=constant, which never decays"),
     (["train.global_batch_size=6", "train.micro_batch_size=4"], 1, "train.global_batch_size"),
     (["train.global_batch_size=8", "train.micro_batch_size=4"], 3, "train.global_batch_size"),
+    (["train.batch_rampup=[[4,10],[6,20]]"], 1, "the global batch 6 is not divisible by train.micro_batch_size x "
+     "data-parallel size = 4 x 1; make each stage's batch a multiple of 4"),
+    (["train.batch_rampup=[[4,10]]", "train.global_batch_size=16"], 2, "the global batch 4 is not divisible by "
+     "train.micro_batch_size x data-parallel size = 4 x 2"),
+    (["train.batch_rampup=[4,10]"], 1, "the stage 4 is not a pair of positive integers; give it as [[BATCH, "
+     "LAST_STEP], ...]"),
+    (["train.batch_rampup=[[4,10.5]]"], 1, "the stage [4, 10.5] is not a pair"),
+    (["train.batch_rampup=[[4,0]]"], 1, "the stage [4, 0] is not a pair of positive integers"),
+    (["train.batch_rampup=[[4,20],[4,10]]"], 1, "the stages' last steps must increase (stage [4, 10] ends at step 10"),
+    (["train.batch_rampup=[[4,150]]"], 1, "train.batch_rampup ends at step 150, not before train.steps=150"),
+    (["optim.in_backward=true", "train.grad_clip=0", "train.global_batch_size=4", "train.batch_rampup=[[4,10]]"], 1,
+     "and no train.batch_rampup (got [[4, 10]])"),
     (["parallel.dp_shard=3"], 4, "parallel.dp_replicate x dp_shard x tp"),
     (["parallel.dp_replicate=3"], 4, "parallel.dp_replicate"),
     (["parallel.tp=3"], 3, "parallel.tp"),

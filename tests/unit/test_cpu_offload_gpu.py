@@ -56,7 +56,7 @@ def test_an_offloaded_model_trains_on_the_gpu_and_skips_a_nan_step_on_the_cpu(tm
         for (name, param), expected in zip(model.named_parameters(), plain.parameters()):
             assert torch.equal(_local(param).float(), expected), name
         batches = SyntheticBatches(args.vocab_size, 64, 2, 2, seed=0)
-        trainer = Trainer(job, args, world, mesh, model, optimizer, batches, 1, {})
+        trainer = Trainer(job, args, world, mesh, model, optimizer, batches, {})
         monkeypatch.setenv(INJECT_NAN_ENV, "2")
         losses, weights = [], []
         for step in range(3):

@@ -201,6 +201,8 @@ def test_gradients_kept_across_micro_batches_are_estimated(capsys):
     two, lines_two, _ = peak(1, "train.global_batch_size=2")
     assert "gradients kept across micro-batches (fp32)" not in lines_one
     assert two - one == lines_two["gradients kept across micro-batches (fp32)"] == 4 * plan.sharded
+    # The largest stage of a batch ramp-up sets it (a ramp down from 2 micro-batches to 1 here).
+    assert peak(1, "train.global_batch_size=1", "train.batch_rampup=[[2,5]]")[0] == two
     kept, lines_kept, plan = peak(8, "train.global_batch_size=16")
     reduced, lines_reduced, _ = peak(8, "train.global_batch_size=16", "parallel.reduce_every_micro_batch=true")
     layers = get_model_args("qwen2-1.5b").num_hidden_layers

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from qwen2_dist.config import BatchSchedule
 from qwen2_dist.data import hygiene, loader as loader_module
 from qwen2_dist.data.loader import (
     MIX_BLOCK, PREFETCH_FACTOR, SampleOrder, TokenBatches, _cache_path, _SourceOrder, _warn_other_hosts, check_vocab,
@@ -491,6 +492,36 @@ def test_another_global_batch_resumes_at_the_sample_position_saved(data):
         assert head + sum(read_steps(bigger, 1), []) == expected
     finally:
         bigger.close()
+
+
+def test_a_batch_rampup_reads_the_constant_batch_order_in_steps_of_its_sizes(data):
+    """train.batch_rampup (steps of 4, 4, 8, then 16 samples) reads the sequence a constant batch reads, cut into its
+    steps' sizes: on two ranks, through a DataLoader worker, and resumed inside the ramp."""
+    sizes = [4, 4, 8, 16, 16]
+    schedule = BatchSchedule(16, ((4, 2), (8, 3)))
+    straight = loader([data[0]], global_batch_size=4)
+    flat = sum(read_steps(straight, sum(sizes) // 4), [])  # 48 samples: over an epoch's end
+    straight.close()
+    expected = [flat[sum(sizes[:i]):sum(sizes[:i + 1])] for i in range(len(sizes))]
+    for dp_size, workers in ((2, 0), (1, 1)):
+        ranks = [loader([data[0]], global_batch_size=16, batch_schedule=schedule, dp_rank=r, dp_size=dp_size,
+                        num_workers=workers) for r in range(dp_size)]
+        per_rank = [read_steps(b, len(sizes)) for b in ranks]
+        for b in ranks:
+            b.close()
+        assert [sum((per_rank[r][step] for r in range(dp_size)), []) for step in range(len(sizes))] == expected
+    first = loader([data[0]], global_batch_size=16, batch_schedule=schedule)
+    head = read_steps(first, 2)
+    state = first.state_dict()
+    first.close()
+    assert state["samples_seen"] == 8
+    second = loader([data[0]], global_batch_size=16, batch_schedule=schedule, num_workers=1)
+    try:
+        second.load_state_dict(state, steps_done=2)
+        assert (second.global_batch_size, second.grad_accum_steps) == (8, 4)
+        assert head + read_steps(second, 3) == expected
+    finally:
+        second.close()
 
 
 def test_a_cache_limit_too_small_names_the_fixes_that_keep_the_order_for_a_resume(tmp_path, monkeypatch):

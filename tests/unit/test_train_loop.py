@@ -118,7 +118,7 @@ def test_the_logged_throughput_leaves_out_a_save_between_logging_steps(tmp_path,
     _slow_saves(trainer, monkeypatch, 1.5)
     trainer.fit()
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    tokens, stepped = 4 * trainer.tokens_per_step, sum(step_seconds.values())
+    tokens, stepped = 4 * _tokens_per_step(trainer), sum(step_seconds.values())
     # All four steps over at least their own time (not only the two after the save), and not the save's 1.5 s.
     assert tokens / (stepped + 0.75) < record["tokens_per_sec"] <= tokens / stepped
     assert record["data_wait_pct"] <= 100
@@ -151,8 +151,32 @@ def test_the_logged_throughput_leaves_out_the_commit_of_a_background_save(tmp_pa
     trainer.fit()
     assert commits and commits[0] < 6, commits  # committed by the loop inside the window
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
-    tokens, stepped = 6 * trainer.tokens_per_step, sum(step_seconds.values())
+    tokens, stepped = 6 * _tokens_per_step(trainer), sum(step_seconds.values())
     assert tokens / (stepped + 0.75) < record["tokens_per_sec"] <= tokens / stepped
+
+
+def test_a_batch_rampup_trains_each_step_on_its_size_as_a_run_of_that_batch_would(tmp_path):
+    """train.batch_rampup=[[2,2]], then 4: steps 1-2 are those of a run of global batch 2, steps 3-4 those of a run of
+    global batch 4 resumed from its step 2 (the same samples, the loss over each step's own token count), and
+    tokens_seen counts each step's size."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "s").mkdir()
+    ramped = _trainer(tmp_path / "r", "train.global_batch_size=4", "train.batch_rampup=[[2,2]]", "train.steps=4",
+                      "logging.interval=1")
+    ramped.fit()
+    records = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens_seen"] for r in records] == [32, 64, 128, 192]
+    small = _trainer(tmp_path / "s", "train.steps=4", "train.stop_at=2", "logging.interval=1")
+    small.fit()
+    large = _trainer(tmp_path / "s", "train.global_batch_size=4", "train.steps=4", "logging.interval=1")
+    large.restore(checkpoint.committed_checkpoints(large.checkpointer.ckpt_root)[-1])
+    large.fit()
+    alone = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in alone], rel=1e-6, abs=0)
+
+
+def _tokens_per_step(trainer):
+    return trainer.cfg.train.global_batch_size * trainer.cfg.train.seq_len
 
 
 def _committed(trainer):
@@ -463,7 +487,7 @@ def test_a_stop_between_logging_steps_logs_the_steps_it_ends_with(tmp_path, monk
     result = _fit_with_sigterm_during_step(trainer, monkeypatch, 3)
     assert result.stopped_by_signal and result.step == 3 and _committed(trainer) == [3]
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [3] and records[0]["tokens_seen"] == 3 * trainer.tokens_per_step
+    assert [r["step"] for r in records] == [3] and records[0]["tokens_seen"] == 3 * _tokens_per_step(trainer)
 
 
 def test_the_profile_summary_leaves_out_a_save_inside_the_profiled_steps(tmp_path, monkeypatch):
@@ -526,7 +550,7 @@ def test_a_skipped_step_leaves_the_weights_and_the_optimizer_as_they_were(tmp_pa
     skipped.train_step()
 
     alone = _trainer(tmp_path / "alone", optim)
-    for _ in range(alone.grad_accum_steps):  # the batch the skipped step read
+    for _ in range(alone.batches.grad_accum_steps):  # the batch the skipped step read
         alone.batches.next_batch()
     alone.train_step()
     for (name, p), q in zip(skipped.model.named_parameters(), alone.model.parameters()):
