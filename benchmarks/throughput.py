@@ -175,6 +175,9 @@ def run_ours(job: JobConfig, warmup: int, steps: int, seed: int, profile: str | 
     and the number of steps, warmup included, whose update the trainer's StepGuard skipped ("skipped_steps")."""
     started = time.perf_counter()
     layout = validate(job, 1)
+    if job.train.batch_rampup:  # the rows time steps of one size, the one the row's label gives
+        raise UserError(f"--ours train.batch_rampup={list(job.train.batch_rampup)}: the benchmark times steps of one "
+                        "global batch (--micro-batch x --accum); leave train.batch_rampup out")
     device_type = resolve_device(job.train.device)
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])  # None: one process

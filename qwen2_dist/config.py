@@ -97,7 +97,8 @@ class BatchSchedule:
 
 def batch_stages(t: "TrainConfig") -> tuple[tuple[int, int], ...]:
     """train.batch_rampup as (batch, last step) pairs; UserError naming it and the form it takes when it is not a
-    list of [BATCH, LAST_STEP] pairs of positive integers with increasing last steps before train.steps."""
+    list of [BATCH, LAST_STEP] pairs of positive integers with increasing last steps before train.steps and batches
+    that do not shrink, up to train.global_batch_size."""
     form = ("give it as [[BATCH, LAST_STEP], ...], e.g. 'train.batch_rampup=[[64,1000],[128,3000]]' (global batch 64 "
             "for steps 1-1000, 128 for steps 1001-3000, then train.global_batch_size)")
     stages, before = [], 0
@@ -110,6 +111,11 @@ def batch_stages(t: "TrainConfig") -> tuple[tuple[int, int], ...]:
         if last <= before:
             raise UserError(f"train.batch_rampup={list(t.batch_rampup)}: the stages' last steps must increase (stage "
                             f"{list(stage)} ends at step {last}, not after the one before it); {form}")
+        if batch > t.global_batch_size or (stages and batch < stages[-1][0]):
+            bigger, smaller = (batch, t.global_batch_size) if batch > t.global_batch_size else (stages[-1][0], batch)
+            raise UserError(f"train.batch_rampup={list(t.batch_rampup)}: the global batch would shrink from {bigger} "
+                            f"to {smaller}; a ramp-up grows, stage by stage, up to train.global_batch_size="
+                            f"{t.global_batch_size}")
         stages.append((batch, last))
         before = last
     if stages and before >= t.steps:

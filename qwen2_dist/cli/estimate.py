@@ -241,7 +241,7 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
     # off before the last micro-batch, so every block's unsharded gradient waits in fp32 until its reduce-scatter.
     # parallel.reduce_every_micro_batch: only the sharded gradients are kept.
     accumulated = 0
-    if most_micro_batches(job, layout) > 1 and not job.optim.in_backward:
+    if layout["grad_accum_steps"] > 1 and not job.optim.in_backward:  # the most of any step (batch_rampup grows)
         if one_process or job.parallel.reduce_every_micro_batch:
             accumulated = 0 if on_cpu else 4 * plan.sharded
         else:
@@ -258,12 +258,6 @@ def estimate(job: JobConfig, world_size: int) -> tuple[dict, dict[str, float]]:
         "dtype": "bf16" if bf16 else "fp32", "cpu_bytes": 16 * plan.sharded if on_cpu else 0,
     }
     return info, lines
-
-
-def most_micro_batches(job: JobConfig, layout: dict) -> int:
-    """The most micro-batches a rank accumulates in one step (train.batch_rampup's stages included)."""
-    dp = layout["dp_replicate"] * layout["dp_shard"]
-    return max(BatchSchedule.of(job.train).sizes()) // (job.train.micro_batch_size * dp)
 
 
 def micro_batches_text(job: JobConfig, layout: dict) -> str:

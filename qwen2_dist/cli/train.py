@@ -244,7 +244,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         set_deterministic()
     mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
     dp_rank, dp_size = dp_rank_and_size(mesh)
-    log.info("world %d on %s, layout %s", world.world_size, device_type, layout)
+    log.info("world %d on %s, layout %s%s", world.world_size, device_type, layout, ramp_note(job))
 
     ckpt_root = os.path.join(job.run_dir, "checkpoints")
     candidates = checkpoint.prepare_resume(ckpt_root, job.checkpoint.resume, job.checkpoint.checksums)
@@ -402,6 +402,12 @@ def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: d
     return evals, not missing
 
 
+def ramp_note(job: JobConfig) -> str:
+    """What a layout's grad_accum_steps (that of train.global_batch_size) leaves out under train.batch_rampup."""
+    schedule = BatchSchedule.of(job.train)
+    return f"; with train.batch_rampup, global batches of {schedule.describe()}" if schedule.stages else ""
+
+
 def eval_step_size(samples: int, per_micro_step: int) -> int:
     """The held-out samples one evaluation reads to evaluate `samples` of them: whole micro-batches on every
     data-parallel rank (per_micro_step samples each), the rows past `samples` ignored (Trainer.evaluate)."""
@@ -551,7 +557,7 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
             f"set NPROC={visible} or fewer, or leave NPROC unset for one per GPU")
     for advice in advisories(job, int(per_node) if per_node.isdigit() else None):
         print(f"warning: {advice}")
-    print(f"config ok for {processes} process(es) on {device_type}: {layout}")
+    print(f"config ok for {processes} process(es) on {device_type}: {layout}{ramp_note(job)}")
 
 
 RUN_COMPLETE_EXIT = 10

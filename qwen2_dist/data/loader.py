@@ -246,12 +246,26 @@ def shards_read_together(samples_per_shard: list[int], global_batch_size: int, s
 PREFETCH_FACTOR = 2
 
 
-def steps_read_together(num_workers: int, grad_accum_steps: int) -> int:
-    """How many consecutive optimizer steps a node's ranks can read from at once: the step being read and, as a
-    margin, the next (the ranks read a step's micro-batches before computing it and meet at the step's end, the
-    trainer's agree_any, so they read the same step), and with DataLoader workers the micro-batches they read ahead
-    (PREFETCH_FACTOR per worker) reach ceil(PREFETCH_FACTOR x workers / accumulation steps) steps further."""
-    return 2 + (-(-PREFETCH_FACTOR * num_workers // grad_accum_steps) if num_workers else 0)
+def samples_read_together(schedule: BatchSchedule, per_micro_step: int, num_workers: int) -> tuple[int, int, int]:
+    """The most consecutive positions that a node's ranks can read from at once anywhere in the run, with how many
+    optimizer steps they span and the first of them: the step being read and, as a margin, the next (the ranks read
+    a step's micro-batches before computing it and meet at the step's end, the trainer's agree_any, so they read the
+    same step), and with DataLoader workers the steps that the micro-batches they read ahead (PREFETCH_FACTOR per
+    worker) reach. With one global batch B of A micro-batches per rank: 2 + ceil(PREFETCH_FACTOR x workers / A)
+    steps of B samples; under train.batch_rampup, the widest such stretch of steps of its sizes. per_micro_step: the
+    samples of one micro-batch of every data-parallel rank."""
+    ahead = PREFETCH_FACTOR * num_workers
+    # The window is the same all through a stage but for those reaching into the next stage: they start at most
+    # 2 + ahead steps (of one micro-batch at least each) before it.
+    starts = {1} | {last + 1 for _, last in schedule.stages}
+    widest = (0, 0, -1)
+    for first in sorted({step for start in starts for step in range(max(1, start - 2 - ahead), start + 1)}):
+        samples, steps, read_ahead = schedule.at(first) + schedule.at(first + 1), 2, 0
+        while read_ahead < ahead:
+            size = schedule.at(first + steps)
+            samples, steps, read_ahead = samples + size, steps + 1, read_ahead + size // per_micro_step
+        widest = max(widest, (samples, steps, -first))  # the earliest of equal ones
+    return widest[0], widest[1], -widest[2]
 
 
 # A shuffle block should hold the samples of this many shards at least: a smaller one mixes the samples of one or
@@ -672,8 +686,9 @@ class TokenBatches:
         for size in self.schedule.sizes():
             if size % (micro_batch_size * dp_size):
                 raise UserError(
-                    f"global batch {size} is not divisible by micro-batch {micro_batch_size} x "
-                    f"data-parallel size {dp_size}"
+                    f"global batch {size} (train.global_batch_size, or a stage of train.batch_rampup) is not "
+                    f"divisible by micro-batch {micro_batch_size} x data-parallel size {dp_size}: make it a multiple "
+                    f"of {micro_batch_size * dp_size}"
                 )
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
@@ -788,27 +803,29 @@ class TokenBatches:
     def _limit_cache(self, limit: int, shard_counts: list[list[int]], shuffle: bool, block_size: int) -> None:
         """Bound the node's cache of this dataset's shards to `limit` bytes (streaming evicts the least recently read
         shards), once it is known to hold what the read order needs at once: per source, the shards that the steps
-        read together (steps_read_together: two, and those the DataLoader's workers read ahead) can read from
+        read together (samples_read_together: two, and those the DataLoader's workers read ahead) can read from
         (shards_read_together), plus one shard in flight per other reading process of this node (streaming checks
         the limit before a download and counts the shard after it), each at the source's largest shard size
         (compressed and raw forms), plus the indexes. UserError naming data.cache_limit otherwise, and what else
         lowers the need: data.num_workers, and for a new run (not a resumed one, whose data order must stay)
-        data.shuffle_block_size. Under train.batch_rampup, as if every step read the largest global batch with the
-        accumulation of the smallest (the most steps read ahead): no fewer shards than any stretch of the run needs."""
+        data.shuffle_block_size. Under train.batch_rampup, for the stretch of steps of its sizes that spans the most
+        samples (samples_read_together)."""
         batch = max(self.schedule.sizes())
-        fewest_micro_batches = min(self.schedule.sizes()) // (self.micro_batch_size * self.dp_size)
         largest_shards = [max(shard.get_max_size() for shard in self.dataset.shards[first:first + len(counts)])
                           for counts, first in zip(shard_counts, self.dataset.shard_offset_per_stream)]
         indexes = sum(stream.get_index_size() for stream in self.dataset.streams)
 
-        def need_with(num_workers: int) -> tuple[int, list[int], int, int]:  # bytes, shards per source, steps, readers
+        def need_with(num_workers: int) -> tuple[int, list[int], int, int, int, int]:
+            """Bytes, shards per source, reading processes, and the samples, steps and first step of the window."""
             readers = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) * max(1, num_workers)
-            steps = steps_read_together(num_workers, fewest_micro_batches)
-            shards = [shards_read_together(counts, batch, shuffle, block_size, steps) + readers - 1
+            window, steps, first = samples_read_together(self.schedule, self.micro_batch_size * self.dp_size,
+                                                         num_workers)
+            shards = [shards_read_together(counts, window, shuffle, block_size, steps=1) + readers - 1
                       for counts in shard_counts]
-            return indexes + sum(n * size for n, size in zip(shards, largest_shards)), shards, steps, readers
+            return (indexes + sum(n * size for n, size in zip(shards, largest_shards)), shards, readers, window, steps,
+                    first)
 
-        need, shards, steps, readers = need_with(self.num_workers)
+        need, shards, readers, samples, steps, first = need_with(self.num_workers)
         if limit < need:
             parts = [f"{path}: {n} x {_human_bytes(size)}" for path, n, size in zip(self.paths, shards, largest_shards)]
             by_block = shuffle and block_size > batch  # else the global batch sets most of the window
@@ -816,14 +833,17 @@ class TokenBatches:
             floor = max(narrow_shuffle(counts, 0) or 1 for counts in shard_counts)
             ahead = f"{steps - 2} of them read ahead by the {self.num_workers} DataLoader workers, {PREFETCH_FACTOR} " \
                     "micro-batches each"
-            if steps == 2:
+            if self.schedule.stages:
+                batches = (f"the {steps} global batches of steps {first}-{first + steps - 1} ({samples} samples in "
+                           "train.batch_rampup's sizes" + (f"; {ahead})" if steps > 2 else ")"))
+            elif steps == 2:
                 batches = f"two global batches of {batch} samples"
             else:
                 batches = f"{steps} global batches of {batch} samples ({ahead})"
             if not shuffle:
                 window = batches
             elif by_block:
-                window = f"two shuffle blocks of {block_size} samples and {steps * batch - 2} more" + (
+                window = f"two shuffle blocks of {block_size} samples and {samples - 2} more" + (
                     f" ({steps} global batches, {ahead})" if steps > 2 else "")
             else:
                 window = f"{batches} and {2 * block_size - 2} more"

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from qwen2_dist.cli.train import build_model_and_optimizer, compose_job
-from qwen2_dist.config import validate
+from qwen2_dist.config import BatchSchedule, validate
 from qwen2_dist.data.synthetic import SyntheticBatches
 from qwen2_dist.model.qwen2 import build_model, count_parameters
 from qwen2_dist.parallel.mesh import all_reduce_sum, build_mesh, dp_rank_and_size, init_distributed, set_deterministic
@@ -106,7 +106,8 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
     }
     dp_rank, dp_size = dp_rank_and_size(mesh)
     batches = SyntheticBatches(args.vocab_size, job.train.seq_len, job.train.micro_batch_size,
-                               job.train.global_batch_size, dp_rank, dp_size, seed=DATA_SEED)
+                               job.train.global_batch_size, dp_rank, dp_size, seed=DATA_SEED,
+                               batch_schedule=BatchSchedule.of(job.train))
     embedding_grad = probe_embedding_grad(model, mesh, batches)
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, {})
     losses, grad_norms = [], []

@@ -78,15 +78,20 @@ def test_a_stable_run_is_extended_by_a_cool_down(tmp_path, corpus_cache):
 
 
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, corpus_cache):
+    """Stopped at step 3, inside a batch ramp-up (2 samples to step 4, then 4), and resumed: the same losses, and the
+    same samples (tokens_seen), as a run without the stop."""
     straight, split = tmp_path / "straight", tmp_path / "split"
-    assert run_cli(TRAIN, train_overrides(straight, corpus_cache)).returncode == 0
-    first = run_cli(TRAIN, train_overrides(split, corpus_cache, **{"train.stop_at": 3, "checkpoint.interval": 0}))
+    ramp = {"train.batch_rampup": "[[2,4]]"}
+    assert run_cli(TRAIN, train_overrides(straight, corpus_cache, **ramp)).returncode == 0
+    first = run_cli(TRAIN, train_overrides(split, corpus_cache, **ramp, **{"train.stop_at": 3,
+                                                                            "checkpoint.interval": 0}))
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli(TRAIN, train_overrides(split, corpus_cache))
+    second = run_cli(TRAIN, train_overrides(split, corpus_cache, **ramp))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
     assert [r["loss"] for r in read_metrics(straight)] == [r["loss"] for r in read_metrics(split)]
     assert [r["step"] for r in read_metrics(split)] == [1, 2, 3, 4, 5, 6]
+    assert [r["tokens_seen"] // 32 for r in read_metrics(split)] == [2, 4, 6, 8, 12, 16]  # samples of 32 tokens
 
 
 def test_kill_9_mid_run_resumes_from_the_last_committed_checkpoint(tmp_path, corpus_cache):

@@ -33,12 +33,16 @@ def test_cache_limit_takes_sizes_for_remote_sources_only(tmp_path):
         validate(job(f"data.sources=[{{path: s3://b/a}}, {{path: {tmp_path}}}]", "data.cache_limit=500gb"), 1)
 
 
-def test_a_batch_rampup_sizes_each_step_and_counts_its_samples():
+def test_a_batch_rampup_sizes_each_step_and_describes_its_stages():
     t = job("train.global_batch_size=16", "train.batch_rampup=[[4,2],[8,5]]").train
     schedule = BatchSchedule.of(t)
     assert [schedule.at(step) for step in range(1, 8)] == [4, 4, 8, 8, 8, 16, 16]
     assert schedule.sizes() == [4, 8, 16]
     assert schedule.describe() == "4 for steps 1-2, 8 for steps 3-5, 16 from step 6 on"
+    from qwen2_dist.cli.train import ramp_note  # the layout's grad_accum_steps is the last batch's: said with it
+
+    assert ramp_note(job("train.global_batch_size=16", "train.batch_rampup=[[4,2],[8,5]]")).endswith(
+        "global batches of 4 for steps 1-2, 8 for steps 3-5, 16 from step 6 on") and ramp_note(job()) == ""
     assert validate(job("train.global_batch_size=16", "train.batch_rampup=[[8,2]]"), 2)["grad_accum_steps"] == 2
     assert BatchSchedule.of(job().train) == BatchSchedule(8) and BatchSchedule(8).at(1) == 8
 
@@ -73,6 +77,10 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["train.batch_rampup=[[4,0]]"], 1, "the stage [4, 0] is not a pair of positive integers"),
     (["train.batch_rampup=[[4,20],[4,10]]"], 1, "the stages' last steps must increase (stage [4, 10] ends at step 10"),
     (["train.batch_rampup=[[4,150]]"], 1, "train.batch_rampup ends at step 150, not before train.steps=150"),
+    (["train.batch_rampup=[[16,10]]"], 1, "the global batch would shrink from 16 to 8; a ramp-up grows, stage by "
+     "stage, up to train.global_batch_size=8"),
+    (["train.batch_rampup=[[8,10],[4,20]]", "train.global_batch_size=16"], 1, "the global batch would shrink from 8 "
+     "to 4"),
     (["optim.in_backward=true", "train.grad_clip=0", "train.global_batch_size=4", "train.batch_rampup=[[4,10]]"], 1,
      "and no train.batch_rampup (got [[4, 10]])"),
     (["parallel.dp_shard=3"], 4, "parallel.dp_replicate x dp_shard x tp"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwen2_dist.cli.estimate import GIB, activation_bytes, estimate, main
+from qwen2_dist.cli.estimate import GIB, activation_bytes, estimate, main, micro_batches_text
 from qwen2_dist.cli.train import compose_job
 from qwen2_dist.config import validate
 from qwen2_dist.errors import UserError
@@ -201,8 +201,10 @@ def test_gradients_kept_across_micro_batches_are_estimated(capsys):
     two, lines_two, _ = peak(1, "train.global_batch_size=2")
     assert "gradients kept across micro-batches (fp32)" not in lines_one
     assert two - one == lines_two["gradients kept across micro-batches (fp32)"] == 4 * plan.sharded
-    # The largest stage of a batch ramp-up sets it (a ramp down from 2 micro-batches to 1 here).
-    assert peak(1, "train.global_batch_size=1", "train.batch_rampup=[[2,5]]")[0] == two
+    # Under a batch ramp-up, the last (largest) batch sets it; the report gives the range.
+    ramped = compose_job(["model=qwen2-1.5b", "train.micro_batch_size=1", "train.global_batch_size=8",
+                          "train.batch_rampup=[[2,5],[4,9]]"])
+    assert micro_batches_text(ramped, validate(ramped, 2)) == "1 to 4 micro-batches"
     kept, lines_kept, plan = peak(8, "train.global_batch_size=16")
     reduced, lines_reduced, _ = peak(8, "train.global_batch_size=16", "parallel.reduce_every_micro_batch=true")
     layers = get_model_args("qwen2-1.5b").num_hidden_layers

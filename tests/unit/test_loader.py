@@ -24,7 +24,7 @@ from qwen2_dist.data import hygiene, loader as loader_module
 from qwen2_dist.data.loader import (
     MIX_BLOCK, PREFETCH_FACTOR, SampleOrder, TokenBatches, _cache_path, _SourceOrder, _warn_other_hosts, check_vocab,
     first_token_targets, mixture_quotas, narrow_shuffle, order_changes, shards_read_together,
-    shards_spanned, steps_read_together,
+    samples_read_together, shards_spanned,
 )
 from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.data.prepare import SUMMARY_NAME
@@ -97,20 +97,43 @@ def test_the_cache_budget_covers_the_shards_two_consecutive_steps_read():
         bound = shards_read_together(counts, batch, shuffle, block)
         assert most_shards_of_two_steps(counts, batch, shuffle, block) <= bound, (counts, batch, block, shuffle)
         assert bound <= sum(1 for c in counts if c)
-        # More steps at once (DataLoader workers reading ahead: steps_read_together).
+        # More steps at once (DataLoader workers reading ahead: samples_read_together).
         steps = int(rng.integers(3, 7))
         bound = shards_read_together(counts, batch, shuffle, block, steps)
         assert most_shards_of_two_steps(counts, batch, shuffle, block, steps=steps) <= bound, (counts, batch, steps)
 
 
-def test_the_steps_read_at_once_count_what_the_dataloader_workers_read_ahead():
+def test_the_samples_read_at_once_count_what_the_dataloader_workers_read_ahead():
     """Each DataLoader worker holds PREFETCH_FACTOR (2) micro-batches in flight: 2 workers read up to 4 micro-batches
-    ahead, 4 steps of one micro-batch each, or 1 step of 4; no workers, the main process reads: the two steps."""
+    ahead, 4 steps of one micro-batch each, or 1 step of 4; no workers, the main process reads: the two steps. Under
+    train.batch_rampup, the widest stretch anywhere in the run (walking every step finds no wider one)."""
     assert PREFETCH_FACTOR == 2
-    assert steps_read_together(0, 1) == steps_read_together(0, 16) == 2
-    assert steps_read_together(2, 1) == 6
-    assert steps_read_together(2, 4) == 3
-    assert steps_read_together(8, 3) == 2 + 6  # 16 micro-batches: 5 steps and part of a sixth
+
+    def constant(workers: int, micro_batches: int) -> tuple[int, int]:  # 8 samples per micro-batch of all ranks
+        return samples_read_together(BatchSchedule(8 * micro_batches), 8, workers)[:2]
+
+    assert constant(0, 1) == (16, 2) and constant(0, 16) == (256, 2)
+    assert constant(2, 1) == (6 * 8, 6)
+    assert constant(2, 4) == (3 * 32, 3)
+    assert constant(8, 3) == (8 * 24, 8)  # 16 micro-batches: 5 steps and part of a sixth
+    # A ramp from 32 to 1024 samples (32 a micro-batch): 3 steps of 1024 at most, not the 10 steps its 32s take.
+    assert samples_read_together(BatchSchedule(1024, ((32, 100),)), 32, 4) == (3 * 1024, 3, 101)
+
+    def walk(schedule: BatchSchedule, per: int, workers: int, first: int) -> int:
+        samples, step, read_ahead = schedule.at(first) + schedule.at(first + 1), first + 2, 0
+        while read_ahead < PREFETCH_FACTOR * workers:
+            samples, read_ahead = samples + schedule.at(step), read_ahead + schedule.at(step) // per
+            step += 1
+        return samples
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        per, workers = int(rng.integers(1, 4)), int(rng.integers(0, 4))
+        sizes = sorted(per * int(n) for n in rng.integers(1, 9, size=int(rng.integers(1, 4)) + 1))
+        lasts = sorted(int(n) for n in rng.choice(np.arange(1, 30), size=len(sizes) - 1, replace=False))
+        schedule = BatchSchedule(sizes[-1], tuple(zip(sizes[:-1], lasts)))
+        widest = max(walk(schedule, per, workers, first) for first in range(1, 40))
+        assert samples_read_together(schedule, per, workers)[0] == widest, schedule
 
 
 def test_each_epoch_is_a_seeded_permutation():
@@ -567,6 +590,11 @@ def test_the_cache_must_hold_what_the_dataloader_workers_read_ahead(tmp_path, mo
         finally:
             batches.close()
     assert needs[2] - needs[0] == (26 + 1 - 18) * largest
+    # Under train.batch_rampup (6 samples to step 3, then 8), steps 1-4 are read at once, 6 + 6 + 6 + 8 samples (the
+    # 3 micro-batches of step 3 are fewer than the 4 read ahead): 2 shards more than 3 steps of 8.
+    ramped = loader([source], num_workers=2, cache_limit=10**9, batch_schedule=BatchSchedule(8, ((6, 3),)), **kwargs)
+    ramped.close()
+    assert ramped.cache_need - needs[2] == 2 * largest
     with pytest.raises(UserError, match=r"the shards that 3 global batches of 8 samples \(1 of them read ahead by the "
                                         r"2 DataLoader workers, 2 micro-batches each\) can span, and one being fetched "
                                         r"by each of the node's 2 reading processes.*raise data.cache_limit \(or "
