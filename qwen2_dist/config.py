@@ -249,6 +249,13 @@ class DataConfig:
     synthetic: bool = False
     """Train on uniformly random token ids instead of data (nothing is read or built): to measure the speed and memory
     of a layout, e.g. on a new cluster. The loss cannot fall below ln(vocab); evaluation is off."""
+    new_stage: bool = False
+    """A checkpoint to resume that was trained on other data (another dataset, mixture, seed, shuffle or
+    train.seq_len) is continued on this job's data from its first sample, its weights, optimizer state, step,
+    tokens_seen and learning-rate schedule kept, instead of refused: a new data stage in the same run (e.g. the decay
+    of a warmup-stable-decay schedule on a higher-quality mixture, or a longer context). A checkpoint of this data
+    resumes at its position as always, so the restarts of the stage continue it. model.init_from_checkpoint starts
+    from the weights only."""
 
     def cache_root(self) -> str:
         """cache_dir, or its default."""
@@ -717,7 +724,7 @@ def check_saved(cfg: JobConfig) -> None:
         if not checkpoint.train_state_intact(path, meta):
             continue  # damaged: the job reports it and falls back past it
         problem = _resume_data_problem(cfg, checkpoint.peek_train_state(path).get("loader"), summaries)
-        if problem:
+        if problem and not d.new_stage:  # else the job starts a new data stage, and says so
             raise UserError(f"checkpoint {path}: {problem}")
 
 

@@ -635,8 +635,10 @@ def _block_changes_order(saved: dict, now: dict) -> bool:
 
 # The fix a refusal to resume on other data names, besides restoring the data config: new data (another mixture,
 # a longer context) is a new stage, which starts from the weights.
-NEW_DATA_FIX = ("or, to train on the new data, start a new run_dir with model.init_from_checkpoint set to this "
-                "checkpoint (its weights; a fresh optimizer, schedule and data order)")
+NEW_DATA_FIX = ("or, to train on the new data, set data.new_stage=true (this checkpoint's weights, optimizer, step "
+                "and schedule continued on the new data from its first sample), or start a new run_dir with "
+                "model.init_from_checkpoint set to this checkpoint (its weights; a fresh optimizer, schedule and "
+                "data order)")
 
 
 def order_mismatch(saved: dict | None, now: dict) -> str:
@@ -945,6 +947,19 @@ class TokenBatches:
         if problem:
             raise ResumeMismatch(problem)
         self.seek(state["samples_seen"], steps_done)
+
+    def start_stage(self, steps_done: int) -> None:
+        """data.new_stage: step steps_done + 1 reads this data from its first sample."""
+        self.seek(0, steps_done)
+
+    def data_change(self, state: dict) -> str:
+        """What a saved data position that state_problem refuses was read from, against this data, in a few words."""
+        if state.get("synthetic"):
+            return "random tokens (data.synthetic=true)"
+        if "samples_seen" not in state:
+            return "a position of an older loader"
+        changed = order_changes(state.get("order"), self.order_summary)
+        return f"changed since: {changed}" if changed else "other sources, shards, weights or order"
 
     def seek(self, position: int, steps_done: int = 0) -> None:
         """Make the next optimizer step, step steps_done + 1, read global positions from `position` on."""

@@ -77,6 +77,16 @@ class SyntheticBatches:
             raise ResumeMismatch(problem)
         self.seek(state["batches_read"])
 
+    def start_stage(self, steps_done: int) -> None:
+        """data.new_stage: step steps_done + 1 reads global batch steps_done (random tokens have no first sample)."""
+        self.seek(steps_done)
+
+    def data_change(self, state: dict) -> str:
+        """What a saved position that state_problem refuses was read from, in a few words."""
+        if state.get("synthetic"):
+            return f"random tokens of seed {state.get('seed')}"
+        return "a dataset, not random tokens"
+
     def seek(self, batches_read: int) -> None:
         """Make global batch `batches_read` (that of step batches_read + 1) the next one."""
         self.batches_read, self._rows = batches_read, []

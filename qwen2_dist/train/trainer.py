@@ -154,7 +154,7 @@ class Trainer:
         settings are this job's (loading its state also loads the saved ones: weight_decay, betas, eps, and fused
         or foreach, which the step relies on; the learning rate is set every step anyway): a resumed job that
         changes them trains with the new ones, as it says."""
-        self._check_data_position(path)
+        other_data = self._check_data_position(path)
         settings = [{key: value for key, value in group.items() if key != "params"}
                     for group in self.optimizer.param_groups]
         state = checkpoint.load(path, self.model, self.optimizer, self.cfg.checkpoint.checksums)
@@ -173,20 +173,29 @@ class Trainer:
         self.saved_step = self.step
         self.tokens_seen = state.get("tokens_seen", 0)
         self.guard.load_state_dict(state.get("guard", {}))
-        if "loader" in state:
+        if other_data is not None:
+            self.batches.start_stage(self.step)
+            if self.world.is_main:
+                log.warning("data.new_stage=true: checkpoint %s (step %d) was trained on other data (%s); "
+                            "its weights, optimizer, step and schedule go on with this job's data from its first "
+                            "sample", path, self.step, other_data)
+        elif "loader" in state:
             self.batches.load_state_dict(state["loader"], self.step)
 
-    def _check_data_position(self, path: str) -> None:
+    def _check_data_position(self, path: str) -> str | None:
         """ResumeMismatch, before the checkpoint's weights and optimizer state are read, when its data position
-        cannot continue on this job's data (another order, other sources). The ranks agree first; a checkpoint that
-        disagrees is verified before the refusal, so that a damaged file is reported as damage (and auto-resume falls
-        back past it) rather than as changed data."""
+        cannot continue on this job's data (another order, other sources); with data.new_stage, how it does not
+        instead (None: it continues). The ranks agree first; a checkpoint that disagrees is verified before, so that
+        a damaged file is reported as damage (and auto-resume falls back past it) rather than as changed data."""
         loader_state = checkpoint.peek_train_state(path).get("loader")
         problem = self.batches.state_problem(loader_state) if isinstance(loader_state, dict) else None
         if agree_any([problem is not None])[0]:  # every rank reads the same file: the same message, but for I/O
             checkpoint.verify(path, self.cfg.checkpoint.checksums)
+            if self.cfg.data.new_stage:
+                return self.batches.data_change(loader_state) if problem else "another rank's log says how"
             raise ResumeMismatch(problem or "another rank found that the checkpoint's data position does not fit "
                                  "this job's data; its log says how")
+        return None
 
     def _warn_if_the_schedule_moved(self, step: int) -> None:
         """A WARNING when this job's schedule (train.steps, optim.lr, warmup, decay, schedule) gives the resumed step

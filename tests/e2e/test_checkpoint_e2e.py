@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from tests.helpers import REPO, run_cli, save_pickle_hf, step_losses, train_overrides
+from tests.helpers import REPO, read_metrics, run_cli, save_pickle_hf, step_losses, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
 
@@ -261,6 +261,27 @@ def test_pickle_weights_are_refused_unless_the_user_opts_in(tmp_path):
     tokens = torch.arange(12).view(1, 12)
     with torch.no_grad():
         assert torch.allclose(model(tokens), hf(tokens).logits, atol=1e-5)
+
+
+def test_a_new_data_stage_continues_the_checkpoint_on_the_new_data_from_its_first_sample(tmp_path, corpus_cache):
+    """data.new_stage=true (another seed: another order) resumes the run's step-6 checkpoint, optimizer and schedule
+    included, and reads the new order from its start (its checkpoints count the stage's samples only); a restart of
+    the stage resumes its own checkpoint at its position rather than starting the stage again."""
+    run_dir = tmp_path / "run"
+    assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache)).returncode == 0
+    stage = {"seed": 1, "train.steps": 9, "data.new_stage": "true", "checkpoint.interval": 1}
+    first = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **stage, **{"train.stop_at": 7}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "data.new_stage=true: checkpoint " in first.stdout and "(changed since: seed 0 -> 1)" in first.stdout
+    assert "resumed from" in first.stdout and "at step 6" in first.stdout
+    second = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **stage))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "data.new_stage" not in second.stdout and "at step 7" in second.stdout
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 10))
+    assert records[6]["tokens_seen"] == 7 * 4 * 32  # counted on
+    with open(run_dir / "checkpoints" / "step_00000009" / "train_state.json") as f:
+        assert json.load(f)["loader"]["samples_seen"] == 3 * 4  # the stage's 3 steps of 4 samples
 
 
 def test_optimizer_in_backward_trains_and_resumes_exactly(tmp_path, corpus_cache):

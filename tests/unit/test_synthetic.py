@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from qwen2_dist.config import BatchSchedule
 from qwen2_dist.data.synthetic import SyntheticBatches
 from qwen2_dist.errors import ResumeMismatch
 
@@ -42,3 +43,18 @@ def test_resume_continues_and_refuses_other_data():
         SyntheticBatches(V, SEQ, 2, GLOBAL, seed=4).load_state_dict(state)
     with pytest.raises(ResumeMismatch, match="trained on a dataset"):
         SyntheticBatches(V, SEQ, 2, GLOBAL, seed=3).load_state_dict({"samples_seen": 16, "fingerprint": "x"})
+
+
+def test_a_ramped_schedule_splits_alike_and_a_new_stage_goes_on_from_its_step():
+    """Under train.batch_rampup (4 samples for steps 1-2, then 8), two ranks read together what one reads, each
+    step its own size; data.new_stage from a checkpoint of other data at step 2 reads step 3's global batch."""
+    schedule = BatchSchedule(GLOBAL, ((4, 2),))
+    one = steps(SyntheticBatches(V, SEQ, 2, GLOBAL, seed=3, batch_schedule=schedule), 4)
+    assert [len(rows) for rows in one] == [4, 4, 8, 8]
+    ranks = [steps(SyntheticBatches(V, SEQ, 1, GLOBAL, rank, 2, seed=3, batch_schedule=schedule), 4)
+             for rank in range(2)]
+    assert all(torch.equal(torch.cat([r[step] for r in ranks]), one[step]) for step in range(4))
+    stage = SyntheticBatches(V, SEQ, 2, GLOBAL, seed=3, batch_schedule=schedule)
+    stage.start_stage(2)
+    assert stage.data_change({"samples_seen": 16}) == "a dataset, not random tokens"
+    assert all(torch.equal(a, b) for a, b in zip(steps(stage, 2), one[2:]))
