@@ -408,6 +408,12 @@ class LoggingConfig:
     memory_snapshot_on_oom: bool = True
     """On CUDA, record allocations (with their Python stacks) and write run_dir/oom_snapshot_rank{N}.pickle when a
     step runs out of memory. Its cost per step is not measured yet; set false to rule it out."""
+    norms: bool = False
+    """At each logging.interval step, also log the gradient norm (before clipping) and the weight norm of each block
+    and of the embedding, final norm and output head: grad_norm/layers.N, param_norm/layers.N, grad_norm/embed_tokens,
+    ... (Megatron-LM's --log-params-norm, per block), to see where an instability starts. Costs a read of every
+    weight and gradient and a collective per block and kind at those steps. With optim.in_backward the gradients are
+    gone by then: weight norms only."""
     peak_tflops: Optional[float] = None
     """Dense bf16 peak of one GPU in TFLOP/s, the denominator of the logged MFU; null = looked up from the device
     name (H100, H200, B200, A100, MI300X, ...; a GPU not in the table logs no MFU rather than a wrong one)."""

@@ -2,6 +2,7 @@
 optionally after a stable phase (warmup-stable-decay)."""
 
 import math
+import re
 
 import torch
 
@@ -80,6 +81,31 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max
     # clip_grad_norm_ multiplies by min(1, max_norm / (norm + 1e-6)); dividing by its inverse is the same clip.
     optimizer.grad_scale = torch.clamp((norm.float() + 1e-6) / max_norm, min=1.0) if max_norm > 0 else None
     return norm
+
+
+def norm_group(name: str) -> str:
+    """The block a parameter belongs to for logging.norms: layers.N, or its top-level module (embed_tokens, norm,
+    lm_head); wrappers' parts of the name (_orig_mod, _checkpoint_wrapped_module) left out."""
+    match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    if match:
+        return f"layers.{match.group(1)}"
+    return next(part for part in name.split(".") if not part.startswith("_"))
+
+
+def norms_by_block(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """logging.norms: grad_norm/GROUP and param_norm/GROUP (norm_group) as scalars, the gradients as they are now
+    (before clipping); sharded (DTensor) norms reduced over the ranks, one collective per group and kind."""
+    groups: dict[str, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        groups.setdefault(norm_group(name), []).append(param)
+    norms = {}
+    for group, params in groups.items():
+        grads = [param.grad for param in params if param.grad is not None]
+        for kind, tensors in (("grad_norm", grads), ("param_norm", [param.detach() for param in params])):
+            if tensors:
+                norm = torch.nn.utils.get_total_norm(tensors, foreach=True)
+                norms[f"{kind}/{group}"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return norms
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -32,7 +32,7 @@ from qwen2_dist.train.metrics import (
     peak_flops,
     synchronize,
 )
-from qwen2_dist.train.optim import clip_gradients, lr_at, set_lr
+from qwen2_dist.train.optim import clip_gradients, lr_at, norms_by_block, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,8 @@ class Trainer:
         # model.z_loss: the parts of the last training loss (cross-entropy, the z term), recorded where it is made.
         self.z = model.z_loss if self.loss_in_model else ZLoss(cfg.model.z_loss)
         self.last_z_loss: torch.Tensor | None = None  # the last step's z term per target token (device scalar)
+        self.norms_due = False  # logging.norms: take them in the next train_step (a logging step)
+        self.last_norms: dict[str, torch.Tensor] | None = None
         model.set_kernels(cfg.model.kernels, cfg.model.fuse_projections, world.device.type)
         # One process computes in bf16 under autocast; FSDP does it with its bf16 weights.
         use_autocast = mesh is None and uses_bf16(cfg.train, world.device.type)
@@ -275,6 +277,8 @@ class Trainer:
                 loss = self.z.cross_entropy + (objective - objective)
                 z_sum += term.full_tensor() if isinstance(term, DTensor) else term
             loss_sum += loss.detach().full_tensor() if isinstance(loss, DTensor) else loss.detach()
+        # logging.norms: before the clip (clip_grad_norm_ scales the gradients in place)
+        self.last_norms = norms_by_block(self.model) if self.norms_due else None
         if self.in_backward:
             grad_norm = self.optimizer.grad_norm()  # the updates are done; nothing to clip or step
         else:
@@ -393,6 +397,7 @@ class Trainer:
                              BatchSchedule.of(cfg.train).describe())
                 last_samples = step_samples
                 profiler.before_step(self.step + 1)
+                self.norms_due = lg.norms and ((self.step + 1) % lg.interval == 0 or self.step + 1 == last_step)
                 try:
                     loss, grad_norm, data_seconds = self.train_step()
                 except torch.OutOfMemoryError:
@@ -440,6 +445,9 @@ class Trainer:
                     }
                     if self.last_z_loss is not None:
                         record["z_loss"] = self.last_z_loss.item()
+                    if self.last_norms is not None:
+                        record.update((key, norm.item()) for key, norm in self.last_norms.items())
+                        self.last_norms = None
                     if eval_due:  # after the window's clock stopped: evaluation time is not training time
                         eval_started = time.monotonic()
                         eval_record, eval_text = self.evaluate_all()

@@ -1,6 +1,7 @@
 """Checkpoints across processes: exact resume on 4 ranks, and resharding to other layouts on resume."""
 
 import json
+import math
 import os
 import shutil
 import time
@@ -18,7 +19,7 @@ JOB = {"train.global_batch_size": 8, "train.micro_batch_size": 1, "train.steps":
 @pytest.fixture(scope="module")
 def straight_4(tmp_path_factory, corpus_cache):
     run_dir = tmp_path_factory.mktemp("straight4")
-    result = run_torchrun(4, TRAIN, train_overrides(run_dir, corpus_cache, **JOB))
+    result = run_torchrun(4, TRAIN, train_overrides(run_dir, corpus_cache, **JOB, **{"logging.norms": "true"}))
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
 
@@ -39,6 +40,10 @@ def test_resume_on_4_ranks_is_bitwise_identical(tmp_path, straight_4, half_4, co
     assert result.returncode == 0, result.stderr[-4000:]
     assert "at step 3" in result.stdout
     assert step_losses(run_dir) == step_losses(straight_4)
+    # logging.norms of FSDP's shards (straight_4): each block's reduced over the 4 ranks, together the grad_norm.
+    for record in read_metrics(straight_4):
+        grads = [value for key, value in record.items() if key.startswith("grad_norm/")]
+        assert len(grads) == 4 and abs(math.hypot(*grads) - record["grad_norm"]) <= 1e-5 * record["grad_norm"]
 
 
 @pytest.mark.parametrize("nproc, layout", [(2, {}), (2, {"parallel.tp": 2}), (1, {})],

@@ -1,6 +1,7 @@
 """qwen2-train under torchrun with tensor parallelism: 2 ranks, tp 2, the tiny model, the real data path."""
 
 import json
+import math
 
 from tests.helpers import first_error, read_metrics, run_cli, run_torchrun, train_overrides
 
@@ -8,7 +9,8 @@ TRAIN = "qwen2_dist.cli.train"
 # model.z_loss on: under TP its term is taken from the vocabulary-sharded logits (loss.vocab_parallel_z_term), in
 # one process by the chunked loss; 0.1, so that a wrong gradient of it would move the second step's loss. (The TP
 # layouts of tests/dist/test_parity.py train through the same Trainer without it.)
-JOB = {"parallel.activation_checkpointing": "full", "train.steps": 2, "checkpoint.interval": 0, "model.z_loss": 0.1}
+JOB = {"parallel.activation_checkpointing": "full", "train.steps": 2, "checkpoint.interval": 0, "model.z_loss": 0.1,
+       "logging.norms": "true"}
 
 
 def losses(run_dir, key="loss") -> list[float]:
@@ -29,3 +31,11 @@ def test_tensor_parallel_job_trains_like_one_process(tmp_path, corpus_cache):
     assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-5, (got, expected)
     got, expected = losses(tp_dir, "z_loss"), losses(one_dir, "z_loss")
     assert min(expected) > 1 and max(abs(a - b) / b for a, b in zip(got, expected)) <= 1e-5, (got, expected)
+    # logging.norms from the tensor-parallel shards (q/k/v and gate/up by rows, o and down by columns, the norms'
+    # weights replicated): each block's as in one process, and all of them together the logged grad_norm (the head,
+    # tied in one process, is a module of its own under TP).
+    for tp_record, one_record in zip(read_metrics(tp_dir), read_metrics(one_dir)):
+        blocks = [key for key in one_record if "norm/layers." in key]
+        assert len(blocks) == 4 and all(abs(tp_record[k] - one_record[k]) <= 1e-5 * one_record[k] for k in blocks)
+        grads = [value for key, value in tp_record.items() if key.startswith("grad_norm/")]
+        assert abs(math.hypot(*grads) - tp_record["grad_norm"]) <= 1e-5 * tp_record["grad_norm"]

@@ -6,6 +6,7 @@ with a checkpoint."""
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.train import checkpoint
 from qwen2_dist.train.faults import INJECT_NAN_ENV, StepGuard, TrainingHalted
+from qwen2_dist.train.optim import norm_group
 from tests.helpers import cpu_trainer
 
 FINITE = torch.tensor(1.0)
@@ -173,6 +175,28 @@ def test_a_batch_rampup_trains_each_step_on_its_size_as_a_run_of_that_batch_woul
     large.fit()
     alone = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in alone], rel=1e-6, abs=0)
+
+
+def test_logging_norms_gives_each_blocks_gradient_norm_before_the_clip_and_its_weights_norm(tmp_path):
+    """logging.norms: the blocks' gradient norms make up the logged (unclipped) grad_norm, with the clip acting in
+    place (torch's AdamW without the fused kernel, clip 0.01); the weight norms are those of the weights the step
+    started from."""
+    trainer = _trainer(tmp_path, "logging.norms=true", "optim.fused=false", "train.grad_clip=0.01", "train.steps=1",
+                       "logging.interval=1")
+    weights = {}
+    for name, param in trainer.model.named_parameters():
+        weights.setdefault(norm_group(name), []).append(param.detach().clone())
+    trainer.fit()
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    layers = trainer.args.num_hidden_layers
+    groups = [f"layers.{i}" for i in range(layers)] + ["embed_tokens", "norm"]  # the tiny model's head is tied
+    assert sorted(k for k in record if "norm/" in k) == sorted(f"{kind}/{g}" for kind in ("grad_norm", "param_norm")
+                                                               for g in groups)
+    assert math.hypot(*(record[f"grad_norm/{g}"] for g in groups)) == pytest.approx(record["grad_norm"], rel=1e-5)
+    assert record["grad_norm"] > 1  # so the clip to 0.01 acted
+    for group, tensors in weights.items():
+        assert record[f"param_norm/{group}"] == pytest.approx(math.hypot(*(t.norm().item() for t in tensors)),
+                                                              rel=1e-5)
 
 
 def _tokens_per_step(trainer):
