@@ -846,7 +846,8 @@ class TokenBatches:
                 window = batches
             elif by_block:
                 window = f"two shuffle blocks of {block_size} samples and {samples - 2} more" + (
-                    f" ({steps} global batches, {ahead})" if steps > 2 else "")
+                    f" ({batches})" if self.schedule.stages else f" ({steps} global batches, {ahead})" if steps > 2
+                    else "")
             else:
                 window = f"{batches} and {2 * block_size - 2} more"
             # Fewer workers, where that lowers the need (a window over all of a source's shards stays that).
@@ -860,7 +861,8 @@ class TokenBatches:
             workers = f", or lower data.num_workers ({'; '.join(fewer)})" if fewer else ""
             if by_block and block_size > floor:
                 fix = (f"to resume a run, raise data.cache_limit{workers}: another data.shuffle_block_size changes "
-                       "the data order, and the checkpoint's position would be refused; for a new run, raise "
+                       "the data order, and the checkpoint's position would be refused (or, with data.new_stage, the "
+                       "data read again from its first sample); for a new run, raise "
                        f"data.cache_limit or lower data.shuffle_block_size (to no less than {floor}, "
                        f"{SHUFFLE_SHARDS} shards' samples: a smaller block mixes few shards)")
             else:
@@ -952,12 +954,13 @@ class TokenBatches:
         """data.new_stage: step steps_done + 1 reads this data from its first sample."""
         self.seek(0, steps_done)
 
-    def data_change(self, state: dict) -> str:
-        """What a saved data position that state_problem refuses was read from, against this data, in a few words."""
+    def data_change(self, state: dict) -> str | None:
+        """What a saved data position that state_problem refuses was read from, against this data, in a few words;
+        None for a position of an older loader, which may be of this very data (data.new_stage refuses it too)."""
         if state.get("synthetic"):
             return "random tokens (data.synthetic=true)"
         if "samples_seen" not in state:
-            return "a position of an older loader"
+            return None
         changed = order_changes(state.get("order"), self.order_summary)
         return f"changed since: {changed}" if changed else "other sources, shards, weights or order"
 

@@ -64,10 +64,11 @@ class SyntheticBatches:
         """Why a saved position cannot continue here (see TokenBatches.state_problem), or None."""
         if not state.get("synthetic"):
             return ("the checkpoint was trained on a dataset, this job reads random tokens (data.synthetic=true); "
-                    "set data.synthetic=false or start a new run_dir")
+                    "set data.synthetic=false, or data.new_stage=true to go on with random tokens, or start a new "
+                    "run_dir")
         if state.get("seed") != self.seed:
             return (f"the checkpoint read random tokens of seed {state.get('seed')}, this job's seed is {self.seed}; "
-                    "restore the seed or start a new run_dir")
+                    "restore the seed, or set data.new_stage=true to go on with this seed's, or start a new run_dir")
         return None
 
     def load_state_dict(self, state: dict, steps_done: int = 0) -> None:

@@ -88,6 +88,13 @@ class StepGuard:
         self.skipped_in_a_row.zero_()
         self.longest_in_a_row.zero_()
 
+    def forget_losses(self) -> None:
+        """A new data stage (data.new_stage): the losses of the old data say nothing of the new data's level, so the
+        spike window starts empty (no step is skipped for a spike until it is full again); the counts stay."""
+        self.history.zero_()
+        self.filled.zero_()
+        self.position = 0
+
     def state_dict(self) -> dict:
         """Everything a resumed run needs to decide as the uninterrupted one would (JSON-ready)."""
         state = {"skipped_total": int(self.skipped_total.item()), "skipped_in_a_row": int(self.skipped_in_a_row.item()),

@@ -177,24 +177,29 @@ class Trainer:
         self.guard.load_state_dict(state.get("guard", {}))
         if other_data is not None:
             self.batches.start_stage(self.step)
-            if self.world.is_main:
-                log.warning("data.new_stage=true: checkpoint %s (step %d) was trained on other data (%s); "
-                            "its weights, optimizer, step and schedule go on with this job's data from its first "
-                            "sample", path, self.step, other_data)
+            self.guard.forget_losses()
+            if self.world.is_main or other_data:  # a rank that found what changed says it, in its own log
+                log.warning("data.new_stage=true: checkpoint %s (step %d) was trained on other data (%s); its "
+                            "weights, optimizer, step and schedule go on with this job's data from its first sample "
+                            "(the spike guard's loss window starts anew)", path, self.step,
+                            other_data or "another rank's log says what changed")
         elif "loader" in state:
             self.batches.load_state_dict(state["loader"], self.step)
 
     def _check_data_position(self, path: str) -> str | None:
         """ResumeMismatch, before the checkpoint's weights and optimizer state are read, when its data position
-        cannot continue on this job's data (another order, other sources); with data.new_stage, how it does not
-        instead (None: it continues). The ranks agree first; a checkpoint that disagrees is verified before, so that
-        a damaged file is reported as damage (and auto-resume falls back past it) rather than as changed data."""
+        cannot continue on this job's data (another order, other sources); with data.new_stage, what changed
+        instead ('' where another rank found it; None: the position continues). The ranks agree first; a checkpoint
+        that disagrees is verified before, so that a damaged file is reported as damage (and auto-resume falls back
+        past it) rather than as changed data."""
         loader_state = checkpoint.peek_train_state(path).get("loader")
         problem = self.batches.state_problem(loader_state) if isinstance(loader_state, dict) else None
+        change = self.batches.data_change(loader_state) if problem else ""
         if agree_any([problem is not None])[0]:  # every rank reads the same file: the same message, but for I/O
             checkpoint.verify(path, self.cfg.checkpoint.checksums)
-            if self.cfg.data.new_stage:
-                return self.batches.data_change(loader_state) if problem else "another rank's log says how"
+            # Not for a position of an older loader (change None), which may be of this very data.
+            if self.cfg.data.new_stage and not agree_any([change is None])[0]:
+                return change
             raise ResumeMismatch(problem or "another rank found that the checkpoint's data position does not fit "
                                  "this job's data; its log says how")
         return None

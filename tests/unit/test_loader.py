@@ -385,6 +385,11 @@ def test_resume_refuses_other_data_or_an_old_position(data):
             other.load_state_dict(old_state)
         with pytest.raises(UserError, match="written by an older loader"):
             other.load_state_dict({"epoch": 0, "samples_in_epoch": 8})
+        # What data.new_stage's WARNING names; an older loader's position, which may be of this very data, is no
+        # new stage (None: refused all the same).
+        assert other.data_change(state) == "changed since: seed 3 -> 4"
+        assert other.data_change(old_state) == "other sources, shards, weights or order"
+        assert other.data_change({"epoch": 0, "samples_in_epoch": 8}) is None
     finally:
         other.close()
     mixed = loader([data[0], (data[1], 2.0)], shuffle=False)
@@ -561,7 +566,8 @@ def test_a_cache_limit_too_small_names_the_fixes_that_keep_the_order_for_a_resum
                                         r"and one being fetched by each of the node's 2 reading processes.*; to resume "
                                         r"a run, raise data.cache_limit, or lower data.num_workers \(to 1: [0-9.]+ "
                                         r"\w+ less\): another data.shuffle_block_size changes the data order, and the "
-                                        r"checkpoint's position would be refused; for a new run, raise "
+                                        r"checkpoint's position would be refused \(or, with data.new_stage, the "
+                                        r"data read again from its first sample\); for a new run, raise "
                                         r"data.cache_limit or lower data.shuffle_block_size \(to no less than 10, "):
         loader([source], shuffle_block_size=16, num_workers=2, **kwargs)
     with pytest.raises(UserError, match=r"the shards that two global batches of 8 samples and 6 more can span.* "

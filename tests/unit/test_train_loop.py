@@ -199,6 +199,29 @@ def test_logging_norms_gives_each_blocks_gradient_norm_before_the_clip_and_its_w
                                                               rel=1e-5)
 
 
+def test_a_new_data_stage_starts_the_spike_window_anew_and_is_refused_without_the_flag(tmp_path, caplog):
+    """data.new_stage from a checkpoint of other data (random tokens of another seed): the step, the next global
+    batch and the skip counts go on, the spike guard's window of the old data's losses is emptied (it would skip
+    every step of data whose loss lies higher); without the flag the checkpoint is refused."""
+    guard = ("train.spike_sigma=3", "train.spike_window=2", "train.steps=6")
+    (tmp_path / "a").mkdir()
+    first = _trainer(tmp_path / "a", *guard, "train.stop_at=3", "checkpoint.interval=3")
+    first.fit()
+    assert float(first.guard.filled) == 3
+    path = checkpoint.committed_checkpoints(first.checkpointer.ckpt_root)[-1]
+    refused = _trainer(tmp_path / "b", *guard)
+    refused.batches.seed = 1  # cpu_trainer's random tokens are of seed 0 whatever the job's
+    with pytest.raises(ResumeMismatch, match="seed 0, this job's seed is 1; restore the seed, or set data.new_stage"):
+        refused.restore(path)
+    stage = _trainer(tmp_path / "c", *guard, "data.new_stage=true")
+    stage.batches.seed = 1
+    with caplog.at_level(logging.WARNING):
+        stage.restore(path)
+    assert stage.step == 3 and stage.batches.batches_read == 3 and float(stage.guard.filled) == 0
+    assert "was trained on other data (random tokens of seed 0)" in caplog.text
+    assert "the spike guard's loss window starts anew" in caplog.text
+
+
 def _tokens_per_step(trainer):
     return trainer.cfg.train.global_batch_size * trainer.cfg.train.seq_len
 
