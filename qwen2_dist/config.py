@@ -263,6 +263,18 @@ class DataConfig:
 
 
 @dataclass
+class EvalDataset:
+    path: str = "???"
+    """A dataset written by qwen2-prepare (local directory or remote URL) that is evaluated, never trained on."""
+    name: Optional[str] = None
+    """Its name in the metrics, eval_loss/NAME; default: the last part of its path. Letters, digits, '.', '_' and
+    '-'."""
+    split: str = "val"
+    """The split evaluated: val (its held-out samples) or train (a dataset prepared for evaluation alone, e.g. with
+    qwen2-prepare val_fraction=0)."""
+
+
+@dataclass
 class EvalConfig:
     interval: int = 50
     """Compute the loss on the held-out (val) split every this many steps and at the last step (train.steps);
@@ -274,6 +286,11 @@ class EvalConfig:
     mean weighted as training weighs them (sources without a held-out split are left out, with a warning, and then
     there is no eval_loss); an evaluation so reads eval.samples of each source. The last micro-batches are filled
     up with rows that count for nothing."""
+    datasets: list[EvalDataset] = field(default_factory=list)
+    """Datasets evaluated beside the training data's held-out split, never trained on, each on the first
+    eval.samples of its split and logged as eval_loss/NAME (not part of a mixture's eval_loss): '[{path: /d/wiki,
+    name: wiki}, {path: s3://b/code-eval, split: train}]'. Of the model's tokenizer and train.seq_len, as the training
+    data."""
 
 
 @dataclass
@@ -687,10 +704,43 @@ def _check_data(d: DataConfig, e: EvalConfig, files: bool = True) -> None:
         if not paths:
             raise UserError("data.cache_limit is set, but no remote source is: it bounds the cache of remote sources "
                             "(data.path or data.sources with URLs such as s3://...); unset it")
+    _check_eval_datasets(d, e, files)
     if e.interval < 0:
         raise UserError(f"eval.interval={e.interval}: must be >= 0 (0 = no evaluation)")
     if e.interval and e.samples <= 0:
         raise UserError(f"eval.samples={e.samples}: must be positive")
+
+
+def eval_dataset_names(d: DataConfig, e: EvalConfig) -> list[str]:
+    """The names eval.datasets are logged under (eval_loss/NAME); UserError for a name of other characters, or one
+    that another eval dataset or a source of the training mixture has."""
+    taken = dict.fromkeys(source_names(d.sources) if len(d.sources) > 1 else [], "a source of data.sources")
+    names = []
+    for i, dataset in enumerate(e.datasets):
+        name = dataset.name if dataset.name is not None else _path_parts(dataset.path)[-1]
+        if not _SOURCE_NAME.fullmatch(name):
+            raise UserError(f"eval.datasets[{i}].name={name!r}: use letters, digits, '.', '_' and '-' only")
+        if name in taken:
+            raise UserError(f"eval.datasets[{i}] would be logged as eval_loss/{name}, as {taken[name]} is: give it "
+                            f"another eval.datasets[{i}].name")
+        taken[name] = f"eval.datasets[{i}]"
+        names.append(name)
+    return names
+
+
+def _check_eval_datasets(d: DataConfig, e: EvalConfig, files: bool) -> None:
+    """eval.datasets: a split of val or train, a local path that exists, names of their own, and data to train on
+    beside (a synthetic run evaluates nothing)."""
+    if e.datasets and d.synthetic:
+        raise UserError("eval.datasets is set, but data.synthetic=true trains on random tokens and evaluates nothing; "
+                        "drop eval.datasets or set data.synthetic=false")
+    for i, dataset in enumerate(e.datasets):
+        if dataset.split not in ("val", "train"):
+            raise UserError(f"eval.datasets[{i}].split={dataset.split!r}: choose val (its held-out samples) or train")
+        if files and "://" not in dataset.path and not os.path.isdir(dataset.path):
+            raise UserError(f"eval.datasets[{i}].path={dataset.path}: no such directory; write shards with "
+                            "qwen2-prepare input=... output=DIR")
+    eval_dataset_names(d, e)
 
 
 def check_saved(cfg: JobConfig) -> None:
@@ -710,7 +760,16 @@ def check_saved(cfg: JobConfig) -> None:
                  for path in ([] if d.synthetic else _data_paths(d))]
     for path, summary in summaries:
         check_seq_len(path, summary["sample_tokens"], cfg.train.seq_len)
-    check_summaries_vocab([(path, summary) for path, summary in summaries if "://" in path], args.vocab_size)
+    evaluated = [(path, source_summary(path, d.cache_root(), run_cache_key(cfg.run_dir)))
+                 for path in [dataset.path for dataset in cfg.eval.datasets] if cfg.eval.interval]
+    for i, ((path, summary), dataset) in enumerate(zip(evaluated, cfg.eval.datasets)):
+        check_seq_len(path, summary["sample_tokens"], cfg.train.seq_len)
+        if not summary["splits"].get(dataset.split, {}).get("samples"):
+            raise UserError(f"eval.datasets[{i}]: {path} holds no sample in its {dataset.split} split; set "
+                            f"eval.datasets[{i}].split={'train' if dataset.split == 'val' else 'val'}, or prepare it "
+                            "again" + (" with a val_fraction that holds out samples" if dataset.split == "val" else ""))
+    check_summaries_vocab([(path, summary) for path, summary in summaries + evaluated if "://" in path],
+                          args.vocab_size)
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
     if resume not in ("auto", "none") and checkpoint.in_run(ckpt_root, resume) \
             and not checkpoint.rollback_done(ckpt_root, resume):
@@ -772,10 +831,10 @@ def _resume_data_problem(cfg: JobConfig, saved: dict | None, summaries: list[tup
     return order_mismatch(order, now) if order_changes(order, now) else None
 
 
-def _check_token_ids(d: DataConfig, vocab_size: int) -> None:
-    """The data's token ids must lie below model.vocab_size: an id beyond it fails in the embedding lookup after the
-    launch with one process, and with tensor parallelism reads another rank's rows, silently. Also the mixture's
-    shares (a weight too small for any would leave its source unread)."""
+def _check_token_ids(d: DataConfig, e: EvalConfig, vocab_size: int) -> None:
+    """The data's (and eval.datasets') token ids must lie below model.vocab_size: an id beyond it fails in the
+    embedding lookup after the launch with one process, and with tensor parallelism reads another rank's rows,
+    silently. Also the mixture's shares (a weight too small for any would leave its source unread)."""
     from qwen2_dist.data.loader import check_vocab, mixture_quotas
     from qwen2_dist.data.tokenizer import QWEN2_VOCAB_SIZE
 
@@ -783,12 +842,15 @@ def _check_token_ids(d: DataConfig, vocab_size: int) -> None:
         mixture_quotas([(s.path, s.weight) for s in d.sources])
     if d.synthetic:
         return
+    evaluated = [dataset.path for dataset in e.datasets]  # of the training data's tokenizer too
     if _data_paths(d):
-        check_vocab(_data_paths(d), vocab_size)
-    elif vocab_size < QWEN2_VOCAB_SIZE:
+        check_vocab(_data_paths(d) + evaluated, vocab_size)
+        return
+    if vocab_size < QWEN2_VOCAB_SIZE:
         raise UserError(f"model.vocab_size={vocab_size}: the embedded corpus holds ids of the Qwen2 tokenizer "
                         f"({QWEN2_VOCAB_SIZE} tokens); set model.vocab_size >= {QWEN2_VOCAB_SIZE}, point data.path at "
                         "data of a smaller vocabulary, or use data.synthetic=true")
+    check_vocab(evaluated, vocab_size)
 
 
 def _data_paths(d: DataConfig) -> list[str]:
@@ -1019,7 +1081,7 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
         _check_start(cfg, args)
     _check_data(cfg.data, cfg.eval, files)
     if files:
-        _check_token_ids(cfg.data, args.vocab_size)
+        _check_token_ids(cfg.data, cfg.eval, args.vocab_size)
     elif len(cfg.data.sources) > 1:
         from qwen2_dist.data.loader import mixture_quotas
 

@@ -369,9 +369,9 @@ def data_tokenizer(sources: list[tuple[str, float]], loader_args: dict) -> str |
 def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: dict, dp_size: int):
     """The held-out samples each evaluation reads: one eval set for the job's one source, one per source of a
     mixture (named as in the metrics), each of the first eval.samples of its val split (fewer where the split holds
-    fewer, with a warning). Sources without a held-out split are left out with a warning. Returns the eval sets
-    and whether every source has one (a mixture's eval_loss weighs all of them)."""
-    from qwen2_dist.config import source_names
+    fewer, with a warning), then one per eval.datasets. Sources without a held-out split are left out with a warning.
+    Returns the eval sets and whether every source has one (a mixture's eval_loss weighs all of them)."""
+    from qwen2_dist.config import eval_dataset_names, source_names
     from qwen2_dist.data.loader import TokenBatches, source_summary
     from qwen2_dist.data.prepare import VAL
     from qwen2_dist.train.trainer import EvalSet
@@ -383,7 +383,8 @@ def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: d
     if missing:
         log.warning("eval: no held-out split in %s (prepare with a val_fraction > 0 that holds out at least one "
                     "sample); %s", ", ".join(missing),
-                    "evaluation is off" if len(missing) == len(sources) else
+                    ("only eval.datasets are evaluated" if job.eval.datasets else "evaluation is off")
+                    if len(missing) == len(sources) else
                     "those sources are not evaluated, and there is no mixture eval_loss")
     per_micro_step = job.train.micro_batch_size * dp_size
     evals = []
@@ -399,6 +400,17 @@ def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: d
         batches = TokenBatches([(path, 1.0)], global_batch_size=eval_step_size(samples, per_micro_step), split=VAL,
                                **{**loader_args, "num_workers": 0})
         evals.append(EvalSet(batches, samples, name, weight))
+    for dataset, name in zip(job.eval.datasets, eval_dataset_names(job.data, job.eval)):
+        # The launchers' check (check_saved) refused a split without samples.
+        count = source_summary(dataset.path, loader_args["cache_dir"], loader_args["run_key"])["splits"][
+            dataset.split]["samples"]
+        samples = min(job.eval.samples, count)
+        if samples < job.eval.samples:
+            log.warning("eval: eval.samples=%d is more than the %d samples of the %s split of %s (%s): evaluating %d",
+                        job.eval.samples, count, dataset.split, name, dataset.path, count)
+        batches = TokenBatches([(dataset.path, 1.0)], global_batch_size=eval_step_size(samples, per_micro_step),
+                               split=dataset.split, evaluation=True, **{**loader_args, "num_workers": 0})
+        evals.append(EvalSet(batches, samples, name, extra=True))
     return evals, not missing
 
 

@@ -679,10 +679,12 @@ class TokenBatches:
         cache_limit: int | None = None,
         vocab_size: int | None = None,
         batch_schedule: BatchSchedule | None = None,
+        evaluation: bool = False,
     ):
         """vocab_size: the model's; token ids of the sources must lie below it (check_summaries_vocab).
         eod_mask_loss: the target that is a document's first token is IGNORE_INDEX. batch_schedule: each step's
-        global batch (train.batch_rampup); None: global_batch_size for every step."""
+        global batch (train.batch_rampup); None: global_batch_size for every step. evaluation: read for evaluation
+        only (eval.datasets' train split): none of the training data's log lines (epochs, caching, shuffle)."""
         self.schedule = batch_schedule or BatchSchedule(global_batch_size)
         assert self.schedule.final == global_batch_size, "the schedule ends with the job's global batch"
         for size in self.schedule.sizes():
@@ -700,10 +702,12 @@ class TokenBatches:
         self.document_masking = document_masking
         self.eod_mask_loss = eod_mask_loss
         self.split = split
+        training = split == TRAIN and not evaluation  # the training data's log lines
+        self._training = training
         self.num_workers = num_workers
         self.paths = [path for path, _ in sources]
         quotas = mixture_quotas(sources)
-        if len(sources) > 1 and split == TRAIN:
+        if len(sources) > 1 and training:
             total = sum(weight for _, weight in sources)
             log.info("data: mixing %d sources, samples per block of %d: %s", len(sources), MIX_BLOCK, ", ".join(
                 f"{path} {quota} (share {quota / MIX_BLOCK:.4g} for weight share {weight / total:.4g})"
@@ -728,14 +732,14 @@ class TokenBatches:
                                 "data.cache_limit, or read the source from its remote URL")
             if remote is not None:
                 run_caches.add(os.path.split(os.path.dirname(local)))  # (remote/RUN_KEY, this host)
-            if remote is not None and split == TRAIN:
+            if remote is not None and training:
                 log.info("data: %s is cached in %s (%s; kept after the run, for a resume)", path, local,
                          f"at most {_human_bytes(cache_limit)} of it" if cache_limit else "whole")
             streams.append(streaming.Stream(remote=remote, local=local, split=split))
         if vocab_size is not None:  # remote sources are checked here first, their summaries downloaded
             check_summaries_vocab(summaries, vocab_size)
         leader = world_from_env()[1] == 0
-        for run_cache, host in sorted(run_caches) if leader and split == TRAIN else []:
+        for run_cache, host in sorted(run_caches) if leader and training else []:
             _warn_other_hosts(run_cache, host)
         with hygiene.prefix_lock(leader):
             # Under the lock, so no other run is choosing a prefix while dead runs' segments are removed; by the
@@ -764,7 +768,7 @@ class TokenBatches:
         self._stream_offsets = np.asarray(self.dataset.sample_offset_per_stream, dtype=np.int64)
         if cache_limit:
             self._limit_cache(cache_limit, shard_counts, shuffle, shuffle_block_size)
-        if shuffle and split == TRAIN and dp_rank == 0:
+        if shuffle and training and dp_rank == 0:
             for path, counts in zip(self.paths, shard_counts):
                 need = narrow_shuffle(counts, shuffle_block_size)
                 if need:
@@ -1000,8 +1004,8 @@ class TokenBatches:
             self._size_step()
             epochs = self.order.epochs(self.position)
             for path, before, now in zip(self.paths, self._epochs, epochs):
-                # Not for the held-out split, whose rows that pad an evaluation read on past its end every time.
-                if now != before and self.split == TRAIN:
+                # Not for what is evaluated, whose rows that pad an evaluation read on past its end every time.
+                if now != before and self._training:
                     log.info("data: %s (%s split) starts epoch %d", path, self.split, now)
             self._epochs = epochs
         return batch

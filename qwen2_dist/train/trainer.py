@@ -72,6 +72,8 @@ class EvalSet:
     """The source's name in a mixture (logged as eval_loss/NAME); None for the one source of a job."""
     weight: float = 1.0
     """The source's share of training, which weighs its loss in the mixture's eval_loss."""
+    extra: bool = False
+    """One of eval.datasets: evaluated only, logged as eval_loss/NAME, not part of eval_loss."""
 
     def counted(self) -> int:
         """How many held-out samples an evaluation counts."""
@@ -353,22 +355,30 @@ class Trainer:
 
     def evaluate_all(self) -> tuple[dict, str]:
         """Every eval set's loss as metrics (eval_loss for one source; eval_loss/NAME per source of a mixture, and
-        eval_loss their mean weighted by the training shares when every source has a held-out split), and the log
-        line's text."""
-        if len(self.evals) == 1 and self.evals[0].name is None:
-            ev = self.evals[0]
-            loss = self.evaluate(ev.batches, ev.samples)
-            return {"eval_loss": loss}, f"eval_loss {loss:.4f} on {ev.counted()} held-out samples"
+        eval_loss their mean weighted by the training shares when every source has a held-out split; eval_loss/NAME
+        for each of eval.datasets), and the log line's text."""
+        trained = [ev for ev in self.evals if not ev.extra]
         losses = {ev.name: self.evaluate(ev.batches, ev.samples) for ev in self.evals}
         record, parts = {}, []
-        if self.evals_complete:
-            total = sum(ev.weight for ev in self.evals)
-            record["eval_loss"] = sum(ev.weight / total * losses[ev.name] for ev in self.evals)
-            parts.append(f"eval_loss {record['eval_loss']:.4f} (weighted as in training) |")
+        if len(trained) == 1 and trained[0].name is None:
+            record["eval_loss"] = losses[None]
+            parts.append(f"eval_loss {losses[None]:.4f} on {trained[0].counted()} held-out samples")
+        else:
+            if trained and self.evals_complete:
+                total = sum(ev.weight for ev in trained)
+                record["eval_loss"] = sum(ev.weight / total * losses[ev.name] for ev in trained)
+                parts.append(f"eval_loss {record['eval_loss']:.4f} (weighted as in training) |")
+            if trained:
+                parts.append(", ".join(f"{ev.name} {losses[ev.name]:.4f} on {ev.counted()}" for ev in trained)
+                             + " held-out samples")
+        extras = [ev for ev in self.evals if ev.extra]
         for ev in self.evals:
-            record[f"eval_loss/{ev.name}"] = losses[ev.name]
-            parts.append(f"{ev.name} {losses[ev.name]:.4f} on {ev.counted()},")
-        return record, " ".join(parts).rstrip(",") + " held-out samples"
+            if ev.name is not None:
+                record[f"eval_loss/{ev.name}"] = losses[ev.name]
+        if extras:
+            parts.append(("| " if parts else "") + "eval.datasets: " + ", ".join(
+                f"{ev.name} {losses[ev.name]:.4f} on {ev.counted()}" for ev in extras) + " samples")
+        return record, " ".join(parts)
 
     def fit(self) -> TrainResult:
         """Train from the current step up to train.steps, logging, checkpointing and honouring preemption."""

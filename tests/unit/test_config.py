@@ -121,6 +121,15 @@ def test_default_job_is_valid_and_derives_accumulation():
      "data.sources[1].path=/tmp/../tmp/: the same data as data.sources[0]"),
     (["data.path=s3://b/a", "data.sources=[{path: s3://b/c}]"], 1, "data.path and data.sources"),
     (["eval.samples=0"], 1, "eval.samples"),
+    (["eval.datasets=[{path: /tmp, split: test}]"], 1, "eval.datasets[0].split='test': choose val (its held-out "
+     "samples) or train"),
+    (["eval.datasets=[{path: /nonexistent/wiki}]"], 1, "eval.datasets[0].path=/nonexistent/wiki: no such directory"),
+    (["eval.datasets=[{path: /tmp, name: 'a b'}]"], 1, "eval.datasets[0].name='a b': use letters, digits"),
+    (["eval.datasets=[{path: /tmp, name: w}, {path: /, name: w}]"], 1, "eval.datasets[1] would be logged as "
+     "eval_loss/w, as eval.datasets[0] is: give it another eval.datasets[1].name"),
+    (["data.sources=[{path: s3://b/web}, {path: s3://b/code}]", "eval.datasets=[{path: /tmp, name: web}]"], 1,
+     "eval.datasets[0] would be logged as eval_loss/web, as a source of data.sources is"),
+    (["data.synthetic=true", "eval.datasets=[{path: /tmp}]"], 1, "eval.datasets is set, but data.synthetic=true"),
     (["data.synthetic=true", "data.document_masking=true"], 1, "data.synthetic=true trains on random tokens"),
     (["data.synthetic=true", "data.eod_mask_loss=true"], 1, "data.eod_mask_loss is set too"),
     (["data.embedded_max_tokens=100"], 1, "data.embedded_max_tokens=100: the embedded corpus needs at least 258"),

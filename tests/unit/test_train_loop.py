@@ -177,6 +177,42 @@ def test_a_batch_rampup_trains_each_step_on_its_size_as_a_run_of_that_batch_woul
     assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in alone], rel=1e-6, abs=0)
 
 
+def test_eval_datasets_are_evaluated_apart_from_the_training_datas_eval_loss(tmp_path, caplog):
+    """eval.datasets: each one's first eval.samples of its split (train here: a dataset prepared for evaluation),
+    logged as eval_loss/NAME with the loss of that dataset evaluated alone, and left out of eval_loss; a split
+    without samples is refused by the launchers' check, naming the field."""
+    from qwen2_dist.cli.train import build_evals
+    from qwen2_dist.config import check_saved
+    from qwen2_dist.data.loader import TokenBatches
+    from qwen2_dist.data.prepare import VAL
+    from tests.datasets import make_dataset
+
+    web = make_dataset(tmp_path / "web", 8, 16, val_samples=7)
+    wiki = make_dataset(tmp_path / "wiki", 8, 16, first_id=3000)
+    trainer = cpu_trainer(tmp_path / "run", "train.global_batch_size=2", f"data.path={web}", "eval.samples=5",
+                          f"eval.datasets=[{{path: {wiki}, split: train}}]")
+    loader_args = dict(seq_len=16, micro_batch_size=2, dp_rank=0, dp_size=1, cache_dir=None, run_key="default")
+    evals, complete = build_evals(trainer.cfg, [(web, 1.0)], loader_args, 1)
+    assert [(ev.name, ev.samples, ev.extra) for ev in evals] == [(None, 5, False), ("wiki", 5, True)]
+    trainer.evals, trainer.evals_complete = evals, complete
+    record, text = trainer.evaluate_all()
+    alone = {}
+    for name, path, split in (("web", web, VAL), ("wiki", wiki, "train")):
+        batches = TokenBatches([(path, 1.0)], seq_len=16, micro_batch_size=2, global_batch_size=6, split=split)
+        alone[name] = trainer.evaluate(batches, 5)
+        batches.close()
+    assert record == pytest.approx({"eval_loss": alone["web"], "eval_loss/wiki": alone["wiki"]}, rel=1e-6)
+    assert abs(alone["web"] - alone["wiki"]) > 1e-3  # the two datasets' samples differ
+    assert text.endswith("held-out samples | eval.datasets: wiki %.4f on 5 samples" % alone["wiki"]), text
+    for ev in evals:
+        ev.batches.close()
+    job = dataclasses.replace(trainer.cfg, eval=dataclasses.replace(trainer.cfg.eval, datasets=[
+        dataclasses.replace(trainer.cfg.eval.datasets[0], split="val")]))
+    with pytest.raises(UserError, match=r"eval.datasets\[0\]: .*wiki holds no sample in its val split; set "
+                                        r"eval.datasets\[0\].split=train"):
+        check_saved(job)
+
+
 def test_logging_norms_gives_each_blocks_gradient_norm_before_the_clip_and_its_weights_norm(tmp_path):
     """logging.norms: the blocks' gradient norms make up the logged (unclipped) grad_norm, with the clip acting in
     place (torch's AdamW without the fused kernel, clip 0.01); the weight norms are those of the weights the step
