@@ -430,7 +430,7 @@ class LoggingConfig:
     and of the embedding, final norm and output head: grad_norm/layers.N, param_norm/layers.N, grad_norm/embed_tokens,
     ... (Megatron-LM's --log-params-norm, per block), to see where an instability starts. Costs a read of every
     weight and gradient and a collective per block and kind at those steps. With optim.in_backward the gradients are
-    gone by then: weight norms only."""
+    gone by then, and the weights updated: only the weight norms, after the step."""
     peak_tflops: Optional[float] = None
     """Dense bf16 peak of one GPU in TFLOP/s, the denominator of the logged MFU; null = looked up from the device
     name (H100, H200, B200, A100, MI300X, ...; a GPU not in the table logs no MFU rather than a wrong one)."""
@@ -734,13 +734,48 @@ def _check_eval_datasets(d: DataConfig, e: EvalConfig, files: bool) -> None:
     if e.datasets and d.synthetic:
         raise UserError("eval.datasets is set, but data.synthetic=true trains on random tokens and evaluates nothing; "
                         "drop eval.datasets or set data.synthetic=false")
+    # A URL as written; a directory however it is spelled (streaming refuses one local directory used twice).
+    def key(path: str) -> str:
+        return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+    seen = {key(path): name for name, path in ([("data.path", d.path)] if d.path is not None else [])
+            + [(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]}
     for i, dataset in enumerate(e.datasets):
         if dataset.split not in ("val", "train"):
             raise UserError(f"eval.datasets[{i}].split={dataset.split!r}: choose val (its held-out samples) or train")
         if files and "://" not in dataset.path and not os.path.isdir(dataset.path):
             raise UserError(f"eval.datasets[{i}].path={dataset.path}: no such directory; write shards with "
                             "qwen2-prepare input=... output=DIR")
+        if key(dataset.path) in seen:
+            raise UserError(f"eval.datasets[{i}].path={dataset.path}: the same data as {seen[key(dataset.path)]}; "
+                            "a training source's held-out split is evaluated already (eval_loss), and an eval dataset "
+                            "is never trained on: list each dataset once")
+        seen[key(dataset.path)] = f"eval.datasets[{i}].path"
     eval_dataset_names(d, e)
+
+
+def _eval_summaries(cfg: JobConfig) -> list[tuple[str, dict]]:
+    """eval.datasets' prepare summaries (remote ones downloaded into the run's cache), each checked to hold samples
+    of train.seq_len in its split; UserError naming eval.datasets[i] and the fix otherwise."""
+    from qwen2_dist.data.loader import run_cache_key, source_summary
+
+    out = []
+    for i, dataset in enumerate(cfg.eval.datasets):
+        path, seq_len = dataset.path, cfg.train.seq_len
+        try:
+            summary = source_summary(path, cfg.data.cache_root(), run_cache_key(cfg.run_dir))
+        except UserError as exc:
+            raise UserError(f"eval.datasets[{i}].path={path}: {exc}") from None
+        if summary["sample_tokens"] != seq_len + 1:
+            raise UserError(f"eval.datasets[{i}].path={path}: its samples hold {summary['sample_tokens']} tokens, "
+                            f"train.seq_len={seq_len} needs {seq_len + 1}; prepare it again with qwen2-prepare "
+                            f"seq_len={seq_len}")
+        if not summary["splits"].get(dataset.split, {}).get("samples"):
+            raise UserError(f"eval.datasets[{i}]: {path} holds no sample in its {dataset.split} split; set "
+                            f"eval.datasets[{i}].split={'train' if dataset.split == 'val' else 'val'}, or prepare it "
+                            "again" + (" with a val_fraction that holds out samples" if dataset.split == "val" else ""))
+        out.append((path, summary))
+    return out
 
 
 def check_saved(cfg: JobConfig) -> None:
@@ -760,16 +795,19 @@ def check_saved(cfg: JobConfig) -> None:
                  for path in ([] if d.synthetic else _data_paths(d))]
     for path, summary in summaries:
         check_seq_len(path, summary["sample_tokens"], cfg.train.seq_len)
-    evaluated = [(path, source_summary(path, d.cache_root(), run_cache_key(cfg.run_dir)))
-                 for path in [dataset.path for dataset in cfg.eval.datasets] if cfg.eval.interval]
-    for i, ((path, summary), dataset) in enumerate(zip(evaluated, cfg.eval.datasets)):
-        check_seq_len(path, summary["sample_tokens"], cfg.train.seq_len)
-        if not summary["splits"].get(dataset.split, {}).get("samples"):
-            raise UserError(f"eval.datasets[{i}]: {path} holds no sample in its {dataset.split} split; set "
-                            f"eval.datasets[{i}].split={'train' if dataset.split == 'val' else 'val'}, or prepare it "
-                            "again" + (" with a val_fraction that holds out samples" if dataset.split == "val" else ""))
-    check_summaries_vocab([(path, summary) for path, summary in summaries + evaluated if "://" in path],
-                          args.vocab_size)
+    evaluated = _eval_summaries(cfg) if cfg.eval.interval and not d.synthetic else []
+    # Every source and eval dataset against each other (validate() compares the local ones before), and the eval
+    # datasets against the embedded corpus's tokenizer where it is the training data.
+    check_summaries_vocab([(path, summary) for path, summary in summaries + evaluated
+                           if "://" in path or evaluated], args.vocab_size)
+    if evaluated and not summaries and not d.synthetic:
+        from qwen2_dist.data.tokenizer import QWEN2_VOCAB_SIZE
+
+        for i, (path, summary) in enumerate(evaluated):
+            if summary.get("vocab_size") not in (None, QWEN2_VOCAB_SIZE):
+                raise UserError(f"eval.datasets[{i}].path={path}: prepared with tokenizer {summary.get('tokenizer')} "
+                                f"({summary['vocab_size']} tokens), the embedded corpus trained on with the Qwen2 "
+                                f"tokenizer ({QWEN2_VOCAB_SIZE}); prepare it again with qwen2-prepare tokenizer=qwen2")
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
     if resume not in ("auto", "none") and checkpoint.in_run(ckpt_root, resume) \
             and not checkpoint.rollback_done(ckpt_root, resume):
@@ -842,7 +880,7 @@ def _check_token_ids(d: DataConfig, e: EvalConfig, vocab_size: int) -> None:
         mixture_quotas([(s.path, s.weight) for s in d.sources])
     if d.synthetic:
         return
-    evaluated = [dataset.path for dataset in e.datasets]  # of the training data's tokenizer too
+    evaluated = [dataset.path for dataset in e.datasets] if e.interval else []  # of the training data's tokenizer
     if _data_paths(d):
         check_vocab(_data_paths(d) + evaluated, vocab_size)
         return
@@ -879,6 +917,9 @@ def advisories(cfg: JobConfig, processes_per_node: int | None) -> list[str]:
         out.append("checkpoint.interval=0, checkpoint.interval_minutes=0 and checkpoint.save_final=false: the run "
                    "writes no checkpoint (only a stop by signal or train.stop_at saves one), so a failure loses all "
                    "of it; set checkpoint.interval=N or checkpoint.save_final=true to keep its weights")
+    if cfg.eval.datasets and not cfg.eval.interval:
+        out.append("eval.datasets is set, but eval.interval=0 evaluates nothing: set eval.interval=N to evaluate "
+                   "them every N steps")
     if processes_per_node and processes_per_node % tp:  # tp is the mesh's innermost dimension: consecutive ranks
         out.append(f"parallel.tp={tp} does not divide the {processes_per_node} processes of a node: tensor-parallel "
                    "groups span nodes, and their collectives, several per block at every step, cross the network; "

@@ -408,8 +408,10 @@ def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: d
         if samples < job.eval.samples:
             log.warning("eval: eval.samples=%d is more than the %d samples of the %s split of %s (%s): evaluating %d",
                         job.eval.samples, count, dataset.split, name, dataset.path, count)
+        # In the dataset's own order (no shuffle): the same samples whatever the job's seed, so that runs compare.
         batches = TokenBatches([(dataset.path, 1.0)], global_batch_size=eval_step_size(samples, per_micro_step),
-                               split=dataset.split, evaluation=True, **{**loader_args, "num_workers": 0})
+                               split=dataset.split, evaluation=True,
+                               **{**loader_args, "num_workers": 0, "shuffle": False})
         evals.append(EvalSet(batches, samples, name, extra=True))
     return evals, not missing
 

@@ -460,8 +460,9 @@ class Trainer:
                     }
                     if self.last_z_loss is not None:
                         record["z_loss"] = self.last_z_loss.item()
-                    if self.last_norms is not None:
-                        record.update((key, norm.item()) for key, norm in self.last_norms.items())
+                    if self.last_norms is not None:  # one copy to the host (CPU-offloaded weights' norms moved)
+                        values = torch.stack([norm.to(self.world.device) for norm in self.last_norms.values()])
+                        record.update(zip(self.last_norms, values.tolist()))
                         self.last_norms = None
                     if eval_due:  # after the window's clock stopped: evaluation time is not training time
                         eval_started = time.monotonic()

@@ -32,8 +32,7 @@ def test_tensor_parallel_job_trains_like_one_process(tmp_path, corpus_cache):
     got, expected = losses(tp_dir, "z_loss"), losses(one_dir, "z_loss")
     assert min(expected) > 1 and max(abs(a - b) / b for a, b in zip(got, expected)) <= 1e-5, (got, expected)
     # logging.norms from the tensor-parallel shards (q/k/v and gate/up by rows, o and down by columns, the norms'
-    # weights replicated): each block's as in one process, and all of them together the logged grad_norm (the head,
-    # tied in one process, is a module of its own under TP).
+    # weights replicated): each block's as in one process, and all of them together the logged grad_norm.
     for tp_record, one_record in zip(read_metrics(tp_dir), read_metrics(one_dir)):
         blocks = [key for key in one_record if "norm/layers." in key]
         assert len(blocks) == 4 and all(abs(tp_record[k] - one_record[k]) <= 1e-5 * one_record[k] for k in blocks)

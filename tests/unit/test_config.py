@@ -47,6 +47,36 @@ def test_a_batch_rampup_sizes_each_step_and_describes_its_stages():
     assert BatchSchedule.of(job().train) == BatchSchedule(8) and BatchSchedule(8).at(1) == 8
 
 
+def test_eval_datasets_of_another_seq_len_or_tokenizer_are_refused_before_launch(tmp_path):
+    """The launchers' check (check_saved) reads each eval dataset's summary: another sample length, another tokenizer
+    than the embedded corpus's, or no summary at all is one line naming eval.datasets[i] and what fixes it."""
+    import json
+
+    from qwen2_dist.config import check_saved
+    from tests.datasets import make_dataset
+
+    wiki = make_dataset(tmp_path / "wiki", 4, 16)
+    with pytest.raises(UserError, match=r"eval.datasets\[0\].path=.*wiki: its samples hold 17 tokens, "
+                                        r"train.seq_len=32 needs 33; prepare it again with qwen2-prepare seq_len=32"):
+        check_saved(job("train.seq_len=32", f"eval.datasets=[{{path: {wiki}, split: train}}]"))
+    summary_path = os.path.join(wiki, "prepare_summary.json")
+    with open(summary_path) as f:
+        summary = json.load(f)
+    with open(summary_path, "w") as f:
+        json.dump({**summary, "tokenizer": "gpt2", "vocab_size": 50257}, f)
+    with pytest.raises(UserError, match=r"eval.datasets\[0\].path=.*wiki: prepared with tokenizer gpt2 \(50257 "
+                                        r"tokens\), the embedded corpus trained on with the Qwen2 tokenizer"):
+        check_saved(job("train.seq_len=16", f"eval.datasets=[{{path: {wiki}, split: train}}]"))
+    with pytest.raises(UserError, match=r"eval.datasets\[0\].path=/tmp: "):
+        check_saved(job("train.seq_len=16", "eval.datasets=[{path: /tmp, split: train}]"))
+
+
+def test_eval_datasets_that_nothing_evaluates_are_named():
+    assert any("eval.datasets is set, but eval.interval=0 evaluates nothing" in advice
+               for advice in advisories(job("eval.datasets=[{path: /tmp}]", "eval.interval=0"), None))
+    assert not advisories(job("eval.datasets=[{path: /tmp}]"), None)
+
+
 def test_default_job_is_valid_and_derives_accumulation():
     layout = validate(job(), world_size=1)
     assert layout == {"dp_replicate": 1, "dp_shard": 1, "tp": 1, "grad_accum_steps": 2}
@@ -130,6 +160,9 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["data.sources=[{path: s3://b/web}, {path: s3://b/code}]", "eval.datasets=[{path: /tmp, name: web}]"], 1,
      "eval.datasets[0] would be logged as eval_loss/web, as a source of data.sources is"),
     (["data.synthetic=true", "eval.datasets=[{path: /tmp}]"], 1, "eval.datasets is set, but data.synthetic=true"),
+    (["data.path=/tmp", "eval.datasets=[{path: /tmp/}]"], 1, "eval.datasets[0].path=/tmp/: the same data as data.path"),
+    (["eval.datasets=[{path: /tmp, name: a}, {path: /tmp/../tmp, name: b}]"], 1, "eval.datasets[1].path=/tmp/../tmp: "
+     "the same data as eval.datasets[0].path"),
     (["data.synthetic=true", "data.document_masking=true"], 1, "data.synthetic=true trains on random tokens"),
     (["data.synthetic=true", "data.eod_mask_loss=true"], 1, "data.eod_mask_loss is set too"),
     (["data.embedded_max_tokens=100"], 1, "data.embedded_max_tokens=100: the embedded corpus needs at least 258"),

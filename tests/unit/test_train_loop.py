@@ -197,8 +197,9 @@ def test_eval_datasets_are_evaluated_apart_from_the_training_datas_eval_loss(tmp
     trainer.evals, trainer.evals_complete = evals, complete
     record, text = trainer.evaluate_all()
     alone = {}
-    for name, path, split in (("web", web, VAL), ("wiki", wiki, "train")):
-        batches = TokenBatches([(path, 1.0)], seq_len=16, micro_batch_size=2, global_batch_size=6, split=split)
+    for name, path, split in (("web", web, VAL), ("wiki", wiki, "train")):  # eval.datasets in their own order
+        batches = TokenBatches([(path, 1.0)], seq_len=16, micro_batch_size=2, global_batch_size=6, split=split,
+                               shuffle=name == "web")
         alone[name] = trainer.evaluate(batches, 5)
         batches.close()
     assert record == pytest.approx({"eval_loss": alone["web"], "eval_loss/wiki": alone["wiki"]}, rel=1e-6)
@@ -397,6 +398,7 @@ def test_a_mixture_is_evaluated_per_source_and_weighted_as_in_training(tmp_path,
     from qwen2_dist.config import DataSource
     from qwen2_dist.data.loader import TokenBatches
     from qwen2_dist.data.prepare import VAL
+    from qwen2_dist.train.trainer import EvalSet
     from tests.datasets import make_dataset
 
     web = make_dataset(tmp_path / "web", 8, 16, val_samples=7)
@@ -421,6 +423,14 @@ def test_a_mixture_is_evaluated_per_source_and_weighted_as_in_training(tmp_path,
     assert abs(alone["web"] - alone["code"]) > 1e-3  # the two sources' samples differ
     assert record["eval_loss"] == pytest.approx(0.75 * alone["web"] + 0.25 * alone["code"], rel=1e-6)
     assert "web" in text and "code" in text and "on 3" in text
+    # An eval dataset beside the mixture (eval.datasets, here the books): logged on its own, not in eval_loss.
+    books = TokenBatches([(nothing_held_out, 1.0)], seq_len=16, micro_batch_size=2, global_batch_size=6,
+                         split="train", shuffle=False, evaluation=True)
+    trainer.evals = evals + [EvalSet(books, 5, "books", extra=True)]
+    with_books, text = trainer.evaluate_all()
+    assert with_books == {**record, "eval_loss/books": pytest.approx(trainer.evaluate(books, 5), rel=1e-6)}
+    assert text.endswith("held-out samples | eval.datasets: books %.4f on 5 samples" % with_books["eval_loss/books"])
+    books.close()
     for ev in evals:
         ev.batches.close()
 
