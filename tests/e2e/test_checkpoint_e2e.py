@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,27 +264,6 @@ def test_pickle_weights_are_refused_unless_the_user_opts_in(tmp_path):
         assert torch.allclose(model(tokens), hf(tokens).logits, atol=1e-5)
 
 
-def test_a_new_data_stage_continues_the_checkpoint_on_the_new_data_from_its_first_sample(tmp_path, corpus_cache):
-    """data.new_stage=true (another seed: another order) resumes the run's step-6 checkpoint, optimizer and schedule
-    included, and reads the new order from its start (its checkpoints count the stage's samples only); a restart of
-    the stage resumes its own checkpoint at its position rather than starting the stage again."""
-    run_dir = tmp_path / "run"
-    assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache)).returncode == 0
-    stage = {"seed": 1, "train.steps": 9, "data.new_stage": "true", "checkpoint.interval": 1}
-    first = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **stage, **{"train.stop_at": 7}))
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert "data.new_stage=true: checkpoint " in first.stdout and "(changed since: seed 0 -> 1)" in first.stdout
-    assert "resumed from" in first.stdout and "at step 6" in first.stdout
-    second = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **stage))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "data.new_stage" not in second.stdout and "at step 7" in second.stdout
-    records = read_metrics(run_dir)
-    assert [r["step"] for r in records] == list(range(1, 10))
-    assert records[6]["tokens_seen"] == 7 * 4 * 32  # counted on
-    with open(run_dir / "checkpoints" / "step_00000009" / "train_state.json") as f:
-        assert json.load(f)["loader"]["samples_seen"] == 3 * 4  # the stage's 3 steps of 4 samples
-
-
 def test_optimizer_in_backward_trains_and_resumes_exactly(tmp_path, corpus_cache):
     # The memory-lean optimizer (each parameter updated during backward) through the real trainer: it trains, logs
     # a gradient norm, and 3 steps + resume + 3 equal 6 straight.
@@ -305,9 +285,11 @@ def test_optimizer_in_backward_trains_and_resumes_exactly(tmp_path, corpus_cache
 def test_resume_with_another_data_order_stops_instead_of_falling_back(tmp_path, corpus_cache):
     # Another seed means another sample order: every checkpoint of the run would mismatch, so resume=auto reports
     # it once, naming the newest checkpoint, rather than calling them damaged one after the other.
-    # It is refused before the checkpoint is loaded, and by the launchers' check (QWEN2_CHECK_ONLY) already.
+    # It is refused before the checkpoint is loaded, and by the launchers' check (QWEN2_CHECK_ONLY) already; with
+    # data.new_stage=true it is a new data stage instead (_new_data_stage, on a copy of the run).
     run_dir = tmp_path / "run"
     assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache)).returncode == 0
+    shutil.copytree(run_dir, tmp_path / "stage")
     newest = run_dir / "checkpoints" / "step_00000006"
     for env in ({"QWEN2_CHECK_ONLY": "1"}, {}):
         result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"seed": 1, "train.steps": 9}),
@@ -327,3 +309,25 @@ def test_resume_with_another_data_order_stops_instead_of_falling_back(tmp_path, 
         "checkpoint.resume": run_dir / "checkpoints" / "step_00000003", "model.num_hidden_layers": 3}))
     assert result.returncode == 2 and "num_hidden_layers 2 vs 3" in result.stderr, result.stderr[-3000:]
     assert sorted(os.listdir(run_dir / "checkpoints")) == before == ["step_00000003", "step_00000006"]
+    _new_data_stage(tmp_path / "stage", corpus_cache)
+
+
+def _new_data_stage(run_dir, corpus_cache):
+    """data.new_stage=true (another seed: another order) resumes the run's step-6 checkpoint, optimizer and schedule
+    included, and reads the new order from its start (its checkpoints count the stage's samples only); a restart of
+    the stage resumes its own checkpoint at its position rather than starting the stage again."""
+    stage = {"seed": 1, "train.steps": 9, "data.new_stage": "true", "checkpoint.interval": 1}
+    first = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **stage, **{"train.stop_at": 7}))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "data.new_stage=true: checkpoint " in first.stdout and "(changed since: seed 0 -> 1)" in first.stdout
+    assert "resumed from" in first.stdout and "at step 6" in first.stdout
+    second = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **stage))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "data.new_stage" not in second.stdout and "at step 7" in second.stdout
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, 10))
+    assert records[6]["tokens_seen"] == 7 * 4 * 32  # counted on
+    with open(run_dir / "checkpoints" / "step_00000009" / "train_state.json") as f:
+        assert json.load(f)["loader"]["samples_seen"] == 3 * 4  # the stage's 3 steps of 4 samples
+
+
