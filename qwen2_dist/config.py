@@ -778,14 +778,15 @@ def _eval_summaries(cfg: JobConfig) -> list[tuple[str, dict]]:
     return out
 
 
-def check_saved(cfg: JobConfig) -> None:
+def check_saved(cfg: JobConfig) -> list[str]:
     """What the job would refuse only after the launch, read from its files now (the launchers' check: one line and
     exit 2 rather than a failure torchrun restarts MAX_RESTARTS times): data of another train.seq_len, remote data
     with token ids beyond the model's vocabulary (validate() checks local data; a remote source's summary is
     downloaded into the run's cache, where the job finds it), a checkpoint to resume of another model or of a run
     that started from other weights than the model.init_from_* named. The job runs it too, on rank 0, before it
     builds the model or rolls anything back (a start without the launchers). Not part of validate():
-    qwen2-estimate plans a job whatever run_dir holds."""
+    qwen2-estimate plans a job whatever run_dir holds. Returns what the launchers print as warnings: a new data
+    stage that data.new_stage will start."""
     args = cfg.model.args()
     from qwen2_dist.data.loader import check_seq_len, check_summaries_vocab, run_cache_key, source_summary
     from qwen2_dist.train import checkpoint
@@ -827,8 +828,13 @@ def check_saved(cfg: JobConfig) -> None:
         if not checkpoint.train_state_intact(path, meta):
             continue  # damaged: the job reports it and falls back past it
         problem = _resume_data_problem(cfg, checkpoint.peek_train_state(path).get("loader"), summaries)
-        if problem and not d.new_stage:  # else the job starts a new data stage, and says so
+        if problem and not d.new_stage:
             raise UserError(f"checkpoint {path}: {problem}")
+        if problem:
+            return [f"data.new_stage=true: checkpoint {path} was trained on other data; the job goes on from its "
+                    "weights, optimizer state and step with this job's data from its first sample (its log names "
+                    "what changed)"]
+    return []
 
 
 def _check_resume_step(cfg: JobConfig, path: str, step: Any) -> None:

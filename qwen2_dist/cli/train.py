@@ -548,7 +548,7 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
         raise UserError(f"QWEN2_CHECK_ONLY={world_size}: give the number of processes of the job") from None
     layout = validate(job, processes)
     runlock.check_free(job.run_dir)
-    check_saved(job)
+    notes = check_saved(job)
     complete = completed_run(job)
     if complete is not None:
         print(complete)
@@ -569,7 +569,7 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
             f"NPROC={per_node}: more processes than the {visible} GPU(s) torch sees on this node (CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}), and the job trains on cuda, one GPU per process: "
             f"set NPROC={visible} or fewer, or leave NPROC unset for one per GPU")
-    for advice in advisories(job, int(per_node) if per_node.isdigit() else None):
+    for advice in advisories(job, int(per_node) if per_node.isdigit() else None) + notes:
         print(f"warning: {advice}")
     print(f"config ok for {processes} process(es) on {device_type}: {layout}{ramp_note(job)}")
 

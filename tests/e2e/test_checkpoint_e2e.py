@@ -317,6 +317,8 @@ def _new_data_stage(run_dir, corpus_cache):
     included, and reads the new order from its start (its checkpoints count the stage's samples only); a restart of
     the stage resumes its own checkpoint at its position rather than starting the stage again."""
     stage = {"seed": 1, "train.steps": 9, "data.new_stage": "true", "checkpoint.interval": 1}
+    check = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **stage), env={**os.environ, "QWEN2_CHECK_ONLY": "1"})
+    assert check.returncode == 0 and "warning: data.new_stage=true: checkpoint " in check.stdout, check.stderr[-3000:]
     first = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **stage, **{"train.stop_at": 7}))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "data.new_stage=true: checkpoint " in first.stdout and "(changed since: seed 0 -> 1)" in first.stdout
