@@ -663,6 +663,12 @@ def source_names(sources: list[DataSource]) -> list[str]:
     return names
 
 
+def _dataset_key(path: str) -> str:
+    """What makes two dataset paths the same data: a URL as written; a directory however it is spelled (streaming
+    refuses one local directory used twice)."""
+    return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+
 def _check_data(d: DataConfig, e: EvalConfig, files: bool = True) -> None:
     """Check the data sources and the evaluation sizes (files: also that the local ones exist, as directories)."""
     if d.path is not None and d.sources:
@@ -685,8 +691,7 @@ def _check_data(d: DataConfig, e: EvalConfig, files: bool = True) -> None:
     for i, source in enumerate(d.sources):
         if not source.weight > 0:
             raise UserError(f"data.sources[{i}].weight={source.weight}: must be positive")
-        # A URL as written; a directory however it is spelled (streaming refuses one local directory used twice).
-        key = source.path.rstrip("/") if "://" in source.path else os.path.realpath(source.path)
+        key = _dataset_key(source.path)
         if key in seen:
             raise UserError(f"data.sources[{i}].path={source.path}: the same data as data.sources[{seen[key]}]; "
                             "list each dataset once, with the sum of the weights you meant for it")
@@ -734,11 +739,7 @@ def _check_eval_datasets(d: DataConfig, e: EvalConfig, files: bool) -> None:
     if e.datasets and d.synthetic:
         raise UserError("eval.datasets is set, but data.synthetic=true trains on random tokens and evaluates nothing; "
                         "drop eval.datasets or set data.synthetic=false")
-    # A URL as written; a directory however it is spelled (streaming refuses one local directory used twice).
-    def key(path: str) -> str:
-        return path.rstrip("/") if "://" in path else os.path.realpath(path)
-
-    seen = {key(path): name for name, path in ([("data.path", d.path)] if d.path is not None else [])
+    seen = {_dataset_key(path): name for name, path in ([("data.path", d.path)] if d.path is not None else [])
             + [(f"data.sources[{i}].path", s.path) for i, s in enumerate(d.sources)]}
     for i, dataset in enumerate(e.datasets):
         if dataset.split not in ("val", "train"):
@@ -746,11 +747,12 @@ def _check_eval_datasets(d: DataConfig, e: EvalConfig, files: bool) -> None:
         if files and "://" not in dataset.path and not os.path.isdir(dataset.path):
             raise UserError(f"eval.datasets[{i}].path={dataset.path}: no such directory; write shards with "
                             "qwen2-prepare input=... output=DIR")
-        if key(dataset.path) in seen:
-            raise UserError(f"eval.datasets[{i}].path={dataset.path}: the same data as {seen[key(dataset.path)]}; "
-                            "a training source's held-out split is evaluated already (eval_loss), and an eval dataset "
-                            "is never trained on: list each dataset once")
-        seen[key(dataset.path)] = f"eval.datasets[{i}].path"
+        key = _dataset_key(dataset.path)
+        if key in seen:
+            raise UserError(f"eval.datasets[{i}].path={dataset.path}: the same data as {seen[key]}; a training "
+                            "source's held-out split is evaluated already (eval_loss), and an eval dataset is never "
+                            "trained on: list each dataset once")
+        seen[key] = f"eval.datasets[{i}].path"
     eval_dataset_names(d, e)
 
 
