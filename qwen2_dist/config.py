@@ -275,6 +275,17 @@ class EvalDataset:
 
 
 @dataclass
+class EvalTask:
+    path: str = "???"
+    """A local JSONL file of multiple-choice examples, one per line: {"context": "...", "choices": ["...", "..."],
+    "answer": INDEX} (llm-foundry's "query" and "gold" keys are read too). Few-shot examples go into the context."""
+    name: Optional[str] = None
+    """Its name in the metrics, task_acc/NAME and task_acc_norm/NAME; default: the file name without .jsonl."""
+    limit: Optional[int] = None
+    """Evaluate the file's first this many examples (None: all)."""
+
+
+@dataclass
 class EvalConfig:
     interval: int = 50
     """Compute the loss on the held-out (val) split every this many steps and at the last step (train.steps);
@@ -291,6 +302,12 @@ class EvalConfig:
     eval.samples of its split and logged as eval_loss/NAME (not part of a mixture's eval_loss): '[{path: /d/wiki,
     name: wiki}, {path: s3://b/code-eval, split: train}]'. Of the model's tokenizer and train.seq_len, as the training
     data."""
+    tasks: list[EvalTask] = field(default_factory=list)
+    """Multiple-choice tasks evaluated at each evaluation (downstream accuracy during pretraining, as OLMo's and
+    llm-foundry's in-loop evaluations): each choice scored by the model's log-likelihood of its tokens after the
+    context (tokenized by the training data's tokenizer), logged as task_acc/NAME (the highest summed
+    log-likelihood is the answer) and task_acc_norm/NAME (the highest per character of the choice):
+    '[{path: /evals/hellaswag.jsonl}, {path: /evals/arc_easy.jsonl, name: arc_e, limit: 500}]'."""
 
 
 @dataclass
@@ -710,6 +727,7 @@ def _check_data(d: DataConfig, e: EvalConfig, files: bool = True) -> None:
             raise UserError("data.cache_limit is set, but no remote source is: it bounds the cache of remote sources "
                             "(data.path or data.sources with URLs such as s3://...); unset it")
     _check_eval_datasets(d, e, files)
+    _check_eval_tasks(d, e, files)
     if e.interval < 0:
         raise UserError(f"eval.interval={e.interval}: must be >= 0 (0 = no evaluation)")
     if e.interval and e.samples <= 0:
@@ -754,6 +772,38 @@ def _check_eval_datasets(d: DataConfig, e: EvalConfig, files: bool) -> None:
                             "trained on: list each dataset once")
         seen[key] = f"eval.datasets[{i}].path"
     eval_dataset_names(d, e)
+
+
+def eval_task_names(e: EvalConfig) -> list[str]:
+    """The names eval.tasks are logged under (task_acc/NAME); UserError for a name of other characters or one that
+    another task has."""
+    names = []
+    for i, task in enumerate(e.tasks):
+        base = os.path.basename(task.path)
+        name = task.name if task.name is not None else (base[:-len(".jsonl")] if base.endswith(".jsonl") else base)
+        if not _SOURCE_NAME.fullmatch(name):
+            raise UserError(f"eval.tasks[{i}].name={name!r}: use letters, digits, '.', '_' and '-' only")
+        if name in names:
+            raise UserError(f"eval.tasks[{i}] would be logged as task_acc/{name}, as eval.tasks[{names.index(name)}] "
+                            f"is: give it another eval.tasks[{i}].name")
+        names.append(name)
+    return names
+
+
+def _check_eval_tasks(d: DataConfig, e: EvalConfig, files: bool) -> None:
+    """eval.tasks: data whose tokenizer scores them, a positive limit, names of their own, and (files) readable files
+    of examples."""
+    if e.tasks and d.synthetic:
+        raise UserError("eval.tasks is set, but data.synthetic=true trains on random tokens of no tokenizer and "
+                        "evaluates nothing; drop eval.tasks or set data.synthetic=false")
+    eval_task_names(e)
+    for i, task in enumerate(e.tasks):
+        if task.limit is not None and task.limit < 1:
+            raise UserError(f"eval.tasks[{i}].limit={task.limit}: must be positive (unset: every example)")
+        if files:
+            from qwen2_dist.train.tasks import read_examples
+
+            read_examples(task.path, f"eval.tasks[{i}].path", task.limit)
 
 
 def _eval_summaries(cfg: JobConfig) -> list[tuple[str, dict]]:
@@ -925,9 +975,10 @@ def advisories(cfg: JobConfig, processes_per_node: int | None) -> list[str]:
         out.append("checkpoint.interval=0, checkpoint.interval_minutes=0 and checkpoint.save_final=false: the run "
                    "writes no checkpoint (only a stop by signal or train.stop_at saves one), so a failure loses all "
                    "of it; set checkpoint.interval=N or checkpoint.save_final=true to keep its weights")
-    if cfg.eval.datasets and not cfg.eval.interval:
-        out.append("eval.datasets is set, but eval.interval=0 evaluates nothing: set eval.interval=N to evaluate "
-                   "them every N steps")
+    for key in ("datasets", "tasks"):
+        if getattr(cfg.eval, key) and not cfg.eval.interval:
+            out.append(f"eval.{key} is set, but eval.interval=0 evaluates nothing: set eval.interval=N to evaluate "
+                       "them every N steps")
     if processes_per_node and processes_per_node % tp:  # tp is the mesh's innermost dimension: consecutive ranks
         out.append(f"parallel.tp={tp} does not divide the {processes_per_node} processes of a node: tensor-parallel "
                    "groups span nodes, and their collectives, several per block at every step, cross the network; "

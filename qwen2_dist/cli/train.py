@@ -304,9 +304,11 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         limit = parse_bytes("data.cache_limit", job.data.cache_limit) if job.data.cache_limit is not None else None
         batches = TokenBatches(sources, global_batch_size=job.train.global_batch_size, cache_limit=limit,
                                batch_schedule=BatchSchedule.of(job.train), **loader_args)
-    evals, evals_complete = [], True
+    evals, evals_complete, tasks = [], True, []
     if job.eval.interval and not job.data.synthetic:
         evals, evals_complete = build_evals(job, sources, loader_args, dp_size)
+        tasks = build_tasks(job, data_tokenizer(sources, loader_args), args.vocab_size, layout["tp"],
+                            full_length=device_type == "cuda")
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
         "config_hash": checkpoint.config_hash(resolved), "init_from": init_from, "hf_source": hf_source,
@@ -315,7 +317,7 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         "data_tokenizer": None if job.data.synthetic else data_tokenizer(sources, loader_args),
     }
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, metadata,
-                      evals, evals_complete)
+                      evals, evals_complete, tasks)
     damaged = []
     for path in candidates:
         try:
@@ -414,6 +416,35 @@ def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: d
                                **{**loader_args, "num_workers": 0, "shuffle": False})
         evals.append(EvalSet(batches, samples, name, extra=True))
     return evals, not missing
+
+
+def build_tasks(job: JobConfig, tokenizer_name: str | None, vocab_size: int, tp: int, full_length: bool) -> list:
+    """eval.tasks' rows, tokenized by the tokenizer the training data was prepared with (UserError naming the
+    task when there is none, or when its ids do not fit model.vocab_size); full_length: padded to train.seq_len
+    (tasks.build_task)."""
+    from qwen2_dist.config import eval_task_names
+    from qwen2_dist.data.tokenizer import load_tokenizer
+    from qwen2_dist.train.tasks import build_task
+
+    if not job.eval.tasks:
+        return []
+    if tokenizer_name is None:
+        raise UserError("eval.tasks: the training data names no tokenizer (or its sources name different ones) to "
+                        "tokenize the tasks with; prepare it again with qwen2-prepare, or drop eval.tasks")
+    tokenizer = load_tokenizer(tokenizer_name)
+    tasks = []
+    for i, (task, name) in enumerate(zip(job.eval.tasks, eval_task_names(job.eval))):
+        built = build_task(name, task.path, f"eval.tasks[{i}].path", tokenizer, job.train.seq_len, task.limit, tp,
+                           full_length)
+        largest = max(int(row.max()) for row in built.tokens)
+        if largest >= vocab_size:
+            raise UserError(f"eval.tasks[{i}].path={task.path}: the tokenizer {tokenizer_name} gives it token id "
+                            f"{largest}, beyond model.vocab_size={vocab_size}")
+        log.info("eval.tasks: %s, %d examples (%d choices) from %s, scored in rows of %d tokens%s", name,
+                 built.examples, len(built.tokens), task.path, built.length,
+                 f"; {built.cut} contexts cut to their last train.seq_len tokens" if built.cut else "")
+        tasks.append(built)
+    return tasks
 
 
 def ramp_note(job: JobConfig) -> str:

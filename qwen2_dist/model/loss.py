@@ -191,6 +191,14 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return _summed_loss(fp32, lse, targets, masked=True)
 
 
+def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each token's cross-entropy of one chunk (fp32; 0 for an IGNORE_INDEX target)."""
+    fp32 = logits.float()
+    counted = targets != IGNORE_INDEX
+    picked = fp32.gather(1, torch.where(counted, targets, 0)[:, None]).squeeze(1)
+    return torch.where(counted, torch.logsumexp(fp32, dim=-1) - picked, 0.0)
+
+
 @functools.cache
 def _compiled(fn, options: tuple = ()):
     # One fused kernel per step of the softmax instead of an fp32 copy of the chunk's logits (CUDA only: a CPU
@@ -441,6 +449,7 @@ def linear_cross_entropy(
     tie: TiedGradient | None = None,
     masked: bool = False,
     z: ZLoss | None = None,
+    per_row: bool = False,
 ) -> torch.Tensor:
     """Summed cross-entropy (fp32 scalar) of the logits hidden @ weight.T against targets, by `impl` (a resolved
     model.loss). hidden: (..., hidden); targets: (...) token ids, or IGNORE_INDEX for none (the chunked training
@@ -451,7 +460,9 @@ def linear_cross_entropy(
     TiedGradient of a TiedEmbedding lookup of the same weight in this graph, which then receives the chunked loss's
     gradient of the weight (the other implementations ignore it, and the lookup makes its own). z: model.z_loss;
     with a coefficient, a loss that computes gradients (training) adds z x lse^2 of each counted token and records
-    its parts in z; one that does not (evaluation) is cross-entropy alone, and records None."""
+    its parts in z; one that does not (evaluation) is cross-entropy alone, and records None. per_row (evaluation
+    only, any impl): the (batch,) summed cross-entropy of each row of targets (batch, seq) instead."""
+    rows = targets.shape[0]
     hidden = hidden.flatten(0, -2)
     targets = targets.flatten().to(hidden.device)
     device_type = hidden.device.type
@@ -461,6 +472,13 @@ def linear_cross_entropy(
     z_loss = z.coefficient if z is not None and training else 0.0
     if z is not None:
         z.record(None, None)
+    if per_row:
+        if training:
+            raise AssertionError("per-row losses are computed for evaluation, without gradients")
+        with torch.autocast(device_type, enabled=False):
+            h, w, step = hidden.to(compute_dtype), weight.to(compute_dtype), max(chunk_tokens, 1)
+            losses = [_token_losses(h[s : s + step] @ w.T, targets[s : s + step]) for s in range(0, h.shape[0], step)]
+        return torch.cat(losses).view(rows, -1).sum(-1)
     if impl == "plain":
         logits = F.linear(hidden, weight)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")

@@ -287,10 +287,12 @@ class Qwen2(nn.Module):
         positions: torch.Tensor | None = None,
         mask_documents: bool = False,
         targets: torch.Tensor | None = None,
+        per_row: bool = False,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for token ids (batch, seq); with targets (batch, seq), the summed cross-entropy
-        instead (fp32 scalar), computed by the loss set with set_loss -- inside forward, so that under FSDP the
-        output weight is still gathered and the full logits need never exist. positions (batch, seq) default to
+        instead (fp32 scalar; with per_row, without gradients: each row's, (batch,)), computed by the loss set with
+        set_loss -- inside forward, so that under FSDP the output weight is still gathered and the full logits need
+        never exist. positions (batch, seq) default to
         0..seq-1; with mask_documents, each 0 in positions starts a document and attention never crosses into
         another."""
         weight = self.output_weight()
@@ -304,7 +306,7 @@ class Qwen2(nn.Module):
             return self.lm_head(hidden)
         return linear_cross_entropy(hidden, weight, targets, self.loss_impl, self.loss_chunk_tokens,
                                     self.loss_compiled, self.loss_compile_options, tie=tie, masked=self.loss_masked,
-                                    z=self.z_loss if self.z_loss.coefficient else None)
+                                    z=self.z_loss if self.z_loss.coefficient else None, per_row=per_row)
 
 
 def build_model(args: ModelArgs, device: str | torch.device = "meta") -> Qwen2:

@@ -212,8 +212,10 @@ class _LostRecords:
 
 def tensorboard_tag(key: str) -> str:
     """A record's key as a TensorBoard tag: eval_loss and eval_loss/NAME under eval/ (eval/loss, eval/loss/NAME),
-    the others under train/."""
-    return "eval/" + key[len("eval_"):] if key.startswith("eval_") else f"train/{key}"
+    as are eval.tasks' accuracies (eval/task_acc/NAME, eval/task_acc_norm/NAME); the others under train/."""
+    if key.startswith("eval_"):
+        return "eval/" + key[len("eval_"):]
+    return f"eval/{key}" if key.startswith("task_acc") else f"train/{key}"
 
 
 def record_as_json(record: dict) -> dict:

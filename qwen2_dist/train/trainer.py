@@ -9,6 +9,7 @@ import signal
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
@@ -22,6 +23,7 @@ from qwen2_dist.model.loss import IGNORE_INDEX, ZLoss, plain_z_term, resolve_los
 from qwen2_dist.parallel.mesh import World, agree_any, agree_max, all_reduce_sum, dp_rank_and_size
 from qwen2_dist.parallel.parallelize import compile_enabled, loss_context, set_gradient_sync
 from qwen2_dist.train import checkpoint
+from qwen2_dist.train import tasks as task_rows
 from qwen2_dist.train.faults import StepGuard, TrainingHalted, Watchdog, inject_hang, inject_nan
 from qwen2_dist.train.metrics import (
     MetricsSinks,
@@ -108,12 +110,14 @@ class Trainer:
         metadata: dict,
         evals: list[EvalSet] | tuple = (),
         evals_complete: bool = True,
+        tasks: list[task_rows.Task] | tuple = (),
     ):
         self.cfg, self.args, self.world, self.mesh = cfg, args, world, mesh
         self.model, self.optimizer, self.batches = model, optimizer, batches
         self.evals = list(evals)
         # Every source of the job has a held-out split: a mixture's eval_loss weighs all of them.
         self.evals_complete = evals_complete
+        self.tasks = list(tasks)  # eval.tasks, scored at each evaluation
         self.metadata = metadata
         self.checkpointer = checkpoint.Checkpointer(
             os.path.join(cfg.run_dir, "checkpoints"), cfg.checkpoint.keep_last, cfg.checkpoint.keep_every,
@@ -353,6 +357,33 @@ class Trainer:
         global_tokens = all_reduce_sum(torch.tensor(float(num_tokens), device=device), self.mesh)
         return (all_reduce_sum(loss_sum, self.mesh) / global_tokens).item()
 
+    def _row_losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Each row's summed cross-entropy (micro_batch_size,) of one micro-batch, without gradients."""
+        inputs, targets = self._to_device(inputs), self._to_device(targets)
+        with loss_context(self.mesh), self.autocast:
+            if self.loss_in_model:
+                return self.model(inputs, targets=targets, per_row=True)
+            logits = self.model(inputs)
+            losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        if isinstance(losses, DTensor):  # vocabulary-parallel: each token's loss, replicated
+            losses = losses.full_tensor()
+        return losses.view(len(inputs), -1).sum(-1)
+
+    @torch.no_grad()
+    def task_log_likelihoods(self, task: task_rows.Task) -> np.ndarray:
+        """Each row's log-likelihood of its choice, for one of eval.tasks (on every rank): the rows dealt out over
+        the data-parallel ranks (a tensor-parallel group scores the same rows), then summed over them."""
+        dp_rank, dp_size = dp_rank_and_size(self.mesh)
+        micro_batch_size = self.cfg.train.micro_batch_size
+        scores = torch.zeros(len(task.tokens), dtype=torch.float64, device=self.world.device)
+        for micro in range(task_rows.micro_batches(task, micro_batch_size, dp_size)):
+            rows = task_rows.rows_of(task, micro, micro_batch_size, dp_rank, dp_size)
+            losses = self._row_losses(*task_rows.batch(task, rows, task.pad_id))
+            real = [slot for slot, row in enumerate(rows) if row >= 0]
+            if real:  # every rank runs every micro-batch, padding too: FSDP's and TP's collectives need them all
+                scores[[rows[slot] for slot in real]] = -losses[real].double()
+        return all_reduce_sum(scores, self.mesh).cpu().numpy()
+
     def evaluate_all(self) -> tuple[dict, str]:
         """Every eval set's loss as metrics (eval_loss for one source; eval_loss/NAME per source of a mixture, and
         eval_loss their mean weighted by the training shares when every source has a held-out split; eval_loss/NAME
@@ -378,6 +409,13 @@ class Trainer:
         if extras:
             parts.append(("| " if parts else "") + "eval.datasets: " + ", ".join(
                 f"{ev.name} {losses[ev.name]:.4f} on {ev.counted()}" for ev in extras) + " samples")
+        scored = []
+        for task in self.tasks:
+            acc, acc_norm = task_rows.accuracies(task, self.task_log_likelihoods(task))
+            record[f"task_acc/{task.name}"], record[f"task_acc_norm/{task.name}"] = acc, acc_norm
+            scored.append(f"{task.name} acc {acc:.4f} acc_norm {acc_norm:.4f} on {task.examples}")
+        if scored:
+            parts.append(("| " if parts else "") + "eval.tasks: " + ", ".join(scored) + " examples")
         return record, " ".join(parts)
 
     def fit(self) -> TrainResult:
@@ -430,7 +468,8 @@ class Trainer:
                 window_tokens += step_samples * cfg.train.seq_len
                 window_data += data_seconds
                 # Every eval.interval steps and at the end of the run (not at a train.stop_at before it).
-                eval_due = bool(self.evals) and (self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps)
+                eval_due = bool(self.evals or self.tasks) and (
+                    self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps)
                 minutes = cfg.checkpoint.interval_minutes
                 write_pending = self.checkpointer.pending_done() is False
                 stop_now, time_due, still_writing = agree_any([

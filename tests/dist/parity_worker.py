@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -26,6 +27,7 @@ from qwen2_dist.model.qwen2 import build_model, count_parameters
 from qwen2_dist.parallel.mesh import all_reduce_sum, build_mesh, dp_rank_and_size, init_distributed, set_deterministic
 from qwen2_dist.parallel.parallelize import loss_context
 from qwen2_dist.train.optim import lr_at, set_lr
+from qwen2_dist.train.tasks import Task
 from qwen2_dist.train.trainer import Trainer
 
 # name -> (processes, overrides). Each parallel layout accumulates 2 micro-batches per step, with activation
@@ -56,6 +58,17 @@ COMMON = [
     "train.device=cpu", "train.mixed_precision=fp32", "train.deterministic=true", "checkpoint.async_save=false",
 ]
 DATA_SEED = 1234
+
+
+def probe_task(vocab_size: int, seq_len: int) -> Task:
+    """An eval.tasks task of 7 rows of random tokens (lengths 5 to seq_len + 1, the last 1 to 4 scored), the same in
+    every layout: the rows do not fill the last micro-batch of 4 ranks or of 2 ranks of 4 rows, so padding is
+    dealt out too."""
+    gen = torch.Generator().manual_seed(DATA_SEED)
+    lengths = [5, 33, 12, 7, 33, 20, 9]
+    tokens = [torch.randint(0, vocab_size, (n,), generator=gen).numpy() for n in lengths]
+    return Task("probe", "-", tokens, np.array([1, 4, 2, 3, 1, 4, 2]), np.array([0, 0, 1, 1, 1, 2, 2]),
+                np.ones(7), np.array([1, 0, 1]), length=seq_len, pad_id=0)
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -110,6 +123,9 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
                                batch_schedule=BatchSchedule.of(job.train))
     embedding_grad = probe_embedding_grad(model, mesh, batches)
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, {})
+    # eval.tasks' scoring, before any step: the layouts start from the same weights (the row losses are summed
+    # inside the model at tp=1, from vocabulary-parallel logits under TP).
+    task_scores = trainer.task_log_likelihoods(probe_task(args.vocab_size, job.train.seq_len))
     losses, grad_norms = [], []
     for step in range(1, job.train.steps + 1):
         set_lr(optimizer, lr_at(step, job.train.steps, job.optim))
@@ -119,7 +135,8 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         torch.save({"layout": layout, "losses": losses, "grad_norms": grad_norms, "weights": weights,
-                    "embedding_grad": embedding_grad, "tie": tie, "initial": initial}, out_file)
+                    "embedding_grad": embedding_grad, "tie": tie, "initial": initial,
+                    "task_scores": torch.from_numpy(task_scores)}, out_file)
     if dist.is_initialized():
         dist.destroy_process_group()
 

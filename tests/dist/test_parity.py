@@ -69,6 +69,8 @@ def test_layout_trains_like_one_process(layout, run_layout):
         assert count <= diff.numel() // 1000, (name, count, diff.numel())
         mismatched += count
     assert weight_diff <= 1e-3
+    # eval.tasks' log-likelihoods, scored before the first step: each row's on whichever rank and micro-batch.
+    torch.testing.assert_close(got["task_scores"], reference["task_scores"], rtol=0, atol=1e-4)
     print(f"{layout}: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}, {mismatched} elements > 1e-5")
 
 

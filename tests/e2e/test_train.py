@@ -18,11 +18,21 @@ TRAIN = "qwen2_dist.cli.train"
 
 def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
+    # A multiple-choice task (eval.tasks), scored at the evaluation of the last step.
+    task = tmp_path / "capitals.jsonl"
+    task.write_text("".join(json.dumps({"context": f"The capital of {country} is", "choices": [" Paris", " Rome"],
+                                        "answer": answer}) + "\n" for country, answer in (("France", 0), ("Italy", 1),
+                                                                                         ("Spain", 0))))
     # A peak given by hand gives an MFU on any device (the CPU too); without it, a CPU logs none.
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"logging.peak_tflops": 0.5}))
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"logging.peak_tflops": 0.5,
+                                                                      "eval.tasks": f"[{{path: {task}}}]"}))
     assert result.returncode == 0, result.stderr[-3000:]
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in records if "task_acc/capitals" in r] == [6]
+    assert records[-1]["task_acc/capitals"] in (0, 1 / 3, 2 / 3, 1) and "task_acc_norm/capitals" in records[-1]
+    assert "eval.tasks: capitals, 3 examples (6 choices)" in result.stdout
+    assert f"step 6 | eval.tasks: capitals acc {records[-1]['task_acc/capitals']:.4f}" in result.stdout
     for key in ("loss", "lr", "grad_norm", "tokens_per_sec", "tokens_seen", "mem_gib", "data_wait_pct", "mfu"):
         assert all(key in r for r in records), key
     per_token = flops_per_token(get_model_args("tiny"), 32)

@@ -71,10 +71,11 @@ def test_eval_datasets_of_another_seq_len_or_tokenizer_are_refused_before_launch
         check_saved(job("train.seq_len=16", "eval.datasets=[{path: /tmp, split: train}]"))
 
 
-def test_eval_datasets_that_nothing_evaluates_are_named():
-    assert any("eval.datasets is set, but eval.interval=0 evaluates nothing" in advice
-               for advice in advisories(job("eval.datasets=[{path: /tmp}]", "eval.interval=0"), None))
-    assert not advisories(job("eval.datasets=[{path: /tmp}]"), None)
+@pytest.mark.parametrize("key, value", [("datasets", "[{path: /tmp}]"), ("tasks", "[{path: /tmp/a.jsonl}]")])
+def test_eval_datasets_and_tasks_that_nothing_evaluates_are_named(key, value):
+    assert any(f"eval.{key} is set, but eval.interval=0 evaluates nothing" in advice
+               for advice in advisories(job(f"eval.{key}={value}", "eval.interval=0"), None))
+    assert not advisories(job(f"eval.{key}={value}"), None)
 
 
 def test_default_job_is_valid_and_derives_accumulation():
@@ -163,6 +164,13 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["data.path=/tmp", "eval.datasets=[{path: /tmp/}]"], 1, "eval.datasets[0].path=/tmp/: the same data as data.path"),
     (["eval.datasets=[{path: /tmp, name: a}, {path: /tmp/../tmp, name: b}]"], 1, "eval.datasets[1].path=/tmp/../tmp: "
      "the same data as eval.datasets[0].path"),
+    (["eval.tasks=[{path: /nonexistent/hellaswag.jsonl}]"], 1, "eval.tasks[0].path=/nonexistent/hellaswag.jsonl: "
+     "cannot read it"),
+    (["eval.tasks=[{path: /tmp/a.jsonl}, {path: /b/a.jsonl}]"], 1, "eval.tasks[1] would be logged as task_acc/a, as "
+     "eval.tasks[0] is: give it another eval.tasks[1].name"),
+    (["eval.tasks=[{path: /tmp/a.jsonl, name: 'a b'}]"], 1, "eval.tasks[0].name='a b': use letters, digits"),
+    (["eval.tasks=[{path: /tmp/a.jsonl, limit: 0}]"], 1, "eval.tasks[0].limit=0: must be positive"),
+    (["data.synthetic=true", "eval.tasks=[{path: /tmp/a.jsonl}]"], 1, "eval.tasks is set, but data.synthetic=true"),
     (["data.synthetic=true", "data.document_masking=true"], 1, "data.synthetic=true trains on random tokens"),
     (["data.synthetic=true", "data.eod_mask_loss=true"], 1, "data.eod_mask_loss is set too"),
     (["data.embedded_max_tokens=100"], 1, "data.embedded_max_tokens=100: the embedded corpus needs at least 258"),

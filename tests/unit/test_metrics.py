@@ -338,14 +338,16 @@ def test_a_storage_error_at_the_start_is_a_user_error_naming_the_file_and_the_fi
         MetricsSinks(str(tmp_path), True, from_step=1)
 
 
-def test_tensorboard_shows_the_evaluation_losses_under_eval(tmp_path):
+def test_tensorboard_shows_the_evaluation_losses_and_task_accuracies_under_eval(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     sinks = MetricsSinks(str(tmp_path), True, tensorboard=True)
-    sinks.write({"step": 4, "loss": 2.0, "eval_loss": 3.0, "eval_loss/web": 3.5, "time": 0.0})
+    sinks.write({"step": 4, "loss": 2.0, "eval_loss": 3.0, "eval_loss/web": 3.5, "task_acc/arc": 0.25,
+                 "task_acc_norm/arc": 0.5, "time": 0.0})
     sinks.close()
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
-    assert sorted(events.Tags()["scalars"]) == ["eval/loss", "eval/loss/web", "train/loss"]
+    assert sorted(events.Tags()["scalars"]) == ["eval/loss", "eval/loss/web", "eval/task_acc/arc",
+                                                "eval/task_acc_norm/arc", "train/loss"]
     assert [(e.step, e.value) for e in events.Scalars("eval/loss/web")] == [(4, 3.5)]
 
 

@@ -1,0 +1,131 @@
+"""eval.tasks: multiple-choice examples read, tokenized and scored by the model's log-likelihood of each choice."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwen2_dist.data.tokenizer import load_tokenizer
+from qwen2_dist.errors import UserError
+from qwen2_dist.model.loss import IGNORE_INDEX
+from qwen2_dist.train import tasks
+from tests.helpers import cpu_trainer
+
+EXAMPLES = [
+    {"context": "The capital of France is", "choices": [" Paris", " Berlin", " a small town on the coast"],
+     "answer": 0},
+    {"query": "Water boils at a temperature of ", "choices": ["100 degrees", "5 degrees"], "gold": 0},
+    {"context": "Which is larger?", "choices": [" an elephant", " a mouse", " a cat", " an ant"], "answer": 1},
+]
+
+
+def write_task(path, examples=EXAMPLES) -> str:
+    path.write_text("".join(json.dumps(e) + "\n" for e in examples) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("line, words", [
+    ("not json", "line 1: not JSON"),
+    ("[1, 2]", "a JSON list, not an object"),
+    ('{"choices": ["a", "b"], "answer": 0}', 'no "context" string'),
+    ('{"context": "c", "choices": ["a"], "answer": 0}', "at least two non-empty strings"),
+    ('{"context": "c", "choices": ["a", ""], "answer": 0}', "at least two non-empty strings"),
+    ('{"context": "c", "choices": ["a", "b"], "answer": 2}', '"answer" must be the index of the correct choice, 0 '
+     'to 1'),
+    ('{"context": "c", "choices": ["a", "b"], "answer": true}', "got True"),
+])
+def test_a_line_that_is_no_example_is_refused_with_the_file_and_line(tmp_path, line, words):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"context": "c", "choices": ["a", "b"], "answer": 1}\n\n' + line + "\n")
+    with pytest.raises(UserError, match="eval.tasks\\[0\\].path=") as exc:
+        tasks.read_examples(str(path), "eval.tasks[0].path")
+    assert words.replace("line 1", "line 3") in str(exc.value)
+    assert "line 3" in str(exc.value)
+
+
+def test_a_missing_or_empty_file_is_refused(tmp_path):
+    with pytest.raises(UserError, match="cannot read it"):
+        tasks.read_examples(str(tmp_path / "none.jsonl"), "eval.tasks[0].path")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UserError, match="no example in it"):
+        tasks.read_examples(str(tmp_path / "empty.jsonl"), "eval.tasks[0].path")
+
+
+def test_rows_are_the_document_start_the_context_and_the_choice(tmp_path):
+    tok = load_tokenizer("qwen2")
+    task = tasks.build_task("t", write_task(tmp_path / "t.jsonl"), "eval.tasks[0].path", tok, seq_len=64)
+    assert task.examples == 3 and len(task.tokens) == 3 + 2 + 4
+    assert list(task.example) == [0, 0, 0, 1, 1, 2, 2, 2, 2] and list(task.answers) == [0, 0, 1]
+    first = task.tokens[0].tolist()
+    assert first == [tok.eos_id] + tok.encode("The capital of France is") + tok.encode(" Paris")
+    assert task.scored[0] == len(tok.encode(" Paris"))
+    assert task.scored[2] == len(tok.encode(" a small town on the coast"))
+    # The context's trailing space goes to the choice: "Water ... of" then " 100 degrees".
+    assert tok.decode(task.tokens[3][-task.scored[3]:]) == " 100 degrees"
+    assert tok.decode(task.tokens[3][1:-task.scored[3]]) == "Water boils at a temperature of"
+    assert task.chars[3] == len(" 100 degrees") and task.length == 64 and task.cut == 0
+    # Padded to 128 tokens where train.seq_len is longer, unless the length must be the training one (CUDA) or
+    # tensor parallelism does not divide 128.
+    path = str(tmp_path / "t.jsonl")
+    assert tasks.build_task("t", path, "f", tok, seq_len=512).length == 128
+    assert tasks.build_task("t", path, "f", tok, seq_len=512, tp=2).length == 128
+    assert tasks.build_task("t", path, "f", tok, seq_len=512, tp=3).length == 512
+    assert tasks.build_task("t", path, "f", tok, seq_len=512, full_length=True).length == 512
+
+
+def test_a_long_context_keeps_its_end_and_a_long_choice_is_refused(tmp_path):
+    tok = load_tokenizer("qwen2")
+    long = [{"context": "one two three four five six seven eight nine ten", "choices": [" eleven", " zero"],
+             "answer": 0}, {"context": "Hi", "choices": [" a", " b"], "answer": 1}]
+    task = tasks.build_task("t", write_task(tmp_path / "t.jsonl", long), "f", tok, seq_len=6)
+    assert task.cut == 1 and all(len(row) <= 7 for row in task.tokens)
+    assert task.tokens[0].tolist() == (tok.encode(long[0]["context"]) + tok.encode(" eleven"))[-7:]
+    assert task.tokens[2][0] == tok.eos_id  # the second example fits
+    too_long = [{"context": "x", "choices": [" a", " b"], "answer": 0},
+                {"context": "x", "choices": [" a", " a b c d"], "answer": 0}]
+    with pytest.raises(UserError, match="f=.*u.jsonl: example 2 has a choice of 4 tokens, more than train.seq_len=3"):
+        tasks.build_task("t", write_task(tmp_path / "u.jsonl", too_long), "f", tok, seq_len=3)
+
+
+def test_rows_are_dealt_to_ranks_and_padded():
+    task = tasks.Task("t", "p", [np.arange(4), np.arange(3)] * 3 + [np.arange(5)], np.full(7, 2), np.arange(7),
+                      np.ones(7), np.zeros(7, dtype=int), length=8, pad_id=9)
+    assert tasks.micro_batches(task, 2, 2) == 2
+    dealt = [tasks.rows_of(task, micro, 2, rank, 2) for micro in range(2) for rank in range(2)]
+    assert dealt == [[0, 1], [2, 3], [4, 5], [6, -1]]
+    inputs, targets = tasks.batch(task, [6, -1], pad_id=9)
+    assert inputs.tolist() == [[0, 1, 2, 3, 9, 9, 9, 9], [9] * 8]
+    assert targets.tolist() == [[IGNORE_INDEX] * 2 + [3, 4] + [IGNORE_INDEX] * 4, [IGNORE_INDEX] * 8]
+
+
+def test_accuracies_take_the_best_choice_summed_and_per_character():
+    task = tasks.Task("t", "p", [np.arange(2)] * 5, np.ones(5), np.array([0, 0, 0, 1, 1]),
+                      np.array([1.0, 10.0, 2.0, 1.0, 1.0]), np.array([1, 0]), length=2, pad_id=0)
+    # Example 0 (answer 1): summed, choice 0 (-1.0) wins; per character, choice 1 (-1.5 / 10). Example 1: choice 0.
+    acc, acc_norm = tasks.accuracies(task, np.array([-1.0, -1.5, -3.0, -0.5, -0.7]))
+    assert (acc, acc_norm) == (0.5, 1.0)
+    # Example 0: summed, choice 2 (-0.1); per character, choice 1 (-0.02). Example 1: choice 1, wrong.
+    acc, acc_norm = tasks.accuracies(task, np.array([-1.0, -0.2, -0.1, -0.9, -0.7]))
+    assert (acc, acc_norm) == (0.0, 0.5)
+
+
+@pytest.mark.parametrize("loss", ["chunked", "plain"])
+def test_each_choice_is_scored_by_its_log_likelihood_after_the_context(tmp_path, loss):
+    trainer = cpu_trainer(tmp_path, "train.seq_len=32", f"model.loss={loss}", "model.loss_chunk_tokens=7")
+    task = tasks.build_task("t", write_task(tmp_path / "t.jsonl"), "f", load_tokenizer("qwen2"), seq_len=32)
+    scores = trainer.task_log_likelihoods(task)
+    model = trainer.model
+    with torch.no_grad():
+        for row, ids in enumerate(task.tokens):
+            ids = torch.as_tensor(ids)[None]
+            logprobs = F.log_softmax(model(ids[:, :-1]).float(), dim=-1)[0]
+            k = int(task.scored[row])
+            expected = logprobs[-k:].gather(1, ids[0, -k:, None]).sum().item()
+            assert scores[row] == pytest.approx(expected, abs=1e-4)
+    trainer.tasks = [task]
+    record, text = trainer.evaluate_all()
+    best = [max(range(s, e), key=lambda r: scores[r]) - s for s, e in ((0, 3), (3, 5), (5, 9))]
+    assert record["task_acc/t"] == pytest.approx(np.mean(np.array(best) == task.answers))
+    assert "task_acc_norm/t" in record and "eval.tasks: t acc" in text and "on 3 examples" in text
