@@ -355,6 +355,11 @@ class TrainConfig:
     """Timeout of collective operations in the process group."""
     deterministic: bool = False
     """Use deterministic algorithms (slower on GPU)."""
+    gc_interval: int = 50
+    """Python's automatic garbage collection is off while training; its young generations are collected every this
+    many steps, and all of them after each checkpoint.interval save, on every rank at the same step (torchtitan's
+    gc_freq). An automatic collection pauses one rank at a step of its own, and the others wait for it at the next
+    collective. 0: Python's automatic collection."""
 
 
 @dataclass
@@ -1053,6 +1058,8 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
                         "train.pg_timeout_minutes > 0")
     if t.grad_clip < 0:
         raise UserError(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 turns clipping off)")
+    if t.gc_interval < 0:
+        raise UserError(f"train.gc_interval={t.gc_interval}: must be >= 0 (0: Python's automatic garbage collection)")
     lg = cfg.logging
     if lg.wandb_mode not in ("offline", "online", "disabled"):
         raise UserError(f"logging.wandb_mode={lg.wandb_mode!r}: choose offline, online or disabled")

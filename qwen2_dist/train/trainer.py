@@ -2,6 +2,7 @@
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -438,6 +439,11 @@ class Trainer:
         if self.step >= cfg.train.steps:
             log.info("run already complete: step %d of train.steps=%d", self.step, cfg.train.steps)
         exit_code = 1  # a crash, a halt or an interrupt marks the W&B run failed; a stop by signal returns: 0
+        gc_interval = cfg.train.gc_interval
+        gc_paused = bool(gc_interval) and gc.isenabled()
+        if gc_paused:  # train.gc_interval: every rank collects at the same steps, none at a step of its own
+            gc.disable()
+            gc.collect()  # what building the job left, once
         try:
             last_step = cfg.train.steps if cfg.train.stop_at is None else min(cfg.train.steps, cfg.train.stop_at)
             last_samples = None
@@ -467,6 +473,8 @@ class Trainer:
                 self.tokens_seen += step_samples * cfg.train.seq_len
                 window_tokens += step_samples * cfg.train.seq_len
                 window_data += data_seconds
+                if gc_paused and self.step % gc_interval == 0:
+                    gc.collect(1)
                 # Every eval.interval steps and at the end of the run (not at a train.stop_at before it).
                 eval_due = bool(self.evals or self.tasks) and (
                     self.step % cfg.eval.interval == 0 or self.step == cfg.train.steps)
@@ -552,6 +560,8 @@ class Trainer:
                     synchronize(self.world.device)  # the queued training work is the window's, not the save's
                     save_started = time.monotonic()
                     self.save()
+                    if gc_paused:  # objects promoted to the oldest generation, which gc.collect(1) never visits
+                        gc.collect()
                     last_save = time.monotonic()
                     window_started += last_save - save_started  # the save's time is not the window's training time
                     profiler.leave_out(f"checkpoint save at step {self.step}", last_save - save_started)
@@ -575,6 +585,8 @@ class Trainer:
                         "the newest committed checkpoint")
             exit_code = 0
         finally:
+            if gc_paused:
+                gc.enable()
             watchdog.stop()
             profiler.close(self.step)
             writer.close(exit_code)

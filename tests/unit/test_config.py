@@ -181,6 +181,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["train.seq_len=100000"], 1, "train.seq_len"),
     (["train.device=tpu"], 1, "train.device"),
     (["train.grad_clip=-1"], 1, "train.grad_clip"),
+    (["train.gc_interval=-1"], 1, "train.gc_interval=-1: must be >= 0 (0: Python's automatic garbage collection)"),
     (["optim.beta2=1.5"], 1, "optim.beta2=1.5: must lie in [0, 1)"),
     (["optim.beta1=-0.1"], 1, "optim.beta1=-0.1"),
     (["optim.eps=0"], 1, "optim.eps=0.0"),

@@ -91,6 +91,29 @@ def _slow_saves(trainer, monkeypatch, seconds: float) -> None:
     monkeypatch.setattr(trainer, "save", lambda *args, **kwargs: (time.sleep(seconds), save(*args, **kwargs))[1])
 
 
+@pytest.mark.parametrize("interval", [0, 2])
+def test_garbage_is_collected_at_the_same_steps_on_every_rank_not_automatically(tmp_path, monkeypatch, interval):
+    """train.gc_interval: no automatic collection during the steps, a young-generation one after every 2nd step, a
+    full one before the first and after each checkpoint.interval save; 0 leaves Python's automatic collection on.
+    Collection is on again after fit()."""
+    import gc
+
+    trainer = _trainer(tmp_path, "train.steps=5", f"train.gc_interval={interval}", "checkpoint.save_final=false",
+                       "checkpoint.interval=3")
+    events, collect, train_step = [], gc.collect, trainer.train_step
+    monkeypatch.setattr(gc, "collect", lambda *generation: (events.append(("collect", *generation)),
+                                                            collect(*generation))[1])
+    monkeypatch.setattr(trainer, "train_step", lambda: (events.append(("step", gc.isenabled())), train_step())[1])
+    assert gc.isenabled()
+    trainer.fit()
+    assert gc.isenabled()
+    if interval:
+        assert events == [("collect",), ("step", False), ("step", False), ("collect", 1), ("step", False),
+                          ("collect",), ("step", False), ("collect", 1), ("step", False)]
+    else:
+        assert events == [("step", True)] * 5
+
+
 def test_halt_stops_on_a_skipped_step_between_logging_steps(tmp_path, monkeypatch):
     monkeypatch.setenv(INJECT_NAN_ENV, "2")
     trainer = _trainer(tmp_path, "train.nonfinite=halt", "logging.interval=4", "train.steps=8")
