@@ -283,6 +283,9 @@ class EvalTask:
     """Its name in the metrics, task_acc/NAME and task_acc_norm/NAME; default: the file name without .jsonl."""
     limit: Optional[int] = None
     """Evaluate the file's first this many examples (None: all)."""
+    delimiter: str = " "
+    """Put between the context and each choice (lm-evaluation-harness's target_delimiter, llm-foundry's
+    continuation_delimiter); '' for choices that carry their own leading space."""
 
 
 @dataclass
@@ -347,8 +350,8 @@ class TrainConfig:
     spike_window: int = 128
     """Applied steps in the loss-spike window."""
     hang_timeout: float = 1800.0
-    """Seconds without a completed step, evaluation or checkpoint save (each has the whole limit) before the watchdog
-    dumps all stacks and exits (0 = off)."""
+    """Seconds without a completed step, checkpoint save or evaluation of one eval set or task (each has the whole
+    limit) before the watchdog dumps all stacks and exits (0 = off)."""
     hang_timeout_first: float = 3600.0
     """The same limit for the first step (compilation, data download, first collectives); 0 = off for it."""
     pg_timeout_minutes: float = 30.0
@@ -866,6 +869,14 @@ def check_saved(cfg: JobConfig) -> list[str]:
                 raise UserError(f"eval.datasets[{i}].path={path}: prepared with tokenizer {summary.get('tokenizer')} "
                                 f"({summary['vocab_size']} tokens), the embedded corpus trained on with the Qwen2 "
                                 f"tokenizer ({QWEN2_VOCAB_SIZE}); prepare it again with qwen2-prepare tokenizer=qwen2")
+    if cfg.eval.tasks and cfg.eval.interval and not d.synthetic:
+        # Tokenized now as the job will (the training data's tokenizer; the embedded corpus's is Qwen2's): a choice
+        # longer than train.seq_len or ids beyond the model's vocabulary are refused before launch.
+        from qwen2_dist.train.tasks import load_tasks
+
+        names = {summary.get("tokenizer") for _, summary in summaries} if summaries else {"qwen2"}
+        (name,) = names if len(names) == 1 else (None,)
+        load_tasks(cfg, name if isinstance(name, str) else None, args.vocab_size, cfg.parallel.tp)
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
     if resume not in ("auto", "none") and checkpoint.in_run(ckpt_root, resume) \
             and not checkpoint.rollback_done(ckpt_root, resume):

@@ -235,7 +235,9 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     from qwen2_dist.data.synthetic import SyntheticBatches
     from qwen2_dist.model.hf import hf_source_fields
     from qwen2_dist.parallel.mesh import build_mesh, dp_rank_and_size, set_deterministic
+    from qwen2_dist.parallel.parallelize import compile_enabled
     from qwen2_dist.train import checkpoint
+    from qwen2_dist.train.tasks import load_tasks
     from qwen2_dist.train.trainer import Trainer
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -307,8 +309,10 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     evals, evals_complete, tasks = [], True, []
     if job.eval.interval and not job.data.synthetic:
         evals, evals_complete = build_evals(job, sources, loader_args, dp_size)
-        tasks = build_tasks(job, data_tokenizer(sources, loader_args), args.vocab_size, layout["tp"],
-                            full_length=device_type == "cuda")
+        # Padded to train.seq_len where blocks are compiled (and on CUDA): another shape would recompile them.
+        full_length = device_type == "cuda" or compile_enabled(job.parallel, device_type, job.model.kernels)
+        tasks = load_tasks(job, data_tokenizer(sources, loader_args), args.vocab_size, layout["tp"], full_length,
+                           log=log)
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
         "config_hash": checkpoint.config_hash(resolved), "init_from": init_from, "hf_source": hf_source,
@@ -418,35 +422,6 @@ def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: d
     return evals, not missing
 
 
-def build_tasks(job: JobConfig, tokenizer_name: str | None, vocab_size: int, tp: int, full_length: bool) -> list:
-    """eval.tasks' rows, tokenized by the tokenizer the training data was prepared with (UserError naming the
-    task when there is none, or when its ids do not fit model.vocab_size); full_length: padded to train.seq_len
-    (tasks.build_task)."""
-    from qwen2_dist.config import eval_task_names
-    from qwen2_dist.data.tokenizer import load_tokenizer
-    from qwen2_dist.train.tasks import build_task
-
-    if not job.eval.tasks:
-        return []
-    if tokenizer_name is None:
-        raise UserError("eval.tasks: the training data names no tokenizer (or its sources name different ones) to "
-                        "tokenize the tasks with; prepare it again with qwen2-prepare, or drop eval.tasks")
-    tokenizer = load_tokenizer(tokenizer_name)
-    tasks = []
-    for i, (task, name) in enumerate(zip(job.eval.tasks, eval_task_names(job.eval))):
-        built = build_task(name, task.path, f"eval.tasks[{i}].path", tokenizer, job.train.seq_len, task.limit, tp,
-                           full_length)
-        largest = max(int(row.max()) for row in built.tokens)
-        if largest >= vocab_size:
-            raise UserError(f"eval.tasks[{i}].path={task.path}: the tokenizer {tokenizer_name} gives it token id "
-                            f"{largest}, beyond model.vocab_size={vocab_size}")
-        log.info("eval.tasks: %s, %d examples (%d choices) from %s, scored in rows of %d tokens%s", name,
-                 built.examples, len(built.tokens), task.path, built.length,
-                 f"; {built.cut} contexts cut to their last train.seq_len tokens" if built.cut else "")
-        tasks.append(built)
-    return tasks
-
-
 def ramp_note(job: JobConfig) -> str:
     """What a layout's grad_accum_steps (that of train.global_batch_size) leaves out under train.batch_rampup."""
     schedule = BatchSchedule.of(job.train)
@@ -504,8 +479,8 @@ def expand_user_paths(job: JobConfig) -> JobConfig:
 
     job.run_dir = expand(job.run_dir)
     job.data.path, job.data.cache_dir = expand(job.data.path), expand(job.data.cache_dir)
-    for source in job.data.sources:
-        source.path = expand(source.path)
+    for item in [*job.data.sources, *job.eval.datasets, *job.eval.tasks]:
+        item.path = expand(item.path)
     job.model.init_from_hf, job.model.init_from_checkpoint = (expand(job.model.init_from_hf),
                                                               expand(job.model.init_from_checkpoint))
     if job.checkpoint.resume not in ("auto", "none"):

@@ -1,10 +1,11 @@
 """Downstream multiple-choice tasks evaluated in the training loop (eval.tasks).
 
-Each choice is scored by the model's log-likelihood of its tokens after the example's context, the way
-lm-evaluation-harness and llm-foundry's in-context-learning evaluation score multiple choice: the predicted answer is
-the choice of the highest summed log-likelihood (`acc`), or of the highest log-likelihood per character of the
-choice's text (`acc_norm`, which does not favour short choices). A context starts after an end-of-document token, as
-a document of the packed training data does; a context longer than train.seq_len keeps its end.
+Each choice is scored by the model's log-likelihood of its tokens after the example's context and a delimiter (a
+space by default), the way lm-evaluation-harness and llm-foundry's in-context-learning evaluation score multiple
+choice: the predicted answer is the choice of the highest summed log-likelihood (`acc`), or of the highest
+log-likelihood per character of the choice as written (`acc_norm`, which does not favour short choices). A context
+starts after an end-of-document token, as a document of the packed training data does (under document masking, at
+position 0 of its own document, as there); a context longer than train.seq_len keeps its end.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from qwen2_dist.errors import UserError
 from qwen2_dist.model.loss import IGNORE_INDEX
 
-TASK_FORMAT = ('one JSON object per line, {"context": "...", "choices": ["...", "..."], "answer": INDEX} '
-               '(llm-foundry\'s multiple-choice keys "query" and "gold" are read as context and answer)')
+TASK_FORMAT = ('one JSON object per line, {"context": "The capital of France is", "choices": ["Paris", "Rome"], '
+               '"answer": 0} (llm-foundry\'s multiple-choice keys "query" and "gold" are read as context and answer)')
 
 ROW_ALIGN = 128
 """On the CPU, rows are padded to the task's longest row rounded up to this (at most train.seq_len), not to
@@ -76,9 +77,9 @@ def _example(line: str, where: str) -> tuple[str, list[str], int]:
     return context, choices, answer
 
 
-def read_examples(path: str, field: str, limit: int | None = None) -> list[tuple[str, list[str], int]]:
-    """The first `limit` examples (None: all) of a task file; UserError naming `field`, the file and the line for a
-    file that cannot be read or a line that is not an example."""
+def read_examples(path: str, field: str, limit: int | None = None) -> list[tuple[int, str, list[str], int]]:
+    """The first `limit` examples (None: all) of a task file, as (line number, context, choices, answer); UserError
+    naming `field`, the file and the line for a file that cannot be read or a line that is not an example."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
@@ -86,7 +87,7 @@ def read_examples(path: str, field: str, limit: int | None = None) -> list[tuple
         raise UserError(f"{field}={path}: cannot read it ({exc}); point it to a JSONL file of {TASK_FORMAT}") from None
     if not lines:
         raise UserError(f"{field}={path}: no example in it; write {TASK_FORMAT}")
-    return [_example(line, f"{field}={path}, line {n}") for n, line in lines[:limit]]
+    return [(n, *_example(line, f"{field}={path}, line {n}")) for n, line in lines[:limit]]
 
 
 def split_context(context: str, choice: str) -> tuple[str, str]:
@@ -97,19 +98,20 @@ def split_context(context: str, choice: str) -> tuple[str, str]:
 
 
 def build_task(name: str, path: str, field: str, tokenizer, seq_len: int, limit: int | None = None,
-               tp: int = 1, full_length: bool = False) -> Task:
-    """A task's rows from its file, tokenized by the training data's tokenizer. A choice of more than seq_len
-    tokens is refused (its file line named); a longer context keeps its last tokens, and the task counts those
-    examples. Rows are padded to seq_len with full_length (on CUDA: compiled blocks, FlexAttention and cuDNN's
+               tp: int = 1, full_length: bool = False, delimiter: str = " ", document_start: bool = True) -> Task:
+    """A task's rows from its file, tokenized by the training data's tokenizer: the end-of-document token (unless
+    document_start is False and the context is not empty), the context, the delimiter and the choice. A choice of
+    more than seq_len tokens is refused (its file line named); a longer context keeps its last tokens, and the task
+    counts those examples. Rows are padded to seq_len with full_length (compiled blocks, FlexAttention and cuDNN's
     attention are specialised to the training shape; another shape would recompile the blocks for dynamic shapes,
     which the training steps would then run), else to the longest row rounded up to ROW_ALIGN, a multiple of tp
     (sequence parallelism splits it) or else seq_len."""
     examples = read_examples(path, field, limit)
     tokens, scored, example, chars, answers, cut = [], [], [], [], [], 0
-    for index, (context, choices, answer) in enumerate(examples):
+    for index, (line, context, choices, answer) in enumerate(examples):
         was_cut = False
         for choice in choices:
-            kept, continuation = split_context(context, choice)
+            kept, continuation = split_context(context, delimiter + choice)
             head = tokenizer.encode(kept) if kept else []
             whole = tokenizer.encode(kept + continuation)
             # Tokens of the choice: those after the context's where its tokens start the whole text's (lm-eval's
@@ -117,15 +119,15 @@ def build_task(name: str, path: str, field: str, tokenizer, seq_len: int, limit:
             tail = whole[len(head):] if whole[:len(head)] == head and len(whole) > len(head) \
                 else tokenizer.encode(continuation)
             if len(tail) > seq_len:
-                raise UserError(f"{field}={path}: example {index + 1} has a choice of {len(tail)} tokens, more than "
+                raise UserError(f"{field}={path}, line {line}: a choice of {len(tail)} tokens, more than "
                                 f"train.seq_len={seq_len}; shorten it or leave the example out")
-            row = [tokenizer.eos_id] + head + tail
+            row = ([tokenizer.eos_id] if document_start or not head else []) + head + tail
             if len(row) > seq_len + 1:
                 row, was_cut = row[-(seq_len + 1):], True
             tokens.append(np.asarray(row, dtype=np.int64))
             scored.append(len(tail))
             example.append(index)
-            chars.append(len(continuation))
+            chars.append(len(choice))  # lm-eval's acc_norm divisor: the choice as written, not the delimiter
         cut += was_cut
         answers.append(answer)
     longest = max(len(row) - 1 for row in tokens)
@@ -134,6 +136,38 @@ def build_task(name: str, path: str, field: str, tokenizer, seq_len: int, limit:
         length = seq_len
     return Task(name, path, tokens, np.asarray(scored), np.asarray(example), np.asarray(chars, dtype=np.float64),
                 np.asarray(answers), length, tokenizer.eos_id, cut)
+
+
+def load_tasks(job, tokenizer_name: str | None, vocab_size: int, tp: int = 1, full_length: bool = False,
+               log=None) -> list[Task]:
+    """eval.tasks of a job (JobConfig) as rows, tokenized by the tokenizer the training data was prepared with
+    (UserError naming the task when there is none, or when its ids do not fit model.vocab_size); full_length: padded
+    to train.seq_len (build_task). Run by the launchers' check (config.check_saved) and by the job. log: a logger
+    told what each task holds."""
+    from qwen2_dist.config import eval_task_names
+    from qwen2_dist.data.tokenizer import load_tokenizer
+
+    if not job.eval.tasks:
+        return []
+    if tokenizer_name is None:
+        raise UserError("eval.tasks: the training data names no tokenizer to tokenize the tasks with (its sources name "
+                        "different ones, or none); prepare it again with qwen2-prepare, or drop eval.tasks")
+    tokenizer = load_tokenizer(tokenizer_name)
+    tasks = []
+    for i, (spec, name) in enumerate(zip(job.eval.tasks, eval_task_names(job.eval))):
+        task = build_task(name, spec.path, f"eval.tasks[{i}].path", tokenizer, job.train.seq_len, spec.limit, tp,
+                          full_length, spec.delimiter, document_start=not job.data.document_masking)
+        largest = max(int(row.max()) for row in task.tokens)
+        if largest >= vocab_size:
+            raise UserError(f"eval.tasks[{i}].path={spec.path}: the training data's tokenizer {tokenizer_name} gives "
+                            f"it token id {largest}, beyond model.vocab_size={vocab_size}; the model must hold the "
+                            f"tokenizer's {tokenizer.vocab_size} ids (model.vocab_size={tokenizer.vocab_size})")
+        if log is not None:
+            log.info("eval.tasks: %s, %d examples (%d choices) from %s, scored in rows of %d tokens%s", name,
+                     task.examples, len(task.tokens), spec.path, task.length,
+                     f"; {task.cut} contexts cut to their last train.seq_len tokens" if task.cut else "")
+        tasks.append(task)
+    return tasks
 
 
 def rows_of(task: Task, micro: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> list[int]:

@@ -359,12 +359,16 @@ class Trainer:
         return (all_reduce_sum(loss_sum, self.mesh) / global_tokens).item()
 
     def _row_losses(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Each row's summed cross-entropy (micro_batch_size,) of one micro-batch, without gradients."""
+        """Each row's summed cross-entropy (micro_batch_size,) of one micro-batch, without gradients. Under
+        data.document_masking each row is one document, passed as training passes documents (the same attention
+        path, and the same compiled graph)."""
         inputs, targets = self._to_device(inputs), self._to_device(targets)
+        masked = self.cfg.data.document_masking
+        positions = torch.arange(inputs.shape[1], device=inputs.device).expand(len(inputs), -1) if masked else None
         with loss_context(self.mesh), self.autocast:
             if self.loss_in_model:
-                return self.model(inputs, targets=targets, per_row=True)
-            logits = self.model(inputs)
+                return self.model(inputs, positions, mask_documents=masked, targets=targets, per_row=True)
+            logits = self.model(inputs, positions, mask_documents=masked)
             losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         if isinstance(losses, DTensor):  # vocabulary-parallel: each token's loss, replicated
             losses = losses.full_tensor()
@@ -385,12 +389,16 @@ class Trainer:
                 scores[[rows[slot] for slot in real]] = -losses[real].double()
         return all_reduce_sum(scores, self.mesh).cpu().numpy()
 
-    def evaluate_all(self) -> tuple[dict, str]:
+    def evaluate_all(self, beat=lambda: None) -> tuple[dict, str]:
         """Every eval set's loss as metrics (eval_loss for one source; eval_loss/NAME per source of a mixture, and
         eval_loss their mean weighted by the training shares when every source has a held-out split; eval_loss/NAME
-        for each of eval.datasets), and the log line's text."""
+        for each of eval.datasets; task_acc/NAME and task_acc_norm/NAME for each of eval.tasks), and the log line's
+        text. beat: called after each eval set and task (the hang watchdog's limit is for each)."""
         trained = [ev for ev in self.evals if not ev.extra]
-        losses = {ev.name: self.evaluate(ev.batches, ev.samples) for ev in self.evals}
+        losses = {}
+        for ev in self.evals:
+            losses[ev.name] = self.evaluate(ev.batches, ev.samples)
+            beat()
         record, parts = {}, []
         if len(trained) == 1 and trained[0].name is None:
             record["eval_loss"] = losses[None]
@@ -413,6 +421,7 @@ class Trainer:
         scored = []
         for task in self.tasks:
             acc, acc_norm = task_rows.accuracies(task, self.task_log_likelihoods(task))
+            beat()
             record[f"task_acc/{task.name}"], record[f"task_acc_norm/{task.name}"] = acc, acc_norm
             scored.append(f"{task.name} acc {acc:.4f} acc_norm {acc_norm:.4f} on {task.examples}")
         if scored:
@@ -513,7 +522,7 @@ class Trainer:
                         self.last_norms = None
                     if eval_due:  # after the window's clock stopped: evaluation time is not training time
                         eval_started = time.monotonic()
-                        eval_record, eval_text = self.evaluate_all()
+                        eval_record, eval_text = self.evaluate_all(beat=watchdog.beat)
                         record.update(eval_record)
                         profiler.leave_out(f"evaluation at step {self.step}", time.monotonic() - eval_started)
                         watchdog.beat()  # the limit is for each step, evaluation and save, not for their sum

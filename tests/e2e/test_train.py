@@ -20,7 +20,7 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
     # A multiple-choice task (eval.tasks), scored at the evaluation of the last step.
     task = tmp_path / "capitals.jsonl"
-    task.write_text("".join(json.dumps({"context": f"The capital of {country} is", "choices": [" Paris", " Rome"],
+    task.write_text("".join(json.dumps({"context": f"The capital of {country} is", "choices": ["Paris", "Rome"],
                                         "answer": answer}) + "\n" for country, answer in (("France", 0), ("Italy", 1),
                                                                                          ("Spain", 0))))
     # A peak given by hand gives an MFU on any device (the CPU too); without it, a CPU logs none.

@@ -14,10 +14,9 @@ from qwen2_dist.train import tasks
 from tests.helpers import cpu_trainer
 
 EXAMPLES = [
-    {"context": "The capital of France is", "choices": [" Paris", " Berlin", " a small town on the coast"],
-     "answer": 0},
-    {"query": "Water boils at a temperature of ", "choices": ["100 degrees", "5 degrees"], "gold": 0},
-    {"context": "Which is larger?", "choices": [" an elephant", " a mouse", " a cat", " an ant"], "answer": 1},
+    {"context": "The capital of France is", "choices": ["Paris", "Berlin", "a small town on the coast"], "answer": 0},
+    {"query": "Water boils at a temperature of", "choices": ["100 degrees", "5 degrees"], "gold": 0},
+    {"context": "Which is larger?", "choices": ["an elephant", "a mouse", "a cat", "an ant"], "answer": 1},
 ]
 
 
@@ -62,10 +61,17 @@ def test_rows_are_the_document_start_the_context_and_the_choice(tmp_path):
     assert first == [tok.eos_id] + tok.encode("The capital of France is") + tok.encode(" Paris")
     assert task.scored[0] == len(tok.encode(" Paris"))
     assert task.scored[2] == len(tok.encode(" a small town on the coast"))
-    # The context's trailing space goes to the choice: "Water ... of" then " 100 degrees".
     assert tok.decode(task.tokens[3][-task.scored[3]:]) == " 100 degrees"
     assert tok.decode(task.tokens[3][1:-task.scored[3]]) == "Water boils at a temperature of"
-    assert task.chars[3] == len(" 100 degrees") and task.length == 64 and task.cut == 0
+    # acc_norm divides by the choice as written, as lm-evaluation-harness does, not by the delimiter too.
+    assert task.chars[3] == len("100 degrees") and task.length == 64 and task.cut == 0
+    # Choices that carry their own space (delimiter ''): a context's trailing space goes to the choice (' 100' is
+    # one token); under document masking (document_start=False) a row starts with its context, unless that is empty.
+    spaced = write_task(tmp_path / "s.jsonl", [{"context": "Water boils at ", "choices": ["100", "5"], "answer": 0},
+                                               {"context": "", "choices": ["Yes", "No"], "answer": 0}])
+    task = tasks.build_task("s", spaced, "f", tok, seq_len=64, delimiter="", document_start=False)
+    assert task.tokens[0].tolist() == tok.encode("Water boils at") + tok.encode(" 100")
+    assert task.tokens[2].tolist() == [tok.eos_id] + tok.encode("Yes") and task.chars[0] == 3
     # Padded to 128 tokens where train.seq_len is longer, unless the length must be the training one (CUDA) or
     # tensor parallelism does not divide 128.
     path = str(tmp_path / "t.jsonl")
@@ -77,16 +83,38 @@ def test_rows_are_the_document_start_the_context_and_the_choice(tmp_path):
 
 def test_a_long_context_keeps_its_end_and_a_long_choice_is_refused(tmp_path):
     tok = load_tokenizer("qwen2")
-    long = [{"context": "one two three four five six seven eight nine ten", "choices": [" eleven", " zero"],
-             "answer": 0}, {"context": "Hi", "choices": [" a", " b"], "answer": 1}]
+    long = [{"context": "one two three four five six seven eight nine ten", "choices": ["eleven", "zero"],
+             "answer": 0}, {"context": "Hi", "choices": ["a", "b"], "answer": 1}]
     task = tasks.build_task("t", write_task(tmp_path / "t.jsonl", long), "f", tok, seq_len=6)
     assert task.cut == 1 and all(len(row) <= 7 for row in task.tokens)
     assert task.tokens[0].tolist() == (tok.encode(long[0]["context"]) + tok.encode(" eleven"))[-7:]
     assert task.tokens[2][0] == tok.eos_id  # the second example fits
-    too_long = [{"context": "x", "choices": [" a", " b"], "answer": 0},
-                {"context": "x", "choices": [" a", " a b c d"], "answer": 0}]
-    with pytest.raises(UserError, match="f=.*u.jsonl: example 2 has a choice of 4 tokens, more than train.seq_len=3"):
+    too_long = [{"context": "x", "choices": ["a", "b"], "answer": 0},
+                {"context": "x", "choices": ["a", "a b c d"], "answer": 0}]
+    with pytest.raises(UserError, match="f=.*u.jsonl, line 2: a choice of 4 tokens, more than train.seq_len=3"):
         tasks.build_task("t", write_task(tmp_path / "u.jsonl", too_long), "f", tok, seq_len=3)
+
+
+def test_tasks_that_the_job_cannot_score_are_refused_before_launch(tmp_path):
+    """The launchers' check (config.check_saved) tokenizes the tasks as the job will: a choice longer than
+    train.seq_len, ids beyond model.vocab_size, or training data naming no tokenizer is one line naming the task."""
+    from qwen2_dist.cli.train import compose_job
+    from qwen2_dist.config import check_saved
+
+    path = write_task(tmp_path / "t.jsonl")
+    job = compose_job(["model=tiny", f"run_dir={tmp_path / 'run'}", "train.seq_len=4",
+                       f"eval.tasks=[{{path: {path}}}]"])
+    with pytest.raises(UserError, match=r"eval.tasks\[0\].path=.*t.jsonl, line 1: a choice of 6 tokens, more than "
+                                        r"train.seq_len=4"):
+        check_saved(job)
+    job.train.seq_len = 32
+    check_saved(job)
+    with pytest.raises(UserError, match=r"eval.tasks\[0\].path=.*t.jsonl: the training data's tokenizer qwen2 gives "
+                                        r"it token id \d+, beyond model.vocab_size=1000; the model must hold the "
+                                        r"tokenizer's 151646 ids \(model.vocab_size=151646\)"):
+        tasks.load_tasks(job, "qwen2", vocab_size=1000)
+    with pytest.raises(UserError, match="eval.tasks: the training data names no tokenizer"):
+        tasks.load_tasks(job, None, vocab_size=151936)
 
 
 def test_rows_are_dealt_to_ranks_and_padded():
@@ -111,9 +139,12 @@ def test_accuracies_take_the_best_choice_summed_and_per_character():
     assert (acc, acc_norm) == (0.0, 0.5)
 
 
-@pytest.mark.parametrize("loss", ["chunked", "plain"])
-def test_each_choice_is_scored_by_its_log_likelihood_after_the_context(tmp_path, loss):
-    trainer = cpu_trainer(tmp_path, "train.seq_len=32", f"model.loss={loss}", "model.loss_chunk_tokens=7")
+@pytest.mark.parametrize("loss, masking", [("chunked", "false"), ("plain", "false"), ("chunked", "true")])
+def test_each_choice_is_scored_by_its_log_likelihood_after_the_context(tmp_path, loss, masking):
+    """Each row's score is its choice tokens' log-probabilities from the full logits, summed (each row one document
+    of its own under document masking); acc is the share of examples whose best-scored choice is the answer."""
+    trainer = cpu_trainer(tmp_path, "train.seq_len=32", f"model.loss={loss}", "model.loss_chunk_tokens=7",
+                          f"data.document_masking={masking}")
     task = tasks.build_task("t", write_task(tmp_path / "t.jsonl"), "f", load_tokenizer("qwen2"), seq_len=32)
     scores = trainer.task_log_likelihoods(task)
     model = trainer.model
@@ -125,7 +156,9 @@ def test_each_choice_is_scored_by_its_log_likelihood_after_the_context(tmp_path,
             expected = logprobs[-k:].gather(1, ids[0, -k:, None]).sum().item()
             assert scores[row] == pytest.approx(expected, abs=1e-4)
     trainer.tasks = [task]
-    record, text = trainer.evaluate_all()
+    beats = []
+    record, text = trainer.evaluate_all(beat=lambda: beats.append(1))
+    assert beats == [1]  # the hang watchdog's limit is for each task
     best = [max(range(s, e), key=lambda r: scores[r]) - s for s, e in ((0, 3), (3, 5), (5, 9))]
     assert record["task_acc/t"] == pytest.approx(np.mean(np.array(best) == task.answers))
     assert "task_acc_norm/t" in record and "eval.tasks: t acc" in text and "on 3 examples" in text

@@ -641,7 +641,7 @@ def test_the_watchdog_gives_an_evaluation_and_a_save_each_the_whole_limit(tmp_pa
                        "checkpoint.save_final=false")
     trainer.evals = [None]  # one eval set, evaluated by the stand-in below
     monkeypatch.setattr(trainer, "train_step", takes(1.2, trainer.train_step))
-    monkeypatch.setattr(trainer, "evaluate_all", takes(1.5, lambda: ({"eval_loss": 1.0}, "eval")))
+    monkeypatch.setattr(trainer, "evaluate_all", takes(1.5, lambda beat: ({"eval_loss": 1.0}, "eval")))
     monkeypatch.setattr(trainer, "save", takes(1.5, trainer.save))
     monkeypatch.setattr(trainer, "wait_for_save", takes(1.0, trainer.wait_for_save))  # a commit of a background save
     assert trainer.fit().step == 3 and _committed(trainer) == [2]
