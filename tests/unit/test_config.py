@@ -674,8 +674,10 @@ def test_a_leading_tilde_in_a_local_path_is_the_home_directory(monkeypatch, tmp_
 
     monkeypatch.setenv("HOME", str(tmp_path))
     job = compose_job(["run_dir='~/run'", "data.sources=[{path: '~/a'}, {path: 's3://b/~x'}]",
-                       "data.cache_dir='~/cache'", "model.init_from_hf='~/hf'"])
+                       "data.cache_dir='~/cache'", "model.init_from_hf='~/hf'", "eval.datasets=[{path: '~/e'}]",
+                       "eval.tasks=[{path: '~/t.jsonl'}]"])
     assert job.run_dir == str(tmp_path / "run") and job.data.cache_dir == str(tmp_path / "cache")
+    assert (job.eval.datasets[0].path, job.eval.tasks[0].path) == (str(tmp_path / "e"), str(tmp_path / "t.jsonl"))
     assert [s.path for s in job.data.sources] == [str(tmp_path / "a"), "s3://b/~x"]
     assert job.model.init_from_hf == str(tmp_path / "hf") and job.checkpoint.resume == "auto"
     assert compose_job(["checkpoint.resume='~/ck'"]).checkpoint.resume == str(tmp_path / "ck")
