@@ -305,6 +305,10 @@ class EvalConfig:
     eval.samples of its split and logged as eval_loss/NAME (not part of a mixture's eval_loss): '[{path: /d/wiki,
     name: wiki}, {path: s3://b/code-eval, split: train}]'. Of the model's tokenizer and train.seq_len, as the training
     data."""
+    at_start: bool = False
+    """Also evaluate before the first step of a run that starts at step 0 (not on a resume): the starting weights'
+    eval_loss and task accuracies, logged as step 0 (the baseline of continued pretraining from model.init_from_hf
+    or model.init_from_checkpoint)."""
     tasks: list[EvalTask] = field(default_factory=list)
     """Multiple-choice tasks evaluated at each evaluation (downstream accuracy during pretraining, as OLMo's and
     llm-foundry's in-loop evaluations): each choice scored by the model's log-likelihood of its tokens after the
@@ -991,7 +995,7 @@ def advisories(cfg: JobConfig, processes_per_node: int | None) -> list[str]:
         out.append("checkpoint.interval=0, checkpoint.interval_minutes=0 and checkpoint.save_final=false: the run "
                    "writes no checkpoint (only a stop by signal or train.stop_at saves one), so a failure loses all "
                    "of it; set checkpoint.interval=N or checkpoint.save_final=true to keep its weights")
-    for key in ("datasets", "tasks"):
+    for key in ("datasets", "tasks", "at_start"):
         if getattr(cfg.eval, key) and not cfg.eval.interval:
             out.append(f"eval.{key} is set, but eval.interval=0 evaluates nothing: set eval.interval=N to evaluate "
                        "them every N steps")

@@ -233,9 +233,9 @@ class MetricsSinks:
 
     def __init__(self, run_dir: str, enabled: bool, tensorboard: bool = False, wandb: bool = False,
                  wandb_project: str = "qwen2-dist", wandb_mode: str = "offline", config: dict | None = None,
-                 from_step: int = 0):
+                 from_step: int = 0, logs_start: bool = False):
         """from_step: the step the run starts or resumes at; metrics.jsonl keeps the records up to it (see
-        supersede_records)."""
+        supersede_records), or before it with logs_start (this start logs from_step itself: eval.at_start)."""
         self.enabled = enabled
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.tb_dir = os.path.join(run_dir, "tensorboard")
@@ -250,14 +250,15 @@ class MetricsSinks:
         if not enabled:
             return
         try:
+            keep = from_step - 1 if logs_start else from_step
             last = last_logged_step(self.path)
-            rewinds = last is not None and last > from_step
-            supersede_records(self.path, from_step)
+            rewinds = last is not None and last > keep
+            supersede_records(self.path, keep)
             self.file = self._open_jsonl()
             if tensorboard:
                 # Events of steps past from_step, written before this start, are hidden from TensorBoard from now on
                 # (as metrics.jsonl's records of them move aside).
-                self.tb = self._open_tensorboard(purge_step=from_step + 1)
+                self.tb = self._open_tensorboard(purge_step=keep + 1)
             if wandb:
                 run_id, group = wandb_run_id(run_dir, rewinds, from_step, resumable=wandb_mode != "offline")
         except OSError as exc:

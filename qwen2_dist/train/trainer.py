@@ -432,8 +432,12 @@ class Trainer:
         """Train from the current step up to train.steps, logging, checkpointing and honouring preemption."""
         cfg = self.cfg
         lg = cfg.logging
+        # eval.at_start: a run starting at step 0 logs step 0's evaluation (a record of it from an earlier start, which
+        # trained no step that was kept, moves aside with the others).
+        start_eval = cfg.eval.at_start and self.step == 0 and bool(self.evals or self.tasks)
         writer = MetricsSinks(cfg.run_dir, self.world.is_main, lg.tensorboard, lg.wandb, lg.wandb_project,
-                              lg.wandb_mode, config=dataclasses.asdict(cfg), from_step=self.step)
+                              lg.wandb_mode, config=dataclasses.asdict(cfg), from_step=self.step,
+                              logs_start=start_eval)
         profiler = StepProfiler(lg.profile_steps, cfg.run_dir, self.world.rank, self.world.device)
         record_oom = lg.memory_snapshot_on_oom and self.world.device.type == "cuda"
         if record_oom:
@@ -454,6 +458,13 @@ class Trainer:
             gc.disable()
             gc.collect()  # what building the job left, once
         try:
+            if start_eval:
+                eval_record, eval_text = self.evaluate_all(beat=watchdog.beat)
+                writer.write({"step": 0, **eval_record, "time": time.time()})
+                if self.world.is_main:
+                    log.info("step 0 (eval.at_start) | %s", eval_text)
+                watchdog.beat()
+                window_started = time.monotonic()  # evaluation is not training time
             last_step = cfg.train.steps if cfg.train.stop_at is None else min(cfg.train.steps, cfg.train.stop_at)
             last_samples = None
             while self.step < last_step:

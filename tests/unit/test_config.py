@@ -71,7 +71,8 @@ def test_eval_datasets_of_another_seq_len_or_tokenizer_are_refused_before_launch
         check_saved(job("train.seq_len=16", "eval.datasets=[{path: /tmp, split: train}]"))
 
 
-@pytest.mark.parametrize("key, value", [("datasets", "[{path: /tmp}]"), ("tasks", "[{path: /tmp/a.jsonl}]")])
+@pytest.mark.parametrize("key, value", [("datasets", "[{path: /tmp}]"), ("tasks", "[{path: /tmp/a.jsonl}]"),
+                                        ("at_start", "true")])
 def test_eval_datasets_and_tasks_that_nothing_evaluates_are_named(key, value):
     assert any(f"eval.{key} is set, but eval.interval=0 evaluates nothing" in advice
                for advice in advisories(job(f"eval.{key}={value}", "eval.interval=0"), None))

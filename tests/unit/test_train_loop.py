@@ -293,6 +293,42 @@ def _committed(trainer):
     return [int(path[-8:]) for path in checkpoint.committed_checkpoints(trainer.checkpointer.ckpt_root)]
 
 
+def test_eval_at_start_logs_the_starting_weights_as_step_0_once(tmp_path):
+    """eval.at_start: a run starting at step 0 evaluates before its first step (the tasks here), logged as step 0; a
+    start again from step 0 moves the earlier step-0 record aside; a resume evaluates at its interval steps only."""
+    import numpy as np
+
+    from qwen2_dist.train.tasks import Task, accuracies
+
+    rows = [np.arange(5) + 7 * i for i in range(6)]
+    task = Task("t", "-", rows, np.full(6, 2), np.repeat([0, 1, 2], 2), np.ones(6), np.array([0, 1, 0]), length=8,
+                pad_id=0)
+    overrides = ("eval.at_start=true", "eval.interval=2", "checkpoint.interval=2", "logging.interval=1")
+
+    def run(steps):
+        trainer = _trainer(tmp_path, f"train.steps={steps}", *overrides)
+        trainer.tasks = [task]
+        before = accuracies(task, trainer.task_log_likelihoods(task))
+        trainer.fit()
+        return trainer, before, [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+    trainer, before, records = run(steps=1)
+    assert [r["step"] for r in records] == [0, 1]
+    assert (records[0]["task_acc/t"], records[0]["task_acc_norm/t"]) == before and "loss" not in records[0]
+    shutil.rmtree(tmp_path / "checkpoints")  # a start from step 0 again: the first start's records move aside
+    trainer, _, records = run(steps=3)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()] \
+        == [0, 1]
+    resumed = _trainer(tmp_path, "train.steps=4", *overrides)
+    resumed.tasks = [task]
+    resumed.restore(checkpoint.committed_checkpoints(resumed.checkpointer.ckpt_root)[-1])
+    resumed.fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in records if "task_acc/t" in r] == [0, 2, 3, 4]
+
+
 def test_a_failed_background_save_of_the_last_step_is_written_again(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, "train.steps=4", "checkpoint.interval=4", "checkpoint.async_save=true")
     write_data, failed = checkpoint._Writer.write_data, []
