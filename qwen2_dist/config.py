@@ -364,9 +364,10 @@ class TrainConfig:
     """Use deterministic algorithms (slower on GPU)."""
     gc_interval: int = 50
     """Python's automatic garbage collection is off while training; its young generations are collected every this
-    many steps, and all of them after each checkpoint.interval save, on every rank at the same step (torchtitan's
-    gc_freq). An automatic collection pauses one rank at a step of its own, and the others wait for it at the next
-    collective. 0: Python's automatic collection."""
+    many steps, and all of them after each periodic checkpoint save and each evaluation, on every rank at the same
+    step (torchtitan's gc_freq). An automatic collection pauses one rank at a step of its own, and the others wait
+    for it at the next collective. The data loader's workers collect as Python does. 0: Python's automatic
+    collection."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ StreamingDataset serves the samples by index (get_item), downloading and caching
 
 import filecmp
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -993,6 +994,7 @@ class TokenBatches:
                 self.samples, batch_sampler=_RankSampler(self, self.position, self.steps_read + 1),
                 num_workers=self.num_workers,
                 collate_fn=collate, prefetch_factor=PREFETCH_FACTOR if self.num_workers else None,
+                worker_init_fn=_enable_gc if self.num_workers else None,
             )
             self._iterator = iter(self._loader)
         batch = next(self._iterator)
@@ -1023,6 +1025,12 @@ class TokenBatches:
         self._release()
         self.dataset = None
         self.samples = None
+
+
+def _enable_gc(_worker_id: int) -> None:
+    """A DataLoader worker collects its garbage as Python does: one forked while the trainer had switched automatic
+    collection off (train.gc_interval) would otherwise never collect."""
+    gc.enable()
 
 
 def _collate(samples: list[dict], seq_len: int, document_masking: bool, eod_mask_loss: bool) -> Batch:

@@ -156,6 +156,12 @@ class Watchdog:
         self.last_beat = time.monotonic()  # first: the watchdog reads beats, then last_beat
         self.beats += 1
 
+    def rearm_first(self) -> None:
+        """Give the next step train.hang_timeout_first again, as if nothing had completed yet (eval.at_start's
+        evaluation comes before the first step, which compiles and allocates what training needs)."""
+        self.last_beat = time.monotonic()  # first: the watchdog reads beats, then last_beat
+        self.beats = 0
+
     def stop(self) -> None:
         self._stop.set()
 

@@ -111,6 +111,11 @@ def build_task(name: str, path: str, field: str, tokenizer, seq_len: int, limit:
     for index, (line, context, choices, answer) in enumerate(examples):
         was_cut = False
         for choice in choices:
+            if delimiter and (choice[:1].isspace() or context[-1:].isspace()):
+                raise UserError(f"{field}={path}, line {line}: " + (
+                    f"the choice {choice!r} starts" if choice[:1].isspace() else "the context ends")
+                    + f" with whitespace, and the delimiter {delimiter!r} would add more; set "
+                    f"{field.rsplit('.', 1)[0]}.delimiter='' for examples that carry their own spaces")
             kept, continuation = split_context(context, delimiter + choice)
             head = tokenizer.encode(kept) if kept else []
             whole = tokenizer.encode(kept + continuation)

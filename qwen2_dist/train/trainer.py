@@ -434,7 +434,8 @@ class Trainer:
         lg = cfg.logging
         # eval.at_start: a run starting at step 0 logs step 0's evaluation (a record of it from an earlier start, which
         # trained no step that was kept, moves aside with the others).
-        start_eval = cfg.eval.at_start and self.step == 0 and bool(self.evals or self.tasks)
+        # Not on a resume, also not of a checkpoint at step 0 (train.stop_at=0): saved_step is a restored one's.
+        start_eval = cfg.eval.at_start and self.step == 0 and self.saved_step < 0 and bool(self.evals or self.tasks)
         writer = MetricsSinks(cfg.run_dir, self.world.is_main, lg.tensorboard, lg.wandb, lg.wandb_project,
                               lg.wandb_mode, config=dataclasses.asdict(cfg), from_step=self.step,
                               logs_start=start_eval)
@@ -453,18 +454,20 @@ class Trainer:
             log.info("run already complete: step %d of train.steps=%d", self.step, cfg.train.steps)
         exit_code = 1  # a crash, a halt or an interrupt marks the W&B run failed; a stop by signal returns: 0
         gc_interval = cfg.train.gc_interval
+        # train.gc_interval: every rank collects at the same steps, none at a step of its own (a gc the caller
+        # switched off stays off).
         gc_paused = bool(gc_interval) and gc.isenabled()
-        if gc_paused:  # train.gc_interval: every rank collects at the same steps, none at a step of its own
-            gc.disable()
-            gc.collect()  # what building the job left, once
         try:
+            if gc_paused:
+                gc.disable()
+                gc.collect()  # what building the job left, once
             if start_eval:
                 eval_record, eval_text = self.evaluate_all(beat=watchdog.beat)
                 writer.write({"step": 0, **eval_record, "time": time.time()})
                 if self.world.is_main:
                     log.info("step 0 (eval.at_start) | %s", eval_text)
-                watchdog.beat()
-                window_started = time.monotonic()  # evaluation is not training time
+                watchdog.rearm_first()  # step 1 still compiles and allocates: train.hang_timeout_first is its
+                window_started = last_save = time.monotonic()  # evaluation is neither training nor save time
             last_step = cfg.train.steps if cfg.train.stop_at is None else min(cfg.train.steps, cfg.train.stop_at)
             last_samples = None
             while self.step < last_step:
@@ -534,6 +537,8 @@ class Trainer:
                     if eval_due:  # after the window's clock stopped: evaluation time is not training time
                         eval_started = time.monotonic()
                         eval_record, eval_text = self.evaluate_all(beat=watchdog.beat)
+                        if gc_paused:  # the oldest generation too, at a step every rank evaluates
+                            gc.collect()
                         record.update(eval_record)
                         profiler.leave_out(f"evaluation at step {self.step}", time.monotonic() - eval_started)
                         watchdog.beat()  # the limit is for each step, evaluation and save, not for their sum

@@ -552,6 +552,27 @@ def test_a_batch_rampup_reads_the_constant_batch_order_in_steps_of_its_sizes(dat
         second.close()
 
 
+def test_a_worker_forked_while_garbage_collection_is_paused_collects_again(tmp_path, monkeypatch):
+    """train.gc_interval switches automatic collection off in the trainer; a DataLoader worker forked then would
+    inherit that for the whole run."""
+    import gc
+
+    collate = loader_module._collate
+
+    def checked(*args, **kwargs):
+        assert gc.isenabled(), "a DataLoader worker without garbage collection"
+        return collate(*args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "_collate", checked)
+    batches = loader([make_dataset(tmp_path / "d", 8, SEQ)], num_workers=1)
+    gc.disable()
+    try:
+        batches.next_batch()
+    finally:
+        gc.enable()
+        batches.close()
+
+
 def test_a_cache_limit_too_small_names_the_fixes_that_keep_the_order_for_a_resume(tmp_path, monkeypatch):
     """Lowering data.shuffle_block_size changes the data order, which a resumed run's checkpoint refuses: the other
     fixes come first, for a resume."""

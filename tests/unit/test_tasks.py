@@ -117,6 +117,17 @@ def test_tasks_that_the_job_cannot_score_are_refused_before_launch(tmp_path):
         tasks.load_tasks(job, None, vocab_size=151936)
 
 
+def test_a_space_that_the_delimiter_would_double_is_refused(tmp_path):
+    tok = load_tokenizer("qwen2")
+    for example, words in (({"context": "Q:", "choices": ["a", " b"], "answer": 0}, "the choice ' b' starts"),
+                           ({"context": "Q: ", "choices": ["a", "b"], "answer": 0}, "the context ends")):
+        path = write_task(tmp_path / "t.jsonl", [EXAMPLES[0], example])
+        with pytest.raises(UserError, match=f"eval.tasks\\[0\\].path=.*t.jsonl, line 2: {words} with whitespace, and "
+                                            "the delimiter ' ' would add more; set eval.tasks\\[0\\].delimiter=''"):
+            tasks.build_task("t", path, "eval.tasks[0].path", tok, seq_len=32)
+        tasks.build_task("t", path, "eval.tasks[0].path", tok, seq_len=32, delimiter="")
+
+
 def test_rows_are_dealt_to_ranks_and_padded():
     task = tasks.Task("t", "p", [np.arange(4), np.arange(3)] * 3 + [np.arange(5)], np.full(7, 2), np.arange(7),
                       np.ones(7), np.zeros(7, dtype=int), length=8, pad_id=9)
@@ -141,13 +152,24 @@ def test_accuracies_take_the_best_choice_summed_and_per_character():
 
 @pytest.mark.parametrize("loss, masking", [("chunked", "false"), ("plain", "false"), ("chunked", "true")])
 def test_each_choice_is_scored_by_its_log_likelihood_after_the_context(tmp_path, loss, masking):
-    """Each row's score is its choice tokens' log-probabilities from the full logits, summed (each row one document
-    of its own under document masking); acc is the share of examples whose best-scored choice is the answer."""
+    """Each row's score is its choice tokens' log-probabilities from the full logits, summed (under document masking
+    each row is one document from position 0, passed as training passes documents, and starts with its context);
+    acc is the share of examples whose best-scored choice is the answer."""
+    path = write_task(tmp_path / "t.jsonl")
     trainer = cpu_trainer(tmp_path, "train.seq_len=32", f"model.loss={loss}", "model.loss_chunk_tokens=7",
-                          f"data.document_masking={masking}")
-    task = tasks.build_task("t", write_task(tmp_path / "t.jsonl"), "f", load_tokenizer("qwen2"), seq_len=32)
+                          f"data.document_masking={masking}", f"eval.tasks=[{{path: {path}}}]")
+    (task,) = tasks.load_tasks(trainer.cfg, "qwen2", vocab_size=151936)
+    assert (task.tokens[0][0] == task.pad_id) == (masking == "false")
+    model, seen = trainer.model, []
+    hidden_states = model.hidden_states
+    model.hidden_states = lambda tokens, positions=None, mask_documents=False, tie=None: (
+        seen.append((positions, mask_documents)), hidden_states(tokens, positions, mask_documents, tie))[1]
     scores = trainer.task_log_likelihoods(task)
-    model = trainer.model
+    del model.hidden_states
+    assert len(seen) == 5  # 9 rows in micro-batches of 2
+    for positions, mask_documents in seen:
+        assert mask_documents == (masking == "true")
+        assert positions is None if masking == "false" else positions.tolist() == [list(range(task.length))] * 2
     with torch.no_grad():
         for row, ids in enumerate(task.tokens):
             ids = torch.as_tensor(ids)[None]

@@ -94,12 +94,18 @@ def _slow_saves(trainer, monkeypatch, seconds: float) -> None:
 @pytest.mark.parametrize("interval", [0, 2])
 def test_garbage_is_collected_at_the_same_steps_on_every_rank_not_automatically(tmp_path, monkeypatch, interval):
     """train.gc_interval: no automatic collection during the steps, a young-generation one after every 2nd step, a
-    full one before the first and after each checkpoint.interval save; 0 leaves Python's automatic collection on.
-    Collection is on again after fit()."""
+    full one before the first, after each checkpoint.interval save and after each evaluation (steps 4 and 5, the
+    last); 0 leaves Python's automatic collection on. Collection is on again after fit()."""
     import gc
 
+    import numpy as np
+
+    from qwen2_dist.train.tasks import Task
+
     trainer = _trainer(tmp_path, "train.steps=5", f"train.gc_interval={interval}", "checkpoint.save_final=false",
-                       "checkpoint.interval=3")
+                       "checkpoint.interval=3", "eval.interval=4")
+    trainer.tasks = [Task("t", "-", [np.arange(3)] * 2, np.ones(2), np.zeros(2), np.ones(2), np.zeros(1), length=4,
+                          pad_id=0)]
     events, collect, train_step = [], gc.collect, trainer.train_step
     monkeypatch.setattr(gc, "collect", lambda *generation: (events.append(("collect", *generation)),
                                                             collect(*generation))[1])
@@ -109,7 +115,7 @@ def test_garbage_is_collected_at_the_same_steps_on_every_rank_not_automatically(
     assert gc.isenabled()
     if interval:
         assert events == [("collect",), ("step", False), ("step", False), ("collect", 1), ("step", False),
-                          ("collect",), ("step", False), ("collect", 1), ("step", False)]
+                          ("collect",), ("step", False), ("collect", 1), ("collect",), ("step", False), ("collect",)]
     else:
         assert events == [("step", True)] * 5
 
@@ -293,11 +299,12 @@ def _committed(trainer):
     return [int(path[-8:]) for path in checkpoint.committed_checkpoints(trainer.checkpointer.ckpt_root)]
 
 
-def test_eval_at_start_logs_the_starting_weights_as_step_0_once(tmp_path):
+def test_eval_at_start_logs_the_starting_weights_as_step_0_once(tmp_path, monkeypatch):
     """eval.at_start: a run starting at step 0 evaluates before its first step (the tasks here), logged as step 0; a
     start again from step 0 moves the earlier step-0 record aside; a resume evaluates at its interval steps only."""
     import numpy as np
 
+    from qwen2_dist.train.faults import Watchdog
     from qwen2_dist.train.tasks import Task, accuracies
 
     rows = [np.arange(5) + 7 * i for i in range(6)]
@@ -305,28 +312,44 @@ def test_eval_at_start_logs_the_starting_weights_as_step_0_once(tmp_path):
                 pad_id=0)
     overrides = ("eval.at_start=true", "eval.interval=2", "checkpoint.interval=2", "logging.interval=1")
 
-    def run(steps):
-        trainer = _trainer(tmp_path, f"train.steps={steps}", *overrides)
+    evaluated, rearmed = [], []  # the step each evaluation ran at; the watchdog given its first-step limit again
+    monkeypatch.setattr(Watchdog, "rearm_first", lambda self: rearmed.append(evaluated[-1]))
+
+    def build(steps, *more, resume=False):
+        trainer = _trainer(tmp_path, f"train.steps={steps}", *overrides, *more)
         trainer.tasks = [task]
+        if resume:
+            trainer.restore(checkpoint.committed_checkpoints(trainer.checkpointer.ckpt_root)[-1])
+        evaluate_all = trainer.evaluate_all
+        monkeypatch.setattr(trainer, "evaluate_all",
+                            lambda **kw: (evaluated.append(trainer.step), evaluate_all(**kw))[1])
+        return trainer
+
+    def run(steps, *more):
+        trainer = build(steps, *more)
         before = accuracies(task, trainer.task_log_likelihoods(task))
         trainer.fit()
         return trainer, before, [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
 
-    trainer, before, records = run(steps=1)
-    assert [r["step"] for r in records] == [0, 1]
+    trainer, before, records = run(1)
+    assert [r["step"] for r in records] == [0, 1] and evaluated == [0, 1] and rearmed == [0]
     assert (records[0]["task_acc/t"], records[0]["task_acc_norm/t"]) == before and "loss" not in records[0]
     shutil.rmtree(tmp_path / "checkpoints")  # a start from step 0 again: the first start's records move aside
-    trainer, _, records = run(steps=3)
-    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    trainer, _, records = run(3)
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and evaluated == [0, 1, 0, 2, 3]
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()] \
         == [0, 1]
-    resumed = _trainer(tmp_path, "train.steps=4", *overrides)
-    resumed.tasks = [task]
-    resumed.restore(checkpoint.committed_checkpoints(resumed.checkpointer.ckpt_root)[-1])
-    resumed.fit()
+    build(4, resume=True).fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4] and evaluated == [0, 1, 0, 2, 3, 4]
     assert [r["step"] for r in records if "task_acc/t" in r] == [0, 2, 3, 4]
+    # A checkpoint at step 0 (train.stop_at=0) resumed is a resume too: evaluated at the start only once.
+    shutil.rmtree(tmp_path / "checkpoints")
+    evaluated.clear()
+    run(2, "train.stop_at=0")
+    build(2, resume=True).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert evaluated == [0, 2] and [r["step"] for r in records] == [0, 1, 2] and rearmed == [0, 0, 0]
 
 
 def test_a_failed_background_save_of_the_last_step_is_written_again(tmp_path, monkeypatch):
