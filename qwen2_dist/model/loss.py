@@ -461,7 +461,8 @@ def linear_cross_entropy(
     gradient of the weight (the other implementations ignore it, and the lookup makes its own). z: model.z_loss;
     with a coefficient, a loss that computes gradients (training) adds z x lse^2 of each counted token and records
     its parts in z; one that does not (evaluation) is cross-entropy alone, and records None. per_row (evaluation
-    only, any impl): the (batch,) summed cross-entropy of each row of targets (batch, seq) instead."""
+    only, any impl): the (batch,) summed cross-entropy of each row of targets (batch, seq) instead, only the counted
+    tokens projected."""
     rows = targets.shape[0]
     hidden = hidden.flatten(0, -2)
     targets = targets.flatten().to(hidden.device)
@@ -475,10 +476,17 @@ def linear_cross_entropy(
     if per_row:
         if training:
             raise AssertionError("per-row losses are computed for evaluation, without gradients")
+        # Only the scored tokens (a task's choice, a few per row) are projected: the rest of the row, context and
+        # padding, would cost the vocabulary-wide projection for nothing.
+        scored = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         with torch.autocast(device_type, enabled=False):
-            h, w, step = hidden.to(compute_dtype), weight.to(compute_dtype), max(chunk_tokens, 1)
-            losses = [_token_losses(h[s : s + step] @ w.T, targets[s : s + step]) for s in range(0, h.shape[0], step)]
-        return torch.cat(losses).view(rows, -1).sum(-1)
+            h, w, step = hidden[scored].to(compute_dtype), weight.to(compute_dtype), max(chunk_tokens, 1)
+            t = targets[scored]
+            losses = [_token_losses(h[s : s + step] @ w.T, t[s : s + step]) for s in range(0, h.shape[0], step)]
+        summed = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+        if not losses:  # no scored token in the micro-batch (padding rows only)
+            return summed
+        return summed.index_add_(0, scored // (targets.numel() // rows), torch.cat(losses))
     if impl == "plain":
         logits = F.linear(hidden, weight)
         loss = F.cross_entropy(logits.float(), targets, reduction="sum")
