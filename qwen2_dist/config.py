@@ -877,11 +877,11 @@ def check_saved(cfg: JobConfig) -> list[str]:
     if cfg.eval.tasks and cfg.eval.interval and not d.synthetic:
         # Tokenized now as the job will (the training data's tokenizer; the embedded corpus's is Qwen2's): a choice
         # longer than train.seq_len or ids beyond the model's vocabulary are refused before launch.
-        from qwen2_dist.train.tasks import load_tasks
+        from qwen2_dist.data.corpus import TOKENIZER
+        from qwen2_dist.train.tasks import load_tasks, summaries_tokenizer
 
-        names = {summary.get("tokenizer") for _, summary in summaries} if summaries else {"qwen2"}
-        (name,) = names if len(names) == 1 else (None,)
-        load_tasks(cfg, name if isinstance(name, str) else None, args.vocab_size, cfg.parallel.tp)
+        name = summaries_tokenizer([summary for _, summary in summaries]) if summaries else TOKENIZER
+        load_tasks(cfg, name, args.vocab_size, cfg.parallel.tp)
     resume, ckpt_root = cfg.checkpoint.resume, os.path.join(cfg.run_dir, "checkpoints")
     if resume not in ("auto", "none") and checkpoint.in_run(ckpt_root, resume) \
             and not checkpoint.rollback_done(ckpt_root, resume):

@@ -306,19 +306,20 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         limit = parse_bytes("data.cache_limit", job.data.cache_limit) if job.data.cache_limit is not None else None
         batches = TokenBatches(sources, global_batch_size=job.train.global_batch_size, cache_limit=limit,
                                batch_schedule=BatchSchedule.of(job.train), **loader_args)
+    # The tokenizer the data was prepared with (qwen2-prepare's tokenizer=): what qwen2-convert to-hf writes, and what
+    # eval.tasks are tokenized with.
+    tokenizer_name = None if job.data.synthetic else data_tokenizer(sources, loader_args)
     evals, evals_complete, tasks = [], True, []
     if job.eval.interval and not job.data.synthetic:
         evals, evals_complete = build_evals(job, sources, loader_args, dp_size)
         # Padded to train.seq_len where blocks are compiled (and on CUDA): another shape would recompile them.
         full_length = device_type == "cuda" or compile_enabled(job.parallel, device_type, job.model.kernels)
-        tasks = load_tasks(job, data_tokenizer(sources, loader_args), args.vocab_size, layout["tp"], full_length,
-                           log=log)
+        tasks = load_tasks(job, tokenizer_name, args.vocab_size, layout["tp"], full_length, log=log)
     metadata = {
         "model": job.model.name, "model_args": args.to_dict(), "world_size": world.world_size, "layout": layout,
         "config_hash": checkpoint.config_hash(resolved), "init_from": init_from, "hf_source": hf_source,
         "trained_seq_len": trained_seq_len,
-        # The tokenizer the data was prepared with (qwen2-prepare's tokenizer=): what qwen2-convert to-hf writes.
-        "data_tokenizer": None if job.data.synthetic else data_tokenizer(sources, loader_args),
+        "data_tokenizer": tokenizer_name,
     }
     trainer = Trainer(job, args, world, mesh, model, optimizer, batches, metadata,
                       evals, evals_complete, tasks)
@@ -362,14 +363,12 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
 
 
 def data_tokenizer(sources: list[tuple[str, float]], loader_args: dict) -> str | None:
-    """The tokenizer the sources' prepare summaries name (tokenizer=qwen2, or a Hugging Face tokenizer's directory
-    or hub id as given to qwen2-prepare); None when they name none, or several."""
+    """The tokenizer the sources' prepare summaries name (tasks.summaries_tokenizer); None for none or several."""
     from qwen2_dist.data.loader import source_summary
+    from qwen2_dist.train.tasks import summaries_tokenizer
 
-    names = {source_summary(path, loader_args["cache_dir"], loader_args["run_key"]).get("tokenizer")
-             for path, _ in sources}
-    (name,) = names if len(names) == 1 else (None,)
-    return name if isinstance(name, str) else None
+    return summaries_tokenizer([source_summary(path, loader_args["cache_dir"], loader_args["run_key"])
+                                for path, _ in sources])
 
 
 def build_evals(job: JobConfig, sources: list[tuple[str, float]], loader_args: dict, dp_size: int):

@@ -192,11 +192,9 @@ def _chunk_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _token_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Each token's cross-entropy of one chunk (fp32; 0 for an IGNORE_INDEX target)."""
+    """Each token's cross-entropy of one chunk (fp32), every target counted."""
     fp32 = logits.float()
-    counted = targets != IGNORE_INDEX
-    picked = fp32.gather(1, torch.where(counted, targets, 0)[:, None]).squeeze(1)
-    return torch.where(counted, torch.logsumexp(fp32, dim=-1) - picked, 0.0)
+    return torch.logsumexp(fp32, dim=-1) - fp32.gather(1, targets[:, None]).squeeze(1)
 
 
 @functools.cache

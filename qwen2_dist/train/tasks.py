@@ -30,7 +30,8 @@ train.seq_len: a short task costs short forwards."""
 
 @dataclass
 class Task:
-    """One task's rows: one per (example, choice), each the end-of-document token, the context and the choice."""
+    """One task's rows: one per (example, choice), each the end-of-document token (see build_task), the context, the
+    delimiter and the choice."""
 
     name: str
     path: str
@@ -143,6 +144,14 @@ def build_task(name: str, path: str, field: str, tokenizer, seq_len: int, limit:
                 np.asarray(answers), length, tokenizer.eos_id, cut)
 
 
+def summaries_tokenizer(summaries: list[dict]) -> str | None:
+    """The tokenizer the training data's prepare summaries name (tokenizer=qwen2, or a Hugging Face tokenizer's
+    directory or hub id as given to qwen2-prepare); None when they name none, or several."""
+    names = {summary.get("tokenizer") for summary in summaries}
+    (name,) = names if len(names) == 1 else (None,)
+    return name if isinstance(name, str) else None
+
+
 def load_tasks(job, tokenizer_name: str | None, vocab_size: int, tp: int = 1, full_length: bool = False,
                log=None) -> list[Task]:
     """eval.tasks of a job (JobConfig) as rows, tokenized by the tokenizer the training data was prepared with
@@ -187,10 +196,10 @@ def micro_batches(task: Task, micro_batch_size: int, dp_size: int) -> int:
     return math.ceil(len(task.tokens) / (micro_batch_size * dp_size))
 
 
-def batch(task: Task, rows: list[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(task: Task, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and targets (micro_batch_size, task.length) of the rows: targets are the choice's tokens, every other
     position IGNORE_INDEX (a padding row, -1, has none)."""
-    inputs = torch.full((len(rows), task.length), pad_id, dtype=torch.long)
+    inputs = torch.full((len(rows), task.length), task.pad_id, dtype=torch.long)
     targets = torch.full((len(rows), task.length), IGNORE_INDEX, dtype=torch.long)
     for slot, row in enumerate(rows):
         if row < 0:

@@ -383,7 +383,7 @@ class Trainer:
         scores = torch.zeros(len(task.tokens), dtype=torch.float64, device=self.world.device)
         for micro in range(task_rows.micro_batches(task, micro_batch_size, dp_size)):
             rows = task_rows.rows_of(task, micro, micro_batch_size, dp_rank, dp_size)
-            losses = self._row_losses(*task_rows.batch(task, rows, task.pad_id))
+            losses = self._row_losses(*task_rows.batch(task, rows))
             real = [slot for slot, row in enumerate(rows) if row >= 0]
             if real:  # every rank runs every micro-batch, padding too: FSDP's and TP's collectives need them all
                 scores[[rows[slot] for slot in real]] = -losses[real].double()
@@ -466,7 +466,7 @@ class Trainer:
                 writer.write({"step": 0, **eval_record, "time": time.time()})
                 if self.world.is_main:
                     log.info("step 0 (eval.at_start) | %s", eval_text)
-                watchdog.rearm_first()  # step 1 still compiles and allocates: train.hang_timeout_first is its
+                watchdog.rearm_first()  # step 1 still compiles and allocates: train.hang_timeout_first is its limit
                 window_started = last_save = time.monotonic()  # evaluation is neither training nor save time
             last_step = cfg.train.steps if cfg.train.stop_at is None else min(cfg.train.steps, cfg.train.stop_at)
             last_samples = None

@@ -134,7 +134,7 @@ def test_rows_are_dealt_to_ranks_and_padded():
     assert tasks.micro_batches(task, 2, 2) == 2
     dealt = [tasks.rows_of(task, micro, 2, rank, 2) for micro in range(2) for rank in range(2)]
     assert dealt == [[0, 1], [2, 3], [4, 5], [6, -1]]
-    inputs, targets = tasks.batch(task, [6, -1], pad_id=9)
+    inputs, targets = tasks.batch(task, [6, -1])
     assert inputs.tolist() == [[0, 1, 2, 3, 9, 9, 9, 9], [9] * 8]
     assert targets.tolist() == [[IGNORE_INDEX] * 2 + [3, 4] + [IGNORE_INDEX] * 4, [IGNORE_INDEX] * 8]
 
