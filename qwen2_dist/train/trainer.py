@@ -461,6 +461,10 @@ class Trainer:
             if gc_paused:
                 gc.disable()
                 gc.collect()  # what building the job left, once
+                # What is alive now (the imported modules, the model, the data's objects) is left out of every
+                # later collection: the full ones after saves and evaluations visit what training allocated, not a
+                # heap of millions of objects (0.25 s each for a tiny model's run on a 2-core CPU, 2026-12-07).
+                gc.freeze()
             if start_eval:
                 eval_record, eval_text = self.evaluate_all(beat=watchdog.beat)
                 writer.write({"step": 0, **eval_record, "time": time.time()})
@@ -611,6 +615,7 @@ class Trainer:
             exit_code = 0
         finally:
             if gc_paused:
+                gc.unfreeze()
                 gc.enable()
             watchdog.stop()
             profiler.close(self.step)

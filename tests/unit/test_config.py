@@ -332,6 +332,30 @@ def test_the_one_line_check_leaves_hydra_s_flags_and_their_values_to_hydra():
     assert _precheck(["model=tiny", "hydra.job.chdir=false"]).model.name == "tiny"
 
 
+def test_a_run_without_hydra_flags_trains_on_the_config_it_checked_and_hydras_own_run_takes_the_rest(monkeypatch):
+    """qwen2-train composes its overrides once for the one-line check; with no Hydra flag or Hydra setting among
+    them that config is the job's (hydra.main composed it twice more, about 1 s of CPU in every process of every
+    launch). A Hydra flag or setting still goes through hydra.main."""
+    from qwen2_dist.cli import train
+
+    trained, hydra_runs = [], []
+    monkeypatch.setattr(train, "_entry", lambda cfg: trained.append(cfg))
+    monkeypatch.setattr(train.hydra, "main", lambda **kwargs: lambda task: lambda: hydra_runs.append(kwargs))
+    monkeypatch.delenv("QWEN2_CHECK_ONLY", raising=False)
+    for argv, via_hydra in [(["model=tiny", "train.steps=3", "run_dir=/nonexistent/r"], False),
+                            (["model=tiny", "run_dir=/nonexistent/r", "hydra.job.chdir=false"], True),
+                            (["model=tiny", "run_dir=/nonexistent/r", "+hydra.job.env_set.A=1"], True),
+                            (["model=tiny", "run_dir=/nonexistent/r", "--cfg", "job"], True)]:
+        trained.clear(), hydra_runs.clear()
+        monkeypatch.setattr(sys, "argv", ["qwen2-train", *argv])
+        train.main()
+        assert (len(hydra_runs), len(trained)) == ((1, 0) if via_hydra else (0, 1)), argv
+    monkeypatch.setattr(sys, "argv", ["qwen2-train", "model=tiny", "train.steps=3", "run_dir=/nonexistent/r"])
+    train.main()
+    (cfg,) = trained
+    assert train.to_job(cfg) == train.compose_job(sys.argv[1:]) and cfg.train.steps == 3
+
+
 @pytest.mark.parametrize("override, expected", [
     # Hydra adds any key given with + or ++, unchecked: the job would run with the setting ignored.
     ("+train.newkey=1", "train.newkey: no such setting; did you mean"),

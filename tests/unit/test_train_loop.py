@@ -95,7 +95,8 @@ def _slow_saves(trainer, monkeypatch, seconds: float) -> None:
 def test_garbage_is_collected_at_the_same_steps_on_every_rank_not_automatically(tmp_path, monkeypatch, interval):
     """train.gc_interval: no automatic collection during the steps, a young-generation one after every 2nd step, a
     full one before the first, after each checkpoint.interval save and after each evaluation (steps 4 and 5, the
-    last); 0 leaves Python's automatic collection on. Collection is on again after fit()."""
+    last); 0 leaves Python's automatic collection on. What is alive after the first collection is frozen (left out of
+    the later ones) and thawed after fit(). Collection is on again after fit()."""
     import gc
 
     import numpy as np
@@ -109,15 +110,17 @@ def test_garbage_is_collected_at_the_same_steps_on_every_rank_not_automatically(
     events, collect, train_step = [], gc.collect, trainer.train_step
     monkeypatch.setattr(gc, "collect", lambda *generation: (events.append(("collect", *generation)),
                                                             collect(*generation))[1])
-    monkeypatch.setattr(trainer, "train_step", lambda: (events.append(("step", gc.isenabled())), train_step())[1])
-    assert gc.isenabled()
+    monkeypatch.setattr(trainer, "train_step", lambda: (events.append(("step", gc.isenabled(),
+                                                                       gc.get_freeze_count() > 0)), train_step())[1])
+    assert gc.isenabled() and gc.get_freeze_count() == 0
     trainer.fit()
-    assert gc.isenabled()
+    assert gc.isenabled() and gc.get_freeze_count() == 0
     if interval:
-        assert events == [("collect",), ("step", False), ("step", False), ("collect", 1), ("step", False),
-                          ("collect",), ("step", False), ("collect", 1), ("collect",), ("step", False), ("collect",)]
+        step = ("step", False, True)
+        assert events == [("collect",), step, step, ("collect", 1), step, ("collect",), step, ("collect", 1),
+                          ("collect",), step, ("collect",)]
     else:
-        assert events == [("step", True)] * 5
+        assert events == [("step", True, False)] * 5
 
 
 def test_halt_stops_on_a_skipped_step_between_logging_steps(tmp_path, monkeypatch):
