@@ -11,6 +11,8 @@ import sys
 import tempfile
 import time
 
+from tests import zygote
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -36,24 +38,31 @@ def step_losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-# Environment variables read when torch, NumPy or Python start (thread pools, allocators, paths): a run whose
-# environment differs from the zygote's in one of these gets a fresh interpreter instead.
-IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "PYTHON", "LD_", "TORCH", "PYTORCH_", "CUDA_",
-                   "HF_", "TRANSFORMERS_", "HYDRA_", "MALLOC_")
-
-
 class _Zygote:
     """tests/zygote.py: one pre-imported Python per test session that forks each CLI run (about 2 s of imports
-    saved per run on the CI machine)."""
+    saved per run on the CI machine) and the workers of the torchruns of run_torchrun."""
 
     def __init__(self):
         self.env = dict(os.environ)
         self.log = tempfile.NamedTemporaryFile(prefix="zygote-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "zygote.py")], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, bufsize=0)
+        self.socket = f"qwen2-dist-tests-zygote-{os.getpid()}-{time.monotonic_ns()}"
+        # The interpreter torchrun starts for each worker (PYTHON_EXEC): a client of this zygote (zygote.client).
+        self.worker_python = self.log.name[:-len(".log")] + "-python"
+        with open(self.worker_python, "w") as f:
+            f.write(f"#!{os.path.realpath(sys.executable)} -IS\nimport sys\nsys.path.insert(0, "
+                    f"{os.path.join(REPO, 'tests')!r})\nimport zygote\nzygote.client()\n")
+        os.chmod(self.worker_python, 0o755)
+        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "zygote.py"), self.socket],
+                                     cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     bufsize=0)
         self.buffer = b""
         if self._line(120) != "ready":
             raise RuntimeError(f"tests/zygote.py did not start; its log: {self.log.name}")
+
+    def worker_env(self) -> dict:
+        """The environment that has a torchrun's agent start its workers as forks of this zygote."""
+        return {"PYTHON_EXEC": self.worker_python, zygote.SOCKET_ENV: self.socket,
+                zygote.REAL_PYTHON_ENV: sys.executable}
 
     def _line(self, timeout: float | None) -> str | None:
         """The next reply line, or None after `timeout` seconds."""
@@ -75,8 +84,7 @@ class _Zygote:
         not matter."""
         if module in ("torch.distributed.run", "qwen2_dist.cli.torchrun"):
             return True
-        keys = {k for k in (*env, *self.env) if k.startswith(IMPORT_TIME_ENV)}
-        return all(env.get(k) == self.env.get(k) for k in keys)
+        return not zygote.import_time_differences(env, self.env)
 
     def run(self, command: list[str], timeout: float, env: dict) -> subprocess.CompletedProcess:
         """Run `python -m MODULE ARGS` or `python SCRIPT ARGS` (command without the interpreter) in a child."""
@@ -110,22 +118,28 @@ class _Zygote:
         self.proc.wait(30)
         self.log.close()
         os.unlink(self.log.name)
+        os.unlink(self.worker_python)
 
 
 _zygote: _Zygote | None = None
+
+
+def _started_zygote() -> _Zygote:
+    global _zygote
+    if _zygote is None:
+        _zygote = _Zygote()
+        atexit.register(_zygote.close)
+    return _zygote
 
 
 def run_python(command: list[str], timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python *command` (`-m MODULE ARGS` or `SCRIPT ARGS`) from the repository root and capture its output:
     a child forked from the session's zygote (tests/zygote.py), or a new interpreter for an environment the zygote
     cannot give."""
-    global _zygote
     full_env = {**os.environ, **(env or {})}
-    if _zygote is None:
-        _zygote = _Zygote()
-        atexit.register(_zygote.close)
-    if _zygote.fits(full_env, command[1] if command[0] == "-m" else None):
-        return _zygote.run(command, timeout, full_env)
+    forker = _started_zygote()
+    if forker.fits(full_env, command[1] if command[0] == "-m" else None):
+        return forker.run(command, timeout, full_env)
     return subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env=full_env)
 
@@ -135,11 +149,18 @@ def run_cli(module: str, args: list[str], timeout: float = 300, env: dict | None
     return run_python(["-m", module, *args], timeout, env)
 
 
+def worker_env() -> dict:
+    """The environment under which torchrun's workers are forks of the session's zygote (tests/zygote.py) where
+    their environment allows."""
+    return _started_zygote().worker_env()
+
+
 def run_torchrun(nproc: int, module: str, args: list[str], timeout: float = 300,
                  env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `torchrun --standalone --nproc-per-node=nproc -m module args` (gloo on CPU) and capture its output."""
+    """Run `torchrun --standalone --nproc-per-node=nproc -m module args` (gloo on CPU) and capture its output. Its
+    workers are forked by the session's zygote (tests/zygote.py), where their environment allows."""
     return run_cli("torch.distributed.run", ["--standalone", f"--nproc-per-node={nproc}", "-m", module, *args],
-                   timeout=timeout, env={"OMP_NUM_THREADS": "1", **(env or {})})
+                   timeout=timeout, env={"OMP_NUM_THREADS": "1", **worker_env(), **(env or {})})
 
 
 def first_error(stderr: str, size: int = 4000) -> str:
@@ -205,9 +226,9 @@ def shm_segments(prefix: int) -> list[str]:
 
 def shm_leftovers(prefix: int) -> list[str]:
     """Segments of a prefix that no live process other than this one has taken since (tests run beside other jobs,
-    also in the other pytest worker). Looked at under the prefix lock, as no run is then between creating a prefix's segments
-    and recording itself as their owner; and again a moment later if any are found, as a run that is ending drops
-    its record just before it unlinks its segments. A real leftover stays."""
+    also in the other pytest worker). Looked at under the prefix lock, as no run is then between creating a prefix's
+    segments and recording itself as their owner; and again a moment later if any are found, as a run that is ending
+    drops its record just before it unlinks its segments. A real leftover stays."""
     for attempt in range(2):
         if attempt:
             time.sleep(1.0)

@@ -15,17 +15,60 @@ signal N).
 
 Only imports run here, never a computation: no CUDA context, process group or torch thread pool exists to be
 inherited. (NumPy's OpenBLAS starts one thread at import; it stops and restarts its threads around a fork itself.)
+
+Given a socket name (argv[1], Linux's abstract namespace), it also forks the workers of the torchruns it runs:
+tests/helpers.run_torchrun gives torchrun's agent PYTHON_EXEC=a small script that calls client() below, which
+torchrun starts as each worker's interpreter. client() sends its arguments, environment, working directory and
+standard streams (the file descriptors themselves) here, forwards the signals it gets to the forked worker, and
+exits as the worker did (killed by the same signal, or with its exit code); a worker whose client is gone (torchrun
+killed it) is killed. A worker whose import-time environment differs from this process' (TORCH_LOGS, ...) gets the
+real interpreter instead. The agent itself, its rendezvous, monitoring, restarts and teardown are torchrun's own:
+only the workers' imports are saved (about 4 s of CPU each on the 2-core machine).
 """
 
+import io
 import json
 import os
+import select
+import signal
+import socket
 import sys
+
+# Environment variables read when torch, NumPy or Python start (thread pools, allocators, paths): a run whose
+# environment differs from the zygote's in one of these gets a fresh interpreter instead.
+IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "PYTHON", "LD_", "TORCH", "PYTORCH_", "CUDA_",
+                   "HF_", "TRANSFORMERS_", "HYDRA_", "MALLOC_")
+SOCKET_ENV = "QWEN2_TEST_ZYGOTE"  # the socket's name, for client()
+REAL_PYTHON_ENV = "QWEN2_TEST_PYTHON"  # the interpreter client() runs instead when the zygote cannot fork the worker
+# What torchrun's agent adds to its workers' environment (local_elastic_agent.py; its import of torch's compile
+# machinery sets Inductor's cache directory, read at each compile), and the client's own variables: none of them is
+# read at import.
+WORKER_ENV = ("TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHINDUCTOR_CACHE_DIR", "PYTHON_EXEC", SOCKET_ENV,
+              REAL_PYTHON_ENV)
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def import_time_differences(env: dict, base: dict, ignore: tuple = ()) -> list[str]:
+    """The import-time variables whose values differ between two environments (those starting with `ignore` aside)."""
+    keys = {k for k in (*env, *base) if k.startswith(IMPORT_TIME_ENV) and not k.startswith(ignore)}
+    return sorted(k for k in keys if env.get(k) != base.get(k))
 
 # What a CLI run imports first; anything else is imported by the child itself. torch._dynamo: a model's first
 # initialization on the meta device imports it (torch._refs), and torch.optim's Optimizer would: 0.8 s of each
 # forked training run (4.3 s to 3.5 s for a 6-step run of the tiny model, 2-core machine, 2026-12-06).
 WARM = ("torch", "torch._dynamo", "torch.distributed.run", "qwen2_dist.cli.train", "qwen2_dist.cli.convert",
         "qwen2_dist.cli.prepare", "qwen2_dist.cli.estimate")
+
+
+def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    """A client's request (one JSON line) and the file descriptors sent with it."""
+    data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            raise ConnectionError("the client left before its request ended")
+        data += chunk
+    return json.loads(data), fds
 
 
 def serve() -> dict:
@@ -36,30 +79,153 @@ def serve() -> dict:
     os.dup2(devnull, 0)
     os.dup2(devnull, 1)
     os.close(devnull)
+    listener = None
+    if len(sys.argv) > 1:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind("\0" + sys.argv[1])
+        listener.listen(64)
     import importlib
 
     for name in WARM:
         importlib.import_module(name)
+    start_env = dict(os.environ)
     replies.write("ready\n")
     buffer = b""
-    while True:
-        while b"\n" not in buffer:
-            chunk = requests.read(65536)
-            if not chunk:
-                sys.exit(0)
-            buffer += chunk
-        line, buffer = buffer.split(b"\n", 1)
-        request = json.loads(line)
+    children: dict[int, socket.socket | None] = {}  # pid -> its client's connection (None: a request on stdin)
+    clients: dict[socket.socket, int] = {}
+
+    def fork(request: dict, fds: list[int] = ()) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            requests.close()
-            replies.close()
-            return request
-        replies.write(json.dumps({"pid": pid}) + "\n")
-        _, status = os.waitpid(pid, 0)
-        replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+            for fd, target in zip(fds, (0, 1, 2)):
+                os.dup2(fd, target)
+            for fd in fds:
+                os.close(fd)
+            for conn in (requests, replies, listener, *clients):
+                if conn is not None:
+                    conn.close()
+        return pid
+
+    while True:
+        watched = [requests, *clients] + ([listener] if listener is not None else [])
+        ready = select.select(watched, [], [], 0.05)[0]
+        for source in ready:
+            if source is requests:
+                chunk = requests.read(65536)
+                if not chunk:
+                    for pid in children:
+                        os.kill(pid, signal.SIGKILL)
+                    sys.exit(0)
+                buffer += chunk
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    request = json.loads(line)
+                    pid = fork(request)
+                    if pid == 0:
+                        return request
+                    children[pid] = None
+                    replies.write(json.dumps({"pid": pid}) + "\n")
+            elif source is listener:
+                conn = listener.accept()[0]
+                try:
+                    request, fds = _receive(conn)
+                except (OSError, ValueError):
+                    conn.close()
+                    continue
+                differences = import_time_differences(request["env"], start_env, WORKER_ENV)
+                if differences or len(fds) != 3:
+                    print(f"zygote: a worker's interpreter instead of a fork: {differences} differ", file=sys.stderr,
+                          flush=True)
+                    for fd in fds:
+                        os.close(fd)
+                    try:
+                        conn.sendall(b'{"fallback": true}\n')
+                    except OSError:
+                        pass  # the client is gone
+                    conn.close()
+                    continue
+                pid = fork({**request, "fds": True}, fds)
+                if pid == 0:
+                    conn.close()
+                    return {**request, "fds": True}
+                for fd in fds:
+                    os.close(fd)
+                children[pid], clients[conn] = conn, pid
+                try:
+                    conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
+                except OSError:
+                    pass  # the client is gone: select() sees it next, and the worker is killed
+            elif not source.recv(1):  # a client is gone (killed): so is its worker (reaped below)
+                try:
+                    os.kill(clients.pop(source), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            reply = json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n"
+            conn = children.pop(pid, None)
+            if conn is None:
+                replies.write(reply)
+                continue
+            clients.pop(conn, None)
+            try:
+                conn.sendall(reply.encode())
+            except OSError:
+                pass  # the client is gone
+            conn.close()
+
+
+def client() -> None:
+    """A torchrun worker's interpreter (PYTHON_EXEC): `python [-u] -m MODULE ARGS` or `python [-u] SCRIPT ARGS` forked
+    by the zygote named in the environment, or the real interpreter for anything else (see the module's doc)."""
+    args, unbuffered = sys.argv[1:], False
+    while args[:1] == ["-u"]:
+        args, unbuffered = args[1:], True
+    if args[:1] == ["-m"] and len(args) > 1:
+        target, rest = {"module": args[1]}, args[2:]
+    elif args and not args[0].startswith("-"):
+        target, rest = {"script": os.path.abspath(args[0])}, args[1:]
+    else:
+        target = None
+    real = os.environ[REAL_PYTHON_ENV]
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if target is None:
+            raise ConnectionError("not a run the zygote forks")
+        conn.connect("\0" + os.environ[SOCKET_ENV])
+        request = {**target, "args": rest, "cwd": os.getcwd(), "env": dict(os.environ), "unbuffered": unbuffered}
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        replies = conn.makefile("rb")
+        reply = json.loads(replies.readline())
+    except (OSError, ValueError):
+        reply = {"fallback": True}
+    if reply.get("fallback"):
+        conn.close()
+        os.execv(real, [real, *sys.argv[1:]])
+    pid = reply["pid"]
+
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for signum in FORWARDED:
+        signal.signal(signum, forward)
+    line = replies.readline()
+    code = json.loads(line)["returncode"] if line else 1
+    if code < 0:  # killed by a signal: so is this process, as torchrun would see of the worker itself
+        if -code != signal.SIGKILL:
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code if code >= 0 else 128 - code)
 
 
 def become(request: dict) -> None:
@@ -69,13 +235,19 @@ def become(request: dict) -> None:
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
-    stdin = os.open(os.devnull, os.O_RDONLY)
-    os.dup2(stdin, 0)
-    os.close(stdin)
-    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(target, fd)
-        os.close(target)
+    if not request.get("fds"):  # a client's worker has the client's standard streams already
+        stdin = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(stdin, 0)
+        os.close(stdin)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(target, fd)
+            os.close(target)
+    if request.get("unbuffered"):  # python -u: every write goes to the file descriptor at once
+        for name in ("stdout", "stderr"):
+            stream = getattr(sys, name)
+            setattr(sys, name, io.TextIOWrapper(io.FileIO(stream.fileno(), "w", closefd=False),
+                                                encoding=stream.encoding, errors=stream.errors, write_through=True))
     tempfile.tempdir = None  # gettempdir() caches what TMPDIR was in this process; the request's TMPDIR wins
     # Python reseeds its random module in a forked child itself. NumPy's global generator, once imported (NumPy
     # loads numpy.random lazily, and no warm import does today), would repeat the zygote's numbers in every child.

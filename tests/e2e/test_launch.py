@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from tests import helpers
 from tests.helpers import REPO, train_overrides
 
 STEPS = 16
@@ -107,9 +108,11 @@ def assert_same_run(run_dir, reference) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus_cache):
-    """The job on one node, 4 processes, through launch/train_single_node.sh; its run_dir."""
+    """The job on one node, 4 processes, through launch/train_single_node.sh; its run_dir. Its workers are forked by
+    the test zygote (helpers.run_torchrun); every other launch here starts real interpreters."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    env = {**os.environ, "NPROC": "4", "TMPDIR": str(tmp_path_factory.mktemp("reference_tmp"))}
+    env = {**os.environ, "NPROC": "4", "TMPDIR": str(tmp_path_factory.mktemp("reference_tmp")),
+           **helpers.worker_env()}
     started = time.monotonic()
     result = subprocess.run(["bash", "launch/train_single_node.sh", *job_overrides(corpus_cache, run_dir)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -1,9 +1,12 @@
 """tests/helpers.run_python: a child forked from the zygote behaves as a fresh `python SCRIPT` would."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -51,3 +54,56 @@ def test_a_forked_run_is_what_a_fresh_interpreter_gives(tmp_path, monkeypatch):
         helpers.run_python([str(script), "sleep"], timeout=2)
     assert "to stderr" in timed_out.value.stderr
     assert helpers.run_python([str(script), "0"]).returncode == 0  # the zygote serves on after a kill
+
+
+WORKER = textwrap.dedent("""
+    import json, os, signal, sys, time
+    print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "rank": os.environ.get("RANK"), "pid": os.getpid(),
+                      "ppid": os.getppid(), "torch": "torch" in sys.modules}), flush=True)
+    print("to stderr", file=sys.stderr)
+    if sys.argv[1] == "term":
+        signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(5)))
+    if sys.argv[1] in ("term", "sleep"):
+        print("ready", flush=True)
+        time.sleep(60)
+    if sys.argv[1] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(int(sys.argv[1]))
+""")
+
+
+def test_a_torchrun_worker_forked_by_the_zygote_is_what_its_own_interpreter_would_be(tmp_path):
+    """The interpreter run_torchrun gives torchrun for its workers (PYTHON_EXEC): the worker, forked by the zygote,
+    gets the arguments, working directory, environment and standard streams torchrun started it with; its exit
+    code or the signal that killed it is the interpreter's; signals sent to the interpreter reach it; killing the
+    interpreter kills it; an import-time setting the zygote lacks gets a real interpreter."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    zygote = helpers._started_zygote()
+    env = {**helpers.os.environ, **zygote.worker_env(), "RANK": "3", "TORCHELASTIC_RUN_ID": "any"}
+
+    def start(mode: str, **extra) -> tuple[subprocess.Popen, dict]:
+        proc = subprocess.Popen([zygote.worker_python, "-u", str(script), mode], cwd=tmp_path, env={**env, **extra},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return proc, json.loads(proc.stdout.readline())
+
+    proc, seen = start("4")
+    assert proc.wait(60) == 4 and proc.stderr.read() == "to stderr\n"
+    assert (seen["argv"], seen["cwd"], seen["rank"]) == ([str(script), "4"], str(tmp_path), "3")
+    assert seen["ppid"] == zygote.proc.pid and seen["torch"]  # forked, with torch imported already
+    proc, _ = start("kill")
+    assert proc.wait(60) == -signal.SIGKILL
+    proc, _ = start("term")
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 5 and proc.stdout.read() == "got SIGTERM\n"
+    proc, seen = start("sleep")
+    assert proc.stdout.readline() == "ready\n"
+    proc.kill()
+    proc.wait(60)
+    deadline = time.monotonic() + 30
+    while os.path.exists(f"/proc/{seen['pid']}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{seen['pid']}")
+    proc, seen = start("0", TORCH_LOGS="recompiles")
+    assert proc.wait(60) == 0 and seen["ppid"] == os.getpid() and not seen["torch"]  # the real interpreter
