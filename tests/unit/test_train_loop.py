@@ -123,6 +123,19 @@ def test_garbage_is_collected_at_the_same_steps_on_every_rank_not_automatically(
         assert events == [("step", True, False)] * 5
 
 
+def test_objects_the_caller_froze_stay_frozen_after_fit(tmp_path):
+    import gc
+
+    trainer = _trainer(tmp_path, "train.steps=1", "checkpoint.save_final=false")
+    gc.freeze()
+    try:
+        assert gc.get_freeze_count() > 0
+        trainer.fit()
+        assert gc.get_freeze_count() > 0 and gc.isenabled()  # not thawed (freed objects leave it, so no equality)
+    finally:
+        gc.unfreeze()
+
+
 def test_halt_stops_on_a_skipped_step_between_logging_steps(tmp_path, monkeypatch):
     monkeypatch.setenv(INJECT_NAN_ENV, "2")
     trainer = _trainer(tmp_path, "train.nonfinite=halt", "logging.interval=4", "train.steps=8")
