@@ -10,7 +10,7 @@ import sys
 # machine). Set before torch is imported (OpenMP reads it then), so the test zygote and its children have it too; a
 # value set by the caller is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-if "torch" in sys.modules:
+if "torch" in sys.modules and os.environ["OMP_NUM_THREADS"].isdigit():
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import pytest  # noqa: E402

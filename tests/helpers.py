@@ -155,6 +155,12 @@ def worker_env() -> dict:
     return _started_zygote().worker_env()
 
 
+def worker_fallbacks() -> int:
+    """How many torchrun workers of this session got a real interpreter instead of a fork (the zygote logs each)."""
+    with open(_started_zygote().log.name, errors="replace") as f:
+        return f.read().count("a worker's interpreter instead of a fork")
+
+
 def run_torchrun(nproc: int, module: str, args: list[str], timeout: float = 300,
                  env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `torchrun --standalone --nproc-per-node=nproc -m module args` (gloo on CPU) and capture its output. Its

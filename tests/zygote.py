@@ -21,9 +21,12 @@ tests/helpers.run_torchrun gives torchrun's agent PYTHON_EXEC=a small script tha
 torchrun starts as each worker's interpreter. client() sends its arguments, environment, working directory and
 standard streams (the file descriptors themselves) here, forwards the signals it gets to the forked worker, and
 exits as the worker did (killed by the same signal, or with its exit code); a worker whose client is gone (torchrun
-killed it) is killed. A worker whose import-time environment differs from this process' (TORCH_LOGS, ...) gets the
-real interpreter instead. The agent itself, its rendezvous, monitoring, restarts and teardown are torchrun's own:
-only the workers' imports are saved (about 4 s of CPU each on the 2-core machine).
+killed it) is killed, with its process group (its own session, as torchrun starts a worker). A worker whose
+import-time environment differs from this process' (TORCH_LOGS, ...) gets the real interpreter instead. The agent
+itself, its rendezvous, monitoring, restarts and teardown are torchrun's own: only the workers' imports are saved
+(about 4 s of CPU each on the 2-core machine). What a fork does not give: the workers share this process' string
+hash seed (a set's order is the same on every rank), and inherit its signal dispositions, not the agent's; the
+launcher tests (tests/e2e/test_launch.py, tests/unit/test_launch_scripts.py) run real worker interpreters.
 """
 
 import io
@@ -41,10 +44,10 @@ IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "PYTHON", "LD_"
 SOCKET_ENV = "QWEN2_TEST_ZYGOTE"  # the socket's name, for client()
 REAL_PYTHON_ENV = "QWEN2_TEST_PYTHON"  # the interpreter client() runs instead when the zygote cannot fork the worker
 # What torchrun's agent adds to its workers' environment (local_elastic_agent.py; its import of torch's compile
-# machinery sets Inductor's cache directory, read at each compile), and the client's own variables: none of them is
-# read at import.
-WORKER_ENV = ("TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHINDUCTOR_CACHE_DIR", "PYTHON_EXEC", SOCKET_ENV,
-              REAL_PYTHON_ENV)
+# machinery sets Inductor's cache directory, read at each compile), the agent's own settings the launchers export
+# (launch/common.sh), and the client's own variables: none of them is read by a worker at import.
+WORKER_ENV = ("TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHINDUCTOR_CACHE_DIR", "TORCH_ELASTIC_SHUTDOWN_",
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "PYTHON_EXEC", SOCKET_ENV, REAL_PYTHON_ENV)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -61,14 +64,23 @@ WARM = ("torch", "torch._dynamo", "torch.distributed.run", "qwen2_dist.cli.train
 
 
 def _receive(conn: socket.socket) -> tuple[dict, list[int]]:
-    """A client's request (one JSON line) and the file descriptors sent with it."""
+    """A client's request (one JSON line) and the file descriptors sent with it (closed here if the request fails;
+    a client that stalls for 10 s fails, so the zygote never waits on one)."""
+    conn.settimeout(10)
     data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
-    while not data.endswith(b"\n"):
-        chunk = conn.recv(1 << 16)
-        if not chunk:
-            raise ConnectionError("the client left before its request ended")
-        data += chunk
-    return json.loads(data), fds
+    try:
+        while not data.endswith(b"\n"):
+            chunk = conn.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("the client left before its request ended")
+            data += chunk
+        request = json.loads(data)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    conn.settimeout(None)
+    return request, fds
 
 
 def serve() -> dict:
@@ -149,6 +161,7 @@ def serve() -> dict:
                 pid = fork({**request, "fds": True}, fds)
                 if pid == 0:
                     conn.close()
+                    os.setsid()  # as torchrun starts its workers (start_new_session): signalled as a group
                     return {**request, "fds": True}
                 for fd in fds:
                     os.close(fd)
@@ -157,9 +170,9 @@ def serve() -> dict:
                     conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
                 except OSError:
                     pass  # the client is gone: select() sees it next, and the worker is killed
-            elif not source.recv(1):  # a client is gone (killed): so is its worker (reaped below)
+            elif not source.recv(1):  # a client is gone (killed): so is its worker's group (reaped below)
                 try:
-                    os.kill(clients.pop(source), signal.SIGKILL)
+                    os.killpg(clients.pop(source), signal.SIGKILL)
                 except ProcessLookupError:
                     pass
         while children:
@@ -201,7 +214,8 @@ def client() -> None:
             raise ConnectionError("not a run the zygote forks")
         conn.connect("\0" + os.environ[SOCKET_ENV])
         request = {**target, "args": rest, "cwd": os.getcwd(), "env": dict(os.environ), "unbuffered": unbuffered}
-        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
+        message = json.dumps(request).encode() + b"\n"
+        conn.sendall(message[socket.send_fds(conn, [message], [0, 1, 2]):])
         replies = conn.makefile("rb")
         reply = json.loads(replies.readline())
     except (OSError, ValueError):
@@ -211,9 +225,9 @@ def client() -> None:
         os.execv(real, [real, *sys.argv[1:]])
     pid = reply["pid"]
 
-    def forward(signum, _frame):
+    def forward(signum, _frame):  # to the worker's process group, as torchrun signals a worker's (os.killpg)
         try:
-            os.kill(pid, signum)
+            os.killpg(pid, signum)
         except ProcessLookupError:
             pass
 

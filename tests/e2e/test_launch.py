@@ -113,10 +113,11 @@ def reference(tmp_path_factory, corpus_cache):
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     env = {**os.environ, "NPROC": "4", "TMPDIR": str(tmp_path_factory.mktemp("reference_tmp")),
            **helpers.worker_env()}
-    started = time.monotonic()
+    started, fallbacks = time.monotonic(), helpers.worker_fallbacks()
     result = subprocess.run(["bash", "launch/train_single_node.sh", *job_overrides(corpus_cache, run_dir)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert helpers.worker_fallbacks() == fallbacks  # the launcher's environment let the zygote fork every worker
     print(f"reference (torchrun, 1 node x 4 processes): {time.monotonic() - started:.1f} s")
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
     assert "world 4" in rank0_log(run_dir)

@@ -57,14 +57,16 @@ def test_a_forked_run_is_what_a_fresh_interpreter_gives(tmp_path, monkeypatch):
 
 
 WORKER = textwrap.dedent("""
-    import json, os, signal, sys, time
+    import json, os, signal, subprocess, sys, time
     print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "rank": os.environ.get("RANK"), "pid": os.getpid(),
                       "ppid": os.getppid(), "torch": "torch" in sys.modules}), flush=True)
     print("to stderr", file=sys.stderr)
     if sys.argv[1] == "term":
         signal.signal(signal.SIGTERM, lambda *_: (print("got SIGTERM", flush=True), sys.exit(5)))
+    if sys.argv[1] == "sleep":
+        print(subprocess.Popen(["sleep", "60"]).pid)
     if sys.argv[1] in ("term", "sleep"):
-        print("ready", flush=True)
+        print("ready")  # unflushed: python -u writes it at once
         time.sleep(60)
     if sys.argv[1] == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -98,12 +100,23 @@ def test_a_torchrun_worker_forked_by_the_zygote_is_what_its_own_interpreter_woul
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 5 and proc.stdout.read() == "got SIGTERM\n"
     proc, seen = start("sleep")
+    grandchild = int(proc.stdout.readline())
     assert proc.stdout.readline() == "ready\n"
     proc.kill()
     proc.wait(60)
+
+    def alive(pid: int) -> bool:  # neither gone nor a zombie
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
     deadline = time.monotonic() + 30
-    while os.path.exists(f"/proc/{seen['pid']}") and time.monotonic() < deadline:
+    while (alive(seen["pid"]) or alive(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{seen['pid']}")
+    assert not alive(seen["pid"]) and not alive(grandchild)  # the worker and its own children, as a group
+    fallbacks = helpers.worker_fallbacks()
     proc, seen = start("0", TORCH_LOGS="recompiles")
     assert proc.wait(60) == 0 and seen["ppid"] == os.getpid() and not seen["torch"]  # the real interpreter
+    assert helpers.worker_fallbacks() == fallbacks + 1
