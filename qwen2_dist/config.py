@@ -366,8 +366,8 @@ class TrainConfig:
     """Python's automatic garbage collection is off while training; its young generations are collected every this
     many steps, and all of them after each periodic checkpoint save and each evaluation, on every rank at the same
     step (torchtitan's gc_freq). An automatic collection pauses one rank at a step of its own, and the others wait
-    for it at the next collective. The data loader's workers collect as Python does. 0: Python's automatic
-    collection."""
+    for it at the next collective. What is alive when training starts is frozen out of those collections (gc.freeze)
+    and thawed when it ends. The data loader's workers collect as Python does. 0: Python's automatic collection."""
 
 
 @dataclass

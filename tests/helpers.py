@@ -155,10 +155,12 @@ def worker_env() -> dict:
     return _started_zygote().worker_env()
 
 
-def worker_fallbacks() -> int:
-    """How many torchrun workers of this session got a real interpreter instead of a fork (the zygote logs each)."""
+def worker_starts() -> tuple[int, int]:
+    """How many torchrun workers of this session the zygote forked, and how many got a real interpreter instead (it
+    logs each)."""
     with open(_started_zygote().log.name, errors="replace") as f:
-        return f.read().count("a worker's interpreter instead of a fork")
+        text = f.read()
+    return text.count("zygote: forked a worker: "), text.count("a worker's interpreter instead of a fork")
 
 
 def run_torchrun(nproc: int, module: str, args: list[str], timeout: float = 300,

@@ -166,6 +166,7 @@ def serve() -> dict:
                 for fd in fds:
                     os.close(fd)
                 children[pid], clients[conn] = conn, pid
+                print(f"zygote: forked a worker: {pid}", file=sys.stderr, flush=True)
                 try:
                     conn.sendall((json.dumps({"pid": pid}) + "\n").encode())
                 except OSError:

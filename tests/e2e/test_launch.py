@@ -109,15 +109,15 @@ def assert_same_run(run_dir, reference) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus_cache):
     """The job on one node, 4 processes, through launch/train_single_node.sh; its run_dir. Its workers are forked by
-    the test zygote (helpers.run_torchrun); every other launch here starts real interpreters."""
+    the test zygote (helpers.worker_env); every other launch here starts real interpreters."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     env = {**os.environ, "NPROC": "4", "TMPDIR": str(tmp_path_factory.mktemp("reference_tmp")),
            **helpers.worker_env()}
-    started, fallbacks = time.monotonic(), helpers.worker_fallbacks()
+    started, (forked, fallbacks) = time.monotonic(), helpers.worker_starts()
     result = subprocess.run(["bash", "launch/train_single_node.sh", *job_overrides(corpus_cache, run_dir)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert helpers.worker_fallbacks() == fallbacks  # the launcher's environment let the zygote fork every worker
+    assert helpers.worker_starts() == (forked + 4, fallbacks)  # the launcher's environment let the zygote fork each
     print(f"reference (torchrun, 1 node x 4 processes): {time.monotonic() - started:.1f} s")
     assert [r["step"] for r in metrics(run_dir)] == list(range(1, STEPS + 1))
     assert "world 4" in rank0_log(run_dir)

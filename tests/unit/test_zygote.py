@@ -89,8 +89,10 @@ def test_a_torchrun_worker_forked_by_the_zygote_is_what_its_own_interpreter_woul
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         return proc, json.loads(proc.stdout.readline())
 
+    started = helpers.worker_starts()
     proc, seen = start("4")
     assert proc.wait(60) == 4 and proc.stderr.read() == "to stderr\n"
+    assert helpers.worker_starts() == (started[0] + 1, started[1])  # counted as a fork
     assert (seen["argv"], seen["cwd"], seen["rank"]) == ([str(script), "4"], str(tmp_path), "3")
     assert seen["ppid"] == zygote.proc.pid and seen["torch"]  # forked, with torch imported already
     proc, _ = start("kill")
@@ -116,7 +118,7 @@ def test_a_torchrun_worker_forked_by_the_zygote_is_what_its_own_interpreter_woul
     while (alive(seen["pid"]) or alive(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not alive(seen["pid"]) and not alive(grandchild)  # the worker and its own children, as a group
-    fallbacks = helpers.worker_fallbacks()
+    forked, fallbacks = helpers.worker_starts()
     proc, seen = start("0", TORCH_LOGS="recompiles")
     assert proc.wait(60) == 0 and seen["ppid"] == os.getpid() and not seen["torch"]  # the real interpreter
-    assert helpers.worker_fallbacks() == fallbacks + 1
+    assert helpers.worker_starts() == (forked, fallbacks + 1)
