@@ -13,6 +13,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 if "torch" in sys.modules and os.environ["OMP_NUM_THREADS"].isdigit():
     sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
+# glibc's malloc keeping freed memory (qwen2_dist/train/host_memory.py, which qwen2-train does on the CPU itself):
+# in this process, and from their start in every process the tests start (the zygote and its children, torchrun's
+# agents and workers, the benchmarks' scripts). With glibc's defaults each large temporary of a CPU step was
+# page-faulted in again every time: the tests of tests/e2e/test_train.py and tests/unit/test_train_loop.py took
+# 145 s, with freed memory kept 121 s (pytest -n 2, 2-core machine, 2026-12-07). Settings the caller made are kept.
+from qwen2_dist.train import host_memory  # noqa: E402
+
+if not any(key in os.environ for key in host_memory.ENV):
+    host_memory.keep_freed_memory()
+    os.environ.update(host_memory.ENV)
+
 import pytest  # noqa: E402
 
 

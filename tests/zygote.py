@@ -22,7 +22,8 @@ torchrun starts as each worker's interpreter. client() sends its arguments, envi
 standard streams (the file descriptors themselves) here, forwards the signals it gets to the forked worker, and
 exits as the worker did (killed by the same signal, or with its exit code); a worker whose client is gone (torchrun
 killed it) is killed, with its process group (its own session, as torchrun starts a worker). A worker whose
-import-time environment differs from this process' (TORCH_LOGS, ...) gets the real interpreter instead. The agent
+import-time environment differs from this process' (OMP_NUM_THREADS, ...) gets the real interpreter instead;
+PYTHONPATH, PYTHONUNBUFFERED and TORCH_LOGS a child takes up as a fresh interpreter would (become()). The agent
 itself, its rendezvous, monitoring, restarts and teardown are torchrun's own: only the workers' imports are saved
 (about 4 s of CPU each on the 2-core machine). What a fork does not give: the workers share this process' string
 hash seed (a set's order is the same on every rank), and inherit its signal dispositions, not the agent's; the
@@ -38,23 +39,37 @@ import socket
 import sys
 
 # Environment variables read when torch, NumPy or Python start (thread pools, allocators, paths): a run whose
-# environment differs from the zygote's in one of these gets a fresh interpreter instead.
+# environment differs from the zygote's in one of these gets a fresh interpreter instead. (PYTHON itself, a script's
+# choice of interpreter as in benchmarks/gpu_check.sh, is not one: Python reads PYTHON<NAME> only.)
 IMPORT_TIME_ENV = ("OMP_", "MKL_", "KMP_", "GOMP_", "OPENBLAS_", "PYTHON", "LD_", "TORCH", "PYTORCH_", "CUDA_",
                    "HF_", "TRANSFORMERS_", "HYDRA_", "MALLOC_")
+# Import-time variables a forked child takes up as a fresh interpreter would (become()): PYTHONPATH's entries put
+# after sys.path[0], PYTHONUNBUFFERED as -u, and torch's logging settings read again.
+EMULATED = ("PYTHONPATH", "PYTHONUNBUFFERED", "TORCH_LOGS")
 SOCKET_ENV = "QWEN2_TEST_ZYGOTE"  # the socket's name, for client()
 REAL_PYTHON_ENV = "QWEN2_TEST_PYTHON"  # the interpreter client() runs instead when the zygote cannot fork the worker
 # What torchrun's agent adds to its workers' environment (local_elastic_agent.py; its import of torch's compile
 # machinery sets Inductor's cache directory, read at each compile), the agent's own settings the launchers export
 # (launch/common.sh), and the client's own variables: none of them is read by a worker at import.
 WORKER_ENV = ("TORCHELASTIC_", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCHINDUCTOR_CACHE_DIR", "TORCH_ELASTIC_SHUTDOWN_",
-              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "PYTHON_EXEC", SOCKET_ENV, REAL_PYTHON_ENV)
+              "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "PYTHON_EXEC", SOCKET_ENV, REAL_PYTHON_ENV, *EMULATED)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 
 
-def import_time_differences(env: dict, base: dict, ignore: tuple = ()) -> list[str]:
+def import_time_differences(env: dict, base: dict, ignore: tuple = EMULATED) -> list[str]:
     """The import-time variables whose values differ between two environments (those starting with `ignore` aside)."""
-    keys = {k for k in (*env, *base) if k.startswith(IMPORT_TIME_ENV) and not k.startswith(ignore)}
+    keys = {k for k in (*env, *base) if k.startswith(IMPORT_TIME_ENV) and not k.startswith(ignore) and k != "PYTHON"}
     return sorted(k for k in keys if env.get(k) != base.get(k))
+
+_STARTED: dict = {}  # serve(): this process' environment at start, and the sys.path entries its PYTHONPATH gave
+
+
+def _python_path(env: dict) -> list[str]:
+    """The sys.path entries a PYTHONPATH gives a fresh interpreter started in this working directory (an empty one:
+    the directory itself)."""
+    value = env.get("PYTHONPATH", "")
+    return [os.path.abspath(entry) for entry in value.split(os.pathsep)] if value else []
+
 
 # What a CLI run imports first; anything else is imported by the child itself. torch._dynamo: a model's first
 # initialization on the meta device imports it (torch._refs), and torch.optim's Optimizer would: 0.8 s of each
@@ -101,6 +116,7 @@ def serve() -> dict:
     for name in WARM:
         importlib.import_module(name)
     start_env = dict(os.environ)
+    _STARTED.update(env=start_env, path=_python_path(start_env))
     replies.write("ready\n")
     buffer = b""
     children: dict[int, socket.socket | None] = {}  # pid -> its client's connection (None: a request on stdin)
@@ -258,11 +274,25 @@ def become(request: dict) -> None:
             target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(target, fd)
             os.close(target)
-    if request.get("unbuffered"):  # python -u: every write goes to the file descriptor at once
-        for name in ("stdout", "stderr"):
-            stream = getattr(sys, name)
-            setattr(sys, name, io.TextIOWrapper(io.FileIO(stream.fileno(), "w", closefd=False),
-                                                encoding=stream.encoding, errors=stream.errors, write_through=True))
+    # The standard streams as a fresh interpreter makes them for these descriptors: with -u or PYTHONUNBUFFERED
+    # every write goes out at once; else stdout is line-buffered on a terminal only, stderr always.
+    unbuffered = bool(request.get("unbuffered") or os.environ.get("PYTHONUNBUFFERED"))
+    for name, fd in (("stdout", 1), ("stderr", 2)):
+        old, raw = getattr(sys, name), io.FileIO(fd, "w", closefd=False)
+        stream = io.TextIOWrapper(raw if unbuffered else io.BufferedWriter(raw), encoding=old.encoding,
+                                  errors=old.errors, write_through=unbuffered,
+                                  line_buffering=not unbuffered and (name == "stderr" or raw.isatty()))
+        setattr(sys, name, stream)
+        setattr(sys, f"__{name}__", stream)
+    started = _STARTED.get("env", {})
+    if os.environ.get("PYTHONPATH") != started.get("PYTHONPATH"):  # its entries right after sys.path[0]
+        for entry in _STARTED["path"]:
+            if entry in sys.path[1:]:
+                del sys.path[sys.path.index(entry, 1)]
+        sys.path[1:1] = _python_path(os.environ)
+    logs = [key for key in {*os.environ, *started} if key.startswith("TORCH_LOGS")]  # and _OUT, _FORMAT
+    if any(os.environ.get(key) != started.get(key) for key in logs):
+        sys.modules["torch._logging._internal"]._init_logs()  # what `import torch` did with the zygote's settings
     tempfile.tempdir = None  # gettempdir() caches what TMPDIR was in this process; the request's TMPDIR wins
     # Python reseeds its random module in a forked child itself. NumPy's global generator, once imported (NumPy
     # loads numpy.random lazily, and no warm import does today), would repeat the zygote's numbers in every child.

@@ -247,6 +247,10 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
     mesh = build_mesh(world, layout["dp_replicate"], layout["dp_shard"], layout["tp"])
     dp_rank, dp_size = dp_rank_and_size(mesh)
     log.info("world %d on %s, layout %s%s", world.world_size, device_type, layout, ramp_note(job))
+    if device_type == "cpu":
+        from qwen2_dist.train.host_memory import keep_freed_memory
+
+        log.info("training on the CPU: %s", keep_freed_memory())
 
     ckpt_root = os.path.join(job.run_dir, "checkpoints")
     candidates = checkpoint.prepare_resume(ckpt_root, job.checkpoint.resume, job.checkpoint.checksums)

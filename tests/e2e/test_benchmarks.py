@@ -12,6 +12,7 @@ import tarfile
 import pytest
 import torch
 
+from tests import helpers
 from tests.helpers import REPO, run_python
 
 SEQ = 32
@@ -184,13 +185,17 @@ about 4-8 s each; what they name is checked without running them."""
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "out"
     pack = tmp_path / "gpu_check.tgz"  # what a device machine sends back: everything in one archive
-    env = {**os.environ, "OUT": str(out), "DRY_RUN": "1", "PYTHON": sys.executable, "PACK": str(pack),
-           "SKIP": " ".join(GPU_ONLY_STEPS)}
-    # About 60 s alone on the 2-core machine, up to 150 s next to another pytest worker.
+    # Its python processes forked by the test zygote (helpers.worker_env: the interpreter torchrun's workers get), as
+    # PYTHON: this test alone took 65 s with real interpreters, 41 s forked (2-core machine, 2026-12-07).
+    workers = helpers.worker_env()
+    env = {**os.environ, **workers, "OUT": str(out), "DRY_RUN": "1", "PYTHON": workers["PYTHON_EXEC"],
+           "PACK": str(pack), "SKIP": " ".join(GPU_ONLY_STEPS)}
+    forked, fallbacks = helpers.worker_starts()
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=360)
     summary = (out / "summary.txt").read_text()
     assert result.returncode == 0, summary + result.stdout[-3000:] + result.stderr[-3000:]
+    assert helpers.worker_starts() == (forked + 9, fallbacks + 1)  # PYTORCH_CUDA_ALLOC_CONF: expandable_segments
     outcomes = {line.split()[0]: line.split()[1] for line in summary.splitlines()[2:-1]}
     assert list(outcomes) == GPU_CHECK_STEPS, summary
     assert outcomes["wheels"] == "skipped"

@@ -43,6 +43,8 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path, corpus_cache):
     assert (run_dir / "config.yaml").is_file()
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000003", "step_00000006"]
     assert "step 6 | loss" in result.stdout
+    # The tests' environment sets glibc's malloc as qwen2-train would on the CPU (tests/conftest.py): left as it is.
+    assert "training on the CPU: glibc malloc as the environment sets it" in result.stdout
 
     # The job itself warns of what it does that its user may not mean (config.advisories), as the launchers do.
     again = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"checkpoint.interval": 0,

@@ -1,6 +1,7 @@
 """tests/helpers.run_python: a child forked from the zygote behaves as a fresh `python SCRIPT` would."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -54,6 +55,39 @@ def test_a_forked_run_is_what_a_fresh_interpreter_gives(tmp_path, monkeypatch):
         helpers.run_python([str(script), "sleep"], timeout=2)
     assert "to stderr" in timed_out.value.stderr
     assert helpers.run_python([str(script), "0"]).returncode == 0  # the zygote serves on after a kill
+
+
+SETTINGS = textwrap.dedent("""
+    import json, logging, os, sys
+    import torch
+    print(json.dumps({"path": sys.path, "ppid": os.getppid(), "dynamo": logging.getLogger("torch._dynamo").level,
+                      "recompiles": torch._logging._internal.log_state.is_artifact_enabled("recompiles")}),
+          flush=True)
+    print("unflushed")
+    os._exit(0)  # what is still buffered is lost
+""")
+
+
+def test_a_forked_run_takes_up_python_path_unbuffered_and_torch_logs_as_a_fresh_interpreter_does(tmp_path):
+    """PYTHONPATH, PYTHONUNBUFFERED and TORCH_LOGS, read when an interpreter (or torch) starts, are taken up by a
+    forked child as a fresh interpreter takes them: the same sys.path, output written at once, torch's loggers set."""
+    script = tmp_path / "settings.py"
+    script.write_text(SETTINGS)
+    env = {"PYTHONPATH": os.pathsep.join(["rel", str(tmp_path), ""]), "PYTHONUNBUFFERED": "1",
+           "TORCH_LOGS": "recompiles,+dynamo"}
+    forked = helpers.run_python([str(script)], env=env)
+    fresh = subprocess.run([sys.executable, str(script)], cwd=helpers.REPO, capture_output=True, text=True,
+                           env={**os.environ, **env})
+    plain = helpers.run_python([str(script)], env={"PYTHONUNBUFFERED": ""})  # as if unset, whatever the zygote has
+    seen = [json.loads(result.stdout.splitlines()[0]) for result in (forked, fresh, plain)]
+    assert seen[0]["ppid"] == seen[2]["ppid"] == helpers._zygote.proc.pid != seen[1]["ppid"]  # two forks
+    assert seen[0]["path"] == seen[1]["path"] and seen[0]["path"][1:4] == [
+        os.path.join(helpers.REPO, "rel"), str(tmp_path), helpers.REPO]
+    assert seen[2]["path"] == [seen[0]["path"][0], *seen[0]["path"][4:]]
+    assert (seen[0]["dynamo"], seen[0]["recompiles"]) == (seen[1]["dynamo"], True) == (logging.DEBUG, True)
+    assert not seen[2]["recompiles"] and seen[2]["dynamo"] != logging.DEBUG
+    assert forked.stdout.endswith("unflushed\n") and fresh.stdout.endswith("unflushed\n")
+    assert "unflushed" not in plain.stdout
 
 
 WORKER = textwrap.dedent("""
@@ -119,6 +153,6 @@ def test_a_torchrun_worker_forked_by_the_zygote_is_what_its_own_interpreter_woul
         time.sleep(0.05)
     assert not alive(seen["pid"]) and not alive(grandchild)  # the worker and its own children, as a group
     forked, fallbacks = helpers.worker_starts()
-    proc, seen = start("0", TORCH_LOGS="recompiles")
+    proc, seen = start("0", OMP_NUM_THREADS="3")
     assert proc.wait(60) == 0 and seen["ppid"] == os.getpid() and not seen["torch"]  # the real interpreter
     assert helpers.worker_starts() == (forked, fallbacks + 1)
