@@ -77,18 +77,26 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, masked: bo
     overwritten by d loss / d logits. masked: targets equal to IGNORE_INDEX count for nothing (zero loss and
     gradient). z_loss > 0: the gradient is that of cross-entropy + z_loss x lse^2, and the loss a pair (summed
     cross-entropy, summed lse^2) (_with_z)."""
-    fp32 = logits.float()
-    lse = torch.logsumexp(fp32, dim=-1)
-    loss = _summed_loss(fp32, lse, targets, masked)
-    grad = torch.exp(fp32 - lse[:, None])
-    if z_loss:
-        grad.mul_((1.0 + 2.0 * z_loss * lse)[:, None])  # d(z lse^2) = 2 z lse softmax
+    fp32 = logits.float()  # fp32 logits: the logits themselves, overwritten below
     counted = targets != IGNORE_INDEX if masked else None
     hits = targets if counted is None else torch.where(counted, targets, 0)
+    picked = fp32.gather(1, hits[:, None]).squeeze(1)
+    # The softmax in place, one exp per logit: bitwise what _lse_and_probs_one_pass computes. torch.logsumexp and
+    # then exp(logits - lse) took two and two new chunk-sized buffers: the step of a 64-token chunk of the 151,936
+    # vocabulary in fp32 took 60 ms that way, 30 ms this way (one CPU thread, 2-core machine, 2026-12-07; with
+    # glibc's malloc defaults, which page-fault each new buffer in, 190 ms and 36 ms: train/host_memory.py).
+    row_max = fp32.amax(-1, keepdim=True)
+    grad = fp32.sub_(row_max).exp_()
+    row_sum = grad.sum(-1, keepdim=True)
+    lse = (row_sum.log() + row_max).squeeze(-1)
+    grad.div_(row_sum)
+    loss = (lse - picked).sum() if counted is None else torch.where(counted, lse - picked, 0.0).sum()
+    if z_loss:
+        grad.mul_((1.0 + 2.0 * z_loss * lse)[:, None])  # d(z lse^2) = 2 z lse softmax
     grad.scatter_add_(1, hits[:, None], torch.full_like(lse[:, None], -1.0))
     if counted is not None:
         grad.mul_(counted[:, None])
-    return _with_z(loss, lse, targets, masked, z_loss), logits.copy_(grad)
+    return _with_z(loss, lse, targets, masked, z_loss), grad if grad is logits else logits.copy_(grad)
 
 
 def _summed_loss(fp32: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, masked: bool) -> torch.Tensor:
@@ -109,10 +117,9 @@ def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor, ma
     buffer written and read back); this way one kernel writes the gradient in the logits' dtype, into the logits'
     own memory (its generated code on the CPU, 2026-11-27: one kernel, whose output is the input buffer; the
     gradient of a 2048-token chunk needs no second 0.6 GB buffer, of one 16384-token chunk no second 4.6 GiB). The
-    same values: bitwise when both run eagerly on the CPU (tests/unit/test_loss.py; on CUDA the log-sum-exp is
-    taken as _lse_and_probs_one_pass writes it, within fp32 rounding), and bitwise compiled against the compiled
-    scatter on the CPU (checked once, 2026-11-27). Eager it would build a (tokens, vocab) mask: the eager path keeps
-    the scatter."""
+    same values: bitwise when both run eagerly (tests/unit/test_loss.py: both take the one-pass softmax then), and
+    bitwise compiled against the compiled scatter on the CPU (checked once, 2026-11-27). Eager it would build a
+    (tokens, vocab) mask: the eager path keeps the scatter."""
     loss, grad = _loss_and_softmax_grad(logits, targets, masked=masked, z_loss=z_loss)
     return loss, logits.copy_(grad)
 
@@ -138,7 +145,8 @@ def _loss_and_softmax_grad(logits: torch.Tensor, targets: torch.Tensor, one_pass
     (_lse_and_probs_one_pass). masked: IGNORE_INDEX targets count for nothing (a select per row in the same kernel;
     their one-hot never hits, their gradient row is zero)."""
     fp32 = logits.float()
-    if one_pass and logits.device.type in ONLINE_SOFTMAX_DEVICES:
+    # Eagerly (the tests run it so) the one-pass form on every device: the eager step's values, bitwise.
+    if one_pass and (logits.device.type in ONLINE_SOFTMAX_DEVICES or not torch.compiler.is_compiling()):
         lse, probs = _lse_and_probs_one_pass(fp32)
     else:
         lse = torch.logsumexp(fp32, dim=-1)
@@ -166,8 +174,10 @@ def _lse_and_probs_one_pass(fp32: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     match it: its decomposition masks an infinite max first. The chunk's logits are then read twice, once for the
     max and the sum and once for the gradient, instead of three times: at Qwen2-1.5B, 16,384 tokens a step, 5.0 GB
     less, ~1.7 ms at 3 TB/s by arithmetic. On the CPU, which has no such pass, Inductor would keep the exp in fp32
-    to share it between the sum and the softmax (a chunk-sized fp32 buffer): there torch.logsumexp stays. The same
-    values within fp32 rounding (tests/unit/test_loss.py checks both that and the pattern match)."""
+    to share it between the sum and the softmax (a chunk-sized fp32 buffer): there torch.logsumexp stays when
+    compiled. Eagerly the steps take this form on every device, as _chunk_loss_and_grad does in place. The same
+    values as torch.logsumexp's within fp32 rounding (tests/unit/test_loss.py checks both that and the pattern
+    match)."""
     row_max, exp, row_sum = _max_exp_sum(fp32)
     return (row_sum.log() + row_max).squeeze(-1), exp / row_sum
 
