@@ -4,14 +4,15 @@ Every `python -m qwen2_dist.cli.train ...` of the end-to-end tests used to spend
 importing torch, Hydra and the package before doing a second of work. tests/helpers.run_cli starts this process
 once per test session and sends it one JSON request per line on stdin:
 
-    {"module": ... or "script": PATH, "args": [...], "cwd": ..., "env": {...}, "stdout": FILE, "stderr": FILE}
+    {"module": ... or "script": PATH or "code": ..., "args": [...], "cwd": ..., "env": {...}, "stdout": FILE,
+     "stderr": FILE}
 
-It forks; the child becomes what `python -m module args` (or `python PATH args`) would be in a fresh interpreter
-(the request's environment, working directory, sys.argv and sys.path[0], stdin from /dev/null, its output in the
-two files, fresh random draws, tempfile's cached directory dropped) and runs the module or script as __main__ with
-runpy. The child ends as any interpreter does (SystemExit, an uncaught exception's traceback and exit code 1, atexit
-handlers). This process answers {"pid": N} at once and {"returncode": R} when the child has ended (-N: killed by
-signal N).
+It forks; the child becomes what `python -m module args` (or `python PATH args`, `python -c CODE args`) would be in
+a fresh interpreter (the request's environment, working directory, sys.argv and sys.path[0], stdin from /dev/null,
+its output in the two files, fresh random draws, tempfile's cached directory dropped) and runs the module, script or
+code as __main__ (runpy; the code in a new __main__ module). The child ends as any interpreter does (SystemExit,
+an uncaught exception's traceback and exit code 1, atexit handlers). This process answers {"pid": N} at once and
+{"returncode": R} when the child has ended (-N: killed by signal N).
 
 Only imports run here, never a computation: no CUDA context, process group or torch thread pool exists to be
 inherited. (NumPy's OpenBLAS starts one thread at import; it stops and restarts its threads around a fork itself.)
@@ -213,13 +214,16 @@ def serve() -> dict:
 
 
 def client() -> None:
-    """A torchrun worker's interpreter (PYTHON_EXEC): `python [-u] -m MODULE ARGS` or `python [-u] SCRIPT ARGS` forked
-    by the zygote named in the environment, or the real interpreter for anything else (see the module's doc)."""
+    """A torchrun worker's interpreter (PYTHON_EXEC): `python [-u] -m MODULE ARGS`, `python [-u] -c CODE ARGS` or
+    `python [-u] SCRIPT ARGS` forked by the zygote named in the environment, or the real interpreter for anything
+    else (see the module's doc)."""
     args, unbuffered = sys.argv[1:], False
     while args[:1] == ["-u"]:
         args, unbuffered = args[1:], True
     if args[:1] == ["-m"] and len(args) > 1:
         target, rest = {"module": args[1]}, args[2:]
+    elif args[:1] == ["-c"] and len(args) > 1:
+        target, rest = {"code": args[1]}, args[2:]
     elif args and not args[0].startswith("-"):
         target, rest = {"script": os.path.abspath(args[0])}, args[1:]
     else:
@@ -301,6 +305,9 @@ def become(request: dict) -> None:
     if "script" in request:
         sys.argv = [request["script"], *request["args"]]
         sys.path[0] = os.path.dirname(os.path.abspath(request["script"]))  # as `python PATH` puts it first
+    elif "code" in request:
+        sys.argv = ["-c", *request["args"]]
+        sys.path[0] = ""  # -c puts the working directory first, as ''
     else:
         sys.argv = [request["module"], *request["args"]]  # runpy puts the module's path in argv[0], as -m does
         sys.path[0] = os.getcwd()  # -m puts the working directory first
@@ -315,5 +322,10 @@ if __name__ == "__main__":
 
     if "script" in child:
         runpy.run_path(child["script"], run_name="__main__")
+    elif "code" in child:  # python -c CODE: run in a __main__ of its own, as the interpreter runs it
+        import types
+
+        main = sys.modules["__main__"] = types.ModuleType("__main__")
+        exec(compile(child["code"], "<string>", "exec"), main.__dict__)
     else:
         runpy.run_module(child["module"], run_name="__main__", alter_sys=True)

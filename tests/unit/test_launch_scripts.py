@@ -6,11 +6,19 @@ tests/e2e/test_launch.py."""
 import os
 import stat
 import subprocess
-import sys
 
 import pytest
 
+from tests import helpers
 from tests.helpers import REPO
+
+
+def forked_python() -> dict:
+    """PYTHON for the scripts, and what it needs: the test zygote's client (helpers.worker_env), which forks the
+    launchers' config check (`python -m qwen2_dist.cli.train`, torch and Hydra imported: about 4 s of CPU each in a
+    fresh interpreter on the 2-core machine) and runs anything else in the real interpreter."""
+    workers = helpers.worker_env()
+    return {**workers, "PYTHON": workers["PYTHON_EXEC"]}
 
 
 def write_script(path, text: str) -> None:
@@ -211,7 +219,7 @@ def sbatch_run_dir(tmp_path, *overrides: str, **env_changes: str | None) -> str:
     write_script(bin_dir / "scontrol", '#!/bin/bash\n[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
     cwd = tmp_path / "submit"
     cwd.mkdir(exist_ok=True)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+    env = {**os.environ, **forked_python(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "NPROC": "1",
            "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
            "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs"), "RUN_BASE": str(tmp_path),
            "FAKE_SRUN_ARGS": str(tmp_path / "srun_args")}
@@ -270,7 +278,7 @@ def sbatch_refusal(tmp_path, *overrides: str, **env_changes: str) -> subprocess.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_script(bin_dir / "srun", f"#!/bin/bash\ntouch {tmp_path}/srun_ran\n")
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+    env = {**os.environ, **forked_python(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "NPROC": "1",
            "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]",
            "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs"), **env_changes}
     result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny", *overrides],
@@ -314,9 +322,10 @@ while [ "$pid" -gt 1 ]; do
 done
 kill -USR1 "$target"
 sleep 0.5
-exec {sys.executable} "$@"
+exec {forked_python()["PYTHON"]} "$@"
 """)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python_signalling"),
+    env = {**os.environ, **forked_python(), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "PYTHON": str(bin_dir / "python_signalling"),
            "NPROC": "1", "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1",
            "SLURM_JOB_NODELIST": "n1", "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs")}
     result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny"], cwd=tmp_path,
@@ -379,10 +388,11 @@ def launch_single_node(tmp_path, *overrides: str, **env_changes: str) -> subproc
     write_script(bin_dir / "python_wrapper", f"""#!/bin/bash
 if [ -z "${{QWEN2_CHECK_ONLY:-}}" ]; then echo "torchrun started"; exit 0; fi
 if [ "${{FAKE_SIGNAL_CHECK:-}}" = 1 ]; then kill -USR1 "$PPID"; sleep 1; fi
-exec {sys.executable} "$@"
+exec {forked_python()["PYTHON"]} "$@"
 """)
     env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "CUDA_VISIBLE_DEVICES", "TORCHRUN", "PRECHECK")}
-    env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python_wrapper"), **env_changes})
+    env.update({**forked_python(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python_wrapper"),
+                **env_changes})
     return subprocess.run(["bash", os.path.join(REPO, "launch", "train_single_node.sh"), "model=tiny",
                            f"run_dir={tmp_path}/run", *overrides], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
@@ -456,7 +466,7 @@ exec sleep 5
 """)
     write_script(bin_dir / "scontrol", f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol_calls\n'
                                        '[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+    env = {**os.environ, **forked_python(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "NPROC": "1",
            "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
            "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs"), "MAX_IDLE_REQUEUES": "2"}
 
@@ -495,7 +505,7 @@ exit 1
 """)
     write_script(bin_dir / "scontrol", f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol_calls\n'
                                        '[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+    env = {**os.environ, **forked_python(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "NPROC": "1",
            "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
            "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs")}
     result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny"], cwd=tmp_path,
@@ -514,7 +524,7 @@ def test_sbatch_goes_on_without_the_node_record_and_says_how_to_run_it(tmp_path)
     write_script(bin_dir / "srun", f'#!/bin/bash\necho "$RDZV_ENDPOINT" > {tmp_path}/endpoint\n')
     write_script(bin_dir / "scontrol", '#!/bin/bash\n[ "$2" = hostnames ] && { echo n1; exit 0; }\n'
                                        'echo "slurm_load_node error: Socket timed out" >&2; exit 1\n')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": sys.executable, "NPROC": "1",
+    env = {**os.environ, **forked_python(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "NPROC": "1",
            "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1",
            "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs")}
     sbatch = os.path.join(REPO, "slurm", "train.sbatch")

@@ -129,6 +129,17 @@ def test_a_torchrun_worker_forked_by_the_zygote_is_what_its_own_interpreter_woul
     assert helpers.worker_starts() == (started[0] + 1, started[1])  # counted as a fork
     assert (seen["argv"], seen["cwd"], seen["rank"]) == ([str(script), "4"], str(tmp_path), "3")
     assert seen["ppid"] == zygote.proc.pid and seen["torch"]  # forked, with torch imported already
+    # python -c CODE ARGS (the launchers' checks run one): forked too, as the interpreter would run it.
+    code = ("import json, os, sys\nprint(json.dumps([sys.argv, sys.path[0], __name__, os.getppid(), 'torch' in "
+            "sys.modules]))\nraise SystemExit(6)")
+    ran = subprocess.run([zygote.worker_python, "-c", code, "a", "b"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    fresh = subprocess.run([sys.executable, "-c", code, "a", "b"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=60)
+    assert ran.returncode == fresh.returncode == 6, ran.stderr
+    assert json.loads(ran.stdout)[:3] == json.loads(fresh.stdout)[:3] == [["-c", "a", "b"], "", "__main__"]
+    assert json.loads(ran.stdout)[3:] == [zygote.proc.pid, True]
+    assert helpers.worker_starts() == (started[0] + 2, started[1])
     proc, _ = start("kill")
     assert proc.wait(60) == -signal.SIGKILL
     proc, _ = start("term")
