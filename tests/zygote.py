@@ -62,6 +62,7 @@ def import_time_differences(env: dict, base: dict, ignore: tuple = EMULATED) -> 
     keys = {k for k in (*env, *base) if k.startswith(IMPORT_TIME_ENV) and not k.startswith(ignore) and k != "PYTHON"}
     return sorted(k for k in keys if env.get(k) != base.get(k))
 
+
 _STARTED: dict = {}  # serve(): this process' environment at start, and the sys.path entries its PYTHONPATH gave
 
 

@@ -124,8 +124,13 @@ def test_install_makes_the_venv_once_then_does_nothing(install):
     assert calls[0] == f"python3 -m venv {venv}"
     # The new venv's pip is upgraded first (a current pip installs the rest in about two thirds of the time).
     assert pip_calls(calls)[:3] == ["python -m pip install --quiet --upgrade pip>=25",
-                                    "python -m pip install --quiet torch==2.13.0",
-                                    f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev]"]
+                                    "python -m pip install --quiet torch==2.13.0 --no-compile",
+                                    f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] "
+                                    "--no-compile"]
+    # Compiled to bytecode after pip, on every core, where the packages went.
+    at = calls.index(f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] --no-compile")
+    assert calls[at + 1:at + 3] == ["python -c import sysconfig; print(sysconfig.get_paths()[\"purelib\"])",
+                                    "python -m compileall -qq -j 0 "]
     assert (venv / "torch-constraint.txt").read_text() == "torch==2.13.0\n"
     assert run() == []
 
@@ -136,8 +141,8 @@ def test_install_goes_on_with_the_venvs_own_pip_when_it_cannot_upgrade_it(instal
     calls = pip_calls(run(FAKE_NO_INDEX="1"))
     assert f"warning: could not upgrade pip in {venv}; installing with " in run.last.stderr
     assert calls[0] == "python -m pip install --quiet --upgrade pip>=25"
-    assert calls[1:3] == ["python -m pip install --quiet torch==2.13.0",
-                          f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev]"]
+    assert calls[1:3] == ["python -m pip install --quiet torch==2.13.0 --no-compile",
+                          f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] --no-compile"]
     assert (venv / ".qwen2-dist-installed").exists()
 
 
@@ -153,12 +158,13 @@ def test_install_reinstalls_torch_when_torch_spec_changes(install):
     assert run("torch==2.13.0") == []  # the spec torch came from
     calls = pip_calls(run("torch==2.12.0 --index-url https://example.invalid/cu126"))
     assert calls[:2] == ["python -m pip uninstall --quiet -y torch",
-                         "python -m pip install --quiet torch==2.12.0 --index-url https://example.invalid/cu126"]
+                         "python -m pip install --quiet torch==2.12.0 --index-url https://example.invalid/cu126 "
+                         "--no-compile"]
     assert "-e .[dev]" in calls[2]
     assert run("torch==2.12.0 --index-url https://example.invalid/cu126") == []
     assert run() == []  # without TORCH_SPEC the torch there is kept
     assert pip_calls(run("torch==2.13.0"))[:2] == ["python -m pip uninstall --quiet -y torch",
-                                                   "python -m pip install --quiet torch==2.13.0"]
+                                                   "python -m pip install --quiet torch==2.13.0 --no-compile"]
 
 
 def test_install_after_a_torch_reinstall_that_failed_installs_the_recorded_torch(install):
@@ -169,7 +175,7 @@ def test_install_after_a_torch_reinstall_that_failed_installs_the_recorded_torch
     run(cuda)
     run("torch==2.11.0", torch_download_fails=True)
     assert not (venv / "has-torch").exists()
-    assert pip_calls(run())[0] == f"python -m pip install --quiet {cuda}"
+    assert pip_calls(run())[0] == f"python -m pip install --quiet {cuda} --no-compile"
     assert (venv / "has-torch").read_text().strip() == "torch==2.12.0" and run() == []
 
 
@@ -204,7 +210,7 @@ def test_install_repairs_a_venv_whose_creation_failed(install):
     write_script(venv / "bin" / "python", FAKE_VENV_PYTHON)
     calls = run()
     assert f"python3 -m venv {venv}" in calls
-    assert "python -m pip install --quiet torch==2.13.0" in calls
+    assert "python -m pip install --quiet torch==2.13.0 --no-compile" in calls
     assert run() == []
 
 
