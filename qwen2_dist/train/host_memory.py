@@ -5,9 +5,11 @@ every such temporary is page-faulted in again, page by page, each time it is mad
 makes several: the loss's fp32 logits of a 64-token micro-batch over the 151,936-token vocabulary are 39 MB. On
 the 2-core development machine (2026-12-07) the loss's softmax step took 142 ms with glibc's defaults and 51 ms
 with freed memory kept (torch.clone of those logits: 40 ms, most of it page faults), and a 6-step CPU run of the
-tiny model 5.2 s against 3.9 s. Only a process that trains on the CPU changes it (a GPU's tensors are not glibc's),
-and only where the environment does not already set it (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_ or a
-glibc.malloc tunable, which glibc read when the process started).
+tiny model 5.2 s against 3.9 s (under cProfile). The README's main job spent 6 min 35 s in the kernel in 9 min 49 s
+(tests ran beside it for part of it), and 4 s in 4 min 29 s with this and the loss's one-exp step. Only a process
+that trains on the CPU changes it (a GPU's tensors are not glibc's), and only where the environment does not already
+set it (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_ or a glibc.malloc tunable, which glibc read when the process
+started).
 """
 
 import ctypes

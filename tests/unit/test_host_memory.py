@@ -5,8 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from qwen2_dist.train import host_memory
 from tests.helpers import REPO
+
+pytestmark = pytest.mark.skipif(host_memory._libc() is None or not hasattr(host_memory._libc(), "mallinfo2"),
+                                reason="needs glibc 2.33 or newer (mallopt, mallinfo2)")
 
 PROBE = """
 import ctypes, json, sys

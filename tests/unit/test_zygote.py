@@ -156,7 +156,7 @@ def test_a_torchrun_worker_forked_by_the_zygote_is_what_its_own_interpreter_woul
         try:
             with open(f"/proc/{pid}/stat") as f:
                 return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except FileNotFoundError:
+        except (FileNotFoundError, ProcessLookupError):  # gone before the open, or between the open and the read
             return False
 
     deadline = time.monotonic() + 30
