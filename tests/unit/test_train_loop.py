@@ -819,10 +819,14 @@ def test_the_logged_data_wait_is_the_share_of_the_window_spent_reading_batches(t
 
     monkeypatch.setattr(trainer.batches, "next_batch", slow_batch)
     step_seconds = _timed_steps(trainer, monkeypatch)
+    started = time.monotonic()
     trainer.fit()
+    whole = time.monotonic() - started
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     read, stepped = sum(read_seconds), sum(step_seconds.values())
-    assert 100 * read / (stepped + 0.5) <= record["data_wait_pct"] <= 100 * read / stepped + 1, (record, read, stepped)
+    # The window holds the steps and lies within fit(): bounds that need no slack for a loaded machine (a fixed 0.5 s
+    # for the time outside the steps was exceeded twice under load, 2026-12-07).
+    assert 100 * read / whole <= record["data_wait_pct"] <= 100 * read / stepped + 1, (record, read, stepped, whole)
 
 
 def test_a_run_that_fails_closes_its_metrics_sinks_as_failed(tmp_path, monkeypatch):
