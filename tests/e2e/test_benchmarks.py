@@ -185,11 +185,10 @@ about 4-8 s each; what they name is checked without running them."""
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "out"
     pack = tmp_path / "gpu_check.tgz"  # what a device machine sends back: everything in one archive
-    # Its python processes forked by the test zygote (helpers.worker_env: the interpreter torchrun's workers get), as
-    # PYTHON: this test alone took 65 s with real interpreters, 41 s forked (2-core machine, 2026-12-07).
-    workers = helpers.worker_env()
-    env = {**os.environ, **workers, "OUT": str(out), "DRY_RUN": "1", "PYTHON": workers["PYTHON_EXEC"],
-           "PACK": str(pack), "SKIP": " ".join(GPU_ONLY_STEPS)}
+    # Its python processes forked by the test zygote (helpers.forked_python): this test alone took 65 s with real
+    # interpreters, 41 s forked (2-core machine, 2026-12-07).
+    env = {**os.environ, **helpers.forked_python(), "OUT": str(out), "DRY_RUN": "1", "PACK": str(pack),
+           "SKIP": " ".join(GPU_ONLY_STEPS)}
     forked, fallbacks = helpers.worker_starts()
     result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=360)

@@ -9,16 +9,7 @@ import subprocess
 
 import pytest
 
-from tests import helpers
-from tests.helpers import REPO
-
-
-def forked_python() -> dict:
-    """PYTHON for the scripts, and what it needs: the test zygote's client (helpers.worker_env), which forks the
-    launchers' config check (`python -m qwen2_dist.cli.train`, torch and Hydra imported: about 4 s of CPU each in a
-    fresh interpreter on the 2-core machine) and runs anything else in the real interpreter."""
-    workers = helpers.worker_env()
-    return {**workers, "PYTHON": workers["PYTHON_EXEC"]}
+from tests.helpers import REPO, forked_python
 
 
 def write_script(path, text: str) -> None:
