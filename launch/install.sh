@@ -7,7 +7,14 @@
 #   VENV         where the environment lives (default .venv in the repository; a relative path is taken from the
 #                current directory). The launchers use it when VENV is set for them too (or PYTHON=$VENV/bin/python)
 #   PYTHON3      the Python (3.10 or newer) that creates the environment (default python3 on PATH)
+#   INSTALLER    uv (default) or pip: what installs the dependencies once torch is in. uv carries pip's configuration
+#                over (launch/uv_install.py) and leaves the work to pip where it cannot
 set -euo pipefail
+installer=${INSTALLER:-uv}
+if [ "$installer" != uv ] && [ "$installer" != pip ]; then
+    echo "error: INSTALLER=$installer: must be uv or pip (what installs the dependencies; default uv)" >&2
+    exit 2
+fi
 venv=${VENV:-}
 if [ -n "$venv" ] && [ "${venv#/}" = "$venv" ]; then
     venv=$PWD/$venv
@@ -68,17 +75,26 @@ elif [ -n "${TORCH_SPEC:-}" ] && [ "$TORCH_SPEC" != "$installed_spec" ]; then
     install_torch
 fi
 # Keep the torch just installed: without this pin, dependencies that ask for an unpinned torch (via torchvision)
-# make pip replace it with a multi-GB CUDA build. (-W ignore: with no numpy installed yet, torch warns of it.)
-torch_version=$("$py" -W ignore -c "import torch; print(torch.__version__.split('+')[0])")
+# make the installer replace it with a multi-GB CUDA build.
+torch_version=$("$py" -c "import importlib.metadata as m; print(m.version('torch').split('+')[0])")
 echo "torch==$torch_version" > "$venv/torch-constraint.txt"
-"$py" -m pip install --quiet -c "$venv/torch-constraint.txt" -e ".[dev]" --no-compile
-# pip compiles every Python file it installs to bytecode, one file at a time: about 33,000 here (18,000 of them oci's,
-# the Oracle Cloud SDK mosaicml-streaming requires). Compiled here instead, on every core: the same .pyc files, which
-# an interpreter under PYTHONDONTWRITEBYTECODE=1 cannot write itself (torch and the CLIs then import in 16 s, not 5).
-# A file that does not compile is no error, as under pip. This install on a 2-core machine (2026-12-07): 167-221 s
-# with pip compiling, 159-181 s so.
-"$py" -m compileall -qq -j 0 "$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    > /dev/null || true
+deps=(--quiet -c "$venv/torch-constraint.txt" -e ".[dev]")
+case $installer in
+    # uv fetches and unpacks the ~130 packages in parallel: 14 s on a 2-core machine (2026-12-07), pip 50 s.
+    uv) "$py" launch/uv_install.py "${deps[@]}" || {
+            echo "warning: uv did not install the dependencies; installing them with pip" >&2
+            "$py" -m pip install "${deps[@]}" --no-compile
+        } ;;
+    pip) "$py" -m pip install "${deps[@]}" --no-compile ;;
+esac
+# Compiled to bytecode here, on every core (pip would compile each file it installs, one at a time; uv compiles
+# nothing): the .pyc files an interpreter under PYTHONDONTWRITEBYTECODE=1 cannot write itself (torch and the CLIs then
+# import in 16 s, not 5). A file that does not compile is no error, as under pip. Not oci, the Oracle Cloud SDK
+# mosaicml-streaming requires: 18,000 of the 33,000 files, 33 s of a 76 s compile on 2 cores; only what an oci://
+# source imports of it is compiled, by importing that with bytecode written.
+purelib=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+"$py" -m compileall -qq -j 0 -x '/site-packages/oci/' "$purelib" > /dev/null || true
+env -u PYTHONDONTWRITEBYTECODE "$py" -c "import oci.object_storage" 2>/dev/null || true
 # mosaicml-streaming pulls torchvision, which we never use; PyPI's build fails to import next to a CPU torch
 # ("operator torchvision::nms does not exist") and transformers then fails to import too. Remove it.
 if "$py" -m pip show torchvision >/dev/null 2>&1 && ! "$py" -c "import torchvision" 2>/dev/null; then

@@ -4,6 +4,7 @@ picks and what it refuses, and how qwen2_dist/cli/torchrun.py treats SIGUSR1. Th
 tests/e2e/test_launch.py."""
 
 import os
+import shutil
 import stat
 import subprocess
 
@@ -67,10 +68,13 @@ if [ "$1" = -m ] && [ "$2" = pip ]; then
     esac
     exit 0
 fi
-[ "$1" = -W ] && shift 2  # a warnings filter
+if [ "$1" = launch/uv_install.py ]; then
+    [ -z "${FAKE_UV_FAIL:-}" ] || exit 3
+    exit 0
+fi
 case "$2" in
     "import torch") [ -f "$venv/has-torch" ] ;;
-    "import torch;"*) [ -f "$venv/has-torch" ] && echo 2.13.0 ;;
+    "import importlib.metadata"*) [ -f "$venv/has-torch" ] && echo 2.13.0 ;;
 esac
 """
 
@@ -87,7 +91,8 @@ def install(tmp_path):
 
     def run(torch_spec=None, cwd=REPO, venv_value=None, torch_download_fails=False, **fake_env) -> list[str]:
         """One run of install.sh (from cwd, VENV=venv_value or the absolute venv); the calls it made."""
-        env = {k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "FAKE_PIP_FAIL", "FAKE_NO_INDEX")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("TORCH_SPEC", "FAKE_PIP_FAIL", "FAKE_NO_INDEX", "FAKE_UV_FAIL", "INSTALLER")}
         env.update(fake_env)
         env.update(PATH=f"{bin_dir}:{os.environ['PATH']}", VENV=venv_value or str(venv), FAKE_LOG=str(log),
                    FAKE_VENV_PYTHON=str(tmp_path / "venv_python"))
@@ -113,17 +118,32 @@ def test_install_makes_the_venv_once_then_does_nothing(install):
     run, venv, _ = install
     calls = run()
     assert calls[0] == f"python3 -m venv {venv}"
-    # The new venv's pip is upgraded first (a current pip installs the rest in about two thirds of the time).
-    assert pip_calls(calls)[:3] == ["python -m pip install --quiet --upgrade pip>=25",
-                                    "python -m pip install --quiet torch==2.13.0 --no-compile",
-                                    f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] "
-                                    "--no-compile"]
-    # Compiled to bytecode after pip, on every core, where the packages went.
-    at = calls.index(f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] --no-compile")
-    assert calls[at + 1:at + 3] == ["python -c import sysconfig; print(sysconfig.get_paths()[\"purelib\"])",
-                                    "python -m compileall -qq -j 0 "]
+    # The new venv's pip is upgraded first (a current pip installs torch faster); the dependencies go in with uv.
+    assert pip_calls(calls) == ["python -m pip install --quiet --upgrade pip>=25",
+                                "python -m pip install --quiet torch==2.13.0 --no-compile",
+                                "python -m pip show torchvision"]
+    deps = f"python launch/uv_install.py --quiet -c {venv}/torch-constraint.txt -e .[dev]"
+    # Compiled to bytecode after the install, on every core, where the packages went: all but oci, of which only what
+    # an oci:// source imports.
+    at = calls.index(deps)
+    assert calls[at + 1:at + 4] == ["python -c import sysconfig; print(sysconfig.get_paths()[\"purelib\"])",
+                                    "python -m compileall -qq -j 0 -x /site-packages/oci/ ",
+                                    "python -c import oci.object_storage"]
     assert (venv / "torch-constraint.txt").read_text() == "torch==2.13.0\n"
     assert run() == []
+
+
+def test_install_leaves_the_dependencies_to_pip_when_uv_cannot_or_is_not_chosen(install, tmp_path):
+    run, venv, _ = install
+    pip_deps = f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] --no-compile"
+    calls = run(FAKE_UV_FAIL="1")
+    assert "warning: uv did not install the dependencies; installing them with pip" in run.last.stderr
+    assert calls.index(pip_deps) == calls.index(f"python launch/uv_install.py --quiet -c {venv}/torch-constraint.txt "
+                                                "-e .[dev]") + 1
+    shutil.rmtree(venv)
+    calls = run(INSTALLER="pip")
+    assert pip_deps in calls and not any("uv_install" in c for c in calls)
+    assert run.last.stderr == ""
 
 
 def test_install_goes_on_with_the_venvs_own_pip_when_it_cannot_upgrade_it(install):
@@ -131,9 +151,8 @@ def test_install_goes_on_with_the_venvs_own_pip_when_it_cannot_upgrade_it(instal
     run, venv, _ = install
     calls = pip_calls(run(FAKE_NO_INDEX="1"))
     assert f"warning: could not upgrade pip in {venv}; installing with " in run.last.stderr
-    assert calls[0] == "python -m pip install --quiet --upgrade pip>=25"
-    assert calls[1:3] == ["python -m pip install --quiet torch==2.13.0 --no-compile",
-                          f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] --no-compile"]
+    assert calls[:2] == ["python -m pip install --quiet --upgrade pip>=25",
+                         "python -m pip install --quiet torch==2.13.0 --no-compile"]
     assert (venv / ".qwen2-dist-installed").exists()
 
 
@@ -147,11 +166,11 @@ def test_install_reinstalls_torch_when_torch_spec_changes(install):
     run, venv, _ = install
     run()
     assert run("torch==2.13.0") == []  # the spec torch came from
-    calls = pip_calls(run("torch==2.12.0 --index-url https://example.invalid/cu126"))
-    assert calls[:2] == ["python -m pip uninstall --quiet -y torch",
-                         "python -m pip install --quiet torch==2.12.0 --index-url https://example.invalid/cu126 "
-                         "--no-compile"]
-    assert "-e .[dev]" in calls[2]
+    calls = run("torch==2.12.0 --index-url https://example.invalid/cu126")
+    assert pip_calls(calls)[:2] == ["python -m pip uninstall --quiet -y torch",
+                                    "python -m pip install --quiet torch==2.12.0 --index-url "
+                                    "https://example.invalid/cu126 --no-compile"]
+    assert f"python launch/uv_install.py --quiet -c {venv}/torch-constraint.txt -e .[dev]" in calls
     assert run("torch==2.12.0 --index-url https://example.invalid/cu126") == []
     assert run() == []  # without TORCH_SPEC the torch there is kept
     assert pip_calls(run("torch==2.13.0"))[:2] == ["python -m pip uninstall --quiet -y torch",
@@ -191,6 +210,16 @@ def test_install_refuses_a_python_older_than_3_10_before_making_the_venv(install
     chosen = run(PYTHON3="python3.12", FAKE_PYTHON3_VERSION="3.12")
     assert chosen.returncode == 0, chosen.stdout + chosen.stderr
     assert log.read_text().splitlines()[0] == f"python3.12 -m venv {venv}"
+
+
+def test_install_refuses_an_unknown_installer_before_making_the_venv(install, tmp_path):
+    _, venv, log = install
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "install.sh")], cwd=REPO, capture_output=True,
+                            text=True, timeout=30, env={**os.environ, "INSTALLER": "conda", "VENV": str(venv),
+                                                        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+                                                        "FAKE_LOG": str(log)})
+    assert result.returncode == 2 and not venv.exists() and log.read_text() == "", result.stdout + result.stderr
+    assert result.stderr == "error: INSTALLER=conda: must be uv or pip (what installs the dependencies; default uv)\n"
 
 
 def test_install_repairs_a_venv_whose_creation_failed(install):

@@ -1,0 +1,108 @@
+"""launch/uv_install.py: uv installs from where pip would (pip's configuration carried over), or leaves the install to
+pip (exit 3) when it cannot say so to uv."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+SCRIPT = os.path.join(REPO, "launch", "uv_install.py")
+spec = importlib.util.spec_from_file_location("uv_install", SCRIPT)
+uv_install = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(uv_install)
+
+# A uv that records what it was asked (its arguments, and the environment uv_install.py sets) and exits $FAKE_UV_EXIT.
+FAKE_UV = """#!/usr/bin/env python3
+import json, os, sys
+with open(os.environ["FAKE_UV_RECORD"], "w") as f:
+    json.dump({"args": sys.argv[1:], "SSL_CERT_FILE": os.environ.get("SSL_CERT_FILE"),
+               "UV_HTTP_TIMEOUT": os.environ.get("UV_HTTP_TIMEOUT")}, f)
+sys.exit(int(os.environ.get("FAKE_UV_EXIT", "0")))
+"""
+
+
+def without_pip_settings(**env: str) -> dict[str, str]:
+    """This environment without its PIP_* variables, and with env."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("PIP_")}, **env}
+
+
+def pip_settings(**env: str) -> dict:
+    """uv_install.pip_settings() in a fresh interpreter with env and no PIP_* variables of this one (pip's internals,
+    once imported, would leave distutils imported in this one, which setuptools then refuses)."""
+    code = ("import importlib.util, json; spec = importlib.util.spec_from_file_location('uv_install', %r); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+            "print(json.dumps(m.pip_settings()))")
+    result = subprocess.run([sys.executable, "-c", code % SCRIPT], capture_output=True, text=True, timeout=60,
+                            env=without_pip_settings(**env))
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_pips_settings_are_taken_as_pip_install_takes_them(tmp_path):
+    """The install section over the global one (whatever their order in the file), a PIP_* variable over both."""
+    config = tmp_path / "pip.conf"
+    config.write_text("[install]\nindex-url = https://install.invalid/simple\n"
+                      "[global]\nindex-url = https://global.invalid/simple\n"
+                      "extra-index-url = https://a.invalid/simple https://b.invalid/simple\n"
+                      "find-links = /wheels\nconstraint = /pins.txt\ntimeout = 7\n")
+    settings = pip_settings(PIP_CONFIG_FILE=str(config))  # loaded after the machine's own files, so over them
+    assert settings["index-url"] == "https://install.invalid/simple"
+    assert settings["extra-index-url"] == ["https://a.invalid/simple", "https://b.invalid/simple"]
+    assert (settings["find-links"], settings["constraint"], settings["timeout"]) == (["/wheels"], ["/pins.txt"], 7)
+    env = {"PIP_CONFIG_FILE": str(config), "PIP_INDEX_URL": "https://env.invalid/simple"}
+    assert pip_settings(**env)["index-url"] == "https://env.invalid/simple"
+    # No files at all: pip's defaults differ in nothing else.
+    assert pip_settings(**{**env, "PIP_CONFIG_FILE": os.devnull}) == {"index-url": "https://env.invalid/simple"}
+
+
+def test_each_setting_becomes_uvs_and_one_without_a_counterpart_is_refused():
+    args, env = uv_install.uv_options({
+        "index-url": "https://mirror.invalid/simple", "extra-index-url": ["https://a.invalid", "https://b.invalid"],
+        "no-index": True, "find-links": ["/w1", "/w2"], "constraint": ["/c.txt"], "cert": "/ca.pem", "timeout": 180.0,
+        "disable-pip-version-check": True, "retries": 2,
+    })
+    assert args == ["--index-url", "https://mirror.invalid/simple", "--extra-index-url", "https://a.invalid",
+                    "--extra-index-url", "https://b.invalid", "--index-strategy", "unsafe-best-match", "--no-index",
+                    "--find-links", "/w1", "--find-links", "/w2", "--constraint", "/c.txt"]
+    assert env == {"SSL_CERT_FILE": "/ca.pem", "UV_HTTP_TIMEOUT": "180"}
+    with pytest.raises(uv_install.NotForUv, match="pip's setting trusted-host=\\['pypi.internal'\\]"):
+        uv_install.uv_options({"trusted-host": ["pypi.internal"]})
+
+
+def run_script(tmp_path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """launch/uv_install.py ARGS with the fake uv (unless UV= is given), pip configured by env alone; what the fake
+    uv recorded (None when it did not run)."""
+    fake = tmp_path / "uv"
+    fake.write_text(FAKE_UV)
+    fake.chmod(0o755)
+    record = tmp_path / "record.json"
+    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=60,
+                            env=without_pip_settings(**{"PIP_CONFIG_FILE": os.devnull, "UV": str(fake),
+                                                        "FAKE_UV_RECORD": str(record), **env}))
+    return result, json.loads(record.read_text()) if record.exists() else None
+
+
+def test_uv_installs_with_pips_index_and_certificate_and_its_exit_code_is_the_scripts(tmp_path):
+    result, seen = run_script(tmp_path, "--quiet", "-e", ".[dev]", PIP_INDEX_URL="https://mirror.invalid/simple",
+                              PIP_FIND_LINKS="/w1 /w2", PIP_CERT="/ca.pem", FAKE_UV_EXIT="7")
+    assert result.returncode == 7, result.stderr
+    args = seen["args"]
+    assert args[:4] == ["pip", "install", "--python", sys.executable] and args[-3:] == ["--quiet", "-e", ".[dev]"]
+    assert sorted(zip(args[4:-3:2], args[5:-3:2])) == [("--find-links", "/w1"), ("--find-links", "/w2"),
+                                                       ("--index-url", "https://mirror.invalid/simple")]
+    assert (seen["SSL_CERT_FILE"], seen["UV_HTTP_TIMEOUT"]) == ("/ca.pem", None)
+
+
+def test_a_setting_uv_is_not_told_of_or_no_uv_leaves_the_install_to_pip(tmp_path):
+    result, seen = run_script(tmp_path, "-e", ".", PIP_TRUSTED_HOST="pypi.internal")
+    assert (result.returncode, seen) == (3, None)
+    assert result.stderr == ("note: not installing with uv: pip's setting trusted-host=['pypi.internal'] is not "
+                             "carried over to uv\n")
+    result, _ = run_script(tmp_path, "-e", ".", UV=str(tmp_path / "missing"))
+    assert result.returncode == 3
+    assert result.stderr == f"note: not installing with uv: UV={tmp_path}/missing: not an executable\n"
