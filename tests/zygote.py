@@ -19,16 +19,17 @@ inherited. (NumPy's OpenBLAS starts one thread at import; it stops and restarts 
 
 Given a socket name (argv[1], Linux's abstract namespace), it also forks the workers of the torchruns it runs:
 tests/helpers.run_torchrun gives torchrun's agent PYTHON_EXEC=a small script that calls client() below, which
-torchrun starts as each worker's interpreter. client() sends its arguments, environment, working directory and
-standard streams (the file descriptors themselves) here, forwards the signals it gets to the forked worker, and
-exits as the worker did (killed by the same signal, or with its exit code); a worker whose client is gone (torchrun
-killed it) is killed, with its process group (its own session, as torchrun starts a worker). A worker whose
-import-time environment differs from this process' (OMP_NUM_THREADS, ...) gets the real interpreter instead;
-PYTHONPATH, PYTHONUNBUFFERED and TORCH_LOGS a child takes up as a fresh interpreter would (become()). The agent
-itself, its rendezvous, monitoring, restarts and teardown are torchrun's own: only the workers' imports are saved
-(about 4 s of CPU each on the 2-core machine). What a fork does not give: the workers share this process' string
-hash seed (a set's order is the same on every rank), and inherit its signal dispositions, not the agent's; the
-launcher tests (tests/e2e/test_launch.py, tests/unit/test_launch_scripts.py) run real worker interpreters.
+torchrun starts as each worker's interpreter (only processes of this process' user are served: SO_PEERCRED).
+client() sends its arguments, environment, working directory and standard streams (the file descriptors themselves)
+here, forwards the signals it gets to the forked worker, and exits as the worker did (killed by the same signal, or
+with its exit code); a worker whose client is gone (torchrun killed it) is killed, with its process group (its own
+session, as torchrun starts a worker). A worker whose import-time environment differs from this process'
+(OMP_NUM_THREADS, ...) gets the real interpreter instead; PYTHONPATH, PYTHONUNBUFFERED and TORCH_LOGS a child takes
+up as a fresh interpreter would (become()). The agent itself, its rendezvous, monitoring, restarts and teardown are
+torchrun's own: only the workers' imports are saved (about 4 s of CPU each on the 2-core machine). What a fork does
+not give: the workers share this process' string hash seed (a set's order is the same on every rank), and inherit
+its signal dispositions, not the agent's; the launcher tests (tests/e2e/test_launch.py,
+tests/unit/test_launch_scripts.py) run real worker interpreters.
 """
 
 import io
@@ -37,6 +38,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 
 # Environment variables read when torch, NumPy or Python start (thread pools, allocators, paths): a run whose
@@ -159,6 +161,14 @@ def serve() -> dict:
                     replies.write(json.dumps({"pid": pid}) + "\n")
             elif source is listener:
                 conn = listener.accept()[0]
+                # A name in the abstract namespace has no file permissions: any user of the machine may connect, and
+                # a fork runs the request's code as this process' user. Only this user's processes are served.
+                uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                          struct.calcsize("3i")))[1]
+                if uid != os.getuid():
+                    print(f"zygote: refused a connection of uid {uid}", file=sys.stderr, flush=True)
+                    conn.close()
+                    continue
                 try:
                     request, fds = _receive(conn)
                 except (OSError, ValueError):

@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -167,3 +168,44 @@ def test_a_torchrun_worker_forked_by_the_zygote_is_what_its_own_interpreter_woul
     proc, seen = start("0", OMP_NUM_THREADS="3")
     assert proc.wait(60) == 0 and seen["ppid"] == os.getpid() and not seen["torch"]  # the real interpreter
     assert helpers.worker_starts() == (forked, fallbacks + 1)
+
+
+def test_the_zygote_serves_no_other_user(tmp_path):
+    """Its socket's name, in the abstract namespace, has no permissions: a process of another user that connects
+    (here as nobody, 65534) with a request the zygote would fork for its own user gets no fork, no answer, a closed
+    connection."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI") == "true":
+            pytest.fail("needs root (to connect as another user) -- and CI=true, where this test must run")
+        pytest.skip("needs root (to connect as another user)")
+    zygote = helpers._started_zygote()
+    request = {"code": f"open({str(tmp_path / 'ran')!r}, 'w').close()", "args": [], "cwd": str(tmp_path),
+               "env": dict(os.environ), "unbuffered": False}
+    started = helpers.worker_starts()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # as nobody: connect, send the request as zygote.client() does, and pass on the reply
+        try:
+            os.close(read)
+            os.setgid(65534)
+            os.setuid(65534)
+            conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.connect("\0" + zygote.socket)
+            message = json.dumps(request).encode() + b"\n"
+            conn.sendall(message[socket.send_fds(conn, [message], [0, 1, 2]):])
+            conn.settimeout(30)
+            os.write(write, conn.makefile("rb").readline() or b"closed")
+        except (BrokenPipeError, ConnectionResetError):  # closed before the request was all sent
+            os.write(write, b"closed")
+        except BaseException as e:
+            os.write(write, repr(e).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        reply = f.read()
+    os.waitpid(pid, 0)
+    assert reply == b"closed"  # unanswered
+    assert helpers.worker_starts() == started and not (tmp_path / "ran").exists()
+    with open(zygote.log.name) as f:
+        assert "zygote: refused a connection of uid 65534" in f.read()
