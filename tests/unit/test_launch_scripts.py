@@ -133,7 +133,7 @@ def test_install_makes_the_venv_once_then_does_nothing(install):
     assert run() == []
 
 
-def test_install_leaves_the_dependencies_to_pip_when_uv_cannot_or_is_not_chosen(install, tmp_path):
+def test_install_leaves_the_dependencies_to_pip_when_uv_cannot_or_is_not_chosen(install):
     run, venv, _ = install
     pip_deps = f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] --no-compile"
     calls = run(FAKE_UV_FAIL="1")
