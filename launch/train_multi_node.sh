@@ -20,7 +20,7 @@
 # and the ones of launch/common.sh (TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, SHUTDOWN_TIMEOUT).
 # A worker that crashes on any node restarts the workers of all nodes from the newest committed checkpoint.
 set -euo pipefail
-# shellcheck source=launch/common.sh
+# shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 
 endpoint=${RDZV_ENDPOINT:-}

@@ -5,7 +5,7 @@
 # A worker that crashes restarts the job from the newest committed checkpoint (up to MAX_RESTARTS times).
 # Environment: see launch/common.sh (TORCHRUN, PYTHON, NPROC, MAX_RESTARTS, SHUTDOWN_TIMEOUT).
 set -euo pipefail
-# shellcheck source=launch/common.sh
+# shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 
 check_job "$NPROC" "$@"
