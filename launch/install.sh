@@ -8,7 +8,7 @@
 #                current directory). The launchers use it when VENV is set for them too (or PYTHON=$VENV/bin/python)
 #   PYTHON3      the Python (3.10 or newer) that creates the environment (default python3 on PATH)
 #   INSTALLER    uv (default) or pip: what installs the dependencies once torch is in. uv carries pip's configuration
-#                over (launch/uv_install.py) and leaves the work to pip where it cannot
+#                over (qwen2_dist/uv_install.py) and leaves the work to pip where it cannot
 set -euo pipefail
 installer=${INSTALLER:-uv}
 if [ "$installer" != uv ] && [ "$installer" != pip ]; then
@@ -54,9 +54,10 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
         exit 2
     fi
     "$python3" -m venv "$venv"
-    # The pip a new venv brings is the Python's own (23.2 with 3.11), which takes much longer over this install than
-    # a current one (on a 2-core machine on 2026-12-06: 139-156 s with pip 23.2, 102-114 s with pip 26.3 and its 2 s
-    # upgrade). Only in a venv made here; where the upgrade fails (no index), the bundled pip goes on.
+    # The pip a new venv brings is the Python's own (23.2 with 3.11), which took much longer over this install than
+    # a current one when pip installed everything (on a 2-core machine on 2026-12-06: 139-156 s with pip 23.2,
+    # 102-114 s with pip 26.3 and its 2 s upgrade); it now installs torch, and the rest where uv cannot. Only in a
+    # venv made here; where the upgrade fails (no index), the bundled pip goes on.
     "$py" -m pip install --quiet --upgrade "pip>=25" ||
         echo "warning: could not upgrade pip in $venv; installing with $("$py" -m pip --version)" >&2
 fi
@@ -81,7 +82,7 @@ echo "torch==$torch_version" > "$venv/torch-constraint.txt"
 deps=(--quiet -c "$venv/torch-constraint.txt" -e ".[dev]")
 case $installer in
     # uv fetches and unpacks the ~130 packages in parallel: 14 s on a 2-core machine (2026-12-07), pip 50 s.
-    uv) "$py" launch/uv_install.py "${deps[@]}" || {
+    uv) "$py" -I qwen2_dist/uv_install.py "${deps[@]}" || {
             echo "warning: uv did not install the dependencies; installing them with pip" >&2
             "$py" -m pip install "${deps[@]}" --no-compile
         } ;;

@@ -1,13 +1,14 @@
 """Install packages into this Python's environment with uv, from where and under what this Python's pip would.
 
-launch/install.sh runs it for the project's dependencies: uv downloads and unpacks them in parallel (on a 2-core
-machine on 2026-12-07: 14 s for the ~130 packages of `-e .[dev]`, pip 50 s). pip's configuration (its files and PIP_*
-variables, taken as `pip install` itself takes them) is carried over: index-url, extra-index-url (with pip's rule of the
-best version from any index), no-index, find-links, constraint, cert and timeout. A setting with no counterpart here
-(trusted-host, client-cert, proxy, ...) installs nothing and exits 3, as does a uv that cannot be had: install.sh then
-installs with pip.
+launch/install.sh runs it by its path, before the package is installed (-I keeps this directory off sys.path), for
+the project's dependencies: uv downloads and unpacks them in parallel (on a 2-core machine on 2026-12-07: 14 s for
+the ~130 packages of `-e .[dev]`, pip 50 s). pip's configuration (its files and PIP_* variables, taken as `pip
+install` itself takes them) is carried over: index-url, extra-index-url (with pip's rule of the best version from
+any index), no-index, find-links, constraint, cert and timeout. A setting with no counterpart here (trusted-host,
+client-cert, proxy, ...) installs nothing and exits 3, as does a uv that cannot be had: install.sh then installs
+with pip.
 
-usage: python launch/uv_install.py ARGS...   the arguments of `uv pip install` (-c FILE, -e PATH, --quiet, ...)
+usage: python -I qwen2_dist/uv_install.py ARGS...   the arguments of `uv pip install` (-c FILE, -e PATH, --quiet, ...)
   UV   the uv to run (default: the one beside this Python, which its pip installs when missing)
 """
 

@@ -68,7 +68,7 @@ if [ "$1" = -m ] && [ "$2" = pip ]; then
     esac
     exit 0
 fi
-if [ "$1" = launch/uv_install.py ]; then
+if [ "$1 $2" = "-I qwen2_dist/uv_install.py" ]; then
     [ -z "${FAKE_UV_FAIL:-}" ] || exit 3
     exit 0
 fi
@@ -122,7 +122,7 @@ def test_install_makes_the_venv_once_then_does_nothing(install):
     assert pip_calls(calls) == ["python -m pip install --quiet --upgrade pip>=25",
                                 "python -m pip install --quiet torch==2.13.0 --no-compile",
                                 "python -m pip show torchvision"]
-    deps = f"python launch/uv_install.py --quiet -c {venv}/torch-constraint.txt -e .[dev]"
+    deps = f"python -I qwen2_dist/uv_install.py --quiet -c {venv}/torch-constraint.txt -e .[dev]"
     # Compiled to bytecode after the install, on every core, where the packages went: all but oci, of which only what
     # an oci:// source imports.
     at = calls.index(deps)
@@ -138,8 +138,8 @@ def test_install_leaves_the_dependencies_to_pip_when_uv_cannot_or_is_not_chosen(
     pip_deps = f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] --no-compile"
     calls = run(FAKE_UV_FAIL="1")
     assert "warning: uv did not install the dependencies; installing them with pip" in run.last.stderr
-    assert calls.index(pip_deps) == calls.index(f"python launch/uv_install.py --quiet -c {venv}/torch-constraint.txt "
-                                                "-e .[dev]") + 1
+    assert calls.index(pip_deps) == calls.index(f"python -I qwen2_dist/uv_install.py --quiet -c "
+                                                f"{venv}/torch-constraint.txt -e .[dev]") + 1
     shutil.rmtree(venv)
     calls = run(INSTALLER="pip")
     assert pip_deps in calls and not any("uv_install" in c for c in calls)
@@ -170,7 +170,7 @@ def test_install_reinstalls_torch_when_torch_spec_changes(install):
     assert pip_calls(calls)[:2] == ["python -m pip uninstall --quiet -y torch",
                                     "python -m pip install --quiet torch==2.12.0 --index-url "
                                     "https://example.invalid/cu126 --no-compile"]
-    assert f"python launch/uv_install.py --quiet -c {venv}/torch-constraint.txt -e .[dev]" in calls
+    assert f"python -I qwen2_dist/uv_install.py --quiet -c {venv}/torch-constraint.txt -e .[dev]" in calls
     assert run("torch==2.12.0 --index-url https://example.invalid/cu126") == []
     assert run() == []  # without TORCH_SPEC the torch there is kept
     assert pip_calls(run("torch==2.13.0"))[:2] == ["python -m pip uninstall --quiet -y torch",

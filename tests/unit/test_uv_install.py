@@ -1,7 +1,6 @@
-"""launch/uv_install.py: uv installs from where pip would (pip's configuration carried over), or leaves the install to
-pip (exit 3) when it cannot say so to uv."""
+"""qwen2_dist/uv_install.py, launch/install.sh's helper: uv installs from where pip would (pip's configuration
+carried over), or leaves the install to pip (exit 3) when it cannot say so to uv."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,12 +8,10 @@ import sys
 
 import pytest
 
+from qwen2_dist import uv_install
 from tests.helpers import REPO
 
-SCRIPT = os.path.join(REPO, "launch", "uv_install.py")
-spec = importlib.util.spec_from_file_location("uv_install", SCRIPT)
-uv_install = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(uv_install)
+SCRIPT = os.path.join(REPO, "qwen2_dist", "uv_install.py")
 
 # A uv that records what it was asked (its arguments, and the environment uv_install.py sets) and exits $FAKE_UV_EXIT.
 FAKE_UV = """#!/usr/bin/env python3
@@ -34,10 +31,8 @@ def without_pip_settings(**env: str) -> dict[str, str]:
 def pip_settings(**env: str) -> dict:
     """uv_install.pip_settings() in a fresh interpreter with env and no PIP_* variables of this one (pip's internals,
     once imported, would leave distutils imported in this one, which setuptools then refuses)."""
-    code = ("import importlib.util, json; spec = importlib.util.spec_from_file_location('uv_install', %r); "
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            "print(json.dumps(m.pip_settings()))")
-    result = subprocess.run([sys.executable, "-c", code % SCRIPT], capture_output=True, text=True, timeout=60,
+    code = "import json; from qwen2_dist import uv_install; print(json.dumps(uv_install.pip_settings()))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
                             env=without_pip_settings(**env))
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
@@ -75,13 +70,13 @@ def test_each_setting_becomes_uvs_and_one_without_a_counterpart_is_refused():
 
 
 def run_script(tmp_path, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, dict | None]:
-    """launch/uv_install.py ARGS with the fake uv (unless UV= is given), pip configured by env alone; what the fake
-    uv recorded (None when it did not run)."""
+    """qwen2_dist/uv_install.py ARGS, run as install.sh runs it, with the fake uv (unless UV= is given) and pip
+    configured by env alone; what the fake uv recorded (None when it did not run)."""
     fake = tmp_path / "uv"
     fake.write_text(FAKE_UV)
     fake.chmod(0o755)
     record = tmp_path / "record.json"
-    result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=60,
+    result = subprocess.run([sys.executable, "-I", SCRIPT, *args], capture_output=True, text=True, timeout=60,
                             env=without_pip_settings(**{"PIP_CONFIG_FILE": os.devnull, "UV": str(fake),
                                                         "FAKE_UV_RECORD": str(record), **env}))
     return result, json.loads(record.read_text()) if record.exists() else None
