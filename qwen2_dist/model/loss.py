@@ -78,9 +78,8 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, masked: bo
     gradient). z_loss > 0: the gradient is that of cross-entropy + z_loss x lse^2, and the loss a pair (summed
     cross-entropy, summed lse^2) (_with_z)."""
     fp32 = logits.float()  # fp32 logits: the logits themselves, overwritten below
-    counted = targets != IGNORE_INDEX if masked else None
-    hits = targets if counted is None else torch.where(counted, targets, 0)
-    picked = fp32.gather(1, hits[:, None]).squeeze(1)
+    hits, counted = _hits(targets, masked)
+    picked = fp32.gather(1, hits[:, None]).squeeze(1)  # read before the logits are overwritten
     # The softmax in place, one exp per logit: bitwise what _lse_and_probs_one_pass computes. torch.logsumexp and
     # then exp(logits - lse) took two and two new chunk-sized buffers: the step of a 64-token chunk of the 151,936
     # vocabulary in fp32 took 60 ms that way, 30 ms this way (one CPU thread, 2-core machine, 2026-12-07; with
@@ -90,7 +89,7 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, masked: bo
     row_sum = grad.sum(-1, keepdim=True)
     lse = (row_sum.log() + row_max).squeeze(-1)
     grad.div_(row_sum)
-    loss = (lse - picked).sum() if counted is None else torch.where(counted, lse - picked, 0.0).sum()
+    loss = _summed(lse, picked, counted)
     if z_loss:
         grad.mul_((1.0 + 2.0 * z_loss * lse)[:, None])  # d(z lse^2) = 2 z lse softmax
     grad.scatter_add_(1, hits[:, None], torch.full_like(lse[:, None], -1.0))
@@ -99,14 +98,23 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, masked: bo
     return _with_z(loss, lse, targets, masked, z_loss), grad if grad is logits else logits.copy_(grad)
 
 
+def _hits(targets: torch.Tensor, masked: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The column each row's target picks (0 for an IGNORE_INDEX target when masked) and which rows count (None:
+    all of them)."""
+    counted = targets != IGNORE_INDEX if masked else None
+    return (targets if counted is None else torch.where(counted, targets, 0)), counted
+
+
+def _summed(lse: torch.Tensor, picked: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
+    """The summed cross-entropy of the counted rows, from their log-sum-exp and their target's logit."""
+    return (lse - picked).sum() if counted is None else torch.where(counted, lse - picked, 0.0).sum()
+
+
 def _summed_loss(fp32: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, masked: bool) -> torch.Tensor:
     """The chunk's summed cross-entropy from its fp32 logits and their log-sum-exp; masked: IGNORE_INDEX targets
     add nothing."""
-    if not masked:
-        return (lse - fp32.gather(1, targets[:, None]).squeeze(1)).sum()
-    counted = targets != IGNORE_INDEX
-    picked = fp32.gather(1, torch.where(counted, targets, 0)[:, None]).squeeze(1)
-    return torch.where(counted, lse - picked, 0.0).sum()
+    hits, counted = _hits(targets, masked)
+    return _summed(lse, fp32.gather(1, hits[:, None]).squeeze(1), counted)
 
 
 def _chunk_loss_and_grad_fusable(logits: torch.Tensor, targets: torch.Tensor, masked: bool = False,
