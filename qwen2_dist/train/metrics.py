@@ -29,12 +29,16 @@ PEAK_BF16_FLOPS = {  # dense bf16, by a substring of torch.cuda.get_device_name(
     "H100": 989.4e12,
     "H800": 989.4e12,
     "GH200": 989.4e12,
+    "H20": 148e12,  # after the H200s, whose names hold it
     "GB200": 2500e12,
     "B200": 2250e12,
     "A100": 312e12,
     "A800": 312e12,
     "L40S": 362e12,
+    "L40": 181e12,
+    "L4": 121e12,  # after L40S and L40
     "A10G": 70e12,
+    "A10": 125e12,  # after A100 and A10G
     "MI300X": 1307.4e12,
     "MI325X": 1307.4e12,
     "MI250X": 191.5e12,  # one of its two dies: PyTorch sees each as a device

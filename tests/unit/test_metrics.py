@@ -369,7 +369,9 @@ def test_a_restart_hides_the_tensorboard_events_past_the_step_it_resumes_from(tm
 @pytest.mark.parametrize("name, peak", [
     ("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H200", 989.4e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H800 PCIe", 756e12), ("NVIDIA H800", 989.4e12),
-    ("NVIDIA GH200 480GB", 989.4e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA GH200 480GB", 989.4e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H20", 148e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
+    ("NVIDIA A10", 125e12),
 ])
 def test_the_peak_of_a_gpu_is_its_variant_s_not_its_family_s(monkeypatch, name, peak):
     from qwen2_dist.train.metrics import peak_flops
