@@ -190,7 +190,7 @@ def test_the_logged_throughput_leaves_out_the_commit_of_a_background_save(tmp_pa
         if trainer.checkpointer.pending_done() is not None and not saving:
             commits.append(trainer.step)
             if len(commits) == 1:
-                time.sleep(1.5)
+                time.sleep(3.0)
         return wait()
 
     monkeypatch.setattr(trainer, "save", marked_save)
@@ -199,7 +199,8 @@ def test_the_logged_throughput_leaves_out_the_commit_of_a_background_save(tmp_pa
     assert commits and commits[0] < 6, commits  # committed by the loop inside the window
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     tokens, stepped = 6 * _tokens_per_step(trainer), sum(step_seconds.values())
-    assert tokens / (stepped + 0.75) < record["tokens_per_sec"] <= tokens / stepped
+    # Half the commit's 3 s for the loop's own time: 0.9 s of it once, in a serial run of the whole suite.
+    assert tokens / (stepped + 1.5) < record["tokens_per_sec"] <= tokens / stepped
 
 
 def test_a_batch_rampup_trains_each_step_on_its_size_as_a_run_of_that_batch_would(tmp_path):
