@@ -85,10 +85,12 @@ def _timed_steps(trainer, monkeypatch) -> dict[int, float]:
     return seconds
 
 
-def _slow_saves(trainer, monkeypatch, seconds: float) -> None:
-    """Every save takes `seconds` longer."""
-    save = trainer.save
-    monkeypatch.setattr(trainer, "save", lambda *args, **kwargs: (time.sleep(seconds), save(*args, **kwargs))[1])
+def _slow_saves(trainer, monkeypatch, seconds: float) -> list[int]:
+    """Every save takes `seconds` longer; returns the list of the steps saved, filled as fit() saves."""
+    save, saved = trainer.save, []
+    monkeypatch.setattr(trainer, "save", lambda *args, **kwargs: (time.sleep(seconds), saved.append(trainer.step),
+                                                                  save(*args, **kwargs))[2])
+    return saved
 
 
 @pytest.mark.parametrize("interval", [0, 2])
@@ -162,12 +164,17 @@ def test_the_logged_throughput_leaves_out_a_save_between_logging_steps(tmp_path,
     trainer = _trainer(tmp_path, "logging.interval=4", "train.steps=4", "checkpoint.interval=2",
                        "checkpoint.save_final=false")
     step_seconds = _timed_steps(trainer, monkeypatch)
-    _slow_saves(trainer, monkeypatch, 1.5)
+    saves = _slow_saves(trainer, monkeypatch, 1.5)
+    started = time.monotonic()
     trainer.fit()
+    whole = time.monotonic() - started
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     tokens, stepped = 4 * _tokens_per_step(trainer), sum(step_seconds.values())
-    # All four steps over at least their own time (not only the two after the save), and not the save's 1.5 s.
-    assert tokens / (stepped + 0.75) < record["tokens_per_sec"] <= tokens / stepped
+    # All four steps over at least their own time (not only the two after the save); and the window, which lies
+    # within fit(), without the saves' 1.5 s each (the save at step 2 left out of it, the one at step 4 after it): a
+    # bound that needs no allowance for a loaded machine's time outside the steps.
+    assert len(saves) == 2
+    assert tokens / (whole - 1.5 * len(saves)) <= record["tokens_per_sec"] <= tokens / stepped, (record, stepped, whole)
     assert record["data_wait_pct"] <= 100
 
 
@@ -195,12 +202,15 @@ def test_the_logged_throughput_leaves_out_the_commit_of_a_background_save(tmp_pa
 
     monkeypatch.setattr(trainer, "save", marked_save)
     monkeypatch.setattr(trainer.checkpointer, "wait", slow_first_commit)
+    started = time.monotonic()
     trainer.fit()
+    whole = time.monotonic() - started
     assert commits and commits[0] < 6, commits  # committed by the loop inside the window
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     tokens, stepped = 6 * _tokens_per_step(trainer), sum(step_seconds.values())
-    # Half the commit's 3 s for the loop's own time: 0.9 s of it once, in a serial run of the whole suite.
-    assert tokens / (stepped + 1.5) < record["tokens_per_sec"] <= tokens / stepped
+    # The window lies within fit() and leaves out the commit's 3 s (a fixed allowance of 0.75 s over the steps' own
+    # time for the loop's was exceeded once, 0.9 s, in a serial run of the suite under torch 2.11, 2026-12-07).
+    assert tokens / (whole - 3.0) <= record["tokens_per_sec"] <= tokens / stepped, (record, stepped, whole)
 
 
 def test_a_batch_rampup_trains_each_step_on_its_size_as_a_run_of_that_batch_would(tmp_path):
