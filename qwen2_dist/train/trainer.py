@@ -22,7 +22,9 @@ from qwen2_dist.errors import ResumeMismatch, UserError
 from qwen2_dist.model.args import ModelArgs
 from qwen2_dist.model.loss import IGNORE_INDEX, ZLoss, plain_z_term, resolve_loss, vocab_parallel_z_term
 from qwen2_dist.parallel.mesh import World, agree_any, agree_max, all_reduce_sum, dp_rank_and_size
-from qwen2_dist.parallel.parallelize import compile_enabled, loss_context, set_gradient_sync
+from qwen2_dist.parallel.parallelize import (
+    compile_enabled, float8_scale_precompute, loss_context, set_gradient_sync,
+)
 from qwen2_dist.train import checkpoint
 from qwen2_dist.train import tasks as task_rows
 from qwen2_dist.train.faults import StepGuard, TrainingHalted, Watchdog, inject_hang, inject_nan
@@ -132,6 +134,8 @@ class Trainer:
         first = optimizer.param_groups[0]["params"][0]
         self.params_device = (first.to_local() if isinstance(first, DTensor) else first).device  # cpu_offload: CPU
         self.in_backward = bool(optimizer.defaults.get("in_backward"))
+        # model.float8 under FSDP: the next all-gathers' float8 scales, all taken after each step in one all-reduce.
+        self.float8_scales = float8_scale_precompute(model)
         self.step = 0
         self.saved_step = -1  # the step of the newest committed checkpoint of this run's state (-1: none yet)
         self.saving_step: int | None = None  # the step of a save still being written in the background
@@ -308,6 +312,8 @@ class Trainer:
         elif not self.in_backward and not skip.item():
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.float8_scales is not None:  # after a skipped update too: the same weights, the same scales
+            self.float8_scales()
         return loss, grad_norm, data_seconds
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -133,10 +133,13 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
         losses.append(loss.item())
         grad_norms.append(grad_norm.item())
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # model.float8 under FSDP: the scales the next all-gathers would cast each weight with, where one was set.
+    float8_scales = {name: float(p._local_tensor._precomputed_scale) for name, p in model.named_parameters()
+                     if getattr(getattr(p, "_local_tensor", None), "_precomputed_scale", None) is not None}
     if rank == 0:
         torch.save({"layout": layout, "losses": losses, "grad_norms": grad_norms, "weights": weights,
                     "embedding_grad": embedding_grad, "tie": tie, "initial": initial,
-                    "task_scores": torch.from_numpy(task_scores)}, out_file)
+                    "task_scores": torch.from_numpy(task_scores), "float8_scales": float8_scales}, out_file)
     if dist.is_initialized():
         dist.destroy_process_group()
 
