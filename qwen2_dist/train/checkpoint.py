@@ -35,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_map
 
 from qwen2_dist.errors import CheckpointNotLoadable, StorageUnreadable, UserError
 from qwen2_dist.fsutil import fsync_path, replace_dir, write_atomic
@@ -493,11 +495,33 @@ def _state(model: torch.nn.Module | dict, optimizer: torch.optim.Optimizer | Non
     if isinstance(model, dict):  # the model's state dict itself (write(): qwen2-convert from-hf's mapped tensors)
         return {"model": model}
     if optimizer is None:
-        return {"model": get_model_state_dict(model)}
+        return {"model": _unwrapped(get_model_state_dict(model))}
     if hasattr(optimizer, "wait"):
         optimizer.wait()  # optim.overlap: the last update may still be running on its side stream
     model_sd, optim_sd = get_state_dict(model, _optimizers(optimizer), options=_options(fmt))
-    return {"model": model_sd, "optim": optim_sd}
+    return {"model": _unwrapped(model_sd), "optim": optim_sd}
+
+
+_FLOAT8_WRAPPER = "WeightWithDynamicFloat8CastTensor"
+
+
+def _unwrapped(state: dict) -> dict:
+    """The model's state with each tensor held in torchao's float8 weight wrapper replaced by the plain tensor inside
+    it (the same storage, no copy). Under FSDP, model.float8 wraps every float8 weight's shard so that it is
+    all-gathered in float8 (AdamW's moments are plain tensors); saved as they are, those weights pickle as that
+    torchao class, which a load without torchao imported refuses (weights_only): such a checkpoint could not be
+    exported, nor started from or resumed without float8. A load reads into the plain tensor, the wrapper's own."""
+
+    def plain(value):
+        if isinstance(value, DTensor) and type(value._local_tensor).__name__ == _FLOAT8_WRAPPER:
+            with torch.no_grad():
+                return DTensor.from_local(value._local_tensor._tensor, value.device_mesh, value.placements,
+                                          run_check=False, shape=value.shape, stride=value.stride())
+        if type(value).__name__ == _FLOAT8_WRAPPER:
+            return value._tensor
+        return value
+
+    return tree_map(plain, state)
 
 
 def _holds_state(optimizer: torch.optim.Optimizer | None) -> bool:

@@ -122,7 +122,7 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
                                job.train.global_batch_size, dp_rank, dp_size, seed=DATA_SEED,
                                batch_schedule=BatchSchedule.of(job.train))
     embedding_grad = probe_embedding_grad(model, mesh, batches)
-    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, {})
+    trainer = Trainer(job, args, world, mesh, model, optimizer, batches, {"model_args": args.to_dict()})
     # eval.tasks' scoring, before any step: the layouts start from the same weights (the row losses are summed
     # inside the model at tp=1, from vocabulary-parallel logits under TP).
     task_scores = trainer.task_log_likelihoods(probe_task(args.vocab_size, job.train.seq_len))
@@ -132,6 +132,11 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
         loss, grad_norm, _ = trainer.train_step()
         losses.append(loss.item())
         grad_norms.append(grad_norm.item())
+    # QWEN2_TEST_SAVE=1: a checkpoint of the last step, as the trainer writes it (run_dir/checkpoints/step_N).
+    saved = None
+    if os.environ.get("QWEN2_TEST_SAVE") == "1":
+        trainer.step = job.train.steps  # the steps above were train_step() calls, which leave the count to fit()
+        saved = trainer.save(blocking=True)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # model.float8 under FSDP: the scales the next all-gathers would cast each weight with, where one was set.
     float8_scales = {name: float(p._local_tensor._precomputed_scale) for name, p in model.named_parameters()
@@ -139,7 +144,8 @@ def run_rank(rank: int, world_size: int, port: int, overrides: list[str], out_fi
     if rank == 0:
         torch.save({"layout": layout, "losses": losses, "grad_norms": grad_norms, "weights": weights,
                     "embedding_grad": embedding_grad, "tie": tie, "initial": initial,
-                    "task_scores": torch.from_numpy(task_scores), "float8_scales": float8_scales}, out_file)
+                    "task_scores": torch.from_numpy(task_scores), "float8_scales": float8_scales,
+                    "checkpoint": saved}, out_file)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers import REPO, run_python
+from tests.helpers import REPO, run_cli, run_python
 
 pytest.importorskip("torchao.float8")
 
@@ -29,7 +29,8 @@ def runs(tmp_path_factory):
                                     ("single", "single_float8", "0")):
         out = out_dir / f"{key}.pt"
         result = run_python([WORKER, layout, str(out), "train.steps=3"], timeout=240,
-                            env={"QWEN2_TEST_FLOAT8_PER_WEIGHT": per_weight})
+                            env={"QWEN2_TEST_FLOAT8_PER_WEIGHT": per_weight,
+                                 "QWEN2_TEST_SAVE": "1" if key == "precomputed" else "0"})
         assert result.returncode == 0, result.stderr[-4000:]
         results[key] = torch.load(out)
     return results
@@ -59,3 +60,19 @@ def test_fsdp2_in_float8_trains_close_to_one_process_in_float8(runs):
     assert fsdp["layout"]["dp_shard"] == 2 and len(fsdp["losses"]) == len(single["losses"]) == 3
     assert max(abs(a - b) for a, b in zip(fsdp["losses"], single["losses"])) < 2e-3, (fsdp["losses"],
                                                                                        single["losses"])
+
+
+def test_a_float8_fsdp_checkpoint_holds_plain_weights_that_export_without_torchao(runs, tmp_path):
+    """The wrapped float8 weights were saved as torchao's class, which qwen2-convert (no torchao imported) refused
+    to unpickle: "Weights only load failed" (seen 2026-12-07). The export now holds the run's last weights exactly."""
+    from safetensors.torch import load_file
+
+    from qwen2_dist.model.hf import native_to_hf_name
+
+    precomputed = runs["precomputed"]
+    result = run_cli("qwen2_dist.cli.convert", ["to-hf", precomputed["checkpoint"], str(tmp_path / "hf"),
+                                                 "--dtype", "float32", "--tokenizer", "none"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    for name, weight in precomputed["weights"].items():
+        torch.testing.assert_close(exported[native_to_hf_name(name)], weight, rtol=0, atol=0)
