@@ -165,7 +165,6 @@ def apply_float8(model: Qwen2, device_type: str, fsdp: bool) -> None:
     log.info("float8: decoder-block linears converted (torchao, dynamic tensor-wise scaling)")
 
 
-
 def float8_scale_precompute(model: nn.Module):
     """torchao's precompute_float8_dynamic_scale_for_fsdp when the model has float8 weights that FSDP2 all-gathers in
     float8 (apply_float8 with fsdp=True) on the training device, else None. Called after each optimizer step, it
@@ -185,6 +184,7 @@ def float8_scale_precompute(model: nn.Module):
     if not weights or any(p.device.type != p.device_mesh.device_type for p in weights):
         return None
     return functools.partial(precompute_float8_dynamic_scale_for_fsdp, model)
+
 
 def _settle(module: nn.Module, inputs, output: DTensor) -> DTensor:
     """Forward hook of the tensor-parallel embedding: its output with the reduce-scatter already waited for.

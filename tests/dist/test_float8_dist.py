@@ -1,6 +1,7 @@
 """model.float8 under FSDP2 on CPU ranks: the weights all-gathered in float8, with the scales for the next
 all-gathers taken after each step in one all-reduce (torchao's precompute_float8_dynamic_scale_for_fsdp), train as
-the per-weight reduction does, and those scales are the ones of the full weights.
+the per-weight reduction does, and those scales are the ones of the full weights; the run's checkpoint exports to
+Hugging Face without torchao.
 
 tests/dist/float8_worker.py runs 3 steps of the tiny model (every block linear in float8) on 2 gloo ranks, and in
 one process for the reference; needs torchao (the dev extra installs it).
