@@ -512,13 +512,11 @@ def _unwrapped(state: dict) -> dict:
     torchao class, which a load without torchao imported refuses (weights_only): such a checkpoint could not be
     exported, nor started from or resumed without float8. A load reads into the plain tensor, the wrapper's own."""
 
-    def plain(value):
+    def plain(value):  # the wrapper is made for FSDP's all-gather only: always the local shard of a DTensor
         if isinstance(value, DTensor) and type(value._local_tensor).__name__ == _FLOAT8_WRAPPER:
             with torch.no_grad():
                 return DTensor.from_local(value._local_tensor._tensor, value.device_mesh, value.placements,
                                           run_check=False, shape=value.shape, stride=value.stride())
-        if type(value).__name__ == _FLOAT8_WRAPPER:
-            return value._tensor
         return value
 
     return tree_map(plain, state)
