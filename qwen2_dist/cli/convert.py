@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from qwen2_dist.cli import exit_without_collecting
 from qwen2_dist.errors import UserError
 from qwen2_dist.fsutil import new_output_dir
 
@@ -232,6 +233,7 @@ def verify(paths: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Console script qwen2-convert."""
+    exit_without_collecting()
     parser = argparse.ArgumentParser(prog="qwen2-convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

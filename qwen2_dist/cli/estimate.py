@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.tensor import DTensor, Shard
 
+from qwen2_dist.cli import exit_without_collecting
 from qwen2_dist.cli.train import compose_job
 from qwen2_dist.config import BatchSchedule, JobConfig, uses_bf16, validate
 from qwen2_dist.errors import UserError
@@ -328,6 +329,7 @@ def _split_argv(argv: list[str]) -> tuple[list[str], int, float]:
 
 def main(argv: list[str] | None = None) -> None:
     """Console script qwen2-estimate."""
+    exit_without_collecting()
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)

@@ -10,6 +10,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from qwen2_dist.cli import exit_without_collecting
 from qwen2_dist.data.prepare import SUMMARY_NAME, prepare
 from qwen2_dist.errors import UserError
 
@@ -86,6 +87,7 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run qwen2-prepare on argv (default sys.argv[1:]); returns the exit status."""
+    exit_without_collecting()
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE)

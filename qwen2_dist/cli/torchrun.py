@@ -17,6 +17,8 @@ import os
 import signal
 import sys
 
+from qwen2_dist.cli import exit_without_collecting
+
 
 def _stop_before_the_workers(signum: int, frame) -> None:
     """A stop signal before torchrun starts the workers (its imports, the run directory's compose, the
@@ -73,6 +75,7 @@ def job_run_dir(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     stop_on_signals_until_torchrun_handles_them()  # before the imports, which take seconds
+    exit_without_collecting()
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import main as torchrun_main
 

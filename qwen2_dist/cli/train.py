@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
+from qwen2_dist.cli import exit_without_collecting
 from qwen2_dist.config import (
     BatchSchedule, JobConfig, advisories, check_known_keys, check_saved, did_you_mean, parse_bytes, register_configs,
     uses_bf16, validate,
@@ -815,6 +816,7 @@ def check_sweep_points(argv: list[str]) -> None:
 
 def main() -> None:
     """Console script qwen2-train."""
+    exit_without_collecting()
     register_configs()
     try:
         check_only_world = os.environ.get("QWEN2_CHECK_ONLY")
