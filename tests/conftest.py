@@ -53,3 +53,29 @@ def corpus_cache(tmp_path_factory) -> str:
     cache = str(tmp_path_factory.mktemp("corpus"))
     embedded_corpus(cache, seq_len=32, max_tokens=60_000)
     return cache
+
+
+# Seconds each test file took, for those over 20 s (runs of the whole suite with two workers on a 2-core machine,
+# 2026-12-07; `pytest --durations=0`, setup + call + teardown summed per file). .ci/run hands whole files to two
+# workers (--dist loadfile), each file to whichever worker runs short of tests: in collection order, the 100 s of
+# tests/unit/test_train_loop.py came last, and the other worker sat idle for 80-90 s of a 14.5-minute run. Longest
+# first, the last files handed out are the short ones. Files not named keep their order, after these.
+SLOW_FILES = {
+    "e2e/test_launch.py": 255, "e2e/test_train.py": 145, "dist/test_compile_dist.py": 115,
+    "e2e/test_checkpoint_e2e.py": 110, "unit/test_config.py": 80, "dist/test_checkpoint_dist.py": 85,
+    "unit/test_train_loop.py": 75, "e2e/test_faults.py": 70, "e2e/test_benchmarks.py": 68, "unit/test_loader.py": 62,
+    "dist/test_parity.py": 45, "e2e/test_s3.py": 40, "unit/test_loss.py": 34, "unit/test_checkpoint.py": 33,
+    "unit/test_block_traffic.py": 32, "unit/test_launch_scripts.py": 28, "unit/test_hf.py": 28,
+    "unit/test_estimate.py": 25,
+}
+
+def pytest_collection_modifyitems(session, config, items):
+    """The files of SLOW_FILES first, longest first (a stable sort: each file's tests stay together, in order)."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    gone = [name for name in SLOW_FILES if not os.path.isfile(os.path.join(tests_dir, name))]
+    assert not gone, f"tests/conftest.py SLOW_FILES names files that do not exist: {gone}"
+
+    def seconds(item) -> float:
+        return SLOW_FILES.get(os.path.relpath(str(item.path), tests_dir), 0)
+
+    items.sort(key=lambda item: -seconds(item))
