@@ -53,8 +53,8 @@ LAYOUTS: dict[str, tuple[int, list[str]]] = {
 # gradients are sharded DTensors in the parallel layouts (AdamW is nearly blind to a uniform scale, so this checks
 # that the path runs everywhere; tests/unit/test_clip.py checks the clip's effect).
 COMMON = [
-    "model=tiny", "train.seq_len=32", "train.global_batch_size=8", "train.steps=5", "optim.warmup_steps=0",
-    "optim.lr=1e-3", "train.grad_clip=0.3",
+    "model=tiny", "model.vocab_size=1024", "data.synthetic=true", "train.seq_len=32", "train.global_batch_size=8",
+    "train.steps=5", "optim.warmup_steps=0", "optim.lr=1e-3", "train.grad_clip=0.3",
     "train.device=cpu", "train.mixed_precision=fp32", "train.deterministic=true", "checkpoint.async_save=false",
 ]
 DATA_SEED = 1234

@@ -1,13 +1,15 @@
 """Every parallel layout trains like one process (losses, gradient norms, final weights); the tie survives.
 
-Each layout runs tests/dist/parity_worker.py: 5 steps of the tiny model (2 blocks of width 32, the real
-151,936-token vocabulary; with the debug model's 128-wide embedding, fsdp4 took 18.1 s instead of 7.8), 2 micro-batches
+Each layout runs tests/dist/parity_worker.py: 5 steps of the tiny model (2 blocks of width 32) with a vocabulary of
+1,024 on random token ids (the real 151,936 made each step several times as long; tests/dist/test_train_tp.py and
+tests/dist/test_checkpoint_dist.py train it under TP and FSDP), 2 micro-batches
 per step, activation checkpointing on (full, per-op under TP x FSDP, every 2nd block under HSDP, which also fuses the
 projections), gloo on the CPU; the reference is one plain process (no FSDP, no checkpointing). The tiny model ties
 its embeddings; tp2_untied checks the separate column-parallel head of the untied sizes. The chunked loss runs in
 the tp=1 layouts and the reference, the vocabulary-parallel one under TP.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -95,7 +97,7 @@ def test_hugging_face_weights_load_into_the_tp_and_fsdp_sharded_model(tmp_path):
     from qwen2_dist.model.hf import hf_config_from_args, hf_to_native_state_dict
 
     torch.manual_seed(0)
-    args = get_model_args("tiny")
+    args = dataclasses.replace(get_model_args("tiny"), vocab_size=1024)  # parity_worker's vocabulary
     original = Qwen2ForCausalLM(Qwen2Config(**hf_config_from_args(args)))
     with torch.no_grad():
         for param in original.parameters():

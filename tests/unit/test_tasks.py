@@ -157,7 +157,7 @@ def test_each_choice_is_scored_by_its_log_likelihood_after_the_context(tmp_path,
     acc is the share of examples whose best-scored choice is the answer."""
     path = write_task(tmp_path / "t.jsonl")
     trainer = cpu_trainer(tmp_path, "train.seq_len=32", f"model.loss={loss}", "model.loss_chunk_tokens=7",
-                          f"data.document_masking={masking}", f"eval.tasks=[{{path: {path}}}]")
+                          f"data.document_masking={masking}", f"eval.tasks=[{{path: {path}}}]", qwen2_vocab=True)
     (task,) = tasks.load_tasks(trainer.cfg, "qwen2", vocab_size=151936)
     assert (task.tokens[0][0] == task.pad_id) == (masking == "false")
     model, seen = trainer.model, []

@@ -246,7 +246,7 @@ def test_eval_datasets_are_evaluated_apart_from_the_training_datas_eval_loss(tmp
     web = make_dataset(tmp_path / "web", 8, 16, val_samples=7)
     wiki = make_dataset(tmp_path / "wiki", 5, 16, first_id=3000)
     trainer = cpu_trainer(tmp_path / "run", "train.global_batch_size=2", f"data.path={web}", "eval.samples=5",
-                          f"eval.datasets=[{{path: {wiki}, split: train}}]")
+                          f"eval.datasets=[{{path: {wiki}, split: train}}]", qwen2_vocab=True)
     loader_args = dict(seq_len=16, micro_batch_size=2, dp_rank=0, dp_size=1, cache_dir=None, run_key="default")
     evals, complete = build_evals(trainer.cfg, [(web, 1.0)], loader_args, 1)
     assert [(ev.name, ev.samples, ev.extra) for ev in evals] == [(None, 5, False), ("wiki", 5, True)]
@@ -518,7 +518,7 @@ def test_a_mixture_is_evaluated_per_source_and_weighted_as_in_training(tmp_path,
     nothing_held_out = make_dataset(tmp_path / "books", 8, 16)
     sources = f"[{{path: {web}, weight: 3}}, {{path: {code}, weight: 1, name: code}}]"
     trainer = cpu_trainer(tmp_path / "run", "train.global_batch_size=2", f"data.sources={sources}",
-                          "eval.samples=5")
+                          "eval.samples=5", qwen2_vocab=True)
     loader_args = dict(seq_len=16, micro_batch_size=2, dp_rank=0, dp_size=1, cache_dir=None, run_key="default")
     evals, complete = build_evals(trainer.cfg, [(web, 3.0), (code, 1.0)], loader_args, 1)
     assert complete and [(ev.name, ev.samples, ev.weight) for ev in evals] == [("web", 5, 3.0), ("code", 3, 1.0)]
@@ -611,7 +611,7 @@ def test_with_eod_mask_loss_a_step_s_loss_is_the_mean_over_the_counted_targets(t
     results = []
     for micro in (1, 2, 4):
         trainer = cpu_trainer(tmp_path / f"run{micro}", f"model.loss={loss}", "data.eod_mask_loss=true",
-                              "train.global_batch_size=4", f"train.micro_batch_size={micro}")
+                              "train.global_batch_size=4", f"train.micro_batch_size={micro}", qwen2_vocab=True)
         reader = TokenBatches([(data, 1.0)], seq_len=16, micro_batch_size=4, global_batch_size=4, eod_mask_loss=True)
         whole = reader.next_batch()
         reader.close()
