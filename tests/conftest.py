@@ -69,6 +69,7 @@ SLOW_FILES = {
     "unit/test_estimate.py": 25,
 }
 
+
 def pytest_collection_modifyitems(session, config, items):
     """The files of SLOW_FILES first, longest first (a stable sort: each file's tests stay together, in order)."""
     tests_dir = os.path.dirname(os.path.abspath(__file__))
