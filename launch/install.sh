@@ -63,8 +63,14 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
 fi
 
 install_torch() {
+    # With uv where it can (the CPU wheel from a local directory: 5 s on a 2-core machine on 2026-12-07, pip 21 s),
+    # else pip; compiled to bytecode below.
     # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options on purpose
-    "$py" -m pip install --quiet $torch_spec --no-compile  # compiled with the rest below
+    if [ "$installer" != uv ] || ! "$py" -I qwen2_dist/uv_install.py --quiet $torch_spec; then
+        [ "$installer" != uv ] || echo "warning: uv did not install $torch_spec; installing it with pip" >&2
+        # shellcheck disable=SC2086
+        "$py" -m pip install --quiet $torch_spec --no-compile
+    fi
     echo "$torch_spec" > "$spec_file"
 }
 if ! "$py" -c "import torch" 2>/dev/null; then
@@ -79,6 +85,16 @@ fi
 # make the installer replace it with a multi-GB CUDA build.
 torch_version=$("$py" -c "import importlib.metadata as m; print(m.version('torch').split('+')[0])")
 echo "torch==$torch_version" > "$venv/torch-constraint.txt"
+# Compiled to bytecode here, on every core (pip would compile each file it installs, one at a time; uv compiles
+# nothing): the .pyc files an interpreter under PYTHONDONTWRITEBYTECODE=1 cannot write itself (torch and the CLIs then
+# import in 16 s, not 5). A file that does not compile is no error, as under pip. What is installed now (torch and its
+# dependencies, a third of the files) while the dependencies are fetched, the rest after them: 20 s less on a 2-core
+# machine (2026-12-07). A file the first pass compiled stays compiled (compileall and imports check each .pyc against
+# its source's size and time).
+purelib=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+mapfile -t present < <(find "$purelib" -mindepth 1 -maxdepth 1 -type d ! -name oci)
+"$py" -m compileall -qq -j 0 "${present[@]}" > /dev/null 2>&1 &
+compile_pid=$!
 deps=(--quiet -c "$venv/torch-constraint.txt" -e ".[dev]")
 case $installer in
     # uv fetches and unpacks the ~130 packages in parallel: 14 s on a 2-core machine (2026-12-07), pip 50 s.
@@ -88,13 +104,13 @@ case $installer in
         } ;;
     pip) "$py" -m pip install "${deps[@]}" --no-compile ;;
 esac
-# Compiled to bytecode here, on every core (pip would compile each file it installs, one at a time; uv compiles
-# nothing): the .pyc files an interpreter under PYTHONDONTWRITEBYTECODE=1 cannot write itself (torch and the CLIs then
-# import in 16 s, not 5). A file that does not compile is no error, as under pip. Not oci, the Oracle Cloud SDK
-# mosaicml-streaming requires: 18,000 of the 33,000 files, 33 s of a 76 s compile on 2 cores; only what an oci://
-# source imports of it is compiled, by importing that with bytecode written.
-purelib=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-"$py" -m compileall -qq -j 0 -x '/site-packages/oci/' "$purelib" > /dev/null || true
+wait "$compile_pid" || true
+# Not oci, the Oracle Cloud SDK mosaicml-streaming requires: 18,000 of the 33,000 files, 33 s of a 76 s compile on 2
+# cores; only what an oci:// source imports of it is compiled, by importing that with bytecode written. Nor the
+# models of transformers other than Qwen2 (and its auto classes): 45 of the 240 MB of source left, none of it ever
+# imported here (transformers imports a model's files when the model is asked for).
+"$py" -m compileall -qq -j 0 -x '/site-packages/(oci/|transformers/models/(?!auto/|qwen2/)[^/]+/)' "$purelib" \
+    > /dev/null || true
 env -u PYTHONDONTWRITEBYTECODE "$py" -c "import oci.object_storage" 2>/dev/null || true
 # mosaicml-streaming pulls torchvision, which we never use; PyPI's build fails to import next to a CPU torch
 # ("operator torchvision::nms does not exist") and transformers then fails to import too. Remove it.

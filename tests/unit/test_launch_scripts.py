@@ -70,10 +70,14 @@ if [ "$1" = -m ] && [ "$2" = pip ]; then
 fi
 if [ "$1 $2" = "-I qwen2_dist/uv_install.py" ]; then
     [ -z "${FAKE_UV_FAIL:-}" ] || exit 3
+    case "$4" in
+        torch*) [ -z "${FAKE_PIP_FAIL:-}" ] || exit 1; echo "$4" > "$venv/has-torch" ;;
+    esac
     exit 0
 fi
 case "$2" in
     "import torch") [ -f "$venv/has-torch" ] ;;
+    "import sysconfig"*) mkdir -p "$venv/site-packages/torch" && echo "$(cd "$venv" && pwd)/site-packages" ;;
     "import importlib.metadata"*) [ -f "$venv/has-torch" ] && echo 2.13.0 ;;
 esac
 """
@@ -118,17 +122,23 @@ def test_install_makes_the_venv_once_then_does_nothing(install):
     run, venv, _ = install
     calls = run()
     assert calls[0] == f"python3 -m venv {venv}"
-    # The new venv's pip is upgraded first (a current pip installs torch faster); the dependencies go in with uv.
-    assert pip_calls(calls) == ["python -m pip install --quiet --upgrade pip>=25",
-                                "python -m pip install --quiet torch==2.13.0 --no-compile",
-                                "python -m pip show torchvision"]
+    # The new venv's pip is upgraded first (uv_install.py reads pip's settings); torch and the dependencies go in
+    # with uv.
+    assert pip_calls(calls) == ["python -m pip install --quiet --upgrade pip>=25", "python -m pip show torchvision"]
+    torch_at = calls.index("python -I qwen2_dist/uv_install.py --quiet torch==2.13.0")
     deps = f"python -I qwen2_dist/uv_install.py --quiet -c {venv}/torch-constraint.txt -e .[dev]"
-    # Compiled to bytecode after the install, on every core, where the packages went: all but oci, of which only what
-    # an oci:// source imports.
+    # Compiled to bytecode on every core, where the packages went: what was there before the dependencies (torch and
+    # its own) while they install, the rest after them; all but oci, of which only what an oci:// source imports, and
+    # transformers' models but Qwen2.
+    purelib = "python -c import sysconfig; print(sysconfig.get_paths()[\"purelib\"])"
     at = calls.index(deps)
-    assert calls[at + 1:at + 4] == ["python -c import sysconfig; print(sysconfig.get_paths()[\"purelib\"])",
-                                    "python -m compileall -qq -j 0 -x /site-packages/oci/ ",
-                                    "python -c import oci.object_storage"]
+    assert torch_at < calls.index(purelib) < at
+    first = f"python -m compileall -qq -j 0 {venv}/site-packages/torch"  # in the background
+    assert first in calls[calls.index(purelib) + 1:]
+    assert [c for c in calls[at + 1:] if c != first][:2] == [
+        f"python -m compileall -qq -j 0 -x /site-packages/(oci/|transformers/models/(?!auto/|qwen2/)[^/]+/) "
+        f"{venv}/site-packages",
+        "python -c import oci.object_storage"]
     assert (venv / "torch-constraint.txt").read_text() == "torch==2.13.0\n"
     assert run() == []
 
@@ -137,6 +147,9 @@ def test_install_leaves_the_dependencies_to_pip_when_uv_cannot_or_is_not_chosen(
     run, venv, _ = install
     pip_deps = f"python -m pip install --quiet -c {venv}/torch-constraint.txt -e .[dev] --no-compile"
     calls = run(FAKE_UV_FAIL="1")
+    assert "warning: uv did not install torch==2.13.0; installing it with pip" in run.last.stderr
+    assert calls.index("python -m pip install --quiet torch==2.13.0 --no-compile") == calls.index(
+        "python -I qwen2_dist/uv_install.py --quiet torch==2.13.0") + 1
     assert "warning: uv did not install the dependencies; installing them with pip" in run.last.stderr
     assert calls.index(pip_deps) == calls.index(f"python -I qwen2_dist/uv_install.py --quiet -c "
                                                 f"{venv}/torch-constraint.txt -e .[dev]") + 1
@@ -149,10 +162,10 @@ def test_install_leaves_the_dependencies_to_pip_when_uv_cannot_or_is_not_chosen(
 def test_install_goes_on_with_the_venvs_own_pip_when_it_cannot_upgrade_it(install):
     """No package index for pip itself (a machine with a local wheelhouse only): a warning, then the install."""
     run, venv, _ = install
-    calls = pip_calls(run(FAKE_NO_INDEX="1"))
+    calls = run(FAKE_NO_INDEX="1")
     assert f"warning: could not upgrade pip in {venv}; installing with " in run.last.stderr
-    assert calls[:2] == ["python -m pip install --quiet --upgrade pip>=25",
-                         "python -m pip install --quiet torch==2.13.0 --no-compile"]
+    assert pip_calls(calls)[0] == "python -m pip install --quiet --upgrade pip>=25"
+    assert "python -I qwen2_dist/uv_install.py --quiet torch==2.13.0" in calls
     assert (venv / ".qwen2-dist-installed").exists()
 
 
@@ -167,14 +180,14 @@ def test_install_reinstalls_torch_when_torch_spec_changes(install):
     run()
     assert run("torch==2.13.0") == []  # the spec torch came from
     calls = run("torch==2.12.0 --index-url https://example.invalid/cu126")
-    assert pip_calls(calls)[:2] == ["python -m pip uninstall --quiet -y torch",
-                                    "python -m pip install --quiet torch==2.12.0 --index-url "
-                                    "https://example.invalid/cu126 --no-compile"]
+    assert calls.index("python -I qwen2_dist/uv_install.py --quiet torch==2.12.0 --index-url "
+                       "https://example.invalid/cu126") == calls.index("python -m pip uninstall --quiet -y torch") + 1
     assert f"python -I qwen2_dist/uv_install.py --quiet -c {venv}/torch-constraint.txt -e .[dev]" in calls
     assert run("torch==2.12.0 --index-url https://example.invalid/cu126") == []
     assert run() == []  # without TORCH_SPEC the torch there is kept
-    assert pip_calls(run("torch==2.13.0"))[:2] == ["python -m pip uninstall --quiet -y torch",
-                                                   "python -m pip install --quiet torch==2.13.0 --no-compile"]
+    calls = run("torch==2.13.0")
+    assert calls.index("python -I qwen2_dist/uv_install.py --quiet torch==2.13.0") == calls.index(
+        "python -m pip uninstall --quiet -y torch") + 1
 
 
 def test_install_after_a_torch_reinstall_that_failed_installs_the_recorded_torch(install):
@@ -185,7 +198,7 @@ def test_install_after_a_torch_reinstall_that_failed_installs_the_recorded_torch
     run(cuda)
     run("torch==2.11.0", torch_download_fails=True)
     assert not (venv / "has-torch").exists()
-    assert pip_calls(run())[0] == f"python -m pip install --quiet {cuda} --no-compile"
+    assert f"python -I qwen2_dist/uv_install.py --quiet {cuda}" in run()
     assert (venv / "has-torch").read_text().strip() == "torch==2.12.0" and run() == []
 
 
@@ -230,7 +243,7 @@ def test_install_repairs_a_venv_whose_creation_failed(install):
     write_script(venv / "bin" / "python", FAKE_VENV_PYTHON)
     calls = run()
     assert f"python3 -m venv {venv}" in calls
-    assert "python -m pip install --quiet torch==2.13.0 --no-compile" in calls
+    assert "python -I qwen2_dist/uv_install.py --quiet torch==2.13.0" in calls
     assert run() == []
 
 
