@@ -1,5 +1,6 @@
 """Checkpoints through qwen2-train and qwen2-convert: kill -9 during a save, damage fallback, HF round trip."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,10 +19,10 @@ TRAIN = "qwen2_dist.cli.train"
 def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, corpus_cache):
     straight, run_dir = tmp_path / "straight", tmp_path / "run"
     args = {"train.steps": 9, "checkpoint.interval": 3}
-    assert run_cli(TRAIN, train_overrides(straight, corpus_cache, **args)).returncode == 0
+    assert run_cli(TRAIN, train_overrides(straight, corpus_cache, random_ids=True, **args)).returncode == 0
     # The save of step 6 writes its shards, then stalls before the commit: that is where it is killed.
     proc = subprocess.Popen(
-        [sys.executable, "-m", TRAIN, *train_overrides(run_dir, corpus_cache, **args)], cwd=REPO,
+        [sys.executable, "-m", TRAIN, *train_overrides(run_dir, corpus_cache, random_ids=True, **args)], cwd=REPO,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "QWEN2_CKPT_STALL_STEP": "6"},
     )
     ckpts = run_dir / "checkpoints"
@@ -37,7 +38,7 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, cor
     assert any(".tmp-" in name for name in os.listdir(ckpts))
     assert sorted(n for n in os.listdir(ckpts) if (ckpts / n / "metadata.json").exists()) == ["step_00000003"]
 
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **args))
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **args))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout and "at step 3" in result.stdout
     assert not any(".tmp-" in name for name in os.listdir(ckpts))
@@ -46,14 +47,15 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, cor
 
 def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
-    assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache)).returncode == 0
+    assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True)).returncode == 0
     newest = run_dir / "checkpoints" / "step_00000006"
     # A newer version's checkpoint is not damage: the run and the launchers' check stop on it (exit 2), neither
     # falling back past it (its progress lost) nor setting it aside.
     written = (newest / "metadata.json").read_text()
     (newest / "metadata.json").write_text(json.dumps({**json.loads(written), "format": 99}))
     for env in ({"QWEN2_CHECK_ONLY": "1"}, {}):
-        newer = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"train.steps": 9}), env=env)
+        newer = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **{"train.steps": 9}),
+                        env=env)
         assert newer.returncode == 2, newer.stdout[-2000:] + newer.stderr[-3000:]
         assert "checkpoint format 99 is not one this version reads" in newer.stderr
         assert "falling back" not in newer.stdout + newer.stderr and sorted(os.listdir(newest.parent)) == [
@@ -63,13 +65,13 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache
     shard.write_bytes(shard.read_bytes()[:50])
     # The run's last checkpoint truncated: the launchers' check does not take the run as complete (exit 10), so the
     # job starts, falls back past it and trains the last steps again.
-    check = run_cli(TRAIN, train_overrides(run_dir, corpus_cache), env={"QWEN2_CHECK_ONLY": "1"})
+    check = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True), env={"QWEN2_CHECK_ONLY": "1"})
     assert check.returncode == 0 and "config ok" in check.stdout, check.stdout[-2000:] + check.stderr[-2000:]
     # Every checkpoint damaged: the error names the newest one's problem, and nothing is set aside.
     older = next(p for p in (run_dir / "checkpoints" / "step_00000003").iterdir() if p.suffix == ".distcp")
     kept = older.read_bytes()
     older.write_bytes(kept[:50])
-    none_left = run_cli(TRAIN, train_overrides(run_dir, corpus_cache))
+    none_left = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True))
     assert none_left.returncode == 2, none_left.stderr[-3000:]
     assert f"no committed checkpoint under {run_dir / 'checkpoints'} could be loaded (2 tried; the newest, " \
            f"step_00000006: {newest / shard.name}: 50 bytes, the commit recorded " in none_left.stderr, \
@@ -77,11 +79,12 @@ def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache
     assert sorted(os.listdir(newest.parent)) == ["step_00000003", "step_00000006"]
     older.write_bytes(kept)
 
-    explicit = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **{"checkpoint.resume": str(newest)}))
+    explicit = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True,
+                                              **{"checkpoint.resume": str(newest)}))
     assert explicit.returncode == 2
     assert shard.name in explicit.stderr and "damaged" in explicit.stderr
 
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache))
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "falling back to the previous committed one" in result.stdout
     assert "at step 3" in result.stdout
@@ -199,22 +202,24 @@ def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache)
     from qwen2_dist.train import checkpoint
 
     first = tmp_path / "first"
-    assert run_cli(TRAIN, train_overrides(first, corpus_cache)).returncode == 0
+    assert run_cli(TRAIN, train_overrides(first, corpus_cache, random_ids=True)).returncode == 0
     source = first / "checkpoints" / "step_00000006"
     run_dir = tmp_path / "continued"
     # stop_at=0 saves the weights the run starts from, before any step. A stage at a shorter context: the export's
     # context stays the longest the weights were trained at.
     job = {"model.init_from_checkpoint": str(source), "train.stop_at": 0, "optim.lr": 0.001, "train.steps": 4,
            "train.seq_len": 16}
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **job))
     assert result.returncode == 0, result.stderr[-3000:]
     start = run_dir / "checkpoints" / "step_00000000"
-    shapes = {name: t.shape for name, t in build_model(get_model_args("tiny"), "meta").state_dict().items()}
+    args = dataclasses.replace(get_model_args("tiny"), vocab_size=1024)  # random_ids' vocabulary
+    shapes = {name: t.shape for name, t in build_model(args, "meta").state_dict().items()}
     theirs, ours = checkpoint.read_tensors(str(source), shapes), checkpoint.read_tensors(str(start), shapes)
     assert all(torch.equal(theirs[name], ours[name]) for name in shapes)
     with open(start / "train_state.json") as f:
         assert json.load(f)["step"] == 0  # a new run: nothing but the weights is taken
-    resumed = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **dict(job, **{"train.stop_at": "null"})))
+    resumed = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True,
+                                             **dict(job, **{"train.stop_at": "null"})))
     assert resumed.returncode == 0 and "at step 0" in resumed.stdout  # its own checkpoints win from now on
     last = run_dir / "checkpoints" / "step_00000004"
     with open(last / "metadata.json") as f:
@@ -224,7 +229,8 @@ def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache)
     # A run_dir whose checkpoints started elsewhere (here from scratch) would be resumed without the weights named.
     # Refused by the launchers' check (QWEN2_CHECK_ONLY) and by the job itself.
     for env in ({"QWEN2_CHECK_ONLY": "1"}, {}):
-        refused = run_cli(TRAIN, train_overrides(first, corpus_cache, **{"model.init_from_checkpoint": str(last)}),
+        refused = run_cli(TRAIN, train_overrides(first, corpus_cache, random_ids=True,
+                                                 **{"model.init_from_checkpoint": str(last)}),
                           env={**os.environ, **env})
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert (f"model.init_from_checkpoint={last}, but the run_dir has checkpoints of a run that started from a "
@@ -232,7 +238,7 @@ def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache)
 
     for bad, message in ((first / "checkpoints", "not a committed checkpoint"),
                          (source, "(checkpoint vs job: hidden_size 32 vs 128, intermediate_size 64 vs 384")):
-        other = run_cli(TRAIN, train_overrides(tmp_path / "bad", corpus_cache, **{
+        other = run_cli(TRAIN, train_overrides(tmp_path / "bad", corpus_cache, random_ids=True, **{
             "model.init_from_checkpoint": str(bad), "model": "debug"}))
         assert other.returncode == 2 and message in other.stderr, other.stderr[-2000:]
 

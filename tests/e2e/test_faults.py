@@ -5,11 +5,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
+from tests import helpers
 from tests.helpers import REPO, read_metrics, run_cli, run_torchrun, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
@@ -24,13 +24,14 @@ def final(run_dir) -> dict:
 def clean(tmp_path_factory, corpus_cache):
     """JOB run without a fault (the run the faulty ones are compared with)."""
     run_dir = tmp_path_factory.mktemp("clean")
-    assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **JOB)).returncode == 0
+    assert run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **JOB)).returncode == 0
     return run_dir
 
 
 def test_nan_step_is_skipped_once_and_the_run_goes_on(tmp_path, corpus_cache, clean):
     faulty = tmp_path / "nan"
-    result = run_cli(TRAIN, train_overrides(faulty, corpus_cache, **JOB), env={"QWEN2_INJECT_NAN_STEP": "5"})
+    result = run_cli(TRAIN, train_overrides(faulty, corpus_cache, random_ids=True, **JOB),
+                     env={"QWEN2_INJECT_NAN_STEP": "5"})
     assert result.returncode == 0, result.stderr[-3000:]
     by_step = {r["step"]: r for r in read_metrics(faulty)}
     assert by_step[4]["skipped_steps"] == 0 and by_step[5]["skipped_steps"] == 1
@@ -43,7 +44,8 @@ def test_nan_step_is_skipped_once_and_the_run_goes_on(tmp_path, corpus_cache, cl
 
 def test_nonfinite_halt_saves_and_stops_with_a_clear_error(tmp_path, corpus_cache):
     run_dir = tmp_path / "halt"
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **JOB, **{"train.nonfinite": "halt"}),
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **JOB,
+                                            **{"train.nonfinite": "halt"}),
                      env={"QWEN2_INJECT_NAN_STEP": "5"})
     assert result.returncode == 3
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -63,12 +65,13 @@ def test_a_halt_under_torchrun_is_not_trained_past_by_its_restarts(tmp_path, cor
     # run_dir under ~ (HOME is tmp_path here): the record is in the directory the job uses, ~ expanded, where the
     # restarts and the launchers' torchrun look for it.
     run_dir = tmp_path / "halt"
-    job = train_overrides("'~/halt'", corpus_cache, **JOB, **{"train.nonfinite": "halt", "checkpoint.keep_last": 1})
+    job = train_overrides("'~/halt'", corpus_cache, random_ids=True, **JOB,
+                          **{"train.nonfinite": "halt", "checkpoint.keep_last": 1})
     torchrun = ["--standalone", "--nproc-per-node=1", "--max-restarts=1", "-m", TRAIN]
     # The launchers' torchrun (qwen2_dist/cli/torchrun.py) ends with the halt's code; torchrun's own would be 1.
-    result = run_cli("qwen2_dist.cli.torchrun", [*torchrun, *job], env={"QWEN2_INJECT_NAN_STEP": "2",
-                                                                         "OMP_NUM_THREADS": "1",
-                                                                         "HOME": str(tmp_path)})
+    # Its workers forked by the test zygote (helpers.worker_env).
+    env = {"OMP_NUM_THREADS": "1", "HOME": str(tmp_path), **helpers.worker_env()}
+    result = run_cli("qwen2_dist.cli.torchrun", [*torchrun, *job], env={**env, "QWEN2_INJECT_NAN_STEP": "2"})
     assert result.returncode == 3, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 3 and "train.nonfinite=halt" in errors[0], errors
@@ -90,17 +93,22 @@ def test_a_halt_under_torchrun_is_not_trained_past_by_its_restarts(tmp_path, cor
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     assert no_restart.previous_stop(str(run_dir)) is None and (run_dir / "no_restart.json").exists()
     # The next torchrun (here resuming at the halt's step and stopping there) removes it.
-    again = run_cli("torch.distributed.run", [*torchrun, *job, "train.stop_at=2"],
-                    env={"OMP_NUM_THREADS": "1", "HOME": str(tmp_path)})
+    again = run_cli("torch.distributed.run", [*torchrun, *job, "train.stop_at=2"], env=env)
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
     assert not (run_dir / "no_restart.json").exists()
 
 
-def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, corpus_cache, clean):
-    run_dir = tmp_path / "run"
-    job = dict(JOB, **{"checkpoint.interval": 0})  # the stop's checkpoint is the only one
-    proc = subprocess.Popen([sys.executable, "-m", TRAIN, *train_overrides(run_dir, corpus_cache, **job)],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, corpus_cache):
+    run_dir, straight = tmp_path / "run", tmp_path / "straight"
+    # The stop's checkpoint is the only one. 60 steps of some 20-50 ms each: the signal, sent at step 5, lands well
+    # before the end.
+    job = dict(JOB, **{"checkpoint.interval": 0, "train.steps": 60})
+    assert run_cli(TRAIN, train_overrides(straight, corpus_cache, random_ids=True, **job)).returncode == 0
+    # Forked by the test zygote (its client passes the SIGTERM on and exits as the run does).
+    proc = subprocess.Popen([helpers.forked_python()["PYTHON"], "-m", TRAIN,
+                             *train_overrides(run_dir, corpus_cache, random_ids=True, **job)],
+                            cwd=REPO, env={**os.environ, **helpers.worker_env()}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
@@ -108,19 +116,21 @@ def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, cor
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
     stopped_at = final(run_dir)["step"]
-    assert stopped_at < JOB["train.steps"]
+    assert stopped_at < job["train.steps"]
     assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "metadata.json").is_file()
 
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **job))
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **job))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"at step {stopped_at}" in result.stdout
-    assert final(run_dir)["loss"] == final(clean)["loss"]
-    assert final(run_dir)["tokens_seen"] == final(clean)["tokens_seen"]
+    assert final(run_dir)["step"] == 60
+    assert final(run_dir)["loss"] == final(straight)["loss"]
+    assert final(run_dir)["tokens_seen"] == final(straight)["tokens_seen"]
 
 
 def test_a_failing_checkpoint_write_is_skipped_without_harm(tmp_path, corpus_cache, clean):
     run_dir = tmp_path / "run"
-    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, **JOB), env={"QWEN2_INJECT_CKPT_FAIL_STEP": "8"})
+    result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **JOB),
+                     env={"QWEN2_INJECT_CKPT_FAIL_STEP": "8"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "save of" in result.stdout + result.stderr and "failed and was skipped" in result.stdout + result.stderr
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_00000004", "step_00000012"]
@@ -131,7 +141,7 @@ def test_a_failing_checkpoint_write_is_skipped_without_harm(tmp_path, corpus_cac
 def test_a_hung_rank_is_reported_with_stacks_within_the_timeout(tmp_path, corpus_cache):
     run_dir = tmp_path / "hang"
     timeout = 6  # a step of this job takes well under a second, also beside another pytest worker
-    args = train_overrides(run_dir, corpus_cache, **JOB, **{
+    args = train_overrides(run_dir, corpus_cache, random_ids=True, **JOB, **{
         "train.hang_timeout": timeout, "train.hang_timeout_first": 120, "train.global_batch_size": 4})
     started = time.monotonic()
     result = run_torchrun(2, TRAIN, args, timeout=300, env={"QWEN2_INJECT_HANG": "3:1"})

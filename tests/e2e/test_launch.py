@@ -271,8 +271,9 @@ def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path
 def test_a_halted_sbatch_job_is_not_restarted_and_ends_with_the_halts_exit_code(slurm, tmp_path, corpus_cache):
     """train.nonfinite=halt under sbatch: torchrun's restart stops at once on the halt's record instead of training
     on, and the job ends FAILED with exit code 3 (the halt's), not torchrun's 1."""
-    job_id = sbatch(slurm, "halted", tmp_path, corpus_cache, "train.nonfinite=halt", nodes=1, nproc=1,
-                    QWEN2_INJECT_NAN_STEP="3", MAX_RESTARTS="1")
+    # Random ids of a 1,024-token vocabulary: its data does not matter here.
+    job_id = sbatch(slurm, "halted", tmp_path, corpus_cache, "train.nonfinite=halt", "data.synthetic=true",
+                    "model.vocab_size=1024", nodes=1, nproc=1, QWEN2_INJECT_NAN_STEP="3", MAX_RESTARTS="1")
     fields = wait_until_done(slurm, job_id, 300)
     out = (tmp_path / f"slurm-halted-{job_id}.out").read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("FAILED", "3:0"), out
