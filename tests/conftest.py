@@ -55,18 +55,20 @@ def corpus_cache(tmp_path_factory) -> str:
     return cache
 
 
-# Seconds each test file took, for those over 20 s (runs of the whole suite with two workers on a 2-core machine,
-# 2026-12-07; `pytest --durations=0`, setup + call + teardown summed per file). .ci/run hands whole files to two
-# workers (--dist loadfile), each file to whichever worker runs short of tests: in collection order, the 100 s of
-# tests/unit/test_train_loop.py came last, and the other worker sat idle for 80-90 s of a 14.5-minute run. Longest
-# first, the last files handed out are the short ones. Files not named keep their order, after these.
+# Seconds each test file took, for those over 20 s (a run of the whole suite with two workers on a 2-core machine,
+# 2026-12-07 afternoon, once the tests whose data does not matter trained on random ids; `pytest --durations=0`,
+# setup + call + teardown summed per file). .ci/run hands whole files to two workers (--dist loadfile), each file to
+# whichever worker runs short of tests: in collection order, the 100 s of tests/unit/test_train_loop.py came last,
+# and the other worker sat idle for 80-90 s of a 14.5-minute run. Longest first, the last files handed out are the
+# short ones. Files not named keep their order, after these.
 SLOW_FILES = {
-    "e2e/test_launch.py": 255, "e2e/test_train.py": 145, "dist/test_compile_dist.py": 115,
-    "e2e/test_checkpoint_e2e.py": 110, "unit/test_config.py": 80, "dist/test_checkpoint_dist.py": 85,
-    "unit/test_train_loop.py": 75, "e2e/test_faults.py": 70, "e2e/test_benchmarks.py": 68, "unit/test_loader.py": 62,
-    "dist/test_parity.py": 45, "e2e/test_s3.py": 40, "unit/test_loss.py": 34, "unit/test_checkpoint.py": 33,
-    "unit/test_block_traffic.py": 32, "unit/test_launch_scripts.py": 28, "unit/test_hf.py": 28,
-    "unit/test_estimate.py": 25,
+    "e2e/test_launch.py": 265, "dist/test_compile_dist.py": 125, "e2e/test_train.py": 107,
+    "e2e/test_checkpoint_e2e.py": 94, "unit/test_config.py": 83, "e2e/test_benchmarks.py": 80,
+    "unit/test_train_loop.py": 78, "dist/test_checkpoint_dist.py": 70, "unit/test_loader.py": 58,
+    "dist/test_parity.py": 48, "e2e/test_s3.py": 38, "unit/test_checkpoint.py": 36, "dist/test_loader_dist.py": 35,
+    "e2e/test_faults.py": 33, "unit/test_hf.py": 32, "unit/test_block_traffic.py": 32, "unit/test_estimate.py": 30,
+    "unit/test_loss.py": 30, "unit/test_launch_scripts.py": 29, "unit/test_parallelize.py": 22,
+    "dist/test_train_tp.py": 20,
 }
 
 

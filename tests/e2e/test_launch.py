@@ -19,7 +19,9 @@ import pytest
 from tests import helpers
 from tests.helpers import REPO, train_overrides
 
-STEPS = 16
+# Checkpoints at steps 4 and 8 before the end: a worker killed after the first or a preemption at step 2 still
+# leaves steps to resume (16 steps took some 10 s more of the file's 4-5 minutes beside another pytest worker).
+STEPS = 12
 SLURM_PACKAGES = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client", "munged": "munge"}
 
 
