@@ -56,8 +56,9 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
     "$python3" -m venv "$venv"
     # The pip a new venv brings is the Python's own (23.2 with 3.11), which took much longer over this install than
     # a current one when pip installed everything (on a 2-core machine on 2026-12-06: 139-156 s with pip 23.2,
-    # 102-114 s with pip 26.3 and its 2 s upgrade); it now installs torch, and the rest where uv cannot. Only in a
-    # venv made here; where the upgrade fails (no index), the bundled pip goes on.
+    # 102-114 s with pip 26.3 and its 2 s upgrade); it now installs uv, what uv cannot, and reads pip's settings for
+    # uv (qwen2_dist/uv_install.py). Only in a venv made here; where the upgrade fails (no index), the bundled pip
+    # goes on.
     "$py" -m pip install --quiet --upgrade "pip>=25" ||
         echo "warning: could not upgrade pip in $venv; installing with $("$py" -m pip --version)" >&2
 fi

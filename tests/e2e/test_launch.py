@@ -1,8 +1,9 @@
 """The launchers for real: torchrun on one node and on two, and sbatch on a real two-node Slurm cluster started
 on this machine (tests/slurm/cluster.sh), with preemption, requeue and worker restarts.
 
-Every job here is the same 4-process job (the tiny model, global batch 4), so each launcher is checked against one
-reference: the same job started by launch/train_single_node.sh with 4 processes.
+Every job here is the same 4-process job (the tiny model with a 1,024-token vocabulary, global batch 4, on a small
+prepared dataset), so each launcher is checked against one reference: the same job started by
+launch/train_single_node.sh with 4 processes.
 """
 
 import json
@@ -17,6 +18,7 @@ import time
 import pytest
 
 from tests import helpers
+from tests.datasets import make_dataset
 from tests.helpers import REPO, train_overrides
 
 # Checkpoints at steps 4 and 8 before the end: a worker killed after the first or a preemption at step 2 still
@@ -25,12 +27,22 @@ STEPS = 12
 SLURM_PACKAGES = {"slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client", "munged": "munge"}
 
 
-def job_overrides(corpus_cache: str, run_dir=None) -> list[str]:
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    """A prepared dataset (qwen2-prepare's layout, read through streaming as any) of token ids under 1,024: the job's
+    model has a vocabulary of 1,024, whose steps and checkpoints are a fraction of the Qwen2 vocabulary's (its output
+    matrix was most of them). 64 samples of 32 tokens, the 48 the job reads and some."""
+    return make_dataset(tmp_path_factory.mktemp("dataset"), 64, 32)
+
+
+def job_overrides(dataset: str, run_dir=None) -> list[str]:
     """The job every test runs; without run_dir= when none is given (the Slurm script names it after the job)."""
-    overrides = train_overrides(run_dir, corpus_cache, **{
+    overrides = train_overrides(run_dir, "", **{
         "train.micro_batch_size": 1, "train.global_batch_size": 4, "train.steps": STEPS, "checkpoint.interval": 4,
+        "data.path": dataset, "model.vocab_size": 1024,
     })
-    return overrides if run_dir else [o for o in overrides if not o.startswith("run_dir=")]
+    unused = ("data.cache_dir=", "data.embedded_max_tokens=") + (() if run_dir else ("run_dir=",))
+    return [o for o in overrides if not o.startswith(unused)]
 
 
 def require(tools: dict[str, str], root: bool = False) -> None:
@@ -109,14 +121,14 @@ def assert_same_run(run_dir, reference) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus_cache):
+def reference(tmp_path_factory, dataset):
     """The job on one node, 4 processes, through launch/train_single_node.sh; its run_dir. Its workers are forked by
     the test zygote (helpers.worker_env); every other launch here starts real interpreters."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
     env = {**os.environ, "NPROC": "4", "TMPDIR": str(tmp_path_factory.mktemp("reference_tmp")),
            **helpers.worker_env()}
     started, (forked, fallbacks) = time.monotonic(), helpers.worker_starts()
-    result = subprocess.run(["bash", "launch/train_single_node.sh", *job_overrides(corpus_cache, run_dir)],
+    result = subprocess.run(["bash", "launch/train_single_node.sh", *job_overrides(dataset, run_dir)],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert helpers.worker_starts() == (forked + 4, fallbacks)  # the launcher's environment let the zygote fork each
@@ -139,25 +151,25 @@ def test_scripts_pass_shellcheck():
     assert result.returncode == 0, result.stdout
 
 
-def _agent(node_rank: int, port: int, run_dir, corpus_cache: str, tmp_path) -> subprocess.Popen:
+def _agent(node_rank: int, port: int, run_dir, dataset: str, tmp_path) -> subprocess.Popen:
     """One torchrun agent of a 2-node job, as if on its own machine: its own /dev/shm (a private mount) and TMPDIR;
     its output goes to tmp_path/agentN.log."""
     env = {**os.environ, "NNODES": "2", "NODE_RANK": str(node_rank), "NPROC": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port), "MAX_RESTARTS": "1", "TMPDIR": str(tmp_path / f"tmp{node_rank}")}
     command = ["unshare", "--mount", "--propagation", "private", "bash", "-c",
                'mount -t tmpfs tmpfs /dev/shm && exec bash launch/train_multi_node.sh "$@"', "agent",
-               *job_overrides(corpus_cache, run_dir)]
+               *job_overrides(dataset, run_dir)]
     with open(tmp_path / f"agent{node_rank}.log", "w") as out:
         # unshare and both bash -c exec, so this pid is torchrun's and its children are the workers.
         return subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def test_two_torchrun_agents_survive_a_killed_worker(tmp_path, corpus_cache, reference):
+def test_two_torchrun_agents_survive_a_killed_worker(tmp_path, dataset, reference):
     require({"unshare": "util-linux"}, root=True)
     run_dir = tmp_path / "run"
     (port,) = free_ports(1)
     started = time.monotonic()
-    agents = [_agent(rank, port, run_dir, corpus_cache, tmp_path) for rank in (0, 1)]
+    agents = [_agent(rank, port, run_dir, dataset, tmp_path) for rank in (0, 1)]
     try:
         ckpts = run_dir / "checkpoints"
         wait_for(lambda: ckpts.is_dir() and any((ckpts / d / "metadata.json").exists() for d in os.listdir(ckpts)),
@@ -202,12 +214,12 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", cluster, "stop", str(state)], env=env, timeout=120)
 
 
-def sbatch(env: dict, job_name: str, runs_root, corpus_cache: str, *overrides: str, nodes: int = 2,
+def sbatch(env: dict, job_name: str, runs_root, dataset: str, *overrides: str, nodes: int = 2,
            nproc: int = 2, **job_env: str) -> str:
     """Submit slurm/train.sbatch on 2 nodes x 2 processes (or as told), the job plus overrides; the job id."""
     result = subprocess.run(
         ["sbatch", "--parsable", f"--nodes={nodes}", f"--job-name={job_name}", f"--output={runs_root}/slurm-%x-%j.out",
-         "slurm/train.sbatch", *job_overrides(corpus_cache), *overrides],
+         "slurm/train.sbatch", *job_overrides(dataset), *overrides],
         cwd=REPO, env={**env, "NPROC": str(nproc), "RUNS_ROOT": str(runs_root), "RDZV_PORT": str(free_ports(1)[0]),
                        **job_env},
         capture_output=True, text=True, timeout=60,
@@ -228,13 +240,13 @@ def wait_until_done(env: dict, job_id: str, timeout: float) -> dict[str, str]:
                     f"job {job_id} to end", interval=0.5)
 
 
-def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path, corpus_cache, reference):
+def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path, dataset, reference):
     """sbatch on two nodes x 2 processes trains as torchrun on one node does, through a preemption and requeue.
     The same job submitted again (one name, so one run_dir) waits for the first to end, requeue included
     (#SBATCH --dependency=singleton; started together, the second would be refused by the first's run_dir lock),
     then finds the run complete."""
     started = time.monotonic()
-    job_id, again = (sbatch(slurm, "preempted", tmp_path, corpus_cache) for _ in range(2))
+    job_id, again = (sbatch(slurm, "preempted", tmp_path, dataset) for _ in range(2))
     held = job_fields(slurm, again)
     assert (held["JobState"], held["Reason"], held["Dependency"]) == ("PENDING", "Dependency",
                                                                       "singleton(unfulfilled)"), held
@@ -270,12 +282,11 @@ def test_preempted_sbatch_job_saves_requeues_and_resumes_exactly(slurm, tmp_path
     assert "run already complete" not in rank0_log(run_dir)
 
 
-def test_a_halted_sbatch_job_is_not_restarted_and_ends_with_the_halts_exit_code(slurm, tmp_path, corpus_cache):
+def test_a_halted_sbatch_job_is_not_restarted_and_ends_with_the_halts_exit_code(slurm, tmp_path, dataset):
     """train.nonfinite=halt under sbatch: torchrun's restart stops at once on the halt's record instead of training
     on, and the job ends FAILED with exit code 3 (the halt's), not torchrun's 1."""
-    # Random ids of a 1,024-token vocabulary: its data does not matter here.
-    job_id = sbatch(slurm, "halted", tmp_path, corpus_cache, "train.nonfinite=halt", "data.synthetic=true",
-                    "model.vocab_size=1024", nodes=1, nproc=1, QWEN2_INJECT_NAN_STEP="3", MAX_RESTARTS="1")
+    job_id = sbatch(slurm, "halted", tmp_path, dataset, "train.nonfinite=halt", nodes=1, nproc=1,
+                    QWEN2_INJECT_NAN_STEP="3", MAX_RESTARTS="1")
     fields = wait_until_done(slurm, job_id, 300)
     out = (tmp_path / f"slurm-halted-{job_id}.out").read_text()
     assert (fields["JobState"], fields["ExitCode"]) == ("FAILED", "3:0"), out

@@ -29,6 +29,7 @@ from qwen2_dist.data.loader import (
 from qwen2_dist.model.loss import IGNORE_INDEX
 from qwen2_dist.data.prepare import SUMMARY_NAME
 from qwen2_dist.errors import ResumeMismatch, UserError
+from tests import helpers
 from tests.datasets import make_dataset, sample_ids
 from tests.helpers import REPO, shm_leftovers, shm_segments
 
@@ -810,6 +811,13 @@ def test_a_closing_loader_removes_its_prefix_under_the_prefix_lock(tmp_path, mon
     assert time.monotonic() - started < 5 and "without the lock" not in caplog.text
 
 
+def forked_python(**extra_env: str) -> tuple[str, dict]:
+    """The interpreter and environment of a process forked by the test zygote (tests/zygote.py), torch imported
+    already (3-4 s of CPU less per process on the 2-core machine): its client passes on its standard streams and
+    signals, and exits as the run does."""
+    return helpers.forked_python()["PYTHON"], {**os.environ, "PYTHONPATH": REPO, **extra_env, **helpers.worker_env()}
+
+
 CROSSED = textwrap.dedent("""
     import os, sys, time
     from datetime import timedelta
@@ -835,10 +843,10 @@ def test_two_multi_node_runs_sharing_two_machines_do_not_deadlock_on_the_prefix_
     machines = [tmp_path / "machine1", tmp_path / "machine2"]
     for machine in machines:
         machine.mkdir()
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    python, env = forked_python(OMP_NUM_THREADS="1")
     layout = [("a", 0, machines[0], 0.0), ("a", 1, machines[1], 1.5), ("b", 0, machines[1], 0.0),
               ("b", 1, machines[0], 1.5)]
-    procs = [subprocess.Popen([sys.executable, "-c", CROSSED, str(tmp_path / f"store_{run}"), str(rank), str(lock),
+    procs = [subprocess.Popen([python, "-c", CROSSED, str(tmp_path / f"store_{run}"), str(rank), str(lock),
                                str(delay)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               start_new_session=True)
              for run, rank, lock, delay in layout]
@@ -860,11 +868,11 @@ def test_a_rank_without_a_lock_waits_while_its_leader_cannot_get_one(tmp_path):
 
     lock = tmp_path / "machine"
     lock.mkdir()
-    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    python, env = forked_python(OMP_NUM_THREADS="1")
     held = os.open(lock, os.O_RDONLY)
     fcntl.flock(held, fcntl.LOCK_EX)  # the other run's
     code = CROSSED.replace("hygiene.prefix_lock(True, lock)", "hygiene.prefix_lock(rank == 0, lock)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "store"), str(rank), str(lock), "0"],
+    procs = [subprocess.Popen([python, "-c", code, str(tmp_path / "store"), str(rank), str(lock), "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                               start_new_session=True) for rank in (0, 1)]
     try:
@@ -885,10 +893,9 @@ def test_runs_starting_together_get_their_own_prefixes(data, tmp_path):
     # moment pick the same one and all but one fail with "File exists: '/000000_locals'" (seen in CI). The runs
     # here stop between looking and creating until "go", which makes that moment two seconds long.
     go = tmp_path / "go"
-    env = {**os.environ, "PYTHONPATH": REPO}
-    runs = [subprocess.Popen([sys.executable, "-c", STARTER, data[0], str(go)], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=True)
+    python, env = forked_python()
+    runs = [subprocess.Popen([python, "-c", STARTER, data[0], str(go)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
             for _ in range(4)]
     try:
         assert all(run.stdout.readline().strip() == "ready" for run in runs)
