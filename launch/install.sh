@@ -64,7 +64,7 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
 fi
 
 install_torch() {
-    # With uv where it can (the CPU wheel from a local directory: 5 s on a 2-core machine on 2026-12-07, pip 21 s),
+    # With uv where it can (the CPU wheel from a local directory: 5-11 s on a 2-core machine on 2026-12-07, pip 21 s),
     # else pip; compiled to bytecode below.
     # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options on purpose
     if [ "$installer" != uv ] || ! "$py" -I qwen2_dist/uv_install.py --quiet $torch_spec; then
@@ -89,9 +89,9 @@ echo "torch==$torch_version" > "$venv/torch-constraint.txt"
 # Compiled to bytecode here, on every core (pip would compile each file it installs, one at a time; uv compiles
 # nothing): the .pyc files an interpreter under PYTHONDONTWRITEBYTECODE=1 cannot write itself (torch and the CLIs then
 # import in 16 s, not 5). A file that does not compile is no error, as under pip. What is installed now (torch and its
-# dependencies, a third of the files) while the dependencies are fetched, the rest after them: 20 s less on a 2-core
-# machine (2026-12-07). A file the first pass compiled stays compiled (compileall and imports check each .pyc against
-# its source's size and time).
+# dependencies, a third of the files) while the dependencies are fetched, the rest after them (on a 2-core machine on
+# 2026-12-07: 58 s of compiling after the dependencies, then 9 s of waiting for the first pass and 40 s). A file the
+# first pass compiled stays compiled (compileall and imports check each .pyc against its source's size and time).
 purelib=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 mapfile -t present < <(find "$purelib" -mindepth 1 -maxdepth 1 -type d ! -name oci)
 "$py" -m compileall -qq -j 0 "${present[@]}" > /dev/null 2>&1 &
