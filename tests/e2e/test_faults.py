@@ -100,8 +100,7 @@ def test_a_halt_under_torchrun_is_not_trained_past_by_its_restarts(tmp_path, cor
 
 def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, corpus_cache):
     run_dir, straight = tmp_path / "run", tmp_path / "straight"
-    # The stop's checkpoint is the only one. 60 steps of some 20-50 ms each: the signal, sent at step 5, lands well
-    # before the end.
+    # The stop's checkpoint is the only one. 60 short steps: the signal, sent at step 5, lands well before the end.
     job = dict(JOB, **{"checkpoint.interval": 0, "train.steps": 60})
     assert run_cli(TRAIN, train_overrides(straight, corpus_cache, random_ids=True, **job)).returncode == 0
     # Forked by the test zygote (its client passes the SIGTERM on and exits as the run does).

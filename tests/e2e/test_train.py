@@ -109,7 +109,7 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, corpus_ca
 
 def test_kill_9_mid_run_resumes_from_the_last_committed_checkpoint(tmp_path, corpus_cache):
     run_dir = tmp_path / "run"
-    # The first checkpoint is at step 4: the kill lands some 56 steps (of 20-50 ms each) before the run would end.
+    # The first checkpoint is at step 4: the kill lands some 56 short steps before the run would end.
     args = train_overrides(run_dir, corpus_cache, random_ids=True, **{"train.steps": 60, "checkpoint.interval": 4})
     proc = subprocess.Popen([sys.executable, "-m", TRAIN, *args], cwd=REPO, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -197,8 +197,8 @@ def test_mixed_precision_bf16_computes_in_bf16_in_one_cpu_process(tmp_path, corp
     for precision in ("fp32", "bf16"):
         run_dir = tmp_path / precision
         job = {"train.mixed_precision": precision, "train.steps": 3, "checkpoint.interval": 0}
-        # Random ids: bf16 matmuls of the Qwen2 vocabulary's output matrix took 10 s a step on a CPU without bf16
-        # instructions (the whole test 33 s beside another pytest worker, 2-core machine, 2026-12-07).
+        # Random ids: with bf16 matmuls of the Qwen2 vocabulary's output matrix on a CPU without bf16 instructions
+        # this test took 33 s beside another pytest worker, 3.5 s alone on random ids (2-core machine, 2026-12-07).
         result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **job))
         assert result.returncode == 0, result.stderr[-3000:]
         losses[precision] = [r["loss"] for r in read_metrics(run_dir)]
