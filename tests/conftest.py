@@ -55,12 +55,14 @@ def corpus_cache(tmp_path_factory) -> str:
     return cache
 
 
-# Seconds each test file took, for those over 20 s (a run of the whole suite with two workers on a 2-core machine,
-# 2026-12-07 afternoon, once the tests whose data does not matter trained on random ids; `pytest --durations=0`,
-# setup + call + teardown summed per file). .ci/run hands whole files to two workers (--dist loadfile), each file to
-# whichever worker runs short of tests: in collection order, the 100 s of tests/unit/test_train_loop.py came last,
-# and the other worker sat idle for 80-90 s of a 14.5-minute run. Longest first, the last files handed out are the
-# short ones. Files not named keep their order, after these.
+# Seconds each test file took, for those over 20 s: a run of the whole suite with two workers on a 2-core machine,
+# 2026-12-07 afternoon, once the tests whose data does not matter trained on random ids (`pytest --durations=0`,
+# setup + call + teardown summed per file); where two runs of that day differed much, between them (test_compile_dist
+# 123 / 134 s, test_benchmarks 75 / 97 s, test_train_tp 14 / 33 s), and lowered by estimate for the files changed
+# after it (test_launch 273 s, test_checkpoint_dist 93 s in it). Only their order matters. .ci/run hands whole files
+# to two workers (--dist loadfile), each file to whichever worker runs short of tests: in collection order, the 100 s
+# of tests/unit/test_train_loop.py came last, and the other worker sat idle for 80-90 s of a 14.5-minute run. Longest
+# first, the last files handed out are the short ones. Files not named keep their order, after these.
 SLOW_FILES = {
     "e2e/test_launch.py": 265, "dist/test_compile_dist.py": 125, "e2e/test_train.py": 107,
     "e2e/test_checkpoint_e2e.py": 94, "unit/test_config.py": 83, "e2e/test_benchmarks.py": 80,

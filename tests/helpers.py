@@ -14,20 +14,22 @@ import time
 from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Random token ids of a 1,024-token vocabulary instead of data: the tiny model's steps and checkpoints without the
+# Qwen2 vocabulary's output matrix, which was most of them. For a test whose data does not matter.
+RANDOM_IDS = {"data.synthetic": "true", "model.vocab_size": 1024}
 
 
 def train_overrides(run_dir, corpus_cache: str, random_ids: bool = False, **extra) -> list[str]:
-    """Overrides of a seconds-long CPU job on the tiny model and the small embedded corpus. random_ids: random token
-    ids of a 1,024-token vocabulary instead (data.synthetic=true), for a test whose data does not matter: the Qwen2
-    vocabulary's output matrix is most of each step and of each checkpoint (57 MB, against under 1 MB), and in bf16
-    on a CPU without bf16 instructions a 3-step test of it took 33 s (2-core machine, 2026-12-07)."""
+    """Overrides of a seconds-long CPU job on the tiny model and the small embedded corpus; random_ids: RANDOM_IDS
+    instead of the corpus (a checkpoint of under 1 MB, not 57 MB; in bf16 on a CPU without bf16 instructions, a
+    3-step test on the corpus took 33 s: 2-core machine, 2026-12-07)."""
     base = {
         "model": "tiny", "run_dir": str(run_dir), "data.cache_dir": corpus_cache, "data.embedded_max_tokens": 60000,
         "train.seq_len": 32, "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.steps": 6,
         "optim.warmup_steps": 2, "optim.lr": 0.02, "logging.interval": 1, "checkpoint.interval": 3,
     }
     if random_ids:
-        base.update({"data.synthetic": "true", "model.vocab_size": 1024})
+        base.update(RANDOM_IDS)
     base.update(extra)
     return [f"{key}={value}" for key, value in base.items()]
 
@@ -219,7 +221,7 @@ def cpu_trainer(run_dir, *overrides: str, qwen2_vocab: bool = False):
     from qwen2_dist.parallel.mesh import init_distributed
     from qwen2_dist.train.trainer import Trainer
 
-    vocab = [] if qwen2_vocab else ["model.vocab_size=1024", "data.synthetic=true"]
+    vocab = [] if qwen2_vocab else [f"{key}={value}" for key, value in RANDOM_IDS.items()]
     job = compose_job(["model=tiny", *vocab, f"run_dir={run_dir}", "train.device=cpu", "train.seq_len=16",
                        "train.micro_batch_size=2", "optim.warmup_steps=0", "checkpoint.async_save=false", *overrides])
     validate(job, 1)

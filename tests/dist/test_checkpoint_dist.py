@@ -9,14 +9,14 @@ import time
 import pytest
 
 from qwen2_dist.train.checkpoint import _share, file_checksum
-from tests.helpers import read_metrics, run_torchrun, step_losses, train_overrides
+from tests.helpers import RANDOM_IDS, read_metrics, run_torchrun, step_losses, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
 # Global batch 8 divides every data-parallel size used here (4, 2, 1). Random ids of a 1,024-token vocabulary (the
 # same global batch at a step on any layout): what is checked is the checkpoint's weights, optimizer state and step
 # across layouts; the data loader's position across world sizes is tests/dist/test_loader_dist.py's.
 JOB = {"train.global_batch_size": 8, "train.micro_batch_size": 1, "train.steps": 6, "checkpoint.interval": 0,
-       "data.synthetic": "true", "model.vocab_size": 1024}
+       **RANDOM_IDS}
 
 
 @pytest.fixture(scope="module")

@@ -3,11 +3,11 @@
 
 import pytest
 
-from tests.helpers import read_metrics, run_torchrun, train_overrides
+from tests.helpers import RANDOM_IDS, read_metrics, run_torchrun, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
 JOB = {  # random token ids of a 1,024-token vocabulary: the real one's output matrix only made each step longer
-    "data.synthetic": "true", "model.vocab_size": 1024, "train.seq_len": 64, "train.global_batch_size": 8,
+    **RANDOM_IDS, "train.seq_len": 64, "train.global_batch_size": 8,
     "train.steps": 3, "optim.warmup_steps": 0, "optim.lr": 1e-3, "train.mixed_precision": "fp32",
     "train.deterministic": "true", "checkpoint.interval": 0, "checkpoint.save_final": "false",
 }

@@ -2,7 +2,7 @@
 
 Each layout runs tests/dist/parity_worker.py: 5 steps of the tiny model (2 blocks of width 32) with a vocabulary of
 1,024 on random token ids (the real 151,936 made each step several times as long; tests/dist/test_train_tp.py and
-tests/dist/test_checkpoint_dist.py train it under TP and FSDP), 2 micro-batches
+tests/dist/test_loader_dist.py train it under TP and FSDP), 2 micro-batches
 per step, activation checkpointing on (full, per-op under TP x FSDP, every 2nd block under HSDP, which also fuses the
 projections), gloo on the CPU; the reference is one plain process (no FSDP, no checkpointing). The tiny model ties
 its embeddings; tp2_untied checks the separate column-parallel head of the untied sizes. The chunked loss runs in

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from tests.helpers import REPO, read_metrics, run_cli, save_pickle_hf, step_losses, train_overrides
+from tests.helpers import RANDOM_IDS, REPO, read_metrics, run_cli, save_pickle_hf, step_losses, train_overrides
 
 TRAIN = "qwen2_dist.cli.train"
 
@@ -212,7 +212,7 @@ def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache)
     result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **job))
     assert result.returncode == 0, result.stderr[-3000:]
     start = run_dir / "checkpoints" / "step_00000000"
-    args = dataclasses.replace(get_model_args("tiny"), vocab_size=1024)  # random_ids' vocabulary
+    args = dataclasses.replace(get_model_args("tiny"), vocab_size=RANDOM_IDS["model.vocab_size"])
     shapes = {name: t.shape for name, t in build_model(args, "meta").state_dict().items()}
     theirs, ours = checkpoint.read_tensors(str(source), shapes), checkpoint.read_tensors(str(start), shapes)
     assert all(torch.equal(theirs[name], ours[name]) for name in shapes)
