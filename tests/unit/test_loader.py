@@ -730,12 +730,16 @@ def test_shared_memory_is_released_and_only_dead_runs_are_cleaned(data):
                for _ in range(2)]
     try:
         killed, alive = (int(h.stdout.readline()) for h in holders)
-        holders[0].kill()
-        holders[0].wait()
-        time.sleep(0.5)
-        # Python's resource tracker (still alive) does not unlink them by name: the loader took them over, so a
-        # tracker outliving its process can never remove the segments of a later run that reuses the prefix.
-        assert shm_segments(killed) and shm_segments(alive)
+        # The machine's prefix lock held meanwhile: a loader starting in another test process (the other pytest
+        # worker) cleans a dead run's segments under it, and once removed those of the killed run here (CI,
+        # 2026-12-07).
+        with hygiene.prefix_lock(True):
+            holders[0].kill()
+            holders[0].wait()
+            time.sleep(0.5)
+            # Python's resource tracker (still alive) does not unlink them by name: the loader took them over, so a
+            # tracker outliving its process can never remove the segments of a later run that reuses the prefix.
+            assert shm_segments(killed) and shm_segments(alive)
 
         batches = loader([data[0]])  # cleans what the killed run left, leaves the live run alone
         mine = batches.dataset._shm_prefix_int
