@@ -83,8 +83,9 @@ fi
 # among its defaults, hence PET_SIGNALS_TO_HANDLE. An older torchrun that ignores that variable must not die of
 # SIGUSR1 either: ignored by run_torchrun below, the signal still reaches the trainers when sent to the workers
 # (Slurm signals every process of a job step), because the handler a trainer installs replaces an inherited "ignore".
-# Not before: a SIGUSR1 during the launch check then ends this script, so the job step ends and slurm/train.sbatch
-# requeues the job, instead of the signal being lost and the run training on.
+# Not before: a SIGUSR1 during a launch check of its own then ends this script, and one during our torchrun's check
+# (or before its workers start) ends that torchrun, so the job step ends and slurm/train.sbatch requeues the job,
+# instead of the signal being lost and the run training on.
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}}
 
@@ -101,17 +102,25 @@ export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-
 
 common_args=(--nproc-per-node="$NPROC" --max-restarts="${MAX_RESTARTS:-3}" -m qwen2_dist.cli.train)
 
-# check_job WORLD_SIZE OVERRIDES...: compose and validate the job once, here, before torchrun starts anything. A
-# wrong override or a layout that does not divide the world is then one line and exit 2, instead of every worker
-# failing and torchrun restarting them all MAX_RESTARTS times. A run whose newest checkpoint is already at
-# train.steps (the check exits 10) launches nothing on one node: this script ends with 0 (a finished job submitted
-# again would otherwise load that checkpoint to find nothing to train). With several nodes, each deciding alone
-# could disagree (a file one node sees late): they launch, and the trainers find the run complete together
-# (slurm/train.sbatch decides it once, before its job step). PRECHECK=0 turns the check off.
+# check_job WORLD_SIZE OVERRIDES...: compose and validate the job once, before torchrun starts anything. A wrong
+# override or a layout that does not divide the world is then one line and exit 2, instead of every worker failing
+# and torchrun restarting them all MAX_RESTARTS times. A run whose newest checkpoint is already at train.steps
+# launches nothing on one node: the launcher ends with 0 (a finished job submitted again would otherwise load that
+# checkpoint to find nothing to train). With several nodes, each deciding alone could disagree (a file one node sees
+# late): they launch, and the trainers find the run complete together (slurm/train.sbatch decides it once, before
+# its job step). PRECHECK=0 turns the check off. Our torchrun (TORCHRUN unset) checks the job itself, in its own
+# process before torchrun starts (QWEN2_LAUNCH_CHECK, qwen2_dist/cli/torchrun.py): one python start and torch import
+# less per launch; with another torchrun, a python of its own runs the check here first (exit 10: the run is
+# complete).
+unset QWEN2_LAUNCH_CHECK  # set by check_job only
 check_job() {
     local world=$1 rc=0
     shift
     [ "${PRECHECK:-1}" = 1 ] || return 0
+    if [ -z "${TORCHRUN:-}" ]; then
+        export QWEN2_LAUNCH_CHECK=$world QWEN2_LAUNCH_GPUS=$launch_gpus QWEN2_LAUNCH_NPROC=$NPROC
+        return 0
+    fi
     QWEN2_CHECK_ONLY=$world QWEN2_LAUNCH_GPUS=$launch_gpus QWEN2_LAUNCH_NPROC=$NPROC "$python" -m qwen2_dist.cli.train \
         "$@" || rc=$?
     if [ "$rc" = 10 ]; then

@@ -562,14 +562,28 @@ def _without_hydra(argv: list[str]) -> bool:
     return not any(a.startswith("-") or a.lstrip("+~").startswith(("hydra.", "hydra/")) for a in argv)
 
 
-def check_only(job: JobConfig | None, world_size: str) -> None:
-    """QWEN2_CHECK_ONLY=WORLD_SIZE: validate the job for that many processes, say so, and stop (the launchers run
-    this before torchrun, which would otherwise start the workers, and restart them, on a job that cannot run)."""
+def launch_check(argv: list[str], world_size: str) -> tuple[JobConfig | None, bool]:
+    """The launchers' check of the job of these arguments for world_size processes, before torchrun starts (and
+    restarts) workers on a job that cannot run: a sweep, the config and layout, the run directory's lock, the saved
+    checkpoints, the machine. Prints what it found. Returns the composed job (None where Hydra's flags leave the
+    composing to Hydra) and whether the run has nothing left to train; UserError when the job cannot run.
+    qwen2_dist.cli.torchrun runs it in its own process (QWEN2_LAUNCH_CHECK), a launcher with another torchrun as
+    `QWEN2_CHECK_ONLY=WORLD_SIZE qwen2-train ARGS`."""
+    check_sweep_processes(argv, int(world_size) if world_size.isdigit() else 1)
+    check_sweep_points(argv)
+    conf_dir()  # a conf/ that is not there, also where Hydra's flags leave the composing to Hydra
+    job = _precheck(argv)
+    return job, check_only(job, world_size)
+
+
+def check_only(job: JobConfig | None, world_size: str) -> bool:
+    """Validate the job for world_size processes and say so (launch_check's checks of the composed job); True when
+    the run has nothing left to train (printed)."""
     from qwen2_dist.train import runlock
 
     if job is None:
         print("config check skipped (Hydra multirun or flags)")
-        return
+        return False
     try:
         processes = int(world_size)
     except ValueError:
@@ -580,7 +594,7 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
     complete = completed_run(job)
     if complete is not None:
         print(complete)
-        sys.exit(RUN_COMPLETE_EXIT)
+        return True
     device_type = check_machine(job)
     gpus = os.environ.get("QWEN2_LAUNCH_GPUS", "0")
     if gpus.isdigit() and int(gpus) > 0 and job.train.device == "auto" and device_type != "cuda":
@@ -600,11 +614,12 @@ def check_only(job: JobConfig | None, world_size: str) -> None:
     for advice in advisories(job, int(per_node) if per_node.isdigit() else None) + notes:
         print(f"warning: {advice}")
     print(f"config ok for {processes} process(es) on {device_type}: {layout}{ramp_note(job)}")
+    return False
 
 
 RUN_COMPLETE_EXIT = 10
-"""The launchers' check (QWEN2_CHECK_ONLY) exits with this when the run has nothing left to train: launch/common.sh
-then starts no torchrun and ends with 0."""
+"""`QWEN2_CHECK_ONLY=N qwen2-train` exits with this when the run has nothing left to train: launch/common.sh then
+starts no torchrun and ends with 0."""
 
 
 def completed_run(job: JobConfig) -> str | None:
@@ -819,16 +834,16 @@ def main() -> None:
     exit_without_collecting()
     register_configs()
     try:
-        check_only_world = os.environ.get("QWEN2_CHECK_ONLY")
-        world = check_only_world if check_only_world and check_only_world.isdigit() else os.environ.get("WORLD_SIZE")
+        if os.environ.get("QWEN2_CHECK_ONLY"):
+            if launch_check(sys.argv[1:], os.environ["QWEN2_CHECK_ONLY"])[1]:
+                sys.exit(RUN_COMPLETE_EXIT)
+            return
+        world = os.environ.get("WORLD_SIZE")
         check_sweep_processes(sys.argv[1:], int(world) if world and world.isdigit() else 1)
         check_sweep_points(sys.argv[1:])
         composed = _precheck_config(sys.argv[1:])
         job = None if composed is None else composed[1]
         path = conf_dir()
-        if os.environ.get("QWEN2_CHECK_ONLY"):
-            check_only(job, os.environ["QWEN2_CHECK_ONLY"])
-            return
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

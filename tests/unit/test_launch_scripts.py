@@ -418,17 +418,32 @@ def test_the_launchers_check_the_job_with_the_python_of_their_torchrun_or_venv(t
     assert python_of(VENV=str(tmp_path / "env")) == str(bin_dir / "python")
 
 
+FAKE_TORCHRUN = """import os, signal, sys
+import torch.distributed.run
+from qwen2_dist.cli import torchrun, train
+torch.distributed.run.main = lambda argv: print("torchrun started", flush=True)
+if os.environ.get("FAKE_SIGNAL_CHECK") == "1":
+    check_machine = train.check_machine
+    def signalled(job):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return check_machine(job)
+    train.check_machine = signalled
+torchrun.main(sys.argv[1:])
+"""
+
+
 def launch_single_node(tmp_path, *overrides: str, **env_changes: str) -> subprocess.CompletedProcess:
     """launch/train_single_node.sh on a machine whose nvidia-smi lists 8 GPUs, with this (CPU) torch, PYTHON a
-    wrapper: the launch check runs for real, the torchrun command only says that it started ("torchrun started" in
-    the output). FAKE_SIGNAL_CHECK=1: the check first sends SIGUSR1 to the launcher."""
+    wrapper: our torchrun runs, the launch check in it for real, and torch's torchrun only says that it started
+    ("torchrun started" in the output). FAKE_SIGNAL_CHECK=1: a SIGUSR1 comes during the check."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_script(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100\"; done\n")
+    (bin_dir / "fake_torchrun.py").write_text(FAKE_TORCHRUN)
     write_script(bin_dir / "python_wrapper", f"""#!/bin/bash
-if [ -z "${{QWEN2_CHECK_ONLY:-}}" ]; then echo "torchrun started"; exit 0; fi
-if [ "${{FAKE_SIGNAL_CHECK:-}}" = 1 ]; then kill -USR1 "$PPID"; sleep 1; fi
-exec {forked_python()["PYTHON"]} "$@"
+[ "$1 $2" = "-m qwen2_dist.cli.torchrun" ] || {{ echo "not our torchrun: $*" >&2; exit 99; }}
+shift 2
+exec {forked_python()["PYTHON"]} {bin_dir / "fake_torchrun.py"} "$@"
 """)
     env = {k: v for k, v in os.environ.items() if k not in ("NPROC", "CUDA_VISIBLE_DEVICES", "TORCHRUN", "PRECHECK")}
     env.update({**forked_python(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python_wrapper"),
@@ -456,26 +471,30 @@ def test_gpus_counted_for_the_processes_but_a_torch_that_sees_none_is_refused_be
 
 def test_a_stop_signal_during_the_launch_check_ends_the_launcher_instead_of_being_lost(tmp_path):
     """SIGUSR1 (Slurm's warning before the time limit, or scancel --signal=USR1) while the check runs: ignored
-    there, it was lost, and the run trained on to the time limit without a checkpoint; now the launcher ends, so
-    slurm/train.sbatch requeues the job. Once torchrun runs, the trainers handle it."""
+    there, it was lost, and the run trained on to the time limit without a checkpoint; now the launcher (our
+    torchrun, which runs the check) ends, so slurm/train.sbatch requeues the job. Once torchrun's workers run, the
+    trainers handle it."""
     result = launch_single_node(tmp_path, "train.device=cpu", NPROC="1", FAKE_SIGNAL_CHECK="1")
-    assert result.returncode == -10 and "torchrun started" not in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 128 + 10 and "torchrun started" not in result.stdout, result.stdout + result.stderr
+    assert "SIGUSR1 before the workers started" in result.stderr
 
 
 @pytest.mark.parametrize("nodes, check_exit, launcher_exit, launched", [
     (1, 0, 0, True), (1, 10, 0, False), (1, 2, 2, False), (2, 10, 0, True), (2, 2, 2, False)])
 def test_a_run_the_check_finds_complete_launches_nothing_on_one_node(tmp_path, nodes, check_exit, launcher_exit,
                                                                       launched):
-    """The launchers' check exits 10 for a run whose newest checkpoint is at train.steps (cli.train.completed_run):
-    on one node no torchrun then, and the launcher's exit is 0 (Slurm: COMPLETED, not requeued); with several nodes,
-    each deciding alone could disagree, so they launch (the trainers find the run complete together); other codes
-    stay as they are."""
+    """With a TORCHRUN of its own, the launchers' check is `QWEN2_CHECK_ONLY=N python -m qwen2_dist.cli.train`
+    (the python beside that torchrun), which exits 10 for a run whose newest checkpoint is at train.steps
+    (cli.train.completed_run): on one node no torchrun then, and the launcher's exit is 0 (Slurm: COMPLETED, not
+    requeued); with several nodes, each deciding alone could disagree, so they launch (the trainers find the run
+    complete together); other codes stay as they are. (Our torchrun's own check: tests/unit/test_torchrun.py.)"""
     write_script(tmp_path / "python", f"""#!/bin/bash
 if [ -n "${{QWEN2_CHECK_ONLY:-}}" ]; then exit {check_exit}; fi
-echo "torchrun started"
+exit 99
 """)
+    write_script(tmp_path / "torchrun", '#!/bin/bash\necho "torchrun started"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("NODE_RANK", "NNODES")}
-    env.update({"PYTHON": str(tmp_path / "python"), "NPROC": "1"})
+    env.update({"TORCHRUN": str(tmp_path / "torchrun"), "NPROC": "1"})
     script = "train_single_node.sh"
     if nodes > 1:
         env.update({"NNODES": str(nodes), "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1"})
@@ -580,17 +599,14 @@ def test_sbatch_goes_on_without_the_node_record_and_says_how_to_run_it(tmp_path)
 
 
 def launch_multi_node_checked(tmp_path, **env_changes: str) -> subprocess.CompletedProcess:
-    """launch/train_multi_node.sh (2 nodes) with a fake python: the check prints what it was asked; torchrun prints
-    its arguments. nvidia-smi lists 8 GPUs."""
+    """launch/train_multi_node.sh (2 nodes) with a fake python as our torchrun: it prints the check it was asked
+    for (QWEN2_LAUNCH_CHECK, "none" when none) and torchrun's arguments. nvidia-smi lists 8 GPUs."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_script(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100\"; done\n")
     write_script(bin_dir / "fake_python", """#!/bin/bash
-if [ -n "${QWEN2_CHECK_ONLY:-}" ]; then
-    echo "checked world=$QWEN2_CHECK_ONLY nproc=$QWEN2_LAUNCH_NPROC"
-else
-    echo "torchrun $*"
-fi
+echo "checked world=${QWEN2_LAUNCH_CHECK:-none} nproc=${QWEN2_LAUNCH_NPROC:-none}"
+echo "torchrun $*"
 """)
     env = {k: v for k, v in os.environ.items()
            if k not in ("NPROC", "CUDA_VISIBLE_DEVICES", "TORCHRUN", "PRECHECK", "SLURMD_NODENAME", "LOCAL_ADDR")
@@ -611,6 +627,11 @@ def test_the_multi_node_check_counts_the_gpus_of_all_nodes_when_slurm_gives_them
     assert "checked world=8 nproc=4" in even.stdout, even.stdout + even.stderr
     given = launch_multi_node_checked(tmp_path, SLURM_GPUS_ON_NODE="4", SLURM_GPUS="12", NPROC="2")
     assert "checked world=4 nproc=2" in given.stdout, given.stdout + given.stderr  # NPROC given: the same on all
+    # No check asked for where it is off, or where the rendezvous decides the world (elastic), whatever the
+    # environment held.
+    for changes in ({"PRECHECK": "0"}, {"NNODES": "1:2"}):
+        unchecked = launch_multi_node_checked(tmp_path, QWEN2_LAUNCH_CHECK="99", **changes)
+        assert "checked world=none nproc=none" in unchecked.stdout, unchecked.stdout + unchecked.stderr
 
 
 def test_torchrun_without_signals_to_handle_ignores_sigusr1_instead_of_dying_of_it(monkeypatch):

@@ -15,6 +15,8 @@ from qwen2_dist.train import no_restart
 def _environment(monkeypatch):
     """torchrun.main sets os.environ for its workers: taken back after each test."""
     monkeypatch.delenv(no_restart.EARLIER_ENV, raising=False)
+    for name in torchrun._LAUNCH_ENV:
+        monkeypatch.delenv(name, raising=False)
 
 
 def _record(run_dir, code):
@@ -98,6 +100,64 @@ def test_overrides_that_do_not_compose_stop_before_torchrun_with_exit_2(tmp_path
         torchrun.main(_argv(tmp_path / "run", "qwen2_dist.cli.train", "train.stepz=3"))
     assert exc.value.code == 2
     assert capsys.readouterr().err.startswith("error: bad override in ")
+
+
+def _launch_check(monkeypatch, world, gpus="0", nproc="1"):
+    """The environment launch/common.sh gives our torchrun: check the job for world processes first."""
+    monkeypatch.setenv(torchrun.LAUNCH_CHECK_ENV, world)
+    monkeypatch.setenv("QWEN2_LAUNCH_GPUS", gpus)
+    monkeypatch.setenv("QWEN2_LAUNCH_NPROC", nproc)
+
+
+def test_the_launch_check_runs_before_torchrun_and_none_of_its_settings_reach_the_workers(tmp_path, monkeypatch,
+                                                                                          capsys):
+    import os
+
+    import torch.distributed.run
+
+    started = []
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: started.append(
+        {name: os.environ.get(name) for name in torchrun._LAUNCH_ENV}))
+    _launch_check(monkeypatch, "2", nproc="2")
+    torchrun.main(_argv(tmp_path / "run", "qwen2_dist.cli.train", "data.synthetic=true"))
+    assert started == [dict.fromkeys(torchrun._LAUNCH_ENV)]
+    assert "config ok for 2 process(es) on cpu" in capsys.readouterr().out
+
+    # A job the check refuses (a layout the world does not divide), as `QWEN2_CHECK_ONLY=3 qwen2-train` refuses it:
+    # exit 2, no torchrun; and the launcher's counts are the check's (a GPU it counted that torch does not see).
+    for world, gpus, refused in (("3", "0", "world size 3 is not divisible"), ("1", "1", "sees no CUDA device")):
+        _launch_check(monkeypatch, world, gpus=gpus)
+        with pytest.raises(SystemExit) as exc:
+            torchrun.main(_argv(tmp_path / "run", "qwen2_dist.cli.train", "data.synthetic=true", "parallel.tp=2"
+                                if world == "3" else "train.device=auto"))
+        assert exc.value.code == 2 and refused in capsys.readouterr().err
+        assert len(started) == 1 and torchrun.LAUNCH_CHECK_ENV not in os.environ
+
+
+@pytest.mark.parametrize("nnodes", ["1", "2"])
+def test_a_complete_run_launches_nothing_on_one_node_only(tmp_path, monkeypatch, capsys, nnodes):
+    """The launchers' check finds nothing left to train: one node ends with 0 and no torchrun; of several nodes,
+    none decides alone (a file one node sees late), and the trainers find the run complete together."""
+    import torch.distributed.run
+
+    from qwen2_dist.cli import train
+
+    started = []
+    monkeypatch.setattr(torch.distributed.run, "main", lambda argv: started.append(argv))
+    monkeypatch.setattr(train, "completed_run", lambda job: "run already complete: (made up)")
+    _launch_check(monkeypatch, "1")
+    argv = _argv(tmp_path / "run", "qwen2_dist.cli.train", "data.synthetic=true")
+    if nnodes == "1":
+        with pytest.raises(SystemExit) as exc:
+            torchrun.main(argv)
+        assert exc.value.code == 0 and not started
+    else:
+        argv = ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=localhost:0", *argv[1:]]
+        torchrun.main(argv)
+        assert started == [argv]
+    out = capsys.readouterr().out
+    assert "run already complete: (made up)" in out
+    assert ("launching all the same: with --nnodes=2" in out) == (nnodes == "2")
 
 
 def test_a_stop_signal_before_the_workers_start_ends_torchrun(tmp_path):
