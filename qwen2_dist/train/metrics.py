@@ -31,7 +31,9 @@ PEAK_BF16_FLOPS = {  # dense bf16, by a substring of torch.cuda.get_device_name(
     "GH200": 989.4e12,
     "H20": 148e12,  # after the H200s, whose names hold it
     "GB200": 2500e12,
-    "B200": 2250e12,
+    "GB300": 2500e12,
+    "B200": 2250e12,  # after GB200, whose name holds it
+    "B300": 2250e12,  # HGX B300: 36 PFLOP/s with sparsity for 8 GPUs; after GB300
     "A100": 312e12,
     "A800": 312e12,
     "L40S": 362e12,
@@ -41,6 +43,8 @@ PEAK_BF16_FLOPS = {  # dense bf16, by a substring of torch.cuda.get_device_name(
     "A10": 125e12,  # after A100 and A10G
     "MI300X": 1307.4e12,
     "MI325X": 1307.4e12,
+    "MI355X": 2500e12,
+    "MI350X": 2300e12,
     "MI250X": 191.5e12,  # one of its two dies: PyTorch sees each as a device
 }
 

@@ -371,7 +371,8 @@ def test_a_restart_hides_the_tensorboard_events_past_the_step_it_resumes_from(tm
     ("NVIDIA H200", 989.4e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA H800 PCIe", 756e12), ("NVIDIA H800", 989.4e12),
     ("NVIDIA GH200 480GB", 989.4e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H20", 148e12),
     ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
-    ("NVIDIA A10", 125e12),
+    ("NVIDIA A10", 125e12), ("NVIDIA B200", 2250e12), ("NVIDIA GB200", 2500e12), ("NVIDIA B300", 2250e12),
+    ("NVIDIA GB300", 2500e12), ("AMD Instinct MI355X", 2500e12), ("AMD Instinct MI350X", 2300e12),
 ])
 def test_the_peak_of_a_gpu_is_its_variant_s_not_its_family_s(monkeypatch, name, peak):
     from qwen2_dist.train.metrics import peak_flops
