@@ -62,8 +62,9 @@ def ignore_sigusr1_where_torchrun_never_handles_it() -> None:
 LAUNCH_CHECK_ENV = "QWEN2_LAUNCH_CHECK"
 """Set by launch/common.sh to the job's world size: check the job as cli.train.launch_check does, here, before
 torchrun starts, with QWEN2_LAUNCH_GPUS and QWEN2_LAUNCH_NPROC (what the launcher counted). In this process rather
-than one of its own before it: a python start and a torch import less per node and launch (about 4 s of CPU on the
-project's 2-core machine). None of the three reaches the workers."""
+than one of its own before it: a python start and a torch import less per node and launch (a 2-step launch of the
+tiny model took 13.5-14.0 s instead of 15.8-17.5 s on the project's 2-core machine, 2026-12-07; more where torch is
+imported from a network filesystem). None of the three reaches the workers."""
 
 _LAUNCH_ENV = (LAUNCH_CHECK_ENV, "QWEN2_LAUNCH_GPUS", "QWEN2_LAUNCH_NPROC")
 
