@@ -354,7 +354,7 @@ def _weight_files(path: str) -> dict[str, str]:
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UserError(f"{index}: not a safetensors index with a 'weight_map' ({e}); re-export the checkpoint")
         return {name: os.path.join(path, file) for name, file in weight_map.items()}
-    if glob.glob(os.path.join(path, "pytorch_model*.bin")):
+    if _pickle_files(path):
         raise UserError(
             f"{path}: holds only pickle weights (pytorch_model*.bin); only safetensors are read. Convert with "
             "qwen2-convert from-hf --allow-pickle, or with "
@@ -369,16 +369,37 @@ def _check_no_shadowing_files(path: str, hf_files: dict[str, str]) -> None:
     (model.init_from_hf, through DCP's HuggingFaceStorageReader) would take some tensors from it, silently. Files of
     other tensors (an adapter) are left alone."""
     named = {os.path.abspath(f) for f in hf_files.values()}
-    for file in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+    for file in _safetensors_files(path):
         if os.path.abspath(file) in named:
             continue
-        with _open_safetensors(file) as f:
+        try:
+            handle = _open_safetensors(file)
+        except UserError as exc:  # the reader would fail on it too, on every rank, after the launch
+            raise UserError(f"{path}: {os.path.basename(file)} is not part of the checkpoint and cannot be read "
+                            f"({exc}); a loader reading the directory reads every .safetensors file of it. Move "
+                            "it out of the directory") from None
+        with handle as f:
             shared = sorted(set(f.keys()) & set(hf_files))
         if shared:
             which = WEIGHTS_NAME if hf_files[shared[0]].endswith(WEIGHTS_NAME) else f"the files {INDEX_NAME} names"
             raise UserError(f"{path}: {os.path.basename(file)} is not part of the checkpoint (which is {which}) but "
                             f"holds {len(shared)} of its tensors (e.g. {shared[0]}); a loader reading the directory "
                             "would mix the two. Move it out of the directory")
+
+
+def _safetensors_files(path: str) -> list[str]:
+    """The directory's .safetensors files, sorted, as DCP's HuggingFaceStorageReader finds them: every name with that
+    ending, hidden ones too (glob skips a leading dot: a stray `.old.safetensors`, or macOS's `._model.safetensors`,
+    went unchecked and was read), and the path taken literally (as a glob pattern, a directory such as run[1]
+    matched nothing)."""
+    if not os.path.isdir(path):
+        return []
+    return sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".safetensors"))
+
+
+def _pickle_files(path: str) -> list[str]:
+    """The directory's pytorch_model*.bin files, sorted, the path taken literally."""
+    return sorted(glob.glob(os.path.join(glob.escape(path), "pytorch_model*.bin")))
 
 
 def _open_safetensors(file: str) -> safe_open:
@@ -514,7 +535,7 @@ def read_pickle_state_dict(path: str) -> tuple[ModelArgs, dict[str, torch.Tensor
     """Native tensors of a directory holding only pytorch_model*.bin files, unpickled with weights_only=True."""
     args = args_from_hf_config(_read_config(path), os.path.join(path, CONFIG_NAME))
     hf: dict[str, torch.Tensor] = {}
-    for file in sorted(glob.glob(os.path.join(path, "pytorch_model*.bin"))):
+    for file in _pickle_files(path):
         # weights_only refuses anything but tensors and plain containers: no code runs while unpickling.
         try:
             try:
@@ -540,8 +561,7 @@ def read_pickle_state_dict(path: str) -> tuple[ModelArgs, dict[str, torch.Tensor
 def read_weights(path: str, allow_pickle: bool = False, mapped: bool = False) -> tuple[ModelArgs, dict]:
     """ModelArgs and native-named tensors of a HF Qwen2 directory: its safetensors (read_hf_state_dict, mapped as
     there), or with allow_pickle, when it holds only pytorch_model*.bin files, those (read_pickle_state_dict)."""
-    if allow_pickle and not glob.glob(os.path.join(path, "*.safetensors")) and glob.glob(
-            os.path.join(path, "pytorch_model*.bin")):
+    if allow_pickle and not _safetensors_files(path) and _pickle_files(path):
         return read_pickle_state_dict(path)  # unpickled with mmap=True: views of the files too
     return read_hf_state_dict(path, mapped=mapped)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -372,6 +373,33 @@ def test_a_stray_copy_of_the_tensors_beside_the_checkpoint_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"old-copy\.safetensors is not part of the checkpoint .* holds 3 of its "
                                         r"tensors .* Move it out of the directory"):
         read_hf_state_dict(path)
+    os.remove(os.path.join(path, "old-copy.safetensors"))
+    # Listed as the reader lists the directory: a hidden file too (glob skipped it, DCP read it), in a directory
+    # whose name is no glob pattern (run[1] matched nothing, so nothing was checked), and one that the reader could
+    # not read either (macOS's ._ files) is named before the launch, not after it on every rank.
+    bracketed = str(tmp_path / "run[1]")
+    os.rename(path, bracketed)
+    read_hf_state_dict(bracketed)
+    for name, content, why in ((".old.safetensors", None, "is not part of the checkpoint .* holds 3 of its tensors"),
+                               ("._model.safetensors", b"\x00\x05\x16\x07" + b"\x00" * 60,
+                                "is not part of the checkpoint and cannot be read")):
+        stray = os.path.join(bracketed, name)
+        if content is None:
+            save_file(stale, stray)
+        else:
+            with open(stray, "wb") as f:
+                f.write(content)
+        with pytest.raises(UserError, match=rf"{re.escape(name)} {why}.* Move it out of the directory"):
+            read_hf_state_dict(bracketed)
+        os.remove(stray)
+
+
+def test_pickle_weights_are_found_in_a_directory_whose_name_is_no_glob_pattern(tmp_path):
+    path = tmp_path / "run[1]"
+    save_pickle_hf(make_hf_model("mha_tied"), path)
+    assert load_hf_model(str(path), allow_pickle=True) is not None
+    with pytest.raises(UserError, match=r"holds only pickle weights \(pytorch_model\*\.bin\)"):
+        read_hf_state_dict(str(path))
 
 
 def base_config() -> dict:
