@@ -53,6 +53,9 @@ optim.in_backward's per parameter. 1 (written before 2026-11-27): parameter grou
 optimizer grouped the same way."""
 READABLE_FORMATS = (1, 2)
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_LEFTOVER = re.compile(r"^(.+)\.(tmp|old)-[0-9a-f]{8}$")
+"""The names of a save's or an atomic write's temporary copies (fsutil.replace_dir, write_atomic, save_to):
+another name with .tmp- or .old- in it (a user's step_00000004.old-lr3e-4) is none of ours, and stays."""
 # Test hook: the step whose save stalls (for 10 minutes) after its shards are written and before the commit, so a
 # test can kill a save at its most delicate point.
 STALL_ENV = "QWEN2_CKPT_STALL_STEP"
@@ -420,6 +423,10 @@ def prepare_resume(ckpt_root: str, resume: str, checksums: bool = True) -> list[
                 outcome = (step(), None)
             except UserError as exc:
                 outcome = (None, exc)
+            except OSError as exc:  # a full disk, permissions, a stale handle while it cleans up or rolls back
+                outcome = (None, StorageUnreadable(
+                    f"{ckpt_root}: preparing the resume failed ({exc}); no committed checkpoint was deleted. Fix the "
+                    "filesystem (space, permissions) and start the same command again: it goes on from here"))
         value, error = broadcast_object(outcome)
         if error is not None:
             raise error
@@ -471,20 +478,24 @@ def clean_partial(ckpt_root: str) -> list[str]:
         return removed
     for name in sorted(os.listdir(ckpt_root)):
         path = os.path.join(ckpt_root, name)
-        final = os.path.join(ckpt_root, name.split(".old-")[0])
+        ours = _LEFTOVER.match(name)
+        final = os.path.join(ckpt_root, ours.group(1)) if ours else path
         try:
-            if ".old-" in name and _STEP_DIR.match(os.path.basename(final)) and not os.path.lexists(final) \
-                    and is_committed(path):
+            if ours and ours.group(2) == "old" and _STEP_DIR.match(os.path.basename(final)) \
+                    and not os.path.lexists(final) and is_committed(path):
                 # A commit killed between replace_dir's two renames: this is the step's only committed copy.
                 os.rename(path, final)
                 log.warning("checkpoint: %s put back as %s (a save was killed while it replaced it)", path, final)
                 continue
-            leftover = ".tmp-" in name or ".old-" in name or (_STEP_DIR.match(name) and not is_committed(path))
+            leftover = ours or (_STEP_DIR.match(name) and not is_committed(path))
         except CheckpointNotLoadable as exc:
             log.warning("checkpoint: %s; not removed", exc)  # the resume that lists it stops on it
             continue
         if leftover:
-            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+            if os.path.islink(path) or not os.path.isdir(path):
+                os.remove(path)  # a link goes, never what it points to (another run's files)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     for path in removed:
         log.warning("checkpoint: removed the leftover of an interrupted save: %s", path)
@@ -836,7 +847,9 @@ def _apply_retention(ckpt_root: str, keep_last: int, keep_every: int, protect: s
     a stale NFS handle, a cleanup script faster than us) stays, with a warning; the next save tries again."""
     try:
         committed = committed_checkpoints(ckpt_root)
-    except OSError as exc:
+    except (OSError, CheckpointNotLoadable) as exc:  # the latter: an entry the filesystem cannot stat (ESTALE)
+        # Only rank 0 applies retention: raised, it would stop that rank alone after a committed save, and the
+        # others would wait for it in their next collective.
         log.warning("checkpoint: could not list %s for retention (%s); older checkpoints stay", ckpt_root, exc)
         return
     for path in committed[:-keep_last]:
@@ -864,7 +877,11 @@ def _delete(path: str, background: bool = False) -> None:
     """Delete a checkpoint directory, un-committing it first (its metadata.json): a crash or a failure halfway
     through the delete leaves an uncommitted leftover, removed at the next start, never a checkpoint with files
     missing. OSError when the metadata cannot be removed (nothing else is touched then). background: the files
-    are deleted by a thread once the checkpoint is un-committed (wait_for_deletes)."""
+    are deleted by a thread once the checkpoint is un-committed (wait_for_deletes). A symbolic link (another run's
+    checkpoint linked into this run's checkpoints/) is removed itself: the checkpoint it points to stays whole."""
+    if os.path.islink(path):
+        os.remove(path)
+        return
     try:
         os.remove(os.path.join(path, METADATA))
     except FileNotFoundError:

@@ -82,6 +82,73 @@ def test_a_checkpoint_retention_cannot_delete_stays_and_the_new_one_is_committed
     assert "retention could not delete" in caplog.text and saver.failed_saves == 0
 
 
+def test_a_checkpoint_retention_cannot_even_stat_stays_and_the_save_stands(tmp_path, monkeypatch, caplog):
+    """Retention runs on rank 0 alone, after the commit: an entry the filesystem cannot stat (a stale NFS handle)
+    stopped that rank with the save committed, and the other ranks waited for it in their next collective."""
+    root = str(tmp_path / "checkpoints")
+    model, _ = _model_and_optimizer(0)
+    saver = checkpoint.Checkpointer(root, keep_last=1)
+    saver.save(1, model, None, {"step": 1}, {})
+    stat = os.stat
+
+    def stale(path, *args, **kwargs):
+        if "step_00000001" in str(path):
+            raise OSError(116, "Stale file handle", path)
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stale)
+    assert saver.save(2, model, None, {"step": 2}, {})
+    monkeypatch.undo()
+    assert _names(checkpoint.committed_checkpoints(root)) == ["step_00000001", "step_00000002"]
+    assert "could not list" in caplog.text and "Stale file handle" in caplog.text and saver.failed_saves == 0
+
+
+def test_retention_and_cleanup_remove_a_link_never_what_it_points_to(tmp_path):
+    """Another run's checkpoint linked into this run's checkpoints/ (to start from it): retention un-committed it
+    through the link (its metadata.json deleted in the other run), and that run's next start removed it as an
+    interrupted save. Now the link goes, and the other run's checkpoint stays whole; the same for a link to an
+    uncommitted directory at cleanup."""
+    other, root = tmp_path / "other" / "checkpoints", tmp_path / "run" / "checkpoints"
+    model, _ = _model_and_optimizer(0)
+    checkpoint.Checkpointer(str(other), keep_last=2).save(4, model, None, {"step": 4}, {})
+    (other / "step_00000009").mkdir()
+    (other / "step_00000009" / "keep").write_text("not a checkpoint, not this run's to delete")
+    root.mkdir(parents=True)
+    os.symlink(other / "step_00000004", root / "step_00000004")
+    os.symlink(other / "step_00000009", root / "step_00000009")
+    assert _names(checkpoint.clean_partial(str(root))) == ["step_00000009"]
+    assert not os.path.lexists(root / "step_00000009") and (other / "step_00000009" / "keep").exists()
+    checkpoint.Checkpointer(str(root), keep_last=1).save(6, model, None, {"step": 6}, {})
+    checkpoint.wait_for_deletes()
+    assert sorted(os.listdir(root)) == ["step_00000006"]
+    assert _names(checkpoint.committed_checkpoints(str(other))) == ["step_00000004"]
+    assert checkpoint.clean_partial(str(other)) == [str(other / "step_00000009")]  # its own leftover, not ours
+    assert _names(checkpoint.committed_checkpoints(str(other))) == ["step_00000004"]
+
+
+def test_a_filesystem_error_while_preparing_the_resume_is_a_storage_error(tmp_path, monkeypatch):
+    """A full disk while a rollback records itself: one clear error on every rank (StorageUnreadable: torchrun's
+    restarts try again), not an OSError traceback on rank 0 while the other ranks wait for its broadcast; the
+    same command, started again, finishes the rollback."""
+    from qwen2_dist import fsutil
+    from qwen2_dist.errors import StorageUnreadable
+
+    root = str(tmp_path / "checkpoints")
+    _run_with_checkpoints(root)
+    step_8 = os.path.join(root, "step_00000008")
+    write_atomic = fsutil.write_atomic
+
+    def full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(checkpoint, "write_atomic", full)
+    with pytest.raises(StorageUnreadable, match=r"preparing the resume failed \(\[Errno 28\] No space left on device"
+                                                r".*no committed checkpoint was deleted\. Fix the filesystem"):
+        checkpoint.prepare_resume(root, step_8, checksums=False)
+    monkeypatch.setattr(checkpoint, "write_atomic", write_atomic)
+    assert _names(checkpoint.prepare_resume(root, step_8, checksums=False)) == ["step_00000008", "step_00000004"]
+
+
 def _run_with_checkpoints(root: str, steps=(4, 8, 12)):
     """A run's checkpoints/ with committed checkpoints of these steps; (model, its Checkpointer)."""
     model, _ = _model_and_optimizer(0)
@@ -201,10 +268,13 @@ def test_interrupted_saves_never_count_and_are_cleaned(tmp_path):
     (root / "step_00000010.tmp-deadbeef").mkdir()
     (root / "step_00000010.tmp-deadbeef" / "__0_0.distcp").write_bytes(b"partial")
     (root / "step_00000015").mkdir()
+    # Names with .tmp- or .old- in them that no save or atomic write of ours makes: a user's, left alone.
+    (root / "step_00000005.old-lr3e-4").mkdir()
+    (root / "notes.tmp-keep").write_text("mine")
     assert _names(checkpoint.committed_checkpoints(str(root))) == ["step_00000005"]
     removed = checkpoint.clean_partial(str(root))
     assert sorted(_names(removed)) == ["step_00000010.tmp-deadbeef", "step_00000015"]
-    assert sorted(os.listdir(root)) == ["step_00000005"]
+    assert sorted(os.listdir(root)) == ["notes.tmp-keep", "step_00000005", "step_00000005.old-lr3e-4"]
     with pytest.raises(UserError, match="not a committed checkpoint"):
         checkpoint.read_metadata(str(root / "step_00000015"))
     # Also read outside training (qwen2-convert): the message names no setting, and the newest committed step when
