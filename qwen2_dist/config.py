@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from qwen2_dist.errors import CheckpointNotLoadable, UserError
-from qwen2_dist.fsutil import reads_in_place
+from qwen2_dist.fsutil import check_writable_dir, reads_in_place
 
 SCHEDULES = ("cosine", "linear", "sqrt", "constant")
 """optim.schedule: the shape of the learning-rate decay after warmup."""
@@ -34,6 +34,10 @@ def compile_fails_with_recompute_under_tp(p: "ParallelConfig") -> bool:
     return (2, 12) <= (major, minor) < (2, 14)
 
 
+PG_TIMEOUT_MAX_MINUTES = 1e7
+"""train.pg_timeout_minutes' largest value; Python's timedelta ends at 1.44e12 minutes."""
+
+
 def inductor_options(p: "ParallelConfig") -> dict[str, Any]:
     """parallel.compile_options as torch.compile takes them: nested keys joined with dots, each one checked against
     this torch's Inductor settings (a misspelled name would otherwise fail at the first compile, on every rank, in
@@ -53,12 +57,26 @@ def inductor_options(p: "ParallelConfig") -> dict[str, Any]:
     import torch._inductor.config as inductor_config
 
     known = set(inductor_config.get_config_copy())
-    for name in flat:
+    for name, value in flat.items():
         if name not in known:
             close = difflib.get_close_matches(name, sorted(known), n=3)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise UserError(f"parallel.compile_options.{name}: this torch's Inductor has no setting {name!r}{hint} "
                             "(the names are those of torch._inductor.config)")
+        # Its type, checked as torch.compile checks it (a plain type only), which otherwise failed at the first
+        # compile, on every rank. A boolean given as 1/0 or a quoted 'true' is taken as the boolean it names.
+        expected = inductor_config.get_type(name) if hasattr(inductor_config, "get_type") else None
+        if not isinstance(expected, type) or typing.get_origin(expected) is not None:
+            continue
+        if expected is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+            flat[name] = value.lower() == "true"
+        elif expected is bool and type(value) is int and value in (0, 1):
+            flat[name] = bool(value)
+        elif expected is float and type(value) is int:
+            flat[name] = float(value)
+        elif not isinstance(value, expected):
+            raise UserError(f"parallel.compile_options.{name}={value!r}: this torch's Inductor takes a "
+                            f"{expected.__name__} there (its default: {inductor_config.get_config_copy()[name]!r})")
     return flat
 
 
@@ -1072,6 +1090,10 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
     if t.hang_timeout < 0 or t.hang_timeout_first < 0 or t.pg_timeout_minutes <= 0:
         raise UserError("train.hang_timeout and train.hang_timeout_first must be >= 0 (0 = off) and "
                         "train.pg_timeout_minutes > 0")
+    if t.pg_timeout_minutes > PG_TIMEOUT_MAX_MINUTES:  # a timedelta of more overflows where the group is made
+        raise UserError(f"train.pg_timeout_minutes={t.pg_timeout_minutes:g}: at most {PG_TIMEOUT_MAX_MINUTES:g} "
+                        "(about 19 years); a collective that waits longer has hung (train.hang_timeout watches "
+                        "for that)")
     if t.grad_clip < 0:
         raise UserError(f"train.grad_clip={t.grad_clip}: must be >= 0 (0 turns clipping off)")
     if t.gc_interval < 0:
@@ -1083,7 +1105,7 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
         raise UserError(f"logging.peak_tflops={lg.peak_tflops}: must be positive (or null to look it up)")
     if lg.profile_steps is not None:
         start, _, end = str(lg.profile_steps).partition(":")
-        if not (start.isdigit() and end.isdigit() and 0 < int(start) < int(end)):
+        if not (re.fullmatch(r"[0-9]+", start) and re.fullmatch(r"[0-9]+", end) and 0 < int(start) < int(end)):
             raise UserError(f"logging.profile_steps={lg.profile_steps!r}: use START:END with 0 < START < END, "
                             "e.g. 10:12")
         if int(end) > cfg.train.steps + 1:
@@ -1201,6 +1223,7 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
         raise UserError(f"checkpoint.resume={resume}: the keywords are auto (resume the newest checkpoint of the run) "
                         "and none (start afresh), in lower case; a checkpoint is named by its path")
     if files:
+        check_writable_dir(cfg.run_dir, f"run_dir={cfg.run_dir}", "give the run a directory this user can write")
         _check_start(cfg, args)
     _check_data(cfg.data, cfg.eval, files)
     if files:

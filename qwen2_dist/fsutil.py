@@ -67,6 +67,22 @@ def reads_in_place(path: str, split: str) -> bool:
     return "://" not in path and os.access(os.path.join(os.path.abspath(os.path.expanduser(path)), split), os.W_OK)
 
 
+def check_writable_dir(path: str, what: str, fix: str) -> None:
+    """UserError, naming `what` (e.g. run_dir=PATH) and ending with `fix`, when a directory cannot be made or written
+    at path: it is a file, or lies under one, or the nearest directory that exists on the way to it cannot be written
+    by this process. Nothing is created. Otherwise the first write there failed with a traceback: after the launch,
+    in every rank, or after hours of work (a checkpoint read for its checksums before its export was written)."""
+    probe = os.path.abspath(os.path.expanduser(path))
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = ("is a file, not a directory" if probe == os.path.abspath(os.path.expanduser(path))
+                 else f"lies under the file {probe}")
+        raise UserError(f"{what}: {where}; {fix}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: {probe} cannot be written by this user; {fix}")
+
+
 def new_output_dir(path: str, fix: str) -> str:
     """The real path of an output directory to be written beside it and renamed into its place (publish_dir;
     replace_dir for a checkpoint): UserError, ending with `fix`, unless it does not exist or is an empty directory
@@ -75,6 +91,7 @@ def new_output_dir(path: str, fix: str) -> str:
     filesystem above it."""
     real = os.path.realpath(os.path.expanduser(path))
     if not os.path.exists(real):
+        check_writable_dir(real, path, fix)
         return real
     if not os.path.isdir(real) or os.listdir(real):
         raise UserError(f"{path}: exists and is not an empty directory; {fix}")

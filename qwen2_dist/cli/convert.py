@@ -71,9 +71,9 @@ def to_hf(ckpt_dir: str, hf_dir: str, max_shard_gib: float = 5.0, dtype: str = "
     if dtype not in dtypes:
         raise UserError(f"--dtype {dtype}: choose bfloat16, float32 or float16")
     # Before the checkpoint's files are read (with checksums, all of them, optimizer state included).
-    if not max_shard_gib > 0:
-        raise UserError(f"--max-shard-gib {max_shard_gib}: the largest safetensors file must be a positive size, "
-                        "e.g. 5")
+    if not 0 < max_shard_gib < float("inf") or int(max_shard_gib * 2**30) < 1:
+        raise UserError(f"--max-shard-gib {max_shard_gib}: the largest safetensors file must be a positive, finite "
+                        "size of at least a byte, e.g. 5")
     hf_dir = new_output_dir(hf_dir, "choose another output path")
     # The tokenizer is loaded from the metadata alone, before verify reads every file (a 72B run's: about a TB), so
     # that a --tokenizer that cannot be written fails in seconds.

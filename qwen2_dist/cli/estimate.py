@@ -322,8 +322,8 @@ def _split_argv(argv: list[str]) -> tuple[list[str], int, float]:
                 overrides.append(arg)
         except ValueError:
             raise UserError(f"{arg}: {key} needs a number") from None
-    if world_size < 1 or gpu_mem_gib <= 0:
-        raise UserError(f"world_size={world_size}, gpu_mem_gib={gpu_mem_gib:g}: both must be positive")
+    if world_size < 1 or not 0 < gpu_mem_gib < float("inf"):  # nan too: it fits in nothing, and said so, exit 0
+        raise UserError(f"world_size={world_size}, gpu_mem_gib={gpu_mem_gib:g}: both must be positive (and finite)")
     return overrides, world_size, gpu_mem_gib
 
 

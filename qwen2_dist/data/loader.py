@@ -17,6 +17,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -126,7 +127,11 @@ def mixture_quotas(sources: list[tuple[str, float]]) -> np.ndarray:
         if weight <= 0:
             raise UserError(f"data source {path}: weight {weight} must be positive")
     weights = np.asarray([weight for _, weight in sources], dtype=np.float64)
-    total = float(weights.sum())
+    with np.errstate(over="ignore"):
+        total = float(weights.sum())
+    if not math.isfinite(total):
+        raise UserError(f"data.sources' weights {', '.join(f'{w:g}' for _, w in sources)} add up past the largest "
+                        "float; only their ratios matter: scale them down (e.g. to fractions of 1)")
     exact = weights / total * MIX_BLOCK
     quotas = np.floor(exact).astype(np.int64)
     for i in np.argsort(-(exact - quotas), kind="stable")[: MIX_BLOCK - int(quotas.sum())]:

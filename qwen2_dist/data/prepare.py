@@ -47,7 +47,7 @@ import numpy as np
 from qwen2_dist.data.streaming_compat import import_streaming
 from qwen2_dist.data.tokenizer import Tokenizer, load_tokenizer
 from qwen2_dist.errors import UserError
-from qwen2_dist.fsutil import fsync_path, replace_dir
+from qwen2_dist.fsutil import check_writable_dir, fsync_path, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -1025,6 +1025,7 @@ def _check_output(output: str, overwrite: bool, files: list[str]) -> str:
     except OSError as e:
         raise UserError(f"output={output}: its parent directory cannot be created ({e.strerror}: {e.filename}); "
                         "choose another output") from None
+    check_writable_dir(os.path.dirname(output), f"output={output}", "choose another output")  # the copy goes beside
     return output
 
 

@@ -509,6 +509,20 @@ def test_from_hf_refuses_an_output_that_is_a_file_before_reading_anything(tmp_pa
         from_hf(str(tmp_path / "no_such_hf_dir"), str(tmp_path / "out"))
 
 
+def test_to_hf_refuses_an_output_or_shard_size_it_cannot_write_before_reading_anything(tmp_path):
+    """Before the checkpoint is read for its checksums (all of it, optimizer state included): an output path under a
+    file, and a shard size that is no finite number of bytes, failed with a traceback only after that read."""
+    from qwen2_dist.cli.convert import to_hf
+
+    (tmp_path / "notes.txt").write_text("")
+    missing = str(tmp_path / "no_such_checkpoint")  # read first, it would fail otherwise
+    with pytest.raises(UserError, match=r"lies under the file .*notes\.txt; choose another output path"):
+        to_hf(missing, str(tmp_path / "notes.txt" / "hf"))
+    for size in (float("inf"), 1e-12, float("nan"), 0):
+        with pytest.raises(UserError, match=r"the largest safetensors file must be a positive, finite size"):
+            to_hf(missing, str(tmp_path / "hf"), max_shard_gib=size)
+
+
 def test_verify_checks_every_checkpoint_of_a_run_and_names_the_damaged_one(tmp_path, capsys):
     from qwen2_dist.cli.convert import main as convert_main
 

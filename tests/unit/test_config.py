@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -16,8 +17,10 @@ from qwen2_dist.errors import UserError
 
 
 # The default run_dir (runs/default, under the current directory) may hold a run's checkpoints, which the checks
-# of what starts a run depend on: the jobs here use one that holds none, unless they name their own.
-NO_RUN = "/nonexistent/qwen2-dist-tests/run"
+# of what starts a run depend on: the jobs here use one that holds none, unless they name their own. Under the
+# temporary directory, which any user can write (validate refuses a run_dir that cannot be made: under /, only
+# root could).
+NO_RUN = os.path.join(tempfile.gettempdir(), "qwen2-dist-tests-no-run", "run")
 
 
 def job(*overrides: str) -> JobConfig:
@@ -141,6 +144,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["optim.lr=nan"], 1, "optim.lr=nan: must be a finite number"),
     (["train.grad_clip=nan"], 1, "train.grad_clip=nan: must be a finite number"),
     (["train.pg_timeout_minutes=inf"], 1, "train.pg_timeout_minutes=inf: must be a finite number"),
+    (["train.pg_timeout_minutes=1e30"], 1, "train.pg_timeout_minutes=1e+30: at most 1e+07"),
     (["model.rope_theta=-inf"], 1, "model.rope_theta=-inf: must be a finite number"),
     (["data.sources=[{path: s3://b/a, weight: inf}]"], 1, "data.sources[0].weight=inf: must be a finite number"),
     (["optim.impl=apex", "optim.fused=false"], 1, "optim.fused=False chooses torch's AdamW kernel; apex's FusedAdam"),
@@ -189,6 +193,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["optim.weight_decay=-0.1"], 1, "optim.weight_decay=-0.1"),
     (["train.nonfinite=ignore"], 1, "train.nonfinite"),
     (["logging.profile_steps=5:2"], 1, "logging.profile_steps"),
+    (["logging.profile_steps='1:\u00b2'"], 1, "logging.profile_steps='1:\u00b2': use START:END"),
     (["logging.profile_steps=2:10", "train.steps=4", "optim.warmup_steps=0"], 1,
      "ends after the run's last step (train.steps=4; END is the first step not profiled): use an END <= 5"),
     (["seed=-1"], 1, "seed=-1: must be a non-negative integer"),
@@ -235,6 +240,23 @@ def test_invalid_jobs_are_refused(overrides, world_size, field):
     message = str(err.value)
     assert field in message
     assert "\n" not in message
+
+
+def test_a_run_dir_that_cannot_be_a_writable_directory_is_refused_before_launch(tmp_path, monkeypatch):
+    """A file, a path under a file, or a directory this user cannot write: refused by validate (the launchers'
+    check, and every worker before it logs), not a traceback in every rank where it first makes run_dir/logs."""
+    (tmp_path / "notes.txt").write_text("")
+    for run_dir, why in ((tmp_path / "notes.txt", "is a file, not a directory"),
+                         (tmp_path / "notes.txt" / "run", f"lies under the file {tmp_path / 'notes.txt'}")):
+        with pytest.raises(UserError, match=rf"^run_dir={re.escape(str(run_dir))}: {re.escape(why)}; give the run "
+                                            "a directory this user can write$"):
+            validate(job(f"run_dir={run_dir}"), 1)
+    validate(job(f"run_dir={tmp_path / 'new' / 'run'}"), 1)  # made by the job, under a writable directory
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(tmp_path) and access(path, mode))
+    with pytest.raises(UserError, match=rf"{re.escape(str(tmp_path))} cannot be written by this user"):
+        validate(job(f"run_dir={tmp_path / 'new' / 'run'}"), 1)
+    validate(job(f"run_dir={tmp_path / 'new' / 'run'}"), 1, files=False)  # qwen2-estimate reads no file system
 
 
 def test_a_checkpoint_the_job_names_must_be_committed_and_the_newest_committed_one_is_suggested(tmp_path):
@@ -504,6 +526,26 @@ def test_compiling_recomputed_tensor_parallel_blocks_is_refused_where_torch_cann
         validate(explicit, world_size=2)
         assert compile_enabled(auto.parallel, "cuda")
     assert compile_enabled(job("parallel.tp=2", "parallel.activation_checkpointing=op").parallel, "cuda")
+
+
+def test_compile_options_of_the_wrong_type_are_refused_before_launch_and_booleans_taken_as_written():
+    """torch.compile checks each Inductor setting's type at the first compile, on every rank, after the launch
+    (`+parallel.compile_options.max_autotune=1`: RuntimeError "Unexpected type of attr max_autotune, got int should
+    be bool"): checked here as it checks it, with 1/0 and a quoted 'true' taken as booleans."""
+    from qwen2_dist.cli.train import compose_job
+
+    def options(*overrides):
+        return inductor_options(compose_job(list(overrides)).parallel)
+
+    assert options("+parallel.compile_options.max_autotune=1", "+parallel.compile_options.triton.cudagraphs='false'",
+                   "+parallel.compile_options.compile_threads=4") == {
+        "max_autotune": True, "triton.cudagraphs": False, "compile_threads": 4}
+    for value, shown in (("2", "2"), ("yes", "'yes'"), ("1.5", "1.5")):
+        with pytest.raises(UserError, match=rf"^parallel\.compile_options\.max_autotune={shown}: this torch's "
+                                            r"Inductor takes a bool there \(its default: False\)$"):
+            options(f"+parallel.compile_options.max_autotune={value}")
+    with pytest.raises(UserError, match=r"compile_options\.epilogue_fusion='x'"):
+        validate(job("+parallel.compile_options.epilogue_fusion=x"), 1, files=False)  # in the launchers' check
 
 
 def test_compile_options_reach_every_compiled_block_and_the_loss(monkeypatch):

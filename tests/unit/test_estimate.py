@@ -66,7 +66,8 @@ def test_float8_says_its_activations_are_not_modelled(capsys):
 
 
 def test_bad_arguments_are_one_line(capsys):
-    for argv in (["world_size=many"], ["train.no_such_key=1"], ["gpu_mem_gib=0"]):
+    for argv in (["world_size=many"], ["train.no_such_key=1"], ["gpu_mem_gib=0"], ["gpu_mem_gib=nan"],
+                 ["gpu_mem_gib=inf"]):
         with pytest.raises(SystemExit):
             main(argv)
         err = capsys.readouterr().err.strip()

@@ -176,6 +176,10 @@ def test_a_weight_too_small_for_any_share_is_refused_and_the_shares_are_logged(t
     with pytest.raises(UserError, match=r"data.sources\[2\].weight=0.0001 "):  # one of two equal weights got a share
         loader([(data[0], 0.9998), (data[1], 1e-4), (data[1], 1e-4)])
     assert mixture_quotas([("a", 1.0), ("b", 0.000247)]).tolist() == [4095, 1]  # the weight suggested is enough
+    # Finite weights whose sum is not (an assertion deep in the loader, after the launch check said "config ok").
+    with pytest.raises(UserError, match=r"weights 1\.7e\+308, 1\.7e\+308 add up past the largest float; only "
+                                        "their ratios matter"):
+        mixture_quotas([("a", 1.7e308), ("b", 1.7e308)])
     c = make_dataset(tmp_path / "c", 7, SEQ, first_id=2000, val_samples=2)
     with caplog.at_level(logging.INFO, logger="qwen2_dist.data.loader"):
         loader([(data[0], 0.7), (c, 0.3)]).close()

@@ -6,6 +6,7 @@ import json
 import logging
 import lzma
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -659,6 +660,15 @@ def test_no_training_sample_says_what_was_skipped_and_an_unusable_output_is_name
         prepare([str(src / "a.jsonl")], str(work / "out"), seq_len=4)
     with pytest.raises(UserError, match=r"output=.*a\.jsonl/sub/out: its parent directory cannot be created"):
         prepare([str(src / "a.jsonl")], str(src / "a.jsonl" / "sub" / "out"), seq_len=4, text_field="content")
+    # A parent this user cannot write (as root, the mode bits would not stop the test: os.access says it instead):
+    # named before the tokenizer loads, not a traceback where the partial copy is first made beside the output.
+    access = os.access
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "access", lambda path, mode: path != str(work / "ro") and access(path, mode))
+        (work / "ro").mkdir()
+        with pytest.raises(UserError, match=rf"^output={re.escape(str(work / 'ro' / 'out'))}: "
+                                            rf"{re.escape(str(work / 'ro'))} cannot be written by this user"):
+            prepare([str(src / "a.jsonl")], str(work / "ro" / "out"), seq_len=4, text_field="content")
 
 
 def test_inputs_that_are_easy_to_get_wrong_are_read_or_named(work, caplog):
