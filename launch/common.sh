@@ -64,10 +64,21 @@ else
         gpus=$(nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU' || true)
         # nvidia-smi lists every GPU of the machine; the workers see only those CUDA_VISIBLE_DEVICES names (none
         # when it is set but empty), as under Slurm or a shared machine.
+        # CUDA reads the list up to its first entry that names no GPU: CUDA_VISIBLE_DEVICES=-1 (or NoDevFiles), the
+        # usual way to hide them all, leaves none, not one.
         if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
             IFS=, read -r -a visible <<< "$CUDA_VISIBLE_DEVICES"
-            if [ "${#visible[@]}" -lt "$gpus" ]; then
-                gpus=${#visible[@]}
+            named=0
+            for entry in "${visible[@]}"; do
+                entry=${entry//[[:space:]]/}
+                if [[ $entry =~ ^[0-9]+$ && $((10#$entry)) -lt $gpus ]] || [[ $entry =~ ^(GPU|MIG)- ]]; then
+                    named=$((named + 1))
+                else
+                    break
+                fi
+            done
+            if [ "$named" -lt "$gpus" ]; then
+                gpus=$named
             fi
         fi
         if [ "$gpus" -gt 0 ]; then

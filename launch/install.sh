@@ -53,7 +53,15 @@ if ! "$py" -m pip --version >/dev/null 2>&1; then
             "requires-python): set PYTHON3 to a newer one (e.g. PYTHON3=python3.12 bash launch/install.sh)" >&2
         exit 2
     fi
-    "$python3" -m venv "$venv"
+    # A venv without a working pip that is there already (made part way; its Python gone, or another than PYTHON3):
+    # made again from scratch. Made over as it is, it kept its bin/python links, so a Python that was removed stayed
+    # missing and an old one stayed, the version check above bypassed. Only a venv (pyvenv.cfg) is cleared.
+    clear=()
+    if [ -f "$venv/pyvenv.cfg" ]; then
+        echo "note: $venv has no working pip (made part way, or its Python is gone): making it again with $python3"
+        clear=(--clear)
+    fi
+    "$python3" -m venv ${clear[@]+"${clear[@]}"} "$venv"
     # The pip a new venv brings is the Python's own (23.2 with 3.11), which took much longer over this install than
     # a current one when pip installed everything (on a 2-core machine on 2026-12-06: 139-156 s with pip 23.2,
     # 102-114 s with pip 26.3 and its 2 s upgrade); it now installs uv, what uv cannot, and reads pip's settings for

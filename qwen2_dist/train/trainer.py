@@ -399,7 +399,13 @@ class Trainer:
         """Every eval set's loss as metrics (eval_loss for one source; eval_loss/NAME per source of a mixture, and
         eval_loss their mean weighted by the training shares when every source has a held-out split; eval_loss/NAME
         for each of eval.datasets; task_acc/NAME and task_acc_norm/NAME for each of eval.tasks), and the log line's
-        text. beat: called after each eval set and task (the hang watchdog's limit is for each)."""
+        text. beat: called after each eval set and task (the hang watchdog's limit is for each). The CPU random
+        generator is left as it was: each eval set's DataLoader draws its base seed from it, so the state a
+        checkpoint saves (and whatever draws from it next) depended on whether and how often evaluation ran."""
+        with torch.random.fork_rng(devices=[]):
+            return self._evaluate_all(beat)
+
+    def _evaluate_all(self, beat) -> tuple[dict, str]:
         trained = [ev for ev in self.evals if not ev.extra]
         losses = {}
         for ev in self.evals:

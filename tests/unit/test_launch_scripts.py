@@ -18,13 +18,13 @@ def write_script(path, text: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
 
-def nproc(tmp_path, **env) -> str:
-    """NPROC as launch/common.sh sets it, on a machine whose nvidia-smi lists 8 GPUs."""
+def nproc(tmp_path, show="$NPROC", **env) -> str:
+    """NPROC (or what `show` says) as launch/common.sh sets it, on a machine whose nvidia-smi lists 8 GPUs."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     write_script(bin_dir / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100\"; done\n")
     base = {k: v for k, v in os.environ.items() if k not in ("NPROC", "CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE")}
-    result = subprocess.run(["bash", "-c", 'set -euo pipefail; source launch/common.sh; echo "$NPROC"'], cwd=REPO,
+    result = subprocess.run(["bash", "-c", f'set -euo pipefail; source launch/common.sh; echo "{show}"'], cwd=REPO,
                             env={**base, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env},
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
@@ -38,6 +38,14 @@ def test_nproc_is_the_gpus_cuda_visible_devices_leaves(tmp_path):
     assert nproc(tmp_path, CUDA_VISIBLE_DEVICES="") == "1"  # no GPU visible: one process on the CPU
     assert nproc(tmp_path, CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7,8,9") == "8"  # never more than there are
     assert nproc(tmp_path, CUDA_VISIBLE_DEVICES="0,1", NPROC="3") == "3"  # an explicit NPROC wins
+    # CUDA reads the list up to its first entry that names no GPU: -1 (the usual way to hide them all) leaves none,
+    # where it counted as one GPU, and the launch check refused the CPU run for a torch that sees no GPU.
+    gpus = "$NPROC $launch_gpus $nproc_from"
+    assert nproc(tmp_path, gpus, CUDA_VISIBLE_DEVICES="-1") == "1 0 default"
+    assert nproc(tmp_path, gpus, CUDA_VISIBLE_DEVICES="NoDevFiles") == "1 0 default"
+    assert nproc(tmp_path, gpus, CUDA_VISIBLE_DEVICES="0,1,-1,2") == "2 2 nvidia-smi"
+    assert nproc(tmp_path, gpus, CUDA_VISIBLE_DEVICES="3,9,1") == "1 1 nvidia-smi"  # 9: no such GPU here
+    assert nproc(tmp_path, gpus, CUDA_VISIBLE_DEVICES="GPU-1a2b,MIG-3c4d") == "2 2 nvidia-smi"
 
 
 def test_nproc_under_srun_is_the_gpus_slurm_gave_this_node(tmp_path):
@@ -53,7 +61,9 @@ FAKE_PYTHON3 = """#!/bin/bash
 [ "$1" = -c ] && { echo "${FAKE_PYTHON3_VERSION:-3.12}"; exit 0; }  # the version check
 [ "$1 $2" = "-m venv" ] || exit 1
 echo "$(basename "$0") $*" >> "$FAKE_LOG"
-mkdir -p "$3/bin" && touch "$3/pyvenv.cfg" "$3/has-pip" && cp "$FAKE_VENV_PYTHON" "$3/bin/python"
+venv=${!#}
+[ "$3" != --clear ] || rm -rf "${venv:?}"/*
+mkdir -p "$venv/bin" && touch "$venv/pyvenv.cfg" "$venv/has-pip" && cp "$FAKE_VENV_PYTHON" "$venv/bin/python"
 """
 FAKE_VENV_PYTHON = """#!/bin/bash
 venv=$(dirname "$0")/..
@@ -242,8 +252,9 @@ def test_install_repairs_a_venv_whose_creation_failed(install):
     (venv / "bin").mkdir(parents=True)
     (venv / "pyvenv.cfg").touch()
     write_script(venv / "bin" / "python", FAKE_VENV_PYTHON)
+    (venv / "bin" / "python3.9").touch()  # what a venv of another Python left: cleared, not kept
     calls = run()
-    assert f"python3 -m venv {venv}" in calls
+    assert f"python3 -m venv --clear {venv}" in calls and not (venv / "bin" / "python3.9").exists()
     assert "python -I qwen2_dist/uv_install.py --quiet torch==2.13.0" in calls
     assert run() == []
 
@@ -273,6 +284,9 @@ def sbatch_run_dir(tmp_path, *overrides: str, **env_changes: str | None) -> str:
     (output,) = [a for a in args if a.startswith("--output=")]
     assert os.listdir(cwd) == []  # nothing created where the job was started
     log_dir = os.path.dirname(output.removeprefix("--output="))
+    # srun reads --output as a pattern (%j, %x, %n, ...): every % of the directory is written %%, which it makes %.
+    assert "%" not in log_dir.replace("%%", ""), output
+    log_dir = log_dir.replace("%%", "%")
     assert os.path.isdir(log_dir)
     return os.path.relpath(os.path.dirname(os.path.dirname(log_dir)), tmp_path)
 
@@ -290,8 +304,9 @@ def test_sbatch_logs_go_to_the_run_dir_the_trainer_uses(tmp_path, overrides, run
 
 def test_sbatch_takes_any_job_name_for_the_default_run_dir(tmp_path):
     """The default run_dir (RUNS_ROOT/JOB_NAME) reaches Hydra through the environment: a name with = , ( [ { ' \\
-    or ${ is a directory name, not override syntax (lr=1e-4 made every job of that name exit 2)."""
-    job_name = "lr=1e-4,exp(2)[1]{c}it's\\x${y}"
+    or ${ is a directory name, not override syntax (lr=1e-4 made every job of that name exit 2); a % in it is no
+    pattern of srun's --output (the node logs went to a directory never made)."""
+    job_name = "lr=1e-4,exp(2)[1]{c}it's\\x${y}10%x"
     assert sbatch_run_dir(tmp_path, SLURM_JOB_NAME=job_name) == f"runs/{job_name}"
 
 

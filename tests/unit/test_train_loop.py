@@ -251,8 +251,10 @@ def test_eval_datasets_are_evaluated_apart_from_the_training_datas_eval_loss(tmp
     evals, complete = build_evals(trainer.cfg, [(web, 1.0)], loader_args, 1)
     assert [(ev.name, ev.samples, ev.extra) for ev in evals] == [(None, 5, False), ("wiki", 5, True)]
     trainer.evals, trainer.evals_complete = evals, complete
+    generator = torch.get_rng_state()
     with caplog.at_level(logging.INFO):
         record, text = trainer.evaluate_all()
+    assert torch.equal(torch.get_rng_state(), generator)  # what a checkpoint saves does not depend on evaluation
     # The row that fills the last micro-batch reads past the end of wiki's 5 samples: no training-data epoch line.
     assert "starts epoch" not in caplog.text
     alone = {}
