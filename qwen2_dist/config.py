@@ -1275,7 +1275,11 @@ def _check_start(cfg: JobConfig, args) -> None:
         if cfg.model.init_from_checkpoint is not None:
             if not os.path.isdir(cfg.model.init_from_checkpoint):
                 raise UserError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint}: no such directory")
-            require_committed(cfg.model.init_from_checkpoint, "model.init_from_checkpoint")
+            from qwen2_dist.train.checkpoint import init_checkpoint_metadata
+
+            # Committed, its files at their recorded sizes, and of this model (as init_from_hf's config and headers
+            # are checked): another model size was refused only after the launch, by every worker.
+            init_checkpoint_metadata(cfg.model.init_from_checkpoint, args)
         if cfg.model.init_from_hf is not None:
             from qwen2_dist.model.hf import check_hf_matches
 
