@@ -866,7 +866,8 @@ def check_saved(cfg: JobConfig) -> list[str]:
     exit 2 rather than a failure torchrun restarts MAX_RESTARTS times): data of another train.seq_len, remote data
     with token ids beyond the model's vocabulary (validate() checks local data; a remote source's summary is
     downloaded into the run's cache, where the job finds it), a checkpoint to resume of another model or of a run
-    that started from other weights than the model.init_from_* named. The job runs it too, on rank 0, before it
+    that started from other weights than the model.init_from_* named, a model.init_from_checkpoint of another
+    model. The job runs it too, on rank 0, before it
     builds the model or rolls anything back (a start without the launchers). Not part of validate():
     qwen2-estimate plans a job whatever run_dir holds. Returns what the launchers print as warnings: a new data
     stage that data.new_stage will start."""
@@ -906,6 +907,10 @@ def check_saved(cfg: JobConfig) -> list[str]:
         first = [resume]  # a rollback to come: the newer checkpoints will be moved aside
     else:
         first = checkpoint.resume_candidates(ckpt_root, resume)[:1]
+    if cfg.model.init_from_checkpoint is not None and not first:
+        # What the run starts from: its files at their recorded sizes, and of this model (as validate checks
+        # init_from_hf's config and headers). Another model size was refused only after the launch, by every worker.
+        checkpoint.init_checkpoint_metadata(cfg.model.init_from_checkpoint, args)
     for path in first:
         try:
             meta = checkpoint.read_metadata(path)
@@ -1275,11 +1280,7 @@ def _check_start(cfg: JobConfig, args) -> None:
         if cfg.model.init_from_checkpoint is not None:
             if not os.path.isdir(cfg.model.init_from_checkpoint):
                 raise UserError(f"model.init_from_checkpoint={cfg.model.init_from_checkpoint}: no such directory")
-            from qwen2_dist.train.checkpoint import init_checkpoint_metadata
-
-            # Committed, its files at their recorded sizes, and of this model (as init_from_hf's config and headers
-            # are checked): another model size was refused only after the launch, by every worker.
-            init_checkpoint_metadata(cfg.model.init_from_checkpoint, args)
+            require_committed(cfg.model.init_from_checkpoint, "model.init_from_checkpoint")
         if cfg.model.init_from_hf is not None:
             from qwen2_dist.model.hf import check_hf_matches
 

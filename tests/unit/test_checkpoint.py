@@ -524,19 +524,19 @@ def test_to_hf_refuses_an_output_or_shard_size_it_cannot_write_before_reading_an
 
 
 def test_a_checkpoint_to_start_from_of_another_model_is_refused_before_launch(tmp_path):
-    """model.init_from_checkpoint of another model size: refused by validate (the launchers' check), as an
-    init_from_hf of another model is, not only by every worker after the launch."""
+    """model.init_from_checkpoint of another model size: refused by check_saved (the launchers' check, and rank 0
+    before the model is built), not only by every worker after the launch."""
     from qwen2_dist.cli.train import compose_job
-    from qwen2_dist.config import validate
+    from qwen2_dist.config import check_saved
 
     model, _ = _model_and_optimizer(0)
     source = tmp_path / "source" / "step_00000002"
     checkpoint.write(str(source), model, None, {"step": 2}, {"model": "tiny",
                                                            "model_args": get_model_args("tiny").to_dict()})
     overrides = [f"run_dir={tmp_path / 'run'}", f"model.init_from_checkpoint={source}", "data.synthetic=true"]
-    validate(compose_job(["model=tiny", *overrides]), 1)
+    assert check_saved(compose_job(["model=tiny", *overrides])) == []
     with pytest.raises(UserError, match=r"model\.init_from_checkpoint=.*\(checkpoint vs job: hidden_size "):
-        validate(compose_job(["model=debug", *overrides]), 1)
+        check_saved(compose_job(["model=debug", *overrides]))
 
 
 def test_verify_checks_every_checkpoint_of_a_run_and_names_the_damaged_one(tmp_path, capsys):
