@@ -61,13 +61,18 @@ def args_from_hf_config(config: dict, file: str = CONFIG_NAME) -> ModelArgs:
     architectures = config.get("architectures")
     if architectures is not None and architectures != ["Qwen2ForCausalLM"]:
         raise _refuse(file, "architectures", architectures, "only Qwen2ForCausalLM checkpoints load")
-    if config.get("hidden_act", "silu") != "silu":
+    # transformers maps both names to the same SiLU.
+    if config.get("hidden_act", "silu") not in ("silu", "swish"):
         raise _refuse(file, "hidden_act", config["hidden_act"], "the MLP is SwiGLU with silu")
-    if config.get("use_sliding_window", False):
-        raise _refuse(file, "use_sliding_window", True, "set it to false; only full causal attention is implemented")
     layer_types = config.get("layer_types") or []
     if any(kind != "full_attention" for kind in layer_types):
         raise _refuse(file, "layer_types", layer_types, "every layer must be 'full_attention'")
+    windowed = "" if layer_types or not config.get("use_sliding_window", False) else _windowed_layers(file, config)
+    if windowed:
+        raise _refuse(file, "use_sliding_window", True,
+                      f"layers {windowed} would use a sliding window (those from max_window_layers="
+                      f"{json.dumps(config.get('max_window_layers', 28))} on); set it to false, or max_window_layers "
+                      "to the layer count: only full causal attention is implemented")
     rope_scaling = config.get("rope_scaling")
     # {"rope_type": "default"} is how some exports spell "no scaling"; older files say "type".
     rope_type = (rope_scaling.get("rope_type") or rope_scaling.get("type")) if isinstance(rope_scaling, dict) else None
@@ -128,6 +133,19 @@ def args_from_hf_config(config: dict, file: str = CONFIG_NAME) -> ModelArgs:
             f"head_dim must equal hidden_size / num_attention_heads = {args.head_dim}",
         )
     return args
+
+
+def _windowed_layers(file: str, config: dict) -> str:
+    """The layers transformers gives a sliding window when use_sliding_window is true and layer_types is absent
+    (from max_window_layers on, its default 28, unless sliding_window is null), as "i..j"; "" for none."""
+    window, first, layers = (config.get(key, default) for key, default in (
+        ("sliding_window", 4096), ("max_window_layers", 28), ("num_hidden_layers", 0)))
+    for key, value in (("max_window_layers", first), ("num_hidden_layers", layers)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise UserError(f"{file}: {key}={json.dumps(value)} has the wrong type; write it as in transformers")
+    if window is None or first >= layers:
+        return ""
+    return f"{max(first, 0)}..{layers - 1}"
 
 
 _ROPE_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")

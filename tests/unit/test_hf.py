@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("transformers")
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from transformers.activations import ACT2FN  # noqa: E402
 
 from qwen2_dist.errors import UserError  # noqa: E402
 from qwen2_dist.model import hf as hf_module  # noqa: E402
@@ -412,7 +413,6 @@ def base_config() -> dict:
         ("model_type", "llama", 'model_type="llama"'),
         ("architectures", ["Qwen2ForSequenceClassification"], "only Qwen2ForCausalLM"),
         ("hidden_act", "gelu", 'hidden_act="gelu"'),
-        ("use_sliding_window", True, "use_sliding_window=true"),
         ("layer_types", ["full_attention", "sliding_attention"], "layer_types="),
         ("rope_scaling", {"rope_type": "yarn", "factor": 4.0}, "rope_scaling="),
         ("attention_bias", False, "attention_bias=false"),
@@ -430,6 +430,35 @@ def test_unsupported_configs_are_refused(key, value, message):
     config[key] = value
     with pytest.raises(UserError, match=message):
         args_from_hf_config(config)
+
+
+@pytest.mark.parametrize("changes", [
+    {"use_sliding_window": True},  # max_window_layers is the layer count: no layer has a window
+    {"use_sliding_window": True, "max_window_layers": 1},
+    {"use_sliding_window": True, "max_window_layers": 0, "sliding_window": None},
+    {"use_sliding_window": True, "max_window_layers": None},  # transformers' default: 28 layers with full attention
+    {"use_sliding_window": True, "max_window_layers": None, "num_hidden_layers": 30},
+    {"use_sliding_window": False, "max_window_layers": 0},
+    {"use_sliding_window": True, "max_window_layers": 0, "layer_types": ["full_attention", "full_attention"]},
+    {"hidden_act": "swish"},
+])
+def test_sliding_window_and_activation_are_read_as_transformers_reads_them(changes):
+    """Refused exactly when transformers would give some layer a sliding window; "swish" is its other name for silu."""
+    config = base_config()
+    for key, value in changes.items():
+        if value is None and key == "max_window_layers":
+            del config[key]
+        else:
+            config[key] = value
+    hf = Qwen2Config(**config)
+    full = all(kind == "full_attention" for kind in hf.layer_types)
+    x = torch.linspace(-4, 4, 9)
+    torch.testing.assert_close(ACT2FN[hf.hidden_act](x), torch.nn.functional.silu(x))
+    if full:
+        assert args_from_hf_config(config).num_hidden_layers == config["num_hidden_layers"]
+    else:
+        with pytest.raises(UserError, match=r"use_sliding_window=true .*layers \d+\.\.\d+ would use a sliding window"):
+            args_from_hf_config(config)
 
 
 def test_config_defaults_follow_transformers():
