@@ -735,6 +735,13 @@ def _check_data(d: DataConfig, e: EvalConfig, files: bool = True) -> None:
                 + (" or leave data.path unset for the embedded corpus" if name == "data.path" and not d.sources
                    else "")
             )
+    # The cache holds the embedded corpus, built after the launch, and the shards of remote sources.
+    remote = [f"{name}={path}" for name, path in paths if "://" in path]
+    remote += [f"eval.datasets[{i}].path={s.path}" for i, s in enumerate(e.datasets) if "://" in s.path]
+    if files and not d.synthetic and (remote or not paths):
+        check_writable_dir(d.cache_root(), f"data.cache_dir={d.cache_root()}", "it caches "
+                           + (f"the shards of {remote[0]}" if remote else "the embedded corpus (no data.path)")
+                           + "; set data.cache_dir to a directory this user can write")
     seen: dict[str, int] = {}
     for i, source in enumerate(d.sources):
         if not source.weight > 0:

@@ -259,6 +259,26 @@ def test_a_run_dir_that_cannot_be_a_writable_directory_is_refused_before_launch(
     validate(job(f"run_dir={tmp_path / 'new' / 'run'}"), 1, files=False)  # qwen2-estimate reads no file system
 
 
+def test_a_data_cache_dir_that_cannot_be_written_is_refused_where_the_job_needs_it(tmp_path):
+    """The embedded corpus and remote shards are cached there; a file was refused after the launch, by every rank,
+    in a message naming qwen2-prepare's output=."""
+    (tmp_path / "notes.txt").write_text("")
+    bad = f"data.cache_dir={tmp_path / 'notes.txt' / 'cache'}"
+    with pytest.raises(UserError, match=rf"^data.cache_dir=.*notes.txt/cache: lies under the file .*; it caches the "
+                                        r"embedded corpus \(no data.path\); set data.cache_dir to a directory"):
+        validate(job(bad), 1)
+    with pytest.raises(UserError, match=r"it caches the shards of data.path=s3://b/shards;"):
+        validate(job(bad, "data.path=s3://b/shards"), 1)
+    from tests.datasets import make_dataset
+
+    local = make_dataset(tmp_path / "ds", 8, 16)
+    with pytest.raises(UserError, match=r"it caches the shards of eval.datasets\[0\].path=s3://b/wiki;"):
+        validate(job(bad, f"data.path={local}", "eval.datasets=[{path: s3://b/wiki}]"), 1)
+    validate(job(bad, f"data.path={local}"), 1)  # local shards, read in place: no cache
+    validate(job(bad, "data.synthetic=true"), 1)
+    validate(job(bad), 1, files=False)
+
+
 def test_a_checkpoint_the_job_names_must_be_committed_and_the_newest_committed_one_is_suggested(tmp_path):
     # Refused before launch (the launchers' precheck runs validate): in the workers it would fail on every rank,
     # and torchrun would restart them.
