@@ -55,6 +55,7 @@ SUMMARY_NAME = "prepare_summary.json"
 FORMAT_VERSION = 2
 TRAIN, VAL = "train", "val"
 COLUMNS = {"tokens": "ndarray:int32", "doc_starts": "ndarray:int32"}
+MAX_SEQ_LEN = 2**28  # 1 GiB of ids in a sample; a Qwen2 model has 131,072 positions
 SKIP_REASONS = ("malformed_json", "missing_field", "wrong_type", "not_utf8", "empty_document", "corrupt_file")
 NUM_SKIPPED_EXAMPLES = 10
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonlines")
@@ -1088,8 +1089,9 @@ def prepare(
     text_split: how a plain-text input is cut into documents (one of TEXT_SPLITS). held_out_fix: what the warning for
     a held-out split too small for one sample says to do (default: raise val_fraction, or max_tokens when it is
     set)."""
-    if seq_len < 1:
-        raise UserError(f"seq_len={seq_len} must be at least 1")
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise UserError(f"seq_len={seq_len} must lie in [1, {MAX_SEQ_LEN}]: a sample's 4-byte token ids are one MDS "
+                        "column, whose size is a 32-bit number")
     if max_tokens is not None and max_tokens < 1:
         raise UserError(f"max_tokens={max_tokens} must be positive, or null for no limit")
     if not 0 <= val_fraction < 1:

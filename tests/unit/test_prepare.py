@@ -148,6 +148,14 @@ def test_max_tokens_stops_the_stream(work, inputs):
     assert cut["max_token_id"] == max(tokens) < load_tokenizer().eos_id
 
 
+@pytest.mark.parametrize("seq_len", [0, 2**28 + 1, 10**20])
+def test_a_seq_len_no_sample_can_hold_is_refused_before_tokenizing(work, inputs, seq_len):
+    """10**20 overflowed numpy after the whole input was tokenized; a sample over 2**28 ids overflows MDS's size."""
+    with pytest.raises(UserError, match=rf"^seq_len={seq_len} must lie in \[1, 268435456\]"):
+        prepare([str(inputs / "a.jsonl")], str(work / "out"), seq_len=seq_len)
+    assert not (work / "out").exists()
+
+
 def test_refuses_existing_output_without_overwrite(work, inputs):
     out = work / "out"
     out.mkdir()
