@@ -264,7 +264,7 @@ def test_a_data_cache_dir_that_cannot_be_written_is_refused_where_the_job_needs_
     in a message naming qwen2-prepare's output=."""
     (tmp_path / "notes.txt").write_text("")
     bad = f"data.cache_dir={tmp_path / 'notes.txt' / 'cache'}"
-    with pytest.raises(UserError, match=rf"^data.cache_dir=.*notes.txt/cache: lies under the file .*; it caches the "
+    with pytest.raises(UserError, match=r"^data.cache_dir=.*notes.txt/cache: lies under the file .*; it caches the "
                                         r"embedded corpus \(no data.path\); set data.cache_dir to a directory"):
         validate(job(bad), 1)
     with pytest.raises(UserError, match=r"it caches the shards of data.path=s3://b/shards;"):
