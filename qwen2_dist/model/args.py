@@ -1,5 +1,6 @@
 """Qwen2 sizes as data: the published configurations plus small sizes that train on a CPU."""
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from qwen2_dist.errors import UserError
@@ -49,8 +50,10 @@ class ModelArgs:
             raise UserError(f"{field}: head_dim {self.head_dim} is odd; rotary embeddings need an even head_dim")
         for name in ("vocab_size", "num_hidden_layers", "intermediate_size", "max_position_embeddings",
                      "rope_theta", "rms_norm_eps", "initializer_range"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"{field}: {name} must be positive, got {getattr(self, name)}")
+            value = getattr(self, name)
+            # not (value > 0) refuses nan too; an infinite rope_theta or initializer_range makes nan logits.
+            if not (0 < value < math.inf):
+                raise UserError(f"{field}: {name} must be a positive finite number, got {value}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -203,7 +203,7 @@ def test_default_job_is_valid_and_derives_accumulation():
     (["model.num_key_value_heads=0"], 1, "num_key_value_heads must be positive, got 0"),
     (["model.hidden_size=0"], 1, "hidden_size must be positive, got 0"),
     (["model.num_attention_heads=-4"], 1, "num_attention_heads must be positive, got -4"),
-    (["model.rope_theta=0"], 1, "rope_theta must be positive, got 0"),
+    (["model.rope_theta=0"], 1, "rope_theta must be a positive finite number, got 0"),
     (["logging.wandb_mode=cloud"], 1, "logging.wandb_mode"),
     (["logging.peak_tflops=0"], 1, "logging.peak_tflops=0.0: must be positive"),
     (["checkpoint.async_save=maybe"], 1, "checkpoint.async_save"),

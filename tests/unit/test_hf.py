@@ -421,6 +421,10 @@ def base_config() -> dict:
         ("head_dim", 32, "head_dim=32.*= 16"),
         ("num_key_value_heads", 3, "not divisible by num_key_value_heads 3"),
         ("hidden_size", "64", 'hidden_size="64" has the wrong type'),
+        # json reads NaN and Infinity; the model made nan logits (initializer_range=nan: a traceback in normal_).
+        ("rms_norm_eps", float("nan"), "rms_norm_eps must be a positive finite number, got nan"),
+        ("rms_norm_eps", float("inf"), "rms_norm_eps must be a positive finite number, got inf"),
+        ("initializer_range", float("nan"), "initializer_range must be a positive finite number, got nan"),
         ("quantization", {"group_size": 64, "bits": 4}, r'quantization=\{"group_size": 64, "bits": 4\}.*unquantized'),
         ("quantization_config", {"quant_method": "awq"}, "quantization_config=.*unquantized"),
     ],
