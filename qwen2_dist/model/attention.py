@@ -89,7 +89,10 @@ def resolve_backend(requested: str, device_type: str, document_masking: bool = F
         raise UserError(f"model.attention=flex: FlexAttention's CUDA kernels take heads of {FLEX_MIN_HEAD_DIM} "
                         f"dimensions or more, and this model's have {head_dim}; use model.attention=auto (SDPA, "
                         "with an explicit mask under data.document_masking)")
-    if requested == "flash_attn" and not (device_type == "cuda" and flash_attn_available()):
+    if requested == "flash_attn" and device_type != "cuda":
+        raise UserError(f"model.attention=flash_attn: flash-attn's kernels run on CUDA devices only, and this job "
+                        f"runs on {device_type}; use model.attention=auto (SDPA)")
+    if requested == "flash_attn" and not flash_attn_available():
         raise UserError(
             "model.attention=flash_attn: flash-attn is not importable on this CUDA machine; "
             "install flash-attn or use model.attention=auto (SDPA)"
