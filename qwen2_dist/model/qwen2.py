@@ -268,8 +268,12 @@ class Qwen2(nn.Module):
         cos, sin = rotary_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
         # Built once per forward, shared by every layer (FlexAttention needs a block mask even when causal).
         mask = None
-        if mask_documents or self.attention_backend == "flex":
+        if mask_documents:
             mask = document_mask(positions, self.attention_backend)
+        elif self.attention_backend == "flex":
+            # Causal only: positions that restart without mask_documents attend across documents, as in SDPA.
+            causal = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+            mask = document_mask(causal, "flex")
         x = self.embed_tokens(tokens, tie=tie)
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):

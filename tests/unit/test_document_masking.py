@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen2_dist.errors import UserError
-from qwen2_dist.model.args import get_model_args
+from qwen2_dist.model.args import ModelArgs, get_model_args
 from qwen2_dist.model.attention import attention, document_mask, resolve_backend
 from qwen2_dist.model.qwen2 import build_model
 
@@ -123,3 +123,28 @@ def test_flex_block_mask_matches_reference_forward():
         out = flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
         want = attention(q, k, v, "reference", document_mask(positions, "reference"))
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_without_document_masking_is_causal_across_documents(monkeypatch):
+    """Positions that restart, with mask_documents=False: flex attends across the documents as SDPA does (it built
+    the document mask from the positions anyway)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from qwen2_dist.model import attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_compiled_flex_attention", lambda: flex_attention)  # eager: CPU forward
+    args = ModelArgs(97, 64, 1, 4, 2, 64, tie_word_embeddings=True)
+    model = build_model(args, "cpu")
+    model.init_weights(0)
+    tokens = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(6), torch.arange(6)]).expand(2, -1)
+    out = {}
+    with torch.no_grad():
+        for backend in ("sdpa", "flex"):
+            model.set_attention_backend(backend)
+            out[backend] = (model(tokens, positions, mask_documents=False), model(tokens, positions,
+                                                                                   mask_documents=True))
+    torch.testing.assert_close(out["flex"][0], out["sdpa"][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["flex"][1], out["sdpa"][1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out["sdpa"][0], out["sdpa"][1], atol=1e-3)  # the two masks differ on this input
