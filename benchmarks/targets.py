@@ -70,10 +70,15 @@ def rows_of_ours(reports: dict[str, dict], size: str, seq_len: int, any_device: 
     for path, report in reports.items():
         if report.get("size") != size or report.get("seq_len") != seq_len or report.get("accum", 1) != 1:
             continue
+        base = default_row(reference if reference is not None else report)
         for row in report.get("rows", []):
             if row.get("name") != "ours" or row.get("status") != "ok":
                 continue
-            why = loss_problem(row, default_row(reference if reference is not None else report))
+            why = loss_problem(row, base)
+            if why is None and base is None and (row is not default_row(report) or report is not
+                                                 (reference if reference is not None else report)):
+                # The default row failed (an OOM): nothing tells whether this row trained as the default does.
+                why = "the default row did not run, so its loss has nothing to be compared with"
             if why is not None:
                 if suspect is not None:
                     suspect.append((path, row, why))
@@ -187,7 +192,9 @@ def judge(out: str, size_large: str, size_small: str, seq_len: int, any_device: 
     within = [e for e in counted if e[1]["peak_mem_gib"] <= SPEED_GIB and baseline_ran(e[2])]
     top = best([e for e in within if any_device or liger_ran(e[2])])
     if top is None:
+        over = [e for e in counted if e[1]["peak_mem_gib"] > SPEED_GIB and baseline_ran(e[2])]
         why = ("NOT MEASURED: no HF + Liger baseline in the same run (is liger-kernel installed?)" if within
+               else f"NOT MET: every row next to a baseline took more than {SPEED_GIB:.0f} GiB" if over
                else "NOT MEASURED: no row within the memory limit next to a baseline")
         lines.append(f"{target}: {why if counted else not_measured(elsewhere, size_large)}")
     else:
@@ -215,7 +222,11 @@ def judge(out: str, size_large: str, size_small: str, seq_len: int, any_device: 
     target = f"lean: {size_large} under {LEAN_GIB:.0f} GiB at >= {LEAN_TOKENS:,} tokens/s"
     lean = best([e for e in counted if e[1]["peak_mem_gib"] < LEAN_GIB])
     if lean is None:
-        why = f"NOT MEASURED: no row under {LEAN_GIB:.0f} GiB"
+        # The lean step's rows ran, all over the limit (not the speed rows, which are not meant to fit).
+        least = min((e for e in counted if e[0] == os.path.join(out, names[2])),
+                    key=lambda entry: entry[1]["peak_mem_gib"], default=None)
+        why = (f"NOT MET: no row under {LEAN_GIB:.0f} GiB; the leanest: {describe(least[1], least[0])}" if least
+               else f"NOT MEASURED: no row under {LEAN_GIB:.0f} GiB")
         lines.append(f"{target}: {why if counted else not_measured(elsewhere, size_large)}")
     else:
         verdict = "MET" if lean[1]["tokens_per_sec"] >= LEAN_TOKENS else "NOT MET"

@@ -186,3 +186,23 @@ def test_command_line(tmp_path):
     assert all("NOT MEASURED" in line for line in result.stdout.splitlines())
     result = run_python(["benchmarks/targets.py", str(tmp_path / "missing")], timeout=60)
     assert result.returncode == 2 and "is not a directory" in result.stderr
+
+
+def test_rows_over_the_memory_limits_fall_short_and_a_variant_without_its_default_row_is_not_counted(tmp_path):
+    """Rows that ran over 70 GiB (or, in the lean step, over 24) did not meet the target: they were measured. A
+    variant row whose report's default row failed has no loss to be held to (it was counted unchecked)."""
+    write(tmp_path, "throughput_1.5b_lean.json", [row(36000.0, 25.5, "optim.in_backward=true")])
+    lines = speed_line(tmp_path, [row(46300.0, 70.5, ratio=1.4), row(32000.0, 59.8, name="hf-liger")])
+    assert lines[0].endswith(": NOT MET: every row next to a baseline took more than 70 GiB"), lines
+    lean = targets.judge(str(tmp_path), "qwen2-1.5b", "qwen2-0.5b", 4096, any_device=False)[len(lines)]
+    assert lean.startswith("lean: qwen2-1.5b under 24 GiB at >= 32,000 tokens/s: NOT MET: no row under 24 GiB; the "
+                           "leanest: 36,000 tokens/s at 25.50 GiB"), lean
+    (tmp_path / "throughput_1.5b_lean.json").unlink()
+    lean = targets.judge(str(tmp_path), "qwen2-1.5b", "qwen2-0.5b", 4096, any_device=False)[len(lines)]
+    assert lean.endswith(": NOT MEASURED: no row under 24 GiB"), lean
+    lines = speed_line(tmp_path, [row(0.0, 0.0, status="OOM"), row(32000.0, 59.8, name="hf-liger"),
+                                  row(50000.0, 55.0, "parallel.fp32_weight_grads=true", variant="v", ratio=1.5,
+                                      losses=(12.2353, 12.2110))])
+    assert lines[0].endswith("NOT MEASURED: no row of ours ran for qwen2-1.5b"), lines
+    assert lines[1].startswith("  not counted, the default row did not run, so its loss has nothing to be compared "
+                               "with: 50,000 tokens/s"), lines
