@@ -164,7 +164,8 @@ def test_hugging_face_round_trip_through_training_zero_steps(tmp_path, corpus_ca
     err = capsys.readouterr().err
     assert "used: exists and is not an empty directory; choose another output path" in err and "checksum" not in err
     assert convert_main(["to-hf", str(ckpt), str(tmp_path / "refused"), "--max-shard-gib", "0"]) == 2
-    assert "--max-shard-gib 0.0: the largest safetensors file must be a positive, finite size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--max-shard-gib 0.0: the largest safetensors file must be a positive, finite size" in err
     assert convert_main(["to-hf", str(ckpt), str(tmp_path / "unchecked"), "--no-checksums", "--tokenizer",
                          "none"]) == 0
     assert not (tmp_path / "unchecked" / "tokenizer.json").exists()
