@@ -88,13 +88,20 @@ def write_job_config(run_dir: str, resolved: dict) -> list[str]:
 
 def setup_logging(run_dir: str, rank: int) -> None:
     """Console on rank 0 (warnings only elsewhere) and one log file per rank under run_dir/logs/."""
-    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
+    path = os.path.join(run_dir, "logs", f"rank{rank}.log")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        file = logging.FileHandler(path)
+    except OSError as exc:
+        from qwen2_dist.train.metrics import os_error_text
+
+        raise UserError(f"cannot write the log of rank {rank} at {exc.filename or path}: {os_error_text(exc)}; "
+                        f"run_dir={run_dir} needs logs/ as a directory this user can write") from exc
     # With the date: the file is appended to across restarts and requeues, which may span days.
     fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(fmt)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    file = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{rank}.log"))
     file.setFormatter(fmt)
     root = logging.getLogger()
     root.handlers[:] = [console, file]
@@ -363,7 +370,8 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         batches.close()
         for ev in evals:
             ev.batches.close()
-    log.info("done: step %d, %s tokens seen, last loss %s", result.step, f"{result.tokens_seen:,}", result.last_loss)
+    log.info("done: step %d, %s tokens seen%s", result.step, f"{result.tokens_seen:,}",
+             "" if result.last_loss is None else f", last loss {result.last_loss:.4f}")  # None: no step ran
     return result
 
 

@@ -31,3 +31,23 @@ def test_each_cli_freezes_its_objects_at_exit(tmp_path, module, args, code):
     assert result.returncode == code, result.stderr[-2000:]
     before, at_exit = (int(word) for word in result.stdout.split("frozen at start ")[1].split(", at exit "))
     assert at_exit > before, result.stdout[-500:]
+
+
+def test_a_log_path_that_cannot_be_a_file_is_one_error_naming_it(tmp_path):
+    """run_dir/logs a file, or logs/rank0.log a directory: a FileExistsError or IsADirectoryError traceback on every
+    rank, where the metrics files' faults were one line."""
+    import logging
+
+    from qwen2_dist.cli.train import setup_logging
+    from qwen2_dist.errors import UserError
+
+    handlers = logging.getLogger().handlers[:]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "logs").write_text("")
+    (tmp_path / "b" / "logs" / "rank3.log").mkdir(parents=True)
+    for run_dir, where, why in (("a", "logs", "EEXIST: File exists"),
+                                ("b", "logs/rank3.log", "EISDIR: Is a directory")):
+        with pytest.raises(UserError, match=rf"^cannot write the log of rank 3 at {tmp_path / run_dir / where}: "
+                                            rf"{why}; run_dir=.*{run_dir} needs logs/ as a directory"):
+            setup_logging(str(tmp_path / run_dir), 3)
+    assert logging.getLogger().handlers == handlers
