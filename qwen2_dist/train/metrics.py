@@ -456,6 +456,8 @@ class StepProfiler:
         self.summary_path = os.path.join(run_dir, "profile", f"rank{rank}_summary.txt")
         self.device = device
         self.profiler = None
+        self.first = self.start  # the first step traced: later on a run resumed inside START:END
+        self.finished = False
         self.started = 0.0
         self.left_out: list[tuple[str, float]] = []
 
@@ -469,8 +471,10 @@ class StepProfiler:
         synchronize(self.device)
 
     def before_step(self, step: int) -> None:
-        """Called with the number of the step about to run."""
-        if step == self.start:
+        """Called with the number of the step about to run: tracing starts at START, or at the first step of a run
+        resumed (or restarted) inside START:END, which then traces the rest of the range."""
+        if self.profiler is None and not self.finished and self.start <= step < self.end:
+            self.first = step
             self._synchronize()  # the wall clock of the summary covers the profiled steps' kernels only
             self.profiler = torch.profiler.profile(record_shapes=True, with_stack=False)
             self.profiler.__enter__()
@@ -498,18 +502,19 @@ class StepProfiler:
         seconds = finished - self.started
         self.profiler.__exit__(None, None, None)
         profiler, self.profiler = self.profiler, None
-        if last < self.start:
+        self.finished = True
+        if last < self.first:
             return time.perf_counter() - finished  # started, then the step failed before it ran
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         profiler.export_chrome_trace(self.path)
         left_out = sum(s for _, s in self.left_out)
-        summary = profile_summary(profiler, last + 1 - self.start, seconds - left_out)
+        summary = profile_summary(profiler, last + 1 - self.first, seconds - left_out)
         if self.left_out:
             summary += "\n\nleft out of the wall clock above (their kernels are in the tables): " + "; ".join(
                 f"{what} ({s:.2f} s)" for what, s in self.left_out)
         with open(self.summary_path, "w") as f:
             f.write(summary + "\n")
-        log.info("profiler: trace of steps %d-%d written to %s; %s (%s)", self.start, last, self.path,
+        log.info("profiler: trace of steps %d-%d written to %s; %s (%s)", self.first, last, self.path,
                  "; ".join(summary.splitlines()[:2]), self.summary_path)
         return time.perf_counter() - finished
 

@@ -452,6 +452,14 @@ class Trainer:
                               lg.wandb_mode, config=dataclasses.asdict(cfg), from_step=self.step,
                               logs_start=start_eval)
         profiler = StepProfiler(lg.profile_steps, cfg.run_dir, self.world.rank, self.world.device)
+        if lg.profile_steps and self.world.is_main and self.step + 1 > profiler.start:
+            if self.step + 1 < profiler.end:
+                log.info("logging.profile_steps=%s: the run starts at step %d, inside the range: steps %d-%d are "
+                         "traced (the first of them builds and warms up again)", lg.profile_steps, self.step + 1,
+                         self.step + 1, profiler.end - 1)
+            else:
+                log.warning("logging.profile_steps=%s: the run starts at step %d, past the range: nothing is traced; "
+                            "set a range of later steps to profile this run", lg.profile_steps, self.step + 1)
         record_oom = lg.memory_snapshot_on_oom and self.world.device.type == "cuda"
         if record_oom:
             # Python stacks only: the C++ ones (torch's default, stacks="all") cost an unwind at every allocation.
@@ -479,6 +487,7 @@ class Trainer:
                 # later collection: the full ones after saves and evaluations visit what training allocated, not a
                 # heap of millions of objects (0.25 s each for a tiny model's run on a 2-core CPU, 2026-12-07).
                 gc.freeze()
+            window_started = time.monotonic()  # the collection above is not training time
             if start_eval:
                 eval_record, eval_text = self.evaluate_all(beat=watchdog.beat)
                 writer.write({"step": 0, **eval_record, "time": time.time()})

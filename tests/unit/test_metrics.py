@@ -139,6 +139,23 @@ def test_a_trace_still_recording_when_the_loop_ends_is_written_with_its_steps(tm
     assert (tmp_path / "profile" / "rank0_summary.txt").read_text().strip()
 
 
+def test_a_run_resumed_inside_the_profiled_range_traces_the_rest_of_it_once(tmp_path, caplog):
+    """A resume (or torchrun's restart) at step 4 of logging.profile_steps=3:6 traced nothing, without a word."""
+    from qwen2_dist.train.metrics import StepProfiler
+
+    profiler = StepProfiler("3:6", str(tmp_path), rank=0)
+    traced = []
+    for step in (4, 5, 6, 7):
+        profiler.before_step(step)
+        traced.append(profiler.profiler is not None)
+        torch.ones(64, 64) @ torch.ones(64, 64)
+        with caplog.at_level(logging.INFO, logger="qwen2_dist"):
+            profiler.after_step(step)
+    assert traced == [True, True, False, False]
+    assert "profiler: trace of steps 4-5 written to" in caplog.text
+    assert (tmp_path / "profile" / "rank0_summary.txt").read_text().strip()
+
+
 def test_a_restart_keeps_one_record_per_step_and_moves_the_rest_aside(tmp_path):
     """Steps 6 and 7 were logged after the checkpoint of step 5 that the restart resumes from (and a kill cut the
     last line short): they move to metrics.superseded.jsonl, and the run's records follow on from step 5."""
