@@ -274,7 +274,10 @@ def render(job: JobConfig, info: dict, lines: dict[str, float], gpu_mem_gib: flo
     allowance = CONTEXT_GIB * GIB + FRAGMENTATION * info["peak"]
     total = info["peak"] + allowance
     ac = job.parallel.activation_checkpointing
-    mode = "one process, autocast" if info["world_size"] == 1 else "FSDP2 mixed precision, fp32 reduce"
+    bf16 = info["dtype"] == "bf16"
+    mode = (("one process, autocast" if bf16 else "one process") if info["world_size"] == 1
+            else "FSDP2 mixed precision, fp32 reduce" if bf16 else "FSDP2")
+    width = max([46, *(len(name) for name in lines)])  # the GiB column, past the longest name
     out = [
         f"qwen2-estimate: {job.model.name} ({info['parameters']:,} parameters) on {info['world_size']} "
         f"rank(s): dp_replicate {layout['dp_replicate']} x dp_shard {layout['dp_shard']} x tp {layout['tp']}",
@@ -286,19 +289,20 @@ def render(job: JobConfig, info: dict, lines: dict[str, float], gpu_mem_gib: flo
         + (f" over a fake process group of {info['world_size']} ranks" if info["world_size"] > 1 else "")
         + f" in {info['plan_seconds']:.1f} s; rank 0 stores {plan.sharded:,} parameters",
         "",
-        f"{'per rank':<48}{'GiB':>9}",
+        f"{'per rank':<{width + 2}}{'GiB':>9}",
     ]
-    out += [f"  {name:<46}{value / GIB:>9.2f}" for name, value in lines.items()]
+    out += [f"  {name:<{width}}{value / GIB:>9.2f}" for name, value in lines.items()]
     out += [
         "  (peak = parameters, optimizer state and FSDP buffers + the larger of what forward saves (weight copies,",
         "   activations, gradients kept across micro-batches) and the gradients: backward frees the one as it makes",
         "   the other)",
-        f"  {'peak tensor memory (max_memory_allocated)':<46}{info['peak'] / GIB:>9.2f}",
-        f"  {f'+ CUDA context {CONTEXT_GIB:.0f} GiB, fragmentation {FRAGMENTATION:.0%}':<46}{allowance / GIB:>9.2f}",
-        f"  {'total':<46}{total / GIB:>9.2f}",
+        f"  {'peak tensor memory (max_memory_allocated)':<{width}}{info['peak'] / GIB:>9.2f}",
+        f"  {f'+ CUDA context {CONTEXT_GIB:.0f} GiB, fragmentation {FRAGMENTATION:.0%}':<{width}}"
+        f"{allowance / GIB:>9.2f}",
+        f"  {'total':<{width}}{total / GIB:>9.2f}",
     ]
     if info["cpu_bytes"]:
-        out.append(f"  {'offloaded to CPU memory (params, grads, AdamW)':<46}{info['cpu_bytes'] / GIB:>9.2f}")
+        out.append(f"  {'offloaded to CPU memory (params, grads, AdamW)':<{width}}{info['cpu_bytes'] / GIB:>9.2f}")
     verdict = "fits" if total <= gpu_mem_gib * GIB else "does NOT fit"
     out += ["", f"{verdict} in {gpu_mem_gib:g} GiB per GPU (headroom {gpu_mem_gib - total / GIB:.1f} GiB)"]
     if job.model.float8:

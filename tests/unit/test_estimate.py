@@ -1,5 +1,6 @@
 """qwen2-estimate: the real sharding plan at 512 ranks in seconds, the trainer's refusals, the activation formula."""
 
+import re
 import time
 
 import pytest
@@ -277,3 +278,16 @@ def test_the_roots_fsdp_gradients_are_counted_where_torchs_memory_tracker_sees_t
     held = sum(lines[key] for key in ("parameters (fp32)", "optimizer state (AdamW m, v fp32)",
                                       "gathered weights (root + blocks)", "a block's unsharded gradient in flight"))
     assert info["peak"] >= held + lines["gradients (fp32, end of backward)"] + unsharded + reduce_input
+
+
+def test_the_report_names_the_compute_mode_and_aligns_its_gib_column(capsys):
+    """An fp32 job read "fp32 compute (one process, autocast)"; a label past 46 characters pushed its number out of
+    the column."""
+    main(["model=qwen2-0.5b", "train.mixed_precision=fp32"])
+    assert "fp32 compute (one process)," in capsys.readouterr().out
+    main(["model=qwen2-0.5b"])
+    out = capsys.readouterr().out
+    assert "bf16 compute (one process, autocast)," in out
+    rows = [line for line in out.splitlines() if re.fullmatch(r"  \S.*\s\d+\.\d\d", line)]
+    assert any("bf16 weight copies" in line for line in rows) and len(rows) >= 8, out
+    assert len({len(line) for line in rows}) == 1, rows
