@@ -75,6 +75,14 @@ def _example(line: str, where: str) -> tuple[str, list[str], int]:
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise UserError(f"{where}: \"answer\" must be the index of the correct choice, 0 to {len(choices) - 1}; "
                         f"got {answer!r}")
+    for text in (context, *choices):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            # A JSON escape of half a UTF-16 pair (\ud800): the qwen2 tokenizer would score U+FFFD in its place, and
+            # qwen2-prepare skips such records (not_utf8).
+            raise UserError(f"{where}: {text[exc.start]!r}, half of a UTF-16 surrogate pair, is no character; "
+                            "write the whole pair or the character itself") from None
     return context, choices, answer
 
 

@@ -34,6 +34,8 @@ def write_task(path, examples=EXAMPLES) -> str:
     ('{"context": "c", "choices": ["a", "b"], "answer": 2}', '"answer" must be the index of the correct choice, 0 '
      'to 1'),
     ('{"context": "c", "choices": ["a", "b"], "answer": true}', "got True"),
+    # Scored with U+FFFD in its place, where qwen2-prepare skips such a training record.
+    ('{"context": "c", "choices": ["a\\ud800", "b"], "answer": 0}', "'\\ud800', half of a UTF-16 surrogate pair"),
 ])
 def test_a_line_that_is_no_example_is_refused_with_the_file_and_line(tmp_path, line, words):
     path = tmp_path / "t.jsonl"
