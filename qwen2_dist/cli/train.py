@@ -162,6 +162,9 @@ _sweep_run_dirs: set[str] = set()
 # Whether check_sweep_points composed every point of this process' sweep before it started (each with its own
 # run_dir, a swept run_dir=a,b included); else each point is checked as it comes (check_sweep_point).
 _sweep_expanded = False
+# The run_dir whose lock run() took (a sweep runs several): a stop before it is recorded there only when no other job
+# holds it.
+_run_dir_taken: list[str | None] = [None]
 
 
 def check_sweep_point(raw_run_dir: str, run_dir: str, seen: set[str], expanded: bool = False) -> None:
@@ -195,6 +198,7 @@ def run(cfg: DictConfig):
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     setup_logging(job.run_dir, world.rank)
     lock = runlock.acquire_on_main(job.run_dir, world.is_main)  # before anything in run_dir is cleaned or written
+    _run_dir_taken[0] = job.run_dir  # every rank: the job's run_dir is its own to write in (_entry's stop record)
     if world.is_main:
         for advice in advisories(job, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None):
             log.warning(advice)
@@ -737,6 +741,19 @@ def storage_wait() -> float:
     return wait
 
 
+def _free(run_dir: str) -> bool:
+    """No other job holds run_dir now: a config refused before the lock was taken (a second job started into a
+    busy run_dir without the launchers' check) must not write its stop into the running job's run_dir, whose
+    launcher would then report that stop for its own next failure."""
+    from qwen2_dist.train.runlock import check_free
+
+    try:
+        check_free(run_dir)
+    except (UserError, OSError):
+        return False
+    return True
+
+
 def _entry(cfg: DictConfig) -> None:
     from qwen2_dist.train import no_restart
     from qwen2_dist.train.runlock import RunDirBusy
@@ -753,7 +770,8 @@ def _entry(cfg: DictConfig) -> None:
         code = 3 if isinstance(exc, TrainingHalted) else 2
         run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
         # Not recorded: another job's run_dir is not ours; storage that failed a read may give it to a restart.
-        if isinstance(run_dir, str) and not isinstance(exc, (RunDirBusy, StorageUnreadable)):
+        if isinstance(run_dir, str) and not isinstance(exc, (RunDirBusy, StorageUnreadable)) and (
+                _run_dir_taken[0] == os.path.expanduser(run_dir) or _free(os.path.expanduser(run_dir))):
             # Under torchrun: a restart must not train on. In the job's run_dir as to_job makes it (a leading ~
             # expanded), where the restarts and the launchers look.
             no_restart.record(os.path.expanduser(run_dir), code, str(exc))
