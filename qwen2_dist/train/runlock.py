@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -78,7 +79,14 @@ def _lock(handle: IO[str], operation: int) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or not _earlier_attempt(_record(handle)):
             raise
-    wait = float(os.environ.get("QWEN2_LOCK_WAIT", "300"))
+    text = os.environ.get("QWEN2_LOCK_WAIT", "300")
+    try:
+        wait = float(text)
+    except ValueError:
+        wait = math.nan
+    if not 0 <= wait < math.inf:  # a traceback here would fail the requeued attempt it is meant to let through
+        log.warning("QWEN2_LOCK_WAIT=%r is no number of seconds >= 0: waiting 300", text)
+        wait = 300.0
     log.warning("run_dir lock %s: held by an earlier attempt of this Slurm job (%s), which has ended; waiting up to "
                 "%.0f s for the filesystem to release it (QWEN2_LOCK_WAIT)", handle.name, _holder(handle), wait)
     deadline = time.monotonic() + wait
@@ -92,12 +100,22 @@ def _lock(handle: IO[str], operation: int) -> None:
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
 
+def _unopenable(path: str, exc: OSError) -> UserError:
+    """The lock file cannot be opened (a directory by that name, no permission): one line, not a traceback that
+    torchrun would restart."""
+    return UserError(f"{path}: cannot be opened as the run's lock file ({exc.strerror or exc}); it must be a file "
+                     "this user can read and write, or not exist: move it away")
+
+
 def acquire(run_dir: str) -> IO[str] | None:
     """Lock run_dir for this process; the open lock file (close it to release), or None where the filesystem has
     no flock. A UserError naming the holder when another process holds it."""
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK_NAME)
-    handle = open(path, "a+", encoding="utf-8")
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise _unopenable(path, exc) from None
     try:
         _lock(handle, fcntl.LOCK_EX)
     except OSError as exc:
@@ -156,6 +174,8 @@ def check_free(run_dir: str) -> None:
         handle = open(path, encoding="utf-8")
     except FileNotFoundError:
         return  # no job has run in it (a job creates the file before it takes the lock)
+    except OSError as exc:
+        raise _unopenable(path, exc) from None
     with handle:
         try:
             _lock(handle, fcntl.LOCK_SH)

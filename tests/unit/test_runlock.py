@@ -48,6 +48,14 @@ def test_the_launchers_checks_of_several_nodes_at_once_do_not_refuse_each_other(
     held.close()
 
 
+def test_a_lock_path_that_cannot_be_opened_is_one_error_naming_it(tmp_path):
+    (tmp_path / runlock.LOCK_NAME).mkdir()
+    for check in (runlock.acquire, runlock.check_free):
+        with pytest.raises(UserError, match=rf"{runlock.LOCK_NAME}: cannot be opened as the run's lock file \(Is a "
+                                            r"directory\); it must be a file"):
+            check(str(tmp_path))
+
+
 def test_the_launchers_check_creates_no_run_dir(tmp_path):
     runlock.check_free(str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()
@@ -95,6 +103,18 @@ def test_a_lock_left_by_an_earlier_attempt_of_the_same_slurm_job_is_waited_for(t
     with pytest.raises(UserError, match="another job is running in it"):
         runlock.acquire(str(tmp_path))
     other.close()
+
+
+def test_a_lock_wait_that_is_no_number_of_seconds_is_named_and_300_taken(tmp_path, monkeypatch, caplog):
+    """A traceback there failed the requeued attempt that the wait exists to let through."""
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("QWEN2_LOCK_WAIT", "soon")
+    stale = runlock.acquire(str(tmp_path))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    threading.Timer(0.5, stale.close).start()
+    with caplog.at_level(logging.WARNING):
+        runlock.acquire(str(tmp_path)).close()
+    assert "QWEN2_LOCK_WAIT='soon' is no number of seconds >= 0: waiting 300" in caplog.text
 
 
 def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir(tmp_path, monkeypatch):
