@@ -36,7 +36,8 @@ class StepGuard:
         self.spike_sigma = spike_sigma
         self.window = window
         self.history = torch.zeros(window, device=device)
-        self.filled = torch.zeros((), device=device)
+        # Applied steps: an integer, where a float32 count stopped at 2**24 and kept overwriting one slot.
+        self.filled = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_total = torch.zeros((), dtype=torch.int64, device=device)
         self.skipped_in_a_row = torch.zeros((), dtype=torch.int64, device=device)
         self.longest_in_a_row = torch.zeros((), dtype=torch.int64, device=device)  # since the last counts()
@@ -100,7 +101,7 @@ class StepGuard:
         state = {"skipped_total": int(self.skipped_total.item()), "skipped_in_a_row": int(self.skipped_in_a_row.item()),
                  "longest_in_a_row": int(self.longest_in_a_row.item())}
         if self.spike_sigma > 0:
-            state.update(history=self.history.tolist(), filled=float(self.filled.item()), position=self.position)
+            state.update(history=self.history.tolist(), filled=int(self.filled.item()), position=self.position)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -110,7 +111,7 @@ class StepGuard:
         history = state.get("history")
         if self.spike_sigma > 0 and history is not None and len(history) == self.window:
             self.history.copy_(torch.tensor(history, dtype=self.history.dtype))
-            self.filled.fill_(state["filled"])
+            self.filled.fill_(int(state["filled"]))  # a float in the checkpoints of earlier versions
             self.position = int(state["position"])
         elif self.spike_sigma > 0 and history is not None:
             log.warning("spike guard: the checkpoint's loss window has %d steps, train.spike_window=%d; starting "

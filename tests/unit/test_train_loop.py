@@ -67,6 +67,17 @@ def test_a_step_skipped_before_the_spike_window_filled_leaves_no_empty_slot_in_i
     assert float(guard.history.min()) > 2.9
 
 
+def test_the_spike_window_keeps_turning_past_two_to_the_24_applied_steps():
+    """A float32 count of applied steps stopped at 2**24 (16.8M steps), and each later loss overwrote one slot."""
+    guard = StepGuard(torch.device("cpu"), spike_sigma=3.0, window=4)
+    state = guard.state_dict()
+    guard.load_state_dict({**state, "filled": float(2**24), "history": [0.9, 1.1] * 2})  # as earlier versions saved it
+    for loss in (1.02, 1.01, 0.99, 0.98):
+        guard.verdict(torch.tensor(loss), FINITE)
+    assert sorted(guard.history.tolist()) == pytest.approx([0.98, 0.99, 1.01, 1.02])
+    assert guard.state_dict()["filled"] == 2**24 + 4
+
+
 def _trainer(tmp_path, *overrides):
     return cpu_trainer(tmp_path, "train.global_batch_size=2", "eval.interval=0", "checkpoint.interval=0", *overrides)
 
