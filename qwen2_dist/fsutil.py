@@ -47,6 +47,27 @@ def fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it where Linux shows it (os.umask sets one to read it, which a
+    thread creating a file at that moment would get)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def chmod_as_created(path: str) -> None:
+    """Give a file the mode open() would have (0666 less the umask): safetensors' save_file writes 0600, which other
+    users of a shared cluster cannot read, where every other file of the output is 0644 under the usual umask."""
+    os.chmod(path, 0o666 & ~process_umask())
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write a small file whole or not at all: to a temporary sibling, flushed to disk, then renamed over path."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from qwen2_dist.errors import UserError
-from qwen2_dist.fsutil import OutputTaken, fsync_path, new_output_dir, publish_dir, replace_dir
+from qwen2_dist.fsutil import OutputTaken, chmod_as_created, fsync_path, new_output_dir, publish_dir, replace_dir
 from qwen2_dist.model.args import INERT_ARGS, ModelArgs
 from qwen2_dist.model.qwen2 import Qwen2, build_model
 
@@ -735,6 +735,7 @@ def write_hf_from(
             native = fetch([hf_to_native_name(n) for n in shard])
             tensors = _prepare({native_to_hf_name(n): t for n, t in native.items()}, dtype)
             save_file(tensors, os.path.join(tmp, file), metadata={"format": "pt"})
+            chmod_as_created(os.path.join(tmp, file))
             weight_map.update(dict.fromkeys(shard, file))
         if len(shards) > 1:
             index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}

@@ -161,6 +161,24 @@ def test_round_trip_is_exact(name, max_shard_bytes, tmp_path):
     assert args_from_hf_config(json.loads((out / "config.json").read_text())) == args
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o007])
+def test_every_exported_file_has_the_mode_the_umask_gives(tmp_path, umask):
+    """safetensors writes its files 0600: on a shared cluster nobody else could read the weights of an export whose
+    config.json they can read."""
+    from qwen2_dist.fsutil import process_umask
+
+    args, native = read_hf_state_dict(save_hf(make_hf_model("gqa2_untied"), tmp_path / "hf", sharded=False))
+    before = os.umask(umask)
+    try:
+        assert process_umask() == umask
+        write_hf(native, args, str(tmp_path / "out"), max_shard_bytes=40_000)
+    finally:
+        os.umask(before)
+    modes = {name: oct(os.stat(tmp_path / "out" / name).st_mode & 0o777) for name in os.listdir(tmp_path / "out")}
+    assert sum(name.endswith(".safetensors") for name in modes) > 1
+    assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
+
+
 def test_write_copes_with_views_and_non_contiguous_tensors(tmp_path):
     args, native = read_hf_state_dict(save_hf(make_hf_model("gqa2_untied"), tmp_path / "hf", sharded=False))
     # One tensor under two names, overlapping views of one buffer, and a transposed (non-contiguous) tensor.
