@@ -741,22 +741,9 @@ def storage_wait() -> float:
     return wait
 
 
-def _free(run_dir: str) -> bool:
-    """No other job holds run_dir now: a config refused before the lock was taken (a second job started into a
-    busy run_dir without the launchers' check) must not write its stop into the running job's run_dir, whose
-    launcher would then report that stop for its own next failure."""
-    from qwen2_dist.train.runlock import check_free
-
-    try:
-        check_free(run_dir)
-    except (UserError, OSError):
-        return False
-    return True
-
-
 def _entry(cfg: DictConfig) -> None:
     from qwen2_dist.train import no_restart
-    from qwen2_dist.train.runlock import RunDirBusy
+    from qwen2_dist.train.runlock import RunDirBusy, held_by_another_job
 
     code = 0
     try:
@@ -770,11 +757,14 @@ def _entry(cfg: DictConfig) -> None:
         code = 3 if isinstance(exc, TrainingHalted) else 2
         run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
         # Not recorded: another job's run_dir is not ours; storage that failed a read may give it to a restart.
-        if isinstance(run_dir, str) and not isinstance(exc, (RunDirBusy, StorageUnreadable)) and (
-                _run_dir_taken[0] == os.path.expanduser(run_dir) or _free(os.path.expanduser(run_dir))):
+        # Nor is a stop before this job took the lock recorded while another job holds it (a second job started
+        # into a busy run_dir past the launchers' check): that job's launcher would report it for its own failure.
+        run_dir = os.path.expanduser(run_dir) if isinstance(run_dir, str) else None
+        if run_dir is not None and not isinstance(exc, (RunDirBusy, StorageUnreadable)) and (
+                _run_dir_taken[0] == run_dir or not held_by_another_job(run_dir)):
             # Under torchrun: a restart must not train on. In the job's run_dir as to_job makes it (a leading ~
             # expanded), where the restarts and the launchers look.
-            no_restart.record(os.path.expanduser(run_dir), code, str(exc))
+            no_restart.record(run_dir, code, str(exc))
         if isinstance(exc, StorageUnreadable) and no_restart.restarts_left():
             # torchrun restarts at once: without a pause its restarts would all meet the same outage in seconds.
             wait = storage_wait()

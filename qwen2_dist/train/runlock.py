@@ -165,6 +165,25 @@ def _flock_retrying(handle: IO[str], operation: int, tries: int = 5) -> None:
             time.sleep(0.1)
 
 
+def held_by_another_job(run_dir: str) -> bool:
+    """Whether another job holds run_dir now, asked without waiting: an earlier attempt of this Slurm job holding it
+    still (the wait _lock would give it) counts as this job's. A lock file that cannot be opened counts as held."""
+    try:
+        handle = open(os.path.join(run_dir, LOCK_NAME), encoding="utf-8")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    with handle:
+        try:
+            _flock_retrying(handle, fcntl.LOCK_SH)
+        except OSError as exc:
+            return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and not _earlier_attempt(
+                _record(handle))
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def check_free(run_dir: str) -> None:
     """The launchers' check: a UserError naming the holder when a job holds run_dir now. A shared lock, taken and
     released at once, with the file left as it is: the checks of several nodes at the same moment (every node of a

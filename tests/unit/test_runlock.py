@@ -105,6 +105,23 @@ def test_a_lock_left_by_an_earlier_attempt_of_the_same_slurm_job_is_waited_for(t
     other.close()
 
 
+def test_whether_another_job_holds_the_run_dir_is_asked_without_waiting(tmp_path, monkeypatch):
+    """What decides whether a job stopped before it took the lock may write its stop record in run_dir: an earlier
+    attempt of this Slurm job still holding the lock (which _lock would wait QWEN2_LOCK_WAIT for) is this job's."""
+    assert not runlock.held_by_another_job(str(tmp_path / "new"))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("QWEN2_LOCK_WAIT", "600")
+    held = runlock.acquire(str(tmp_path))
+    assert runlock.held_by_another_job(str(tmp_path))
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the requeued attempt: the lock is its own job's
+    assert not runlock.held_by_another_job(str(tmp_path))
+    held.close()
+    assert not runlock.held_by_another_job(str(tmp_path))
+    os.remove(tmp_path / runlock.LOCK_NAME)
+    (tmp_path / runlock.LOCK_NAME).mkdir()
+    assert runlock.held_by_another_job(str(tmp_path))
+
+
 def test_a_lock_wait_that_is_no_number_of_seconds_is_named_and_300_taken(tmp_path, monkeypatch, caplog):
     """A traceback there failed the requeued attempt that the wait exists to let through."""
     monkeypatch.setenv("SLURM_JOB_ID", "77")
