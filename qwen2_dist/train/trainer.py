@@ -452,7 +452,7 @@ class Trainer:
                               lg.wandb_mode, config=dataclasses.asdict(cfg), from_step=self.step,
                               logs_start=start_eval)
         profiler = StepProfiler(lg.profile_steps, cfg.run_dir, self.world.rank, self.world.device)
-        if lg.profile_steps and self.world.is_main and self.step + 1 > profiler.start:
+        if lg.profile_steps and self.world.is_main and profiler.start < self.step + 1 <= cfg.train.steps:
             if self.step + 1 < profiler.end:
                 log.info("logging.profile_steps=%s: the run starts at step %d, inside the range: steps %d-%d are "
                          "traced (the first of them builds and warms up again)", lg.profile_steps, self.step + 1,
