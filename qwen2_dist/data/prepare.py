@@ -180,7 +180,8 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
         if not os.path.exists(pattern):
             raise UserError(f"input file {pattern} does not exist; check the path")
         if os.path.isdir(pattern):
-            raise UserError(f"input {pattern} is a directory; pass the files inside it, e.g. input={pattern}/*.jsonl")
+            inside = os.path.join(pattern, "*.jsonl")  # dir/ and dir alike: one slash
+            raise UserError(f"input {pattern} is a directory; pass the files inside it, e.g. input={inside}")
         if not os.path.isfile(pattern):  # a pipe (input=<(...)) would be read up by the checks before its records
             raise UserError(f"input {pattern} is not a regular file (a pipe or a device); write it to a file first")
         files.append(pattern)

@@ -148,6 +148,14 @@ def test_max_tokens_stops_the_stream(work, inputs):
     assert cut["max_token_id"] == max(tokens) < load_tokenizer().eos_id
 
 
+@pytest.mark.parametrize("slash", ["", "/"])
+def test_a_directory_input_is_refused_with_the_pattern_of_its_files(work, slash):
+    (work / "shards").mkdir()
+    with pytest.raises(UserError, match=rf"input .*shards{slash} is a directory; pass the files inside it, e.g. "
+                                        rf"input=.*[^/]/shards/\*\.jsonl$"):
+        prepare([f"{work / 'shards'}{slash}"], str(work / "out"), seq_len=4)
+
+
 @pytest.mark.parametrize("seq_len", [0, 2**28 + 1, 10**20])
 def test_a_seq_len_no_sample_can_hold_is_refused_before_tokenizing(work, inputs, seq_len):
     """10**20 overflowed numpy after the whole input was tokenized; a sample over 2**28 ids overflows MDS's size."""
