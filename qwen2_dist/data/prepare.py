@@ -140,9 +140,14 @@ def _check_readable(path: str) -> None:
     elif not (head.startswith(MAGIC[compression]) or MAGIC[compression].startswith(head)
               or (compression == "zstd" and head.startswith(ZSTD_SKIPPABLE_MAGICS))):
         raise UserError(f"input file {path} is not {compression}-compressed; rename it or recompress it")
-    if kind == "jsonl" and _opens_an_array(path, compression):
+    opening = _json_opening(path, compression) if kind == "jsonl" else None
+    if opening == "[":
         raise UserError(f"input file {path} holds a JSON array, but qwen2-prepare reads JSON lines (one object per "
                         f"line); convert it, e.g. jq -c '.[]' {path} > {os.path.splitext(path)[0]}.jsonl")
+    if opening == "{":
+        raise UserError(f"input file {path} opens with a line holding only '{{': a JSON object written over several "
+                        "lines, but qwen2-prepare reads JSON lines (one whole object per line); convert it, e.g. "
+                        f"jq -c . {path} > {os.path.splitext(path)[0]}.jsonl")
     if kind == "parquet":
         if compression is not None:
             raise UserError(f"input file {path}: Parquet compresses internally; pass the .parquet file itself")
@@ -153,14 +158,19 @@ def _check_readable(path: str) -> None:
             raise UserError(f"input file {path} is not a readable Parquet file ({e})") from None
 
 
-def _opens_an_array(path: str, compression: str | None) -> bool:
-    """Whether a JSON file's first character (after whitespace and a BOM) is "[": an array, not JSON lines."""
+def _json_opening(path: str, compression: str | None) -> str | None:
+    """How a JSON file opens when it is not JSON lines: "[" (an array: its first character after whitespace and a
+    BOM), "{" (an object written over several lines, as json.dump(indent=...) and jq write it: a first line of "{"
+    alone, which no line of JSON lines is), else None."""
     try:
         with open(path, "rb") as raw:
             head = _decompressed(raw, compression).read(4096)
     except (OSError, *_CORRUPT_ERRORS):
-        return False  # its reading counts it corrupt
-    return head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n").startswith("[")
+        return None  # its reading counts it corrupt
+    text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
+    if text.startswith("["):
+        return "["
+    return "{" if text.split("\n", 1)[0].strip() == "{" else None
 
 
 def _expand_inputs(inputs: list[str]) -> list[str]:

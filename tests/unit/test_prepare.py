@@ -716,6 +716,11 @@ def test_inputs_that_are_easy_to_get_wrong_are_read_or_named(work, caplog):
         with pytest.raises(UserError, match=rf"input file .*{name} holds a JSON array, but qwen2-prepare reads JSON "
                                             r"lines .*jq -c '\.\[\]'"):
             prepare([str(src / name)], str(work / "refused"), seq_len=8)
+    # json.dump(indent=2): each line was counted malformed_json, and the run ended with "0 training tokens".
+    (src / "f.json").write_text(json.dumps({"text": "one document"}, indent=2))
+    with pytest.raises(UserError, match=r"input file .*f.json opens with a line holding only '\{': a JSON object "
+                                        r"written over several lines.*jq -c \. "):
+        prepare([str(src / "f.json")], str(work / "refused"), seq_len=8)
 
 
 def test_a_parquet_row_group_damaged_inside_is_counted_and_the_rest_read(work, caplog):
