@@ -56,6 +56,9 @@ def test_op_mode_recomputes_element_wise_ops_but_no_matmul(runs):
     assert sum(op[m] for m in matmuls) == sum(none[m] for m in matmuls) < sum(full[m] for m in matmuls)
     # ...while the norms (rsqrt) are: both recompute modes run them again in backward, none does not.
     assert none["rsqrt"] == 0 and op["rsqrt"] > 0 and full["rsqrt"] == op["rsqrt"]
+    # ...and attention's forward kernel is kept, not run again (full does run it again).
+    attention = [name for name in full if name.startswith("_scaled_dot_product") and not name.endswith("backward")]
+    assert attention and all(op[name] == none[name] == 0 < full[name] for name in attention), (attention, op)
 
 
 def test_op_mode_keeps_every_attention_backend_and_float8_matmul_and_tp_reduce_scatter():
@@ -66,5 +69,8 @@ def test_op_mode_keeps_every_attention_backend_and_float8_matmul_and_tp_reduce_s
     saved = _saved_ops()
     for op in (torch.ops.aten._scaled_mm.default, torch.ops.higher_order.flex_attention,
                torch.ops._c10d_functional.reduce_scatter_tensor.default,
-               torch.ops.aten._scaled_dot_product_cudnn_attention.default):
+               torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+               torch.ops.aten._scaled_dot_product_flash_attention.default,
+               torch.ops.aten._scaled_dot_product_efficient_attention.default,
+               torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default):
         assert op in saved, op
