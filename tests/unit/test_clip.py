@@ -58,6 +58,22 @@ def test_clip_folded_into_fused_adamw_matches_clip_grad_norm(max_norm):
         assert largest_difference(unclipped) == 0 and folded.grad_scale is None
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradients_under_the_limit_are_not_scaled_up_to_it(fused):
+    """max(1, norm / max_norm): every clip above had norms over the limit, so a scale without the max (each step's
+    gradient brought to max_norm, up as well as down) passed them all; AdamW hides a uniform scale behind eps, so
+    the trajectories barely show it. The divisor is 1 here, and the gradients are left as they are."""
+    model = build_model(get_model_args("tiny"), "cpu")
+    model.init_weights(0)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0, fused=fused), "cpu")
+    next(_losses(model)).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = clip_gradients(model, optimizer, 1e3)
+    assert 0 < float(norm) < 1e3
+    assert float(optimizer.grad_scale) == 1.0 if fused else getattr(optimizer, "grad_scale", None) is None
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
 def test_other_optimizers_clip_in_place():
     model = build_model(get_model_args("tiny"), "cpu")
     model.init_weights(0)
