@@ -123,11 +123,17 @@ def test_the_compiled_step_with_z_loss_is_still_one_pass_and_computes_the_eager_
     logits = (torch.randn(512, 151936, device="cuda", generator=generator) * 4).bfloat16()
     targets = torch.randint(0, 151936, (512,), device="cuda", generator=generator)
     targets[::5] = loss_module.IGNORE_INDEX
-    eager_pair, eager_grad = loss_module._chunk_loss_and_grad(logits.clone(), targets, True, 1e-4)
+    # z = 1e-2: the gradient's factor 1 + 2 z lse is about 1.4 here (lse about 20), where 1e-4's 1.004 lay within
+    # the tolerance below, so a step that dropped z from the gradient passed (as the control shows it would not now).
+    z = 1e-2
+    eager_pair, eager_grad = loss_module._chunk_loss_and_grad(logits.clone(), targets, True, z)
+    _, without_z = loss_module._chunk_loss_and_grad(logits.clone(), targets, True)
     compiled_logits = logits.clone()
     (pair, grad), code = run_and_get_code(torch.compile(loss_module._chunk_loss_and_grad_fusable, dynamic=False),
-                                          compiled_logits, targets, True, 1e-4)
+                                          compiled_logits, targets, True, z)
     assert "online_softmax" in "\n".join(code) and grad.data_ptr() == compiled_logits.data_ptr()
     assert pair.shape == (2,) and bool((grad[::5] == 0).all())
     torch.testing.assert_close(pair, eager_pair, rtol=1e-5, atol=0)
     torch.testing.assert_close(grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-6)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(without_z.float(), eager_grad.float(), rtol=1e-2, atol=1e-6)
