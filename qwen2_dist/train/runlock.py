@@ -132,6 +132,7 @@ def acquire(run_dir: str) -> IO[str] | None:
     handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                              "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
                              "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"),
+                             "torchrun_run_id": os.environ.get("TORCHELASTIC_RUN_ID", ""),
                              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
     handle.flush()
     return handle
@@ -166,8 +167,9 @@ def _flock_retrying(handle: IO[str], operation: int, tries: int = 5) -> None:
 
 
 def held_by_another_job(run_dir: str) -> bool:
-    """Whether another job holds run_dir now, asked without waiting: an earlier attempt of this Slurm job holding it
-    still (the wait _lock would give it) counts as this job's. A lock file that cannot be opened counts as held."""
+    """Whether another job holds run_dir now, asked without waiting: this torchrun's own rank 0 (its run id in the
+    lock's record), or an earlier attempt of this Slurm job holding it still (the wait _lock would give it), counts as
+    this job's. A lock file that cannot be opened counts as held."""
     try:
         handle = open(os.path.join(run_dir, LOCK_NAME), encoding="utf-8")
     except FileNotFoundError:
@@ -178,8 +180,10 @@ def held_by_another_job(run_dir: str) -> bool:
         try:
             _flock_retrying(handle, fcntl.LOCK_SH)
         except OSError as exc:
-            return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) and not _earlier_attempt(
-                _record(handle))
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return False
+            who, run_id = _record(handle), os.environ.get("TORCHELASTIC_RUN_ID")
+            return not (_earlier_attempt(who) or (run_id and who.get("torchrun_run_id") == run_id))
         fcntl.flock(handle, fcntl.LOCK_UN)
         return False
 

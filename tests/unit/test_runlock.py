@@ -117,6 +117,13 @@ def test_whether_another_job_holds_the_run_dir_is_asked_without_waiting(tmp_path
     assert not runlock.held_by_another_job(str(tmp_path))
     held.close()
     assert not runlock.held_by_another_job(str(tmp_path))
+    monkeypatch.delenv("SLURM_JOB_ID")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mine")
+    held = runlock.acquire(str(tmp_path))  # as rank 0 of this torchrun holds it, for a rank that failed before it
+    assert not runlock.held_by_another_job(str(tmp_path))
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "another")
+    assert runlock.held_by_another_job(str(tmp_path))
+    held.close()
     os.remove(tmp_path / runlock.LOCK_NAME)
     (tmp_path / runlock.LOCK_NAME).mkdir()
     assert runlock.held_by_another_job(str(tmp_path))
@@ -143,10 +150,11 @@ def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir
     from qwen2_dist.cli import train
     from qwen2_dist.errors import StorageUnreadable
 
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "theirs")
+    held = runlock.acquire(str(tmp_path))  # the other job's lock (a second open file: flock refuses it here too)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "mine")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
     cfg = OmegaConf.create({"run_dir": str(tmp_path)})
-    held = runlock.acquire(str(tmp_path))  # the other job's lock (a second open file: flock refuses it here too)
 
     def busy(cfg):  # the refusal as run() meets it, on rank 0 and handed to every rank
         runlock.acquire_on_main(str(tmp_path), True)
