@@ -70,6 +70,32 @@ def work(tmp_path):
     return path
 
 
+@pytest.fixture(autouse=True)
+def _no_thread_left_by_an_earlier_test():
+    """prepare() forks its workers only in a process with no other thread, as qwen2-prepare's is (else it spawns
+    them). main()'s progress bar starts tqdm's monitor thread, which outlives its test: every later test of this file
+    took the spawn path, and the fork path with its shared result slots went untested."""
+    import tqdm
+
+    monitor = tqdm.tqdm.monitor
+    if monitor is not None:
+        monitor.exit()
+        tqdm.tqdm.monitor = None
+
+
+def pool_start_methods(monkeypatch) -> list[str]:
+    """The start method of each worker pool prepare() makes from now on, in order."""
+    methods = []
+    real = prepare_module.ProcessPoolExecutor
+
+    def recording(workers, mp_context, **kwargs):
+        methods.append(mp_context.get_start_method())
+        return real(workers, mp_context=mp_context, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "ProcessPoolExecutor", recording)
+    return methods
+
+
 @pytest.fixture
 def inputs(work):
     """a.jsonl with one good record per GOOD_DOCS between bad ones, and b.txt (one document)."""
@@ -491,6 +517,7 @@ def test_output_is_identical_for_any_number_of_workers(work, monkeypatch):
         (src / f"{i}.jsonl").write_bytes(_jsonl_bytes([f"doc {i}.{j} " * (1 + j % 7) + "{bad" for j in range(150)])
                                          + b"{broken\n")
     kwargs = dict(seq_len=16, val_fraction=0.2, max_tokens=12_000)
+    methods = pool_start_methods(monkeypatch)
     one = prepare([str(src / "*.jsonl")], str(work / "one"), workers=1, **kwargs)
     two = prepare([str(src / "*.jsonl")], str(work / "two"), workers=2, **kwargs)
     # With another thread alive the workers are spawned instead of forked (and load the tokenizer themselves).
@@ -502,6 +529,7 @@ def test_output_is_identical_for_any_number_of_workers(work, monkeypatch):
     finally:
         release.set()
         thread.join()
+    assert methods == ["fork", "spawn"]
     assert one == two == spawned and one["skipped"]["malformed_json"] > 0 and one["splits"]["val"]["samples"] > 0
     for other in ("two", "spawned"):
         for split in ("train", "val"):
@@ -545,7 +573,9 @@ def test_results_too_large_for_a_shared_slot_come_through_the_pipe(work, monkeyp
     (src / "a.jsonl").write_bytes(_jsonl_bytes(docs))
     one = prepare([str(src / "a.jsonl")], str(work / "one"), seq_len=16, workers=1)
     monkeypatch.setattr(prepare_module, "_SLOT_TOKENS", 450)  # some batches fit, some do not
+    methods = pool_start_methods(monkeypatch)
     two = prepare([str(src / "a.jsonl")], str(work / "two"), seq_len=16, workers=2)
+    assert methods == ["fork"]  # the shared slots are the forked workers'
     assert one == two
     assert [t.tolist() for t in read_tokens(work / "one")] == [t.tolist() for t in read_tokens(work / "two")]
 
