@@ -3,6 +3,8 @@
 import json
 import os
 import re
+import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -876,12 +878,18 @@ def test_retention_deletes_after_the_commit_is_agreed_and_in_the_background(tmp_
     agree, retain = checkpoint._all_ok, checkpoint._apply_retention
     monkeypatch.setattr(checkpoint, "_all_ok", lambda ok, exc=None: (order.append("agreed"), agree(ok, exc))[1])
     monkeypatch.setattr(checkpoint, "_apply_retention", lambda *a, **k: (order.append("retention"), retain(*a, **k)))
+    # The files of step 1 are deleted only once the test lets them: the save must return before that.
+    release, rmtree = threading.Event(), shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda path, *args, **kwargs: (
+        os.path.basename(path) != "step_00000001" or release.wait(5), rmtree(path, *args, **kwargs))[1])
     model, _ = _model_and_optimizer(0)
     saver = checkpoint.Checkpointer(str(tmp_path), keep_last=1)
     for step in (1, 2):
         saver.save(step, model, None, {"step": step}, {})
     assert order[-2:] == ["agreed", "retention"]
     assert _names(checkpoint.committed_checkpoints(str(tmp_path))) == ["step_00000002"]  # un-committed at once
+    assert sorted(os.listdir(tmp_path)) == ["step_00000001", "step_00000002"]  # its files: still being deleted
+    release.set()
     checkpoint.wait_for_deletes()
     assert os.listdir(tmp_path) == ["step_00000002"]
 
