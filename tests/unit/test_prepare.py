@@ -24,7 +24,7 @@ from qwen2_dist.data.prepare import SUMMARY_NAME, prepare, read_summary
 from qwen2_dist.data.streaming_compat import import_streaming
 from qwen2_dist.data.tokenizer import load_tokenizer
 from qwen2_dist.errors import UserError
-from tests.helpers import record_fsyncs
+from tests.helpers import record_fsyncs, run_python
 
 GOOD_DOCS = ["Hello world", "你好，世界", "12345 <|endoftext|> tail"]
 TXT_DOC = "Plain text file.\nSecond line, with more words in it.\n"
@@ -70,21 +70,43 @@ def work(tmp_path):
     return path
 
 
-@pytest.fixture(autouse=True)
-def _no_thread_left_by_an_earlier_test():
-    """prepare() forks its workers only in a process with no other thread, as qwen2-prepare's is (else it spawns
-    them). main()'s progress bar starts tqdm's monitor thread, which outlives its test: every later test of this file
-    took the spawn path, and the fork path with its shared result slots went untested."""
-    import tqdm
+_FORKED_PREPARE = """
+import json, sys
+from qwen2_dist.data import prepare as module
 
-    monitor = tqdm.tqdm.monitor
-    if monitor is not None:
-        monitor.exit()
-        tqdm.tqdm.monitor = None
+methods, real = [], module.ProcessPoolExecutor
+
+
+def recording(workers, mp_context, **kwargs):
+    methods.append(mp_context.get_start_method())
+    return real(workers, mp_context=mp_context, **kwargs)
+
+
+module.ProcessPoolExecutor = recording
+settings = json.loads(sys.argv[1])
+for name, value in settings.pop("module").items():
+    setattr(module, name, value)
+summary = module.prepare(**settings)
+print(json.dumps({"methods": methods, "summary": summary}))
+"""
+
+
+def prepare_in_a_fresh_process(work, module_settings: dict, **kwargs) -> tuple[list[str], dict]:
+    """(the start method of each worker pool, the summary) of prepare(**kwargs) in a new process of no other thread,
+    as qwen2-prepare's is, with module_settings set on qwen2_dist.data.prepare first. prepare() forks its workers
+    only in such a process (else it spawns them): this one may hold threads of earlier tests (tqdm's monitor, which
+    main()'s progress bar starts; torch's), which made every workers=2 run here spawn, and the fork path, with its
+    shared result slots, went untested."""
+    script = work / "forked_prepare.py"
+    script.write_text(_FORKED_PREPARE)
+    result = run_python([str(script), json.dumps({"module": module_settings, **kwargs})], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    return reply["methods"], reply["summary"]
 
 
 def pool_start_methods(monkeypatch) -> list[str]:
-    """The start method of each worker pool prepare() makes from now on, in order."""
+    """The start method of each worker pool prepare() makes in this process from now on, in order."""
     methods = []
     real = prepare_module.ProcessPoolExecutor
 
@@ -517,19 +539,20 @@ def test_output_is_identical_for_any_number_of_workers(work, monkeypatch):
         (src / f"{i}.jsonl").write_bytes(_jsonl_bytes([f"doc {i}.{j} " * (1 + j % 7) + "{bad" for j in range(150)])
                                          + b"{broken\n")
     kwargs = dict(seq_len=16, val_fraction=0.2, max_tokens=12_000)
-    methods = pool_start_methods(monkeypatch)
-    one = prepare([str(src / "*.jsonl")], str(work / "one"), workers=1, **kwargs)
-    two = prepare([str(src / "*.jsonl")], str(work / "two"), workers=2, **kwargs)
+    one = json.loads(json.dumps(prepare([str(src / "*.jsonl")], str(work / "one"), workers=1, **kwargs)))
+    forked, two = prepare_in_a_fresh_process(work, {"BATCH_CHARS": 2_000}, inputs=[str(src / "*.jsonl")],
+                                             output=str(work / "two"), workers=2, **kwargs)
     # With another thread alive the workers are spawned instead of forked (and load the tokenizer themselves).
     release = threading.Event()
     thread = threading.Thread(target=release.wait)
     thread.start()
+    methods = pool_start_methods(monkeypatch)
     try:
-        spawned = prepare([str(src / "*.jsonl")], str(work / "spawned"), workers=2, **kwargs)
+        spawned = json.loads(json.dumps(prepare([str(src / "*.jsonl")], str(work / "spawned"), workers=2, **kwargs)))
     finally:
         release.set()
         thread.join()
-    assert methods == ["fork", "spawn"]
+    assert forked == ["fork"] and methods == ["spawn"]
     assert one == two == spawned and one["skipped"]["malformed_json"] > 0 and one["splits"]["val"]["samples"] > 0
     for other in ("two", "spawned"):
         for split in ("train", "val"):
@@ -572,11 +595,12 @@ def test_results_too_large_for_a_shared_slot_come_through_the_pipe(work, monkeyp
     docs = [f"doc {j} " + "token " * (j % 400) for j in range(300)]
     (src / "a.jsonl").write_bytes(_jsonl_bytes(docs))
     one = prepare([str(src / "a.jsonl")], str(work / "one"), seq_len=16, workers=1)
-    monkeypatch.setattr(prepare_module, "_SLOT_TOKENS", 450)  # some batches fit, some do not
-    methods = pool_start_methods(monkeypatch)
-    two = prepare([str(src / "a.jsonl")], str(work / "two"), seq_len=16, workers=2)
-    assert methods == ["fork"]  # the shared slots are the forked workers'
-    assert one == two
+    # Some batches fit a slot of 450 tokens, some do not; the shared slots are the forked workers'.
+    methods, two = prepare_in_a_fresh_process(work, {"BATCH_CHARS": 2_000, "_SLOT_TOKENS": 450},
+                                              inputs=[str(src / "a.jsonl")], output=str(work / "two"), seq_len=16,
+                                              workers=2)
+    assert methods == ["fork"]
+    assert json.loads(json.dumps(one)) == two
     assert [t.tolist() for t in read_tokens(work / "one")] == [t.tolist() for t in read_tokens(work / "two")]
 
 
