@@ -144,6 +144,10 @@ def _check_readable(path: str) -> None:
     if opening == "[":
         raise UserError(f"input file {path} holds a JSON array, but qwen2-prepare reads JSON lines (one object per "
                         f"line); convert it, e.g. jq -c '.[]' {path} > {os.path.splitext(path)[0]}.jsonl")
+    if opening == "\r":
+        raise UserError(f"input file {path} ends its lines with a carriage return alone (old Mac line endings), but "
+                        "qwen2-prepare reads JSON lines ended by a line feed (or CR LF); convert it, e.g. tr '\\r' "
+                        f"'\\n' < {path} > {os.path.splitext(path)[0]}.lf.jsonl")
     if opening == "{":
         raise UserError(f"input file {path} opens with a line holding only '{{': a JSON object written over several "
                         "lines, but qwen2-prepare reads JSON lines (one whole object per line); convert it, e.g. "
@@ -161,7 +165,8 @@ def _check_readable(path: str) -> None:
 def _json_opening(path: str, compression: str | None) -> str | None:
     """How a JSON file opens when it is not JSON lines: "[" (an array: its first character after whitespace and a
     BOM), "{" (an object written over several lines, as json.dump(indent=...) and jq write it: a first line of "{"
-    alone, which no line of JSON lines is), else None."""
+    alone, which no line of JSON lines is), "\r" (lines ended by a carriage return alone: two or more of them and no
+    line feed in the first 4 KiB; read as one line, the whole file was one malformed record), else None."""
     try:
         with open(path, "rb") as raw:
             head = _decompressed(raw, compression).read(4096)
@@ -170,6 +175,8 @@ def _json_opening(path: str, compression: str | None) -> str | None:
     text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
     if text.startswith("["):
         return "["
+    if b"\n" not in head and text.count("\r") >= 2:
+        return "\r"
     return "{" if text.split("\n", 1)[0].strip() == "{" else None
 
 

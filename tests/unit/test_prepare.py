@@ -775,6 +775,12 @@ def test_inputs_that_are_easy_to_get_wrong_are_read_or_named(work, caplog):
     with pytest.raises(UserError, match=r"input file .*f.json opens with a line holding only '\{': a JSON object "
                                         r"written over several lines.*jq -c \. "):
         prepare([str(src / "f.json")], str(work / "refused"), seq_len=8)
+    # Lines ended by CR alone: read as one line, the file was one malformed_json record and the run had no tokens.
+    (src / "g.jsonl").write_bytes(b"\r".join(json.dumps({"text": f"doc {i}"}).encode() for i in range(3)) + b"\r")
+    with pytest.raises(UserError, match=r"input file .*g.jsonl ends its lines with a carriage return alone .*tr "):
+        prepare([str(src / "g.jsonl")], str(work / "refused"), seq_len=8)
+    (src / "h.jsonl").write_bytes(b"\r\n".join(json.dumps({"text": f"doc {i}"}).encode() for i in range(3)))
+    assert prepare([str(src / "h.jsonl")], str(work / "crlf"), seq_len=2, val_fraction=0)["documents"] == 3
 
 
 def test_a_parquet_row_group_damaged_inside_is_counted_and_the_rest_read(work, caplog):
