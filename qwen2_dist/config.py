@@ -469,7 +469,7 @@ class LoggingConfig:
     """W&B mode: offline (files under run_dir/wandb, no network; sync later with `wandb sync`), online or disabled."""
     profile_steps: Optional[str] = None
     """Record a torch.profiler trace of steps START to END-1 (10:12: steps 10 and 11) to
-    run_dir/profile/rank{N}.json."""
+    run_dir/profile/rank{N}.json (a run resumed inside the range: the rest of it to rank{N}_from{STEP}.json)."""
     memory_snapshot_on_oom: bool = True
     """On CUDA, record allocations (with their Python stacks) and write run_dir/oom_snapshot_rank{N}.pickle when a
     step runs out of memory. Its cost per step is not measured yet; set false to rule it out."""

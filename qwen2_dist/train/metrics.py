@@ -475,6 +475,9 @@ class StepProfiler:
         resumed (or restarted) inside START:END, which then traces the rest of the range."""
         if self.profiler is None and not self.finished and self.start <= step < self.end:
             self.first = step
+            if step > self.start:  # beside the trace of the range's first part, which an earlier start wrote
+                stem = self.path.removesuffix(".json")
+                self.path, self.summary_path = f"{stem}_from{step}.json", f"{stem}_from{step}_summary.txt"
             self._synchronize()  # the wall clock of the summary covers the profiled steps' kernels only
             self.profiler = torch.profiler.profile(record_shapes=True, with_stack=False)
             self.profiler.__enter__()

@@ -153,7 +153,9 @@ def test_a_run_resumed_inside_the_profiled_range_traces_the_rest_of_it_once(tmp_
             profiler.after_step(step)
     assert traced == [True, True, False, False]
     assert "profiler: trace of steps 4-5 written to" in caplog.text
-    assert (tmp_path / "profile" / "rank0_summary.txt").read_text().strip()
+    # Beside the first part's trace (steps 3 to the stop), not over it.
+    assert sorted(os.listdir(tmp_path / "profile")) == ["rank0_from4.json", "rank0_from4_summary.txt"]
+    assert (tmp_path / "profile" / "rank0_from4_summary.txt").read_text().strip()
 
 
 def test_a_restart_keeps_one_record_per_step_and_moves_the_rest_aside(tmp_path):
