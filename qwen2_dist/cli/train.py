@@ -164,7 +164,7 @@ _sweep_run_dirs: set[str] = set()
 _sweep_expanded = False
 # The run_dir whose lock run() took (a sweep runs several): a stop before it is recorded there only when no other job
 # holds it.
-_run_dir_taken: list[str | None] = [None]
+_run_dir_taken: str | None = None
 
 
 def check_sweep_point(raw_run_dir: str, run_dir: str, seen: set[str], expanded: bool = False) -> None:
@@ -181,6 +181,7 @@ def check_sweep_point(raw_run_dir: str, run_dir: str, seen: set[str], expanded: 
 
 def run(cfg: DictConfig):
     """Run the training job described by a composed config; returns the TrainResult."""
+    global _run_dir_taken
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -198,7 +199,7 @@ def run(cfg: DictConfig):
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     setup_logging(job.run_dir, world.rank)
     lock = runlock.acquire_on_main(job.run_dir, world.is_main)  # before anything in run_dir is cleaned or written
-    _run_dir_taken[0] = job.run_dir  # every rank: the job's run_dir is its own to write in (_entry's stop record)
+    _run_dir_taken = job.run_dir  # every rank: the job's run_dir is its own to write in (_entry's stop record)
     if world.is_main:
         for advice in advisories(job, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None):
             log.warning(advice)
@@ -761,7 +762,7 @@ def _entry(cfg: DictConfig) -> None:
         # into a busy run_dir past the launchers' check): that job's launcher would report it for its own failure.
         run_dir = os.path.expanduser(run_dir) if isinstance(run_dir, str) else None
         if run_dir is not None and not isinstance(exc, (RunDirBusy, StorageUnreadable)) and (
-                _run_dir_taken[0] == run_dir or not held_by_another_job(run_dir)):
+                _run_dir_taken == run_dir or not held_by_another_job(run_dir)):
             # Under torchrun: a restart must not train on. In the job's run_dir as to_job makes it (a leading ~
             # expanded), where the restarts and the launchers look.
             no_restart.record(run_dir, code, str(exc))

@@ -166,7 +166,7 @@ def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir
         raise StorageUnreadable("checkpoints/step_00000004: cannot be read ([Errno 116] Stale file handle)")
 
     def bad_after_the_lock(cfg):  # this job's own run_dir
-        monkeypatch.setattr(train, "_run_dir_taken", [str(tmp_path)])
+        monkeypatch.setattr(train, "_run_dir_taken", str(tmp_path))
         raise UserError("bad")
 
     # A config refused before the lock (a plain torchrun into the busy run_dir, past no launcher's check) wrote its
@@ -179,7 +179,7 @@ def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir
         assert (tmp_path / "no_restart.json").exists() == recorded
     held.close()
     os.remove(tmp_path / "no_restart.json")
-    monkeypatch.setattr(train, "_run_dir_taken", [str(tmp_path / "another")])  # a sweep's earlier run
+    monkeypatch.setattr(train, "_run_dir_taken", str(tmp_path / "another"))  # a sweep's earlier run
     monkeypatch.setattr(train, "run", bad)
     with pytest.raises(SystemExit):
         train._entry(cfg)
