@@ -162,9 +162,6 @@ _sweep_run_dirs: set[str] = set()
 # Whether check_sweep_points composed every point of this process' sweep before it started (each with its own
 # run_dir, a swept run_dir=a,b included); else each point is checked as it comes (check_sweep_point).
 _sweep_expanded = False
-# The run_dir whose lock run() took (a sweep runs several): a stop before it is recorded there only when no other job
-# holds it.
-_run_dir_taken: str | None = None
 
 
 def check_sweep_point(raw_run_dir: str, run_dir: str, seen: set[str], expanded: bool = False) -> None:
@@ -181,7 +178,6 @@ def check_sweep_point(raw_run_dir: str, run_dir: str, seen: set[str], expanded: 
 
 def run(cfg: DictConfig):
     """Run the training job described by a composed config; returns the TrainResult."""
-    global _run_dir_taken
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -199,7 +195,6 @@ def run(cfg: DictConfig):
     world = init_distributed(device_type, job.train.pg_timeout_minutes)
     setup_logging(job.run_dir, world.rank)
     lock = runlock.acquire_on_main(job.run_dir, world.is_main)  # before anything in run_dir is cleaned or written
-    _run_dir_taken = job.run_dir  # every rank: the job's run_dir is its own to write in (_entry's stop record)
     if world.is_main:
         for advice in advisories(job, int(os.environ.get("LOCAL_WORLD_SIZE") or 0) or None):
             log.warning(advice)
@@ -758,11 +753,12 @@ def _entry(cfg: DictConfig) -> None:
         code = 3 if isinstance(exc, TrainingHalted) else 2
         run_dir = OmegaConf.select(cfg, "run_dir", throw_on_resolution_failure=False)
         # Not recorded: another job's run_dir is not ours; storage that failed a read may give it to a restart.
-        # Nor is a stop before this job took the lock recorded while another job holds it (a second job started
-        # into a busy run_dir past the launchers' check): that job's launcher would report it for its own failure.
+        # Nor is a stop recorded while another job holds the lock (a second job started into a busy run_dir past
+        # the launchers' check, refused before it could take it): that job's launcher would report it for its own
+        # failure. This job's own rank 0 holding it is told apart by the torchrun run id in the lock's record.
         run_dir = os.path.expanduser(run_dir) if isinstance(run_dir, str) else None
-        if run_dir is not None and not isinstance(exc, (RunDirBusy, StorageUnreadable)) and (
-                _run_dir_taken == run_dir or not held_by_another_job(run_dir)):
+        if run_dir is not None and not isinstance(exc, (RunDirBusy, StorageUnreadable)) \
+                and not held_by_another_job(run_dir):
             # Under torchrun: a restart must not train on. In the job's run_dir as to_job makes it (a leading ~
             # expanded), where the restarts and the launchers look.
             no_restart.record(run_dir, code, str(exc))

@@ -165,9 +165,12 @@ def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir
     def storage(cfg):  # a stale NFS handle at the resume: a restart may read the checkpoint
         raise StorageUnreadable("checkpoints/step_00000004: cannot be read ([Errno 116] Stale file handle)")
 
-    def bad_after_the_lock(cfg):  # this job's own run_dir
-        monkeypatch.setattr(train, "_run_dir_taken", str(tmp_path))
+    def bad_after_the_lock(cfg):  # this job's own run_dir: its rank 0 (this torchrun's run id) took the lock
+        held.close()
+        taken.append(runlock.acquire(str(tmp_path)))
         raise UserError("bad")
+
+    taken = []
 
     # A config refused before the lock (a plain torchrun into the busy run_dir, past no launcher's check) wrote its
     # stop into the running job's run_dir, whose launcher then reported it for that job's next failure.
@@ -177,9 +180,8 @@ def test_a_job_refused_by_another_jobs_lock_leaves_no_stop_record_in_its_run_dir
             train._entry(cfg)
         assert stopped.value.code == 2
         assert (tmp_path / "no_restart.json").exists() == recorded
-    held.close()
+    taken[0].close()
     os.remove(tmp_path / "no_restart.json")
-    monkeypatch.setattr(train, "_run_dir_taken", str(tmp_path / "another"))  # a sweep's earlier run
     monkeypatch.setattr(train, "run", bad)
     with pytest.raises(SystemExit):
         train._entry(cfg)
