@@ -249,11 +249,11 @@ def _json_text(raw: bytes, text_field: str) -> tuple[str | None, str | None]:
         return None, "not_utf8"
     except (ValueError, RecursionError):  # not JSON; also an integer of over 4300 digits, or nesting too deep
         return None, "malformed_json"
-    if not isinstance(record, dict) or text_field not in record:
+    if not isinstance(record, dict) or record.get(text_field) is None:  # null: no value, as a Parquet null
         return None, "missing_field"
     text = record[text_field]
     if not isinstance(text, str):
-        return None, "wrong_type"  # a number, a list, null: as a Parquet column of another type
+        return None, "wrong_type"  # a number, a list: as a Parquet column of another type
     if not text.strip():
         return None, "empty_document"
     if not _encodable(text):

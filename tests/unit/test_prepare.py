@@ -129,6 +129,7 @@ def inputs(work):
         '{"text": "café"}'.encode("latin-1"),  # line 5: not_utf8
         json.dumps({"text": "  \n"}).encode(),  # line 6: empty_document
         json.dumps({"text": 5}).encode(),  # line 7: wrong_type (not a string)
+        json.dumps({"text": None}).encode(),  # line 8: missing_field (null, as a Parquet null)
         b"",  # a blank line is no record
         json.dumps({"text": GOOD_DOCS[2]}).encode(),
     ]
@@ -145,7 +146,7 @@ def test_prepare_writes_exact_samples_and_counts_skips(work, inputs):
 
     a = str(inputs / "a.jsonl")
     assert summary["skipped"] == {
-        "malformed_json": 1, "missing_field": 1, "wrong_type": 1, "not_utf8": 1, "empty_document": 1,
+        "malformed_json": 1, "missing_field": 2, "wrong_type": 1, "not_utf8": 1, "empty_document": 1,
         "corrupt_file": 0,
     }
     assert summary["skipped_examples"] == [
@@ -154,6 +155,7 @@ def test_prepare_writes_exact_samples_and_counts_skips(work, inputs):
         f"{a}:5 not_utf8",
         f"{a}:6 empty_document",
         f"{a}:7 wrong_type",
+        f"{a}:8 missing_field",
     ]
     expected = expected_samples(GOOD_DOCS + [TXT_DOC], sample_tokens=5)
     num_stream = sum(len(load_tokenizer().encode(d)) + 1 for d in GOOD_DOCS + [TXT_DOC])
