@@ -58,6 +58,8 @@ COLUMNS = {"tokens": "ndarray:int32", "doc_starts": "ndarray:int32"}
 MAX_SEQ_LEN = 2**28  # 1 GiB of ids in a sample; a Qwen2 model has 131,072 positions
 SKIP_REASONS = ("malformed_json", "missing_field", "wrong_type", "not_utf8", "empty_document", "corrupt_file")
 NUM_SKIPPED_EXAMPLES = 10
+# How far into a file (decompressed) a line feed is looked for before its lines count as ended by carriage returns.
+CR_SCAN_BYTES, CR_SCAN_BLOCK = 16 << 20, 1 << 16
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonlines")
 COMPRESSED_SUFFIXES = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
 MAGIC = {"gzip": b"\x1f\x8b", "zstd": b"\x28\xb5\x2f\xfd"}
@@ -114,7 +116,7 @@ def _import_pyarrow_parquet():
     return pq
 
 
-def _check_readable(path: str) -> None:
+def _check_readable(path: str, text_split: str = "file") -> None:
     """Open the file and check its container (compression magic, Parquet footer); UserError if it is unusable. A
     compressed file too short for its magic (a truncated download) passes: its reading counts it corrupt."""
     kind, compression = _input_kind(path)
@@ -144,10 +146,12 @@ def _check_readable(path: str) -> None:
     if opening == "[":
         raise UserError(f"input file {path} holds a JSON array, but qwen2-prepare reads JSON lines (one object per "
                         f"line); convert it, e.g. jq -c '.[]' {path} > {os.path.splitext(path)[0]}.jsonl")
-    if opening == "\r":
+    if (kind == "jsonl" or text_split in ("line", "paragraph")) and _carriage_return_lines(path, compression):
+        what = "JSON lines" if kind == "jsonl" else f"the lines of text_split={text_split}"
+        converted = f"{os.path.splitext(path)[0]}.lf{'.jsonl' if kind == 'jsonl' else '.txt'}"
         raise UserError(f"input file {path} ends its lines with a carriage return alone (old Mac line endings), but "
-                        "qwen2-prepare reads JSON lines ended by a line feed (or CR LF); convert it, e.g. tr '\\r' "
-                        f"'\\n' < {path} > {os.path.splitext(path)[0]}.lf.jsonl")
+                        f"qwen2-prepare reads {what} ended by a line feed (or CR LF); convert it, e.g. tr '\\r' "
+                        f"'\\n' < {path} > {converted}")
     if opening == "{":
         raise UserError(f"input file {path} opens with a line holding only '{{': a JSON object written over several "
                         "lines, but qwen2-prepare reads JSON lines (one whole object per line); convert it, e.g. "
@@ -165,8 +169,7 @@ def _check_readable(path: str) -> None:
 def _json_opening(path: str, compression: str | None) -> str | None:
     """How a JSON file opens when it is not JSON lines: "[" (an array: its first character after whitespace and a
     BOM), "{" (an object written over several lines, as json.dump(indent=...) and jq write it: a first line of "{"
-    alone, which no line of JSON lines is), "\r" (lines ended by a carriage return alone: two or more of them and no
-    line feed in the first 4 KiB; read as one line, the whole file was one malformed record), else None."""
+    alone, which no line of JSON lines is), else None."""
     try:
         with open(path, "rb") as raw:
             head = _decompressed(raw, compression).read(4096)
@@ -175,12 +178,30 @@ def _json_opening(path: str, compression: str | None) -> str | None:
     text = head.decode("utf-8", "replace").lstrip("\ufeff \t\r\n")
     if text.startswith("["):
         return "["
-    if b"\n" not in head and text.count("\r") >= 2:
-        return "\r"
     return "{" if text.split("\n", 1)[0].strip() == "{" else None
 
 
-def _expand_inputs(inputs: list[str]) -> list[str]:
+def _carriage_return_lines(path: str, compression: str | None) -> bool:
+    """Whether the file's lines end in a carriage return alone (old Mac line endings): two or more of them and no
+    line feed in its first CR_SCAN_BYTES. Read as lines, such a file is one line: one malformed JSON record, or one
+    document under text_split=line or paragraph. (JSON lines hold no raw carriage return inside a string.)"""
+    found = 0
+    try:
+        with open(path, "rb") as raw:
+            stream = _decompressed(raw, compression)
+            for _ in range(CR_SCAN_BYTES // CR_SCAN_BLOCK):
+                block = stream.read(CR_SCAN_BLOCK)
+                if b"\n" in block:
+                    return False
+                if not block:
+                    break
+                found += block.count(b"\r")
+    except (OSError, *_CORRUPT_ERRORS):
+        return False  # its reading counts it corrupt
+    return found >= 2
+
+
+def _expand_inputs(inputs: list[str], text_split: str = "file") -> list[str]:
     """Files named by inputs (paths or glob patterns, globs sorted), checked to exist and be readable."""
     if not inputs:
         raise UserError("input= is empty; pass one or more files or glob patterns, e.g. input=data/*.jsonl")
@@ -211,7 +232,7 @@ def _expand_inputs(inputs: list[str]) -> list[str]:
         seen[real] = path
         unique.append(path)
     for path in unique:
-        _check_readable(path)
+        _check_readable(path, text_split)
     return unique
 
 
@@ -1123,7 +1144,7 @@ def prepare(
     if workers == 0:
         workers = available_cpus(CGROUP_ROOT)
         log.info("workers=0: %d tokenizer processes, one per available CPU core", workers)
-    files = _expand_inputs(inputs)
+    files = _expand_inputs(inputs, text_split)
     output = _check_output(output, overwrite, files)
     tok = load_tokenizer(tokenizer)
     sample_tokens = seq_len + 1

@@ -783,6 +783,21 @@ def test_inputs_that_are_easy_to_get_wrong_are_read_or_named(work, caplog):
         prepare([str(src / "g.jsonl")], str(work / "refused"), seq_len=8)
     (src / "h.jsonl").write_bytes(b"\r\n".join(json.dumps({"text": f"doc {i}"}).encode() for i in range(3)))
     assert prepare([str(src / "h.jsonl")], str(work / "crlf"), seq_len=2, val_fraction=0)["documents"] == 3
+    # The same with a first record past the 4 KiB that were once all looked at, and compressed.
+    records = [json.dumps({"text": "x" * 5000}).encode()] + [json.dumps({"text": f"doc {i}"}).encode() for i in (1, 2)]
+    (src / "i.jsonl.gz").write_bytes(gzip.compress(b"\r".join(records) + b"\r", mtime=0))
+    with pytest.raises(UserError, match=r"input file .*i.jsonl.gz ends its lines with a carriage return alone .*tr "):
+        prepare([str(src / "i.jsonl.gz")], str(work / "refused"), seq_len=8)
+    # Plain text cut at lines or paragraphs: such a file was one document. Read whole (text_split=file), it is one.
+    (src / "j.txt").write_bytes(b"first line\rsecond line\r\rthird\r")
+    for text_split in ("line", "paragraph"):
+        with pytest.raises(UserError, match=r"j.txt ends its lines with a carriage return alone .*reads the lines of "
+                                            rf"text_split={text_split} ended by a line feed .*j\.lf\.txt"):
+            prepare([str(src / "j.txt")], str(work / "refused"), seq_len=2, text_split=text_split)
+    assert prepare([str(src / "j.txt")], str(work / "whole"), seq_len=2, val_fraction=0)["documents"] == 1
+    # Two carriage returns before each line feed (CR CR LF) are line feed endings all the same.
+    (src / "k.jsonl").write_bytes(b"\r\r\n".join(json.dumps({"text": f"doc {i}"}).encode() for i in range(3)))
+    assert prepare([str(src / "k.jsonl")], str(work / "crcrlf"), seq_len=2, val_fraction=0)["documents"] == 3
 
 
 def test_a_parquet_row_group_damaged_inside_is_counted_and_the_rest_read(work, caplog):
