@@ -33,7 +33,6 @@ import struct
 import sys
 import threading
 import time
-import unicodedata
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -45,7 +44,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from qwen2_dist.data.streaming_compat import import_streaming
-from qwen2_dist.data.tokenizer import Tokenizer, load_tokenizer
+from qwen2_dist.data.tokenizer import Tokenizer, load_tokenizer, nfc
 from qwen2_dist.errors import UserError
 from qwen2_dist.fsutil import check_writable_dir, fsync_path, replace_dir
 
@@ -611,10 +610,10 @@ def _batches(reader: _Reader, text_field: str, text_split: str) -> Iterator[tupl
 def in_val_split(text: str, val_fraction: float) -> bool:
     """Whether a document belongs to the held-out split: a stable hash of its text, compared with val_fraction.
 
-    Hashed in NFC, the form the tokenizer encodes: the same document saved composed and decomposed (é as one code
-    point or as e and an accent) gives the same tokens, and goes to the same split. Most text is NFC already, and
-    hashes as before."""
-    digest = hashlib.blake2b(unicodedata.normalize("NFC", text).encode("utf-8"), digest_size=8).digest()
+    Hashed in NFC as the Qwen2 tokenizer normalizes (tokenizer.nfc), the form it encodes: the same document saved
+    composed and decomposed (é as one code point or as e and an accent) gives the same tokens, and goes to the same
+    split, on every Python version. Most text is NFC already, and hashes as before."""
+    digest = hashlib.blake2b(nfc(text).encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") < val_fraction * 2**64
 
 

@@ -3,12 +3,16 @@
 import hashlib
 import importlib.resources
 import os
+import random
 import sys
+import types
+import unicodedata
 
 import numpy as np
 import pytest
 
-from qwen2_dist.data.tokenizer import load_tokenizer, qwen2_encoding
+from qwen2_dist.data import tokenizer as tokenizer_module
+from qwen2_dist.data.tokenizer import load_tokenizer, nfc, qwen2_encoding
 from qwen2_dist.errors import UserError
 
 EOS = 151_643
@@ -78,6 +82,44 @@ def test_special_token_text_is_plain_text(tok):
 def test_nfc_normalizes_before_encoding(tok):
     assert tok.encode("cafe\u0301") == tok.encode("caf\u00e9")
     assert tok.decode(tok.encode("cafe\u0301")) == "caf\u00e9"
+
+
+@pytest.mark.parametrize("tables", ["python", "unicodedata2"])
+def test_nfc_is_that_of_hugging_face_tokenizers_with_the_unicode_tables_of_any_python(tables, monkeypatch):
+    """Qwen2TokenizerFast normalizes with tokenizers' NFC, whose Unicode tables are older than Python's: nfc() gives
+    its text with Python's own tables and with unicodedata2's (Unicode 18.0, as a later Python will have), for every
+    combining mark after and before a mark of each class tokenizers knows, every canonical decomposition composed
+    again, and random mixes of such code points."""
+    hf_nfc = pytest.importorskip("tokenizers").normalizers.NFC().normalize_str
+    if tables == "unicodedata2":  # which has no is_normalized
+        newer = pytest.importorskip("unicodedata2")
+        tables = types.SimpleNamespace(normalize=newer.normalize, combining=newer.combining,
+                                       decomposition=newer.decomposition,
+                                       is_normalized=lambda form, text: newer.normalize(form, text) == text)
+    else:
+        tables = unicodedata
+    monkeypatch.setattr(tokenizer_module, "unicodedata", tables)
+    chars = [chr(cp) for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]
+    marks = {}  # one mark of each combining class, as tokenizers knows it (it moves U+0334 or U+0316 before it)
+    for c in chars[0x300:0x20000]:
+        k = unicodedata.combining(c)
+        probe = "x" + c + ("\u0334" if k > 1 else "\u0316")
+        if k and k not in marks and hf_nfc(probe) == unicodedata.normalize("NFC", probe) != probe:
+            marks[k] = c
+    assert len(marks) > 50
+    combining = [c for c in chars if tables.combining(c)]
+    composed = [c for c in chars if tables.decomposition(c) and not tables.decomposition(c).startswith("<")]
+    assert len(combining) > 900 and len(composed) > 2000
+    probes = [f"x{c}{m}" for c in combining for m in marks.values()]
+    probes += [f"x{m}{c}" for c in combining for m in marks.values()]
+    probes += [tables.normalize("NFD", c) for c in composed]
+    pool = combining[::7] + [tables.normalize("NFD", c) for c in composed[::5]] + list("ae\u1100\u1161\u11a8 ")
+    rng = random.Random(0)
+    probes += ["".join(rng.choices(pool, k=rng.randint(1, 12))) for _ in range(5000)]
+    differing = [p for p in probes if nfc(p) != hf_nfc(p)]
+    assert not differing, [f"U+{ord(c):04X}" for c in differing[0]]
+    # Where Python's own NFC differs from tokenizers' (a negative control: the table is needed with these tables).
+    assert sum(tables.normalize("NFC", p) != hf_nfc(p) for p in probes) > 90
 
 
 def _tiny_hf_tokenizer(path, eos="<|endoftext|>", specials=("<|endoftext|>",)):
@@ -154,6 +196,11 @@ def test_the_qwen2_tokenizer_written_for_hugging_face_encodes_as_the_embedded_on
     for text in texts:
         assert hf.encode(text, add_special_tokens=False) == tok.encode(text), text
         assert slow.encode(text, add_special_tokens=False) == tok.encode(text), text
+    # Marks newer than tokenizers' Unicode tables, which Python's NFC moves or composes: the fast tokenizer's ids (the
+    # slow one normalizes with Python's tables).
+    newer = "x\u0301\U00016FF0 \u0928\u093c\u1ac1\u0300 \U00011935\U00011930 \U000105D2\u0307 e\u0301"
+    assert hf.encode(newer, add_special_tokens=False) == tok.encode(newer) != tok.encode(
+        unicodedata.normalize("NFC", newer))
     assert [hf.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
         151643, 151644, 151645] == [slow.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>",
                                                                             "<|im_end|>")]
