@@ -4,14 +4,16 @@ launch/install.sh runs it by its path, before the package is installed (-I keeps
 the project's dependencies: uv downloads and unpacks them in parallel (on a 2-core machine on 2026-12-07: 14 s for
 the ~130 packages of `-e .[dev]`, pip 50 s). pip's configuration (its files and PIP_* variables, taken as `pip
 install` itself takes them) is carried over: index-url, extra-index-url (with pip's rule of the best version from
-any index), no-index, find-links, constraint, cert and timeout. A setting with no counterpart here (trusted-host,
-client-cert, proxy, ...) installs nothing and exits 3, as does a uv that cannot be had: install.sh then installs
-with pip.
+any index), no-index, find-links, constraint, cert and timeout. uv's own configuration is not read (`--no-config`, and
+no UV_* variable but those of KEPT_UV_VARIABLES, each dropped one named in a note): a UV_PRERELEASE or a uv.toml
+would otherwise have uv install what pip would not. A setting with no counterpart here (trusted-host, client-cert,
+proxy, ...) installs nothing and exits 3, as does a uv that cannot be had: install.sh then installs with pip.
 
 usage: python -I qwen2_dist/uv_install.py ARGS...   the arguments of `uv pip install` (-c FILE, -e PATH, --quiet, ...)
-  UV   the uv to run (default: the one beside this Python, which its pip installs when missing)
+  UV   the path of the uv to run (default: the one beside this Python, which its pip installs when missing)
 """
 
+import math
 import os
 import subprocess
 import sys
@@ -20,6 +22,11 @@ UV = "uv>=0.5"
 # pip settings that change nothing uv is asked to do here (pip's output, cache, prompts and version check).
 IGNORED = {"cache-dir", "disable-pip-version-check", "no-input", "progress-bar", "quiet", "retries", "root-user-action",
            "verbose"}
+
+
+# uv's variables that change where it keeps its cache, how it links and how it shows progress, not what it installs.
+KEPT_UV_VARIABLES = {"UV_CACHE_DIR", "UV_NO_CACHE", "UV_LINK_MODE", "UV_NO_PROGRESS", "UV_CONCURRENT_DOWNLOADS",
+                     "UV_CONCURRENT_BUILDS", "UV_CONCURRENT_INSTALLS", "UV_COMPILE_BYTECODE_TIMEOUT", "UV_HTTP_TIMEOUT"}
 
 
 class NotForUv(Exception):
@@ -65,7 +72,7 @@ def uv_options(settings: dict[str, object]) -> tuple[list[str], dict[str, str]]:
         elif name == "cert":
             env["SSL_CERT_FILE"] = value
         elif name == "timeout":
-            env["UV_HTTP_TIMEOUT"] = str(int(value))
+            env["UV_HTTP_TIMEOUT"] = str(max(1, math.ceil(value)))  # whole seconds: 0.5 would be 0, no time
         elif name not in IGNORED:
             raise NotForUv(f"pip's setting {name}={value!r} is not carried over to uv")
     return args, env
@@ -74,11 +81,11 @@ def uv_options(settings: dict[str, object]) -> tuple[list[str], dict[str, str]]:
 def find_uv() -> str:
     """$UV; else the uv beside this Python, installed there by its pip when missing; NotForUv when there is none."""
     uv = os.environ.get("UV") or os.path.join(os.path.dirname(sys.executable), "uv")
-    if not os.access(uv, os.X_OK):
+    if not (os.path.isfile(uv) and os.access(uv, os.X_OK)):
         if "UV" in os.environ:
             raise NotForUv(f"UV={uv}: not an executable")
         installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", UV])
-        if installed.returncode != 0 or not os.access(uv, os.X_OK):
+        if installed.returncode != 0 or not (os.path.isfile(uv) and os.access(uv, os.X_OK)):
             raise NotForUv(f"could not install {UV} with pip")
     return uv
 
@@ -90,8 +97,12 @@ def main(argv: list[str]) -> int:
     except NotForUv as e:
         print(f"note: not installing with uv: {e}", file=sys.stderr)
         return 3
-    command = [uv, "pip", "install", "--python", sys.executable, *args, *argv]
-    return subprocess.run(command, env={**os.environ, **env}).returncode
+    dropped = sorted(k for k in os.environ if k.startswith("UV_") and k not in KEPT_UV_VARIABLES and k not in env)
+    if dropped:
+        print(f"note: uv installs as pip is configured, without {', '.join(dropped)}", file=sys.stderr)
+    child_env = {k: v for k, v in os.environ.items() if k not in dropped}
+    command = [uv, "pip", "install", "--no-config", "--python", sys.executable, *args, *argv]
+    return subprocess.run(command, env={**child_env, **env}).returncode
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ FAKE_UV = """#!/usr/bin/env python3
 import json, os, sys
 with open(os.environ["FAKE_UV_RECORD"], "w") as f:
     json.dump({"args": sys.argv[1:], "SSL_CERT_FILE": os.environ.get("SSL_CERT_FILE"),
-               "UV_HTTP_TIMEOUT": os.environ.get("UV_HTTP_TIMEOUT")}, f)
+               "UV_HTTP_TIMEOUT": os.environ.get("UV_HTTP_TIMEOUT"),
+               "UV": sorted(k for k in os.environ if k.startswith("UV_"))}, f)
 sys.exit(int(os.environ.get("FAKE_UV_EXIT", "0")))
 """
 
@@ -65,6 +66,9 @@ def test_each_setting_becomes_uvs_and_one_without_a_counterpart_is_refused():
                     "--extra-index-url", "https://b.invalid", "--index-strategy", "unsafe-best-match", "--no-index",
                     "--find-links", "/w1", "--find-links", "/w2", "--constraint", "/c.txt"]
     assert env == {"SSL_CERT_FILE": "/ca.pem", "UV_HTTP_TIMEOUT": "180"}
+    # uv's timeout is whole seconds: pip's 0.5 was 0 (every request timed out), now 1.
+    assert uv_install.uv_options({"timeout": 0.5})[1] == {"UV_HTTP_TIMEOUT": "1"}
+    assert uv_install.uv_options({"timeout": 7.2})[1] == {"UV_HTTP_TIMEOUT": "8"}
     with pytest.raises(uv_install.NotForUv, match="pip's setting trusted-host=\\['pypi.internal'\\]"):
         uv_install.uv_options({"trusted-host": ["pypi.internal"]})
 
@@ -87,10 +91,21 @@ def test_uv_installs_with_pips_index_and_certificate_and_its_exit_code_is_the_sc
                               PIP_FIND_LINKS="/w1 /w2", PIP_CERT="/ca.pem", FAKE_UV_EXIT="7")
     assert result.returncode == 7, result.stderr
     args = seen["args"]
-    assert args[:4] == ["pip", "install", "--python", sys.executable] and args[-3:] == ["--quiet", "-e", ".[dev]"]
-    assert sorted(zip(args[4:-3:2], args[5:-3:2])) == [("--find-links", "/w1"), ("--find-links", "/w2"),
+    assert args[:5] == ["pip", "install", "--no-config", "--python", sys.executable]
+    assert args[-3:] == ["--quiet", "-e", ".[dev]"]
+    assert sorted(zip(args[5:-3:2], args[6:-3:2])) == [("--find-links", "/w1"), ("--find-links", "/w2"),
                                                        ("--index-url", "https://mirror.invalid/simple")]
     assert (seen["SSL_CERT_FILE"], seen["UV_HTTP_TIMEOUT"]) == ("/ca.pem", None)
+
+
+def test_uvs_own_configuration_is_not_read(tmp_path):
+    """A UV_PRERELEASE (or a uv.toml: --no-config) had uv install a release candidate pip would not; the variables
+    that change no version (the cache's place, progress) stay."""
+    result, seen = run_script(tmp_path, "x", UV_PRERELEASE="allow", UV_INDEX_URL="https://other.invalid/simple",
+                              UV_CACHE_DIR=str(tmp_path / "cache"), UV_NO_PROGRESS="1")
+    assert result.returncode == 0, result.stderr
+    assert "--no-config" in seen["args"] and seen["UV"] == ["UV_CACHE_DIR", "UV_NO_PROGRESS"]
+    assert result.stderr == "note: uv installs as pip is configured, without UV_INDEX_URL, UV_PRERELEASE\n"
 
 
 def test_a_setting_uv_is_not_told_of_or_no_uv_leaves_the_install_to_pip(tmp_path):
@@ -101,3 +116,5 @@ def test_a_setting_uv_is_not_told_of_or_no_uv_leaves_the_install_to_pip(tmp_path
     result, _ = run_script(tmp_path, "-e", ".", UV=str(tmp_path / "missing"))
     assert result.returncode == 3
     assert result.stderr == f"note: not installing with uv: UV={tmp_path}/missing: not an executable\n"
+    result, _ = run_script(tmp_path, "-e", ".", UV=str(tmp_path))  # a directory: was a PermissionError traceback
+    assert (result.returncode, result.stderr) == (3, f"note: not installing with uv: UV={tmp_path}: not an executable\n")
