@@ -99,6 +99,19 @@ fi
 # instead of the signal being lost and the run training on.
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}}
+# Whole numbers, checked here: torchrun would end with a traceback (a timeout of 5m) or its usage text (restarts 3x).
+if ! [[ $TORCH_ELASTIC_SHUTDOWN_TIMEOUT =~ ^[0-9]+$ ]]; then
+    name=SHUTDOWN_TIMEOUT
+    [ -n "${SHUTDOWN_TIMEOUT:-}" ] || name=TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+    echo "error: $name=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT: give whole seconds torchrun waits for its workers to stop" \
+        "(default 300)" >&2
+    exit 2
+fi
+if ! [[ ${MAX_RESTARTS:-3} =~ ^[0-9]+$ ]]; then
+    echo "error: MAX_RESTARTS=$MAX_RESTARTS: give how many times torchrun restarts failed workers, a whole number" \
+        "(default 3; 0: never)" >&2
+    exit 2
+fi
 
 # run_torchrun ARGS...: this script becomes torchrun (exec: the signals sent to it reach torchrun).
 run_torchrun() {

@@ -6,7 +6,8 @@
 #                from: a run with another TORCH_SPEC reinstalls torch, a run without TORCH_SPEC keeps that torch
 #   VENV         where the environment lives (default .venv in the repository; a relative path is taken from the
 #                current directory). The launchers use it when VENV is set for them too (or PYTHON=$VENV/bin/python)
-#   PYTHON3      the Python (3.10 or newer) that creates the environment (default python3 on PATH)
+#   PYTHON3      the Python (3.10 or newer) that creates the environment (default python3 on PATH; a relative path
+#                is taken from the current directory)
 #   INSTALLER    uv (default) or pip: what installs the dependencies once torch is in. uv carries pip's configuration
 #                over (qwen2_dist/uv_install.py) and leaves the work to pip where it cannot
 set -euo pipefail
@@ -18,6 +19,11 @@ fi
 venv=${VENV:-}
 if [ -n "$venv" ] && [ "${venv#/}" = "$venv" ]; then
     venv=$PWD/$venv
+fi
+# A PYTHON3 given by a relative path (./py, bin/python3.12) is taken from the current directory too; a bare name
+# (python3.12) is looked up on PATH.
+if [[ ${PYTHON3:-} == */* ]] && [ "${PYTHON3#/}" = "$PYTHON3" ]; then
+    PYTHON3=$PWD/$PYTHON3
 fi
 cd "$(dirname "$0")/.."
 venv=${venv:-.venv}

@@ -236,6 +236,20 @@ def test_install_refuses_a_python_older_than_3_10_before_making_the_venv(install
     assert log.read_text().splitlines()[0] == f"python3.12 -m venv {venv}"
 
 
+def test_install_takes_a_relative_python3_from_the_current_directory(install, tmp_path):
+    """PYTHON3=./py was looked for in the repository (install.sh works from there): "not found or does not run"."""
+    _, venv, log = install
+    (tmp_path / "here").mkdir()
+    write_script(tmp_path / "here" / "py", FAKE_PYTHON3)
+    result = subprocess.run(["bash", os.path.join(REPO, "launch", "install.sh")], cwd=tmp_path / "here",
+                            capture_output=True, text=True, timeout=30, env={
+                                **{k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "PYTHON3")},
+                                "PYTHON3": "./py", "VENV": str(venv), "FAKE_LOG": str(log),
+                                "FAKE_VENV_PYTHON": str(tmp_path / "venv_python")})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert log.read_text().splitlines()[0] == f"py -m venv {venv}"
+
+
 def test_install_refuses_an_unknown_installer_before_making_the_venv(install, tmp_path):
     _, venv, log = install
     result = subprocess.run(["bash", os.path.join(REPO, "launch", "install.sh")], cwd=REPO, capture_output=True,
@@ -524,6 +538,24 @@ def test_an_nproc_that_is_not_a_count_is_refused_naming_it(tmp_path, value):
     result = subprocess.run(["bash", "-c", "set -euo pipefail; source launch/common.sh"], cwd=REPO,
                             env={**os.environ, "NPROC": value}, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and f"error: NPROC={value}: give the number of processes per node" in result.stderr
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("SHUTDOWN_TIMEOUT", "5m", "error: SHUTDOWN_TIMEOUT=5m: give whole seconds torchrun waits for its workers"),
+    ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "1.5", "error: TORCH_ELASTIC_SHUTDOWN_TIMEOUT=1.5: give whole seconds"),
+    ("MAX_RESTARTS", "3x", "error: MAX_RESTARTS=3x: give how many times torchrun restarts failed workers"),
+    ("MAX_RESTARTS", "-1", "error: MAX_RESTARTS=-1: give how many times"),
+])
+def test_a_shutdown_timeout_or_restart_count_that_is_not_a_whole_number_is_refused_naming_it(name, value, message):
+    """They were a traceback of torchrun's (int('5m')) or its usage text naming --max-restarts, never the variable."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SHUTDOWN_TIMEOUT", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+                                                             "MAX_RESTARTS")}
+    result = subprocess.run(["bash", "-c", "set -euo pipefail; source launch/common.sh; echo sourced"], cwd=REPO,
+                            env={**env, "NPROC": "1", name: value}, capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (2, "") and message in result.stderr, result.stderr
+    result = subprocess.run(["bash", "-c", "set -euo pipefail; source launch/common.sh; echo sourced"], cwd=REPO,
+                            env={**env, "NPROC": "1", name: "7"}, capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (0, "sourced\n"), result.stderr
 
 
 def test_sbatch_requeues_attempts_without_a_new_checkpoint_only_a_few_times_in_a_row(tmp_path):
