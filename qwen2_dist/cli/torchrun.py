@@ -43,20 +43,25 @@ def _signals_to_handle() -> set[str]:
     return {name.strip() for name in os.environ.get("PET_SIGNALS_TO_HANDLE", "").split(",")}
 
 
-def ignore_sigusr1_where_torchrun_never_handles_it() -> None:
-    """A torchrun without --signals-to-handle (older torch) reads no PET_SIGNALS_TO_HANDLE and never replaces the
-    handler above: a SIGUSR1 while its workers train (Slurm's warning before the time limit) would end torchrun at
-    once and kill the workers before they save. Ignored instead, as the launchers do (launch/common.sh): torchrun
-    lives on, and the trainers, whose own handler replaces the inherited "ignore", save and stop when the signal
-    reaches them (Slurm signals every process of the job step). One that comes before the workers start is then
-    lost, as it is with such a torchrun run directly."""
+def ignore_sigusr1_where_torchrun_never_handles_it(argv: list[str]) -> None:
+    """A torchrun that does not handle SIGUSR1 never replaces the handler above: one without --signals-to-handle
+    (older torch; it reads no PET_SIGNALS_TO_HANDLE), or one whose command line's --signals-to-handle, which wins
+    over PET_SIGNALS_TO_HANDLE, leaves it out. A SIGUSR1 while its workers train (Slurm's warning before the time
+    limit) would then end torchrun, saying it came before the workers started, and leave them running unsaved.
+    Ignored instead, as the launchers do (launch/common.sh): torchrun lives on, and the trainers, whose own handler
+    replaces the inherited "ignore", save and stop when the signal reaches them (Slurm signals every process of the
+    job step). One that comes before the workers start is then lost, as it is with such a torchrun run directly."""
     from torch.distributed.run import get_args_parser
 
     if "SIGUSR1" not in _signals_to_handle():
         return
+    parser = get_args_parser()
     # A parser's default for an option it does not have is None; torchrun's --signals-to-handle has a default.
-    if get_args_parser().get_default("signals_to_handle") is None:
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if parser.get_default("signals_to_handle") is not None:
+        handled, _ = parser.parse_known_args(argv)
+        if "SIGUSR1" in {name.strip() for name in handled.signals_to_handle.split(",")}:
+            return
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 LAUNCH_CHECK_ENV = "QWEN2_LAUNCH_CHECK"
@@ -109,9 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     from qwen2_dist.errors import UserError
     from qwen2_dist.train import no_restart
 
-    ignore_sigusr1_where_torchrun_never_handles_it()
-
     argv = sys.argv[1:] if argv is None else argv
+    ignore_sigusr1_where_torchrun_never_handles_it(argv)
     try:
         run_dir = job_run_dir(argv)
     except UserError as exc:

@@ -1,6 +1,7 @@
 """qwen2_dist/cli/torchrun.py: torchrun in this process, ending with the exit code of a deliberate stop."""
 
 import json
+import os
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -194,29 +195,40 @@ def test_a_stop_signal_before_the_workers_start_ends_torchrun(tmp_path):
 
 
 @pytest.mark.parametrize("has_option", [True, False])
-def test_sigusr1_is_ignored_only_where_torchrun_has_no_signals_to_handle(monkeypatch, has_option):
-    """An older torchrun (no --signals-to-handle) would end at a SIGUSR1 and kill the workers before they save: this
-    process ignores it then, and leaves it to torchrun's own handling otherwise."""
+def test_sigusr1_is_ignored_only_where_torchrun_does_not_handle_it(monkeypatch, has_option):
+    """An older torchrun (no --signals-to-handle), or one told on its command line to handle other signals only (which
+    wins over PET_SIGNALS_TO_HANDLE), would end at a SIGUSR1 and leave the workers unsaved: this process ignores it
+    then, and leaves it to torchrun's own handling otherwise."""
     import argparse
     import signal
 
     import torch.distributed.run
 
+    real_parser = torch.distributed.run.get_args_parser
+
     def parser():
         parser = argparse.ArgumentParser()
-        if has_option:
-            parser.add_argument("--signals-to-handle", default="SIGTERM,SIGINT")
+        if has_option:  # as torchrun's: its default from the environment
+            parser.add_argument("--signals-to-handle", default=os.environ.get("PET_SIGNALS_TO_HANDLE", "SIGTERM"))
         return parser
 
     monkeypatch.setattr(torch.distributed.run, "get_args_parser", parser)
     monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGUSR1")
     before = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
     try:
-        torchrun.ignore_sigusr1_where_torchrun_never_handles_it()
+        torchrun.ignore_sigusr1_where_torchrun_never_handles_it([])
         assert signal.getsignal(signal.SIGUSR1) == (signal.SIG_DFL if has_option else signal.SIG_IGN)
         monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM")  # SIGUSR1 not asked for: left as it is
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
-        torchrun.ignore_sigusr1_where_torchrun_never_handles_it()
+        torchrun.ignore_sigusr1_where_torchrun_never_handles_it([])
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+        # torchrun's own parser: the command line's --signals-to-handle decides.
+        monkeypatch.setattr(torch.distributed.run, "get_args_parser", real_parser)
+        monkeypatch.setenv("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGUSR1")
+        for option, handled in (("--signals-to-handle=SIGTERM,SIGINT", False), ("--nnodes=1", True),
+                                ("--signals-to-handle=SIGUSR1,SIGTERM", True)):
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+            torchrun.ignore_sigusr1_where_torchrun_never_handles_it([option, "-m", "qwen2_dist.cli.train"])
+            assert signal.getsignal(signal.SIGUSR1) == (signal.SIG_DFL if handled else signal.SIG_IGN), option
     finally:
         signal.signal(signal.SIGUSR1, before)
