@@ -959,7 +959,7 @@ def _resume_data_problem(cfg: JobConfig, saved: dict | None, summaries: list[tup
     """What of a checkpoint's data order (its loader state, not yet verified) the job changes, as far as the
     config and the sources' summaries tell (the loader compares the whole fingerprint after the launch, before the
     checkpoint is loaded); None when nothing visible changed."""
-    from qwen2_dist.data.loader import mixture_quotas, order_changes, order_mismatch
+    from qwen2_dist.data.loader import content_identity, mixture_quotas, order_changes, order_mismatch
     from qwen2_dist.data.prepare import TRAIN
 
     d = cfg.data
@@ -973,7 +973,8 @@ def _resume_data_problem(cfg: JobConfig, saved: dict | None, summaries: list[tup
         weights = [s.weight for s in d.sources] or [1.0]
         quotas = mixture_quotas([(path, weight) for (path, _), weight in zip(summaries, weights)])
         now["sources"] = [{"path": path, "weight": weight, "quota": int(quota),
-                           "samples": summary["splits"].get(TRAIN, {}).get("samples")}
+                           "samples": summary["splits"].get(TRAIN, {}).get("samples"),
+                           **content_identity(summary, TRAIN)}
                           for (path, summary), weight, quota in zip(summaries, weights, quotas)]
     return order_mismatch(order, now) if order_changes(order, now) else None
 

@@ -394,9 +394,13 @@ def _check_same_version(url: str, local: str, cached, remote) -> None:
                    "seq_len", "tokenizer") if cached.get(key) != remote.get(key)]
         old_splits, new_splits = (summary.get("splits") if isinstance(summary.get("splits"), dict) else {}
                                   for summary in (cached, remote))
-        changed += [f"{split} samples {old_splits.get(split, {}).get('samples', 0)} -> "
-                    f"{new_splits.get(split, {}).get('samples', 0)}" for split in sorted({*old_splits, *new_splits})
-                    if old_splits.get(split) != new_splits.get(split)]
+        for split in sorted({*old_splits, *new_splits}):
+            old, new = (splits.get(split) if isinstance(splits.get(split), dict) else {}
+                        for splits in (old_splits, new_splits))
+            if old != new:  # its first count that differs; the digest (of its tokens) where the counts agree
+                key = next((k for k in ("samples", "documents", "digest") if old.get(k) != new.get(k)), "samples")
+                empty = None if key == "digest" else 0
+                changed.append(f"{split} {key} {old.get(key, empty)} -> {new.get(key, empty)}")
         changed += [key for key in ("inputs", "skipped", "max_token_id", "val_fraction", "format")
                     if cached.get(key) != remote.get(key)]
     else:
@@ -499,13 +503,38 @@ def check_summaries_vocab(summaries: list[tuple[str, dict]], vocab_size: int) ->
             )
 
 
+def _check_split_index(path: str, split: str) -> None:
+    """UserError naming the file and the fix when a local source's split has no readable index.json (a copy cut
+    short, a split directory deleted): streaming's own errors said neither, and exited 1, so torchrun's restarts
+    met it again (a missing split directory was also taken for a read-only one)."""
+    index = os.path.join(path, split, "index.json")
+    problem = None
+    try:
+        with open(index) as f:
+            shards = json.load(f).get("shards")
+        if not isinstance(shards, list):
+            problem = "holds no list of shards"
+    except FileNotFoundError:
+        problem = "is missing" if os.path.isdir(os.path.join(path, split)) else f"is missing (no {split}/ directory)"
+    except OSError as exc:
+        problem = f"cannot be read ({exc.strerror or exc})"
+    except (ValueError, AttributeError):  # not JSON, or JSON that is not an object
+        problem = "is not the JSON index streaming writes"
+    if problem:
+        raise UserError(f"data source {path}: {index} {problem}, though its {SUMMARY_NAME} names a {split} split; "
+                        f"{_DAMAGED_FIX}")
+
+
+_DAMAGED_FIX = ("the copy of the dataset is damaged or incomplete: copy it again from its source, or prepare it again "
+                "with qwen2-prepare")
+
+
 def _decompressed(path: str, compression: str, size: int, raw_size: int) -> bytes:
     """A compressed shard's contents; UserError naming the shard when the file is not what its index.json says (a
     copy cut short, a damaged disk): every later start would stop at the same step again."""
     from streaming.base.compression import decompress
 
-    fix = ("the copy of the dataset is damaged or incomplete: copy it again from its source, or prepare it again "
-           "with qwen2-prepare")
+    fix = _DAMAGED_FIX
     try:
         with open(path, "rb") as f:
             zipped = f.read()
@@ -523,6 +552,29 @@ def _decompressed(path: str, compression: str, size: int, raw_size: int) -> byte
         raise UserError(f"data shard {path}: decompresses to {len(data):,} bytes, where the dataset's index.json "
                         f"says {raw_size:,}; {fix}")
     return data
+
+
+def _damaged_shard(dataset, sample_id: int, exc: Exception) -> UserError | None:
+    """The UserError naming the shard, its cached copy and the fix when reading a sample of a source read through
+    the cache (remote, or a read-only local directory) failed as damaged data does: a missing shard, or one that its
+    codec refuses (streaming's error named neither); None for any other failure (a network error, which a restart
+    may get past)."""
+    if isinstance(exc, UserError):
+        return None
+    codec = type(exc).__module__.split(".")[0] in ("zstd", "zstandard", "brotli", "snappy", "gzip", "zlib", "bz2")
+    if not (codec or isinstance(exc, FileNotFoundError) or "decompress" in str(exc).lower()):
+        return None
+    shard_id, _ = dataset.spanner[sample_id]
+    stream = dataset.streams[dataset.stream_per_shard[shard_id]]
+    if stream.remote is None:
+        return None  # read in place: _ensure_raw checked its shards
+    names = [(zip_info or raw_info).basename for raw_info, zip_info in dataset.shards[shard_id].file_pairs]
+    source = "/".join((stream.remote.rstrip("/"), stream.split, names[0]))
+    cached = os.path.join(stream.local, stream.split)
+    return UserError(f"data shard {source} (cached in {cached}) cannot be read ({type(exc).__name__}: "
+                     f"{str(exc).strip()[:200]}): the source's shard is damaged or missing, or its cached copy is; "
+                     f"delete {cached} (the run fetches it again), and if that fails, copy the dataset again from its "
+                     "origin or prepare it again with qwen2-prepare")
 
 
 class _IndexedSamples(Dataset):
@@ -562,8 +614,15 @@ class _IndexedSamples(Dataset):
         stream = self.dataset.streams[self.dataset.stream_per_shard[shard_id]]
         for raw_info, zip_info in shard.file_pairs if stream.remote is None else []:
             raw = os.path.join(stream.local, stream.split, raw_info.basename)
-            if zip_info is None or os.path.exists(raw):
+            size = os.path.getsize(raw) if os.path.exists(raw) else None
+            if size == raw_info.bytes:
                 continue
+            if zip_info is None:  # stored uncompressed: nothing to make it from
+                raise UserError(f"data shard {raw}: " + ("missing" if size is None else f"{size:,} bytes, where the "
+                                f"dataset's index.json says {raw_info.bytes:,}") + f"; {_DAMAGED_FIX}")
+            if size is not None:  # cut short in a copy of a dataset already read (raw shards are derived data)
+                log.warning("data shard %s: %s bytes, where the dataset's index.json says %s; decompressing it again "
+                            "from %s", raw, f"{size:,}", f"{raw_info.bytes:,}", zip_info.basename)
             data = _decompressed(os.path.join(stream.local, stream.split, zip_info.basename), shard.compression,
                                  zip_info.bytes, raw_info.bytes)
             tmp = f"{raw}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -578,7 +637,13 @@ class _IndexedSamples(Dataset):
 
     def __getitem__(self, sample_id: int) -> dict:
         self._ensure_raw(sample_id)
-        return self.dataset.get_item(sample_id)
+        try:
+            return self.dataset.get_item(sample_id)
+        except Exception as exc:
+            damage = _damaged_shard(self.dataset, sample_id, exc)
+            if damage is None:
+                raise
+            raise damage from exc
 
 
 class _RankSampler:
@@ -603,6 +668,14 @@ def _fingerprint(key: dict) -> str:
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
 
 
+def content_identity(summary: dict, split: str) -> dict:
+    """What tells a source's split from other data of the same shards and samples, from its prepare_summary.json:
+    the number of its documents and, for data prepared since 2026-12-08, a digest of its tokens. Unlike a path, it
+    stays when the data moves."""
+    counts = summary.get("splits", {}).get(split, {})
+    return {key: counts[key] for key in ("documents", "digest") if key in counts}
+
+
 def order_changes(saved: dict | None, now: dict) -> str:
     """What differs between a checkpoint's order summary and this loader's, as 'seed 3 -> 4; source 0 (PATH):
     samples 240 -> 480', or '' when the summaries agree (a checkpoint of an older release has none; or the shards
@@ -619,9 +692,11 @@ def order_changes(saved: dict | None, now: dict) -> str:
         changes.append(f"{len(before)} source(s) -> {len(after)}")
     for index, (old, new) in enumerate(zip(before, after)):
         old = old if isinstance(old, dict) else {}
-        for key in ("weight", "shards", "samples"):
+        for key in ("weight", "shards", "samples", "documents", "digest"):
             if key == "weight" and "quota" in old and old.get("quota") == new.get("quota"):
                 continue  # another weight, the same share of every block (the weights scaled by one factor)
+            if key in ("documents", "digest") and key not in old:
+                continue  # a checkpoint of an older release, or data prepared before the digest
             if key in new and old.get(key) != new[key]:  # a summary without shard counts (check_saved) skips them
                 changes.append(f"source {index} ({new['path']}): {key} {old.get(key)} -> {new[key]}")
     return "; ".join(changes)
@@ -729,6 +804,8 @@ class TokenBatches:
             cache = _cache_path(cache_dir, run_key, path) if cache_dir is not None else None
             summaries.append((path, _source_summary(path, cache if "://" in path else None)))
             self._check_summary(*summaries[-1])
+            if "://" not in path:
+                _check_split_index(os.path.abspath(os.path.expanduser(path)), split)
             remote, local = self._locations(path, cache)
             if remote is not None and "://" not in remote:
                 _check_local_copy(remote, local, split)
@@ -793,12 +870,16 @@ class TokenBatches:
         self.fingerprint = self._fingerprint(self._acting_block)
         # What the fingerprint covers, in a few numbers, saved beside it: a mismatch on resume can then say what
         # changed. The paths are for the message only: data that moved is the same data.
+        # Not in the fingerprint, but compared on resume all the same (order_changes): seq_len (the samples are in
+        # it, and named when they changed with it) and what tells the sources' data from other data of the same
+        # counts (content_identity).
         self.order_summary = {
             "seed": seed, "shuffle": shuffle, "shuffle_block_size": shuffle_block_size, "split": split,
-            "seq_len": seq_len,  # not in the fingerprint (the samples are): named when the samples changed with it
+            "seq_len": seq_len,
             "sources": [{"path": path, "weight": weight, "quota": int(quota), "shards": len(counts),
-                         "samples": sum(counts)}
-                        for (path, weight), quota, counts in zip(sources, quotas, shard_counts)],
+                         "samples": sum(counts), **content_identity(summary, split)}
+                        for (path, weight), quota, counts, (_, summary) in zip(sources, quotas, shard_counts,
+                                                                                 summaries)],
         }
         self.position = 0
         self.micro_index = 0
@@ -948,7 +1029,9 @@ class TokenBatches:
         if "samples_seen" not in state:  # refused before the weights load: auto-resume would call it damaged
             return ("the checkpoint's data position was written by an older loader (epoch and samples of "
                     "streaming's order); resume it with the release that wrote it, or start a new run_dir")
-        if state.get("fingerprint") not in self._fingerprints(state.get("order")):
+        # The order summary besides: the same counts of other data, or of another train.seq_len, fingerprint alike.
+        if state.get("fingerprint") not in self._fingerprints(state.get("order")) \
+                or order_changes(state.get("order"), self.order_summary):
             return order_mismatch(state.get("order"), self.order_summary)
         return None
 

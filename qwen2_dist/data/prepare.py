@@ -963,6 +963,8 @@ class _SplitWriter:
         self.pending_starts = np.empty(0, dtype=np.int64)
         self.documents = 0
         self.samples = 0
+        # Of the samples' tokens: what a resume compares to tell this data from other data of the same counts.
+        self.digest = hashlib.blake2b(digest_size=8)
 
     def add(self, chunk: np.ndarray, starts: np.ndarray) -> None:
         """Append documents: their tokens (eos included) and where each one starts in chunk."""
@@ -978,6 +980,7 @@ class _SplitWriter:
                 # The sample opens in the middle of a document: that part is a segment of its own.
                 sample_starts = np.concatenate([np.zeros(1, np.int32), sample_starts])
             self.writer.write({"tokens": stream[k * size : (k + 1) * size], "doc_starts": sample_starts})
+        self.digest.update(np.ascontiguousarray(stream[: num_full * size], dtype="<i4").tobytes())
         self.samples += num_full
         self.pending = stream[num_full * size :]
         self.pending_starts = starts[bounds[num_full] :] - num_full * size
@@ -998,6 +1001,7 @@ class _SplitWriter:
             "samples": self.samples,
             "tokens": self.samples * self.sample_tokens,
             "dropped_tail_tokens": len(self.pending),
+            "digest": self.digest.hexdigest(),
         }
 
 

@@ -227,7 +227,16 @@ def test_a_read_only_source_cached_from_another_version_of_it_is_refused(tmp_pat
         assert sample_ids(batches.next_batch()) == [0, 1, 2, 3] and local.startswith(cache)
         batches.close()
     shutil.rmtree(source)
-    make_dataset(source, 30, SEQ, first_id=5000, shard_bytes=256)  # the same counts of other text: the same summary
+    make_dataset(source, 30, SEQ, first_id=5000, shard_bytes=256)  # the same counts of other text
+    with pytest.raises(UserError, match=rf"data source {re.escape(source)} was prepared again since this run cached "
+                                        rf"it in {re.escape(local)}: its prepare_summary.json differs \(train digest "
+                                        r"[0-9a-f]{16} -> [0-9a-f]{16}\).* delete "):
+        loader([source], **kwargs)
+    shutil.rmtree(source)  # the same, prepared before the digest: the same summary, which the index tells apart
+    make_dataset(source, 30, SEQ, first_id=0, shard_bytes=256, digest=False)
+    shutil.copyfile(os.path.join(source, SUMMARY_NAME), os.path.join(local, SUMMARY_NAME))
+    shutil.rmtree(source)
+    make_dataset(source, 30, SEQ, first_id=5000, shard_bytes=256, digest=False)
     with pytest.raises(UserError, match=rf"data source {re.escape(source)} was prepared again since this run cached "
                                         rf"it in {re.escape(local)}: its train/index.json differs \(as many shards "
                                         r"and samples, of other sizes\).* delete "):
@@ -397,6 +406,29 @@ def test_resume_refuses_other_data_or_an_old_position(data):
         assert other.data_change({"epoch": 0, "samples_in_epoch": 8}) is None
     finally:
         other.close()
+    # Other data of the same shards and samples (its tokens' digest differs), or another train.seq_len over the
+    # same counts: the fingerprint was the same, and the position was taken over.
+    same_counts = make_dataset(os.path.dirname(data[0]) + "/same_counts", 30, SEQ, first_id=7000, shard_bytes=256,
+                               val_samples=6)
+    other = loader([same_counts])
+    try:
+        assert other.fingerprint == state["fingerprint"]
+        with pytest.raises(UserError, match=r"changed since: source 0 \(.*same_counts\): digest [0-9a-f]{16} -> "
+                                            r"[0-9a-f]{16}\)"):
+            other.load_state_dict(state)
+        assert other.data_change(state).startswith("changed since: source 0")  # what data.new_stage names
+        older = {**state, "order": {**state["order"], "sources": [  # data prepared before the digest
+            {k: v for k, v in source.items() if k != "digest"} for source in state["order"]["sources"]]}}
+        assert other.state_problem(older) is None
+    finally:
+        other.close()
+    again = loader([data[0]])
+    try:
+        assert again.state_problem(state) is None
+        longer = {**state, "order": {**state["order"], "seq_len": 2 * SEQ}}
+        assert "changed since: train.seq_len 16 -> 8" in again.state_problem(longer)
+    finally:
+        again.close()
     mixed = loader([data[0], (data[1], 2.0)], shuffle=False)
     try:
         with pytest.raises(UserError) as caught:
@@ -710,6 +742,62 @@ def test_a_damaged_shard_stops_with_its_name_and_the_fix(data, damage):
     try:
         with pytest.raises(UserError, match=rf"data shard {re.escape(shard)}: .*copy it again from its source"):
             for _ in range(30):
+                batches.next_batch()
+    finally:
+        batches.close()
+
+
+def test_a_decompressed_shard_cut_short_is_made_again_and_one_stored_so_is_named(data, caplog):
+    """A copy of a dataset already read holds the raw shards the loader decompressed beside the compressed ones: one
+    cut short was trusted, and the run crashed at the same step at every restart (a numpy reshape error)."""
+    batches = loader([data[0]], shuffle=False, global_batch_size=2)
+    expected = [sample_ids(batches.next_batch()) for _ in range(15)]
+    batches.close()
+    raw = sorted(glob.glob(os.path.join(data[0], "train", "shard.*.mds")))[-1]
+    content = open(raw, "rb").read()
+    open(raw, "wb").write(content[: len(content) // 2])
+    batches = loader([data[0]], shuffle=False, global_batch_size=2)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert [sample_ids(batches.next_batch()) for _ in range(15)] == expected
+    finally:
+        batches.close()
+    assert f"data shard {raw}: {len(content) // 2:,} bytes, where the dataset's index.json says {len(content):,}; " \
+           "decompressing it again" in caplog.text and open(raw, "rb").read() == content
+
+
+@pytest.mark.parametrize("damage", ["no index", "a broken index", "no split directory"])
+def test_a_split_without_its_index_is_named_with_the_fix(data, damage):
+    """streaming's FileNotFoundError or JSONDecodeError (exit 1: torchrun restarted into it again), or, with the
+    split directory gone, 'is read-only; set data.cache_dir', which it was not."""
+    index = os.path.join(data[0], "train", "index.json")
+    if damage == "no index":
+        os.remove(index)
+    elif damage == "a broken index":
+        open(index, "w").write('{"shards": [')
+    else:
+        shutil.rmtree(os.path.dirname(index))
+    what = {"no index": "is missing,", "a broken index": "is not the JSON index streaming writes",
+            "no split directory": r"is missing \(no train/ directory\)"}[damage]
+    with pytest.raises(UserError, match=rf"data source {re.escape(data[0])}: {re.escape(index)} {what}.* names a "
+                                        r"train split; the copy of the dataset is damaged or incomplete"):
+        loader([data[0]])
+
+
+def test_a_damaged_shard_of_a_source_read_through_the_cache_is_named(tmp_path, monkeypatch):
+    """A read-only (or remote) source's shards are fetched and decompressed by streaming into the cache: a damaged
+    one ended with the codec's error alone ("zstd.Error: Decompression error"), naming no shard and no fix."""
+    monkeypatch.setattr(loader_module, "reads_in_place", lambda path, split: False)  # as on a read-only mount
+    source = make_dataset(tmp_path / "ro", 30, SEQ, shard_bytes=256)
+    shard = sorted(glob.glob(os.path.join(source, "train", "shard.*.mds.zstd")))[-1]
+    content = open(shard, "rb").read()
+    open(shard, "wb").write(content[:20] + bytes([content[20] ^ 0xFF]) + content[21:])
+    batches = loader([source], shuffle=False, global_batch_size=2, cache_dir=str(tmp_path / "cache"))
+    try:
+        with pytest.raises(UserError, match=rf"data shard {re.escape(source)}/train/{os.path.basename(shard)} "
+                                            r"\(cached in .*cache.*\) cannot be read .*: the source's shard is "
+                                            r"damaged or missing, or its cached copy is; delete "):
+            for _ in range(15):
                 batches.next_batch()
     finally:
         batches.close()
