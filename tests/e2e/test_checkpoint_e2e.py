@@ -43,6 +43,11 @@ def test_kill_9_during_a_save_resumes_from_the_previous_checkpoint(tmp_path, cor
     assert "resumed from" in result.stdout and "at step 3" in result.stdout
     assert not any(".tmp-" in name for name in os.listdir(ckpts))
     assert step_losses(run_dir)[9] == step_losses(straight)[9]
+    # Steps 4-6, logged before the kill and trained again, are in metrics.jsonl once: the first run's records of
+    # them moved to metrics.superseded.jsonl.
+    assert [r["step"] for r in read_metrics(run_dir) if "loss" in r] == list(range(1, 10))
+    with open(run_dir / "metrics.superseded.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [4, 5, 6]
 
 
 def test_auto_resume_falls_back_past_a_damaged_checkpoint(tmp_path, corpus_cache):
@@ -187,6 +192,15 @@ def test_convert_from_hf_makes_a_checkpoint_training_resumes_from(tmp_path, corp
         "checkpoint.resume": str(ckpt), "train.steps": 2}))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 0" in result.stdout
+    # The converted weights are the ones trained: step 1's loss (before any update) is that of a run that loads
+    # the Hugging Face weights itself, and no update is skipped (a checkpoint whose weights were not applied left
+    # the model's NaN placeholders, every step skipped, exit 0).
+    direct = run_cli(TRAIN, train_overrides(tmp_path / "direct", corpus_cache, **{
+        "model.init_from_hf": str(hf_dir), "train.steps": 2}))
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 0), (2, 0)]
+    assert abs(records[0]["loss"] - step_losses(tmp_path / "direct")[1]) < 1e-5
     # The same command again (a restart, a requeue) goes on from the run's own checkpoint, not from step 0.
     again = run_cli(TRAIN, train_overrides(tmp_path / "run", corpus_cache, **{
         "checkpoint.resume": str(ckpt), "train.steps": 3}))
@@ -222,6 +236,14 @@ def test_a_new_run_starts_from_another_runs_weights_only(tmp_path, corpus_cache)
     resumed = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True,
                                              **dict(job, **{"train.stop_at": "null"})))
     assert resumed.returncode == 0 and "at step 0" in resumed.stdout  # its own checkpoints win from now on
+    # The weights of the step-0 checkpoint (no optimizer state in it) are the ones trained: step 1's loss is that of
+    # a run that starts from the source's weights itself, and no update is skipped.
+    direct = run_cli(TRAIN, train_overrides(tmp_path / "direct", corpus_cache, random_ids=True,
+                                            **dict(job, **{"train.stop_at": "null", "train.steps": 2})))
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    records = [r for r in read_metrics(run_dir) if "loss" in r]
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(1, 0), (2, 0), (3, 0), (4, 0)]
+    assert abs(records[0]["loss"] - step_losses(tmp_path / "direct")[1]) < 1e-5
     last = run_dir / "checkpoints" / "step_00000004"
     with open(last / "metadata.json") as f:
         meta = json.load(f)
