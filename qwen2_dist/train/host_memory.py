@@ -8,8 +8,8 @@ with freed memory kept (torch.clone of those logits: 40 ms, most of it page faul
 tiny model 5.2 s against 3.9 s (under cProfile). The README's main job spent 6 min 35 s in the kernel in 9 min 49 s
 (tests ran beside it for part of it), and 4 s in 4 min 29 s with this and the loss's one-exp step. Only a process
 that trains on the CPU changes it (a GPU's tensors are not glibc's), and only where the environment does not already
-set it (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_ or a glibc.malloc tunable, which glibc read when the process
-started).
+set it (MALLOC_MMAP_MAX_, MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_, MALLOC_TOP_PAD_ or a glibc.malloc tunable,
+which glibc read when the process started).
 """
 
 import ctypes
@@ -20,6 +20,9 @@ M_MMAP_MAX = -4
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: free memory at the top of the heap is returned past 2 GiB
 ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 """The same settings for a process started with them (glibc reads these variables when it starts)."""
+# glibc's variables for what is set here (mmap and trimming; the older spelling of its tunables): one that is set
+# means the user set these by hand. (Not MALLOC_ARENA_MAX, often set for another reason.)
+GLIBC_MALLOC_VARIABLES = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def _libc():
@@ -34,7 +37,7 @@ def _libc():
 def keep_freed_memory(environ=os.environ) -> str:
     """Have glibc serve every block from its heap (no mmap) and keep what is freed (trim only past 2 GiB), unless
     `environ` (this process' environment at start) sets malloc itself; what was done, for the log."""
-    if any(key in environ for key in ENV) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
+    if any(key in environ for key in GLIBC_MALLOC_VARIABLES) or "glibc.malloc." in environ.get("GLIBC_TUNABLES", ""):
         return "glibc malloc as the environment sets it (MALLOC_* or GLIBC_TUNABLES)"
     libc = _libc()
     if libc is None:

@@ -54,7 +54,9 @@ def test_a_large_block_comes_from_the_heap_and_stays_there_when_freed():
 
 
 def test_malloc_settings_of_the_environment_are_left_as_they_are():
-    for environ in ({"MALLOC_MMAP_MAX_": "65536"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"}):
+    # MALLOC_MMAP_THRESHOLD_ was overridden, though its tunable's spelling was not.
+    for environ in ({"MALLOC_MMAP_MAX_": "65536"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=1048576"},
+                    {"MALLOC_MMAP_THRESHOLD_": "1048576"}):
         assert probe(json.dumps(environ)) == {
             "said": "glibc malloc as the environment sets it (MALLOC_* or GLIBC_TUNABLES)", "mapped": 1,
             "kept_free": False}
