@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 
+from qwen2_dist.fsutil import process_umask
 from tests import zygote
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +101,8 @@ class _Zygote:
         command = [sys.executable, *command]
         with tempfile.TemporaryDirectory(prefix="cli-") as out:
             files = {name: os.path.join(out, name) for name in ("stdout", "stderr")}
-            request = {**target, "args": list(args), "cwd": REPO, "env": env, **files}
+            request = {**target, "args": list(args), "cwd": REPO, "env": env, **files,
+                       "umask": process_umask(), "ignored": zygote.ignored_signals()}
             data = (json.dumps(request) + "\n").encode()
             while data:
                 data = data[os.write(self.proc.stdin.fileno(), data):]

@@ -5,11 +5,12 @@ importing torch, Hydra and the package before doing a second of work. tests/help
 once per test session and sends it one JSON request per line on stdin:
 
     {"module": ... or "script": PATH or "code": ..., "args": [...], "cwd": ..., "env": {...}, "stdout": FILE,
-     "stderr": FILE}
+     "stderr": FILE, "umask": N, "ignored": [signal numbers]}
 
 It forks; the child becomes what `python -m module args` (or `python PATH args`, `python -c CODE args`) would be in
-a fresh interpreter (the request's environment, working directory, sys.argv and sys.path[0], stdin from /dev/null,
-its output in the two files, fresh random draws, tempfile's cached directory dropped) and runs the module, script or
+a fresh interpreter (the request's environment, time zone, working directory, umask, ignored signals, sys.argv and
+sys.path[0], stdin from /dev/null, its output in the two files, fresh random draws, tempfile's cached directory
+dropped) and runs the module, script or
 code as __main__ (runpy; the code in a new __main__ module). The child ends as any interpreter does (SystemExit,
 an uncaught exception's traceback and exit code 1, atexit handlers). This process answers {"pid": N} at once and
 {"returncode": R} when the child has ended (-N: killed by signal N).
@@ -27,9 +28,9 @@ session, as torchrun starts a worker). A worker whose import-time environment di
 (OMP_NUM_THREADS, ...) gets the real interpreter instead; PYTHONPATH, PYTHONUNBUFFERED and TORCH_LOGS a child takes
 up as a fresh interpreter would (become()). The agent itself, its rendezvous, monitoring, restarts and teardown are
 torchrun's own: only the workers' imports are saved (about 4 s of CPU each on the 2-core machine). What a fork does
-not give: the workers share this process' string hash seed (a set's order is the same on every rank), and inherit
-its signal dispositions, not the agent's; the launcher tests (tests/e2e/test_launch.py,
-tests/unit/test_launch_scripts.py) run real worker interpreters.
+not give: every child, run or worker, shares this process' string hash seed (a set of strings iterates in the same
+order in every child, which separate interpreters do not: a test of hash-order independence needs real ones); the
+launcher tests (tests/e2e/test_launch.py, tests/unit/test_launch_scripts.py) run real worker interpreters.
 """
 
 import io
@@ -230,11 +231,24 @@ def serve() -> dict:
             conn.close()
 
 
+def caller_umask() -> int:
+    """This process' umask (read by setting it, then set back: a single-threaded caller sees no other value)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ignored_signals() -> list[int]:
+    """The signals of FORWARDED this process ignores (inherited: an interpreter keeps an ignored SIGINT too)."""
+    return [int(signum) for signum in FORWARDED if signal.getsignal(signum) == signal.SIG_IGN]
+
+
 def client() -> None:
     """A torchrun worker's interpreter (PYTHON_EXEC): `python [-u] -m MODULE ARGS`, `python [-u] -c CODE ARGS` or
     `python [-u] SCRIPT ARGS` forked by the zygote named in the environment, or the real interpreter for anything
     else (see the module's doc)."""
     args, unbuffered = sys.argv[1:], False
+    ignored = ignored_signals()  # inherited from the agent: not forwarded, and ignored by the worker too
     while args[:1] == ["-u"]:
         args, unbuffered = args[1:], True
     if args[:1] == ["-m"] and len(args) > 1:
@@ -251,7 +265,8 @@ def client() -> None:
         if target is None:
             raise ConnectionError("not a run the zygote forks")
         conn.connect("\0" + os.environ[SOCKET_ENV])
-        request = {**target, "args": rest, "cwd": os.getcwd(), "env": dict(os.environ), "unbuffered": unbuffered}
+        request = {**target, "args": rest, "cwd": os.getcwd(), "env": dict(os.environ), "unbuffered": unbuffered,
+                   "umask": caller_umask(), "ignored": ignored}
         message = json.dumps(request).encode() + b"\n"
         conn.sendall(message[socket.send_fds(conn, [message], [0, 1, 2]):])
         replies = conn.makefile("rb")
@@ -270,7 +285,8 @@ def client() -> None:
             pass
 
     for signum in FORWARDED:
-        signal.signal(signum, forward)
+        if signum not in ignored:
+            signal.signal(signum, forward)
     line = replies.readline()
     code = json.loads(line)["returncode"] if line else 1
     if code < 0:  # killed by a signal: so is this process, as torchrun would see of the worker itself
@@ -284,9 +300,20 @@ def become(request: dict) -> None:
     """Turn this forked child into a fresh `python -m` process of the request (before running it)."""
     import tempfile
 
+    import time
+
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    time.tzset()  # the request's TZ, which the C library read from this process' environment when it started
+    if "umask" in request:
+        os.umask(request["umask"])
+    # The dispositions a fresh interpreter starts with: the caller's ignored signals stay ignored (a launcher's
+    # `trap '' USR1; exec python`), the others as Python sets them (its KeyboardInterrupt for SIGINT).
+    for signum in FORWARDED:
+        ignored = signum in request.get("ignored", ())
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, signal.SIG_IGN if ignored else default)
     if not request.get("fds"):  # a client's worker has the client's standard streams already
         stdin = os.open(os.devnull, os.O_RDONLY)
         os.dup2(stdin, 0)

@@ -58,6 +58,57 @@ def test_a_forked_run_is_what_a_fresh_interpreter_gives(tmp_path, monkeypatch):
     assert helpers.run_python([str(script), "0"]).returncode == 0  # the zygote serves on after a kill
 
 
+PROCESS = textwrap.dedent("""
+    import json, os, signal, time
+    mask = os.umask(0)
+    print(json.dumps({"umask": mask, "tz": [time.strftime("%z", time.localtime(0)), time.tzname[0]],
+                      "usr1": str(signal.getsignal(signal.SIGUSR1)), "term": str(signal.getsignal(signal.SIGTERM)),
+                      "int": str(signal.getsignal(signal.SIGINT))}))
+""")
+
+
+def test_a_forked_run_has_the_callers_umask_time_zone_and_ignored_signals(tmp_path):
+    """The child had the zygote's umask (022), the time zone the zygote started with, and its signal dispositions:
+    a test's umask, TZ, or a launcher's `trap '' USR1; exec $PYTHON` were not what the run saw."""
+    script = tmp_path / "process.py"
+    script.write_text(PROCESS)
+    env = {"TZ": "JST-9"}  # POSIX form: no time zone database needed
+    before = json.loads(helpers.run_python([str(script)]).stdout)  # (the zygote started before the changes)
+    mask = os.umask(0o077)
+    usr1 = signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    try:
+        forked = helpers.run_python([str(script)], env=env)
+        fresh = subprocess.run([sys.executable, str(script)], cwd=helpers.REPO, capture_output=True, text=True,
+                               env={**os.environ, **env})
+    finally:
+        os.umask(mask)
+        signal.signal(signal.SIGUSR1, usr1)
+    assert forked.returncode == fresh.returncode == 0, forked.stderr + fresh.stderr
+    seen, expected = json.loads(forked.stdout), json.loads(fresh.stdout)
+    assert seen == expected
+    assert seen["umask"] == 0o077 and seen["tz"] == ["+0900", "JST"] and seen["usr1"] == str(signal.SIG_IGN)
+    assert seen["term"] == str(signal.SIG_DFL) and "default_int_handler" in seen["int"]
+    assert before["umask"] == mask != 0o077 and before["tz"] != ["+0900", "JST"]
+    assert json.loads(helpers.run_python([str(script)]).stdout) == before  # nothing of it stays for the next run
+
+
+def test_a_worker_keeps_a_signal_its_launcher_ignores():
+    """The launchers' `trap '' USR1; exec "$PYTHON"`: the client forwarded the SIGUSR1 it had inherited as ignored to
+    the worker forked for it, which died of it; a real interpreter keeps it ignored."""
+    zygote = helpers._started_zygote()
+    code = ("import os, signal, sys, time\nprint(signal.getsignal(signal.SIGUSR1), os.getppid(), flush=True)\n"
+            "sys.stdin.readline()\nprint('survived', flush=True)")
+    proc = subprocess.Popen(["bash", "-c", f"trap '' USR1; exec {zygote.worker_python} -c \"$0\"", code],
+                            env={**os.environ, **zygote.worker_env()}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    disposition, parent = proc.stdout.readline().split()
+    assert (disposition, int(parent)) == (str(signal.SIG_IGN), zygote.proc.pid)  # forked, the signal ignored
+    proc.send_signal(signal.SIGUSR1)
+    time.sleep(0.5)
+    out, _ = proc.communicate("go\n", timeout=60)
+    assert (proc.returncode, out) == (0, "survived\n")
+
+
 SETTINGS = textwrap.dedent("""
     import json, logging, os, sys
     import torch
