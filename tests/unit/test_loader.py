@@ -23,7 +23,7 @@ from qwen2_dist.config import BatchSchedule
 from qwen2_dist.data import hygiene, loader as loader_module
 from qwen2_dist.data.loader import (
     MIX_BLOCK, PREFETCH_FACTOR, SampleOrder, TokenBatches, _cache_path, _SourceOrder, _warn_other_hosts, check_vocab,
-    first_token_targets, mixture_quotas, narrow_shuffle, order_changes, shards_read_together,
+    first_token_targets, mixture_quotas, narrow_shuffle, order_changes, positions_from_starts, shards_read_together,
     samples_read_together, shards_spanned,
 )
 from qwen2_dist.model.loss import IGNORE_INDEX
@@ -148,6 +148,17 @@ def test_each_epoch_is_a_seeded_permutation():
     assert not (SampleOrder([shards], [MIX_BLOCK], 6, True, 10).lookup(np.arange(72))[1] == ids).all()
     assert SampleOrder([shards], [MIX_BLOCK], 5, False, 10).lookup(np.arange(30))[1].tolist() == list(range(24)) + list(
         range(6))
+
+
+def test_a_shuffle_block_mixes_the_samples_of_its_shards():
+    """Within a block, samples of its shards are interleaved, not read shard after shard (whole shards in a shuffled
+    order looked shuffled to every test whose shards hold one sample)."""
+    order = SampleOrder([[10] * 20], [MIX_BLOCK], seed=5, shuffle=True, block_size=100)
+    _, ids = order.lookup(np.arange(200))
+    shards = ids // 10
+    for block in (shards[:100], shards[100:]):
+        assert len(set(block.tolist())) == 10  # a block holds 10 whole shards
+        assert int(np.count_nonzero(block[1:] != block[:-1])) > 60  # read shard after shard: 9 changes
 
 
 def test_mixture_proportions_within_2_percent_over_10k_samples(tmp_path, data):
@@ -712,6 +723,19 @@ def test_first_token_targets():
     target in the sample."""
     marks = first_token_targets([np.array([0, 3]), np.array([0, 1, SEQ]), np.array([0])], SEQ)
     assert marks.nonzero().tolist() == [[0, 2], [1, 0], [1, SEQ - 1]]
+
+
+def test_positions_restart_at_every_document_start_in_the_inputs():
+    """The inputs are the first SEQ tokens of a sample: a document starting at the last input restarts there; one
+    starting at SEQ (the last target only) or past it moves no position; several documents each count from 0."""
+    positions = positions_from_starts([np.array([0, SEQ - 1]), np.array([0, SEQ]), np.array([0]),
+                                       np.array([0, 2, 3, 6])], SEQ)
+    assert positions.tolist() == [
+        [0, 1, 2, 3, 4, 5, 6, 0],
+        list(range(SEQ)),
+        list(range(SEQ)),
+        [0, 1, 0, 0, 1, 2, 0, 1],
+    ]
 
 
 def test_bad_sources_are_refused_clearly(tmp_path, data):

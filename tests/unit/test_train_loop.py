@@ -252,21 +252,22 @@ def test_eval_datasets_are_evaluated_apart_from_the_training_datas_eval_loss(tmp
     from qwen2_dist.config import check_saved
     from qwen2_dist.data.loader import TokenBatches
     from qwen2_dist.data.prepare import VAL
-    from tests.datasets import make_dataset
+    from tests.datasets import make_dataset, sample_ids
 
     web = make_dataset(tmp_path / "web", 8, 16, val_samples=7)
-    wiki = make_dataset(tmp_path / "wiki", 5, 16, first_id=3000)
+    wiki = make_dataset(tmp_path / "wiki", 9, 16, first_id=3000)  # more than eval.samples: which 5 matters
     trainer = cpu_trainer(tmp_path / "run", "train.global_batch_size=2", f"data.path={web}", "eval.samples=5",
                           f"eval.datasets=[{{path: {wiki}, split: train}}]", qwen2_vocab=True)
     loader_args = dict(seq_len=16, micro_batch_size=2, dp_rank=0, dp_size=1, cache_dir=None, run_key="default")
     evals, complete = build_evals(trainer.cfg, [(web, 1.0)], loader_args, 1)
     assert [(ev.name, ev.samples, ev.extra) for ev in evals] == [(None, 5, False), ("wiki", 5, True)]
+    assert sample_ids(evals[1].batches.next_batch()) == [3000, 3001]  # its own order from its first sample
     trainer.evals, trainer.evals_complete = evals, complete
     generator = torch.get_rng_state()
     with caplog.at_level(logging.INFO):
         record, text = trainer.evaluate_all()
     assert torch.equal(torch.get_rng_state(), generator)  # what a checkpoint saves does not depend on evaluation
-    # The row that fills the last micro-batch reads past the end of wiki's 5 samples: no training-data epoch line.
+    # No training-data log line (epochs) from an eval set.
     assert "starts epoch" not in caplog.text
     alone = {}
     for name, path, split in (("web", web, VAL), ("wiki", wiki, "train")):  # eval.datasets in their own order
@@ -524,7 +525,7 @@ def test_a_mixture_is_evaluated_per_source_and_weighted_as_in_training(tmp_path,
     from qwen2_dist.data.loader import TokenBatches
     from qwen2_dist.data.prepare import VAL
     from qwen2_dist.train.trainer import EvalSet
-    from tests.datasets import make_dataset
+    from tests.datasets import make_dataset, sample_ids
 
     web = make_dataset(tmp_path / "web", 8, 16, val_samples=7)
     code = make_dataset(tmp_path / "code" / "v1", 8, 16, first_id=3000, val_samples=3)
