@@ -62,6 +62,8 @@ def curve(args, batches, device, bf16: bool, fast: bool, compile_blocks: bool, f
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
+    if device.type == "cuda":
+        torch.cuda.synchronize()  # optim.overlap's last update may still run on its side stream: not freed under it
     del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
