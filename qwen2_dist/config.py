@@ -917,7 +917,9 @@ def check_saved(cfg: JobConfig) -> list[str]:
     if cfg.model.init_from_checkpoint is not None and not first:
         # What the run starts from: its files at their recorded sizes, and of this model (as validate checks
         # init_from_hf's config and headers). Another model size was refused only after the launch, by every worker.
-        checkpoint.init_checkpoint_metadata(cfg.model.init_from_checkpoint, args)
+        # On one rank only (the job's check_saved runs on rank 0 while the others wait for its verdict): not the
+        # collective check of every rank's share, which left rank 0 waiting for the others, and all of them hung.
+        checkpoint.init_checkpoint_metadata(cfg.model.init_from_checkpoint, args, collective=False)
     for path in first:
         try:
             meta = checkpoint.read_metadata(path)

@@ -198,14 +198,15 @@ def _raise_agreed(problems: list[tuple], world: int) -> None:
     raise UserError(problems[0][2])
 
 
-def verify(path: str, checksums: bool = True) -> dict:
+def verify(path: str, checksums: bool = True, collective: bool = True) -> dict:
     """Check that every file the commit recorded is present with its size and (checksums, when the commit recorded
     them) its CRC32; return the metadata. Collective when distributed: each rank reads its share of the files, and
     every rank raises the same UserError when any rank found a problem (also one only that rank sees, such as an
-    unreadable file), so no rank is left waiting in a collective. A rank reads its share once per process while the
+    unreadable file), so no rank is left waiting in a collective. collective=False: this rank alone reads every file
+    (a check one rank makes while the others wait elsewhere). A rank reads its share once per process while the
     files stay as they were (_checked)."""
     started = time.monotonic()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if collective and dist.is_initialized() else (0, 1)
     meta, problem, checked, signature = None, None, 0, None
     try:
         try:
@@ -1023,13 +1024,14 @@ def check_init_source(path: str, meta: dict, job_source: dict) -> dict | None:
     return saved
 
 
-def init_checkpoint_metadata(path: str, args, checksums: bool = False) -> dict:
+def init_checkpoint_metadata(path: str, args, checksums: bool = False, collective: bool = True) -> dict:
     """Metadata of the checkpoint model.init_from_checkpoint names, once it is known to be committed, intact (its
-    files' sizes; their checksums too when asked) and of the job's model (UserError naming the key otherwise)."""
+    files' sizes; their checksums too when asked) and of the job's model (UserError naming the key otherwise).
+    collective: as verify's."""
     key = "model.init_from_checkpoint"
     require_committed(path, key)
     try:
-        meta = verify(path, checksums)
+        meta = verify(path, checksums, collective)
     except UserError as exc:
         raise UserError(f"{key}: {exc}") from None
     check_model_args(f"{key}={path}", meta, args, "set model= (and model.* overrides) to match it")

@@ -63,6 +63,20 @@ def test_resume_on_another_layout_continues_the_same_run(tmp_path, straight_4, h
     assert read_metrics(run_dir)[-1]["tokens_seen"] == read_metrics(straight_4)[-1]["tokens_seen"]
 
 
+def test_a_run_of_two_ranks_starts_from_another_runs_weights(tmp_path, half_4, corpus_cache):
+    """model.init_from_checkpoint on more than one rank: the job's own check of it (rank 0, while the others wait for
+    its verdict) was the collective one, and every rank hung until the process group's timeout (30 minutes, then
+    torchrun's restarts). Its first loss is that of one process starting from the same weights."""
+    job = {**JOB, "model.init_from_checkpoint": str(half_4 / "checkpoints" / "step_00000003"), "train.steps": 2,
+           "optim.warmup_steps": 1, "train.pg_timeout_minutes": 1}
+    two, one = tmp_path / "two", tmp_path / "one"
+    result = run_torchrun(2, TRAIN, train_overrides(two, corpus_cache, **job), timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = run_torchrun(1, TRAIN, train_overrides(one, corpus_cache, **job), timeout=240)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert abs(step_losses(two)[1] - step_losses(one)[1]) <= 1e-5
+
+
 def test_one_rank_failing_mid_save_skips_that_checkpoint_on_every_rank(tmp_path, straight_4, corpus_cache):
     """Rank 2 fails to copy its state of step 2's background save to host memory, before the background write
     starts (where the other ranks' writes would otherwise wait in a collective forever); rank 1 writes its shard files
