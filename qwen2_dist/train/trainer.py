@@ -138,6 +138,7 @@ class Trainer:
         self.float8_scales = float8_scale_precompute(model)
         self.step = 0
         self.saved_step = -1  # the step of the newest committed checkpoint of this run's state (-1: none yet)
+        self.resumed = False  # restored from a checkpoint of this run's own (not another run's, as a starting point)
         self.saving_step: int | None = None  # the step of a save still being written in the background
         self.tokens_seen = 0
         _, self.dp_size = dp_rank_and_size(mesh)
@@ -168,6 +169,7 @@ class Trainer:
         or foreach, which the step relies on; the learning rate is set every step anyway): a resumed job that
         changes them trains with the new ones, as it says."""
         other_data = self._check_data_position(path)
+        self.resumed = checkpoint.in_run(os.path.join(self.cfg.run_dir, "checkpoints"), path)
         settings = [{key: value for key, value in group.items() if key != "params"}
                     for group in self.optimizer.param_groups]
         state = checkpoint.load(path, self.model, self.optimizer, self.cfg.checkpoint.checksums)
@@ -445,9 +447,10 @@ class Trainer:
         cfg = self.cfg
         lg = cfg.logging
         # eval.at_start: a run starting at step 0 logs step 0's evaluation (a record of it from an earlier start, which
-        # trained no step that was kept, moves aside with the others).
-        # Not on a resume, also not of a checkpoint at step 0 (train.stop_at=0): saved_step is a restored one's.
-        start_eval = cfg.eval.at_start and self.step == 0 and self.saved_step < 0 and bool(self.evals or self.tasks)
+        # trained no step that was kept, moves aside with the others). Not on a resume, also not of a checkpoint of
+        # this run at step 0 (train.stop_at=0); a start from another run's checkpoint at step 0 (checkpoint.resume=
+        # of what qwen2-convert from-hf wrote) is the start of this one: evaluated (it was skipped, unsaid).
+        start_eval = cfg.eval.at_start and self.step == 0 and not self.resumed and bool(self.evals or self.tasks)
         writer = MetricsSinks(cfg.run_dir, self.world.is_main, lg.tensorboard, lg.wandb, lg.wandb_project,
                               lg.wandb_mode, config=dataclasses.asdict(cfg), from_step=self.step,
                               logs_start=start_eval)

@@ -391,6 +391,19 @@ def test_eval_at_start_logs_the_starting_weights_as_step_0_once(tmp_path, monkey
     build(2, resume=True).fit()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert evaluated == [0, 2] and [r["step"] for r in records] == [0, 1, 2] and rearmed == [0, 0, 0]
+    # Another run's checkpoint at step 0 (what qwen2-convert from-hf writes, given as checkpoint.resume=) is where
+    # this run starts: evaluated at step 0 (it was skipped, unsaid, as a resume's).
+    evaluated.clear()
+    other = tmp_path / "other"
+    other.mkdir()
+    trainer = _trainer(other, "train.steps=1", *overrides)
+    trainer.tasks = [task]
+    trainer.restore(str(tmp_path / "checkpoints" / "step_00000000"))
+    evaluate_all = trainer.evaluate_all
+    monkeypatch.setattr(trainer, "evaluate_all", lambda **kw: (evaluated.append(trainer.step), evaluate_all(**kw))[1])
+    trainer.fit()
+    assert evaluated == [0, 1]
+    assert [json.loads(line)["step"] for line in (other / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
 
 def test_a_failed_background_save_of_the_last_step_is_written_again(tmp_path, monkeypatch):
