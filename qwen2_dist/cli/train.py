@@ -842,9 +842,33 @@ def check_sweep_points(argv: list[str]) -> None:
     _sweep_expanded = True
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def stop_with_torchrun() -> None:
+    """A worker of torchrun gets SIGTERM when torchrun's agent, its parent, dies: a torchrun killed by SIGKILL (kill -9,
+    the out-of-memory killer) cannot stop its workers, which trained on, orphaned, to the end of the run, holding the
+    run_dir (a restart was refused as another job) and the GPUs. SIGTERM has the trainers save a checkpoint and stop,
+    as a preemption does. Only under torchrun (TORCHELASTIC_RUN_ID), which starts its workers from its main thread:
+    the kernel sends the signal when the thread that started the process ends."""
+    if not os.environ.get("TORCHELASTIC_RUN_ID") or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    if parent == 1:
+        return  # started by init (no agent to outlive)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # the agent died before prctl took effect: nothing trained yet
+        print("error: torchrun's agent is gone; not starting", file=sys.stderr)
+        sys.exit(1)
+
+
 def main() -> None:
     """Console script qwen2-train."""
     exit_without_collecting()
+    stop_with_torchrun()
     register_configs()
     try:
         if os.environ.get("QWEN2_CHECK_ONLY"):

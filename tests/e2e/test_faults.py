@@ -5,6 +5,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -124,6 +125,50 @@ def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, cor
     assert final(run_dir)["step"] == 60
     assert final(run_dir)["loss"] == final(straight)["loss"]
     assert final(run_dir)["tokens_seen"] == final(straight)["tokens_seen"]
+
+
+def _running(pid: int) -> bool:
+    """Whether process pid exists and is not a zombie (an orphan's end waits for its new parent to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_workers_of_a_torchrun_killed_by_sigkill_save_and_stop(tmp_path, corpus_cache):
+    """kill -9 of torchrun (or the out-of-memory killer) cannot stop its workers: they trained on, orphaned, to the
+    end of the run, holding its run_dir (a restart was refused as another job) and the GPUs. Each now gets SIGTERM
+    when its agent dies, saves a checkpoint and stops, as at a preemption. A real torchrun with real workers (the
+    test zygote's are children of the zygote, not of the agent)."""
+    run_dir = tmp_path / "run"
+    job = dict(JOB, **{"checkpoint.interval": 0, "train.steps": 5000})
+    env = {key: value for key, value in os.environ.items() if key not in helpers.worker_env()}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+                             "-m", TRAIN, *train_overrides(run_dir, corpus_cache, random_ids=True, **job)],
+                            cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        assert proc.poll() is None, "torchrun ended before its third step"
+        time.sleep(0.05)
+    worker = json.loads((run_dir / "run.lock").read_text())["pid"]
+    assert worker != proc.pid and _running(worker)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and _running(worker):
+        time.sleep(0.1)
+    running = _running(worker)
+    if running:
+        os.kill(worker, signal.SIGKILL)
+    assert not running, "the worker trained on after its torchrun was killed"
+    stopped_at = final(run_dir)["step"]
+    assert 3 <= stopped_at < job["train.steps"]
+    assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "metadata.json").is_file()
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "received SIGTERM: saving a checkpoint after this step and stopping" in log
 
 
 def test_a_failing_checkpoint_write_is_skipped_without_harm(tmp_path, corpus_cache, clean):
