@@ -538,7 +538,7 @@ def test_a_mixture_is_evaluated_per_source_and_weighted_as_in_training(tmp_path,
     from qwen2_dist.data.loader import TokenBatches
     from qwen2_dist.data.prepare import VAL
     from qwen2_dist.train.trainer import EvalSet
-    from tests.datasets import make_dataset, sample_ids
+    from tests.datasets import make_dataset
 
     web = make_dataset(tmp_path / "web", 8, 16, val_samples=7)
     code = make_dataset(tmp_path / "code" / "v1", 8, 16, first_id=3000, val_samples=3)
