@@ -3,7 +3,8 @@
 torchrun exits 1 whenever its workers failed, whatever the reason. When the trainers stopped on purpose (a config
 or data error: 2; a training halt: 3) and recorded it in RUN_DIR/no_restart.json (qwen2_dist/train/no_restart.py),
 this ends with that code and says why after torchrun's report, so that a script or scheduler around the launchers
-can tell a stop that needs a person from a crash. Overrides that do not compose stop here with exit 2 before
+can tell a stop that needs a person from a crash; a stop by a signal torchrun handled ends with 128 + its number and
+one line, not torchrun's traceback and exit 1. Overrides that do not compose stop here with exit 2 before
 torchrun starts (the trainers would stop on them, before they know the run directory to record it in); the
 launchers' whole check of the job runs here too (LAUNCH_CHECK_ENV), before torchrun starts. Anything
 else (success, a crash, a signal) is torchrun's own outcome. The launchers run this instead of torchrun unless
@@ -128,8 +129,15 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[no_restart.EARLIER_ENV] = ":".join(map(str, before))
     try:
         torchrun_main(argv)
-    except SignalException:
-        raise
+    except SignalException as exc:
+        # torchrun passed the signal on to its workers and waited for them; its traceback and exit 1 read as a
+        # crash. One line, and the code of a process the signal ended (128 + N): a script can tell the stop.
+        name = signal.Signals(int(exc.sigval)).name
+        saves = name in ("SIGTERM", "SIGUSR1")  # the trainers' handlers (qwen2_dist/train/trainer.py)
+        print(f"torchrun: stopped by {name}, which it passed on to its workers"
+              + ("; they save a checkpoint and stop on it, and the next start resumes there" if saves else ""),
+              file=sys.stderr)
+        sys.exit(128 + int(exc.sigval))
     except Exception as exc:  # ChildFailedError; on another node than the stopping one also a closed rendezvous
         stop = no_restart.recorded_since(run_dir, before) if run_dir is not None else None
         if stop is None:

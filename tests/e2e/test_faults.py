@@ -118,6 +118,9 @@ def test_sigterm_mid_run_then_restart_matches_an_uninterrupted_run(tmp_path, cor
     stopped_at = final(run_dir)["step"]
     assert stopped_at < job["train.steps"]
     assert (run_dir / "checkpoints" / f"step_{stopped_at:08d}" / "metadata.json").is_file()
+    # Not "done": the run is not at its end.
+    assert f"stopped by signal at step {stopped_at} of 60 (saved; the next start resumes there)" in \
+        (run_dir / "logs" / "rank0.log").read_text()
 
     result = run_cli(TRAIN, train_overrides(run_dir, corpus_cache, random_ids=True, **job))
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 
 import pytest
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
@@ -54,6 +55,22 @@ def test_a_recorded_stop_ends_torchrun_with_its_code(tmp_path, monkeypatch, caps
     assert exc.value.code == code
     err = capsys.readouterr().err
     assert f"error: the trainers stopped on purpose with exit {code}" in err and "step 2: halted" in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
+def test_a_stop_by_a_signal_ends_with_its_code_and_one_line(tmp_path, monkeypatch, capsys, signum):
+    """torchrun raises SignalException once its workers stopped: a traceback and exit 1, as a crash ends."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _failing_torchrun(monkeypatch, run_dir, error=SignalException(f"Process got signal: {signum}", sigval=signum))
+    with pytest.raises(SystemExit) as exc:
+        torchrun.main(_argv(run_dir))
+    assert exc.value.code == 128 + signum
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"torchrun: stopped by {signal.Signals(signum).name}, which it passed on to its workers")
+    assert ("they save a checkpoint and stop on it" in line) == (signum != signal.SIGINT)
 
 
 @pytest.mark.parametrize("case", ["no record", "an earlier torchrun's record", "another program"])
