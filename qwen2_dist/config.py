@@ -553,15 +553,34 @@ def schema_keys(schema: type = JobConfig, prefix: str = "") -> list[str]:
     return keys
 
 
+# What other trainers (Hugging Face's, Megatron-LM, nanoGPT, torchtitan) call a setting, by the last part of a key:
+# no spelling of ours is close to these (optim.learning_rate was offered optim.min_lr_ratio, not optim.lr).
+OTHER_NAMES = {
+    "learning_rate": "optim.lr", "max_lr": "optim.lr", "max_steps": "train.steps", "total_steps": "train.steps",
+    "train_iters": "train.steps", "max_iters": "train.steps", "num_steps": "train.steps",
+    "training_steps": "train.steps", "batch_size": "train.global_batch_size", "global_batch": "train.global_batch_size",
+    "train_batch_size": "train.global_batch_size", "per_device_train_batch_size": "train.micro_batch_size",
+    "micro_batch": "train.micro_batch_size", "seq_length": "train.seq_len", "max_seq_len": "train.seq_len",
+    "sequence_length": "train.seq_len", "context_length": "train.seq_len", "block_size": "train.seq_len",
+    "warmup": "optim.warmup_steps", "warmup_iters": "optim.warmup_steps", "lr_warmup_steps": "optim.warmup_steps",
+    "save_steps": "checkpoint.interval", "save_interval": "checkpoint.interval", "output_dir": "run_dir",
+    "out_dir": "run_dir", "save_dir": "run_dir", "max_grad_norm": "train.grad_clip", "clip_grad": "train.grad_clip",
+    "gradient_clipping": "train.grad_clip", "grad_clip": "train.grad_clip", "tensor_parallel_size": "parallel.tp",
+    "tensor_model_parallel_size": "parallel.tp", "eval_interval": "eval.interval", "log_interval": "logging.interval",
+}
+
+
 def did_you_mean(key: str) -> str:
-    """'; did you mean X?' for the schema keys closest to a misspelled one, or ''. A key of the same last part in
-    another section comes first (train.lr: optim.lr), then keys close as a whole, then keys of a close last part."""
+    """'; did you mean X?' for the schema keys closest to a misspelled one, or ''. Another trainer's name for a
+    setting comes first (OTHER_NAMES: optim.learning_rate, optim.lr), then a key of the same last part in another
+    section (train.lr: optim.lr), then keys close as a whole, then keys of a close last part."""
     known = schema_keys()
     last = key.rsplit(".", 1)[-1]
     by_last: dict[str, list[str]] = {}
     for name in known:
         by_last.setdefault(name.rsplit(".", 1)[-1], []).append(name)
-    close = list(by_last.get(last, []))
+    close = [OTHER_NAMES[last]] if last in OTHER_NAMES else []
+    close += by_last.get(last, [])
     close += difflib.get_close_matches(key, known, n=3)
     for near in difflib.get_close_matches(last, list(by_last), n=3):
         close += by_last[near]
@@ -578,7 +597,8 @@ def check_known_keys(container: dict, schema: type = JobConfig, prefix: str = ""
         full = f"{prefix}{key}"
         if key not in hints:
             siblings = [f"{prefix}{name}" for name in difflib.get_close_matches(key, list(hints), n=3)]
-            hint = f"; did you mean {' or '.join(siblings)}?" if siblings else did_you_mean(full)
+            hint = f"; did you mean {' or '.join(siblings)}?" if siblings and key not in OTHER_NAMES \
+                else did_you_mean(full)
             raise UserError(f"{full}: no such setting{hint} (a +{full}=... override adds a key that nothing reads; "
                             "list the valid keys with qwen2-train --cfg job)")
         kind = hints[key]

@@ -406,6 +406,9 @@ def test_a_run_without_hydra_flags_trains_on_the_config_it_checked_and_hydras_ow
     # Keys Hydra refuses itself, now with the closest ones.
     ("optimm.lr=1", "Could not override 'optimm.lr': no such setting; did you mean optim.lr"),
     ("train.lr=1", "did you mean optim.lr"),
+    # Another trainer's name for a setting, which no spelling of ours is close to (it was offered min_lr_ratio).
+    ("+optim.learning_rate=1e-3", "optim.learning_rate: no such setting; did you mean optim.lr or"),
+    ("train.max_steps=10", "no such setting; did you mean train.steps or"),
     ("parallel.compile_options.max_autotune=true", "an Inductor setting is added with "
                                                    "+parallel.compile_options.max_autotune=VALUE"),
     # A config group's options; a value that does not fit its field (Hydra's reason is in the exception's cause).
