@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         run_dir = job_run_dir(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        no_restart.record_refusal(2, str(exc))  # for slurm/train.sbatch
         sys.exit(2)
     # The record as it is now (none, or an earlier torchrun's): only another one, written by this torchrun's
     # workers, says why they failed. Compared by file identity, not by time, so that no clocks of two nodes meet.

@@ -886,6 +886,10 @@ def main() -> None:
         path = conf_dir()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if os.environ.get("QWEN2_CHECK_ONLY"):  # the launchers' check with another torchrun: for slurm/train.sbatch
+            from qwen2_dist.train import no_restart
+
+            no_restart.record_refusal(2, str(exc))
         sys.exit(2)
     if job is not None:
         from qwen2_dist.train import no_restart

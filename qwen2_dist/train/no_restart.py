@@ -136,3 +136,25 @@ def clear_earlier(run_dir: str) -> None:
         os.remove(os.path.join(run_dir, NAME))
     except FileNotFoundError:
         pass
+
+
+CHECK_RECORDS_ENV = "QWEN2_CHECK_RECORDS"
+"""slurm/train.sbatch sets it to a directory of the attempt, where each node's launch check writes its refusal: on
+several nodes the first refused node ends the step, srun stops the others (--kill-on-bad-exit), and the step's code
+was their SIGTERM's (143), its reason in one node's log only."""
+
+
+def record_refusal(code: int, message: str) -> None:
+    """Write a launch check's refusal (its exit code, and its message on one line) where slurm/train.sbatch reads it
+    (CHECK_RECORDS_ENV; nothing without it). Best effort: the refusal itself is printed either way."""
+    where = os.environ.get(CHECK_RECORDS_ENV)
+    if not where:
+        return
+    import socket
+
+    node = os.environ.get("SLURM_NODEID") or socket.gethostname()
+    try:
+        os.makedirs(where, exist_ok=True)
+        write_atomic(os.path.join(where, f"node{node}"), f"{code}\n{' '.join(message.split())}\n")
+    except OSError as exc:
+        log.warning("could not record the launch check's refusal in %s (%s)", where, exc)

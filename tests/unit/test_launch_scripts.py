@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import subprocess
+import sys
 
 import pytest
 
@@ -623,6 +624,64 @@ exit 1
     assert "the trainers stopped on purpose with exit 3, not restarted" in result.stdout
     assert "not requeueing job 7 for the stop signal that came too" in result.stdout
     assert "requeue 7" not in (tmp_path / "scontrol_calls").read_text()
+
+
+def sbatch_with_step(tmp_path, step: str, **env_changes: str) -> tuple[subprocess.CompletedProcess, str]:
+    """slurm/train.sbatch outside Slurm with a fake step (srun running `step`, bash); what it asked scontrol."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    write_script(bin_dir / "srun", f"#!/bin/bash\n{step}\n")
+    write_script(bin_dir / "scontrol", f'#!/bin/bash\necho "$@" >> {tmp_path}/scontrol_calls\n'
+                                       '[ "$2" = hostnames ] && echo n1 || echo "NodeAddr=127.0.0.1"\n')
+    env = {**os.environ, **forked_python(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "NPROC": "1",
+           "SLURM_JOB_NAME": "exp1", "SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_SUBMIT_DIR": REPO, "RUNS_ROOT": str(tmp_path / "runs"), **env_changes}
+    result = subprocess.run(["bash", os.path.join(REPO, "slurm", "train.sbatch"), "model=tiny"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=60)
+    calls = tmp_path / "scontrol_calls"
+    return result, calls.read_text() if calls.exists() else ""
+
+
+def test_sbatch_ends_with_the_launch_checks_refusal_on_several_nodes(tmp_path):
+    """On 2 nodes the first refused node (exit 2) ended the step and srun stopped the other (SIGTERM, 143): the job
+    ended 143, as if cancelled, and the refusal's line was in one node's log only. The check writes its refusal
+    (no_restart.record_refusal) where the script reads it; the job ends 2 with it, not requeued."""
+    step = (f"SLURM_NODEID=1 {sys.executable} -c 'from qwen2_dist.train import no_restart; "
+            'no_restart.record_refusal(2, "train.global_batch_size=3 is not\\n divisible")\'; exit 143')
+    result, calls = sbatch_with_step(tmp_path, step, PYTHONPATH=REPO)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "the launch check refused the job (exit 2): train.global_batch_size=3 is not divisible" in result.stderr
+    assert "requeue" not in calls and not list((tmp_path / "runs" / "exp1" / "logs" / "slurm").glob(".check-*"))
+    # A step that failed without a refusal keeps its code.
+    result, _ = sbatch_with_step(tmp_path, "exit 1")
+    assert result.returncode == 1 and "refused" not in result.stderr, result.stdout + result.stderr
+
+
+def test_sbatch_requeues_a_step_stopped_by_sigusr1_sent_to_it(tmp_path):
+    """scancel --signal=USR1 without --batch (or --signal=USR1@N without B:) reaches the step: the trainers saved and
+    every torchrun ended with 128 + 10, and the job failed without a requeue."""
+    result, calls = sbatch_with_step(tmp_path, "exit 138")
+    assert result.returncode == 0 and "requeue 7" in calls, result.stdout + result.stderr
+    assert "the job step stopped on SIGUSR1 (sent to the step, not to this script)" in result.stdout
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"MAX_IDLE_REQUEUES": "abc"}, "error: MAX_IDLE_REQUEUES=abc: give how many attempts in a row without a new "
+                                   "checkpoint are requeued"),
+    ({"SLURM_HET_SIZE": "2"}, "error: a heterogeneous job (2 components): this script trains on the nodes of one job"),
+])
+def test_sbatch_refuses_what_it_cannot_run_before_its_step(tmp_path, env, message):
+    """MAX_IDLE_REQUEUES=abc made every test of it false: requeued forever. A heterogeneous job never started (its
+    components waited for each other under singleton), or trained on its first component's nodes alone."""
+    assert sbatch_refusal(tmp_path, **env).stderr.startswith(message)
+
+
+def test_sbatch_names_a_run_dir_it_cannot_make(tmp_path):
+    """mkdir's own message and exit 1, under set -e, before the launch check that names run_dir."""
+    (tmp_path / "afile").write_text("")
+    result = sbatch_refusal(tmp_path, RUNS_ROOT=str(tmp_path / "afile"))
+    assert result.stderr.startswith(f"error: run_dir={tmp_path}/afile/exp1 cannot be made or written")
+    assert f"set RUNS_ROOT (now {tmp_path}/afile) or run_dir=" in result.stderr
 
 
 def test_sbatch_goes_on_without_the_node_record_and_says_how_to_run_it(tmp_path):
