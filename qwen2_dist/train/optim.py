@@ -229,9 +229,11 @@ class OverlappedOptimizer:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         named = dict(model.named_parameters())  # a tied head is the embedding's parameter: listed once
         layers = list(getattr(model, "layers", []))
-        # Names as model.named_parameters() gives them (compiled blocks and checkpoint wrappers add their prefixes).
-        layer_names = [[f"layers.{index}.{name}" for name, _ in layer.named_parameters()]
-                       for index, layer in enumerate(layers)]
+        # Names as model.named_parameters() gives them (compiled blocks and checkpoint wrappers add their prefixes),
+        # found by parameter: a checkpoint wrapper's own named_parameters() leaves its prefix out (without a compile
+        # around it, as on the CPU, the names were not the model's: a KeyError).
+        name_of = {id(param): name for name, param in named.items()}
+        layer_names = [[name_of[id(param)] for param in layer.parameters()] for layer in layers]
         embedding = [name for name in named if name.startswith("embed_tokens.")]
         used = set(embedding).union(*layer_names)
         rest = [name for name in named if name not in used]  # the final norm, an untied head
