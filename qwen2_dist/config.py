@@ -520,7 +520,7 @@ class ParallelConfig:
     reduce_every_micro_batch: bool = False
     """FSDP with gradient accumulation: reduce-scatter the gradients of every micro-batch, keeping only the sharded
     fp32 gradients between micro-batches, instead of every block's unsharded fp32 gradient until the last one
-    (qwen2-estimate: 33.86 of 57.88 GiB per rank for qwen2-72b at FSDP 64 x TP 8 and 8 micro-batches). One
+    (qwen2-estimate: 33.86 of 57.59 GiB per rank for qwen2-72b at FSDP 64 x TP 8 and 8 micro-batches). One
     reduce-scatter per micro-batch instead of per step (overlapped with backward); HSDP's all-reduce over the
     replicas still runs once per step."""
 

@@ -371,8 +371,13 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         for ev in evals:
             ev.batches.close()
     # A stop by signal is no end of the run: "done" said it was (a preemption at step 261 of 1,000).
-    ended = (f"stopped by signal at step {result.step} of {job.train.steps} (saved; the next start resumes there)"
-             if result.stopped_by_signal else f"done: step {result.step}")
+    if result.stopped_by_signal:
+        ended = f"stopped by signal at step {result.step} of {job.train.steps} (saved; the next start resumes there)"
+    elif result.step < job.train.steps:  # train.stop_at
+        ended = (f"stopped at train.stop_at={job.train.stop_at}: step {result.step} of {job.train.steps} (saved; a "
+                 "start with train.stop_at raised or removed goes on from there)")
+    else:
+        ended = f"done: step {result.step}"
     log.info("%s, %s tokens seen%s", ended, f"{result.tokens_seen:,}",
              "" if result.last_loss is None else f", last loss {result.last_loss:.4f}")  # None: no step ran
     return result

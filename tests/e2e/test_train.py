@@ -99,6 +99,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path, corpus_ca
     first = run_cli(TRAIN, train_overrides(split, corpus_cache, **ramp, **{"train.stop_at": 3,
                                                                             "checkpoint.interval": 0}))
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped at train.stop_at=3: step 3 of 6 (saved; a start with train.stop_at raised or removed goes on" \
+        in first.stdout  # not "done"
     second = run_cli(TRAIN, train_overrides(split, corpus_cache, **ramp))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout
