@@ -1207,21 +1207,26 @@ def validate(cfg: JobConfig, world_size: int, files: bool = True) -> dict[str, i
     if m.float8 and (p.tp > 1 or m.fuse_projections):
         raise UserError("model.float8=true works with parallel.tp=1 and model.fuse_projections=false (the fused "
                         "projections bypass the float8 linears); change one of them")
-    if o.overlap and (world_size > 1 or o.in_backward or o.impl != "torch" or o.fused is False):
-        raise UserError(
-            "optim.overlap=true steps torch's fused AdamW on a side stream of one process: it needs one process "
-            f"(got {world_size}; under FSDP each rank updates only its shard), optim.in_backward=false, "
-            f"optim.impl=torch and optim.fused=auto or true (got {o.in_backward}, {o.impl}, {o.fused})"
-        )
-    if o.in_backward and (world_size > 1 or t.grad_clip > 0 or t.spike_sigma > 0 or t.batch_rampup
-                          or t.global_batch_size != t.micro_batch_size or o.fused is False or o.impl != "torch"):
-        raise UserError(
-            "optim.in_backward=true updates each parameter during backward with torch's fused AdamW, so it needs one "
-            f"process, train.grad_clip=0 (got {t.grad_clip}), train.spike_sigma=0 (got {t.spike_sigma}), "
-            f"train.global_batch_size = train.micro_batch_size (got {t.global_batch_size} and {t.micro_batch_size}) "
-            f"and no train.batch_rampup (got {list(t.batch_rampup)}), "
-            f"optim.impl=torch (got {o.impl}) and optim.fused=auto or true (got {o.fused})"
-        )
+    # What each of these needs that the job does not give, and only that (a list of every condition with its value
+    # read as if a satisfied one, "one process (got 1)", were the problem).
+    fused_adamw = [(o.impl != "torch", f"optim.impl=torch (got {o.impl})"),
+                   (o.fused is False, "optim.fused=auto or true (got false)")]
+    unmet = [need for failing, need in [
+        (world_size > 1, f"one process (got {world_size}; under FSDP each rank updates only its shard)"),
+        (o.in_backward, "optim.in_backward=false"), *fused_adamw] if failing]
+    if o.overlap and unmet:
+        raise UserError("optim.overlap=true steps torch's fused AdamW on a side stream of one process: it needs "
+                        + "; ".join(unmet) + " (or set optim.overlap=false)")
+    unmet = [need for failing, need in [
+        (world_size > 1, f"one process (got {world_size})"),
+        (t.grad_clip > 0, f"train.grad_clip=0 (got {t.grad_clip:g}: no gradient norm exists before the update)"),
+        (t.spike_sigma > 0, f"train.spike_sigma=0 (got {t.spike_sigma:g})"),
+        (t.global_batch_size != t.micro_batch_size, "train.global_batch_size = train.micro_batch_size, one "
+         f"micro-batch a step (got {t.global_batch_size} and {t.micro_batch_size})"),
+        (bool(t.batch_rampup), f"no train.batch_rampup (got {list(t.batch_rampup)})"), *fused_adamw] if failing]
+    if o.in_backward and unmet:
+        raise UserError("optim.in_backward=true updates each parameter during backward with torch's fused AdamW, so "
+                        "it needs " + "; ".join(unmet) + " (or set optim.in_backward=false)")
     if o.impl not in ("torch", "apex"):
         raise UserError(f"optim.impl={o.impl!r}: choose torch or apex")
     if o.impl == "apex" and world_size > 1:

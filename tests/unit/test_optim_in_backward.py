@@ -106,14 +106,20 @@ def test_checkpoint_round_trip(tmp_path):
         torch.testing.assert_close(pb, pa, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("overrides, world_size", [
-    (["optim.in_backward=true"], 1),  # grad_clip defaults to 1.0
-    (["optim.in_backward=true", "train.grad_clip=0", "train.global_batch_size=8", "train.micro_batch_size=4"], 1),
-    (["optim.in_backward=true", "train.grad_clip=0", "train.global_batch_size=8", "train.micro_batch_size=8"], 2),
+@pytest.mark.parametrize("overrides, world_size, needs", [
+    (["optim.in_backward=true", "train.global_batch_size=4"], 1,
+     "train.grad_clip=0 (got 1: no gradient norm exists before the update)"),  # grad_clip defaults to 1.0
+    (["optim.in_backward=true", "train.grad_clip=0", "train.global_batch_size=8", "train.micro_batch_size=4"], 1,
+     "train.global_batch_size = train.micro_batch_size, one micro-batch a step (got 8 and 4)"),
+    (["optim.in_backward=true", "train.grad_clip=0", "train.global_batch_size=8", "train.micro_batch_size=8"], 2,
+     "one process (got 2)"),
 ])
-def test_refused_where_it_cannot_hold(overrides, world_size):
-    with pytest.raises(UserError, match="optim.in_backward=true updates each parameter during backward"):
+def test_refused_where_it_cannot_hold(overrides, world_size, needs):
+    """Naming what the job lacks, only that."""
+    with pytest.raises(UserError) as refused:
         validate(compose_job(overrides), world_size)
+    assert str(refused.value) == ("optim.in_backward=true updates each parameter during backward with torch's fused "
+                                  f"AdamW, so it needs {needs} (or set optim.in_backward=false)")
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -124,15 +124,19 @@ def test_compiled_and_recomputed_blocks_are_grouped_and_hooked(checkpointing, co
     assert len(model.embed_tokens._forward_pre_hooks) == 1 and len(model.norm._forward_pre_hooks) == 1
 
 
-@pytest.mark.parametrize("overrides, world_size", [
-    (["optim.overlap=true"], 2),
-    (["optim.overlap=true", "optim.in_backward=true", "train.grad_clip=0"], 1),
-    (["optim.overlap=true", "optim.impl=apex"], 1),
-    (["optim.overlap=true", "optim.fused=false"], 1),
+@pytest.mark.parametrize("overrides, world_size, needs", [
+    (["optim.overlap=true"], 2, "one process (got 2; under FSDP each rank updates only its shard)"),
+    (["optim.overlap=true", "optim.in_backward=true", "train.grad_clip=0"], 1, "optim.in_backward=false"),
+    (["optim.overlap=true", "optim.impl=apex"], 1, "optim.impl=torch (got apex)"),
+    (["optim.overlap=true", "optim.fused=false"], 2, "one process (got 2; under FSDP each rank updates only its "
+                                                     "shard); optim.fused=auto or true (got false)"),
 ])
-def test_refused_where_it_cannot_hold(overrides, world_size):
-    with pytest.raises(UserError, match="optim.overlap=true steps torch's fused AdamW on a side stream"):
+def test_refused_where_it_cannot_hold(overrides, world_size, needs):
+    """Naming what the job lacks, only that."""
+    with pytest.raises(UserError) as refused:
         validate(compose_job(overrides), world_size)
+    assert str(refused.value) == ("optim.overlap=true steps torch's fused AdamW on a side stream of one process: it "
+                                  f"needs {needs} (or set optim.overlap=false)")
 
 
 def test_checkpoints_pass_to_the_in_backward_optimizer_and_back(tmp_path):
