@@ -117,4 +117,5 @@ def test_a_setting_uv_is_not_told_of_or_no_uv_leaves_the_install_to_pip(tmp_path
     assert result.returncode == 3
     assert result.stderr == f"note: not installing with uv: UV={tmp_path}/missing: not an executable\n"
     result, _ = run_script(tmp_path, "-e", ".", UV=str(tmp_path))  # a directory: was a PermissionError traceback
-    assert (result.returncode, result.stderr) == (3, f"note: not installing with uv: UV={tmp_path}: not an executable\n")
+    assert result.returncode == 3
+    assert result.stderr == f"note: not installing with uv: UV={tmp_path}: not an executable\n"
