@@ -31,18 +31,20 @@ QWEN2_VOCAB_SIZE = QWEN2_NUM_REGULAR_TOKENS + len(QWEN2_SPECIAL_TOKENS)  # the t
 # Code points Hugging Face tokenizers' NFC (the normalizer of Qwen2's tokenizer files, so of Qwen2TokenizerFast;
 # the slow Qwen2Tokenizer uses Python's) does not know: its Unicode tables are older than Python's, so it takes the
 # combining marks added since for starters, never moving them, and does not compose the pairs added since (each
-# begins with a letter here). Python's tables change with its version (Unicode 14.0 in 3.11, 15.0 in 3.12, ...).
+# begins with a letter here, or with a composite of such a pair). Python's tables change with its version (Unicode
+# 14.0 in 3.11, 15.0 in 3.12, ...).
 # nfc() keeps these code points where they are and normalizes the text between them: the ids of Qwen2TokenizerFast,
 # on every Python version. Found by comparing the NFC of tokenizers 0.22.2 with unicodedata2 18.0's (Unicode 18.0)
-# on each combining mark next to a mark of every class tokenizers knows, and on each canonical decomposition;
+# on each combining mark next to a mark of every class tokenizers knows, each canonical decomposition, and each
+# composite followed by what composes with it (U+16121 U+1611F: U+16126);
 # tests/unit/test_tokenizer.py compares them again with the installed versions and with Python's own tables.
 _NFC_KEPT_RANGES = (
     "05C8-05C9 07FD 0897-089F 08CA-08D3 09FE 0C3C 0D3B-0D3C 0EBA 1715 1ABF-1AF0 1DF6-1DFA A82C 105D2 105DA "
     "10D24-10D27 10D69-10D6D 10EAB-10EAC 10ECB-10ECF 10EF0-10EFB 10EFD-10EFF 10F46-10F50 10F82-10F85 11070 "
     "1133B 11382 11384 1138B 11390 113C2 113CE-113D0 1145E 11839-1183A 11935 1193D-1193E 11943 119E0 11A34 "
-    "11A47 11A99 11D42 11D44-11D45 11D97 11F41-11F42 1611E 16129 1612F 16D63 16D67 16FF0-16FF1 1D127-1D128 "
-    "1D250-1D252 1D25B-1D25C 1D25F 1D280-1D281 1E08F 1E130-1E136 1E2AE 1E2EC-1E2EF 1E4EC-1E4EF 1E5EE-1E5EF "
-    "1E6E3 1E6E6 1E6EE-1E6EF 1E6F5"
+    "11A47 11A99 11D42 11D44-11D45 11D97 11F41-11F42 1611E 16121-16122 16129 1612F 16D63 16D67 16FF0-16FF1 "
+    "1D127-1D128 1D250-1D252 1D25B-1D25C 1D25F 1D280-1D281 1E08F 1E130-1E136 1E2AE 1E2EC-1E2EF 1E4EC-1E4EF "
+    "1E5EE-1E5EF 1E6E3 1E6E6 1E6EE-1E6EF 1E6F5"
 )
 _NFC_KEPT = frozenset(
     chr(cp) for item in _NFC_KEPT_RANGES.split()

@@ -88,8 +88,8 @@ def test_nfc_normalizes_before_encoding(tok):
 def test_nfc_is_that_of_hugging_face_tokenizers_with_the_unicode_tables_of_any_python(tables, monkeypatch):
     """Qwen2TokenizerFast normalizes with tokenizers' NFC, whose Unicode tables are older than Python's: nfc() gives
     its text with Python's own tables and with unicodedata2's (Unicode 18.0, as a later Python will have), for every
-    combining mark after and before a mark of each class tokenizers knows, every canonical decomposition composed
-    again, and random mixes of such code points."""
+    combining mark after and before a mark of each class tokenizers knows, every canonical decomposition (whole, and
+    one level down) composed again, and random mixes of such code points."""
     hf_nfc = pytest.importorskip("tokenizers").normalizers.NFC().normalize_str
     if tables == "unicodedata2":  # which has no is_normalized
         newer = pytest.importorskip("unicodedata2")
@@ -113,6 +113,8 @@ def test_nfc_is_that_of_hugging_face_tokenizers_with_the_unicode_tables_of_any_p
     probes = [f"x{c}{m}" for c in combining for m in marks.values()]
     probes += [f"x{m}{c}" for c in combining for m in marks.values()]
     probes += [tables.normalize("NFD", c) for c in composed]
+    # Each composite's own decomposition, whose first part may be a composite (U+16121 U+1611F composes to U+16126).
+    probes += ["".join(chr(int(part, 16)) for part in tables.decomposition(c).split()) for c in composed]
     pool = combining[::7] + [tables.normalize("NFD", c) for c in composed[::5]] + list("ae\u1100\u1161\u11a8 ")
     rng = random.Random(0)
     probes += ["".join(rng.choices(pool, k=rng.randint(1, 12))) for _ in range(5000)]
