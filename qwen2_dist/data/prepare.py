@@ -145,12 +145,16 @@ def _check_readable(path: str, text_split: str = "file") -> None:
     if opening == "[":
         raise UserError(f"input file {path} holds a JSON array, but qwen2-prepare reads JSON lines (one object per "
                         f"line); convert it, e.g. jq -c '.[]' {path} > {os.path.splitext(path)[0]}.jsonl")
-    if (kind == "jsonl" or text_split in ("line", "paragraph")) and _carriage_return_lines(path, compression):
+    # (text_split is for plain text: a Parquet file's bytes are no lines.)
+    if (kind == "jsonl" or (kind == "text" and text_split in ("line", "paragraph"))) \
+            and _carriage_return_lines(path, compression):
         what = "JSON lines" if kind == "jsonl" else f"the lines of text_split={text_split}"
-        converted = f"{os.path.splitext(path)[0]}.lf{'.jsonl' if kind == 'jsonl' else '.txt'}"
+        base = path[: -len(next(x for x in COMPRESSED_SUFFIXES if path.lower().endswith(x)))] if compression else path
+        converted = f"{os.path.splitext(base)[0]}.lf{'.jsonl' if kind == 'jsonl' else '.txt'}"
+        source = f"{'gzip' if compression == 'gzip' else 'zstd'} -dc {path} | tr" if compression else "tr"
         raise UserError(f"input file {path} ends its lines with a carriage return alone (old Mac line endings), but "
-                        f"qwen2-prepare reads {what} ended by a line feed (or CR LF); convert it, e.g. tr '\\r' "
-                        f"'\\n' < {path} > {converted}")
+                        f"qwen2-prepare reads {what} ended by a line feed (or CR LF); convert it, e.g. {source} "
+                        f"'\\r' '\\n'{'' if compression else f' < {path}'} > {converted}")
     if opening == "{":
         raise UserError(f"input file {path} opens with a line holding only '{{': a JSON object written over several "
                         "lines, but qwen2-prepare reads JSON lines (one whole object per line); convert it, e.g. "
@@ -991,7 +995,7 @@ class _SplitWriter:
         if compressor is not None:
             compressor.shutdown(wait=True, cancel_futures=True)
 
-    def finish(self) -> dict[str, int]:
+    def finish(self) -> dict[str, int | str]:
         """Close the shards (an empty split leaves no directory) and return the split's counts."""
         self.writer.finish()
         if self.samples == 0:

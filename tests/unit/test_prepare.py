@@ -786,7 +786,8 @@ def test_inputs_that_are_easy_to_get_wrong_are_read_or_named(work, caplog):
     # The same with a first record past the 4 KiB that were once all looked at, and compressed.
     records = [json.dumps({"text": "x" * 5000}).encode()] + [json.dumps({"text": f"doc {i}"}).encode() for i in (1, 2)]
     (src / "i.jsonl.gz").write_bytes(gzip.compress(b"\r".join(records) + b"\r", mtime=0))
-    with pytest.raises(UserError, match=r"input file .*i.jsonl.gz ends its lines with a carriage return alone .*tr "):
+    with pytest.raises(UserError, match=r"input file .*i.jsonl.gz ends its lines with a carriage return alone .*e\.g\. "
+                                        r"gzip -dc \S*i\.jsonl\.gz \| tr '\\r' '\\n' > \S*/i\.lf\.jsonl$"):
         prepare([str(src / "i.jsonl.gz")], str(work / "refused"), seq_len=8)
     # Plain text cut at lines or paragraphs: such a file was one document. Read whole (text_split=file), it is one.
     (src / "j.txt").write_bytes(b"first line\rsecond line\r\rthird\r")
@@ -795,6 +796,12 @@ def test_inputs_that_are_easy_to_get_wrong_are_read_or_named(work, caplog):
                                             rf"text_split={text_split} ended by a line feed .*j\.lf\.txt"):
             prepare([str(src / "j.txt")], str(work / "refused"), seq_len=2, text_split=text_split)
     assert prepare([str(src / "j.txt")], str(work / "whole"), seq_len=2, val_fraction=0)["documents"] == 1
+    # text_split is for plain text: a small Parquet file with a carriage return in its text and no byte 10 is read.
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": ["one\rtwo\rthree"]}), src / "l.parquet", compression="none")
+    assert b"\n" not in (src / "l.parquet").read_bytes()
+    assert prepare([str(src / "l.parquet")], str(work / "parquet"), seq_len=2, val_fraction=0,
+                   text_split="line")["documents"] == 1
     # Two carriage returns before each line feed (CR CR LF) are line feed endings all the same.
     (src / "k.jsonl").write_bytes(b"\r\r\n".join(json.dumps({"text": f"doc {i}"}).encode() for i in range(3)))
     assert prepare([str(src / "k.jsonl")], str(work / "crcrlf"), seq_len=2, val_fraction=0)["documents"] == 3
