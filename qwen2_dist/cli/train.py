@@ -370,17 +370,26 @@ def _train(cfg: DictConfig, job: JobConfig, world: "World", layout: dict, device
         batches.close()
         for ev in evals:
             ev.batches.close()
-    # A stop by signal is no end of the run: "done" said it was (a preemption at step 261 of 1,000).
-    if result.stopped_by_signal:
-        ended = f"stopped by signal at step {result.step} of {job.train.steps} (saved; the next start resumes there)"
-    elif result.step < job.train.steps:  # train.stop_at
-        ended = (f"stopped at train.stop_at={job.train.stop_at}: step {result.step} of {job.train.steps} (saved; a "
-                 "start with train.stop_at raised or removed goes on from there)")
-    else:
-        ended = f"done: step {result.step}"
+    ended = ending(result, job.train)
     log.info("%s, %s tokens seen%s", ended, f"{result.tokens_seen:,}",
              "" if result.last_loss is None else f", last loss {result.last_loss:.4f}")  # None: no step ran
     return result
+
+
+def ending(result, train) -> str:
+    """The run's last line, before its tokens and loss: a stop by signal or at train.stop_at is no end of the run
+    ("done" said it was: a preemption at step 261 of 1,000), and says whether the stop's checkpoint was saved."""
+    if result.stopped_by_signal:
+        # Saved, or not (a failed save's error is above).
+        resumes = "there" if result.saved_step == result.step else (
+            f"step {result.saved_step}" if result.saved_step >= 0 else "the start")
+        return (f"stopped by signal at step {result.step} of {train.steps} "
+                + ("(saved; the next start resumes there)" if resumes == "there" else
+                   f"(not saved: the next start resumes from {resumes})"))
+    if result.step < train.steps:  # train.stop_at, which stops with a checkpoint (or an error)
+        return (f"stopped at train.stop_at={train.stop_at}: step {result.step} of {train.steps} (saved; a start "
+                "with train.stop_at raised or removed goes on from there)")
+    return f"done: step {result.step}"
 
 
 def data_tokenizer(sources: list[tuple[str, float]], loader_args: dict) -> str | None:

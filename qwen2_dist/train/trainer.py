@@ -64,6 +64,7 @@ class TrainResult:
     tokens_seen: int
     last_loss: float | None
     stopped_by_signal: bool
+    saved_step: int = -1  # the step of the newest checkpoint this run committed (-1: none)
 
 
 @dataclass
@@ -648,4 +649,4 @@ class Trainer:
             profiler.close(self.step)
             writer.close(exit_code)
             checkpoint.wait_for_deletes()
-        return TrainResult(self.step, self.tokens_seen, last_loss, stopped)
+        return TrainResult(self.step, self.tokens_seen, last_loss, stopped, self.saved_step)

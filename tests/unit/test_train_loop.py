@@ -469,6 +469,12 @@ def test_a_stop_whose_save_fails_still_stops_and_says_where_the_next_start_resum
     assert result.stopped_by_signal and result.step == 3 and _committed(trainer) == [2]
     assert "stop: the checkpoint of step 3 could not be written (the error is above); the next start resumes from " \
            "step 2" in caplog.text
+    # The run's last line says so too (it said "saved; the next start resumes there").
+    from qwen2_dist.cli.train import ending
+
+    assert result.saved_step == 2
+    assert ending(result, trainer.cfg.train) == ("stopped by signal at step 3 of 8 (not saved: the next start resumes "
+                                                 "from step 2)")
 
 
 def test_a_halts_save_deletes_none_of_the_checkpoints_to_roll_back_to(tmp_path, monkeypatch):
