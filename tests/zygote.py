@@ -248,7 +248,7 @@ def client() -> None:
     `python [-u] SCRIPT ARGS` forked by the zygote named in the environment, or the real interpreter for anything
     else (see the module's doc)."""
     args, unbuffered = sys.argv[1:], False
-    ignored = ignored_signals()  # inherited from the agent: not forwarded, and ignored by the worker too
+    ignored = ignored_signals()  # inherited from the agent: the worker starts ignoring them too
     while args[:1] == ["-u"]:
         args, unbuffered = args[1:], True
     if args[:1] == ["-m"] and len(args) > 1:
@@ -284,9 +284,10 @@ def client() -> None:
         except ProcessLookupError:
             pass
 
+    # Every one forwarded, also one inherited as ignored: the worker starts ignoring it too (become()), as a real
+    # interpreter would, and receives it once it installs a handler of its own (the trainer's, for SIGUSR1).
     for signum in FORWARDED:
-        if signum not in ignored:
-            signal.signal(signum, forward)
+        signal.signal(signum, forward)
     line = replies.readline()
     code = json.loads(line)["returncode"] if line else 1
     if code < 0:  # killed by a signal: so is this process, as torchrun would see of the worker itself

@@ -6,8 +6,9 @@ this ends with that code and says why after torchrun's report, so that a script 
 can tell a stop that needs a person from a crash; a stop by a signal torchrun handled ends with 128 + its number and
 one line, not torchrun's traceback and exit 1. Overrides that do not compose stop here with exit 2 before
 torchrun starts (the trainers would stop on them, before they know the run directory to record it in); the
-launchers' whole check of the job runs here too (LAUNCH_CHECK_ENV), before torchrun starts. Anything
-else (success, a crash, a signal) is torchrun's own outcome. The launchers run this instead of torchrun unless
+launchers' whole check of the job runs here too (LAUNCH_CHECK_ENV), before torchrun starts (its refusal, and a
+stop by SIGUSR1, also recorded for slurm/train.sbatch: no_restart.record_refusal). Anything else (success, a
+crash) is torchrun's own outcome. The launchers run this instead of torchrun unless
 TORCHRUN names another one; since it is torchrun in the same process (not a parent of it), the signals a scheduler
 sends reach torchrun as before. Only `-m qwen2_dist.cli.train` commands are read (not `--no-python qwen2-train` or
 a script path).
@@ -135,9 +136,11 @@ def main(argv: list[str] | None = None) -> None:
         # crash. One line, and the code of a process the signal ended (128 + N): a script can tell the stop.
         name = signal.Signals(int(exc.sigval)).name
         saves = name in ("SIGTERM", "SIGUSR1")  # the trainers' handlers (qwen2_dist/train/trainer.py)
-        print(f"torchrun: stopped by {name}, which it passed on to its workers"
-              + ("; they save a checkpoint and stop on it, and the next start resumes there" if saves else ""),
-              file=sys.stderr)
+        message = (f"torchrun: stopped by {name}, which it passed on to its workers"
+                   + ("; they save a checkpoint and stop on it, and the next start resumes there" if saves else ""))
+        print(message, file=sys.stderr)
+        if name == "SIGUSR1":  # slurm/train.sbatch requeues the job for it
+            no_restart.record_refusal(128 + int(exc.sigval), message, kind="sigusr1")
         sys.exit(128 + int(exc.sigval))
     except Exception as exc:  # ChildFailedError; on another node than the stopping one also a closed rendezvous
         stop = no_restart.recorded_since(run_dir, before) if run_dir is not None else None

@@ -398,7 +398,8 @@ def _check_same_version(url: str, local: str, cached, remote) -> None:
             old, new = (splits.get(split) if isinstance(splits.get(split), dict) else {}
                         for splits in (old_splits, new_splits))
             if old != new:  # its first count that differs; the digest (of its tokens) where the counts agree
-                key = next((k for k in ("samples", "documents", "digest") if old.get(k) != new.get(k)), "samples")
+                key = next((k for k in ("samples", "documents", "tokens", "dropped_tail_tokens", "digest")
+                            if old.get(k) != new.get(k)), "samples")
                 empty = None if key == "digest" else 0
                 changed.append(f"{split} {key} {old.get(key, empty)} -> {new.get(key, empty)}")
         changed += [key for key in ("inputs", "skipped", "max_token_id", "val_fraction", "format")

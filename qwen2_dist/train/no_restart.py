@@ -144,9 +144,11 @@ several nodes the first refused node ends the step, srun stops the others (--kil
 was their SIGTERM's (143), its reason in one node's log only."""
 
 
-def record_refusal(code: int, message: str) -> None:
+def record_refusal(code: int, message: str, kind: str = "refused") -> None:
     """Write a launch check's refusal (its exit code, and its message on one line) where slurm/train.sbatch reads it
-    (CHECK_RECORDS_ENV; nothing without it). Best effort: the refusal itself is printed either way."""
+    (CHECK_RECORDS_ENV; nothing without it); kind="sigusr1": torchrun's stop by SIGUSR1 (sent to the job step),
+    which the script requeues also where srun reports another node's SIGTERM. Best effort: the refusal or stop is
+    printed either way."""
     where = os.environ.get(CHECK_RECORDS_ENV)
     if not where:
         return
@@ -155,6 +157,6 @@ def record_refusal(code: int, message: str) -> None:
     node = os.environ.get("SLURM_NODEID") or socket.gethostname()
     try:
         os.makedirs(where, exist_ok=True)
-        write_atomic(os.path.join(where, f"node{node}"), f"{code}\n{' '.join(message.split())}\n")
+        write_atomic(os.path.join(where, f"{kind}-node{node}"), f"{code}\n{' '.join(message.split())}\n")
     except OSError as exc:
-        log.warning("could not record the launch check's refusal in %s (%s)", where, exc)
+        log.warning("could not record the launcher's %s in %s (%s)", kind, where, exc)

@@ -657,12 +657,20 @@ def test_sbatch_ends_with_the_launch_checks_refusal_on_several_nodes(tmp_path):
     assert result.returncode == 1 and "refused" not in result.stderr, result.stdout + result.stderr
 
 
-def test_sbatch_requeues_a_step_stopped_by_sigusr1_sent_to_it(tmp_path):
+@pytest.mark.parametrize("nodes", ["one", "several"])
+def test_sbatch_requeues_a_step_stopped_by_sigusr1_sent_to_it(tmp_path, nodes):
     """scancel --signal=USR1 without --batch (or --signal=USR1@N without B:) reaches the step: the trainers saved and
-    every torchrun ended with 128 + 10, and the job failed without a requeue."""
-    result, calls = sbatch_with_step(tmp_path, "exit 138")
+    every torchrun ended with 128 + 10, and the job failed without a requeue. On several nodes the first torchrun to
+    end has srun stop the others (143): its record (cli/torchrun.py) says what it was."""
+    step = "exit 138" if nodes == "one" else (
+        f"SLURM_NODEID=0 {sys.executable} -c 'from qwen2_dist.train import no_restart; "
+        'no_restart.record_refusal(138, "torchrun: stopped by SIGUSR1", kind="sigusr1")\'; exit 143')
+    result, calls = sbatch_with_step(tmp_path, step, PYTHONPATH=REPO)
     assert result.returncode == 0 and "requeue 7" in calls, result.stdout + result.stderr
     assert "the job step stopped on SIGUSR1 (sent to the step, not to this script)" in result.stdout
+    (tmp_path / "cancelled").mkdir()
+    result, calls = sbatch_with_step(tmp_path / "cancelled", "exit 143")  # a SIGTERM (scancel): not requeued
+    assert result.returncode == 143 and "requeue" not in calls, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize("env, message", [

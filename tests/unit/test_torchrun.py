@@ -65,12 +65,19 @@ def test_a_stop_by_a_signal_ends_with_its_code_and_one_line(tmp_path, monkeypatc
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     _failing_torchrun(monkeypatch, run_dir, error=SignalException(f"Process got signal: {signum}", sigval=signum))
+    monkeypatch.setenv(no_restart.CHECK_RECORDS_ENV, str(tmp_path / "records"))
+    monkeypatch.setenv("SLURM_NODEID", "3")
     with pytest.raises(SystemExit) as exc:
         torchrun.main(_argv(run_dir))
     assert exc.value.code == 128 + signum
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"torchrun: stopped by {signal.Signals(signum).name}, which it passed on to its workers")
     assert ("they save a checkpoint and stop on it" in line) == (signum != signal.SIGINT)
+    # A stop by SIGUSR1 is recorded for slurm/train.sbatch, which requeues the job for it.
+    records = sorted(os.listdir(tmp_path / "records")) if (tmp_path / "records").exists() else []
+    assert records == (["sigusr1-node3"] if signum == signal.SIGUSR1 else [])
+    if records:
+        assert (tmp_path / "records" / records[0]).read_text() == f"138\n{line}\n"
 
 
 @pytest.mark.parametrize("case", ["no record", "an earlier torchrun's record", "another program"])

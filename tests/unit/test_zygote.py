@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -92,21 +93,31 @@ def test_a_forked_run_has_the_callers_umask_time_zone_and_ignored_signals(tmp_pa
     assert json.loads(helpers.run_python([str(script)]).stdout) == before  # nothing of it stays for the next run
 
 
-def test_a_worker_keeps_a_signal_its_launcher_ignores():
-    """The launchers' `trap '' USR1; exec "$PYTHON"`: the client forwarded the SIGUSR1 it had inherited as ignored to
-    the worker forked for it, which died of it; a real interpreter keeps it ignored."""
+def test_a_worker_keeps_a_signal_its_launcher_ignores_until_it_handles_it():
+    """The launchers' `trap '' USR1; exec "$PYTHON"`: the worker forked for the client started with the zygote's
+    default for SIGUSR1 and died of it; a real interpreter keeps it ignored, and gets it once it installs a handler."""
     zygote = helpers._started_zygote()
     code = ("import os, signal, sys, time\nprint(signal.getsignal(signal.SIGUSR1), os.getppid(), flush=True)\n"
-            "sys.stdin.readline()\nprint('survived', flush=True)")
+            "sys.stdin.readline()\n"
+            "signal.signal(signal.SIGUSR1, lambda *_: print('handled', flush=True))\n"
+            "print('survived', flush=True)\nsys.stdin.readline()")
     proc = subprocess.Popen(["bash", "-c", f"trap '' USR1; exec {zygote.worker_python} -c \"$0\"", code],
                             env={**os.environ, **zygote.worker_env()}, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)  # a line that never comes fails the test instead of hanging it
+    watchdog.start()
     disposition, parent = proc.stdout.readline().split()
     assert (disposition, int(parent)) == (str(signal.SIG_IGN), zygote.proc.pid)  # forked, the signal ignored
     proc.send_signal(signal.SIGUSR1)
     time.sleep(0.5)
-    out, _ = proc.communicate("go\n", timeout=60)
-    assert (proc.returncode, out) == (0, "survived\n")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    assert proc.stdout.readline() == "survived\n"
+    proc.send_signal(signal.SIGUSR1)  # the client's pid, as torchrun knows it: passed on to the worker's handler
+    assert proc.stdout.readline() == "handled\n"
+    out, _ = proc.communicate("end\n", timeout=60)
+    watchdog.cancel()
+    assert (proc.returncode, out) == (0, "")
 
 
 SETTINGS = textwrap.dedent("""
